@@ -1,0 +1,58 @@
+"""`evolm <command> key=value ...`: one console script; each command composes its Hydra recipe and dispatches.
+
+Bad input never gets past this point as a traceback: a ConfigError becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from evolm_nemo.config.errors import ConfigError
+
+# command -> (module:function, one-line help). Each function takes the list of key=value overrides.
+COMMANDS = {
+    "train": ("evolm_nemo.train.entry:main", "train a stage (pretrain | cpt): launch with torchrun for >1 process"),
+    "prepare": ("evolm_nemo.data.prepare:main", "tokenize JSONL / Parquet / an HF dataset into megatron .bin/.idx"),
+    "pipeline": ("evolm_nemo.pipeline:main", "the embedded default: the tiny pipeline end to end on CPU"),
+    "export-hf": ("evolm_nemo.conversion.cli:export_hf", "megatron checkpoint -> verified HF LlamaForCausalLM"),
+    "import-hf": ("evolm_nemo.conversion.cli:import_hf", "HF Llama-family checkpoint -> megatron checkpoint"),
+    "export-trtllm": ("evolm_nemo.conversion.cli:export_trtllm", "HF dir -> TensorRT-LLM engine (GPU container)"),
+    "score": ("evolm_nemo.evaluation.score:main", "score a completions JSONL (Pass@1, Maj@16, RM@16, Pass@16)"),
+    "eval": ("evolm_nemo.evaluation.cli:main", "evaluate an HF model: `evolm eval downstream|upstream model=<dir>`"),
+    "report": ("evolm_nemo.evaluation.report:main", "aggregate result JSONs into CSV, Markdown and plots"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: evolm <command> [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Overrides follow Hydra: `evolm train experiment=pretrain_1b_160b parallel.tp=2 train.tokens=1.6B`."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, overrides = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target, _ = COMMANDS[command]
+    module_name, func_name = target.split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        result = func(overrides)
+    except ConfigError as exc:
+        print(f"error: {exc.key}: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Compose a recipe with Hydra (YAML under recipes/ + ``key=value`` overrides) and check it against a typed schema.
+
+Every failure becomes a ConfigError that names the offending key and says how to fix it, so the CLI can print one
+line and exit before any heavy work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Sequence, Type, TypeVar
+
+from evolm_nemo.config.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def recipes_dir() -> Path:
+    """recipes/ at the repository root (override with EVOLM_RECIPES)."""
+    env = os.environ.get("EVOLM_RECIPES")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _field_names(schema, dotted: str) -> list[str]:
+    """Valid keys under ``dotted`` (a.b) in a dataclass schema, for error messages."""
+    cls = schema
+    for part in [p for p in dotted.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return []
+        cls = fields[part].type if not isinstance(fields[part].type, str) else _resolve(cls, fields[part].type)
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
+def _resolve(owner, type_name: str):
+    import sys
+
+    module = sys.modules[owner.__module__]
+    return getattr(module, type_name, None)
+
+
+def _unknown_key(schema, key: str) -> ConfigError:
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    valid = _field_names(schema, parent)
+    hint = f"valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}" if valid else "check the spelling"
+    return ConfigError(key, f"unknown key; {hint}")
+
+
+def _translate_hydra(exc: Exception, schema) -> ConfigError:
+    text = str(exc)
+    cause = exc.__cause__ or exc.__context__
+    full = text + ("\n" + str(cause) if cause else "")
+    m = re.search(r"Could not override '([^']+)'", full)
+    if m:
+        return _unknown_key(schema, m.group(1))
+    m = re.search(r"Could not find '([^'/]+)/([^']+)'", full)
+    if m:
+        group, name = m.group(1), m.group(2)
+        options = sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml"))
+        return ConfigError(group, f"no recipe '{name}' in recipes/{group}/; available: {', '.join(options)}")
+    m = re.search(r"Cannot find primary config '([^']+)'", full)
+    if m:
+        return ConfigError("recipe", f"no recipe file {m.group(1)}.yaml in {recipes_dir()}")
+    m = re.search(r"Error parsing override '([^']+)'", full)
+    if m:
+        return ConfigError(m.group(1), "cannot parse override; write overrides as key=value (e.g. parallel.tp=2)")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return ConfigError("recipe", first)
+
+
+def _translate_omegaconf(exc: Exception, schema) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "recipe"
+    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    if "not in" in msg and "Key" in msg:
+        return _unknown_key(schema, key)
+    m = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", msg)
+    if m:
+        return ConfigError(key, f"expected {m.group(3).lower()}, got {m.group(1)!r}")
+    m = re.search(r"field '([^']+)' is not Optional", msg)
+    if m:
+        return ConfigError(key, "must be set (it cannot be null)")
+    return ConfigError(key, msg.splitlines()[0])
+
+
+def compose(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
+    """Compose ``recipes/<config_name>.yaml`` with ``overrides`` and return a ``schema`` instance."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "overrides are key=value (e.g. parallel.tp=2 or experiment=pretrain_1b_160b)")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
+            raw = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except Exception as exc:  # hydra raises several exception types; all become one line
+        raise _translate_hydra(exc, schema) from None
+    finally:
+        GlobalHydra.instance().clear()
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        OmegaConf.resolve(merged)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _translate_omegaconf(exc, schema) from None
+
+
+def to_dict(cfg) -> dict:
+    """Plain-dict view of a composed config (for logs, checkpoints and lineage)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,94 @@
+"""Typed schema of a training recipe. Every YAML under recipes/ is merged onto these dataclasses, so an unknown key
+or a wrong type is caught (with its full dotted name) before any heavy work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # preset name, recorded in checkpoints and model cards
+    num_layers: int = 2  # transformer blocks
+    hidden_size: int = 64  # model width
+    ffn_hidden_size: int = 176  # SwiGLU intermediate size (per gate/up projection)
+    num_attention_heads: int = 4  # query heads
+    num_query_groups: int = 2  # key/value heads (GQA); equal to num_attention_heads for MHA
+    vocab_size: int = 512  # embedding rows; must cover the tokenizer's vocabulary
+    seq_length: int = 128  # training context length (EvoLM: 2048)
+    norm_eps: float = 1.0e-5  # RMSNorm epsilon
+    rope_base: float = 10000.0  # RoPE theta
+    init_method_std: float = 0.02  # normal init std for all weights
+    layer_spec: str = "auto"  # auto | te | local: Transformer Engine when importable on GPU, else megatron local
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # label for logs and lineage
+    source: str = "synthetic"  # synthetic: generate corpus + tokenizer under cache_dir | indexed: use `paths`
+    paths: List[str] = field(default_factory=list)  # megatron indexed-dataset prefixes (without .bin/.idx)
+    weights: Optional[List[float]] = None  # token-ratio weights, one per path (None = proportional to size)
+    tokenizer: Optional[str] = None  # HF tokenizer dir or hub name (Llama-2's for real runs)
+    split: str = "100,0,0"  # train,valid,test split of each dataset (megatron convention)
+    cache_dir: str = "runs/cache"  # where megatron caches sample indices (and the synthetic corpus lives)
+    synthetic_docs: int = 2000  # synthetic source: number of generated documents
+    synthetic_seed: int = 1234  # synthetic source: corpus seed
+    hf_dataset: Optional[str] = None  # provenance: HF hub dataset the indexed files were prepared from
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3.0e-3  # peak learning rate
+    min_lr: float = 3.0e-4  # cosine floor
+    weight_decay: float = 0.1  # decoupled AdamW weight decay
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.95  # Adam beta2
+    eps: float = 1.0e-8  # Adam epsilon
+    clip_grad: float = 1.0  # global grad-norm clip (0 disables)
+    warmup_fraction: float = 0.1  # fraction of iterations spent in linear warmup
+    decay_style: str = "cosine"  # cosine | linear | constant (after warmup)
+    distributed: bool = False  # shard optimizer state over data-parallel ranks (megatron distributed optimizer)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size; divides heads and query groups
+    pp: int = 1  # pipeline-parallel size; divides num_layers
+    sp: bool = False  # sequence parallel (needs tp > 1)
+    micro_batch_size: int = 2  # sequences per forward/backward on one rank
+    global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
+
+
+@dataclass
+class TrainConfig:
+    tokens: Optional[str] = None  # token budget (160B, 1.6B, 20_000_000_000) -> iterations = tokens / (gbs * seq)
+    iters: Optional[int] = None  # explicit iteration count (instead of tokens)
+    seed: int = 42  # global seed (init, data order)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    log_interval: int = 1  # iterations between metric records
+    save_interval: int = 0  # iterations between checkpoints (0: only at the end)
+    keep_last: int = 2  # committed checkpoints to keep
+    init_from: Optional[str] = None  # parent checkpoint: load its weights only (CPT/SFT/PPO start here)
+    resume: bool = True  # continue from the latest committed checkpoint in out_dir if there is one
+    peak_tflops: Optional[float] = None  # per-device peak for MFU (None: known GPUs auto, CPU not reported)
+    progress: bool = True  # tqdm progress bar with ETA on rank 0
+    tensorboard: bool = True  # also write TensorBoard events
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny_pretrain"  # run name (directory name under runs/ by default)
+    out_dir: str = "runs/tiny_pretrain"  # checkpoints, metrics.jsonl, tensorboard/
+
+
+@dataclass
+class RootConfig:
+    stage: str = "pretrain"  # pretrain | cpt (later: sft, ppo)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    lineage: Any = field(default_factory=dict)  # free-form provenance carried into checkpoints and model cards

@@ -1,0 +1,123 @@
+"""Checks a composed training recipe before any process group, model or file is created.
+
+Each rule raises ConfigError naming the key and the fix; the CLI prints it as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.config.tokens import iterations_for, parse_tokens
+
+STAGES = ("pretrain", "cpt")
+PRECISIONS = ("auto", "bf16", "fp32")
+LAYER_SPECS = ("auto", "te", "local")
+DECAY_STYLES = ("cosine", "linear", "constant")
+SOURCES = ("synthetic", "indexed")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What validation derives: data-parallel size, iterations, tokens per iteration."""
+
+    world_size: int
+    dp: int
+    iters: int
+    tokens_per_iter: int
+    num_microbatches: int
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _choice(key: str, value, options) -> None:
+    if value not in options:
+        raise ConfigError(key, f"must be one of {', '.join(options)}; got {value!r}")
+
+
+def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    m, p, o, t, d = cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.data
+    _choice("stage", cfg.stage, STAGES)
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("model.layer_spec", m.layer_spec, LAYER_SPECS)
+    _choice("optim.decay_style", o.decay_style, DECAY_STYLES)
+    _choice("data.source", d.source, SOURCES)
+
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "vocab_size", "seq_length"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError("model.hidden_size", f"{m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError("model.num_query_groups",
+                          f"{m.num_query_groups} does not divide num_attention_heads={m.num_attention_heads}")
+
+    for key in ("tp", "pp", "micro_batch_size", "global_batch_size"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    if m.num_attention_heads % p.tp:
+        raise ConfigError("parallel.tp", f"tp={p.tp} must divide model.num_attention_heads={m.num_attention_heads}; pick a divisor")
+    if m.num_query_groups % p.tp:
+        raise ConfigError("parallel.tp", f"tp={p.tp} must divide model.num_query_groups={m.num_query_groups}; pick a divisor")
+    if m.ffn_hidden_size % p.tp:
+        raise ConfigError("parallel.tp", f"tp={p.tp} must divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    if m.num_layers % p.pp:
+        raise ConfigError("parallel.pp", f"pp={p.pp} must divide model.num_layers={m.num_layers}; pick a divisor")
+    if p.sp and p.tp == 1:
+        raise ConfigError("parallel.sp", "sequence parallel needs parallel.tp > 1; set parallel.sp=false or raise tp")
+    if p.sp and m.seq_length % p.tp:
+        raise ConfigError("parallel.sp", f"model.seq_length={m.seq_length} must be divisible by tp={p.tp} with sp")
+    if world_size % (p.tp * p.pp):
+        raise ConfigError("parallel.tp", f"world size {world_size} is not divisible by tp*pp={p.tp * p.pp}; "
+                                         f"launch a multiple of {p.tp * p.pp} processes")
+    dp = world_size // (p.tp * p.pp)
+    if p.global_batch_size % (p.micro_batch_size * dp):
+        raise ConfigError("parallel.global_batch_size",
+                          f"{p.global_batch_size} is not divisible by micro_batch_size*dp = {p.micro_batch_size}*{dp}; "
+                          f"use a multiple of {p.micro_batch_size * dp}")
+
+    for key in ("lr", "weight_decay", "clip_grad", "eps"):
+        _positive(f"optim.{key}", getattr(o, key), allow_zero=True)
+    if o.min_lr < 0 or o.min_lr > o.lr:
+        raise ConfigError("optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    if not 0.0 <= o.warmup_fraction < 1.0:
+        raise ConfigError("optim.warmup_fraction", f"must be in [0, 1), got {o.warmup_fraction}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"optim.{key}", f"must be in [0, 1), got {getattr(o, key)}")
+
+    tokens_per_iter = p.global_batch_size * m.seq_length
+    if (t.tokens is None) == (t.iters is None):
+        raise ConfigError("train.tokens", "set exactly one of train.tokens (e.g. 160B) or train.iters")
+    if t.iters is not None:
+        _positive("train.iters", t.iters)
+        iters = t.iters
+    else:
+        iters = iterations_for(parse_tokens(t.tokens), p.global_batch_size, m.seq_length)
+    _positive("train.log_interval", t.log_interval)
+    _positive("train.save_interval", t.save_interval, allow_zero=True)
+    _positive("train.keep_last", t.keep_last)
+
+    if d.source == "indexed":
+        if not d.paths:
+            raise ConfigError("data.paths", "indexed data needs at least one prefix (run `evolm prepare` first)")
+        for prefix in d.paths:
+            for ext in (".bin", ".idx"):
+                if not Path(prefix + ext).is_file():
+                    raise ConfigError("data.paths", f"missing file {prefix + ext}; run `evolm prepare` or fix the path")
+        if d.weights is not None and len(d.weights) != len(d.paths):
+            raise ConfigError("data.weights", f"{len(d.weights)} weights for {len(d.paths)} paths")
+        if d.weights is not None and any(w < 0 for w in d.weights):
+            raise ConfigError("data.weights", "weights must be >= 0")
+        if not d.tokenizer:
+            raise ConfigError("data.tokenizer", "indexed data needs the tokenizer it was prepared with")
+    if t.init_from is not None and not Path(t.init_from).exists():
+        raise ConfigError("train.init_from", f"no checkpoint at {t.init_from}")
+    return Plan(world_size=world_size, dp=dp, iters=iters, tokens_per_iter=tokens_per_iter,
+                num_microbatches=p.global_batch_size // (p.micro_batch_size * dp))
