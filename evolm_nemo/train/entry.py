@@ -1,0 +1,33 @@
+"""`evolm train key=value ...`: compose the recipe, validate it (before any heavy work), train.
+
+Single process: `evolm train`. Several: `torchrun --nproc_per_node 2 -m evolm_nemo.train.entry parallel=tp2`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from evolm_nemo.config import RootConfig, compose, validate
+
+
+def main(overrides: list[str]) -> int:
+    cfg = compose("config", overrides, RootConfig)
+    plan = validate(cfg)
+    from evolm_nemo.runtime.distributed import teardown
+    from evolm_nemo.train.loop import run
+
+    try:
+        summary = run(cfg, plan)
+        if summary["runtime"].is_main and summary["losses"]:
+            losses = summary["losses"]
+            print(f"[evolm] done: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} iterations; "
+                  f"checkpoint {summary['checkpoint']}", flush=True)
+    finally:
+        teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    from evolm_nemo.cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))

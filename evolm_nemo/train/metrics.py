@@ -1,0 +1,73 @@
+"""Metrics to JSONL (and TensorBoard) on rank 0, and the peak-FLOPs table behind the MFU estimate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).
+_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_flops(override_tflops: float | None, device: torch.device) -> float | None:
+    """Per-device peak FLOP/s for MFU: the override, a known GPU, or None (CPU: MFU not reported)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in _PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged iteration to ``metrics.jsonl``; mirrors scalars to TensorBoard.
+
+    On resume, records past the resumed iteration (written by the interrupted run) are dropped first, so the file
+    reads as one clean run.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = True, truncate_after: int = 0):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iteration", 0) <= truncate_after]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        self.file = self.path.open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=truncate_after + 1)
+            except ImportError:  # tensorboard is a pinned dependency; tolerate its absence in slim images
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)) and value is not None:
+                    self.tb.add_scalar(f"train/{key}", value, record["iteration"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def read_metrics(out_dir) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
