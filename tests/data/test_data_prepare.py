@@ -1,0 +1,164 @@
+"""`evolm prepare`: JSONL / Parquet / HF dataset -> megatron .bin/.idx, read back with megatron's IndexedDataset."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from evolm_nemo.cli import main as cli_main
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.data.prepare import prepare
+
+# Edge cases: unicode, emoji, runs of spaces, tabs, newlines, an empty document, a literal special-token string.
+TEXTS = [
+    "Tom has 3 apples. He gets 4 more. The answer is \\boxed{7}.",
+    "  leading and trailing spaces  ",
+    "naïve café — 東京 😀\n\ttabbed\r\nwindows line",
+    "",
+    "a literal </s> and <s> stay text",
+    "x" * 500,
+] + [f"Document number {i}: count {', '.join(map(str, range(i % 7 + 1)))}." for i in range(40)]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_docs(prefix) -> list:
+    ds = IndexedDataset(str(prefix))
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def files(directory: Path) -> set:
+    return {p.name for p in directory.iterdir()}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_jsonl(tmp_path / "docs.jsonl", [{"id": i, "text": t} for i, t in enumerate(TEXTS)])
+
+
+def test_jsonl_round_trip(tmp_path, corpus, tok):
+    stats = prepare(corpus, tmp_path / "out" / "docs", tok, workers=1, chunk_size=7, progress=False)
+    docs = read_docs(tmp_path / "out" / "docs")
+    assert len(docs) == stats.documents == len(TEXTS)
+    assert stats.tokens == sum(len(d) for d in docs)
+    for text, ids in zip(TEXTS, docs):
+        assert ids[-1] == tok.eos_token_id and tok.eos_token_id not in ids[:-1]  # the literal "</s>" stays text
+        assert tok.decode(ids) == text + "</s>"
+    assert files(tmp_path / "out") == {"docs.bin", "docs.idx"}  # no temporaries left
+
+
+def test_parquet_and_hf_dataset_give_the_same_bytes(tmp_path, corpus, tok):
+    prepare(corpus, tmp_path / "j", tok, workers=1, progress=False)
+    pq.write_table(pa.table({"body": TEXTS, "n": list(range(len(TEXTS)))}), tmp_path / "docs.parquet", row_group_size=9)
+    prepare(tmp_path / "docs.parquet", tmp_path / "p", tok, text_key="body", workers=1, progress=False)
+    # A directory is read through datasets.load_dataset (the path a hub name takes), streamed, offline.
+    (tmp_path / "hfds").mkdir()
+    pq.write_table(pa.table({"body": TEXTS}), tmp_path / "hfds" / "train-00000.parquet")
+    prepare(tmp_path / "hfds", tmp_path / "h", tok, text_key="body", split="train", workers=1, progress=False)
+    for ext in (".bin", ".idx"):
+        ref = (tmp_path / f"j{ext}").read_bytes()
+        assert (tmp_path / f"p{ext}").read_bytes() == ref
+        assert (tmp_path / f"h{ext}").read_bytes() == ref
+
+
+def test_two_workers_write_identical_bytes(tmp_path, corpus, tok):
+    prepare(corpus, tmp_path / "w1", tok, workers=1, chunk_size=4, progress=False)
+    prepare(corpus, tmp_path / "w2", tok, workers=2, chunk_size=4, progress=False)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"w1{ext}").read_bytes() == (tmp_path / f"w2{ext}").read_bytes()
+
+
+def test_limit_and_no_eos(tmp_path, corpus, tok):
+    stats = prepare(corpus, tmp_path / "l", tok, workers=1, limit=3, append_eos=False, progress=False)
+    docs = read_docs(tmp_path / "l")
+    assert stats.documents == len(docs) == 3
+    assert [tok.decode(d) for d in docs] == TEXTS[:3]
+
+
+def test_missing_file_writes_nothing(tmp_path, tok):
+    with pytest.raises(ConfigError) as err:
+        prepare(tmp_path / "nope.jsonl", tmp_path / "out" / "x", tok, progress=False)
+    assert err.value.key == "input" and "nope.jsonl" in err.value.message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_missing_text_field_names_field_and_line(tmp_path, tok, workers):
+    rows = [{"text": f"doc {i}"} for i in range(30)]
+    rows[20] = {"body": "no text here", "id": 20}
+    src = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ConfigError) as err:  # line 21 is found after workers have encoded earlier chunks
+        prepare(src, tmp_path / "bad", tok, workers=workers, chunk_size=2, progress=False)
+    assert err.value.key == "text_key"
+    assert "'text'" in err.value.message and "line 21" in err.value.message and "body" in err.value.message
+    assert files(tmp_path) == {"bad.jsonl"}
+
+
+def test_bad_rows_and_columns(tmp_path, tok):
+    src = write_jsonl(tmp_path / "null.jsonl", [{"text": "ok"}, {"text": None}])
+    with pytest.raises(ConfigError, match="line 2 is NoneType"):
+        prepare(src, tmp_path / "o", tok, progress=False)
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(ConfigError, match="line 2: invalid JSON"):
+        prepare(tmp_path / "broken.jsonl", tmp_path / "o", tok, progress=False)
+    pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "c.parquet")
+    with pytest.raises(ConfigError, match="no column 'text'.*content"):
+        prepare(tmp_path / "c.parquet", tmp_path / "o", tok, progress=False)
+    assert not any(p.name.startswith("o.") for p in tmp_path.iterdir())
+
+
+def test_unreadable_tokenizer(tmp_path, corpus):
+    (tmp_path / "emptytok").mkdir()
+    for bad in (tmp_path / "no_such_tok", tmp_path / "emptytok"):
+        with pytest.raises(ConfigError) as err:
+            prepare(corpus, tmp_path / "o", str(bad), progress=False)
+        assert err.value.key == "tokenizer" and str(bad) in err.value.message
+    assert not any(p.name.startswith("o.") for p in tmp_path.iterdir())
+
+
+def test_failed_run_keeps_previous_output(tmp_path, corpus, tok):
+    prepare(corpus, tmp_path / "d", tok, progress=False)
+    before = {ext: (tmp_path / f"d{ext}").read_bytes() for ext in (".bin", ".idx")}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}] * 5 + [{"txt": "oops"}])
+    with pytest.raises(ConfigError):
+        prepare(bad, tmp_path / "d", tok, chunk_size=2, progress=False)
+    assert {ext: (tmp_path / f"d{ext}").read_bytes() for ext in (".bin", ".idx")} == before
+    assert not any(".tmp-" in p.name for p in tmp_path.iterdir())
+
+
+def test_cli_in_process(tmp_path, corpus, synth, capsys):
+    out = tmp_path / "cli" / "docs"
+    rc = cli_main(["prepare", f"input={corpus}", f"output={out}", f"tokenizer={synth.tokenizer_dir}", "workers=1",
+                   "progress=false"])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"prepared {len(TEXTS)} documents, ") and " tokens -> " in last
+    assert len(read_docs(out)) == len(TEXTS)
+    # missing text field: exit 2, one line naming the key and the field, nothing written
+    rc = cli_main(["prepare", f"input={corpus}", f"output={tmp_path / 'x' / 'y'}",
+                   f"tokenizer={synth.tokenizer_dir}", "text_key=body"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: text_key: no field 'body'")
+    assert not (tmp_path / "x").exists()
+    rc = cli_main(["prepare", f"output={tmp_path / 'x' / 'y'}", f"tokenizer={synth.tokenizer_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [err[0]] and err[0].startswith("error: input: must be set")
+
+
+def test_cli_process_exits_2_with_one_line(tmp_path, synth):
+    """The real process: exit code 2, exactly one stderr line, no output files."""
+    cmd = [sys.executable, "-m", "evolm_nemo.cli", "prepare", f"input={tmp_path / 'missing.jsonl'}",
+           f"output={tmp_path / 'o' / 'x'}", f"tokenizer={synth.tokenizer_dir}", "workers=2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [f"error: input: no such file {tmp_path / 'missing.jsonl'}"]
+    assert files(tmp_path) == set()
