@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +259,15 @@ def _inner_optimizers(optimizer) -> list:
 
 
 def _prepare_optimizer_for_load(optimizer) -> None:
-    """megatron's distributed optimizer asserts Adam state (with `step`) exists before loading: create it empty."""
+    """Two megatron-core 0.16 reshard bugs, on any device: the distributed optimizer asserts Adam state (with
+    `step`) exists before loading (so create it empty), and its fully-reshardable loader then copies every state key,
+    `step` included, from checkpoint tensors that have no `step` (KeyError): skip `step` there; it is restored from
+    the param groups."""
+    for wrapper in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        if hasattr(wrapper, "_set_main_param_and_optimizer_states") and not getattr(wrapper, "_evolm_tolerant", False):
+            wrapper._set_main_param_and_optimizer_states = partial(_set_states_without_step, wrapper,
+                                                                   wrapper._set_main_param_and_optimizer_states)
+            wrapper._evolm_tolerant = True
     for opt in _inner_optimizers(optimizer):
         for group in opt.param_groups:
             for param in group["params"]:
@@ -268,6 +277,19 @@ def _prepare_optimizer_for_load(optimizer) -> None:
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 if "step" not in state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def _set_states_without_step(wrapper, original, model_param, tensors) -> None:
+    if "step" in tensors or getattr(wrapper.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+        return original(model_param, tensors)
+    group_index, group_order = wrapper.model_param_group_index_map[model_param]
+    state = wrapper.optimizer.state[wrapper.optimizer.param_groups[group_index]["params"][group_order]]
+    step = state.pop("step", None)
+    try:
+        original(model_param, tensors)
+    finally:
+        if step is not None:
+            state["step"] = step
 
 
 def _unshare_step(optimizer) -> None:

@@ -6,8 +6,10 @@ production runs execute megatron-core exactly as NVIDIA ships it.
 
 Redirections (each measured as necessary on megatron-core 0.16.1, torch 2.13 CPU):
 
-1. ``torch.cuda.current_device()`` (~100 call sites: RoPE buffers, TP mappings, p2p shapes, layers) returns 0 and
-   the device-mapping mode (7) turns the resulting ``device=0`` into CPU.
+1. ``torch.cuda.current_device()`` (~100 call sites: RoPE buffers, TP mappings, p2p shapes, layers) returns
+   ``"cpu"``, so ``device=torch.cuda.current_device()`` works as is, also inside autograd backward functions
+   (e.g. the sequence-parallel all-gather in ``LinearWithGradAccumulationAndAsyncCommunication.backward``),
+   where the torch-function mode (7) does not apply.
 2. The CUDA RNG: ``torch.cuda.manual_seed/get_rng_state/set_rng_state`` and megatron's private
    ``_get_cuda_rng_state``/``_set_cuda_rng_state`` use the CPU default generator. ``DotProductAttention`` always
    enters ``get_cuda_rng_tracker().fork()`` (even at dropout 0), so the tracker must work; unpatched,
@@ -142,7 +144,7 @@ def activate() -> bool:
         return False
 
     # 1. current device
-    torch.cuda.current_device = lambda: 0
+    torch.cuda.current_device = lambda: "cpu"
     torch.cuda.set_device = lambda *_a, **_k: None
     torch.cuda.device_count = lambda: 0
 

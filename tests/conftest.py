@@ -1,0 +1,63 @@
+"""Shared test helpers: run `evolm` commands as real processes (one, or two under torchrun/gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def evolm_cmd(command: str, overrides: list[str], nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [str(BIN / "evolm"), command, *overrides]
+    module = {"train": "evolm_nemo.train.entry"}[command]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), "-m", module, *overrides]
+
+
+def test_env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+def run_evolm(command: str, overrides: list[str], nproc: int = 1, check: bool = True, timeout: int = 600):
+    proc = subprocess.run(evolm_cmd(command, overrides, nproc), cwd=REPO, env=test_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"evolm {command} {' '.join(overrides)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def losses(out_dir) -> dict[int, float]:
+    path = Path(out_dir) / "metrics.jsonl"
+    return {r["iteration"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """One generated corpus + tokenizer for the whole session (built by the first run that needs it)."""
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def tiny(out_dir, cache: str, *extra: str) -> list[str]:
+    """Overrides for a small, fast tiny-model run."""
+    return [f"run.out_dir={out_dir}", f"data.cache_dir={cache}", "data.synthetic_docs=400", "train.progress=false",
+            "train.tensorboard=false", "train.log_interval=1", *extra]
