@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from conftest import SYNTH_DOCS, SYNTH_SEED
+from .conftest import SYNTH_DOCS, SYNTH_SEED
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.synthetic import ensure_synthetic, generate
 from evolm_nemo.data.tokenizer import load_tokenizer, train_tokenizer
