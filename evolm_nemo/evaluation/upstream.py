@@ -1,0 +1,115 @@
+"""Upstream 0-shot evaluation with the lm-eval harness: hellaswag, winogrande, piqa, openbookqa, arc_easy, arc_challenge.
+
+Two sources of task definitions:
+
+* ``tasks_dir=None``: lm-eval's built-in tasks (data from the HF hub or its local cache).
+* ``tasks_dir=<dir>`` + ``data_dir=<dir>``: our YAML tasks (``eval/upstream/``, named ``evolm_<task>``) over local
+  JSONL files ``<data_dir>/<task>.jsonl`` in the row schema of each task's HF dataset, with the same prompts as the
+  built-ins. This runs fully offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set).
+
+Each task's score is acc_norm where lm-eval reports it and acc otherwise (winogrande); ``avg`` is their mean, in
+percent, the shape of EvoLM's upstream table. lm_eval is imported only inside :func:`run`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from evolm_nemo.config.errors import ConfigError
+
+TASKS = ("hellaswag", "winogrande", "piqa", "openbookqa", "arc_easy", "arc_challenge")
+LOCAL_PREFIX = "evolm_"
+PLACEHOLDER = "__DATA_DIR__"
+
+
+def default_tasks_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "eval" / "upstream"
+
+
+def check(model: str, tasks: list[str], tasks_dir: str | None, data_dir: str | None) -> None:
+    """Fail fast, with one line, on anything that would break after the model is loaded."""
+    if not (Path(model) / "config.json").is_file():
+        raise ConfigError("model", f"{model} is not an HF model directory (no config.json)")
+    if not tasks:
+        raise ConfigError("tasks", f"empty; choose from {', '.join(TASKS)}")
+    if tasks_dir is None:
+        return
+    for task in tasks:
+        if not (Path(tasks_dir) / f"{task}.yaml").is_file():
+            known = sorted(p.stem for p in Path(tasks_dir).glob("*.yaml"))
+            raise ConfigError("tasks", f"no {task}.yaml in {tasks_dir}; available: {', '.join(known) or 'none'}")
+    if data_dir is None:
+        raise ConfigError("data_dir", "local tasks (tasks_dir set) need data_dir=<dir with <task>.jsonl files>")
+    for task in tasks:
+        if not (Path(data_dir) / f"{task}.jsonl").is_file():
+            raise ConfigError("data_dir", f"missing {Path(data_dir) / f'{task}.jsonl'}")
+
+
+def render(tasks_dir: str, data_dir: str, into: str) -> None:
+    """Copy the task YAMLs (and their hook modules) into ``into`` with ``__DATA_DIR__`` made absolute."""
+    data = str(Path(data_dir).resolve())
+    for src in Path(tasks_dir).iterdir():
+        if src.suffix in (".yaml", ".py"):
+            (Path(into) / src.name).write_text(src.read_text().replace(PLACEHOLDER, data))
+
+
+def _offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    if "huggingface_hub" in sys.modules:  # the flag is read at import time
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_DATASETS_OFFLINE = True
+
+
+def summarize(results: dict, tasks: list[str], local: bool) -> dict:
+    """lm-eval results -> {task: {"acc", "acc_norm", "score", "n"}, "avg": mean score} in percent."""
+    out = {}
+    for task in tasks:
+        name = LOCAL_PREFIX + task if local else task
+        row = results["results"][name]
+        acc = row.get("acc,none")
+        norm = row.get("acc_norm,none")
+        score = norm if norm is not None else acc
+        out[task] = {"acc": _pct(acc), "acc_norm": _pct(norm), "score": _pct(score),
+                     "n": int(results.get("n-samples", {}).get(name, {}).get("effective", 0))}
+    out["avg"] = round(sum(out[t]["score"] for t in tasks) / len(tasks), 2)
+    return out
+
+
+def _pct(x):
+    return None if x is None else round(100.0 * float(x), 2)
+
+
+def run(model: str, tasks: list[str] = TASKS, tasks_dir: str | None = None, data_dir: str | None = None,
+        batch_size: int | str = 16, limit: int | None = None, device: str | None = None, dtype: str = "auto",
+        trust_remote_code: bool = False) -> tuple[dict, dict]:
+    """Run lm-eval 0-shot; returns (our summary, lm-eval's raw ``results`` dict without per-sample logs)."""
+    tasks = list(tasks)
+    check(model, tasks, tasks_dir, data_dir)
+    with tempfile.TemporaryDirectory(prefix="evolm_upstream_") as tmp:
+        if tasks_dir is not None:
+            _offline()
+            render(tasks_dir, data_dir, tmp)
+        try:
+            import lm_eval
+            from lm_eval.tasks import TaskManager
+        except ImportError:
+            raise ConfigError("upstream", "lm-eval is not installed: pip install -c constraints.txt 'lm-eval[hf]'")
+        import torch
+
+        local = tasks_dir is not None
+        manager = TaskManager(include_path=tmp, include_defaults=False) if local else TaskManager()
+        names = [LOCAL_PREFIX + t if local else t for t in tasks]
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        args = {"pretrained": str(model), "dtype": dtype, "trust_remote_code": trust_remote_code}
+        results = lm_eval.simple_evaluate(
+            model="hf", model_args=args, tasks=names, num_fewshot=0, batch_size=batch_size, device=device,
+            limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0)
+        shutil.rmtree(tmp, ignore_errors=True)
+    raw = {k: results[k] for k in ("results", "versions", "n-shot", "n-samples", "configs") if k in results}
+    return summarize(results, tasks, local), raw

@@ -1,0 +1,79 @@
+"""Tiny real HF models for evaluation tests: a byte-level BPE tokenizer trained here and random Llama weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = [
+    "Human: What is 2 + 3?\nAssistant: 2 + 3 = 5. The answer is \\boxed{5}.",
+    "Human: Is the sky green?\nAssistant: No. The answer is False.",
+    "Human: Natalia sold 48 clips in April and half as many in May.\nAssistant: 48 / 2 = 24, 48 + 24 = 72.",
+    "The quick brown fox jumps over the lazy dog. A man is sitting on a roof. He starts pulling up roofing.",
+    "Question: How do you boil water?\nAnswer: Put it in a pot on the stove. Heat it until it bubbles.",
+    "Sarah was a much better surgeon than Maria so _ always got the harder cases.",
+]
+
+
+def make_tokenizer(path: Path):
+    """Train a ~400-token byte-level BPE (with Llama-style <s> prefix) and save it as PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def _config(tokenizer, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def make_lm(path: Path, seed: int = 0):
+    """A random 2-layer LlamaForCausalLM + tokenizer saved in ``path``."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = make_tokenizer(path)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_config(tokenizer)).eval()
+    model.save_pretrained(path)
+    return model, tokenizer
+
+
+def make_rm(path: Path, seed: int = 0, chat_template: str | None = None):
+    """A random LlamaForSequenceClassification (1 label) + tokenizer in ``path``."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    tokenizer = make_tokenizer(path)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(_config(tokenizer, num_labels=1)).eval()
+    model.save_pretrained(path)
+    return model, tokenizer
