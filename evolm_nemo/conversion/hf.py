@@ -1,0 +1,413 @@
+"""Megatron GPTModel <-> HuggingFace Llama: config and weight mapping, both directions, one tensor at a time.
+
+The mapping (measured exact, ../shared/STACK.md): megatron's ``linear_qkv`` rows are grouped per KV group as
+``[q_0 .. q_{hpg-1}, k, v]`` (``hpg`` = query heads per group), with no RoPE permutation (megatron's non-interleaved
+RoPE is HF's rotate-half); ``linear_fc1`` is ``[gate; up]``; the rest is renaming. Only the TP=1 / PP=1 view is mapped
+here: other layouts go through dist-checkpointing, which reshards on load.
+
+Supported HF sources: ``LlamaForCausalLM`` (and ``MistralForCausalLM`` without a sliding window, the same
+architecture) and ``LlamaForSequenceClassification`` with one label (value / reward models), GQA or MHA, tied or
+untied embeddings. Anything that computes something else is refused, naming the config field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.schema import ModelConfig
+
+CAUSAL = ("LlamaForCausalLM", "MistralForCausalLM")
+VALUE = ("LlamaForSequenceClassification",)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+SHORT = {v: k for k, v in DTYPES.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------- config
+
+def read_config(src: Path, key: str = "src") -> dict:
+    path = Path(src) / "config.json"
+    if not Path(src).is_dir():
+        raise ConfigError(key, f"{src} is not a directory")
+    try:
+        return json.loads(path.read_text())
+    except OSError:
+        raise ConfigError(key, f"{path} not found (an HF model directory has a config.json)") from None
+    except ValueError as exc:
+        raise ConfigError(key, f"{path}: invalid JSON ({exc})") from None
+
+
+def _rope(cfg: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from a transformers 5 ``rope_parameters`` or a 4.x ``rope_theta``/``rope_scaling``."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta = params["rope_theta"]
+        kind = params.get("rope_type", params.get("type", "default"))
+        scaling = None if kind == "default" else params
+    else:
+        theta = cfg.get("rope_theta", 10000.0)
+        scaling = cfg.get("rope_scaling")
+    return float(theta), scaling
+
+
+def head_kind(cfg: dict) -> str:
+    """'lm' or 'value' from ``architectures`` (refusing anything else)."""
+    arch = cfg.get("architectures") or ["LlamaForCausalLM"]
+    name = arch[0]
+    if name in CAUSAL:
+        return "lm"
+    if name in VALUE:
+        return "value"
+    raise ConfigError("architectures", f"{name} is not supported; supported: {', '.join(CAUSAL + VALUE)}")
+
+
+def check_config(cfg: dict) -> None:
+    """Refuse HF configs whose computation our LLaMA-2 GPTModel does not reproduce; name the field."""
+    kind = head_kind(cfg)
+    model_type = cfg.get("model_type", "llama")
+    if model_type not in ("llama", "mistral"):
+        raise ConfigError("model_type", f"{model_type!r} is not supported; supported: llama, mistral")
+    need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    for field in need:
+        if not isinstance(cfg.get(field), int) or cfg[field] <= 0:
+            raise ConfigError(field, f"missing or not a positive integer in config.json (got {cfg.get(field)!r})")
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConfigError("hidden_act", f"{act!r} is not supported; only silu (SwiGLU)")
+    for field in ("attention_bias", "mlp_bias"):
+        if cfg.get(field):
+            raise ConfigError(field, "biases are not supported (LLaMA-2 has none)")
+    _, scaling = _rope(cfg)
+    if scaling:
+        raise ConfigError("rope_scaling", f"RoPE scaling {scaling} is not supported; only default RoPE")
+    if cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True):
+        raise ConfigError("sliding_window", f"sliding-window attention ({cfg['sliding_window']}) is not supported")
+    heads = cfg["num_attention_heads"]
+    groups = cfg.get("num_key_value_heads") or heads
+    if heads % groups:
+        raise ConfigError("num_key_value_heads", f"{groups} does not divide num_attention_heads={heads}")
+    if cfg["hidden_size"] % heads:
+        raise ConfigError("num_attention_heads", f"{heads} does not divide hidden_size={cfg['hidden_size']}")
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and head_dim != cfg["hidden_size"] // heads:
+        raise ConfigError("head_dim", f"{head_dim} != hidden_size / num_attention_heads; not supported")
+    if cfg.get("pretraining_tp", 1) not in (None, 1):
+        raise ConfigError("pretraining_tp", "must be 1 (sliced-matmul Llama variants are not supported)")
+    labels = cfg.get("num_labels") or len(cfg.get("id2label") or {"0": "LABEL_0"})
+    if kind == "value" and labels != 1:
+        raise ConfigError("num_labels", "a value/reward model has exactly one label")
+
+
+def model_config(cfg: dict, name: str) -> ModelConfig:
+    """Our ModelConfig for a checked HF config."""
+    theta, _ = _rope(cfg)
+    return ModelConfig(
+        name=name,
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=cfg["hidden_size"],
+        ffn_hidden_size=cfg["intermediate_size"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_query_groups=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        vocab_size=cfg["vocab_size"],
+        seq_length=int(cfg.get("max_position_embeddings") or 2048),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_base=theta,
+        init_method_std=float(cfg.get("initializer_range", 0.02)),
+        layer_spec="auto",
+    )
+
+
+def hf_config(m: ModelConfig, head: str, dtype: torch.dtype, tied: bool, tokens: dict):
+    """A transformers LlamaConfig for ``m``; ``tokens`` holds bos/eos/pad ids. Also writes ``rope_theta`` and
+    ``torch_dtype`` at top level so transformers 4.x readers (TensorRT-LLM, older vLLM) see the same model."""
+    from transformers import LlamaConfig
+
+    extra = {"num_labels": 1} if head == "value" else {}
+    cfg = LlamaConfig(
+        architectures=["LlamaForSequenceClassification" if head == "value" else "LlamaForCausalLM"],
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups,
+        head_dim=m.hidden_size // m.num_attention_heads,
+        hidden_act="silu",
+        max_position_embeddings=m.seq_length,
+        initializer_range=m.init_method_std,
+        rms_norm_eps=m.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_base)},
+        tie_word_embeddings=tied,
+        attention_bias=False,
+        mlp_bias=False,
+        dtype=HF_DTYPE[dtype],
+        bos_token_id=tokens.get("bos"),
+        eos_token_id=tokens.get("eos"),
+        pad_token_id=tokens.get("pad"),
+        **extra,
+    )
+    return cfg
+
+
+def legacy_fields(m: ModelConfig, dtype: torch.dtype) -> dict:
+    return {"rope_theta": float(m.rope_base), "torch_dtype": HF_DTYPE[dtype]}
+
+
+# ---------------------------------------------------------------------------------------------------------- weights
+
+def hf_shapes(m: ModelConfig, head: str, tied: bool) -> dict[str, tuple]:
+    """Every HF tensor name -> shape, for checks before any heavy work."""
+    h, kv = m.hidden_size, m.num_query_groups * (m.hidden_size // m.num_attention_heads)
+    shapes = {"model.embed_tokens.weight": (m.vocab_size, h), "model.norm.weight": (h,)}
+    for i in range(m.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (m.ffn_hidden_size, h),
+            p + "mlp.up_proj.weight": (m.ffn_hidden_size, h),
+            p + "mlp.down_proj.weight": (h, m.ffn_hidden_size),
+        })
+    if head == "value":
+        shapes["score.weight"] = (1, h)
+    elif not tied:
+        shapes["lm_head.weight"] = (m.vocab_size, h)
+    return shapes
+
+
+# megatron (TP=1) suffix -> HF suffix, for the one-to-one tensors of a layer
+_LAYER = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",  # TE spec: norm fused into qkv
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",  # TE spec: norm fused into fc1
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+
+
+def _groups(m: ModelConfig) -> tuple[int, int, int]:
+    head_dim = m.hidden_size // m.num_attention_heads
+    return m.num_query_groups, m.num_attention_heads // m.num_query_groups, head_dim
+
+
+def split_qkv(qkv: torch.Tensor, m: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups, hpg, head_dim = _groups(m)
+    x = qkv.view(groups, hpg + 2, head_dim, -1)
+    h = x.shape[-1]
+    return x[:, :hpg].reshape(-1, h), x[:, hpg].reshape(-1, h), x[:, hpg + 1].reshape(-1, h)
+
+
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: ModelConfig) -> torch.Tensor:
+    groups, hpg, head_dim = _groups(m)
+    h = q.shape[-1]
+    parts = [q.view(groups, hpg, head_dim, h), k.view(groups, 1, head_dim, h), v.view(groups, 1, head_dim, h)]
+    return torch.cat(parts, dim=1).reshape(-1, h)
+
+
+def to_hf(name: str, tensor: torch.Tensor, m: ModelConfig, head: str = "lm") -> list[tuple[str, torch.Tensor]]:
+    """One megatron (TP=1) tensor -> its HF tensors (views; copy before saving). ``_extra_state`` -> []."""
+    if name.endswith("_extra_state"):
+        return []
+    if name == "embedding.word_embeddings.weight":
+        return [("model.embed_tokens.weight", tensor)]
+    if name == "decoder.final_layernorm.weight":
+        return [("model.norm.weight", tensor)]
+    if name == "output_layer.weight":
+        return [("score.weight" if head == "value" else "lm_head.weight", tensor)]
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["decoder", "layers"]:
+        prefix, rest = f"model.layers.{parts[2]}.", parts[3]
+        if rest in _LAYER:
+            return [(prefix + _LAYER[rest], tensor)]
+        if rest == "self_attention.linear_qkv.weight":
+            q, k, v = split_qkv(tensor, m)
+            return [(prefix + "self_attn.q_proj.weight", q), (prefix + "self_attn.k_proj.weight", k),
+                    (prefix + "self_attn.v_proj.weight", v)]
+        if rest == "mlp.linear_fc1.weight":
+            gate, up = torch.chunk(tensor, 2, dim=0)
+            return [(prefix + "mlp.gate_proj.weight", gate), (prefix + "mlp.up_proj.weight", up)]
+    raise ValueError(f"no HF name for megatron tensor {name}")
+
+
+def from_hf(name: str, get: Callable[[str], torch.Tensor], m: ModelConfig, head: str = "lm",
+            tied: bool = False) -> torch.Tensor:
+    """The megatron (TP=1, local spec) tensor ``name`` built from HF tensors fetched by ``get``."""
+    if name == "embedding.word_embeddings.weight":
+        return get("model.embed_tokens.weight")
+    if name == "decoder.final_layernorm.weight":
+        return get("model.norm.weight")
+    if name == "output_layer.weight":
+        if head == "value":
+            return get("score.weight")
+        return get("model.embed_tokens.weight" if tied else "lm_head.weight")
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["decoder", "layers"]:
+        prefix, rest = f"model.layers.{parts[2]}.", parts[3]
+        if rest in _LAYER:
+            return get(prefix + _LAYER[rest])
+        if rest == "self_attention.linear_qkv.weight":
+            attn = prefix + "self_attn."
+            return merge_qkv(get(attn + "q_proj.weight"), get(attn + "k_proj.weight"), get(attn + "v_proj.weight"),
+                             m)
+        if rest == "mlp.linear_fc1.weight":
+            return torch.cat([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")], dim=0)
+    raise ValueError(f"no HF source for megatron tensor {name}")
+
+
+# ------------------------------------------------------------------------------------------------- reading HF files
+
+class HFWeights:
+    """The tensors of an HF model directory: ``model.safetensors``, sharded safetensors with an index, or (loaded
+    with ``torch.load(weights_only=True)``) ``pytorch_model*.bin``. Opening checks that every listed shard exists;
+    tensors are read one at a time (safetensors are memory-mapped)."""
+
+    def __init__(self, src: Path, key: str = "src"):
+        self.src, self.key = Path(src), key
+        self.files: dict[str, Path] = {}  # tensor name -> file
+        self._shapes: dict[str, tuple] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._bins: dict[Path, dict] = {}
+        index = next((self.src / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                      if (self.src / n).is_file()), None)
+        if index is not None:
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise ConfigError(key, f"{index}: unreadable index ({exc})") from None
+            for shard in sorted(set(weight_map.values())):
+                if not (self.src / shard).is_file():
+                    raise ConfigError(key, f"missing shard {shard} listed in {index.name}")
+            self.files = {name: self.src / shard for name, shard in weight_map.items()}
+        elif (self.src / "model.safetensors").is_file():
+            self.files = dict.fromkeys(self._safetensors_names(self.src / "model.safetensors"),
+                                       self.src / "model.safetensors")
+        elif (self.src / "pytorch_model.bin").is_file():
+            self.files = dict.fromkeys(self._bin(self.src / "pytorch_model.bin"), self.src / "pytorch_model.bin")
+        else:
+            raise ConfigError(key, f"{self.src} has no model.safetensors, safetensors index or pytorch_model.bin")
+        self._read_headers()
+
+    def _safetensors_names(self, path: Path) -> list[str]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as exc:  # a truncated or foreign file
+            raise ConfigError(self.key, f"{path.name}: not a readable safetensors file ({exc})") from None
+
+    def _bin(self, path: Path) -> dict:
+        if path not in self._bins:
+            try:
+                self._bins[path] = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise ConfigError(self.key, f"{path.name}: cannot load with weights_only=True ({exc})") from None
+        return self._bins[path]
+
+    def _read_headers(self) -> None:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name, path in self.files.items():
+            by_file.setdefault(path, []).append(name)
+        for path, names in by_file.items():
+            if path.suffix == ".safetensors":
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        present = set(f.keys())
+                        for name in names:
+                            if name not in present:
+                                raise ConfigError(self.key, f"{path.name} lacks tensor {name} listed in the index")
+                            sl = f.get_slice(name)
+                            self._shapes[name] = tuple(sl.get_shape())
+                            self._dtypes[name] = _st_dtype(sl.get_dtype())
+                except ConfigError:
+                    raise
+                except Exception as exc:
+                    raise ConfigError(self.key, f"{path.name}: not a readable safetensors file ({exc})") from None
+            else:
+                tensors = self._bin(path)
+                for name in names:
+                    if name not in tensors:
+                        raise ConfigError(self.key, f"{path.name} lacks tensor {name} listed in the index")
+                    self._shapes[name] = tuple(tensors[name].shape)
+                    self._dtypes[name] = tensors[name].dtype
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def shape(self, name: str) -> tuple:
+        return self._shapes[name]
+
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (the widest when mixed)."""
+        found = set(self._dtypes.values())
+        return torch.float32 if len(found) != 1 else found.pop()
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.files[name]
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name)
+        return self._bin(path)[name]
+
+    def check(self, m: ModelConfig, head: str, tied: bool) -> None:
+        """Every tensor the model needs is present with the right shape; nothing unexpected is left over."""
+        want = hf_shapes(m, head, tied)
+        have = {n for n in self.names() if not n.endswith("rotary_emb.inv_freq")}
+        if head == "lm" and tied:
+            have.discard("lm_head.weight")  # some tied checkpoints still store the shared tensor
+        missing = [n for n in want if n not in have]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ConfigError(self.key, f"tensor {missing[0]} missing from {self.src}{more}")
+        extra = sorted(have - set(want))
+        if extra:
+            raise ConfigError(self.key, f"unexpected tensor {extra[0]} in {self.src.name} (not part of a "
+                                        f"{'value' if head == 'value' else 'Llama causal LM'} model)")
+        for name, shape in want.items():
+            if tuple(self.shape(name)) != shape:
+                raise ConfigError(self.key, f"tensor {name} in {self.files[name].name} has shape "
+                                            f"{list(self.shape(name))}, config.json implies {list(shape)}")
+
+
+def _st_dtype(name: str) -> torch.dtype:
+    table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    return table.get(name, torch.float32)
+
+
+def parse_size(text: str | int, key: str = "max_shard_size") -> int:
+    """'2GB', '500MB', '1GiB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}
+    s = str(text).strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(key, f"cannot parse size {text!r}; write e.g. 2GB, 500MB or a byte count") from None
+    if value <= 0 or not math.isfinite(value):
+        raise ConfigError(key, f"must be positive, got {text!r}")
+    return int(value)
+
+
+def iter_megatron(state: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and not name.endswith("_extra_state"):
+            yield name, value
