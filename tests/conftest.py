@@ -29,7 +29,7 @@ def evolm_cmd(command: str, overrides: list[str], nproc: int = 1) -> list[str]:
             str(free_port()), "-m", module, *overrides]
 
 
-def test_env() -> dict:
+def subprocess_env() -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("WORLD_SIZE", None)
@@ -38,7 +38,7 @@ def test_env() -> dict:
 
 
 def run_evolm(command: str, overrides: list[str], nproc: int = 1, check: bool = True, timeout: int = 600):
-    proc = subprocess.run(evolm_cmd(command, overrides, nproc), cwd=REPO, env=test_env(), capture_output=True,
+    proc = subprocess.run(evolm_cmd(command, overrides, nproc), cwd=REPO, env=subprocess_env(), capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"evolm {command} {' '.join(overrides)} failed ({proc.returncode}):\n"

@@ -1,0 +1,85 @@
+"""Recipe composition, validation (one-line errors naming the key, exit code 2, nothing written), token budgets."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from evolm_nemo.config import ConfigError, RootConfig, compose, iterations_for, parse_tokens, validate
+from evolm_nemo.model.build import param_count
+from tests.conftest import BIN, REPO, subprocess_env
+
+
+def _check(overrides, world_size=1):
+    return validate(compose("config", overrides, RootConfig), world_size=world_size)
+
+
+@pytest.mark.parametrize("text,tokens", [("160B", 160 * 10**9), ("1.6B", 1_600_000_000), ("20_000_000_000", 2 * 10**10),
+                                         ("500M", 5 * 10**8), ("2.5e9", 2_500_000_000), ("320b", 320 * 10**9),
+                                         (1000, 1000)])
+def test_parse_tokens(text, tokens):
+    assert parse_tokens(text) == tokens
+
+
+@pytest.mark.parametrize("bad", ["-5B", "abc", "0", "1.6X", "", "B"])
+def test_parse_tokens_rejects(bad):
+    with pytest.raises(ConfigError) as err:
+        parse_tokens(bad)
+    assert err.value.key == "train.tokens"
+
+
+def test_token_budget_to_iterations():
+    # 1B/160B: 160e9 / (512 * 2048) = 152587.89 -> 152588 iterations
+    assert iterations_for(160 * 10**9, 512, 2048) == 152588
+    assert iterations_for(1024, 8, 128) == 1
+    plan = _check(["train.tokens=1.6M", "train.iters=null"])
+    assert plan.iters == -(-1_600_000 // (8 * 128))
+    assert plan.tokens_per_iter == 8 * 128
+
+
+def test_evolm_grid_composes():
+    cfg = compose("config", ["experiment=pretrain_1b_160b", "data.source=synthetic"], RootConfig)
+    plan = validate(cfg, world_size=32)
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_hidden_size) == (22, 2048, 4896)
+    assert (cfg.model.num_attention_heads, cfg.model.num_query_groups, cfg.model.vocab_size) == (32, 4, 32000)
+    assert cfg.optim.lr == 2e-4 and cfg.optim.min_lr == 2e-5 and cfg.parallel.global_batch_size == 512
+    assert plan.iters == 152588 and plan.dp == 32 and plan.num_microbatches == 1
+    assert 0.95e9 < param_count(cfg.model) < 1.1e9
+    for name in ("evolm_0.5b", "evolm_4b"):
+        assert compose("config", [f"model={name}"], RootConfig).model.name == name
+    experiments = sorted(p.stem for p in (REPO / "recipes" / "experiment").glob("pretrain_*.yaml"))
+    assert len(experiments) == 14
+
+
+@pytest.mark.parametrize("overrides,world,key", [
+    (["parallel.foo=1"], 1, "parallel.foo"),
+    (["+model.bogus=2"], 1, "model.bogus"),
+    (["parallel.tp=abc"], 1, "parallel.tp"),
+    (["parallel.tp=3"], 3, "parallel.tp"),                      # does not divide heads
+    (["model.num_query_groups=1", "parallel.tp=2"], 2, "parallel.tp"),  # does not divide query groups
+    (["parallel.pp=3"], 3, "parallel.pp"),                      # does not divide layers
+    (["parallel.global_batch_size=6"], 4, "parallel.global_batch_size"),
+    (["train.tokens=-1B", "train.iters=null"], 1, "train.tokens"),
+    (["train.tokens=lots", "train.iters=null"], 1, "train.tokens"),
+    (["train.tokens=1B"], 1, "train.tokens"),                   # both tokens and iters
+    (["data.source=indexed", "data.paths=[/nonexistent/doc]", "data.tokenizer=x"], 1, "data.paths"),
+    (["parallel.sp=true"], 1, "parallel.sp"),
+    (["model=nonexistent"], 1, "model"),
+    (["optim.min_lr=1.0"], 1, "optim.min_lr"),
+])
+def test_validation_errors(overrides, world, key):
+    with pytest.raises(ConfigError) as err:
+        _check(overrides, world_size=world)
+    assert err.value.key == key, str(err.value)
+
+
+def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([str(BIN / "evolm"), "train", "parallel.tp=3", f"run.out_dir={out}",
+                           f"data.cache_dir={tmp_path / 'cache'}"], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: parallel.tp:"), proc.stderr
+    assert not out.exists() and not (tmp_path / "cache").exists()
+    assert list(Path(tmp_path).iterdir()) == []

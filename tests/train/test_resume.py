@@ -1,0 +1,72 @@
+"""Resume: a run SIGKILLed after a checkpoint and resumed reproduces the uninterrupted run's per-step losses (data
+order included); a checkpoint cut short is never used, the previous complete one is."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from evolm_nemo.checkpoint import io as ckpt
+from tests.conftest import REPO, evolm_cmd, losses, run_evolm, subprocess_env, tiny
+
+ITERS = 30
+
+
+def _overrides(out, cache):
+    return tiny(out, cache, f"train.iters={ITERS}", "train.save_interval=3", "train.keep_last=20")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("full")
+    run_evolm("train", _overrides(out, data_cache))
+    return out
+
+
+def test_sigkill_then_resume_matches(tmp_path, data_cache, uninterrupted):
+    proc = subprocess.Popen(evolm_cmd("train", _overrides(tmp_path, data_cache)), cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        done = ckpt.latest(tmp_path / "checkpoints")
+        if done is not None and int(done.name.split("_")[1]) >= 6:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_at = int(done.name.split("_")[1])
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert killed_at < ITERS
+    resumed = run_evolm("train", _overrides(tmp_path, data_cache))
+    start = int(resumed.stdout.split("resuming at iteration ")[1].split()[0])
+    assert killed_at <= start < ITERS
+    want, got = losses(uninterrupted), losses(tmp_path)
+    assert sorted(got) == list(range(1, ITERS + 1))
+    for it in range(1, ITERS + 1):
+        assert abs(got[it] - want[it]) <= 1e-6, (it, got[it], want[it])
+
+
+def test_cut_short_checkpoint_is_skipped(tmp_path, data_cache, uninterrupted):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    root = out / "checkpoints"
+    last = ckpt.latest(root)
+    assert last.name == f"iter_{ITERS:07d}"
+    # an interrupted write: a shard file cut in half
+    shard = max((p for p in last.rglob("*.distcp")), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    # leftovers that must never count: a temp dir and a dir with no commit record
+    (root / f"iter_{ITERS + 3:07d}.tmp-deadbeef").mkdir()
+    (root / f"iter_{ITERS + 6:07d}").mkdir()
+    assert not ckpt.is_complete(last)
+    assert ckpt.latest(root).name == f"iter_{ITERS - 3:07d}"
+    proc = run_evolm("train", _overrides(out, data_cache))
+    assert f"resuming at iteration {ITERS - 3}" in proc.stdout
+    want, got = losses(uninterrupted), losses(out)
+    for it in range(ITERS - 2, ITERS + 1):
+        assert abs(got[it] - want[it]) <= 1e-6
+    assert ckpt.latest(root).name == f"iter_{ITERS:07d}" and ckpt.is_complete(ckpt.latest(root))
