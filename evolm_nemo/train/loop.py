@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -168,7 +169,8 @@ def run(cfg: RootConfig, plan: Plan) -> dict:
     if rt.is_main and t.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=plan.iters, initial=start, desc=f"{cfg.stage}", unit="it", dynamic_ncols=True)
+        bar = tqdm(total=plan.iters, initial=start, desc=f"{cfg.stage}", unit="it", dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 15.0)
     history = []
     saved = None
     tick = time.perf_counter()
