@@ -9,19 +9,21 @@ leaves no output. Training reads the prefix through megatron-core's GPTDataset.
 Input: a ``.jsonl`` / ``.json`` (JSON lines) / ``.jsonl.gz`` / ``.parquet`` file; anything else is handed to
 ``datasets.load_dataset(input, hf_config, split=split, streaming=True)``: a hub name or a local dataset directory.
 
-EvoLM's data with the Llama-2 tokenizer (``huggingface-cli login`` first; Llama-2 is gated):
+EvoLM's data with the Llama-2 tokenizer (gated on the hub: accept its licence and `huggingface-cli login` first):
 
-    # pretraining: FineWeb-Edu sample-350BT (streamed; ~350B tokens, so shard with `limit` or per-file inputs)
-    evolm prepare input=HuggingFaceFW/fineweb-edu hf_config=sample-350BT \\
+    # pretraining: FineWeb-Edu sample-350BT, streamed from the hub (limit=N documents for a smaller run)
+    evolm prepare input=HuggingFaceFW/fineweb-edu hf_config=sample-350BT \
         output=data/fineweb_edu/fineweb_edu tokenizer=meta-llama/Llama-2-7b-hf workers=32
-    # CPT: FineMath's two subsets, each its own prefix (mix them by token ratio in the data recipe)
-    evolm prepare input=HuggingFaceTB/finemath hf_config=finemath-3plus \\
+    # CPT: FineMath's two subsets, each its own prefix (mixed by token ratio in the data recipe)
+    evolm prepare input=HuggingFaceTB/finemath hf_config=finemath-3plus \
         output=data/finemath/finemath_3plus tokenizer=meta-llama/Llama-2-7b-hf workers=32
-    evolm prepare input=HuggingFaceTB/finemath hf_config=infiwebmath-3plus \\
+    evolm prepare input=HuggingFaceTB/finemath hf_config=infiwebmath-3plus \
         output=data/finemath/infiwebmath_3plus tokenizer=meta-llama/Llama-2-7b-hf workers=32
 
-Downloaded parquet shards work the same way, one prefix per file
-(``input=fineweb-edu/sample/350BT/000_00000.parquet``); the text field of both datasets is ``text``.
+One process reads and writes while the workers tokenize, so for the full 350BT download the parquet shards first
+(``huggingface-cli download HuggingFaceFW/fineweb-edu --repo-type dataset --include "sample/350BT/*"``) and run one
+prepare per shard in parallel (``input=.../sample/350BT/000_00000.parquet output=data/fineweb_edu/000_00000``), then
+list every prefix in the data recipe's ``paths``. The text field of both datasets is ``text``.
 """
 
 from __future__ import annotations
@@ -172,8 +174,10 @@ _EOS: Optional[int] = None
 _DTYPE = None
 
 
-def _init_worker(tokenizer, append_eos: bool, dtype) -> None:
+def _init_worker(tokenizer, append_eos: bool, dtype, single_thread: bool = False) -> None:
     global _TOK, _EOS, _DTYPE
+    if single_thread:  # one Rust thread per worker process: N workers on N cores, not N x N threads
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOK, _EOS, _DTYPE = tokenizer, (tokenizer.eos_token_id if append_eos else None), dtype
 
 
@@ -283,7 +287,7 @@ def prepare(
     init_args = (tok, append_eos, dtype)
     pool = None
     if workers > 1:  # forked before the progress bar's thread exists; workers inherit the tokenizer
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(*init_args, True))
     else:
         _init_worker(*init_args)
     docs = tokens = skipped = 0

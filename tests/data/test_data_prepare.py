@@ -14,6 +14,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from evolm_nemo.cli import main as cli_main
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.prepare import prepare
+from evolm_nemo.data.tokenizer import load_tokenizer
 
 # Edge cases: unicode, emoji, runs of spaces, tabs, newlines, an empty document, a literal special-token string.
 TEXTS = [
@@ -162,3 +163,21 @@ def test_cli_process_exits_2_with_one_line(tmp_path, synth):
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip().splitlines() == [f"error: input: no such file {tmp_path / 'missing.jsonl'}"]
     assert files(tmp_path) == set()
+
+
+def test_llama_class_tokenizer_keeps_its_bos(tmp_path):
+    """A Llama-2-style tokenizer (BOS template, byte fallback) is used as at inference: [<s>] + text + [</s>]."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for piece in ["▁", "T", "h", "▁T", "▁h", "o", "m", "a", "s"]:
+        vocab.setdefault(piece, len(vocab))
+    LlamaTokenizer(vocab=vocab, merges=[("▁", "T"), ("▁", "h")], add_bos_token=True).save_pretrained(tmp_path / "llama")
+    texts = ["Tom has 3 apples.", "naïve 😀 </s>"]
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    prepare(src, tmp_path / "l", str(tmp_path / "llama"), workers=2, chunk_size=1, progress=False)
+    llama = load_tokenizer(tmp_path / "llama")
+    for text, ids in zip(texts, read_docs(tmp_path / "l")):
+        assert ids[0] == 1 and ids[-1] == 2 and 2 not in ids[1:-1]
+        assert llama.decode(ids, skip_special_tokens=True) == text  # the literal "</s>" stayed text
+        assert ids == llama(text, split_special_tokens=True).input_ids + [2]
