@@ -154,7 +154,7 @@ class HFSampler(Sampler):
                  trust_remote_code: bool = False):
         super().__init__()
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -165,6 +165,8 @@ class HFSampler(Sampler):
         gen_eos = self.model.generation_config.eos_token_id
         eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {self.tok.eos_token_id}
         self.eos = sorted(e for e in eos if e is not None)
+        # Decode only with our Spec: a checkpoint's generation_config.json (top_k, stop strings, ...) must not leak in.
+        self.model.generation_config = GenerationConfig(bos_token_id=self.tok.bos_token_id, eos_token_id=self.eos)
         # Pad with BOS when every prompt starts with it: the repetition penalty then sees the same token set with or
         # without padding, so a padded batch decodes exactly like a single prompt. Else the usual pad/EOS.
         probe = self.tok("x").input_ids

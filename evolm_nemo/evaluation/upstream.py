@@ -67,7 +67,7 @@ def _offline() -> None:
 
 
 def summarize(results: dict, tasks: list[str], local: bool) -> dict:
-    """lm-eval results -> {task: {"acc", "acc_norm", "score", "n"}, "avg": mean score} in percent."""
+    """lm-eval results -> {"tasks": {task: {"acc", "acc_norm", "score", "n"}}, "avg": mean score}, in percent."""
     out = {}
     for task in tasks:
         name = LOCAL_PREFIX + task if local else task
@@ -77,8 +77,7 @@ def summarize(results: dict, tasks: list[str], local: bool) -> dict:
         score = norm if norm is not None else acc
         out[task] = {"acc": _pct(acc), "acc_norm": _pct(norm), "score": _pct(score),
                      "n": int(results.get("n-samples", {}).get(name, {}).get("effective", 0))}
-    out["avg"] = round(sum(out[t]["score"] for t in tasks) / len(tasks), 2)
-    return out
+    return {"tasks": out, "avg": round(sum(out[t]["score"] for t in tasks) / len(tasks), 2)}
 
 
 def _pct(x):

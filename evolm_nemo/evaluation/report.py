@@ -1,0 +1,398 @@
+"""`evolm report runs=<glob> out=<dir>`: aggregate per-model result JSONs into CSV, Markdown and PNG plots.
+
+Per-model result JSON (``result.json``, written by ``evolm eval downstream`` and ``evolm eval upstream``, which
+merge into the same file when given the same ``out``)::
+
+    {
+      "schema": "evolm-result/1",
+      "model": "1B-160BT-sft",            # display name (required)
+      "model_dir": "/path/to/hf/dir",     # what was evaluated
+      "size": "1B",                       # model size label, or null
+      "pretrain_tokens": 160000000000,    # pretraining tokens (int), or null
+      "stage": "sft",                     # pretrain | cpt | sft | rl (or any label), or null
+      "group": "1B-160BT-cpt-FW8FM42",    # models differing only by stage share a group (pairs SFT with SFT+RL)
+      "downstream": {                     # `evolm score` summary: fractions in [0, 1]
+        "scoring": "evolm",               # evolm | strict: the equivalence mode that produced the numbers
+        "suites": {"gsm8k_platinum": {"n", "pass1", "maj16", "rm16", "pass16", "correct_ratio"}, ...},
+        "id_avg": {...}, "ood_avg": {...},
+        "sampling": {"backend", "n", "temperature", "top_p", "repetition_penalty", "max_model_len", "seed", ...}
+      },
+      "upstream": {                       # lm-eval 0-shot, percent
+        "tasks": {"hellaswag": {"acc", "acc_norm", "score", "n"}, ...},
+        "avg": 52.3                       # mean of the task scores (acc_norm, or acc for winogrande)
+      }
+    }
+
+``downstream`` and ``upstream`` are each optional; ``rm16`` is null without reward-model scores. The report writes
+``results.csv`` (one row per model, every metric), ``report.md`` (the tables of the paper, in percent) and the plots
+``tokens.png`` (metrics vs pretraining tokens per model size), ``id_vs_ood.png``, ``sft_vs_rl.png`` and
+``maj_vs_pass.png``; a plot without data to draw is skipped and listed as such in report.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from evolm_nemo.config.errors import ConfigError
+
+SCHEMA = "evolm-result/1"
+UPSTREAM = ("hellaswag", "winogrande", "piqa", "openbookqa", "arc_easy", "arc_challenge")
+UP_NAMES = {"hellaswag": "HellaSwag", "winogrande": "Winogrande", "piqa": "PIQA", "openbookqa": "OBQA",
+            "arc_easy": "ARC-E", "arc_challenge": "ARC-C"}
+METRICS = ("pass1", "maj16", "rm16", "pass16", "correct_ratio")
+M_NAMES = {"pass1": "Greedy", "maj16": "Maj@16", "rm16": "RM@16", "pass16": "Pass@16", "correct_ratio": "Correct ratio"}
+RL_STAGES = ("rl", "ppo", "grpo", "sft+rl")
+STAGE_ORDER = ("pretrain", "cpt", "sft", *RL_STAGES)
+
+
+@dataclass
+class ReportConfig:
+    runs: Optional[str] = None  # glob of result JSONs (or of run dirs holding result.json)
+    out: str = "runs/report"  # output dir: results.csv, report.md, *.png
+
+
+# ---------------------------------------------------------------------------------------------------- result files
+
+
+def infer_meta(model_dir: str) -> dict:
+    """size / pretrain_tokens / stage / group guessed from an EvoLM-style name like ``myllama-1B-160BT-sftep1``."""
+    name = Path(str(model_dir).rstrip("/")).name
+    meta = {"model": name, "size": None, "pretrain_tokens": None, "stage": None, "group": name}
+    m = re.search(r"(\d+(?:\.\d+)?)B-(\d+(?:\.\d+)?)BT", name, re.IGNORECASE)
+    if m:
+        meta["size"] = f"{m.group(1)}B"
+        meta["pretrain_tokens"] = int(float(m.group(2)) * 1e9)
+    low = name.lower()
+    stage = "rl" if re.search(r"rlep|ppo|grpo|-rl\b", low) else "sft" if "sft" in low else \
+        "cpt" if "cpt" in low else "pretrain" if m else None
+    meta["stage"] = stage
+    meta["group"] = re.sub(r"[-_](sft|rl|ppo|grpo)[a-z0-9]*", "", name, flags=re.IGNORECASE) or name
+    return meta
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Atomic JSON write (temp file in the same dir, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def update_result(path: str | Path, meta: dict, **parts) -> dict:
+    """Merge ``meta`` (non-null values) and ``parts`` (downstream=..., upstream=...) into the result JSON."""
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data["schema"] = SCHEMA
+    for k, v in meta.items():
+        if v is not None or k not in data:
+            data[k] = v
+    data.update(parts)
+    write_json(path, data)
+    return data
+
+
+def load_results(pattern: str) -> list[tuple[str, dict]]:
+    """Result JSONs matching ``pattern`` (a dir counts as dir/result.json); one-line error for a bad file."""
+    paths = []
+    for p in sorted(glob.glob(pattern, recursive=True)):
+        p = Path(p)
+        if p.is_dir():
+            p = p / "result.json"
+        if p.is_file() and p not in paths:
+            paths.append(p)
+    if not paths:
+        raise ConfigError("runs", f"no result JSON matches {pattern!r}")
+    out = []
+    for p in paths:
+        try:
+            data = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(str(p), f"not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("model"), str):
+            raise ConfigError(str(p), "not a result JSON: needs a string field 'model'")
+        for part in ("downstream", "upstream"):
+            if part in data and data[part] is not None and not isinstance(data[part], dict):
+                raise ConfigError(str(p), f"field '{part}' must be an object")
+        out.append((str(p), data))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- tables
+
+
+def _get(d: dict | None, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def flat_row(data: dict) -> dict:
+    """One CSV row: identity columns then every metric (downstream in percent like the upstream ones)."""
+    row = {k: data.get(k) for k in ("model", "size", "pretrain_tokens", "stage", "group")}
+    row["scoring"] = _get(data, "downstream", "scoring")
+    for t in UPSTREAM:
+        row[f"up_{t}"] = _get(data, "upstream", "tasks", t, "score")
+    row["up_avg"] = _get(data, "upstream", "avg")
+    down = data.get("downstream") or {}
+    for scope in ("id_avg", "ood_avg"):
+        for m in METRICS:
+            row[f"{scope}_{m}"] = _pct(_get(down, scope, m))
+    for suite in sorted((down.get("suites") or {})):
+        for m in METRICS:
+            row[f"{suite}_{m}"] = _pct(_get(down, "suites", suite, m))
+    return row
+
+
+def _pct(x):
+    return None if x is None else round(100.0 * float(x), 2)
+
+
+def _fmt(x, digits=1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _tokens(n) -> str:
+    return "-" if n is None else f"{n / 1e9:g}B"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _sort_key(data: dict):
+    size = data.get("size") or ""
+    num = float(re.sub(r"[^0-9.]", "", size) or 0) if size else 0.0
+    stage = (data.get("stage") or "").lower()
+    rank = STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+    return (num, data.get("pretrain_tokens") or 0, data.get("group") or "", rank, stage, data["model"])
+
+
+def _is_rl(data: dict) -> bool:
+    return (data.get("stage") or "").lower() in RL_STAGES
+
+
+def sft_rl_pairs(results: list[dict]) -> list[tuple[dict, dict]]:
+    """(SFT, SFT+RL) results that share a group."""
+    by_group: dict[str, dict] = {}
+    for d in results:
+        key = "rl" if _is_rl(d) else "sft" if (d.get("stage") or "").lower() == "sft" else None
+        if key and d.get("downstream"):
+            by_group.setdefault(d.get("group") or d["model"], {})[key] = d
+    return [(g["sft"], g["rl"]) for g in by_group.values() if "sft" in g and "rl" in g]
+
+
+def markdown(results: list[dict], plots: dict[str, str | None]) -> str:
+    lines = ["# EvoLM evaluation report", ""]
+    modes = sorted({_get(d, "downstream", "scoring") for d in results if d.get("downstream")} - {None})
+    if modes:
+        lines += [f"Downstream scoring mode: {', '.join(modes)}. Downstream metrics are percent of problems; "
+                  "ID = GSM8K-Platinum + MATH, OOD = CRUXEval, BoardgameQA, TabMWP, StrategyQA (suite averages).", ""]
+    up = [d for d in results if d.get("upstream")]
+    if up:
+        lines += ["## Upstream (lm-eval, 0-shot)", ""]
+        header = ["model", "size", "tokens", *[UP_NAMES[t] for t in UPSTREAM], "Avg"]
+        rows = [[d["model"], d.get("size") or "-", _tokens(d.get("pretrain_tokens")),
+                 *[_fmt(_get(d, "upstream", "tasks", t, "score"), 2) for t in UPSTREAM],
+                 _fmt(_get(d, "upstream", "avg"), 2)] for d in up]
+        lines += _md_table(header, rows) + [""]
+    down = [d for d in results if d.get("downstream")]
+    if down:
+        lines += ["## Downstream", ""]
+        cols = [("id_avg", "pass1"), ("id_avg", "maj16"), ("id_avg", "rm16"), ("id_avg", "pass16"),
+                ("ood_avg", "pass1"), ("ood_avg", "maj16"), ("ood_avg", "rm16"), ("ood_avg", "pass16")]
+        header = ["model", "stage", *[f"{M_NAMES[m]} {'ID' if s == 'id_avg' else 'OOD'}" for s, m in cols]]
+        rows = [[d["model"], d.get("stage") or "-",
+                 *[_fmt(_pct(_get(d, "downstream", s, m))) for s, m in cols]] for d in down]
+        lines += _md_table(header, rows) + [""]
+        suites = sorted({s for d in down for s in (_get(d, "downstream", "suites") or {})})
+        if suites:
+            lines += ["### Per suite (Greedy / Maj@16 / Pass@16)", ""]
+            rows = [[d["model"], *["/".join(_fmt(_pct(_get(d, "downstream", "suites", s, m)))
+                                            for m in ("pass1", "maj16", "pass16")) for s in suites]] for d in down]
+            lines += _md_table(["model", *suites], rows) + [""]
+    pairs = sft_rl_pairs(results)
+    if pairs:
+        lines += ["## SFT / SFT+RL", ""]
+        cols = [("id_avg", "pass1"), ("id_avg", "maj16"), ("id_avg", "pass16"),
+                ("ood_avg", "pass1"), ("ood_avg", "maj16"), ("ood_avg", "pass16")]
+        header = ["model", *[f"{M_NAMES[m]} {'ID' if s == 'id_avg' else 'OOD'}" for s, m in cols]]
+        rows = [[sft.get("group") or sft["model"],
+                 *[f"{_fmt(_pct(_get(sft, 'downstream', s, m)))}/{_fmt(_pct(_get(rl, 'downstream', s, m)))}"
+                   for s, m in cols]] for sft, rl in pairs]
+        lines += _md_table(header, rows) + [""]
+    lines += ["## Plots", ""]
+    for name, path in plots.items():
+        lines.append(f"![{name}]({Path(path).name})" if path else f"- {name}: skipped (no data to draw)")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------------ plots
+
+
+def _save(fig, path: Path) -> str:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return str(path)
+
+
+def plot_tokens(results: list[dict], path: Path) -> str | None:
+    """Upstream avg and downstream ID/OOD greedy vs pretraining tokens, one line per (size, stage)."""
+    import matplotlib.pyplot as plt
+
+    panels = [("Upstream avg (%)", lambda d: _get(d, "upstream", "avg")),
+              ("ID Greedy (%)", lambda d: _pct(_get(d, "downstream", "id_avg", "pass1"))),
+              ("OOD Greedy (%)", lambda d: _pct(_get(d, "downstream", "ood_avg", "pass1")))]
+    series = []
+    for title, get in panels:
+        lines: dict[str, list] = {}
+        for d in results:
+            y = get(d)
+            if y is not None and d.get("pretrain_tokens"):
+                label = f"{d.get('size') or '?'}" + (f" {d['stage']}" if d.get("stage") else "")
+                lines.setdefault(label, []).append((d["pretrain_tokens"] / 1e9, y))
+        if lines:
+            series.append((title, lines))
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], series):
+        for label, pts in sorted(lines.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({p[0] for pts in lines.values() for p in pts})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("pretraining tokens (B)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _scatter(results, path, xs, ys, xlabel, ylabel, title, diagonal=False) -> str | None:
+    import matplotlib.pyplot as plt
+
+    pts = [(d, x, y) for d in results for x, y in [(xs(d), ys(d))] if x is not None and y is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    sizes = sorted({d.get("size") or "?" for d, _, _ in pts})
+    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(sizes)}
+    for d, x, y in pts:
+        ax.scatter(x, y, color=colors[d.get("size") or "?"], marker="^" if _is_rl(d) else "o")
+        ax.annotate(d["model"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for s in sizes:
+        ax.scatter([], [], color=colors[s], label=s)
+    if diagonal:
+        hi = max(max(x, y) for _, x, y in pts) or 1.0
+        ax.plot([0, hi], [0, hi], color="gray", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title + " (triangles: SFT+RL)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="size")
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_sft_rl(results: list[dict], path: Path) -> str | None:
+    import matplotlib.pyplot as plt
+
+    pairs = sft_rl_pairs(results)
+    if not pairs:
+        return None
+    cols = [("id_avg", "pass1"), ("id_avg", "maj16"), ("id_avg", "pass16"),
+            ("ood_avg", "pass1"), ("ood_avg", "maj16"), ("ood_avg", "pass16")]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4), squeeze=False)
+    for ax, (sft, rl) in zip(axes[0], pairs):
+        xs = range(len(cols))
+        for off, d, label in ((-0.2, sft, "SFT"), (0.2, rl, "SFT+RL")):
+            ax.bar([x + off for x in xs], [_pct(_get(d, "downstream", s, m)) or 0.0 for s, m in cols], width=0.4,
+                   label=label)
+        ax.set_xticks(list(xs), [f"{M_NAMES[m]}\n{'ID' if s == 'id_avg' else 'OOD'}" for s, m in cols], fontsize=8)
+        ax.set_ylabel("%")
+        ax.set_title(sft.get("group") or sft["model"])
+        ax.legend(fontsize=8)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def build(pattern: str, out: str) -> dict:
+    """Write results.csv, report.md and the plots into ``out``; returns {name: path or None}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    loaded = load_results(pattern)
+    results = sorted((d for _, d in loaded), key=_sort_key)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "tokens": plot_tokens(results, out_dir / "tokens.png"),
+        "id_vs_ood": _scatter(results, out_dir / "id_vs_ood.png",
+                              lambda d: _pct(_get(d, "downstream", "id_avg", "maj16")),
+                              lambda d: _pct(_get(d, "downstream", "ood_avg", "maj16")),
+                              "ID Maj@16 (%)", "OOD Maj@16 (%)", "ID vs OOD"),
+        "sft_vs_rl": plot_sft_rl(results, out_dir / "sft_vs_rl.png"),
+        "maj_vs_pass": _scatter(results, out_dir / "maj_vs_pass.png",
+                                lambda d: _pct(_get(d, "downstream", "id_avg", "pass16")),
+                                lambda d: _pct(_get(d, "downstream", "id_avg", "maj16")),
+                                "ID Pass@16 (%)", "ID Maj@16 (%)", "Maj@16 vs Pass@16", diagonal=True),
+    }
+    rows = [flat_row(d) for d in results]
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(out_dir / "results.csv", buf.getvalue())
+    _write_text(out_dir / "report.md", markdown(results, plots))
+    return {"csv": str(out_dir / "results.csv"), "markdown": str(out_dir / "report.md"), **plots}
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(overrides: list[str]) -> int:
+    from evolm_nemo.config.compose import compose
+
+    cfg = compose("report", overrides, ReportConfig)
+    if not cfg.runs:
+        raise ConfigError("runs", "required: a glob of result JSONs, e.g. runs='runs/eval/*/result.json'")
+    written = build(cfg.runs, cfg.out)
+    print(f"models: {len(load_results(cfg.runs))}")
+    for name, path in written.items():
+        print(f"{name}: {path or 'skipped (no data)'}")
+    return 0

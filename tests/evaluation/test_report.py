@@ -1,0 +1,118 @@
+"""`evolm report`: hand-made result JSONs -> CSV, Markdown tables in the paper's shape, PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.evaluation import report
+
+
+def _down(pass1, maj, pass16, ood=(0.25, 0.24, 0.55), rm=None):
+    def m(p1, mj, p16):
+        return {"n": 10, "pass1": p1, "maj16": mj, "rm16": rm, "pass16": p16, "correct_ratio": 0.5}
+
+    return {"scoring": "evolm", "suites": {"gsm8k_platinum": m(pass1, maj, pass16), "cruxeval": m(*ood)},
+            "id_avg": m(pass1, maj, pass16), "ood_avg": m(*ood), "sampling": {"backend": "hf", "n": 16}}
+
+
+def _up(avg):
+    tasks = {t: {"acc": avg - 1, "acc_norm": avg, "score": avg, "n": 100} for t in report.UPSTREAM}
+    return {"tasks": tasks, "avg": avg}
+
+
+RESULTS = {
+    "a": {"model": "1B-20BT", "size": "1B", "pretrain_tokens": 20 * 10**9, "stage": "pretrain", "upstream": _up(46.44)},
+    "b": {"model": "1B-80BT", "size": "1B", "pretrain_tokens": 80 * 10**9, "stage": "pretrain", "upstream": _up(51.88)},
+    "c": {"model": "4B-80BT", "size": "4B", "pretrain_tokens": 80 * 10**9, "stage": "pretrain", "upstream": _up(50.22)},
+    "d": {"model": "1B-80BT-sft", "size": "1B", "pretrain_tokens": 80 * 10**9, "stage": "sft", "group": "1B-80BT",
+          "downstream": _down(0.121, 0.141, 0.351, (0.254, 0.246, 0.557))},
+    "e": {"model": "1B-80BT-rl", "size": "1B", "pretrain_tokens": 80 * 10**9, "stage": "rl", "group": "1B-80BT",
+          "downstream": _down(0.180, 0.214, 0.454, (0.275, 0.310, 0.653), rm=0.2)},
+}
+
+
+def _write(tmp_path, names):
+    for n in names:
+        d = tmp_path / "runs" / n
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({"schema": report.SCHEMA, **RESULTS[n]}))
+    return str(tmp_path / "runs" / "*" / "result.json")
+
+
+def _is_png(path):
+    import matplotlib.image
+
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_report_builds_csv_markdown_and_plots(tmp_path):
+    out = tmp_path / "report"
+    assert report.main([f"runs={_write(tmp_path, RESULTS)}", f"out={out}"]) == 0
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["model"] for r in rows] == ["1B-20BT", "1B-80BT", "1B-80BT-sft", "1B-80BT-rl", "4B-80BT"]
+    sft = next(r for r in rows if r["model"] == "1B-80BT-sft")
+    assert float(sft["id_avg_maj16"]) == pytest.approx(14.1) and float(sft["ood_avg_pass16"]) == pytest.approx(55.7)
+    assert float(sft["gsm8k_platinum_pass1"]) == pytest.approx(12.1)
+    assert float(rows[0]["up_avg"]) == pytest.approx(46.44) and rows[0]["id_avg_pass1"] == ""
+
+    md = (out / "report.md").read_text()
+    assert "Downstream scoring mode: evolm" in md
+    assert "| 1B-20BT | 1B | 20B | 46.44 | 46.44 | 46.44 | 46.44 | 46.44 | 46.44 | 46.44 |" in md
+    # The paper's SFT / SFT+RL cell shape: Greedy ID, Maj@16 ID, Pass@16 ID, then OOD.
+    assert "| 1B-80BT | 12.1/18.0 | 14.1/21.4 | 35.1/45.4 | 25.4/27.5 | 24.6/31.0 | 55.7/65.3 |" in md
+    assert "| 1B-80BT-rl | rl | 18.0 | 21.4 | 20.0 | 45.4 |" in md  # RM@16 present only for the RL model
+    for name in ("tokens", "id_vs_ood", "sft_vs_rl", "maj_vs_pass"):
+        assert f"![{name}]({name}.png)" in md
+        _is_png(out / f"{name}.png")
+    assert not list(out.glob(".*"))  # no temp files left behind
+
+
+def test_plots_without_data_are_skipped(tmp_path):
+    out = tmp_path / "report"
+    written = report.build(_write(tmp_path, ["a", "b"]), str(out))
+    assert written["tokens"] and written["sft_vs_rl"] is None and written["maj_vs_pass"] is None
+    assert not (out / "sft_vs_rl.png").exists()
+    assert "- sft_vs_rl: skipped (no data to draw)" in (out / "report.md").read_text()
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        report.build(str(tmp_path / "nothing" / "*.json"), str(tmp_path / "out"))
+    assert e.value.key == "runs"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": "x", ')
+    with pytest.raises(ConfigError) as e:
+        report.build(str(bad), str(tmp_path / "out"))
+    assert e.value.key == str(bad) and "not valid JSON" in e.value.message
+    bad.write_text('{"size": "1B"}')
+    with pytest.raises(ConfigError, match="needs a string field 'model'"):
+        report.build(str(bad), str(tmp_path / "out"))
+    with pytest.raises(ConfigError) as e:
+        report.main([])
+    assert e.value.key == "runs"
+
+
+def test_infer_meta_from_evolm_names():
+    sft = report.infer_meta("/m/myllama-1B-160BT-cpt-MixedFW8FM42-sftep1")
+    rl = report.infer_meta("/m/myllama-1B-160BT-cpt-MixedFW8FM42-sftep1-rlep8/")
+    base = report.infer_meta("myllama-4B-320BT")
+    assert (sft["size"], sft["pretrain_tokens"], sft["stage"]) == ("1B", 160 * 10**9, "sft")
+    assert (rl["stage"], base["stage"], base["size"], base["pretrain_tokens"]) == ("rl", "pretrain", "4B", 320 * 10**9)
+    assert sft["group"] == rl["group"] == "myllama-1B-160BT-cpt-MixedFW8FM42"
+    assert report.infer_meta("my-model")["size"] is None
+
+
+def test_update_result_merges_parts(tmp_path):
+    path = tmp_path / "r" / "result.json"
+    report.update_result(path, {"model": "m", "size": "1B"}, downstream={"scoring": "strict"})
+    data = report.update_result(path, {"model": "m", "size": None}, upstream={"avg": 50.0})
+    assert data == json.loads(path.read_text())
+    assert data["size"] == "1B" and data["downstream"]["scoring"] == "strict" and data["upstream"]["avg"] == 50.0
