@@ -110,12 +110,14 @@ def _parquet_texts(path: Path, text_key: str) -> Iterator[str]:
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
     if text_key not in names:
-        raise ConfigError("text_key", f"no column {text_key!r} in {path} (columns: {', '.join(names[:12])}); set text_key=")
+        cols = ", ".join(names[:12])
+        raise ConfigError("text_key", f"no column {text_key!r} in {path} (columns: {cols}); set text_key=")
     row = 0
     for batch in pf.iter_batches(columns=[text_key], batch_size=1024):
         for value in batch.column(0).to_pylist():
             if not isinstance(value, str):
-                raise ConfigError("text_key", f"column {text_key!r} at {path} row {row} is {type(value).__name__}, not a string")
+                kind = type(value).__name__
+                raise ConfigError("text_key", f"column {text_key!r} at {path} row {row} is {kind}, not a string")
             yield value
             row += 1
 
@@ -133,7 +135,7 @@ def _count_lines(path: Path) -> int:
     return n
 
 
-def open_input(input: str, text_key: str = "text", hf_config=None, split: str = "train") -> Tuple[Iterator[str], Optional[int]]:
+def open_input(input, text_key="text", hf_config=None, split="train") -> Tuple[Iterator[str], Optional[int]]:
     """(texts, number of documents if known). Raises ConfigError for a missing file or an unloadable dataset."""
     name = str(input)
     path = Path(name).expanduser()
@@ -158,7 +160,8 @@ def open_input(input: str, text_key: str = "text", hf_config=None, split: str = 
         ds = datasets.load_dataset(str(path) if path.exists() else name, hf_config, split=split, streaming=True)
     except Exception as exc:  # hub / builder errors come in many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError("input", f"cannot load dataset {name!r} (hf_config={hf_config}, split={split}): {first}") from None
+        where = f"{name!r} (hf_config={hf_config}, split={split})"
+        raise ConfigError("input", f"cannot load dataset {where}: {first}") from None
     total = None
     try:
         total = ds.info.splits[split].num_examples or None

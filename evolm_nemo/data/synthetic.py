@@ -234,7 +234,7 @@ def _complete(root: Path) -> Optional[SyntheticData]:
     except (OSError, ValueError):
         return None
     data = SyntheticData(str(root / "corpus"), str(root / "tokenizer"), str(root / "corpus.jsonl"))
-    needed = [data.prefix + ".bin", data.prefix + ".idx", data.jsonl, os.path.join(data.tokenizer_dir, "tokenizer.json")]
+    needed = [data.prefix + ".bin", data.prefix + ".idx", data.jsonl, f"{data.tokenizer_dir}/tokenizer.json"]
     return data if manifest.get("complete") and all(os.path.exists(p) for p in needed) else None
 
 
@@ -261,7 +261,8 @@ def ensure_synthetic(
     name = f"synthetic-{kind}-n{num_docs}-s{seed}-v{vocab_size}"
     if tokenizer_dir is not None:  # named after the tokenizer's vocabulary, so a different one never collides
         tok = load_tokenizer(tokenizer_dir)
-        name = f"synthetic-{kind}-n{num_docs}-s{seed}-tok{MegatronHFTokenizer(tok).unique_identifiers['vocab_sha256'][:8]}"
+        digest = MegatronHFTokenizer(tok).unique_identifiers["vocab_sha256"][:8]
+        name = f"synthetic-{kind}-n{num_docs}-s{seed}-tok{digest}"
     cache = Path(cache_dir)
     root = cache / name
     done = _complete(root)

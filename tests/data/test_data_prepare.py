@@ -172,7 +172,8 @@ def test_llama_class_tokenizer_keeps_its_bos(tmp_path):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
     for piece in ["▁", "T", "h", "▁T", "▁h", "o", "m", "a", "s"]:
         vocab.setdefault(piece, len(vocab))
-    LlamaTokenizer(vocab=vocab, merges=[("▁", "T"), ("▁", "h")], add_bos_token=True).save_pretrained(tmp_path / "llama")
+    llama = LlamaTokenizer(vocab=vocab, merges=[("▁", "T"), ("▁", "h")], add_bos_token=True)
+    llama.save_pretrained(tmp_path / "llama")
     texts = ["Tom has 3 apples.", "naïve 😀 </s>"]
     src = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
     prepare(src, tmp_path / "l", str(tmp_path / "llama"), workers=2, chunk_size=1, progress=False)

@@ -1,4 +1,4 @@
-"""The generated corpus and its tokenizer: deterministic, idempotent, atomic, exact round trip, offline AutoTokenizer."""
+"""The generated corpus and its tokenizer: deterministic, idempotent, atomic, exact round trip, offline load."""
 
 import json
 import os
@@ -85,7 +85,8 @@ def test_same_seed_same_bytes_and_half_built_dir_is_not_used(tmp_path, synth):
 
 def test_math_corpus_reuses_the_pretraining_tokenizer(tmp_path, synth, tok):
     math = ensure_synthetic(tmp_path, 20, 1, kind="math", tokenizer_dir=synth.tokenizer_dir)
-    assert Path(math.tokenizer_dir, "tokenizer.json").read_bytes() == Path(synth.tokenizer_dir, "tokenizer.json").read_bytes()
+    shared = [Path(d, "tokenizer.json").read_bytes() for d in (math.tokenizer_dir, synth.tokenizer_dir)]
+    assert shared[0] == shared[1]
     ds = IndexedDataset(math.prefix)
     assert tok.decode(ds[0].tolist()) == generate("math", 20, 1)[0]["text"] + "</s>"
 
