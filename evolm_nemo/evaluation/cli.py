@@ -79,6 +79,23 @@ def main(overrides: list[str]) -> int:
 # ----------------------------------------------------------------------------------------------------------- common
 
 
+def _compose(name: str, overrides: list[str], schema):
+    """compose() with ``model=<dir>`` taken out first: Hydra would read it as the recipes/model/ config group."""
+    from evolm_nemo.config.compose import compose
+
+    model, rest = None, []
+    for item in overrides:
+        key, _, value = item.lstrip("+").partition("=")
+        if key == "model":
+            model = value.strip("'\"")
+        else:
+            rest.append(item)
+    cfg = compose(name, rest, schema)
+    if model is not None:
+        cfg.model = model or None
+    return cfg
+
+
 def _model_dir(model: Optional[str]) -> str:
     if not model:
         raise ConfigError("model", "required: an HF model directory (config.json + weights)")
@@ -206,13 +223,12 @@ def table(summary: dict, title: str = "") -> str:
 
 
 def downstream(overrides: list[str]) -> int:
-    from evolm_nemo.config.compose import compose
     from evolm_nemo.evaluation import rm as rm_mod
     from evolm_nemo.evaluation import sampling
     from evolm_nemo.evaluation.report import update_result
     from evolm_nemo.evaluation.score import score_rows
 
-    cfg = compose("eval_downstream", overrides, DownstreamConfig)
+    cfg = _compose("eval_downstream", overrides, DownstreamConfig)
     _check(cfg)
     meta = _meta(cfg)
     sampling.pick(cfg.backend)  # a missing backend fails here, before data or model loading
@@ -243,11 +259,10 @@ def downstream(overrides: list[str]) -> int:
 def upstream(overrides: list[str]) -> int:
     import json
 
-    from evolm_nemo.config.compose import compose
     from evolm_nemo.evaluation import upstream as up
     from evolm_nemo.evaluation.report import update_result, write_json
 
-    cfg = compose("eval_upstream", overrides, UpstreamConfig)
+    cfg = _compose("eval_upstream", overrides, UpstreamConfig)
     _model_dir(cfg.model)
     unknown = [t for t in cfg.tasks if t not in UPSTREAM]
     if unknown:

@@ -77,3 +77,13 @@ def make_rm(path: Path, seed: int = 0, chat_template: str | None = None):
     model = LlamaForSequenceClassification(_config(tokenizer, num_labels=1)).eval()
     model.save_pretrained(path)
     return model, tokenizer
+
+
+def one_thread():
+    """Generator for a fixture: tiny models run far faster on 1 thread on a shared CPU; restores the old count."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -1,0 +1,128 @@
+"""HF sampling backend on a tiny random Llama: greedy = transformers' greedy, n=16, stop strings, budgets, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.evaluation import sampling
+from evolm_nemo.evaluation.sampling import Spec, cut_at_stop
+from tests.evaluation._tiny import make_lm, one_thread
+
+PROMPTS = [
+    "Human: What is 2 + 3?\nAssistant:",
+    "Human: Natalia sold 48 clips in April and half as many in May. How many in total?\nAssistant:",
+    "Human: hi\nAssistant:",
+]
+STOP = ("e", "Assistant")  # "e" is frequent in the tiny vocabulary, so stops really happen
+
+
+threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_lm")
+    model, tok = make_lm(path)
+    return path, model, tok
+
+
+@pytest.fixture(scope="module")
+def sampler(lm):
+    s = sampling.HFSampler(str(lm[0]), batch_size=64)  # 4 prompts x 16 samples per generate call
+    yield s
+    s.close()
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("x = 5.\nHuman: next", sampling.STOP) == "x = 5.\n"
+    assert cut_at_stop("The answer is 5. Assistant: Human:", sampling.STOP) == "The answer is 5. "
+    assert cut_at_stop("no stop here", sampling.STOP) == "no stop here"
+    assert cut_at_stop("abc", ()) == "abc"
+
+
+def test_greedy_equals_transformers_greedy(lm, sampler):
+    import torch
+
+    _, model, tok = lm
+    got = sampler.generate(PROMPTS, Spec(max_new_tokens=24, stop=()))  # batched, left-padded
+    assert sampler.stats["n"] == 1 and sampler.stats["prompts"] == 3
+    for prompt, texts in zip(PROMPTS, got):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            ref = model.generate(ids, do_sample=False, max_new_tokens=24, repetition_penalty=1.1)
+        ref_ids = [t for t in ref[0, ids.shape[1]:].tolist()]
+        if tok.eos_token_id in ref_ids:
+            ref_ids = ref_ids[:ref_ids.index(tok.eos_token_id)]
+        assert texts == [tok.decode(ref_ids)]
+        assert len(texts[0]) > 0
+
+
+def test_greedy_stops_at_stop_strings(sampler):
+    free = sampler.generate(PROMPTS, Spec(max_new_tokens=24, stop=()))
+    stopped = sampler.generate(PROMPTS, Spec(max_new_tokens=24, stop=STOP))
+    assert stopped == [[cut_at_stop(t[0], STOP)] for t in free]
+    assert any(any(s in t[0] for s in STOP) for t in free)  # the stop strings did occur
+
+
+def test_n16_returns_16_and_respects_stop_strings(sampler):
+    spec = Spec(n=16, temperature=1.0, max_new_tokens=12)
+    free = sampler.generate(PROMPTS, sampling.with_stop(spec, ()))
+    stopped = sampler.generate(PROMPTS, sampling.with_stop(spec, STOP))
+    assert [len(t) for t in stopped] == [16, 16, 16]
+    assert sampler.stats["n"] == 16 and sampler.stats["tokens"] > 0
+    # Same seed, same batches: each stopped sample is the free one cut at its first stop string.
+    for f, s in zip(free, stopped):
+        assert s == [cut_at_stop(t, STOP) for t in f]
+        assert not any(x in t for t in s for x in STOP)
+    assert sum(t != cut_at_stop(t, STOP) for f in free for t in f) > 10  # many were really cut
+    assert len({t for f in free for t in f}) > 30  # samples differ from each other
+    again = sampler.generate(PROMPTS, sampling.with_stop(spec, STOP))
+    assert again == stopped  # seed 42 makes the run reproducible
+
+
+def test_max_model_len_budget(lm, sampler):
+    _, _, tok = lm
+    n_prompt = len(tok(PROMPTS[0]).input_ids)
+    spec = Spec(n=2, temperature=1.0, max_model_len=n_prompt + 3, stop=())
+    sampler.generate(PROMPTS[:1], spec)
+    assert sampler.stats["tokens"] <= 2 * 3
+    out = sampler.generate(PROMPTS[1:2], spec)  # this prompt alone is longer than the window
+    assert out == [["", ""]] and sampler.stats["tokens"] == 0
+
+
+def test_missing_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(sampling, "installed", lambda name: name == "hf")
+    assert sampling.pick("auto") == "hf"
+    for name, module in (("vllm", "vllm"), ("trtllm", "tensorrt_llm")):
+        with pytest.raises(ConfigError) as e:
+            sampling.pick(name)
+        assert e.value.key == "backend" and f"`{module}`" in e.value.message and "not installed" in e.value.message
+    with pytest.raises(ConfigError, match="unknown backend 'tgi'"):
+        sampling.pick("tgi")
+
+
+def test_gpu_backend_without_gpu(monkeypatch):
+    monkeypatch.setattr(sampling, "installed", lambda name: True)
+    monkeypatch.setattr(sampling, "_cuda", lambda: False)
+    assert sampling.pick("auto") == "hf"
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        sampling.pick("vllm")
+
+
+def test_write_jsonl_is_atomic(tmp_path):
+    path = tmp_path / "c.jsonl"
+    sampling.write_jsonl(path, [{"a": 1}, {"b": "é"}])
+    assert sampling.read_jsonl(str(path)) == [{"a": 1}, {"b": "é"}]
+
+    class Boom:
+        pass
+
+    with pytest.raises(TypeError):
+        sampling.write_jsonl(path, [{"a": 2}, {"b": Boom()}])
+    assert sampling.read_jsonl(str(path)) == [{"a": 1}, {"b": "é"}]  # old file intact, no temp left
+    assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]
+    path.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(ConfigError) as e:
+        sampling.read_jsonl(str(path))
+    assert e.value.key == f"{path}:2"

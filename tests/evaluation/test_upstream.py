@@ -1,0 +1,109 @@
+"""lm-eval 0-shot on the local task copies (eval/upstream) against a tiny model, offline, checked by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.evaluation import upstream
+from tests.conftest import REPO, run_evolm
+from tests.evaluation._tiny import make_lm, one_thread
+
+threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+TASKS_DIR = REPO / "eval" / "upstream"
+SAMPLE = TASKS_DIR / "sample"
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("myllama-1B-20BT")
+    model, tok = make_lm(path)
+    return path, model, tok
+
+
+def _loglik(model, tok, context: str, continuation: str) -> float:
+    """Sum of log p(continuation | context), split the way lm-eval does (encode the whole, cut at the context)."""
+    import torch
+
+    whole = tok(context + continuation).input_ids
+    n_ctx = len(tok(context).input_ids)
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].float(), -1)
+    return sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole)))
+
+
+def _expected(model, tok, task: str) -> tuple[float, float | None]:
+    """acc / acc_norm computed directly with transformers from the sample rows."""
+    rows = [json.loads(x) for x in (SAMPLE / f"{task}.jsonl").read_text().splitlines()]
+    acc = norm = 0
+    for r in rows:
+        if task == "piqa":
+            ctx, choices, gold = f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], r["label"]
+        elif task == "openbookqa":
+            ctx, choices = r["question_stem"], r["choices"]["text"]
+            gold = r["choices"]["label"].index(r["answerKey"])
+        elif task == "arc_easy":
+            ctx, choices = f"Question: {r['question']}\nAnswer:", r["choices"]["text"]
+            gold = r["choices"]["label"].index(r["answerKey"])
+        if task == "winogrande":  # the option fills the blank in the context; the rest is the shared continuation
+            cut = r["sentence"].index("_")
+            rest = " " + r["sentence"][cut + 1:].strip()
+            lls = [_loglik(model, tok, r["sentence"][:cut] + o, rest) for o in (r["option1"], r["option2"])]
+            acc += int(max(range(2), key=lls.__getitem__) == int(r["answer"]) - 1)
+            continue
+        lls = [_loglik(model, tok, ctx, " " + c) for c in choices]
+        per_char = [ll / len(c) for ll, c in zip(lls, choices)]  # lm-eval's acc_norm: per character of the choice
+        acc += int(max(range(len(lls)), key=lls.__getitem__) == gold)
+        norm += int(max(range(len(lls)), key=per_char.__getitem__) == gold)
+    n = len(rows)
+    return round(100 * acc / n, 2), (None if task == "winogrande" else round(100 * norm / n, 2))
+
+
+def test_local_tasks_offline_match_direct_computation(lm, tmp_path):
+    path, model, tok = lm
+    out = tmp_path / "out"
+    proc = run_evolm("eval", ["upstream", f"model={path}", f"tasks_dir={TASKS_DIR}", f"data_dir={SAMPLE}",
+                              "batch_size=4", f"out={out}"])  # conftest's env sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE
+    result = json.loads((out / "result.json").read_text())
+    assert (result["model"], result["size"], result["pretrain_tokens"], result["stage"]) == \
+        (path.name, "1B", 20 * 10**9, "pretrain")  # parsed from the dir name
+    up = result["upstream"]
+    assert set(up["tasks"]) == set(upstream.TASKS) and up["source"] == "local"
+    assert all(up["tasks"][t]["n"] == 3 for t in upstream.TASKS)
+    for task in ("piqa", "openbookqa", "arc_easy", "winogrande"):
+        acc, norm = _expected(model, tok, task)
+        assert (up["tasks"][task]["acc"], up["tasks"][task]["acc_norm"]) == (acc, norm), task
+        assert up["tasks"][task]["score"] == (acc if norm is None else norm)
+    assert math.isclose(up["avg"], sum(up["tasks"][t]["score"] for t in upstream.TASKS) / 6, abs_tol=0.01)
+    assert "evolm_hellaswag" in json.loads((out / "upstream.json").read_text())["results"]
+    assert "avg" in proc.stdout and "arc_challenge" in proc.stdout
+
+
+def test_missing_local_data_fails_before_loading(lm, tmp_path):
+    path = str(lm[0])
+    (tmp_path / "piqa.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError) as e:
+        upstream.run(path, ["piqa", "arc_easy"], tasks_dir=str(TASKS_DIR), data_dir=str(tmp_path))
+    assert e.value.key == "data_dir" and "arc_easy.jsonl" in e.value.message
+    with pytest.raises(ConfigError) as e:
+        upstream.run(path, ["piqa"], tasks_dir=str(TASKS_DIR))
+    assert e.value.key == "data_dir"
+    with pytest.raises(ConfigError) as e:
+        upstream.run(path, ["mmlu"], tasks_dir=str(TASKS_DIR), data_dir=str(SAMPLE))
+    assert e.value.key == "tasks"
+    with pytest.raises(ConfigError) as e:
+        upstream.run(str(tmp_path), ["piqa"])
+    assert e.value.key == "model"
+
+
+def test_cli_errors_are_one_line(lm, tmp_path):
+    proc = run_evolm("eval", ["upstream", f"model={lm[0]}", "tasks=[piqa,mmlu]"], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: tasks: unknown task 'mmlu'; choose from hellaswag, winogrande, piqa, openbookqa, arc_easy, "
+        "arc_challenge"]
+    proc = run_evolm("eval", ["sideways", f"model={lm[0]}"], check=False)
+    assert proc.returncode == 2 and "unknown mode 'sideways'" in proc.stderr
