@@ -1,0 +1,109 @@
+"""Training throughput: our megatron-core step vs a plain PyTorch HF LlamaForCausalLM step of identical shape.
+
+Both take the same random token batch, AdamW (0.9, 0.95, wd 0.1) and grad clipping at 1.0, fp32 on CPU (bf16 on GPU).
+Rounds are interleaved (ours, HF, ours, HF, ...) so machine noise hits both; the median tokens/s of each and their
+ratio are printed. Goal on CPU: ratio >= 0.9.
+
+    .venv/bin/python benchmarks/train_throughput.py                      # ~20M-parameter shape, CPU
+    .venv/bin/python benchmarks/train_throughput.py --preset evolm_1b --seq 2048 --batch 4   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def _shape_overrides(args) -> list[str]:
+    if args.preset:
+        return [f"model={args.preset}", f"model.seq_length={args.seq}"]
+    return [f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}", f"model.ffn_hidden_size={args.ffn}",
+            f"model.num_attention_heads={args.heads}", f"model.num_query_groups={args.groups}",
+            f"model.vocab_size={args.vocab}", f"model.seq_length={args.seq}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=None, help="model preset instead of the explicit shape (e.g. evolm_1b)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--ffn", type=int, default=1376)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=4)
+    args = ap.parse_args()
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evolm_nemo.config import RootConfig, compose, validate
+    from evolm_nemo.model.build import flops_per_token, param_count
+    from evolm_nemo.runtime.distributed import setup, teardown
+    from evolm_nemo.train.loop import build_training_model, train_step
+    from evolm_nemo.train.metrics import peak_flops
+
+    cfg = compose("config", _shape_overrides(args) + [f"parallel.micro_batch_size={args.batch}",
+                                                      f"parallel.global_batch_size={args.batch}"], RootConfig)
+    validate(cfg)
+    m = cfg.model
+    rt = setup(1, 1, seed=0, precision="auto")
+    model, optimizer, make_scheduler = build_training_model(cfg, rt)
+    make_scheduler(1000)
+    tokens = torch.randint(0, m.vocab_size, (args.batch, m.seq_length + 1))
+    batch = {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+             "loss_mask": torch.ones(args.batch, m.seq_length),
+             "position_ids": torch.arange(m.seq_length).unsqueeze(0).expand(args.batch, -1).contiguous()}
+
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups, max_position_embeddings=m.seq_length, rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False)).to(rt.device, rt.dtype)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    hf_tokens = tokens.to(rt.device)
+
+    def ours() -> None:
+        train_step(model, optimizer, [batch], cfg, rt)
+
+    def theirs() -> None:
+        hf_opt.zero_grad(set_to_none=True)
+        out = hf(input_ids=hf_tokens[:, :-1], labels=hf_tokens[:, :-1])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        hf_opt.step()
+
+    def timed(fn) -> float:
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            fn()
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        return args.batch * m.seq_length * args.steps / (time.perf_counter() - t0)
+
+    ours(), theirs()  # warm-up
+    results = {"ours": [], "hf": []}
+    for r in range(args.rounds):
+        results["ours"].append(timed(ours))
+        results["hf"].append(timed(theirs))
+        print(f"round {r + 1}: ours {results['ours'][-1]:,.0f} tok/s | HF {results['hf'][-1]:,.0f} tok/s", flush=True)
+    ours_tps, hf_tps = statistics.median(results["ours"]), statistics.median(results["hf"])
+    print(f"shape: {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, heads "
+          f"{m.num_attention_heads}/{m.num_query_groups}, vocab {m.vocab_size}, seq {m.seq_length}, batch {args.batch} "
+          f"({param_count(m) / 1e6:.1f}M params), {rt.dtype} on {rt.device}")
+    print(f"ours {ours_tps:,.0f} tok/s | HF LlamaForCausalLM {hf_tps:,.0f} tok/s | ratio {ours_tps / hf_tps:.3f}")
+    peak = peak_flops(None, rt.device)
+    if peak:
+        print(f"MFU ours {flops_per_token(m) * ours_tps / peak:.3f} | HF {flops_per_token(m) * hf_tps / peak:.3f}")
+    teardown()
+
+
+if __name__ == "__main__":
+    main()
