@@ -83,6 +83,38 @@ def test_local_tasks_offline_match_direct_computation(lm, tmp_path):
     assert "avg" in proc.stdout and "arc_challenge" in proc.stdout
 
 
+BUILTIN = {"hellaswag": ("hellaswag/hellaswag.yaml", "validation"), "winogrande": ("winogrande/default.yaml", "validation"),
+           "piqa": ("piqa/piqa.yaml", "validation"), "openbookqa": ("openbookqa/openbookqa.yaml", "test"),
+           "arc_easy": ("arc/arc_easy.yaml", "test"), "arc_challenge": ("arc/arc_challenge.yaml", "test")}
+
+
+def test_local_tasks_render_like_lm_eval_builtins(tmp_path, monkeypatch):
+    """Our YAMLs give the same prompt, choices and gold as lm-eval's own tasks pointed at the same local rows."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    builtin_dir = Path(lm_eval.__file__).parent / "tasks"
+    upstream.render(str(TASKS_DIR), str(SAMPLE), str(tmp_path))
+    for task, (yaml, split) in BUILTIN.items():
+        (tmp_path / f"ref_{task}.yaml").write_text(
+            f"include: {builtin_dir / yaml}\ntask: ref_{task}\ndataset_path: json\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    {split}: {SAMPLE / task}.jsonl\ntraining_split: null\n"
+            f"validation_split: {split if split == 'validation' else 'null'}\n"
+            f"test_split: {split if split == 'test' else 'null'}\n")
+    loaded = TaskManager(include_path=str(tmp_path), include_defaults=False).load(
+        [f"{p}_{t}" for t in BUILTIN for p in ("evolm", "ref")])["tasks"]
+    for task in BUILTIN:
+        ours, ref = loaded[f"evolm_{task}"], loaded[f"ref_{task}"]
+        assert ours.OUTPUT_TYPE == ref.OUTPUT_TYPE == "multiple_choice"
+        docs = list(zip(ours.eval_docs, ref.eval_docs))
+        assert len(docs) == 3
+        for a, b in docs:
+            assert (ours.doc_to_text(a), ours.doc_to_choice(a), ours.doc_to_target(a)) == \
+                (ref.doc_to_text(b), ref.doc_to_choice(b), ref.doc_to_target(b)), task
+
+
 def test_missing_local_data_fails_before_loading(lm, tmp_path):
     path = str(lm[0])
     (tmp_path / "piqa.jsonl").write_text("{}\n")
