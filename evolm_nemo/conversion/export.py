@@ -139,7 +139,9 @@ def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
 def hf_logits(model_dir: Path, head: str, ids: torch.Tensor) -> torch.Tensor:
     """The same probe through transformers loading ``model_dir`` (fp32)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own bar covers the export; keep stderr for errors
     cls = AutoModelForSequenceClassification if head == "value" else AutoModelForCausalLM
     model = cls.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
     model.eval()

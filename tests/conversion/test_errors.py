@@ -1,0 +1,147 @@
+"""Bad sources fail before any heavy work with one line naming the field/file (exit 2) and leave no destination:
+unsupported architectures, a missing shard, a wrong shape, a missing tensor, a truncated file, bad options.
+These fail before megatron is set up, so they run through the real dispatcher in this process (plus one real
+`evolm` process for the exit code and stderr as a user sees them)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conversion._sources import make_source, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errsrc")
+    make_tokenizer(root / "tok")
+    make_source("tiny_gqa", root / "single", root / "tok")
+    make_source("tiny_gqa", root / "sharded", root / "tok", max_shard_size="100KB")
+    assert len(list((root / "sharded").glob("model-*.safetensors"))) > 1
+    return root
+
+
+def variant(good: Path, tmp_path: Path, which: str = "single", **config_edits) -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(good / which, src)
+    cfg = json.loads((src / "config.json").read_text())
+    for key, value in config_edits.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+def fails(capsys, tmp_path, args: list[str], key: str, *fragments: str) -> str:
+    from evolm_nemo.cli import main
+
+    dst = tmp_path / "dst"
+    assert main([*args, f"dst={dst}"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}:"), lines
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+    assert not dst.exists() and not list(tmp_path.glob(".dst.tmp-*"))
+    return lines[0]
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+UNSUPPORTED = {
+    "rope_scaling_v5": ("rope_scaling", {"rope_parameters": LLAMA3_ROPE}),
+    "rope_scaling_v4": ("rope_scaling", {"rope_parameters": None, "rope_theta": 10000.0,
+                                         "rope_scaling": {"type": "linear", "factor": 2.0}}),
+    "gelu": ("hidden_act", {"hidden_act": "gelu"}),
+    "attention_bias": ("attention_bias", {"attention_bias": True}),
+    "mlp_bias": ("mlp_bias", {"mlp_bias": True}),
+    "sliding_window": ("sliding_window", {"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+                                          "sliding_window": 4096}),
+    "qwen2": ("architectures", {"architectures": ["Qwen2ForCausalLM"]}),
+    "model_type": ("model_type", {"model_type": "gemma"}),
+    "head_dim": ("head_dim", {"head_dim": 32}),
+    "gqa_groups": ("num_key_value_heads", {"num_key_value_heads": 3}),
+    "two_labels": ("num_labels", {"architectures": ["LlamaForSequenceClassification"],
+                                  "id2label": {"0": "A", "1": "B"}}),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSUPPORTED))
+def test_unsupported_architecture(good, tmp_path, capsys, case):
+    key, edits = UNSUPPORTED[case]
+    src = variant(good, tmp_path, **edits)
+    fails(capsys, tmp_path, ["import-hf", f"src={src}"], key)
+
+
+def test_missing_shard(good, tmp_path, capsys):
+    src = variant(good, tmp_path, "sharded")
+    victim = sorted(src.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    fails(capsys, tmp_path, ["import-hf", f"src={src}"], "src", "missing shard", victim.name)
+
+
+def test_wrong_shape(good, tmp_path, capsys):
+    src = variant(good, tmp_path, intermediate_size=180)
+    fails(capsys, tmp_path, ["import-hf", f"src={src}"], "src", "mlp.gate_proj.weight", "[176, 64]", "[180, 64]")
+
+
+def test_missing_tensor(good, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    src = variant(good, tmp_path)
+    tensors = load_file(str(src / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.v_proj.weight"]
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    fails(capsys, tmp_path, ["import-hf", f"src={src}"], "src", "model.layers.1.self_attn.v_proj.weight")
+
+
+def test_truncated_file(good, tmp_path, capsys):
+    src = variant(good, tmp_path)
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    fails(capsys, tmp_path, ["import-hf", f"src={src}"], "src", "model.safetensors")
+
+
+def test_no_config(good, tmp_path, capsys):
+    src = variant(good, tmp_path)
+    (src / "config.json").unlink()
+    fails(capsys, tmp_path, ["import-hf", f"src={src}"], "src", "config.json")
+
+
+def test_layout_must_divide(good, tmp_path, capsys):
+    fails(capsys, tmp_path, ["import-hf", f"src={good / 'single'}", "parallel.tp=4"], "parallel.tp")
+    fails(capsys, tmp_path, ["import-hf", f"src={good / 'single'}", "parallel.pp=3"], "parallel.pp")
+
+
+def test_bad_options(good, tmp_path, capsys):
+    fails(capsys, tmp_path, ["import-hf", f"src={good / 'single'}", "dtype=int8"], "dtype")
+    fails(capsys, tmp_path, ["import-hf", f"src={good / 'single'}", "bogus=1"], "bogus")
+    fails(capsys, tmp_path, ["export-hf", f"src={tmp_path / 'nowhere'}"], "src")
+
+
+def test_trtllm_missing_names_container(good, tmp_path, capsys):
+    try:
+        import tensorrt_llm  # noqa: F401
+        pytest.skip("tensorrt_llm is installed here")
+    except Exception:
+        pass
+    line = fails(capsys, tmp_path, ["export-trtllm", f"src={good / 'single'}", "max_seq=64"], "tensorrt_llm")
+    assert "nvcr.io/nvidia/tensorrt-llm/release" in line
+    fails(capsys, tmp_path, ["export-trtllm", f"src={good / 'single'}", "max_batch=8", "max_seq=64"], "max_batch")
+
+
+def test_cli_process_one_line_exit_2(good, tmp_path):
+    src = variant(good, tmp_path, hidden_act="gelu_new")
+    dst = tmp_path / "dst"
+    evolm = Path(sys.executable).with_name("evolm")
+    proc = subprocess.run([str(evolm), "import-hf", f"src={src}", f"dst={dst}"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: hidden_act: 'gelu_new' is not supported; only silu (SwiGLU)"]
+    assert not dst.exists()
