@@ -36,6 +36,7 @@ class DownstreamConfig:
     batch_size: int = 64
     tensor_parallel_size: int = 1
     scoring: str = "evolm"
+    workers: int = 0
     rm: Optional[str] = None
     rm_batch_size: int = 8
     out: Optional[str] = None
@@ -80,19 +81,23 @@ def main(overrides: list[str]) -> int:
 
 
 def _compose(name: str, overrides: list[str], schema):
-    """compose() with ``model=<dir>`` taken out first: Hydra would read it as the recipes/model/ config group."""
-    from evolm_nemo.config.compose import compose
+    """compose(), with keys that share a name with a recipes/ config group (model=, stage=) set afterwards: Hydra
+    would read ``model=<dir>`` as picking a recipes/model/*.yaml."""
+    import dataclasses
 
-    model, rest = None, []
+    from evolm_nemo.config.compose import compose, recipes_dir
+
+    plain = {f.name for f in dataclasses.fields(schema) if (recipes_dir() / f.name).is_dir()}
+    later, rest = {}, []
     for item in overrides:
         key, _, value = item.lstrip("+").partition("=")
-        if key == "model":
-            model = value.strip("'\"")
+        if key in plain:
+            later[key] = value.strip("'\"") or None
         else:
             rest.append(item)
     cfg = compose(name, rest, schema)
-    if model is not None:
-        cfg.model = model or None
+    for key, value in later.items():
+        setattr(cfg, key, value)
     return cfg
 
 
@@ -135,10 +140,7 @@ def _load_tasks(cfg: DownstreamConfig):
         raise ConfigError("tasks", f"empty; choose from {', '.join(SUITES)}")
     out = []
     for name in cfg.tasks:
-        try:
-            task = registry.get_task(name)
-        except (KeyError, ValueError) as exc:
-            raise ConfigError("tasks", f"unknown suite {name!r}; choose from {', '.join(SUITES)}") from exc
+        task = registry.get_task(name)  # ConfigError naming `tasks` for an unknown suite
         path = None
         if cfg.data_dir:
             path = Path(cfg.data_dir) / f"{task.name}.jsonl"
@@ -185,7 +187,7 @@ def sample_rows(cfg: DownstreamConfig, loaded) -> tuple[list[dict], dict]:
     try:
         for task, problems in loaded:
             stop = tuple(task.stop)
-            prompts = [task.template.format(problem=p["problem"]) for p in problems]
+            prompts = [task.prompt(p["problem"]) for p in problems]
             greedy = None
             if cfg.greedy:
                 greedy = sampler.generate(prompts, sampling.Spec(n=1, temperature=0.0, stop=stop, **common),
@@ -240,7 +242,7 @@ def downstream(overrides: list[str]) -> int:
     if cfg.rm:
         rows = rm_mod.add_scores(str(completions), cfg.rm, batch_size=cfg.rm_batch_size,
                                  trust_remote_code=cfg.trust_remote_code)
-    scored, summary = score_rows(rows, cfg.scoring)
+    scored, summary = score_rows(rows, cfg.scoring, workers=cfg.workers, progress=True)
     sampling.write_jsonl(out / "scored.jsonl", scored)
     settings = {k: getattr(cfg, k) for k in ("n", "greedy", "temperature", "top_p", "repetition_penalty",
                                              "max_model_len", "max_new_tokens", "seed", "limit", "rm")}

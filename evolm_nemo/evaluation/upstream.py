@@ -1,4 +1,4 @@
-"""Upstream 0-shot evaluation with the lm-eval harness: hellaswag, winogrande, piqa, openbookqa, arc_easy, arc_challenge.
+"""Upstream 0-shot evaluation with lm-eval: hellaswag, winogrande, piqa, openbookqa, arc_easy, arc_challenge.
 
 Two sources of task definitions:
 
@@ -13,8 +13,8 @@ percent, the shape of EvoLM's upstream table. lm_eval is imported only inside :f
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -57,13 +57,26 @@ def render(tasks_dir: str, data_dir: str, into: str) -> None:
             (Path(into) / src.name).write_text(src.read_text().replace(PLACEHOLDER, data))
 
 
-def _offline() -> None:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    if "huggingface_hub" in sys.modules:  # the flag is read at import time
-        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
-    if "datasets" in sys.modules:
-        sys.modules["datasets"].config.HF_DATASETS_OFFLINE = True
+@contextlib.contextmanager
+def _offline():
+    """HF hub and datasets offline for the duration (their flags are also read at import time: set both)."""
+    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update({k: "1" for k in env})
+    mods = [(sys.modules.get("huggingface_hub.constants"), "HF_HUB_OFFLINE"),
+            (sys.modules.get("datasets.config"), "HF_DATASETS_OFFLINE")]
+    old = [(m, a, getattr(m, a)) for m, a in mods if m is not None and hasattr(m, a)]
+    for m, a, _ in old:
+        setattr(m, a, True)
+    try:
+        yield
+    finally:
+        for m, a, v in old:
+            setattr(m, a, v)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def summarize(results: dict, tasks: list[str], local: bool) -> dict:
@@ -90,9 +103,10 @@ def run(model: str, tasks: list[str] = TASKS, tasks_dir: str | None = None, data
     """Run lm-eval 0-shot; returns (our summary, lm-eval's raw ``results`` dict without per-sample logs)."""
     tasks = list(tasks)
     check(model, tasks, tasks_dir, data_dir)
-    with tempfile.TemporaryDirectory(prefix="evolm_upstream_") as tmp:
-        if tasks_dir is not None:
-            _offline()
+    local = tasks_dir is not None
+    with tempfile.TemporaryDirectory(prefix="evolm_upstream_") as tmp, \
+            (_offline() if local else contextlib.nullcontext()):
+        if local:
             render(tasks_dir, data_dir, tmp)
         try:
             import lm_eval
@@ -101,7 +115,6 @@ def run(model: str, tasks: list[str] = TASKS, tasks_dir: str | None = None, data
             raise ConfigError("upstream", "lm-eval is not installed: pip install -c constraints.txt 'lm-eval[hf]'")
         import torch
 
-        local = tasks_dir is not None
         manager = TaskManager(include_path=tmp, include_defaults=False) if local else TaskManager()
         names = [LOCAL_PREFIX + t if local else t for t in tasks]
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,6 +122,5 @@ def run(model: str, tasks: list[str] = TASKS, tasks_dir: str | None = None, data
         results = lm_eval.simple_evaluate(
             model="hf", model_args=args, tasks=names, num_fewshot=0, batch_size=batch_size, device=device,
             limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0)
-        shutil.rmtree(tmp, ignore_errors=True)
     raw = {k: results[k] for k in ("results", "versions", "n-shot", "n-samples", "configs") if k in results}
     return summarize(results, tasks, local), raw

@@ -126,3 +126,69 @@ def test_write_jsonl_is_atomic(tmp_path):
     with pytest.raises(ConfigError) as e:
         sampling.read_jsonl(str(path))
     assert e.value.key == f"{path}:2"
+
+
+# ------------------------------------------------------------------------------------- `evolm eval downstream` CLI
+
+
+def test_eval_downstream_end_to_end(lm, tmp_path, capsys):
+    import json
+
+    import torch
+
+    from evolm_nemo import cli
+    from evolm_nemo.evaluation.score import score_rows
+    from evolm_nemo.evaluation.tasks import get_task, load_problems
+    from tests.conftest import REPO
+    from tests.evaluation._tiny import make_rm
+
+    path, model, tok = lm
+    rm_dir = tmp_path / "rm"
+    make_rm(rm_dir)
+    data, out = REPO / "tests" / "fixtures" / "eval", tmp_path / "out"
+    assert cli.main(["eval", "downstream", f"model={path}", "tasks=[gsm8k_platinum,strategyqa]", f"data_dir={data}",
+                     "limit=2", "n=3", "max_new_tokens=8", "backend=hf", f"rm={rm_dir}", f"out={out}",
+                     "name=tiny-sft", "stage=sft", "workers=1"]) == 0
+    proc = capsys.readouterr()
+    rows = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    assert [r["suite"] for r in rows] == ["gsm8k_platinum"] * 2 + ["strategyqa"] * 2
+    for r in rows:
+        task = get_task(r["suite"])
+        src = next(p for p in load_problems(task, path=str(data / f"{task.name}.jsonl")) if p["id"] == r["id"])
+        assert {k: r[k] for k in ("id", "problem", "gt_solution", "gt_answer")} == src
+        assert len(r["completions"]) == 3 and len(r["rm_scores"]) == 3 and isinstance(r["greedy"], str)
+        # Greedy is transformers' greedy on the task's prompt, cut at the task's stop strings.
+        ids = tok(task.prompt(r["problem"]), return_tensors="pt").input_ids
+        with torch.inference_mode():
+            ref = model.generate(ids, do_sample=False, max_new_tokens=8, repetition_penalty=1.1)[0, ids.shape[1]:]
+        ref = ref.tolist()
+        ref = ref[:ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref
+        assert r["greedy"] == cut_at_stop(tok.decode(ref), task.stop)
+    scored = [json.loads(x) for x in (out / "scored.jsonl").read_text().splitlines()]
+    expect, summary = score_rows(rows, "evolm")
+    assert scored == json.loads(json.dumps(expect))  # the same scorer as `evolm score`
+    result = json.loads((out / "result.json").read_text())
+    assert (result["model"], result["stage"], result["downstream"]["scoring"]) == ("tiny-sft", "sft", "evolm")
+    assert set(result["downstream"]["suites"]) == {"gsm8k_platinum", "strategyqa"}
+    assert result["downstream"]["id_avg"] == json.loads(json.dumps(summary["id_avg"]))
+    assert result["downstream"]["sampling"]["backend"] == "hf" and result["downstream"]["sampling"]["n"] == 3
+    assert "Pass@1" in proc.out and "strategyqa" in proc.out and "tok/s" in proc.err
+
+
+def test_eval_downstream_bad_input_is_one_line(lm, tmp_path):
+    from tests.conftest import run_evolm
+
+    path = lm[0]
+    cases = [
+        (["tasks=[gsm8k,math]"], "error: tasks: unknown task 'gsm8k'"),
+        ([f"data_dir={tmp_path}", "tasks=[math]"], f"error: data_dir: missing {tmp_path / 'math.jsonl'}"),
+        (["scoring=loose"], "error: scoring: expected evolm or strict, got 'loose'"),
+    ]
+    if not sampling.installed("vllm"):
+        cases.append((["backend=vllm"], "error: backend: vllm needs the `vllm` package, which is not installed"))
+    for extra, first in cases:
+        proc = run_evolm("eval", ["downstream", f"model={path}", *extra], check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(first), proc.stderr
+    proc = run_evolm("eval", ["downstream", f"model={tmp_path}"], check=False)
+    assert proc.returncode == 2 and "error: model:" in proc.stderr and not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from evolm_nemo import cli
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import upstream
 from tests.conftest import REPO, run_evolm
@@ -63,11 +64,16 @@ def _expected(model, tok, task: str) -> tuple[float, float | None]:
     return round(100 * acc / n, 2), (None if task == "winogrande" else round(100 * norm / n, 2))
 
 
-def test_local_tasks_offline_match_direct_computation(lm, tmp_path):
+def test_local_tasks_offline_match_direct_computation(lm, tmp_path, capsys, monkeypatch):
+    import os
+
     path, model, tok = lm
     out = tmp_path / "out"
-    proc = run_evolm("eval", ["upstream", f"model={path}", f"tasks_dir={TASKS_DIR}", f"data_dir={SAMPLE}",
-                              "batch_size=4", f"out={out}"])  # conftest's env sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert cli.main(["eval", "upstream", f"model={path}", f"tasks_dir={TASKS_DIR}", f"data_dir={SAMPLE}",
+                     "batch_size=4", f"out={out}"]) == 0
+    assert "HF_HUB_OFFLINE" not in os.environ  # offline only while lm-eval ran
+    stdout = capsys.readouterr().out
     result = json.loads((out / "result.json").read_text())
     assert (result["model"], result["size"], result["pretrain_tokens"], result["stage"]) == \
         (path.name, "1B", 20 * 10**9, "pretrain")  # parsed from the dir name
@@ -80,10 +86,11 @@ def test_local_tasks_offline_match_direct_computation(lm, tmp_path):
         assert up["tasks"][task]["score"] == (acc if norm is None else norm)
     assert math.isclose(up["avg"], sum(up["tasks"][t]["score"] for t in upstream.TASKS) / 6, abs_tol=0.01)
     assert "evolm_hellaswag" in json.loads((out / "upstream.json").read_text())["results"]
-    assert "avg" in proc.stdout and "arc_challenge" in proc.stdout
+    assert "avg" in stdout and "arc_challenge" in stdout
 
 
-BUILTIN = {"hellaswag": ("hellaswag/hellaswag.yaml", "validation"), "winogrande": ("winogrande/default.yaml", "validation"),
+BUILTIN = {"hellaswag": ("hellaswag/hellaswag.yaml", "validation"),
+           "winogrande": ("winogrande/default.yaml", "validation"),
            "piqa": ("piqa/piqa.yaml", "validation"), "openbookqa": ("openbookqa/openbookqa.yaml", "test"),
            "arc_easy": ("arc/arc_easy.yaml", "test"), "arc_challenge": ("arc/arc_challenge.yaml", "test")}
 
