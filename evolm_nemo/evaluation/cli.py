@@ -296,3 +296,21 @@ if __name__ == "__main__":
     from evolm_nemo.cli import main as cli_main
 
     sys.exit(cli_main(["eval", *sys.argv[1:]]))
+
+
+# ------------------------------------------------------------------------------------------------- embedded default
+
+
+def demo(model: str, out: str, data_dir: str, limit: int = 4, n: int = 16, max_new_tokens: int = 64,
+         extra: tuple[str, ...] = ()) -> dict:
+    """The last step of `make demo`: hf backend, greedy + n samples on every suite in ``data_dir``, scored; prints the
+    metrics table (from :func:`downstream`) and the plot path. Returns {name: path} of what the report wrote."""
+    from evolm_nemo.evaluation.report import build
+
+    tasks = [s for s in SUITES if (Path(data_dir) / f"{s}.jsonl").is_file()]
+    downstream([f"model={model}", f"out={out}", f"data_dir={data_dir}", f"tasks=[{','.join(tasks)}]",
+                f"limit={limit}", f"n={n}", f"max_new_tokens={max_new_tokens}", "backend=hf", *extra])
+    written = build(str(Path(out) / "result.json"), str(Path(out) / "report"))
+    plot = next((written[k] for k in ("id_vs_ood", "maj_vs_pass", "tokens") if written.get(k)), None)
+    print(f"plot: {plot or 'none (no data to draw)'}\nreport: {written['markdown']}")
+    return written

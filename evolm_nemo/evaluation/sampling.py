@@ -128,17 +128,31 @@ class Sampler:
         self.stats: dict = {}
 
     def generate(self, prompts: Sequence[str], spec: Spec, desc: str = "sampling") -> list[list[str]]:
+        ids = [self.encode(p) for p in prompts]
+        # A prompt that leaves no room in max_model_len gets n empty completions (the engines would refuse it).
+        fit = [i for i in range(len(prompts)) if budget(spec, len(ids[i])) > 0]
+        if len(fit) < len(prompts):
+            print(f"warning: {len(prompts) - len(fit)} prompt(s) fill max_model_len={spec.max_model_len}; "
+                  "their completions are empty", file=sys.stderr)
         bar = Progress(len(prompts), f"{desc} ({self.name}, n={spec.n})")
+        bar.update(len(prompts) - len(fit), 0)
         t0 = time.perf_counter()
         try:
-            out = self._generate(list(prompts), spec, bar)
+            got = self._generate([prompts[i] for i in fit], [ids[i] for i in fit], spec, bar) if fit else []
         finally:
             tok_s = bar.close()
         self.stats = {"backend": self.name, "prompts": len(prompts), "n": spec.n, "tokens": bar.tokens,
                       "seconds": round(time.perf_counter() - t0, 3), "tokens_per_s": round(tok_s, 1)}
-        return [[cut_at_stop(t, spec.stop) for t in texts] for texts in out]
+        out = [[""] * spec.n for _ in prompts]
+        for i, texts in zip(fit, got):
+            out[i] = [cut_at_stop(t, spec.stop) for t in texts]
+        return out
 
-    def _generate(self, prompts: list[str], spec: Spec, bar: Progress) -> list[list[str]]:
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt token ids as the engine will see them (BOS included when the tokenizer adds one)."""
+        raise NotImplementedError
+
+    def _generate(self, prompts: list[str], ids: list[list[int]], spec: Spec, bar: Progress) -> list[list[str]]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -173,22 +187,16 @@ class HFSampler(Sampler):
         bos = self.tok.bos_token_id
         self.pad = bos if bos is not None and probe[:1] == [bos] else (self.tok.pad_token_id or self.eos[0])
 
-    def _generate(self, prompts, spec, bar):
+    def encode(self, prompt):
+        return self.tok(prompt).input_ids
+
+    def _generate(self, prompts, ids, spec, bar):
         import torch
 
-        ids = [self.tok(p).input_ids for p in prompts]
-        out: list[list[str] | None] = [None] * len(prompts)
+        out: list[list[str]] = [[] for _ in prompts]
         # Longest first: similar lengths share a batch (less padding) and an out-of-memory shows up at once.
         order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
         per_batch = max(1, self.batch_size // spec.n)
-        too_long = [i for i in order if budget(spec, len(ids[i])) == 0]
-        for i in too_long:
-            out[i] = [""] * spec.n
-        if too_long:
-            print(f"warning: {len(too_long)} prompt(s) fill max_model_len={spec.max_model_len}; "
-                  "their completions are empty", file=sys.stderr)
-            bar.update(len(too_long), 0)
-        order = [i for i in order if out[i] is None]
         torch.manual_seed(spec.seed)
         for start in range(0, len(order), per_batch):
             chunk = order[start:start + per_batch]
@@ -260,19 +268,20 @@ class VLLMSampler(Sampler):
         self.tok = self.llm.get_tokenizer()
         self.chunk = chunk
 
-    def _generate(self, prompts, spec, bar):
+    def encode(self, prompt):
+        return self.tok(prompt).input_ids
+
+    def _generate(self, prompts, ids, spec, bar):
         from vllm import SamplingParams
 
         out = []
         for start in range(0, len(prompts), self.chunk):
             part = prompts[start:start + self.chunk]
             params = []
-            for p in part:
-                room = max(budget(spec, len(self.tok(p).input_ids)), 1)
+            for p_ids in ids[start:start + self.chunk]:
                 params.append(SamplingParams(
-                    n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
-                    repetition_penalty=spec.repetition_penalty, max_tokens=room, stop=list(spec.stop),
-                    skip_special_tokens=False))
+                    n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=budget(spec, len(p_ids)),
+                    repetition_penalty=spec.repetition_penalty, stop=list(spec.stop), skip_special_tokens=False))
             results = self.llm.generate(part, params, use_tqdm=False)
             out += [[o.text for o in r.outputs] for r in results]
             bar.update(len(part), sum(len(o.token_ids) for r in results for o in r.outputs))
@@ -297,20 +306,22 @@ class TRTLLMSampler(Sampler):
         self.tok = self.llm.tokenizer
         self.chunk = chunk
 
-    def _generate(self, prompts, spec, bar):
+    def encode(self, prompt):
+        return self.tok.encode(prompt)
+
+    def _generate(self, prompts, ids, spec, bar):
         from tensorrt_llm import SamplingParams
 
         out = []
         for start in range(0, len(prompts), self.chunk):
             part = prompts[start:start + self.chunk]
             params = []
-            for p in part:
-                room = max(budget(spec, len(self.tok.encode(p))), 1)
+            for p_ids in ids[start:start + self.chunk]:
                 # Greedy is top_k=1 (TRT-LLM wants temperature > 0); sampling is top_k=0: the full distribution.
                 pick_kw = dict(top_k=1) if spec.greedy else dict(top_k=0, top_p=spec.top_p,
                                                                    temperature=spec.temperature)
-                params.append(SamplingParams(n=spec.n, max_tokens=room, stop=list(spec.stop), seed=spec.seed,
-                                             repetition_penalty=spec.repetition_penalty,
+                params.append(SamplingParams(n=spec.n, max_tokens=budget(spec, len(p_ids)), stop=list(spec.stop),
+                                             seed=spec.seed, repetition_penalty=spec.repetition_penalty,
                                              skip_special_tokens=False, **pick_kw))
             results = self.llm.generate(part, params, use_tqdm=False)
             out += [[o.text for o in r.outputs] for r in results]
