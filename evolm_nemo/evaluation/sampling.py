@@ -160,7 +160,11 @@ class Sampler:
 
 
 class HFSampler(Sampler):
-    """transformers ``generate``: batched, KV cache, left padding; bf16 on GPU, fp32 on CPU."""
+    """transformers ``generate``: batched, KV cache, left padding; bf16 on GPU, fp32 on CPU.
+
+    Prompts are batched longest first, ``batch_size // n`` per call; every prompt of a batch gets the completion
+    budget of the batch's longest prompt (so prompt + completion never exceeds ``max_model_len``).
+    """
 
     name = "hf"
 
