@@ -83,3 +83,14 @@ def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: parallel.tp:"), proc.stderr
     assert not out.exists() and not (tmp_path / "cache").exists()
     assert list(Path(tmp_path).iterdir()) == []
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_validates(name):
+    cfg = compose("config", [f"experiment={name}", "data.source=synthetic", "train.init_from=null"], RootConfig)
+    p = cfg.parallel
+    world = p.tp * p.pp * (p.global_batch_size // p.micro_batch_size)
+    plan = validate(cfg, world_size=world)
+    assert plan.iters > 0
+    if name.startswith("cpt_"):
+        assert cfg.stage == "cpt" and cfg.train.tokens == "50B"
