@@ -16,7 +16,6 @@ Resulting layout::
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import shutil
 import time
@@ -28,7 +27,8 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ParallelConfig
 from evolm_nemo.conversion import hf
 from evolm_nemo.conversion.export import (TOKENIZER_FILES, check_dst, commit, hf_logits, megatron_logits,
-                                          parse_dtype, probe_ids, single_process, temp_dir)
+                                          parse_dtype, probe_ids, release_memory, single_process,
+                                          temp_dir)
 
 
 def _tied(cfg: dict, weights: hf.HFWeights, head: str) -> bool:
@@ -123,7 +123,7 @@ def import_hf(cfg) -> Path:
         layout = {"tp": 1, "pp": 1, "intended": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp}}
         saved = io.save(tmp, 0, [model], meta=meta, layout=layout)
         del model
-        gc.collect()
+        release_memory()
         (saved / "tokenizer").mkdir()
         for name in tok_files:
             shutil.copy2(tok_src / name, saved / "tokenizer" / name)

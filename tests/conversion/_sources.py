@@ -75,7 +75,7 @@ def make_source(name: str, out: Path, tokenizer_dir: Path, seed: int = 0, **save
                 if p.ndim == 1:
                     p.uniform_(0.5, 1.5)
                 else:
-                    p.normal_(0.0, 0.08)
+                    p.normal_(0.0, 0.05)
     if "dtype" in extra:
         model = model.to(extra["dtype"])
     model.save_pretrained(str(out), **save_kwargs)

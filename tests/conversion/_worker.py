@@ -84,6 +84,22 @@ def single(jobs: list[dict]) -> dict:
                 out[key] = {"head": meta.get("head", "lm")}
             else:
                 out[key] = {"tokens": greedy(model, job["prompt"], job["steps"], job.get("eos"))}
+        elif kind == "backbone":  # a value model started from an LM checkpoint (how an RM starts from SFT)
+            from evolm_nemo.checkpoint import io
+            from evolm_nemo.config.schema import ModelConfig, ParallelConfig
+            from evolm_nemo.model.heads import build_value_model, load_backbone
+
+            distributed.setup(1, 1, seed=0, precision="fp32")
+            meta = io.read_meta(io.resolve(job["ckpt"]))
+            m = dataclasses.replace(ModelConfig(**meta["model"]), layer_spec="local")
+            model = build_value_model(m, ParallelConfig(), torch.float32)
+            load_backbone(job["ckpt"], [model])
+            ids = load_file(job["ids"])["ids"]
+            with torch.no_grad():
+                values = model.eval()(ids, positions(ids), None)
+            save_file({"values": values.contiguous(), "head": model.output_layer.weight.detach().clone()},
+                      job["out"])
+            out[key] = {"shape": list(values.shape)}
         else:
             raise ValueError(kind)
     return out

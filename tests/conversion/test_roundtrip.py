@@ -78,6 +78,8 @@ def world(tmp_path_factory):
               "out": str(logits / f"{n}.safetensors")} for n in SHAPES]
     jobs += [{"kind": "greedy", "id": "greedy", "ckpt": str(ck / "tiny_gqa"), "prompt": prompt, "steps": 12,
               "eos": tok.eos_token_id}]
+    jobs += [{"kind": "backbone", "id": "backbone", "ckpt": str(ck / "tiny_gqa"), "ids": str(root / "ids.safetensors"),
+              "out": str(logits / "backbone.safetensors")}]
     shard = {"b1_gqa": ["max_shard_size=1MB"]}
     jobs += [{"kind": "cli", "id": f"export:{n}", "args": ["export-hf", f"src={ck / n}", f"dst={out / n}",
                                                          "progress=false", *shard.get(n, [])]} for n in SHAPES]
@@ -195,6 +197,19 @@ def test_value_model_export(world):
         pooled = model(input_ids=world.ids).logits  # [b, 1]: the score of the last token
     ours = worker_logits(world, "value")
     assert (pooled[:, 0] - ours[:, -1, 0]).abs().max().item() <= TOL
+
+
+def test_value_model_from_lm_backbone(world):
+    """load_backbone: an LM checkpoint's weights under a fresh value head; values = HF hidden states @ head."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    got = load_file(str(world.logits / "backbone.safetensors"))
+    lm = AutoModelForCausalLM.from_pretrained(str(world.src / "tiny_gqa"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = lm.model(input_ids=world.ids).last_hidden_state @ got["head"].T
+    assert got["values"].shape == (2, 24, 1) and ref.abs().max() > 0.01
+    assert (got["values"] - ref).abs().max().item() <= TOL
 
 
 def test_checkpoint_meta_for_training(world):
