@@ -1,7 +1,10 @@
 """`evolm pipeline` / `make demo`: the embedded default, end to end on a CPU laptop.
 
 1. pretrain the `tiny` LLaMA-2 on the generated corpus (megatron-core engine, fp32 on CPU),
-2. print the loss curve summary and a greedy sample from the trained model.
+2. print the loss curve summary and a greedy sample from the trained model,
+3. export the final checkpoint to a verified HF LlamaForCausalLM directory (logits checked against megatron),
+4. evaluate it downstream with the `hf` backend (greedy + n=16) on held-out generated word problems in the
+   GSM8K cooked schema, score them EvoLM-style, print the metrics table and the plot path.
 
 Any training override works here too: `evolm pipeline train.iters=200 model.num_layers=4`.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 from evolm_nemo.config import RootConfig, compose, validate
 
+DEMO_PROBLEMS = 8  # held-out generated word problems for the evaluation step
 PROMPTS = ["Ben has 2 bags. Each bag has 7 cups. How many cups does Ben have?", "Count from 3 to 9:"]
 
 
@@ -46,4 +50,38 @@ def main(overrides: list[str]) -> int:
         print(f"checkpoint: {summary['checkpoint']}")
     finally:
         teardown()
+    if not summary["runtime"].is_main:
+        return 0
+    from pathlib import Path
+
+    from evolm_nemo.conversion.cli import export_hf
+    from evolm_nemo.evaluation.cli import demo as eval_demo
+
+    out = Path(summary["out_dir"])
+    hf_dir = out / "hf"
+    export_hf([f"src={summary['checkpoint']}", f"dst={hf_dir}", "overwrite=true"])
+    print(f"HF export (verified): {hf_dir}")
+    data_dir = write_demo_problems(out / "eval_data", seed=cfg.data.synthetic_seed + 1000)
+    tokens = plan.iters * plan.tokens_per_iter
+    eval_demo(str(hf_dir), str(out / "eval"), str(data_dir), limit=DEMO_PROBLEMS, n=16,
+              extra=(f"name=evolm-{cfg.model.name}-demo", f"size={cfg.model.name}", f"pretrain_tokens={tokens}",
+                     f"stage={cfg.stage}"))
     return 0
+
+
+def write_demo_problems(directory, seed: int):
+    """Held-out generated word problems in EvoLM's cooked GSM8K schema (gold after `#### `)."""
+    import json
+    from pathlib import Path
+
+    from evolm_nemo.data.synthetic import generate
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": f"demo-{i:04d}", "problem": q["problem"], "gt_solution": f"{q['solution']}\n#### {q['answer']}",
+             "gt_answer": None} for i, q in enumerate(generate("qa", DEMO_PROBLEMS, seed))]
+    path = directory / "gsm8k_platinum.jsonl"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return directory

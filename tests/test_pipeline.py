@@ -1,0 +1,20 @@
+"""`evolm pipeline` (what `make demo` runs), shortened: pretrain -> samples -> verified HF export -> eval + report."""
+
+import json
+
+from tests.conftest import run_evolm
+
+
+def test_pipeline_end_to_end(tmp_path, data_cache):
+    out = tmp_path / "demo"
+    proc = run_evolm("pipeline", [f"run.out_dir={out}", f"data.cache_dir={data_cache}", "data.synthetic_docs=400",
+                                  "train.iters=30", "train.save_interval=0", "train.progress=false"])
+    text = proc.stdout
+    assert "loss first" in text and "(falling)" in text
+    assert text.count("sample> ") == 2
+    assert "HF export (verified)" in text and (out / "hf" / "config.json").is_file()
+    assert "gsm8k_platinum" in text and "Maj@16" in text and "plot: " in text
+    result = json.loads((out / "eval" / "result.json").read_text())
+    assert result["downstream"]["suites"]["gsm8k_platinum"]["n"] == 8 and result["stage"] == "pretrain"
+    rows = [json.loads(line) for line in (out / "eval" / "scored.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(len(r["completions"]) == 16 and len(r["correct"]) == 16 for r in rows)
