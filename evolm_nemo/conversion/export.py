@@ -301,8 +301,13 @@ def model_card(name: str, m: ModelConfig, head: str, meta: dict, dtype: torch.dt
         f"- **stage**: {meta.get('stage', 'unknown')}",
         f"- **iteration**: {meta.get('iteration', '-')}",
     ]
-    if train.get("tokens") or train.get("iters"):
-        lines.append(f"- **token budget**: {train.get('tokens') or '-'} (iterations: {train.get('iters') or '-'})")
+    seen = (meta.get("extra") or {}).get("tokens")
+    if seen:
+        lines.append(f"- **tokens seen**: {seen:,}")
+    if train.get("tokens"):
+        lines.append(f"- **token budget**: {train['tokens']}")
+    elif train.get("iters"):
+        lines.append(f"- **iterations planned**: {train['iters']}")
     if data:
         mix = data.get("paths") or []
         weights = data.get("weights")
