@@ -25,6 +25,7 @@ import torch
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ModelConfig, ParallelConfig
 from evolm_nemo.conversion import hf
+from evolm_nemo.data.tokenizer import load_tokenizer
 
 # EvoLM's prompt template is "Human: {question}\nAssistant: {answer}"; generation stops at the next turn marker.
 STOP_STRINGS = ["Human", "Human:", "Assistant", "Assistant:"]
@@ -87,19 +88,6 @@ def find_tokenizer(ckpt: Path, meta: dict, override: str | None) -> str:
         raise ConfigError("tokenizer", f"{ckpt} records no tokenizer; pass tokenizer=<dir or hub name>")
     rel = ckpt / str(recorded)
     return str(rel) if rel.is_dir() else str(recorded)
-
-
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    path = Path(name).expanduser()
-    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not path.is_dir():
-        raise ConfigError("tokenizer", f"tokenizer directory {name} does not exist")
-    try:
-        return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name)
-    except Exception as exc:  # transformers/hub raise many types; one line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError("tokenizer", f"cannot load tokenizer {name!r}: {first}") from None
 
 
 def write_tokenizer(tok, source: str, out: Path) -> None:
@@ -381,7 +369,7 @@ def export(cfg) -> Path:
     if cfg.verify and cfg.verify_tol <= 0:
         raise ConfigError("verify_tol", "must be positive")
     tok_source = find_tokenizer(ckpt, meta, cfg.tokenizer)
-    tok = load_tokenizer(tok_source)
+    tok = load_tokenizer(tok_source, key="tokenizer")
     if len(tok) > m.vocab_size:
         raise ConfigError("tokenizer", f"{tok_source} has {len(tok)} tokens but the model only {m.vocab_size} rows")
     single_process("export-hf")

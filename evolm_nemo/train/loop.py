@@ -160,7 +160,8 @@ def run(cfg: RootConfig, plan: Plan) -> dict:
               + (f" (budget train.tokens={t.tokens})" if t.tokens else "")
               + (f" | resuming at iteration {start}" if start else ""), flush=True)
     lineage = (parent_meta or {}).get("lineage") if resume_from is not None else _lineage(cfg, parent_meta, tokens_total)
-    meta = {"model": dataclasses.asdict(m), "config": to_dict(cfg), "tokenizer": source.tokenizer, "stage": cfg.stage,
+    tokenizer_ref = os.path.abspath(source.tokenizer) if os.path.isdir(source.tokenizer) else source.tokenizer
+    meta = {"model": dataclasses.asdict(m), "config": to_dict(cfg), "tokenizer": tokenizer_ref, "stage": cfg.stage,
             "lineage": lineage}
     writer = MetricsWriter(out, enabled=rt.is_main, tensorboard=t.tensorboard, truncate_after=start)
     peak = peak_flops(t.peak_tflops, rt.device)
