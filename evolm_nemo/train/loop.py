@@ -6,7 +6,6 @@ Stages differ only in data and loss; pretraining and CPT use this loop as is (CP
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -57,9 +56,8 @@ def build_training_model(cfg: RootConfig, rt: Runtime):
 
 def _scheduler(cls, optimizer, o, iters: int):
     warmup = int(round(o.warmup_fraction * iters))
-    style = {"cosine": "cosine", "linear": "linear", "constant": "constant"}[o.decay_style]
     return cls(optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
-               lr_decay_steps=max(iters, warmup + 1), lr_decay_style=style, start_wd=o.weight_decay,
+               lr_decay_steps=max(iters, warmup + 1), lr_decay_style=o.decay_style, start_wd=o.weight_decay,
                end_wd=o.weight_decay, wd_incr_steps=iters, wd_incr_style="constant")
 
 
@@ -205,11 +203,3 @@ def run(cfg: RootConfig, plan: Plan) -> dict:
     return {"iterations": plan.iters, "start": start, "losses": history, "checkpoint": str(saved or resume_from or ""),
             "tokenizer": source.tokenizer, "model": model, "runtime": rt, "out_dir": str(out)}
 
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def dump_summary(summary: dict) -> str:
-    keep = {k: v for k, v in summary.items() if k not in ("model", "runtime")}
-    return json.dumps(keep)
