@@ -1,0 +1,254 @@
+"""`evolm score input=<completions.jsonl> output=<scored.jsonl> scoring=evolm|strict workers=N`.
+
+Input rows (one JSON object per line; unknown extra fields are ignored and kept)::
+
+    {"suite": "gsm8k_platinum" | "math" | "cruxeval" | "boardgameqa" | "tabmwp" | "strategyqa",
+     "id", "problem", "gt_solution", "gt_answer", "completions": [16 strings],
+     "rm_scores": [16 floats] (optional), "greedy": string (optional; else completions[0] is Pass@1's)}
+
+Each output row adds ``gold_answer``, ``extracted`` (one per completion), ``correct`` (booleans), ``pass1``, ``maj16``,
+``rm16`` (null without rm_scores) and ``pass16``, all in the selected scoring mode. The last line printed to stdout is
+the summary JSON ``{suite: {"n", "pass1", "maj16", "rm16", "pass16", "correct_ratio"}, ..., "id_avg", "ood_avg"}``.
+A malformed row stops the command with one line naming the file, line number and field; no output file is written.
+
+Library use: :func:`score_rows` (what sampling and reports call) and :func:`score_row`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.evaluation.answers import MODES, SUITES, extract_answer, gold_answer, is_equiv, judge
+from evolm_nemo.evaluation.metrics import majority_answers, majority_index, rm_index, summarize
+
+ADDED_FIELDS = ("gold_answer", "extracted", "correct", "pass1", "maj16", "rm16", "pass16")
+PROGRESS_MIN_ROWS = 100
+
+
+@dataclass
+class ScoreConfig:
+    input: Optional[str] = None  # completions JSONL (the `score` input format)
+    output: Optional[str] = None  # scored JSONL (null: <input stem>.scored.jsonl next to the input)
+    scoring: str = "evolm"  # evolm: EvoLM's evaluator verdict for verdict | strict: the reference's quirks fixed
+    workers: int = 0  # concurrent scorers, each with its own math-verify helper process (0: one per CPU core, max 8)
+    progress: bool = True  # progress bar on stderr for inputs of 100 rows or more
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Input validation
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def validate_row(row, where: str) -> None:
+    """Raise a one-line ConfigError naming `where` (e.g. ``file.jsonl:7``) and the field if `row` is malformed."""
+
+    def bad(field: str, message: str):
+        raise ConfigError(where, f"field '{field}': {message}")
+
+    if not isinstance(row, dict):
+        raise ConfigError(where, f"expected a JSON object, got {type(row).__name__}")
+    suite = row.get("suite")
+    if suite not in SUITES:
+        bad("suite", f"expected one of {', '.join(SUITES)}, got {suite!r}" if "suite" in row else "missing")
+    if "id" not in row or row["id"] is None:
+        bad("id", "missing")
+    if not isinstance(row.get("problem"), str):
+        bad("problem", "missing" if "problem" not in row else "expected a string")
+    for field in ("gt_solution", "gt_answer"):
+        value = row.get(field)
+        if value is not None and not isinstance(value, str) and not _is_number(value):
+            bad(field, f"expected a string or null, got {type(value).__name__}")
+    if row.get("gt_answer") is None and row.get("gt_solution") is None:
+        bad("gt_answer", "null, and no gt_solution to take the gold answer from")
+    completions = row.get("completions")
+    if not isinstance(completions, list) or not completions:
+        bad("completions", "missing" if "completions" not in row else "expected a non-empty list of strings")
+    for i, c in enumerate(completions):
+        if not isinstance(c, str):
+            bad("completions", f"item {i} is {type(c).__name__}, expected a string")
+    scores = row.get("rm_scores")
+    if scores is not None:
+        if not isinstance(scores, list) or not all(_is_number(s) for s in scores):
+            bad("rm_scores", "expected a list of numbers (or null)")
+        if len(scores) != len(completions):
+            bad("rm_scores", f"has {len(scores)} scores for {len(completions)} completions")
+    greedy = row.get("greedy")
+    if greedy is not None and not isinstance(greedy, str):
+        bad("greedy", f"expected a string (or null), got {type(greedy).__name__}")
+
+
+def read_rows(path: str) -> list[dict]:
+    """Parse and validate a completions JSONL; blank lines are skipped. Errors are one-line ConfigErrors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("input", f"no such file: {path}")
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise ConfigError(where, f"not valid JSON ({exc})") from None
+            validate_row(row, where)
+            rows.append(row)
+    if not rows:
+        raise ConfigError("input", f"{path} has no rows")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Scoring
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def score_row(row: dict, mode: str = "evolm") -> dict:
+    """A copy of a (valid) row with the scored fields added."""
+    suite = row["suite"]
+    gold = gold_answer(suite, row)
+    completions = row["completions"]
+    extracted = [extract_answer(c) for c in completions]
+    memo: dict = {}
+
+    def same(a: Optional[str], b: Optional[str]) -> bool:
+        key = (a, b)
+        if key not in memo:
+            memo[key] = is_equiv(suite, a, b, mode)
+        return memo[key]
+
+    correct = [same(e, gold) for e in extracted]
+    greedy = row.get("greedy")
+    pass1 = judge(suite, greedy, gold, mode) if greedy is not None else correct[0]
+    maj = majority_index(completions, majority_answers(completions), same)
+    rm = rm_index(row.get("rm_scores"))
+    out = dict(row)
+    out.update(
+        gold_answer=gold,
+        extracted=extracted,
+        correct=correct,
+        pass1=bool(pass1),
+        maj16=bool(correct[maj]),
+        rm16=None if rm is None else bool(correct[rm]),
+        pass16=any(correct),
+    )
+    return out
+
+
+def _default_workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def score_rows(
+    rows: Sequence[dict],
+    mode: str = "evolm",
+    workers: int = 1,
+    progress: bool = False,
+    validate: bool = True,
+) -> tuple[list[dict], dict]:
+    """Score rows in the `score` input format: (scored rows in input order, summary). `workers` > 1 scores rows
+    concurrently (each worker thread gets its own math-verify helper process; 0 = one per CPU core)."""
+    if mode not in MODES:
+        raise ConfigError("scoring", f"expected one of {', '.join(MODES)}, got {mode!r}")
+    if validate:
+        for i, row in enumerate(rows):
+            validate_row(row, f"row {i + 1}")
+    workers = _default_workers() if workers <= 0 else workers
+    bar = None
+    if progress and len(rows) >= PROGRESS_MIN_ROWS:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rows), desc=f"score ({mode})", unit="problem", file=sys.stderr, dynamic_ncols=True)
+    scored: list[dict] = []
+    try:
+        if workers == 1:
+            for row in rows:
+                scored.append(score_row(row, mode))
+                if bar is not None:
+                    bar.update(1)
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evolm-score") as pool:
+                for result in pool.map(lambda r: score_row(r, mode), rows, chunksize=1):
+                    scored.append(result)
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return scored, summarize(scored)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _default_output(input_path: str) -> str:
+    p = Path(input_path)
+    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
+    return str(p.with_name(stem + ".scored.jsonl"))
+
+
+def write_rows_atomic(rows: Iterable[dict], path: str) -> None:
+    """Write JSONL to a temporary file next to `path`, then rename it into place (no partial file on failure)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _format_table(summary: dict, mode: str) -> str:
+    lines = [f"scoring={mode}", f"{'suite':<16}{'n':>6}{'pass1':>8}{'maj16':>8}{'rm16':>8}{'pass16':>8}{'ratio':>8}"]
+    for name, m in summary.items():
+        cells = [f"{100 * m[k]:8.2f}" if m[k] is not None else f"{'-':>8}" for k in
+                 ("pass1", "maj16", "rm16", "pass16", "correct_ratio")]
+        lines.append(f"{name:<16}{m['n']:>6}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def main(overrides: Sequence[str]) -> int:
+    from evolm_nemo.config.compose import compose
+
+    cfg = compose("score", list(overrides), ScoreConfig)
+    if not cfg.input:
+        raise ConfigError("input", "required: evolm score input=<completions.jsonl> [output=<scored.jsonl>]")
+    if cfg.scoring not in MODES:
+        raise ConfigError("scoring", f"expected one of {', '.join(MODES)}, got {cfg.scoring!r}")
+    if cfg.workers < 0:
+        raise ConfigError("workers", f"expected 0 (auto) or a positive number, got {cfg.workers}")
+    output = cfg.output or _default_output(cfg.input)
+    rows = read_rows(cfg.input)
+    scored, summary = score_rows(rows, cfg.scoring, workers=cfg.workers, progress=cfg.progress, validate=False)
+    write_rows_atomic(scored, output)
+    print(_format_table(summary, cfg.scoring), file=sys.stderr)
+    print(f"wrote {len(scored)} scored rows to {output}", file=sys.stderr)
+    sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")
+    sys.stdout.flush()
+    return 0

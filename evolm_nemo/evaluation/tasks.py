@@ -1,0 +1,194 @@
+"""Registry of the six downstream suites. Each task's definition (prompt template, stop strings, hub source and how
+to cook its rows into EvoLM's schema) is data in ``eval/tasks/<suite>.yaml``; this module loads it and knows the
+suite's gold-answer and equivalence rules (from :mod:`evolm_nemo.evaluation.answers`).
+
+Problems come from a local JSONL in EvoLM's cooked schema ``{"id", "problem", "gt_solution", "gt_answer"}`` (exactly
+EvoLM's evaluation sets when those are EvoLM's cooked files; works offline) or, without a path, from the task's
+Hugging Face hub source, cooked into the same schema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.evaluation.answers import SUITE_KIND, SUITES, gold_answer
+
+COOKED_FIELDS = ("id", "problem", "gt_solution", "gt_answer")
+
+
+def tasks_dir() -> Path:
+    """eval/tasks/ at the repository root (override with EVOLM_EVAL_TASKS)."""
+    env = os.environ.get("EVOLM_EVAL_TASKS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "eval" / "tasks"
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # suite key used everywhere (score input rows, reports)
+    display_name: str  # as in the paper's tables
+    group: str  # "id" | "ood"
+    size: int  # problems in EvoLM's evaluation set
+    template: str  # prompt template; "{problem}" is replaced verbatim
+    stop: tuple[str, ...]  # stop strings for sampling
+    evolm_datasets: tuple[str, ...] = ()  # EvoLM's cooked dataset name(s)
+    hf: Optional[dict] = field(default=None, compare=False, hash=False)  # hub source and cooking recipe, or None
+
+    @property
+    def equivalence(self) -> str:
+        """"math" (math-verify), "crux" (Python literals) or "nli" (true / false / uncertain)."""
+        return SUITE_KIND[self.name]
+
+    def prompt(self, problem: str) -> str:
+        return self.template.replace("{problem}", problem)
+
+    def gold(self, row: dict) -> str:
+        return gold_answer(self.name, row)
+
+
+def _load_task(path: Path) -> Task:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        spec = yaml.safe_load(f) or {}
+    where = str(path)
+    for key in ("name", "display_name", "group", "size", "template", "stop"):
+        if key not in spec:
+            raise ConfigError(where, f"missing key '{key}'")
+    if spec["name"] not in SUITES:
+        raise ConfigError(where, f"name: unknown suite {spec['name']!r}; expected one of {', '.join(SUITES)}")
+    if spec["group"] not in ("id", "ood"):
+        raise ConfigError(where, f"group: expected id or ood, got {spec['group']!r}")
+    if "{problem}" not in spec["template"]:
+        raise ConfigError(where, "template: must contain {problem}")
+    unknown = set(spec) - {"name", "display_name", "group", "size", "template", "stop", "evolm_datasets", "hf"}
+    if unknown:
+        raise ConfigError(where, f"unknown key(s): {', '.join(sorted(unknown))}")
+    return Task(
+        name=spec["name"],
+        display_name=spec["display_name"],
+        group=spec["group"],
+        size=int(spec["size"]),
+        template=spec["template"],
+        stop=tuple(spec["stop"]),
+        evolm_datasets=tuple(spec.get("evolm_datasets") or ()),
+        hf=spec.get("hf"),
+    )
+
+
+def _load_all() -> dict[str, Task]:
+    tasks = {}
+    for suite in SUITES:
+        path = tasks_dir() / f"{suite}.yaml"
+        if not path.is_file():
+            raise ConfigError(str(path), f"task definition for {suite} is missing")
+        tasks[suite] = _load_task(path)
+    return tasks
+
+
+TASKS: dict[str, Task] = _load_all()
+ID_TASKS = tuple(t for t in TASKS if TASKS[t].group == "id")
+OOD_TASKS = tuple(t for t in TASKS if TASKS[t].group == "ood")
+
+
+def get_task(name: Union[str, Task]) -> Task:
+    if isinstance(name, Task):
+        return name
+    if name not in TASKS:
+        raise ConfigError("tasks", f"unknown task {name!r}; available: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Loading problems
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _read_cooked(path: str, limit: Optional[int]) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("path", f"no such file: {path}")
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise ConfigError(where, f"not valid JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(where, "expected a JSON object in the cooked schema "
+                                         "{id, problem, gt_solution, gt_answer}")
+            for key in COOKED_FIELDS:
+                if key not in row:
+                    raise ConfigError(where, f"field '{key}': missing (cooked schema: {', '.join(COOKED_FIELDS)})")
+            if not isinstance(row["problem"], str):
+                raise ConfigError(where, "field 'problem': expected a string")
+            if row["gt_answer"] is None and row["gt_solution"] is None:
+                raise ConfigError(where, "field 'gt_answer': null, and no gt_solution to take the gold answer from")
+            rows.append(row)
+    return rows
+
+
+class _Fields(dict):
+    """Row fields for str.format_map, plus <list>_enumerated ("1. a\\n2. b\\n") for list-valued fields."""
+
+    def __missing__(self, key: str) -> Any:
+        if key.endswith("_enumerated") and isinstance(self.get(key[: -len("_enumerated")]), list):
+            return "".join(f"{i + 1}. {x}\n" for i, x in enumerate(self[key[: -len("_enumerated")]]))
+        raise KeyError(key)
+
+
+def cook_row(spec: dict, row: dict, index: int, config: Optional[str] = None) -> Optional[dict]:
+    """One hub row -> the cooked schema, per the task's `hf` recipe (None when the recipe filters the row out)."""
+    fields = _Fields(row)
+    for name, mapping in (spec.get("map") or {}).items():
+        if fields.get(name) in mapping:
+            fields[name] = mapping[fields[name]]
+    fields.update(index=index, config=config)
+
+    def render(template):
+        return None if template is None else template.format_map(fields)
+
+    cooked = {key: render(spec.get(key)) for key in COOKED_FIELDS}
+    max_tokens = spec.get("max_estimated_tokens")
+    if max_tokens is not None and len(cooked["problem"].split()) * 1.3 > max_tokens:
+        return None
+    return cooked
+
+
+def _load_hub(task: Task, limit: Optional[int]) -> list[dict]:  # pragma: no cover - needs network
+    from datasets import load_dataset
+
+    spec = task.hf
+    rows: list[dict] = []
+    for config in spec.get("configs") or [None]:
+        ds = load_dataset(spec["path"], config, split=spec["split"])
+        for index, row in enumerate(ds):
+            cooked = cook_row(spec, dict(row), index, config)
+            if cooked is not None:
+                rows.append(cooked)
+            if limit is not None and len(rows) >= limit:
+                return rows
+    return rows
+
+
+def load_problems(task: Union[str, Task], path: Optional[str] = None, limit: Optional[int] = None) -> list[dict]:
+    """Problems of a task in the cooked schema: from `path` (a cooked JSONL, offline) or the task's hub source."""
+    task = get_task(task)
+    if limit is not None and limit < 0:
+        raise ConfigError("limit", f"expected a non-negative number, got {limit}")
+    if path is not None:
+        return _read_cooked(path, limit)
+    if not task.hf:
+        raise ConfigError("path", f"task {task.name} has no hub source; pass a cooked JSONL (EvoLM's "
+                                  f"{'/'.join(task.evolm_datasets) or task.name}.jsonl)")
+    return _load_hub(task, limit)

@@ -1,0 +1,82 @@
+"""Task registry (evaluation/tasks.py + eval/tasks/*.yaml): definitions, local loading, hub-row cooking."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.evaluation.tasks import ID_TASKS, OOD_TASKS, TASKS, cook_row, get_task, load_problems
+from tests.conftest import REPO
+
+FIXTURES = REPO / "tests" / "fixtures" / "eval"
+
+
+def test_registry_has_the_six_suites():
+    assert list(TASKS) == ["gsm8k_platinum", "math", "cruxeval", "boardgameqa", "tabmwp", "strategyqa"]
+    assert ID_TASKS == ("gsm8k_platinum", "math")
+    assert OOD_TASKS == ("cruxeval", "boardgameqa", "tabmwp", "strategyqa")
+    assert sum(t.size for t in TASKS.values()) == 1209 + 5000 + 800 + 500 + 1000 + 500
+    for task in TASKS.values():
+        assert task.stop == ("Human", "Human:", "Assistant", "Assistant:")
+        assert task.prompt("What is {x}?") == "Human: What is {x}?\nAssistant:"
+    assert get_task("cruxeval").equivalence == "crux" and get_task("strategyqa").equivalence == "nli"
+    assert get_task(TASKS["math"]) is TASKS["math"]
+    with pytest.raises(ConfigError, match="unknown task 'gsm8k'"):
+        get_task("gsm8k")
+
+
+def test_load_local_cooked_jsonl():
+    for name in TASKS:
+        rows = load_problems(name, path=str(FIXTURES / f"{name}.jsonl"))
+        assert rows and all(set(r) >= {"id", "problem", "gt_solution", "gt_answer"} for r in rows)
+        assert TASKS[name].gold(rows[0])
+    assert len(load_problems("math", path=str(FIXTURES / "math.jsonl"), limit=2)) == 2
+    assert get_task("gsm8k_platinum").gold(load_problems("gsm8k_platinum", str(FIXTURES / "gsm8k_platinum.jsonl"))[0]) \
+        == "150"
+
+
+def test_bad_local_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_problems("math", path=str(tmp_path / "nope.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "problem": "p", "gt_solution": "x", "gt_answer": null}\n{"id": 2, "problem": "p"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: field 'gt_solution': missing"):
+        load_problems("math", path=str(bad))
+    with pytest.raises(ConfigError, match="has no hub source"):
+        load_problems("tabmwp")
+
+
+def _fixture(name):
+    return [json.loads(line) for line in (FIXTURES / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_cooking_hub_rows_reproduces_evolms_problem_text():
+    # StrategyQA: rebuild the hub row (facts list, question, bool answer) from EvoLM's cooked text
+    for row in _fixture("strategyqa"):
+        head, question = row["problem"].rsplit("\n", 1)
+        facts = [f.split(". ", 1)[1] for f in head.split("\n\n")[0].splitlines()[1:]]
+        hub = {"qid": row["id"].split("-", 1)[1], "facts": facts, "question": question,
+               "answer": row["gt_answer"] == "True"}
+        assert cook_row(TASKS["strategyqa"].hf, hub, 0) == row
+    # BoardgameQA: label names and the instruction prefix
+    prefix = 'Solve the following problem. Your final answer should be "True", "False", or "Uncertain".\n\n'
+    labels = {"True": "proved", "False": "disproved", "Uncertain": "unknown"}
+    for row in _fixture("boardgameqa"):
+        hub = {"example": row["problem"][len(prefix):], "label": labels[row["gt_answer"]]}
+        cooked = cook_row(TASKS["boardgameqa"].hf, hub, 7)
+        assert {k: cooked[k] for k in ("problem", "gt_solution", "gt_answer")} == \
+            {k: row[k] for k in ("problem", "gt_solution", "gt_answer")}
+    assert cook_row(TASKS["boardgameqa"].hf, {"example": "word " * 2000, "label": "proved"}, 0) is None
+    # CRUXEval: code / input / output fields
+    for row in _fixture("cruxeval"):
+        text = row["problem"]
+        code = text.split("You are given the following function:\n\n", 1)[1].split("\n\nYou are also given", 1)[0]
+        inp = text.split("in the function):\n\n", 1)[1].split("\n\nWith the given function", 1)[0]
+        hub = {"id": row["id"].split("-", 1)[1], "code": code, "input": inp, "output": row["gt_answer"]}
+        assert cook_row(TASKS["cruxeval"].hf, hub, 0) == row
+    # GSM8K-Platinum: question / answer
+    row = _fixture("gsm8k_platinum")[0]
+    cooked = cook_row(TASKS["gsm8k_platinum"].hf, {"question": row["problem"], "answer": row["gt_solution"]}, 382)
+    assert cooked == {**row, "id": "GSM8KPlatinum-0382"}
