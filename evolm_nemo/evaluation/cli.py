@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.fileio import write_jsonl
 
 SUITES = ["gsm8k_platinum", "math", "cruxeval", "boardgameqa", "tabmwp", "strategyqa"]
 UPSTREAM = ["hellaswag", "winogrande", "piqa", "openbookqa", "arc_easy", "arc_challenge"]
@@ -238,12 +239,12 @@ def downstream(overrides: list[str]) -> int:
     out = _out_dir(cfg)
     rows, stats = sample_rows(cfg, loaded)
     completions = out / "completions.jsonl"
-    sampling.write_jsonl(completions, rows)
+    write_jsonl(completions, rows)
     if cfg.rm:
         rows = rm_mod.add_scores(str(completions), cfg.rm, batch_size=cfg.rm_batch_size,
                                  trust_remote_code=cfg.trust_remote_code)
     scored, summary = score_rows(rows, cfg.scoring, workers=cfg.workers, progress=True)
-    sampling.write_jsonl(out / "scored.jsonl", scored)
+    write_jsonl(out / "scored.jsonl", scored)
     settings = {k: getattr(cfg, k) for k in ("n", "greedy", "temperature", "top_p", "repetition_penalty",
                                              "max_model_len", "max_new_tokens", "seed", "limit", "rm")}
     suites = {k: v for k, v in summary.items() if k not in ("id_avg", "ood_avg")}
@@ -262,7 +263,8 @@ def upstream(overrides: list[str]) -> int:
     import json
 
     from evolm_nemo.evaluation import upstream as up
-    from evolm_nemo.evaluation.report import update_result, write_json
+    from evolm_nemo.evaluation.report import update_result
+    from evolm_nemo.fileio import write_json
 
     cfg = _compose("eval_upstream", overrides, UpstreamConfig)
     _model_dir(cfg.model)

@@ -35,14 +35,13 @@ import csv
 import glob
 import io
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.fileio import atomic_path, write_json, write_text
 
 SCHEMA = "evolm-result/1"
 UPSTREAM = ("hellaswag", "winogrande", "piqa", "openbookqa", "arc_easy", "arc_challenge")
@@ -77,21 +76,6 @@ def infer_meta(model_dir: str) -> dict:
     meta["stage"] = stage
     meta["group"] = re.sub(r"[-_](sft|rl|ppo|grpo)[a-z0-9]*", "", name, flags=re.IGNORECASE) or name
     return meta
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Atomic JSON write (temp file in the same dir, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def update_result(path: str | Path, meta: dict, **parts) -> dict:
@@ -249,13 +233,8 @@ def markdown(results: list[dict], plots: dict[str, str | None]) -> str:
 
 
 def _save(fig, path: Path) -> str:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     return str(path)
 
 
@@ -373,16 +352,9 @@ def build(pattern: str, out: str) -> dict:
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(out_dir / "results.csv", buf.getvalue())
-    _write_text(out_dir / "report.md", markdown(results, plots))
+    write_text(out_dir / "results.csv", buf.getvalue())
+    write_text(out_dir / "report.md", markdown(results, plots))
     return {"csv": str(out_dir / "results.csv"), "markdown": str(out_dir / "report.md"), **plots}
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(overrides: list[str]) -> int:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.evaluation.sampling import TEMPLATE, read_jsonl, write_jsonl
+from evolm_nemo.evaluation.sampling import TEMPLATE
+from evolm_nemo.fileio import read_jsonl, write_jsonl
 
 
 class RewardModel:

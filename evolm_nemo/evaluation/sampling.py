@@ -10,13 +10,9 @@ vllm and tensorrt_llm are imported only inside the functions that use them (GPU 
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Sequence
 
 from evolm_nemo.config.errors import ConfigError
@@ -352,37 +348,3 @@ def load(backend: str, model_dir: str, batch_size: int = 64, max_model_len: int 
 
 def with_stop(spec: Spec, stop: Sequence[str]) -> Spec:
     return replace(spec, stop=tuple(stop))
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Rows of a JSONL file; a missing file or a bad line is a one-line ConfigError naming file and line."""
-    if not Path(path).is_file():
-        raise ConfigError(str(path), "no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{line}", f"not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path}:{line}", "each line must be a JSON object")
-            rows.append(row)
-    return rows
-
-
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    """Write rows to a temp file next to ``path`` and rename it into place (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -19,15 +19,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation.answers import MODES, SUITES, extract_answer, gold_answer, is_equiv, judge
 from evolm_nemo.evaluation.metrics import majority_answers, majority_index, rm_index, summarize
+from evolm_nemo.fileio import iter_jsonl, write_jsonl
 
 ADDED_FIELDS = ("gold_answer", "extracted", "correct", "pass1", "maj16", "rm16", "pass16")
 PROGRESS_MIN_ROWS = 100
@@ -91,21 +91,10 @@ def validate_row(row, where: str) -> None:
 
 def read_rows(path: str) -> list[dict]:
     """Parse and validate a completions JSONL; blank lines are skipped. Errors are one-line ConfigErrors."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("input", f"no such file: {path}")
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise ConfigError(where, f"not valid JSON ({exc})") from None
-            validate_row(row, where)
-            rows.append(row)
+    for where, row in iter_jsonl(path, key="input"):
+        validate_row(row, where)
+        rows.append(row)
     if not rows:
         raise ConfigError("input", f"{path} has no rows")
     return rows
@@ -206,24 +195,6 @@ def _default_output(input_path: str) -> str:
     return str(p.with_name(stem + ".scored.jsonl"))
 
 
-def write_rows_atomic(rows: Iterable[dict], path: str) -> None:
-    """Write JSONL to a temporary file next to `path`, then rename it into place (no partial file on failure)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _format_table(summary: dict, mode: str) -> str:
     lines = [f"scoring={mode}", f"{'suite':<16}{'n':>6}{'pass1':>8}{'maj16':>8}{'rm16':>8}{'pass16':>8}{'ratio':>8}"]
     for name, m in summary.items():
@@ -246,7 +217,7 @@ def main(overrides: Sequence[str]) -> int:
     output = cfg.output or _default_output(cfg.input)
     rows = read_rows(cfg.input)
     scored, summary = score_rows(rows, cfg.scoring, workers=cfg.workers, progress=cfg.progress, validate=False)
-    write_rows_atomic(scored, output)
+    write_jsonl(output, scored)
     print(_format_table(summary, cfg.scoring), file=sys.stderr)
     print(f"wrote {len(scored)} scored rows to {output}", file=sys.stderr)
     sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")

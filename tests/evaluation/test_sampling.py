@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from evolm_nemo import fileio
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import sampling
 from evolm_nemo.evaluation.sampling import Spec, cut_at_stop
@@ -112,19 +113,19 @@ def test_gpu_backend_without_gpu(monkeypatch):
 
 def test_write_jsonl_is_atomic(tmp_path):
     path = tmp_path / "c.jsonl"
-    sampling.write_jsonl(path, [{"a": 1}, {"b": "é"}])
-    assert sampling.read_jsonl(str(path)) == [{"a": 1}, {"b": "é"}]
+    fileio.write_jsonl(path, [{"a": 1}, {"b": "é"}])
+    assert fileio.read_jsonl(str(path)) == [{"a": 1}, {"b": "é"}]
 
     class Boom:
         pass
 
     with pytest.raises(TypeError):
-        sampling.write_jsonl(path, [{"a": 2}, {"b": Boom()}])
-    assert sampling.read_jsonl(str(path)) == [{"a": 1}, {"b": "é"}]  # old file intact, no temp left
+        fileio.write_jsonl(path, [{"a": 2}, {"b": Boom()}])
+    assert fileio.read_jsonl(str(path)) == [{"a": 1}, {"b": "é"}]  # old file intact, no temp left
     assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]
     path.write_text('{"a": 1}\n{"a": \n')
     with pytest.raises(ConfigError) as e:
-        sampling.read_jsonl(str(path))
+        fileio.read_jsonl(str(path))
     assert e.value.key == f"{path}:2"
 
 

@@ -1,0 +1,65 @@
+"""Small file helpers shared by every command: atomic writes (temp file next to the target, then rename, so a crash
+never leaves a half-written file) and JSONL reading with one-line errors that name the file and line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from evolm_nemo.config.errors import ConfigError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, data) -> None:
+    write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def iter_jsonl(path: str | Path, key: str = "input") -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` for each non-blank line (``where`` is ``file:line``). A missing file is a ConfigError naming
+    ``key``; a line that is not a JSON object is a ConfigError naming the file and line."""
+    if not Path(path).is_file():
+        raise ConfigError(key, f"no such file: {path}")
+    with open(path, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(text)
+            except ValueError as exc:
+                raise ConfigError(where, f"not valid JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(where, f"expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def read_jsonl(path: str | Path, key: str = "input") -> list[dict]:
+    return [row for _, row in iter_jsonl(path, key)]
