@@ -9,13 +9,13 @@ Hugging Face hub source, cooked into the same schema.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.fileio import iter_jsonl
 from evolm_nemo.evaluation.answers import SUITE_KIND, SUITES, gold_answer
 
 COOKED_FIELDS = ("id", "problem", "gt_solution", "gt_answer")
@@ -109,32 +109,18 @@ def get_task(name: Union[str, Task]) -> Task:
 
 
 def _read_cooked(path: str, limit: Optional[int]) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("path", f"no such file: {path}")
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise ConfigError(where, f"not valid JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(where, "expected a JSON object in the cooked schema "
-                                         "{id, problem, gt_solution, gt_answer}")
-            for key in COOKED_FIELDS:
-                if key not in row:
-                    raise ConfigError(where, f"field '{key}': missing (cooked schema: {', '.join(COOKED_FIELDS)})")
-            if not isinstance(row["problem"], str):
-                raise ConfigError(where, "field 'problem': expected a string")
-            if row["gt_answer"] is None and row["gt_solution"] is None:
-                raise ConfigError(where, "field 'gt_answer': null, and no gt_solution to take the gold answer from")
-            rows.append(row)
+    for where, row in iter_jsonl(path, key="path"):
+        if limit is not None and len(rows) >= limit:
+            break
+        for key in COOKED_FIELDS:
+            if key not in row:
+                raise ConfigError(where, f"field '{key}': missing (cooked schema: {', '.join(COOKED_FIELDS)})")
+        if not isinstance(row["problem"], str):
+            raise ConfigError(where, "field 'problem': expected a string")
+        if row["gt_answer"] is None and row["gt_solution"] is None:
+            raise ConfigError(where, "field 'gt_answer': null, and no gt_solution to take the gold answer from")
+        rows.append(row)
     return rows
 
 
