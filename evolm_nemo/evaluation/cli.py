@@ -20,7 +20,21 @@ UPSTREAM = ["hellaswag", "winogrande", "piqa", "openbookqa", "arc_easy", "arc_ch
 
 
 @dataclass
-class DownstreamConfig:
+class ResultMeta:
+    """Fields both eval modes share: where results go and how the model is labelled in reports
+    (documented in recipes/eval_downstream.yaml and recipes/eval_upstream.yaml)."""
+
+    out: Optional[str] = None
+    name: Optional[str] = None
+    size: Optional[str] = None
+    pretrain_tokens: Optional[str] = None
+    stage: Optional[str] = None
+    group: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DownstreamConfig(ResultMeta):
     model: Optional[str] = None
     tasks: List[str] = field(default_factory=lambda: list(SUITES))
     data_dir: Optional[str] = None
@@ -40,17 +54,10 @@ class DownstreamConfig:
     workers: int = 0
     rm: Optional[str] = None
     rm_batch_size: int = 8
-    out: Optional[str] = None
-    name: Optional[str] = None
-    size: Optional[str] = None
-    pretrain_tokens: Optional[str] = None
-    stage: Optional[str] = None
-    group: Optional[str] = None
-    trust_remote_code: bool = False
 
 
 @dataclass
-class UpstreamConfig:
+class UpstreamConfig(ResultMeta):
     model: Optional[str] = None
     tasks: List[str] = field(default_factory=lambda: list(UPSTREAM))
     tasks_dir: Optional[str] = None
@@ -59,13 +66,6 @@ class UpstreamConfig:
     batch_size: str = "16"
     dtype: str = "auto"
     device: Optional[str] = None
-    out: Optional[str] = None
-    name: Optional[str] = None
-    size: Optional[str] = None
-    pretrain_tokens: Optional[str] = None
-    stage: Optional[str] = None
-    group: Optional[str] = None
-    trust_remote_code: bool = False
 
 
 def main(overrides: list[str]) -> int:
