@@ -21,6 +21,7 @@ class ModelConfig:
     rope_base: float = 10000.0  # RoPE theta
     init_method_std: float = 0.02  # normal init std for all weights
     layer_spec: str = "auto"  # auto | te | local: Transformer Engine when importable on GPU, else megatron local
+    core_attention: str = "sdpa"  # local spec only: sdpa (torch fused SDPA) | megatron (unfused DotProductAttention)
 
 
 @dataclass

@@ -47,6 +47,7 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
     _choice("stage", cfg.stage, STAGES)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("model.layer_spec", m.layer_spec, LAYER_SPECS)
+    _choice("model.core_attention", m.core_attention, ("sdpa", "megatron"))
     _choice("optim.decay_style", o.decay_style, DECAY_STYLES)
     _choice("data.source", d.source, SOURCES)
 

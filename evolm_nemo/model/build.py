@@ -50,7 +50,12 @@ def layer_spec(m: ModelConfig):
     if m.layer_spec == "te":
         raise ConfigError("model.layer_spec", "te needs a GPU with transformer-engine installed (NGC PyTorch "
                                               "container); use model.layer_spec=local or auto")
-    return get_gpt_layer_local_spec(normalization="RMSNorm"), "local"
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if m.core_attention == "sdpa":
+        from evolm_nemo.model.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec, f"local+{m.core_attention}"
 
 
 def transformer_config(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype):

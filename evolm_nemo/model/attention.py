@@ -1,0 +1,38 @@
+"""Core attention for megatron's local layer spec through ``torch.nn.functional.scaled_dot_product_attention``.
+
+megatron-core's own ``DotProductAttention`` materialises the [b*heads, s, s] score matrix (baddbmm, mask, softmax,
+bmm) and repeats K/V for GQA. PyTorch's SDPA computes the same attention with fused kernels (flash attention on CPU
+and GPU) and native GQA, so the local spec — CPU runs, and GPUs without Transformer Engine — uses it by default
+(``model.core_attention=sdpa``). Cases SDPA does not cover here (packed sequences, attention bias, softmax offsets,
+sliding windows) fall back to megatron's implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+
+class SDPAttention(DotProductAttention):
+    """Drop-in for megatron's DotProductAttention: inputs [s, b, heads, head_dim], output [s, b, heads*head_dim]."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        unsupported = (packed_seq_params is not None or attention_bias is not None or self.softmax_offset is not None
+                       or self.scale_mask_softmax.window_size is not None or self.config.apply_query_key_layer_scaling
+                       or mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask, AttnMaskType.padding))
+        if unsupported:
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                   packed_seq_params)
+        sq, b = query.shape[0], query.shape[1]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, head_dim]
+        causal = mask_type == AttnMaskType.causal and attention_mask is None
+        mask = None if attention_mask is None else ~attention_mask  # megatron: True = masked out
+        dropout = self.attention_dropout.p if self.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 is_causal=causal, scale=self.softmax_scale,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+        return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
