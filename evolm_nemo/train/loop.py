@@ -39,6 +39,10 @@ def build_training_model(cfg: RootConfig, rt: Runtime):
     o = cfg.optim
     model = build_model(cfg.model, cfg.parallel, rt.dtype, pre_process=parallel_state.is_pipeline_first_stage(),
                         post_process=parallel_state.is_pipeline_last_stage())
+    if rt.dtype != torch.float32:  # megatron's mixed precision: every param (norms too) in bf16, fp32 main params
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(model.config, model)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=o.distributed)
     model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)

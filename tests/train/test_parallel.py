@@ -1,4 +1,4 @@
-"""TP=2, PP=2 and TP=2+SP give the TP=1 loss for the same weights (forward, and after 3 optimizer steps);
+"""TP=2, PP=2, TP=2+SP and DP=2 (distributed optimizer) give the TP=1 loss for the same weights (forward, and after 3 optimizer steps);
 a checkpoint saved at TP=2 resumes at TP=1 and at PP=2 with the same losses (optimizer state resharded)."""
 
 import pytest
@@ -24,9 +24,17 @@ def reference(tmp_path_factory, data_cache, init_ckpt):
     return losses(out)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2_sp"])
+LAYOUTS = {
+    "tp2": ["parallel=tp2"],
+    "pp2": ["parallel=pp2"],
+    "tp2_sp": ["parallel=tp2_sp"],
+    "dp2_distributed_optimizer": ["parallel=single", "optim.distributed=true"],  # dp=2, sharded Adam state
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_tp1(layout, tmp_path, data_cache, init_ckpt, reference):
-    run_evolm("train", tiny(tmp_path, data_cache, f"parallel={layout}", "train.iters=4",
+    run_evolm("train", tiny(tmp_path, data_cache, *LAYOUTS[layout], "train.iters=4",
                             f"train.init_from={init_ckpt}"), nproc=2)
     got = losses(tmp_path)
     assert sorted(got) == [1, 2, 3, 4]
@@ -54,3 +62,11 @@ def test_reshard_tp2_to_tp1_and_pp2(tmp_path, data_cache):
         assert sorted(got) == [4, 5, 6]
         for it in (4, 5, 6):
             assert abs(got[it] - want[it]) < TOL, (layout, it, got[it], want[it])
+
+
+def test_bf16_mixed_precision_trains(tmp_path, data_cache, init_ckpt):
+    """The production precision path (bf16 params, fp32 main params in megatron's Float16 optimizer), on CPU."""
+    run_evolm("train", tiny(tmp_path, data_cache, "train.precision=bf16", "train.iters=6",
+                            f"train.init_from={init_ckpt}"))
+    got = losses(tmp_path)
+    assert sorted(got) == list(range(1, 7)) and got[6] < got[1] - 0.05
