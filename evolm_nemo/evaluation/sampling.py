@@ -252,7 +252,27 @@ class HFSampler(Sampler):
             torch.cuda.empty_cache()
 
 
-class VLLMSampler(Sampler):
+class _EngineSampler(Sampler):
+    """vLLM and TensorRT-LLM share the offline ``LLM.generate(prompts, [SamplingParams])`` shape: chunked calls."""
+
+    llm = None
+    chunk = 256
+
+    def _params(self, spec: Spec, n_prompt_tokens: int):
+        raise NotImplementedError
+
+    def _generate(self, prompts, ids, spec, bar):
+        out = []
+        for start in range(0, len(prompts), self.chunk):
+            part = prompts[start:start + self.chunk]
+            params = [self._params(spec, len(p_ids)) for p_ids in ids[start:start + self.chunk]]
+            results = self.llm.generate(part, params, use_tqdm=False)
+            out += [[o.text for o in r.outputs] for r in results]
+            bar.update(len(part), sum(len(o.token_ids) for r in results for o in r.outputs))
+        return out
+
+
+class VLLMSampler(_EngineSampler):
     """vLLM offline ``LLM.generate``; max_tokens is set per prompt (vLLM's default is 16)."""
 
     name = "vllm"
@@ -271,27 +291,18 @@ class VLLMSampler(Sampler):
     def encode(self, prompt):
         return self.tok(prompt).input_ids
 
-    def _generate(self, prompts, ids, spec, bar):
+    def _params(self, spec, n_prompt_tokens):
         from vllm import SamplingParams
 
-        out = []
-        for start in range(0, len(prompts), self.chunk):
-            part = prompts[start:start + self.chunk]
-            params = []
-            for p_ids in ids[start:start + self.chunk]:
-                params.append(SamplingParams(
-                    n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=budget(spec, len(p_ids)),
-                    repetition_penalty=spec.repetition_penalty, stop=list(spec.stop), skip_special_tokens=False))
-            results = self.llm.generate(part, params, use_tqdm=False)
-            out += [[o.text for o in r.outputs] for r in results]
-            bar.update(len(part), sum(len(o.token_ids) for r in results for o in r.outputs))
-        return out
+        return SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
+                              max_tokens=budget(spec, n_prompt_tokens), repetition_penalty=spec.repetition_penalty,
+                              stop=list(spec.stop), skip_special_tokens=False)
 
     def close(self) -> None:
         del self.llm
 
 
-class TRTLLMSampler(Sampler):
+class TRTLLMSampler(_EngineSampler):
     """TensorRT-LLM LLM API over an HF directory (or a built engine dir); max_tokens always set (default is 32)."""
 
     name = "trtllm"
@@ -309,24 +320,14 @@ class TRTLLMSampler(Sampler):
     def encode(self, prompt):
         return self.tok.encode(prompt)
 
-    def _generate(self, prompts, ids, spec, bar):
+    def _params(self, spec, n_prompt_tokens):
         from tensorrt_llm import SamplingParams
 
-        out = []
-        for start in range(0, len(prompts), self.chunk):
-            part = prompts[start:start + self.chunk]
-            params = []
-            for p_ids in ids[start:start + self.chunk]:
-                # Greedy is top_k=1 (TRT-LLM wants temperature > 0); sampling is top_k=0: the full distribution.
-                pick_kw = dict(top_k=1) if spec.greedy else dict(top_k=0, top_p=spec.top_p,
-                                                                   temperature=spec.temperature)
-                params.append(SamplingParams(n=spec.n, max_tokens=budget(spec, len(p_ids)), stop=list(spec.stop),
-                                             seed=spec.seed, repetition_penalty=spec.repetition_penalty,
-                                             skip_special_tokens=False, **pick_kw))
-            results = self.llm.generate(part, params, use_tqdm=False)
-            out += [[o.text for o in r.outputs] for r in results]
-            bar.update(len(part), sum(len(o.token_ids) for r in results for o in r.outputs))
-        return out
+        # Greedy is top_k=1 (TRT-LLM wants temperature > 0); sampling is top_k=0: the full distribution.
+        pick_kw = dict(top_k=1) if spec.greedy else dict(top_k=0, top_p=spec.top_p, temperature=spec.temperature)
+        return SamplingParams(n=spec.n, max_tokens=budget(spec, n_prompt_tokens), stop=list(spec.stop),
+                              seed=spec.seed, repetition_penalty=spec.repetition_penalty, skip_special_tokens=False,
+                              **pick_kw)
 
     def close(self) -> None:
         self.llm.shutdown()
