@@ -5,6 +5,9 @@ bmm) and repeats K/V for GQA. PyTorch's SDPA computes the same attention with fu
 and GPU) and native GQA, so the local spec — CPU runs, and GPUs without Transformer Engine — uses it by default
 (``model.core_attention=sdpa``). Cases SDPA does not cover here (packed sequences, attention bias, softmax offsets,
 sliding windows) fall back to megatron's implementation.
+
+With a KV cache (megatron's inference engine) the query can be shorter than the key: a single query (decode) sees
+every cached key, and sq > 1 queries get a causal mask aligned bottom-right (SDPA's ``is_causal`` is top-left).
 """
 
 from __future__ import annotations
@@ -29,8 +32,14 @@ class SDPAttention(DotProductAttention):
                                    packed_seq_params)
         sq, b = query.shape[0], query.shape[1]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, head_dim]
-        causal = mask_type == AttnMaskType.causal and attention_mask is None
+        sk = key.shape[0]
         mask = None if attention_mask is None else ~attention_mask  # megatron: True = masked out
+        causal = mask_type == AttnMaskType.causal and attention_mask is None and sq > 1
+        if causal and sq != sk:
+            # Queries are the last sq of sk positions (KV-cache decode). SDPA's is_causal aligns its mask top-left,
+            # which is wrong here: query i sees keys up to sk - sq + i (bottom-right alignment).
+            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+            causal = False
         dropout = self.attention_dropout.p if self.training else 0.0
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                  is_causal=causal, scale=self.softmax_scale,

@@ -1,0 +1,205 @@
+"""Batched generation with megatron-core's static inference engine (KV cache), on GPU and, through the CPU layer, on
+CPU over gloo.
+
+    gen = Generator(model, tokenizer, max_seq=2048)          # model: a GPTModel (pp=1), any TP; on every TP rank
+    gen.generate(["Q: 2+3=", "Hi"], max_new_tokens=32)       # greedy
+    gen.generate(prompts, 32, temperature=1.0, top_p=0.9, seed=7, stop_strings=["\\n\\n"])
+
+It is ``StaticInferenceEngine(legacy=True)`` + ``TextGenerationController`` + ``GPTInferenceWrapper`` over a
+``StaticInferenceContext``: prompts are right-padded into static batches of up to ``max_batch``, prefilled up to the
+shortest prompt, then decoded one token per step from the KV cache. Greedy equals the no-cache reference loop
+``generation.greedy.greedy_ids`` token for token (tests/generation). Under tensor parallelism every TP rank calls
+``generate`` with the same arguments; the logits are gathered on all of them and each samples the same tokens from
+its identically seeded generator. (megatron's dynamic engine does not run on CPU: it pins host memory.)
+
+Completions stop at EOS (not included), after ``max_new_tokens``, when prompt + completion reaches ``max_seq``, or
+at the first stop string (generation of that prompt ends there; the stop string is cut off, as vLLM does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class Completion:
+    text: str  # decoded completion, cut before the first stop string
+    ids: list[int]  # generated token ids (EOS excluded; the tokens of a matched stop string included)
+    finish: str  # "eos" | "stop" | "length"
+
+
+def _megatron_tokenizer(tokenizer):
+    from evolm_nemo.data.tokenizer import MegatronHFTokenizer
+
+    return tokenizer if isinstance(tokenizer, MegatronHFTokenizer) else MegatronHFTokenizer(tokenizer)
+
+
+def _controller_class():
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+        TextGenerationController,
+    )
+
+    class StopStringController(TextGenerationController):
+        """megatron's controller plus stop strings: a prompt whose completion contains one is marked done (its
+        static-batch row is then ignored, like after EOS). Only the completion's last few tokens are decoded per
+        step, so the check is O(1) per token."""
+
+        stop: tuple[str, ...] = ()
+        stopped: set[int] = set()  # batch rows finished by a stop string (indices into the current static batch)
+        _prompt_lengths: list[int] = []
+
+        def generate_all_output_tokens_static_batch(self, active_requests, active_streams=None):
+            self._prompt_lengths = [len(r.prompt_tokens) for r in active_requests.values()]
+            self.stopped = set()
+            done = super().generate_all_output_tokens_static_batch(active_requests, active_streams)
+            for row, request in enumerate(done.values()):
+                request.stopped_by_string = row in self.stopped
+            return done
+
+        def update_generation_status(self, updated_prompts_tokens, generation_started, current_context_end_position,
+                                     is_generation_done_tensor, generated_sequence_lengths, termination_id=None):
+            done, lengths = super().update_generation_status(
+                updated_prompts_tokens, generation_started, current_context_end_position, is_generation_done_tensor,
+                generated_sequence_lengths, termination_id)
+            if not self.stop:
+                return done, lengths
+            tail = 4 * max(len(s) for s in self.stop) + 4  # a character is at most 4 byte-level tokens
+            end = current_context_end_position + 1
+            for row in torch.nonzero(generation_started & ~done).flatten().tolist():
+                start = max(self._prompt_lengths[row], end - tail)
+                text = self._detokenize(updated_prompts_tokens[row, start:end].tolist(), skip_special_tokens=False)
+                if any(s in text for s in self.stop):
+                    done[row] = True
+                    self.stopped.add(row)
+            return done, lengths
+
+    return StopStringController
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool):
+    """The static engine draws its own tqdm bar ("static requests"); silence it unless ``enabled``."""
+    from functools import partial
+
+    from megatron.core.inference.engines import static_engine
+
+    original = static_engine.tqdm
+    if not enabled:
+        static_engine.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        static_engine.tqdm = original
+
+
+class Generator:
+    """megatron-core static inference engine around one GPTModel (pp=1; TP any), with KV cache.
+
+    ``max_seq``: prompt + completion tokens (the KV cache length); ``max_batch``: prompts per static batch (the KV
+    cache width). ``tokenizer``: an HF tokenizer or ``data.tokenizer.MegatronHFTokenizer``.
+    """
+
+    def __init__(self, model, tokenizer, max_seq: int, max_batch: int = 8, progress: bool = False):
+        from megatron.core import parallel_state
+        from megatron.core.inference.contexts import StaticInferenceContext
+        from megatron.core.inference.engines import StaticInferenceEngine
+        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
+            InferenceWrapperConfig,
+        )
+        from megatron.core.utils import get_model_config, unwrap_model
+
+        if parallel_state.get_pipeline_model_parallel_world_size() != 1:
+            raise ValueError("Generator supports pipeline parallel size 1 (tensor parallel any)")
+        # megatron DDP -> its module (a Float16Module under bf16 is kept: it casts the logits back to fp32)
+        self.model = model = model.module if hasattr(model, "ddp_config") else model
+        self.tokenizer = _megatron_tokenizer(tokenizer)
+        self.max_seq = int(max_seq)
+        self.max_batch = int(max_batch)
+        self.progress = progress and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0)
+        config = get_model_config(model)
+        wrapper_config = InferenceWrapperConfig(
+            hidden_size=config.hidden_size,
+            params_dtype=config.params_dtype,
+            inference_batch_times_seqlen_threshold=-1,  # pp=1: never split batches into micro-batches
+            padded_vocab_size=unwrap_model(model).vocab_size,
+            inference_max_requests=self.max_batch,
+            inference_max_seq_length=self.max_seq,
+        )
+        context = StaticInferenceContext.from_config(wrapper_config)
+        wrapped = GPTInferenceWrapper(model, wrapper_config, context)
+        self.controller = _controller_class()(wrapped, self.tokenizer)
+        with warnings.catch_warnings():  # "the static engine will be deprecated": the dynamic one needs CUDA
+            warnings.simplefilter("ignore")
+            self.engine = StaticInferenceEngine(self.controller, max_batch_size=self.max_batch, legacy=True)
+        # The legacy engine reseeds torch's global generator on every call; sampling uses the controller's own
+        # generator, so leave the global one (dropout, data order) alone.
+        self.engine.random_seed = None
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None) -> list[str]:
+        """Completions of ``prompts`` (text only): greedy at temperature 0, else sampled with top-p or top-k."""
+        return [c.text for c in self.complete(prompts, max_new_tokens, temperature, top_p, top_k, seed,
+                                              stop_strings)]
+
+    def complete(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None) -> list[Completion]:
+        """Like ``generate``, with the token ids and why each completion ended."""
+        from megatron.core.inference.sampling_params import SamplingParams
+
+        from evolm_nemo.evaluation.sampling import cut_at_stop
+
+        if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+            raise ValueError(f"bad sampling settings: temperature={temperature} top_p={top_p} top_k={top_k}")
+        if temperature > 0 and top_k > 0 and top_p < 1.0:
+            raise ValueError("use top_p or top_k, not both")
+        stop = tuple(s for s in (stop_strings or ()) if s)
+        ids = [self.tokenizer.tokenize(p) for p in prompts]
+        for i, p in enumerate(ids):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) >= self.max_seq:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; max_seq={self.max_seq} leaves no room")
+        # Each prompt's token budget; prompts with the same budget share static batches.
+        budgets = [min(int(max_new_tokens), self.max_seq - len(p)) for p in ids]
+        results: list[Completion | None] = [None] * len(prompts)
+        self.controller.sampling_rng.manual_seed(int(seed))
+        self.controller.stop = stop
+        was_training = getattr(self.model, "training", False)
+        try:
+            with _progress(self.progress):
+                for budget in sorted(set(budgets)):
+                    rows = [i for i, b in enumerate(budgets) if b == budget]
+                    if budget <= 0:
+                        for i in rows:
+                            results[i] = Completion("", [], "length")
+                        continue
+                    params = SamplingParams(
+                        temperature=float(temperature) if temperature > 0 else 1.0,
+                        top_k=1 if temperature == 0 else int(top_k),
+                        top_p=0.0 if temperature == 0 or top_k > 0 or top_p >= 1.0 else float(top_p),
+                        num_tokens_to_generate=budget,
+                    )
+                    requests = [self.engine.add_request(prompt=prompts[i], sampling_params=params) for i in rows]
+                    self.engine.run_engine()
+                    pool = self.engine.scheduler.completed_request_pool
+                    for i, rid in zip(rows, requests):
+                        results[i] = self._completion(pool.pop(rid), budget, stop, cut_at_stop)
+        finally:
+            self.controller.stop = ()
+            self.model.train(was_training)
+        return results  # type: ignore[return-value]
+
+    def _completion(self, request, budget: int, stop, cut) -> Completion:
+        new = [int(t) for t in request.generated_tokens.tolist()]
+        text = self.tokenizer.detokenize(new, skip_special_tokens=True)
+        if getattr(request, "stopped_by_string", False):
+            return Completion(cut(text, stop), new, "stop")
+        if stop and cut(text, stop) != text:  # a stop string completed by the budget's last token
+            return Completion(cut(text, stop), new, "stop")
+        return Completion(text, new, "length" if len(new) >= budget else "eos")

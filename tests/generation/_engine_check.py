@@ -1,0 +1,173 @@
+"""The megatron side of the generation tests, run in its own process (megatron state and the CPU layer are
+process-wide): ``python _engine_check.py single WORKDIR`` or, under torchrun with 2 gloo ranks,
+``... tp WORKDIR``. Writes facts to WORKDIR/<mode>.json (token ids, texts); the tests judge them."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+PROMPTS = ["Ben has 2 bags. Each bag has 7 cups.", "Count from 3 to 9:", "A", "The cat sat on the mat and then it"]
+NEW = 24
+MAX_SEQ = 64
+
+
+def model_config(groups: int):
+    from evolm_nemo.config.schema import ModelConfig
+
+    # A larger init std than training's 0.02 gives peaked logits, so argmax is never a near-tie.
+    return ModelConfig(num_attention_heads=4, num_query_groups=groups, init_method_std=0.1, seq_length=MAX_SEQ)
+
+
+def tokenizer(work: Path):
+    from evolm_nemo.data.synthetic import generate
+    from evolm_nemo.data.tokenizer import load_tokenizer, train_tokenizer
+
+    path = work / "tok"
+    if path.is_dir():
+        return load_tokenizer(path)
+    return train_tokenizer([d["text"] for d in generate("text", 200, 0)], path, 512)
+
+
+def reference(model, tok, prompt: str, max_new: int, max_length: int) -> list[int]:
+    from evolm_nemo.generation.greedy import greedy_ids
+
+    ids = greedy_ids(model, tok(prompt, add_special_tokens=False)["input_ids"], max_new, tok.eos_token_id, max_length)
+    return ids[:-1] if ids and ids[-1] == tok.eos_token_id else ids  # the engine leaves EOS out
+
+
+def attention_decode() -> dict:
+    """SDPAttention with fewer queries than keys (KV-cache decode) equals the last rows of full causal attention."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from evolm_nemo.config.schema import ParallelConfig
+    from evolm_nemo.model.attention import SDPAttention
+    from evolm_nemo.model.build import transformer_config
+
+    cfg = transformer_config(model_config(2), ParallelConfig(), torch.float32)
+    ours = SDPAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    ref = DotProductAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    s, b, d = 9, 2, 16
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(s, b, h, d, generator=gen) for h in (4, 2, 2))
+    full = ours(q, k, v, None)
+    out = {"full_vs_megatron": (full - ref(q, k, v, None)).abs().max().item()}
+    for sq in (1, 3):
+        for kind in (AttnMaskType.causal, AttnMaskType.no_mask):
+            part = ours(q[-sq:], k, v, None, attn_mask_type=kind)
+            if kind == AttnMaskType.no_mask and sq > 1:
+                continue  # no_mask with several queries is genuinely unmasked
+            out[f"sq{sq}_{kind.name}"] = (part - full[-sq:]).abs().max().item()
+    # megatron's own implementation for the single-query decode step (what its inference path passes: no_mask)
+    out["sq1_megatron"] = (ref(q[-1:], k, v, None, attn_mask_type=AttnMaskType.no_mask) - full[-1:]).abs().max().item()
+    return out
+
+
+def single(work: Path) -> dict:
+    from evolm_nemo.checkpoint import io
+    from evolm_nemo.config.schema import ParallelConfig
+    from evolm_nemo.generation.engine import Generator
+    from evolm_nemo.model.build import build_model
+    from evolm_nemo.runtime.distributed import setup
+
+    setup(1, 1, seed=0, precision="fp32")
+    tok = tokenizer(work)
+    facts: dict = {"attention": attention_decode(), "eos": tok.eos_token_id}
+    for name, groups in (("gqa", 2), ("mha", 4)):
+        m = model_config(groups)
+        model = build_model(m, ParallelConfig())
+        ref = [reference(model, tok, p, NEW, MAX_SEQ) for p in PROMPTS]
+        gen = Generator(model, tok, max_seq=MAX_SEQ, max_batch=8)
+        batched = gen.complete(PROMPTS, NEW)  # one static batch, prompts of different lengths
+        small = Generator(model, tok, max_seq=MAX_SEQ, max_batch=3).complete(PROMPTS, NEW)  # two static batches
+        facts[name] = {"ref": ref, "batched": [c.ids for c in batched], "small_batches": [c.ids for c in small],
+                       "finish": [c.finish for c in batched], "texts": [c.text for c in batched],
+                       "ref_texts": [tok.decode(r, skip_special_tokens=True) for r in ref]}
+        if name != "gqa":
+            continue
+        # the window: prompt + completion never exceeds max_seq, as greedy_ids' max_length
+        long_prompt = " ".join(["apples and pears"] * 12)
+        short = Generator(model, tok, max_seq=48, max_batch=2).complete([long_prompt, PROMPTS[1]], NEW)
+        facts["window"] = {"engine": [c.ids for c in short], "finish": [c.finish for c in short],
+                           "ref": [reference(model, tok, p, NEW, 48) for p in (long_prompt, PROMPTS[1])],
+                           "prompt_len": len(tok(long_prompt, add_special_tokens=False)["input_ids"])}
+        # EOS: make a token the first greedy completion produces mid-way the tokenizer's EOS
+        eos_tok = copy.deepcopy(tok)
+        eos_id = ref[0][len(ref[0]) // 2]
+        eos_tok.eos_token = eos_tok.convert_ids_to_tokens(eos_id)
+        ended = Generator(model, eos_tok, max_seq=MAX_SEQ).complete(PROMPTS, NEW)
+        facts["eos_run"] = {"eos": eos_id, "engine": [c.ids for c in ended], "finish": [c.finish for c in ended],
+                            "ref": [reference(model, eos_tok, p, NEW, MAX_SEQ) for p in PROMPTS]}
+        # seeded sampling
+        runs = {key: gen.generate(PROMPTS, NEW, temperature=1.0, seed=seed, **kw)
+                for key, seed, kw in (("a", 7, {}), ("a2", 7, {}), ("b", 8, {}), ("topk", 7, {"top_k": 5}),
+                                      ("topk2", 7, {"top_k": 5}), ("topp", 7, {"top_p": 0.9}))}
+        facts["sampling"] = runs
+        facts["global_rng_untouched"] = _global_rng_untouched(gen)
+        # stop strings: a piece of the first greedy completion's text, strictly inside it
+        full = batched[0]
+        text = full.text
+        stop = text[len(text) // 2:len(text) // 2 + 2]
+        stopped = gen.complete(PROMPTS[:2], NEW, stop_strings=[stop, "\x00never"])
+        facts["stop"] = {"stop": stop, "full_text": text, "full_ids": full.ids, "text": stopped[0].text,
+                         "ids": stopped[0].ids, "finish": stopped[0].finish, "other": stopped[1].ids}
+        model.train()
+        gen.generate(PROMPTS[:1], 2)
+        facts["training_restored"] = model.training
+        io.save(work / "ckpt", 0, [model], meta={"model": dataclasses.asdict(m)}, layout={"tp": 1, "pp": 1})
+    return facts
+
+
+def _global_rng_untouched(gen) -> bool:
+    """Generation draws from the controller's generator only: torch's global RNG stream is not reseeded."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    gen.generate(PROMPTS[:1], 3, temperature=1.0, seed=1)
+    return bool(torch.equal(torch.rand(4), expected))
+
+
+def tp(work: Path) -> dict:
+    import torch.distributed as dist
+
+    from evolm_nemo.checkpoint import io
+    from evolm_nemo.config.schema import ParallelConfig
+    from evolm_nemo.generation.engine import Generator
+    from evolm_nemo.model.build import build_model
+    from evolm_nemo.runtime.distributed import setup
+
+    setup(2, 1, seed=0, precision="fp32")
+    tok = tokenizer(work)
+    model = build_model(model_config(2), ParallelConfig(tp=2))
+    io.load_weights(work / "ckpt", [model])
+    gen = Generator(model, tok, max_seq=MAX_SEQ)
+    greedy = [c.ids for c in gen.complete(PROMPTS, NEW)]
+    sampled = gen.generate(PROMPTS, NEW, temperature=1.0, seed=7)
+    ranks = [None, None]
+    dist.all_gather_object(ranks, {"greedy": greedy, "sampled": sampled})
+    return {"ranks": ranks}
+
+
+def main() -> None:
+    mode, work = sys.argv[1], Path(sys.argv[2])
+    from evolm_nemo.runtime.distributed import teardown
+
+    facts = {"single": single, "tp": tp}[mode](work)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        (work / f"{mode}.json").write_text(json.dumps(facts))
+    teardown()
+
+
+if __name__ == "__main__":
+    main()
