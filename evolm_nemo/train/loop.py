@@ -130,8 +130,6 @@ def run(cfg: RootConfig, plan: Plan) -> dict:
     rt = setup(p.tp, p.pp, t.seed, t.precision)
     out = Path(cfg.run.out_dir)
     root = out / "checkpoints"
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     source = resolve_source(cfg)
     tokenizer = load_tokenizer(source.tokenizer, key="data.tokenizer")
     if len(tokenizer) > m.vocab_size:

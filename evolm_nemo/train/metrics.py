@@ -36,6 +36,7 @@ class MetricsWriter:
         self.tb = None
         if not enabled:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("iteration", 0) <= truncate_after]
