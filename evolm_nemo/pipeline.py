@@ -1,7 +1,7 @@
 """`evolm pipeline` / `make demo`: the embedded default, end to end on a CPU laptop.
 
 1. pretrain the `tiny` LLaMA-2 on the generated corpus (megatron-core engine, fp32 on CPU),
-2. print the loss curve summary and a greedy sample from the trained model,
+2. print the loss curve summary and greedy samples from the trained model (megatron-core's inference engine),
 3. export the final checkpoint to a verified HF LlamaForCausalLM directory (logits checked against megatron),
 4. evaluate it downstream with the `hf` backend (greedy + n=16) on held-out generated word problems in the
    GSM8K cooked schema, score them EvoLM-style, print the metrics table and the plot path.
@@ -31,22 +31,23 @@ def main(overrides: list[str]) -> int:
     cfg = compose("config", ["experiment=demo", *overrides], RootConfig)
     plan = validate(cfg)
     from evolm_nemo.data.tokenizer import load_tokenizer
-    from evolm_nemo.generation.greedy import greedy_text
+    from evolm_nemo.generation.engine import Generator
     from evolm_nemo.runtime.distributed import teardown
     from evolm_nemo.train.loop import run
 
     try:
         summary = run(cfg, plan)
-        if not summary["runtime"].is_main:
-            return 0
-        if summary["losses"]:
+        is_main = summary["runtime"].is_main
+        if is_main and summary["losses"]:
             print(loss_curve(summary["losses"]))
-        if cfg.parallel.pp == 1:
+        if cfg.parallel.pp == 1:  # greedy samples with megatron's inference engine; every TP rank takes part
             tokenizer = load_tokenizer(summary["tokenizer"])
-            for prompt in PROMPTS:
-                text = greedy_text(summary["model"], tokenizer, prompt, max_new_tokens=40,
-                                   max_length=cfg.model.seq_length)
-                print(f"sample> {prompt}{text}")
+            texts = Generator(summary["model"], tokenizer, max_seq=cfg.model.seq_length).generate(PROMPTS, 40)
+            for prompt, text in zip(PROMPTS, texts):
+                if is_main:
+                    print(f"sample> {prompt}{text}")
+        if not is_main:
+            return 0
         print(f"checkpoint: {summary['checkpoint']}")
     finally:
         teardown()

@@ -1,5 +1,5 @@
-"""Batched generation with megatron-core's static inference engine (KV cache), on GPU and, through the CPU layer, on
-CPU over gloo.
+"""Batched generation with megatron-core's static inference engine (KV cache): megatron's GPU code path as shipped,
+and on CPU (gloo) through the CPU layer, where it is tested.
 
     gen = Generator(model, tokenizer, max_seq=2048)          # model: a GPTModel (pp=1), any TP; on every TP rank
     gen.generate(["Q: 2+3=", "Hi"], max_new_tokens=32)       # greedy
@@ -10,7 +10,8 @@ It is ``StaticInferenceEngine(legacy=True)`` + ``TextGenerationController`` + ``
 shortest prompt, then decoded one token per step from the KV cache. Greedy equals the no-cache reference loop
 ``generation.greedy.greedy_ids`` token for token (tests/generation). Under tensor parallelism every TP rank calls
 ``generate`` with the same arguments; the logits are gathered on all of them and each samples the same tokens from
-its identically seeded generator. (megatron's dynamic engine does not run on CPU: it pins host memory.)
+its identically seeded generator. (megatron's dynamic engine is not used: on CPU it fails to build and megatron
+falls back to this static one.)
 
 Completions stop at EOS (not included), after ``max_new_tokens``, when prompt + completion reaches ``max_seq``, or
 at the first stop string (generation of that prompt ends there; the stop string is cut off, as vLLM does).
@@ -98,7 +99,8 @@ def _progress(enabled: bool):
 
 
 class Generator:
-    """megatron-core static inference engine around one GPTModel (pp=1; TP any), with KV cache.
+    """megatron-core static inference engine around one GPTModel (pp=1; TP any, sequence parallel switched off
+    while generating), with KV cache.
 
     ``max_seq``: prompt + completion tokens (the KV cache length); ``max_batch``: prompts per static batch (the KV
     cache width). ``tokenizer``: an HF tokenizer or ``data.tokenizer.MegatronHFTokenizer``.
@@ -118,6 +120,7 @@ class Generator:
             raise ValueError("Generator supports pipeline parallel size 1 (tensor parallel any)")
         # megatron DDP -> its module (a Float16Module under bf16 is kept: it casts the logits back to fp32)
         self.model = model = model.module if hasattr(model, "ddp_config") else model
+        self._inner = unwrap_model(model)  # the GPTModel
         self.tokenizer = _megatron_tokenizer(tokenizer)
         self.max_seq = int(max_seq)
         self.max_batch = int(max_batch)
@@ -127,7 +130,7 @@ class Generator:
             hidden_size=config.hidden_size,
             params_dtype=config.params_dtype,
             inference_batch_times_seqlen_threshold=-1,  # pp=1: never split batches into micro-batches
-            padded_vocab_size=unwrap_model(model).vocab_size,
+            padded_vocab_size=self._inner.vocab_size,
             inference_max_requests=self.max_batch,
             inference_max_seq_length=self.max_seq,
         )
@@ -151,6 +154,7 @@ class Generator:
                  top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None) -> list[Completion]:
         """Like ``generate``, with the token ids and why each completion ended."""
         from megatron.core.inference.sampling_params import SamplingParams
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
         from evolm_nemo.evaluation.sampling import cut_at_stop
 
@@ -171,6 +175,10 @@ class Generator:
         self.controller.sampling_rng.manual_seed(int(seed))
         self.controller.stop = stop
         was_training = getattr(self.model, "training", False)
+        # megatron's static engine refuses sequence parallelism (dense models): switch it off while generating
+        sp = self._inner.config.sequence_parallel
+        if sp:
+            set_model_to_sequence_parallel(self._inner, False)
         try:
             with _progress(self.progress):
                 for budget in sorted(set(budgets)):
@@ -193,6 +201,8 @@ class Generator:
         finally:
             self.controller.stop = ()
             self.model.train(was_training)
+            if sp:
+                set_model_to_sequence_parallel(self._inner, True)
         return results  # type: ignore[return-value]
 
     def _completion(self, request, budget: int, stop, cut) -> Completion:

@@ -26,6 +26,13 @@ Redirections (each measured as necessary on megatron-core 0.16.1, torch 2.13 CPU
    ``pin_memory=True``, and answers ``Tensor.type()`` with the ``torch.cuda.*Tensor`` names megatron's optimizer and
    clip_grads compare against (~40 literal sites in DDP buffers, the megatron optimizer, p2p, dist-checkpointing).
    It adds Python dispatch to every torch call; BENCHMARKS.md has the end-to-end step throughput with it active.
+
+Inference (``megatron.core.inference``: ``StaticInferenceEngine(legacy=True)`` + ``TextGenerationController`` +
+``GPTInferenceWrapper``, used by ``generation.engine``) needs no redirection of its own: its sampling generator
+``torch.Generator(device=current_device())``, KV-cache buffers and token tensors go through (1), its per-token
+timing through ``torch.cuda.Event`` (3), and its length counter's ``.cuda()`` through (6). TP=1 and TP=2 over gloo
+are tested (tests/generation). The dynamic engine is not used: on CPU, ``StaticInferenceEngine(legacy=False)``
+fails to build it and falls back to the legacy engine (megatron-core 0.16.1).
 """
 
 from __future__ import annotations

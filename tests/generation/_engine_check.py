@@ -152,8 +152,14 @@ def tp(work: Path) -> dict:
     gen = Generator(model, tok, max_seq=MAX_SEQ)
     greedy = [c.ids for c in gen.complete(PROMPTS, NEW)]
     sampled = gen.generate(PROMPTS, NEW, temperature=1.0, seed=7)
+    # sequence parallel: the engine switches it off while generating and back on afterwards
+    sp_model = build_model(model_config(2), ParallelConfig(tp=2, sp=True))
+    io.load_weights(work / "ckpt", [sp_model])
+    sp_greedy = [c.ids for c in Generator(sp_model, tok, max_seq=MAX_SEQ).complete(PROMPTS, NEW)]
+    sp_restored = sp_model.config.sequence_parallel and sp_model.decoder.layers[0].mlp.linear_fc1.sequence_parallel
     ranks = [None, None]
-    dist.all_gather_object(ranks, {"greedy": greedy, "sampled": sampled})
+    dist.all_gather_object(ranks, {"greedy": greedy, "sampled": sampled, "sp_greedy": sp_greedy,
+                                   "sp_restored": bool(sp_restored)})
     return {"ranks": ranks}
 
 

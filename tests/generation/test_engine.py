@@ -1,6 +1,7 @@
 """megatron-core's static inference engine (KV cache) on CPU: greedy equals the no-cache reference loop token for
 token (GQA and MHA, batched prompts of different lengths, several static batches, the max_seq window, EOS), seeded
-sampling, stop strings, SDPA attention with fewer queries than keys, and TP=2 over gloo equal to TP=1.
+sampling, stop strings, SDPA attention with fewer queries than keys, and TP=2 (also with sequence parallel) over
+gloo equal to TP=1.
 
 The megatron work runs in ``_engine_check.py`` subprocesses (one single-process run, then one 2-rank torchrun that
 loads the checkpoint the first one saved); this file judges the facts they write."""
@@ -83,3 +84,4 @@ def test_tensor_parallel_equals_single(single, work):
     assert rank0 == rank1
     assert rank0["greedy"] == single["gqa"]["ref"]
     assert rank0["sampled"] == single["sampling"]["a"]
+    assert rank0["sp_greedy"] == single["gqa"]["ref"] and rank0["sp_restored"]
