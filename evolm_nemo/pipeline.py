@@ -55,6 +55,12 @@ def main(overrides: list[str]) -> int:
         return 0
     from pathlib import Path
 
+    if summary["runtime"].world_size > 1:  # export and evaluation run in one process, after the training group
+        out = Path(summary["out_dir"])
+        print(f"next (one process): evolm export-hf src={summary['checkpoint']} dst={out / 'hf'} && "
+              f"evolm eval downstream model={out / 'hf'}")
+        return 0
+
     from evolm_nemo.conversion.cli import export_hf
     from evolm_nemo.evaluation.cli import demo as eval_demo
 
@@ -72,17 +78,13 @@ def main(overrides: list[str]) -> int:
 
 def write_demo_problems(directory, seed: int):
     """Held-out generated word problems in EvoLM's cooked GSM8K schema (gold after `#### `)."""
-    import json
     from pathlib import Path
 
     from evolm_nemo.data.synthetic import generate
+    from evolm_nemo.fileio import write_jsonl
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     rows = [{"id": f"demo-{i:04d}", "problem": q["problem"], "gt_solution": f"{q['solution']}\n#### {q['answer']}",
              "gt_answer": None} for i, q in enumerate(generate("qa", DEMO_PROBLEMS, seed))]
-    path = directory / "gsm8k_platinum.jsonl"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    write_jsonl(directory / "gsm8k_platinum.jsonl", rows)
     return directory
