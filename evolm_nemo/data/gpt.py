@@ -61,7 +61,7 @@ def build_dataset(cfg: RootConfig, source: DataSource, tokenizer, num_samples: i
     train = None
     for turn in (0, 1):
         if (rank == 0) == (turn == 0):
-            train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True,
+            train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True,
                                                         config).build()
         if dist.is_initialized():
             dist.barrier()
