@@ -1,9 +1,11 @@
 """`evolm pipeline` / `make demo`: the embedded default, end to end on a CPU laptop.
 
-1. pretrain the `tiny` LLaMA-2 on the generated corpus (megatron-core engine, fp32 on CPU),
-2. print the loss curve summary and greedy samples from the trained model (megatron-core's inference engine),
-3. export the final checkpoint to a verified HF LlamaForCausalLM directory (logits checked against megatron),
-4. evaluate it downstream with the `hf` backend (greedy + n=16) on held-out generated word problems in the
+1. pretrain the `tiny` LLaMA-2 on the generated corpus (megatron-core engine, fp32 on CPU; recipe experiment=demo),
+2. continue pretraining (CPT) from that checkpoint on a generated replay mix, text : math = 8 : 42 as in EvoLM's
+   FW8+FM42 (recipe experiment=demo_cpt), printing each stage's loss curve summary,
+3. print greedy samples from the final model (megatron-core's inference engine),
+4. export the final checkpoint to a verified HF LlamaForCausalLM directory (logits checked against megatron),
+5. evaluate it downstream with the `hf` backend (greedy + n=16) on held-out generated word problems in the
    GSM8K cooked schema, score them EvoLM-style, print the metrics table and the plot path.
 
 Any training override works here too: `evolm pipeline train.iters=200 model.num_layers=4`.
@@ -27,52 +29,61 @@ def loss_curve(losses: list[float], points: int = 10) -> str:
             f"({'falling' if losses[-1] < losses[0] else 'NOT falling'})")
 
 
+def _stage_overrides(overrides: list[str]) -> list[str]:
+    """User overrides that also apply to the CPT stage (its run dir and parent are the pipeline's own)."""
+    own = ("run.out_dir=", "run.name=", "train.init_from=", "experiment=")
+    return [o for o in overrides if not o.lstrip("+").startswith(own)]
+
+
 def main(overrides: list[str]) -> int:
     cfg = compose("config", ["experiment=demo", *overrides], RootConfig)
     plan = validate(cfg)
+    from pathlib import Path
+
     from evolm_nemo.data.tokenizer import load_tokenizer
     from evolm_nemo.generation.engine import Generator
     from evolm_nemo.runtime.distributed import teardown
     from evolm_nemo.train.loop import run
 
     try:
-        summary = run(cfg, plan)
-        is_main = summary["runtime"].is_main
-        if is_main and summary["losses"]:
-            print(loss_curve(summary["losses"]))
+        pre = run(cfg, plan)
+        is_main = pre["runtime"].is_main
+        if is_main and pre["losses"]:
+            print(f"[pretrain] {loss_curve(pre['losses'])}")
+        out = Path(pre["out_dir"])
+        cpt_cfg = compose("config", ["experiment=demo_cpt", *_stage_overrides(overrides),
+                                     f"run.out_dir={out / 'cpt'}", f"train.init_from={pre['checkpoint']}"],
+                          RootConfig)
+        cpt_plan = validate(cpt_cfg)
+        final = run(cpt_cfg, cpt_plan)
+        if is_main and final["losses"]:
+            print(f"[cpt] {loss_curve(final['losses'])}")
         if cfg.parallel.pp == 1:  # greedy samples with megatron's inference engine; every TP rank takes part
-            tokenizer = load_tokenizer(summary["tokenizer"])
-            texts = Generator(summary["model"], tokenizer, max_seq=cfg.model.seq_length).generate(PROMPTS, 40)
+            tokenizer = load_tokenizer(final["tokenizer"])
+            texts = Generator(final["model"], tokenizer, max_seq=cfg.model.seq_length).generate(PROMPTS, 40)
             for prompt, text in zip(PROMPTS, texts):
                 if is_main:
                     print(f"sample> {prompt}{text}")
         if not is_main:
             return 0
-        print(f"checkpoint: {summary['checkpoint']}")
+        print(f"checkpoints: pretrain {pre['checkpoint']} -> cpt {final['checkpoint']}")
     finally:
         teardown()
-    if not summary["runtime"].is_main:
-        return 0
-    from pathlib import Path
-
-    if summary["runtime"].world_size > 1:  # export and evaluation run in one process, after the training group
-        out = Path(summary["out_dir"])
-        print(f"next (one process): evolm export-hf src={summary['checkpoint']} dst={out / 'hf'} && "
+    if final["runtime"].world_size > 1:  # export and evaluation run in one process, after the training group
+        print(f"next (one process): evolm export-hf src={final['checkpoint']} dst={out / 'hf'} && "
               f"evolm eval downstream model={out / 'hf'}")
         return 0
-
     from evolm_nemo.conversion.cli import export_hf
     from evolm_nemo.evaluation.cli import demo as eval_demo
 
-    out = Path(summary["out_dir"])
     hf_dir = out / "hf"
-    export_hf([f"src={summary['checkpoint']}", f"dst={hf_dir}", "overwrite=true"])
+    export_hf([f"src={final['checkpoint']}", f"dst={hf_dir}", "overwrite=true"])
     print(f"HF export (verified): {hf_dir}")
     data_dir = write_demo_problems(out / "eval_data", seed=cfg.data.synthetic_seed + 1000)
     tokens = plan.iters * plan.tokens_per_iter
     eval_demo(str(hf_dir), str(out / "eval"), str(data_dir), limit=DEMO_PROBLEMS, n=16,
               extra=(f"name=evolm-{cfg.model.name}-demo", f"size={cfg.model.name}", f"pretrain_tokens={tokens}",
-                     f"stage={cfg.stage}"))
+                     f"stage={cpt_cfg.stage}"))
     return 0
 
 

@@ -35,6 +35,8 @@ class DataConfig:
     cache_dir: str = "runs/cache"  # where megatron caches sample indices (and the synthetic corpus lives)
     synthetic_docs: int = 2000  # synthetic source: number of generated documents
     synthetic_seed: int = 1234  # synthetic source: corpus seed
+    synthetic_kinds: List[str] = field(default_factory=lambda: ["text"])  # synthetic source: corpora to mix (text |
+    # math), all tokenized with the text corpus's tokenizer; `weights` gives their token ratios (CPT replay)
     hf_dataset: Optional[str] = None  # provenance: HF hub dataset the indexed files were prepared from
 
 

@@ -105,6 +105,13 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
     _positive("train.save_interval", t.save_interval, allow_zero=True)
     _positive("train.keep_last", t.keep_last)
 
+    if d.source == "synthetic":
+        if not d.synthetic_kinds or d.synthetic_kinds[0] != "text" or any(
+                k not in ("text", "math") for k in d.synthetic_kinds):
+            raise ConfigError("data.synthetic_kinds", f"must start with text and name text/math corpora, got "
+                                                      f"{d.synthetic_kinds}")
+        if d.weights is not None and len(d.weights) != len(d.synthetic_kinds):
+            raise ConfigError("data.weights", f"{len(d.weights)} weights for {len(d.synthetic_kinds)} synthetic kinds")
     if d.source == "indexed":
         if not d.paths:
             raise ConfigError("data.paths", "indexed data needs at least one prefix (run `evolm prepare` first)")

@@ -27,13 +27,20 @@ def resolve_source(cfg: RootConfig) -> DataSource:
         return DataSource(list(d.paths), list(d.weights) if d.weights else None, str(d.tokenizer))
     from evolm_nemo.data.synthetic import ensure_synthetic
 
+    def build():
+        text = ensure_synthetic(d.cache_dir, d.synthetic_docs, d.synthetic_seed, vocab_size=cfg.model.vocab_size)
+        others = [ensure_synthetic(d.cache_dir, d.synthetic_docs, d.synthetic_seed + i, kind=kind,
+                                   tokenizer_dir=text.tokenizer_dir) for i, kind in enumerate(d.synthetic_kinds[1:], 1)]
+        return [text, *others]
+
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        ensure_synthetic(d.cache_dir, d.synthetic_docs, d.synthetic_seed, vocab_size=cfg.model.vocab_size)
+        build()
     if dist.is_initialized():
         dist.barrier()
-    synth = ensure_synthetic(d.cache_dir, d.synthetic_docs, d.synthetic_seed, vocab_size=cfg.model.vocab_size)
-    return DataSource([str(synth.prefix)], None, str(synth.tokenizer_dir))
+    corpora = build()
+    return DataSource([str(c.prefix) for c in corpora], list(d.weights) if d.weights else None,
+                      str(corpora[0].tokenizer_dir))
 
 
 def build_dataset(cfg: RootConfig, source: DataSource, tokenizer, num_samples: int):
