@@ -15,7 +15,8 @@ def test_cpt_on_a_replay_mix(tmp_path, data_cache):
     text = ensure_synthetic(data_cache, 400, 1234, vocab_size=512)
     math = ensure_synthetic(data_cache, 200, 7, kind="math", tokenizer_dir=text.tokenizer_dir)
     cpt = tmp_path / "cpt"
-    run_evolm("train", tiny(cpt, data_cache, "stage=cpt", f"train.init_from={pre / 'checkpoints'}", "train.iters=4",
+    own_cache = tmp_path / "index_cache_root"  # megatron's sample-index cache for this run alone
+    run_evolm("train", tiny(cpt, str(own_cache), "stage=cpt", f"train.init_from={pre / 'checkpoints'}", "train.iters=4",
                             "data.source=indexed", "data.name=fw8_fm42", f"data.paths=[{text.prefix},{math.prefix}]",
                             "data.weights=[8,42]", f"data.tokenizer={text.tokenizer_dir}"))
     got = losses(cpt)
@@ -25,7 +26,7 @@ def test_cpt_on_a_replay_mix(tmp_path, data_cache):
     assert [s["stage"] for s in stages] == ["pretrain", "cpt"] and stages[1]["data"] == "fw8_fm42"
     assert meta["lineage"]["parent"] == str(pre / "checkpoints")
     # the mix is megatron's BlendedDataset with the token ratios: 8/50 of the samples come from the replay corpus
-    index = [p for p in (Path(data_cache) / "index_cache").glob("*-BlendedDataset-train-dataset_index.npy")]
+    index = [p for p in (own_cache / "index_cache").glob("*-BlendedDataset-train-dataset_index.npy")]
     assert len(index) == 1
     picks = np.load(index[0], allow_pickle=False)
     assert len(picks) >= 4 * 8 and abs((picks == 0).mean() - 8 / 50) < 0.05
