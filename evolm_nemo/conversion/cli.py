@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -69,18 +68,9 @@ class ExportTRTLLMConfig:
     stop_strings: List[str] = field(default_factory=lambda: ["Human", "Human:", "Assistant", "Assistant:"])
 
 
-def _quiet() -> None:
-    """megatron-core's import-time notices (no Apex / Transformer Engine on this machine) and torch
-    dist-checkpoint deprecations are noise for a converter: keep stderr for progress and the one-line error."""
-    warnings.filterwarnings("ignore", module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.")
-    warnings.filterwarnings("ignore", category=FutureWarning, message="Please use DTensor instead")
-
-
 def export_hf(overrides: list[str]) -> int:
     from evolm_nemo.conversion.export import export
 
-    _quiet()
     export(compose("export_hf", overrides, ExportHFConfig))
     return 0
 
@@ -88,7 +78,6 @@ def export_hf(overrides: list[str]) -> int:
 def import_hf(overrides: list[str]) -> int:
     from evolm_nemo.conversion.importer import import_hf as run
 
-    _quiet()
     run(compose("import_hf", overrides, ImportHFConfig))
     return 0
 
@@ -96,6 +85,5 @@ def import_hf(overrides: list[str]) -> int:
 def export_trtllm(overrides: list[str]) -> int:
     from evolm_nemo.conversion.trtllm import build
 
-    _quiet()
     build(compose("export_trtllm", overrides, ExportTRTLLMConfig))
     return 0
