@@ -542,14 +542,22 @@ def _strict_fast_value(s: str):
     return None
 
 
-def _strict_math_fast(a: str, b: str) -> Optional[bool]:
+def _strict_prelude(a: str, b: str):
+    """What both strict paths decide before any number or sympy work: (verdict or None, normalized a, b)."""
     na, nb = strict_normalize(a), strict_normalize(b)
     if not na or not nb:
-        return False
+        return False, na, nb
     if _text_key(na) == _text_key(nb):
-        return True
+        return True, na, nb
     if _not_an_expression(na) or _not_an_expression(nb):
-        return False
+        return False, na, nb  # too long or unbalanced: not a math answer, do not spend time parsing garbage
+    return None, na, nb
+
+
+def _strict_math_fast(a: str, b: str) -> Optional[bool]:
+    verdict, na, nb = _strict_prelude(a, b)
+    if verdict is not None:
+        return verdict
     return _numbers_fast(_strict_fast_value(na), _strict_fast_value(nb))
 
 
@@ -561,13 +569,9 @@ def _strict_parse(s: str):
 
 def _strict_math_direction(a: str, b: str) -> bool:
     """One direction of strict math equivalence (the slow path; includes the text comparison)."""
-    na, nb = strict_normalize(a), strict_normalize(b)
-    if not na or not nb:
-        return False
-    if _text_key(na) == _text_key(nb):
-        return True
-    if _not_an_expression(na) or _not_an_expression(nb):
-        return False  # too long or unbalanced: not a math answer, do not spend the time budget parsing garbage
+    verdict, na, nb = _strict_prelude(a, b)
+    if verdict is not None:
+        return verdict
     mv = _math_verify()
     try:
         pa, pb = _cached("strict", na, _strict_parse), _cached("strict", nb, _strict_parse)

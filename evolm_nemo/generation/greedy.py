@@ -34,8 +34,3 @@ def greedy_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int | 
         inner.train(was_training)
     return new
 
-
-def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int = 48, max_length: int | None = None) -> str:
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    out = greedy_ids(model, ids, max_new_tokens, tokenizer.eos_token_id, max_length)
-    return tokenizer.decode(out, skip_special_tokens=True)

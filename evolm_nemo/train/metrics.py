@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from evolm_nemo.fileio import write_text
+
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -40,9 +42,7 @@ class MetricsWriter:
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("iteration", 0) <= truncate_after]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+            write_text(self.path, "".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         if tensorboard:
             try:
@@ -68,7 +68,3 @@ class MetricsWriter:
             if self.tb is not None:
                 self.tb.close()
 
-
-def read_metrics(out_dir) -> list[dict]:
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

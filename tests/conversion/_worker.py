@@ -51,22 +51,10 @@ def positions(ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
 
 
-@torch.no_grad()
-def greedy(model, prompt: list[int], steps: int, eos: int | None) -> list[int]:
-    """Our engine's greedy decoding: full recompute each step, argmax of the last position, stop at EOS."""
-    ids = list(prompt)
-    for _ in range(steps):
-        x = torch.tensor([ids])
-        nxt = int(model(x, positions(x), None)[0, -1].argmax())
-        ids.append(nxt)
-        if nxt == eos:
-            break
-    return ids[len(prompt):]
-
-
 def single(jobs: list[dict]) -> dict:
     from safetensors.torch import load_file, save_file
 
+    from evolm_nemo.generation.greedy import greedy_ids
     from evolm_nemo.runtime import distributed
 
     out = {}
@@ -83,7 +71,7 @@ def single(jobs: list[dict]) -> dict:
                     save_file({"logits": model(ids, positions(ids), None).float().contiguous()}, job["out"])
                 out[key] = {"head": meta.get("head", "lm")}
             else:
-                out[key] = {"tokens": greedy(model, job["prompt"], job["steps"], job.get("eos"))}
+                out[key] = {"tokens": greedy_ids(model, job["prompt"], job["steps"], job.get("eos"))}
         elif kind == "backbone":  # a value model started from an LM checkpoint (how an RM starts from SFT)
             from evolm_nemo.checkpoint import io
             from evolm_nemo.config.schema import ModelConfig, ParallelConfig
