@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evolm_nemo.evaluation import answers as A  # noqa: E402
+from evolm_nemo import answers as A  # noqa: E402
 from evolm_nemo.evaluation.metrics import majority_answers, rm_index  # noqa: E402
 
 SUITES = ("gsm8k_platinum", "math", "cruxeval", "boardgameqa", "tabmwp", "strategyqa")
@@ -187,11 +187,11 @@ def naive_score_row(args) -> dict:
     suite = row["suite"]
     gold = A.gold_answer(suite, row)
     completions = row["completions"]
-    extracted = [A.extract_answer(c) for c in completions]
+    extracted = [A.extract_answer(c, mode) for c in completions]
     correct = [_naive_equiv(suite, e, gold, mode) for e in extracted]
     greedy = row.get("greedy")
-    pass1 = _naive_equiv(suite, A.extract_answer(greedy), gold, mode) if greedy is not None else correct[0]
-    votes = majority_answers(completions)
+    pass1 = _naive_equiv(suite, A.extract_answer(greedy, mode), gold, mode) if greedy is not None else correct[0]
+    votes = majority_answers(completions, mode=mode)
     n = len(votes)
     same = [[False] * n for _ in range(n)]
     for i in range(n):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, Optional, Sequence
 
-from evolm_nemo.evaluation.answers import extract_answer
+from evolm_nemo.answers import extract_answer
 
 ID_SUITES = ("gsm8k_platinum", "math")
 OOD_SUITES = ("cruxeval", "boardgameqa", "tabmwp", "strategyqa")
@@ -27,9 +27,12 @@ MAJ_LAST_CHARS = 128
 METRICS = ("pass1", "maj16", "rm16", "pass16", "correct_ratio")
 
 
-def majority_answers(completions: Sequence[str], last_chars: int = MAJ_LAST_CHARS) -> list[Optional[str]]:
-    """The answers Maj@16 votes with: each extracted from the completion's last `last_chars` characters."""
-    return [extract_answer(c[-last_chars:]) if isinstance(c, str) else None for c in completions]
+def majority_answers(
+    completions: Sequence[str], last_chars: int = MAJ_LAST_CHARS, mode: str = "evolm"
+) -> list[Optional[str]]:
+    """The answers Maj@16 votes with: each extracted (with `mode`'s extraction) from the completion's last
+    `last_chars` characters."""
+    return [extract_answer(c[-last_chars:], mode) if isinstance(c, str) else None for c in completions]
 
 
 def majority_index(

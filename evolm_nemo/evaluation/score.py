@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.evaluation.answers import MODES, SUITES, extract_answer, gold_answer, is_equiv, judge
+from evolm_nemo.answers import MODES, SUITES, extract_answer, gold_answer, is_equiv, judge
 from evolm_nemo.evaluation.metrics import majority_answers, majority_index, rm_index, summarize
 from evolm_nemo.fileio import iter_jsonl, write_jsonl
 
@@ -110,7 +110,7 @@ def score_row(row: dict, mode: str = "evolm") -> dict:
     suite = row["suite"]
     gold = gold_answer(suite, row)
     completions = row["completions"]
-    extracted = [extract_answer(c) for c in completions]
+    extracted = [extract_answer(c, mode) for c in completions]
     memo: dict = {}
 
     def same(a: Optional[str], b: Optional[str]) -> bool:
@@ -122,7 +122,7 @@ def score_row(row: dict, mode: str = "evolm") -> dict:
     correct = [same(e, gold) for e in extracted]
     greedy = row.get("greedy")
     pass1 = judge(suite, greedy, gold, mode) if greedy is not None else correct[0]
-    maj = majority_index(completions, majority_answers(completions), same)
+    maj = majority_index(completions, majority_answers(completions, mode=mode), same)
     rm = rm_index(row.get("rm_scores"))
     out = dict(row)
     out.update(

@@ -1,6 +1,6 @@
 """Registry of the six downstream suites. Each task's definition (prompt template, stop strings, hub source and how
 to cook its rows into EvoLM's schema) is data in ``eval/tasks/<suite>.yaml``; this module loads it and knows the
-suite's gold-answer and equivalence rules (from :mod:`evolm_nemo.evaluation.answers`).
+suite's gold-answer and equivalence rules (from :mod:`evolm_nemo.answers`).
 
 Problems come from a local JSONL in EvoLM's cooked schema ``{"id", "problem", "gt_solution", "gt_answer"}`` (exactly
 EvoLM's evaluation sets when those are EvoLM's cooked files; works offline) or, without a path, from the task's
@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.fileio import iter_jsonl
-from evolm_nemo.evaluation.answers import SUITE_KIND, SUITES, gold_answer
+from evolm_nemo.answers import SUITE_KIND, SUITES, gold_answer
 
 COOKED_FIELDS = ("id", "problem", "gt_solution", "gt_answer")
 

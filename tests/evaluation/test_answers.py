@@ -1,4 +1,4 @@
-"""Answer extraction and equivalence (evaluation/answers.py) on EvoLM's real downstream problems, in both modes."""
+"""Answer extraction and equivalence (evolm_nemo/answers.py) on EvoLM's real downstream problems, in both modes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from evolm_nemo.evaluation import answers as A
-from evolm_nemo.evaluation.answers import extract_answer, gold_answer, is_equiv, judge
+from evolm_nemo import answers as A
+from evolm_nemo.answers import extract_answer, gold_answer, is_equiv, judge
 from tests.conftest import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
@@ -54,6 +54,97 @@ def test_extract_answer(text, expected):
 def test_extraction_after_a_long_chain_of_thought():
     assert extract_answer(COT + " Therefore the total is \\boxed{150}.") == "150"
     assert extract_answer(COT * 20 + " so the answer is 42") == "42"
+
+
+# ---------------------------------------------------------------- strict extraction: an answer ends with its clause
+
+# (completion, suite, gold, evolm extraction == the reference's, strict extraction, evolm verdict, strict verdict);
+# the evolm verdicts are the ones recorded before strict extraction existed (they must not move)
+STRICT_EXTRACTION = [
+    ("The answer is 56, as we know from the given information.", "gsm8k_platinum", "56",
+     "56, as we know from the given information.", "56", True, True),
+    ("The answer is 56 dollars.", "gsm8k_platinum", "56", "56 dollars.", "56 dollars", True, True),
+    ("The answer is 56 dollars, as we know.", "gsm8k_platinum", "56", "56 dollars, as we know.", "56 dollars",
+     True, True),
+    ("The answer is 1,200.", "gsm8k_platinum", "1200", "1,200.", "1,200", True, True),
+    ("The answer is (2, 3).", "math", "(2,3)", "(2, 3).", "(2, 3)", False, True),
+    ("The answer is [6, 1]", "math", "[6, 1]", "[6, 1]", "[6, 1]", True, True),
+    ("The answer is \\frac{1}{2}, \\frac{3}{4}.", "math", "\\frac{1}{2}, \\frac{3}{4}",
+     "\\frac{1}{2}, \\frac{3}{4}.", "\\frac{1}{2}, \\frac{3}{4}", True, True),
+    ("The answer is x = 5, which we checked.", "math", "5", "x = 5, which we checked.", "x = 5", True, True),
+    ("The answer is 10 a.m., as the schedule shows.", "tabmwp", "10 A.M.", "10 a.m., as the schedule shows.",
+     "10 a.m.", True, True),
+    ("The answer is 10 A.M.", "tabmwp", "10 A.M.", "10 A.M.", "10 A.M.", True, True),  # its period is the answer's
+    ("The answer is 56. This is because 7 times 8 is 56.", "gsm8k_platinum", "56",
+     "56. This is because 7 times 8 is 56.", "56", True, True),
+    ("The answer is no, it is not true.", "strategyqa", "False", "no, it is not true.", "no", False, True),
+    ("The answer is 'yes, it is', as the function returns.", "cruxeval", "'yes, it is'",
+     "'yes, it is', as the function returns.", "'yes, it is'", False, True),
+]
+
+
+@pytest.mark.parametrize("text, suite, gold, evolm_answer, strict_answer, evolm, strict", STRICT_EXTRACTION)
+def test_strict_extraction_stops_at_the_clause(text, suite, gold, evolm_answer, strict_answer, evolm, strict):
+    completion = COT + " " + text
+    assert extract_answer(completion) == evolm_answer  # the default is evolm, the reference's extraction
+    assert extract_answer(completion, "evolm") == evolm_answer
+    assert extract_answer(completion, "strict") == strict_answer
+    assert judge(suite, completion, gold, "evolm") is evolm
+    assert judge(suite, completion, gold, "strict") is strict
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("1,200", "1,200"),  # thousands separators
+        ("2, 3", "2, 3"),  # a list of numbers
+        ("(2, 3), which is the point", "(2, 3)"),
+        ("[6, 1], so", "[6, 1]"),
+        ("\\{1, 2\\}; we are done", "\\{1, 2\\}"),
+        ("\\frac{1}{2}, \\frac{3}{4}", "\\frac{1}{2}, \\frac{3}{4}"),
+        ("3, 4, and 5.", "3, 4, and 5"),  # ", and <number>" continues the list ...
+        ("3, and we are done.", "3"),  # ... ", and <word>" ends the clause
+        ("red, blue", "red, blue"),  # words that start no clause stay in the answer
+        ("x, a", "x, a"),
+        ("5, a prime", "5"),
+        ("\\text{5, as}", "\\text{5, as}"),  # inside braces
+        ("'yes, it is'", "'yes, it is'"),  # inside a quoted string
+        ("Mike's, as he said", "Mike's"),  # an apostrophe opens no string
+        ("\"56, as we know", "\"56"),  # an unclosed quote opens no string
+        ("$56$, as we know.", "$56$"),
+        ("3.5.", "3.5"),
+        ("$3.50. So she pays that.", "$3.50"),
+        ("5...", "5..."),  # an ellipsis is not a sentence period
+        ("Washington D.C.", "Washington D.C."),
+        ("8 A.M. The shop opens then.", "8 A.M."),
+        ("Mr. Smith.", "Mr. Smith"),
+        ("56", "56"),
+        ("", ""),
+    ],
+)
+def test_strict_cut(answer, expected):
+    assert A.strict_cut(answer) == expected
+
+
+def test_strict_extraction_leaves_boxes_and_the_reference_cuts_alone():
+    assert extract_answer("so \\boxed{56, as we know} and the answer is 3, so", "strict") == "56, as we know"
+    assert extract_answer("the answer is x: y: 13, as shown", "strict") == "13"  # cut after the last ':' first
+    assert extract_answer("The answer is.", "strict") is None  # nothing left after the cut
+    assert extract_answer(None, "strict") is None
+    with pytest.raises(ValueError, match="unknown scoring mode"):
+        extract_answer("the answer is 1", "loose")
+
+
+def test_strict_extraction_is_linear_on_huge_answers():
+    huge = "The answer is " + "'a, it " * 20_000 + ("(" * 5000) + ", so " * 20_000 + ". Then" * 20_000
+    t0 = time.monotonic()
+    assert isinstance(extract_answer(huge, "strict"), str)
+    assert time.monotonic() - t0 < 5
+
+
+def test_strict_equiv_of_identical_numbers_is_trivial():
+    assert A.fast_verdict("gsm8k_platinum", "56", "56", "strict") is True
+    assert is_equiv("gsm8k_platinum", "56", "56", "strict") is True
 
 
 def test_gold_answers_of_the_real_problems():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from evolm_nemo.evaluation.answers import is_equiv
+from evolm_nemo.answers import is_equiv
 from evolm_nemo.evaluation.metrics import (
     correct_ratio,
     group_average,
@@ -53,6 +53,12 @@ def test_majority_uses_only_the_last_128_characters():
     # a box cut in half by the 128-character window
     half = "\\boxed{" + "1" * 130 + "}"
     assert majority_answers([half]) == [None]
+
+
+def test_majority_votes_use_the_scoring_modes_extraction():
+    votes = ["The answer is 56, as we know.", "The answer is 56 dollars."]
+    assert majority_answers(votes) == ["56, as we know.", "56 dollars."]
+    assert majority_answers(votes, mode="strict") == ["56", "56 dollars"]
 
 
 def test_majority_verdict_is_judged_on_the_full_text():

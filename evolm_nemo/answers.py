@@ -24,7 +24,13 @@ strings math-verify cannot parse at all) are decided in pure Python by a fast pa
 provably agrees with the sympy path of the same mode (tests/evaluation check this differentially); everything else
 goes to the sympy path. Results are cached per (mode, pair).
 
-Public API (kept stable): :func:`extract_answer`, :func:`gold_answer`, :func:`is_equiv`, :func:`judge`.
+Extraction is the reference's in ``evolm`` mode (the last ``\\boxed{}``, else everything after the last "answer is");
+``strict`` mode takes the same box, but cuts an "answer is" answer at the end of its clause (see
+:func:`strict_cut`), so "The answer is 56, as we know." is 56.
+
+Public API (kept stable): :func:`extract_answer`, :func:`gold_answer`, :func:`is_equiv`, :func:`judge`,
+:func:`fast_verdict`, :func:`stats`, ``SUITES``, ``MODES``, ``SUITE_KIND``. This module lives outside
+``evolm_nemo.evaluation`` because training (SFT filtering, the PPO reward) uses it as well.
 """
 
 from __future__ import annotations
@@ -70,7 +76,8 @@ def _check_mode(mode: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Extraction (identical in both modes): the last \boxed{...}; otherwise what follows the last "answer is".
+# Extraction: the last \boxed{...}; otherwise what follows the last "answer is" (in strict mode cut at its clause's
+# end).
 # ------------------------------------------------------------------------------------------------------------------
 
 _BRACE_RE = re.compile(r"[{}]")
@@ -118,9 +125,92 @@ def _after_answer_is(text: str) -> Optional[str]:
     return answer
 
 
-def extract_answer(text: str) -> Optional[str]:
+# Words that start a clause after ", " / "; " (conjunctions, relative and personal pronouns, determiners,
+# prepositions, sentence adverbs). Other words after a comma ("red, blue", "Alice, Bob") are part of the answer.
+_CLAUSE_WORDS = frozenset(
+    """
+    and or but nor so yet as because since which who whom whose where when whereas while though although if unless
+    until that than then thus hence therefore meaning making giving given based according assuming considering
+    rounded rounding not also just exactly approximately roughly about respectively
+    i we you he she it they this these those there here its our my your their his her the a an each all both
+    for from in on at by with without to of per after before under over like including excluding
+    """.split()
+)
+# these end a clause only before a word: ", and 5" / ", or \\frac{1}{2}" continue a list, "x, a" may be a variable
+_NEEDS_WORD = frozenset(("and", "or", "a", "i"))
+_CLAUSE_SEP = re.compile(r"[,;]\s+(?P<word>[A-Za-z]+)(?![A-Za-z])\s*(?P<next>.?)", re.ASCII | re.DOTALL)
+_SENTENCE_SEP = re.compile(r"\.\s+[A-Za-z]", re.ASCII)
+_WORD_BEFORE = re.compile(r"(?P<dot>\.?)(?P<word>[A-Za-z]+)$", re.ASCII)
+_TITLES = frozenset(("mr", "mrs", "ms", "dr", "st", "prof", "vs"))
+_OPEN, _CLOSE = "([{", ")]}"
+
+
+def _dot_kind(s: str, i: int) -> str:
+    """What the '.' at s[i] is: "abbrev" (ends "A.M." / "D.C.": the dot belongs to the answer), "title" ("Mr.": no
+    sentence ends here) or "stop"."""
+    m = _WORD_BEFORE.search(s, max(0, i - 32), i)
+    if m is None:
+        return "stop"
+    if len(m.group("word")) == 1 and m.group("dot"):
+        return "abbrev"
+    if m.group("word").lower() in _TITLES:
+        return "title"
+    return "stop"
+
+
+def strict_cut(answer: str) -> str:
+    """Strict mode's end of an "answer is" answer: the text before the first clause boundary outside brackets,
+    braces, parentheses and quoted strings, with a final sentence period dropped. A boundary is ", " or "; " followed
+    by a clause word (``_CLAUSE_WORDS``: "as", "which", "so", "we", ...; "and", "or", "a", "i" only when a word
+    follows), or a sentence end ". " followed by a letter (after "A.M." the cut keeps the period; "Mr. " is no end).
+    So "1,200", "(2, 3)", "[6, 1]", "2, 3", "\\frac{1}{2}, \\frac{3}{4}" and "red, blue" stay whole, "56, as we know."
+    is "56", "56 dollars." is "56 dollars" (units are left to :func:`strict_normalize`) and "8 A.M." keeps its
+    period."""
+    cut = answer[: _clause_end(answer)].rstrip()
+    if cut.endswith(".") and not cut.endswith("..") and _dot_kind(cut, len(cut) - 1) == "stop":
+        cut = cut[:-1].rstrip()
+    return cut
+
+
+def _clause_end(answer: str) -> int:
+    """Index of the first clause boundary of `answer` (len(answer) if none). A quote opens a string only after a
+    non-alphanumeric character ("Mike's" has none) and when the same quote character occurs later."""
+    last = {q: answer.rfind(q) for q in "'\""}
+    depth = 0
+    quote = None
+    i = 0
+    while i < len(answer):
+        ch = answer[i]
+        if quote is not None:
+            if ch == "\\":
+                i += 1
+            elif ch == answer[quote]:
+                quote = None
+        elif ch in "'\"" and i < last[ch] and (i == 0 or not answer[i - 1].isalnum()):
+            quote = i
+        elif ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE:
+            depth = max(0, depth - 1)
+        elif depth == 0 and ch in ",;":
+            m = _CLAUSE_SEP.match(answer, i)
+            word = m.group("word").lower() if m else ""
+            if word in _CLAUSE_WORDS and (word not in _NEEDS_WORD or m.group("next").isalpha()):
+                return i
+        elif depth == 0 and ch == "." and _SENTENCE_SEP.match(answer, i):
+            kind = _dot_kind(answer, i)
+            if kind != "title":
+                return i + 1 if kind == "abbrev" else i
+        i += 1
+    return len(answer)
+
+
+def extract_answer(text: str, mode: str = "evolm") -> Optional[str]:
     """The model's final answer: the last ``\\boxed{}`` (an empty box or ``\\fbox`` gives none), else everything after
-    the last "answer is" (cut after its last ':'); None when there is neither or it is empty. Never raises."""
+    the last "answer is" (cut after its last ':'; in ``strict`` mode also at the end of its clause, see
+    :func:`strict_cut`); None when there is neither or it is empty. ``evolm`` mode is the reference's extraction.
+    Never raises on any `text` (an unknown `mode` is a ValueError)."""
+    _check_mode(mode)
     if not isinstance(text, str):
         return None
     if "\\boxed" not in text and "answer is" not in text:
@@ -128,7 +218,10 @@ def extract_answer(text: str) -> Optional[str]:
     boxed = unbox(last_boxed(text))
     if boxed:
         return boxed
-    return _after_answer_is(text) or None
+    answer = _after_answer_is(text)
+    if answer and mode == "strict":
+        answer = strict_cut(answer)
+    return answer or None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -684,12 +777,12 @@ class _Helper:
     GRACE_S = 1.5  # past the helper's own alarm, code stuck in C (huge integer powers) gets the helper killed
 
     def __init__(self):
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo, above evolm_nemo/
         env = dict(os.environ)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("OMP_NUM_THREADS", "1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from evolm_nemo.evaluation.answers import _worker_main; _worker_main()"],
+            [sys.executable, "-c", "from evolm_nemo.answers import _worker_main; _worker_main()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -848,8 +941,8 @@ def is_equiv(suite: str, pred: Optional[str], gold: str, mode: str = "evolm") ->
 
 
 def judge(suite: str, completion: str, gold: str, mode: str = "evolm") -> bool:
-    """Extract the answer of a completion and check it against the gold answer."""
-    return is_equiv(suite, extract_answer(completion), gold, mode)
+    """Extract the answer of a completion (in `mode`'s extraction) and check it against the gold answer."""
+    return is_equiv(suite, extract_answer(completion, mode), gold, mode)
 
 
 def fast_verdict(suite: str, pred: Optional[str], gold: str, mode: str = "evolm") -> Optional[bool]:
