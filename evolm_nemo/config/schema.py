@@ -66,7 +66,8 @@ class ParallelConfig:
 @dataclass
 class TrainConfig:
     tokens: Optional[str] = None  # token budget (160B, 1.6B, 20_000_000_000) -> iterations = tokens / (gbs * seq)
-    iters: Optional[int] = None  # explicit iteration count (instead of tokens)
+    iters: Optional[int] = None  # explicit iteration count (instead of tokens); with epochs (sft): the smaller wins
+    epochs: Optional[int] = None  # stage=sft: passes over the dataset (iterations = examples * epochs // global batch)
     seed: int = 42  # global seed (init, data order)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     log_interval: int = 1  # iterations between metric records
@@ -80,6 +81,18 @@ class TrainConfig:
 
 
 @dataclass
+class SFTConfig:
+    overlength: str = "truncate"  # truncate | drop: examples longer than model.seq_length + 1 tokens (counted)
+    shuffle: bool = True  # a new order every epoch (seeded by train.seed and the epoch); false: dataset order
+    pad_to_multiple_of: int = 1  # microbatch length rounded up to a multiple (8 suits GPU kernels)
+    # data.source=synthetic (the demo): generated word problems, prepared like `evolm prepare-sft` would
+    prompt_template: str = "Human: {question}\nAssistant:"  # EvoLM's (LLaMA-Factory "default"); = eval's prompt
+    answer_template: str = "{answer}"  # the assistant turn; EOS is appended
+    synthetic_examples: int = 2000  # generated SFT problems (disjoint from the demo's RL and eval problems)
+    synthetic_seed: int = 4321  # their seed
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny_pretrain"  # run name (directory name under runs/ by default)
     out_dir: str = "runs/tiny_pretrain"  # checkpoints, metrics.jsonl, tensorboard/
@@ -87,11 +100,12 @@ class RunConfig:
 
 @dataclass
 class RootConfig:
-    stage: str = "pretrain"  # pretrain | cpt (later: sft, ppo)
+    stage: str = "pretrain"  # pretrain | cpt | sft (evolm_nemo.stages.STAGES)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)  # stage=sft only
     lineage: Any = field(default_factory=dict)  # free-form provenance carried into checkpoints and model cards

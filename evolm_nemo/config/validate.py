@@ -11,9 +11,7 @@ from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.config.tokens import iterations_for, parse_tokens
 
-STAGES = ("pretrain", "cpt")
 PRECISIONS = ("auto", "bf16", "fp32")
 LAYER_SPECS = ("auto", "te", "local")
 DECAY_STYLES = ("cosine", "linear", "constant")
@@ -44,7 +42,9 @@ def _choice(key: str, value, options) -> None:
 def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     m, p, o, t, d = cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.data
-    _choice("stage", cfg.stage, STAGES)
+    from evolm_nemo.stages import STAGES, stage_module
+
+    _choice("stage", cfg.stage, tuple(STAGES))
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("model.layer_spec", m.layer_spec, LAYER_SPECS)
     _choice("model.core_attention", m.core_attention, ("sdpa", "megatron"))
@@ -93,18 +93,21 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
         if not 0.0 <= getattr(o, key) < 1.0:
             raise ConfigError(f"optim.{key}", f"must be in [0, 1), got {getattr(o, key)}")
 
-    tokens_per_iter = p.global_batch_size * m.seq_length
-    if (t.tokens is None) == (t.iters is None):
-        raise ConfigError("train.tokens", "set exactly one of train.tokens (e.g. 160B) or train.iters")
-    if t.iters is not None:
-        _positive("train.iters", t.iters)
-        iters = t.iters
-    else:
-        iters = iterations_for(parse_tokens(t.tokens), p.global_batch_size, m.seq_length)
     _positive("train.log_interval", t.log_interval)
     _positive("train.save_interval", t.save_interval, allow_zero=True)
     _positive("train.keep_last", t.keep_last)
 
+    if t.init_from is not None and not Path(t.init_from).exists():
+        raise ConfigError("train.init_from", f"no checkpoint at {t.init_from}")
+    if cfg.stage in ("pretrain", "cpt"):
+        _check_gpt_data(d)
+    iters = stage_module(cfg.stage).plan_iters(cfg, dp)
+    return Plan(world_size=world_size, dp=dp, iters=iters, tokens_per_iter=p.global_batch_size * m.seq_length,
+                num_microbatches=p.global_batch_size // (p.micro_batch_size * dp))
+
+
+def _check_gpt_data(d) -> None:
+    """Pretraining / CPT data: the generated corpora, or megatron indexed files from `evolm prepare`."""
     if d.source == "synthetic":
         if not d.synthetic_kinds or d.synthetic_kinds[0] != "text" or any(
                 k not in ("text", "math") for k in d.synthetic_kinds):
@@ -125,7 +128,3 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
             raise ConfigError("data.weights", "weights must be >= 0")
         if not d.tokenizer:
             raise ConfigError("data.tokenizer", "indexed data needs the tokenizer it was prepared with")
-    if t.init_from is not None and not Path(t.init_from).exists():
-        raise ConfigError("train.init_from", f"no checkpoint at {t.init_from}")
-    return Plan(world_size=world_size, dp=dp, iters=iters, tokens_per_iter=tokens_per_iter,
-                num_microbatches=p.global_batch_size // (p.micro_batch_size * dp))

@@ -91,7 +91,7 @@ def _text(row, text_key: str, where: str) -> str:
     return value
 
 
-def _jsonl_texts(path: Path, text_key: str) -> Iterator[str]:
+def _jsonl_rows(path: Path) -> Iterator[Tuple[str, object]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -101,30 +101,28 @@ def _jsonl_texts(path: Path, text_key: str) -> Iterator[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ConfigError("input", f"{path} line {lineno}: invalid JSON ({exc.msg})") from None
-            yield _text(row, text_key, f"{path} line {lineno}")
+            yield f"{path} line {lineno}", row
 
 
-def _parquet_texts(path: Path, text_key: str) -> Iterator[str]:
+def _parquet_rows(path: Path, columns: Optional[List[str]]) -> Iterator[Tuple[str, object]]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
-    if text_key not in names:
-        cols = ", ".join(names[:12])
-        raise ConfigError("text_key", f"no column {text_key!r} in {path} (columns: {cols}); set text_key=")
+    for key in columns or []:
+        if key not in names:
+            cols, option = ", ".join(names[:12]), _COLUMN_KEYS.get(key, "input")
+            raise ConfigError(option, f"no column {key!r} in {path} (columns: {cols}); set {option}=")
     row = 0
-    for batch in pf.iter_batches(columns=[text_key], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            if not isinstance(value, str):
-                kind = type(value).__name__
-                raise ConfigError("text_key", f"column {text_key!r} at {path} row {row} is {kind}, not a string")
-            yield value
+    for batch in pf.iter_batches(columns=columns, batch_size=1024):
+        for item in batch.to_pylist():
+            yield f"{path} row {row}", item
             row += 1
 
 
-def _hf_texts(ds, text_key: str, name: str) -> Iterator[str]:
+def _hf_rows(ds, name: str) -> Iterator[Tuple[str, object]]:
     for row, item in enumerate(ds):
-        yield _text(item, text_key, f"{name} row {row}")
+        yield f"{name} row {row}", item
 
 
 def _count_lines(path: Path) -> int:
@@ -135,8 +133,17 @@ def _count_lines(path: Path) -> int:
     return n
 
 
-def open_input(input, text_key="text", hf_config=None, split="train") -> Tuple[Iterator[str], Optional[int]]:
-    """(texts, number of documents if known). Raises ConfigError for a missing file or an unloadable dataset."""
+_COLUMN_KEYS: dict = {}  # column name -> the option that named it (for error messages); set by open_rows callers
+
+
+def open_rows(input, columns: Optional[List[str]] = None, hf_config=None, split="train",
+              column_keys: Optional[dict] = None) -> Tuple[Iterator[Tuple[str, object]], Optional[int]]:
+    """(``(where, row)`` pairs, number of rows if known) of a JSONL / JSON-lines.gz / Parquet file or an HF dataset
+    (hub name or local dataset directory, streamed). ``columns``: the Parquet columns to read (all if None);
+    ``column_keys`` maps a column to the option naming it, for the error when it is missing. Raises ConfigError for
+    a missing file or an unloadable dataset."""
+    _COLUMN_KEYS.clear()
+    _COLUMN_KEYS.update(column_keys or {})
     name = str(input)
     path = Path(name).expanduser()
     if _is_file_input(name):
@@ -149,9 +156,9 @@ def open_input(input, text_key="text", hf_config=None, split="train") -> Tuple[I
                 total = pq.ParquetFile(path).metadata.num_rows
             except Exception as exc:
                 raise ConfigError("input", f"{name}: not a readable parquet file ({exc})") from None
-            return _parquet_texts(path, text_key), total
+            return _parquet_rows(path, columns), total
         total = None if path.suffix == ".gz" else _count_lines(path)
-        return _jsonl_texts(path, text_key), total
+        return _jsonl_rows(path), total
     if name.startswith((".", "/", "~")) and not path.exists():
         raise ConfigError("input", f"no such file or directory {name}")
     import datasets
@@ -167,7 +174,13 @@ def open_input(input, text_key="text", hf_config=None, split="train") -> Tuple[I
         total = ds.info.splits[split].num_examples or None
     except Exception:
         pass
-    return _hf_texts(ds, text_key, name), total
+    return _hf_rows(ds, name), total
+
+
+def open_input(input, text_key="text", hf_config=None, split="train") -> Tuple[Iterator[str], Optional[int]]:
+    """(texts, number of documents if known). Raises ConfigError for a missing file or an unloadable dataset."""
+    rows, total = open_rows(input, [text_key], hf_config, split, column_keys={text_key: "text_key"})
+    return (_text(row, text_key, where) for where, row in rows), total
 
 
 # -------------------------------------------------------------------------------------------------------- workers

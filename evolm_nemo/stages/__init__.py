@@ -1,0 +1,26 @@
+"""One room per stage: what a stage supplies to the one loop (``train.loop.fit``) is its data and its objective.
+
+The registry below maps ``stage=<name>`` to its module; validation (``config.validate``) and dispatch
+(``train.loop.run``) both go through it. Each module has ``plan_iters(cfg, dp) -> int`` (checks the stage's data
+and derives the iteration count before anything heavy) and ``build(cfg, plan, rt) -> Stage``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Callable
+
+STAGES = {
+    "pretrain": "evolm_nemo.stages.pretrain",  # next-token loss on packed documents
+    "cpt": "evolm_nemo.stages.pretrain",  # the same objective from train.init_from, on a replay mix
+    "sft": "evolm_nemo.stages.sft",  # prompt-masked fine-tuning on a prepared SFT dataset
+}
+
+
+def stage_module(name: str) -> ModuleType:
+    return importlib.import_module(STAGES[name])
+
+
+def stage_factory(name: str) -> Callable:
+    return stage_module(name).build

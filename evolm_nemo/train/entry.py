@@ -17,11 +17,11 @@ def main(overrides: list[str]) -> int:
     from evolm_nemo.train.loop import run
 
     try:
-        summary = run(cfg, plan)
-        if summary["runtime"].is_main and summary["losses"]:
-            losses = summary["losses"]
+        result = run(cfg, plan)
+        if result.runtime.is_main and result.losses:
+            losses = result.losses
             print(f"[evolm] done: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} iterations; "
-                  f"checkpoint {summary['checkpoint']}", flush=True)
+                  f"checkpoint {result.checkpoint}", flush=True)
     finally:
         teardown()
     return 0

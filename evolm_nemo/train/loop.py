@@ -1,6 +1,11 @@
-"""The one training loop: megatron DDP + megatron optimizer, pipeline schedules, checkpoints, metrics.
+"""The one training loop, knowing no stage: megatron DDP + megatron optimizer, pipeline schedules, resume, budget,
+metrics, progress, checkpoints and lineage.
 
-Stages differ only in data and loss; pretraining and CPT use this loop as is (CPT starts from ``train.init_from``).
+A stage (``evolm_nemo.stages``) supplies what differs: its batches and its objective (forward step + loss). Every loss
+follows one convention: a microbatch's loss function returns ``(loss_sum, n_tokens, logs)`` and megatron-core's
+``calculate_per_token_loss`` mode adds the sums and counts over all microbatches and data-parallel ranks and divides
+once (``finalize_model_grads`` scales the gradients by ``1 / tokens in the global batch``). So the loss and the
+gradients are the per-token mean over the whole global batch, however it is split into microbatches and ranks.
 """
 
 from __future__ import annotations
@@ -10,35 +15,38 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.compose import to_dict
-from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.config.tokens import format_tokens
 from evolm_nemo.config.validate import Plan
-from evolm_nemo.model.build import build_model, flops_per_token, param_count
+from evolm_nemo.model.build import build_model, param_count
 from evolm_nemo.runtime.distributed import Runtime, setup
 from evolm_nemo.train.metrics import MetricsWriter, peak_flops
 
 # ------------------------------------------------------------------------------------------------------------ model
 
 
-def build_training_model(cfg: RootConfig, rt: Runtime):
-    """Model stage for this rank wrapped in megatron DDP, plus the megatron optimizer and LR scheduler."""
+def build_training_model(cfg: RootConfig, rt: Runtime, model_builder: Callable | None = None):
+    """Model stage for this rank wrapped in megatron DDP, plus the megatron optimizer and a scheduler factory
+    (``make_scheduler(iters)``). ``model_builder(m, p, dtype, pre_process, post_process)`` defaults to the LM."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o = cfg.optim
-    model = build_model(cfg.model, cfg.parallel, rt.dtype, pre_process=parallel_state.is_pipeline_first_stage(),
-                        post_process=parallel_state.is_pipeline_last_stage())
+    model = (model_builder or build_model)(cfg.model, cfg.parallel, rt.dtype,
+                                           pre_process=parallel_state.is_pipeline_first_stage(),
+                                           post_process=parallel_state.is_pipeline_last_stage())
+    model.config.calculate_per_token_loss = True  # one division by the global batch's token count (module doc)
     if rt.dtype != torch.float32:  # megatron's mixed precision: every param (norms too) in bf16, fp32 main params
         from megatron.core.transformer.module import Float16Module
 
@@ -68,140 +76,150 @@ def _scheduler(cls, optimizer, o, iters: int):
 # ------------------------------------------------------------------------------------------------------------- step
 
 
-def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    losses = output_tensor.float()
-    mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses.view(-1) * mask) / mask.sum().clamp(min=1.0)
-    return loss, {"lm loss": loss.detach().clone()}
-
-
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"])
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # per-token mean over the global batch
+    tokens: int  # tokens that counted in the loss, over the global batch
+    grad_norm: float
 
 
 def _to_device(batches, device):
     return [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in batches]
 
 
-def train_step(model, optimizer, batches, cfg: RootConfig, rt: Runtime) -> tuple[float, float]:
-    """One optimizer step over this rank's microbatches. Returns (mean loss over the global batch, grad norm)."""
+def train_step(model, optimizer, batches: list[dict], forward_step: Callable, seq_length: int, micro_batch_size: int,
+               rt: Runtime, forward_only: bool = False) -> StepResult:
+    """One optimizer step (or, with ``forward_only``, one evaluation) over this rank's microbatches.
+
+    ``forward_step(data_iterator, model) -> (output, loss_fn)`` with ``loss_fn(output) -> (loss_sum, n_tokens, logs)``
+    (megatron's contract); ``seq_length`` is the padded length of every microbatch of this step (pipeline stages
+    exchange activations of that shape)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iter(_to_device(batches, rt.device)), model=[model],
-        num_microbatches=len(batches), seq_length=cfg.model.seq_length, micro_batch_size=cfg.parallel.micro_batch_size,
-        decoder_seq_length=cfg.model.seq_length, forward_only=False)
-    _, grad_norm, _ = optimizer.step()
-    # Mean loss: summed on the last pipeline stage's tensor-parallel rank 0 of each dp replica, then over the world.
+    if not forward_only:
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+    logs = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(_to_device(batches, rt.device)), model=[model],
+        num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
+        decoder_seq_length=seq_length, forward_only=forward_only)
+    grad_norm = None
+    if not forward_only:
+        _, grad_norm, _ = optimizer.step()
+    # Loss sums and token counts live on the last pipeline stage (identical on its TP ranks): add over dp replicas.
     report = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)
     if report:
-        total[0] = sum(float(x["lm loss"]) for x in losses) / len(losses)
-        total[1] = 1.0
+        total[0] = sum(float(x["loss_sum"]) for x in logs)
+        total[1] = sum(float(x["tokens"]) for x in logs)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
-    return float(total[0] / total[1]), float(grad_norm if grad_norm is not None else float("nan"))
+    tokens = int(total[1])
+    return StepResult(float(total[0] / max(tokens, 1)), tokens, float(grad_norm if grad_norm is not None else "nan"))
 
 
-# -------------------------------------------------------------------------------------------------------------- run
+# -------------------------------------------------------------------------------------------------------------- fit
 
 
-def _lineage(cfg: RootConfig, parent_meta: dict | None, tokens: int) -> dict:
-    record = {"stage": cfg.stage, "data": cfg.data.hf_dataset or cfg.data.name, "tokens": tokens,
-              "model": cfg.model.name}
+@dataclass
+class TrainResult:
+    """What a finished (or already complete) run hands back, on every rank."""
+
+    iterations: int
+    start: int  # the iteration this invocation started at (resumed runs: > 0)
+    losses: list[float]
+    checkpoint: str  # the committed checkpoint at the end ("" when none)
+    tokenizer: str  # tokenizer reference (dir or hub name) the run used
+    out_dir: str
+    runtime: Runtime = field(repr=False)
+    model: Any = field(repr=False, default=None)  # the live DDP-wrapped model (for in-process generation)
+
+
+def _lineage(cfg: RootConfig, parent_meta: dict | None, record: dict) -> dict:
     previous = list((parent_meta or {}).get("lineage", {}).get("stages", []))
-    return {"stages": previous + [record], "parent": cfg.train.init_from, **{k: v for k, v in (
-        cfg.lineage or {}).items() if k != "stages"}}
+    return {"stages": previous + [{"stage": cfg.stage, "model": cfg.model.name, **record}],
+            "parent": cfg.train.init_from,
+            **{k: v for k, v in (cfg.lineage or {}).items() if k not in ("stages", "parent")}}
 
 
-def run(cfg: RootConfig, plan: Plan) -> dict:
-    """Train ``cfg`` for ``plan.iters`` iterations (resuming if possible). Returns a summary on every rank."""
-    from megatron.core import parallel_state
+def _progress_bar(cfg: RootConfig, rt: Runtime, iters: int, start: int):
+    if not (rt.is_main and cfg.train.progress):
+        return None
+    from tqdm import tqdm
 
-    from evolm_nemo.data.gpt import BatchSchedule, build_dataset, resolve_source
-    from evolm_nemo.data.tokenizer import load_tokenizer
+    return tqdm(total=iters, initial=start, desc=cfg.stage, unit="it", dynamic_ncols=True,
+                mininterval=1.0 if sys.stderr.isatty() else 15.0)
 
-    p, m, t = cfg.parallel, cfg.model, cfg.train
+
+def fit(cfg: RootConfig, plan: Plan, make_stage: Callable) -> TrainResult:
+    """Train ``cfg`` for ``plan.iters`` iterations (resuming if possible) with the stage ``make_stage(cfg, plan, rt)``
+    builds (see ``evolm_nemo.stages.base.Stage``)."""
+    p, t = cfg.parallel, cfg.train
     rt = setup(p.tp, p.pp, t.seed, t.precision)
     out = Path(cfg.run.out_dir)
     root = out / "checkpoints"
-    source = resolve_source(cfg)
-    tokenizer = load_tokenizer(source.tokenizer, key="data.tokenizer")
-    if len(tokenizer) > m.vocab_size:
-        raise ConfigError("model.vocab_size", f"{m.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    dataset = build_dataset(cfg, source, tokenizer, plan.iters * p.global_batch_size)
-    schedule = BatchSchedule(dataset, p.global_batch_size, p.micro_batch_size,
-                             parallel_state.get_data_parallel_rank(), plan.dp)
+    stage = make_stage(cfg, plan, rt)  # data and tokenizer checks happen here, before the run directory exists
 
-    model, optimizer, make_scheduler = build_training_model(cfg, rt)
+    model, optimizer, make_scheduler = build_training_model(cfg, rt, stage.model_builder)
     scheduler = make_scheduler(plan.iters)
     layout = {"tp": p.tp, "pp": p.pp, "dp": plan.dp}
-    start, parent_meta = 0, None
+    start, parent_meta, state = 0, None, {}
     resume_from = ckpt.latest(root) if t.resume else None
     if resume_from is not None:
         state = ckpt.load(resume_from, [model], optimizer, scheduler, layout=layout)
-        start = state["iteration"]
-        parent_meta = state["meta"]
+        start, parent_meta = state["iteration"], state["meta"]
     elif t.init_from:
-        parent_meta = ckpt.load_weights(t.init_from, [model])
+        parent_meta = stage.load_init(t.init_from, model)
         optimizer.reload_model_params()
+    stage.restore(start, state)
 
-    n_params = param_count(m)
-    tokens_total = plan.iters * plan.tokens_per_iter
+    m = cfg.model
     if rt.is_main:
-        print(f"[evolm] {cfg.stage} {m.name}: {n_params / 1e6:.2f}M params | tp={p.tp} pp={p.pp} dp={plan.dp} "
-              f"sp={p.sp} | {rt.dtype} on {rt.device.type} | {plan.iters} iters x {plan.tokens_per_iter:,} tokens "
-              f"= {format_tokens(tokens_total)} tokens"
-              + (f" (budget train.tokens={t.tokens})" if t.tokens else "")
+        print(f"[evolm] {cfg.stage} {m.name}: {param_count(m) / 1e6:.2f}M params | tp={p.tp} pp={p.pp} dp={plan.dp} "
+              f"sp={p.sp} | {rt.dtype} on {rt.device.type} | {plan.iters} iters | {stage.describe()}"
               + (f" | resuming at iteration {start}" if start else ""), flush=True)
-    lineage = (parent_meta or {}).get("lineage") if resume_from is not None else _lineage(cfg, parent_meta, tokens_total)
-    tokenizer_ref = os.path.abspath(source.tokenizer) if os.path.isdir(source.tokenizer) else source.tokenizer
+    lineage = parent_meta.get("lineage") if resume_from is not None else _lineage(cfg, parent_meta, stage.lineage())
+    tokenizer_ref = os.path.abspath(stage.tokenizer) if os.path.isdir(stage.tokenizer) else stage.tokenizer
     meta = {"model": dataclasses.asdict(m), "config": to_dict(cfg), "tokenizer": tokenizer_ref, "stage": cfg.stage,
             "lineage": lineage}
     writer = MetricsWriter(out, enabled=rt.is_main, tensorboard=t.tensorboard, truncate_after=start)
     peak = peak_flops(t.peak_tflops, rt.device)
-    fpt = flops_per_token(m)
-    bar = None
-    if rt.is_main and t.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=plan.iters, initial=start, desc=f"{cfg.stage}", unit="it", dynamic_ncols=True,
-                   mininterval=1.0 if sys.stderr.isatty() else 15.0)
-    history = []
-    saved = None
+    bar = _progress_bar(cfg, rt, plan.iters, start)
+    history, saved = [], None
     tick = time.perf_counter()
     for it in range(start, plan.iters):
-        loss, grad_norm = train_step(model, optimizer, schedule.microbatches(it), cfg, rt)
+        batches = stage.microbatches(it)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+        result = train_step(model, optimizer, batches, stage.forward_step, stage.seq_length(batches),
+                            p.micro_batch_size, rt)
         scheduler.step(increment=1)
         step = it + 1
         now = time.perf_counter()
         dt, tick = now - tick, now
-        tps = plan.tokens_per_iter / dt
-        record = {"iteration": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                  "tokens": step * plan.tokens_per_iter, "tokens_per_s": tps, "step_s": dt,
-                  "mfu": (fpt * tps / (peak * rt.world_size)) if peak else None}
-        history.append(loss)
-        if not math.isfinite(loss):
-            raise RuntimeError(f"loss is {loss} at iteration {step}; lower optim.lr or check the data")
+        if not math.isfinite(result.loss):
+            raise RuntimeError(f"loss is {result.loss} at iteration {step}; lower optim.lr or check the data")
+        record = {"iteration": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                  **stage.metrics(it, result, dt, peak, rt.world_size), "step_s": dt}
+        history.append(result.loss)
         if step % t.log_interval == 0 or step == plan.iters:
             writer.write(record)
         if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+            bar.set_postfix(loss=f"{result.loss:.4f}", **stage.postfix(record))
             bar.update(1)
         if (t.save_interval and step % t.save_interval == 0) or step == plan.iters:
-            saved = ckpt.save(root, step, [model], optimizer, scheduler,
-                              extra={"consumed_samples": step * p.global_batch_size,
-                                     "tokens": step * plan.tokens_per_iter},
+            saved = ckpt.save(root, step, [model], optimizer, scheduler, extra=stage.checkpoint_extra(step),
                               meta=meta, keep_last=t.keep_last, layout=layout)
             tick = time.perf_counter()  # keep checkpoint time out of throughput
     if bar is not None:
         bar.close()
     writer.close()
-    return {"iterations": plan.iters, "start": start, "losses": history, "checkpoint": str(saved or resume_from or ""),
-            "tokenizer": source.tokenizer, "model": model, "runtime": rt, "out_dir": str(out)}
+    return TrainResult(iterations=plan.iters, start=start, losses=history, checkpoint=str(saved or resume_from or ""),
+                       tokenizer=stage.tokenizer, out_dir=str(out), runtime=rt, model=model)
 
+
+def run(cfg: RootConfig, plan: Plan) -> TrainResult:
+    """Train the stage ``cfg.stage`` names (the registry in ``evolm_nemo.stages``)."""
+    from evolm_nemo.stages import stage_factory
+
+    return fit(cfg, plan, stage_factory(cfg.stage))

@@ -1,0 +1,179 @@
+"""The on-disk SFT dataset `evolm prepare-sft` writes and the SFT stage memory-maps.
+
+A dataset is a directory::
+
+    manifest.json   format, tokenizer fingerprint, template, counts per preparation step, content hash (written last)
+    tokens.bin      every example's token ids, concatenated (uint16 when the vocabulary fits, else int32)
+    index.npy       int64 [examples, 3]: offset into tokens.bin, prompt length, total length
+
+An example's ids are ``prompt_ids + answer_ids`` with ``prompt_ids = encode(template.prompt)`` exactly as evaluation
+encodes a prompt (the tokenizer's own special tokens: Llama-2 adds ``<s>``) and ``answer_ids =
+encode(template.answer, no special tokens) + [EOS]``: LLaMA-Factory's way (prompt and answer encoded separately and
+concatenated). The loss covers the answer ids, EOS included.
+
+The directory is written under a temporary name and renamed when complete, so a reader never sees a partial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evolm_nemo.config.errors import ConfigError
+
+FORMAT = "evolm-sft-1"
+MANIFEST, TOKENS, INDEX = "manifest.json", "tokens.bin", "index.npy"
+DEFAULT_PROMPT = "Human: {question}\nAssistant:"  # EvoLM (LLaMA-Factory "default"), = eval/tasks/*.yaml templates
+DEFAULT_ANSWER = "{answer}"
+
+
+@dataclass(frozen=True)
+class Template:
+    prompt: str = DEFAULT_PROMPT  # "{question}" is replaced verbatim
+    answer: str = DEFAULT_ANSWER  # "{answer}" is replaced verbatim; EOS is appended as a token
+
+    def check(self, prompt_key: str = "prompt_template", answer_key: str = "answer_template") -> None:
+        if "{question}" not in self.prompt:
+            raise ConfigError(prompt_key, f"must contain {{question}}, got {self.prompt!r}")
+        if "{answer}" not in self.answer:
+            raise ConfigError(answer_key, f"must contain {{answer}}, got {self.answer!r}")
+
+    def render_prompt(self, question: str) -> str:
+        return self.prompt.replace("{question}", question)
+
+    def render_answer(self, answer: str) -> str:
+        return self.answer.replace("{answer}", answer)
+
+
+def tokenizer_fingerprint(tok) -> dict:
+    """What identifies a tokenizer for data compatibility: its vocabulary hash, size and special ids."""
+    from evolm_nemo.data.tokenizer import MegatronHFTokenizer
+
+    return {"vocab_sha256": MegatronHFTokenizer(tok).unique_identifiers["vocab_sha256"], "size": len(tok),
+            "bos": tok.bos_token_id, "eos": tok.eos_token_id}
+
+
+def encode_example(tok, template: Template, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """``(prompt_ids, answer_ids)``; answer_ids end with EOS."""
+    prompt = tok(template.render_prompt(question), add_special_tokens=True, split_special_tokens=True)["input_ids"]
+    answer_ids = tok(template.render_answer(answer), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return list(prompt), list(answer_ids) + [tok.eos_token_id]
+
+
+def _dtype(vocab: int):
+    return np.uint16 if vocab < 65500 else np.int32
+
+
+class SFTWriter:
+    """Appends examples to a temporary directory next to ``out``; ``commit(manifest)`` renames it into place."""
+
+    def __init__(self, out: str | Path, vocab_size: int):
+        self.out = Path(out)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.dtype = _dtype(vocab_size)
+        self.file = open(self.tmp / TOKENS, "wb")
+        self.rows: list[tuple[int, int, int]] = []
+        self.offset = 0
+        self.hash = hashlib.sha256()
+        self.answer_tokens = 0
+
+    def add(self, prompt_ids: list[int], answer_ids: list[int]) -> None:
+        ids = np.asarray(prompt_ids + answer_ids, dtype=self.dtype)
+        data = ids.tobytes()
+        self.file.write(data)
+        self.hash.update(data)
+        self.rows.append((self.offset, len(prompt_ids), len(ids)))
+        self.offset += len(ids)
+        self.answer_tokens += len(answer_ids)
+
+    def commit(self, manifest: dict) -> Path:
+        self.file.close()
+        index = np.asarray(self.rows, dtype=np.int64).reshape(-1, 3)
+        np.save(self.tmp / INDEX, index, allow_pickle=False)
+        self.hash.update(index.tobytes())
+        record = {"format": FORMAT, "examples": len(self.rows), "tokens": self.offset,
+                  "answer_tokens": self.answer_tokens, "dtype": np.dtype(self.dtype).name,
+                  "content_sha256": self.hash.hexdigest(), **manifest}
+        (self.tmp / MANIFEST).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        os.chmod(self.tmp, 0o755)
+        try:
+            os.replace(self.tmp, self.out)  # fails if another writer committed first (a non-empty directory)
+        except OSError:
+            if not (self.out / MANIFEST).is_file():
+                raise
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.out
+
+    def abort(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def read_manifest(path: str | Path, key: str = "data.paths") -> dict:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ConfigError(key, f"{path} is not an SFT dataset (no {MANIFEST}); make one with `evolm prepare-sft`") \
+            from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(key, f"{path / MANIFEST} is unreadable ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(key, f"{path} has format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+class SFTDataset:
+    """A prepared SFT dataset, memory-mapped. ``ids(i)`` is example i's token ids, ``prompt_len[i]`` its prompt length."""
+
+    def __init__(self, path: str | Path, key: str = "data.paths"):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, key)
+        try:
+            self.index = np.load(self.path / INDEX, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(key, f"{self.path / INDEX} is unreadable ({exc})") from None
+        dtype = np.dtype(self.manifest["dtype"])
+        size = (self.path / TOKENS).stat().st_size if (self.path / TOKENS).is_file() else -1
+        if size != self.manifest["tokens"] * dtype.itemsize or len(self.index) != self.manifest["examples"]:
+            raise ConfigError(key, f"{self.path} does not match its manifest (truncated or altered); prepare it again")
+        self.tokens = np.memmap(self.path / TOKENS, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+        self.prompt_len = self.index[:, 1]
+        self.length = self.index[:, 2]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def ids(self, i: int) -> np.ndarray:
+        offset, _, length = self.index[i]
+        return np.asarray(self.tokens[offset:offset + length], dtype=np.int64)
+
+
+def collate(examples, seq: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded microbatch from ``(ids, prompt_len)`` pairs: ``tokens = ids[:-1]``, ``labels = ids[1:]``,
+    ``loss_mask`` 1 exactly on the positions whose label is an answer token (EOS included), 0 on the prompt and on
+    padding; padded positions hold ``pad_id`` (never attended to under the causal mask, never in the loss)."""
+    b = len(examples)
+    tokens = torch.full((b, seq), pad_id, dtype=torch.long)
+    labels = torch.full((b, seq), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, seq), dtype=torch.float32)
+    for row, (ids, prompt_len) in enumerate(examples):
+        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        n = len(ids) - 1
+        if n > seq:
+            raise ValueError(f"example of {n + 1} ids does not fit a microbatch of length {seq}")
+        tokens[row, :n] = ids[:-1]
+        labels[row, :n] = ids[1:]
+        mask[row, max(int(prompt_len) - 1, 0):n] = 1.0
+    position_ids = torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(b, -1).contiguous()
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "position_ids": position_ids}

@@ -1,0 +1,119 @@
+"""The demo's post-training data: generated word problems with worked solutions ending in ``\\boxed{n}``, split three
+ways from one pool -- SFT (prepared exactly as `evolm prepare-sft` prepares a file, consistency filter included), RL
+(``{"id", "prompt", "gold_answer"}`` rows for the RL stage) and held-out evaluation problems -- with no question in
+two of them. Built once per (sizes, seed, tokenizer) under ``data.cache_dir``, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from evolm_nemo.config.schema import RootConfig
+
+RL_EXAMPLES = 1000  # the demo RL set
+EVAL_EXAMPLES = 200  # held-out problems (the demo scores a prefix of them)
+DONE = "complete.json"
+
+
+@dataclass(frozen=True)
+class SyntheticSFT:
+    root: Path
+
+    @property
+    def sft_dir(self) -> Path:
+        return self.root / "sft"
+
+    @property
+    def rl_path(self) -> Path:
+        return self.root / "rl.jsonl"
+
+    @property
+    def eval_path(self) -> Path:
+        """Held-out problems as ``{"id", "problem", "solution", "answer"}`` rows."""
+        return self.root / "eval.jsonl"
+
+
+def parent_tokenizer(cfg: RootConfig) -> str:
+    from evolm_nemo.checkpoint import io as ckpt
+    from evolm_nemo.config.errors import ConfigError
+
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    if not cfg.train.init_from:
+        raise ConfigError("train.init_from", "the generated SFT set is tokenized with the parent checkpoint's "
+                                             "tokenizer; set train.init_from (or data.tokenizer)")
+    try:
+        ref = ckpt.read_meta(ckpt.resolve(cfg.train.init_from)).get("tokenizer")
+    except ckpt.CheckpointError as exc:
+        raise ConfigError("train.init_from", str(exc)) from None
+    if not ref:
+        raise ConfigError("train.init_from", "its checkpoint records no tokenizer; set data.tokenizer")
+    return ref
+
+
+def ensure_synthetic_sft(cfg: RootConfig) -> SyntheticSFT:
+    """Generate (once) the demo's SFT dataset, RL set and held-out problems for ``cfg``'s parent tokenizer."""
+    from evolm_nemo.data.sft import tokenizer_fingerprint
+    from evolm_nemo.data.tokenizer import load_tokenizer
+
+    s = cfg.sft
+    ref = parent_tokenizer(cfg)
+    tok = load_tokenizer(ref, key="data.tokenizer")
+    digest = tokenizer_fingerprint(tok)["vocab_sha256"][:8]
+    name = f"synthetic-sft-n{s.synthetic_examples}-r{RL_EXAMPLES}-e{EVAL_EXAMPLES}-s{s.synthetic_seed}-tok{digest}"
+    cache = Path(cfg.data.cache_dir)
+    root = cache / name
+    if (root / DONE).is_file():
+        return SyntheticSFT(root)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache))
+    os.chmod(tmp, 0o755)
+    try:
+        _build(tmp, cfg, tok, ref)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another rank finished first
+            if not (root / DONE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return SyntheticSFT(root)
+
+
+def _build(out: Path, cfg: RootConfig, tok, ref: str) -> None:
+    from evolm_nemo.data.sft_prepare import PrepareSFTConfig, prepare_sft, question_key
+    from evolm_nemo.data.synthetic import generate
+    from evolm_nemo.fileio import write_jsonl
+
+    s = cfg.sft
+    want = s.synthetic_examples + RL_EXAMPLES + EVAL_EXAMPLES
+    pool, seen = [], set()
+    size = want
+    while len(pool) < want:  # generated problems repeat now and then: draw more until the pool is unique
+        pool, seen = [], set()
+        for i, q in enumerate(generate("qa", size, s.synthetic_seed)):
+            key = question_key(q["problem"])
+            if key not in seen:
+                seen.add(key)
+                pool.append({"id": f"demo-{i:06d}", **q})
+        size = int(size * 1.25) + 16
+    random.Random(s.synthetic_seed).shuffle(pool)
+    held_out, rest = pool[:EVAL_EXAMPLES], pool[EVAL_EXAMPLES:]
+    write_jsonl(out / "eval.jsonl", held_out)
+    rows = ((f"generated row {i}", {"id": r["id"], "question": r["problem"], "answer": r["solution"],
+                                    "gold": r["answer"]}) for i, r in enumerate(rest))
+    prep = PrepareSFTConfig(input="generated", output=str(out / "sft"), tokenizer=ref, reference_key="gold",
+                            id_key="id", prompt_template=s.prompt_template, answer_template=s.answer_template,
+                            allocation=f"{s.synthetic_examples}/{RL_EXAMPLES}", rl_output=str(out / "rl.jsonl"),
+                            seed=s.synthetic_seed, cutoff=cfg.model.seq_length + 1, progress=False)
+    manifest = prepare_sft(prep, rows=rows, tokenizer=tok)
+    manifest["split"]["rl_output"] = "../rl.jsonl"  # not the temporary build path
+    (out / "sft" / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    (out / DONE).write_text(json.dumps({"sft": manifest["examples"], "rl": manifest["split"]["rl"],
+                                        "eval": len(held_out)}) + "\n")

@@ -1,0 +1,76 @@
+"""Pretraining and CPT: the next-token loss over packed documents of a megatron GPTDataset (a BlendedDataset for a
+replay mix); CPT is the same stage started from ``train.init_from``."""
+
+from __future__ import annotations
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.config.tokens import format_tokens, iterations_for, parse_tokens
+from evolm_nemo.model.build import flops_per_token
+from evolm_nemo.stages.base import Stage
+
+
+def plan_iters(cfg: RootConfig, dp: int) -> int:
+    t = cfg.train
+    if t.epochs is not None:
+        raise ConfigError("train.epochs", f"applies to stage=sft; {cfg.stage} takes train.tokens or train.iters "
+                                          "(set train.epochs=null)")
+    if (t.tokens is None) == (t.iters is None):
+        raise ConfigError("train.tokens", "set exactly one of train.tokens (e.g. 160B) or train.iters")
+    if t.iters is not None:
+        if t.iters <= 0:
+            raise ConfigError("train.iters", f"must be > 0, got {t.iters}")
+        return t.iters
+    return iterations_for(parse_tokens(t.tokens), cfg.parallel.global_batch_size, cfg.model.seq_length)
+
+
+class PretrainStage(Stage):
+    def __init__(self, cfg: RootConfig, plan, rt):
+        from megatron.core import parallel_state
+
+        from evolm_nemo.data.gpt import BatchSchedule, build_dataset, resolve_source
+        from evolm_nemo.data.tokenizer import load_tokenizer
+
+        p, m = cfg.parallel, cfg.model
+        self.cfg, self.plan = cfg, plan
+        source = resolve_source(cfg)
+        tokenizer = load_tokenizer(source.tokenizer, key="data.tokenizer")
+        if len(tokenizer) > m.vocab_size:
+            raise ConfigError("model.vocab_size",
+                              f"{m.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+        dataset = build_dataset(cfg, source, tokenizer, plan.iters * p.global_batch_size)
+        self.schedule = BatchSchedule(dataset, p.global_batch_size, p.micro_batch_size,
+                                      parallel_state.get_data_parallel_rank(), plan.dp)
+        self.tokenizer = source.tokenizer
+        self.tokens_per_iter = plan.tokens_per_iter
+        self.fpt = flops_per_token(m)
+
+    def microbatches(self, iteration):
+        return self.schedule.microbatches(iteration)
+
+    def seq_length(self, batches) -> int:
+        return self.cfg.model.seq_length
+
+    def describe(self) -> str:
+        total = self.plan.iters * self.tokens_per_iter
+        budget = f" (budget train.tokens={self.cfg.train.tokens})" if self.cfg.train.tokens else ""
+        return f"{self.tokens_per_iter:,} tokens/iter = {format_tokens(total)} tokens{budget}"
+
+    def lineage(self) -> dict:
+        d = self.cfg.data
+        return {"data": d.hf_dataset or d.name, "tokens": self.plan.iters * self.tokens_per_iter}
+
+    def metrics(self, iteration, result, step_s, peak_flops, world_size):
+        tps = self.tokens_per_iter / step_s
+        return {"tokens": (iteration + 1) * self.tokens_per_iter, "tokens_per_s": tps,
+                "mfu": (self.fpt * tps / (peak_flops * world_size)) if peak_flops else None}
+
+    def postfix(self, record):
+        return {"tok_s": f"{record['tokens_per_s']:,.0f}"}
+
+    def checkpoint_extra(self, step):
+        return {"consumed_samples": step * self.cfg.parallel.global_batch_size, "tokens": step * self.tokens_per_iter}
+
+
+def build(cfg: RootConfig, plan, rt) -> PretrainStage:
+    return PretrainStage(cfg, plan, rt)

@@ -1,0 +1,271 @@
+"""SFT: prompt-masked fine-tuning on prepared SFT datasets (``evolm prepare-sft``), from ``train.init_from``.
+
+Data order: the global sample index ``g = iteration * global_batch + position`` maps to epoch ``g // N`` and to
+position ``g % N`` of that epoch's permutation (seeded by ``train.seed`` and the epoch; ``sft.shuffle=false`` keeps
+the dataset order). Data-parallel rank ``r`` takes the ``r``-th contiguous slice of the global batch, split into
+microbatches. So the order depends only on the iteration: a resumed run sees exactly what the uninterrupted one saw.
+
+A microbatch is right-padded to its longest example (all microbatches of a step to the step's longest when pp > 1,
+since pipeline stages exchange one activation shape); the loss mask is 1 on the positions that predict answer tokens
+(EOS included), 0 on the prompt and on padding. Examples longer than ``model.seq_length + 1`` tokens are truncated or
+dropped (``sft.overlength``), counted in the run header.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.data.sft import SFTDataset, Template, collate
+from evolm_nemo.stages.base import Stage
+
+OVERLENGTH = ("truncate", "drop")
+
+
+# ------------------------------------------------------------------------------------------------- data and plan
+
+
+def dataset_dirs(cfg: RootConfig) -> list[str]:
+    """The SFT dataset directories: ``data.paths`` (``data.source=indexed``) or the generated demo set."""
+    d = cfg.data
+    if d.source == "synthetic":
+        from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
+
+        return [str(ensure_synthetic_sft(cfg).sft_dir)]
+    if d.source != "indexed":
+        raise ConfigError("data.source", f"stage=sft reads prepared datasets (indexed) or generates one (synthetic), "
+                                         f"not {d.source!r}")
+    if not d.paths:
+        raise ConfigError("data.paths", "stage=sft needs SFT dataset directories from `evolm prepare-sft` "
+                                        "(data.paths=[dir]), or data.source=synthetic for the generated demo set")
+    if d.weights is not None:
+        raise ConfigError("data.weights", "SFT datasets are concatenated, not mixed by weight; set data.weights=null")
+    for path in d.paths:
+        if not Path(path).is_dir():
+            raise ConfigError("data.paths", f"no SFT dataset directory {path}; run `evolm prepare-sft` first")
+    return list(d.paths)
+
+
+@dataclass
+class SFTView:
+    """The examples training uses, after the overlength policy: parallel arrays over kept examples."""
+
+    sets: list[SFTDataset]
+    which: np.ndarray  # dataset of each kept example
+    local: np.ndarray  # its index in that dataset
+    length: np.ndarray  # ids used (after truncation)
+    prompt_len: np.ndarray
+    truncated: int
+    dropped: int
+
+    def __len__(self) -> int:
+        return len(self.which)
+
+    @property
+    def answer_len(self) -> np.ndarray:
+        return self.length - self.prompt_len
+
+    def ids(self, i: int) -> np.ndarray:
+        return self.sets[self.which[i]].ids(int(self.local[i]))[: self.length[i]]
+
+
+def load_view(cfg: RootConfig, dirs: list[str]) -> SFTView:
+    limit = cfg.model.seq_length + 1  # ids of one example: seq_length inputs + the last label
+    sets = [SFTDataset(d) for d in dirs]
+    which, local, length, prompt = [], [], [], []
+    truncated = dropped = 0
+    for k, ds in enumerate(sets):
+        over = ds.length > limit
+        too_long_prompt = ds.prompt_len >= limit  # nothing of the answer would fit
+        drop = over if cfg.sft.overlength == "drop" else too_long_prompt
+        keep = ~drop
+        truncated += int((over & keep).sum())
+        dropped += int(drop.sum())
+        idx = np.nonzero(keep)[0]
+        which.append(np.full(len(idx), k, dtype=np.int64))
+        local.append(idx)
+        length.append(np.minimum(ds.length[idx], limit))
+        prompt.append(ds.prompt_len[idx])
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+    return SFTView(sets, cat(which), cat(local), cat(length), cat(prompt), truncated, dropped)
+
+
+def _check_tokenizers(cfg: RootConfig, view: SFTView) -> str:
+    """All datasets share one tokenizer and it is the parent checkpoint's (and ``data.tokenizer``'s, if set).
+    Returns the tokenizer reference the run records."""
+    from evolm_nemo.checkpoint import io as ckpt
+    from evolm_nemo.data.sft import tokenizer_fingerprint
+    from evolm_nemo.data.tokenizer import load_tokenizer
+
+    first = view.sets[0].manifest["tokenizer"]
+    for ds in view.sets[1:]:
+        if ds.manifest["tokenizer"]["vocab_sha256"] != first["vocab_sha256"]:
+            raise ConfigError("data.paths", f"{ds.path} and {view.sets[0].path} were tokenized with different "
+                                            "tokenizers; prepare them with the same one")
+    checks = []
+    if cfg.train.init_from:
+        try:
+            parent_ref = ckpt.read_meta(ckpt.resolve(cfg.train.init_from)).get("tokenizer")
+        except ckpt.CheckpointError as exc:
+            raise ConfigError("train.init_from", str(exc)) from None
+        if parent_ref:
+            checks.append(("train.init_from", parent_ref))
+    if cfg.data.tokenizer:
+        checks.append(("data.tokenizer", cfg.data.tokenizer))
+    for key, ref in checks:
+        fp = tokenizer_fingerprint(load_tokenizer(ref, key=key))
+        if fp["vocab_sha256"] != first["vocab_sha256"]:
+            raise ConfigError("data.paths", f"{view.sets[0].path} was tokenized with {first['ref']} (vocab "
+                                            f"{first['vocab_sha256']}), but {key} uses {ref} (vocab "
+                                            f"{fp['vocab_sha256']}); run `evolm prepare-sft tokenizer={ref}` again")
+    return checks[0][1] if checks else first["ref"]
+
+
+def plan_iters(cfg: RootConfig, dp: int) -> int:
+    t, s, p = cfg.train, cfg.sft, cfg.parallel
+    if t.tokens is not None:
+        raise ConfigError("train.tokens", "stage=sft trains by train.epochs (or train.iters); set train.tokens=null")
+    if t.epochs is None and t.iters is None:
+        raise ConfigError("train.epochs", "stage=sft needs train.epochs (passes over the data) or train.iters")
+    if t.epochs is not None and t.epochs <= 0:
+        raise ConfigError("train.epochs", f"must be > 0, got {t.epochs}")
+    if t.iters is not None and t.iters <= 0:
+        raise ConfigError("train.iters", f"must be > 0, got {t.iters}")
+    if s.overlength not in OVERLENGTH:
+        raise ConfigError("sft.overlength", f"must be one of {', '.join(OVERLENGTH)}; got {s.overlength!r}")
+    if s.pad_to_multiple_of < 1:
+        raise ConfigError("sft.pad_to_multiple_of", f"must be >= 1, got {s.pad_to_multiple_of}")
+    Template(s.prompt_template, s.answer_template).check("sft.prompt_template", "sft.answer_template")
+    if not t.init_from:
+        raise ConfigError("train.init_from", "stage=sft starts from a checkpoint: a pretraining/CPT run or an "
+                                             "`evolm import-hf` output")
+    view = load_view(cfg, dataset_dirs(cfg))
+    _check_tokenizers(cfg, view)
+    n = len(view)
+    if n == 0:
+        raise ConfigError("data.paths", f"no example fits model.seq_length={cfg.model.seq_length} "
+                                        f"({view.dropped} dropped)")
+    iters = None
+    if t.epochs is not None:
+        iters = n * t.epochs // p.global_batch_size
+        if iters == 0:
+            raise ConfigError("parallel.global_batch_size", f"{p.global_batch_size} is more than the {n} examples "
+                                                            f"x {t.epochs} epochs; lower it or raise train.epochs")
+    if t.iters is not None:
+        iters = t.iters if iters is None else min(iters, t.iters)
+    return iters
+
+
+# ---------------------------------------------------------------------------------------------------------- stage
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class SFTStage(Stage):
+    def __init__(self, cfg: RootConfig, plan, rt):
+        from megatron.core import parallel_state
+
+        p, t = cfg.parallel, cfg.train
+        self.cfg, self.plan = cfg, plan
+        self.view = load_view(cfg, dataset_dirs(cfg))
+        self.tokenizer = _check_tokenizers(cfg, self.view)
+        tok = self.view.sets[0].manifest["tokenizer"]
+        if tok["size"] > cfg.model.vocab_size:
+            raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
+                                                  f"{tok['size']} tokens")
+        self.pad_id = int(tok["eos"])  # any id: padded positions carry no loss and are never attended to
+        self.n = len(self.view)
+        self.gbs, self.mbs, self.dp, self.dp_rank = p.global_batch_size, p.micro_batch_size, plan.dp, \
+            parallel_state.get_data_parallel_rank()
+        self.multiple = math.lcm(cfg.sft.pad_to_multiple_of, p.tp if p.sp else 1)
+        self.same_length = p.pp > 1
+        self.epochs_used = -(-plan.iters * self.gbs // self.n)
+        self._perms: dict[int, np.ndarray] = {}
+        self.answer_total = 0
+
+    # --- order
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if not self.cfg.sft.shuffle:
+                self._perms[epoch] = np.arange(self.n)
+            else:
+                rng = np.random.default_rng([self.cfg.train.seed, epoch])
+                self._perms[epoch] = rng.permutation(self.n)
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+        return self._perms[epoch]
+
+    def examples(self, iteration: int) -> np.ndarray:
+        """Indices (into the view) of the global batch of ``iteration``, in position order."""
+        g = np.arange(iteration * self.gbs, (iteration + 1) * self.gbs)
+        return np.array([self._perm(int(x // self.n))[x % self.n] for x in g], dtype=np.int64)
+
+    def _groups(self, iteration: int) -> list[np.ndarray]:
+        """All microbatches of the global batch, dp rank by dp rank."""
+        ex = self.examples(iteration)
+        return [ex[i:i + self.mbs] for i in range(0, self.gbs, self.mbs)]
+
+    def _padded_length(self, groups: list[np.ndarray]) -> list[int]:
+        lengths = [int(self.view.length[g].max()) - 1 for g in groups]
+        if self.same_length:
+            per_rank = len(groups) // self.dp
+            for r in range(self.dp):
+                block = lengths[r * per_rank:(r + 1) * per_rank]
+                lengths[r * per_rank:(r + 1) * per_rank] = [max(block)] * len(block)
+        return [_round_up(n, self.multiple) for n in lengths]
+
+    # --- Stage API
+    def microbatches(self, iteration: int):
+        groups = self._groups(iteration)
+        lengths = self._padded_length(groups)
+        per_rank = len(groups) // self.dp
+        mine = range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
+        return [collate([(self.view.ids(int(i)), int(self.view.prompt_len[i])) for i in groups[k]], lengths[k],
+                        self.pad_id) for k in mine]
+
+    def seq_length(self, batches) -> int:
+        return max(b["tokens"].shape[1] for b in batches)
+
+    def restore(self, start: int, state: dict) -> None:
+        self.answer_total = int(state.get("answer_tokens", 0)) if start else 0
+
+    def describe(self) -> str:
+        v = self.view
+        return (f"{self.n:,} examples ({v.truncated:,} truncated, {v.dropped:,} dropped at seq_length+1="
+                f"{self.cfg.model.seq_length + 1}) x {self.plan.iters * self.gbs / self.n:.2f} epochs, "
+                f"{int(v.answer_len.sum()):,} answer tokens per epoch")
+
+    def lineage(self) -> dict:
+        d = self.cfg.data
+        dirs = [str(s.path) for s in self.view.sets]
+        return {"data": d.hf_dataset or (dirs[0] if len(dirs) == 1 else dirs), "examples": self.n,
+                "samples": self.plan.iters * self.gbs, "epochs": self.plan.iters * self.gbs / self.n,
+                "template": self.view.sets[0].manifest.get("template")}
+
+    def metrics(self, iteration, result, step_s, peak_flops, world_size):
+        groups = self._groups(iteration)
+        lengths = self._padded_length(groups)
+        real = int(sum(self.view.length[g].sum() - len(g) for g in groups))
+        padded = int(sum(n * len(g) for g, n in zip(groups, lengths)))
+        self.answer_total += result.tokens
+        return {"answer_tokens": result.tokens, "answer_tokens_total": self.answer_total,
+                "examples_per_s": self.gbs / step_s, "tokens_per_s": real / step_s,
+                "padding_fraction": 1.0 - real / max(padded, 1),
+                "epoch": (iteration + 1) * self.gbs / self.n}
+
+    def postfix(self, record):
+        return {"ex_s": f"{record['examples_per_s']:,.1f}", "pad": f"{record['padding_fraction']:.2f}"}
+
+    def checkpoint_extra(self, step):
+        return {"consumed_samples": step * self.gbs, "answer_tokens": self.answer_total}
+
+
+def build(cfg: RootConfig, plan, rt) -> SFTStage:
+    return SFTStage(cfg, plan, rt)

@@ -1,0 +1,192 @@
+"""`evolm prepare-sft`: the consistency filter on a labelled set (right answers in other surface forms, wrong,
+missing) through the shared checker, dedup, cutoff, the manifest, the disjoint SFT/RL split (every EvoLM allocation
+preset; same seed => same split), the on-disk format and the microbatch collation; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.data.sft import SFTDataset, collate
+from evolm_nemo.data.sft_prepare import ALLOCATIONS, PrepareSFTConfig, parse_allocation, prepare_sft, question_key, \
+    split_pool
+from tests.conftest import run_evolm
+from tests.conversion._sources import make_tokenizer
+
+# (id, question, response, reference, kept by the strict consistency filter?)
+LABELLED = [
+    ("same", "What is 6 * 7?", "6 * 7 = 42. The answer is \\boxed{42}.", "42", True),
+    ("thousands", "What is 1000 + 200?", "The total is \\boxed{1,200}.", "1200", True),
+    ("fraction", "Half of one?", "It is \\boxed{\\frac{1}{2}}.", "0.5", True),
+    ("decimal", "Three quarters?", "So the answer is \\boxed{0.75}.", "\\frac{3}{4}", True),
+    ("dollars", "How much money?", "He has $18 left. The answer is $18.", "18", True),
+    ("clause", "How many apples?", "The answer is 56, as we know from the given information.", "56", True),
+    ("gsm8k_ref", "How many pens?", "He buys 3 more. The answer is \\boxed{9}.", "6 + 3 = 9\n#### 9", True),
+    ("wrong", "What is 3 + 4?", "3 + 4 = 8. The answer is \\boxed{8}.", "7", False),
+    ("wrong_tuple", "Point?", "The answer is \\boxed{(2, 3)}.", "(3, 2)", False),
+    ("no_answer", "What is big?", "I think it is quite big.", "5", False),
+    ("empty_box", "What is 1 + 1?", "The answer is \\boxed{}.", "2", False),
+    ("sqrt_quirk", "Simplify it.", "The answer is \\boxed{6\\sqrt{8}}.", "6\\sqrt{7}", False),
+]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    make_tokenizer(d)
+    return d
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tmp_path, tok_dir, inp, **kw) -> PrepareSFTConfig:
+    return PrepareSFTConfig(input=str(inp), output=str(tmp_path / kw.pop("name", "out")), tokenizer=str(tok_dir),
+                            progress=False, **kw)
+
+
+def test_consistency_filter_on_a_labelled_set(tmp_path, tok_dir):
+    rows = [{"id": i, "question": q, "answer": a, "gold": ref} for i, q, a, ref, _ in LABELLED]
+    rows += [{"id": "missing", "question": "No response?", "gold": "1"}, {"id": "blank", "question": " ",
+                                                                            "answer": "x", "gold": "1"}]
+    inp = _write(tmp_path / "in.jsonl", rows)
+    manifest = prepare_sft(_cfg(tmp_path, tok_dir, inp, reference_key="gold", id_key="id", allocation="5/2",
+                                rl_output=str(tmp_path / "rl.jsonl"), seed=3))
+    keep = [i for i, *_, ok in LABELLED if ok]
+    c = manifest["counts"]
+    assert c["read"] == len(rows) and c["missing"] == 2
+    assert c["filtered"] == len(LABELLED) - len(keep)
+    assert manifest["split"]["sft"] + manifest["split"]["rl"] + c["not_allocated"] == len(keep)
+    rl = [json.loads(line) for line in (tmp_path / "rl.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in rl} <= set(keep) and len(rl) == 2
+    assert all(r["prompt"].startswith("Human: ") and r["prompt"].endswith("\nAssistant:") for r in rl)
+    gsm = [r for r in rl if r["id"] == "gsm8k_ref"]
+    assert not gsm or gsm[0]["gold_answer"] == "9"  # a worked reference is reduced to its final answer
+    assert manifest["examples"] == 5 and SFTDataset(tmp_path / "out").manifest["content_sha256"]
+
+    # scoring=evolm is the reference evaluator, quirks included: it takes 6\sqrt{8} for 6\sqrt{7}
+    loose = prepare_sft(_cfg(tmp_path, tok_dir, inp, name="evolm", reference_key="gold", scoring="evolm"))
+    assert loose["counts"]["filtered"] == c["filtered"] - 1
+
+
+def test_dedup_agreement_and_cutoff(tmp_path, tok_dir):
+    rows = [
+        {"question": "What is 2 + 2?", "answer": "\\boxed{4}"},
+        {"question": "what is  2 + 2?", "answer": "It is \\boxed{4}."},  # same question after normalisation
+        {"question": "What is 2 + 2?", "answer": "\\boxed{5}"},
+        {"question": "What is 9 - 1?", "answer": "\\boxed{8}"},
+        {"question": "What is 9 - 1?", "answer": "\\boxed{7}"},
+        {"question": "Long one?", "answer": "word " * 400 + "\\boxed{1}"},
+    ]
+    inp = _write(tmp_path / "in.jsonl", rows)
+    # no reference: responses are compared with each other; agree_k=2 keeps questions whose largest group has 2
+    m = prepare_sft(_cfg(tmp_path, tok_dir, inp, agree_k=2, cutoff=64, overlength="drop"))
+    assert m["counts"]["disagreement"] == 2  # "9 - 1": 1 agreeing response each; "Long one?": 1
+    assert m["counts"]["duplicates"] == 1 and m["examples"] == 1
+    m2 = prepare_sft(_cfg(tmp_path, tok_dir, inp, name="t", filter=False, cutoff=64))
+    assert m2["counts"]["duplicates"] == 3 and m2["counts"]["truncated"] == 1
+    ds = SFTDataset(tmp_path / "t")
+    assert int(ds.length.max()) == 64 and len(ds) == 3
+
+
+def test_split_is_disjoint_and_deterministic_for_every_preset():
+    keys = [f"question {i}" for i in range(100_000)]
+    for name, (n_sft, n_rl) in ALLOCATIONS.items():
+        sft, rl = split_pool(keys, n_sft, n_rl, seed=7)
+        assert len(sft) == n_sft and len(rl) == n_rl and not set(sft) & set(rl), name
+        assert (sft, rl) == split_pool(keys, n_sft, n_rl, seed=7)
+        assert parse_allocation(name) == (n_sft, n_rl) and parse_allocation(name.lower()) == (n_sft, n_rl)
+    other, _ = split_pool(keys, 10_000, 90_000, seed=8)
+    assert other != split_pool(keys, 10_000, 90_000, seed=7)[0]
+    assert parse_allocation("3000/7000") == (3000, 7000) and parse_allocation("1.5K/0") == (1500, 0)
+    for bad in ("30K", "a/b", "0/10", "1.5/2"):
+        with pytest.raises(ConfigError):
+            parse_allocation(bad)
+    with pytest.raises(ConfigError, match="the pool has 10"):
+        split_pool(keys[:10], 8, 8, seed=0)
+
+
+def test_split_through_the_command(tmp_path, tok_dir):
+    rows = [{"q": f"Q{i}: what is {i} + 1?", "r": f"\\boxed{{{i + 1}}}", "gold": str(i + 1)} for i in range(40)]
+    rows += [{"q": "q0: what is 0 + 1?", "r": "\\boxed{1}", "gold": "1"}]  # a duplicate of Q0
+    inp = _write(tmp_path / "in.jsonl", rows)
+    common = [f"input={inp}", f"tokenizer={tok_dir}", "question_key=q", "answer_key=r", "reference_key=gold",
+              "allocation=10/25", "progress=false"]
+    first = run_evolm("prepare-sft", [*common, f"output={tmp_path / 'a'}", f"rl_output={tmp_path / 'a.jsonl'}"])
+    assert "duplicates 1" in first.stdout and "RL 25" in first.stdout
+    run_evolm("prepare-sft", [*common, f"output={tmp_path / 'b'}", f"rl_output={tmp_path / 'b.jsonl'}"])
+    a = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert a["split"]["sft_questions_sha256"] == b["split"]["sft_questions_sha256"]
+    assert a["content_sha256"] == b["content_sha256"]
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    rl_keys = {question_key(r["prompt"][len("Human: "):-len("\nAssistant:")])
+               for r in map(json.loads, (tmp_path / "a.jsonl").read_text().splitlines())}
+    ds = SFTDataset(tmp_path / "a")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    sft_keys = set()
+    for i in range(len(ds)):
+        prompt = tok.decode(ds.ids(i)[: ds.prompt_len[i]].tolist())
+        sft_keys.add(question_key(prompt[len("Human: "):-len("\nAssistant:")]))
+    assert len(sft_keys) == 10 and len(rl_keys) == 25 and not sft_keys & rl_keys
+
+
+@pytest.mark.parametrize("extra,key", [
+    ([], "reference_key"),  # filter=true needs a reference (or agree_k)
+    (["filter=false", "question_key=prompt"], "question_key"),
+    (["filter=false", "scoring=loose"], "scoring"),
+    (["filter=false", "allocation=10/10"], "rl_output"),
+    (["filter=false", "prompt_template=Q:"], "prompt_template"),
+    (["filter=false", "cutoff=1"], "cutoff"),
+])
+def test_bad_input_is_one_line(tmp_path, tok_dir, extra, key):
+    inp = _write(tmp_path / "in.jsonl", [{"question": "q?", "answer": "a"}])
+    proc = run_evolm("prepare-sft", [f"input={inp}", f"output={tmp_path / 'out'}", f"tokenizer={tok_dir}",
+                                     "progress=false", *extra], check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}:"), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_never_replaced_without_overwrite(tmp_path, tok_dir):
+    inp = _write(tmp_path / "in.jsonl", [{"question": "q?", "answer": "a"}])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="exists"):
+        prepare_sft(_cfg(tmp_path, tok_dir, inp, filter=False))
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep"
+    with pytest.raises(ConfigError, match="contains the input"):
+        prepare_sft(_cfg(tmp_path, tok_dir, inp, name=".", filter=False, overwrite=True))
+    prepare_sft(_cfg(tmp_path, tok_dir, inp, filter=False, overwrite=True))
+    assert not (tmp_path / "out" / "precious.txt").exists() and SFTDataset(tmp_path / "out").manifest["examples"] == 1
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_a_damaged_dataset_is_refused(tmp_path, tok_dir):
+    inp = _write(tmp_path / "in.jsonl", [{"question": "q?", "answer": "a b c"}])
+    prepare_sft(_cfg(tmp_path, tok_dir, inp, filter=False))
+    tokens = tmp_path / "out" / "tokens.bin"
+    tokens.write_bytes(tokens.read_bytes()[:-2])
+    with pytest.raises(ConfigError, match="does not match its manifest"):
+        SFTDataset(tmp_path / "out")
+    with pytest.raises(ConfigError, match="not an SFT dataset"):
+        SFTDataset(tmp_path)
+
+
+def test_collate_masks_prompt_and_padding():
+    a, b = (np.array([5, 6, 7, 8, 9]), 2), (np.array([10, 11, 12]), 1)
+    batch = collate([a, b], seq=6, pad_id=0)
+    assert batch["tokens"].tolist() == [[5, 6, 7, 8, 0, 0], [10, 11, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[6, 7, 8, 9, 0, 0], [11, 12, 0, 0, 0, 0]]
+    # position t predicts labels[t]; the answer of `a` is ids[2:] = 7, 8, 9 -> positions 1, 2, 3
+    assert batch["loss_mask"].tolist() == [[0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [list(range(6))] * 2
+    with pytest.raises(ValueError):
+        collate([a], seq=3, pad_id=0)

@@ -1,0 +1,251 @@
+"""SFT on the one engine, judged from outside: K steps equal transformers' LlamaForCausalLM + torch AdamW with the
+masked per-token loss (weights 1e-5); one global batch of very different answer lengths gives the same loss and
+gradients for micro 1x4, 2x2, 4x1 and DP=2 (1e-6); TP=2 / PP=2 equal TP=1; SIGKILL mid-epoch and resume reproduces
+the uninterrupted losses; a dataset made with another tokenizer is refused in one line.
+
+A transformers-made Llama (random, perturbed weights) is imported with `evolm import-hf`; its SFT data comes from
+`evolm prepare-sft`; training is `evolm train stage=sft` exactly as the documented contract writes it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from evolm_nemo.checkpoint import io as ckpt
+from evolm_nemo.data.sft import SFTDataset
+from tests.conftest import REPO, evolm_cmd, losses, run_evolm, subprocess_env, tiny
+from tests.conversion._sources import load_tensors, make_source, make_tokenizer
+
+QUESTIONS = [
+    ("What is 2 + 3?", "5"),
+    ("Is the sky green?", "No. The sky is blue on a clear day, because air scatters blue light more than red light."),
+    ("Name a fox.", "The quick brown fox."),
+    ("Tell me about the lazy dog and the fox.",
+     "The quick brown fox jumps over the lazy dog. The answer is 5."),
+]
+ROWS = [{"question": q, "answer": a} for q, a in QUESTIONS] * 3  # 12 rows: 3 global batches of 4
+LR, MIN_LR = 1e-3, 1e-4
+
+
+def metrics(out) -> dict[int, dict]:
+    return {r["iteration"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r}
+
+
+@pytest.fixture(scope="module")
+def hf_parent(tmp_path_factory):
+    """A transformers-made Llama, its tokenizer, the `evolm import-hf` checkpoint and a prepared SFT dataset."""
+    root = tmp_path_factory.mktemp("sft_ref")
+    tok_dir = root / "tokenizer"
+    make_tokenizer(tok_dir)
+    hf = make_source("tiny_gqa", root / "hf", tok_dir, seed=3)
+    run_evolm("import-hf", [f"src={hf}", f"dst={root / 'imported'}", "progress=false"])
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    run_evolm("prepare-sft", [f"input={data}", f"output={root / 'sft'}", f"tokenizer={tok_dir}",
+                              "question_key=question", "answer_key=answer", "filter=false", "dedup=false",
+                              "progress=false"])
+    return {"root": root, "tok": tok_dir, "hf": hf, "ckpt": root / "imported", "data": root / "sft"}
+
+
+def sft_overrides(out, parent, *extra):
+    """The documented contract, plus run-local settings (fixed order, no warmup so step 1 trains)."""
+    return [f"run.out_dir={out}", "stage=sft", f"train.init_from={parent['ckpt']}", f"data.paths=[{parent['data']}]",
+            "train.epochs=1", "parallel.micro_batch_size=2", "parallel.global_batch_size=4", f"optim.lr={LR}",
+            f"optim.min_lr={MIN_LR}", "optim.warmup_fraction=0", "optim.weight_decay=0", "train.log_interval=1",
+            "sft.shuffle=false", "train.progress=false", "train.tensorboard=false", *extra]
+
+
+def _reference_batches(parent):
+    """Each example's ids and prompt length, computed here with the tokenizer (not read from our dataset); text
+    normalised as prepare-sft documents it (outer whitespace stripped)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(parent["tok"]))
+    out = []
+    for r in ROWS:
+        prompt = tok(f"Human: {r['question'].strip()}\nAssistant:")["input_ids"]
+        answer = tok(r["answer"].strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        out.append((prompt + answer, len(prompt)))
+    return out
+
+
+def _masked_loss(model, batch):
+    """Sum of answer-token CE over a list of (ids, prompt_len), and the number of answer tokens."""
+    total, count = 0.0, 0
+    for ids, plen in batch:
+        x = torch.tensor([ids])
+        logits = model(input_ids=x[:, :-1]).logits[0].float()
+        ce = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
+        total = total + ce[plen - 1:].sum()
+        count += len(ids) - plen
+    return total, count
+
+
+def test_sft_steps_equal_transformers_adamw(tmp_path, hf_parent):
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path / "run"
+    proc = run_evolm("train", sft_overrides(out, hf_parent))
+    assert "12 examples (0 truncated, 0 dropped" in proc.stdout  # every example fits: the reference is exact
+    ours = metrics(out)
+    assert sorted(ours) == [1, 2, 3]
+    # the dataset holds exactly the ids the reference computes (prompt and answer encoded separately, EOS last)
+    ref_batches = _reference_batches(hf_parent)
+    ds = SFTDataset(hf_parent["data"])
+    assert [(ds.ids(i).tolist(), int(ds.prompt_len[i])) for i in range(len(ds))] == ref_batches
+    run_evolm("export-hf", [f"src={out}", f"dst={tmp_path / 'hf_out'}", "progress=false"])
+
+    model = LlamaForCausalLM.from_pretrained(str(hf_parent["hf"]), dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    for step in range(3):
+        lr = MIN_LR + (LR - MIN_LR) * 0.5 * (1 + math.cos(math.pi * step / 3))  # cosine, no warmup
+        assert abs(ours[step + 1]["lr"] - lr) < 1e-12
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        total, count = _masked_loss(model, ref_batches[4 * step:4 * step + 4])
+        loss = total / count
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        assert abs(ours[step + 1]["loss"] - float(loss)) < 1e-5, (step, ours[step + 1]["loss"], float(loss))
+        assert abs(ours[step + 1]["grad_norm"] - float(norm)) < 1e-5 * max(1.0, float(norm))
+        assert ours[step + 1]["answer_tokens"] == count
+    got = load_tensors(tmp_path / "hf_out")
+    want = {k: v.detach() for k, v in model.state_dict().items()}
+    assert set(got) == set(want)
+    worst = max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
+    moved = max(float((got[k].float() - load_tensors(hf_parent["hf"])[k].float()).abs().max()) for k in want)
+    assert worst < 1e-5 and moved > 1e-3, (worst, moved)  # equal to the reference, and it really trained
+
+
+def test_loss_and_grads_do_not_depend_on_the_split(tmp_path, hf_parent):
+    """One global batch of 4 very different answer lengths: micro 1x4, 2x2, 4x1 and DP=2 agree (two steps)."""
+    from transformers import LlamaForCausalLM
+
+    runs = {}
+    for name, mbs, nproc in (("1x4", 1, 1), ("2x2", 2, 1), ("4x1", 4, 1), ("dp2", 1, 2)):
+        out = tmp_path / name
+        run_evolm("train", sft_overrides(out, hf_parent, f"parallel.micro_batch_size={mbs}", "train.iters=2"),
+                  nproc=nproc)
+        runs[name] = metrics(out)
+    base = runs["1x4"]
+    for name, got in runs.items():
+        for it in (1, 2):
+            for key in ("loss", "grad_norm"):
+                assert abs(got[it][key] - base[it][key]) < 1e-6, (name, it, key, got[it][key], base[it][key])
+            assert got[it]["answer_tokens"] == base[it]["answer_tokens"]
+    # the test can fail: averaging per-microbatch means (the classic bug) gives another loss for this batch
+    model = LlamaForCausalLM.from_pretrained(str(hf_parent["hf"]), dtype=torch.float32)
+    batch = _reference_batches(hf_parent)[:4]
+    with torch.no_grad():
+        per_example = [(lambda t, c: float(t) / c)(*_masked_loss(model, [ex])) for ex in batch]
+        total, count = _masked_loss(model, batch)
+    assert abs(float(total) / count - base[1]["loss"]) < 1e-5
+    assert abs(sum(per_example) / 4 - base[1]["loss"]) > 1e-3
+    lengths = [len(ids) - plen for ids, plen in batch]
+    assert max(lengths) > 10 * min(lengths)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_sft_layouts_equal_tp1(tmp_path, hf_parent, layout):
+    ref, out = tmp_path / "tp1", tmp_path / layout
+    run_evolm("train", sft_overrides(ref, hf_parent))
+    run_evolm("train", sft_overrides(out, hf_parent, f"parallel={layout}", "parallel.micro_batch_size=2",
+                                     "parallel.global_batch_size=4"), nproc=2)
+    want, got = metrics(ref), metrics(out)
+    for it in (1, 2, 3):
+        assert abs(got[it]["loss"] - want[it]["loss"]) < 1e-5, (layout, it, got[it]["loss"], want[it]["loss"])
+
+
+def test_no_leakage_between_padded_examples(tmp_path):
+    """Per-example logits in a right-padded microbatch equal each example run alone (real megatron model)."""
+    script = REPO / "tests" / "train" / "_sft_leakage.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "facts.json")], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts["lengths"][0] != facts["lengths"][-1]
+    assert facts["max_diff"] < 1e-5, facts
+    assert facts["padded_loss_positions"] == 0  # padding carries no loss weight
+
+
+@pytest.fixture(scope="module")
+def synthetic_parent(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("sft_parent")
+    run_evolm("train", tiny(out, data_cache, "train.iters=2"))
+    return out
+
+
+def _synthetic_sft(out, cache, parent, *extra):
+    return tiny(out, cache, "experiment=demo_sft", f"train.init_from={parent}", "sft.synthetic_examples=200",
+                "parallel.micro_batch_size=4", "parallel.global_batch_size=8", *extra)
+
+
+def test_sigkill_mid_epoch_then_resume_matches(tmp_path, data_cache, synthetic_parent):
+    iters = 30  # 200 examples / 8 = 25 iterations per epoch: the resumed run crosses into epoch 2 (reshuffled)
+    args = ["train.epochs=2", f"train.iters={iters}", "train.save_interval=3", "train.keep_last=20"]
+    full = tmp_path / "full"
+    run_evolm("train", _synthetic_sft(full, data_cache, synthetic_parent, *args))
+    want = metrics(full)
+    assert sorted(want) == list(range(1, iters + 1))
+    assert want[iters]["epoch"] == pytest.approx(iters * 8 / 200)
+    assert all(0.0 <= r["padding_fraction"] < 1.0 and r["answer_tokens"] > 0 for r in want.values())
+    assert want[iters]["answer_tokens_total"] == sum(r["answer_tokens"] for r in want.values())
+    meta = json.loads((ckpt.latest(full / "checkpoints") / "evolm.json").read_text())
+    assert [s["stage"] for s in meta["lineage"]["stages"]] == ["pretrain", "sft"]
+    assert meta["lineage"]["stages"][-1]["examples"] == 200
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(evolm_cmd("train", _synthetic_sft(out, data_cache, synthetic_parent, *args)), cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    killed_at, deadline = None, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = ckpt.latest(out / "checkpoints")
+        if done is not None and int(done.name.split("_")[1]) >= 6:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_at = int(done.name.split("_")[1])
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed_at is not None and killed_at < 25, "the run finished (or left epoch 1) before it could be killed"
+    resumed = run_evolm("train", _synthetic_sft(out, data_cache, synthetic_parent, *args))
+    assert "resuming at iteration" in resumed.stdout
+    got = metrics(out)
+    assert sorted(got) == list(range(1, iters + 1))
+    for it in range(1, iters + 1):
+        assert abs(got[it]["loss"] - want[it]["loss"]) <= 1e-6, (it, got[it]["loss"], want[it]["loss"])
+    assert got[iters]["answer_tokens_total"] == want[iters]["answer_tokens_total"]
+
+
+def test_dataset_from_another_tokenizer_is_refused(tmp_path, hf_parent, synthetic_parent):
+    proc = run_evolm("train", [f"run.out_dir={tmp_path / 'run'}", "stage=sft", f"train.init_from={synthetic_parent}",
+                               f"data.paths=[{hf_parent['data']}]", "train.progress=false"], check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data.paths:") and "tokenized with" in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra,key", [
+    (["train.tokens=1M", "train.epochs=null"], "train.tokens"),
+    (["train.epochs=null", "train.iters=null"], "train.epochs"),
+    (["train.init_from=null"], "train.init_from"),
+    (["data.paths=[/nonexistent/sft]"], "data.paths"),
+    (["sft.overlength=wrap"], "sft.overlength"),
+    (["parallel.global_batch_size=64", "parallel.micro_batch_size=2"], "parallel.global_batch_size"),
+])
+def test_bad_sft_recipe_is_one_line(tmp_path, hf_parent, extra, key):
+    proc = run_evolm("train", sft_overrides(tmp_path / "run", hf_parent, *extra), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}:"), proc.stderr
+    assert not (tmp_path / "run").exists()
