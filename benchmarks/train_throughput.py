@@ -45,6 +45,7 @@ def main() -> None:
     from evolm_nemo.config import RootConfig, compose, validate
     from evolm_nemo.model.build import flops_per_token, param_count
     from evolm_nemo.runtime.distributed import setup, teardown
+    from evolm_nemo.stages.base import lm_forward_step
     from evolm_nemo.train.loop import build_training_model, train_step
     from evolm_nemo.train.metrics import peak_flops
 
@@ -69,7 +70,7 @@ def main() -> None:
     hf_tokens = tokens.to(rt.device)
 
     def ours() -> None:
-        train_step(model, optimizer, [batch], cfg, rt)
+        train_step(model, optimizer, [batch], lm_forward_step, m.seq_length, args.batch, rt)
 
     def theirs() -> None:
         hf_opt.zero_grad(set_to_none=True)

@@ -97,13 +97,35 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
     _positive("train.save_interval", t.save_interval, allow_zero=True)
     _positive("train.keep_last", t.keep_last)
 
-    if t.init_from is not None and not Path(t.init_from).exists():
-        raise ConfigError("train.init_from", f"no checkpoint at {t.init_from}")
+    if t.init_from is not None:
+        _check_parent(cfg)
     if cfg.stage in ("pretrain", "cpt"):
         _check_gpt_data(d)
     iters = stage_module(cfg.stage).plan_iters(cfg, dp)
     return Plan(world_size=world_size, dp=dp, iters=iters, tokens_per_iter=p.global_batch_size * m.seq_length,
                 num_microbatches=p.global_batch_size // (p.micro_batch_size * dp))
+
+
+SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size")
+
+
+def _check_parent(cfg: RootConfig) -> None:
+    """``train.init_from`` is a complete checkpoint of the same model shape (its evolm.json, no tensors read)."""
+    from evolm_nemo.checkpoint import io as ckpt
+
+    path = cfg.train.init_from
+    if not Path(path).exists():
+        raise ConfigError("train.init_from", f"no checkpoint at {path}")
+    try:
+        meta = ckpt.read_meta(ckpt.resolve(path))
+    except ckpt.CheckpointError as exc:
+        raise ConfigError("train.init_from", str(exc)) from None
+    theirs = meta.get("model") or {}
+    for key in SHAPE_KEYS:
+        if key in theirs and theirs[key] != getattr(cfg.model, key):
+            raise ConfigError(f"model.{key}", f"{getattr(cfg.model, key)} differs from the parent checkpoint's "
+                                              f"{theirs[key]} (train.init_from={path}, model {theirs.get('name')}); "
+                                              "pick the model preset it was trained with")
 
 
 def _check_gpt_data(d) -> None:

@@ -66,6 +66,7 @@ class PrepareSFTConfig:
     rl_output: Optional[str] = None  # JSONL for the RL side of the split
     seed: int = 42  # split permutation seed
     limit: Optional[int] = None  # read at most this many rows
+    workers: Optional[int] = None  # checker processes for the filter (None: all CPU cores); same output for any
     hf_config: Optional[str] = None  # HF dataset config (HF datasets only)
     split: str = "train"  # HF dataset split (HF datasets only)
     overwrite: bool = False  # replace an existing output directory / RL file
@@ -174,19 +175,48 @@ def read_rows(rows: Iterable[tuple[str, object]], cfg: PrepareSFTConfig, counts:
         yield Row(rid, q, a, ref, question_key(q))
 
 
+def _judge(args) -> bool:
+    from evolm_nemo.answers import judge
+
+    suite, response, reference, mode = args
+    return reference is not None and judge(suite, response, reference, mode)
+
+
+PARALLEL_MIN_ROWS = 2000  # below this, worker start-up costs more than it saves
+
+
+def judge_rows(rows: list[Row], cfg: PrepareSFTConfig) -> list[bool]:
+    """The checker's verdict for every row's response against its reference, in worker processes for large inputs
+    (spawned: each starts its own bounded checker; the verdicts are the same for any ``workers``)."""
+    import multiprocessing
+    import os
+
+    from tqdm import tqdm
+
+    jobs = [(cfg.suite, r.answer, r.reference, cfg.scoring) for r in rows]
+    workers = (os.cpu_count() or 1) if cfg.workers is None else cfg.workers
+    bar = dict(total=len(jobs), unit="row", desc="filter", disable=not cfg.progress, file=sys.stderr,
+               dynamic_ncols=True)
+    if workers <= 1 or len(jobs) < PARALLEL_MIN_ROWS:
+        return [_judge(j) for j in tqdm(jobs, **bar)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return list(tqdm(pool.imap(_judge, jobs, chunksize=256), **bar))
+
+
 def consistency_filter(rows: list[Row], cfg: PrepareSFTConfig, counts: Counts) -> list[Row]:
     """Step 3 with the shared checker. Groups keep the input order."""
-    from evolm_nemo.answers import extract_answer, is_equiv, judge
+    from evolm_nemo.answers import extract_answer, is_equiv
 
     if not cfg.filter:
         return rows
     groups: dict[str, list[Row]] = {}
     for r in rows:
         groups.setdefault(r.key, []).append(r)
+    verdict = dict(zip(map(id, rows), judge_rows(rows, cfg))) if cfg.reference_key else {}
     keep: set[int] = set()
     for group in groups.values():
-        if group[0].reference is not None or cfg.reference_key:
-            good = [r for r in group if r.reference is not None and judge(cfg.suite, r.answer, r.reference, cfg.scoring)]
+        if cfg.reference_key:
+            good = [r for r in group if verdict[id(r)]]
         else:  # no reference: the largest group of mutually equivalent final answers
             answers = [extract_answer(r.answer, cfg.scoring) for r in group]
             best: list[Row] = []
@@ -270,6 +300,8 @@ def check_config(cfg: PrepareSFTConfig) -> Template:
         raise ConfigError("cutoff", f"must be at least 2 tokens, got {cfg.cutoff}")
     if cfg.agree_k is not None and cfg.agree_k < 1:
         raise ConfigError("agree_k", f"must be >= 1 or null, got {cfg.agree_k}")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise ConfigError("workers", f"must be at least 1 or null, got {cfg.workers}")
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError("limit", f"must be a positive number of rows or null, got {cfg.limit}")
     if cfg.filter and cfg.agree_k is None and not cfg.reference_key:

@@ -7,7 +7,7 @@ import pytest
 
 from evolm_nemo.config import ConfigError, RootConfig, compose, iterations_for, parse_tokens, validate
 from evolm_nemo.model.build import param_count
-from tests.conftest import BIN, REPO, subprocess_env
+from tests.conftest import BIN, REPO, run_evolm, subprocess_env, tiny
 
 
 def _check(overrides, world_size=1):
@@ -87,14 +87,43 @@ def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
     assert list(Path(tmp_path).iterdir()) == []
 
 
+@pytest.fixture(scope="module")
+def tiny_parent(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("parent")
+    run_evolm("train", tiny(out, data_cache, "train.iters=1"))
+    return out / "checkpoints" / "iter_0000001"
+
+
+def _parent_like(tiny_parent, cfg, where):
+    """The tiny checkpoint with the experiment's model shape in its evolm.json (validation reads only that)."""
+    import dataclasses
+    import json
+    import shutil
+
+    shutil.copytree(tiny_parent, where)
+    meta = json.loads((where / "evolm.json").read_text())
+    meta["model"] = dataclasses.asdict(cfg.model)
+    (where / "evolm.json").write_text(json.dumps(meta))
+    return where
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes" / "experiment").glob("*.yaml")))
-def test_every_experiment_composes_and_validates(name):
+def test_every_experiment_composes_and_validates(name, request, tmp_path, data_cache):
     # real data files are absent here: validate everything else on the generated corpus
     cfg = compose("config", [f"experiment={name}", "data.source=synthetic", "data.weights=null", "train.init_from=null"],
                   RootConfig)
+    if cfg.stage == "sft":  # SFT needs a parent (its tokenizer and shape): the tiny one, dressed as the experiment's
+        parent = _parent_like(request.getfixturevalue("tiny_parent"), cfg, tmp_path / "parent")
+        cfg = compose("config", [f"experiment={name}", "data.source=synthetic", f"train.init_from={parent}",
+                                 f"data.cache_dir={data_cache}"], RootConfig)
     p = cfg.parallel
     world = p.tp * p.pp * (p.global_batch_size // p.micro_batch_size)
     plan = validate(cfg, world_size=world)
     assert plan.iters > 0
     if name.startswith("cpt_"):
         assert cfg.stage == "cpt" and cfg.train.tokens == "50B"
+    if name.startswith("sft_"):  # EvoLM's SFT settings (PAPER.md)
+        lr, gbs = {"1b": (1e-5, 128), "4b": (7.5e-6, 256)}[name.split("_")[1]]
+        assert cfg.stage == "sft" and cfg.optim.lr == lr and cfg.parallel.global_batch_size == gbs
+        assert cfg.optim.weight_decay == 0.0 and cfg.optim.warmup_fraction == 0.1 and cfg.train.epochs >= 1
+        assert cfg.sft.prompt_template == "Human: {question}\nAssistant:" and cfg.model.seq_length == 2048

@@ -190,3 +190,38 @@ def test_collate_masks_prompt_and_padding():
     assert batch["position_ids"].tolist() == [list(range(6))] * 2
     with pytest.raises(ValueError):
         collate([a], seq=3, pad_id=0)
+
+
+def test_parquet_and_a_local_hf_dataset_dir(tmp_path, tok_dir):
+    """The same rows from a Parquet file and from a local dataset directory (the hub path: datasets.load_dataset)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"problem": f"What is {i} + {i}?", "solution": f"It is \\boxed{{{2 * i}}}.", "gold": str(2 * i)}
+            for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    hub = tmp_path / "hub_dataset"
+    hub.mkdir()
+    _write(hub / "train.jsonl", rows)
+    got = []
+    for name, inp in (("pq", tmp_path / "rows.parquet"), ("hub", hub)):
+        m = prepare_sft(_cfg(tmp_path, tok_dir, inp, name=name, question_key="problem", answer_key="solution",
+                             reference_key="gold"))
+        assert m["examples"] == 6 and m["counts"]["filtered"] == 0
+        got.append(m["content_sha256"])
+    assert got[0] == got[1]
+    with pytest.raises(ConfigError, match="no column 'question'"):
+        prepare_sft(_cfg(tmp_path, tok_dir, tmp_path / "rows.parquet", name="bad", reference_key="gold"))
+
+
+def test_filter_verdicts_do_not_depend_on_workers(tmp_path, tok_dir, monkeypatch):
+    import evolm_nemo.data.sft_prepare as P
+
+    monkeypatch.setattr(P, "PARALLEL_MIN_ROWS", 1)
+    rows = [{"id": i, "question": f"{q} ({k})", "answer": a, "gold": ref}
+            for k in range(3) for i, q, a, ref, _ in LABELLED]
+    inp = _write(tmp_path / "in.jsonl", rows)
+    one = prepare_sft(_cfg(tmp_path, tok_dir, inp, name="w1", reference_key="gold", workers=1))
+    two = prepare_sft(_cfg(tmp_path, tok_dir, inp, name="w2", reference_key="gold", workers=2))
+    assert one["content_sha256"] == two["content_sha256"] and one["counts"] == two["counts"]
+    assert one["examples"] == 3 * sum(ok for *_, ok in LABELLED)

@@ -1,0 +1,132 @@
+"""SFT throughput: our SFT step (megatron-core engine, prompt-masked loss, microbatches padded to their longest) vs
+transformers' LlamaForCausalLM + torch AdamW on the same padded batch and loss (labels -100 on prompt and padding).
+
+One global batch of examples with a length mix like EvoLM's SFT data (prompt ~1/4 of the tokens, total lengths from
+seq/8 to seq), the same for both sides; AdamW (0.9, 0.95, wd 0), clip 1.0, fp32 on CPU. Rounds are interleaved
+(ours, HF, ...) so machine noise hits both; medians of answer tokens/s and their ratio are printed, with the padding
+fraction of the batch. Goal on CPU: ratio >= 0.9.
+
+    .venv/bin/python benchmarks/sft_throughput.py --rounds 5          # ~30M-parameter shape, CPU
+    .venv/bin/python benchmarks/sft_throughput.py --preset evolm_1b --seq 2048 --batch 8 --micro 8   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import _shape_overrides  # noqa: E402
+
+
+def length_mix(rng, n: int, seq: int) -> list[tuple[np.ndarray, int]]:
+    examples = []
+    for _ in range(n):
+        total = int(rng.integers(max(seq // 8, 4), seq + 2))
+        prompt = max(1, total // 4)
+        examples.append((rng.integers(4, 1000, size=total), prompt))
+    return examples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=None, help="model preset instead of the explicit shape (e.g. evolm_1b)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--ffn", type=int, default=1376)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--seq", type=int, default=256, help="max example length (the model's seq_length)")
+    ap.add_argument("--batch", type=int, default=8, help="examples per optimizer step (the global batch)")
+    ap.add_argument("--micro", type=int, default=8, help="our micro-batch size (HF takes the batch at once)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=4)
+    args = ap.parse_args()
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evolm_nemo.config import RootConfig, compose, validate
+    from evolm_nemo.data.sft import collate
+    from evolm_nemo.runtime.distributed import setup, teardown
+    from evolm_nemo.stages.base import lm_forward_step
+    from evolm_nemo.train.loop import build_training_model, train_step
+
+    cfg = compose("config", _shape_overrides(args) + [f"parallel.micro_batch_size={args.micro}",
+                                                      f"parallel.global_batch_size={args.batch}",
+                                                      "optim.weight_decay=0"], RootConfig)
+    validate(cfg)
+    m = cfg.model
+    rt = setup(1, 1, seed=0, precision="auto")
+    model, optimizer, make_scheduler = build_training_model(cfg, rt)
+    make_scheduler(1000)
+    examples = length_mix(np.random.default_rng(0), args.batch, m.seq_length)
+    groups = [examples[i:i + args.micro] for i in range(0, args.batch, args.micro)]
+    ours_batches = [collate(g, max(len(ids) for ids, _ in g) - 1, pad_id=0) for g in groups]
+    seq_len = max(b["tokens"].shape[1] for b in ours_batches)
+    answer_tokens = int(sum(len(ids) - p for ids, p in examples))
+    real = sum(len(ids) - 1 for ids, _ in examples)
+    padding = 1.0 - real / sum(b["tokens"].numel() for b in ours_batches)
+
+    # HF: the whole batch padded to its longest, labels -100 off the answer, attention mask on the real tokens
+    full = collate(examples, max(len(ids) for ids, _ in examples) - 1, pad_id=0)
+    hf_ids = full["tokens"].to(rt.device)
+    hf_labels = torch.where(full["loss_mask"].bool(), full["labels"], torch.full_like(full["labels"], -100))
+    hf_attn = torch.zeros_like(full["tokens"])
+    for row, (ids, _) in enumerate(examples):
+        hf_attn[row, :len(ids) - 1] = 1
+    hf_labels, hf_attn = hf_labels.to(rt.device), hf_attn.to(rt.device)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups, max_position_embeddings=m.seq_length, rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False)).to(rt.device, rt.dtype)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def ours() -> None:
+        train_step(model, optimizer, ours_batches, lm_forward_step, seq_len, args.micro, rt)
+
+    def theirs() -> None:
+        hf_opt.zero_grad(set_to_none=True)
+        logits = hf(input_ids=hf_ids, attention_mask=hf_attn).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), hf_labels.view(-1),
+                                                 ignore_index=-100)  # the per-token mean over the batch
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        hf_opt.step()
+
+    def timed(fn) -> float:
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            fn()
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        return answer_tokens * args.steps / (time.perf_counter() - t0)
+
+    ours(), theirs()  # warm-up
+    results = {"ours": [], "hf": []}
+    for r in range(args.rounds):
+        results["ours"].append(timed(ours))
+        results["hf"].append(timed(theirs))
+        print(f"round {r + 1}: ours {results['ours'][-1]:,.0f} | HF {results['hf'][-1]:,.0f} answer tok/s", flush=True)
+    ours_tps, hf_tps = statistics.median(results["ours"]), statistics.median(results["hf"])
+    print(f"shape: {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, heads "
+          f"{m.num_attention_heads}/{m.num_query_groups}, vocab {m.vocab_size}, max length {m.seq_length}; batch "
+          f"{args.batch} examples ({answer_tokens:,} answer tokens), ours micro {args.micro}: padding "
+          f"{padding:.1%} (HF, one padded batch: {1.0 - real / full['tokens'].numel():.1%}); {rt.dtype} on "
+          f"{rt.device}")
+    print(f"ours {ours_tps:,.0f} answer tok/s | HF LlamaForCausalLM + AdamW {hf_tps:,.0f} | ratio "
+          f"{ours_tps / hf_tps:.3f}")
+    teardown()
+
+
+if __name__ == "__main__":
+    main()
