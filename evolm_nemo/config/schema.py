@@ -93,6 +93,45 @@ class SFTConfig:
 
 
 @dataclass
+class RLConfig:
+    """PPO / GRPO (NeMo-Aligner's vocabulary where it fits). Defaults are EvoLM's verl 0.2 run as released."""
+
+    algorithm: str = "ppo"  # ppo | grpo (stage=ppo / stage=grpo set it)
+    prompts_per_step: int = 8  # prompts per iteration over all data-parallel ranks (EvoLM 1B: 1024)
+    samples_per_prompt: int = 1  # n responses per prompt (EvoLM PPO: 1; GRPO needs >= 2)
+    rollout_micro_batch_size: int = 32  # prompts per static batch of the inference engine
+    temperature: float = 1.0  # rollout sampling temperature
+    top_p: float = 1.0  # rollout nucleus sampling
+    max_prompt_tokens: int = 1024  # longer prompts are skipped (counted)
+    max_response_tokens: int = 1024  # responses cut here are flagged truncated
+    stop_strings: List[str] = field(default_factory=list)  # besides EOS (EvoLM/verl: EOS only)
+    reward_scoring: str = "strict"  # the answer checker's mode for the verifiable reward: strict | evolm
+    reward_suite: str = "gsm8k_platinum"  # the checker's equivalence rule (math suites)
+    ppo_epochs: int = 1  # passes over each rollout batch (EvoLM: 1)
+    mini_batches: int = 1  # optimizer steps per PPO epoch (EvoLM: 1, mini-batch = batch)
+    ratio_eps: float = 0.2  # policy clip (low side)
+    ratio_eps_high: Optional[float] = None  # clip-higher (DAPO); None: = ratio_eps
+    dual_clip: Optional[float] = 3.0  # dual-clip constant for negative advantages (None: off)
+    value_clip: Optional[float] = 0.5  # critic value clip (None: off)
+    entropy_bonus: float = 0.001  # entropy coefficient
+    discount_factor: float = 1.0  # GAE gamma
+    gae_lambda: float = 1.0  # GAE lambda
+    whiten_advantages: bool = True  # PPO: normalise advantages over the global batch
+    kl: str = "off"  # off | reward (k1 in the reward) | loss (estimator below); EvoLM: off
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (kl=loss)
+    initial_policy_kl_penalty: float = 0.0  # KL coefficient
+    loss_agg: str = "token_mean"  # token_mean (over the global batch) | seq_mean
+    tis_cap: Optional[float] = None  # truncated importance sampling cap (rollouts from another engine/precision)
+    critic_lr: float = 2.0e-5  # critic peak lr (warmup optim.warmup_fraction, then optim.decay_style)
+    critic_init: Optional[str] = None  # critic backbone: None = train.init_from (fresh scalar head) | a checkpoint
+    grpo_normalize_std: bool = True  # GRPO: divide by the group std (false: Dr. GRPO)
+    dynamic_sampling: bool = False  # GRPO: drop groups whose rewards are all equal (DAPO)
+    val_data: Optional[str] = None  # JSONL {id, prompt, gold_answer} for greedy validation
+    val_interval: int = 0  # iterations between validations (0: off)
+    val_size: int = 64  # validation prompts
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny_pretrain"  # run name (directory name under runs/ by default)
     out_dir: str = "runs/tiny_pretrain"  # checkpoints, metrics.jsonl, tensorboard/
@@ -100,7 +139,7 @@ class RunConfig:
 
 @dataclass
 class RootConfig:
-    stage: str = "pretrain"  # pretrain | cpt | sft (evolm_nemo.stages.STAGES)
+    stage: str = "pretrain"  # pretrain | cpt | sft | ppo | grpo (evolm_nemo.stages.STAGES)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -108,4 +147,5 @@ class RootConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)  # stage=sft only
+    rl: RLConfig = field(default_factory=RLConfig)  # stage=ppo | grpo only
     lineage: Any = field(default_factory=dict)  # free-form provenance carried into checkpoints and model cards

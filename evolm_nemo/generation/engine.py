@@ -32,6 +32,7 @@ class Completion:
     text: str  # decoded completion, cut before the first stop string
     ids: list[int]  # generated token ids (EOS excluded; the tokens of a matched stop string included)
     finish: str  # "eos" | "stop" | "length"
+    log_probs: list[float] | None = None  # with return_log_probs: log p of each id (and of EOS last, if it ended so)
 
 
 def _megatron_tokenizer(tokenizer):
@@ -122,6 +123,9 @@ class Generator:
         self.model = model = model.module if hasattr(model, "ddp_config") else model
         self._inner = unwrap_model(model)  # the GPTModel
         self.tokenizer = _megatron_tokenizer(tokenizer)
+        hf = self.tokenizer.hf
+        # Prompts are encoded as evaluation encodes them: with BOS when the tokenizer adds one (Llama-2), else as is.
+        self.add_bos = hf.bos_token_id is not None and hf("x")["input_ids"][:1] == [hf.bos_token_id]
         self.max_seq = int(max_seq)
         self.max_batch = int(max_batch)
         self.progress = progress and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0)
@@ -144,6 +148,11 @@ class Generator:
         # generator, so leave the global one (dropout, data order) alone.
         self.engine.random_seed = None
 
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's token ids as the engine feeds them."""
+        ids = self.tokenizer.tokenize(prompt)
+        return [self.tokenizer.hf.bos_token_id, *ids] if self.add_bos else ids
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None) -> list[str]:
         """Completions of ``prompts`` (text only): greedy at temperature 0, else sampled with top-p or top-k."""
@@ -151,8 +160,10 @@ class Generator:
                                               stop_strings)]
 
     def complete(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None) -> list[Completion]:
-        """Like ``generate``, with the token ids and why each completion ended."""
+                 top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None,
+                 return_log_probs: bool = False) -> list[Completion]:
+        """Like ``generate``, with the token ids and why each completion ended; ``return_log_probs`` adds the engine's
+        log-probability (of the untempered distribution) of every generated token."""
         from megatron.core.inference.sampling_params import SamplingParams
         from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
@@ -163,7 +174,7 @@ class Generator:
         if temperature > 0 and top_k > 0 and top_p < 1.0:
             raise ValueError("use top_p or top_k, not both")
         stop = tuple(s for s in (stop_strings or ()) if s)
-        ids = [self.tokenizer.tokenize(p) for p in prompts]
+        ids = [self.encode(p) for p in prompts]
         for i, p in enumerate(ids):
             if not p:
                 raise ValueError(f"prompt {i} is empty")
@@ -192,8 +203,10 @@ class Generator:
                         top_k=1 if temperature == 0 else int(top_k),
                         top_p=0.0 if temperature == 0 or top_k > 0 or top_p >= 1.0 else float(top_p),
                         num_tokens_to_generate=budget,
+                        return_log_probs=return_log_probs,
                     )
-                    requests = [self.engine.add_request(prompt=prompts[i], sampling_params=params) for i in rows]
+                    requests = [self.engine.add_request(prompt=prompts[i], add_BOS=self.add_bos,
+                                                       sampling_params=params) for i in rows]
                     self.engine.run_engine()
                     pool = self.engine.scheduler.completed_request_pool
                     for i, rid in zip(rows, requests):
@@ -207,9 +220,11 @@ class Generator:
 
     def _completion(self, request, budget: int, stop, cut) -> Completion:
         new = [int(t) for t in request.generated_tokens.tolist()]
+        lps = getattr(request, "generated_log_probs", None)
+        lps = [float(x) for x in lps] if lps is not None else None
         text = self.tokenizer.detokenize(new, skip_special_tokens=True)
         if getattr(request, "stopped_by_string", False):
-            return Completion(cut(text, stop), new, "stop")
+            return Completion(cut(text, stop), new, "stop", lps)
         if stop and cut(text, stop) != text:  # a stop string completed by the budget's last token
-            return Completion(cut(text, stop), new, "stop")
-        return Completion(text, new, "length" if len(new) >= budget else "eos")
+            return Completion(cut(text, stop), new, "stop", lps)
+        return Completion(text, new, "length" if len(new) >= budget else "eos", lps)

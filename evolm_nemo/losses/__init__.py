@@ -6,6 +6,37 @@ microbatches and data-parallel ranks and divides once, so the loss and the gradi
 whole global batch whatever the split into microbatches and ranks.
 """
 
+from evolm_nemo.losses.rl import (
+    constant_groups,
+    entropy_from_logits,
+    gae,
+    group_advantages,
+    kl_estimate,
+    masked_moments,
+    mean_var_from_moments,
+    policy_loss,
+    sequence_mean_weights,
+    truncated_importance_weights,
+    value_loss,
+    whiten,
+    whiten_with,
+)
 from evolm_nemo.losses.token import masked_token_sum, token_mean
 
-__all__ = ["masked_token_sum", "token_mean"]
+__all__ = [
+    "masked_token_sum",
+    "token_mean",
+    "constant_groups",
+    "entropy_from_logits",
+    "gae",
+    "group_advantages",
+    "kl_estimate",
+    "masked_moments",
+    "mean_var_from_moments",
+    "policy_loss",
+    "sequence_mean_weights",
+    "truncated_importance_weights",
+    "value_loss",
+    "whiten",
+    "whiten_with",
+]

@@ -2,25 +2,23 @@
 
 The registry below maps ``stage=<name>`` to its module; validation (``config.validate``) and dispatch
 (``train.loop.run``) both go through it. Each module has ``plan_iters(cfg, dp) -> int`` (checks the stage's data
-and derives the iteration count before anything heavy) and ``build(cfg, plan, rt) -> Stage``.
+and derives the iteration count before anything heavy) and either ``build(cfg, plan, rt) -> Stage`` (the one loop,
+``train.loop.fit``, drives it) or ``run(cfg, plan)`` (a stage with an outer loop of its own: RL).
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Callable
 
 STAGES = {
     "pretrain": "evolm_nemo.stages.pretrain",  # next-token loss on packed documents
     "cpt": "evolm_nemo.stages.pretrain",  # the same objective from train.init_from, on a replay mix
     "sft": "evolm_nemo.stages.sft",  # prompt-masked fine-tuning on a prepared SFT dataset
+    "ppo": "evolm_nemo.stages.rl",  # PPO with verifiable rewards: actor + critic, rollouts from the live actor
+    "grpo": "evolm_nemo.stages.rl",  # GRPO: n samples per prompt, group-relative advantages, no critic
 }
 
 
 def stage_module(name: str) -> ModuleType:
     return importlib.import_module(STAGES[name])
-
-
-def stage_factory(name: str) -> Callable:
-    return stage_module(name).build

@@ -20,7 +20,8 @@ def main(overrides: list[str]) -> int:
         result = run(cfg, plan)
         if result.runtime.is_main and result.losses:
             losses = result.losses
-            print(f"[evolm] done: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} iterations; "
+            what = "reward" if cfg.stage in ("ppo", "grpo") else "loss"  # RL runs hand back the reward history
+            print(f"[evolm] done: {what} {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} iterations; "
                   f"checkpoint {result.checkpoint}", flush=True)
     finally:
         teardown()

@@ -81,6 +81,7 @@ class StepResult:
     loss: float  # per-token mean over the global batch
     tokens: int  # tokens that counted in the loss, over the global batch
     grad_norm: float
+    sums: dict = field(default_factory=dict)  # every requested log key, summed over microbatches and dp replicas
 
 
 def _to_device(batches, device):
@@ -88,12 +89,13 @@ def _to_device(batches, device):
 
 
 def train_step(model, optimizer, batches: list[dict], forward_step: Callable, seq_length: int, micro_batch_size: int,
-               rt: Runtime, forward_only: bool = False) -> StepResult:
+               rt: Runtime, forward_only: bool = False, sum_keys: tuple[str, ...] = ()) -> StepResult:
     """One optimizer step (or, with ``forward_only``, one evaluation) over this rank's microbatches.
 
     ``forward_step(data_iterator, model) -> (output, loss_fn)`` with ``loss_fn(output) -> (loss_sum, n_tokens, logs)``
-    (megatron's contract); ``seq_length`` is the padded length of every microbatch of this step (pipeline stages
-    exchange activations of that shape)."""
+    (megatron's contract; ``logs`` holds at least ``loss_sum`` and ``tokens``, and every key of ``sum_keys``, which
+    are summed over the global batch too); ``seq_length`` is the padded length of every microbatch of this step
+    (pipeline stages exchange activations of that shape)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -108,15 +110,17 @@ def train_step(model, optimizer, batches: list[dict], forward_step: Callable, se
     if not forward_only:
         _, grad_norm, _ = optimizer.step()
     # Loss sums and token counts live on the last pipeline stage (identical on its TP ranks): add over dp replicas.
+    keys = ("loss_sum", "tokens", *sum_keys)
     report = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-    total = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    total = torch.zeros(len(keys), dtype=torch.float64, device=rt.device)
     if report:
-        total[0] = sum(float(x["loss_sum"]) for x in logs)
-        total[1] = sum(float(x["tokens"]) for x in logs)
+        for i, key in enumerate(keys):
+            total[i] = sum(float(x[key]) for x in logs)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
     tokens = int(total[1])
-    return StepResult(float(total[0] / max(tokens, 1)), tokens, float(grad_norm if grad_norm is not None else "nan"))
+    return StepResult(float(total[0] / max(tokens, 1)), tokens, float(grad_norm if grad_norm is not None else "nan"),
+                      {k: float(v) for k, v in zip(keys, total.tolist())})
 
 
 # -------------------------------------------------------------------------------------------------------------- fit
@@ -220,6 +224,9 @@ def fit(cfg: RootConfig, plan: Plan, make_stage: Callable) -> TrainResult:
 
 def run(cfg: RootConfig, plan: Plan) -> TrainResult:
     """Train the stage ``cfg.stage`` names (the registry in ``evolm_nemo.stages``)."""
-    from evolm_nemo.stages import stage_factory
+    from evolm_nemo.stages import stage_module
 
-    return fit(cfg, plan, stage_factory(cfg.stage))
+    module = stage_module(cfg.stage)
+    if hasattr(module, "run"):  # a stage with its own outer loop (RL), reusing this module's pieces
+        return module.run(cfg, plan)
+    return fit(cfg, plan, module.build)

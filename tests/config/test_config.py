@@ -112,7 +112,7 @@ def test_every_experiment_composes_and_validates(name, request, tmp_path, data_c
     # real data files are absent here: validate everything else on the generated corpus
     cfg = compose("config", [f"experiment={name}", "data.source=synthetic", "data.weights=null", "train.init_from=null"],
                   RootConfig)
-    if cfg.stage == "sft":  # SFT needs a parent (its tokenizer and shape): the tiny one, dressed as the experiment's
+    if cfg.stage in ("sft", "ppo", "grpo"):  # post-training needs a parent (its tokenizer and shape): the tiny one, dressed as the experiment's
         parent = _parent_like(request.getfixturevalue("tiny_parent"), cfg, tmp_path / "parent")
         cfg = compose("config", [f"experiment={name}", "data.source=synthetic", f"train.init_from={parent}",
                                  f"data.cache_dir={data_cache}"], RootConfig)

@@ -1,0 +1,94 @@
+"""The RL prompt set: JSONL rows ``{"id", "prompt", "gold_answer"}`` (prompt already templated), as `evolm
+prepare-sft allocation=... rl_output=...` writes them, and its per-iteration order (a pure function of the iteration,
+so a resumed run rolls out the same prompts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.schema import RootConfig
+
+FIELDS = ("id", "prompt", "gold_answer")
+
+
+@dataclass
+class RLPrompts:
+    ids: list[str]
+    prompts: list[str]
+    gold: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def read_prompts(paths: list[str], key: str = "data.paths") -> RLPrompts:
+    from evolm_nemo.fileio import iter_jsonl
+
+    ids, prompts, gold = [], [], []
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(key, f"no RL prompt file {path} (JSONL rows {{id, prompt, gold_answer}}; `evolm "
+                                   "prepare-sft allocation=... rl_output=...` writes one)")
+        for where, row in iter_jsonl(path, key):
+            for f in FIELDS:
+                if not isinstance(row.get(f), str) or not row[f]:
+                    raise ConfigError(where, f"field {f!r} must be a non-empty string (rows: {{id, prompt, "
+                                             "gold_answer}})")
+            ids.append(row["id"])
+            prompts.append(row["prompt"])
+            gold.append(row["gold_answer"])
+    if not prompts:
+        raise ConfigError(key, f"{', '.join(paths)}: no prompts")
+    return RLPrompts(ids, prompts, gold)
+
+
+def prompt_files(cfg: RootConfig) -> list[str]:
+    """``data.paths`` (indexed) or the demo's generated RL set (synthetic, disjoint from its SFT and eval sets)."""
+    if cfg.data.source == "synthetic":
+        from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
+
+        return [str(ensure_synthetic_sft(cfg).rl_path)]
+    if not cfg.data.paths:
+        raise ConfigError("data.paths", f"stage={cfg.stage} needs RL prompt files: data.paths=[rl.jsonl]")
+    return list(cfg.data.paths)
+
+
+class PromptSchedule:
+    """Global prompt index ``g = iteration * P + j`` -> epoch ``g // N``, position ``g % N`` of that epoch's seeded
+    permutation; data-parallel rank ``r`` takes the ``r``-th contiguous slice of the ``P`` prompts."""
+
+    def __init__(self, n: int, per_step: int, seed: int, dp_rank: int, dp: int):
+        self.n, self.per_step, self.seed, self.dp_rank, self.dp = n, per_step, seed, dp_rank, dp
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n),
+                           **{e: p for e, p in self._perms.items() if e == epoch - 1}}
+        return self._perms[epoch]
+
+    def indices(self, iteration: int) -> list[int]:
+        per_rank = self.per_step // self.dp
+        start = iteration * self.per_step + self.dp_rank * per_rank
+        return [int(self._perm(g // self.n)[g % self.n]) for g in range(start, start + per_rank)]
+
+
+def usable_prompts(cfg: RootConfig):
+    """The RL prompts whose encoded length fits ``rl.max_prompt_tokens`` (and leaves room for a response), and how
+    many were skipped."""
+    from evolm_nemo.checkpoint import io as ckpt
+    from evolm_nemo.data.tokenizer import load_tokenizer
+
+    prompts = read_prompts(prompt_files(cfg))
+    ref = ckpt.read_meta(ckpt.resolve(cfg.train.init_from)).get("tokenizer") or cfg.data.tokenizer
+    tok = load_tokenizer(ref, key="train.init_from")
+    limit = min(cfg.rl.max_prompt_tokens, cfg.model.seq_length - 1)
+    lengths = [len(x) for x in tok(prompts.prompts)["input_ids"]]
+    keep = [i for i, n in enumerate(lengths) if n <= limit]
+    kept = RLPrompts([prompts.ids[i] for i in keep], [prompts.prompts[i] for i in keep],
+                     [prompts.gold[i] for i in keep])
+    return kept, len(prompts) - len(keep)

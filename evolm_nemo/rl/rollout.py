@@ -1,0 +1,56 @@
+"""Rollouts from the live actor: megatron-core's inference engine over the actor's current weights (no export, no
+copy), n samples per prompt, with the engine's per-token log-probs; rewards from the shared answer checker."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Rollout:
+    """One rank's rollout batch: sequence ``k`` is sample ``k % n`` of prompt ``k // n`` (groups are contiguous)."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]  # generated ids, EOS appended when the response ended with it
+    engine_logp: list[list[float]]  # the engine's log p per response id (nan for the appended EOS)
+    texts: list[str]
+    truncated: list[bool]  # hit max_response_tokens (or the context) without EOS / stop string
+    gold: list[str]
+    rewards: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def response_lengths(self) -> np.ndarray:
+        return np.array([len(r) for r in self.response_ids])
+
+
+def generate(generator, prompts: list[str], gold: list[str], n: int, rl, eos_id: int, seed: int) -> Rollout:
+    """``n`` samples of every prompt (temperature/top_p from ``rl``), each prompt's samples adjacent."""
+    rep_prompts = [p for p in prompts for _ in range(n)]
+    completions = generator.complete(rep_prompts, rl.max_response_tokens, temperature=rl.temperature,
+                                     top_p=rl.top_p, seed=seed, stop_strings=tuple(rl.stop_strings),
+                                     return_log_probs=True)
+    out = Rollout([], [], [], [], [], [g for g in gold for _ in range(n)])
+    for prompt, c in zip(rep_prompts, completions):
+        ids, lps = list(c.ids), list(c.log_probs or [math.nan] * len(c.ids))
+        if c.finish == "eos":
+            ids.append(eos_id)
+            lps.append(math.nan)  # the engine reports no log p for the token that ended generation
+        out.prompt_ids.append(generator.encode(prompt))
+        out.response_ids.append(ids)
+        out.engine_logp.append(lps)
+        out.texts.append(c.text)
+        out.truncated.append(c.finish == "length")
+    return out
+
+
+def verifiable_rewards(rollout: Rollout, suite: str, mode: str) -> list[float]:
+    """1.0 when the response's final answer is equivalent to the gold answer under the evaluation's checker."""
+    from evolm_nemo.answers import judge
+
+    return [1.0 if judge(suite, text, gold, mode) else 0.0 for text, gold in zip(rollout.texts, rollout.gold)]

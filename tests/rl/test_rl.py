@@ -1,0 +1,157 @@
+"""PPO and GRPO on the one engine (real megatron-core, gloo): the documented contract; EvoLM's preset (one PPO epoch
+over one mini-batch: every ratio exactly 1, the clip never acts, no reference model); the rollout engine's log-probs
+equal the trainer's; a tiny run learns; the split into microbatches and DP ranks changes nothing; TP=2 equals TP=1;
+SIGKILL and resume reproduces the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from evolm_nemo.checkpoint import io as ckpt
+from tests.conftest import REPO, evolm_cmd, run_evolm, subprocess_env
+
+
+def metrics(out) -> dict[int, dict]:
+    return {r["iteration"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r}
+
+
+def rl_args(out, parent, stage="ppo", data=None, *extra):
+    """The contract (`evolm train stage=... train.init_from=<SFT> data.paths=[<rl.jsonl>] train.iters=N`) plus
+    run-local settings."""
+    return [f"run.out_dir={out}", f"stage={stage}", f"train.init_from={parent['sft']}",
+            f"data.paths=[{data or parent['rl']}]", "train.progress=false", "train.tensorboard=false",
+            "train.log_interval=1", "rl.max_response_tokens=48", *extra]
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_contract_and_evolm_preset(tmp_path, rl_parent, stage):
+    out = tmp_path / stage
+    proc = run_evolm("train", rl_args(out, rl_parent, stage, None, "train.iters=2"))
+    rows = metrics(out)
+    assert sorted(rows) == [1, 2]
+    for r in rows.values():
+        assert 0.0 <= r["reward_mean"] <= 1.0 and r["response_length_mean"] > 0
+        # one PPO epoch over one mini-batch (EvoLM's verl run): the ratio is exactly 1, the clip never acts
+        assert r["ratio_mean"] == 1.0 and r["clip_fraction"] == 0.0 and r["kl_old"] == 0.0
+        # the trainer's recomputed log-probs equal the rollout engine's (fp32 on CPU)
+        assert r["logp_mismatch_max"] < 1e-4 and abs(r["prob_ratio_mean"] - 1.0) < 1e-5
+        assert "kl_ref" not in r  # KL off: no reference model exists
+    roles = "actor + critic |" if stage == "ppo" else "actor |"
+    assert roles in proc.stdout and "reference" not in proc.stdout
+    meta = json.loads((ckpt.latest(out / "checkpoints") / "evolm.json").read_text())
+    assert [s["stage"] for s in meta["lineage"]["stages"]][-2:] == ["sft", stage]
+    if stage == "ppo":
+        assert "value_loss" in rows[1] and "explained_variance" in rows[1]
+        critic = json.loads((ckpt.latest(out / "critic") / "evolm.json").read_text())
+        assert critic["head"] == "value" and critic["role"] == "critic"
+
+
+@pytest.mark.parametrize("stage,extra", [
+    ("grpo", ["rl.prompts_per_step=8", "rl.samples_per_prompt=8", "optim.lr=1e-4", "parallel.micro_batch_size=16"]),
+    ("ppo", ["rl.prompts_per_step=8", "rl.samples_per_prompt=4", "optim.lr=1e-4", "rl.critic_lr=1e-3",
+             "parallel.micro_batch_size=16"]),
+])
+def test_a_tiny_run_learns(tmp_path, rl_parent, stage, extra):
+    """8 fixed prompts the SFT model solves now and then: the mean reward rises by a clear margin."""
+    out = tmp_path / stage
+    run_evolm("train", rl_args(out, rl_parent, stage, rl_parent["rl8"], "train.iters=24", "train.epochs=null",
+                               "optim.warmup_fraction=0", *extra))
+    rewards = [r["reward_mean"] for _, r in sorted(metrics(out).items())]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.15, (stage, rewards)
+
+
+GREEDY = ["rl.temperature=0", "rl.prompts_per_step=4", "train.iters=2", "rl.critic_lr=1e-3", "optim.lr=1e-4",
+          "optim.warmup_fraction=0"]  # greedy rollouts: the same responses whichever rank rolls a prompt out
+
+
+def _compare(got, want, keys=("loss", "actor_grad_norm", "value_loss", "critic_grad_norm", "reward_mean",
+                              "response_length_mean"), tol=1e-6):
+    for it in want:
+        for key in keys:
+            assert abs(got[it][key] - want[it][key]) <= tol * max(1.0, abs(want[it][key])), \
+                (it, key, got[it][key], want[it][key])
+
+
+def test_split_into_microbatches_and_ranks_changes_nothing(tmp_path, rl_parent):
+    runs = {}
+    for name, mbs, nproc in (("m4", 4, 1), ("m2", 2, 1), ("m1", 1, 1), ("dp2", 1, 2)):
+        out = tmp_path / name
+        run_evolm("train", rl_args(out, rl_parent, "ppo", None, *GREEDY, f"parallel.micro_batch_size={mbs}"),
+                  nproc=nproc)
+        runs[name] = metrics(out)
+    assert runs["m4"][1]["actor_grad_norm"] > 0 and runs["m4"][2]["actor_grad_norm"] > 0
+    for name in ("m2", "m1", "dp2"):
+        _compare(runs[name], runs["m4"])
+
+
+def test_tp2_equals_tp1(tmp_path, rl_parent):
+    ref, out = tmp_path / "tp1", tmp_path / "tp2"
+    run_evolm("train", rl_args(ref, rl_parent, "ppo", None, *GREEDY, "parallel.micro_batch_size=2"))
+    run_evolm("train", rl_args(out, rl_parent, "ppo", None, *GREEDY, "parallel.micro_batch_size=2",
+                               "parallel.tp=2", "parallel.global_batch_size=8"), nproc=2)
+    _compare(metrics(out), metrics(ref), tol=1e-5)
+
+
+def test_sigkill_mid_rl_then_resume_matches(tmp_path, rl_parent):
+    args = ["train.iters=8", "train.save_interval=2", "train.keep_last=10", "rl.prompts_per_step=8"]
+    full = tmp_path / "full"
+    run_evolm("train", rl_args(full, rl_parent, "ppo", None, *args))
+    want = metrics(full)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(evolm_cmd("train", rl_args(out, rl_parent, "ppo", None, *args)), cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    killed_at, deadline = None, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = ckpt.latest(out / "checkpoints")
+        if done is not None and int(done.name.split("_")[1]) >= 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_at = int(done.name.split("_")[1])
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed_at is not None and killed_at < 8, "the run finished before it could be killed"
+    resumed = run_evolm("train", rl_args(out, rl_parent, "ppo", None, *args))
+    assert "resuming at iteration" in resumed.stdout
+    got = metrics(out)
+    assert sorted(got) == list(range(1, 9))
+    _compare(got, want)
+
+
+@pytest.mark.parametrize("extra,key", [
+    (["stage=grpo", "rl.samples_per_prompt=1"], "rl.samples_per_prompt"),
+    (["rl.kl=loss"], "rl.initial_policy_kl_penalty"),
+    (["rl.kl_estimator=k9"], "rl.kl_estimator"),
+    (["rl.prompts_per_step=3", "parallel.micro_batch_size=2"], "parallel.micro_batch_size"),
+    (["train.init_from=null"], "train.init_from"),
+])
+def test_bad_rl_recipe_is_one_line(tmp_path, rl_parent, extra, key):
+    proc = run_evolm("train", rl_args(tmp_path / "run", rl_parent, "ppo", None, "train.iters=2", *extra), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}:"), proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_prompt_rows_are_one_line(tmp_path, rl_parent):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "prompt": "Human: hi\nAssistant:"}) + "\n")
+    proc = run_evolm("train", rl_args(tmp_path / "run", rl_parent, "ppo", bad, "train.iters=2"), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "gold_answer" in lines[0], proc.stderr
+
+
+def test_pipeline_parallel_is_refused_before_anything_starts(rl_parent):
+    from evolm_nemo.config import ConfigError, RootConfig, compose, validate
+
+    cfg = compose("config", rl_args("/nonexistent/run", rl_parent, "ppo", None, "train.iters=2", "parallel=pp2"),
+                  RootConfig)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=2)
+    assert err.value.key == "parallel.pp"
