@@ -78,7 +78,7 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
         raise ConfigError("parallel.tp", f"world size {world_size} is not divisible by tp*pp={p.tp * p.pp}; "
                                          f"launch a multiple of {p.tp * p.pp} processes")
     dp = world_size // (p.tp * p.pp)
-    if p.global_batch_size % (p.micro_batch_size * dp):
+    if cfg.stage not in ("ppo", "grpo") and p.global_batch_size % (p.micro_batch_size * dp):  # RL: rl.* sizes
         raise ConfigError("parallel.global_batch_size",
                           f"{p.global_batch_size} is not divisible by micro_batch_size*dp = {p.micro_batch_size}*{dp}; "
                           f"use a multiple of {p.micro_batch_size * dp}")

@@ -26,7 +26,7 @@ def rl_args(out, parent, stage="ppo", data=None, *extra):
     run-local settings."""
     return [f"run.out_dir={out}", f"stage={stage}", f"train.init_from={parent['sft']}",
             f"data.paths=[{data or parent['rl']}]", "train.progress=false", "train.tensorboard=false",
-            "train.log_interval=1", "rl.max_response_tokens=48", *extra]
+            "train.log_interval=1", "rl.max_response_tokens=48", "optim.min_lr=0", *extra]
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
