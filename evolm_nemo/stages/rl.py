@@ -64,6 +64,10 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
             raise ConfigError("rl.critic_init", f"no checkpoint at {r.critic_init}")
     if r.val_interval and not r.val_data:
         raise ConfigError("rl.val_data", "rl.val_interval needs a validation JSONL {id, prompt, gold_answer}")
+    if r.val_interval:
+        from evolm_nemo.rl.data import read_prompts
+
+        read_prompts([r.val_data], "rl.val_data")  # exists and is well-formed, before anything starts
     from evolm_nemo.rl.data import usable_prompts
 
     prompts, skipped = usable_prompts(cfg)

@@ -114,10 +114,12 @@ def test_every_experiment_composes_and_validates(name, request, tmp_path, data_c
                   RootConfig)
     if cfg.stage in ("sft", "ppo", "grpo"):  # post-training needs a parent (its tokenizer and shape): the tiny one, dressed as the experiment's
         parent = _parent_like(request.getfixturevalue("tiny_parent"), cfg, tmp_path / "parent")
+        rl = ["rl.prompts_per_step=64", "rl.val_interval=0"] if cfg.stage != "sft" else []  # the demo RL set is small
+        original = cfg
         cfg = compose("config", [f"experiment={name}", "data.source=synthetic", f"train.init_from={parent}",
-                                 f"data.cache_dir={data_cache}"], RootConfig)
+                                 f"data.cache_dir={data_cache}", *rl], RootConfig)
     p = cfg.parallel
-    world = p.tp * p.pp * (p.global_batch_size // p.micro_batch_size)
+    world = p.tp * p.pp * (p.global_batch_size // p.micro_batch_size if cfg.stage not in ("ppo", "grpo") else 1)
     plan = validate(cfg, world_size=world)
     assert plan.iters > 0
     if name.startswith("cpt_"):
@@ -127,3 +129,12 @@ def test_every_experiment_composes_and_validates(name, request, tmp_path, data_c
         assert cfg.stage == "sft" and cfg.optim.lr == lr and cfg.parallel.global_batch_size == gbs
         assert cfg.optim.weight_decay == 0.0 and cfg.optim.warmup_fraction == 0.1 and cfg.train.epochs >= 1
         assert cfg.sft.prompt_template == "Human: {question}\nAssistant:" and cfg.model.seq_length == 2048
+    if name.startswith("ppo_") and "evolm" in name:  # EvoLM's verl run as released (PAPER.md)
+        r, o = original.rl, original.optim
+        lr, critic_lr, prompts = {"1b": (2e-6, 2e-5, 1024), "4b": (1e-6, 1e-5, 2048)}[name.split("_")[1]]
+        assert cfg.stage == "ppo" and (o.lr, r.critic_lr, r.prompts_per_step) == (lr, critic_lr, prompts)
+        assert (r.samples_per_prompt, r.ppo_epochs, r.mini_batches, r.kl) == (1, 1, 1, "off")
+        assert (r.discount_factor, r.gae_lambda, r.ratio_eps, r.dual_clip, r.value_clip, r.entropy_bonus) == \
+            (1.0, 1.0, 0.2, 3.0, 0.5, 0.001)
+        assert (o.weight_decay, o.clip_grad, o.warmup_fraction, o.decay_style) == (0.01, 1.0, 0.1, "constant")
+        assert r.temperature == 1.0 and r.top_p == 1.0 and r.max_prompt_tokens == r.max_response_tokens == 1024
