@@ -46,6 +46,29 @@ def run_evolm(command: str, overrides: list[str], nproc: int = 1, check: bool = 
     return proc
 
 
+def train_then_sigkill(overrides: list[str], out_dir, at_least: int, timeout: float = 300) -> int:
+    """Start `evolm train` in its own process group, SIGKILL the group as soon as a committed checkpoint at iteration
+    >= ``at_least`` exists under ``out_dir``/checkpoints; returns that iteration (asserting the kill happened)."""
+    import signal
+    import time
+
+    from evolm_nemo.checkpoint import io as ckpt
+
+    proc = subprocess.Popen(evolm_cmd("train", overrides), cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    killed_at, deadline = None, time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        done = ckpt.latest(Path(out_dir) / "checkpoints")
+        if done is not None and int(done.name.split("_")[1]) >= at_least:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_at = int(done.name.split("_")[1])
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return killed_at
+
+
 def losses(out_dir) -> dict[int, float]:
     path = Path(out_dir) / "metrics.jsonl"
     return {r["iteration"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r}

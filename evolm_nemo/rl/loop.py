@@ -275,7 +275,7 @@ class RLRun:
                "response_length_mean": float(g[1] / g[3]), "response_length_max": int(mx[0]),
                "truncated_fraction": float(g[2] / g[3]), "logp_mismatch_mean": float(g[4] / max(g[5], 1)),
                "logp_mismatch_max": float(mx[1]), "prob_ratio_mean": float(g[6] / max(g[5], 1)),
-               "rollout_tokens_per_s": float(g[1]) / max(rollout_s, 1e-9) / max(self.cfg.parallel.tp, 1)}
+               "rollout_tokens_per_s": float(g[1]) / max(rollout_s, 1e-9)}  # response tokens, all dp replicas
         if values is not None:  # explained variance of the critic's values for the returns, over the global batch
             mask = torch.cat([b["loss_mask"].flatten() for b in batches])
             ret = torch.cat([b["returns"].flatten() for b in batches])

@@ -6,15 +6,11 @@ SIGKILL and resume reproduces the uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 
 from evolm_nemo.checkpoint import io as ckpt
-from tests.conftest import REPO, evolm_cmd, run_evolm, subprocess_env
+from tests.conftest import run_evolm, train_then_sigkill
 
 
 def metrics(out) -> dict[int, dict]:
@@ -50,6 +46,14 @@ def test_contract_and_evolm_preset(tmp_path, rl_parent, stage):
         assert "value_loss" in rows[1] and "explained_variance" in rows[1]
         critic = json.loads((ckpt.latest(out / "critic") / "evolm.json").read_text())
         assert critic["head"] == "value" and critic["role"] == "critic"
+        # the actor exports like any checkpoint, the critic as a one-label sequence classifier (both verified)
+        run_evolm("export-hf", [f"src={out}", f"dst={tmp_path / 'actor_hf'}", "progress=false"])
+        run_evolm("export-hf", [f"src={out / 'critic'}", f"dst={tmp_path / 'critic_hf'}", "progress=false"])
+        assert json.loads((tmp_path / "actor_hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+        config = json.loads((tmp_path / "critic_hf" / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForSequenceClassification"]
+        assert config.get("num_labels", len(config.get("id2label") or {})) == 1
+        assert "ppo" in (tmp_path / "actor_hf" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("stage,extra", [
@@ -105,19 +109,8 @@ def test_sigkill_mid_rl_then_resume_matches(tmp_path, rl_parent):
     run_evolm("train", rl_args(full, rl_parent, "ppo", None, *args))
     want = metrics(full)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(evolm_cmd("train", rl_args(out, rl_parent, "ppo", None, *args)), cwd=REPO,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    killed_at, deadline = None, time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        done = ckpt.latest(out / "checkpoints")
-        if done is not None and int(done.name.split("_")[1]) >= 2:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed_at = int(done.name.split("_")[1])
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert killed_at is not None and killed_at < 8, "the run finished before it could be killed"
+    killed_at = train_then_sigkill(rl_args(out, rl_parent, "ppo", None, *args), out, at_least=2)
+    assert killed_at < 8
     resumed = run_evolm("train", rl_args(out, rl_parent, "ppo", None, *args))
     assert "resuming at iteration" in resumed.stdout
     got = metrics(out)

@@ -1,16 +1,12 @@
 """Resume: a run SIGKILLed after a checkpoint and resumed reproduces the uninterrupted run's per-step losses (data
 order included); a checkpoint cut short is never used, the previous complete one is."""
 
-import os
 import shutil
-import signal
-import subprocess
-import time
 
 import pytest
 
 from evolm_nemo.checkpoint import io as ckpt
-from tests.conftest import REPO, evolm_cmd, losses, run_evolm, subprocess_env, tiny
+from tests.conftest import losses, run_evolm, tiny, train_then_sigkill
 
 ITERS = 30
 
@@ -27,19 +23,7 @@ def uninterrupted(tmp_path_factory, data_cache):
 
 
 def test_sigkill_then_resume_matches(tmp_path, data_cache, uninterrupted):
-    proc = subprocess.Popen(evolm_cmd("train", _overrides(tmp_path, data_cache)), cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    killed_at = None
-    while time.time() < deadline and proc.poll() is None:
-        done = ckpt.latest(tmp_path / "checkpoints")
-        if done is not None and int(done.name.split("_")[1]) >= 6:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed_at = int(done.name.split("_")[1])
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = train_then_sigkill(_overrides(tmp_path, data_cache), tmp_path, at_least=6)
     assert killed_at < ITERS
     resumed = run_evolm("train", _overrides(tmp_path, data_cache))
     start = int(resumed.stdout.split("resuming at iteration ")[1].split()[0])

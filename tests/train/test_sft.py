@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.data.sft import SFTDataset
-from tests.conftest import REPO, evolm_cmd, losses, run_evolm, subprocess_env, tiny
+from tests.conftest import REPO, run_evolm, subprocess_env, tiny, train_then_sigkill
 from tests.conversion._sources import load_tensors, make_source, make_tokenizer
 
 QUESTIONS = [
@@ -205,19 +202,8 @@ def test_sigkill_mid_epoch_then_resume_matches(tmp_path, data_cache, synthetic_p
     assert meta["lineage"]["stages"][-1]["examples"] == 200
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(evolm_cmd("train", _synthetic_sft(out, data_cache, synthetic_parent, *args)), cwd=REPO,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    killed_at, deadline = None, time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        done = ckpt.latest(out / "checkpoints")
-        if done is not None and int(done.name.split("_")[1]) >= 6:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed_at = int(done.name.split("_")[1])
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert killed_at is not None and killed_at < 25, "the run finished (or left epoch 1) before it could be killed"
+    killed_at = train_then_sigkill(_synthetic_sft(out, data_cache, synthetic_parent, *args), out, at_least=6)
+    assert killed_at < 25, "the run left epoch 1 before it could be killed"
     resumed = run_evolm("train", _synthetic_sft(out, data_cache, synthetic_parent, *args))
     assert "resuming at iteration" in resumed.stdout
     got = metrics(out)
