@@ -13,24 +13,22 @@ fraction of the batch. Goal on CPU: ratio >= 0.9.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import _shape_overrides  # noqa: E402
+from train_throughput import _shape_overrides, interleaved  # noqa: E402
 
 
-def length_mix(rng, n: int, seq: int) -> list[tuple[np.ndarray, int]]:
+def length_mix(rng, n: int, seq: int, vocab: int) -> list[tuple[np.ndarray, int]]:
     examples = []
     for _ in range(n):
         total = int(rng.integers(max(seq // 8, 4), seq + 2))
         prompt = max(1, total // 4)
-        examples.append((rng.integers(4, 1000, size=total), prompt))
+        examples.append((rng.integers(4, min(1000, vocab), size=total), prompt))
     return examples
 
 
@@ -66,7 +64,7 @@ def main() -> None:
     rt = setup(1, 1, seed=0, precision="auto")
     model, optimizer, make_scheduler = build_training_model(cfg, rt)
     make_scheduler(1000)
-    examples = length_mix(np.random.default_rng(0), args.batch, m.seq_length)
+    examples = length_mix(np.random.default_rng(0), args.batch, m.seq_length, m.vocab_size)
     groups = [examples[i:i + args.micro] for i in range(0, args.batch, args.micro)]
     ours_batches = [collate(g, max(len(ids) for ids, _ in g) - 1, pad_id=0) for g in groups]
     seq_len = max(b["tokens"].shape[1] for b in ours_batches)
@@ -101,23 +99,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         hf_opt.step()
 
-    def timed(fn) -> float:
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            fn()
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        return answer_tokens * args.steps / (time.perf_counter() - t0)
-
-    ours(), theirs()  # warm-up
-    results = {"ours": [], "hf": []}
-    for r in range(args.rounds):
-        results["ours"].append(timed(ours))
-        results["hf"].append(timed(theirs))
-        print(f"round {r + 1}: ours {results['ours'][-1]:,.0f} | HF {results['hf'][-1]:,.0f} answer tok/s", flush=True)
-    ours_tps, hf_tps = statistics.median(results["ours"]), statistics.median(results["hf"])
+    ours_tps, hf_tps = interleaved(ours, theirs, answer_tokens, args.steps, args.rounds, rt.device, "answer tok/s")
     print(f"shape: {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, heads "
           f"{m.num_attention_heads}/{m.num_query_groups}, vocab {m.vocab_size}, max length {m.seq_length}; batch "
           f"{args.batch} examples ({answer_tokens:,} answer tokens), ours micro {args.micro}: padding "

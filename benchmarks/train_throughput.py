@@ -25,6 +25,28 @@ def _shape_overrides(args) -> list[str]:
             f"model.vocab_size={args.vocab}", f"model.seq_length={args.seq}"]
 
 
+def interleaved(ours, theirs, tokens_per_step: int, steps: int, rounds: int, device, unit: str = "tok/s"):
+    """Warm both up, then time ``rounds`` interleaved rounds of ``steps`` calls each (ours, theirs, ours, ...);
+    returns the medians of tokens/s ``(ours, theirs)`` and prints each round."""
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return tokens_per_step * steps / (time.perf_counter() - t0)
+
+    ours(), theirs()  # warm-up
+    results = {"ours": [], "hf": []}
+    for r in range(rounds):
+        results["ours"].append(timed(ours))
+        results["hf"].append(timed(theirs))
+        print(f"round {r + 1}: ours {results['ours'][-1]:,.0f} | HF {results['hf'][-1]:,.0f} {unit}", flush=True)
+    return statistics.median(results["ours"]), statistics.median(results["hf"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, help="model preset instead of the explicit shape (e.g. evolm_1b)")
@@ -79,23 +101,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         hf_opt.step()
 
-    def timed(fn) -> float:
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            fn()
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        return args.batch * m.seq_length * args.steps / (time.perf_counter() - t0)
-
-    ours(), theirs()  # warm-up
-    results = {"ours": [], "hf": []}
-    for r in range(args.rounds):
-        results["ours"].append(timed(ours))
-        results["hf"].append(timed(theirs))
-        print(f"round {r + 1}: ours {results['ours'][-1]:,.0f} tok/s | HF {results['hf'][-1]:,.0f} tok/s", flush=True)
-    ours_tps, hf_tps = statistics.median(results["ours"]), statistics.median(results["hf"])
+    ours_tps, hf_tps = interleaved(ours, theirs, args.batch * m.seq_length, args.steps, args.rounds, rt.device)
     print(f"shape: {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, heads "
           f"{m.num_attention_heads}/{m.num_query_groups}, vocab {m.vocab_size}, seq {m.seq_length}, batch {args.batch} "
           f"({param_count(m) / 1e6:.1f}M params), {rt.dtype} on {rt.device}")
