@@ -129,6 +129,7 @@ class RLConfig:
     val_data: Optional[str] = None  # JSONL {id, prompt, gold_answer} for greedy validation
     val_interval: int = 0  # iterations between validations (0: off)
     val_size: int = 64  # validation prompts
+    save_rollouts: bool = False  # write every rollout (prompt/response ids, engine log-probs, reward) to rollouts.jsonl
 
 
 @dataclass

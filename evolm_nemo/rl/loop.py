@@ -15,6 +15,7 @@ the uninterrupted one did.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -219,6 +220,7 @@ class RLRun:
         record.update(self._rollout_metrics(ro, old_logp, batches, values, t1 - t0))
         record.update(time_rollout_s=t1 - t0, time_reward_s=t2 - t1, time_prepare_s=t3 - t2, time_update_s=t4 - t3,
                       groups_dropped=dropped)
+        self.last_rollout = ro
         return record
 
     def _update(self, batches: list[dict]) -> dict:
@@ -287,6 +289,36 @@ class RLRun:
         return rec
 
 
+class RolloutLog:
+    """``rollouts.jsonl``: one row per response (iteration, prompt/response ids, the engine's log-probs, text,
+    reward), written by tensor-parallel rank 0 of every data-parallel replica (``rollouts.dp<r>.jsonl`` beyond dp
+    rank 0); rows past the resumed iteration are dropped first."""
+
+    def __init__(self, path: Path, start: int, dp_rank: int):
+        from megatron.core import parallel_state
+
+        self.enabled = parallel_state.get_tensor_model_parallel_rank() == 0
+        self.path = path if dp_rank == 0 else path.with_name(f"rollouts.dp{dp_rank}.jsonl")
+        if self.enabled and self.path.exists():
+            from evolm_nemo.fileio import write_text
+
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iteration"] <= start]
+            write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, iteration: int, ro: Rollout) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            for k in range(len(ro)):
+                f.write(json.dumps({"iteration": iteration, "prompt_ids": ro.prompt_ids[k],
+                                    "response_ids": ro.response_ids[k],
+                                    "engine_logp": [None if math.isnan(x) else x for x in ro.engine_logp[k]],
+                                    "text": ro.texts[k], "gold_answer": ro.gold[k], "reward": ro.rewards[k],
+                                    "truncated": ro.truncated[k]}) + "\n")
+
+
 def _dp_allreduce_max(t: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
 
@@ -338,10 +370,13 @@ def rl_fit(cfg: RootConfig, plan) -> TrainResult:
         bar = tqdm(total=plan.iters, initial=start, desc=cfg.stage, unit="it", dynamic_ncols=True,
                    mininterval=1.0 if sys.stderr.isatty() else 15.0)
     history, saved = [], None
+    rollouts = RolloutLog(out / "rollouts.jsonl", start, run.dp_rank) if r.save_rollouts else None
     for it in range(start, plan.iters):
         tick = time.perf_counter()
         rec = run.step(it)
         step = it + 1
+        if rollouts is not None:
+            rollouts.write(step, run.last_rollout)
         if val is not None and step % r.val_interval == 0:
             rec["val_accuracy"] = validate_greedy(run, val)
         rec = {"iteration": step, **rec, "step_s": time.perf_counter() - tick}

@@ -28,9 +28,11 @@ def rl_args(out, parent, stage="ppo", data=None, *extra):
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_contract_and_evolm_preset(tmp_path, rl_parent, stage):
     out = tmp_path / stage
-    proc = run_evolm("train", rl_args(out, rl_parent, stage, None, "train.iters=2"))
+    proc = run_evolm("train", rl_args(out, rl_parent, stage, None, "train.iters=2", f"rl.val_data={rl_parent['rl8']}",
+                                      "rl.val_interval=2", "rl.val_size=4"))
     rows = metrics(out)
     assert sorted(rows) == [1, 2]
+    assert "val_accuracy" not in rows[1] and 0.0 <= rows[2]["val_accuracy"] <= 1.0  # greedy validation every 2 steps
     for r in rows.values():
         assert 0.0 <= r["reward_mean"] <= 1.0 and r["response_length_mean"] > 0
         # one PPO epoch over one mini-batch (EvoLM's verl run): the ratio is exactly 1, the clip never acts
@@ -148,3 +150,28 @@ def test_pipeline_parallel_is_refused_before_anything_starts(rl_parent):
     with pytest.raises(ConfigError) as err:
         validate(cfg, world_size=2)
     assert err.value.key == "parallel.pp"
+
+
+def test_engine_log_probs_equal_the_exported_actor(tmp_path, rl_parent):
+    """The rollout engine's per-token log-probs equal transformers' on the HF export of the same weights (lr 0, so the
+    saved actor is the one that rolled out)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    run_evolm("train", rl_args(out, rl_parent, "ppo", None, "train.iters=1", "optim.lr=0", "rl.save_rollouts=true"))
+    run_evolm("export-hf", [f"src={out}", f"dst={tmp_path / 'hf'}", "progress=false"])
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(r["iteration"] == 1 for r in rows)
+    worst, compared = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
+            logp = torch.log_softmax(hf(input_ids=ids).logits[0, :-1].float(), -1)
+            start = len(r["prompt_ids"]) - 1
+            for i, (tok, eng) in enumerate(zip(r["response_ids"], r["engine_logp"])):
+                if eng is not None:
+                    worst = max(worst, abs(float(logp[start + i, tok]) - eng))
+                    compared += 1
+    assert compared > 50 and worst < 1e-4, (compared, worst)
