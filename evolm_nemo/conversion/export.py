@@ -51,7 +51,15 @@ def parse_dtype(text: str, key: str = "dtype") -> torch.dtype | None:
     return hf.DTYPES[text]
 
 
-def check_dst(dst: Path, overwrite: bool, key: str = "dst") -> None:
+def check_dst(dst: Path, overwrite: bool, key: str = "dst", sources: tuple = ()) -> None:
+    """``dst`` may be created (or, with ``overwrite``, replaced) without touching any of ``sources``: it must not be
+    one of them, lie inside one, or contain one (replacing it would delete what this command reads)."""
+    for src in sources:
+        if src is None:
+            continue
+        src = Path(src).expanduser().resolve()
+        if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+            raise ConfigError(key, f"{dst} overlaps the source {src}; write the output elsewhere")
     if dst.exists() and not overwrite:
         raise ConfigError(key, f"{dst} already exists; pass overwrite=true to replace it")
     if dst.exists() and not dst.is_dir():
@@ -363,7 +371,8 @@ def export(cfg) -> Path:
     if head not in ("lm", "value"):
         raise ConfigError("src", f"{ckpt}: unknown head {head!r} in evolm.json")
     dst = Path(cfg.dst).expanduser().resolve()
-    check_dst(dst, cfg.overwrite)
+    check_dst(dst, cfg.overwrite, sources=(cfg.src, ckpt, cfg.tokenizer if cfg.tokenizer and
+                                           Path(cfg.tokenizer).expanduser().exists() else None))
     out_dtype = parse_dtype(cfg.dtype)
     max_bytes = hf.parse_size(cfg.max_shard_size)
     if cfg.verify and cfg.verify_tol <= 0:

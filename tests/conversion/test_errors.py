@@ -145,3 +145,27 @@ def test_cli_process_one_line_exit_2(good, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: hidden_act: 'gelu_new' is not supported; only silu (SwiGLU)"]
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_output_overlapping_the_source_is_refused_even_with_overwrite(good, tmp_path, capsys, where):
+    """import-hf / export-hf with dst equal to, inside or around src would delete what they read: refused in one
+    line, the source untouched."""
+    from evolm_nemo.cli import main
+
+    src = variant(good, tmp_path)
+    before = sorted(p.name for p in src.iterdir())
+    dst = {"same": src, "inside": src / "out", "parent": tmp_path}[where]
+    assert main(["import-hf", f"src={src}", f"dst={dst}", "overwrite=true", "progress=false"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: dst:") and "overlaps the source" in lines[0], lines
+    assert sorted(p.name for p in src.iterdir()) == before
+    # export-hf likewise (the source is a megatron checkpoint imported here)
+    ckpt = tmp_path / "ckpt"
+    assert main(["import-hf", f"src={src}", f"dst={ckpt}", "progress=false"]) == 0
+    capsys.readouterr()
+    target = {"same": ckpt, "inside": ckpt / "iter_0000000" / "hf", "parent": tmp_path}[where]
+    assert main(["export-hf", f"src={ckpt}", f"dst={target}", "overwrite=true", "progress=false"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "overlaps the source" in lines[0], lines
+    assert (ckpt / "iter_0000000" / "evolm.json").is_file()
