@@ -61,6 +61,38 @@ def _manifest(directory: Path) -> dict[str, int]:
             if p.is_file() and p.name != META}
 
 
+_LOCKS: dict[str, object] = {}  # run dir -> open lock file, held for the life of the process
+
+
+def lock_run_dir(out: str | Path) -> None:
+    """Collective. Rank 0 takes an exclusive lock on ``<out>/.lock`` (held until the process ends), so a second
+    training into the same run directory refuses in one line instead of clashing with the first."""
+    import fcntl
+
+    from evolm_nemo.config.errors import ConfigError
+
+    out = Path(out)
+    holder = None
+    if _rank() == 0 and str(out.resolve()) not in _LOCKS:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / ".lock", "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            _LOCKS[str(out.resolve())] = f
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+    holder = _broadcast(holder)
+    if holder is not None:
+        raise ConfigError("run.out_dir", f"{out} is in use by another training (pid {holder}); wait for it to end or "
+                                         "pick another run.out_dir")
+
+
 def is_complete(directory: Path) -> bool:
     """True when ``directory`` is a committed checkpoint whose files all match its manifest."""
     meta_path = Path(directory) / META

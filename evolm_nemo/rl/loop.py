@@ -346,6 +346,7 @@ def rl_fit(cfg: RootConfig, plan) -> TrainResult:
         val = type(val)(val.ids[:r.val_size], val.prompts[:r.val_size], val.gold[:r.val_size])
     out = Path(cfg.run.out_dir)
     root, critic_root = out / "checkpoints", out / "critic"
+    ckpt.lock_run_dir(out)
     run = RLRun(cfg, plan, rt, prompts)
     layout = {"tp": p.tp, "pp": p.pp, "dp": plan.dp}
     start, parent_meta = run.load(root, critic_root, layout)

@@ -164,6 +164,7 @@ def fit(cfg: RootConfig, plan: Plan, make_stage: Callable) -> TrainResult:
     out = Path(cfg.run.out_dir)
     root = out / "checkpoints"
     stage = make_stage(cfg, plan, rt)  # data and tokenizer checks happen here, before the run directory exists
+    ckpt.lock_run_dir(out)
 
     model, optimizer, make_scheduler = build_training_model(cfg, rt, stage.model_builder)
     scheduler = make_scheduler(plan.iters)

@@ -54,3 +54,29 @@ def test_cut_short_checkpoint_is_skipped(tmp_path, data_cache, uninterrupted):
     for it in range(ITERS - 2, ITERS + 1):
         assert abs(got[it] - want[it]) <= 1e-6
     assert ckpt.latest(root).name == f"iter_{ITERS:07d}" and ckpt.is_complete(ckpt.latest(root))
+
+
+def test_a_second_training_into_a_busy_run_dir_refuses(tmp_path, data_cache):
+    """Two trainings into one run directory at once: the second refuses in one line and the first finishes."""
+    import subprocess
+    import time
+
+    from tests.conftest import REPO, evolm_cmd, subprocess_env
+
+    first = subprocess.Popen(evolm_cmd("train", tiny(tmp_path, data_cache, "train.iters=400")), cwd=REPO,
+                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended too early"
+        second = run_evolm("train", tiny(tmp_path, data_cache, "train.iters=400"), check=False)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: run.out_dir:"), lines
+        assert "in use by another training" in lines[0]
+        assert first.wait(timeout=300) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    rerun = run_evolm("train", tiny(tmp_path, data_cache, "train.iters=400"))  # free again once the first ended
+    assert rerun.returncode == 0
