@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import _shape_overrides, interleaved  # noqa: E402
+from train_throughput import _shape_overrides, add_shape_args, hf_twin, interleaved  # noqa: E402
 
 
 def length_mix(rng, n: int, seq: int, vocab: int) -> list[tuple[np.ndarray, int]]:
@@ -34,21 +34,13 @@ def length_mix(rng, n: int, seq: int, vocab: int) -> list[tuple[np.ndarray, int]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default=None, help="model preset instead of the explicit shape (e.g. evolm_1b)")
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--ffn", type=int, default=1376)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--groups", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=8000)
+    add_shape_args(ap)
     ap.add_argument("--seq", type=int, default=256, help="max example length (the model's seq_length)")
     ap.add_argument("--batch", type=int, default=8, help="examples per optimizer step (the global batch)")
     ap.add_argument("--micro", type=int, default=8, help="our micro-batch size (HF takes the batch at once)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
-
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from evolm_nemo.config import RootConfig, compose, validate
     from evolm_nemo.data.sft import collate
@@ -80,11 +72,7 @@ def main() -> None:
     for row, (ids, _) in enumerate(examples):
         hf_attn[row, :len(ids) - 1] = 1
     hf_labels, hf_attn = hf_labels.to(rt.device), hf_attn.to(rt.device)
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_query_groups, max_position_embeddings=m.seq_length, rms_norm_eps=m.norm_eps,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False)).to(rt.device, rt.dtype)
+    hf = hf_twin(m, rt)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
 
     def ours() -> None:

@@ -25,6 +25,28 @@ def _shape_overrides(args) -> list[str]:
             f"model.vocab_size={args.vocab}", f"model.seq_length={args.seq}"]
 
 
+def add_shape_args(ap) -> None:
+    """The model-shape options both throughput scripts take (``_shape_overrides`` turns them into overrides)."""
+    ap.add_argument("--preset", default=None, help="model preset instead of the explicit shape (e.g. evolm_1b)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--ffn", type=int, default=1376)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8000)
+
+
+def hf_twin(m, rt):
+    """A transformers LlamaForCausalLM of the same shape as model config ``m`` (random init), on ``rt``'s device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups, max_position_embeddings=m.seq_length, rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False)).to(rt.device, rt.dtype)
+
+
 def interleaved(ours, theirs, tokens_per_step: int, steps: int, rounds: int, device, unit: str = "tok/s"):
     """Warm both up, then time ``rounds`` interleaved rounds of ``steps`` calls each (ours, theirs, ours, ...);
     returns the medians of tokens/s ``(ours, theirs)`` and prints each round."""
@@ -49,20 +71,12 @@ def interleaved(ours, theirs, tokens_per_step: int, steps: int, rounds: int, dev
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default=None, help="model preset instead of the explicit shape (e.g. evolm_1b)")
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--ffn", type=int, default=1376)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--groups", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=8000)
+    add_shape_args(ap)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
-
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from evolm_nemo.config import RootConfig, compose, validate
     from evolm_nemo.model.build import flops_per_token, param_count
@@ -83,11 +97,7 @@ def main() -> None:
              "loss_mask": torch.ones(args.batch, m.seq_length),
              "position_ids": torch.arange(m.seq_length).unsqueeze(0).expand(args.batch, -1).contiguous()}
 
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_query_groups, max_position_embeddings=m.seq_length, rms_norm_eps=m.norm_eps,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False)).to(rt.device, rt.dtype)
+    hf = hf_twin(m, rt)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     hf_tokens = tokens.to(rt.device)
 
