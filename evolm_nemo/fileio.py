@@ -63,3 +63,14 @@ def iter_jsonl(path: str | Path, key: str = "input") -> Iterator[tuple[str, dict
 
 def read_jsonl(path: str | Path, key: str = "input") -> list[dict]:
     return [row for _, row in iter_jsonl(path, key)]
+
+
+def drop_rows_after(path: str | Path, iteration: int) -> None:
+    """Rewrite a per-iteration JSONL log (atomically) without the rows of iterations after ``iteration``: what an
+    interrupted run wrote past the checkpoint it resumes from."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+    write_text(path, "".join(line + "\n" for line in kept))

@@ -94,9 +94,9 @@ class SFTConfig:
 
 @dataclass
 class RLConfig:
-    """PPO / GRPO (NeMo-Aligner's vocabulary where it fits). Defaults are EvoLM's verl 0.2 run as released."""
+    """PPO / GRPO (NeMo-Aligner's vocabulary where it fits; ``stage`` names the algorithm). Defaults are EvoLM's verl
+    0.2 run as released."""
 
-    algorithm: str = "ppo"  # ppo | grpo (stage=ppo / stage=grpo set it)
     prompts_per_step: int = 8  # prompts per iteration over all data-parallel ranks (EvoLM 1B: 1024)
     samples_per_prompt: int = 1  # n responses per prompt (EvoLM PPO: 1; GRPO needs >= 2)
     rollout_micro_batch_size: int = 32  # prompts per static batch of the inference engine

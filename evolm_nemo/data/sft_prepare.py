@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 import unicodedata
@@ -189,7 +190,6 @@ def judge_rows(rows: list[Row], cfg: PrepareSFTConfig) -> list[bool]:
     """The checker's verdict for every row's response against its reference, in worker processes for large inputs
     (spawned: each starts its own bounded checker; the verdicts are the same for any ``workers``)."""
     import multiprocessing
-    import os
 
     from tqdm import tqdm
 
@@ -365,7 +365,9 @@ def prepare_sft(cfg: PrepareSFTConfig, rows: Optional[Iterable[tuple[str, object
         split_info = {"allocation": cfg.allocation, "sft": len(pool), "rl": len(rl_rows), "seed": cfg.seed,
                       "sft_questions_sha256": _sha(r.key for r in pool),
                       "rl_questions_sha256": _sha(r.key for r in rl_rows),
-                      "rl_output": str(Path(cfg.rl_output)) if cfg.rl_output else None}
+                      # relative to the dataset directory, so the pair can move together
+                      "rl_output": os.path.relpath(Path(cfg.rl_output).resolve(), Path(cfg.output).resolve())
+                      if cfg.rl_output else None}
     if not pool:
         raise ConfigError("input", f"{cfg.input}: nothing left after filtering ({json.dumps(counts.__dict__)})")
 

@@ -113,7 +113,5 @@ def _build(out: Path, cfg: RootConfig, tok, ref: str) -> None:
                             allocation=f"{s.synthetic_examples}/{RL_EXAMPLES}", rl_output=str(out / "rl.jsonl"),
                             seed=s.synthetic_seed, cutoff=cfg.model.seq_length + 1, progress=False)
     manifest = prepare_sft(prep, rows=rows, tokenizer=tok)
-    manifest["split"]["rl_output"] = "../rl.jsonl"  # not the temporary build path
-    (out / "sft" / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     (out / DONE).write_text(json.dumps({"sft": manifest["examples"], "rl": manifest["split"]["rl"],
                                         "eval": len(held_out)}) + "\n")

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.compose import to_dict
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.fileio import drop_rows_after
 from evolm_nemo.losses import rl as L
 from evolm_nemo.rl import objectives as O
 from evolm_nemo.rl.data import PromptSchedule, prompt_files, read_prompts, usable_prompts
@@ -42,11 +43,12 @@ ACTOR_KEYS = ("entropy_sum", "kl_ref_sum", "response_tokens", "clip_count", "dua
 CRITIC_KEYS = ("value_clip_count",)
 
 
-def _dp_allreduce(t: torch.Tensor) -> torch.Tensor:
+def _dp_allreduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In place over the data-parallel replicas (tensor-parallel ranks hold the same values already)."""
     from megatron.core import parallel_state
 
     if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(t, op=op, group=parallel_state.get_data_parallel_group())
     return t
 
 
@@ -69,7 +71,7 @@ class RLRun:
         from evolm_nemo.model.heads import build_value_model
 
         self.cfg, self.plan, self.rt, self.rl = cfg, plan, rt, cfg.rl
-        self.grpo = cfg.rl.algorithm == "grpo"
+        self.grpo = cfg.stage == "grpo"
         p, r = cfg.parallel, cfg.rl
         self.dp, self.dp_rank = plan.dp, parallel_state.get_data_parallel_rank()
         self.prompts = prompts
@@ -175,6 +177,8 @@ class RLRun:
                 rw = [x - r.initial_policy_kl_penalty * (a - b) for x, a, b in zip(rw, old_logp[k], ref_logp[k])]
             rewards.append(rw)
         extra = {"old_logp": old_logp, "rewards": rewards}
+        if r.tis_cap is not None:
+            extra["engine_logp"] = ro.engine_logp
         if ref_logp is not None:
             extra["ref_logp"] = ref_logp
         keep = [1.0] * n
@@ -189,8 +193,8 @@ class RLRun:
             extra["advantages"] = [[float(adv[k]) * keep[k]] * len(ro.response_ids[k]) for k in range(n)]
             values = None
         else:
-            vb = self._microbatches(ro, order, {})
-            values = self._per_token(O.forward_collect(self.critic, vb, O.value_forward_step, mbs, rt), vb, order, n)
+            values = self._per_token(O.forward_collect(self.critic, base, O.value_forward_step, mbs, rt), base, order,
+                                     n)
             extra["old_values"] = values
         batches = self._microbatches(ro, order, extra)
         if not self.grpo:
@@ -203,10 +207,9 @@ class RLRun:
                 mean, var = _global_moments(flat, mask)
                 for b in batches:
                     b["advantages"] = L.whiten_with(b["advantages"], b["loss_mask"], mean, var)
-        if r.tis_cap is not None:
-            for b, rows in zip(batches, [order[i:i + mbs] for i in range(0, n, mbs)]):
-                eng = O.collate([(ro.prompt_ids[k] + ro.response_ids[k], len(ro.prompt_ids[k])) for k in rows],
-                                {"e": [ro.engine_logp[k] for k in rows]}, self.eos)["e"]
+        if r.tis_cap is not None:  # the engine reports no log p for a final EOS: weight 1 there
+            for b in batches:
+                eng = b.pop("engine_logp")
                 eng = torch.where(torch.isnan(eng), b["old_logp"], eng)
                 b["tis"] = L.truncated_importance_weights(b["old_logp"], eng, r.tis_cap)
         for b, k0 in zip(batches, range(0, n, mbs)):
@@ -272,7 +275,8 @@ class RLRun:
         local = torch.tensor([sum(ro.rewards), float(lengths.sum()), float(sum(ro.truncated)), n, sum(diffs),
                               float(len(diffs)), sum(ratios)], dtype=torch.float64)
         g = _dp_allreduce(local.clone())
-        mx = _dp_allreduce_max(torch.tensor([float(lengths.max()), max(diffs, default=0.0)], dtype=torch.float64))
+        mx = _dp_allreduce(torch.tensor([float(lengths.max()), max(diffs, default=0.0)], dtype=torch.float64),
+                           dist.ReduceOp.MAX)
         rec = {"reward_mean": float(g[0] / g[3]), "correct_ratio": float(g[0] / g[3]),
                "response_length_mean": float(g[1] / g[3]), "response_length_max": int(mx[0]),
                "truncated_fraction": float(g[2] / g[3]), "logp_mismatch_mean": float(g[4] / max(g[5], 1)),
@@ -299,12 +303,8 @@ class RolloutLog:
 
         self.enabled = parallel_state.get_tensor_model_parallel_rank() == 0
         self.path = path if dp_rank == 0 else path.with_name(f"rollouts.dp{dp_rank}.jsonl")
-        if self.enabled and self.path.exists():
-            from evolm_nemo.fileio import write_text
-
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= start]
-            write_text(self.path, "".join(line + "\n" for line in kept))
+        if self.enabled:
+            drop_rows_after(self.path, start)
 
     def write(self, iteration: int, ro: Rollout) -> None:
         if not self.enabled:
@@ -317,14 +317,6 @@ class RolloutLog:
                                     "engine_logp": [None if math.isnan(x) else x for x in ro.engine_logp[k]],
                                     "text": ro.texts[k], "gold_answer": ro.gold[k], "reward": ro.rewards[k],
                                     "truncated": ro.truncated[k]}) + "\n")
-
-
-def _dp_allreduce_max(t: torch.Tensor) -> torch.Tensor:
-    from megatron.core import parallel_state
-
-    if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
-    return t
 
 
 def validate_greedy(run: RLRun, val) -> float:
@@ -358,7 +350,7 @@ def rl_fit(cfg: RootConfig, plan) -> TrainResult:
               f"samples, {r.ppo_epochs} epoch(s) x {r.mini_batches} mini-batch(es) | {len(prompts):,} RL prompts"
               + (f" | resuming at iteration {start}" if start else ""), flush=True)
     record = {"data": cfg.data.hf_dataset or ",".join(prompt_files(cfg)), "prompts": len(prompts),
-              "algorithm": r.algorithm, "rollouts": plan.iters * r.prompts_per_step * r.samples_per_prompt}
+              "algorithm": cfg.stage, "rollouts": plan.iters * r.prompts_per_step * r.samples_per_prompt}
     lineage = parent_meta.get("lineage") if resumed else _lineage(cfg, parent_meta, record)
     tokenizer_ref = os.path.abspath(run.tokenizer_ref) if os.path.isdir(run.tokenizer_ref) else run.tokenizer_ref
     meta = {"model": dataclasses.asdict(cfg.model), "config": to_dict(cfg), "tokenizer": tokenizer_ref,

@@ -14,7 +14,6 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     from evolm_nemo.answers import SUITE_KIND
 
     t, r, p = cfg.train, cfg.rl, cfg.parallel
-    r.algorithm = cfg.stage  # stage=ppo | grpo names the algorithm
     for key, options in CHOICES.items():
         if getattr(r, key) not in options:
             raise ConfigError(f"rl.{key}", f"must be one of {', '.join(options)}; got {getattr(r, key)!r}")
@@ -85,5 +84,4 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
 def run(cfg: RootConfig, plan):
     from evolm_nemo.rl.loop import rl_fit
 
-    cfg.rl.algorithm = cfg.stage
     return rl_fit(cfg, plan)

@@ -188,6 +188,7 @@ class SFTStage(Stage):
         self.same_length = p.pp > 1
         self.epochs_used = -(-plan.iters * self.gbs // self.n)
         self._perms: dict[int, np.ndarray] = {}
+        self._last = None  # (iteration, microbatch groups, padded lengths)
         self.answer_total = 0
 
     # --- order
@@ -207,10 +208,14 @@ class SFTStage(Stage):
         g = np.arange(iteration * self.gbs, (iteration + 1) * self.gbs)
         return np.array([self._perm(int(x // self.n))[x % self.n] for x in g], dtype=np.int64)
 
-    def _groups(self, iteration: int) -> list[np.ndarray]:
-        """All microbatches of the global batch, dp rank by dp rank."""
-        ex = self.examples(iteration)
-        return [ex[i:i + self.mbs] for i in range(0, self.gbs, self.mbs)]
+    def _layout(self, iteration: int) -> tuple[list[np.ndarray], list[int]]:
+        """All microbatches of the global batch (dp rank by dp rank) and their padded lengths; the step's metrics
+        reuse what its microbatches computed."""
+        if self._last is None or self._last[0] != iteration:
+            ex = self.examples(iteration)
+            groups = [ex[i:i + self.mbs] for i in range(0, self.gbs, self.mbs)]
+            self._last = (iteration, groups, self._padded_length(groups))
+        return self._last[1], self._last[2]
 
     def _padded_length(self, groups: list[np.ndarray]) -> list[int]:
         lengths = [int(self.view.length[g].max()) - 1 for g in groups]
@@ -223,8 +228,7 @@ class SFTStage(Stage):
 
     # --- Stage API
     def microbatches(self, iteration: int):
-        groups = self._groups(iteration)
-        lengths = self._padded_length(groups)
+        groups, lengths = self._layout(iteration)
         per_rank = len(groups) // self.dp
         mine = range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
         return [collate([(self.view.ids(int(i)), int(self.view.prompt_len[i])) for i in groups[k]], lengths[k],
@@ -250,8 +254,7 @@ class SFTStage(Stage):
                 "template": self.view.sets[0].manifest.get("template")}
 
     def metrics(self, iteration, result, step_s, peak_flops, world_size):
-        groups = self._groups(iteration)
-        lengths = self._padded_length(groups)
+        groups, lengths = self._layout(iteration)
         real = int(sum(self.view.length[g].sum() - len(g) for g in groups))
         padded = int(sum(n * len(g) for g, n in zip(groups, lengths)))
         self.answer_total += result.tokens

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from evolm_nemo.fileio import write_text
+from evolm_nemo.fileio import drop_rows_after
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -39,10 +39,7 @@ class MetricsWriter:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iteration", 0) <= truncate_after]
-            write_text(self.path, "".join(line + "\n" for line in kept))
+        drop_rows_after(self.path, truncate_after)
         self.file = self.path.open("a")
         if tensorboard:
             try:
