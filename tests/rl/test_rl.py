@@ -28,8 +28,9 @@ def rl_args(out, parent, stage="ppo", data=None, *extra):
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_contract_and_evolm_preset(tmp_path, rl_parent, stage):
     out = tmp_path / stage
+    options = ["rl.tis_cap=5.0", "rl.loss_agg=seq_mean"] if stage == "grpo" else []  # those paths run too
     proc = run_evolm("train", rl_args(out, rl_parent, stage, None, "train.iters=2", f"rl.val_data={rl_parent['rl8']}",
-                                      "rl.val_interval=2", "rl.val_size=4"))
+                                      "rl.val_interval=2", "rl.val_size=4", *options))
     rows = metrics(out)
     assert sorted(rows) == [1, 2]
     assert "val_accuracy" not in rows[1] and 0.0 <= rows[2]["val_accuracy"] <= 1.0  # greedy validation every 2 steps
