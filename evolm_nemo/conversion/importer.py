@@ -49,6 +49,15 @@ def _check_layout(m, tp: int, pp: int) -> None:
 
 
 def import_hf(cfg) -> Path:
+    """Run the command described by ``cfg`` (conversion.cli.ImportHFConfig). Returns the checkpoint directory.
+    The one-rank process group it creates is gone when it returns."""
+    from evolm_nemo.runtime.distributed import owned_group
+
+    with owned_group():
+        return _import_hf(cfg)
+
+
+def _import_hf(cfg) -> Path:
     """Run an import described by ``cfg`` (conversion.cli.ImportHFConfig). Returns the checkpoint directory."""
     from tqdm import tqdm
 

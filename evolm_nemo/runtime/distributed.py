@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -85,3 +86,15 @@ def teardown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def owned_group():
+    """For one-process commands called as a library (import-hf, export-hf): whatever group such a command creates is
+    torn down when it ends, so the calling process is left as it was; a group the caller already had is kept."""
+    owned = not dist.is_initialized()
+    try:
+        yield
+    finally:
+        if owned and dist.is_initialized():
+            teardown()

@@ -163,6 +163,9 @@ def test_output_overlapping_the_source_is_refused_even_with_overwrite(good, tmp_
     # export-hf likewise (the source is a megatron checkpoint imported here)
     ckpt = tmp_path / "ckpt"
     assert main(["import-hf", f"src={src}", f"dst={ckpt}", "progress=false"]) == 0
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the command's one-rank group is torn down: the calling process is as it was
     capsys.readouterr()
     target = {"same": ckpt, "inside": ckpt / "iter_0000000" / "hf", "parent": tmp_path}[where]
     assert main(["export-hf", f"src={ckpt}", f"dst={target}", "overwrite=true", "progress=false"]) == 2
