@@ -12,10 +12,13 @@ from evolm_nemo.config.errors import ConfigError
 
 # command -> (module:function, one-line help). Each function takes the list of key=value overrides.
 COMMANDS = {
-    "train": ("evolm_nemo.train.entry:main", "train a stage (pretrain | cpt | sft): torchrun for >1 process"),
+    "train": ("evolm_nemo.train.entry:main", "train a stage (pretrain | cpt | sft | ppo | grpo | rm | dpo): "
+                                             "torchrun for >1 process"),
     "prepare": ("evolm_nemo.data.prepare:main", "tokenize JSONL / Parquet / an HF dataset into megatron .bin/.idx"),
     "prepare-sft": ("evolm_nemo.data.sft_prepare:main", "question/response rows -> filtered, tokenized SFT dataset "
                                                         "(+ disjoint RL set)"),
+    "prepare-rm": ("evolm_nemo.data.rm:main", "scored completions / preference rows -> reward-model or DPO dataset "
+                                              "(outcome examples or pairs)"),
     "pipeline": ("evolm_nemo.pipeline:main", "the embedded default: the tiny pipeline end to end on CPU"),
     "export-hf": ("evolm_nemo.conversion.cli:export_hf", "megatron checkpoint -> verified HF LlamaForCausalLM"),
     "import-hf": ("evolm_nemo.conversion.cli:import_hf", "HF Llama-family checkpoint -> megatron checkpoint"),

@@ -84,3 +84,21 @@ def tiny(out_dir, cache: str, *extra: str) -> list[str]:
     """Overrides for a small, fast tiny-model run."""
     return [f"run.out_dir={out_dir}", f"data.cache_dir={cache}", "data.synthetic_docs=400", "train.progress=false",
             "train.tensorboard=false", "train.log_interval=1", *extra]
+
+
+@pytest.fixture(scope="session")
+def sft_parent(tmp_path_factory):
+    """One SFT parent for the RL, RM and DPO tests: the demo's pretraining, then SFT on the demo's generated word
+    problems (a model that solves some of them, so rewards carry signal). Also the demo's RL set and a fixed
+    8-prompt subset of it (a task the tiny model can learn in a few steps)."""
+    root = tmp_path_factory.mktemp("sft_parent")
+    cache = root / "cache"
+    common = [f"data.cache_dir={cache}", "train.progress=false", "train.tensorboard=false"]
+    run_evolm("train", ["experiment=demo", f"run.out_dir={root / 'pre'}", *common])
+    run_evolm("train", ["experiment=demo_sft", f"run.out_dir={root / 'sft'}", f"train.init_from={root / 'pre'}",
+                        "train.epochs=3", *common])
+    rl = next(Path(cache).glob("synthetic-sft-*/rl.jsonl"))
+    small = root / "rl8.jsonl"
+    small.write_text("".join(rl.read_text().splitlines(keepends=True)[:8]))
+    return {"sft": root / "sft", "rl": rl, "rl8": small, "cache": cache,
+            "eval": next(Path(cache).glob("synthetic-sft-*/eval.jsonl"))}

@@ -130,6 +130,34 @@ class RLConfig:
     val_interval: int = 0  # iterations between validations (0: off)
     val_size: int = 64  # validation prompts
     save_rollouts: bool = False  # write every rollout (prompt/response ids, engine log-probs, reward) to rollouts.jsonl
+    reward: str = "verifiable"  # verifiable (the answer checker) | rm (a reward model) | sum (weighted sum of both)
+    reward_model: Optional[str] = None  # rl.reward=rm|sum: a value-head checkpoint (`stage=rm` run, or import-hf of
+    #                                     an HF LlamaForSequenceClassification)
+    reward_model_weight: float = 1.0  # rl.reward=sum: weight of the RM score
+    verifiable_weight: float = 1.0  # rl.reward=sum: weight of the verifiable reward
+
+
+@dataclass
+class RMConfig:
+    """Reward-model training (``stage=rm``) on `evolm prepare-rm` datasets."""
+
+    objective: str = "outcome"  # outcome (BCE on correct/incorrect) | pairwise (Bradley-Terry on chosen/rejected)
+    margin: float = 0.0  # pairwise: -log sigmoid(r_chosen - r_rejected - margin)
+    shuffle: bool = True  # a new order every epoch (train.seed + epoch)
+    val_fraction: float = 0.1  # problems held out for validation (loss, accuracy, AUC); 0: none
+    val_interval: int = 0  # iterations between validations (0: only at the end)
+    pad_to_multiple_of: int = 1  # microbatch length rounded up to a multiple
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (``stage=dpo``) on pairs from `evolm prepare-rm kind=pairs`."""
+
+    beta: float = 0.1  # strength of the implicit KL to the reference (= train.init_from)
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (IPO: squared loss on length-normalised log-ratios)
+    label_smoothing: float = 0.0  # conservative DPO: the preference labels' assumed noise
+    shuffle: bool = True
+    pad_to_multiple_of: int = 1
 
 
 @dataclass
@@ -140,7 +168,7 @@ class RunConfig:
 
 @dataclass
 class RootConfig:
-    stage: str = "pretrain"  # pretrain | cpt | sft | ppo | grpo (evolm_nemo.stages.STAGES)
+    stage: str = "pretrain"  # pretrain | cpt | sft | ppo | grpo | rm | dpo (evolm_nemo.stages.STAGES)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -149,4 +177,6 @@ class RootConfig:
     run: RunConfig = field(default_factory=RunConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)  # stage=sft only
     rl: RLConfig = field(default_factory=RLConfig)  # stage=ppo | grpo only
+    rm: RMConfig = field(default_factory=RMConfig)  # stage=rm only
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # stage=dpo only
     lineage: Any = field(default_factory=dict)  # free-form provenance carried into checkpoints and model cards

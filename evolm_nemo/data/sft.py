@@ -75,8 +75,9 @@ def _dtype(vocab: int):
 class SFTWriter:
     """Appends examples to a temporary directory next to ``out``; ``commit(manifest)`` renames it into place."""
 
-    def __init__(self, out: str | Path, vocab_size: int):
+    def __init__(self, out: str | Path, vocab_size: int, fmt: str = FORMAT):
         self.out = Path(out)
+        self.format = fmt
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         self.dtype = _dtype(vocab_size)
@@ -95,12 +96,17 @@ class SFTWriter:
         self.offset += len(ids)
         self.answer_tokens += len(answer_ids)
 
-    def commit(self, manifest: dict) -> Path:
+    def commit(self, manifest: dict, arrays: dict[str, np.ndarray] | None = None) -> Path:
+        """Write the index, any ``arrays`` (``<name>.npy``, e.g. the RM dataset's labels), then the manifest last;
+        rename into place."""
         self.file.close()
         index = np.asarray(self.rows, dtype=np.int64).reshape(-1, 3)
         np.save(self.tmp / INDEX, index, allow_pickle=False)
         self.hash.update(index.tobytes())
-        record = {"format": FORMAT, "examples": len(self.rows), "tokens": self.offset,
+        for name, array in (arrays or {}).items():
+            np.save(self.tmp / f"{name}.npy", array, allow_pickle=False)
+            self.hash.update(np.ascontiguousarray(array).tobytes())
+        record = {"format": self.format, "examples": len(self.rows), "tokens": self.offset,
                   "answer_tokens": self.answer_tokens, "dtype": np.dtype(self.dtype).name,
                   "content_sha256": self.hash.hexdigest(), **manifest}
         (self.tmp / MANIFEST).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
@@ -119,26 +125,31 @@ class SFTWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def read_manifest(path: str | Path, key: str = "data.paths") -> dict:
+def read_manifest(path: str | Path, key: str = "data.paths", fmt: str = FORMAT,
+                  maker: str = "evolm prepare-sft") -> dict:
     path = Path(path)
+    what = "an SFT dataset" if fmt == FORMAT else f"a {fmt} dataset"
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        raise ConfigError(key, f"{path} is not an SFT dataset (no {MANIFEST}); make one with `evolm prepare-sft`") \
-            from None
+        raise ConfigError(key, f"{path} is not {what} (no {MANIFEST}); make one with `{maker}`") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(key, f"{path / MANIFEST} is unreadable ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise ConfigError(key, f"{path} has format {manifest.get('format')!r}, expected {FORMAT}")
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ConfigError(key, f"{path} has format {found!r}, expected {fmt} (made by `{maker}`)")
     return manifest
 
 
 class SFTDataset:
     """A prepared SFT dataset, memory-mapped. ``ids(i)`` is example i's token ids, ``prompt_len[i]`` its prompt length."""
 
+    FORMAT, MAKER = FORMAT, "evolm prepare-sft"
+
     def __init__(self, path: str | Path, key: str = "data.paths"):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path, key)
+        self.key = key
+        self.manifest = read_manifest(self.path, key, self.FORMAT, self.MAKER)
         try:
             self.index = np.load(self.path / INDEX, allow_pickle=False)
         except (OSError, ValueError) as exc:

@@ -2,7 +2,8 @@
 
 EvoLM scores each (problem, completion) pair with Skywork-Reward-Llama-3.1-8B-v0.2 through its chat template
 (user = problem, assistant = completion). A tokenizer without a chat template (e.g. our own RM export) gets the
-training template instead: ``Human: {problem}\\nAssistant:`` followed by the completion, exactly as it was sampled.
+training template instead: ``Human: {problem}\\nAssistant:`` encoded with the tokenizer's special tokens, then the
+completion's tokens (no special tokens), exactly as it was sampled and as `evolm prepare-rm` trains our own RMs.
 :func:`add_scores` adds ``rm_scores`` (one float per completion) to a completions JSONL, rewriting it atomically.
 """
 
@@ -45,8 +46,14 @@ class RewardModel:
             text = self.tok.apply_chat_template(
                 [{"role": "user", "content": problem}, {"role": "assistant", "content": response}], tokenize=False)
             ids = self.tok(text, add_special_tokens=False).input_ids  # the template writes its own BOS
-        else:
-            ids = self.tok(TEMPLATE.format(problem=problem) + response).input_ids
+        else:  # as the completion was sampled and as `evolm prepare-rm` trains our RMs: the prompt encoded with
+            # the tokenizer's special tokens, the response after it without (evolm_nemo.data.rm.encode)
+            from evolm_nemo.data.rm import encode
+            from evolm_nemo.data.sft import Template
+
+            prompt_ids, response_ids = encode(self.tok, Template(TEMPLATE.replace("{problem}", "{question}")),
+                                              problem, response)
+            ids = prompt_ids + response_ids
         return ids[-self.max_length:]
 
     def score(self, pairs: Sequence[tuple[str, str]], desc: str = "rm scoring") -> list[float]:

@@ -17,6 +17,8 @@ STAGES = {
     "sft": "evolm_nemo.stages.sft",  # prompt-masked fine-tuning on a prepared SFT dataset
     "ppo": "evolm_nemo.stages.rl",  # PPO with verifiable rewards: actor + critic, rollouts from the live actor
     "grpo": "evolm_nemo.stages.rl",  # GRPO: n samples per prompt, group-relative advantages, no critic
+    "rm": "evolm_nemo.stages.rm",  # reward model: scalar head, outcome (BCE) or pairwise (Bradley-Terry) objective
+    "dpo": "evolm_nemo.stages.dpo",  # direct preference optimisation against the frozen train.init_from
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import torch
 
 from evolm_nemo.losses import masked_token_sum
@@ -23,6 +24,63 @@ def lm_forward_step(data_iterator, model):
     return output, partial(lm_loss, batch["loss_mask"])
 
 
+class EpochOrder:
+    """The data order of the fine-tuning stages: global sample ``g = iteration * global_batch + position`` is
+    position ``g % n`` of epoch ``g // n``'s permutation (seeded by ``seed`` and the epoch; ``shuffle=False`` keeps
+    the dataset order). A pure function of the iteration, so a resumed run sees what the uninterrupted one saw."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, shuffle: bool = True):
+        self.n, self.gbs, self.seed, self.shuffle = n, global_batch, seed, shuffle
+        self._perms: dict[int, np.ndarray] = {}
+
+    def perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms[epoch] = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
+                                  else np.arange(self.n))
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+        return self._perms[epoch]
+
+    def batch(self, iteration: int) -> np.ndarray:
+        """Indices (0..n-1) of the global batch of ``iteration``, in position order."""
+        g = np.arange(iteration * self.gbs, (iteration + 1) * self.gbs)
+        return np.array([self.perm(int(x // self.n))[x % self.n] for x in g], dtype=np.int64)
+
+
+def check_epoch_keys(cfg) -> None:
+    """``train.epochs`` / ``train.iters`` / ``train.tokens`` of a fine-tuning stage, one line each."""
+    from evolm_nemo.config.errors import ConfigError
+
+    t = cfg.train
+    if t.tokens is not None:
+        raise ConfigError("train.tokens", f"stage={cfg.stage} trains by train.epochs (or train.iters); "
+                                          "set train.tokens=null")
+    if t.epochs is None and t.iters is None:
+        raise ConfigError("train.epochs", f"stage={cfg.stage} needs train.epochs (passes over the data) or train.iters")
+    if t.epochs is not None and t.epochs <= 0:
+        raise ConfigError("train.epochs", f"must be > 0, got {t.epochs}")
+    if t.iters is not None and t.iters <= 0:
+        raise ConfigError("train.iters", f"must be > 0, got {t.iters}")
+
+
+def epoch_iters(cfg, n: int, what: str = "examples") -> int:
+    """Iterations of a fine-tuning stage over ``n`` units: ``train.epochs`` passes (floor) and/or ``train.iters``
+    (the smaller wins)."""
+    from evolm_nemo.config.errors import ConfigError
+
+    check_epoch_keys(cfg)
+    t, gbs = cfg.train, cfg.parallel.global_batch_size
+    iters = None
+    if t.epochs is not None:
+        iters = n * t.epochs // gbs
+        if iters == 0:
+            raise ConfigError("parallel.global_batch_size", f"{gbs} is more than the {n} {what} x {t.epochs} "
+                                                            "epochs; lower it or raise train.epochs")
+    if t.iters is not None:
+        iters = t.iters if iters is None else min(iters, t.iters)
+    return iters
+
+
 class Stage:
     """What a stage supplies to ``train.loop.fit``. Subclasses set ``tokenizer`` and implement ``microbatches``;
     the defaults are the language-model objective."""
@@ -30,6 +88,13 @@ class Stage:
     tokenizer: str = ""  # tokenizer reference (dir or hub name) recorded in checkpoints
     model_builder = None  # callable(m, p, dtype, pre_process, post_process); None: the LM (model.build.build_model)
     forward_step = staticmethod(lm_forward_step)
+    head: str = "lm"  # the model's output layer, recorded in checkpoints: lm | value (scalar head; exports as
+    #                   LlamaForSequenceClassification)
+    sum_keys: tuple[str, ...] = ()  # log keys of the loss function summed over the global batch (StepResult.sums)
+
+    def rows_per_microbatch(self, micro_batch_size: int) -> int:
+        """Sequences in a microbatch of ``micro_batch_size`` units (pipeline stages exchange that many rows)."""
+        return micro_batch_size
 
     def microbatches(self, iteration: int) -> list[dict[str, torch.Tensor]]:
         """This data-parallel rank's microbatches of ``iteration`` (a pure function of it: exact resume)."""
@@ -47,6 +112,10 @@ class Stage:
     def restore(self, start: int, state: dict) -> None:
         """Counters after resuming at iteration ``start`` (``state``: the checkpoint's common state, or {})."""
 
+    def prepare(self, model, rt, start: int, out_dir) -> None:
+        """After the weights are in place (``train.init_from`` or a resumed checkpoint at ``start``), before the
+        first step; collective (every rank calls it)."""
+
     def describe(self) -> str:
         return ""
 
@@ -60,4 +129,9 @@ class Stage:
         return {}
 
     def checkpoint_extra(self, step: int) -> dict:
+        return {}
+
+    def evaluate(self, model, rt, step: int, last: bool) -> dict:
+        """Metrics measured on the live model after optimizer step ``step`` (validation); merged into that step's
+        record, which is then always written. Called on every rank (collectives allowed)."""
         return {}

@@ -22,7 +22,7 @@ import numpy as np
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.data.sft import SFTDataset, Template, collate
-from evolm_nemo.stages.base import Stage
+from evolm_nemo.stages.base import EpochOrder, Stage, check_epoch_keys, epoch_iters
 
 OVERLENGTH = ("truncate", "drop")
 
@@ -127,21 +127,14 @@ def _check_tokenizers(cfg: RootConfig, view: SFTView) -> str:
 
 
 def plan_iters(cfg: RootConfig, dp: int) -> int:
-    t, s, p = cfg.train, cfg.sft, cfg.parallel
-    if t.tokens is not None:
-        raise ConfigError("train.tokens", "stage=sft trains by train.epochs (or train.iters); set train.tokens=null")
-    if t.epochs is None and t.iters is None:
-        raise ConfigError("train.epochs", "stage=sft needs train.epochs (passes over the data) or train.iters")
-    if t.epochs is not None and t.epochs <= 0:
-        raise ConfigError("train.epochs", f"must be > 0, got {t.epochs}")
-    if t.iters is not None and t.iters <= 0:
-        raise ConfigError("train.iters", f"must be > 0, got {t.iters}")
+    s = cfg.sft
+    check_epoch_keys(cfg)  # before any data is read
     if s.overlength not in OVERLENGTH:
         raise ConfigError("sft.overlength", f"must be one of {', '.join(OVERLENGTH)}; got {s.overlength!r}")
     if s.pad_to_multiple_of < 1:
         raise ConfigError("sft.pad_to_multiple_of", f"must be >= 1, got {s.pad_to_multiple_of}")
     Template(s.prompt_template, s.answer_template).check("sft.prompt_template", "sft.answer_template")
-    if not t.init_from:
+    if not cfg.train.init_from:
         raise ConfigError("train.init_from", "stage=sft starts from a checkpoint: a pretraining/CPT run or an "
                                              "`evolm import-hf` output")
     view = load_view(cfg, dataset_dirs(cfg))
@@ -150,15 +143,7 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     if n == 0:
         raise ConfigError("data.paths", f"no example fits model.seq_length={cfg.model.seq_length} "
                                         f"({view.dropped} dropped)")
-    iters = None
-    if t.epochs is not None:
-        iters = n * t.epochs // p.global_batch_size
-        if iters == 0:
-            raise ConfigError("parallel.global_batch_size", f"{p.global_batch_size} is more than the {n} examples "
-                                                            f"x {t.epochs} epochs; lower it or raise train.epochs")
-    if t.iters is not None:
-        iters = t.iters if iters is None else min(iters, t.iters)
-    return iters
+    return epoch_iters(cfg, n)
 
 
 # ---------------------------------------------------------------------------------------------------------- stage
@@ -187,26 +172,13 @@ class SFTStage(Stage):
         self.multiple = math.lcm(cfg.sft.pad_to_multiple_of, p.tp if p.sp else 1)
         self.same_length = p.pp > 1
         self.epochs_used = -(-plan.iters * self.gbs // self.n)
-        self._perms: dict[int, np.ndarray] = {}
+        self.order = EpochOrder(self.n, self.gbs, cfg.train.seed, cfg.sft.shuffle)
         self._last = None  # (iteration, microbatch groups, padded lengths)
         self.answer_total = 0
 
-    # --- order
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if not self.cfg.sft.shuffle:
-                self._perms[epoch] = np.arange(self.n)
-            else:
-                rng = np.random.default_rng([self.cfg.train.seed, epoch])
-                self._perms[epoch] = rng.permutation(self.n)
-            if len(self._perms) > 2:
-                self._perms.pop(min(self._perms))
-        return self._perms[epoch]
-
     def examples(self, iteration: int) -> np.ndarray:
         """Indices (into the view) of the global batch of ``iteration``, in position order."""
-        g = np.arange(iteration * self.gbs, (iteration + 1) * self.gbs)
-        return np.array([self._perm(int(x // self.n))[x % self.n] for x in g], dtype=np.int64)
+        return self.order.batch(iteration)
 
     def _layout(self, iteration: int) -> tuple[list[np.ndarray], list[int]]:
         """All microbatches of the global batch (dp rank by dp rank) and their padded lengths; the step's metrics

@@ -178,6 +178,7 @@ def fit(cfg: RootConfig, plan: Plan, make_stage: Callable) -> TrainResult:
         parent_meta = stage.load_init(t.init_from, model)
         optimizer.reload_model_params()
     stage.restore(start, state)
+    stage.prepare(model, rt, start, out)  # e.g. DPO's reference log-probs, once, before the first step
 
     m = cfg.model
     if rt.is_main:
@@ -187,7 +188,7 @@ def fit(cfg: RootConfig, plan: Plan, make_stage: Callable) -> TrainResult:
     lineage = parent_meta.get("lineage") if resume_from is not None else _lineage(cfg, parent_meta, stage.lineage())
     tokenizer_ref = os.path.abspath(stage.tokenizer) if os.path.isdir(stage.tokenizer) else stage.tokenizer
     meta = {"model": dataclasses.asdict(m), "config": to_dict(cfg), "tokenizer": tokenizer_ref, "stage": cfg.stage,
-            "lineage": lineage}
+            "lineage": lineage, "head": stage.head}
     writer = MetricsWriter(out, enabled=rt.is_main, tensorboard=t.tensorboard, truncate_after=start)
     peak = peak_flops(t.peak_tflops, rt.device)
     bar = _progress_bar(cfg, rt, plan.iters, start)
@@ -197,7 +198,7 @@ def fit(cfg: RootConfig, plan: Plan, make_stage: Callable) -> TrainResult:
         batches = stage.microbatches(it)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         result = train_step(model, optimizer, batches, stage.forward_step, stage.seq_length(batches),
-                            p.micro_batch_size, rt)
+                            stage.rows_per_microbatch(p.micro_batch_size), rt, sum_keys=stage.sum_keys)
         scheduler.step(increment=1)
         step = it + 1
         now = time.perf_counter()
@@ -207,7 +208,9 @@ def fit(cfg: RootConfig, plan: Plan, make_stage: Callable) -> TrainResult:
         record = {"iteration": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                   **stage.metrics(it, result, dt, peak, rt.world_size), "step_s": dt}
         history.append(result.loss)
-        if step % t.log_interval == 0 or step == plan.iters:
+        measured = stage.evaluate(model, rt, step, last=step == plan.iters)  # validation: every rank takes part
+        record.update(measured)
+        if measured or step % t.log_interval == 0 or step == plan.iters:
             writer.write(record)
         if bar is not None:
             bar.set_postfix(loss=f"{result.loss:.4f}", **stage.postfix(record))

@@ -52,8 +52,10 @@ def test_add_scores_adds_16_exact_scores(tmp_path, plain):
     for row in rows:
         assert len(row["rm_scores"]) == 16 and all(isinstance(s, float) for s in row["rm_scores"])
         for c, s in zip(row["completions"], row["rm_scores"]):
-            # No chat template: the pair is the training template followed by the completion as sampled.
-            ids = tok(TEMPLATE.format(problem=row["problem"]) + c).input_ids
+            # No chat template: the templated prompt's ids (with BOS), then the completion's as sampled (no BOS)
+            # (a literal "</s>" in a completion is text, not the EOS token: special tokens are split)
+            ids = tok(TEMPLATE.format(problem=row["problem"])).input_ids + \
+                tok(c, add_special_tokens=False, split_special_tokens=True).input_ids
             assert s == pytest.approx(_ref(model, ids), abs=1e-5)
     assert len({round(s, 6) for s in rows[0]["rm_scores"]}) > 3  # scores depend on the text
     assert [p.name for p in tmp_path.iterdir()] == ["completions.jsonl"]

@@ -1,0 +1,396 @@
+"""Reward models (``stage=rm``): our GPT with the scalar value head (``model.heads``), its backbone from
+``train.init_from`` (an SFT checkpoint; the head starts fresh), trained on `evolm prepare-rm` datasets.
+
+Objectives (``rm.objective``): ``outcome`` -- binary cross-entropy of the score read at each sequence's last
+response token against its correct/incorrect label; ``pairwise`` -- Bradley-Terry ``-log sigmoid(r_c - r_r - m)``
+over (chosen, rejected) pairs. A training unit is an example (outcome) or a pair (pairwise); the loss is the mean over
+the units of the whole global batch (each microbatch returns its sum and its unit count, megatron divides once), so
+the split into microbatches and data-parallel ranks changes neither loss nor gradients.
+
+Validation: ``rm.val_fraction`` of the problems (never their responses in training) are held out; every
+``rm.val_interval`` iterations and at the end their scores give ``val_loss``, ``val_accuracy`` and ``val_auc``
+(outcome: correct vs incorrect; pairwise: chosen vs rejected, ``val_accuracy`` being the pair accuracy); the final
+scores of every validation sequence go to ``<run>/rm_val_scores.jsonl``.
+
+Data order is ``EpochOrder`` over the training units, as in SFT (exact resume).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.losses import preference as P
+from evolm_nemo.stages.base import EpochOrder, Stage, check_epoch_keys, epoch_iters
+
+OBJECTIVES = ("outcome", "pairwise")
+VAL_SCORES = "rm_val_scores.jsonl"  # written into the run directory by the final validation
+
+
+# ------------------------------------------------------------------------------------------------- data and plan
+
+
+def dataset_dirs(cfg: RootConfig) -> list[str]:
+    d = cfg.data
+    if d.source != "indexed":
+        raise ConfigError("data.source", f"stage={cfg.stage} reads `evolm prepare-rm` datasets: data.source=indexed "
+                                         "data.paths=[dir]")
+    if not d.paths:
+        raise ConfigError("data.paths", f"stage={cfg.stage} needs dataset directories from `evolm prepare-rm` "
+                                        "(data.paths=[dir])")
+    if d.weights is not None:
+        raise ConfigError("data.weights", "RM datasets are concatenated, not mixed by weight; set data.weights=null")
+    for path in d.paths:
+        if not Path(path).is_dir():
+            raise ConfigError("data.paths", f"no dataset directory {path}; run `evolm prepare-rm` first")
+    return list(d.paths)
+
+
+class RMData:
+    """The sequences of one or more RM datasets, concatenated (global sequence ids), with the training and
+    validation units: examples (``units[i] = (seq,)``) or pairs (``units[i] = (chosen, rejected)``)."""
+
+    def __init__(self, cfg: RootConfig, pairs: bool, val_fraction: float):
+        from evolm_nemo.data.rm import RMDataset
+
+        self.sets = [RMDataset(d) for d in dataset_dirs(cfg)]
+        first = self.sets[0].manifest["tokenizer"]
+        for ds in self.sets[1:]:
+            if ds.manifest["tokenizer"]["vocab_sha256"] != first["vocab_sha256"]:
+                raise ConfigError("data.paths", f"{ds.path} and {self.sets[0].path} were tokenized with different "
+                                                "tokenizers; prepare them with the same one")
+        self.tokenizer_info = first
+        offsets = np.cumsum([0] + [len(ds) for ds in self.sets])
+        self.seq_set = np.concatenate([np.full(len(ds), k) for k, ds in enumerate(self.sets)])
+        self.seq_local = np.concatenate([np.arange(len(ds)) for ds in self.sets])
+        self.length = np.concatenate([ds.length for ds in self.sets])
+        self.prompt_len = np.concatenate([ds.prompt_len for ds in self.sets])
+        self.labels = np.concatenate([ds.labels for ds in self.sets]).astype(np.float32)
+        group_base = np.cumsum([0] + [int(ds.groups.max()) + 1 if len(ds) else 0 for ds in self.sets])
+        self.groups = np.concatenate([ds.groups + group_base[k] for k, ds in enumerate(self.sets)])
+        if pairs:
+            units = [ds.pairs + offsets[k] for k, ds in enumerate(self.sets)]
+            units = np.concatenate(units) if units else np.zeros((0, 2), np.int64)
+            if len(units) == 0:
+                raise ConfigError("data.paths", "these datasets hold no pairs; prepare them with "
+                                                "`evolm prepare-rm kind=pairs`")
+        else:
+            units = np.arange(len(self.labels)).reshape(-1, 1)
+        n_groups = int(self.groups.max()) + 1 if len(self.groups) else 0
+        rng = np.random.default_rng([cfg.train.seed, 7])
+        n_val = math.ceil(val_fraction * n_groups) if val_fraction > 0 else 0
+        val_groups = set(rng.permutation(n_groups)[:n_val].tolist())
+        is_val = np.array([int(self.groups[u[0]]) in val_groups for u in units], dtype=bool)
+        self.train_units, self.val_units = units[~is_val], units[is_val]
+
+    def ids(self, seq: int) -> np.ndarray:
+        return self.sets[self.seq_set[seq]].ids(int(self.seq_local[seq]))
+
+
+def check_common(cfg: RootConfig, what: str) -> None:
+    check_epoch_keys(cfg)
+    if not cfg.train.init_from:
+        raise ConfigError("train.init_from", f"stage={cfg.stage} starts from a checkpoint ({what})")
+
+
+def check_tokenizer(cfg: RootConfig, data: RMData) -> str:
+    """The datasets' tokenizer is the parent's; returns the reference the run records."""
+    from evolm_nemo.checkpoint import io as ckpt
+    from evolm_nemo.data.sft import tokenizer_fingerprint
+    from evolm_nemo.data.tokenizer import load_tokenizer
+
+    ref = data.tokenizer_info["ref"]
+    try:
+        parent = ckpt.read_meta(ckpt.resolve(cfg.train.init_from)).get("tokenizer")
+    except ckpt.CheckpointError as exc:
+        raise ConfigError("train.init_from", str(exc)) from None
+    for key, other in (("train.init_from", parent), ("data.tokenizer", cfg.data.tokenizer)):
+        if other and tokenizer_fingerprint(load_tokenizer(other, key=key))["vocab_sha256"] != \
+                data.tokenizer_info["vocab_sha256"]:
+            raise ConfigError("data.paths", f"{data.sets[0].path} was tokenized with {ref}, but {key} uses {other}; "
+                                            f"run `evolm prepare-rm tokenizer={other}` again")
+    if data.tokenizer_info["size"] > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
+                                              f"{data.tokenizer_info['size']} tokens")
+    return parent or ref
+
+
+def fit_units(cfg: RootConfig, data: RMData) -> tuple[np.ndarray, np.ndarray, int]:
+    """Units whose sequences all fit ``model.seq_length`` (longer ones are dropped and counted)."""
+    ok = lambda units: np.all(data.length[units] <= cfg.model.seq_length, axis=1)  # noqa: E731
+    train, val = data.train_units[ok(data.train_units)], data.val_units[ok(data.val_units)]
+    dropped = len(data.train_units) + len(data.val_units) - len(train) - len(val)
+    return train, val, dropped
+
+
+def plan_iters(cfg: RootConfig, dp: int) -> int:
+    r = cfg.rm
+    if r.objective not in OBJECTIVES:
+        raise ConfigError("rm.objective", f"must be one of {', '.join(OBJECTIVES)}; got {r.objective!r}")
+    if not 0.0 <= r.val_fraction < 1.0:
+        raise ConfigError("rm.val_fraction", f"must be in [0, 1), got {r.val_fraction}")
+    if r.val_interval < 0:
+        raise ConfigError("rm.val_interval", f"must be >= 0, got {r.val_interval}")
+    if r.pad_to_multiple_of < 1:
+        raise ConfigError("rm.pad_to_multiple_of", f"must be >= 1, got {r.pad_to_multiple_of}")
+    if r.val_fraction > 0 and cfg.parallel.pp > 1:
+        raise ConfigError("rm.val_fraction", "validation runs with parallel.pp=1; set rm.val_fraction=0 for pp > 1")
+    check_common(cfg, "an SFT run or an `evolm import-hf` output; the value head starts fresh")
+    data = RMData(cfg, r.objective == "pairwise", r.val_fraction)
+    check_tokenizer(cfg, data)
+    train, _, _ = fit_units(cfg, data)
+    if len(train) == 0:
+        raise ConfigError("data.paths", f"no training {'pair' if r.objective == 'pairwise' else 'example'} fits "
+                                        f"model.seq_length={cfg.model.seq_length}")
+    return epoch_iters(cfg, len(train), "pairs" if r.objective == "pairwise" else "examples")
+
+
+# ---------------------------------------------------------------------------------------------- batches and loss
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def collate_sequences(seqs: list[np.ndarray], prompt_lens: list[int], seq: int, pad_id: int) -> dict:
+    """Right-padded ``tokens`` (the whole sequence: the score needs no shifted labels), ``position_ids``, ``last``
+    (the index of each sequence's last token, where its score is read) and, for LM use, ``labels``/``loss_mask``
+    over the response tokens (the positions predicting them)."""
+    b = len(seqs)
+    tokens = torch.full((b, seq), pad_id, dtype=torch.long)
+    labels = torch.full((b, seq), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, seq), dtype=torch.float32)
+    last = torch.zeros(b, dtype=torch.long)
+    for row, (ids, plen) in enumerate(zip(seqs, prompt_lens)):
+        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        n = len(ids)
+        if n > seq:
+            raise ValueError(f"sequence of {n} ids does not fit a microbatch of length {seq}")
+        tokens[row, :n] = ids
+        labels[row, :n - 1] = ids[1:]
+        mask[row, max(int(plen) - 1, 0):n - 1] = 1.0
+        last[row] = n - 1
+    position_ids = torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(b, -1).contiguous()
+    return {"tokens": tokens, "position_ids": position_ids, "last": last, "labels": labels, "loss_mask": mask}
+
+
+def scores_at_last(values: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``[b, s, 1]`` (or ``[b, s]``) per-position values -> ``[b]`` scores at ``last``."""
+    v = values.squeeze(-1) if values.dim() == 3 else values
+    return v.float().gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+def rm_loss(objective: str, margin: float, batch: dict, values: torch.Tensor):
+    """megatron's 3-tuple: (sum of unit losses, unit count, logs). Pairwise microbatches hold the chosen sequences
+    first, then the rejected ones, in the same order."""
+    scores = scores_at_last(values, batch["last"])
+    if objective == "outcome":
+        per, right = P.outcome_bce(scores, batch["label"]), P.outcome_accuracy(scores, batch["label"])
+    else:
+        k = scores.shape[0] // 2
+        per, right = P.bradley_terry(scores[:k], scores[k:], margin), P.pair_accuracy(scores[:k], scores[k:])
+    total = per.sum()
+    count = torch.tensor(per.numel(), dtype=torch.int32, device=scores.device)
+    return total, count, {"loss_sum": total.detach().clone(), "tokens": count.clone(),
+                          "correct": right.sum().detach(), "score_sum": scores.detach().sum()}
+
+
+def rm_forward_step(objective: str, margin: float, data_iterator, model):
+    batch = next(data_iterator)
+    values = model(batch["tokens"], batch["position_ids"], None)
+    return values, partial(rm_loss, objective, margin, batch)
+
+
+# ---------------------------------------------------------------------------------------------------------- stage
+
+
+class UnitBatches:
+    """Microbatch layout shared by the RM and DPO stages: a global batch of units (examples or pairs), dp rank r's
+    contiguous slice of it, split into microbatches of ``micro_batch_size`` units; a pair microbatch holds its
+    chosen sequences, then its rejected ones."""
+
+    def __init__(self, cfg: RootConfig, plan, data: RMData, units: np.ndarray, shuffle: bool, pad_multiple: int):
+        from megatron.core import parallel_state
+
+        p = cfg.parallel
+        self.data, self.units = data, units
+        self.gbs, self.mbs, self.dp = p.global_batch_size, p.micro_batch_size, plan.dp
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.multiple = math.lcm(pad_multiple, p.tp if p.sp else 1)
+        self.same_length = p.pp > 1
+        self.pad_id = int(data.tokenizer_info["eos"])
+        self.order = EpochOrder(len(units), self.gbs, cfg.train.seed, shuffle)
+        self._last = None
+
+    def layout(self, iteration: int) -> tuple[list[np.ndarray], list[int]]:
+        """All microbatches (as unit arrays ``[mbs, 1|2]``) of the global batch and their padded lengths."""
+        if self._last is None or self._last[0] != iteration:
+            picked = self.units[self.order.batch(iteration)]
+            groups = [picked[i:i + self.mbs] for i in range(0, self.gbs, self.mbs)]
+            lengths = [int(self.data.length[g].max()) for g in groups]
+            if self.same_length:
+                per_rank = len(groups) // self.dp
+                for r in range(self.dp):
+                    block = lengths[r * per_rank:(r + 1) * per_rank]
+                    lengths[r * per_rank:(r + 1) * per_rank] = [max(block)] * len(block)
+            self._last = (iteration, groups, [_round_up(n, self.multiple) for n in lengths])
+        return self._last[1], self._last[2]
+
+    def collate(self, group: np.ndarray, length: int) -> dict:
+        seqs = [int(s) for s in group.T.reshape(-1)]  # column-major: all chosen, then all rejected
+        batch = collate_sequences([self.data.ids(s) for s in seqs], [int(self.data.prompt_len[s]) for s in seqs],
+                                  length, self.pad_id)
+        batch["label"] = torch.as_tensor(self.data.labels[seqs], dtype=torch.float32)
+        return batch
+
+    def microbatches(self, iteration: int) -> list[dict]:
+        groups, lengths = self.layout(iteration)
+        per_rank = len(groups) // self.dp
+        return [self.collate(groups[k], lengths[k]) for k in range(self.dp_rank * per_rank,
+                                                                  (self.dp_rank + 1) * per_rank)]
+
+    def padding_fraction(self, iteration: int) -> float:
+        groups, lengths = self.layout(iteration)
+        real = sum(int(self.data.length[g].sum()) for g in groups)
+        padded = sum(n * g.size for g, n in zip(groups, lengths))
+        return 1.0 - real / max(padded, 1)
+
+
+def gather_dp(values: list) -> list:
+    """Concatenate per-data-parallel-rank Python lists on every rank (rank order)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+        return list(values)
+    out = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(out, list(values), group=parallel_state.get_data_parallel_group())
+    return [x for part in out for x in part]
+
+
+class RMStage(Stage):
+    head = "value"
+    def __init__(self, cfg: RootConfig, plan, rt):
+        from evolm_nemo.model.heads import build_value_model
+
+        r = cfg.rm
+        self.cfg, self.plan, self.rt = cfg, plan, rt
+        self.pairwise = r.objective == "pairwise"
+        self.data = RMData(cfg, self.pairwise, r.val_fraction)
+        self.tokenizer = check_tokenizer(cfg, self.data)
+        self.train_units, self.val_units, self.dropped = fit_units(cfg, self.data)
+        self.batches = UnitBatches(cfg, plan, self.data, self.train_units, r.shuffle, r.pad_to_multiple_of)
+        self.model_builder = build_value_model
+        self.forward_step = partial(rm_forward_step, r.objective, r.margin)
+        self.unit = "pairs" if self.pairwise else "examples"
+
+    def microbatches(self, iteration):
+        return self.batches.microbatches(iteration)
+
+    def load_init(self, path, model):
+        from evolm_nemo.model.heads import load_backbone
+
+        return load_backbone(path, [model])  # the backbone of an SFT (or any) checkpoint; a fresh scalar head
+
+    def describe(self):
+        n = len(self.train_units)
+        pos = int(self.data.labels[self.train_units[:, 0]].sum()) if not self.pairwise else None
+        balance = f" ({pos:,} correct)" if pos is not None else ""
+        return (f"rm {self.cfg.rm.objective}: {n:,} training {self.unit}{balance}, {len(self.val_units):,} "
+                f"validation ({self.dropped:,} over seq_length dropped) x "
+                f"{self.plan.iters * self.batches.gbs / n:.2f} epochs")
+
+    def lineage(self):
+        return {"data": [str(s.path) for s in self.data.sets], "objective": self.cfg.rm.objective,
+                self.unit: len(self.train_units), "epochs": self.plan.iters * self.batches.gbs /
+                len(self.train_units)}
+
+    def metrics(self, iteration, result, step_s, peak_flops, world_size):
+        return {"accuracy": result.sums.get("correct", 0.0) / max(result.tokens, 1),
+                "score_mean": result.sums.get("score_sum", 0.0) / max(result.tokens * (2 if self.pairwise else 1), 1),
+                f"{self.unit}_per_s": self.batches.gbs / step_s,
+                "padding_fraction": self.batches.padding_fraction(iteration),
+                "epoch": (iteration + 1) * self.batches.gbs / len(self.train_units)}
+
+    def postfix(self, record):
+        return {"acc": f"{record['accuracy']:.3f}"}
+
+    def checkpoint_extra(self, step):
+        return {"consumed_samples": step * self.batches.gbs}
+
+    sum_keys = ("correct", "score_sum")
+
+    def rows_per_microbatch(self, micro_batch_size):
+        return 2 * micro_batch_size if self.pairwise else micro_batch_size
+
+    def evaluate(self, model, rt, step, last):
+        interval = self.cfg.rm.val_interval
+        if len(self.val_units) == 0 or not (last or (interval and step % interval == 0)):
+            return {}
+        scores = score_sequences(model, self.data, self.val_units.reshape(-1), self.cfg, rt, self.batches.pad_id)
+        if last and rt.is_main:  # every validation sequence's final score, for inspection and calibration
+            from evolm_nemo.fileio import write_jsonl
+
+            write_jsonl(Path(self.cfg.run.out_dir) / VAL_SCORES,
+                        ({"sequence": q, "dataset": str(self.data.sets[self.data.seq_set[q]].path),
+                          "index": int(self.data.seq_local[q]), "problem": int(self.data.groups[q]),
+                          "label": float(self.data.labels[q]), "score": v} for q, v in sorted(scores.items())))
+        return validation_metrics(scores, self.data, self.val_units, self.cfg.rm.objective, self.cfg.rm.margin)
+
+
+def score_sequences(model, data: RMData, seqs: np.ndarray, cfg: RootConfig, rt, pad_id: int) -> dict[int, float]:
+    """Scores of ``seqs`` (global sequence ids) under the live value model: each data-parallel rank scores its
+    share (forward only, pp = 1), the results are gathered on every rank."""
+    from megatron.core import parallel_state
+
+    from evolm_nemo.rl.objectives import forward_collect, value_forward_step
+
+    seqs = np.unique(seqs)
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    mine = seqs[rank::dp]
+    mbs = cfg.parallel.micro_batch_size
+    multiple = math.lcm(cfg.rm.pad_to_multiple_of, cfg.parallel.tp if cfg.parallel.sp else 1)
+    order = mine[np.argsort(-data.length[mine], kind="stable")]  # similar lengths together: little padding
+    batches, chunks = [], []
+    for i in range(0, len(order), mbs):
+        chunk = order[i:i + mbs]
+        length = _round_up(int(data.length[chunk].max()), multiple)
+        batches.append(collate_sequences([data.ids(int(s)) for s in chunk],
+                                         [int(data.prompt_len[s]) for s in chunk], length, pad_id))
+        chunks.append(chunk)
+    was_training = model.training
+    model.eval()
+    try:
+        outs = forward_collect(model, batches, value_forward_step, mbs, rt) if batches else []
+    finally:
+        model.train(was_training)
+    local = []
+    for chunk, batch, values in zip(chunks, batches, outs):
+        s = scores_at_last(values, batch["last"])
+        local += [(int(q), float(v)) for q, v in zip(chunk, s)]
+    return dict(gather_dp(local))
+
+
+def validation_metrics(scores: dict[int, float], data: RMData, units: np.ndarray, objective: str,
+                       margin: float) -> dict:
+    if objective == "outcome":
+        s = torch.tensor([scores[int(u[0])] for u in units])
+        y = torch.as_tensor(data.labels[units[:, 0]])
+        return {"val_loss": float(P.outcome_bce(s, y).mean()), "val_accuracy": float(P.outcome_accuracy(s, y).mean()),
+                "val_auc": P.roc_auc(s, y), "val_examples": len(units)}
+    c = torch.tensor([scores[int(u[0])] for u in units])
+    r = torch.tensor([scores[int(u[1])] for u in units])
+    seqs = np.unique(units.reshape(-1))
+    return {"val_loss": float(P.bradley_terry(c, r, margin).mean()),
+            "val_accuracy": float(P.pair_accuracy(c, r).mean()),
+            "val_auc": P.roc_auc([scores[int(q)] for q in seqs], data.labels[seqs]), "val_pairs": len(units)}
+
+
+def build(cfg: RootConfig, plan, rt) -> RMStage:
+    return RMStage(cfg, plan, rt)
