@@ -28,8 +28,15 @@ Extraction is the reference's in ``evolm`` mode (the last ``\\boxed{}``, else ev
 ``strict`` mode takes the same box, but cuts an "answer is" answer at the end of its clause (see
 :func:`strict_cut`), so "The answer is 56, as we know." is 56.
 
+Bounded work per row. Two more bounds keep a whole row (16 completions: up to 16 gold checks plus 120 pairwise
+Maj@16 checks) within seconds: towers of powers and huge numbers are recognised on the parsed expression before
+sympy evaluates them (:func:`huge_evaluation`, past ``HUGE_DIGITS`` digits: the evaluation counts as timed out,
+which is what the reference evaluator's own timeout does to it, so ``evolm`` verdicts are unchanged), and
+:class:`time_budget` shares one wall-clock budget among the slow checks of a row (evaluation/score.py: 10 s per
+row); checks the budget leaves unfinished count as "not equivalent" and are reported.
+
 Public API (kept stable): :func:`extract_answer`, :func:`gold_answer`, :func:`is_equiv`, :func:`judge`,
-:func:`fast_verdict`, :func:`stats`, ``SUITES``, ``MODES``, ``SUITE_KIND``. This module lives outside
+:func:`fast_verdict`, :func:`stats`, :func:`time_budget`, ``SUITES``, ``MODES``, ``SUITE_KIND``. This module lives outside
 ``evolm_nemo.evaluation`` because training (SFT filtering, the PPO reward) uses it as well.
 """
 
@@ -477,8 +484,146 @@ def _math_verify():
             from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
         logging.getLogger("math_verify").setLevel(logging.CRITICAL)
         logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
+        _guard_huge_evaluation()
         _MV = {"parse": parse, "verify": verify, "latex": LatexExtractionConfig, "expr": ExprExtractionConfig}
     return _MV
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Towers of powers and huge numbers. math-verify evaluates exact numbers with sympy's doit() / simplify() / solve():
+# ``9^{9^{9}}`` is an integer of 3.7e8 digits whose computation runs for minutes in C (no signal interrupts it). A
+# cheap walk over the parsed expression estimates how many digits such an evaluation would produce; past
+# HUGE_DIGITS the evaluation is cut off where math-verify would start it, with math-verify's own TimeoutException,
+# i.e. exactly what the reference evaluator's timeout does to that comparison (its other comparisons, such as the
+# string comparison, still run). HUGE_DIGITS is far beyond what finishes inside TIMEOUT_S (on the 2-core CPU box
+# computing a power of 1e7 digits takes 6.9 s, 3e7 digits about 35 s), so no verdict that the reference evaluator
+# finishes changes.
+# ------------------------------------------------------------------------------------------------------------------
+
+HUGE_DIGITS = 3e7
+_HUGE_MAX_NODES = 5000
+
+
+def _exact_digits(expr, depth: int = 0) -> Optional[float]:
+    """Estimate (log10, an upper bound up to float rounding) of the larger of numerator and denominator of the exact
+    value of `expr`, when it is built from rationals with +, -, *, /, ** and factorial (None otherwise: symbols,
+    floats, functions, ...)."""
+    import math
+
+    from sympy import Add, Mul, Pow, Rational
+    from sympy.functions.combinatorial.factorials import factorial
+
+    if depth > 50:
+        return None
+    if isinstance(expr, Rational):
+        return _log10_int(max(abs(int(expr.p)), abs(int(expr.q)), 1))
+    if isinstance(expr, (Add, Mul)):
+        parts = [_exact_digits(a, depth + 1) for a in expr.args]
+        if any(p is None for p in parts):
+            return None
+        return sum(parts) + (math.log10(len(parts)) if isinstance(expr, Add) else 0.0)
+    if isinstance(expr, Pow):
+        base = _exact_digits(expr.args[0], depth + 1)
+        exponent = _exponent_bound(expr.args[1], depth + 1)
+        if base is None or exponent is None:
+            return None
+        return 0.0 if base == 0.0 else base * exponent  # 0, 1, -1: nothing to compute
+    if isinstance(expr, factorial):
+        n = _exponent_bound(expr.args[0], depth + 1)
+        return None if n is None else n * math.log10(max(n, 2.0))
+    return None
+
+
+def _log10_int(n: int) -> float:
+    import math
+
+    if n.bit_length() < 1000:
+        return math.log10(n)
+    return n.bit_length() * 0.30103
+
+
+def _exponent_bound(expr, depth: int) -> Optional[float]:
+    """Estimate of |value| of an exact exponent (inf when it has too many digits to say)."""
+    from sympy import Rational
+
+    if isinstance(expr, Rational):
+        return abs(float(expr.p)) / float(expr.q) if abs(expr.p).bit_length() < 1000 else float("inf")
+    digits = _exact_digits(expr, depth)
+    if digits is None:
+        return None
+    return 10.0 ** digits if digits < 300 else float("inf")
+
+
+def huge_evaluation(expr) -> bool:
+    """Whether evaluating `expr` exactly (sympy doit) would build a number of more than HUGE_DIGITS digits: some
+    power or factorial of exact numbers in it is that large. A bounded, pure-Python walk (no evaluation)."""
+    from sympy import Basic, Pow
+    from sympy.functions.combinatorial.factorials import factorial
+
+    try:
+        stack, seen = [expr], 0
+        while stack and seen < _HUGE_MAX_NODES:
+            node = stack.pop()
+            seen += 1
+            if isinstance(node, (list, tuple)):
+                stack.extend(node)
+                continue
+            if not isinstance(node, Basic):
+                if hasattr(node, "flat"):  # matrices
+                    stack.extend(list(node.flat()) if callable(node.flat) else [])
+                continue
+            if isinstance(node, (Pow, factorial)):
+                digits = _exact_digits(node)
+                if digits is not None and digits > HUGE_DIGITS:
+                    return True
+            stack.extend(node.args)
+    except Exception:  # noqa: BLE001 - an estimate that fails says nothing
+        return False
+    return False
+
+
+_GUARDED = False
+
+
+def _guard_huge_evaluation() -> None:
+    """Wrap math-verify's evaluation entry points (doit, simplify, solve) so that a huge evaluation raises
+    math-verify's TimeoutException instead of running (see HUGE_DIGITS)."""
+    global _GUARDED
+    if _GUARDED:
+        return
+    from math_verify import grader
+    from math_verify.errors import TimeoutException
+
+    def guard(fn):
+        def guarded(*args, **kwargs):
+            if any(huge_evaluation(a) for a in args[:2]):
+                _STATS["huge"] += 1
+                raise TimeoutException("huge exact evaluation (a tower of powers or a huge number)")
+            return fn(*args, **kwargs)
+
+        guarded.__wrapped__ = fn
+        return guarded
+
+    for name in ("safe_sympy_doit", "simplify", "solve"):
+        setattr(grader, name, guard(getattr(grader, name)))
+
+    numeric_eq = grader.sympy_numeric_eq
+
+    def guarded_numeric_eq(a, b, *args, **kwargs):
+        # its numeric branch evaluates (a - b).evalf(): a tower there makes mpmath raise its precision for minutes
+        # (exact numbers go through doit, guarded above); a difference that cancels to something small is fine
+        try:
+            difference = a - b
+        except Exception:  # noqa: BLE001 - math-verify will meet the same error and handle it
+            difference = None
+        if difference is not None and huge_evaluation(difference):
+            _STATS["huge"] += 1
+            raise TimeoutException("huge numeric evaluation (a tower of powers or a huge number)")
+        return numeric_eq(a, b, *args, **kwargs)
+
+    guarded_numeric_eq.__wrapped__ = numeric_eq
+    grader.sympy_numeric_eq = guarded_numeric_eq
+    _GUARDED = True
 
 
 _PARSE_CACHE: Optional[dict] = None  # enabled in the helper process: parse results by (mode, string)
@@ -761,13 +906,18 @@ def _worker_main() -> None:
             rid, mode, a, b, timeout = json.loads(line)
         except ValueError:
             continue
+        timed_out = False
         try:
             direction = _SLOW_DIRECTIONS[mode]
-            verdict = bool(_bounded(lambda: direction(a, b), float(timeout), wall_clock=True)) or bool(
-                _bounded(lambda: direction(b, a), float(timeout), wall_clock=True))
+            verdict = _bounded(lambda: direction(a, b), float(timeout), wall_clock=True)
+            if not verdict:
+                timed_out = verdict is None
+                verdict = _bounded(lambda: direction(b, a), float(timeout), wall_clock=True)
+                timed_out = timed_out or verdict is None
+            verdict = bool(verdict)
         except BaseException:  # noqa: BLE001 - any failure of a check is "not equivalent"
             verdict = False
-        out.write(json.dumps([rid, verdict]) + "\n")
+        out.write(json.dumps([rid, verdict, timed_out]) + "\n")
 
 
 class _Helper:
@@ -812,9 +962,9 @@ class _Helper:
         line, self._buf = self._buf.split(b"\n", 1)
         return line
 
-    def check(self, mode: str, a: str, b: str, timeout: float) -> Optional[bool]:
-        """The verdict (both directions OR-ed, each under the helper's alarm), or None if the helper died or ran past
-        the backstop (then it must be dropped)."""
+    def check(self, mode: str, a: str, b: str, timeout: float) -> Optional[tuple[bool, bool]]:
+        """(verdict, timed out): both directions OR-ed, each under the helper's alarm; None if the helper died or ran
+        past the backstop (then it must be dropped)."""
         self._next_id += 1
         rid = self._next_id
         try:
@@ -828,11 +978,11 @@ class _Helper:
             if line is None:
                 return None
             try:
-                got_id, verdict = json.loads(line)
-            except ValueError:
+                got_id, verdict, timed_out = json.loads(line)
+            except (ValueError, TypeError):
                 continue
             if got_id == rid:
-                return bool(verdict)
+                return bool(verdict), bool(timed_out)
 
     def close(self) -> None:
         try:
@@ -862,7 +1012,9 @@ class _HelperPool:
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
-    def check(self, mode: str, a: str, b: str, timeout: float) -> bool:
+    def check(self, mode: str, a: str, b: str, timeout: float) -> tuple[bool, bool]:
+        """(verdict, timed out) of one pair in a helper process; a helper that dies or overruns is killed and the pair
+        is (False, True)."""
         with self._lock:
             if self._pid != os.getpid():  # forked: the helpers belong to the parent process
                 self._idle, self._all, self._pid = [], [], os.getpid()
@@ -877,7 +1029,7 @@ class _HelperPool:
             helper.close()
             with self._lock:
                 self._all.remove(helper)
-            return False
+            return False, True
         with self._lock:
             self._idle.append(helper)
         return verdict
@@ -904,7 +1056,53 @@ def shutdown_helpers() -> None:
 
 _CACHE: dict = {}
 _CACHE_MAX = 200_000
-_STATS = {"fast": 0, "slow": 0, "cached": 0}
+_STATS = {"fast": 0, "slow": 0, "cached": 0, "huge": 0, "over_budget": 0}
+
+
+_BUDGET = threading.local()
+MIN_CHECK_S = 0.05  # a slow check is not started with less budget left than this
+
+
+class TimeBudget:
+    """The time budget shared by the slow checks made inside ``with time_budget(seconds)`` in one thread.
+
+    ``skipped``: slow checks not started because the budget was spent; ``cut``: checks that ran with less than the
+    full TIMEOUT_S (what was left) and timed out. Both count as "not equivalent" and are not cached."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.seconds = seconds
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+        self.skipped = 0
+        self.cut = 0
+
+    @property
+    def unfinished(self) -> int:
+        return self.skipped + self.cut
+
+
+class time_budget:  # noqa: N801 - used as a context manager, like open()
+    """``with time_budget(8.0) as budget: ...``: every slow (sympy) check of :func:`is_equiv` made inside, in this
+    thread, shares `seconds` of wall-clock time. A check runs under min(TIMEOUT_S, half the budget left) per
+    direction; once the budget is spent, further slow checks are not run and count as "not equivalent". Fast-path
+    and cached verdicts cost nothing and are unaffected. Nested budgets: the inner one also respects the outer's end.
+    ``None`` means no budget."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.budget = TimeBudget(seconds)
+
+    def __enter__(self) -> TimeBudget:
+        self.previous = getattr(_BUDGET, "current", None)
+        if self.previous is not None and self.previous.deadline is not None and (
+                self.budget.deadline is None or self.previous.deadline < self.budget.deadline):
+            self.budget.deadline = self.previous.deadline
+        _BUDGET.current = self.budget
+        return self.budget
+
+    def __exit__(self, *exc) -> None:
+        _BUDGET.current = self.previous
+        if self.previous is not None:
+            self.previous.skipped += self.budget.skipped
+            self.previous.cut += self.budget.cut
 
 
 def _math_equiv(a: str, b: str, mode: str) -> bool:
@@ -917,8 +1115,20 @@ def _math_equiv(a: str, b: str, mode: str) -> bool:
     if hit is not None:
         _STATS["cached"] += 1
         return hit
+    budget = getattr(_BUDGET, "current", None)
+    timeout = TIMEOUT_S
+    if budget is not None and budget.deadline is not None:
+        left = budget.deadline - time.monotonic()
+        if left < MIN_CHECK_S:
+            _STATS["over_budget"] += 1
+            budget.skipped += 1
+            return False
+        timeout = min(TIMEOUT_S, left / 2)
     _STATS["slow"] += 1
-    verdict = _POOL.check(mode, a, b, TIMEOUT_S)
+    verdict, timed_out = _POOL.check(mode, a, b, timeout)
+    if timed_out and timeout < TIMEOUT_S:  # cut short by the budget: not the full check's verdict, not cached
+        budget.cut += 1
+        return verdict
     if len(_CACHE) >= _CACHE_MAX:
         _CACHE.clear()
     _CACHE[key] = verdict

@@ -84,6 +84,51 @@ def _translate_omegaconf(exc: Exception, schema) -> ConfigError:
     return ConfigError(key, msg.splitlines()[0])
 
 
+def _default_groups(config_name: str) -> set[str]:
+    """Config groups named in the defaults list of recipes/<config_name>.yaml (e.g. model, data, experiment)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load((recipes_dir() / f"{config_name}.yaml").read_text(encoding="utf-8"))
+    except Exception:  # a missing or unreadable primary config is reported by hydra itself
+        return set()
+    groups = set()
+    for entry in (doc or {}).get("defaults", []) if isinstance(doc, dict) else []:
+        if isinstance(entry, dict):
+            for key in entry:
+                groups.add(str(key).replace("optional ", "").replace("override ", "").strip().split("@")[0])
+    return groups
+
+
+def _check_group_choices(config_name: str, overrides: Sequence[str]) -> None:
+    """A ``group=name`` override (``experiment=``, ``model=``, ...) must name a recipe file in recipes/<group>/.
+    Hydra itself silently skips a missing choice of an *optional* group (``optional experiment``), so a misspelled
+    ``experiment=`` would train the default; refuse it in one line with the closest names."""
+    import difflib
+
+    root = recipes_dir()
+    groups = _default_groups(config_name)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        group = key.lstrip("+~")
+        if group not in groups or not (root / group).is_dir():
+            continue
+        value = value.strip()
+        if value in ("", "null", "None") or value.startswith("["):
+            continue
+        if (root / group / f"{value}.yaml").is_file():
+            continue
+        options = sorted(p.stem for p in (root / group).glob("*.yaml"))
+        close = difflib.get_close_matches(value, options, n=3, cutoff=0.6)
+        if close:
+            hint = f"did you mean {' or '.join(close)}?"
+        elif len(options) <= 12:
+            hint = f"available: {', '.join(options)}"
+        else:
+            hint = f"see {root / group}/ for the {len(options)} available"
+        raise ConfigError(group, f"no recipe '{value}' in recipes/{group}/; {hint}")
+
+
 def compose(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
     """Compose ``recipes/<config_name>.yaml`` with ``overrides`` and return a ``schema`` instance."""
     from hydra import compose as hydra_compose
@@ -95,6 +140,7 @@ def compose(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "overrides are key=value (e.g. parallel.tp=2 or experiment=pretrain_1b_160b)")
+    _check_group_choices(config_name, overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):

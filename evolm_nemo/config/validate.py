@@ -29,6 +29,31 @@ class Plan:
     num_microbatches: int
 
 
+def check_writable(path: str | os.PathLike, key: str, directory: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be created: one line naming `key`. `path` is a file to be
+    written (its directory must be creatable and writable) or, with `directory`, a directory to be created or
+    written into. Probed for real (a temporary file in the nearest existing directory, removed at once), so
+    read-only mounts and permissions (also for root) are caught, not only mode bits."""
+    import tempfile
+
+    target = Path(path).absolute()
+    if directory and target.exists() and not target.is_dir():
+        raise ConfigError(key, f"cannot write into {path}: it is a file, not a directory")
+    if not directory and target.is_dir():
+        raise ConfigError(key, f"{path} is a directory; name a file")
+    probe = target if directory else target.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(key, f"cannot write {path}: {probe} is a file, not a directory")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".evolm-write-probe-")
+    except OSError as exc:
+        raise ConfigError(key, f"cannot write {path}: {probe} is not writable ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
 def _positive(key: str, value, allow_zero: bool = False) -> None:
     if value is None or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")

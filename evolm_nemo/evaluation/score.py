@@ -7,7 +7,9 @@ Input rows (one JSON object per line; unknown extra fields are ignored and kept)
      "rm_scores": [16 floats] (optional), "greedy": string (optional; else completions[0] is Pass@1's)}
 
 Each output row adds ``gold_answer``, ``extracted`` (one per completion), ``correct`` (booleans), ``pass1``, ``maj16``,
-``rm16`` (null without rm_scores) and ``pass16``, all in the selected scoring mode. The last line printed to stdout is
+``rm16`` (null without rm_scores) and ``pass16``, all in the selected scoring mode; a row whose slow (sympy) checks
+ran past its time budget (``row_budget_s``, shared by the row's gold and Maj@16 comparisons) also gets
+``unfinished_checks`` (how many counted as "not equivalent" unfinished), and the command says so on stderr. The last line printed to stdout is
 the summary JSON ``{suite: {"n", "pass1", "maj16", "rm16", "pass16", "correct_ratio"}, ..., "id_avg", "ood_avg"}``.
 A malformed row stops the command with one line naming the file, line number and field; no output file is written.
 
@@ -25,11 +27,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.answers import MODES, SUITES, extract_answer, gold_answer, is_equiv, judge
+from evolm_nemo.config.validate import check_writable
+from evolm_nemo.answers import MODES, SUITES, extract_answer, gold_answer, is_equiv, judge, time_budget
 from evolm_nemo.evaluation.metrics import majority_answers, majority_index, rm_index, summarize
 from evolm_nemo.fileio import iter_jsonl, write_jsonl
 
 ADDED_FIELDS = ("gold_answer", "extracted", "correct", "pass1", "maj16", "rm16", "pass16")
+ROW_BUDGET_S = 10.0  # default wall-clock budget of one row's slow checks
 PROGRESS_MIN_ROWS = 100
 
 
@@ -40,6 +44,7 @@ class ScoreConfig:
     scoring: str = "evolm"  # evolm: EvoLM's evaluator verdict for verdict | strict: the reference's quirks fixed
     workers: int = 0  # concurrent scorers, each with its own math-verify helper process (0: one per CPU core, max 8)
     progress: bool = True  # progress bar on stderr for inputs of 100 rows or more
+    row_budget_s: float = 10.0  # wall-clock seconds shared by one row's slow checks (null: unbounded)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -105,8 +110,17 @@ def read_rows(path: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def score_row(row: dict, mode: str = "evolm") -> dict:
-    """A copy of a (valid) row with the scored fields added."""
+def score_row(row: dict, mode: str = "evolm", budget_s: Optional[float] = ROW_BUDGET_S) -> dict:
+    """A copy of a (valid) row with the scored fields added. The row's slow checks share `budget_s` seconds (see
+    :func:`evolm_nemo.answers.time_budget`); checks left unfinished are counted in ``unfinished_checks``."""
+    with time_budget(budget_s) as budget:
+        out = _score_row(row, mode)
+    if budget.unfinished:
+        out["unfinished_checks"] = budget.unfinished
+    return out
+
+
+def _score_row(row: dict, mode: str) -> dict:
     suite = row["suite"]
     gold = gold_answer(suite, row)
     completions = row["completions"]
@@ -151,9 +165,11 @@ def score_rows(
     workers: int = 1,
     progress: bool = False,
     validate: bool = True,
+    budget_s: Optional[float] = ROW_BUDGET_S,
 ) -> tuple[list[dict], dict]:
     """Score rows in the `score` input format: (scored rows in input order, summary). `workers` > 1 scores rows
-    concurrently (each worker thread gets its own math-verify helper process; 0 = one per CPU core)."""
+    concurrently (each worker thread gets its own math-verify helper process; 0 = one per CPU core). Each row's slow
+    checks share `budget_s` seconds (None: unbounded)."""
     if mode not in MODES:
         raise ConfigError("scoring", f"expected one of {', '.join(MODES)}, got {mode!r}")
     if validate:
@@ -169,12 +185,12 @@ def score_rows(
     try:
         if workers == 1:
             for row in rows:
-                scored.append(score_row(row, mode))
+                scored.append(score_row(row, mode, budget_s))
                 if bar is not None:
                     bar.update(1)
         else:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evolm-score") as pool:
-                for result in pool.map(lambda r: score_row(r, mode), rows, chunksize=1):
+                for result in pool.map(lambda r: score_row(r, mode, budget_s), rows, chunksize=1):
                     scored.append(result)
                     if bar is not None:
                         bar.update(1)
@@ -187,6 +203,21 @@ def score_rows(
 # ------------------------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------------------------
+
+
+def completions_note(rows: Sequence[dict]) -> Optional[str]:
+    """One line saying how many completions rows have when that is not EvoLM's 16 (the metrics are then Maj@n,
+    RM@n and Pass@n for that n); None for 16 everywhere."""
+    counts = sorted({len(r["completions"]) for r in rows})
+    if counts == [16]:
+        return None
+    if len(counts) == 1:
+        n = counts[0]
+        return (f"note: n={n} completions per row (not 16): maj16 / rm16 / pass16 are Maj@{n} / RM@{n} / "
+                f"Pass@{n} here")
+    other = sum(len(r["completions"]) != 16 for r in rows)
+    return (f"note: completions per row vary from n={counts[0]} to n={counts[-1]} ({other} of {len(rows)} rows have "
+            f"other than 16): maj16 / rm16 / pass16 are over each row's own n")
 
 
 def _default_output(input_path: str) -> str:
@@ -214,10 +245,23 @@ def main(overrides: Sequence[str]) -> int:
         raise ConfigError("scoring", f"expected one of {', '.join(MODES)}, got {cfg.scoring!r}")
     if cfg.workers < 0:
         raise ConfigError("workers", f"expected 0 (auto) or a positive number, got {cfg.workers}")
+    if cfg.row_budget_s is not None and not cfg.row_budget_s > 0:
+        raise ConfigError("row_budget_s", f"expected seconds > 0 (or null: unbounded), got {cfg.row_budget_s}")
     output = cfg.output or _default_output(cfg.input)
+    check_writable(output, "output")
     rows = read_rows(cfg.input)
-    scored, summary = score_rows(rows, cfg.scoring, workers=cfg.workers, progress=cfg.progress, validate=False)
+    note = completions_note(rows)
+    if note:
+        print(note, file=sys.stderr)
+    scored, summary = score_rows(rows, cfg.scoring, workers=cfg.workers, progress=cfg.progress, validate=False,
+                                 budget_s=cfg.row_budget_s)
     write_jsonl(output, scored)
+    cut = [r for r in scored if r.get("unfinished_checks")]
+    if cut:
+        print(f"{len(cut)} row(s) ran past the {cfg.row_budget_s:g} s time budget per row; their "
+              f"{sum(r['unfinished_checks'] for r in cut)} unfinished checks count as not equivalent "
+              f"(field unfinished_checks; first: id {cut[0]['id']!r}); raise row_budget_s to finish them",
+              file=sys.stderr)
     print(_format_table(summary, cfg.scoring), file=sys.stderr)
     print(f"wrote {len(scored)} scored rows to {output}", file=sys.stderr)
     sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")

@@ -1,0 +1,94 @@
+"""Issue 10 items 10/11 for `evolm score`: undecodable or hostile input and an unwritable output are one line before
+any scoring; rows with other than 16 completions are scored with one line saying what n is."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from evolm_nemo import cli
+from tests.conftest import run_evolm
+
+
+def _row(n: int = 16, **extra) -> dict:
+    return {"suite": "gsm8k_platinum", "id": 1, "problem": "2+2?", "gt_solution": "#### 4", "gt_answer": None,
+            "completions": ["so \\boxed{4}"] * n, **extra}
+
+
+def unwritable_dir(tmp_path: Path) -> Path:
+    """A directory nobody may create files in: mode 0500 for a normal user; for root (who ignores modes) sysfs."""
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o500)
+        return d
+    return Path("/sys/evolm-unwritable")
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_non_utf8_input(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(json.dumps(_row()).encode() + b"\n" + json.dumps(_row()).replace("2+2", "\xe9").encode("latin-1")
+                    + b"\n")
+    assert cli.main(["score", f"input={inp}", f"output={tmp_path / 'out.jsonl'}"]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"error: {inp}:2: not UTF-8 text (byte 0xe9") and "re-encode" in line
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_deeply_nested_json(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"suite": ' + "[" * 100_000 + "]" * 100_000 + "}\n", encoding="utf-8")
+    assert cli.main(["score", f"input={inp}"]) == 2
+    assert _one_line(capsys) == f"error: {inp}:1: JSON nested too deeply to read"
+
+
+def test_lone_surrogate(tmp_path, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good = _row(completions=["\\boxed{4} \U0001F600"] * 16)  # a surrogate pair as escapes is fine
+    bad = _row()
+    bad["completions"] = ["\\boxed{4} \ud800"] * 16
+    inp.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    assert "\\ud83d\\ude00" in inp.read_text() and "\\ud800" in inp.read_text()
+    assert cli.main(["score", f"input={inp}", f"output={out}"]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"error: {inp}:2: contains a lone surrogate (\\ud800)"), line
+    assert not out.exists()
+
+
+def test_unwritable_output_is_refused_before_scoring(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps(_row()) + "\n", encoding="utf-8")
+    out = unwritable_dir(tmp_path) / "sub" / "scored.jsonl"
+    assert cli.main(["score", f"input={inp}", f"output={out}"]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"error: output: cannot write {out}: ") and "not writable" in line, line
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert cli.main(["score", f"input={inp}", f"output={a_file / 'scored.jsonl'}"]) == 2
+    assert "is a file, not a directory" in _one_line(capsys)
+
+
+@pytest.mark.parametrize("counts, note", [
+    ([16, 16], None),
+    ([8, 8], "note: n=8 completions per row (not 16): maj16 / rm16 / pass16 are Maj@8 / RM@8 / Pass@8 here"),
+    ([16, 4], "note: completions per row vary from n=4 to n=16 (1 of 2 rows have other than 16)"),
+])
+def test_completions_per_row_other_than_16_are_named(tmp_path, counts, note):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(_row(n, id=i)) + "\n" for i, n in enumerate(counts)), encoding="utf-8")
+    proc = run_evolm("score", [f"input={inp}", f"output={out}"])
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
+    if note is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and notes[0].startswith(note), proc.stderr
+    assert len(out.read_text().splitlines()) == len(counts)
