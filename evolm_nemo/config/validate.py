@@ -122,16 +122,34 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
     _positive("train.save_interval", t.save_interval, allow_zero=True)
     _positive("train.keep_last", t.keep_last)
 
+    check_writable(cfg.run.out_dir, "run.out_dir", directory=True)
+    if d.source == "synthetic" or cfg.stage in ("pretrain", "cpt"):  # generated corpora / sample-index caches
+        check_writable(d.cache_dir, "data.cache_dir", directory=True)
     if t.init_from is not None:
         _check_parent(cfg)
+    dataset_tokens = None
     if cfg.stage in ("pretrain", "cpt"):
         _check_gpt_data(d)
+        _check_split(d.split)
+        if d.source == "indexed":
+            dataset_tokens = check_token_ids(d.paths, m.vocab_size)
     iters = stage_module(cfg.stage).plan_iters(cfg, dp)
+    if cfg.stage in ("pretrain", "cpt"):
+        _check_budget(cfg, iters, dataset_tokens)
     return Plan(world_size=world_size, dp=dp, iters=iters, tokens_per_iter=p.global_batch_size * m.seq_length,
                 num_microbatches=p.global_batch_size // (p.micro_batch_size * dp))
 
 
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size")
+
+
+def is_hf_model_dir(path) -> bool:
+    """A directory with an HF ``config.json`` and weights (safetensors or PyTorch bin), and no evolm checkpoint."""
+    p = Path(path)
+    if not (p / "config.json").is_file() or (p / "evolm.json").exists() or (p / "checkpoints").is_dir():
+        return False
+    return any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin")) or (
+        p / "model.safetensors.index.json").is_file()
 
 
 def _check_parent(cfg: RootConfig) -> None:
@@ -141,6 +159,11 @@ def _check_parent(cfg: RootConfig) -> None:
     path = cfg.train.init_from
     if not Path(path).exists():
         raise ConfigError("train.init_from", f"no checkpoint at {path}")
+    if is_hf_model_dir(path):
+        name = Path(path).resolve().name or "model"
+        raise ConfigError("train.init_from", f"{path} is a HuggingFace model directory, not an evolm checkpoint; "
+                                             f"import it first with evolm import-hf src={path} "
+                                             f"dst=runs/{name}_imported, then set train.init_from to that")
     try:
         meta = ckpt.read_meta(ckpt.resolve(path))
     except ckpt.CheckpointError as exc:
@@ -173,5 +196,103 @@ def _check_gpt_data(d) -> None:
             raise ConfigError("data.weights", f"{len(d.weights)} weights for {len(d.paths)} paths")
         if d.weights is not None and any(w < 0 for w in d.weights):
             raise ConfigError("data.weights", "weights must be >= 0")
+    if d.weights is not None and not sum(d.weights) > 0:
+        raise ConfigError("data.weights", f"all weights are zero ({list(d.weights)}); give at least one path a "
+                                          "positive weight (or null: proportional to size)")
         if not d.tokenizer:
             raise ConfigError("data.tokenizer", "indexed data needs the tokenizer it was prepared with")
+
+
+def _check_split(split) -> None:
+    """``data.split`` is megatron's "train,valid,test" ratios: up to three non-negative numbers with a train part > 0
+    (training reads only the train split)."""
+    import re
+
+    text = str(split).strip()
+    parts = [x.strip() for x in re.split(r"[,/]", text)] if text else []
+    try:
+        values = [float(x) for x in parts]
+    except ValueError:
+        values = None
+    if not values or len(values) > 3 or any(not v >= 0 for v in values) or any(v == float("inf") for v in values):
+        raise ConfigError("data.split", f"expected up to three non-negative train,valid,test ratios such as 100,0,0 "
+                                        f"or 98,2,0; got {split!r}")
+    if values[0] == 0:
+        raise ConfigError("data.split", f"the train part of {split!r} is 0: training would have no data; e.g. "
+                                        "100,0,0")
+
+
+TOKEN_SAMPLE_BYTES = 64 << 20  # token ids read per .bin file for the vocabulary check (the whole file if smaller)
+
+
+MAX_SAMPLES = 10**10  # megatron's sample / shuffle indices take ~16 bytes per sample: 1e10 samples ~ 160 GB
+MAX_EPOCHS = 1000  # passes over an indexed dataset that a budget may ask for
+
+
+def _check_budget(cfg: RootConfig, iters: int, dataset_tokens: int | None) -> None:
+    """Refuse, before megatron builds its sample indices (minutes to hours, memory ~ samples), budgets that cannot be
+    meant: more samples than an index can hold, or more than MAX_EPOCHS passes over the prepared data."""
+    from evolm_nemo.config.tokens import format_tokens
+
+    p, m = cfg.parallel, cfg.model
+    key = "train.tokens" if cfg.train.tokens is not None else "train.iters"
+    value = cfg.train.tokens if cfg.train.tokens is not None else iters
+    samples = iters * p.global_batch_size
+    tokens = samples * m.seq_length
+    if samples > MAX_SAMPLES:
+        raise ConfigError(key, f"{value} means {iters:,} iterations = {samples:,} samples of {m.seq_length} tokens "
+                               f"({format_tokens(tokens)} tokens): more than the {MAX_SAMPLES:,} samples a sample "
+                               "index can hold; check the unit (EvoLM's budgets are 10B-320B)")
+    if dataset_tokens:
+        epochs = tokens / dataset_tokens
+        if epochs > MAX_EPOCHS:
+            raise ConfigError(key, f"{value} means {format_tokens(tokens)} tokens = {epochs:,.0f} passes over the "
+                                   f"{format_tokens(dataset_tokens)} tokens in data.paths (more than {MAX_EPOCHS}); "
+                                   "check the budget or the data")
+
+
+def check_token_ids(prefixes, vocab_size: int, sample_bytes: int = TOKEN_SAMPLE_BYTES) -> int:
+    """Token ids of each prepared ``<prefix>.bin`` must fit ``model.vocab_size`` (data tokenized with a larger
+    vocabulary would index past the embedding). Reads the ``.idx`` header for the dtype, then the maximum id over the
+    whole ``.bin`` when it is at most `sample_bytes`, else over evenly spaced chunks totalling about that much.
+    Returns the number of tokens in all files."""
+    import struct
+
+    import numpy as np
+
+    total = 0
+    dtypes = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+              8: np.uint16}
+    for prefix in prefixes:
+        idx, bin_path = Path(prefix + ".idx"), Path(prefix + ".bin")
+        try:
+            with open(idx, "rb") as f:
+                header = f.read(9 + 8 + 1)
+            if header[:9] != b"MMIDIDX\x00\x00":
+                raise ValueError("not a megatron index file")
+            code = struct.unpack("<B", header[17:18])[0]
+            dtype = np.dtype(dtypes[code])
+        except (OSError, ValueError, KeyError, struct.error) as exc:
+            raise ConfigError("data.paths", f"{idx}: unreadable index ({exc}); re-run evolm prepare") from None
+        size = bin_path.stat().st_size
+        count = size // dtype.itemsize
+        total += count
+        if count == 0:
+            continue
+        tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(count,))
+        per_read = max(1, sample_bytes // dtype.itemsize)
+        if count <= per_read:
+            top = int(tokens.max())
+            where = "its largest token id"
+        else:
+            chunks = 64
+            step = per_read // chunks
+            starts = np.linspace(0, count - step, chunks).astype(np.int64)
+            top = max(int(tokens[s0:s0 + step].max()) for s0 in starts)
+            where = f"a sample of {per_read:,} of its {count:,} tokens has id"
+        del tokens
+        if top >= vocab_size:
+            raise ConfigError("data.paths", f"{bin_path}: {where} {top} >= model.vocab_size={vocab_size}; it was "
+                                            "tokenized with a larger vocabulary than the model's (check "
+                                            "data.tokenizer and model.vocab_size)")
+    return total

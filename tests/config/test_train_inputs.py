@@ -1,0 +1,154 @@
+"""Issue 10 item 10, training side: bad inputs that used to give tracebacks (or fail only after training) are one line
+naming the key or file before any process group, model or index is built: train.init_from pointing at an HF
+directory, an unwritable run.out_dir / data.cache_dir, an unusable data.split, all-zero blend weights, and data
+tokenized with a larger vocabulary than the model's."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evolm_nemo import cli
+from evolm_nemo.config import ConfigError, RootConfig, compose, validate
+from evolm_nemo.config.validate import check_token_ids
+from evolm_nemo.data.synthetic import ensure_synthetic
+from tests.conftest import run_evolm
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A generated corpus (prepared .bin/.idx, 512-token tokenizer) as an indexed dataset."""
+    c = ensure_synthetic(tmp_path_factory.mktemp("corpus"), 200, 7, vocab_size=512)
+    return str(c.prefix), str(c.tokenizer_dir)
+
+
+def _indexed(corpus, *more) -> list[str]:
+    prefix, tok = corpus
+    return ["data.source=indexed", f"data.paths=[{prefix}]", f"data.tokenizer={tok}", *more]
+
+
+def _refused(capsys, args: list[str], key: str, *fragments: str) -> str:
+    assert cli.main(["train", *args]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(f"error: {key}: "), err
+    for fragment in fragments:
+        assert fragment in err[0], (fragment, err[0])
+    return err[0]
+
+
+def unwritable_dir(tmp_path: Path) -> Path:
+    """A directory nobody may create files in: mode 0500 for a normal user; for root (who ignores modes) sysfs."""
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o500)
+        return d
+    return Path("/sys/evolm-unwritable")
+
+
+def test_init_from_an_hf_directory_says_import_it_first(tmp_path, capsys):
+    from tests.conversion._sources import make_source, make_tokenizer
+
+    make_tokenizer(tmp_path / "tok")
+    make_source("tiny_gqa", tmp_path / "hf", tmp_path / "tok")
+    capsys.readouterr()  # transformers' save progress bar
+    line = _refused(capsys, ["stage=sft", f"train.init_from={tmp_path / 'hf'}", f"run.out_dir={tmp_path / 'run'}"],
+                    "train.init_from", "is a HuggingFace model directory",
+                    f"import it first with evolm import-hf src={tmp_path / 'hf'} dst=")
+    assert "Traceback" not in line and not (tmp_path / "run").exists()
+
+
+def test_unwritable_run_dir_and_cache_are_found_before_training(tmp_path, capsys):
+    ro = unwritable_dir(tmp_path)
+    _refused(capsys, [f"run.out_dir={ro / 'run'}"], "run.out_dir", "not writable")
+    _refused(capsys, [f"run.out_dir={tmp_path / 'run'}", f"data.cache_dir={ro / 'cache'}"], "data.cache_dir",
+             "not writable")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    _refused(capsys, [f"run.out_dir={a_file}"], "run.out_dir", "is a file, not a directory")
+    _refused(capsys, [f"run.out_dir={a_file / 'run'}"], "run.out_dir", "is a file, not a directory")
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".evolm-write-probe-*"))
+
+
+@pytest.mark.parametrize("split, fragment", [
+    ("abc", "expected up to three non-negative"),
+    ("'0,100,0'", "the train part of '0,100,0' is 0"),
+    ("'1,2,3,4'", "expected up to three"),
+    ("'-1,0,0'", "expected up to three non-negative"),
+])
+def test_bad_split(split, fragment, capsys, tmp_path):
+    _refused(capsys, [f"data.split={split}", f"run.out_dir={tmp_path / 'run'}"], "data.split", fragment)
+
+
+def test_good_splits_validate(corpus):
+    for split in ("100,0,0", "98,2,0", "1", "99/1/0"):
+        validate(compose("config", _indexed(corpus, f"data.split='{split}'"), RootConfig))
+
+
+def test_all_zero_blend_weights(corpus, capsys, tmp_path):
+    prefix, _ = corpus
+    _refused(capsys, _indexed(corpus, f"data.paths=[{prefix},{prefix}]", "data.weights=[0,0]",
+                              f"run.out_dir={tmp_path / 'run'}"), "data.weights", "all weights are zero")
+    _refused(capsys, ["data.synthetic_kinds=[text,math]", "data.weights=[0.0,0.0]", f"run.out_dir={tmp_path / 'r'}"],
+             "data.weights", "all weights are zero")
+
+
+def test_data_with_a_larger_vocabulary_than_the_model(corpus, capsys, tmp_path):
+    prefix, _ = corpus
+    top = int(np.fromfile(prefix + ".bin", dtype=np.uint16).max())
+    assert 256 <= top < 512
+    line = _refused(capsys, _indexed(corpus, "model.vocab_size=256", f"run.out_dir={tmp_path / 'run'}"),
+                    "data.paths", f"{prefix}.bin", f"largest token id {top} >= model.vocab_size=256",
+                    "larger vocabulary")
+    assert line
+    check_token_ids([prefix], 512)  # fits: no error
+
+
+def test_token_check_samples_big_files(tmp_path):
+    # a .bin bigger than the sample: evenly spaced chunks are read; ids over the vocabulary throughout are found
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "big")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    for _ in range(64):
+        builder.add_document(torch.from_numpy(rng.integers(0, 40_000, 4096).astype(np.int64)), [4096])
+    builder.finalize(prefix + ".idx")
+    assert Path(prefix + ".bin").stat().st_size == 64 * 4096 * 2
+    with pytest.raises(ConfigError) as err:
+        check_token_ids([prefix], 32_000, sample_bytes=64 << 10)
+    assert err.value.key == "data.paths" and "a sample of 32,768 of its 262,144 tokens" in err.value.message
+    check_token_ids([prefix], 40_000, sample_bytes=64 << 10)
+    (tmp_path / "bad.idx").write_bytes(b"garbage" * 4)
+    (tmp_path / "bad.bin").write_bytes(b"")
+    with pytest.raises(ConfigError) as err:
+        check_token_ids([str(tmp_path / "bad")], 512)
+    assert "unreadable index" in err.value.message
+
+
+def test_one_real_process_for_the_exit_code(tmp_path):
+    proc = run_evolm("train", ["data.split=abc", f"run.out_dir={tmp_path / 'run'}"], check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().startswith("error: data.split: ")
+
+
+def test_absurd_budgets_are_refused_before_any_index_is_built(corpus, tmp_path):
+    # item 11: train.tokens=1000T used to sit for minutes building megatron's sample indices before the plan
+    import time
+
+    t0 = time.monotonic()
+    proc = run_evolm("train", ["train.tokens=1000T", "train.iters=null", f"run.out_dir={tmp_path / 'run'}",
+                               f"data.cache_dir={tmp_path / 'cache'}"], check=False)
+    assert proc.returncode == 2 and time.monotonic() - t0 < 60
+    line = proc.stderr.strip()
+    assert line.startswith("error: train.tokens: 1000T means 976,562,500,000 iterations") and "\n" not in line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+    # relative to the prepared data: 2B tokens are thousands of passes over this corpus
+    with pytest.raises(ConfigError) as err:
+        validate(compose("config", _indexed(corpus, "train.tokens=2B", "train.iters=null"), RootConfig))
+    assert err.value.key == "train.tokens" and "passes over the" in err.value.message
+    validate(compose("config", _indexed(corpus, "train.tokens=1M", "train.iters=null"), RootConfig))
