@@ -5,8 +5,10 @@
    FW8+FM42 (recipe experiment=demo_cpt), printing each stage's loss curve summary,
 3. print greedy samples from the final model (megatron-core's inference engine),
 4. export the final checkpoint to a verified HF LlamaForCausalLM directory (logits checked against megatron),
-5. evaluate it downstream with the `hf` backend (greedy + n=16) on held-out generated word problems in the
-   GSM8K cooked schema, score them EvoLM-style, print the metrics table and the plot path.
+5. train a tiny outcome reward model on the SFT model's own samples of RL-set problems (judged by the shared
+   checker; `evolm prepare-rm` + `stage=rm`), print its validation AUC, export it as LlamaForSequenceClassification,
+6. evaluate the SFT model downstream with the `hf` backend (greedy + n=16) on held-out generated word problems in
+   the GSM8K cooked schema, score them EvoLM-style (RM@16 from our RM), print the metrics table and the plot path.
 
 Any training override works here too: `evolm pipeline train.iters=200 model.num_layers=4`.
 """
@@ -21,6 +23,7 @@ DEMO_PROBLEMS = 8  # held-out generated word problems for the final HF evaluatio
 HELD_OUT = 64  # held-out problems for the greedy accuracy before and after SFT
 MAX_NEW = 48  # completion tokens for those
 STOP = ("Human:", "Assistant:")  # the template's turn markers end a completion
+RM_PROBLEMS, RM_SAMPLES = 160, 8  # the demo RM's training samples: problems of the RL set x samples each
 PROMPTS = ["Ben has 2 bags. Each bag has 7 cups. How many cups does Ben have?", "Count from 3 to 9:"]
 
 
@@ -54,10 +57,63 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], template: str, max_n
     return right / max(len(problems), 1), texts
 
 
-def _stage(name: str, overrides: list[str], out: Path, parent: str) -> tuple[RootConfig, object]:
+def _stage(name: str, overrides: list[str], out: Path, parent: str, *own: str) -> tuple[RootConfig, object]:
     cfg = compose("config", [f"experiment={name}", *_stage_overrides(overrides), f"run.out_dir={out}",
-                             f"train.init_from={parent}"], RootConfig)
+                             f"train.init_from={parent}", *own], RootConfig)
     return cfg, validate(cfg)
+
+
+def own_samples(model, tokenizer, rl_path, problems: int, n: int, max_seq: int, seed: int = 0) -> list[dict]:
+    """``n`` samples (temperature 1) of the first ``problems`` prompts of the demo's RL set (disjoint from its SFT
+    and evaluation problems) from the live model, judged by the shared checker: `evolm score`-style rows for
+    `evolm prepare-rm` (the prompt is already templated)."""
+    from evolm_nemo.answers import judge
+    from evolm_nemo.fileio import read_jsonl
+    from evolm_nemo.generation.engine import Generator
+
+    rows = read_jsonl(rl_path)[:problems]
+    prompts = [r["prompt"] for r in rows for _ in range(n)]
+    done = Generator(model, tokenizer, max_seq=max_seq, max_batch=64).complete(
+        prompts, MAX_NEW, temperature=1.0, seed=seed, stop_strings=STOP)
+    out = []
+    for i, r in enumerate(rows):
+        texts = [c.text for c in done[i * n:(i + 1) * n]]
+        out.append({"id": r["id"], "problem": r["prompt"], "completions": texts,
+                    "correct": [judge("gsm8k_platinum", t, r["gold_answer"], "strict") for t in texts]})
+    return out
+
+
+def train_demo_rm(final, tokenizer, demo_data, overrides: list[str], out: Path, max_seq: int):
+    """The demo's reward model: its SFT model's own samples -> `prepare-rm` (outcome, balanced) -> `stage=rm`.
+    Returns (the RM's TrainResult, its last metrics record)."""
+    import json
+
+    from evolm_nemo.data.rm import PrepareRMConfig, prepare_rm
+    from evolm_nemo.fileio import write_jsonl
+    from evolm_nemo.train.loop import run
+
+    rows = own_samples(final.model, tokenizer, demo_data.rl_path, RM_PROBLEMS, RM_SAMPLES, max_seq)
+    is_main = final.runtime.is_main
+    scored, data = out / "rm_samples.jsonl", out / "rm_data"
+    if is_main:
+        write_jsonl(scored, rows)
+        prepare_rm(PrepareRMConfig(input=str(scored), output=str(data), tokenizer=final.tokenizer, kind="outcome",
+                                   prompt_template="{question}", overwrite=True, progress=False))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    right = sum(sum(r["correct"]) for r in rows)
+    if is_main:
+        print(f"[rm] {len(rows) * RM_SAMPLES} samples of the SFT model on {len(rows)} RL-set problems, "
+              f"{right / (len(rows) * RM_SAMPLES):.1%} correct (strict checker) -> outcome RM data {data}")
+    cfg, plan = _stage("demo_rm", overrides, out / "rm", final.checkpoint, f"data.paths=[{data}]")
+    result = run(cfg, plan)
+    last = json.loads((out / "rm" / "metrics.jsonl").read_text().splitlines()[-1])
+    if is_main:
+        print(f"[rm] {loss_curve(result.losses)}\n[rm] validation on held-out problems: AUC {last['val_auc']:.3f}, "
+              f"accuracy {last['val_accuracy']:.3f} over {last['val_examples']} samples")
+    return result, last
 
 
 def main(overrides: list[str]) -> int:
@@ -86,6 +142,7 @@ def main(overrides: list[str]) -> int:
         tokenizer = load_tokenizer(cpt.tokenizer)
         template, max_seq = sft_cfg.sft.prompt_template, cfg.model.seq_length
         can_generate = cfg.parallel.pp == 1  # the inference engine runs with pp=1 (every TP rank takes part)
+        rm = None
         if can_generate:
             before, _ = greedy_accuracy(cpt.model, tokenizer, problems, template, MAX_NEW, max_seq)
         final = run(sft_cfg, sft_plan)
@@ -102,6 +159,7 @@ def main(overrides: list[str]) -> int:
             for prompt, text in zip(PROMPTS, texts):
                 if is_main:
                     print(f"sample> {prompt}{text}")
+            rm, _ = train_demo_rm(final, tokenizer, demo_data, overrides, out, max_seq)
         if not is_main:
             return 0
         print(f"checkpoints: pretrain {pre.checkpoint} -> cpt {cpt.checkpoint} -> sft {final.checkpoint}")
@@ -117,11 +175,16 @@ def main(overrides: list[str]) -> int:
     hf_dir = out / "hf"
     export_hf([f"src={final.checkpoint}", f"dst={hf_dir}", "overwrite=true"])
     print(f"HF export (verified): {hf_dir}")
+    rm_extra = ()
+    if rm is not None:  # RM@16 in the table below from our own RM, exported as LlamaForSequenceClassification
+        export_hf([f"src={rm.checkpoint}", f"dst={out / 'rm_hf'}", "overwrite=true"])
+        print(f"RM export (verified, LlamaForSequenceClassification): {out / 'rm_hf'}")
+        rm_extra = (f"rm={out / 'rm_hf'}",)
     data_dir = write_demo_problems(out / "eval_data", problems[:DEMO_PROBLEMS])
     tokens = plan.iters * plan.tokens_per_iter
     eval_demo(str(hf_dir), str(out / "eval"), str(data_dir), limit=DEMO_PROBLEMS, n=16,
               extra=(f"name=evolm-{cfg.model.name}-demo", f"size={cfg.model.name}", f"pretrain_tokens={tokens}",
-                     f"stage={sft_cfg.stage}"))
+                     f"stage={sft_cfg.stage}", *rm_extra))
     return 0
 
 

@@ -1,5 +1,6 @@
 """`evolm pipeline` exactly as `make demo` runs it: pretrain -> CPT on a replay mix -> SFT (greedy accuracy before
-and after) -> samples -> verified HF export -> eval + report."""
+and after) -> samples -> an outcome RM on its own samples -> verified HF exports -> eval (RM@16 from our RM) +
+report."""
 
 import json
 import re
@@ -30,3 +31,11 @@ def test_pipeline_end_to_end(tmp_path):
     assert result["downstream"]["suites"]["gsm8k_platinum"]["n"] == 8 and result["stage"] == "sft"
     rows = [json.loads(line) for line in (out / "eval" / "scored.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(len(r["completions"]) == 16 and len(r["correct"]) == 16 for r in rows)
+    # the fifth stage: an outcome RM on the SFT model's own samples, its validation AUC, RM@16 from it
+    m = re.search(r"\[rm\] validation on held-out problems: AUC ([0-9.]+), accuracy [0-9.]+ over (\d+) samples", text)
+    assert m and 0.0 <= float(m.group(1)) <= 1.0 and int(m.group(2)) > 20, text[-3000:]
+    rm_meta = json.loads(next((out / "rm" / "checkpoints").glob("iter_*/evolm.json")).read_text())
+    assert rm_meta["head"] == "value" and [s["stage"] for s in rm_meta["lineage"]["stages"]][-2:] == ["sft", "rm"]
+    assert "RM export (verified, LlamaForSequenceClassification)" in text and "RM@16" in text
+    assert all(len(r["rm_scores"]) == 16 for r in rows)
+    assert result["downstream"]["suites"]["gsm8k_platinum"]["rm16"] is not None

@@ -75,6 +75,8 @@ class TrainConfig:
     keep_last: int = 2  # committed checkpoints to keep
     init_from: Optional[str] = None  # parent checkpoint: load its weights only (CPT/SFT/PPO start here)
     resume: bool = True  # continue from the latest committed checkpoint in out_dir if there is one
+    overwrite: bool = False  # a fresh start may remove the checkpoints already in out_dir (else it refuses)
+    save_on_signal: bool = True  # on SIGTERM (preemption): save a checkpoint after the current iteration, exit 143
     peak_tflops: Optional[float] = None  # per-device peak for MFU (None: known GPUs auto, CPU not reported)
     progress: bool = True  # tqdm progress bar with ETA on rank 0
     tensorboard: bool = True  # also write TensorBoard events
@@ -156,6 +158,7 @@ class DPOConfig:
     beta: float = 0.1  # strength of the implicit KL to the reference (= train.init_from)
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (IPO: squared loss on length-normalised log-ratios)
     label_smoothing: float = 0.0  # conservative DPO: the preference labels' assumed noise
+    sft_weight: float = 0.0  # RPO: + this x the chosen response's per-token NLL (keeps its likelihood rising)
     shuffle: bool = True
     pad_to_multiple_of: int = 1
 

@@ -34,6 +34,7 @@ from evolm_nemo.fileio import drop_rows_after
 from evolm_nemo.losses import rl as L
 from evolm_nemo.rl import objectives as O
 from evolm_nemo.rl.data import PromptSchedule, prompt_files, read_prompts, usable_prompts
+from evolm_nemo.rl.reward import combine as combine_rewards
 from evolm_nemo.rl.rollout import Rollout, generate, verifiable_rewards
 from evolm_nemo.train.loop import TrainResult, _lineage, build_training_model, train_step
 from evolm_nemo.train.metrics import MetricsWriter
@@ -94,6 +95,11 @@ class RLRun:
             self.ref = build_model(cfg.model, p, rt.dtype)
             ckpt.load_weights(cfg.train.init_from, [self.ref])
             self.ref.eval()
+        self.rm = None
+        if r.reward != "verifiable":  # the reward role: a frozen value-head model (rl/reward.py)
+            from evolm_nemo.rl.reward import RewardModelScorer
+
+            self.rm = RewardModelScorer(cfg, rt)
         max_seq = min(cfg.model.seq_length, r.max_prompt_tokens + r.max_response_tokens)
         self.generator = Generator(self.actor, self.tokenizer, max_seq=max_seq, max_batch=r.rollout_micro_batch_size)
         self.eos = int(self.tokenizer.eos_token_id)
@@ -160,7 +166,9 @@ class RLRun:
         t0 = time.perf_counter()
         ro = self.rollout(iteration)
         t1 = time.perf_counter()
-        ro.rewards = verifiable_rewards(ro, r.reward_suite, r.reward_scoring)
+        ro.correct = verifiable_rewards(ro, r.reward_suite, r.reward_scoring)
+        ro.rm_scores = self.rm.score(ro.prompt_ids, ro.response_ids, self.eos) if self.rm is not None else None
+        ro.rewards = combine_rewards(ro.correct, ro.rm_scores, self.cfg)
         t2 = time.perf_counter()
         n = len(ro)
         order = list(range(n))
@@ -273,15 +281,18 @@ class RLRun:
         diffs = [abs(a - b) for e, o in zip(ro.engine_logp, old_logp) for a, b in zip(e, o) if not math.isnan(a)]
         ratios = [math.exp(b - a) for e, o in zip(ro.engine_logp, old_logp) for a, b in zip(e, o) if not math.isnan(a)]
         local = torch.tensor([sum(ro.rewards), float(lengths.sum()), float(sum(ro.truncated)), n, sum(diffs),
-                              float(len(diffs)), sum(ratios)], dtype=torch.float64)
+                              float(len(diffs)), sum(ratios), sum(ro.correct), sum(ro.rm_scores or [0.0])],
+                             dtype=torch.float64)
         g = _dp_allreduce(local.clone())
         mx = _dp_allreduce(torch.tensor([float(lengths.max()), max(diffs, default=0.0)], dtype=torch.float64),
                            dist.ReduceOp.MAX)
-        rec = {"reward_mean": float(g[0] / g[3]), "correct_ratio": float(g[0] / g[3]),
+        rec = {"reward_mean": float(g[0] / g[3]), "correct_ratio": float(g[7] / g[3]),
                "response_length_mean": float(g[1] / g[3]), "response_length_max": int(mx[0]),
                "truncated_fraction": float(g[2] / g[3]), "logp_mismatch_mean": float(g[4] / max(g[5], 1)),
                "logp_mismatch_max": float(mx[1]), "prob_ratio_mean": float(g[6] / max(g[5], 1)),
                "rollout_tokens_per_s": float(g[1]) / max(rollout_s, 1e-9)}  # response tokens, all dp replicas
+        if ro.rm_scores is not None:
+            rec["rm_score_mean"] = float(g[8] / g[3])
         if values is not None:  # explained variance of the critic's values for the returns, over the global batch
             mask = torch.cat([b["loss_mask"].flatten() for b in batches])
             ret = torch.cat([b["returns"].flatten() for b in batches])
@@ -316,6 +327,8 @@ class RolloutLog:
                                     "response_ids": ro.response_ids[k],
                                     "engine_logp": [None if math.isnan(x) else x for x in ro.engine_logp[k]],
                                     "text": ro.texts[k], "gold_answer": ro.gold[k], "reward": ro.rewards[k],
+                                    "correct": ro.correct[k],
+                                    **({"rm_score": ro.rm_scores[k]} if ro.rm_scores is not None else {}),
                                     "truncated": ro.truncated[k]}) + "\n")
 
 

@@ -19,7 +19,9 @@ class Rollout:
     texts: list[str]
     truncated: list[bool]  # hit max_response_tokens (or the context) without EOS / stop string
     gold: list[str]
-    rewards: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)  # what the update optimises (rl.reward)
+    correct: list[float] = field(default_factory=list)  # the verifiable reward: 1.0 when the answer checker agrees
+    rm_scores: list[float] | None = None  # the reward model's scores (rl.reward=rm|sum)
 
     def __len__(self) -> int:
         return len(self.response_ids)

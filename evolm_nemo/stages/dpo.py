@@ -6,7 +6,8 @@ forward-only pass of the policy (each data-parallel rank its share, gathered) gi
 log-prob; they are written to ``<run>/dpo_reference.safetensors`` (with the datasets' content hashes) and read back on
 resume, so no second model is ever held in memory. A response's log-prob is the sum over its tokens under the same
 masking as SFT (the positions predicting response tokens); ``dpo.loss_type=ipo`` uses the per-token mean (IPO's
-length normalisation). The loss is the mean over the pairs of the whole global batch (sum per microbatch, pair count,
+length normalisation); ``dpo.sft_weight`` adds the chosen response's per-token NLL (RPO), since plain DPO may lower
+the chosen log-prob while it widens the margin. The loss is the mean over the pairs of the whole global batch (sum per microbatch, pair count,
 megatron divides once): invariant to the microbatch / data-parallel split.
 """
 
@@ -40,6 +41,8 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("dpo.label_smoothing", f"must be in [0, 0.5), got {d.label_smoothing}")
     if d.label_smoothing and d.loss_type != "sigmoid":
         raise ConfigError("dpo.label_smoothing", "applies to dpo.loss_type=sigmoid only")
+    if d.sft_weight < 0:
+        raise ConfigError("dpo.sft_weight", f"must be >= 0, got {d.sft_weight}")
     if d.pad_to_multiple_of < 1:
         raise ConfigError("dpo.pad_to_multiple_of", f"must be >= 1, got {d.pad_to_multiple_of}")
     if cfg.parallel.pp > 1:
@@ -70,6 +73,8 @@ def dpo_loss(d, batch: dict, per_token_ce: torch.Tensor):
     k = policy.shape[0] // 2
     loss, chosen_r, rejected_r = P.preference_loss(policy[:k], policy[k:], reference[:k], reference[k:], d.beta,
                                                    d.loss_type, d.label_smoothing)
+    if d.sft_weight:  # RPO (Pang et al. 2024): plus the chosen response's per-token NLL, so its likelihood rises
+        loss = loss - d.sft_weight * total_logp[:k] / count[:k].clamp(min=1)
     total = loss.sum()
     pairs = torch.tensor(k, dtype=torch.int32, device=loss.device)
     lp = total_logp.detach()

@@ -30,6 +30,14 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
             raise ConfigError(f"train.{key}", f"must be > 0, got {getattr(t, key)}")
     if not t.init_from:
         raise ConfigError("train.init_from", f"stage={cfg.stage} starts from a checkpoint (an SFT run)")
+    from evolm_nemo.checkpoint import io as ckpt
+    from evolm_nemo.rl import reward
+
+    try:
+        actor_tokenizer = ckpt.read_meta(ckpt.resolve(t.init_from)).get("tokenizer")
+    except ckpt.CheckpointError as exc:
+        raise ConfigError("train.init_from", str(exc)) from None
+    reward.check(cfg, actor_tokenizer)
     if p.pp != 1:
         raise ConfigError("parallel.pp", "RL rollouts run megatron's inference engine, which needs pp=1; use tp/dp")
     for key in ("prompts_per_step", "samples_per_prompt", "ppo_epochs", "mini_batches", "rollout_micro_batch_size",

@@ -1,0 +1,98 @@
+"""The reward role: the verifiable reward (the shared answer checker, ``rollout.verifiable_rewards``), a reward model,
+or their weighted sum (``rl.reward``).
+
+The reward model is a frozen value-head megatron model (a ``stage=rm`` run, or ``evolm import-hf`` of an HF
+``LlamaForSequenceClassification``) at the actor's tensor-parallel layout. It scores ``prompt_ids + response_ids``
+of each rollout at the last response token, with a final EOS left out -- exactly the sequences `evolm prepare-rm`
+trains on and the HF export reads (its last non-padding token). The actor's and the RM's tokenizers must agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.schema import RootConfig
+
+REWARDS = ("verifiable", "rm", "sum")
+
+
+def check(cfg: RootConfig, actor_tokenizer_ref: str | None) -> None:
+    """``rl.reward`` / ``rl.reward_model`` before anything heavy: the RM is a committed value-head checkpoint whose
+    tokenizer is the actor's."""
+    from evolm_nemo.checkpoint import io as ckpt
+
+    r = cfg.rl
+    if r.reward not in REWARDS:
+        raise ConfigError("rl.reward", f"must be one of {', '.join(REWARDS)}; got {r.reward!r}")
+    if r.reward == "verifiable":
+        return
+    if not r.reward_model:
+        raise ConfigError("rl.reward_model", f"rl.reward={r.reward} needs a reward-model checkpoint (a stage=rm run, "
+                                             "or `evolm import-hf` of an HF LlamaForSequenceClassification)")
+    try:
+        meta = ckpt.read_meta(ckpt.resolve(r.reward_model))
+    except ckpt.CheckpointError as exc:
+        raise ConfigError("rl.reward_model", str(exc)) from None
+    if meta.get("head") != "value":
+        raise ConfigError("rl.reward_model", f"{r.reward_model} is a language model (head={meta.get('head', 'lm')}), "
+                                             "not a reward model with a scalar head")
+    ref = meta.get("tokenizer")
+    if ref and actor_tokenizer_ref and ref != actor_tokenizer_ref:
+        from evolm_nemo.data.sft import tokenizer_fingerprint
+        from evolm_nemo.data.tokenizer import load_tokenizer
+
+        a = tokenizer_fingerprint(load_tokenizer(actor_tokenizer_ref, key="train.init_from"))["vocab_sha256"]
+        b = tokenizer_fingerprint(load_tokenizer(ref, key="rl.reward_model"))["vocab_sha256"]
+        if a != b:
+            raise ConfigError("rl.reward_model", f"{r.reward_model} uses tokenizer {ref}, the actor {actor_tokenizer_ref}"
+                                                 "; the RM reads the actor's token ids, so they must agree")
+
+
+class RewardModelScorer:
+    """A frozen RM at the run's TP layout; ``score(prompt_ids, response_ids, eos)`` -> one float per sequence."""
+
+    def __init__(self, cfg: RootConfig, rt):
+        from evolm_nemo.checkpoint import io as ckpt
+        from evolm_nemo.conversion.export import model_from_meta
+        from evolm_nemo.model.heads import build_value_model
+
+        path = ckpt.resolve(cfg.rl.reward_model)
+        m = model_from_meta(ckpt.read_meta(path), "rl.reward_model")
+        m = dataclasses.replace(m, layer_spec=cfg.model.layer_spec)
+        self.cfg, self.rt = cfg, rt
+        self.model = build_value_model(m, cfg.parallel, rt.dtype)
+        ckpt.load_weights(path, [self.model])
+        self.model.eval()
+        self.max_len = m.seq_length
+
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], eos: int) -> list[float]:
+        from evolm_nemo.rl.objectives import forward_collect, value_forward_step
+        from evolm_nemo.stages.rm import collate_sequences, scores_at_last
+
+        seqs = []
+        for p, r in zip(prompt_ids, response_ids):
+            r = r[:-1] if r and r[-1] == eos else r
+            seqs.append((p + r)[-self.max_len:])
+        p = self.cfg.parallel
+        mbs, multiple = p.micro_batch_size, p.tp if p.sp else 1
+        batches = []
+        for i in range(0, len(seqs), mbs):
+            chunk = seqs[i:i + mbs]
+            length = -(-max(len(s) for s in chunk) // multiple) * multiple
+            batches.append(collate_sequences(chunk, [1] * len(chunk), length, eos))
+        outs = forward_collect(self.model, batches, value_forward_step, mbs, self.rt)
+        scores = [float(v) for out, b in zip(outs, batches) for v in scores_at_last(out, b["last"])]
+        if not all(math.isfinite(s) for s in scores):
+            raise RuntimeError("the reward model returned a non-finite score")
+        return scores
+
+
+def combine(verifiable: list[float], rm_scores: list[float] | None, cfg: RootConfig) -> list[float]:
+    r = cfg.rl
+    if r.reward == "verifiable":
+        return list(verifiable)
+    if r.reward == "rm":
+        return list(rm_scores)
+    return [r.verifiable_weight * v + r.reward_model_weight * s for v, s in zip(verifiable, rm_scores)]

@@ -1,0 +1,259 @@
+"""Reward models, DPO and RM rewards for RL (issue 9) on real megatron-core, transformers and `evolm` processes.
+
+The data: the demo's held-out word problems with correct and incorrect completions (tests/rm/_data.py), judged by
+the real `evolm score`, turned into datasets by the real `evolm prepare-rm`; the parent is the shared SFT model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_evolm
+from tests.rm._data import completions_rows, write_completions
+
+COMMON = ["train.progress=false", "train.tensorboard=false"]
+
+
+def metrics(out) -> dict[int, dict]:
+    return {r["iteration"]: r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r}
+
+
+@pytest.fixture(scope="module")
+def rm_data(sft_parent, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm_data")
+    comp = write_completions(root / "completions.jsonl", completions_rows(sft_parent["eval"], 120))
+    run_evolm("score", [f"input={comp}", f"output={root / 'scored.jsonl'}", "progress=false"])
+    tok = next(Path(sft_parent["cache"]).glob("synthetic-text-*/tokenizer"))
+    for kind in ("outcome", "pairs"):
+        run_evolm("prepare-rm", [f"input={root / 'scored.jsonl'}", f"output={root / kind}", f"tokenizer={tok}",
+                                 f"kind={kind}", "progress=false"])
+    return {"root": root, "scored": root / "scored.jsonl", "outcome": root / "outcome", "pairs": root / "pairs",
+            "tok": tok, "sft": sft_parent["sft"], "rl8": sft_parent["rl8"]}
+
+
+def rm_overrides(out, d, *extra):
+    return ["experiment=demo_rm", f"data.paths=[{d['outcome']}]", f"train.init_from={d['sft']}",
+            f"run.out_dir={out}", *COMMON, *extra]
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def test_prepare_rm_examples_and_pairs_follow_the_labels(rm_data, tmp_path):
+    from evolm_nemo.data.rm import RMDataset
+    from evolm_nemo.data.tokenizer import load_tokenizer
+
+    scored = [json.loads(x) for x in rm_data["scored"].read_text().splitlines()]
+    assert all(len(r["correct"]) == 8 and sum(r["correct"]) == 4 for r in scored)  # the checker's verdicts
+    tok = load_tokenizer(str(rm_data["tok"]))
+    out = RMDataset(rm_data["outcome"])
+    assert out.kind == "outcome" and len(out) == 960 and out.labels.sum() == 480 and len(out.pairs) == 0
+    # sequence i is problem i // 8's completion i % 8, its label the checker's verdict, its ids as sampled
+    for i in (0, 9, 500, 959):
+        row = scored[i // 8]
+        prompt = tok(f"Human: {row['problem']}\nAssistant:").input_ids
+        resp = tok(row["completions"][i % 8], add_special_tokens=False, split_special_tokens=True).input_ids
+        assert list(out.ids(i)) == prompt + resp and out.prompt_len[i] == len(prompt)
+        assert out.labels[i] == float(row["correct"][i % 8]) and out.groups[i] == i // 8
+    pairs = RMDataset(rm_data["pairs"])
+    assert pairs.kind == "pairs" and len(pairs.pairs) == 120 * 4  # max_pairs_per_problem=4 of 4 x 4 candidates
+    assert np.all(pairs.labels[pairs.pairs[:, 0]] == 1) and np.all(pairs.labels[pairs.pairs[:, 1]] == 0)
+    assert np.all(pairs.groups[pairs.pairs[:, 0]] == pairs.groups[pairs.pairs[:, 1]])
+    assert len({tuple(p) for p in pairs.pairs.tolist()}) == len(pairs.pairs)  # no pair twice
+
+
+def test_prepare_rm_plain_rows_dedup_and_balance(rm_data, tmp_path):
+    from evolm_nemo.data.rm import PrepareRMConfig, RMDataset, prepare_rm
+
+    src = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "Q1", "response": " a", "label": 1}, {"prompt": "Q1", "response": " a", "label": 1},
+            {"prompt": "Q1", "response": " b", "label": 0}, {"prompt": "Q2", "response": " c", "label": False},
+            {"prompt": "Q2", "response": " d", "label": 0}, {"prompt": "Q3", "chosen": " e", "rejected": " f"}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = prepare_rm(PrepareRMConfig(input=str(src), output=str(tmp_path / "o"), tokenizer=str(rm_data["tok"]),
+                                   progress=False))
+    c = m["counts"]
+    assert c["duplicates"] == 1 and c["positive"] == c["negative"] == 2 and c["subsampled"] == 2
+    m = prepare_rm(PrepareRMConfig(input=str(src), output=str(tmp_path / "p"), tokenizer=str(rm_data["tok"]),
+                                   kind="pairs", progress=False))
+    assert m["counts"]["pairs"] == 2 and m["counts"]["no_pair"] == 1  # Q1 (a, b), Q3 (e, f); Q2 has no correct one
+    ds = RMDataset(tmp_path / "p")
+    assert ds.labels[ds.pairs[:, 0]].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("line, key, words", [
+    ('{"prompt": "Q", "response": " a", "label": 2}', "rows.jsonl:2", "label must be 0/1"),
+    ('{"problem": "Q", "completions": [" a"], "correct": []}', "rows.jsonl:2", "of one length"),
+    ('{"prompt": "Q", "chosen": " a", "rejected": " a"}', "rows.jsonl:2", "same text"),
+    ('{"question": "Q"}', "rows.jsonl:2", "unrecognised row"),
+    ('not json', "rows.jsonl:2", "not valid JSON"),
+])
+def test_prepare_rm_malformed_row_is_one_line_with_its_number(rm_data, tmp_path, line, key, words):
+    src = tmp_path / "rows.jsonl"
+    src.write_text('{"prompt": "Q0", "response": " ok", "label": 1}\n' + line + "\n")
+    proc = run_evolm("prepare-rm", [f"input={src}", f"output={tmp_path / 'out'}", f"tokenizer={rm_data['tok']}"],
+                     check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and key in lines[0] and words in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+# ------------------------------------------------------------------------------------------------------ rm stage
+
+
+def test_outcome_rm_learns_and_its_hf_export_scores_the_same(rm_data, tmp_path):
+    """A tiny outcome RM separates the checker's correct from incorrect completions of held-out problems
+    (validation AUC > 0.8); its HF LlamaForSequenceClassification export scores every validation sequence like
+    our model (1e-5), from the text as `evolm eval downstream rm=` sees it."""
+    out = tmp_path / "rm"
+    run_evolm("train", rm_overrides(out, rm_data))
+    last = metrics(out)[max(metrics(out))]
+    assert last["val_auc"] > 0.8 and last["val_accuracy"] > 0.8 and last["val_examples"] == 192, last
+    meta = json.loads(next((out / "checkpoints").glob("iter_*/evolm.json")).read_text())
+    assert meta["head"] == "value" and meta["lineage"]["stages"][-1]["stage"] == "rm"
+
+    hf = tmp_path / "hf"
+    run_evolm("export-hf", [f"src={out}", f"dst={hf}", "progress=false"])
+    assert json.loads((hf / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    from evolm_nemo.evaluation.rm import RewardModel
+
+    scored = [json.loads(x) for x in rm_data["scored"].read_text().splitlines()]
+    val = [json.loads(x) for x in (out / "rm_val_scores.jsonl").read_text().splitlines()]
+    pairs = [(scored[v["index"] // 8]["problem"], scored[v["index"] // 8]["completions"][v["index"] % 8]) for v in val]
+    got = RewardModel(str(hf), batch_size=7).score(pairs)
+    assert max(abs(a - v["score"]) for a, v in zip(got, val)) < 1e-5
+
+
+def test_rm_loss_and_grads_do_not_depend_on_the_split(rm_data, tmp_path):
+    """Outcome and pairwise: micro 1x4, 2x2, 4x1 and DP=2 agree on loss, accuracy and grad norm (two steps)."""
+    for objective, data in (("outcome", rm_data["outcome"]), ("pairwise", rm_data["pairs"])):
+        runs = {}
+        for name, mbs, nproc in (("1x4", 1, 1), ("2x2", 2, 1), ("4x1", 4, 1), ("dp2", 1, 2)):
+            out = tmp_path / f"{objective}_{name}"
+            run_evolm("train", rm_overrides(out, rm_data, f"data.paths=[{data}]", f"rm.objective={objective}",
+                                            f"parallel.micro_batch_size={mbs}", "parallel.global_batch_size=4",
+                                            "train.iters=2", "train.log_interval=1", "rm.val_fraction=0"),
+                      nproc=nproc)
+            runs[name] = metrics(out)
+        base = runs["1x4"]
+        for name, got in runs.items():
+            for it in (1, 2):
+                for key in ("loss", "grad_norm", "accuracy"):
+                    assert abs(got[it][key] - base[it][key]) < 1e-6, (objective, name, it, key)
+        assert base[1]["loss"] > 0.1
+
+
+@pytest.mark.parametrize("extra, key", [
+    (["rm.objective=pairs"], "rm.objective"),
+    (["rm.objective=pairwise"], "data.paths"),  # an outcome dataset holds no pairs
+    (["rm.val_fraction=1.0"], "rm.val_fraction"),
+    (["train.init_from=null"], "train.init_from"),
+    (["data.paths=[/nonexistent/rm]"], "data.paths"),
+])
+def test_bad_rm_recipe_is_one_line(rm_data, tmp_path, extra, key):
+    proc = run_evolm("train", rm_overrides(tmp_path / "r", rm_data, *extra), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}:"), proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ dpo
+
+
+def test_dpo_starts_at_log2_widens_the_margin_and_resumes(rm_data, tmp_path):
+    """Step 1's loss is log 2 (policy = reference); the chosen-minus-rejected margin rises; with RPO's NLL term
+    the chosen log-prob rises too (plain DPO lowered it on this data: both are logged). A resumed run reads the
+    reference log-probs computed once at the start."""
+    import math
+
+    base = ["experiment=demo_dpo", f"data.paths=[{rm_data['pairs']}]", f"train.init_from={rm_data['sft']}",
+            "train.log_interval=1", *COMMON]
+    out = tmp_path / "dpo"
+    proc = run_evolm("train", [*base, f"run.out_dir={out}", "dpo.sft_weight=1.0"])
+    assert proc.stdout.count("reference log-probs of") == 1
+    m = metrics(out)
+    first, last = m[1], m[max(m)]
+    assert abs(first["reward_margin"]) < 1e-5 and abs(first["chosen_reward"]) < 1e-5
+    assert last["reward_margin"] > 1.0 and last["chosen_reward"] > 0.1 and last["accuracy"] > 0.9, last
+    assert (out / "dpo_reference.safetensors").is_file()
+
+    plain = tmp_path / "plain"
+    run_evolm("train", [*base, f"run.out_dir={plain}", "train.iters=4"])
+    p = metrics(plain)
+    assert abs(p[1]["loss"] - math.log(2.0)) < 1e-6  # policy == reference at the first step
+    # the same command again resumes at its last checkpoint: the stored reference is read, not recomputed
+    proc = run_evolm("train", [*base, f"run.out_dir={plain}", "train.iters=4"])
+    assert "reference log-probs of" not in proc.stdout
+    (plain / "dpo_reference.safetensors").unlink()
+    proc = run_evolm("train", [*base, f"run.out_dir={plain}", "train.iters=4"], check=False)
+    assert proc.returncode == 2 and "dpo_reference.safetensors is missing" in proc.stderr, proc.stderr
+    ipo = tmp_path / "ipo"
+    run_evolm("train", [*base, f"run.out_dir={ipo}", "train.iters=6", "dpo.loss_type=ipo", "dpo.beta=0.5"])
+    q = metrics(ipo)
+    assert abs(q[1]["loss"] - 1.0) < 1e-5  # (0 - 1/(2 beta))^2 = 1 at the start
+    assert q[6]["reward_margin"] > q[1]["reward_margin"]
+
+
+def test_dpo_invariant_to_the_split(rm_data, tmp_path):
+    runs = {}
+    for name, mbs, nproc in (("1x4", 1, 1), ("4x1", 4, 1), ("dp2", 2, 2)):
+        out = tmp_path / name
+        run_evolm("train", ["experiment=demo_dpo", f"data.paths=[{rm_data['pairs']}]",
+                            f"train.init_from={rm_data['sft']}", f"run.out_dir={out}", "train.iters=2",
+                            "train.log_interval=1", f"parallel.micro_batch_size={mbs}",
+                            "parallel.global_batch_size=4", *COMMON], nproc=nproc)
+        runs[name] = metrics(out)
+    for name, got in runs.items():
+        for it in (1, 2):
+            for key in ("loss", "grad_norm", "reward_margin", "chosen_logp"):
+                assert abs(got[it][key] - runs["1x4"][it][key]) < 1e-5 * max(1.0, abs(runs["1x4"][it][key])), \
+                    (name, it, key)
+
+
+# ------------------------------------------------------------------------------------------------------ rl reward
+
+
+def test_ppo_with_an_imported_hf_reward_model_scores_like_transformers(rm_data, tmp_path):
+    """An HF LlamaForSequenceClassification (our RM's export) imported with `evolm import-hf` is PPO's reward
+    model (rl.reward=sum): each rollout's rm_score equals transformers' score of the same token ids, and the reward
+    is the weighted sum with the checker's verdict."""
+    rm = tmp_path / "rm"
+    run_evolm("train", rm_overrides(rm, rm_data, "train.epochs=1"))
+    hf, imported = tmp_path / "hf", tmp_path / "imported"
+    run_evolm("export-hf", [f"src={rm}", f"dst={hf}", "progress=false"])
+    run_evolm("import-hf", [f"src={hf}", f"dst={imported}", "progress=false"])
+    out = tmp_path / "ppo"
+    run_evolm("train", ["stage=ppo", f"train.init_from={rm_data['sft']}", f"data.paths=[{rm_data['rl8']}]",
+                        f"run.out_dir={out}", "train.iters=2", "rl.max_response_tokens=48",
+                        "rl.reward=sum", f"rl.reward_model={imported}", "rl.reward_model_weight=0.5",
+                        "rl.save_rollouts=true", *COMMON])
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(hf), dtype=torch.float32).eval()
+    rows = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    eos = 2
+    assert rows and all("rm_score" in r for r in rows)
+    for r in rows:
+        resp = r["response_ids"][:-1] if r["response_ids"] and r["response_ids"][-1] == eos else r["response_ids"]
+        with torch.no_grad():
+            want = float(model(input_ids=torch.tensor([r["prompt_ids"] + resp])).logits[0, 0])
+        assert abs(r["rm_score"] - want) < 1e-5
+        assert abs(r["reward"] - (r["correct"] + 0.5 * r["rm_score"])) < 1e-6
+    m = metrics(out)
+    assert "rm_score_mean" in m[2] and 0.0 <= m[2]["correct_ratio"] <= 1.0
+
+
+def test_rl_reward_model_errors_are_one_line(rm_data, tmp_path):
+    base = ["stage=ppo", f"train.init_from={rm_data['sft']}", f"data.paths=[{rm_data['rl8']}]",
+            f"run.out_dir={tmp_path / 'p'}", "train.iters=1", *COMMON]
+    for extra, words in ((["rl.reward=rm"], "needs a reward-model checkpoint"),
+                         (["rl.reward=rm", f"rl.reward_model={rm_data['sft']}"], "not a reward model"),
+                         (["rl.reward=bogus"], "must be one of")):
+        proc = run_evolm("train", [*base, *extra], check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "rl.reward" in lines[0] and words in lines[0], \
+            proc.stderr
