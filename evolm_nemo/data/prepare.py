@@ -32,8 +32,10 @@ import gzip
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,17 +93,48 @@ def _text(row, text_key: str, where: str) -> str:
     return value
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _raw_lines(path: Path) -> Iterator[Tuple[int, bytes]]:
+    """(line number, bytes) of a plain or gzip file; a truncated or corrupt .gz is a ConfigError naming the line."""
+    gz = path.suffix == ".gz"
+    lineno = 0
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            for lineno, raw in enumerate(f, 1):
+                yield lineno, raw
+    except (EOFError, OSError, zlib.error) as exc:
+        if not gz:
+            raise
+        raise ConfigError("input", f"{path}: truncated or corrupt gzip data after line {lineno} ({exc}); "
+                                   "download or compress it again") from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[Tuple[str, object]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for lineno, raw in _raw_lines(path):
+        where = f"{path} line {lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError("input", f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                       f"{exc.start + 1}); re-encode the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("input", f"{where}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise ConfigError("input", f"{where}: JSON nested too deeply to read") from None
+        if _SURROGATE_ESCAPE.search(raw):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError("input", f"{path} line {lineno}: invalid JSON ({exc.msg})") from None
-            yield f"{path} line {lineno}", row
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as exc:
+                bad = exc.object[exc.start:exc.end].encode("utf-8", "backslashreplace").decode("ascii")
+                raise ConfigError("input", f"{where}: contains a lone surrogate ({bad}), which is not valid "
+                                           "Unicode and cannot be tokenized; fix the text that produced it") from None
+        yield where, row
 
 
 def _parquet_rows(path: Path, columns: Optional[List[str]]) -> Iterator[Tuple[str, object]]:
@@ -282,12 +315,13 @@ def prepare(
         raise ConfigError("input", f"{input} has no documents")
     prefix = _strip_suffix(str(output_prefix))
     out_dir = Path(prefix).parent
+    from evolm_nemo.config.validate import check_writable
+
+    check_writable(out_dir, "output", directory=True)  # probed for real: read-only mounts, root too
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError("output", f"cannot create {out_dir}: {exc.strerror}") from None
-    if not os.access(out_dir, os.W_OK):
-        raise ConfigError("output", f"{out_dir} is not writable")
 
     def all_chunks():
         yield first

@@ -182,3 +182,44 @@ def test_llama_class_tokenizer_keeps_its_bos(tmp_path):
         assert ids[0] == 1 and ids[-1] == 2 and 2 not in ids[1:-1]
         assert llama.decode(ids, skip_special_tokens=True) == text  # the literal "</s>" stayed text
         assert ids == llama(text, split_special_tokens=True).input_ids + [2]
+
+
+# Issue 10 item 10: undecodable input is one line naming the file and line, and leaves nothing behind.
+@pytest.mark.parametrize("workers", [1, 2])
+def test_non_utf8_truncated_gzip_and_lone_surrogates(tmp_path, tok, workers):
+    import gzip
+
+    good = "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)).encode()
+    cases = {
+        "latin1.jsonl": (good + '{"text": "caf\xe9"}\n'.encode("latin-1"),
+                         "line 51: not UTF-8 text (byte 0xe9 at column 14); re-encode"),
+        "surrogate.jsonl": (good + b'{"text": "half a pair \\ud83d here"}\n',
+                            "line 51: contains a lone surrogate (\\ud83d)"),
+        "deep.jsonl": (good + b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+                       "line 51: JSON nested too deeply"),
+        "cut.jsonl.gz": (gzip.compress(good * 20)[:-200], "truncated or corrupt gzip data after line"),
+    }
+    for name, (data, message) in cases.items():
+        src = tmp_path / name
+        src.write_bytes(data)
+        out = tmp_path / f"out_{name.split('.')[0]}" / "docs"
+        with pytest.raises(ConfigError) as err:
+            prepare(src, out, tok, workers=workers, chunk_size=8, progress=False)
+        assert err.value.key == "input" and str(src) in err.value.message and message in err.value.message, (
+            name, err.value.message)
+        assert not out.parent.exists() or not list(out.parent.iterdir())  # nothing half-written
+    # a surrogate *pair* written as escapes is one valid character
+    src = tmp_path / "pair.jsonl"
+    src.write_bytes(good + b'{"text": "emoji \\ud83d\\ude00"}\n')
+    assert prepare(src, tmp_path / "pair", tok, workers=workers, progress=False).documents == 51
+
+
+def test_bad_encoding_via_the_cli_is_one_line(tmp_path, synth):
+    src = tmp_path / "latin1.jsonl"
+    src.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    proc = subprocess.run([str(Path(sys.executable).parent / "evolm"), "prepare", f"input={src}",
+                           f"output={tmp_path / 'o'}", f"tokenizer={synth.tokenizer_dir}"],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: input: {src} line 1: not UTF-8 text (byte 0xe9 at column 14); " \
+                                  "re-encode the file as UTF-8"
