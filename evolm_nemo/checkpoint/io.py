@@ -7,9 +7,15 @@ Layout of a run's checkpoint root::
       iter_0000200.tmp-<id>/   being written (never read)
 
 A checkpoint counts only when its directory has the final name AND every file listed in ``evolm.json``'s manifest is
-present with the recorded size. All ranks write into a temporary directory; after a barrier rank 0 writes
-``evolm.json`` and renames the directory (an atomic rename on POSIX), so a crash at any moment leaves either the
-previous checkpoint as the latest or a complete new one.
+present with the recorded size. All ranks write into a temporary directory; after a barrier the ranks checksum the
+files they share out (xxh3-64, streamed) and rank 0 writes ``evolm.json`` with sizes and checksums and renames the
+directory (an atomic rename on POSIX), so a crash at any moment leaves either the previous checkpoint as the latest or
+a complete new one. Loading verifies the checksums first (the ranks share the files out again): a damaged file is
+named, and a resume falls back to the previous committed checkpoint (``start_run``).
+
+A run owns its directory: ``<run>/run.json`` records the run id, every checkpoint's ``evolm.json`` carries it, a
+fresh run refuses a directory holding checkpoints unless ``train.overwrite=true`` (which removes them first), and
+keep-last only ever prunes the current run's checkpoints.
 
 ``evolm.json`` also carries what other tools need without megatron: the model config, the iteration, consumed
 samples, lineage. Per-rank RNG states are stored as safetensors (restored only when the layout is unchanged).
@@ -19,9 +25,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import re
 import shutil
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,6 +42,8 @@ import torch
 import torch.distributed as dist
 
 META = "evolm.json"
+RUN_FILE = "run.json"  # in the run directory: the id of the run that owns it
+_CHUNK = 4 << 20  # checksum read size
 _ITER = re.compile(r"^iter_(\d{7})$")
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -59,6 +72,53 @@ def _broadcast(obj):
 def _manifest(directory: Path) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
             if p.is_file() and p.name != META}
+
+
+# ------------------------------------------------------------------------------------------------------- checksums
+
+try:
+    import xxhash
+
+    CHECKSUM = "xxh3_64"
+except ImportError:  # xxhash comes with `datasets`; zlib's CRC32 is the fallback
+    xxhash = None
+    CHECKSUM = "crc32"
+
+
+def file_checksum(path: str | Path, algorithm: str = CHECKSUM) -> str:
+    """Hex digest of a file, read in 4 MiB chunks (xxh3_64, or crc32)."""
+    with open(path, "rb", buffering=0) as f:
+        if algorithm == "xxh3_64":
+            h = xxhash.xxh3_64()
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+            return h.hexdigest()
+        if algorithm == "crc32":
+            crc = 0
+            while chunk := f.read(_CHUNK):
+                crc = zlib.crc32(chunk, crc)
+            return f"{crc:08x}"
+    raise CheckpointError(f"{path}: unknown checksum algorithm {algorithm!r}")
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _shared_checksums(directory: Path, names: list[str], algorithm: str) -> dict[str, str | None]:
+    """Collective: the ranks checksum ``names`` (relative to ``directory``) round-robin; every rank gets all digests
+    (None for a file that cannot be read)."""
+    mine = {}
+    for name in names[_rank()::_world()]:
+        try:
+            mine[name] = file_checksum(directory / name, algorithm)
+        except OSError:
+            mine[name] = None
+    if _world() == 1:
+        return mine
+    parts = [None] * _world()
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 _LOCKS: dict[str, object] = {}  # run dir -> open lock file, held for the life of the process
@@ -93,19 +153,54 @@ def lock_run_dir(out: str | Path) -> None:
                                          "pick another run.out_dir")
 
 
+def problem(directory: str | Path) -> str | None:
+    """Why ``directory`` is not a committed checkpoint whose files all match its manifest (names and sizes; cheap,
+    no data read), or None."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / META).read_text())
+        files = meta["manifest"]
+    except OSError:
+        return f"no {META} (never committed)"
+    except (ValueError, KeyError, TypeError):
+        return f"{META} is unreadable"
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written (cut short or replaced)"
+    return None
+
+
 def is_complete(directory: Path) -> bool:
     """True when ``directory`` is a committed checkpoint whose files all match its manifest."""
-    meta_path = Path(directory) / META
-    try:
-        meta = json.loads(meta_path.read_text())
-        files = meta["manifest"]
-    except (OSError, ValueError, KeyError):
-        return False
-    for name, size in files.items():
-        path = Path(directory) / name
-        if not path.is_file() or path.stat().st_size != size:
-            return False
-    return True
+    return problem(directory) is None
+
+
+def damage(directory: str | Path) -> str | None:
+    """Collective. Why ``directory`` cannot be loaded -- a ``problem`` or a file whose checksum differs from the one
+    recorded when it was written -- or None. Checkpoints written before checksums existed get the size check only."""
+    directory = Path(directory)
+    found = _broadcast(problem(directory) if _rank() == 0 else None)
+    if found is not None:
+        return found
+    meta = json.loads((directory / META).read_text())
+    want = meta.get("checksums") or {}
+    if not want:
+        return None
+    got = _shared_checksums(directory, sorted(want), meta.get("checksum", "xxh3_64"))
+    for name in sorted(want):
+        if got.get(name) != want[name]:
+            return f"{name} is damaged (checksum {got.get(name)} != {want[name]} recorded when it was written)"
+    return None
+
+
+def verify(directory: str | Path) -> None:
+    """Collective: raise CheckpointError naming the damaged file (see ``damage``)."""
+    found = damage(directory)
+    if found is not None:
+        raise CheckpointError(f"{directory}: {found}")
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -115,13 +210,41 @@ def read_meta(directory: str | Path) -> dict:
     return json.loads((directory / META).read_text())
 
 
-def committed(root: str | Path) -> list[Path]:
-    """Committed, complete checkpoints under ``root``, oldest first."""
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Every ``iter_NNNNNNN`` directory under ``root`` (committed or not), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _ITER.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if is_complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def run_id_of(directory: str | Path) -> str | None:
+    try:
+        return json.loads((Path(directory) / META).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def owner(root: str | Path) -> str | None:
+    """The run id recorded in the run directory holding checkpoint root ``root`` (``<run>/checkpoints``)."""
+    try:
+        return json.loads((Path(root).parent / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _ours(directory: Path, run_id: str | None) -> bool:
+    """Checkpoints written before run ids existed count as anyone's."""
+    theirs = run_id_of(directory)
+    return run_id is None or theirs is None or theirs == run_id
+
+
+def committed(root: str | Path) -> list[Path]:
+    """Committed, complete checkpoints under ``root`` (of the run owning the directory, when it records one), oldest
+    first."""
+    run = owner(root)
+    return [p for p in checkpoint_dirs(root) if is_complete(p) and _ours(p, run)]
 
 
 def latest(root: str | Path) -> Path | None:
@@ -225,38 +348,65 @@ def save(root: str | Path, iteration: int, chunks, optimizer=None, scheduler=Non
         common["scheduler"] = scheduler.state_dict()
     common.update(extra or {})
     state["evolm"] = common
-    dist_checkpointing.save(state, str(tmp), content_metadata=_OPTIM_METADATA if optimizer is not None else None)
+    with _writer_in_process():
+        dist_checkpointing.save(state, str(tmp),
+                                content_metadata=_OPTIM_METADATA if optimizer is not None else None)
 
     (tmp / "rng").mkdir(exist_ok=True)
     _save_rng(tmp / "rng" / f"rank_{_rank():05d}.safetensors")
     _barrier()
+    sizes = _broadcast(_manifest(tmp) if _rank() == 0 else None)
+    sums = _shared_checksums(tmp, sorted(sizes), CHECKSUM)
     if _rank() == 0:
         record = dict(meta or {})
         record.update(iteration=iteration, layout=layout or {}, has_optimizer=optimizer is not None,
-                      extra=extra or {}, format="evolm-dist-ckpt-1", manifest=_manifest(tmp))
+                      extra=extra or {}, format="evolm-dist-ckpt-1", manifest=sizes, checksum=CHECKSUM,
+                      checksums=sums)
         part = tmp / (META + ".part")
         part.write_text(json.dumps(record, indent=1, sort_keys=True))
         os.replace(part, tmp / META)
         if final.exists():  # an older incomplete attempt at the same iteration
             shutil.rmtree(final)
         os.replace(tmp, final)
-        if keep_last:
-            for old in committed(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        if keep_last:  # the newest N of this run's checkpoints; another run's are never counted (nor touched)
+            run = record.get("run_id")
+            ours = [c for c in checkpoint_dirs(root) if is_complete(c) and _ours(c, run)]
+            for old in ours[:-keep_last]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob("iter_*.tmp-*"):  # leftovers of crashed saves
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
 
 
+@contextmanager
+def _writer_in_process():
+    """megatron-core's synchronous dist-checkpoint save collects its forked writers' results through a queue it
+    creates once per process with ``multiprocessing.get_context("spawn").Manager()``: a server process (and the
+    resource tracker it starts) that outlives a killed trainer. A save that is not asynchronous needs no such
+    process -- the results are put and read by this same process -- so hand it a plain queue for the call."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = getattr(filesystem_async, "_results_queue", None)
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
+
+
 def load(path: str | Path, chunks, optimizer=None, scheduler=None, restore_rng: bool = True,
-         layout: dict | None = None) -> dict:
-    """Collective. Loads model (+ optimizer, scheduler, RNG when given) resharding to the current TP/PP.
-    Returns the checkpoint's common state (iteration, consumed samples, ...)."""
+         layout: dict | None = None, verified: bool = False) -> dict:
+    """Collective. Loads model (+ optimizer, scheduler, RNG when given) resharding to the current TP/PP, after
+    checking every file's checksum (unless ``verified``: the caller just did). Returns the checkpoint's common state
+    (iteration, consumed samples, ...)."""
     from megatron.core import dist_checkpointing
 
     path = resolve(path)
     meta = read_meta(path)
+    if not verified:
+        verify(path)
     state = _model_sharded(chunks)
     if optimizer is not None:
         if not meta.get("has_optimizer"):
@@ -336,6 +486,122 @@ def _unshare_step(optimizer) -> None:
                     if id(step) in seen:
                         opt.state[param]["step"] = step.clone()
                     seen.add(id(step))
+
+
+# ------------------------------------------------------------------------------------------- run ownership, resume
+
+@dataclass
+class RunStart:
+    """How a training starts (``start_run``), identical on every rank."""
+
+    run_id: str
+    checkpoint: Path | None = None  # the verified checkpoint to resume from; None: a fresh start
+    meta: dict | None = None  # its evolm.json
+    skipped: list = field(default_factory=list)  # (checkpoint, why) for each newer one passed over
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
+
+
+def _why_not(roots: list[Path], name: str, run: str | None) -> str | None:
+    for root in roots:
+        found = problem(root / name)
+        if found is not None:
+            return found if root == roots[0] else f"{root.name}/{name}: {found}"
+    theirs = run_id_of(roots[0] / name)
+    if run and theirs and theirs != run:
+        return f"written by run {theirs}, but this directory belongs to run {run}"
+    return None
+
+
+def _claim(out: Path, run_id: str) -> None:
+    if _rank() == 0:
+        path = out / RUN_FILE
+        try:
+            current = json.loads(path.read_text())
+        except (OSError, ValueError):
+            current = None
+        if not isinstance(current, dict) or current.get("run_id") != run_id:
+            out.mkdir(parents=True, exist_ok=True)
+            part = path.with_name(RUN_FILE + ".part")
+            part.write_text(json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+            os.replace(part, path)
+    _barrier()
+
+
+def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, check=None, dry: bool = False,
+              say=None) -> RunStart:
+    """Collective. How a training into run directory ``out`` starts, before it builds anything.
+
+    ``roots`` are the checkpoint roots the run writes (``<out>/checkpoints`` first; RL adds ``<out>/critic``): a
+    checkpoint counts only when its namesake under every root is usable too.
+
+    * ``resume``: the newest checkpoint that is committed, complete, of this directory's run and whose checksums match
+      (newest first; each one passed over is said in one line with the reason), then ``check(path, meta)`` (which
+      raises ConfigError when the recipe does not fit it). No usable checkpoint while some exist: refused, unless
+      ``overwrite`` -- a run never restarts from iteration 0 over its own checkpoints unasked.
+    * otherwise (a fresh run): a directory holding checkpoints is refused, unless ``overwrite``, which removes them
+      (and says so) before anything is trained.
+
+    The run id (the resumed checkpoint's, or a new one) is written to ``<out>/run.json``. ``dry``: read only (no
+    checksums, nothing removed, written or said) -- the cheap checks to run before heavy work.
+    """
+    from evolm_nemo.config.errors import ConfigError
+
+    out, roots = Path(out), [Path(r) for r in roots]
+    say = say or (lambda line: print(line, flush=True))
+
+    def note(line: str) -> None:
+        if not dry and _rank() == 0:
+            say(line)
+
+    run = owner(roots[0])
+    existing = _broadcast({str(r): [p.name for p in checkpoint_dirs(r)] for r in roots} if _rank() == 0 else None)
+    names = existing[str(roots[0])]
+    skipped: list = []
+    if resume:
+        for name in reversed(names):
+            why = _broadcast(_why_not(roots, name, run) if _rank() == 0 else None)
+            if why is None and not dry:
+                for root in roots:
+                    why = damage(root / name)
+                    if why is not None:
+                        why = why if root == roots[0] else f"{root.name}/{name}: {why}"
+                        break
+            if why is not None:
+                skipped.append((roots[0] / name, why))
+                note(f"[evolm] skipping checkpoint {roots[0] / name}: {why}")
+                continue
+            meta = json.loads((roots[0] / name / META).read_text())
+            if check is not None:
+                check(roots[0] / name, meta)
+            run_id = meta.get("run_id") or run or _broadcast(new_run_id() if _rank() == 0 else None)
+            if not dry:
+                _claim(out, run_id)
+            return RunStart(run_id, roots[0] / name, meta, skipped)
+        if names and not overwrite:
+            newest, why = skipped[0]
+            raise ConfigError("train.resume", f"{roots[0]}: none of its {len(names)} checkpoint(s) can be resumed "
+                                              f"(newest, {newest.name}: {why}); restore them, start over with "
+                                              "train.overwrite=true (removes them), or pick a new run.out_dir")
+    held = [r / n for r in roots for n in existing[str(r)]]
+    if held and not overwrite:
+        span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" if names else held[0].name
+        raise ConfigError("run.out_dir", f"{out} holds the checkpoints of another run ({len(held)}: {span}); pick a new "
+                                         "run.out_dir, resume that run (train.resume=true), or start over with "
+                                         "train.overwrite=true (removes them first)")
+    if held and not dry:
+        if _rank() == 0:
+            for path in held + [p for r in roots for p in r.glob("iter_*.tmp-*")]:
+                shutil.rmtree(path, ignore_errors=True)
+        _barrier()
+        note(f"[evolm] train.overwrite=true: removed {len(held)} checkpoint(s) of the previous run from {out} "
+             "before training; metrics.jsonl starts over")
+    run_id = _broadcast(new_run_id() if _rank() == 0 else None)
+    if not dry:
+        _claim(out, run_id)
+    return RunStart(run_id, None, None, skipped)
 
 
 def describe(path: str | Path) -> dict[str, Any]:

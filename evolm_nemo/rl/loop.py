@@ -36,7 +36,8 @@ from evolm_nemo.rl import objectives as O
 from evolm_nemo.rl.data import PromptSchedule, prompt_files, read_prompts, usable_prompts
 from evolm_nemo.rl.reward import combine as combine_rewards
 from evolm_nemo.rl.rollout import Rollout, generate, verifiable_rewards
-from evolm_nemo.train.loop import TrainResult, _lineage, build_training_model, train_step
+from evolm_nemo.runtime.signals import StopSignal, children_die_with_parent
+from evolm_nemo.train.loop import TrainResult, _lineage, build_training_model, resume_check, stop_line, train_step
 from evolm_nemo.train.metrics import MetricsWriter
 
 ACTOR_KEYS = ("entropy_sum", "kl_ref_sum", "response_tokens", "clip_count", "dual_clip_count", "ratio_sum",
@@ -105,14 +106,15 @@ class RLRun:
         self.eos = int(self.tokenizer.eos_token_id)
 
     # ------------------------------------------------------------------------------------------- state
-    def load(self, root: Path, critic_root: Path, layout: dict) -> tuple[int, dict | None]:
+    def load(self, begin: ckpt.RunStart, critic_root: Path, layout: dict) -> tuple[int, dict | None]:
         t = self.cfg.train
-        resume_from = ckpt.latest(root) if t.resume else None
+        resume_from = begin.checkpoint  # verified, with its critic namesake (ckpt.start_run)
         if resume_from is not None:
-            state = ckpt.load(resume_from, [self.actor], self.actor_opt, self.actor_sched, layout=layout)
+            state = ckpt.load(resume_from, [self.actor], self.actor_opt, self.actor_sched, layout=layout,
+                              verified=True)
             if self.critic is not None:
                 ckpt.load(critic_root / resume_from.name, [self.critic], self.critic_opt, self.critic_sched,
-                          restore_rng=False, layout=layout)
+                          restore_rng=False, layout=layout, verified=True)
             return state["iteration"], state["meta"]
         parent = ckpt.load_weights(t.init_from, [self.actor])
         self.actor_opt.reload_model_params()
@@ -341,21 +343,33 @@ def validate_greedy(run: RLRun, val) -> float:
 
 
 def rl_fit(cfg: RootConfig, plan) -> TrainResult:
+    """The RL run; SIGTERM ends it after the current iteration as in ``train.loop.fit`` (exit code 143)."""
+    children_die_with_parent()
+    with StopSignal() as stop:
+        return _rl_fit(cfg, plan, stop)
+
+
+def _rl_fit(cfg: RootConfig, plan, stop: StopSignal) -> TrainResult:
     from evolm_nemo.runtime.distributed import setup
 
     p, t, r = cfg.parallel, cfg.train, cfg.rl
     rt = setup(p.tp, p.pp, t.seed, t.precision)
+    stop.device = rt.device
+    out = Path(cfg.run.out_dir)
+    root, critic_root = out / "checkpoints", out / "critic"
+    roots = [root] + ([critic_root] if cfg.stage != "grpo" else [])  # a PPO checkpoint is the actor + critic pair
+    starting = dict(resume=t.resume, overwrite=t.overwrite, check=resume_check(cfg, plan.iters))
+    ckpt.start_run(out, roots, dry=True, **starting)  # the cheap refusals before anything is built
     prompts, _ = usable_prompts(cfg)
     val = read_prompts([r.val_data], "rl.val_data") if r.val_data and r.val_interval else None
     if val is not None:
         val = type(val)(val.ids[:r.val_size], val.prompts[:r.val_size], val.gold[:r.val_size])
-    out = Path(cfg.run.out_dir)
-    root, critic_root = out / "checkpoints", out / "critic"
     ckpt.lock_run_dir(out)
+    begin = ckpt.start_run(out, roots, **starting)  # checksums, fall-back, overwrite: under the lock
     run = RLRun(cfg, plan, rt, prompts)
     layout = {"tp": p.tp, "pp": p.pp, "dp": plan.dp}
-    start, parent_meta = run.load(root, critic_root, layout)
-    resumed = start > 0 or (t.resume and ckpt.latest(root) is not None)
+    start, parent_meta = run.load(begin, critic_root, layout)
+    resumed = begin.checkpoint is not None
     if rt.is_main:
         roles = "actor" + (" + critic" if run.critic is not None else "") + (" + reference" if run.ref else "")
         print(f"[evolm] {cfg.stage} {cfg.model.name}: {roles} | tp={p.tp} dp={plan.dp} | {rt.dtype} on "
@@ -367,7 +381,9 @@ def rl_fit(cfg: RootConfig, plan) -> TrainResult:
     lineage = parent_meta.get("lineage") if resumed else _lineage(cfg, parent_meta, record)
     tokenizer_ref = os.path.abspath(run.tokenizer_ref) if os.path.isdir(run.tokenizer_ref) else run.tokenizer_ref
     meta = {"model": dataclasses.asdict(cfg.model), "config": to_dict(cfg), "tokenizer": tokenizer_ref,
-            "stage": cfg.stage, "lineage": lineage}
+            "stage": cfg.stage, "lineage": lineage, "run_id": begin.run_id, "planned_iters": plan.iters}
+    if signum := stop.requested():
+        raise stop_line(rt, signum, start, begin.checkpoint, t.save_on_signal)
     writer = MetricsWriter(out, enabled=rt.is_main, tensorboard=t.tensorboard, truncate_after=start)
     bar = None
     if rt.is_main and t.progress:
@@ -394,8 +410,14 @@ def rl_fit(cfg: RootConfig, plan) -> TrainResult:
         if bar is not None:
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", len=f"{rec['response_length_mean']:.0f}")
             bar.update(1)
-        if (t.save_interval and step % t.save_interval == 0) or step == plan.iters:
+        signum = stop.requested()  # SIGTERM on any rank: all stop after this iteration (saved first, by default)
+        if (t.save_interval and step % t.save_interval == 0) or step == plan.iters or (signum and t.save_on_signal):
             saved = run.save(root, critic_root, step, meta, layout)
+        if signum and step < plan.iters:
+            if bar is not None:
+                bar.close()
+            writer.close()
+            raise stop_line(rt, signum, step, saved or begin.checkpoint, t.save_on_signal)
     if bar is not None:
         bar.close()
     writer.close()

@@ -25,10 +25,12 @@ import torch.distributed as dist
 
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.compose import to_dict
+from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.config.validate import Plan
+from evolm_nemo.config.validate import SHAPE_KEYS, Plan
 from evolm_nemo.model.build import build_model, param_count
 from evolm_nemo.runtime.distributed import Runtime, setup
+from evolm_nemo.runtime.signals import StopSignal, Stopped, children_die_with_parent
 from evolm_nemo.train.metrics import MetricsWriter, peak_flops
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -156,23 +158,72 @@ def _progress_bar(cfg: RootConfig, rt: Runtime, iters: int, start: int):
                 mininterval=1.0 if sys.stderr.isatty() else 15.0)
 
 
+def resume_check(cfg: RootConfig, plan_iters: int) -> Callable[[Path, dict], None]:
+    """What a checkpoint must agree on for this recipe to resume it: the model shape, and the iteration budget --
+    changing ``train.iters`` / ``train.tokens`` on resume is refused (the schedule and the data order were laid out
+    for the old one), naming the two ways forward."""
+
+    def check(path: Path, meta: dict) -> None:
+        theirs = meta.get("model") or {}
+        for key in SHAPE_KEYS:
+            if key in theirs and theirs[key] != getattr(cfg.model, key):
+                raise ConfigError(f"model.{key}", f"{getattr(cfg.model, key)} differs from {theirs[key]} in {path} "
+                                                  f"(model {theirs.get('name')}), the checkpoint this run would "
+                                                  "resume; use the model it was trained with, or a new run.out_dir")
+        planned, done = meta.get("planned_iters"), int(meta.get("iteration", 0))
+        if (planned is not None and planned != plan_iters) or done > plan_iters:
+            key = "train.tokens" if cfg.train.tokens else "train.iters"
+            was = f"was planned for {planned} iterations" if planned is not None else f"is at iteration {done}"
+            raise ConfigError(key, f"{path} {was} and this recipe plans {plan_iters}; resume with "
+                                   f"train.iters={planned if planned is not None else done} train.tokens=null, or "
+                                   f"branch off with train.init_from={path} and a new run.out_dir")
+
+    return check
+
+
+def stop_line(rt: Runtime, signum: int, step: int, saved, save_on_signal: bool) -> Stopped:
+    """Say (rank 0, one line on stderr) that a stop signal ended the run and what is on disk; returns the exception
+    to raise (exit code 143)."""
+    if saved is not None and int(Path(saved).name.split("_")[1]) == step:
+        what = f"checkpoint {saved} committed"
+    else:
+        what = f"the last checkpoint is {saved}" if saved is not None else "no checkpoint was written"
+        what += "" if save_on_signal else " (train.save_on_signal=false)"
+    message = f"[evolm] stopped by {StopSignal.name(signum)} after iteration {step}: {what}; rerun the same " \
+              "command to resume"
+    if rt.is_main:
+        print(message, file=sys.stderr, flush=True)
+    return Stopped(message)
+
+
 def fit(cfg: RootConfig, plan: Plan, make_stage: Callable) -> TrainResult:
     """Train ``cfg`` for ``plan.iters`` iterations (resuming if possible) with the stage ``make_stage(cfg, plan, rt)``
-    builds (see ``evolm_nemo.stages.base.Stage``)."""
+    builds (see ``evolm_nemo.stages.base.Stage``). SIGTERM ends it after the current iteration (saved first with
+    ``train.save_on_signal``) by raising ``Stopped`` (exit code 143)."""
+    children_die_with_parent()
+    with StopSignal() as stop:
+        return _fit(cfg, plan, make_stage, stop)
+
+
+def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, stop: StopSignal) -> TrainResult:
     p, t = cfg.parallel, cfg.train
     rt = setup(p.tp, p.pp, t.seed, t.precision)
+    stop.device = rt.device
     out = Path(cfg.run.out_dir)
     root = out / "checkpoints"
+    starting = dict(resume=t.resume, overwrite=t.overwrite, check=resume_check(cfg, plan.iters))
+    ckpt.start_run(out, [root], dry=True, **starting)  # the cheap refusals first: names, sizes, shape, budget
     stage = make_stage(cfg, plan, rt)  # data and tokenizer checks happen here, before the run directory exists
     ckpt.lock_run_dir(out)
+    begin = ckpt.start_run(out, [root], **starting)  # checksums, fall-back, overwrite: under the lock
 
     model, optimizer, make_scheduler = build_training_model(cfg, rt, stage.model_builder)
     scheduler = make_scheduler(plan.iters)
     layout = {"tp": p.tp, "pp": p.pp, "dp": plan.dp}
     start, parent_meta, state = 0, None, {}
-    resume_from = ckpt.latest(root) if t.resume else None
+    resume_from = begin.checkpoint
     if resume_from is not None:
-        state = ckpt.load(resume_from, [model], optimizer, scheduler, layout=layout)
+        state = ckpt.load(resume_from, [model], optimizer, scheduler, layout=layout, verified=True)
         start, parent_meta = state["iteration"], state["meta"]
     elif t.init_from:
         parent_meta = stage.load_init(t.init_from, model)
@@ -188,7 +239,12 @@ def fit(cfg: RootConfig, plan: Plan, make_stage: Callable) -> TrainResult:
     lineage = parent_meta.get("lineage") if resume_from is not None else _lineage(cfg, parent_meta, stage.lineage())
     tokenizer_ref = os.path.abspath(stage.tokenizer) if os.path.isdir(stage.tokenizer) else stage.tokenizer
     meta = {"model": dataclasses.asdict(m), "config": to_dict(cfg), "tokenizer": tokenizer_ref, "stage": cfg.stage,
-            "lineage": lineage, "head": stage.head}
+            "lineage": lineage, "head": stage.head, "run_id": begin.run_id, "planned_iters": plan.iters}
+    if start >= plan.iters and rt.is_main:
+        print(f"[evolm] {out} is complete: {resume_from} is at iteration {start} of {plan.iters}; nothing to train",
+              flush=True)
+    if signum := stop.requested():
+        raise stop_line(rt, signum, start, resume_from, t.save_on_signal)
     writer = MetricsWriter(out, enabled=rt.is_main, tensorboard=t.tensorboard, truncate_after=start)
     peak = peak_flops(t.peak_tflops, rt.device)
     bar = _progress_bar(cfg, rt, plan.iters, start)
@@ -215,10 +271,16 @@ def fit(cfg: RootConfig, plan: Plan, make_stage: Callable) -> TrainResult:
         if bar is not None:
             bar.set_postfix(loss=f"{result.loss:.4f}", **stage.postfix(record))
             bar.update(1)
-        if (t.save_interval and step % t.save_interval == 0) or step == plan.iters:
+        signum = stop.requested()  # SIGTERM on any rank: all stop after this iteration (saved first, by default)
+        if (t.save_interval and step % t.save_interval == 0) or step == plan.iters or (signum and t.save_on_signal):
             saved = ckpt.save(root, step, [model], optimizer, scheduler, extra=stage.checkpoint_extra(step),
                               meta=meta, keep_last=t.keep_last, layout=layout)
             tick = time.perf_counter()  # keep checkpoint time out of throughput
+        if signum and step < plan.iters:
+            if bar is not None:
+                bar.close()
+            writer.close()
+            raise stop_line(rt, signum, step, saved or resume_from, t.save_on_signal)
     if bar is not None:
         bar.close()
     writer.close()
