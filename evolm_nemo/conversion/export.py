@@ -15,6 +15,8 @@ import gc
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,14 +68,89 @@ def check_dst(dst: Path, overwrite: bool, key: str = "dst", sources: tuple = ())
         raise ConfigError(key, f"{dst} exists and is not a directory")
 
 
+OWNER = ".evolm-owner"  # in a temporary output directory: "<pid> <host>" of the process writing it
+
+
+def _owner_alive(text: str) -> bool:
+    """Whether the process named by an OWNER record may still be running (another host: assume it is)."""
+    try:
+        pid_text, host = text.split()
+        pid = int(pid_text)
+    except ValueError:
+        return True  # not our format: leave it alone
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(dst: Path) -> list[Path]:
+    """Remove what killed earlier runs left next to ``dst``: ``.<name>.tmp-*`` directories whose OWNER record names a
+    dead process on this host, and ``.<name>.old-<pid>`` directories of dead pids. Anything else is left alone.
+    Returns what was removed (each also said on stderr)."""
+    removed = []
+    if not dst.parent.is_dir():
+        return removed
+    for path in dst.parent.glob(f".{dst.name}.tmp-*"):
+        owner = path / OWNER
+        try:
+            record = owner.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # not provably ours
+        if path.is_dir() and not path.is_symlink() and not _owner_alive(record):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for path in dst.parent.glob(f".{dst.name}.old-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and path.is_dir() and not path.is_symlink() and not _owner_alive(
+                f"{pid} {socket.gethostname()}"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for path in removed:
+        print(f"removed {path}, left by an earlier run that was killed (pid no longer running)", file=sys.stderr)
+    return removed
+
+
 def temp_dir(dst: Path) -> Path:
-    """A fresh directory next to ``dst`` (same filesystem, so the final rename is atomic)."""
+    """A fresh directory next to ``dst`` (same filesystem, so the final rename is atomic), with an OWNER record so
+    that a later run can tell it from a live one's if this process is killed; stale ones of dead runs go first."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    clean_stale_temps(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    (tmp / OWNER).write_text(f"{os.getpid()} {socket.gethostname()}\n", encoding="utf-8")
+    return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(root: Path) -> None:
+    """Give a finished output the modes a plain ``mkdir`` / ``open`` would (0777 / 0666 less the umask): mkdtemp and
+    mkstemp create 0700 / 0600, which a cluster group could not read."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~mask, follow_symlinks=False)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def commit(tmp: Path, dst: Path) -> None:
-    """Move the finished ``tmp`` to ``dst`` (replacing an old ``dst`` only after the new one is complete)."""
+    """Move the finished ``tmp`` to ``dst`` (replacing an old ``dst`` only after the new one is complete), with the
+    OWNER record removed and umask-respecting modes."""
+    (tmp / OWNER).unlink(missing_ok=True)
+    publish_modes(tmp)
     old = None
     if dst.exists():
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
@@ -204,12 +281,23 @@ def release_memory() -> None:
         pass
 
 
+def tensors_metadata(ckpt: Path) -> dict:
+    """The checkpoint's tensor metadata (``.metadata``); a damaged one is a one-line ConfigError naming it."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load_tensors_metadata(str(ckpt))
+    except Exception as exc:  # noqa: BLE001 - pickle / dist-checkpointing errors come in many types
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError("src", f"{ckpt / '.metadata'}: unreadable checkpoint metadata ({type(exc).__name__}: "
+                                 f"{first}); the checkpoint is damaged: use an earlier one") from None
+
+
 def check_shapes(ckpt: Path, model) -> None:
     """Every tensor of the model the checkpoint's config describes exists in the checkpoint with its shape."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    stored = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    stored = tensors_metadata(ckpt)
     for item in model.sharded_state_dict().values():
         if not isinstance(item, ShardedTensor):
             continue
@@ -222,9 +310,7 @@ def check_shapes(ckpt: Path, model) -> None:
 
 
 def stored_dtype(ckpt: Path) -> torch.dtype:
-    from megatron.core import dist_checkpointing
-
-    stored = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    stored = tensors_metadata(ckpt)
     found = {t.dtype for t in stored.values() if getattr(t, "dtype", None) in hf.SHORT}
     return found.pop() if len(found) == 1 else torch.float32
 
@@ -373,6 +459,7 @@ def _export(cfg) -> Path:
     try:
         ckpt = io.resolve(cfg.src)
         meta = io.read_meta(ckpt)
+        io.verify(ckpt)  # every file against its recorded checksum: a damaged file is named before anything reads it
     except io.CheckpointError as exc:
         raise ConfigError("src", str(exc)) from None
     m = model_from_meta(meta, str(ckpt))

@@ -36,11 +36,15 @@ def read_config(src: Path, key: str = "src") -> dict:
     if not Path(src).is_dir():
         raise ConfigError(key, f"{src} is not a directory")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except OSError:
         raise ConfigError(key, f"{path} not found (an HF model directory has a config.json)") from None
-    except ValueError as exc:
-        raise ConfigError(key, f"{path}: invalid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ConfigError(key, f"{path}: invalid JSON ({str(exc).splitlines()[0] if str(exc) else 'too deep'})") \
+            from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(key, f"{path}: expected a JSON object of model settings, got a {type(cfg).__name__}")
+    return cfg
 
 
 def _rope(cfg: dict) -> tuple[float, dict | None]:
@@ -365,8 +369,17 @@ class HFWeights:
         return self._bin(path)[name]
 
     def check(self, m: ModelConfig, head: str, tied: bool) -> None:
-        """Every tensor the model needs is present with the right shape; nothing unexpected is left over."""
+        """Every tensor the model needs is present with the right shape and a floating-point dtype; nothing
+        unexpected is left over."""
         want = hf_shapes(m, head, tied)
+        for name in want:
+            dtype = self._dtypes.get(name, torch.float32)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype not in (
+                    torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                shown = str(dtype).replace("torch.", "")
+                raise ConfigError(self.key, f"tensor {name} in {self.files[name].name} is {shown}: only fp32 / bf16 "
+                                            "/ fp16 weights can be imported (a quantized checkpoint? dequantize it "
+                                            "first)")
         have = {n for n in self.names() if not n.endswith("rotary_emb.inv_freq")}
         if head == "lm" and tied:
             have.discard("lm_head.weight")  # some tied checkpoints still store the shared tensor
@@ -384,9 +397,13 @@ class HFWeights:
                                             f"{list(self.shape(name))}, config.json implies {list(shape)}")
 
 
-def _st_dtype(name: str) -> torch.dtype:
-    table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-    return table.get(name, torch.float32)
+def _st_dtype(name: str):
+    """torch dtype of a safetensors dtype name (the name itself when torch has none: refused by check())."""
+    table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+             "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+             "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", "F8_E4M3"),
+             "F8_E5M2": getattr(torch, "float8_e5m2", "F8_E5M2")}
+    return table.get(name, name)
 
 
 def parse_size(text: str | int, key: str = "max_shard_size") -> int:

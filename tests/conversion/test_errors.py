@@ -172,3 +172,97 @@ def test_output_overlapping_the_source_is_refused_even_with_overwrite(good, tmp_
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "overlaps the source" in lines[0], lines
     assert (ckpt / "iter_0000000" / "evolm.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- issue 10
+
+def test_config_json_that_is_not_an_object(good, tmp_path, capsys):
+    src = variant(good, tmp_path)
+    (src / "config.json").write_text("[1, 2, 3]\n")
+    fails(capsys, tmp_path, ["import-hf", f"src={src}"], "src", "config.json", "expected a JSON object", "list")
+
+
+def test_integer_tensors_are_refused_not_imported_as_fp32(good, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = variant(good, tmp_path)
+    tensors = load_file(str(src / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = (tensors[name] * 100).to(torch.int8)  # a quantized tensor without its scales
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    fails(capsys, tmp_path, ["import-hf", f"src={src}"], "src", name, "is int8", "dequantize")
+
+
+@pytest.fixture(scope="module")
+def ckpt(good, tmp_path_factory):
+    """A megatron checkpoint made by import-hf (in this process; its group is torn down)."""
+    from evolm_nemo.cli import main
+
+    out = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    assert main(["import-hf", f"src={good / 'single'}", f"dst={out}", "progress=false"]) == 0
+    return out
+
+
+def test_export_with_a_garbled_metadata_file(ckpt, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    meta = bad / "iter_0000000" / ".metadata"
+    data = bytearray(meta.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 64] = b"\0" * 64  # same size, garbled content
+    meta.write_bytes(bytes(data))
+    capsys.readouterr()
+    fails(capsys, tmp_path, ["export-hf", f"src={bad}", "progress=false"], "src", "iter_0000000")
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+
+
+def _modes(root: Path) -> set:
+    return {(p.is_dir(), p.stat().st_mode & 0o777) for p in [root, *root.rglob("*")] if not p.is_symlink()}
+
+
+def test_export_modes_follow_the_umask_and_killed_exports_are_cleaned(ckpt, tmp_path, capsys):
+    import os
+    import signal
+    import time
+
+    from evolm_nemo.cli import main
+    from evolm_nemo.conversion.export import OWNER
+    from tests.conftest import subprocess_env
+
+    dst = tmp_path / "hf"
+    # a real export killed (SIGKILL) while it writes: its hidden temp copy stays behind
+    evolm = Path(sys.executable).with_name("evolm")
+    proc = subprocess.Popen([str(evolm), "export-hf", f"src={ckpt}", f"dst={dst}", "progress=false"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "killed.log", "w"),
+                            env={k: v for k, v in subprocess_env().items() if k not in ("MASTER_PORT", "MASTER_ADDR")})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        temps = [p for p in tmp_path.glob(".hf.tmp-*") if (p / OWNER).is_file()]
+        if temps:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    stale = [p for p in tmp_path.glob(".hf.tmp-*")]
+    assert len(stale) == 1 and not dst.exists()
+    # not ours to remove: a temp dir of a live export, and one without an owner record
+    live = tmp_path / ".hf.tmp-live"
+    live.mkdir()
+    (live / OWNER).write_text(f"{os.getpid()} {__import__('socket').gethostname()}\n")
+    foreign = tmp_path / ".hf.tmp-foreign"
+    foreign.mkdir()
+    old = os.umask(0o027)
+    try:
+        capsys.readouterr()
+        assert main(["export-hf", f"src={ckpt}", f"dst={dst}", "progress=false"]) == 0
+    finally:
+        os.umask(old)
+    err = capsys.readouterr().err
+    assert f"removed {stale[0]}, left by an earlier run that was killed" in err
+    assert not stale[0].exists() and live.is_dir() and foreign.is_dir()
+    assert not (dst / OWNER).exists()
+    # group-readable as a plain mkdir / open would make them under umask 027 (not mkdtemp's 0700 / 0600)
+    assert _modes(dst) == {(True, 0o750), (False, 0o640)}
