@@ -93,8 +93,16 @@ def owned_group():
     """For one-process commands called as a library (import-hf, export-hf): whatever group such a command creates is
     torn down when it ends, so the calling process is left as it was; a group the caller already had is kept."""
     owned = not dist.is_initialized()
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    before = {k: os.environ.get(k) for k in keys}
     try:
         yield
     finally:
         if owned and dist.is_initialized():
             teardown()
+        if owned:  # the rendezvous variables `setup` set for its group of one (a later child must not inherit them)
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

@@ -107,17 +107,35 @@ def _parent_like(tiny_parent, cfg, where):
     return where
 
 
+def _pairs_dataset(parent, out):
+    """600 (chosen, rejected) pairs of distinct prompts through `evolm prepare-rm` (kind=pairs)."""
+    import json
+
+    from evolm_nemo.data.rm import PrepareRMConfig, prepare_rm
+
+    src = out.parent / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "chosen": f" {i + 1}", "rejected": f" {i}"})
+                           + "\n" for i in range(600)))
+    tok = json.loads((parent / "evolm.json").read_text())["tokenizer"]
+    prepare_rm(PrepareRMConfig(input=str(src), output=str(out), tokenizer=tok, kind="pairs", progress=False))
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes" / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates(name, request, tmp_path, data_cache):
     # real data files are absent here: validate everything else on the generated corpus
     cfg = compose("config", [f"experiment={name}", "data.source=synthetic", "data.weights=null", "train.init_from=null"],
                   RootConfig)
-    if cfg.stage in ("sft", "ppo", "grpo"):  # post-training needs a parent (its tokenizer and shape): the tiny one, dressed as the experiment's
+    if cfg.stage in ("sft", "ppo", "grpo", "rm", "dpo"):  # post-training needs a parent (its tokenizer and shape): the tiny one, dressed as the experiment's
         parent = _parent_like(request.getfixturevalue("tiny_parent"), cfg, tmp_path / "parent")
-        rl = ["rl.prompts_per_step=64", "rl.val_interval=0"] if cfg.stage != "sft" else []  # the demo RL set is small
+        data = ["data.source=synthetic"]
+        if cfg.stage in ("ppo", "grpo"):
+            data += ["rl.prompts_per_step=64", "rl.val_interval=0"]  # the demo RL set is small
+        if cfg.stage in ("rm", "dpo"):  # a small preference dataset made with the parent's tokenizer
+            data = ["data.source=indexed", f"data.paths=[{_pairs_dataset(parent, tmp_path / 'pairs')}]"]
         original = cfg
-        cfg = compose("config", [f"experiment={name}", "data.source=synthetic", f"train.init_from={parent}",
-                                 f"data.cache_dir={data_cache}", *rl], RootConfig)
+        cfg = compose("config", [f"experiment={name}", f"train.init_from={parent}", f"data.cache_dir={data_cache}",
+                                 *data], RootConfig)
     p = cfg.parallel
     world = p.tp * p.pp * (p.global_batch_size // p.micro_batch_size if cfg.stage not in ("ppo", "grpo") else 1)
     plan = validate(cfg, world_size=world)
