@@ -1,0 +1,89 @@
+"""SIGKILL and SIGTERM of the training process leave no process behind (issue 10 item 7): megatron's checkpoint writer
+results server and the multiprocessing resource tracker it started used to outlive a killed trainer. Real processes,
+real signals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from evolm_nemo.checkpoint import io as ckpt
+from tests.conftest import REPO, evolm_cmd, subprocess_env, tiny
+
+
+def alive_in_group(pgid: int) -> list[str]:
+    """Processes (not zombies) of process group ``pgid``: their command lines."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                found.append((d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120])
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+def _wait_gone(pgid: int, seconds: float = 10.0) -> list[str]:
+    deadline = time.time() + seconds
+    while (left := alive_in_group(pgid)) and time.time() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def test_sigkill_of_the_trainer_leaves_no_process_behind(tmp_path, data_cache):
+    proc = subprocess.Popen(evolm_cmd("train", tiny(tmp_path, data_cache, "train.iters=400", "train.save_interval=2")),
+                            cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while ckpt.latest(tmp_path / "checkpoints") is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.3)  # a few more saves
+        os.kill(proc.pid, signal.SIGKILL)  # the trainer only, as the OOM killer or a node agent would
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        left = _wait_gone(proc.pid)
+        assert not left, left
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+_FORKER = """
+import multiprocessing as mp, os, signal, sys, time
+from evolm_nemo.runtime.signals import children_die_with_parent
+children_die_with_parent()
+child = mp.get_context("fork").Process(target=time.sleep, args=(120,))
+child.start()
+print(child.pid, flush=True)
+time.sleep(0.5)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_forked_child_dies_with_its_parent(tmp_path):
+    """What megatron's checkpoint writers are (forked from the trainer for each save): SIGKILL mid-save takes them
+    along instead of leaving them running."""
+    proc = subprocess.run([sys.executable, "-c", _FORKER], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=60, start_new_session=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    child = int(proc.stdout.split()[0])
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the forked child outlived its parent")
