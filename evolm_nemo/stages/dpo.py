@@ -23,8 +23,8 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.losses import preference as P
 from evolm_nemo.stages.base import Stage
-from evolm_nemo.stages.rm import (RMData, UnitBatches, check_common, check_tokenizer, collate_sequences, epoch_iters,
-                                  fit_units, gather_dp)
+from evolm_nemo.stages.rm import (RMData, UnitBatches, check_common, check_tokenizer, epoch_iters, fit_units,
+                                  forward_sequences)
 
 REFERENCE_FILE = "dpo_reference.safetensors"
 SUM_KEYS = ("margin_sum", "chosen_logp_sum", "rejected_logp_sum", "chosen_reward_sum", "rejected_reward_sum",
@@ -171,35 +171,13 @@ class DPOStage(Stage):
         return logp
 
     def _compute(self, model, rt) -> np.ndarray:
-        from megatron.core import parallel_state
-
-        from evolm_nemo.rl.objectives import forward_collect
-
         data = self.data
         seqs = np.unique(self.units.reshape(-1))
-        dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        mine = seqs[rank::dp]
-        mine = mine[np.argsort(-data.length[mine], kind="stable")]
-        mbs, multiple = self.batches.mbs, self.batches.multiple
-        batches, chunks = [], []
-        for i in range(0, len(mine), mbs):
-            chunk = mine[i:i + mbs]
-            length = -(-int(data.length[chunk].max()) // multiple) * multiple
-            batches.append(collate_sequences([data.ids(int(s)) for s in chunk],
-                                             [int(data.prompt_len[s]) for s in chunk], length, self.batches.pad_id))
-            chunks.append(chunk)
-        was_training = model.training
-        model.eval()
-        try:
-            outs = forward_collect(model, batches, ce_forward_step, mbs, rt) if batches else []
-        finally:
-            model.train(was_training)
-        local = []
-        for chunk, batch, ce in zip(chunks, batches, outs):
-            logp, _ = response_logps(ce, batch["loss_mask"])
-            local += [(int(q), float(v)) for q, v in zip(chunk, logp.double())]
+        values = forward_sequences(model, data, seqs, ce_forward_step,
+                                   lambda ce, b: response_logps(ce, b["loss_mask"])[0], self.batches.mbs,
+                                   self.batches.multiple, self.batches.pad_id, rt)
         reference = np.full(len(data.labels), np.nan, dtype=np.float64)
-        for q, v in gather_dp(local):
+        for q, v in values:
             reference[q] = v
         if rt.is_main:
             print(f"[evolm] dpo: reference log-probs of {len(seqs):,} sequences computed once (train.init_from)",

@@ -344,37 +344,45 @@ class RMStage(Stage):
         return validation_metrics(scores, self.data, self.val_units, self.cfg.rm.objective, self.cfg.rm.margin)
 
 
-def score_sequences(model, data: RMData, seqs: np.ndarray, cfg: RootConfig, rt, pad_id: int) -> dict[int, float]:
-    """Scores of ``seqs`` (global sequence ids) under the live value model: each data-parallel rank scores its
-    share (forward only, pp = 1), the results are gathered on every rank."""
+def forward_sequences(model, data: RMData, seqs: np.ndarray, forward_step, per_row, micro_batch_size: int,
+                      multiple: int, pad_id: int, rt) -> list[tuple[int, float]]:
+    """``(sequence id, value)`` for every one of ``seqs`` (global sequence ids; duplicates once) from a forward-only
+    pass of the live model (pp = 1): each data-parallel rank takes its share, sorted by length so that microbatches
+    carry little padding; ``per_row(output, batch) -> [b]`` reduces a microbatch's output; gathered on every rank."""
     from megatron.core import parallel_state
 
-    from evolm_nemo.rl.objectives import forward_collect, value_forward_step
+    from evolm_nemo.rl.objectives import forward_collect
 
     seqs = np.unique(seqs)
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine = seqs[rank::dp]
-    mbs = cfg.parallel.micro_batch_size
-    multiple = math.lcm(cfg.rm.pad_to_multiple_of, cfg.parallel.tp if cfg.parallel.sp else 1)
-    order = mine[np.argsort(-data.length[mine], kind="stable")]  # similar lengths together: little padding
+    mine = mine[np.argsort(-data.length[mine], kind="stable")]
     batches, chunks = [], []
-    for i in range(0, len(order), mbs):
-        chunk = order[i:i + mbs]
+    for i in range(0, len(mine), micro_batch_size):
+        chunk = mine[i:i + micro_batch_size]
         length = _round_up(int(data.length[chunk].max()), multiple)
-        batches.append(collate_sequences([data.ids(int(s)) for s in chunk],
-                                         [int(data.prompt_len[s]) for s in chunk], length, pad_id))
+        batches.append(collate_sequences([data.ids(int(q)) for q in chunk],
+                                         [int(data.prompt_len[q]) for q in chunk], length, pad_id))
         chunks.append(chunk)
     was_training = model.training
     model.eval()
     try:
-        outs = forward_collect(model, batches, value_forward_step, mbs, rt) if batches else []
+        outs = forward_collect(model, batches, forward_step, micro_batch_size, rt) if batches else []
     finally:
         model.train(was_training)
     local = []
-    for chunk, batch, values in zip(chunks, batches, outs):
-        s = scores_at_last(values, batch["last"])
-        local += [(int(q), float(v)) for q, v in zip(chunk, s)]
-    return dict(gather_dp(local))
+    for chunk, batch, out in zip(chunks, batches, outs):
+        local += [(int(q), float(v)) for q, v in zip(chunk, per_row(out, batch).double())]
+    return gather_dp(local)
+
+
+def score_sequences(model, data: RMData, seqs: np.ndarray, cfg: RootConfig, rt, pad_id: int) -> dict[int, float]:
+    """Scores of ``seqs`` under the live value model (at each sequence's last token)."""
+    from evolm_nemo.rl.objectives import value_forward_step
+
+    multiple = math.lcm(cfg.rm.pad_to_multiple_of, cfg.parallel.tp if cfg.parallel.sp else 1)
+    return dict(forward_sequences(model, data, seqs, value_forward_step, lambda out, b: scores_at_last(out, b["last"]),
+                                  cfg.parallel.micro_batch_size, multiple, pad_id, rt))
 
 
 def validation_metrics(scores: dict[int, float], data: RMData, units: np.ndarray, objective: str,
