@@ -87,3 +87,49 @@ def test_a_forked_child_dies_with_its_parent(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the forked child outlived its parent")
+
+
+def test_sigterm_mid_ppo_commits_the_actor_critic_pair(tmp_path, sft_parent):
+    """The RL loop has its own iterations: SIGTERM there commits actor and critic at the same iteration, exits 143,
+    leaves nothing running; the pair resumes, and a damaged critic half makes the pair unusable (named)."""
+    from tests.rl.test_rl import rl_args
+
+    args = rl_args(tmp_path, sft_parent, "ppo", sft_parent["rl8"], "train.iters=30", "train.epochs=null",
+                   "rl.prompts_per_step=8")
+    proc = subprocess.Popen(evolm_cmd("train", args), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and (
+                not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the signal"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 143, err[-3000:]
+        assert not _wait_gone(proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("[evolm] stopped by SIGTERM after iteration ") and "committed" in last, err[-2000:]
+    step = int(last.split("after iteration ")[1].split(":")[0])
+    name = f"iter_{step:07d}"
+    assert ckpt.latest(tmp_path / "checkpoints").name == name and ckpt.latest(tmp_path / "critic").name == name
+    assert ckpt.damage(tmp_path / "critic" / name) is None
+
+    shard = max((tmp_path / "critic" / name).glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    refused = subprocess.run(evolm_cmd("train", args), cwd=REPO, env=subprocess_env(), capture_output=True,
+                             text=True, timeout=300)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: train.resume:"), lines
+    assert f"critic/{name}" in lines[0] and shard.name in lines[0]
+    data[len(data) // 2] ^= 0xFF  # repaired: the pair resumes
+    shard.write_bytes(bytes(data))
+    resumed = subprocess.run(evolm_cmd("train", args), cwd=REPO, env=subprocess_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0 and f"resuming at iteration {step}" in resumed.stdout, resumed.stderr[-3000:]
