@@ -588,8 +588,8 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
     held = [r / n for r in roots for n in existing[str(r)]]
     if held and not overwrite:
         span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" if names else held[0].name
-        raise ConfigError("run.out_dir", f"{out} holds the checkpoints of another run ({len(held)}: {span}); pick a new "
-                                         "run.out_dir, resume that run (train.resume=true), or start over with "
+        raise ConfigError("run.out_dir", f"{out} holds the checkpoints of another run ({len(held)}: {span}); pick a "
+                                         "new run.out_dir, resume that run (train.resume=true), or start over with "
                                          "train.overwrite=true (removes them first)")
     if held and not dry:
         if _rank() == 0:
