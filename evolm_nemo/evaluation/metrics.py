@@ -87,8 +87,8 @@ def _mean(values: Sequence) -> Optional[float]:
 
 
 def suite_summary(rows: Sequence[dict]) -> dict:
-    """{"n", "pass1", "maj16", "rm16", "pass16", "correct_ratio"} over scored rows of one suite. rm16 is averaged over
-    the rows that have reward-model scores (null when none has)."""
+    """{"n", "pass1", "maj16", "rm16", "pass16", "correct_ratio", "rm_score_mean"} over scored rows of one suite. rm16
+    and rm_score_mean cover the rows that have reward-model scores (null when none has)."""
     return {
         "n": len(rows),
         "pass1": _mean([bool(r["pass1"]) for r in rows]) or 0.0,
@@ -96,6 +96,8 @@ def suite_summary(rows: Sequence[dict]) -> dict:
         "rm16": _mean([r["rm16"] for r in rows if r.get("rm16") is not None]),
         "pass16": _mean([bool(r["pass16"]) for r in rows]) or 0.0,
         "correct_ratio": correct_ratio(r["correct"] for r in rows),
+        # the mean ORM score of every completion (rows with rm_scores): EvoLM's Takeaway 12 relates it to accuracy
+        "rm_score_mean": _mean([s for r in rows for s in (r.get("rm_scores") or [])]),
     }
 
 

@@ -25,8 +25,9 @@ merge into the same file when given the same ``out``)::
 
 ``downstream`` and ``upstream`` are each optional; ``rm16`` is null without reward-model scores. The report writes
 ``results.csv`` (one row per model, every metric), ``report.md`` (the tables of the paper, in percent) and the plots
-``tokens.png`` (metrics vs pretraining tokens per model size), ``id_vs_ood.png``, ``sft_vs_rl.png`` and
-``maj_vs_pass.png``; a plot without data to draw is skipped and listed as such in report.md.
+``tokens.png`` (metrics vs pretraining tokens per model size), ``id_vs_ood.png``, ``sft_vs_rl.png``,
+``rm_vs_accuracy.png`` (per suite: each model's mean ORM score vs its correct ratio, Pearson r; EvoLM's Takeaway 12)
+and ``maj_vs_pass.png``; a plot without data to draw is skipped and listed as such in report.md.
 """
 
 from __future__ import annotations
@@ -223,6 +224,14 @@ def markdown(results: list[dict], plots: dict[str, str | None]) -> str:
                  *[f"{_fmt(_pct(_get(sft, 'downstream', s, m)))}/{_fmt(_pct(_get(rl, 'downstream', s, m)))}"
                    for s, m in cols]] for sft, rl in pairs]
         lines += _md_table(header, rows) + [""]
+    points = rm_accuracy_points(results)
+    if points:
+        lines += ["## ORM score vs accuracy (EvoLM Takeaway 12)", ""]
+        rows = []
+        for suite, pts in points.items():
+            r = pearson([x for _, x, _ in pts], [y for _, _, y in pts])
+            rows.append([suite, str(len(pts)), "n/a" if r is None else f"{r:.2f}"])
+        lines += _md_table(["suite", "models", "Pearson r"], rows) + [""]
     lines += ["## Plots", ""]
     for name, path in plots.items():
         lines.append(f"![{name}]({Path(path).name})" if path else f"- {name}: skipped (no data to draw)")
@@ -302,6 +311,52 @@ def _scatter(results, path, xs, ys, xlabel, ylabel, title, diagonal=False) -> st
     return out
 
 
+def pearson(xs, ys) -> float | None:
+    """Pearson's r (None below 3 points or without spread)."""
+    import numpy as np
+
+    if len(xs) < 3:
+        return None
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def rm_accuracy_points(results: list[dict]) -> dict[str, list[tuple[dict, float, float]]]:
+    """Per suite: (result, mean ORM score of its completions, its correct ratio) for every result that has both."""
+    out: dict[str, list] = {}
+    for d in results:
+        for suite, m in (_get(d, "downstream", "suites") or {}).items():
+            if m.get("rm_score_mean") is not None and m.get("correct_ratio") is not None:
+                out.setdefault(suite, []).append((d, float(m["rm_score_mean"]), float(m["correct_ratio"])))
+    return out
+
+
+def plot_rm_accuracy(results: list[dict], path: Path) -> str | None:
+    """EvoLM's Takeaway 12: the mean ORM score of a model's samples against their accuracy, one panel per suite,
+    one point per model, Pearson's r in each title."""
+    import matplotlib.pyplot as plt
+
+    points = rm_accuracy_points(results)
+    if not points:
+        return None
+    fig, axes = plt.subplots(1, len(points), figsize=(4.5 * len(points), 4), squeeze=False)
+    for ax, (suite, pts) in zip(axes[0], points.items()):
+        ax.scatter([x for _, x, _ in pts], [100 * y for _, _, y in pts],
+                   marker="o", c=["tab:orange" if _is_rl(d) else "tab:blue" for d, _, _ in pts])
+        for d, x, y in pts:
+            ax.annotate(d["model"], (x, 100 * y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        r = pearson([x for _, x, _ in pts], [y for _, _, y in pts])
+        ax.set_title(f"{suite}: Pearson r = {'n/a' if r is None else f'{r:.2f}'} ({len(pts)} models)", fontsize=9)
+        ax.set_xlabel("mean ORM score")
+        ax.set_ylabel("correct ratio (%)")
+        ax.grid(alpha=0.3)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
 def plot_sft_rl(results: list[dict], path: Path) -> str | None:
     import matplotlib.pyplot as plt
 
@@ -341,6 +396,7 @@ def build(pattern: str, out: str) -> dict:
                               lambda d: _pct(_get(d, "downstream", "ood_avg", "maj16")),
                               "ID Maj@16 (%)", "OOD Maj@16 (%)", "ID vs OOD"),
         "sft_vs_rl": plot_sft_rl(results, out_dir / "sft_vs_rl.png"),
+        "rm_vs_accuracy": plot_rm_accuracy(results, out_dir / "rm_vs_accuracy.png"),
         "maj_vs_pass": _scatter(results, out_dir / "maj_vs_pass.png",
                                 lambda d: _pct(_get(d, "downstream", "id_avg", "pass16")),
                                 lambda d: _pct(_get(d, "downstream", "id_avg", "maj16")),

@@ -127,7 +127,7 @@ def test_suite_summary_and_group_averages():
     s = summarize(rows)
     assert list(s) == ["gsm8k_platinum", "math", "cruxeval", "strategyqa", "id_avg", "ood_avg"]
     assert s["gsm8k_platinum"] == {"n": 2, "pass1": 0.5, "maj16": 0.0, "rm16": 0.5, "pass16": 0.5,
-                                   "correct_ratio": 0.25}
+                                   "correct_ratio": 0.25, "rm_score_mean": None}  # (rows without rm_scores)
     assert s["math"]["rm16"] is None  # no reward-model scores
     assert s["math"]["correct_ratio"] == 0.5
     assert s["id_avg"] == {"n": 3, "pass1": 0.25, "maj16": 0.5, "rm16": 0.5, "pass16": 0.75,

@@ -116,3 +116,37 @@ def test_update_result_merges_parts(tmp_path):
     data = report.update_result(path, {"model": "m", "size": None}, upstream={"avg": 50.0})
     assert data == json.loads(path.read_text())
     assert data["size"] == "1B" and data["downstream"]["scoring"] == "strict" and data["upstream"]["avg"] == 50.0
+
+
+def test_orm_score_against_accuracy_per_suite_with_pearson_r(tmp_path):
+    """EvoLM's Takeaway 12: one point per model per suite (mean ORM score of its samples, correct ratio), r drawn
+    and tabled; a suite with fewer than 3 models gets n/a."""
+    import numpy as np
+
+    xs, ys = [0.1, 0.5, 0.9, 1.4], [0.20, 0.25, 0.41, 0.38]
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        m = {"n": 10, "pass1": y, "maj16": y, "rm16": y, "pass16": y, "correct_ratio": y, "rm_score_mean": x}
+        few = dict(m, rm_score_mean=x if i < 2 else None)
+        d = tmp_path / "runs" / f"m{i}"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({
+            "schema": report.SCHEMA, "model": f"m{i}", "size": "1B", "stage": "sft",
+            "downstream": {"scoring": "evolm", "suites": {"gsm8k_platinum": m, "math": few}, "id_avg": m,
+                           "ood_avg": m}}))
+    out = tmp_path / "report"
+    written = report.build(str(tmp_path / "runs" / "*" / "result.json"), str(out))
+    _is_png(written["rm_vs_accuracy"])
+    md = (out / "report.md").read_text()
+    r = float(np.corrcoef(xs, ys)[0, 1])
+    assert f"| gsm8k_platinum | 4 | {r:.2f} |" in md and "| math | 2 | n/a |" in md
+    assert report.pearson(xs, ys) == pytest.approx(r) and report.pearson([1, 2], [3, 4]) is None
+
+
+def test_suite_summary_has_the_mean_orm_score():
+    from evolm_nemo.evaluation.metrics import suite_summary
+
+    rows = [{"pass1": True, "maj16": True, "pass16": True, "rm16": True, "correct": [True, False],
+             "rm_scores": [1.0, 3.0]},
+            {"pass1": False, "maj16": False, "pass16": True, "rm16": False, "correct": [False, True]}]
+    s = suite_summary(rows)
+    assert s["rm_score_mean"] == 2.0 and suite_summary(rows[1:])["rm_score_mean"] is None
