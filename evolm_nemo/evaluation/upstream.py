@@ -97,6 +97,21 @@ def _pct(x):
     return None if x is None else round(100.0 * float(x), 2)
 
 
+HUB_ERRORS = ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectTimeout", "ReadTimeout", "Timeout",
+              "HfHubHTTPError", "MaxRetryError", "NameResolutionError")
+
+
+def _hub_unreachable(exc: BaseException) -> str | None:
+    """``"<Type>: <first line>"`` when ``exc`` (or what caused it) says the hub could not be reached, else None."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ConnectionError) or type(exc).__name__ in HUB_ERRORS:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            return f"{type(exc).__name__}: {first}"[:300]
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def run(model: str, tasks: list[str] = TASKS, tasks_dir: str | None = None, data_dir: str | None = None,
         batch_size: int | str = 16, limit: int | None = None, device: str | None = None, dtype: str = "auto",
         trust_remote_code: bool = False) -> tuple[dict, dict]:
@@ -119,8 +134,16 @@ def run(model: str, tasks: list[str] = TASKS, tasks_dir: str | None = None, data
         names = [LOCAL_PREFIX + t if local else t for t in tasks]
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         args = {"pretrained": str(model), "dtype": dtype, "trust_remote_code": trust_remote_code}
-        results = lm_eval.simple_evaluate(
-            model="hf", model_args=args, tasks=names, num_fewshot=0, batch_size=batch_size, device=device,
-            limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0)
+        try:
+            results = lm_eval.simple_evaluate(
+                model="hf", model_args=args, tasks=names, num_fewshot=0, batch_size=batch_size, device=device,
+                limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0)
+        except Exception as exc:
+            hub = _hub_unreachable(exc)
+            if hub is None or local:
+                raise
+            raise ConfigError("tasks", f"cannot fetch lm-eval's task data from the HF hub ({hub}); without hub "
+                                       f"access run our local tasks: tasks_dir={default_tasks_dir()} "
+                                       "data_dir=<dir with <task>.jsonl rows> (README: Evaluation)") from None
     raw = {k: results[k] for k in ("results", "versions", "n-shot", "n-samples", "configs") if k in results}
     return summarize(results, tasks, local), raw

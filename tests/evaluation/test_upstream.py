@@ -146,3 +146,22 @@ def test_cli_errors_are_one_line(lm, tmp_path):
         "arc_challenge"]
     proc = run_evolm("eval", ["sideways", f"model={lm[0]}"], check=False)
     assert proc.returncode == 2 and "unknown mode 'sideways'" in proc.stderr
+
+
+def test_builtin_tasks_without_hub_access_say_how_to_run_offline(lm, tmp_path):
+    """lm-eval's built-in tasks fetch their data from the hub: with no hub (offline, empty cache) the command ends
+    in one line naming the offline way (tasks_dir= / data_dir=), not a ConnectionError traceback; nothing written."""
+    import subprocess
+
+    from tests.conftest import evolm_cmd, subprocess_env
+
+    env = dict(subprocess_env(), HF_HOME=str(tmp_path / "empty_hf_home"))
+    out = tmp_path / "up"
+    proc = subprocess.run(evolm_cmd("eval", ["upstream", f"model={lm[0]}", "tasks=[hellaswag]", "limit=2",
+                                             f"out={out}"]), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith(("error", "Traceback"))]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith("error: tasks: cannot fetch lm-eval's task data from the HF hub")
+    assert "tasks_dir=" in errors[0] and "data_dir=" in errors[0] and "Traceback" not in proc.stderr
+    assert not out.exists()
