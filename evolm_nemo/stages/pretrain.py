@@ -38,6 +38,10 @@ class PretrainStage(Stage):
         if len(tokenizer) > m.vocab_size:
             raise ConfigError("model.vocab_size",
                               f"{m.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+        if rt.is_main:  # the plan first: megatron's index build can take minutes on a large corpus
+            print(f"[evolm] plan: {cfg.stage} {m.name}, {plan.iters:,} iters x {plan.tokens_per_iter:,} tokens = "
+                  f"{plan.iters * plan.tokens_per_iter:,} tokens ({plan.iters * p.global_batch_size:,} samples); "
+                  "building the dataset indices", flush=True)
         dataset = build_dataset(cfg, source, tokenizer, plan.iters * p.global_batch_size)
         self.schedule = BatchSchedule(dataset, p.global_batch_size, p.micro_batch_size,
                                       parallel_state.get_data_parallel_rank(), plan.dp)

@@ -152,3 +152,13 @@ def test_absurd_budgets_are_refused_before_any_index_is_built(corpus, tmp_path):
         validate(compose("config", _indexed(corpus, "train.tokens=2B", "train.iters=null"), RootConfig))
     assert err.value.key == "train.tokens" and "passes over the" in err.value.message
     validate(compose("config", _indexed(corpus, "train.tokens=1M", "train.iters=null"), RootConfig))
+
+
+def test_the_plan_is_printed_before_the_dataset_indices_are_built(corpus, tmp_path):
+    """Item 11: the plan (iterations, tokens, samples) comes first; megatron's index build can take minutes."""
+    proc = run_evolm("train", [*_indexed(corpus), "train.iters=2", f"run.out_dir={tmp_path / 'r'}",
+                               f"data.cache_dir={tmp_path / 'c'}", "train.progress=false", "train.tensorboard=false"])
+    lines = proc.stdout.splitlines()
+    plan = next(i for i, ln in enumerate(lines) if ln.startswith("[evolm] plan: pretrain tiny, 2 iters x "))
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("[evolm] pretrain tiny:"))
+    assert plan < header and "building the dataset indices" in lines[plan]
