@@ -50,7 +50,11 @@ class OptimConfig:
     eps: float = 1.0e-8  # Adam epsilon
     clip_grad: float = 1.0  # global grad-norm clip (0 disables)
     warmup_fraction: float = 0.1  # fraction of iterations spent in linear warmup
-    decay_style: str = "cosine"  # cosine | linear | constant (after warmup)
+    decay_style: str = "cosine"  # cosine | linear | constant | wsd (after warmup)
+    warmup_iters: Optional[int] = None  # explicit warmup iterations (overrides warmup_fraction): a WSD stable run
+    #                                     and its branches share one warmup, whatever their budgets
+    wsd_decay_fraction: float = 0.2  # decay_style=wsd: the last fraction of iterations decays to min_lr (cooldown)
+    wsd_decay_shape: str = "linear"  # decay_style=wsd: linear | cosine | 1-sqrt
     distributed: bool = False  # shard optimizer state over data-parallel ranks (megatron distributed optimizer)
 
 
@@ -74,6 +78,10 @@ class TrainConfig:
     save_interval: int = 0  # iterations between checkpoints (0: only at the end)
     keep_last: int = 2  # committed checkpoints to keep
     init_from: Optional[str] = None  # parent checkpoint: load its weights only (CPT/SFT/PPO start here)
+    branch_budgets: List[str] = field(default_factory=list)  # WSD stable run: budgets (20B, ...) to branch at; a
+    #                                     checkpoint is kept under <run>/branches/ where each budget's cooldown starts
+    branch_from: Optional[str] = None  # WSD cooldown branch: a stable run (or its checkpoint at the cooldown start);
+    #                                    weights, optimizer state and step count are loaded, then it decays to min_lr
     resume: bool = True  # continue from the latest committed checkpoint in out_dir if there is one
     overwrite: bool = False  # a fresh start may remove the checkpoints already in out_dir (else it refuses)
     save_on_signal: bool = True  # on SIGTERM (preemption): save a checkpoint after the current iteration, exit 143

@@ -14,7 +14,8 @@ from evolm_nemo.config.schema import RootConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 LAYER_SPECS = ("auto", "te", "local")
-DECAY_STYLES = ("cosine", "linear", "constant")
+DECAY_STYLES = ("cosine", "linear", "constant", "wsd")
+WSD_SHAPES = ("linear", "cosine", "1-sqrt")
 SOURCES = ("synthetic", "indexed")
 
 
@@ -117,6 +118,11 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(o, key) < 1.0:
             raise ConfigError(f"optim.{key}", f"must be in [0, 1), got {getattr(o, key)}")
+    _choice("optim.wsd_decay_shape", o.wsd_decay_shape, WSD_SHAPES)
+    if not 0.0 < o.wsd_decay_fraction < 1.0:
+        raise ConfigError("optim.wsd_decay_fraction", f"must be in (0, 1), got {o.wsd_decay_fraction}")
+    if o.warmup_iters is not None:
+        _positive("optim.warmup_iters", o.warmup_iters, allow_zero=True)
 
     _positive("train.log_interval", t.log_interval)
     _positive("train.save_interval", t.save_interval, allow_zero=True)
@@ -136,8 +142,31 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
     iters = stage_module(cfg.stage).plan_iters(cfg, dp)
     if cfg.stage in ("pretrain", "cpt"):
         _check_budget(cfg, iters, dataset_tokens)
+    _check_wsd(cfg, iters)
     return Plan(world_size=world_size, dp=dp, iters=iters, tokens_per_iter=p.global_batch_size * m.seq_length,
                 num_microbatches=p.global_batch_size // (p.micro_batch_size * dp))
+
+
+def _check_wsd(cfg: RootConfig, iters: int) -> None:
+    """WSD schedule, stable-run branch budgets and cooldown branches (evolm_nemo.train.wsd), from evolm.json only."""
+    from evolm_nemo.train import wsd
+
+    o, t = cfg.optim, cfg.train
+    if o.decay_style == "wsd":
+        warm, start = wsd.warmup_iters(o, iters), wsd.branch_iteration(o, iters)
+        if warm > start and not t.branch_from:
+            raise ConfigError("optim.warmup_iters" if o.warmup_iters is not None else "optim.warmup_fraction",
+                              f"the {warm:,}-iteration warmup runs into the cooldown, which starts at iteration "
+                              f"{start:,} of {iters:,}; shorten the warmup or optim.wsd_decay_fraction")
+    if (t.branch_budgets or t.branch_from) and cfg.stage not in ("pretrain", "cpt"):
+        raise ConfigError("train.branch_from" if t.branch_from else "train.branch_budgets",
+                          f"WSD branches are for stage=pretrain|cpt, not {cfg.stage}")
+    if t.branch_budgets and t.branch_from:
+        raise ConfigError("train.branch_budgets", "a branch decays; it cannot be a stable run too (set "
+                                                  "train.branch_budgets=[])")
+    wsd.check_stable(cfg, iters)
+    if t.branch_from:
+        wsd.resolve_branch(cfg, iters)
 
 
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size")

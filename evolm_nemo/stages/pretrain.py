@@ -42,7 +42,12 @@ class PretrainStage(Stage):
             print(f"[evolm] plan: {cfg.stage} {m.name}, {plan.iters:,} iters x {plan.tokens_per_iter:,} tokens = "
                   f"{plan.iters * plan.tokens_per_iter:,} tokens ({plan.iters * p.global_batch_size:,} samples); "
                   "building the dataset indices", flush=True)
-        dataset = build_dataset(cfg, source, tokenizer, plan.iters * p.global_batch_size)
+        samples = plan.iters * p.global_batch_size
+        if cfg.train.branch_from:  # a WSD branch reads the stable run's dataset (its size decides megatron's order)
+            from evolm_nemo.train.wsd import resolve_branch
+
+            samples = max(plan.iters, resolve_branch(cfg, plan.iters).stable_iters) * p.global_batch_size
+        dataset = build_dataset(cfg, source, tokenizer, samples)
         self.schedule = BatchSchedule(dataset, p.global_batch_size, p.micro_batch_size,
                                       parallel_state.get_data_parallel_rank(), plan.dp)
         self.tokenizer = source.tokenizer

@@ -68,11 +68,13 @@ def build_training_model(cfg: RootConfig, rt: Runtime, model_builder: Callable |
     return model, optimizer, partial(_scheduler, OptimizerParamScheduler, optimizer, o)
 
 
-def _scheduler(cls, optimizer, o, iters: int):
-    warmup = int(round(o.warmup_fraction * iters))
-    return cls(optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
-               lr_decay_steps=max(iters, warmup + 1), lr_decay_style=o.decay_style, start_wd=o.weight_decay,
-               end_wd=o.weight_decay, wd_incr_steps=iters, wd_incr_style="constant")
+def _scheduler(cls, optimizer, o, iters: int, warmup: int | None = None):
+    """Warmup then ``o.decay_style`` (cosine | linear | constant | wsd: ``evolm_nemo.train.wsd``) over ``iters``;
+    ``warmup`` overrides the warmup length (a WSD branch keeps its stable run's)."""
+    from evolm_nemo.train.wsd import scheduler_kwargs
+
+    return cls(optimizer, **scheduler_kwargs(o, iters, warmup), start_wd=o.weight_decay, end_wd=o.weight_decay,
+               wd_incr_steps=iters, wd_incr_style="constant")
 
 
 # ------------------------------------------------------------------------------------------------------------- step
@@ -221,10 +223,18 @@ def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, stop: StopSignal) ->
     scheduler = make_scheduler(plan.iters)
     layout = {"tp": p.tp, "pp": p.pp, "dp": plan.dp}
     start, parent_meta, state = 0, None, {}
-    resume_from = begin.checkpoint
+    resume_from, branch = begin.checkpoint, None
     if resume_from is not None:
         state = ckpt.load(resume_from, [model], optimizer, scheduler, layout=layout, verified=True)
         start, parent_meta = state["iteration"], state["meta"]
+    elif t.branch_from:  # a WSD cooldown branch: the stable run's weights, optimizer state and step count
+        from evolm_nemo.train import wsd
+
+        branch = wsd.resolve_branch(cfg, plan.iters)
+        scheduler = make_scheduler(plan.iters, warmup=branch.warmup)
+        state = ckpt.load(branch.path, [model], optimizer, None, layout=layout)
+        start, parent_meta = state["iteration"], state["meta"]
+        scheduler.step(increment=start)
     elif t.init_from:
         parent_meta = stage.load_init(t.init_from, model)
         optimizer.reload_model_params()
@@ -235,8 +245,12 @@ def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, stop: StopSignal) ->
     if rt.is_main:
         print(f"[evolm] {cfg.stage} {m.name}: {param_count(m) / 1e6:.2f}M params | tp={p.tp} pp={p.pp} dp={plan.dp} "
               f"sp={p.sp} | {rt.dtype} on {rt.device.type} | {plan.iters} iters | {stage.describe()}"
-              + (f" | resuming at iteration {start}" if start else ""), flush=True)
+              + (f" | resuming at iteration {start}" if start and branch is None else "")
+              + (f" | branching off {branch.path} at iteration {start}, cooldown to {plan.iters}" if branch else ""),
+              flush=True)
     lineage = parent_meta.get("lineage") if resume_from is not None else _lineage(cfg, parent_meta, stage.lineage())
+    if branch is not None:
+        lineage = wsd.branch_lineage(cfg, branch, stage.lineage())
     tokenizer_ref = os.path.abspath(stage.tokenizer) if os.path.isdir(stage.tokenizer) else stage.tokenizer
     meta = {"model": dataclasses.asdict(m), "config": to_dict(cfg), "tokenizer": tokenizer_ref, "stage": cfg.stage,
             "lineage": lineage, "head": stage.head, "run_id": begin.run_id, "planned_iters": plan.iters}
@@ -249,6 +263,11 @@ def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, stop: StopSignal) ->
     peak = peak_flops(t.peak_tflops, rt.device)
     bar = _progress_bar(cfg, rt, plan.iters, start)
     history, saved = [], None
+    branch_saves = {}
+    if t.branch_budgets:  # a WSD stable run keeps a checkpoint where each budget's cooldown starts
+        from evolm_nemo.train.wsd import BRANCHES, branch_saves as _branch_saves
+
+        branch_saves = _branch_saves(cfg, plan.iters)
     tick = time.perf_counter()
     for it in range(start, plan.iters):
         batches = stage.microbatches(it)
@@ -271,6 +290,10 @@ def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, stop: StopSignal) ->
         if bar is not None:
             bar.set_postfix(loss=f"{result.loss:.4f}", **stage.postfix(record))
             bar.update(1)
+        if step in branch_saves:  # never pruned by keep_last: branches start here
+            ckpt.save(out / BRANCHES, step, [model], optimizer, scheduler, extra=stage.checkpoint_extra(step),
+                      meta={**meta, "branch_budget": branch_saves[step]}, layout=layout)
+            tick = time.perf_counter()
         signum = stop.requested()  # SIGTERM on any rank: all stop after this iteration (saved first, by default)
         if (t.save_interval and step % t.save_interval == 0) or step == plan.iters or (signum and t.save_on_signal):
             saved = ckpt.save(root, step, [model], optimizer, scheduler, extra=stage.checkpoint_extra(step),

@@ -124,7 +124,8 @@ def _pairs_dataset(parent, out):
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes" / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates(name, request, tmp_path, data_cache):
     # real data files are absent here: validate everything else on the generated corpus
-    cfg = compose("config", [f"experiment={name}", "data.source=synthetic", "data.weights=null", "train.init_from=null"],
+    cfg = compose("config", [f"experiment={name}", "data.source=synthetic", "data.weights=null", "train.init_from=null",
+                           "train.branch_from=null"],
                   RootConfig)
     if cfg.stage in ("sft", "ppo", "grpo", "rm", "dpo"):  # post-training needs a parent (its tokenizer and shape): the tiny one, dressed as the experiment's
         parent = _parent_like(request.getfixturevalue("tiny_parent"), cfg, tmp_path / "parent")
