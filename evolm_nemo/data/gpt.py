@@ -96,3 +96,66 @@ class BatchSchedule:
             out.append({k: torch.stack([torch.as_tensor(s[k]) for s in samples])
                         for k in ("tokens", "labels", "loss_mask", "position_ids")})
         return out
+
+
+def source_names(cfg: RootConfig, source: DataSource) -> list[str]:
+    """One short, unique name per blended source: the synthetic kinds, else each prefix's file name."""
+    raw = list(cfg.data.synthetic_kinds) if cfg.data.source == "synthetic" else [Path(p).name for p in source.paths]
+    names: list[str] = []
+    for name in raw:
+        names.append(name if name not in names else f"{name}_{len(names)}")
+    return names
+
+
+class SourceTokens:
+    """Tokens each source of a blend has contributed to training after ``step`` optimizer steps, read from megatron's
+    blending index (sample ``g`` of the train split comes from source ``dataset_index[g]``, and every sample is
+    ``seq_length`` loss tokens of that one source). A pure function of the step, so resumed and branched runs count
+    what they trained on; no communication (every rank knows the whole global batch)."""
+
+    def __init__(self, dataset, names: list[str], global_batch: int, seq_length: int):
+        import numpy as np
+
+        self.names, self.gbs, self.seq = list(names), global_batch, seq_length
+        index = getattr(dataset, "dataset_index", None)
+        if index is None and hasattr(dataset, "path_to_dataset_index"):  # deferred mmap
+            index = np.load(dataset.path_to_dataset_index, allow_pickle=False, mmap_mode="r")
+        self.index = index
+        weights = getattr(dataset, "weights", None) if index is not None else None
+        total = float(sum(weights)) if weights else 0.0
+        self.plan = [float(w) / total for w in weights] if total > 0 else [1.0 / len(names)] * len(names)
+        self._step, self._counts = 0, np.zeros(len(names), dtype=np.int64)
+
+    def samples(self, step: int):
+        """Samples per source in the first ``step`` global batches."""
+        import numpy as np
+
+        if self.index is None:
+            return np.array([step * self.gbs], dtype=np.int64)
+        if step == self._step + 1:
+            part = np.asarray(self.index[self._step * self.gbs: step * self.gbs])
+            self._counts = self._counts + np.bincount(part, minlength=len(self.names))[: len(self.names)]
+        elif step != self._step:
+            part = np.asarray(self.index[: step * self.gbs])
+            self._counts = np.bincount(part, minlength=len(self.names))[: len(self.names)].astype(np.int64)
+        self._step = step
+        return self._counts
+
+    def tokens(self, step: int) -> dict[str, int]:
+        return {n: int(c) * self.seq for n, c in zip(self.names, self.samples(step))}
+
+    def deviation(self, step: int) -> float:
+        """Largest relative difference between a source's tokens and its planned share of all tokens so far."""
+        counts = self.samples(step)
+        total = float(counts.sum())
+        return max(abs(c / total - p) / p for c, p in zip(counts, self.plan) if p > 0) if total else 0.0
+
+    def summary(self, step: int) -> str:
+        from evolm_nemo.config.tokens import format_tokens
+
+        tokens = self.tokens(step)
+        total = sum(tokens.values()) or 1
+        parts = [f"{n} {format_tokens(t)} ({t / total:.2%}, plan {p:.2%})" for (n, t), p in
+                 zip(tokens.items(), self.plan)]
+        return f"tokens per source after {step:,} iterations: " + ", ".join(parts) + \
+            f"; largest deviation from the plan {self.deviation(step):.3%}"

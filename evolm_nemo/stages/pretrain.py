@@ -28,7 +28,7 @@ class PretrainStage(Stage):
     def __init__(self, cfg: RootConfig, plan, rt):
         from megatron.core import parallel_state
 
-        from evolm_nemo.data.gpt import BatchSchedule, build_dataset, resolve_source
+        from evolm_nemo.data.gpt import BatchSchedule, SourceTokens, build_dataset, resolve_source, source_names
         from evolm_nemo.data.tokenizer import load_tokenizer
 
         p, m = cfg.parallel, cfg.model
@@ -51,6 +51,9 @@ class PretrainStage(Stage):
         self.schedule = BatchSchedule(dataset, p.global_batch_size, p.micro_batch_size,
                                       parallel_state.get_data_parallel_rank(), plan.dp)
         self.tokenizer = source.tokenizer
+        self.is_main = rt.is_main
+        self.sources = (SourceTokens(dataset, source_names(cfg, source), p.global_batch_size, m.seq_length)
+                        if len(source.paths) > 1 else None)  # per-source accounting of a blend (CPT replay)
         self.tokens_per_iter = plan.tokens_per_iter
         self.fpt = flops_per_token(m)
 
@@ -67,18 +70,29 @@ class PretrainStage(Stage):
 
     def lineage(self) -> dict:
         d = self.cfg.data
-        return {"data": d.hf_dataset or d.name, "tokens": self.plan.iters * self.tokens_per_iter}
+        record = {"data": d.hf_dataset or d.name, "tokens": self.plan.iters * self.tokens_per_iter}
+        if self.sources is not None:
+            record["mix"] = dict(zip(self.sources.names, self.sources.plan))
+        return record
 
     def metrics(self, iteration, result, step_s, peak_flops, world_size):
         tps = self.tokens_per_iter / step_s
-        return {"tokens": (iteration + 1) * self.tokens_per_iter, "tokens_per_s": tps,
-                "mfu": (self.fpt * tps / (peak_flops * world_size)) if peak_flops else None}
+        out = {"tokens": (iteration + 1) * self.tokens_per_iter, "tokens_per_s": tps,
+               "mfu": (self.fpt * tps / (peak_flops * world_size)) if peak_flops else None}
+        if self.sources is not None:
+            out.update({f"tokens_{n}": t for n, t in self.sources.tokens(iteration + 1).items()})
+            if iteration + 1 == self.plan.iters and self.is_main:
+                print(f"[evolm] {self.sources.summary(iteration + 1)}", flush=True)
+        return out
 
     def postfix(self, record):
         return {"tok_s": f"{record['tokens_per_s']:,.0f}"}
 
     def checkpoint_extra(self, step):
-        return {"consumed_samples": step * self.cfg.parallel.global_batch_size, "tokens": step * self.tokens_per_iter}
+        extra = {"consumed_samples": step * self.cfg.parallel.global_batch_size, "tokens": step * self.tokens_per_iter}
+        if self.sources is not None:
+            extra["tokens_by_source"] = self.sources.tokens(step)
+        return extra
 
 
 def build(cfg: RootConfig, plan, rt) -> PretrainStage:

@@ -30,3 +30,29 @@ def test_cpt_on_a_replay_mix(tmp_path, data_cache):
     assert len(index) == 1
     picks = np.load(index[0], allow_pickle=False)
     assert len(picks) >= 4 * 8 and abs((picks == 0).mean() - 8 / 50) < 0.05
+
+
+def test_tokens_per_source_of_an_8_42_mix(tmp_path, data_cache):
+    """Per-source accounting (issue 13 item 3): the tokens each source gave, in metrics.jsonl every record, in the
+    final line and in the checkpoint, are megatron's blending index counted over the trained global batches, and
+    within 0.5% of the 8:42 plan."""
+    out = tmp_path / "cpt"
+    iters, gbs, seq = 20, 64, 128
+    proc = run_evolm("train", tiny(out, data_cache, "experiment=demo_cpt", f"train.iters={iters}",
+                                   f"parallel.global_batch_size={gbs}", "parallel.micro_batch_size=16"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in records:  # every sample is seq tokens of one source
+        assert r["tokens_text"] + r["tokens_math"] == r["iteration"] * gbs * seq == r["tokens"]
+    last = records[-1]
+    total = iters * gbs * seq
+    for name, weight in (("text", 8 / 50), ("math", 42 / 50)):
+        assert abs(last[f"tokens_{name}"] - weight * total) / (weight * total) <= 0.005, (name, last)
+    # the counts are the blending index's: recount it from megatron's cache
+    index = list((Path(data_cache) / "index_cache").glob("*-BlendedDataset-train-dataset_index.npy"))
+    picks = [np.load(p)[: iters * gbs] for p in index if iters * gbs <= len(np.load(p)) <= iters * gbs + 1]
+    assert any(int((p == 0).sum()) * seq == last["tokens_text"] for p in picks)
+    line = next(x for x in proc.stdout.splitlines() if "tokens per source after" in x)
+    assert "text " in line and "plan 16.00%" in line and "plan 84.00%" in line
+    meta = json.loads((out / "checkpoints" / f"iter_{iters:07d}" / "evolm.json").read_text())
+    assert meta["extra"]["tokens_by_source"] == {"text": last["tokens_text"], "math": last["tokens_math"]}
+    assert meta["lineage"]["stages"][-1]["mix"] == {"text": 0.16, "math": 0.84}
