@@ -166,7 +166,8 @@ def _check(cfg: PrepareRMConfig) -> Template:
     template.check("prompt_template")
     from evolm_nemo.conversion.export import check_dst
 
-    check_dst(Path(cfg.output).expanduser().resolve(), cfg.overwrite, key="output", sources=(Path(cfg.input), Path(str(cfg.tokenizer))))
+    local = tuple(p for p in (Path(cfg.input).expanduser(), Path(str(cfg.tokenizer)).expanduser()) if p.exists())
+    check_dst(Path(cfg.output).expanduser().resolve(), cfg.overwrite, key="output", sources=local)
     return template
 
 

@@ -269,17 +269,17 @@ def _sha(items: Iterable[str]) -> str:
 
 
 def _check_outputs(cfg: PrepareSFTConfig) -> None:
-    out = Path(cfg.output)
-    if out.exists() and not cfg.overwrite:
-        raise ConfigError("output", f"{out} exists; pick a new directory or pass overwrite=true")
+    """The dataset directory may be created or replaced without touching what this run reads (the one overlap rule
+    of every command that writes a directory: ``conversion.export.check_dst``); the RL file likewise."""
+    from evolm_nemo.conversion.export import check_dst
+
+    out = Path(cfg.output).expanduser().resolve()
+    local = tuple(p for p in (Path(str(cfg.input)).expanduser(), Path(str(cfg.tokenizer)).expanduser()) if p.exists())
+    check_dst(out, cfg.overwrite, key="output", sources=local)  # (hub names are not paths)
     if cfg.rl_output and Path(cfg.rl_output).exists() and not cfg.overwrite:
         raise ConfigError("rl_output", f"{cfg.rl_output} exists; pick a new file or pass overwrite=true")
-    if cfg.rl_output and Path(cfg.rl_output).resolve().is_relative_to(out.resolve()):
+    if cfg.rl_output and Path(cfg.rl_output).resolve().is_relative_to(out):
         raise ConfigError("rl_output", "must be outside the SFT dataset directory")
-    for key in ("input", "tokenizer"):  # overwrite=true must never delete what this run reads
-        source = Path(str(getattr(cfg, key))).expanduser()
-        if source.exists() and source.resolve().is_relative_to(out.resolve()):
-            raise ConfigError("output", f"{out} contains the {key} {source}; write the dataset elsewhere")
 
 
 def check_config(cfg: PrepareSFTConfig) -> Template:

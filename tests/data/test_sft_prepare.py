@@ -162,7 +162,7 @@ def test_existing_output_is_never_replaced_without_overwrite(tmp_path, tok_dir):
     with pytest.raises(ConfigError, match="exists"):
         prepare_sft(_cfg(tmp_path, tok_dir, inp, filter=False))
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep"
-    with pytest.raises(ConfigError, match="contains the input"):
+    with pytest.raises(ConfigError, match="overlaps the source"):
         prepare_sft(_cfg(tmp_path, tok_dir, inp, name=".", filter=False, overwrite=True))
     prepare_sft(_cfg(tmp_path, tok_dir, inp, filter=False, overwrite=True))
     assert not (tmp_path / "out" / "precious.txt").exists() and SFTDataset(tmp_path / "out").manifest["examples"] == 1
