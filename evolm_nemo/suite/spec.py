@@ -1,0 +1,337 @@
+"""A suite recipe (``recipes/suite/<name>.yaml``): EvoLM's grid as a DAG of named runs.
+
+Each node is one run -- a training (``kind: train``: ``experiment=<recipe>`` + overrides), an HF export, an
+evaluation, or a small data step -- and names its parent by node name. This module reads the YAML, checks every key,
+and orders the graph; a bad suite is one ConfigError naming the key (``nodes.<node>.<key>``) before anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from evolm_nemo.config.errors import ConfigError
+
+KINDS = ("train", "export", "eval", "data")
+EVAL_MODES = ("downstream", "upstream")
+DATA_MAKERS = ("demo_eval",)  # the demo's held-out generated problems in GSM8K's cooked schema
+COMMON_KEYS = ("kind", "parent", "needs", "overrides", "nodes", "gpus", "time", "note")
+KIND_KEYS = {
+    "train": ("experiment", "samples", "tokens_per_example"),
+    "export": (),
+    "eval": ("mode",),
+    "data": ("make", "limit"),
+}
+SUITE_KEYS = ("name", "description", "root", "gpus_per_node", "mfu", "train_overrides", "slurm", "local", "nodes")
+SLURM_KEYS = ("container_image", "eval_container_image", "container_mounts", "container_workdir", "account",
+              "partition", "time", "gpus_per_node", "exclusive", "signal_seconds", "master_port", "setup")
+LOCAL_KEYS = ("nproc",)
+_PLACEHOLDER = re.compile(r"\$\{(root|out:([^}]+))\}")
+
+
+@dataclass
+class Node:
+    name: str
+    kind: str
+    parent: Optional[str] = None
+    needs: list[str] = field(default_factory=list)
+    experiment: Optional[str] = None
+    overrides: list[str] = field(default_factory=list)
+    nodes: int = 1  # Slurm nodes asked for
+    gpus: Optional[int] = None  # GPUs per node (None: the suite's gpus_per_node for train, 1 otherwise)
+    time: Optional[str] = None  # Slurm time limit (None: slurm.time)
+    samples: Optional[Any] = None  # train (sft/rl/rm/dpo): examples / prompts / pairs in the node's dataset
+    tokens_per_example: Optional[int] = None  # plan: tokens per example/sample (None: an upper bound, see plan.py)
+    mode: str = "downstream"  # eval
+    make: Optional[str] = None  # data
+    limit: Optional[int] = None  # data
+    note: Optional[str] = None
+
+    @property
+    def deps(self) -> list[str]:
+        return ([self.parent] if self.parent else []) + [n for n in self.needs if n != self.parent]
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path
+    root: str
+    nodes: dict[str, Node]
+    order: list[str]  # topological: every node after all it depends on (ties: file order)
+    gpus_per_node: int = 8
+    mfu: float = 0.4
+    train_overrides: list[str] = field(default_factory=list)
+    slurm: dict = field(default_factory=dict)
+    local: dict = field(default_factory=dict)
+    description: str = ""
+
+    def out(self, name: str) -> str:
+        """Where node ``name`` writes (a run dir, an HF dir, an eval dir, a data dir)."""
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def expand(self, text: str, key: str) -> str:
+        """``${root}`` and ``${out:<node>}`` in an override."""
+        def sub(m):
+            if m.group(1) == "root":
+                return self.root.rstrip("/")
+            target = m.group(2)
+            if target not in self.nodes:
+                raise ConfigError(key, f"${{out:{target}}} names no node of suite {self.name}")
+            return self.out(target)
+        return _PLACEHOLDER.sub(sub, text)
+
+
+SLURM_DEFAULTS = {
+    "container_image": "nvcr.io/nvidia/pytorch:25.09-py3",  # the training image's base; put your built tag here
+    "eval_container_image": None,  # evaluation nodes (TensorRT-LLM image); None: container_image
+    "container_mounts": [],
+    "container_workdir": "/workspace/evolm",
+    "account": None,
+    "partition": None,
+    "time": "04:00:00",
+    "gpus_per_node": None,
+    "exclusive": True,
+    "signal_seconds": 300,
+    "master_port": 29500,
+    "setup": [],
+}
+
+
+def suites_dir() -> Path:
+    from evolm_nemo.config.compose import recipes_dir
+
+    return recipes_dir() / "suite"
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in suites_dir().glob("*.yaml"))
+
+
+def suite_path(name: Optional[str]) -> Path:
+    if not name:
+        raise ConfigError("suite", f"required: a suite name ({', '.join(available())}) or a YAML file")
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError("suite", f"no such file: {name}")
+        return p
+    path = suites_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError("suite", f"no suite '{name}' in {suites_dir()}/; available: {', '.join(available())}")
+    return path
+
+
+def _parse_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(overrides: list[str], allowed: dict[str, Any]) -> dict[str, Any]:
+    """``key=value`` command-line items -> dict; keys must be in ``allowed`` (dotted for nested: slurm.account)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "overrides are key=value (e.g. suite=tiny executor=local)")
+        key, _, value = item.partition("=")
+        key = key.strip().lstrip("+")
+        head = key.split(".")[0]
+        if key not in allowed and not (head in allowed and allowed[head] == "section"):
+            raise ConfigError(key, f"unknown key; valid keys: {', '.join(sorted(allowed))}")
+        out[key] = _parse_value(value)
+    return out
+
+
+def _as_list(value, key: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, (str, int, float, bool)) for v in value):
+        raise ConfigError(key, f"expected a list of strings, got {value!r}")
+    return [str(v) for v in value]
+
+
+def _positive_int(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, f"expected an integer >= 1, got {value!r}")
+    return value
+
+
+def _node(name: str, spec, where: str) -> Node:
+    key = f"nodes.{name}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+        raise ConfigError(key, "node names are letters, digits, '_', '.', '-' (they become directory names)")
+    if not isinstance(spec, dict):
+        raise ConfigError(key, f"expected a mapping such as {{kind: train, experiment: ...}}, got {spec!r}")
+    kind = spec.get("kind", "train" if "experiment" in spec else None)
+    if kind not in KINDS:
+        raise ConfigError(f"{key}.kind", f"must be one of {', '.join(KINDS)}; got {kind!r}")
+    valid = COMMON_KEYS + KIND_KEYS[kind]
+    for k in spec:
+        if k not in valid:
+            raise ConfigError(f"{key}.{k}", f"unknown key for a {kind} node; valid keys: {', '.join(valid)}")
+    node = Node(name=name, kind=kind)
+    parent = spec.get("parent")
+    if parent is not None and not isinstance(parent, str):
+        raise ConfigError(f"{key}.parent", f"expected a node name, got {parent!r}")
+    node.parent = parent
+    node.needs = _as_list(spec.get("needs"), f"{key}.needs")
+    node.overrides = _as_list(spec.get("overrides"), f"{key}.overrides")
+    for item in node.overrides:
+        if "=" not in item:
+            raise ConfigError(f"{key}.overrides", f"{item!r} is not key=value")
+    node.nodes = _positive_int(spec.get("nodes", 1), f"{key}.nodes")
+    if spec.get("gpus") is not None:
+        node.gpus = _positive_int(spec["gpus"], f"{key}.gpus")
+    node.time = None if spec.get("time") is None else str(spec["time"])
+    node.note = spec.get("note")
+    if kind == "train":
+        node.experiment = spec.get("experiment")
+        if not isinstance(node.experiment, str) or not node.experiment:
+            raise ConfigError(f"{key}.experiment", "a train node names its recipe: experiment: <recipes/experiment "
+                                                   "name>")
+        if spec.get("samples") is not None:
+            from evolm_nemo.config.tokens import parse_tokens
+
+            node.samples = parse_tokens(spec["samples"], f"{key}.samples")
+        if spec.get("tokens_per_example") is not None:
+            node.tokens_per_example = _positive_int(spec["tokens_per_example"], f"{key}.tokens_per_example")
+    elif kind == "eval":
+        node.mode = spec.get("mode", "downstream")
+        if node.mode not in EVAL_MODES:
+            raise ConfigError(f"{key}.mode", f"must be one of {', '.join(EVAL_MODES)}; got {node.mode!r}")
+    elif kind == "data":
+        node.make = spec.get("make")
+        if node.make not in DATA_MAKERS:
+            raise ConfigError(f"{key}.make", f"must be one of {', '.join(DATA_MAKERS)}; got {node.make!r}")
+        if spec.get("limit") is not None:
+            node.limit = _positive_int(spec["limit"], f"{key}.limit")
+    if kind in ("export", "eval", "data") and not parent:
+        raise ConfigError(f"{key}.parent", f"a {kind} node needs a parent (the node whose output it reads)")
+    return node
+
+
+def topological(nodes: dict[str, Node], suite: str) -> list[str]:
+    """Every node after its parent and needs; ties keep file order. A missing parent or a cycle is one line."""
+    for node in nodes.values():
+        for dep, what in [(node.parent, "parent")] + [(n, "needs") for n in node.needs]:
+            if dep is None:
+                continue
+            if dep == node.name:
+                raise ConfigError(f"nodes.{node.name}.{what}", "a node cannot depend on itself")
+            if dep not in nodes:
+                import difflib
+
+                close = difflib.get_close_matches(dep, list(nodes), n=2, cutoff=0.6)
+                hint = f"; did you mean {' or '.join(close)}?" if close else ""
+                raise ConfigError(f"nodes.{node.name}.{what}", f"names {dep!r}, which is not a node of suite "
+                                                               f"{suite}{hint}")
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    order: list[str] = []
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = path[path.index(name):] + [name]
+            last = nodes[cycle[-2]]
+            what = "parent" if last.parent == name else "needs"
+            raise ConfigError(f"nodes.{last.name}.{what}", f"cycle: {' -> '.join(cycle)} (each depends on "
+                                                           "the next); break it")
+        state[name] = 1
+        for dep in nodes[name].deps:
+            visit(dep, path + [name])
+        state[name] = 2
+        order.append(name)
+
+    for name in nodes:
+        visit(name, [])
+    return order
+
+
+def load(name: Optional[str], options: Optional[dict] = None) -> Suite:
+    """Read ``recipes/suite/<name>.yaml`` (or a YAML path); ``options`` are command-line suite keys (root=,
+    mfu=, gpus_per_node=, slurm.<key>=, local.<key>=)."""
+    import yaml
+
+    path = suite_path(name)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(str(path), f"not valid YAML ({first})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(str(path), "a suite is a mapping with name, root and nodes")
+    for k in doc:
+        if k not in SUITE_KEYS:
+            raise ConfigError(k, f"unknown suite key in {path}; valid keys: {', '.join(SUITE_KEYS)}")
+    options = dict(options or {})
+    for k, v in options.items():
+        section, _, sub = k.partition(".")
+        if sub:
+            valid = SLURM_KEYS if section == "slurm" else LOCAL_KEYS
+            if sub not in valid:
+                raise ConfigError(k, f"unknown key; valid {section} keys: {', '.join(valid)}")
+            doc.setdefault(section, {})
+            if not isinstance(doc[section], dict):
+                raise ConfigError(section, f"expected a mapping in {path}")
+            doc[section][sub] = v
+        else:
+            doc[k] = v
+    raw_nodes = doc.get("nodes")
+    if not isinstance(raw_nodes, dict) or not raw_nodes:
+        raise ConfigError("nodes", f"{path} needs a mapping of nodes (name: {{kind, parent, ...}})")
+    nodes = {str(n): _node(str(n), spec, str(path)) for n, spec in raw_nodes.items()}
+    suite_name = str(doc.get("name") or path.stem)
+    order = topological(nodes, suite_name)
+    slurm = dict(SLURM_DEFAULTS)
+    for k, v in (doc.get("slurm") or {}).items():
+        if k not in SLURM_KEYS:
+            raise ConfigError(f"slurm.{k}", f"unknown key; valid slurm keys: {', '.join(SLURM_KEYS)}")
+        slurm[k] = v
+    slurm["container_mounts"] = _as_list(slurm.get("container_mounts"), "slurm.container_mounts")
+    slurm["setup"] = _as_list(slurm.get("setup"), "slurm.setup")
+    local = {"nproc": 1}
+    for k, v in (doc.get("local") or {}).items():
+        if k not in LOCAL_KEYS:
+            raise ConfigError(f"local.{k}", f"unknown key; valid local keys: {', '.join(LOCAL_KEYS)}")
+        local[k] = v
+    local["nproc"] = _positive_int(local["nproc"], "local.nproc")
+    root = doc.get("root") or f"runs/suite_{suite_name}"
+    mfu = doc.get("mfu", 0.4)
+    if isinstance(mfu, bool) or not isinstance(mfu, (int, float)) or not 0 < mfu <= 1:
+        raise ConfigError("mfu", f"model FLOPs utilisation must be in (0, 1], got {mfu!r}")
+    gpus = _positive_int(doc.get("gpus_per_node", 8), "gpus_per_node")
+    if slurm.get("gpus_per_node") is not None:
+        gpus = _positive_int(slurm["gpus_per_node"], "slurm.gpus_per_node")
+    return Suite(name=suite_name, path=path, root=str(root), nodes=nodes, order=order, gpus_per_node=gpus,
+                 mfu=float(mfu), train_overrides=_as_list(doc.get("train_overrides"), "train_overrides"),
+                 slurm=slurm, local=local, description=str(doc.get("description") or ""))
+
+
+def select(suite: Suite, only) -> list[str]:
+    """The topological order restricted to ``only`` (node names) and everything they depend on; all if None."""
+    if only is None:
+        return list(suite.order)
+    names = _as_list(only, "only")
+    keep: set[str] = set()
+
+    def add(n: str) -> None:
+        if n in keep:
+            return
+        keep.add(n)
+        for d in suite.nodes[n].deps:
+            add(d)
+
+    for n in names:
+        if n not in suite.nodes:
+            raise ConfigError("only", f"{n!r} is not a node of suite {suite.name}")
+        add(n)
+    return [n for n in suite.order if n in keep]
