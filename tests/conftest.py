@@ -69,6 +69,35 @@ def train_then_sigkill(overrides: list[str], out_dir, at_least: int, timeout: fl
     return killed_at
 
 
+def train_then_sigterm(overrides: list[str], out_dir, after_rows: int, timeout: float = 300) -> tuple[int, str, int]:
+    """Start `evolm train` in its own process group, send SIGTERM once ``metrics.jsonl`` under ``out_dir`` has
+    ``after_rows`` rows; returns (exit code, stderr, the iteration the run's last line says it stopped after),
+    asserting that nothing of its process group is left running."""
+    import signal
+    import time
+
+    from tests.checkpoint.test_signals import _wait_gone
+
+    proc = subprocess.Popen(evolm_cmd("train", overrides), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        metrics = Path(out_dir) / "metrics.jsonl"
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and (
+                not metrics.exists() or len(metrics.read_text().splitlines()) < after_rows):
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before the signal"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=timeout)
+        assert not _wait_gone(proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert last.startswith("[evolm] stopped by SIGTERM after iteration ") and "committed" in last, err[-2000:]
+    return proc.returncode, err, int(last.split("after iteration ")[1].split(":")[0])
+
+
 def losses(out_dir) -> dict[int, float]:
     path = Path(out_dir) / "metrics.jsonl"
     return {r["iteration"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r}

@@ -172,6 +172,11 @@ def _check_wsd(cfg: RootConfig, iters: int) -> None:
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size")
 
 
+def shape_difference(model, theirs: dict) -> str | None:
+    """The first of ``SHAPE_KEYS`` where ``model`` (a ModelConfig) differs from a checkpoint's recorded model dict."""
+    return next((k for k in SHAPE_KEYS if k in theirs and theirs[k] != getattr(model, k)), None)
+
+
 def is_hf_model_dir(path) -> bool:
     """A directory with an HF ``config.json`` and weights (safetensors or PyTorch bin), and no evolm checkpoint."""
     p = Path(path)
@@ -198,11 +203,11 @@ def _check_parent(cfg: RootConfig) -> None:
     except ckpt.CheckpointError as exc:
         raise ConfigError("train.init_from", str(exc)) from None
     theirs = meta.get("model") or {}
-    for key in SHAPE_KEYS:
-        if key in theirs and theirs[key] != getattr(cfg.model, key):
-            raise ConfigError(f"model.{key}", f"{getattr(cfg.model, key)} differs from the parent checkpoint's "
-                                              f"{theirs[key]} (train.init_from={path}, model {theirs.get('name')}); "
-                                              "pick the model preset it was trained with")
+    key = shape_difference(cfg.model, theirs)
+    if key is not None:
+        raise ConfigError(f"model.{key}", f"{getattr(cfg.model, key)} differs from the parent checkpoint's "
+                                          f"{theirs[key]} (train.init_from={path}, model {theirs.get('name')}); "
+                                          "pick the model preset it was trained with")
 
 
 def _check_gpt_data(d) -> None:

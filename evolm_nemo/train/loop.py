@@ -27,7 +27,7 @@ from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.compose import to_dict
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.config.validate import SHAPE_KEYS, Plan
+from evolm_nemo.config.validate import Plan, shape_difference
 from evolm_nemo.model.build import build_model, param_count
 from evolm_nemo.runtime.distributed import Runtime, setup
 from evolm_nemo.runtime.signals import StopSignal, Stopped, children_die_with_parent
@@ -167,11 +167,11 @@ def resume_check(cfg: RootConfig, plan_iters: int) -> Callable[[Path, dict], Non
 
     def check(path: Path, meta: dict) -> None:
         theirs = meta.get("model") or {}
-        for key in SHAPE_KEYS:
-            if key in theirs and theirs[key] != getattr(cfg.model, key):
-                raise ConfigError(f"model.{key}", f"{getattr(cfg.model, key)} differs from {theirs[key]} in {path} "
-                                                  f"(model {theirs.get('name')}), the checkpoint this run would "
-                                                  "resume; use the model it was trained with, or a new run.out_dir")
+        key = shape_difference(cfg.model, theirs)
+        if key is not None:
+            raise ConfigError(f"model.{key}", f"{getattr(cfg.model, key)} differs from {theirs[key]} in {path} "
+                                              f"(model {theirs.get('name')}), the checkpoint this run would "
+                                              "resume; use the model it was trained with, or a new run.out_dir")
         planned, done = meta.get("planned_iters"), int(meta.get("iteration", 0))
         if (planned is not None and planned != plan_iters) or done > plan_iters:
             key = "train.tokens" if cfg.train.tokens else "train.iters"

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from evolm_nemo.checkpoint import io as ckpt
-from tests.conftest import REPO, evolm_cmd, subprocess_env, tiny
+from tests.conftest import REPO, evolm_cmd, subprocess_env, tiny, train_then_sigterm
 
 
 def alive_in_group(pgid: int) -> list[str]:
@@ -96,25 +96,8 @@ def test_sigterm_mid_ppo_commits_the_actor_critic_pair(tmp_path, sft_parent):
 
     args = rl_args(tmp_path, sft_parent, "ppo", sft_parent["rl8"], "train.iters=30", "train.epochs=null",
                    "rl.prompts_per_step=8")
-    proc = subprocess.Popen(evolm_cmd("train", args), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        metrics = tmp_path / "metrics.jsonl"
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and (
-                not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before the signal"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=180)
-        assert proc.returncode == 143, err[-3000:]
-        assert not _wait_gone(proc.pid)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("[evolm] stopped by SIGTERM after iteration ") and "committed" in last, err[-2000:]
-    step = int(last.split("after iteration ")[1].split(":")[0])
+    code, err, step = train_then_sigterm(args, tmp_path, after_rows=2)
+    assert code == 143, err[-3000:]
     name = f"iter_{step:07d}"
     assert ckpt.latest(tmp_path / "checkpoints").name == name and ckpt.latest(tmp_path / "critic").name == name
     assert ckpt.damage(tmp_path / "critic" / name) is None

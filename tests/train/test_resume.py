@@ -85,35 +85,13 @@ def test_a_second_training_into_a_busy_run_dir_refuses(tmp_path, data_cache):
 def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path, data_cache, uninterrupted):
     """Preemption (Slurm sends SIGTERM first): the run stops after the current iteration, commits a checkpoint
     there, says so in one line, exits 143, leaves no process behind -- and the rerun continues bitwise."""
-    import signal
-    import subprocess
-    import time
+    from tests.conftest import train_then_sigterm
 
-    from tests.checkpoint.test_signals import _wait_gone
-    from tests.conftest import REPO, evolm_cmd, subprocess_env
-
-    proc = subprocess.Popen(evolm_cmd("train", _overrides(tmp_path, data_cache)), cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        metrics = tmp_path / "metrics.jsonl"
-        while time.time() < deadline and proc.poll() is None and (
-                not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before the signal"
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 143, err[-3000:]
-        assert not _wait_gone(proc.pid)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("[evolm] stopped by SIGTERM after iteration ") and "committed" in last, err[-2000:]
-    stopped_at = int(last.split("after iteration ")[1].split(":")[0])
+    code, err, stopped_at = train_then_sigterm(_overrides(tmp_path, data_cache), tmp_path, after_rows=4)
+    assert code == 143, err[-3000:]
     assert 4 <= stopped_at < ITERS
     newest = ckpt.latest(tmp_path / "checkpoints")
-    assert newest.name == f"iter_{stopped_at:07d}" and str(newest) in last
+    assert newest.name == f"iter_{stopped_at:07d}" and str(newest) in err.strip().splitlines()[-1]
     assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))
     resumed = run_evolm("train", _overrides(tmp_path, data_cache))
     assert f"resuming at iteration {stopped_at}" in resumed.stdout
