@@ -38,6 +38,11 @@ def check(cfg: RootConfig, actor_tokenizer_ref: str | None) -> None:
     if meta.get("head") != "value":
         raise ConfigError("rl.reward_model", f"{r.reward_model} is a language model (head={meta.get('head', 'lm')}), "
                                              "not a reward model with a scalar head")
+    m, tp = meta.get("model") or {}, cfg.parallel.tp
+    for key in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        if key in m and m[key] % tp:
+            raise ConfigError("rl.reward_model", f"{r.reward_model}: its {key}={m[key]} does not split over "
+                                                 f"parallel.tp={tp} (the RM runs at the actor's TP layout)")
     ref = meta.get("tokenizer")
     if ref and actor_tokenizer_ref and ref != actor_tokenizer_ref:
         from evolm_nemo.data.sft import tokenizer_fingerprint

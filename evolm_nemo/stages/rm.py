@@ -144,6 +144,9 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     check_common(cfg, "an SFT run or an `evolm import-hf` output; the value head starts fresh")
     data = RMData(cfg, r.objective == "pairwise", r.val_fraction)
     check_tokenizer(cfg, data)
+    if len(data.train_units) == 0:
+        raise ConfigError("rm.val_fraction", f"{r.val_fraction} holds out every problem of data.paths for "
+                                             "validation; lower it (or add problems)")
     train, _, _ = fit_units(cfg, data)
     if len(train) == 0:
         raise ConfigError("data.paths", f"no training {'pair' if r.objective == 'pairwise' else 'example'} fits "

@@ -151,6 +151,7 @@ def test_rm_loss_and_grads_do_not_depend_on_the_split(rm_data, tmp_path):
     (["rm.objective=pairs"], "rm.objective"),
     (["rm.objective=pairwise"], "data.paths"),  # an outcome dataset holds no pairs
     (["rm.val_fraction=1.0"], "rm.val_fraction"),
+    (["rm.val_fraction=0.999"], "rm.val_fraction"),  # every problem held out
     (["train.init_from=null"], "train.init_from"),
     (["data.paths=[/nonexistent/rm]"], "data.paths"),
 ])
