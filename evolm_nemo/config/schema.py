@@ -38,6 +38,8 @@ class DataConfig:
     synthetic_kinds: List[str] = field(default_factory=lambda: ["text"])  # synthetic source: corpora to mix (text |
     # math), all tokenized with the text corpus's tokenizer; `weights` gives their token ratios (CPT replay)
     hf_dataset: Optional[str] = None  # provenance: HF hub dataset the indexed files were prepared from
+    max_epochs: float = 1.0  # indexed mixes: passes over any one source a run may make (more is refused; raise it
+    #                          to repeat a small source on purpose)
 
 
 @dataclass

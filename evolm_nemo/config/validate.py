@@ -5,6 +5,7 @@ Each rule raises ConfigError naming the key and the fix; the CLI prints it as on
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,7 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
     if o.warmup_iters is not None:
         _positive("optim.warmup_iters", o.warmup_iters, allow_zero=True)
 
+    _positive("data.max_epochs", d.max_epochs)
     _positive("train.log_interval", t.log_interval)
     _positive("train.save_interval", t.save_interval, allow_zero=True)
     _positive("train.keep_last", t.keep_last)
@@ -138,10 +140,13 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
         _check_gpt_data(d)
         _check_split(d.split)
         if d.source == "indexed":
-            dataset_tokens = check_token_ids(d.paths, m.vocab_size)
+            source_tokens = _check_sources(cfg)
+            dataset_tokens = sum(source_tokens)
     iters = stage_module(cfg.stage).plan_iters(cfg, dp)
     if cfg.stage in ("pretrain", "cpt"):
         _check_budget(cfg, iters, dataset_tokens)
+        if d.source == "indexed":
+            _check_mix_sizes(cfg, iters, source_tokens)
     _check_wsd(cfg, iters)
     return Plan(world_size=world_size, dp=dp, iters=iters, tokens_per_iter=p.global_batch_size * m.seq_length,
                 num_microbatches=p.global_batch_size // (p.micro_batch_size * dp))
@@ -222,10 +227,19 @@ def _check_gpt_data(d) -> None:
     if d.source == "indexed":
         if not d.paths:
             raise ConfigError("data.paths", "indexed data needs at least one prefix (run `evolm prepare` first)")
+        from evolm_nemo.data.prepare import MANIFEST_SUFFIX, expand_prefixes
+
         for prefix in d.paths:
+            if not Path(prefix + ".bin").exists() and Path(prefix + MANIFEST_SUFFIX).is_file():
+                continue  # a sharded preparation: its shards are checked below
             for ext in (".bin", ".idx"):
                 if not Path(prefix + ext).is_file():
                     raise ConfigError("data.paths", f"missing file {prefix + ext}; run `evolm prepare` or fix the path")
+        for prefix in expand_prefixes(d.paths, None)[0]:
+            for ext in (".bin", ".idx"):
+                if not Path(prefix + ext).is_file():
+                    raise ConfigError("data.paths", f"missing shard file {prefix + ext} (listed in its manifest); "
+                                                    "re-run that shard of `evolm prepare`")
         if d.weights is not None and len(d.weights) != len(d.paths):
             raise ConfigError("data.weights", f"{len(d.weights)} weights for {len(d.paths)} paths")
         if d.weights is not None and any(w < 0 for w in d.weights):
@@ -261,6 +275,80 @@ TOKEN_SAMPLE_BYTES = 64 << 20  # token ids read per .bin file for the vocabulary
 
 MAX_SAMPLES = 10**10  # megatron's sample / shuffle indices take ~16 bytes per sample: 1e10 samples ~ 160 GB
 MAX_EPOCHS = 1000  # passes over an indexed dataset that a budget may ask for
+
+
+def _check_sources(cfg: RootConfig) -> list[int]:
+    """Tokens of each data.paths source. A sharded preparation (``<prefix>.manifest.json``) is read from its manifest:
+    its tokenizer must be the one training uses (data.tokenizer, and the parent's when continuing one), compared
+    by vocabulary hash, and its size must fit model.vocab_size; other prefixes get the token-id scan."""
+    from evolm_nemo.data.prepare import MANIFEST_SUFFIX, read_manifest
+
+    d, m = cfg.data, cfg.model
+    tokens, ours = [], None
+    for prefix in d.paths:
+        manifest = None if Path(prefix + ".bin").exists() else read_manifest(prefix)
+        if manifest is None:
+            tokens.append(check_token_ids([prefix], m.vocab_size))
+            continue
+        theirs = manifest.get("tokenizer") or {}
+        if ours is None:
+            ours = _training_tokenizers(cfg)
+        for key, ref, fp in ours:
+            if theirs.get("vocab_sha256") != fp["vocab_sha256"]:
+                raise ConfigError(key, f"{prefix}{MANIFEST_SUFFIX} was prepared with tokenizer {theirs.get('name')} "
+                                       f"(vocabulary {theirs.get('vocab_sha256')}, {theirs.get('size')} tokens), "
+                                       f"not {ref} (vocabulary {fp['vocab_sha256']}, {fp['size']} tokens); prepare "
+                                       "the data with the model's tokenizer")
+        if int(theirs.get("size") or 0) > m.vocab_size:
+            raise ConfigError("data.paths", f"{prefix}: its tokenizer has {theirs.get('size')} tokens, more than "
+                                            f"model.vocab_size={m.vocab_size}")
+        tokens.append(int(manifest["tokens"]))
+    return tokens
+
+
+def _training_tokenizers(cfg: RootConfig) -> list:
+    """(key, reference, fingerprint) of the tokenizers a run's data must match: data.tokenizer, and the tokenizer
+    recorded by the parent checkpoint (train.init_from / train.branch_from) when it can be loaded here."""
+    from evolm_nemo.data.sft import tokenizer_fingerprint
+    from evolm_nemo.data.tokenizer import load_tokenizer
+
+    out = []
+    if cfg.data.tokenizer:
+        out.append(("data.tokenizer", cfg.data.tokenizer,
+                    tokenizer_fingerprint(load_tokenizer(cfg.data.tokenizer, key="data.tokenizer"))))
+    parent = cfg.train.init_from or cfg.train.branch_from
+    if parent:
+        from evolm_nemo.checkpoint import io as ckpt
+
+        try:
+            ref = ckpt.read_meta(ckpt.resolve(parent)).get("tokenizer")
+            if ref and ref != cfg.data.tokenizer:
+                out.append(("train.init_from" if cfg.train.init_from else "train.branch_from", f"{ref} (the parent's)",
+                            tokenizer_fingerprint(load_tokenizer(ref))))
+        except (ckpt.CheckpointError, ConfigError):
+            pass  # the parent is checked elsewhere; its tokenizer may live on another machine
+    return out
+
+
+def _check_mix_sizes(cfg: RootConfig, iters: int, source_tokens: list[int]) -> None:
+    """A mix (two or more data.paths) may not ask a source for more tokens than it has -- megatron would silently
+    repeat it -- unless data.max_epochs allows that many passes."""
+    from evolm_nemo.config.tokens import format_tokens
+
+    d = cfg.data
+    if len(source_tokens) < 2:
+        return
+    weights = list(d.weights) if d.weights is not None else [float(t) for t in source_tokens]
+    total_w = float(sum(weights))
+    budget = iters * cfg.parallel.global_batch_size * cfg.model.seq_length
+    for prefix, w, have in zip(d.paths, weights, source_tokens):
+        asked = budget * float(w) / total_w
+        if have and asked > d.max_epochs * have:
+            raise ConfigError("data.paths", f"{prefix} has {format_tokens(have)} tokens ({have:,}) but the mix asks it "
+                                            f"for {format_tokens(int(asked))} ({float(w) / total_w:.1%} of "
+                                            f"{format_tokens(budget)}) = {asked / have:.2f} passes; prepare more, "
+                                            f"lower its weight or the budget, or allow repeats with "
+                                            f"data.max_epochs={math.ceil(asked / have * 100) / 100}")
 
 
 def _check_budget(cfg: RootConfig, iters: int, dataset_tokens: int | None) -> None:

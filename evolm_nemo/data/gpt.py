@@ -18,13 +18,17 @@ class DataSource:
     paths: list[str]
     weights: list[float] | None
     tokenizer: str
+    groups: list[int] | None = None  # the data.paths source of each path (a sharded source has several)
 
 
 def resolve_source(cfg: RootConfig) -> DataSource:
     """Where the token files and tokenizer are. The synthetic corpus is generated on rank 0 on first use."""
     d = cfg.data
-    if d.source == "indexed":
-        return DataSource(list(d.paths), list(d.weights) if d.weights else None, str(d.tokenizer))
+    if d.source == "indexed":  # a sharded preparation (<prefix>.manifest.json) becomes its shards
+        from evolm_nemo.data.prepare import expand_prefixes
+
+        paths, weights, groups = expand_prefixes(list(d.paths), list(d.weights) if d.weights else None)
+        return DataSource(paths, weights, str(d.tokenizer), groups)
     from evolm_nemo.data.synthetic import ensure_synthetic
 
     def build():
@@ -100,7 +104,7 @@ class BatchSchedule:
 
 def source_names(cfg: RootConfig, source: DataSource) -> list[str]:
     """One short, unique name per blended source: the synthetic kinds, else each prefix's file name."""
-    raw = list(cfg.data.synthetic_kinds) if cfg.data.source == "synthetic" else [Path(p).name for p in source.paths]
+    raw = list(cfg.data.synthetic_kinds) if cfg.data.source == "synthetic" else [Path(p).name for p in cfg.data.paths]
     names: list[str] = []
     for name in raw:
         names.append(name if name not in names else f"{name}_{len(names)}")
@@ -113,7 +117,7 @@ class SourceTokens:
     ``seq_length`` loss tokens of that one source). A pure function of the step, so resumed and branched runs count
     what they trained on; no communication (every rank knows the whole global batch)."""
 
-    def __init__(self, dataset, names: list[str], global_batch: int, seq_length: int):
+    def __init__(self, dataset, names: list[str], global_batch: int, seq_length: int, groups=None):
         import numpy as np
 
         self.names, self.gbs, self.seq = list(names), global_batch, seq_length
@@ -121,10 +125,21 @@ class SourceTokens:
         if index is None and hasattr(dataset, "path_to_dataset_index"):  # deferred mmap
             index = np.load(dataset.path_to_dataset_index, allow_pickle=False, mmap_mode="r")
         self.index = index
-        weights = getattr(dataset, "weights", None) if index is not None else None
-        total = float(sum(weights)) if weights else 0.0
-        self.plan = [float(w) / total for w in weights] if total > 0 else [1.0 / len(names)] * len(names)
+        weights = list(getattr(dataset, "weights", None) or []) if index is not None else []
+        self.groups = np.asarray(groups if groups is not None else range(max(len(weights), 1)), dtype=np.int64)
+        plan = np.zeros(len(names))
+        if weights:
+            np.add.at(plan, self.groups[: len(weights)], np.asarray(weights, dtype=np.float64))
+        self.plan = list(plan / plan.sum()) if plan.sum() > 0 else [1.0 / len(names)] * len(names)
         self._step, self._counts = 0, np.zeros(len(names), dtype=np.int64)
+
+    def _by_source(self, part):
+        import numpy as np
+
+        per_path = np.bincount(np.asarray(part, dtype=np.int64), minlength=len(self.groups))[: len(self.groups)]
+        out = np.zeros(len(self.names), dtype=np.int64)
+        np.add.at(out, self.groups, per_path)
+        return out
 
     def samples(self, step: int):
         """Samples per source in the first ``step`` global batches."""
@@ -133,11 +148,9 @@ class SourceTokens:
         if self.index is None:
             return np.array([step * self.gbs], dtype=np.int64)
         if step == self._step + 1:
-            part = np.asarray(self.index[self._step * self.gbs: step * self.gbs])
-            self._counts = self._counts + np.bincount(part, minlength=len(self.names))[: len(self.names)]
+            self._counts = self._counts + self._by_source(self.index[self._step * self.gbs: step * self.gbs])
         elif step != self._step:
-            part = np.asarray(self.index[: step * self.gbs])
-            self._counts = np.bincount(part, minlength=len(self.names))[: len(self.names)].astype(np.int64)
+            self._counts = self._by_source(self.index[: step * self.gbs])
         self._step = step
         return self._counts
 

@@ -62,6 +62,8 @@ class PrepareConfig:
     chunk_size: int = 512  # documents per worker task
     trust_remote_code: bool = False  # allow tokenizer code from the hub (only if you trust it)
     progress: bool = True  # progress bar with ETA on stderr
+    shard: Optional[str] = None  # "i/n": write shard i (0-based) of n, e.g. one per node (resumable layout)
+    shards: Optional[int] = None  # n: write all n shards in turn, skipping finished ones (a killed run continues)
 
 
 @dataclass
@@ -111,8 +113,14 @@ def _raw_lines(path: Path) -> Iterator[Tuple[int, bytes]]:
                                    "download or compress it again") from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[Tuple[str, object]]:
+def _jsonl_rows(path: Path, start: int = 0, stop: Optional[int] = None) -> Iterator[Tuple[str, object]]:
+    """Rows of lines ``start <= line index < stop`` (0-based physical lines; lines before ``start`` are skipped
+    unread, so a shard reads only its own rows as JSON)."""
     for lineno, raw in _raw_lines(path):
+        if lineno <= start:
+            continue
+        if stop is not None and lineno > stop:
+            break
         where = f"{path} line {lineno}"
         try:
             line = raw.decode("utf-8")
@@ -137,7 +145,8 @@ def _jsonl_rows(path: Path) -> Iterator[Tuple[str, object]]:
         yield where, row
 
 
-def _parquet_rows(path: Path, columns: Optional[List[str]]) -> Iterator[Tuple[str, object]]:
+def _parquet_rows(path: Path, columns: Optional[List[str]], start: int = 0,
+                  stop: Optional[int] = None) -> Iterator[Tuple[str, object]]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -146,15 +155,29 @@ def _parquet_rows(path: Path, columns: Optional[List[str]]) -> Iterator[Tuple[st
         if key not in names:
             cols, option = ", ".join(names[:12]), _COLUMN_KEYS.get(key, "input")
             raise ConfigError(option, f"no column {key!r} in {path} (columns: {cols}); set {option}=")
-    row = 0
-    for batch in pf.iter_batches(columns=columns, batch_size=1024):
+    groups, first, row = [], 0, 0  # the row groups overlapping [start, stop): the others are never read
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if row + n > start and (stop is None or row < stop):
+            first = row if not groups else first
+            groups.append(g)
+        row += n
+    if not groups:
+        return
+    row = first
+    for batch in pf.iter_batches(columns=columns, batch_size=1024, row_groups=groups):
         for item in batch.to_pylist():
-            yield f"{path} row {row}", item
+            if row >= start and (stop is None or row < stop):
+                yield f"{path} row {row}", item
             row += 1
 
 
-def _hf_rows(ds, name: str) -> Iterator[Tuple[str, object]]:
-    for row, item in enumerate(ds):
+def _hf_rows(ds, name: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Tuple[str, object]]:
+    if start:
+        ds = ds.skip(start)
+    if stop is not None:
+        ds = ds.take(stop - start)
+    for row, item in enumerate(ds, start):
         yield f"{name} row {row}", item
 
 
@@ -170,11 +193,13 @@ _COLUMN_KEYS: dict = {}  # column name -> the option that named it (for error me
 
 
 def open_rows(input, columns: Optional[List[str]] = None, hf_config=None, split="train",
-              column_keys: Optional[dict] = None) -> Tuple[Iterator[Tuple[str, object]], Optional[int]]:
+              column_keys: Optional[dict] = None, start: int = 0,
+              stop: Optional[int] = None) -> Tuple[Iterator[Tuple[str, object]], Optional[int]]:
     """(``(where, row)`` pairs, number of rows if known) of a JSONL / JSON-lines.gz / Parquet file or an HF dataset
     (hub name or local dataset directory, streamed). ``columns``: the Parquet columns to read (all if None);
-    ``column_keys`` maps a column to the option naming it, for the error when it is missing. Raises ConfigError for
-    a missing file or an unloadable dataset."""
+    ``column_keys`` maps a column to the option naming it, for the error when it is missing. ``start``/``stop``:
+    only rows at positions in that range (JSONL: physical line index; Parquet / HF: row index); the total stays the
+    whole input's. Raises ConfigError for a missing file or an unloadable dataset."""
     _COLUMN_KEYS.clear()
     _COLUMN_KEYS.update(column_keys or {})
     name = str(input)
@@ -189,9 +214,9 @@ def open_rows(input, columns: Optional[List[str]] = None, hf_config=None, split=
                 total = pq.ParquetFile(path).metadata.num_rows
             except Exception as exc:
                 raise ConfigError("input", f"{name}: not a readable parquet file ({exc})") from None
-            return _parquet_rows(path, columns), total
+            return _parquet_rows(path, columns, start, stop), total
         total = None if path.suffix == ".gz" else _count_lines(path)
-        return _jsonl_rows(path), total
+        return _jsonl_rows(path, start, stop), total
     if name.startswith((".", "/", "~")) and not path.exists():
         raise ConfigError("input", f"no such file or directory {name}")
     import datasets
@@ -207,12 +232,14 @@ def open_rows(input, columns: Optional[List[str]] = None, hf_config=None, split=
         total = ds.info.splits[split].num_examples or None
     except Exception:
         pass
-    return _hf_rows(ds, name), total
+    return _hf_rows(ds, name, start, stop), total
 
 
-def open_input(input, text_key="text", hf_config=None, split="train") -> Tuple[Iterator[str], Optional[int]]:
+def open_input(input, text_key="text", hf_config=None, split="train", start: int = 0,
+               stop: Optional[int] = None) -> Tuple[Iterator[str], Optional[int]]:
     """(texts, number of documents if known). Raises ConfigError for a missing file or an unloadable dataset."""
-    rows, total = open_rows(input, [text_key], hf_config, split, column_keys={text_key: "text_key"})
+    rows, total = open_rows(input, [text_key], hf_config, split, column_keys={text_key: "text_key"}, start=start,
+                            stop=stop)
     return (_text(row, text_key, where) for where, row in rows), total
 
 
@@ -278,75 +305,32 @@ def _strip_suffix(prefix: str) -> str:
     return prefix
 
 
-def prepare(
-    input,
-    output_prefix,
-    tokenizer,
-    text_key: str = "text",
-    workers: Optional[int] = None,
-    hf_config: Optional[str] = None,
-    split: str = "train",
-    append_eos: bool = True,
-    limit: Optional[int] = None,
-    chunk_size: int = 512,
-    trust_remote_code: bool = False,
-    progress: bool = True,
-) -> PrepareStats:
-    """Tokenize ``input`` into ``<output_prefix>.bin/.idx``; ``tokenizer`` is an HF tokenizer or its dir/hub name."""
-    from evolm_nemo.data.tokenizer import load_tokenizer
-
-    start = time.perf_counter()
-    if limit is not None and limit < 1:
-        raise ConfigError("limit", f"must be a positive number of documents or null, got {limit}")
-    if chunk_size < 1:
-        raise ConfigError("chunk_size", f"must be positive, got {chunk_size}")
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers < 1:
-        raise ConfigError("workers", f"must be at least 1, got {workers}")
-    texts, total = open_input(input, text_key, hf_config, split)
-    tok = load_tokenizer(tokenizer, trust_remote_code) if isinstance(tokenizer, (str, Path)) else tokenizer
-    if tok.eos_token_id is None and append_eos:
-        raise ConfigError("tokenizer", "has no EOS token to append")
-    if limit is not None:
-        total = min(total, limit) if total else limit
-    chunks = _chunks(texts, chunk_size, limit)
-    first = next(chunks, None)  # reads (and checks) the first rows before anything is written
-    if first is None:
-        raise ConfigError("input", f"{input} has no documents")
-    prefix = _strip_suffix(str(output_prefix))
-    out_dir = Path(prefix).parent
-    from evolm_nemo.config.validate import check_writable
-
-    check_writable(out_dir, "output", directory=True)  # probed for real: read-only mounts, root too
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError("output", f"cannot create {out_dir}: {exc.strerror}") from None
-
-    def all_chunks():
-        yield first
-        yield from chunks
-
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
-    from tqdm import tqdm
+def _start_pool(tok, append_eos: bool, workers: int):
+    from megatron.core.datasets.indexed_dataset import DType
 
     dtype = DType.optimal_dtype(len(tok))
+    init_args = (tok, append_eos, dtype)
+    if workers > 1:  # forked before the progress bar's thread exists; workers inherit the tokenizer
+        return multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker,
+                                                        initargs=(*init_args, True)), dtype
+    _init_worker(*init_args)
+    return None, dtype
+
+
+def _write_prefix(prefix: str, chunks: Iterator[List[str]], pool, workers: int, dtype, bar, where: str):
+    """Encode ``chunks`` into ``<prefix>.bin/.idx``: written under temporary names and renamed at the end (``.idx``
+    last: it is the commit mark), so a failure leaves the previous output (or none). Returns (docs, tokens,
+    skipped)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+
     tmp = f"{prefix}.tmp-{os.getpid()}"
     tmp_bin, tmp_idx = get_bin_path(tmp), get_idx_path(tmp)
     bin_path, idx_path = get_bin_path(prefix), get_idx_path(prefix)
-    init_args = (tok, append_eos, dtype)
-    pool = None
-    if workers > 1:  # forked before the progress bar's thread exists; workers inherit the tokenizer
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(*init_args, True))
-    else:
-        _init_worker(*init_args)
     docs = tokens = skipped = 0
-    bar = tqdm(total=total, unit="doc", desc=f"prepare {Path(prefix).name}", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True, smoothing=0.05)
     try:
         builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
         try:
-            for encoded in _ordered(all_chunks(), pool, workers):
+            for encoded in _ordered(chunks, pool, workers):
                 for arr in encoded:
                     if arr.size == 0:
                         skipped += 1
@@ -360,24 +344,381 @@ def prepare(
         finally:
             builder.data_file.close()
         if docs == 0:
-            raise ConfigError("input", f"{input}: every document encoded to zero tokens")
+            raise ConfigError("input", f"{where}: every document encoded to zero tokens")
         # Commit: drop the old .idx first so a crash in between never pairs a new .bin with an old .idx.
         if os.path.exists(idx_path):
             os.remove(idx_path)
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
     finally:
+        for path in (tmp_bin, tmp_idx):
+            if os.path.exists(path):
+                os.remove(path)
+    return docs, tokens, skipped
+
+
+def _check_common(limit, chunk_size, workers) -> int:
+    if limit is not None and limit < 1:
+        raise ConfigError("limit", f"must be a positive number of documents or null, got {limit}")
+    if chunk_size < 1:
+        raise ConfigError("chunk_size", f"must be positive, got {chunk_size}")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise ConfigError("workers", f"must be at least 1, got {workers}")
+    return workers
+
+
+def _output_dir(prefix: str) -> None:
+    from evolm_nemo.config.validate import check_writable
+
+    out_dir = Path(prefix).parent
+    check_writable(out_dir, "output", directory=True)  # probed for real: read-only mounts, root too
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("output", f"cannot create {out_dir}: {exc.strerror}") from None
+
+
+def prepare(
+    input,
+    output_prefix,
+    tokenizer,
+    text_key: str = "text",
+    workers: Optional[int] = None,
+    hf_config: Optional[str] = None,
+    split: str = "train",
+    append_eos: bool = True,
+    limit: Optional[int] = None,
+    chunk_size: int = 512,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    shard: Optional[str] = None,
+    shards: Optional[int] = None,
+):
+    """Tokenize ``input`` into ``<output_prefix>.bin/.idx``; ``tokenizer`` is an HF tokenizer or its dir/hub name.
+    With ``shard="i/n"`` or ``shards=n``: the sharded, resumable layout (``prepare_shards``)."""
+    if shard is not None or shards is not None:
+        return prepare_shards(input, output_prefix, tokenizer, text_key=text_key, workers=workers,
+                              hf_config=hf_config, split=split, append_eos=append_eos, limit=limit,
+                              chunk_size=chunk_size, trust_remote_code=trust_remote_code, progress=progress,
+                              shard=shard, shards=shards)
+    from evolm_nemo.data.tokenizer import load_tokenizer
+
+    start = time.perf_counter()
+    workers = _check_common(limit, chunk_size, workers)
+    texts, total = open_input(input, text_key, hf_config, split)
+    tok = load_tokenizer(tokenizer, trust_remote_code) if isinstance(tokenizer, (str, Path)) else tokenizer
+    if tok.eos_token_id is None and append_eos:
+        raise ConfigError("tokenizer", "has no EOS token to append")
+    if limit is not None:
+        total = min(total, limit) if total else limit
+    chunks = _chunks(texts, chunk_size, limit)
+    first = next(chunks, None)  # reads (and checks) the first rows before anything is written
+    if first is None:
+        raise ConfigError("input", f"{input} has no documents")
+    prefix = _strip_suffix(str(output_prefix))
+    _output_dir(prefix)
+
+    def all_chunks():
+        yield first
+        yield from chunks
+
+    from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
+    from tqdm import tqdm
+
+    pool, dtype = _start_pool(tok, append_eos, workers)
+    bar = tqdm(total=total, unit="doc", desc=f"prepare {Path(prefix).name}", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, smoothing=0.05)
+    try:
+        docs, tokens, skipped = _write_prefix(prefix, all_chunks(), pool, workers, dtype, bar, str(input))
+    finally:
         bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
-        for path in (tmp_bin, tmp_idx):
-            if os.path.exists(path):
-                os.remove(path)
+    bin_path, idx_path = get_bin_path(prefix), get_idx_path(prefix)
     stats = PrepareStats(docs, tokens, skipped, bin_path, idx_path, time.perf_counter() - start)
     if progress:
         print(f"prepared {docs:,} documents, {tokens:,} tokens in {stats.seconds:.1f}s -> {bin_path}, {idx_path}")
     return stats
+
+
+# -------------------------------------------------------------------------------------------- sharded, resumable
+
+MANIFEST_SUFFIX = ".manifest.json"
+SHARD_FORMAT = "evolm-shards-1"
+
+
+def shard_prefix(prefix: str, i: int, n: int) -> str:
+    return f"{prefix}-{i:05d}-of-{n:05d}"
+
+
+def parse_shard(value, key: str = "shard") -> Tuple[int, int]:
+    """``"i/n"`` -> (i, n), 0 <= i < n."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(key, f"expected i/n with 0 <= i < n (e.g. shard=0/8), got {value!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _line_total(path: Path) -> int:
+    """Physical lines of a plain or gzip JSONL file (a last line without newline counts)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    n, last = 0, b"\n"
+    try:
+        with opener(path, "rb") as f:
+            while block := f.read(1 << 24):
+                n += block.count(b"\n")
+                last = block[-1:]
+    except (EOFError, OSError, zlib.error) as exc:
+        raise ConfigError("input", f"{path}: truncated or corrupt gzip data ({exc}); download or compress it "
+                                   "again") from None
+    return n + (last != b"\n")
+
+
+def _row_total(input, hf_config, split) -> int:
+    """Rows (positions) of the input, which shards split into contiguous ranges."""
+    name = str(input)
+    path = Path(name).expanduser()
+    if _is_file_input(name) and not name.lower().endswith(".parquet"):
+        if not path.is_file():
+            raise ConfigError("input", f"no such file {name}")
+        return _line_total(path)
+    _, total = open_rows(input, [], hf_config, split)
+    if not total:
+        raise ConfigError("shard", f"{name} does not say how many rows it has, which shards need to split it; "
+                                   "download its files and prepare them (or each of them) instead")
+    return int(total)
+
+
+def content_digest(prefix: str) -> str:
+    """sha256 of a prepared prefix's token bytes and document lengths (what training reads)."""
+    import hashlib
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    h = hashlib.sha256()
+    with open(prefix + ".bin", "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    ds = IndexedDataset(prefix)  # its index is memory-mapped: copy the lengths while it lives
+    lengths = np.array(ds.sequence_lengths, dtype=np.int64, copy=True)
+    del ds
+    h.update(b"lengths")
+    h.update(lengths.tobytes())
+    return h.hexdigest()
+
+
+def _record_ok(prefix: str, plan: dict) -> Optional[dict]:
+    """The commit record of a finished shard whose files are intact (sizes) and whose plan matches, else None; a
+    finished shard of another plan is refused (it would mix two preparations)."""
+    path = Path(prefix + ".json")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    theirs = record.get("plan") or {}
+
+    def same(key):  # a tokenizer is its fingerprint, wherever it was loaded from
+        a, b = plan.get(key), theirs.get(key)
+        if key == "tokenizer" and isinstance(a, dict) and isinstance(b, dict):
+            return {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in b.items() if k != "name"}
+        return a == b
+
+    if not all(same(k) for k in set(plan) | set(theirs)):
+        diff = sorted(k for k in set(plan) | set(theirs) if not same(k))
+        raise ConfigError("output", f"{path} is a finished shard of another preparation ({', '.join(diff)} differ: "
+                                    f"{', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}); use the same settings to "
+                                    "resume, or a new output")
+    for ext in (".bin", ".idx"):
+        f = Path(prefix + ext)
+        if not f.is_file() or f.stat().st_size != record.get(f"{ext[1:]}_bytes"):
+            return None
+    return record
+
+
+def _remove_stale(prefix: str) -> None:
+    """Temporaries of a killed attempt at this shard (``<prefix>.tmp-<pid>.*`` of a dead pid on this host)."""
+    for tmp in Path(prefix).parent.glob(Path(prefix).name + ".tmp-*"):
+        m = re.match(r".*\.tmp-(\d+)\.", tmp.name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            alive = int(m.group(1)) != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            tmp.unlink(missing_ok=True)
+
+
+def write_manifest(prefix: str, n: int, plan: dict) -> Optional[dict]:
+    """When every shard of ``prefix`` is finished: ``<prefix>.manifest.json`` (shards, documents, tokens, tokenizer
+    hash, content hash), written atomically (concurrent finishers write the same content). Returns it, or None
+    while shards are missing."""
+    import hashlib
+
+    from evolm_nemo.fileio import write_json
+
+    records = []
+    for i in range(n):
+        record = _record_ok(shard_prefix(prefix, i, n), plan)
+        if record is None:
+            return None
+        records.append(record)
+    digest = hashlib.sha256("".join(r["sha256"] for r in records).encode()).hexdigest()
+    manifest = {"format": SHARD_FORMAT, "plan": plan, "tokenizer": plan["tokenizer"],
+                "documents": sum(r["documents"] for r in records), "tokens": sum(r["tokens"] for r in records),
+                "skipped": sum(r["skipped"] for r in records), "content_sha256": digest,
+                "shards": [{"prefix": Path(shard_prefix(prefix, i, n)).name, **{k: r[k] for k in (
+                    "rows", "documents", "tokens", "skipped", "bin_bytes", "idx_bytes", "sha256")}}
+                           for i, r in enumerate(records)]}
+    write_json(prefix + MANIFEST_SUFFIX, manifest)
+    return manifest
+
+
+def prepare_shards(input, output_prefix, tokenizer, text_key: str = "text", workers: Optional[int] = None,
+                   hf_config: Optional[str] = None, split: str = "train", append_eos: bool = True,
+                   limit: Optional[int] = None, chunk_size: int = 512, trust_remote_code: bool = False,
+                   progress: bool = True, shard: Optional[str] = None, shards: Optional[int] = None) -> PrepareStats:
+    """The input's rows (JSONL: physical lines; Parquet / HF: rows; the first ``limit`` of them) are split into ``n``
+    contiguous ranges; shard ``i`` is ``<output>-<i>-of-<n>.bin/.idx`` plus its commit record ``.json`` (documents,
+    tokens, sizes, sha256, the plan it belongs to), written last. ``shard="i/n"`` writes shard i (several nodes run
+    different i); ``shards=n`` writes all of them in turn. A finished shard is never rewritten (rerunning skips it:
+    a killed prepare continues with the first unfinished shard); a shard of other settings (input, rows, tokenizer,
+    ...) is refused. Once all are finished, ``<output>.manifest.json`` lists them; training reads ``<output>`` as
+    one source."""
+    from tqdm import tqdm
+
+    from evolm_nemo.data.sft import tokenizer_fingerprint
+    from evolm_nemo.data.tokenizer import load_tokenizer
+    from evolm_nemo.fileio import write_json
+
+    t0 = time.perf_counter()
+    workers = _check_common(limit, chunk_size, workers)
+    if shard is not None:
+        i, n = parse_shard(shard)
+        if shards is not None and shards != n:
+            raise ConfigError("shards", f"{shards} differs from the n of shard={shard}; set one of them")
+        todo = [i]
+    else:
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise ConfigError("shards", f"must be a positive number of shards, got {shards!r}")
+        n, todo = shards, list(range(shards))
+    tok = load_tokenizer(tokenizer, trust_remote_code) if isinstance(tokenizer, (str, Path)) else tokenizer
+    if tok.eos_token_id is None and append_eos:
+        raise ConfigError("tokenizer", "has no EOS token to append")
+    rows = _row_total(input, hf_config, split)
+    if limit is not None:
+        rows = min(rows, limit)
+    if n > rows:
+        raise ConfigError("shards", f"{n} shards for the {rows:,} rows of {input}; use at most {rows}")
+    prefix = _strip_suffix(str(output_prefix))
+    _output_dir(prefix)
+    fp = tokenizer_fingerprint(tok)
+    name = getattr(tok, "name_or_path", None) or str(tokenizer)
+    where = Path(str(input)).expanduser()
+    plan = {"input": str(where.resolve()) if where.exists() else str(input), "hf_config": hf_config, "split": split, "text_key": text_key,
+            "append_eos": append_eos, "rows": rows, "shards": n,
+            "tokenizer": {"name": str(name), **fp}}
+    pool, dtype = None, None
+    docs = tokens = skipped = 0
+    written = []
+    try:
+        for i in todo:
+            sp = shard_prefix(prefix, i, n)
+            lo, hi = i * rows // n, (i + 1) * rows // n
+            done = _record_ok(sp, plan)
+            if done is not None:
+                if progress:
+                    print(f"shard {i}/{n}: finished earlier ({done['documents']:,} documents), skipped")
+                continue
+            _remove_stale(sp)
+            Path(sp + ".json").unlink(missing_ok=True)  # a record whose files were damaged: redo the shard
+            texts, _ = open_input(input, text_key, hf_config, split, start=lo, stop=hi)
+            if pool is None and dtype is None:
+                pool, dtype = _start_pool(tok, append_eos, workers)
+            bar = tqdm(total=hi - lo, unit="row", desc=f"prepare {Path(sp).name}", disable=not progress,
+                       file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
+            try:
+                d, t, k = _write_prefix(sp, _chunks(texts, chunk_size, None), pool, workers, dtype, bar,
+                                        f"{input} rows {lo}..{hi}")
+            finally:
+                bar.close()
+            record = {"plan": plan, "shard": i, "rows": [lo, hi], "documents": d, "tokens": t, "skipped": k,
+                      "bin_bytes": Path(sp + ".bin").stat().st_size, "idx_bytes": Path(sp + ".idx").stat().st_size,
+                      "sha256": content_digest(sp)}
+            write_json(sp + ".json", record)  # the shard's commit mark
+            docs, tokens, skipped = docs + d, tokens + t, skipped + k
+            written.append(i)
+            if progress:
+                print(f"shard {i}/{n}: {d:,} documents, {t:,} tokens -> {sp}.bin, {sp}.idx")
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    manifest = write_manifest(prefix, n, plan)
+    stats = PrepareStats(docs, tokens, skipped, prefix + MANIFEST_SUFFIX if manifest else "", "",
+                         time.perf_counter() - t0)
+    if progress:
+        state = (f"all {n} shards finished: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens -> "
+                 f"{prefix}{MANIFEST_SUFFIX}") if manifest else \
+            f"{sum(_record_ok(shard_prefix(prefix, j, n), plan) is not None for j in range(n))} of {n} shards finished"
+        print(f"prepared {len(written)} shard(s) in {stats.seconds:.1f}s; {state}")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- training side
+
+
+def read_manifest(prefix: str) -> Optional[dict]:
+    """``<prefix>.manifest.json`` of a sharded preparation, or None when there is none."""
+    path = Path(prefix + MANIFEST_SUFFIX)
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["shards"][0]["prefix"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        raise ConfigError("data.paths", f"{path} is not a readable manifest; re-run evolm prepare") from None
+    return manifest
+
+
+def prefix_tokens(prefix: str) -> int:
+    """Tokens in a prepared ``<prefix>.bin`` (from its index)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    total = int(np.asarray(ds.sequence_lengths, dtype=np.int64).sum())
+    del ds
+    return total
+
+
+def expand_prefixes(paths, weights) -> Tuple[List[str], Optional[List[float]], List[int]]:
+    """data.paths entries that name a sharded preparation (``<prefix>.manifest.json``, no ``<prefix>.bin``) become
+    their shards; a weight is shared out over a source's shards by their tokens. Returns (prefixes, weights, the
+    source index of each prefix)."""
+    sharded = [not Path(p + ".bin").exists() and Path(p + MANIFEST_SUFFIX).is_file() for p in paths]
+    if weights is None and any(sharded):  # as for one prefix: every source in proportion to its tokens
+        weights = [read_manifest(p)["tokens"] if sh else prefix_tokens(p) for p, sh in zip(paths, sharded)]
+    out, out_w, group = [], ([] if weights is not None else None), []
+    for s, prefix in enumerate(paths):
+        manifest = None if Path(prefix + ".bin").exists() else read_manifest(prefix)
+        if manifest is None:
+            out.append(prefix)
+            group.append(s)
+            if out_w is not None:
+                out_w.append(float(weights[s]))
+            continue
+        total = max(1, int(manifest["tokens"]))
+        for entry in manifest["shards"]:
+            out.append(str(Path(prefix).parent / entry["prefix"]))
+            group.append(s)
+            if out_w is not None:
+                out_w.append(float(weights[s]) * int(entry["tokens"]) / total)
+    return out, out_w, group
 
 
 def main(overrides) -> int:
@@ -396,8 +737,11 @@ def main(overrides) -> int:
     stats = prepare(
         cfg.input, cfg.output, cfg.tokenizer, text_key=cfg.text_key, workers=cfg.workers, hf_config=cfg.hf_config,
         split=cfg.split, append_eos=cfg.append_eos, limit=cfg.limit, chunk_size=cfg.chunk_size,
-        trust_remote_code=cfg.trust_remote_code, progress=cfg.progress,
+        trust_remote_code=cfg.trust_remote_code, progress=cfg.progress, shard=cfg.shard, shards=cfg.shards,
     )
-    if not cfg.progress:
+    if not cfg.progress and (cfg.shard is not None or cfg.shards is not None):
+        print(f"prepared {stats.documents:,} documents, {stats.tokens:,} tokens in this run"
+              + (f"; all shards finished -> {stats.bin_path}" if stats.bin_path else "; shards still missing"))
+    elif not cfg.progress:
         print(f"prepared {stats.documents:,} documents, {stats.tokens:,} tokens -> {stats.bin_path}, {stats.idx_path}")
     return 0

@@ -52,8 +52,9 @@ class PretrainStage(Stage):
                                       parallel_state.get_data_parallel_rank(), plan.dp)
         self.tokenizer = source.tokenizer
         self.is_main = rt.is_main
-        self.sources = (SourceTokens(dataset, source_names(cfg, source), p.global_batch_size, m.seq_length)
-                        if len(source.paths) > 1 else None)  # per-source accounting of a blend (CPT replay)
+        names = source_names(cfg, source)
+        self.sources = (SourceTokens(dataset, names, p.global_batch_size, m.seq_length, source.groups)
+                        if len(names) > 1 else None)  # per-source accounting of a blend (CPT replay)
         self.tokens_per_iter = plan.tokens_per_iter
         self.fpt = flops_per_token(m)
 
