@@ -184,3 +184,16 @@ def test_training_refuses_another_tokenizer_and_an_undersized_mix(tmp_path, mix,
         raise AssertionError(seen)
     assert seen == [str(mix["text"]), mix["math"]] and epochs > 10
     assert not (tmp_path / "r").exists()
+
+
+def test_parquet_shards_read_only_their_row_groups_and_equal_the_flat_output(tmp_path, synth):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"row {i}: " + " ".join(WORDS[: i % 11 + 1]) for i in range(40)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "d.parquet", row_group_size=7)
+    prepare(tmp_path / "d.parquet", tmp_path / "flat", synth.tokenizer_dir, workers=1, progress=False)
+    prepare(tmp_path / "d.parquet", tmp_path / "sh", synth.tokenizer_dir, workers=1, shards=3, progress=False)
+    prefixes = [shard_prefix(str(tmp_path / "sh"), i, 3) for i in range(3)]
+    assert _docs(prefixes) == _docs([tmp_path / "flat"])
+    assert [json.loads(Path(p + ".json").read_text())["rows"] for p in prefixes] == [[0, 13], [13, 26], [26, 40]]
