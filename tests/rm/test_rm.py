@@ -258,3 +258,19 @@ def test_rl_reward_model_errors_are_one_line(rm_data, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and "rl.reward" in lines[0] and words in lines[0], \
             proc.stderr
+
+
+@pytest.mark.parametrize("stage, layout", [("rm", "tp2"), ("rm", "pp2"), ("dpo", "tp2")])
+def test_layouts_equal_tp1(rm_data, tmp_path, stage, layout):
+    """Pairwise RM at TP=2 and PP=2 (a microbatch of pairs sends 2x rows between stages), DPO at TP=2: the same
+    losses and grad norms as one process."""
+    base = [f"experiment=demo_{stage}", f"data.paths=[{rm_data['pairs']}]", f"train.init_from={rm_data['sft']}",
+            "train.iters=2", "train.log_interval=1", "parallel.micro_batch_size=2", "parallel.global_batch_size=4",
+            *COMMON, *(["rm.val_fraction=0", "rm.objective=pairwise"] if stage == "rm" else [])]
+    run_evolm("train", [*base, f"run.out_dir={tmp_path / 'tp1'}"])
+    run_evolm("train", [*base, f"parallel={layout}", "parallel.micro_batch_size=2", "parallel.global_batch_size=4",
+                        f"run.out_dir={tmp_path / layout}"], nproc=2)
+    ref, got = metrics(tmp_path / "tp1"), metrics(tmp_path / layout)
+    for it in (1, 2):
+        for key in ("loss", "grad_norm"):
+            assert abs(got[it][key] - ref[it][key]) < 1e-5 * max(1.0, abs(ref[it][key])), (it, key)
