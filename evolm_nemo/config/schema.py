@@ -82,6 +82,10 @@ class TrainConfig:
     init_from: Optional[str] = None  # parent checkpoint: load its weights only (CPT/SFT/PPO start here)
     branch_budgets: List[str] = field(default_factory=list)  # WSD stable run: budgets (20B, ...) to branch at; a
     #                                     checkpoint is kept under <run>/branches/ where each budget's cooldown starts
+    val_tokens_interval: Optional[str] = None  # pretrain/cpt: held-out loss per data source every this many tokens
+    #                                            (1B, ...), before the first step and at the end; needs a valid part
+    #                                            in data.split; null: off
+    val_batches: int = 1  # pretrain/cpt: global batches of held-out samples per source and validation
     branch_from: Optional[str] = None  # WSD cooldown branch: a stable run (or its checkpoint at the cooldown start);
     #                                    weights, optimizer state and step count are loaded, then it decays to min_lr
     resume: bool = True  # continue from the latest committed checkpoint in out_dir if there is one

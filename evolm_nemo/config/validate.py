@@ -148,8 +148,28 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
         if d.source == "indexed":
             _check_mix_sizes(cfg, iters, source_tokens)
     _check_wsd(cfg, iters)
+    if t.val_tokens_interval is not None:
+        _check_validation(cfg)
     return Plan(world_size=world_size, dp=dp, iters=iters, tokens_per_iter=p.global_batch_size * m.seq_length,
                 num_microbatches=p.global_batch_size // (p.micro_batch_size * dp))
+
+
+def _check_validation(cfg: RootConfig) -> None:
+    """Held-out loss per source during pretraining / CPT: a token interval, and a validation part in data.split."""
+    import re
+
+    from evolm_nemo.config.tokens import parse_tokens
+
+    t = cfg.train
+    if cfg.stage not in ("pretrain", "cpt"):
+        raise ConfigError("train.val_tokens_interval", f"is for stage=pretrain|cpt; {cfg.stage} has its own "
+                                                       "validation settings")
+    parse_tokens(t.val_tokens_interval, "train.val_tokens_interval")
+    _positive("train.val_batches", t.val_batches)
+    parts = [float(x) for x in re.split(r"[,/]", str(cfg.data.split).strip()) if x.strip()]
+    if len(parts) < 2 or parts[1] <= 0:
+        raise ConfigError("train.val_tokens_interval", f"needs held-out documents, but data.split={cfg.data.split!r} "
+                                                       "has no validation part; e.g. data.split=98,2,0")
 
 
 def _check_wsd(cfg: RootConfig, iters: int) -> None:

@@ -47,8 +47,8 @@ def resolve_source(cfg: RootConfig) -> DataSource:
                       str(corpora[0].tokenizer_dir))
 
 
-def build_dataset(cfg: RootConfig, source: DataSource, tokenizer, num_samples: int):
-    """The training split as one megatron dataset (a BlendedDataset when several paths are mixed)."""
+def _build_splits(cfg: RootConfig, paths, weights, tokenizer, sizes):
+    """megatron's (train, valid, test) datasets of one blend, built with ``sizes`` samples per split."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -58,7 +58,7 @@ def build_dataset(cfg: RootConfig, source: DataSource, tokenizer, num_samples: i
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
-        blend=(source.paths, source.weights),
+        blend=(list(paths), list(weights) if weights else None),
         split=cfg.data.split,
         tokenizer=MegatronHFTokenizer(tokenizer),
         reset_position_ids=False,
@@ -69,14 +69,35 @@ def build_dataset(cfg: RootConfig, source: DataSource, tokenizer, num_samples: i
     )
     rank = dist.get_rank() if dist.is_initialized() else 0
     # Rank 0 builds and caches the sample indices; the others then read the cache (no concurrent writers).
-    train = None
+    splits = None
     for turn in (0, 1):
         if (rank == 0) == (turn == 0):
-            train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True,
-                                                        config).build()
+            splits = BlendedMegatronDatasetBuilder(GPTDataset, list(sizes), lambda: True, config).build()
         if dist.is_initialized():
             dist.barrier()
-    return train
+    return splits
+
+
+def build_dataset(cfg: RootConfig, source: DataSource, tokenizer, num_samples: int):
+    """The training split as one megatron dataset (a BlendedDataset when several paths are mixed)."""
+    return _build_splits(cfg, source.paths, source.weights, tokenizer, [num_samples, 0, 0])[0]
+
+
+def build_validation(cfg: RootConfig, source: DataSource, tokenizer, names: list[str], num_samples: int) -> dict:
+    """{source name: megatron dataset} of each source's held-out (valid) split, ``num_samples`` samples each -- the
+    same documents whatever the mix, so losses compare across runs (a sharded source: all its shards)."""
+    groups = source.groups if source.groups is not None else list(range(len(source.paths)))
+    out = {}
+    for s, name in enumerate(names):
+        members = [i for i, g in enumerate(groups) if g == s]
+        paths = [source.paths[i] for i in members]
+        weights = [source.weights[i] for i in members] if source.weights and len(members) > 1 else None
+        if len(paths) > 1 and weights is None:
+            from evolm_nemo.data.prepare import prefix_tokens
+
+            weights = [float(prefix_tokens(p)) for p in paths]
+        out[name] = _build_splits(cfg, paths, weights, tokenizer, [0, num_samples, 0])[1]
+    return out
 
 
 class BatchSchedule:

@@ -28,7 +28,8 @@ class PretrainStage(Stage):
     def __init__(self, cfg: RootConfig, plan, rt):
         from megatron.core import parallel_state
 
-        from evolm_nemo.data.gpt import BatchSchedule, SourceTokens, build_dataset, resolve_source, source_names
+        from evolm_nemo.data.gpt import (BatchSchedule, SourceTokens, build_dataset, build_validation, resolve_source,
+                                         source_names)
         from evolm_nemo.data.tokenizer import load_tokenizer
 
         p, m = cfg.parallel, cfg.model
@@ -55,6 +56,14 @@ class PretrainStage(Stage):
         names = source_names(cfg, source)
         self.sources = (SourceTokens(dataset, names, p.global_batch_size, m.seq_length, source.groups)
                         if len(names) > 1 else None)  # per-source accounting of a blend (CPT replay)
+        self.val, self.val_every, self.val_start = {}, 0, None
+        if cfg.train.val_tokens_interval:  # held-out loss per source (checkpoint dynamics, forgetting in CPT)
+            every = parse_tokens(cfg.train.val_tokens_interval, "train.val_tokens_interval")
+            self.val_every = max(1, -(-every // plan.tokens_per_iter))
+            sets = build_validation(cfg, source, tokenizer, names, cfg.train.val_batches * p.global_batch_size)
+            self.val = {name: BatchSchedule(ds, p.global_batch_size, p.micro_batch_size,
+                                            parallel_state.get_data_parallel_rank(), plan.dp)
+                        for name, ds in sets.items()}
         self.tokens_per_iter = plan.tokens_per_iter
         self.fpt = flops_per_token(m)
 
@@ -84,6 +93,52 @@ class PretrainStage(Stage):
             out.update({f"tokens_{n}": t for n, t in self.sources.tokens(iteration + 1).items()})
             if iteration + 1 == self.plan.iters and self.is_main:
                 print(f"[evolm] {self.sources.summary(iteration + 1)}", flush=True)
+        return out
+
+    def validate(self, model, rt) -> dict[str, float]:
+        """Per-token loss of the live model on each source's held-out samples (forward only, every rank)."""
+        import torch
+
+        from evolm_nemo.train.loop import train_step
+
+        p, out = self.cfg.parallel, {}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for name, schedule in self.val.items():
+                    total = tokens = 0.0
+                    for b in range(self.cfg.train.val_batches):
+                        r = train_step(model, None, schedule.microbatches(b), self.forward_step,
+                                       self.cfg.model.seq_length, p.micro_batch_size, rt, forward_only=True)
+                        total, tokens = total + r.loss * r.tokens, tokens + r.tokens
+                    out[name] = total / max(tokens, 1.0)
+        finally:
+            model.train(was_training)
+        return out
+
+    def prepare(self, model, rt, start, out_dir):
+        if self.val:  # before the first step: the parent's (or the resumed checkpoint's) held-out losses
+            self.val_start = (start, self.validate(model, rt))
+
+    def evaluate(self, model, rt, step, last):
+        if not self.val or not (last or step % self.val_every == 0):
+            return {}
+        import time
+
+        t0 = time.perf_counter()
+        losses = self.validate(model, rt)
+        out = {f"val_loss_{n}": v for n, v in losses.items()}
+        out["val_s"] = time.perf_counter() - t0
+        if self.val_start is not None:
+            begin, before = self.val_start
+            if last or not getattr(self, "_start_logged", False):  # the first record and the last carry it
+                out.update({f"val_loss_{n}_at_{begin}": v for n, v in before.items()})
+                self._start_logged = True
+            if last and rt.is_main:
+                parts = [f"{n} {before[n]:.4f} -> {v:.4f} ({v - before[n]:+.4f})" for n, v in losses.items()]
+                print(f"[evolm] held-out loss per source, iteration {begin} -> {step}: {', '.join(parts)}",
+                      flush=True)
         return out
 
     def postfix(self, record):

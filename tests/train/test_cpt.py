@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from evolm_nemo.data.synthetic import ensure_synthetic
 from tests.conftest import losses, run_evolm, tiny
@@ -56,3 +57,41 @@ def test_tokens_per_source_of_an_8_42_mix(tmp_path, data_cache):
     meta = json.loads((out / "checkpoints" / f"iter_{iters:07d}" / "evolm.json").read_text())
     assert meta["extra"]["tokens_by_source"] == {"text": last["tokens_text"], "math": last["tokens_math"]}
     assert meta["lineage"]["stages"][-1]["mix"] == {"text": 0.16, "math": 0.84}
+
+
+def _val(out) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: {k: v for k, v in r.items() if k.startswith("val_loss_")} for r in rows if "val_s" in r}
+
+
+def test_held_out_loss_per_source_before_and_after_cpt(tmp_path, data_cache):
+    """Checkpoint dynamics (issue 13 items 2, 3): held-out loss per source at token intervals; each source's held-out
+    samples are the same whatever the mix, so CPT's loss before its first step is the parent's at its last; the
+    results are deterministic for a seed."""
+    split = 'data.split="98,2,0"'
+    pre = tmp_path / "pre"
+    run_evolm("train", tiny(pre, data_cache, "train.iters=3", "data.synthetic_kinds=[text,math]", "data.weights=[1,1]",
+                            split, "train.val_tokens_interval=2048"))
+    parent = _val(pre)
+    assert sorted(parent) == [2, 3] and set(parent[3]) >= {"val_loss_text", "val_loss_math"}
+    runs = []
+    for name in ("cpt", "cpt_again"):
+        out = tmp_path / name
+        proc = run_evolm("train", tiny(out, data_cache, "experiment=demo_cpt", f"train.init_from={pre}",
+                                       "train.iters=6", split, "train.val_tokens_interval=3072"))
+        runs.append(_val(out))
+        assert "held-out loss per source, iteration 0 -> 6: text " in proc.stdout
+    got = runs[0]
+    assert sorted(got) == [3, 6] and got == runs[1]  # deterministic
+    for source in ("text", "math"):
+        assert got[3][f"val_loss_{source}_at_0"] == pytest.approx(parent[3][f"val_loss_{source}"], abs=1e-6)
+        assert got[6][f"val_loss_{source}_at_0"] == got[3][f"val_loss_{source}_at_0"]
+    assert got[6]["val_loss_math"] < got[3]["val_loss_math_at_0"]  # 42 parts math: its held-out loss falls
+
+
+def test_held_out_loss_needs_a_validation_split(tmp_path, data_cache, capsys):
+    from evolm_nemo import cli
+
+    assert cli.main(["train", *tiny(tmp_path / "r", data_cache, "train.val_tokens_interval=1M")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: train.val_tokens_interval: ") and "98,2,0" in err[0]
