@@ -620,8 +620,8 @@ def prepare_shards(input, output_prefix, tokenizer, text_key: str = "text", work
     fp = tokenizer_fingerprint(tok)
     name = getattr(tok, "name_or_path", None) or str(tokenizer)
     where = Path(str(input)).expanduser()
-    plan = {"input": str(where.resolve()) if where.exists() else str(input), "hf_config": hf_config, "split": split, "text_key": text_key,
-            "append_eos": append_eos, "rows": rows, "shards": n,
+    plan = {"input": str(where.resolve()) if where.exists() else str(input), "hf_config": hf_config, "split": split,
+            "text_key": text_key, "append_eos": append_eos, "rows": rows, "shards": n,
             "tokenizer": {"name": str(name), **fp}}
     pool, dtype = None, None
     docs = tokens = skipped = 0
