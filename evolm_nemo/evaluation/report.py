@@ -416,6 +416,10 @@ def build(pattern: str, out: str) -> dict:
 def main(overrides: list[str]) -> int:
     from evolm_nemo.config.compose import compose
 
+    if any(o.startswith("suite=") for o in overrides):  # a suite's tables: evolm_nemo/suite/report.py
+        from evolm_nemo.suite.report import main as suite_report
+
+        return suite_report(overrides)
     cfg = compose("report", overrides, ReportConfig)
     if not cfg.runs:
         raise ConfigError("runs", "required: a glob of result JSONs, e.g. runs='runs/eval/*/result.json'")

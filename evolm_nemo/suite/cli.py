@@ -4,6 +4,7 @@
     evolm suite status suite=tiny                                         # done / resume / new per node
     evolm suite launch suite=tiny executor=local                          # pending nodes, parents first, on CPU
     evolm suite launch suite=evolm executor=slurm dry_run=true [out=DIR]  # sbatch scripts + submit.sh
+    evolm suite report suite=evolm [out=DIR]                              # PAPER.md's tables, EvoLM's beside ours
 
 Common keys: root= (where every node writes), only=[node,...] (those and what they depend on), mfu=,
 gpus_per_node=, slurm.<key>= (container_image, container_mounts, account, partition, time, ...), local.nproc=.
@@ -37,11 +38,15 @@ def main(overrides: list[str]) -> int:
 
     overrides = list(overrides)
     if not overrides or "=" in overrides[0]:
-        raise ConfigError("suite", "usage: evolm suite plan|status|launch suite=<name> ... (e.g. evolm suite plan "
+        raise ConfigError("suite", "usage: evolm suite plan|status|launch|report suite=<name> ... (e.g. evolm suite plan "
                                    "suite=evolm)")
     action = overrides.pop(0)
+    if action == "report":
+        from evolm_nemo.suite.report import main as report
+
+        return report(overrides)
     if action not in ACTIONS:
-        raise ConfigError("suite", f"unknown action {action!r}; use plan, status or launch")
+        raise ConfigError("suite", f"unknown action {action!r}; use plan, status, launch or report")
     opts = parse_overrides(overrides, {**COMMON, **ACTIONS[action]})
     if action == "plan":
         fmt = str(opts.get("format") or "md")

@@ -24,7 +24,10 @@ KIND_KEYS = {
     "eval": ("mode",),
     "data": ("make", "limit"),
 }
-SUITE_KEYS = ("name", "description", "root", "gpus_per_node", "mfu", "train_overrides", "slurm", "local", "nodes")
+SUITE_KEYS = ("name", "description", "root", "gpus_per_node", "mfu", "train_overrides", "slurm", "local", "report",
+              "nodes")
+REPORT_TABLES = {"upstream": ("eval",), "upstream_tasks": ("eval",), "downstream": ("sft", "rl"),
+                 "cpt_replay": ("eval",)}
 SLURM_KEYS = ("container_image", "eval_container_image", "container_mounts", "container_workdir", "account",
               "partition", "time", "gpus_per_node", "exclusive", "signal_seconds", "master_port", "setup")
 LOCAL_KEYS = ("nproc",)
@@ -67,6 +70,7 @@ class Suite:
     slurm: dict = field(default_factory=dict)
     local: dict = field(default_factory=dict)
     description: str = ""
+    report: dict = field(default_factory=dict)  # table -> rows {row, <eval node keys>, published}
 
     def out(self, name: str) -> str:
         """Where node ``name`` writes (a run dir, an HF dir, an eval dir, a data dir)."""
@@ -313,7 +317,36 @@ def load(name: Optional[str], options: Optional[dict] = None) -> Suite:
         gpus = _positive_int(slurm["gpus_per_node"], "slurm.gpus_per_node")
     return Suite(name=suite_name, path=path, root=str(root), nodes=nodes, order=order, gpus_per_node=gpus,
                  mfu=float(mfu), train_overrides=_as_list(doc.get("train_overrides"), "train_overrides"),
-                 slurm=slurm, local=local, description=str(doc.get("description") or ""))
+                 slurm=slurm, local=local, description=str(doc.get("description") or ""),
+                 report=_report(doc.get("report"), nodes))
+
+
+def _report(raw, nodes: dict[str, Node]) -> dict:
+    """The ``report:`` section: per table, rows naming eval nodes (and EvoLM's published figures)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("report", f"expected a mapping of tables ({', '.join(REPORT_TABLES)})")
+    for table, rows in raw.items():
+        if table not in REPORT_TABLES:
+            raise ConfigError(f"report.{table}", f"unknown table; valid tables: {', '.join(REPORT_TABLES)}")
+        if not isinstance(rows, list):
+            raise ConfigError(f"report.{table}", "expected a list of rows")
+        for i, row in enumerate(rows):
+            key = f"report.{table}[{i}]"
+            if not isinstance(row, dict) or "row" not in row:
+                raise ConfigError(key, "a row is a mapping with `row` (its label), the eval node(s) and `published`")
+            for k in row:
+                if k not in ("row", "published", *REPORT_TABLES[table]):
+                    raise ConfigError(f"{key}.{k}", f"unknown key; valid keys: row, "
+                                                    f"{', '.join(REPORT_TABLES[table])}, published")
+            for k in REPORT_TABLES[table]:
+                name = row.get(k)
+                if name is None:
+                    raise ConfigError(f"{key}.{k}", "required: the eval node of this row")
+                if name not in nodes or nodes[name].kind != "eval":
+                    raise ConfigError(f"{key}.{k}", f"{name!r} is not an eval node of this suite")
+    return raw
 
 
 def select(suite: Suite, only) -> list[str]:

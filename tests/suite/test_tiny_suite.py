@@ -71,3 +71,19 @@ def test_relaunch_starts_nothing(tiny):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("; skipped") == 12 and "starting" not in proc.stdout
     assert {p.name: p.stat().st_size for p in (root / "logs").iterdir()} == logs
+
+
+def test_report_fills_the_tables_from_the_results(tiny):
+    root, _, _ = tiny
+    out = root / "report"
+    proc = subprocess.run([sys.executable, "-m", "evolm_nemo.cli", "report", "suite=tiny", f"root={root}",
+                           f"out={out}"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    sft = json.loads((root / "eval_sft_ep2" / "result.json").read_text())["downstream"]
+    rl = json.loads((root / "eval_ppo_sft_ep2" / "result.json").read_text())["downstream"]
+    want = " | ".join(f"{100 * sft['id_avg'][m]:.1f}/{100 * rl['id_avg'][m]:.1f} (-/-)"
+                      for m in ("pass1", "maj16", "pass16"))
+    md = (out / "report.md").read_text()
+    assert f"| tiny-80it | {want} |" in md and "0 results missing" in md
+    assert f"| FW8+FM42 (2 epochs of SFT) | {100 * sft['suites']['gsm8k_platinum']['pass1']:.2f} | - |" in md
+    assert (out / "report.csv").read_text().splitlines()[0] == "table,row,metric,ours,evolm"

@@ -1,0 +1,171 @@
+"""`evolm suite report suite=<name> [out=DIR]` (also `evolm report suite=<name>`): PAPER.md's tables filled from a
+suite's evaluation results, EvoLM's published figures in a column beside ours.
+
+The suite's ``report:`` section says which eval node fills which row (recipes/suite/evolm.yaml):
+
+* ``upstream``: lm-eval 0-shot average by pretraining budget (``result.json`` ``upstream.avg``, percent);
+* ``upstream_tasks``: the same per task for one model;
+* ``downstream``: SFT / SFT+RL -- Greedy (Pass@1), Maj@16 and Pass@16 averaged over the ID and the OOD suites;
+* ``cpt_replay``: GSM8K-Platinum Pass@1 after SFT, one row per CPT mix.
+
+A row whose result is not there yet reads "-" and is counted; each table says which scoring produced our numbers
+(EvoLM's figures come from its own evaluator, ``scoring=evolm``). Writes ``report.md`` and ``report.csv`` (one line per
+cell: table, row, metric, ours, published) into ``out`` (default ``<root>/report``), atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.suite.spec import Suite
+
+DOWN_METRICS = [("greedy_id", "Greedy ID", "id_avg", "pass1"), ("maj16_id", "Maj@16 ID", "id_avg", "maj16"),
+                ("pass16_id", "Pass@16 ID", "id_avg", "pass16"), ("greedy_ood", "Greedy OOD", "ood_avg", "pass1"),
+                ("maj16_ood", "Maj@16 OOD", "ood_avg", "maj16"), ("pass16_ood", "Pass@16 OOD", "ood_avg", "pass16")]
+UP_TASKS = [("hellaswag", "HellaSwag"), ("winogrande", "Winogrande"), ("piqa", "PIQA"), ("openbookqa", "OBQA"),
+            ("arc_easy", "ARC-E"), ("arc_challenge", "ARC-C")]
+
+
+def _result(suite: Suite, node: str) -> dict | None:
+    path = Path(suite.out(node)) / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(str(path), f"not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else None
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _pct(x) -> float | None:
+    return None if x is None else 100.0 * float(x)
+
+
+def _f(x, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+class _Tables:
+    def __init__(self, suite: Suite):
+        self.suite = suite
+        self.md: list[str] = []
+        self.cells: list[list] = []
+        self.missing: list[str] = []
+        self.scorings: set[str] = set()
+
+    def result(self, node: str) -> dict | None:
+        data = _result(self.suite, node)
+        if data is None:
+            self.missing.append(node)
+        else:
+            scoring = _get(data, "downstream", "scoring")
+            if scoring:
+                self.scorings.add(scoring)
+        return data
+
+    def table(self, title: str, header: list[str], rows: list[list[str]]) -> None:
+        self.md += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        self.md += ["| " + " | ".join(r) + " |" for r in rows] or ["| " + " | ".join(["(no rows)"] * len(header))
+                                                                   + " |"]
+        self.md.append("")
+
+    def cell(self, table: str, row: str, metric: str, ours, published) -> None:
+        self.cells.append([table, row, metric, "" if ours is None else f"{ours:.4f}",
+                           "" if published is None else published])
+
+
+def build(suite: Suite) -> _Tables:
+    t = _Tables(suite)
+    rep = suite.report
+    if not rep:
+        raise ConfigError("report", f"suite {suite.name} has no report: section naming the eval node of each row")
+    rows = []
+    for r in rep.get("upstream", []):
+        ours = _get(t.result(r["eval"]), "upstream", "avg")
+        pub = r.get("published")
+        rows.append([str(r["row"]), _f(ours), _f(pub), _f(None if ours is None or pub is None else ours - pub)])
+        t.cell("upstream", r["row"], "avg", ours, pub)
+    if "upstream" in rep:
+        t.table("Upstream: lm-eval 0-shot average by pretraining budget (%)",
+                ["model", "ours", "EvoLM", "ours - EvoLM"], rows)
+    for r in rep.get("upstream_tasks", []):
+        data = t.result(r["eval"])
+        pub = r.get("published") or {}
+        cells = []
+        for key, name in UP_TASKS:
+            ours = _get(data, "upstream", "tasks", key, "score")
+            cells.append(f"{_f(ours)} / {_f(pub.get(key))}")
+            t.cell("upstream_tasks", r["row"], key, ours, pub.get(key))
+        t.table(f"Upstream per task, {r['row']} (%, ours / EvoLM)", [name for _, name in UP_TASKS], [cells])
+    rows = []
+    for r in rep.get("downstream", []):
+        sft, rl = t.result(r["sft"]), t.result(r["rl"])
+        pub = r.get("published") or {}
+        cells = [str(r["row"])]
+        for key, _, group, metric in DOWN_METRICS:
+            a, b = _pct(_get(sft, "downstream", group, metric)), _pct(_get(rl, "downstream", group, metric))
+            p = pub.get(key) or [None, None]
+            cells.append(f"{_f(a, 1)}/{_f(b, 1)} ({_f(p[0], 1)}/{_f(p[1], 1)})")
+            t.cell("downstream", r["row"], f"{key}_sft", a, p[0])
+            t.cell("downstream", r["row"], f"{key}_rl", b, p[1])
+        rows.append(cells)
+    if "downstream" in rep:
+        t.table("Downstream after CPT FW8+FM42: SFT / SFT+RL, ours (EvoLM) (%)",
+                ["model"] + [name for _, name, _, _ in DOWN_METRICS], rows)
+    rows = []
+    for r in rep.get("cpt_replay", []):
+        ours = _pct(_get(t.result(r["eval"]), "downstream", "suites", "gsm8k_platinum", "pass1"))
+        pub = r.get("published")
+        rows.append([str(r["row"]), _f(ours), _f(pub)])
+        t.cell("cpt_replay", r["row"], "gsm8k_platinum_pass1", ours, pub)
+    if "cpt_replay" in rep:
+        t.table("CPT replay: GSM8K-Platinum Pass@1 after SFT (%)", ["CPT mix", "ours", "EvoLM"], rows)
+    return t
+
+
+def markdown(t: _Tables) -> str:
+    s = t.suite
+    scoring = ", ".join(sorted(t.scorings)) or "-"
+    head = [f"# Suite `{s.name}`: the paper's tables from {s.root}", "",
+            f"Ours: each row's eval node under {s.root} (downstream scoring: {scoring}); EvoLM: the published figures "
+            "(shared/PAPER.md; its evaluator = scoring=evolm). \"-\": not there.", ""]
+    missing = sorted(set(t.missing))
+    tail = [f"{len(missing)} results missing" + (f": {', '.join(missing)}" if missing else ""), ""]
+    return "\n".join(head + t.md + tail)
+
+
+def csv_text(t: _Tables) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["table", "row", "metric", "ours", "evolm"])
+    w.writerows(t.cells)
+    return buf.getvalue()
+
+
+def main(overrides: list[str]) -> int:
+    from evolm_nemo.fileio import write_text
+    from evolm_nemo.suite import spec
+
+    opts = spec.parse_overrides(overrides, {"suite": None, "root": None, "out": None})
+    suite = spec.load(None if opts.get("suite") is None else str(opts["suite"]),
+                      {"root": opts["root"]} if opts.get("root") else {})
+    t = build(suite)
+    md = markdown(t)
+    out = Path(str(opts.get("out") or Path(suite.root) / "report"))
+    write_text(out / "report.md", md)
+    write_text(out / "report.csv", csv_text(t))
+    print(md, end="")
+    print(f"wrote {out / 'report.md'} and {out / 'report.csv'}")
+    return 0
