@@ -196,7 +196,7 @@ def sbatch_script(plan: Plan, job: Job, logs: Path) -> str:
     lines = ["#!/bin/bash",
              f"# evolm suite {s.name}: node {row.node} ({row.stage}), parent {row.parent or '-'}; written by "
              "`evolm suite launch executor=slurm`",
-             f"#SBATCH --job-name=evolm-{s.name}-{row.node}",
+             f"#SBATCH --job-name={job_name(s, row.node)}",
              f"#SBATCH --nodes={row.nodes}",
              "#SBATCH --ntasks-per-node=1"]
     if gpus:
@@ -228,22 +228,37 @@ def sbatch_script(plan: Plan, job: Job, logs: Path) -> str:
     else:
         cmd = _remote_python_cmd(job)
     shell = [a if a.startswith("--") and "$" in a else shlex.quote(a) for a in srun + cmd]
+    if "-m" in shell:  # `-m <module>` on one line
+        i = shell.index("-m")
+        shell[i:i + 2] = [f"-m {shell[i + 1]}"]
     lines += ["", f"# state when written: {job.state} ({job.detail})", " \\\n  ".join(shell), ""]
     return "\n".join(lines)
 
 
+def job_name(suite: Suite, node: str) -> str:
+    return f"evolm-{suite.name}-{node}"
+
+
 def submit_script(plan: Plan, pending: list[Job]) -> str:
+    """Submits in topological order, each job ``afterok`` on its pending parents. A node whose job is already queued
+    or running (same job name, this user: ``squeue``) is not submitted twice; its dependants wait for that job."""
     names = {j.row.node for j in pending}
     lines = ["#!/bin/bash",
              f"# Submits the {len(pending)} pending runs of suite {plan.suite.name} in topological order; each job "
-             "waits (afterok) for its pending parents. Runs already complete were left out when this was written.",
-             "set -euo pipefail", 'cd "$(dirname "$0")"', "declare -A JOB"]
+             "waits (afterok) for its pending parents. Runs already complete were left out when this was written;",
+             "# a run whose job is still queued or running (same job name) is not submitted again.",
+             "set -euo pipefail", 'cd "$(dirname "$0")"', "declare -A JOB", "submitted=0",
+             "queued() { squeue -h --me -n \"$1\" -o %i 2>/dev/null | head -n 1 || true; }"]
     for j in pending:
+        node = j.row.node
         deps = [d for d in ([j.row.parent] if j.row.parent else []) + j.row.needs if d in names]
         dep = f"--dependency=afterok:{':'.join('${JOB[' + d + ']}' for d in deps)} " if deps else ""
-        lines.append(f"jid=$(sbatch --parsable {dep}{shlex.quote(j.row.node + '.sbatch')}); "
-                     f"JOB[{j.row.node}]=${{jid%%;*}}; echo \"{j.row.node}: job ${{JOB[{j.row.node}]}}\"")
-    lines.append(f'echo "submitted {len(pending)} jobs"')
+        lines.append(f"jid=$(queued {shlex.quote(job_name(plan.suite, node))}); "
+                     f"if [ -n \"$jid\" ]; then echo \"{node}: already queued as job $jid\"; "
+                     f"else jid=$(sbatch --parsable {dep}{shlex.quote(node + '.sbatch')}); "
+                     f"submitted=$((submitted + 1)); echo \"{node}: job ${{jid%%;*}}\"; fi; "
+                     f"JOB[{node}]=${{jid%%;*}}")
+    lines.append(f'echo "submitted $submitted of {len(pending)} jobs"')
     return "\n".join(lines) + "\n"
 
 

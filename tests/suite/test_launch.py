@@ -69,7 +69,17 @@ def test_slurm_dry_run_writes_sbatch_scripts(tmp_path):
         "1004 --parsable --dependency=afterok:1003 ppo_1b_evolm.sbatch",
         "1005 --parsable --dependency=afterok:1004 hf_ppo_1b_evolm.sbatch",
         "1006 --parsable --dependency=afterok:1005 eval_ppo_1b_evolm.sbatch"]
-    assert "submitted 6 jobs" in run.stdout
+    assert "submitted 6 of 6 jobs" in run.stdout
+    # relaunched while the pretraining job is still queued: it is not submitted twice, the CPT waits for it
+    (bindir / "squeue").write_text("#!/bin/bash\n[[ \"$*\" == *evolm-evolm-pretrain_1b_160b* ]] && echo 777\n"
+                                   "exit 0\n")
+    (bindir / "squeue").chmod(0o755)
+    (tmp_path / "sbatch.log").unlink()
+    run = subprocess.run(["bash", str(out / "submit.sh")], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    calls = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert calls[0] == "1001 --parsable --dependency=afterok:777 cpt_1b_160b_fw8_fm42.sbatch" and len(calls) == 5
+    assert "pretrain_1b_160b: already queued as job 777" in run.stdout and "submitted 5 of 6 jobs" in run.stdout
 
 
 def test_slurm_without_sbatch_is_one_line(tmp_path):
@@ -128,4 +138,4 @@ def test_relaunch_skips_finished_runs_and_resumes_a_killed_one(tmp_path):
     dry = suite_cli("launch", f"suite={suite}", "executor=slurm", "dry_run=true", f"out={tmp_path / 'slurm'}")
     assert dry.returncode == 0, dry.stderr
     assert not list((tmp_path / "slurm").glob("*.sbatch"))
-    assert 'echo "submitted 0 jobs"' in (tmp_path / "slurm" / "submit.sh").read_text()
+    assert 'echo "submitted $submitted of 0 jobs"' in (tmp_path / "slurm" / "submit.sh").read_text()
