@@ -38,8 +38,8 @@ def main(overrides: list[str]) -> int:
 
     overrides = list(overrides)
     if not overrides or "=" in overrides[0]:
-        raise ConfigError("suite", "usage: evolm suite plan|status|launch|report suite=<name> ... (e.g. evolm suite plan "
-                                   "suite=evolm)")
+        raise ConfigError("suite", "usage: evolm suite plan|status|launch|report suite=<name> ... (e.g. evolm suite "
+                                   "plan suite=evolm)")
     action = overrides.pop(0)
     if action == "report":
         from evolm_nemo.suite.report import main as report
