@@ -188,3 +188,20 @@ def test_the_1b_branch_recipes_start_at_the_stable_recipes_branch_points():
         assert saves[wsd.branch_iteration(cfg.optim, plan_iters(cfg, 1))] == budget.upper()
         assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_iters, cfg.parallel.global_batch_size) == \
             (stable.optim.lr, stable.optim.min_lr, stable.optim.warmup_iters, stable.parallel.global_batch_size)
+
+
+def test_a_killed_branch_resumes_its_own_run(tmp_path, data_cache, stable):
+    """A branch is a run like any other: SIGKILLed mid-cooldown, the rerun resumes from its own checkpoint (its
+    schedule, not the stable run's) and the cooldown still equals the stable run's, step for step."""
+    from tests.conftest import train_then_sigkill
+
+    args = tiny(tmp_path, data_cache, f"train.iters={STABLE_ITERS}", *WSD, f"train.branch_from={stable}",
+                "train.save_interval=1", "train.keep_last=20")
+    killed_at = train_then_sigkill(args, tmp_path, at_least=32)
+    assert 32 <= killed_at < STABLE_ITERS
+    resumed = run_evolm("train", args)
+    assert f"resuming at iteration {killed_at}" in resumed.stdout and "branching off" not in resumed.stdout
+    got, base = _records(tmp_path), _records(stable)
+    assert sorted(got) == list(range(31, STABLE_ITERS + 1))
+    for i in got:
+        assert (got[i]["loss"], got[i]["lr"]) == (base[i]["loss"], base[i]["lr"]), i
