@@ -133,7 +133,8 @@ def resolve_branch(cfg, iters: int) -> BranchPoint:
     s = branch_iteration(o, iters)
     src = Path(t.branch_from)
     if not src.exists():
-        raise ConfigError(key, f"no stable run or checkpoint at {src}")
+        raise ConfigError(key, f"no stable run or checkpoint at {src}; train the stable run first (its branch "
+                               "points appear under <run>/branches/ as it passes them)")
     name = f"iter_{s:07d}"
     if (src / ckpt.META).exists():
         found = src
@@ -264,7 +265,7 @@ def format_plan(p: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m evolm_nemo.train.wsd [model=evolm_1b] [budgets=20B,40B,...] [fraction=0.2]``: the plan for EvoLM's
-    1B grid by default (global batch 512 x 2048 tokens)."""
+    1B grid by default (the model's parallel recipe: global batch 512 x 2048 tokens for 1B)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = set(args) - {"model", "budgets", "fraction", "global_batch_size"}
@@ -277,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.get("model", "evolm_1b")
     try:
-        cfg = compose("config", [f"model={model}", "parallel=evolm_1b"], RootConfig)
+        from evolm_nemo.config.compose import recipes_dir
+
+        parallel = model if (recipes_dir() / "parallel" / f"{model}.yaml").is_file() else "evolm_1b"
+        cfg = compose("config", [f"model={model}", f"parallel={parallel}"], RootConfig)
         gbs = int(args.get("global_batch_size", cfg.parallel.global_batch_size))
         budgets = [b for b in args.get("budgets", ",".join(EVOLM_1B_BUDGETS)).split(",") if b]
         fraction = float(args.get("fraction", 0.2))
