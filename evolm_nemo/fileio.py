@@ -28,6 +28,21 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def replace_dir(tmp: str | Path, dst: str | Path) -> None:
+    """Put the finished directory ``tmp`` in place of ``dst``: an existing ``dst`` is moved aside first and removed
+    only after the new one is in place, so ``dst`` is at every moment either the old or the new complete directory."""
+    import shutil
+
+    tmp, dst = Path(tmp), Path(dst)
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -131,3 +131,13 @@ def sft_parent(tmp_path_factory):
     small.write_text("".join(rl.read_text().splitlines(keepends=True)[:8]))
     return {"sft": root / "sft", "rl": rl, "rl8": small, "cache": cache,
             "eval": next(Path(cache).glob("synthetic-sft-*/eval.jsonl"))}
+
+
+def unwritable_dir(tmp_path: Path) -> Path:
+    """A directory nobody may create files in: mode 0500 for a normal user; for root (who ignores modes) sysfs."""
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o500)
+        return d
+    return Path("/sys/evolm-unwritable")

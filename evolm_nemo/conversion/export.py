@@ -151,13 +151,9 @@ def commit(tmp: Path, dst: Path) -> None:
     OWNER record removed and umask-respecting modes."""
     (tmp / OWNER).unlink(missing_ok=True)
     publish_modes(tmp)
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    from evolm_nemo.fileio import replace_dir
+
+    replace_dir(tmp, dst)
 
 
 def find_tokenizer(ckpt: Path, meta: dict, override: str | None) -> str:

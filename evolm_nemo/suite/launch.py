@@ -277,13 +277,9 @@ def write_slurm(plan: Plan, js: list[Job], directory: Path) -> Path:
         for p in tmp.iterdir():
             p.chmod(0o755 if p.suffix in (".sh", ".sbatch") else 0o644)
         tmp.chmod(0o755)
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        from evolm_nemo.fileio import replace_dir
+
+        replace_dir(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -5,7 +5,6 @@ tokenized with a larger vocabulary than the model's."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from evolm_nemo import cli
 from evolm_nemo.config import ConfigError, RootConfig, compose, validate
 from evolm_nemo.config.validate import check_token_ids
 from evolm_nemo.data.synthetic import ensure_synthetic
-from tests.conftest import run_evolm
+from tests.conftest import run_evolm, unwritable_dir
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +37,6 @@ def _refused(capsys, args: list[str], key: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in err[0], (fragment, err[0])
     return err[0]
-
-
-def unwritable_dir(tmp_path: Path) -> Path:
-    """A directory nobody may create files in: mode 0500 for a normal user; for root (who ignores modes) sysfs."""
-    if os.geteuid() != 0:
-        d = tmp_path / "ro"
-        d.mkdir()
-        d.chmod(0o500)
-        return d
-    return Path("/sys/evolm-unwritable")
 
 
 def test_init_from_an_hf_directory_says_import_it_first(tmp_path, capsys):

@@ -4,28 +4,16 @@ any scoring; rows with other than 16 completions are scored with one line saying
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from evolm_nemo import cli
-from tests.conftest import run_evolm
+from tests.conftest import run_evolm, unwritable_dir
 
 
 def _row(n: int = 16, **extra) -> dict:
     return {"suite": "gsm8k_platinum", "id": 1, "problem": "2+2?", "gt_solution": "#### 4", "gt_answer": None,
             "completions": ["so \\boxed{4}"] * n, **extra}
-
-
-def unwritable_dir(tmp_path: Path) -> Path:
-    """A directory nobody may create files in: mode 0500 for a normal user; for root (who ignores modes) sysfs."""
-    if os.geteuid() != 0:
-        d = tmp_path / "ro"
-        d.mkdir()
-        d.chmod(0o500)
-        return d
-    return Path("/sys/evolm-unwritable")
 
 
 def _one_line(capsys) -> str:
