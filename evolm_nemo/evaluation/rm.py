@@ -39,6 +39,9 @@ class RewardModel:
         self.batch_size = batch_size
         self.max_length = max_length
         self.chat = bool(getattr(self.tok, "chat_template", None))
+        from evolm_nemo.data.sft import Template
+
+        self.template = Template(TEMPLATE.replace("{problem}", "{question}"))  # the sampling prompt, as prepare-rm
 
     def encode(self, problem: str, response: str) -> list[int]:
         """Token ids of one (problem, response) pair; over-long pairs keep their last ``max_length`` tokens."""
@@ -49,10 +52,8 @@ class RewardModel:
         else:  # as the completion was sampled and as `evolm prepare-rm` trains our RMs: the prompt encoded with
             # the tokenizer's special tokens, the response after it without (evolm_nemo.data.rm.encode)
             from evolm_nemo.data.rm import encode
-            from evolm_nemo.data.sft import Template
 
-            prompt_ids, response_ids = encode(self.tok, Template(TEMPLATE.replace("{problem}", "{question}")),
-                                              problem, response)
+            prompt_ids, response_ids = encode(self.tok, self.template, problem, response)
             ids = prompt_ids + response_ids
         return ids[-self.max_length:]
 

@@ -113,24 +113,12 @@ class DPOStage(Stage):
         self.units, _, self.dropped = fit_units(cfg, self.data)
         self.batches = UnitBatches(cfg, plan, self.data, self.units, d.shuffle, d.pad_to_multiple_of)
         self.forward_step = partial(dpo_forward_step, d)
-        self.reference: np.ndarray | None = None  # summed response log-prob of every sequence (NaN: unused)
 
     def rows_per_microbatch(self, micro_batch_size):
         return 2 * micro_batch_size
 
     def microbatches(self, iteration):
-        out = []
-        for b, (group, _) in zip(self.batches.microbatches(iteration), self._mine(iteration)):
-            seqs = group.T.reshape(-1)
-            b["ref_logp"] = torch.as_tensor(self.reference[seqs], dtype=torch.float32)
-            out.append(b)
-        return out
-
-    def _mine(self, iteration):
-        groups, lengths = self.batches.layout(iteration)
-        per_rank = len(groups) // self.batches.dp
-        r = self.batches.dp_rank
-        return list(zip(groups, lengths))[r * per_rank:(r + 1) * per_rank]
+        return self.batches.microbatches(iteration)  # with each sequence's ref_logp (prepare)
 
     # --- the reference, once
     def _fingerprint(self) -> str:
@@ -138,17 +126,18 @@ class DPOStage(Stage):
 
     def prepare(self, model, rt, start: int, out_dir: Path) -> None:
         path = Path(out_dir) / REFERENCE_FILE
-        if start > 0:
-            self.reference = self._read(path)
+        if start > 0:  # summed response log-prob of every sequence (NaN: unused), collated as ref_logp
+            self.batches.per_sequence["ref_logp"] = self._read(path)
             return
-        self.reference = self._compute(model, rt)
+        reference = self._compute(model, rt)
+        self.batches.per_sequence["ref_logp"] = reference
         if rt.is_main:
             from safetensors.torch import save_file
 
             from evolm_nemo.fileio import atomic_path
 
             with atomic_path(path) as tmp:
-                save_file({"logp": torch.from_numpy(self.reference)}, str(tmp),
+                save_file({"logp": torch.from_numpy(reference)}, str(tmp),
                           metadata={"datasets": self._fingerprint(), "init_from": str(self.cfg.train.init_from)})
         import torch.distributed as dist
 

@@ -85,8 +85,7 @@ class RMData:
         n_groups = int(self.groups.max()) + 1 if len(self.groups) else 0
         rng = np.random.default_rng([cfg.train.seed, 7])
         n_val = math.ceil(val_fraction * n_groups) if val_fraction > 0 else 0
-        val_groups = set(rng.permutation(n_groups)[:n_val].tolist())
-        is_val = np.array([int(self.groups[u[0]]) in val_groups for u in units], dtype=bool)
+        is_val = np.isin(self.groups[units[:, 0]], rng.permutation(n_groups)[:n_val])
         self.train_units, self.val_units = units[~is_val], units[is_val]
 
     def ids(self, seq: int) -> np.ndarray:
@@ -230,6 +229,7 @@ class UnitBatches:
         self.pad_id = int(data.tokenizer_info["eos"])
         self.order = EpochOrder(len(units), self.gbs, cfg.train.seed, shuffle)
         self._last = None
+        self.per_sequence: dict[str, np.ndarray] = {}  # more per-sequence values collated into every microbatch
 
     def layout(self, iteration: int) -> tuple[list[np.ndarray], list[int]]:
         """All microbatches (as unit arrays ``[mbs, 1|2]``) of the global batch and their padded lengths."""
@@ -250,6 +250,8 @@ class UnitBatches:
         batch = collate_sequences([self.data.ids(s) for s in seqs], [int(self.data.prompt_len[s]) for s in seqs],
                                   length, self.pad_id)
         batch["label"] = torch.as_tensor(self.data.labels[seqs], dtype=torch.float32)
+        for key, values in self.per_sequence.items():
+            batch[key] = torch.as_tensor(values[seqs], dtype=torch.float32)
         return batch
 
     def microbatches(self, iteration: int) -> list[dict]:
@@ -336,7 +338,7 @@ class RMStage(Stage):
         interval = self.cfg.rm.val_interval
         if len(self.val_units) == 0 or not (last or (interval and step % interval == 0)):
             return {}
-        scores = score_sequences(model, self.data, self.val_units.reshape(-1), self.cfg, rt, self.batches.pad_id)
+        scores = score_sequences(model, self.data, self.val_units.reshape(-1), self.batches, rt)
         if last and rt.is_main:  # every validation sequence's final score, for inspection and calibration
             from evolm_nemo.fileio import write_jsonl
 
@@ -379,13 +381,13 @@ def forward_sequences(model, data: RMData, seqs: np.ndarray, forward_step, per_r
     return gather_dp(local)
 
 
-def score_sequences(model, data: RMData, seqs: np.ndarray, cfg: RootConfig, rt, pad_id: int) -> dict[int, float]:
-    """Scores of ``seqs`` under the live value model (at each sequence's last token)."""
+def score_sequences(model, data: RMData, seqs: np.ndarray, batches: UnitBatches, rt) -> dict[int, float]:
+    """Scores of ``seqs`` under the live value model (at each sequence's last token), in ``batches``' microbatch
+    size, padding multiple and pad id."""
     from evolm_nemo.rl.objectives import value_forward_step
 
-    multiple = math.lcm(cfg.rm.pad_to_multiple_of, cfg.parallel.tp if cfg.parallel.sp else 1)
     return dict(forward_sequences(model, data, seqs, value_forward_step, lambda out, b: scores_at_last(out, b["last"]),
-                                  cfg.parallel.micro_batch_size, multiple, pad_id, rt))
+                                  batches.mbs, batches.multiple, batches.pad_id, rt))
 
 
 def validation_metrics(scores: dict[int, float], data: RMData, units: np.ndarray, objective: str,
