@@ -178,6 +178,28 @@ class DPOConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Capability probes of the live model during pretraining / CPT (checkpoint dynamics; evaluation/probe.py)."""
+
+    tokens_interval: Optional[str] = None  # every this many training tokens (1B, ...), before the first step and at
+    #                                        the end; null: off
+    upstream: List[str] = field(default_factory=list)  # lm-eval 0-shot tasks (piqa, arc_easy, ...) through lm-eval
+    upstream_limit: Optional[int] = 200  # items per upstream task (null: all)
+    tasks_dir: Optional[str] = None  # local lm-eval YAMLs; null with data_dir set: eval/upstream; both null: lm-eval's
+    #                                  built-in tasks (hub)
+    data_dir: Optional[str] = None  # <task>.jsonl rows for the local tasks
+    downstream: List[str] = field(default_factory=list)  # suites (gsm8k_platinum, math, ...): greedy, shared checker
+    downstream_dir: Optional[str] = None  # <suite>.jsonl in EvoLM's cooked schema; null: the suite's hub source
+    downstream_limit: int = 32  # problems per suite
+    template: Optional[str] = None  # prompt with {problem}; null: each suite's own template (eval/tasks)
+    max_new_tokens: int = 256  # completion tokens per downstream problem
+    scoring: str = "evolm"  # evolm | strict: the checker's mode
+    batch_size: int = 16  # sequences per probe forward / generation batch
+    max_fraction: Optional[float] = 0.1  # bound: probes take at most this fraction of the run's wall time (the next
+    #                                      probe is postponed when one costs more); null: never postponed
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny_pretrain"  # run name (directory name under runs/ by default)
     out_dir: str = "runs/tiny_pretrain"  # checkpoints, metrics.jsonl, tensorboard/
@@ -196,4 +218,5 @@ class RootConfig:
     rl: RLConfig = field(default_factory=RLConfig)  # stage=ppo | grpo only
     rm: RMConfig = field(default_factory=RMConfig)  # stage=rm only
     dpo: DPOConfig = field(default_factory=DPOConfig)  # stage=dpo only
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # stage=pretrain | cpt: capability probes while training
     lineage: Any = field(default_factory=dict)  # free-form provenance carried into checkpoints and model cards

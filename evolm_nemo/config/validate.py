@@ -77,6 +77,8 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
     _choice("model.core_attention", m.core_attention, ("sdpa", "megatron"))
     _choice("optim.decay_style", o.decay_style, DECAY_STYLES)
     _choice("data.source", d.source, SOURCES)
+    if cfg.probe.tokens_interval is not None and cfg.stage not in ("pretrain", "cpt"):
+        raise ConfigError("probe.tokens_interval", f"is for stage=pretrain|cpt, not {cfg.stage}")
 
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "vocab_size", "seq_length"):
@@ -150,6 +152,8 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
     _check_wsd(cfg, iters)
     if t.val_tokens_interval is not None:
         _check_validation(cfg)
+    if cfg.probe.tokens_interval is not None:
+        _check_probe(cfg)
     return Plan(world_size=world_size, dp=dp, iters=iters, tokens_per_iter=p.global_batch_size * m.seq_length,
                 num_microbatches=p.global_batch_size // (p.micro_batch_size * dp))
 
@@ -170,6 +174,55 @@ def _check_validation(cfg: RootConfig) -> None:
     if len(parts) < 2 or parts[1] <= 0:
         raise ConfigError("train.val_tokens_interval", f"needs held-out documents, but data.split={cfg.data.split!r} "
                                                        "has no validation part; e.g. data.split=98,2,0")
+
+
+def _check_probe(cfg: RootConfig) -> None:
+    """Capability probes during pretraining / CPT: every file and task they read exists, before any heavy work."""
+    from pathlib import Path
+
+    from evolm_nemo.config.tokens import parse_tokens
+
+    pr = cfg.probe
+    parse_tokens(pr.tokens_interval, "probe.tokens_interval")
+    if not pr.upstream and not pr.downstream:
+        raise ConfigError("probe.tokens_interval", "is set but probe.upstream and probe.downstream are both empty; e.g. "
+                                                   "probe.upstream=[piqa,arc_easy] probe.downstream=[gsm8k_platinum]")
+    if cfg.parallel.pp != 1:
+        raise ConfigError("probe.tokens_interval",
+                          f"probes run the live model with parallel.pp=1 (got pp={cfg.parallel.pp})")
+    if pr.max_fraction is not None and not 0.0 < pr.max_fraction <= 1.0:
+        raise ConfigError("probe.max_fraction", f"must be in (0, 1] or null, got {pr.max_fraction}")
+    _positive("probe.batch_size", pr.batch_size)
+    if pr.upstream:
+        from evolm_nemo.evaluation.probe import tasks_dir_for
+        from evolm_nemo.evaluation.upstream import TASKS
+
+        if pr.upstream_limit is not None:
+            _positive("probe.upstream_limit", pr.upstream_limit)
+        tasks_dir = tasks_dir_for(pr.tasks_dir, pr.data_dir)
+        for task in pr.upstream:
+            if tasks_dir is None:
+                continue  # lm-eval's own registry decides
+            if not (Path(tasks_dir) / f"{task}.yaml").is_file():
+                known = sorted(p.stem for p in Path(tasks_dir).glob("*.yaml")) or list(TASKS)
+                raise ConfigError("probe.upstream", f"no {task}.yaml in {tasks_dir}; available: {', '.join(known)}")
+            if pr.data_dir is None:
+                raise ConfigError("probe.data_dir", f"local tasks (probe.tasks_dir={tasks_dir}) need "
+                                                    "probe.data_dir=<dir with <task>.jsonl files>")
+            if not (Path(pr.data_dir) / f"{task}.jsonl").is_file():
+                raise ConfigError("probe.data_dir", f"missing {Path(pr.data_dir) / f'{task}.jsonl'}")
+    if pr.downstream:
+        from evolm_nemo.answers import SUITES
+
+        _positive("probe.downstream_limit", pr.downstream_limit)
+        _positive("probe.max_new_tokens", pr.max_new_tokens)
+        if pr.scoring not in ("evolm", "strict"):
+            raise ConfigError("probe.scoring", f"must be evolm or strict, got {pr.scoring!r}")
+        for suite in pr.downstream:
+            if suite not in SUITES:
+                raise ConfigError("probe.downstream", f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+            if pr.downstream_dir is not None and not (Path(pr.downstream_dir) / f"{suite}.jsonl").is_file():
+                raise ConfigError("probe.downstream_dir", f"missing {Path(pr.downstream_dir) / f'{suite}.jsonl'}")
 
 
 def _check_wsd(cfg: RootConfig, iters: int) -> None:

@@ -115,12 +115,27 @@ def _hub_unreachable(exc: BaseException) -> str | None:
 def run(model: str, tasks: list[str] = TASKS, tasks_dir: str | None = None, data_dir: str | None = None,
         batch_size: int | str = 16, limit: int | None = None, device: str | None = None, dtype: str = "auto",
         trust_remote_code: bool = False) -> tuple[dict, dict]:
-    """Run lm-eval 0-shot; returns (our summary, lm-eval's raw ``results`` dict without per-sample logs)."""
+    """Run lm-eval 0-shot on an HF model directory; returns (our summary, lm-eval's raw ``results`` dict without
+    per-sample logs)."""
     tasks = list(tasks)
     check(model, tasks, tasks_dir, data_dir)
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args = {"pretrained": str(model), "dtype": dtype, "trust_remote_code": trust_remote_code}
+    return evaluate("hf", tasks, tasks_dir, data_dir, limit=limit, model_args=args, batch_size=batch_size,
+                    device=device)
+
+
+def evaluate(lm, tasks: list[str], tasks_dir: str | None, data_dir: str | None, limit: int | None = None,
+             model_args: dict | None = None, batch_size: int | str = 16, device: str | None = None,
+             quiet: bool = False) -> tuple[dict, dict]:
+    """lm-eval's ``simple_evaluate`` 0-shot over ``tasks`` for ``lm``: a registered model name (``"hf"`` with
+    ``model_args``) or an lm-eval ``LM`` instance (the training probe's live model). The one place our local tasks
+    are rendered and the hub is switched off for them."""
     local = tasks_dir is not None
     with tempfile.TemporaryDirectory(prefix="evolm_upstream_") as tmp, \
-            (_offline() if local else contextlib.nullcontext()):
+            (_offline() if local else contextlib.nullcontext()), (_quiet() if quiet else contextlib.nullcontext()):
         if local:
             render(tasks_dir, data_dir, tmp)
         try:
@@ -128,15 +143,12 @@ def run(model: str, tasks: list[str] = TASKS, tasks_dir: str | None = None, data
             from lm_eval.tasks import TaskManager
         except ImportError:
             raise ConfigError("upstream", "lm-eval is not installed: pip install -c constraints.txt 'lm-eval[hf]'")
-        import torch
 
         manager = TaskManager(include_path=tmp, include_defaults=False) if local else TaskManager()
         names = [LOCAL_PREFIX + t if local else t for t in tasks]
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        args = {"pretrained": str(model), "dtype": dtype, "trust_remote_code": trust_remote_code}
         try:
             results = lm_eval.simple_evaluate(
-                model="hf", model_args=args, tasks=names, num_fewshot=0, batch_size=batch_size, device=device,
+                model=lm, model_args=model_args, tasks=names, num_fewshot=0, batch_size=batch_size, device=device,
                 limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0)
         except Exception as exc:
             hub = _hub_unreachable(exc)
@@ -147,3 +159,22 @@ def run(model: str, tasks: list[str] = TASKS, tasks_dir: str | None = None, data
                                        "data_dir=<dir with <task>.jsonl rows> (README: Evaluation)") from None
     raw = {k: results[k] for k in ("results", "versions", "n-shot", "n-samples", "configs") if k in results}
     return summarize(results, tasks, local), raw
+
+
+@contextlib.contextmanager
+def _quiet():
+    """lm-eval's and datasets' log lines and progress bars off (a probe inside a training run prints one line of its
+    own); exceptions still propagate."""
+    import io
+    import logging
+
+    names = ("lm-eval", "lm_eval", "datasets")
+    levels = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for logger, _ in levels:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in levels:
+            logger.setLevel(level)

@@ -64,6 +64,11 @@ class PretrainStage(Stage):
             self.val = {name: BatchSchedule(ds, p.global_batch_size, p.micro_batch_size,
                                             parallel_state.get_data_parallel_rank(), plan.dp)
                         for name, ds in sets.items()}
+        self.probe = None
+        if cfg.probe.tokens_interval:  # capability probes of the live model (checkpoint dynamics)
+            from evolm_nemo.train.dynamics import ProbeHook
+
+            self.probe = ProbeHook(cfg, tokenizer, plan.tokens_per_iter, rt.is_main)
         self.tokens_per_iter = plan.tokens_per_iter
         self.fpt = flops_per_token(m)
 
@@ -118,10 +123,24 @@ class PretrainStage(Stage):
         return out
 
     def prepare(self, model, rt, start, out_dir):
+        if start >= self.plan.iters:
+            return
         if self.val:  # before the first step: the parent's (or the resumed checkpoint's) held-out losses
             self.val_start = (start, self.validate(model, rt))
+        if self.probe is not None:
+            self.probe.prepare(model, start)
 
     def evaluate(self, model, rt, step, last):
+        out = self._validation(model, rt, step, last)
+        if self.probe is not None and self.probe.due(step, last):
+            out.update(self.probe.run(model, step, last))
+            if last and rt.is_main:
+                begin, before, _ = self.probe.start
+                parts = [f"{k[6:]} {before[k]:.1f} -> {out[k]:.1f}" for k in before]
+                print(f"[evolm] probes (percent), iteration {begin} -> {step}: {', '.join(parts)}", flush=True)
+        return out
+
+    def _validation(self, model, rt, step, last):
         if not self.val or not (last or step % self.val_every == 0):
             return {}
         import time

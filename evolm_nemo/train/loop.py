@@ -285,6 +285,8 @@ def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, stop: StopSignal) ->
         history.append(result.loss)
         measured = stage.evaluate(model, rt, step, last=step == plan.iters)  # validation: every rank takes part
         record.update(measured)
+        if measured:
+            tick = time.perf_counter()  # keep validation and probe time out of the next step's throughput
         if measured or step % t.log_interval == 0 or step == plan.iters:
             writer.write(record)
         if bar is not None:

@@ -1,0 +1,137 @@
+"""Capability probes during pretraining (issue 13, item 2): lm-eval 0-shot through the live megatron model and a
+greedy downstream probe judged by the shared checker, on a token schedule, deterministic, bounded in cost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evolm_nemo import cli
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.evaluation import upstream
+from tests.conftest import REPO, run_evolm, subprocess_env, tiny
+
+SAMPLE = REPO / "eval" / "upstream" / "sample"
+PROBLEMS = REPO / "tests" / "fixtures" / "probe"
+TASKS = ["piqa", "arc_easy", "winogrande", "hellaswag", "openbookqa"]
+
+
+def probe_overrides(interval: str = "5120", *extra: str) -> list[str]:
+    return [f"probe.tokens_interval={interval}", f"probe.upstream=[{','.join(TASKS)}]", f"probe.data_dir={SAMPLE}",
+            "probe.downstream=[gsm8k_platinum]", f"probe.downstream_dir={PROBLEMS}", "probe.max_new_tokens=24",
+            *extra]
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x]
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory, data_cache):
+    """Two identical 20-iteration runs with probes every 5 iterations (1,024 tokens per iteration), no cost bound."""
+    root = tmp_path_factory.mktemp("probed")
+    runs = []
+    for name in ("a", "b"):
+        out = root / name
+        run_evolm("train", tiny(out, data_cache, "train.iters=20", "train.log_interval=10",
+                                *probe_overrides("5120", "probe.max_fraction=null")))
+        runs.append(out)
+    return runs
+
+
+def _probe_keys(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k.startswith("probe_") and not k.startswith("probe_s")
+            and k != "probe_fraction"}
+
+
+def test_probes_on_schedule_with_cost(probed):
+    a = rows(probed[0])
+    with_probe = [r["iteration"] for r in a if "probe_up_avg" in r]
+    assert with_probe == [5, 10, 15, 20]  # every 5,120 tokens and at the end
+    first = next(r for r in a if "probe_up_avg" in r)
+    assert {f"probe_up_{t}_at_0" for t in TASKS} | {"probe_down_gsm8k_platinum_at_0", "probe_s_at_0"} <= set(first)
+    for r in a:
+        if "probe_up_avg" in r:
+            assert r["probe_s"] > 0 and 0 < r["probe_fraction"] < 1
+            assert r["probe_up_avg"] == pytest.approx(sum(r[f"probe_up_{t}"] for t in TASKS) / len(TASKS), abs=0.01)
+            assert 0 <= r["probe_down_gsm8k_platinum"] <= 100
+            assert r["step_s"] < r["probe_s"]  # the probe's time is kept out of the step time
+
+
+def test_probes_deterministic_for_a_seed(probed):
+    a, b = rows(probed[0]), rows(probed[1])
+    pa = [_probe_keys(r) for r in a if "probe_up_avg" in r]
+    pb = [_probe_keys(r) for r in b if "probe_up_avg" in r]
+    assert pa == pb and len(pa) == 4
+
+
+def test_upstream_probe_equals_lm_eval_on_the_export(probed, tmp_path):
+    """The last probe's scores equal `evolm eval upstream` (lm-eval's hf model) on the exported final checkpoint, and
+    the live model's log-likelihoods equal lm-eval's HFLM's request by request (context splitting, empty context,
+    left truncation)."""
+    out = probed[0]
+    last = rows(out)[-1]
+    hf = tmp_path / "hf"
+    assert cli.main(["export-hf", f"src={out}", f"dst={hf}"]) == 0
+    summary, _ = upstream.run(str(hf), TASKS, tasks_dir=str(upstream.default_tasks_dir()), data_dir=str(SAMPLE))
+    assert {t: summary["tasks"][t]["score"] for t in TASKS} == {t: last[f"probe_up_{t}"] for t in TASKS}
+
+    got = tmp_path / "live.json"
+    subprocess.run([sys.executable, str(REPO / "tests" / "train" / "_probe_check.py"), str(out), str(got)],
+                   check=True, env=subprocess_env(), cwd=REPO, timeout=300)
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from tests.train._probe_check import REQUESTS
+
+    ref = HFLM(pretrained=str(hf), device="cpu", batch_size=2, dtype="float32")
+    want = ref.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i)
+                              for i, r in enumerate(REQUESTS)])
+    live = json.loads(got.read_text())
+    assert [g for _, g in live] == [g for _, g in want]
+    for (lp, _), (wp, _) in zip(live, want):
+        assert lp == pytest.approx(wp, abs=1e-4)
+
+
+def test_cost_bound_postpones_probes(tmp_path, data_cache):
+    """With probe.max_fraction far below the probe's real share the next probe is postponed (printed once), the last
+    step still probes, and every probe record says what it cost."""
+    out = tmp_path / "bounded"
+    r = run_evolm("train", tiny(out, data_cache, "train.iters=12", "train.log_interval=6",
+                                *probe_overrides("1024", "probe.max_fraction=0.01", "probe.upstream_limit=2")))
+    probed = [x for x in rows(out) if "probe_up_avg" in x]
+    assert [x["iteration"] for x in probed][-1] == 12 and len(probed) < 12
+    assert "over probe.max_fraction=0.01" in r.stdout and "next probe at iteration" in r.stdout
+    assert all(x["probe_fraction"] > 0.01 for x in probed)
+
+
+@pytest.mark.parametrize("extra, key, words", [
+    (["probe.upstream=[mmlu]"], "probe.upstream", "no mmlu.yaml"),
+    (["probe.data_dir=/nonexistent"], "probe.data_dir", "missing /nonexistent/piqa.jsonl"),
+    (["probe.downstream=[gsm8k]"], "probe.downstream", "unknown suite 'gsm8k'"),
+    (["probe.downstream_dir=/nonexistent"], "probe.downstream_dir", "missing /nonexistent/gsm8k_platinum.jsonl"),
+    (["probe.max_fraction=0"], "probe.max_fraction", "(0, 1]"),
+    (["probe.upstream=[]", "probe.downstream=[]"], "probe.tokens_interval", "both empty"),
+    (["stage=sft"], "probe.tokens_interval", "stage=pretrain|cpt"),
+])
+def test_bad_probe_settings_refused_in_one_line(extra, key, words):
+    from evolm_nemo.config import RootConfig, compose, validate
+
+    cfg = compose("config", [*probe_overrides(), *extra], RootConfig)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert e.value.key == key and words in e.value.message
+
+
+def test_problems_without_room_refused_before_training(tmp_path, data_cache):
+    """The suite fixtures' long problems do not fit the tiny model's 128 tokens: one line, before any step."""
+    out = tmp_path / "long"
+    r = run_evolm("train", tiny(out, data_cache, "train.iters=2", *probe_overrides(),
+                                f"probe.downstream_dir={REPO / 'tests' / 'fixtures' / 'eval'}"), check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "probe.downstream: no gsm8k_platinum problem leaves 16 tokens" in r.stderr + r.stdout
+    assert not (out / "metrics.jsonl").exists()
