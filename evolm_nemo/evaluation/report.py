@@ -57,6 +57,7 @@ STAGE_ORDER = ("pretrain", "cpt", "sft", *RL_STAGES)
 @dataclass
 class ReportConfig:
     runs: Optional[str] = None  # glob of result JSONs (or of run dirs holding result.json)
+    dynamics: Optional[str] = None  # glob of training run dirs: capability vs tokens, intermediate vs decayed
     out: str = "runs/report"  # output dir: results.csv, report.md, *.png
 
 
@@ -185,7 +186,7 @@ def sft_rl_pairs(results: list[dict]) -> list[tuple[dict, dict]]:
     return [(g["sft"], g["rl"]) for g in by_group.values() if "sft" in g and "rl" in g]
 
 
-def markdown(results: list[dict], plots: dict[str, str | None]) -> str:
+def markdown(results: list[dict], plots: dict[str, str | None], dynamics: list[str] | None = None) -> str:
     lines = ["# EvoLM evaluation report", ""]
     modes = sorted({_get(d, "downstream", "scoring") for d in results if d.get("downstream")} - {None})
     if modes:
@@ -232,6 +233,7 @@ def markdown(results: list[dict], plots: dict[str, str | None]) -> str:
             r = pearson([x for _, x, _ in pts], [y for _, _, y in pts])
             rows.append([suite, str(len(pts)), "n/a" if r is None else f"{r:.2f}"])
         lines += _md_table(["suite", "models", "Pearson r"], rows) + [""]
+    lines += dynamics or []
     lines += ["## Plots", ""]
     for name, path in plots.items():
         lines.append(f"![{name}]({Path(path).name})" if path else f"- {name}: skipped (no data to draw)")
@@ -380,37 +382,57 @@ def plot_sft_rl(results: list[dict], path: Path) -> str | None:
     return out
 
 
-def build(pattern: str, out: str) -> dict:
-    """Write results.csv, report.md and the plots into ``out``; returns {name: path or None}."""
+def build(pattern: str | None, out: str, dynamics: str | None = None) -> dict:
+    """Write results.csv, report.md and the plots into ``out``; returns {name: path or None}. ``dynamics``: a glob
+    of training run dirs whose metrics carry validation losses and probes (dynamics.png, dynamics.csv and two
+    sections of report.md)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    loaded = load_results(pattern)
-    results = sorted((d for _, d in loaded), key=_sort_key)
+    if pattern is None and dynamics is None:
+        raise ConfigError("runs", "required: a glob of result JSONs, e.g. runs='runs/eval/*/result.json' "
+                                  "(or dynamics=<glob of training run dirs>)")
+    curves = None
+    if dynamics is not None:
+        from evolm_nemo.evaluation import dynamics as dyn
+
+        curves = dyn.load_curves(dynamics)
+    results = sorted((d for _, d in load_results(pattern)), key=_sort_key) if pattern is not None else []
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = {
-        "tokens": plot_tokens(results, out_dir / "tokens.png"),
-        "id_vs_ood": _scatter(results, out_dir / "id_vs_ood.png",
-                              lambda d: _pct(_get(d, "downstream", "id_avg", "maj16")),
-                              lambda d: _pct(_get(d, "downstream", "ood_avg", "maj16")),
-                              "ID Maj@16 (%)", "OOD Maj@16 (%)", "ID vs OOD"),
-        "sft_vs_rl": plot_sft_rl(results, out_dir / "sft_vs_rl.png"),
-        "rm_vs_accuracy": plot_rm_accuracy(results, out_dir / "rm_vs_accuracy.png"),
-        "maj_vs_pass": _scatter(results, out_dir / "maj_vs_pass.png",
-                                lambda d: _pct(_get(d, "downstream", "id_avg", "pass16")),
-                                lambda d: _pct(_get(d, "downstream", "id_avg", "maj16")),
-                                "ID Pass@16 (%)", "ID Maj@16 (%)", "Maj@16 vs Pass@16", diagonal=True),
-    }
-    rows = [flat_row(d) for d in results]
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(out_dir / "results.csv", buf.getvalue())
-    write_text(out_dir / "report.md", markdown(results, plots))
-    return {"csv": str(out_dir / "results.csv"), "markdown": str(out_dir / "report.md"), **plots}
+    plots = {}
+    if results:
+        plots = {
+            "tokens": plot_tokens(results, out_dir / "tokens.png"),
+            "id_vs_ood": _scatter(results, out_dir / "id_vs_ood.png",
+                                  lambda d: _pct(_get(d, "downstream", "id_avg", "maj16")),
+                                  lambda d: _pct(_get(d, "downstream", "ood_avg", "maj16")),
+                                  "ID Maj@16 (%)", "OOD Maj@16 (%)", "ID vs OOD"),
+            "sft_vs_rl": plot_sft_rl(results, out_dir / "sft_vs_rl.png"),
+            "rm_vs_accuracy": plot_rm_accuracy(results, out_dir / "rm_vs_accuracy.png"),
+            "maj_vs_pass": _scatter(results, out_dir / "maj_vs_pass.png",
+                                    lambda d: _pct(_get(d, "downstream", "id_avg", "pass16")),
+                                    lambda d: _pct(_get(d, "downstream", "id_avg", "maj16")),
+                                    "ID Pass@16 (%)", "ID Maj@16 (%)", "Maj@16 vs Pass@16", diagonal=True),
+        }
+    written = {}
+    sections = None
+    if curves is not None:
+        drawn = dyn.plot(curves, out_dir / "dynamics.png")
+        sections = dyn.markdown(curves, None)
+        plots["dynamics"] = drawn
+        written["dynamics_csv"] = dyn.write_csv(curves, out_dir / "dynamics.csv")
+    if results:
+        rows = [flat_row(d) for d in results]
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(out_dir / "results.csv", buf.getvalue())
+        written["csv"] = str(out_dir / "results.csv")
+    write_text(out_dir / "report.md", markdown(results, plots, sections))
+    return {**written, "markdown": str(out_dir / "report.md"), **plots}
 
 
 def main(overrides: list[str]) -> int:
@@ -421,10 +443,9 @@ def main(overrides: list[str]) -> int:
 
         return suite_report(overrides)
     cfg = compose("report", overrides, ReportConfig)
-    if not cfg.runs:
-        raise ConfigError("runs", "required: a glob of result JSONs, e.g. runs='runs/eval/*/result.json'")
-    written = build(cfg.runs, cfg.out)
-    print(f"models: {len(load_results(cfg.runs))}")
+    written = build(cfg.runs or None, cfg.out, cfg.dynamics or None)
+    if cfg.runs:
+        print(f"models: {len(load_results(cfg.runs))}")
     for name, path in written.items():
         print(f"{name}: {path or 'skipped (no data)'}")
     return 0

@@ -135,3 +135,44 @@ def test_problems_without_room_refused_before_training(tmp_path, data_cache):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "probe.downstream: no gsm8k_platinum problem leaves 16 tokens" in r.stderr + r.stdout
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_report_draws_dynamics_and_puts_decayed_beside_intermediate(tmp_path, data_cache):
+    """A WSD stable run (20 iterations, a branch point for 10) and its 10-iteration cooldown branch, both probing
+    every 5 iterations with held-out loss: `evolm report dynamics=` draws capability vs tokens and puts the branch's
+    final probes beside the stable run's at the same 10,240 tokens."""
+    wsd = ["optim.decay_style=wsd", "optim.wsd_decay_fraction=0.3", "optim.warmup_iters=2", "data.split='98,2,0'",
+           "train.val_tokens_interval=5120", *probe_overrides("5120", "probe.max_fraction=null",
+                                                              "probe.upstream_limit=2")]
+    stable, branch = tmp_path / "runs" / "stable", tmp_path / "runs" / "branch10"
+    run_evolm("train", tiny(stable, data_cache, "train.iters=20", "train.log_interval=10", *wsd,
+                            "train.branch_budgets=[10240]"))
+    run_evolm("train", tiny(branch, data_cache, "train.iters=10", "train.log_interval=10", *wsd,
+                            f"train.branch_from={stable}"))
+    out = tmp_path / "report"
+    assert cli.main(["report", f"dynamics={tmp_path / 'runs' / '*'}", f"out={out}"]) == 0
+    md = (out / "report.md").read_text()
+    assert (out / "dynamics.png").stat().st_size > 10_000 and "![dynamics](dynamics.png)" in md
+    assert "## Training dynamics" in md and "| stable | tiny | pretrain |" in md
+
+    def cells(metric):
+        line = next(x for x in md.splitlines() if x.startswith(f"| 10.24K | {metric} |"))
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    s, b = rows(stable), rows(branch)
+    mid = next(r for r in s if r["iteration"] == 10)
+    for metric in ("probe_up_avg", "probe_down_gsm8k_platinum", "val_loss_text"):
+        _, _, intermediate, decayed, delta = cells(metric)
+        assert float(intermediate) == pytest.approx(mid[metric], abs=0.005)
+        assert float(decayed) == pytest.approx(b[-1][metric], abs=0.005)
+        assert float(delta) == pytest.approx(b[-1][metric] - mid[metric], abs=0.01)
+    csv_rows = (out / "dynamics.csv").read_text().splitlines()
+    assert csv_rows[0] == "run,model,stage,branch_of,metric,tokens,value"
+    assert any(x.startswith(f"branch10,tiny,pretrain,{stable.resolve()},probe_up_avg,7168,") for x in csv_rows)
+
+
+def test_report_dynamics_needs_runs_with_records(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["report", f"dynamics={tmp_path / 'empty'}", f"out={tmp_path / 'r'}"]) != 0
+    err = capsys.readouterr().err
+    assert "error: dynamics: none of the 1 runs" in err and "recorded validation loss or probes" in err
