@@ -11,6 +11,7 @@ change); the final probe always runs. The decision is taken from an all-reduced 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -33,7 +34,12 @@ class ProbeHook:
         self.next, self.prev, self.since, self.start, self.start_logged = None, 0, None, None, False
 
     def measure(self, model) -> dict:
-        """The probes' scores (percent) on the live model; every rank calls it with the same inputs."""
+        """The probes' scores (percent) on the live model; every rank calls it with the same inputs. Training's
+        random state is left as it was (lm-eval seeds python, numpy and torch itself)."""
+        with _rng_kept():
+            return self._measure(model)
+
+    def _measure(self, model) -> dict:
         from evolm_nemo.evaluation import probe
 
         pr, out = self.cfg, {}
@@ -81,6 +87,25 @@ class ProbeHook:
                       flush=True)
         self.next, self.prev, self.since = step + gap, step, time.perf_counter()
         return out
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    import random
+
+    import numpy as np
+    import torch
+
+    state = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+        if state[3] is not None:
+            torch.cuda.set_rng_state_all(state[3])
 
 
 def _slowest(seconds: float) -> float:

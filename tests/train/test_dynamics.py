@@ -69,6 +69,16 @@ def test_probes_deterministic_for_a_seed(probed):
     assert pa == pb and len(pa) == 4
 
 
+def test_probes_leave_training_unchanged(probed, tmp_path, data_cache):
+    """The same run without probes has bitwise the same losses and gradient norms (probes run forward-only, keep the
+    random state lm-eval reseeds, and leave no inference state behind)."""
+    plain = tmp_path / "plain"
+    run_evolm("train", tiny(plain, data_cache, "train.iters=20", "train.log_interval=10"))
+    want = {r["iteration"]: (r["loss"], r["grad_norm"]) for r in rows(plain)}
+    got = {r["iteration"]: (r["loss"], r["grad_norm"]) for r in rows(probed[0])}
+    assert set(want) <= set(got) and {k: got[k] for k in want} == want
+
+
 def test_upstream_probe_equals_lm_eval_on_the_export(probed, tmp_path):
     """The last probe's scores equal `evolm eval upstream` (lm-eval's hf model) on the exported final checkpoint, and
     the live model's log-likelihoods equal lm-eval's HFLM's request by request (context splitting, empty context,
