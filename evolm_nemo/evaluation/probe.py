@@ -143,10 +143,21 @@ def live_lm(model, tokenizer, max_length: int, batch_size: int = 16):
 def upstream(model, tokenizer, tasks: Sequence[str], tasks_dir: Optional[str], data_dir: Optional[str],
              limit: Optional[int], max_length: int, batch_size: int = 16) -> dict:
     """lm-eval 0-shot on the live model: :func:`evolm_nemo.evaluation.upstream.summarize`'s shape (percent)."""
+    import os
+
     from evolm_nemo.evaluation import upstream as up
 
-    return up.evaluate(live_lm(model, tokenizer, max_length, batch_size), list(tasks), tasks_dir, data_dir,
-                       limit=limit, quiet=True)[0]
+    # Every rank computes the same results itself; lm-eval returns them only where LOCAL_RANK is 0 (its TP rule).
+    local = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        return up.evaluate(live_lm(model, tokenizer, max_length, batch_size), list(tasks), tasks_dir, data_dir,
+                           limit=limit, quiet=True)[0]
+    finally:
+        if local is None:
+            os.environ.pop("LOCAL_RANK", None)
+        else:
+            os.environ["LOCAL_RANK"] = local
 
 
 @dataclass

@@ -69,6 +69,17 @@ def test_probes_deterministic_for_a_seed(probed):
     assert pa == pb and len(pa) == 4
 
 
+def test_probes_at_tp2_equal_one_process(probed, tmp_path, data_cache):
+    """Under torchrun with tp=2 (each forward split over both ranks, logits gathered) the probes give the one-process
+    scores, and both ranks keep one schedule."""
+    out = tmp_path / "tp2"
+    run_evolm("train", tiny(out, data_cache, "train.iters=20", "train.log_interval=10", "parallel.tp=2",
+                            *probe_overrides("5120", "probe.max_fraction=null")), nproc=2)
+    one = [_probe_keys(r) for r in rows(probed[0]) if "probe_up_avg" in r]
+    two = [_probe_keys(r) for r in rows(out) if "probe_up_avg" in r]
+    assert two == one
+
+
 def test_probes_leave_training_unchanged(probed, tmp_path, data_cache):
     """The same run without probes has bitwise the same losses and gradient norms (probes run forward-only, keep the
     random state lm-eval reseeds, and leave no inference state behind)."""
