@@ -45,3 +45,41 @@ class SDPAttention(DotProductAttention):
                                                  is_causal=causal, scale=self.softmax_scale,
                                                  enable_gqa=q.shape[1] != k.shape[1])
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def _cached_rope_attention_class():
+    """megatron's SelfAttention with RoPE applied to each key once, before it enters the static KV cache.
+
+    megatron-core 0.16's static inference path caches keys *before* RoPE and re-applies RoPE to the whole cache
+    ``[:sequence_end]`` in every layer at every decode step (its flash-decode path, CUDA-only, avoids it). RoPE is
+    position-wise, so rotating each key once at its own position gives the same values the re-application gives;
+    this subclass does that (as megatron's dynamic engine does): the new keys are rotated, cached, and only the
+    query's rotation is left to ``forward``. Training and prefill-free paths are megatron's own."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.transformer.attention import SelfAttention
+
+    class CachedRopeSelfAttention(SelfAttention):
+        def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
+                                            rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                                            sequence_len_offset=None, *, inference_params=None):
+            if (inference_context is None or rotary_pos_emb is None or self.config.flash_decode
+                    or not inference_context.is_static_batching()):
+                return super()._adjust_key_value_for_inference(
+                    inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
+                    rotary_pos_cos_sin, sequence_len_offset, inference_params=inference_params)
+            q_pos_emb, k_pos_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            start = inference_context.sequence_len_offset
+            end = start + key.size(0)
+            if k_pos_emb is not None:
+                key = apply_rotary_pos_emb(key, k_pos_emb[start:end], config=self.config,
+                                           cp_group=self.pg_collection.cp)
+            query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, None, rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin,
+                sequence_len_offset, inference_params=inference_params)
+            q = None if q_pos_emb is None else q_pos_emb[start:end]
+            return query, key, value, (q, None), mask_type, block_table
+
+    return CachedRopeSelfAttention
+
+
+CachedRopeSelfAttention = _cached_rope_attention_class()

@@ -51,6 +51,9 @@ def layer_spec(m: ModelConfig):
         raise ConfigError("model.layer_spec", "te needs a GPU with transformer-engine installed (NGC PyTorch "
                                               "container); use model.layer_spec=local or auto")
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    from evolm_nemo.model.attention import CachedRopeSelfAttention
+
+    spec.submodules.self_attention.module = CachedRopeSelfAttention  # RoPE once per key in the inference KV cache
     if m.core_attention == "sdpa":
         from evolm_nemo.model.attention import SDPAttention
 
