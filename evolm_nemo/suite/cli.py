@@ -3,7 +3,7 @@
     evolm suite plan suite=evolm [mfu=0.4] [format=md|csv] [out=DIR]      # table + totals + DAG; out: plan.md/.csv
     evolm suite status suite=tiny                                         # done / resume / new per node
     evolm suite launch suite=tiny executor=local                          # pending nodes, parents first, on CPU
-    evolm suite launch suite=evolm executor=slurm dry_run=true [out=DIR]  # sbatch scripts + submit.sh
+    evolm suite launch suite=evolm executor=slurm dry_run=true [out=DIR]  # NeMo-Run's sbatch scripts, not submitted
     evolm suite report suite=evolm [out=DIR]                              # PAPER.md's tables, EvoLM's beside ours
 
 Common keys: root= (where every node writes), only=[node,...] (those and what they depend on), mfu=,

@@ -1,4 +1,5 @@
-"""`evolm suite launch suite=<name> executor=local|slurm [dry_run=true]`: every pending run of a suite, parents first.
+"""`evolm suite launch suite=<name> executor=local|slurm [dry_run=true]`: every pending run of a suite, parents first,
+through NeMo-Run (nemo-run 0.11.1; imported only here, when launching).
 
 Idempotent: before anything is started each node's state is read from its output --
 
@@ -9,17 +10,23 @@ Idempotent: before anything is started each node's state is read from its output
   command; the trainer resumes from the newest committed checkpoint (``train.resume=true``, its default).
 * ``new``: nothing there yet.
 
-``executor=local`` runs the pending nodes one after another as real processes (``python -m evolm_nemo.cli ...``, or
-``torchrun --nproc_per_node <local.nproc>`` for trainings), each logging to ``<root>/logs/<node>.log``; the first
-failure stops the launch (its dependants cannot start) and is reported in one line with the log's tail.
+``executor=local``: each pending node, one after another, is one ``run.Experiment`` with one ``run.Script`` on a
+``run.LocalExecutor`` (``python -m evolm_nemo.cli ...``, or ``torchrun --standalone --nproc_per_node <local.nproc>``
+for trainings), logging to ``<root>/logs/<node>.log``; the first failure stops the launch (its dependants are not
+started) and is reported in one line with the log's tail. One experiment per node rather than one DAG: NeMo-Run's
+local DAG starts a task whose dependency failed (observed with 0.11.1). NeMo-Run's local scheduler starts each task
+in a session of its own; ``evolm_nemo.suite.node`` wraps the node so that it dies with the launcher.
 
-``executor=slurm`` writes one sbatch script per pending node -- pyxis ``--container-image`` / ``--container-mounts``,
-``torchrun`` across the job's nodes with a c10d rendezvous on the first node, ``--signal=TERM@<s>`` so a training
-commits a checkpoint before its time limit -- and ``submit.sh``, which submits them in topological order, each with
-``--dependency=afterok:`` on its pending parents. ``dry_run=true`` stops there; otherwise submit.sh is run (needs
-``sbatch``). NeMo-Run is not used: nemo-run 0.11.1 with leptonai<0.47 would downgrade pinned packages of this
-environment (anyio, cloudpickle, urllib3) and pull ray, paramiko and torchx, so the scripts are written here in
-the same pyxis form NeMo-Run's SlurmExecutor produces.
+``executor=slurm``: one ``run.Experiment`` holding every pending node, each a ``run.Script`` on a
+``run.SlurmExecutor`` -- pyxis ``container_image`` / ``container_mounts``, ``nodes``, ``gpus_per_node``, ``time``,
+``account`` / ``partition`` from the suite recipe, ``--signal=TERM@<s>`` so a training commits a checkpoint before
+its time limit, ``torchrun`` across the job's nodes (``run.Torchrun``, c10d rendezvous) -- added with
+``dependencies=[...]`` along the DAG, so NeMo-Run submits them with ``--dependency=afterok:``. NeMo-Run forces the
+container's working directory to its job directory, so each node's script first changes to
+``slurm.container_workdir``. A pending node whose job is still queued or running (same job name, ``squeue --me``) is
+not submitted twice; its dependants wait for that job. ``dry_run=true`` runs NeMo-Run's dry run and copies the
+sbatch scripts it wrote (and each node's script) to ``out=`` (default ``<root>/slurm``) for inspection; nothing is
+submitted. NeMo-Run's experiment metadata goes to ``$NEMORUN_HOME`` (default here ``<root>/nemo_run``).
 """
 
 from __future__ import annotations
@@ -113,6 +120,33 @@ def status_table(js: list[Job]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------------------ nemo-run
+
+
+def nemo_run(suite: Suite):
+    """NeMo-Run, imported lazily (it takes seconds and is only needed to launch); experiments under the suite."""
+    if not os.environ.get("NEMORUN_HOME"):
+        os.environ["NEMORUN_HOME"] = str((Path(suite.root) / "nemo_run").resolve())
+    try:
+        import nemo_run as run
+        from nemo_run.config import set_nemorun_home
+    except Exception as e:  # ImportError, or leptonai>=0.47's import-time failure
+        raise ConfigError("executor", f"launching needs NeMo-Run, which did not import ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''}); install it with `pip install -c "
+                                      "constraints.txt nemo-run==0.11.1 'leptonai<0.47'` (make install does)") from None
+    set_nemorun_home(os.environ["NEMORUN_HOME"])
+    import logging
+
+    for name in ("nemo_run", "torchx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return run
+
+
+def _experiment(run, title: str):
+    return run.Experiment(title, log_level="WARN", clean_mode=True, enable_goodbye_message=False,
+                          skip_status_at_exit=True)
+
+
 # ------------------------------------------------------------------------------------------------------------ local
 
 
@@ -134,36 +168,54 @@ def _tail(path: Path, n: int = 15) -> str:
     return "\n".join(lines[-n:])
 
 
+_TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN")
+
+
+def _run_local_node(run, suite: Suite, job: Job, log: Path) -> int:
+    """One node as one NeMo-Run experiment on a LocalExecutor; blocks until it ends; returns its exit status."""
+    cmd = local_command(suite, job)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+    rc_file = log.with_suffix(".rc")
+    rc_file.unlink(missing_ok=True)
+    wrapped = [sys.executable, "-m", "evolm_nemo.suite.node", str(log), str(rc_file), "--", *cmd]
+    script = run.Script(inline=f"cd {shlex.quote(os.getcwd())}\nexec {shlex.join(wrapped)}\n",
+                        env={"PYTHONUNBUFFERED": "1"})
+    name = job.row.node
+    with _experiment(run, job_name(suite, name)) as exp:
+        exp.add(script, executor=run.LocalExecutor(), name=name)
+        exp.run()
+        try:
+            while exp.status(return_dict=True)[name]["status"].name not in _TERMINAL:
+                time.sleep(0.5)
+        except BaseException:  # Ctrl-C of the launcher: the node gets SIGTERM (it commits a checkpoint) and ends
+            exp.cancel(name)
+            raise
+    try:
+        return int(rc_file.read_text())
+    except (OSError, ValueError):
+        return -1  # it did not get as far as the wrapper's end (killed)
+    finally:
+        rc_file.unlink(missing_ok=True)
+
+
 def run_local(plan: Plan, js: list[Job]) -> int:
     suite = plan.suite
     logs = Path(suite.root) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     total = time.monotonic()
+    run = None
     for job in js:
         name = job.row.node
         if job.state == "done":
             print(f"[suite] {name}: done ({job.detail}); skipped", flush=True)
             continue
-        cmd = local_command(suite, job)
-        log = logs / f"{name}.log"
+        run = run or nemo_run(suite)
+        log = (logs / f"{name}.log").resolve()
         verb = "resuming" if job.state == "resume" else "starting"
         print(f"[suite] {name}: {verb} {job.row.stage} -> {suite.out(name)} (log {log})", flush=True)
         start = time.monotonic()
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(f"$ {shlex.join(cmd)}\n")
-            f.flush()
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-            try:
-                rc = proc.wait()
-            except BaseException:  # Ctrl-C / SIGTERM of the launcher: the node stops too (it commits on SIGTERM)
-                proc.terminate()
-                try:
-                    proc.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                raise
+        rc = _run_local_node(run, suite, job, log)
         took = time.monotonic() - start
         if rc != 0:
             print(_tail(log), file=sys.stderr)
@@ -182,120 +234,142 @@ def run_local(plan: Plan, js: list[Job]) -> int:
 # ------------------------------------------------------------------------------------------------------------ slurm
 
 
-def _remote_python_cmd(job: Job) -> list[str]:
-    if job.row.kind == "data":
-        return ["python", *job.argv]
-    return ["python", "-m", "evolm_nemo.cli", *job.argv]
-
-
-def sbatch_script(plan: Plan, job: Job, logs: Path) -> str:
-    s, row = plan.suite, job.row
-    node = s.nodes[row.node]
-    sl = s.slurm
-    gpus = row.gpus if row.kind == "train" else (node.gpus or (1 if row.kind != "data" else 0))
-    lines = ["#!/bin/bash",
-             f"# evolm suite {s.name}: node {row.node} ({row.stage}), parent {row.parent or '-'}; written by "
-             "`evolm suite launch executor=slurm`",
-             f"#SBATCH --job-name={job_name(s, row.node)}",
-             f"#SBATCH --nodes={row.nodes}",
-             "#SBATCH --ntasks-per-node=1"]
-    if gpus:
-        lines.append(f"#SBATCH --gpus-per-node={gpus}")
-    lines.append(f"#SBATCH --time={node.time or sl['time']}")
-    if sl.get("account"):
-        lines.append(f"#SBATCH --account={sl['account']}")
-    if sl.get("partition"):
-        lines.append(f"#SBATCH --partition={sl['partition']}")
-    if sl.get("exclusive") and row.kind == "train":
-        lines.append("#SBATCH --exclusive")
-    if row.kind == "train" and sl.get("signal_seconds"):
-        lines.append(f"#SBATCH --signal=TERM@{int(sl['signal_seconds'])}")  # commit a checkpoint before the limit
-    lines.append(f"#SBATCH --output={logs}/{row.node}-%j.log")
-    lines += ["", "set -euo pipefail",
-              'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-              f"export MASTER_PORT={int(sl['master_port'])}",
-              "export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false"]
-    lines += list(sl.get("setup") or [])
-    image = (sl.get("eval_container_image") if row.kind == "eval" else None) or sl["container_image"]
-    srun = ["srun", f"--nodes={row.nodes}", "--ntasks-per-node=1", f"--container-image={image}"]
-    if sl.get("container_mounts"):
-        srun.append(f"--container-mounts={','.join(sl['container_mounts'])}")
-    srun += [f"--container-workdir={sl['container_workdir']}", "--no-container-mount-home"]
-    if row.kind == "train":
-        cmd = ["torchrun", "--nnodes=$SLURM_NNODES", f"--nproc_per_node={gpus}", "--rdzv_id=$SLURM_JOB_ID",
-               "--rdzv_backend=c10d", "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT",
-               "-m", "evolm_nemo.train.entry", *job.argv[1:]]
-    else:
-        cmd = _remote_python_cmd(job)
-    shell = [a if a.startswith("--") and "$" in a else shlex.quote(a) for a in srun + cmd]
-    if "-m" in shell:  # `-m <module>` on one line
-        i = shell.index("-m")
-        shell[i:i + 2] = [f"-m {shell[i + 1]}"]
-    lines += ["", f"# state when written: {job.state} ({job.detail})", " \\\n  ".join(shell), ""]
-    return "\n".join(lines)
-
-
 def job_name(suite: Suite, node: str) -> str:
     return f"evolm-{suite.name}-{node}"
 
 
-def submit_script(plan: Plan, pending: list[Job]) -> str:
-    """Submits in topological order, each job ``afterok`` on its pending parents. A node whose job is already queued
-    or running (same job name, this user: ``squeue``) is not submitted twice; its dependants wait for that job."""
-    names = {j.row.node for j in pending}
-    lines = ["#!/bin/bash",
-             f"# Submits the {len(pending)} pending runs of suite {plan.suite.name} in topological order; each job "
-             "waits (afterok) for its pending parents. Runs already complete were left out when this was written;",
-             "# a run whose job is still queued or running (same job name) is not submitted again.",
-             "set -euo pipefail", 'cd "$(dirname "$0")"', "declare -A JOB", "submitted=0",
-             "queued() { squeue -h --me -n \"$1\" -o %i 2>/dev/null | head -n 1 || true; }"]
-    for j in pending:
-        node = j.row.node
-        deps = [d for d in ([j.row.parent] if j.row.parent else []) + j.row.needs if d in names]
-        dep = f"--dependency=afterok:{':'.join('${JOB[' + d + ']}' for d in deps)} " if deps else ""
-        lines.append(f"jid=$(queued {shlex.quote(job_name(plan.suite, node))}); "
-                     f"if [ -n \"$jid\" ]; then echo \"{node}: already queued as job $jid\"; "
-                     f"else jid=$(sbatch --parsable {dep}{shlex.quote(node + '.sbatch')}); "
-                     f"submitted=$((submitted + 1)); echo \"{node}: job ${{jid%%;*}}\"; fi; "
-                     f"JOB[{node}]=${{jid%%;*}}")
-    lines.append(f'echo "submitted $submitted of {len(pending)} jobs"')
+def node_script(plan: Plan, job: Job) -> str:
+    """What one task of the node runs inside the container (torchrun runs it once per rank for a training)."""
+    sl = plan.suite.slurm
+    if job.row.kind == "train":
+        cmd = ["python", "-m", "evolm_nemo.train.entry", *job.argv[1:]]
+    elif job.row.kind == "data":
+        cmd = ["python", *job.argv]
+    else:
+        cmd = ["python", "-m", "evolm_nemo.cli", *job.argv]
+    lines = [f"# evolm suite {plan.suite.name}: node {job.row.node} ({job.row.stage}), parent {job.row.parent or '-'}; "
+             f"state when written: {job.state} ({job.detail})",
+             f"cd {shlex.quote(sl['container_workdir'])}", f"exec {shlex.join(cmd)}"]
     return "\n".join(lines) + "\n"
 
 
-def write_slurm(plan: Plan, js: list[Job], directory: Path) -> Path:
-    """sbatch scripts + submit.sh into ``directory``, replaced as a whole (never a mix of two launches)."""
-    pending = [j for j in js if j.state != "done"]
-    logs = (Path(plan.suite.root) / "logs").resolve()
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        for j in pending:
-            (tmp / f"{j.row.node}.sbatch").write_text(sbatch_script(plan, j, logs), encoding="utf-8")
-        (tmp / "submit.sh").write_text(submit_script(plan, pending), encoding="utf-8")
-        (tmp / "status.txt").write_text(status_table(js) + "\n", encoding="utf-8")
-        for p in tmp.iterdir():
-            p.chmod(0o755 if p.suffix in (".sh", ".sbatch") else 0o644)
-        tmp.chmod(0o755)
-        from evolm_nemo.fileio import replace_dir
+def slurm_executor(run, plan: Plan, job: Job, external: list[str]):
+    s, row = plan.suite, job.row
+    node, sl = s.nodes[row.node], s.slurm
+    gpus = row.gpus if row.kind == "train" else (node.gpus or (1 if row.kind != "data" else 0))
+    image = (sl.get("eval_container_image") if row.kind == "eval" else None) or sl["container_image"]
+    train = row.kind == "train"
+    extra = {}
+    if external:  # parents whose jobs are already queued (not part of this experiment)
+        extra["dependency"] = "afterok:" + ":".join(external)
+    home = Path(os.environ["NEMORUN_HOME"])
+    ex = run.SlurmExecutor(
+        account=sl.get("account") or "", partition=sl.get("partition"), job_name_prefix=f"evolm-{s.name}-",
+        time=node.time or sl["time"], nodes=row.nodes, ntasks_per_node=1, gpus_per_node=gpus or None,
+        exclusive=True if (sl.get("exclusive") and train) else None,
+        signal=f"TERM@{int(sl['signal_seconds'])}" if (train and sl.get("signal_seconds")) else None,
+        container_image=image, container_mounts=list(sl.get("container_mounts") or []),
+        srun_args=["--no-container-mount-home"], additional_parameters=extra or None,
+        setup_lines="\n".join(sl.get("setup") or []) or None,
+        env_vars={"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
+        tunnel=run.LocalTunnel(job_dir=str(home / "experiments")), packager=run.Packager(),
+        poll_estimated_start_time=False)
+    if train:
+        ex.launcher = run.Torchrun(rdzv_backend="c10d", rdzv_port=int(sl["master_port"]))
+        ex.torchrun_nproc_per_node = gpus
+    if external:  # NeMo-Run writes --dependency=<type>:<ids of this experiment's parents>; the queued ones go first
+        ex.dependency_type = extra["dependency"]
+    return ex
 
-        replace_dir(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+
+def queued_jobs(suite: Suite, nodes: list[str]) -> dict[str, str]:
+    """node -> id of this user's queued or running job of the same name (``squeue --me``)."""
+    out = {}
+    for n in nodes:
+        try:
+            proc = subprocess.run(["squeue", "-h", "--me", "-n", job_name(suite, n), "-o", "%i"], capture_output=True,
+                                  text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        ids = proc.stdout.split() if proc.returncode == 0 else []
+        if ids:
+            out[n] = ids[0]
+    return out
+
+
+def _parents(job: Job) -> list[str]:
+    return ([job.row.parent] if job.row.parent else []) + list(job.row.needs)
 
 
 def run_slurm(plan: Plan, js: list[Job], directory: Path, dry_run: bool) -> int:
     if not dry_run and shutil.which("sbatch") is None:
         raise ConfigError("executor", "slurm: sbatch is not on PATH (run this on a Slurm login node), or pass "
                                       "dry_run=true to write the scripts only")
-    (Path(plan.suite.root) / "logs").mkdir(parents=True, exist_ok=True)
-    path = write_slurm(plan, js, directory)
+    suite = plan.suite
+    (Path(suite.root) / "logs").mkdir(parents=True, exist_ok=True)
     pending = [j for j in js if j.state != "done"]
+    queued = {} if dry_run else queued_jobs(suite, [j.row.node for j in pending])
     for j in js:
-        print(f"[suite] {j.row.node}: {j.state} ({j.detail})" + ("; skipped" if j.state == "done" else ""))
-    print(f"[suite] wrote {len(pending)} sbatch scripts and {path / 'submit.sh'}")
-    if dry_run:
-        print(f"[suite] dry run: nothing submitted; inspect, then `bash {path / 'submit.sh'}`")
-        return 0
-    return subprocess.call(["bash", str(path / "submit.sh")])
+        print(f"[suite] {j.row.node}: {j.state} ({j.detail})" + ("; skipped" if j.state == "done" else "")
+              + (f"; already queued as job {queued[j.row.node]}" if j.row.node in queued else ""), flush=True)
+    run = nemo_run(suite)
+    added: dict[str, str] = {}
+    deps_of: dict[str, list[str]] = {}
+    with _experiment(run, f"evolm-{suite.name}") as exp:
+        for j in pending:
+            node = j.row.node
+            if node in queued:
+                continue
+            external = [queued[d] for d in _parents(j) if d in queued]
+            internal = [added[d] for d in _parents(j) if d in added]
+            deps_of[node] = [d for d in _parents(j) if d in added] + [f"{d}(job {queued[d]})" for d in _parents(j)
+                                                                      if d in queued]
+            added[node] = exp.add(run.Script(inline=node_script(plan, j)), executor=slurm_executor(run, plan, j,
+                                  external), name=node, dependencies=internal or None)
+        if not added:
+            print(f"[suite] nothing to submit ({len(js) - len(pending)} done, {len(queued)} queued)")
+            if dry_run:
+                write_dry_run(exp, plan, js, {}, directory, dry=False)
+            return 0
+        if dry_run:
+            exp.dryrun(log=False, delete_exp_dir=False)
+            path = write_dry_run(exp, plan, js, deps_of, directory)
+            print(f"[suite] dry run: wrote {len(added)} sbatch scripts (NeMo-Run's) to {path}; nothing submitted")
+            return 0
+        exp.run(detach=True)
+        for j in exp.jobs:
+            print(f"[suite] {j.id}: job {str(j.handle).split('://', 1)[-1].split('/')[1] if j.handle else '?'}"
+                  + (f" (afterok {', '.join(deps_of[j.id])})" if deps_of.get(j.id) else ""), flush=True)
+    print(f"[suite] submitted {len(added)} of {len(pending)} pending jobs through NeMo-Run (experiment "
+          f"{exp._exp_dir})")
+    return 0
+
+
+def write_dry_run(exp, plan: Plan, js: list[Job], deps_of: dict[str, list[str]], directory: Path,
+                  dry: bool = True) -> Path:
+    """NeMo-Run's sbatch scripts (``<node>.sbatch``) and node scripts (``scripts/<node>.sh``), the dependencies
+    (``dependencies.txt``) and the node states (``status.txt``) into ``directory``, replaced as a whole."""
+    from evolm_nemo.fileio import replace_dir
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    exp_dir = Path(exp._exp_dir)
+    try:
+        (tmp / "scripts").mkdir()
+        for node in deps_of:
+            shutil.copyfile(exp_dir / f"{node}_sbatch.sh", tmp / f"{node}.sbatch")
+            shutil.copyfile(exp_dir / node / "scripts" / f"{node}.sh", tmp / "scripts" / f"{node}.sh")
+        (tmp / "dependencies.txt").write_text(
+            "# node: the pending parents it waits for (sbatch --dependency=afterok), in submission order\n"
+            + "".join(f"{n}: {' '.join(d) or '-'}\n" for n, d in deps_of.items()), encoding="utf-8")
+        (tmp / "status.txt").write_text(status_table(js) + "\n", encoding="utf-8")
+        for p in tmp.rglob("*"):
+            p.chmod(0o755 if p.is_dir() or p.suffix in (".sh", ".sbatch") else 0o644)
+        tmp.chmod(0o755)
+        replace_dir(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if dry:
+            shutil.rmtree(exp_dir, ignore_errors=True)
+    return directory

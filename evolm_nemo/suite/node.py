@@ -1,0 +1,43 @@
+"""One node of a local suite launch, as NeMo-Run's LocalExecutor starts it: ``python -m evolm_nemo.suite.node LOG RC
+-- CMD...``.
+
+Runs CMD with its output appended to LOG and writes its exit status to RC. NeMo-Run's local scheduler (torchx) starts
+each task in a session of its own, so killing the launcher's process group would not reach the node; this wrapper
+watches its parent (the launcher) and, if the launcher disappears, kills its own process group -- itself and the node
+-- so a relaunch never races an orphan (committed checkpoints are atomic; the relaunch resumes). SIGTERM / SIGINT (a
+cancel from the launcher) are forwarded to CMD, which commits a checkpoint and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def main(argv: list[str]) -> int:
+    log, rc_path, sep, *cmd = argv
+    assert sep == "--" and cmd, "usage: python -m evolm_nemo.suite.node LOG RC -- CMD..."
+    parent = os.getppid()
+    with open(log, "a", encoding="utf-8") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while proc.poll() is None:
+        if os.getppid() != parent:  # the launcher is gone: nobody supervises this node any more
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        time.sleep(0.1)
+    with open(rc_path, "w", encoding="utf-8") as f:
+        f.write(f"{proc.returncode}\n")
+    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
