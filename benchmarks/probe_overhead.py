@@ -68,8 +68,14 @@ def main() -> int:
             mean_s = sum(x["probe_s"] for x in probes) / len(probes)
             mean_f = sum(x["probe_fraction"] for x in probes) / len(probes)
             total_probe = start_s + sum(x["probe_s"] for x in probes)
+            cut = probes[0]["iteration"]
+            before = [x["step_s"] for x in recs["probed"] if x["iteration"] <= cut]
+            after = [x["step_s"] for x in recs["probed"] if x["iteration"] > cut]
+            same = [x["step_s"] for x in recs["plain"] if x["iteration"] > cut]
             print(f"round {r}: {a.iters} iters; mean step_s plain {step['plain']:.4f} s, probed {step['probed']:.4f} s "
-                  f"(ratio {step['probed'] / step['plain']:.3f})")
+                  f"(ratio {step['probed'] / step['plain']:.3f}); after the first probe (iteration {cut}): probed "
+                  f"{sum(after) / max(len(after), 1):.4f} s vs plain {sum(same) / max(len(same), 1):.4f} s; before "
+                  f"it: probed {sum(before) / len(before):.4f} s")
             print(f"  probes: {len(probes)} + 1 before the first step at iterations "
                   f"{[x['iteration'] for x in probes]}; mean probe_s {mean_s:.3f} s = {mean_s / step['plain']:.1f} "
                   f"plain steps; mean probe_fraction {mean_f:.3f} (max_fraction {a.max_fraction})")

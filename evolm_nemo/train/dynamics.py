@@ -3,16 +3,16 @@ cost logged and bounded.
 
 ``probe.tokens_interval=T``: the probes run before the first step (keys suffixed ``_at_<iteration>`` in the first
 record), every ``ceil(T / tokens_per_iter)`` iterations and after the last step. Each record with probes carries
-``probe_s`` (the probe's wall time, the slowest rank's) and ``probe_fraction`` (``probe_s`` over the wall time since
-the previous probe ended, probe included). With ``probe.max_fraction=f`` a probe that costs more than ``f`` of that
-time postpones the next one until enough training has happened for the ratio to be ``f`` again (printed once per
-change); the final probe always runs. The decision is taken from an all-reduced time, so every rank agrees.
+``probe_s`` (that probe's wall time, the slowest rank's), ``probe_fraction`` (all probes' time so far over the wall
+time since the first probe began) and ``probes_skipped``. With ``probe.max_fraction=f`` an interval's probe is
+skipped when running it (at the last probe's cost) would lift that share above ``f`` -- one line says so when
+skipping starts -- and probing resumes once training has caught up; the final probe always runs. The decision is
+taken from all-reduced times, so every rank agrees.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 
 from evolm_nemo.config.schema import RootConfig
@@ -31,7 +31,9 @@ class ProbeHook:
         # problems are read now: a bad file fails in one line before the model is built
         self.problems = [probe.fitting(probe.load_problems(s, pr.downstream_dir, pr.downstream_limit, pr.template),
                                        tokenizer, self.max_seq, pr.max_new_tokens, is_main) for s in pr.downstream]
-        self.next, self.prev, self.since, self.start, self.start_logged = None, 0, None, None, False
+        self.next, self.start, self.start_logged = None, None, False
+        self.t0 = self.spent = self.last_cost = 0.0
+        self.skipped, self.skipping = 0, False
 
     def measure(self, model) -> dict:
         """The probes' scores (percent) on the live model; every rank calls it with the same inputs. Training's
@@ -56,36 +58,48 @@ class ProbeHook:
 
     def prepare(self, model, start: int) -> None:
         """Before the first step: the starting point of the curve (the parent's, or the resumed checkpoint's)."""
-        t0 = time.perf_counter()
-        self.start = (start, self.measure(model), _slowest(time.perf_counter() - t0))
-        self.next, self.prev, self.since = start + self.every, start, time.perf_counter()
+        self.t0 = time.perf_counter()
+        self.start = (start, self.measure(model), _slowest(time.perf_counter() - self.t0))
+        self.spent = self.last_cost = self.start[2]
+        self.next = start + self.every
 
     def due(self, step: int, last: bool) -> bool:
-        return last or (self.next is not None and step >= self.next)
+        """Whether to probe after ``step``: at every interval while the probes' share of the wall time since the
+        first probe stays within ``probe.max_fraction`` (counting the probe about to run at the last one's cost);
+        always after the last step. Collective at interval steps (every rank decides from the same numbers)."""
+        if last:
+            return True
+        if self.next is None or step < self.next:
+            return False
+        self.next = step + self.every
+        f = self.cfg.max_fraction
+        if f is None:
+            return True
+        elapsed = _slowest(time.perf_counter() - self.t0)
+        if self.spent + self.last_cost <= f * (elapsed + self.last_cost):
+            self.skipping = False
+            return True
+        self.skipped += 1
+        if self.is_main and not self.skipping:
+            print(f"[evolm] probe skipped at iteration {step}: probes would take more than probe.max_fraction={f} of "
+                  f"the wall time ({self.spent:.1f} s of {elapsed:.1f} s so far, about {self.last_cost:.1f} s each); "
+                  "they resume when training has caught up, and the last step always probes", flush=True)
+        self.skipping = True
+        return False
 
     def run(self, model, step: int, last: bool) -> dict:
         t0 = time.perf_counter()
-        trained = t0 - self.since
         out = self.measure(model)
         cost = _slowest(time.perf_counter() - t0)
-        fraction = cost / max(cost + trained, 1e-9)
-        out.update(probe_s=round(cost, 4), probe_fraction=round(fraction, 4))
+        self.spent += cost
+        self.last_cost = cost
+        out.update(probe_s=round(cost, 4), probe_fraction=round(self.spent / max(time.perf_counter() - self.t0, 1e-9),
+                                                                4), probes_skipped=self.skipped)
         if self.start is not None and not self.start_logged:
             begin, before, begin_s = self.start
             out.update({f"{k}_at_{begin}": v for k, v in before.items()})
             out[f"probe_s_at_{begin}"] = round(begin_s, 4)
             self.start_logged = True
-        gap = self.every
-        f = self.cfg.max_fraction
-        if f is not None and fraction > f and step > 0:
-            per_step = trained / max(step - self.prev, 1)  # training seconds per iteration lately
-            need = cost * (1.0 - f) / f  # training time that makes this probe's share f
-            gap = max(self.every, math.ceil(need / max(per_step, 1e-9)))
-            if self.is_main and not last:
-                print(f"[evolm] probe took {cost:.1f} s ({fraction:.0%} of the last {cost + trained:.1f} s, over "
-                      f"probe.max_fraction={f}); next probe at iteration {step + gap} instead of {step + self.every}",
-                      flush=True)
-        self.next, self.prev, self.since = step + gap, step, time.perf_counter()
         return out
 
 

@@ -45,7 +45,7 @@ def probed(tmp_path_factory, data_cache):
 
 def _probe_keys(row: dict) -> dict:
     return {k: v for k, v in row.items() if k.startswith("probe_") and not k.startswith("probe_s")
-            and k != "probe_fraction"}
+            and k not in ("probe_fraction", "probes_skipped")}
 
 
 def test_probes_on_schedule_with_cost(probed):
@@ -56,7 +56,7 @@ def test_probes_on_schedule_with_cost(probed):
     assert {f"probe_up_{t}_at_0" for t in TASKS} | {"probe_down_gsm8k_platinum_at_0", "probe_s_at_0"} <= set(first)
     for r in a:
         if "probe_up_avg" in r:
-            assert r["probe_s"] > 0 and 0 < r["probe_fraction"] < 1
+            assert r["probe_s"] > 0 and 0 < r["probe_fraction"] < 1 and r["probes_skipped"] == 0
             assert r["probe_up_avg"] == pytest.approx(sum(r[f"probe_up_{t}"] for t in TASKS) / len(TASKS), abs=0.01)
             assert 0 <= r["probe_down_gsm8k_platinum"] <= 100
             assert r["step_s"] < r["probe_s"]  # the probe's time is kept out of the step time
@@ -118,16 +118,17 @@ def test_upstream_probe_equals_lm_eval_on_the_export(probed, tmp_path):
         assert lp == pytest.approx(wp, abs=1e-4)
 
 
-def test_cost_bound_postpones_probes(tmp_path, data_cache):
-    """With probe.max_fraction far below the probe's real share the next probe is postponed (printed once), the last
-    step still probes, and every probe record says what it cost."""
+def test_cost_bound_skips_probes(tmp_path, data_cache):
+    """With probe.max_fraction far below the probes' real share the interval probes are skipped (one line), the last
+    step still probes, and every probe record says what it cost and how many were skipped."""
     out = tmp_path / "bounded"
     r = run_evolm("train", tiny(out, data_cache, "train.iters=12", "train.log_interval=6",
                                 *probe_overrides("1024", "probe.max_fraction=0.01", "probe.upstream_limit=2")))
     probed = [x for x in rows(out) if "probe_up_avg" in x]
     assert [x["iteration"] for x in probed][-1] == 12 and len(probed) < 12
-    assert "over probe.max_fraction=0.01" in r.stdout and "next probe at iteration" in r.stdout
+    assert r.stdout.count("probe skipped at iteration") == 1 and "probe.max_fraction=0.01" in r.stdout
     assert all(x["probe_fraction"] > 0.01 for x in probed)
+    assert probed[-1]["probes_skipped"] == 12 - len(probed)
 
 
 @pytest.mark.parametrize("extra, key, words", [
