@@ -7,7 +7,9 @@
 4. export the final checkpoint to a verified HF LlamaForCausalLM directory (logits checked against megatron),
 5. train a tiny outcome reward model on the SFT model's own samples of RL-set problems (judged by the shared
    checker; `evolm prepare-rm` + `stage=rm`), print its validation AUC, export it as LlamaForSequenceClassification,
-6. evaluate the SFT model downstream with the `hf` backend (greedy + n=16) on held-out generated word problems in
+6. GRPO from the SFT model on the demo's RL set (recipe experiment=demo_rl, rewards from the shared checker): print
+   the mean reward over its first and last steps and the greedy accuracy on the held-out problems before and after,
+7. evaluate the SFT model and the RL actor downstream with the `hf` backend (greedy + n=16) on held-out generated word problems in
    the GSM8K cooked schema, score them EvoLM-style (RM@16 from our RM), print the metrics table and the plot path.
 
 Any training override works here too: `evolm pipeline train.iters=200 model.num_layers=4`.
@@ -24,6 +26,8 @@ HELD_OUT = 64  # held-out problems for the greedy accuracy before and after SFT
 MAX_NEW = 48  # completion tokens for those
 STOP = ("Human:", "Assistant:")  # the template's turn markers end a completion
 RM_PROBLEMS, RM_SAMPLES = 160, 8  # the demo RM's training samples: problems of the RL set x samples each
+SFT_EPOCHS = 2  # the demo's SFT: 2 epochs (demo_sft's 4 leave greedy accuracy where GRPO on this model cannot raise it)
+RL_WINDOW = 10  # the RL stage's mean reward over its first and last RL_WINDOW steps
 PROMPTS = ["Ben has 2 bags. Each bag has 7 cups. How many cups does Ben have?", "Count from 3 to 9:"]
 
 
@@ -111,7 +115,9 @@ def train_demo_rm(final, tokenizer, demo_data, overrides: list[str], out: Path, 
     result = run(cfg, plan)
     last = json.loads((out / "rm" / "metrics.jsonl").read_text().splitlines()[-1])
     if is_main:
-        print(f"[rm] {loss_curve(result.losses)}\n[rm] validation on held-out problems: AUC {last['val_auc']:.3f}, "
+        if result.losses:  # empty when the run was already complete
+            print(f"[rm] {loss_curve(result.losses)}")
+        print(f"[rm] validation on held-out problems: AUC {last['val_auc']:.3f}, "
               f"accuracy {last['val_accuracy']:.3f} over {last['val_examples']} samples")
     return result, last
 
@@ -136,13 +142,13 @@ def main(overrides: list[str]) -> int:
         cpt = run(cpt_cfg, cpt_plan)
         if is_main and cpt.losses:
             print(f"[cpt] {loss_curve(cpt.losses)}")
-        sft_cfg, sft_plan = _stage("demo_sft", overrides, out / "sft", cpt.checkpoint)
+        sft_cfg, sft_plan = _stage("demo_sft", overrides, out / "sft", cpt.checkpoint, f"train.epochs={SFT_EPOCHS}")
         demo_data = ensure_synthetic_sft(sft_cfg)
         problems = read_jsonl(demo_data.eval_path)[:HELD_OUT]
         tokenizer = load_tokenizer(cpt.tokenizer)
         template, max_seq = sft_cfg.sft.prompt_template, cfg.model.seq_length
         can_generate = cfg.parallel.pp == 1  # the inference engine runs with pp=1 (every TP rank takes part)
-        rm = None
+        rm = rl = None
         if can_generate:
             before, _ = greedy_accuracy(cpt.model, tokenizer, problems, template, MAX_NEW, max_seq)
         final = run(sft_cfg, sft_plan)
@@ -160,9 +166,21 @@ def main(overrides: list[str]) -> int:
                 if is_main:
                     print(f"sample> {prompt}{text}")
             rm, _ = train_demo_rm(final, tokenizer, demo_data, overrides, out, max_seq)
+            rl_cfg, rl_plan = _stage("demo_rl", overrides, out / "rl", final.checkpoint)
+            rl = run(rl_cfg, rl_plan)
+            rl_after, _ = greedy_accuracy(rl.model, tokenizer, problems, template, MAX_NEW, max_seq)
+            if is_main:
+                r, k = rl.losses, min(RL_WINDOW, max(len(rl.losses) // 2, 1))
+                if r:  # empty when the run was already complete
+                    print(f"[rl] {rl_cfg.stage}: mean reward (strict checker, {rl_cfg.rl.samples_per_prompt} samples "
+                          f"x {rl_cfg.rl.prompts_per_step} RL-set prompts per step) first {k} steps "
+                          f"{sum(r[:k]) / k:.3f} -> last {k} steps {sum(r[-k:]) / k:.3f}")
+                print(f"[rl] greedy accuracy on {len(problems)} held-out word problems (strict checker): "
+                      f"before RL {after:.1%} -> after RL {rl_after:.1%}")
         if not is_main:
             return 0
-        print(f"checkpoints: pretrain {pre.checkpoint} -> cpt {cpt.checkpoint} -> sft {final.checkpoint}")
+        print(f"checkpoints: pretrain {pre.checkpoint} -> cpt {cpt.checkpoint} -> sft {final.checkpoint}"
+              + (f" -> rl {rl.checkpoint}" if rl is not None else ""))
     finally:
         teardown()
     if final.runtime.world_size > 1:  # export and evaluation run in one process, after the training group
@@ -185,6 +203,12 @@ def main(overrides: list[str]) -> int:
     eval_demo(str(hf_dir), str(out / "eval"), str(data_dir), limit=DEMO_PROBLEMS, n=16,
               extra=(f"name=evolm-{cfg.model.name}-demo", f"size={cfg.model.name}", f"pretrain_tokens={tokens}",
                      f"stage={sft_cfg.stage}", *rm_extra))
+    if rl is not None:  # the RL actor on the same problems (RM@16 from the same RM)
+        export_hf([f"src={rl.checkpoint}", f"dst={out / 'rl_hf'}", "overwrite=true"])
+        print(f"RL actor export (verified): {out / 'rl_hf'}")
+        eval_demo(str(out / "rl_hf"), str(out / "eval_rl"), str(data_dir), limit=DEMO_PROBLEMS, n=16,
+                  extra=(f"name=evolm-{cfg.model.name}-demo-rl", f"size={cfg.model.name}", f"pretrain_tokens={tokens}",
+                         f"stage={rl_cfg.stage}", *rm_extra))
     return 0
 
 

@@ -1,6 +1,6 @@
 """`evolm pipeline` exactly as `make demo` runs it: pretrain -> CPT on a replay mix -> SFT (greedy accuracy before
-and after) -> samples -> an outcome RM on its own samples -> verified HF exports -> eval (RM@16 from our RM) +
-report."""
+and after) -> samples -> an outcome RM on its own samples -> GRPO on the RL set (reward and greedy accuracy before and
+after) -> verified HF exports -> eval of the SFT model and the RL actor (RM@16 from our RM) + report."""
 
 import json
 import re
@@ -13,9 +13,20 @@ def test_pipeline_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = run_evolm("pipeline", [f"run.out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false"])
     text = proc.stdout
-    # SFT must clearly teach the held-out word problems: from about 0 to at least 30% greedy accuracy
+    # SFT (2 epochs) must clearly teach the held-out word problems: from about 0 to at least 20% greedy accuracy
     m = re.search(r"before SFT ([0-9.]+)% -> after SFT ([0-9.]+)%", text)
-    assert m and float(m.group(1)) <= 10.0 and float(m.group(2)) >= 30.0, m and m.groups()
+    assert m and float(m.group(1)) <= 10.0 and float(m.group(2)) >= 20.0, m and m.groups()
+    # the RL stage (GRPO on the RL set): mean reward and held-out greedy accuracy both rise (measured on the demo's
+    # seed and two more rollout seeds: reward 0.104->0.148, 0.109->0.133, 0.105->0.113; greedy 26.6% -> 32.8/29.7/28.1%)
+    m = re.search(r"\[rl\] grpo: mean reward .* first 10 steps ([0-9.]+) -> last 10 steps ([0-9.]+)", text)
+    assert m and float(m.group(2)) > float(m.group(1)), text[-3000:]
+    m = re.search(r"\[rl\] greedy accuracy on 64 held-out word problems .*: before RL ([0-9.]+)% -> after RL ([0-9.]+)%",
+                  text)
+    assert m and float(m.group(2)) > float(m.group(1)), text[-3000:]
+    rl = json.loads(next((out / "rl" / "checkpoints").glob("iter_*/evolm.json")).read_text())
+    assert [s["stage"] for s in rl["lineage"]["stages"]] == ["pretrain", "cpt", "sft", "grpo"]
+    assert "RL actor export (verified)" in text and "evolm-tiny-demo-rl" in text
+    assert json.loads((out / "eval_rl" / "result.json").read_text())["stage"] == "grpo"
     assert "[pretrain] loss curve" in text and "[cpt] loss curve" in text and "[sft] loss curve" in text
     assert "(falling)" in text and "before SFT" in text and "after SFT" in text
     cpt = json.loads(next((out / "cpt" / "checkpoints").glob("iter_*/evolm.json")).read_text())
