@@ -2,7 +2,8 @@
 
 1. pretrain the `tiny` LLaMA-2 on the generated corpus (megatron-core engine, fp32 on CPU; recipe experiment=demo),
 2. continue pretraining (CPT) from that checkpoint on a generated replay mix, text : math = 8 : 42 as in EvoLM's
-   FW8+FM42 (recipe experiment=demo_cpt), printing each stage's loss curve summary,
+   FW8+FM42 (recipe experiment=demo_cpt), printing each stage's loss curve summary; both record their dynamics
+   (held-out loss per source, capability probes: `dynamics_overrides`) and runs/demo/dynamics/ reports them,
 3. print greedy samples from the final model (megatron-core's inference engine),
 4. export the final checkpoint to a verified HF LlamaForCausalLM directory (logits checked against megatron),
 5. train a tiny outcome reward model on the SFT model's own samples of RL-set problems (judged by the shared
@@ -28,6 +29,10 @@ STOP = ("Human:", "Assistant:")  # the template's turn markers end a completion
 RM_PROBLEMS, RM_SAMPLES = 160, 8  # the demo RM's training samples: problems of the RL set x samples each
 SFT_EPOCHS = 2  # the demo's SFT: 2 epochs (demo_sft's 4 leave greedy accuracy where GRPO on this model cannot raise it)
 RL_WINDOW = 10  # the RL stage's mean reward over its first and last RL_WINDOW steps
+PROBE_PROBLEMS = 32  # held-out word problems in the pretraining / CPT downstream probe
+VAL_DOCS = 100  # generated held-out documents per corpus kind for the held-out loss
+DYNAMICS_EVERY = {"pretrain": 102400, "cpt": 51200}  # tokens between probes: every 100 / 50 iterations
+PROBE_FRACTION = "null"  # no bound: the demo's runs are seconds long and want their few points (a probe ~1 s)
 PROMPTS = ["Ben has 2 bags. Each bag has 7 cups. How many cups does Ben have?", "Count from 3 to 9:"]
 
 
@@ -122,8 +127,27 @@ def train_demo_rm(final, tokenizer, demo_data, overrides: list[str], out: Path, 
     return result, last
 
 
+def dynamics_overrides(out: Path, stage: str) -> list[str]:
+    """The demo's checkpoint dynamics: held-out loss per source (on VAL_DOCS generated held-out documents per kind,
+    so training keeps every document) and the capability probes -- lm-eval 0-shot on the six sample tasks of eval/upstream/sample through the live model, and
+    greedy on PROBE_PROBLEMS of the demo's held-out word problems (written to ``out``/probe_data first)."""
+    from evolm_nemo.evaluation.upstream import default_tasks_dir
+
+    tokens = DYNAMICS_EVERY[stage]
+    return [f"data.synthetic_val_docs={VAL_DOCS}", f"train.val_tokens_interval={tokens}", f"probe.tokens_interval={tokens}",
+            "probe.upstream=[hellaswag,winogrande,piqa,openbookqa,arc_easy,arc_challenge]",
+            f"probe.data_dir={default_tasks_dir() / 'sample'}", "probe.downstream=[gsm8k_platinum]",
+            f"probe.downstream_dir={out / 'probe_data'}", f"probe.max_new_tokens={MAX_NEW}",
+            f"probe.max_fraction={PROBE_FRACTION}"]
+
+
 def main(overrides: list[str]) -> int:
-    cfg = compose("config", ["experiment=demo", *overrides], RootConfig)
+    from evolm_nemo.data.sft_synthetic import problem_pool
+
+    out = Path(compose("config", ["experiment=demo", *overrides], RootConfig).run.out_dir)
+    held_out, _ = problem_pool(compose("config", ["experiment=demo_sft", *_stage_overrides(overrides)], RootConfig))
+    write_demo_problems(out / "probe_data", held_out[:PROBE_PROBLEMS])
+    cfg = compose("config", ["experiment=demo", *dynamics_overrides(out, "pretrain"), *overrides], RootConfig)
     plan = validate(cfg)
     from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
     from evolm_nemo.data.tokenizer import load_tokenizer
@@ -137,8 +161,8 @@ def main(overrides: list[str]) -> int:
         is_main = pre.runtime.is_main
         if is_main and pre.losses:
             print(f"[pretrain] {loss_curve(pre.losses)}")
-        out = Path(pre.out_dir)
-        cpt_cfg, cpt_plan = _stage("demo_cpt", overrides, out / "cpt", pre.checkpoint)
+        cpt_cfg, cpt_plan = _stage("demo_cpt", [*dynamics_overrides(out, "cpt"), *overrides], out / "cpt",
+                                   pre.checkpoint)
         cpt = run(cpt_cfg, cpt_plan)
         if is_main and cpt.losses:
             print(f"[cpt] {loss_curve(cpt.losses)}")
@@ -209,6 +233,11 @@ def main(overrides: list[str]) -> int:
         eval_demo(str(out / "rl_hf"), str(out / "eval_rl"), str(data_dir), limit=DEMO_PROBLEMS, n=16,
                   extra=(f"name=evolm-{cfg.model.name}-demo-rl", f"size={cfg.model.name}", f"pretrain_tokens={tokens}",
                          f"stage={rl_cfg.stage}", *rm_extra))
+    from evolm_nemo.evaluation.report import build as report
+
+    written = report(None, str(out / "dynamics"), dynamics=f"{out},{out / 'cpt'}")
+    print(f"[dynamics] pretraining and CPT, probes and held-out loss vs tokens: {written['markdown']} "
+          f"({written['dynamics']})")
     return 0
 
 

@@ -50,3 +50,20 @@ def test_pipeline_end_to_end(tmp_path):
     assert "RM export (verified, LlamaForSequenceClassification)" in text and "RM@16" in text
     assert all(len(r["rm_scores"]) == 16 for r in rows)
     assert result["downstream"]["suites"]["gsm8k_platinum"]["rm16"] is not None
+    # checkpoint dynamics (issue 13 item 5): pretraining and CPT record held-out loss per source and the probes; the
+    # report draws them, with CPT on the axis after pretraining
+    m = re.search(r"held-out loss per source, iteration 0 -> 300: text ([\d.]+) -> ([\d.]+)", text)
+    assert m and float(m.group(2)) < float(m.group(1)) - 1.0, text[-3000:]
+    m = re.search(r"held-out loss per source, iteration 0 -> 100: text [\d.]+ -> [\d.]+ \([+-][\d.]+\), "
+                  r"math ([\d.]+) -> ([\d.]+)", text)
+    assert m and float(m.group(2)) < float(m.group(1)), text[-3000:]
+    assert "probes (percent), iteration 0 -> 300:" in text and "down_gsm8k_platinum" in text
+    pre_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    assert [r["iteration"] for r in pre_rows if "probe_up_avg" in r] == [100, 200, 300]
+    assert all("val_loss_text" in r for r in pre_rows if "probe_up_avg" in r)
+    report = (out / "dynamics" / "report.md").read_text()
+    assert "| demo | tiny | pretrain |" in report and "| cpt | tiny | cpt |" in report
+    assert (out / "dynamics" / "dynamics.png").stat().st_size > 10_000
+    csv_rows = (out / "dynamics" / "dynamics.csv").read_text().splitlines()
+    assert any(x.startswith("cpt,tiny,cpt,,val_loss_math,307200,") for x in csv_rows)  # CPT starts after 307.2K
+    assert "[dynamics] pretraining and CPT" in text

@@ -32,6 +32,10 @@ class DataConfig:
     weights: Optional[List[float]] = None  # token-ratio weights, one per path (None = proportional to size)
     tokenizer: Optional[str] = None  # HF tokenizer dir or hub name (Llama-2's for real runs)
     split: str = "100,0,0"  # train,valid,test split of each dataset (megatron convention)
+    val_paths: List[str] = field(default_factory=list)  # held-out prefixes, one per source in data.paths order: the
+    #                          held-out loss (train.val_tokens_interval) reads these whole instead of a split part
+    synthetic_val_docs: int = 0  # synthetic source: also generate this many held-out documents per kind (another
+    #                              seed) for the held-out loss, so training keeps every document
     cache_dir: str = "runs/cache"  # where megatron caches sample indices (and the synthetic corpus lives)
     synthetic_docs: int = 2000  # synthetic source: number of generated documents
     synthetic_seed: int = 1234  # synthetic source: corpus seed

@@ -170,10 +170,27 @@ def _check_validation(cfg: RootConfig) -> None:
                                                        "validation settings")
     parse_tokens(t.val_tokens_interval, "train.val_tokens_interval")
     _positive("train.val_batches", t.val_batches)
-    parts = [float(x) for x in re.split(r"[,/]", str(cfg.data.split).strip()) if x.strip()]
+    d = cfg.data
+    _positive("data.synthetic_val_docs", d.synthetic_val_docs, allow_zero=True)
+    if d.val_paths:
+        sources = len(d.paths) if d.source == "indexed" else len(d.synthetic_kinds)
+        if len(d.val_paths) != sources:
+            raise ConfigError("data.val_paths", f"gives {len(d.val_paths)} held-out prefixes for {sources} sources; "
+                                                "one per source, in data.paths order")
+        if d.source != "indexed":
+            raise ConfigError("data.val_paths", "is for data.source=indexed; the synthetic source takes "
+                                                "data.synthetic_val_docs")
+        for prefix in d.val_paths:
+            if not any(Path(f"{prefix}{ext}").is_file() for ext in (".idx", ".manifest.json")):
+                raise ConfigError("data.val_paths", f"no {prefix}.idx/.bin (nor {prefix}.manifest.json)")
+        return
+    if d.source != "indexed" and d.synthetic_val_docs > 0:
+        return
+    parts = [float(x) for x in re.split(r"[,/]", str(d.split).strip()) if x.strip()]
     if len(parts) < 2 or parts[1] <= 0:
-        raise ConfigError("train.val_tokens_interval", f"needs held-out documents, but data.split={cfg.data.split!r} "
-                                                       "has no validation part; e.g. data.split=98,2,0")
+        raise ConfigError("train.val_tokens_interval", f"needs held-out documents, but data.split={d.split!r} "
+                                                       "has no validation part; e.g. data.split=98,2,0, "
+                                                       "data.val_paths=[...] or data.synthetic_val_docs=200")
 
 
 def _check_probe(cfg: RootConfig) -> None:

@@ -19,6 +19,11 @@ class DataSource:
     weights: list[float] | None
     tokenizer: str
     groups: list[int] | None = None  # the data.paths source of each path (a sharded source has several)
+    val_paths: list[str] | None = None  # held-out token files (data.val_paths / synthetic_val_docs), else None
+    val_groups: list[int] | None = None  # the source of each held-out path
+
+
+VAL_SEED_OFFSET = 100_000  # synthetic held-out corpora: seed = the corpus's seed + this (never a training seed)
 
 
 def resolve_source(cfg: RootConfig) -> DataSource:
@@ -28,27 +33,35 @@ def resolve_source(cfg: RootConfig) -> DataSource:
         from evolm_nemo.data.prepare import expand_prefixes
 
         paths, weights, groups = expand_prefixes(list(d.paths), list(d.weights) if d.weights else None)
-        return DataSource(paths, weights, str(d.tokenizer), groups)
+        val_paths = val_groups = None
+        if d.val_paths:
+            val_paths, _, val_groups = expand_prefixes(list(d.val_paths), None)
+        return DataSource(paths, weights, str(d.tokenizer), groups, val_paths, val_groups)
     from evolm_nemo.data.synthetic import ensure_synthetic
 
     def build():
         text = ensure_synthetic(d.cache_dir, d.synthetic_docs, d.synthetic_seed, vocab_size=cfg.model.vocab_size)
         others = [ensure_synthetic(d.cache_dir, d.synthetic_docs, d.synthetic_seed + i, kind=kind,
                                    tokenizer_dir=text.tokenizer_dir) for i, kind in enumerate(d.synthetic_kinds[1:], 1)]
-        return [text, *others]
+        held = [ensure_synthetic(d.cache_dir, d.synthetic_val_docs, d.synthetic_seed + VAL_SEED_OFFSET + i, kind=kind,
+                                 tokenizer_dir=text.tokenizer_dir) for i, kind in enumerate(d.synthetic_kinds)
+                if d.synthetic_val_docs > 0]
+        return [text, *others], held
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         build()
     if dist.is_initialized():
         dist.barrier()
-    corpora = build()
+    corpora, held = build()
     return DataSource([str(c.prefix) for c in corpora], list(d.weights) if d.weights else None,
-                      str(corpora[0].tokenizer_dir))
+                      str(corpora[0].tokenizer_dir), None, [str(c.prefix) for c in held] or None,
+                      list(range(len(held))) or None)
 
 
-def _build_splits(cfg: RootConfig, paths, weights, tokenizer, sizes):
-    """megatron's (train, valid, test) datasets of one blend, built with ``sizes`` samples per split."""
+def _build_splits(cfg: RootConfig, paths, weights, tokenizer, sizes, split: str | None = None):
+    """megatron's (train, valid, test) datasets of one blend, built with ``sizes`` samples per split (``split``:
+    the documents' split, default data.split)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -59,7 +72,7 @@ def _build_splits(cfg: RootConfig, paths, weights, tokenizer, sizes):
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
         blend=(list(paths), list(weights) if weights else None),
-        split=cfg.data.split,
+        split=split or cfg.data.split,
         tokenizer=MegatronHFTokenizer(tokenizer),
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -85,18 +98,22 @@ def build_dataset(cfg: RootConfig, source: DataSource, tokenizer, num_samples: i
 
 def build_validation(cfg: RootConfig, source: DataSource, tokenizer, names: list[str], num_samples: int) -> dict:
     """{source name: megatron dataset} of each source's held-out (valid) split, ``num_samples`` samples each -- the
-    same documents whatever the mix, so losses compare across runs (a sharded source: all its shards)."""
-    groups = source.groups if source.groups is not None else list(range(len(source.paths)))
+    same documents whatever the mix, so losses compare across runs (a sharded source: all its shards). With held-out
+    files (data.val_paths, data.synthetic_val_docs) each source's are read whole instead."""
+    held = source.val_paths is not None
+    all_paths = source.val_paths if held else source.paths
+    groups = (source.val_groups if held else source.groups) or list(range(len(all_paths)))
     out = {}
     for s, name in enumerate(names):
         members = [i for i, g in enumerate(groups) if g == s]
-        paths = [source.paths[i] for i in members]
-        weights = [source.weights[i] for i in members] if source.weights and len(members) > 1 else None
+        paths = [all_paths[i] for i in members]
+        weights = [source.weights[i] for i in members] if not held and source.weights and len(members) > 1 else None
         if len(paths) > 1 and weights is None:
             from evolm_nemo.data.prepare import prefix_tokens
 
             weights = [float(prefix_tokens(p)) for p in paths]
-        out[name] = _build_splits(cfg, paths, weights, tokenizer, [0, num_samples, 0])[1]
+        out[name] = _build_splits(cfg, paths, weights, tokenizer, [0, num_samples, 0],
+                                  split="0,100,0" if held else None)[1]
     return out
 
 

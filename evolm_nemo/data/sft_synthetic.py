@@ -86,10 +86,11 @@ def ensure_synthetic_sft(cfg: RootConfig) -> SyntheticSFT:
     return SyntheticSFT(root)
 
 
-def _build(out: Path, cfg: RootConfig, tok, ref: str) -> None:
-    from evolm_nemo.data.sft_prepare import PrepareSFTConfig, prepare_sft, question_key
+def problem_pool(cfg: RootConfig) -> tuple[list[dict], list[dict]]:
+    """(held-out problems, the rest) of the demo's generated word problems: unique questions, shuffled by the seed;
+    the first EVAL_EXAMPLES are held out from SFT and RL. A pure function of ``cfg.sft`` (no tokenizer needed)."""
+    from evolm_nemo.data.sft_prepare import question_key
     from evolm_nemo.data.synthetic import generate
-    from evolm_nemo.fileio import write_jsonl
 
     s = cfg.sft
     want = s.synthetic_examples + RL_EXAMPLES + EVAL_EXAMPLES
@@ -104,7 +105,15 @@ def _build(out: Path, cfg: RootConfig, tok, ref: str) -> None:
                 pool.append({"id": f"demo-{i:06d}", **q})
         size = int(size * 1.25) + 16
     random.Random(s.synthetic_seed).shuffle(pool)
-    held_out, rest = pool[:EVAL_EXAMPLES], pool[EVAL_EXAMPLES:]
+    return pool[:EVAL_EXAMPLES], pool[EVAL_EXAMPLES:]
+
+
+def _build(out: Path, cfg: RootConfig, tok, ref: str) -> None:
+    from evolm_nemo.data.sft_prepare import PrepareSFTConfig, prepare_sft
+    from evolm_nemo.fileio import write_jsonl
+
+    s = cfg.sft
+    held_out, rest = problem_pool(cfg)
     write_jsonl(out / "eval.jsonl", held_out)
     rows = ((f"generated row {i}", {"id": r["id"], "question": r["problem"], "answer": r["solution"],
                                     "gold": r["answer"]}) for i, r in enumerate(rest))

@@ -36,6 +36,7 @@ class Curve:
     tokens_per_iter: int | None = None
     branch_of: str | None = None  # WSD branch: the stable run's directory
     budget: int | None = None  # WSD branch: the tokens its model has seen at the end
+    offset: int = 0  # tokens its parents' stages saw (points are on the axis of all tokens seen)
     points: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(tokens, value)]
 
     def at(self, metric: str, tokens: int) -> tuple[int, float] | None:
@@ -95,7 +96,12 @@ def _identify(curve: Curve, run: Path) -> None:
         return
     curve.model = (meta.get("model") or {}).get("name")
     curve.stage = meta.get("stage")
-    branch = (meta.get("lineage") or {}).get("branch")
+    lineage = meta.get("lineage") or {}
+    prior = sum(int(st.get("tokens") or 0) for st in (lineage.get("stages") or [])[:-1] if isinstance(st, dict))
+    if prior and not lineage.get("branch"):  # a later stage (CPT): on the axis of all tokens seen, parents first
+        curve.offset = prior
+        curve.points = {m: [(t + prior, v) for t, v in pts] for m, pts in curve.points.items()}
+    branch = lineage.get("branch")
     if branch and branch.get("from"):
         curve.branch_of = str(Path(branch["from"]).resolve().parent.parent)
         if meta.get("planned_iters") and curve.tokens_per_iter:
@@ -103,10 +109,14 @@ def _identify(curve: Curve, run: Path) -> None:
 
 
 def load_curves(pattern: str) -> list[Curve]:
-    """Every run directory (or its metrics.jsonl) matching ``pattern`` that recorded dynamics."""
-    paths = sorted(glob.glob(str(Path(pattern).expanduser())))
-    if not paths:
-        raise ConfigError("dynamics", f"no run directory matches {pattern!r}")
+    """Every run directory (or its metrics.jsonl) matching ``pattern`` (globs, comma-separated) that recorded
+    dynamics."""
+    paths = []
+    for part in (p.strip() for p in str(pattern).split(",")):
+        found = sorted(glob.glob(str(Path(part).expanduser()))) if part else []
+        if not found:
+            raise ConfigError("dynamics", f"no run directory matches {part!r}")
+        paths += [f for f in found if f not in paths]
     runs = [Path(p).parent if Path(p).name == "metrics.jsonl" else Path(p) for p in paths]
     curves = [c for c in (load_curve(r) for r in runs if r.is_dir()) if c is not None]
     if not curves:
@@ -189,22 +199,27 @@ def plot(curves: list[Curve], path: Path) -> str | None:
     cols = min(3, len(metrics))
     rows = -(-len(metrics) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    sizes = sorted({c.model or "?" for c in curves})
-    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(sizes)}
+    from matplotlib.ticker import FuncFormatter
+
+    colors = {c.run: plt.cm.tab10(i % 10) for i, c in enumerate(curves)}
+    axis = FuncFormatter(lambda x, _: _fmt_tokens(int(x)) if x > 0 else "0")
     for ax, m in zip(axes.flat, metrics):
         for c in curves:
             pts = c.points.get(m)
             if not pts:
                 continue
             ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", markersize=3,
-                    linestyle="--" if c.branch_of else "-", color=colors[c.model or "?"],
-                    label=f"{c.name} ({c.model or '?'})")
-        ax.set_title(m)
-        ax.set_xlabel("tokens")
+                    linestyle="--" if c.branch_of else "-", color=colors[c.run],
+                    label=f"{c.name} ({c.model or '?'}{', ' + c.stage if c.stage else ''})")
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("tokens seen (all stages)", fontsize=8)
+        ax.xaxis.set_major_formatter(axis)
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
+    fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)
     return out

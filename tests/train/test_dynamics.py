@@ -198,3 +198,29 @@ def test_report_dynamics_needs_runs_with_records(tmp_path, capsys):
     assert cli.main(["report", f"dynamics={tmp_path / 'empty'}", f"out={tmp_path / 'r'}"]) != 0
     err = capsys.readouterr().err
     assert "error: dynamics: none of the 1 runs" in err and "recorded validation loss or probes" in err
+
+
+def test_held_out_documents_of_their_own_leave_training_whole(tmp_path, data_cache):
+    """data.synthetic_val_docs: the held-out loss reads generated documents of another seed, so training keeps every
+    document -- the losses equal a run without validation bitwise -- while the records carry val_loss_text."""
+    plain, held = tmp_path / "plain", tmp_path / "held"
+    run_evolm("train", tiny(plain, data_cache, "train.iters=10"))
+    run_evolm("train", tiny(held, data_cache, "train.iters=10", "data.synthetic_val_docs=50",
+                            "train.val_tokens_interval=5120"))
+    a, b = rows(plain), rows(held)
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["iteration"] for r in b if "val_loss_text" in r] == [5, 10] and "val_loss_text_at_0" in b[4]
+
+
+@pytest.mark.parametrize("extra, key, words", [
+    (["data.val_paths=[/nowhere/a]"], "data.val_paths", "data.source=indexed"),
+    (["data.synthetic_val_docs=-1"], "data.synthetic_val_docs", ">= 0"),
+    ([], "train.val_tokens_interval", "data.synthetic_val_docs=200"),
+])
+def test_bad_held_out_settings_refused_in_one_line(extra, key, words):
+    from evolm_nemo.config import RootConfig, compose, validate
+
+    cfg = compose("config", ["train.val_tokens_interval=5120", *extra], RootConfig)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert e.value.key == key and words in e.value.message
