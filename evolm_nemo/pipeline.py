@@ -55,15 +55,13 @@ def _stage_overrides(overrides: list[str]) -> list[str]:
 def greedy_accuracy(model, tokenizer, problems: list[dict], template: str, max_new_tokens: int,
                     max_seq: int) -> tuple[float, list[str]]:
     """Greedy completions of ``problems`` (rows with ``problem``/``answer``) through megatron's inference engine on
-    the live model, judged by the shared answer checker (strict). Every TP rank takes part."""
-    from evolm_nemo.answers import judge
-    from evolm_nemo.generation.engine import Generator
+    the live model, judged by the shared answer checker (strict): the downstream probe's code. Every TP rank takes
+    part."""
+    from evolm_nemo.evaluation.probe import Problems, downstream
 
-    prompts = [template.replace("{question}", p["problem"]) for p in problems]
-    texts = Generator(model, tokenizer, max_seq=max_seq, max_batch=32).generate(prompts, max_new_tokens,
-                                                                                 stop_strings=STOP)
-    right = sum(judge("gsm8k_platinum", t, p["answer"], "strict") for t, p in zip(texts, problems))
-    return right / max(len(problems), 1), texts
+    batch = Problems("gsm8k_platinum", [template.replace("{question}", p["problem"]) for p in problems],
+                     [p["answer"] for p in problems], STOP)
+    return downstream(model, tokenizer, batch, max_new_tokens, max_seq, mode="strict", max_batch=32)
 
 
 def _stage(name: str, overrides: list[str], out: Path, parent: str, *own: str) -> tuple[RootConfig, object]:
