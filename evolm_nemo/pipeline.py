@@ -10,8 +10,9 @@
    checker; `evolm prepare-rm` + `stage=rm`), print its validation AUC, export it as LlamaForSequenceClassification,
 6. GRPO from the SFT model on the demo's RL set (recipe experiment=demo_rl, rewards from the shared checker): print
    the mean reward over its first and last steps and the greedy accuracy on the held-out problems before and after,
-7. evaluate the SFT model and the RL actor downstream with the `hf` backend (greedy + n=16) on held-out generated word problems in
-   the GSM8K cooked schema, score them EvoLM-style (RM@16 from our RM), print the metrics table and the plot path.
+7. evaluate the SFT model and the RL actor downstream with the `hf` backend (greedy + n=16) on held-out generated
+   word problems in the GSM8K cooked schema, score them EvoLM-style (RM@16 from our RM), print the metrics table
+   and the plot path.
 
 Any training override works here too: `evolm pipeline train.iters=200 model.num_layers=4`.
 """
@@ -127,13 +128,14 @@ def train_demo_rm(final, tokenizer, demo_data, overrides: list[str], out: Path, 
 
 def dynamics_overrides(out: Path, stage: str) -> list[str]:
     """The demo's checkpoint dynamics: held-out loss per source (on VAL_DOCS generated held-out documents per kind,
-    so training keeps every document) and the capability probes -- lm-eval 0-shot on the six sample tasks of eval/upstream/sample through the live model, and
-    greedy on PROBE_PROBLEMS of the demo's held-out word problems (written to ``out``/probe_data first)."""
-    from evolm_nemo.evaluation.upstream import default_tasks_dir
+    so training keeps every document) and the capability probes -- lm-eval 0-shot on the six sample tasks of
+    eval/upstream/sample through the live model, and greedy on PROBE_PROBLEMS of the demo's held-out word problems
+    (written to ``out``/probe_data first)."""
+    from evolm_nemo.evaluation.upstream import TASKS, default_tasks_dir
 
     tokens = DYNAMICS_EVERY[stage]
-    return [f"data.synthetic_val_docs={VAL_DOCS}", f"train.val_tokens_interval={tokens}", f"probe.tokens_interval={tokens}",
-            "probe.upstream=[hellaswag,winogrande,piqa,openbookqa,arc_easy,arc_challenge]",
+    return [f"data.synthetic_val_docs={VAL_DOCS}", f"train.val_tokens_interval={tokens}",
+            f"probe.tokens_interval={tokens}", f"probe.upstream=[{','.join(TASKS)}]",
             f"probe.data_dir={default_tasks_dir() / 'sample'}", "probe.downstream=[gsm8k_platinum]",
             f"probe.downstream_dir={out / 'probe_data'}", f"probe.max_new_tokens={MAX_NEW}",
             f"probe.max_fraction={PROBE_FRACTION}"]

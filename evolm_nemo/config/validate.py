@@ -159,9 +159,8 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Plan:
 
 
 def _check_validation(cfg: RootConfig) -> None:
-    """Held-out loss per source during pretraining / CPT: a token interval, and a validation part in data.split."""
-    import re
-
+    """Held-out loss per source during pretraining / CPT: a token interval, and held-out documents (a validation part
+    in data.split, data.val_paths or data.synthetic_val_docs)."""
     from evolm_nemo.config.tokens import parse_tokens
 
     t = cfg.train
@@ -186,7 +185,7 @@ def _check_validation(cfg: RootConfig) -> None:
         return
     if d.source != "indexed" and d.synthetic_val_docs > 0:
         return
-    parts = [float(x) for x in re.split(r"[,/]", str(d.split).strip()) if x.strip()]
+    parts = _check_split(d.split)
     if len(parts) < 2 or parts[1] <= 0:
         raise ConfigError("train.val_tokens_interval", f"needs held-out documents, but data.split={d.split!r} "
                                                        "has no validation part; e.g. data.split=98,2,0, "
@@ -195,15 +194,14 @@ def _check_validation(cfg: RootConfig) -> None:
 
 def _check_probe(cfg: RootConfig) -> None:
     """Capability probes during pretraining / CPT: every file and task they read exists, before any heavy work."""
-    from pathlib import Path
-
     from evolm_nemo.config.tokens import parse_tokens
 
     pr = cfg.probe
     parse_tokens(pr.tokens_interval, "probe.tokens_interval")
     if not pr.upstream and not pr.downstream:
-        raise ConfigError("probe.tokens_interval", "is set but probe.upstream and probe.downstream are both empty; e.g. "
-                                                   "probe.upstream=[piqa,arc_easy] probe.downstream=[gsm8k_platinum]")
+        raise ConfigError("probe.tokens_interval", "is set but probe.upstream and probe.downstream are both empty; "
+                                                   "e.g. probe.upstream=[piqa,arc_easy] "
+                                                   "probe.downstream=[gsm8k_platinum]")
     if cfg.parallel.pp != 1:
         raise ConfigError("probe.tokens_interval",
                           f"probes run the live model with parallel.pp=1 (got pp={cfg.parallel.pp})")
@@ -212,22 +210,11 @@ def _check_probe(cfg: RootConfig) -> None:
     _positive("probe.batch_size", pr.batch_size)
     if pr.upstream:
         from evolm_nemo.evaluation.probe import tasks_dir_for
-        from evolm_nemo.evaluation.upstream import TASKS
+        from evolm_nemo.evaluation.upstream import check_tasks
 
         if pr.upstream_limit is not None:
             _positive("probe.upstream_limit", pr.upstream_limit)
-        tasks_dir = tasks_dir_for(pr.tasks_dir, pr.data_dir)
-        for task in pr.upstream:
-            if tasks_dir is None:
-                continue  # lm-eval's own registry decides
-            if not (Path(tasks_dir) / f"{task}.yaml").is_file():
-                known = sorted(p.stem for p in Path(tasks_dir).glob("*.yaml")) or list(TASKS)
-                raise ConfigError("probe.upstream", f"no {task}.yaml in {tasks_dir}; available: {', '.join(known)}")
-            if pr.data_dir is None:
-                raise ConfigError("probe.data_dir", f"local tasks (probe.tasks_dir={tasks_dir}) need "
-                                                    "probe.data_dir=<dir with <task>.jsonl files>")
-            if not (Path(pr.data_dir) / f"{task}.jsonl").is_file():
-                raise ConfigError("probe.data_dir", f"missing {Path(pr.data_dir) / f'{task}.jsonl'}")
+        check_tasks(list(pr.upstream), tasks_dir_for(pr.tasks_dir, pr.data_dir), pr.data_dir, prefix="probe.")
     if pr.downstream:
         from evolm_nemo.answers import SUITES
 
@@ -341,7 +328,7 @@ def _check_gpt_data(d) -> None:
             raise ConfigError("data.tokenizer", "indexed data needs the tokenizer it was prepared with")
 
 
-def _check_split(split) -> None:
+def _check_split(split) -> list[float]:
     """``data.split`` is megatron's "train,valid,test" ratios: up to three non-negative numbers with a train part > 0
     (training reads only the train split)."""
     import re
@@ -358,6 +345,7 @@ def _check_split(split) -> None:
     if values[0] == 0:
         raise ConfigError("data.split", f"the train part of {split!r} is 0: training would have no data; e.g. "
                                         "100,0,0")
+    return values
 
 
 TOKEN_SAMPLE_BYTES = 64 << 20  # token ids read per .bin file for the vocabulary check (the whole file if smaller)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.tokens import format_tokens
 
 AT = re.compile(r"^(?P<key>.+)_at_(?P<it>\d+)$")
 PREFIXES = ("probe_up_", "probe_down_", "val_loss_")
@@ -36,7 +37,6 @@ class Curve:
     tokens_per_iter: int | None = None
     branch_of: str | None = None  # WSD branch: the stable run's directory
     budget: int | None = None  # WSD branch: the tokens its model has seen at the end
-    offset: int = 0  # tokens its parents' stages saw (points are on the axis of all tokens seen)
     points: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(tokens, value)]
 
     def at(self, metric: str, tokens: int) -> tuple[int, float] | None:
@@ -99,7 +99,6 @@ def _identify(curve: Curve, run: Path) -> None:
     lineage = meta.get("lineage") or {}
     prior = sum(int(st.get("tokens") or 0) for st in (lineage.get("stages") or [])[:-1] if isinstance(st, dict))
     if prior and not lineage.get("branch"):  # a later stage (CPT): on the axis of all tokens seen, parents first
-        curve.offset = prior
         curve.points = {m: [(t + prior, v) for t, v in pts] for m, pts in curve.points.items()}
     branch = lineage.get("branch")
     if branch and branch.get("from"):
@@ -141,18 +140,14 @@ def decayed_pairs(curves: list[Curve]) -> list[tuple[Curve, Curve]]:
     return [(by_dir[c.branch_of], c) for c in curves if c.branch_of in by_dir and c.budget]
 
 
-def _fmt_tokens(n: int) -> str:
-    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:g}{unit}"
-    return str(n)
-
-
-def markdown(curves: list[Curve], plot: str | None) -> list[str]:
+def markdown(curves: list[Curve]) -> list[str]:
     """The report's dynamics sections: per-run start/end table and the intermediate-vs-decayed table."""
+    from evolm_nemo.evaluation.report import _md_table
+
     metrics = metrics_of(curves)
     lines = ["## Training dynamics", "",
-             "Measured while training (probes: percent; validation: per-token loss). First and last record per run.", ""]
+             "Measured while training (probes: percent; validation: per-token loss). First and last record per "
+             "run.", ""]
     header = ["run", "model", "stage", *metrics]
     rows = []
     for c in curves:
@@ -161,7 +156,7 @@ def markdown(curves: list[Curve], plot: str | None) -> list[str]:
             pts = c.points.get(m)
             cells.append("-" if not pts else f"{pts[0][1]:.2f} -> {pts[-1][1]:.2f}")
         rows.append([c.name, c.model or "-", c.stage or "-", *cells])
-    lines += _table(header, rows) + [""]
+    lines += _md_table(header, rows) + [""]
     pairs = decayed_pairs(curves)
     if pairs:
         lines += ["## Intermediate vs fully decayed (EvoLM Table 3)", "",
@@ -173,22 +168,15 @@ def markdown(curves: list[Curve], plot: str | None) -> list[str]:
                 end, mid = branch.last(m), stable.at(m, branch.budget)
                 if end is None or mid is None:
                     continue
-                note = "" if mid[0] == branch.budget else f" (at {_fmt_tokens(mid[0])})"
-                rows.append([_fmt_tokens(branch.budget), m, f"{mid[1]:.2f}{note}", f"{end[1]:.2f}",
+                note = "" if mid[0] == branch.budget else f" (at {format_tokens(mid[0])})"
+                rows.append([format_tokens(branch.budget), m, f"{mid[1]:.2f}{note}", f"{end[1]:.2f}",
                              f"{end[1] - mid[1]:+.2f}"])
-        lines += _table(header, rows) + [""]
-    if plot:
-        lines += [f"![dynamics]({Path(plot).name})", ""]
+        lines += _md_table(header, rows) + [""]
     return lines
 
 
-def _table(header, rows) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *["| " + " | ".join(str(x) for x in r) + " |" for r in rows]]
-
-
 def plot(curves: list[Curve], path: Path) -> str | None:
-    """One panel per metric, one line per run (colour by model size), tokens on x; branches dashed."""
+    """One panel per metric, one line (colour) per run, tokens seen on x; WSD branches dashed."""
     import matplotlib.pyplot as plt
 
     from evolm_nemo.evaluation.report import _save
@@ -202,7 +190,7 @@ def plot(curves: list[Curve], path: Path) -> str | None:
     from matplotlib.ticker import FuncFormatter
 
     colors = {c.run: plt.cm.tab10(i % 10) for i, c in enumerate(curves)}
-    axis = FuncFormatter(lambda x, _: _fmt_tokens(int(x)) if x > 0 else "0")
+    axis = FuncFormatter(lambda x, _: format_tokens(int(x)) if x > 0 else "0")
     for ax, m in zip(axes.flat, metrics):
         for c in curves:
             pts = c.points.get(m)

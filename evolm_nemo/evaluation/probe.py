@@ -34,14 +34,13 @@ def _tp_gather(logits: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def inference_mode(model):
-    """eval(), no grad, sequence parallel off (for arbitrary lengths), torch's RNG untouched; restored after."""
+    """eval(), no grad, sequence parallel off (for arbitrary lengths); restored after."""
     from megatron.core.transformer.utils import set_model_to_sequence_parallel
     from megatron.core.utils import unwrap_model
 
     inner = unwrap_model(model)
     was_training = inner.training
     sp = inner.config.sequence_parallel
-    rng = torch.get_rng_state()
     inner.eval()
     if sp:
         set_model_to_sequence_parallel(inner, False)
@@ -52,7 +51,6 @@ def inference_mode(model):
         if sp:
             set_model_to_sequence_parallel(inner, True)
         inner.train(was_training)
-        torch.set_rng_state(rng)
 
 
 def _lm_base():
@@ -210,12 +208,8 @@ def downstream(model, tokenizer, problems: Problems, max_new_tokens: int, max_se
     from evolm_nemo.answers import judge
     from evolm_nemo.generation.engine import Generator
 
-    rng = torch.get_rng_state()
-    try:
-        texts = Generator(model, tokenizer, max_seq=max_seq, max_batch=max_batch).generate(
-            problems.prompts, max_new_tokens, stop_strings=problems.stop)
-    finally:
-        torch.set_rng_state(rng)
+    texts = Generator(model, tokenizer, max_seq=max_seq, max_batch=max_batch).generate(
+        problems.prompts, max_new_tokens, stop_strings=problems.stop)  # greedy; the engine leaves torch's RNG alone
     right = sum(judge(problems.suite, t, g, mode) for t, g in zip(texts, problems.golds))
     return right / max(len(problems.prompts), 1), texts
 

@@ -419,7 +419,7 @@ def build(pattern: str | None, out: str, dynamics: str | None = None) -> dict:
     sections = None
     if curves is not None:
         drawn = dyn.plot(curves, out_dir / "dynamics.png")
-        sections = dyn.markdown(curves, None)
+        sections = dyn.markdown(curves)
         plots["dynamics"] = drawn
         written["dynamics_csv"] = dyn.write_csv(curves, out_dir / "dynamics.csv")
     if results:

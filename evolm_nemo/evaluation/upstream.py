@@ -36,17 +36,25 @@ def check(model: str, tasks: list[str], tasks_dir: str | None, data_dir: str | N
         raise ConfigError("model", f"{model} is not an HF model directory (no config.json)")
     if not tasks:
         raise ConfigError("tasks", f"empty; choose from {', '.join(TASKS)}")
+    check_tasks(tasks, tasks_dir, data_dir)
+
+
+def check_tasks(tasks: list[str], tasks_dir: str | None, data_dir: str | None, prefix: str = "") -> None:
+    """Local tasks: each ``<task>.yaml`` in ``tasks_dir`` and its ``<task>.jsonl`` in ``data_dir`` exist (keys
+    named ``<prefix>tasks`` / ``<prefix>data_dir``; the probe's are ``probe.upstream`` / ``probe.data_dir``)."""
     if tasks_dir is None:
         return
+    key_tasks = f"{prefix}upstream" if prefix else "tasks"
     for task in tasks:
         if not (Path(tasks_dir) / f"{task}.yaml").is_file():
             known = sorted(p.stem for p in Path(tasks_dir).glob("*.yaml"))
-            raise ConfigError("tasks", f"no {task}.yaml in {tasks_dir}; available: {', '.join(known) or 'none'}")
+            raise ConfigError(key_tasks, f"no {task}.yaml in {tasks_dir}; available: {', '.join(known) or 'none'}")
     if data_dir is None:
-        raise ConfigError("data_dir", "local tasks (tasks_dir set) need data_dir=<dir with <task>.jsonl files>")
+        raise ConfigError(f"{prefix}data_dir", f"local tasks ({prefix}tasks_dir={tasks_dir}) need "
+                                               f"{prefix}data_dir=<dir with <task>.jsonl files>")
     for task in tasks:
         if not (Path(data_dir) / f"{task}.jsonl").is_file():
-            raise ConfigError("data_dir", f"missing {Path(data_dir) / f'{task}.jsonl'}")
+            raise ConfigError(f"{prefix}data_dir", f"missing {Path(data_dir) / f'{task}.jsonl'}")
 
 
 def render(tasks_dir: str, data_dir: str, into: str) -> None:

@@ -56,7 +56,7 @@ class PretrainStage(Stage):
         names = source_names(cfg, source)
         self.sources = (SourceTokens(dataset, names, p.global_batch_size, m.seq_length, source.groups)
                         if len(names) > 1 else None)  # per-source accounting of a blend (CPT replay)
-        self.val, self.val_every, self.val_start = {}, 0, None
+        self.val, self.val_every, self.val_start, self.val_start_logged = {}, 0, None, False
         if cfg.train.val_tokens_interval:  # held-out loss per source (checkpoint dynamics, forgetting in CPT)
             every = parse_tokens(cfg.train.val_tokens_interval, "train.val_tokens_interval")
             self.val_every = max(1, -(-every // plan.tokens_per_iter))
@@ -151,9 +151,9 @@ class PretrainStage(Stage):
         out["val_s"] = time.perf_counter() - t0
         if self.val_start is not None:
             begin, before = self.val_start
-            if last or not getattr(self, "_start_logged", False):  # the first record and the last carry it
+            if last or not self.val_start_logged:  # the first record and the last carry it
                 out.update({f"val_loss_{n}_at_{begin}": v for n, v in before.items()})
-                self._start_logged = True
+                self.val_start_logged = True
             if last and rt.is_main:
                 parts = [f"{n} {before[n]:.4f} -> {v:.4f} ({v - before[n]:+.4f})" for n, v in losses.items()]
                 print(f"[evolm] held-out loss per source, iteration {begin} -> {step}: {', '.join(parts)}",
