@@ -46,7 +46,7 @@ def main() -> None:
     from evolm_nemo.data.sft import collate
     from evolm_nemo.runtime.distributed import setup, teardown
     from evolm_nemo.stages.base import lm_forward_step
-    from evolm_nemo.train.loop import build_training_model, train_step
+    from evolm_nemo.train.engine import build_training_model, train_step
 
     cfg = compose("config", _shape_overrides(args) + [f"parallel.micro_batch_size={args.micro}",
                                                       f"parallel.global_batch_size={args.batch}",

@@ -82,7 +82,7 @@ def main() -> None:
     from evolm_nemo.model.build import flops_per_token, param_count
     from evolm_nemo.runtime.distributed import setup, teardown
     from evolm_nemo.stages.base import lm_forward_step
-    from evolm_nemo.train.loop import build_training_model, train_step
+    from evolm_nemo.train.engine import build_training_model, train_step
     from evolm_nemo.train.metrics import peak_flops
 
     cfg = compose("config", _shape_overrides(args) + [f"parallel.micro_batch_size={args.batch}",

@@ -12,7 +12,7 @@ from evolm_nemo.config.errors import ConfigError
 
 # command -> (module:function, one-line help). Each function takes the list of key=value overrides.
 COMMANDS = {
-    "train": ("evolm_nemo.train.entry:main", "train a stage (pretrain | cpt | sft | ppo | grpo | rm | dpo): "
+    "train": ("evolm_nemo.stages.cli:main", "train a stage (pretrain | cpt | sft | ppo | grpo | rm | dpo): "
                                              "torchrun for >1 process"),
     "prepare": ("evolm_nemo.data.prepare:main", "tokenize JSONL / Parquet / an HF dataset into megatron .bin/.idx"),
     "prepare-sft": ("evolm_nemo.data.sft_prepare:main", "question/response rows -> filtered, tokenized SFT dataset "

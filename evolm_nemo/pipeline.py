@@ -98,7 +98,7 @@ def train_demo_rm(final, tokenizer, demo_data, overrides: list[str], out: Path, 
 
     from evolm_nemo.data.rm import PrepareRMConfig, prepare_rm
     from evolm_nemo.fileio import write_jsonl
-    from evolm_nemo.train.loop import run
+    from evolm_nemo.stages import run
 
     rows = own_samples(final.model, tokenizer, demo_data.rl_path, RM_PROBLEMS, RM_SAMPLES, max_seq)
     is_main = final.runtime.is_main
@@ -154,7 +154,7 @@ def main(overrides: list[str]) -> int:
     from evolm_nemo.fileio import read_jsonl
     from evolm_nemo.generation.engine import Generator
     from evolm_nemo.runtime.distributed import teardown
-    from evolm_nemo.train.loop import run
+    from evolm_nemo.stages import run
 
     try:
         pre = run(cfg, plan)

@@ -24,7 +24,7 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0-3, as the generated tokeni
 PACKAGES = ["torch", "megatron-core", "hydra-core", "omegaconf", "antlr4-python3-runtime", "transformers",
             "tokenizers", "safetensors", "numpy", "tqdm", "einops", "pytest", "transformer-engine",
             "transformer_engine_torch", "flash-attn", "apex", "triton"]
-MODULES = ["megatron.core", "hydra", "omegaconf", "transformers", "evolm_nemo.train.loop",
+MODULES = ["megatron.core", "hydra", "omegaconf", "transformers", "evolm_nemo.train.loop", "evolm_nemo.train.engine",
            "evolm_nemo.generation.engine", "evolm_nemo.evaluation.sampling", "evolm_nemo.conversion.hf",
            "evolm_nemo.conversion.export"]
 NCCL_FALLBACK = {"NCCL_SOCKET_IFNAME": "lo", "NCCL_IB_DISABLE": "1", "NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"}
@@ -315,7 +315,7 @@ def part_train(args, rec: Recorder, recompute: bool) -> None:
     from evolm_nemo.model.build import flops_per_token, layer_spec, param_count
     from evolm_nemo.runtime.distributed import setup
     from evolm_nemo.stages.base import lm_forward_step
-    from evolm_nemo.train.loop import build_training_model, train_step
+    from evolm_nemo.train.engine import build_training_model, train_step
     from evolm_nemo.train.metrics import peak_flops
 
     quiet()

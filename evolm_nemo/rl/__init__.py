@@ -1,3 +1,3 @@
-"""RL on the one engine: the outer loop owns rollouts (the live actor through megatron-core's inference engine),
-rewards (the shared answer checker) and advantages (GAE or group-relative); each update is the engine's
-``train_step`` with the RL objective (``rl.objectives``), checkpoints are the engine's. PPO and GRPO share it all."""
+"""RL's parts, used by the RL stage (``stages.rl``): prompts (``data``), rollouts from the live actor through
+megatron-core's inference engine (``rollout``), rewards from the shared answer checker or a reward model (``reward``),
+the RL objectives for the engine's ``train_step`` (``objectives``) and the step's statistics (``stats``)."""

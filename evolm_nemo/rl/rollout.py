@@ -3,10 +3,14 @@ copy), n samples per prompt, with the engine's per-token log-probs; rewards from
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from evolm_nemo.fileio import drop_rows_after
 
 
 @dataclass
@@ -56,3 +60,31 @@ def verifiable_rewards(rollout: Rollout, suite: str, mode: str) -> list[float]:
     from evolm_nemo.answers import judge
 
     return [1.0 if judge(suite, text, gold, mode) else 0.0 for text, gold in zip(rollout.texts, rollout.gold)]
+
+
+class RolloutLog:
+    """``rollouts.jsonl``: one row per response (iteration, prompt/response ids, the engine's log-probs, text,
+    reward), written by tensor-parallel rank 0 of every data-parallel replica (``rollouts.dp<r>.jsonl`` beyond dp
+    rank 0); rows past the resumed iteration are dropped first."""
+
+    def __init__(self, path: Path, start: int, dp_rank: int):
+        from megatron.core import parallel_state
+
+        self.enabled = parallel_state.get_tensor_model_parallel_rank() == 0
+        self.path = path if dp_rank == 0 else path.with_name(f"rollouts.dp{dp_rank}.jsonl")
+        if self.enabled:
+            drop_rows_after(self.path, start)
+
+    def write(self, iteration: int, ro: Rollout) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            for k in range(len(ro)):
+                f.write(json.dumps({"iteration": iteration, "prompt_ids": ro.prompt_ids[k],
+                                    "response_ids": ro.response_ids[k],
+                                    "engine_logp": [None if math.isnan(x) else x for x in ro.engine_logp[k]],
+                                    "text": ro.texts[k], "gold_answer": ro.gold[k], "reward": ro.rewards[k],
+                                    "correct": ro.correct[k],
+                                    **({"rm_score": ro.rm_scores[k]} if ro.rm_scores is not None else {}),
+                                    "truncated": ro.truncated[k]}) + "\n")

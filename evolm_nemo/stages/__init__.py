@@ -1,15 +1,18 @@
-"""One room per stage: what a stage supplies to the one loop (``train.loop.fit``) is its data and its objective.
-
-The registry below maps ``stage=<name>`` to its module; validation (``config.validate``) and dispatch
-(``train.loop.run``) both go through it. Each module has ``plan_iters(cfg, dp) -> int`` (checks the stage's data
-and derives the iteration count before anything heavy) and either ``build(cfg, plan, rt) -> Stage`` (the one loop,
-``train.loop.fit``, drives it) or ``run(cfg, plan)`` (a stage with an outer loop of its own: RL).
+"""One room per stage: what a stage supplies to the one loop (``train.loop.fit``) is its data, its objective and its
+roles. The registry below maps ``stage=<name>`` to its module; validation (``config.validate``) and dispatch
+(``run``) both go through it. Each module has ``plan_iters(cfg, dp) -> int`` (checks the stage's data and derives
+the iteration count before anything heavy) and ``build(cfg, plan, rt) -> Stage`` (``stages.base.Stage``: what the loop
+drives); a stage that saves more than one role says where (``checkpoint_dirs(cfg)``, actor first).
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+
+from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.config.validate import Plan
+from evolm_nemo.train.loop import MAIN, TrainResult, fit
 
 STAGES = {
     "pretrain": "evolm_nemo.stages.pretrain",  # next-token loss on packed documents
@@ -24,3 +27,10 @@ STAGES = {
 
 def stage_module(name: str) -> ModuleType:
     return importlib.import_module(STAGES[name])
+
+
+def run(cfg: RootConfig, plan: Plan) -> TrainResult:
+    """Train the stage ``cfg.stage`` names through the one loop."""
+    module = stage_module(cfg.stage)
+    dirs = module.checkpoint_dirs(cfg) if hasattr(module, "checkpoint_dirs") else (MAIN,)
+    return fit(cfg, plan, module.build, dirs)

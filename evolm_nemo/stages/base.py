@@ -1,4 +1,5 @@
-"""The seam between the one loop and a stage."""
+"""The seam between the one loop (``train.loop.fit``) and a stage: the ``Stage`` base class, whose defaults are the
+language-model objective trained as one role, and the data order / iteration count of the fine-tuning stages."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import numpy as np
 import torch
 
 from evolm_nemo.losses import masked_token_sum
+from evolm_nemo.train.engine import StepResult, build_training_model, train_step
+from evolm_nemo.train.loop import Role, Start
 
 
 def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -82,8 +85,9 @@ def epoch_iters(cfg, n: int, what: str = "examples") -> int:
 
 
 class Stage:
-    """What a stage supplies to ``train.loop.fit``. Subclasses set ``tokenizer`` and implement ``microbatches``;
-    the defaults are the language-model objective."""
+    """What a stage supplies to ``train.loop.fit``. Subclasses set ``cfg``, ``plan``, ``tokenizer`` and implement
+    ``microbatches``; the defaults are the language-model objective on one role (``build``), one engine step per
+    iteration (``step``), started from ``train.init_from`` when it is set (``start``)."""
 
     tokenizer: str = ""  # tokenizer reference (dir or hub name) recorded in checkpoints
     model_builder = None  # callable(m, p, dtype, pre_process, post_process); None: the LM (model.build.build_model)
@@ -91,17 +95,25 @@ class Stage:
     head: str = "lm"  # the model's output layer, recorded in checkpoints: lm | value (scalar head; exports as
     #                   LlamaForSequenceClassification)
     sum_keys: tuple[str, ...] = ()  # log keys of the loss function summed over the global batch (StepResult.sums)
+    history_key: str = "loss"  # the record key a run's history (TrainResult.losses) follows
+    result: StepResult | None = None  # the last step's result (for ``metrics``)
 
-    def rows_per_microbatch(self, micro_batch_size: int) -> int:
-        """Sequences in a microbatch of ``micro_batch_size`` units (pipeline stages exchange that many rows)."""
-        return micro_batch_size
+    # --- the roles and where they start
+    def build(self, rt) -> list[Role]:
+        """The trained models (``roles[0]`` first), after the run directory is locked. Default: the stage's model
+        (``model_builder``) with the megatron optimizer and a scheduler over ``plan.iters``."""
+        self.rt = rt
+        model, optimizer, make_scheduler = build_training_model(self.cfg, rt, self.model_builder)
+        self.roles = [Role(model, optimizer, make_scheduler(self.plan.iters), make_scheduler)]
+        return self.roles
 
-    def microbatches(self, iteration: int) -> list[dict[str, torch.Tensor]]:
-        """This data-parallel rank's microbatches of ``iteration`` (a pure function of it: exact resume)."""
-        raise NotImplementedError
-
-    def seq_length(self, batches) -> int:
-        return max(b["tokens"].shape[1] for b in batches)
+    def start(self, roles: list[Role], layout: dict) -> Start:
+        """Where a run that resumes nothing starts: the weights of ``train.init_from`` (``load_init``), or scratch."""
+        if not self.cfg.train.init_from:
+            return Start()
+        meta = self.load_init(self.cfg.train.init_from, roles[0].model)
+        roles[0].optimizer.reload_model_params()
+        return Start(parent_meta=meta)
 
     def load_init(self, path: str, model) -> dict:
         """Weights from the parent ``train.init_from``; returns its evolm.json."""
@@ -116,20 +128,51 @@ class Stage:
         """After the weights are in place (``train.init_from`` or a resumed checkpoint at ``start``), before the
         first step; collective (every rank calls it)."""
 
+    # --- one iteration
+    def rows_per_microbatch(self, micro_batch_size: int) -> int:
+        """Sequences in a microbatch of ``micro_batch_size`` units (pipeline stages exchange that many rows)."""
+        return micro_batch_size
+
+    def microbatches(self, iteration: int) -> list[dict[str, torch.Tensor]]:
+        """This data-parallel rank's microbatches of ``iteration`` (a pure function of it: exact resume)."""
+        raise NotImplementedError
+
+    def seq_length(self, batches) -> int:
+        return max(b["tokens"].shape[1] for b in batches)
+
+    def step(self, iteration: int) -> dict:
+        """One optimizer step of ``roles[0]`` over this rank's microbatches of ``iteration``; returns the record's
+        first keys (``loss`` first)."""
+        role, batches = self.roles[0], self.microbatches(iteration)
+        lr = role.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        self.result = train_step(role.model, role.optimizer, batches, self.forward_step, self.seq_length(batches),
+                                 self.rows_per_microbatch(self.cfg.parallel.micro_batch_size), self.rt,
+                                 sum_keys=self.sum_keys)
+        role.scheduler.step(increment=1)
+        return {"loss": self.result.loss, "lr": lr, "grad_norm": self.result.grad_norm}
+
+    # --- what is said and recorded
     def describe(self) -> str:
         return ""
 
     def lineage(self) -> dict:
         return {}
 
-    def metrics(self, iteration: int, result, step_s: float, peak_flops: float | None, world_size: int) -> dict:
+    def metrics(self, iteration: int, step_s: float, peak_flops: float | None, world_size: int) -> dict:
+        """Record keys of iteration ``iteration`` beyond the step's (throughput, accuracy ...); ``self.result``."""
         return {}
 
     def postfix(self, record: dict) -> dict:
-        return {}
+        """The progress bar's postfix."""
+        return {"loss": f"{record['loss']:.4f}"}
 
     def checkpoint_extra(self, step: int) -> dict:
         return {}
+
+    def snapshots(self, step: int) -> list[tuple[str, dict]]:
+        """Checkpoints of ``roles[0]`` to keep at ``step`` besides the run's own, never pruned: (directory under the
+        run, evolm.json additions)."""
+        return []
 
     def evaluate(self, model, rt, step: int, last: bool) -> dict:
         """Metrics measured on the live model after optimizer step ``step`` (validation); merged into that step's

@@ -185,7 +185,8 @@ class DPOStage(Stage):
                 "loss_type": d.loss_type, "label_smoothing": d.label_smoothing,
                 "epochs": self.plan.iters * self.batches.gbs / len(self.units)}
 
-    def metrics(self, iteration, result, step_s, peak_flops, world_size):
+    def metrics(self, iteration, step_s, peak_flops, world_size):
+        result = self.result
         n = max(result.tokens, 1)
         s = result.sums
         return {"reward_margin": s["margin_sum"] / n, "chosen_logp": s["chosen_logp_sum"] / n,
@@ -195,7 +196,7 @@ class DPOStage(Stage):
                 "epoch": (iteration + 1) * self.batches.gbs / len(self.units)}
 
     def postfix(self, record):
-        return {"margin": f"{record['reward_margin']:.3f}", "acc": f"{record['accuracy']:.2f}"}
+        return {**super().postfix(record), "margin": f"{record['reward_margin']:.3f}", "acc": f"{record['accuracy']:.2f}"}
 
     def checkpoint_extra(self, step):
         return {"consumed_samples": step * self.batches.gbs}

@@ -8,6 +8,9 @@ from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.tokens import format_tokens, iterations_for, parse_tokens
 from evolm_nemo.model.build import flops_per_token
 from evolm_nemo.stages.base import Stage
+from evolm_nemo.train import wsd
+from evolm_nemo.train.engine import train_step
+from evolm_nemo.train.loop import Start
 
 
 def plan_iters(cfg: RootConfig, dp: int) -> int:
@@ -44,10 +47,9 @@ class PretrainStage(Stage):
                   f"{plan.iters * plan.tokens_per_iter:,} tokens ({plan.iters * p.global_batch_size:,} samples); "
                   "building the dataset indices", flush=True)
         samples = plan.iters * p.global_batch_size
-        if cfg.train.branch_from:  # a WSD branch reads the stable run's dataset (its size decides megatron's order)
-            from evolm_nemo.train.wsd import resolve_branch
-
-            samples = max(plan.iters, resolve_branch(cfg, plan.iters).stable_iters) * p.global_batch_size
+        self.branch = wsd.resolve_branch(cfg, plan.iters) if cfg.train.branch_from else None
+        if self.branch is not None:  # a WSD branch reads the stable run's dataset (its size decides megatron's order)
+            samples = max(plan.iters, self.branch.stable_iters) * p.global_batch_size
         dataset = build_dataset(cfg, source, tokenizer, samples)
         self.schedule = BatchSchedule(dataset, p.global_batch_size, p.micro_batch_size,
                                       parallel_state.get_data_parallel_rank(), plan.dp)
@@ -71,6 +73,26 @@ class PretrainStage(Stage):
             self.probe = ProbeHook(cfg, tokenizer, plan.tokens_per_iter, rt.is_main)
         self.tokens_per_iter = plan.tokens_per_iter
         self.fpt = flops_per_token(m)
+        self.branch_saves = wsd.branch_saves(cfg, plan.iters)  # a WSD stable run: {iteration: budget}
+
+    def start(self, roles, layout):
+        """A WSD cooldown branch starts from the stable run's weights, optimizer state and step count, with the
+        stable run's warmup; anything else as every stage (``train.init_from`` or scratch)."""
+        if self.branch is None:
+            return super().start(roles, layout)
+        from evolm_nemo.checkpoint import io as ckpt
+
+        b, role = self.branch, roles[0]
+        role.scheduler = role.make_scheduler(self.plan.iters, warmup=b.warmup)
+        state = ckpt.load(b.path, [role.model], role.optimizer, None, layout=layout)
+        role.scheduler.step(increment=state["iteration"])
+        return Start(state["iteration"], state["meta"], wsd.branch_lineage(self.cfg, b, self.lineage()),
+                     f" | branching off {b.path} at iteration {state['iteration']}, cooldown to {self.plan.iters}")
+
+    def snapshots(self, step):
+        if step not in self.branch_saves:
+            return []
+        return [(wsd.BRANCHES, {"branch_budget": self.branch_saves[step]})]  # where that budget's cooldown starts
 
     def microbatches(self, iteration):
         return self.schedule.microbatches(iteration)
@@ -90,7 +112,7 @@ class PretrainStage(Stage):
             record["mix"] = dict(zip(self.sources.names, self.sources.plan))
         return record
 
-    def metrics(self, iteration, result, step_s, peak_flops, world_size):
+    def metrics(self, iteration, step_s, peak_flops, world_size):
         tps = self.tokens_per_iter / step_s
         out = {"tokens": (iteration + 1) * self.tokens_per_iter, "tokens_per_s": tps,
                "mfu": (self.fpt * tps / (peak_flops * world_size)) if peak_flops else None}
@@ -103,8 +125,6 @@ class PretrainStage(Stage):
     def validate(self, model, rt) -> dict[str, float]:
         """Per-token loss of the live model on each source's held-out samples (forward only, every rank)."""
         import torch
-
-        from evolm_nemo.train.loop import train_step
 
         p, out = self.cfg.parallel, {}
         was_training = model.training
@@ -161,7 +181,7 @@ class PretrainStage(Stage):
         return out
 
     def postfix(self, record):
-        return {"tok_s": f"{record['tokens_per_s']:,.0f}"}
+        return {**super().postfix(record), "tok_s": f"{record['tokens_per_s']:,.0f}"}
 
     def checkpoint_extra(self, step):
         extra = {"consumed_samples": step * self.cfg.parallel.global_batch_size, "tokens": step * self.tokens_per_iter}

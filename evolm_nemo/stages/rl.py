@@ -1,18 +1,58 @@
-"""PPO and GRPO (``stage=ppo`` / ``stage=grpo``): the RL loop (``evolm_nemo.rl.loop``) with its own outer loop over
-rollouts, reusing the engine's step and checkpoints. This module checks the recipe and plans the iterations."""
+"""PPO and GRPO (``stage=ppo`` / ``stage=grpo``) through the one run loop: an iteration is a rollout from the live
+actor (megatron-core's inference engine), rewards from the shared answer checker (and/or a reward model), old
+log-probs / values (forward only), advantages (GAE or group-relative), then ``rl.ppo_epochs`` x ``rl.mini_batches``
+engine steps of the actor (and critic).
+
+Roles, all megatron-core models on the same ranks (TP/DP; pp = 1 because the inference engine needs it): the actor
+(from ``train.init_from``), the critic (PPO: the same backbone, or ``rl.critic_init``, with a fresh scalar head), the
+reference (frozen, built only when a KL term is on), the reward model (frozen, ``rl.reward=rm|sum``). The trained
+roles -- actor and critic, each with its optimizer and scheduler -- are saved as one unit by the loop: the critic under
+``critic/`` first, then the actor under ``checkpoints/`` (its commit is the commit of the pair), so ``export-hf
+src=<run>`` exports the actor and ``export-hf src=<run>/critic`` the critic.
+
+Rollout sampling is seeded by (``train.seed``, iteration, data-parallel rank), so a resumed run rolls out exactly what
+the uninterrupted one did.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evolm_nemo.answers import SUITE_KIND, judge
+from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.generation.engine import Generator
+from evolm_nemo.losses.rl import constant_groups, gae, group_advantages, truncated_importance_weights, whiten_with
+from evolm_nemo.model.build import build_model
+from evolm_nemo.model.heads import build_value_model, load_backbone
+from evolm_nemo.rl.data import PromptSchedule, prompt_files, read_prompts, usable_prompts
+from evolm_nemo.rl.objectives import (actor_forward_step, collate, critic_forward_step, forward_collect,
+                                      logprob_forward_step, value_forward_step)
+from evolm_nemo.rl.reward import RewardModelScorer, check as check_reward, combine as combine_rewards
+from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, verifiable_rewards
+from evolm_nemo.rl.stats import global_moments, rollout_metrics
+from evolm_nemo.stages.base import Stage
+from evolm_nemo.train.engine import build_training_model, train_step
+from evolm_nemo.train.loop import MAIN, Role, Start
+
+CRITIC = "critic"  # <run>/critic: the PPO critic's checkpoints, namesakes of the actor's
+ACTOR_KEYS = ("entropy_sum", "kl_ref_sum", "response_tokens", "clip_count", "dual_clip_count", "ratio_sum",
+              "kl_old_sum")
+CRITIC_KEYS = ("value_clip_count",)
 
 CHOICES = {"kl": ("off", "reward", "loss"), "kl_estimator": ("k1", "k2", "k3"),
            "loss_agg": ("token_mean", "seq_mean"), "reward_scoring": ("strict", "evolm")}
 
 
 def plan_iters(cfg: RootConfig, dp: int) -> int:
-    from evolm_nemo.answers import SUITE_KIND
-
     t, r, p = cfg.train, cfg.rl, cfg.parallel
     for key, options in CHOICES.items():
         if getattr(r, key) not in options:
@@ -30,14 +70,11 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
             raise ConfigError(f"train.{key}", f"must be > 0, got {getattr(t, key)}")
     if not t.init_from:
         raise ConfigError("train.init_from", f"stage={cfg.stage} starts from a checkpoint (an SFT run)")
-    from evolm_nemo.checkpoint import io as ckpt
-    from evolm_nemo.rl import reward
-
     try:
         actor_tokenizer = ckpt.read_meta(ckpt.resolve(t.init_from)).get("tokenizer")
     except ckpt.CheckpointError as exc:
         raise ConfigError("train.init_from", str(exc)) from None
-    reward.check(cfg, actor_tokenizer)
+    check_reward(cfg, actor_tokenizer)
     if p.pp != 1:
         raise ConfigError("parallel.pp", "RL rollouts run megatron's inference engine, which needs pp=1; use tp/dp")
     for key in ("prompts_per_step", "samples_per_prompt", "ppo_epochs", "mini_batches", "rollout_micro_batch_size",
@@ -65,18 +102,12 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     if r.kl != "off" and r.initial_policy_kl_penalty <= 0:
         raise ConfigError("rl.initial_policy_kl_penalty", f"rl.kl={r.kl} needs a positive KL coefficient")
     if r.critic_init is not None and cfg.stage == "ppo":
-        from pathlib import Path
-
         if not Path(r.critic_init).exists():
             raise ConfigError("rl.critic_init", f"no checkpoint at {r.critic_init}")
     if r.val_interval and not r.val_data:
         raise ConfigError("rl.val_data", "rl.val_interval needs a validation JSONL {id, prompt, gold_answer}")
     if r.val_interval:
-        from evolm_nemo.rl.data import read_prompts
-
         read_prompts([r.val_data], "rl.val_data")  # exists and is well-formed, before anything starts
-    from evolm_nemo.rl.data import usable_prompts
-
     prompts, skipped = usable_prompts(cfg)
     if len(prompts) < r.prompts_per_step:
         raise ConfigError("rl.prompts_per_step", f"{r.prompts_per_step} is more than the {len(prompts)} usable prompts "
@@ -89,7 +120,251 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     return iters
 
 
-def run(cfg: RootConfig, plan):
-    from evolm_nemo.rl.loop import rl_fit
+def checkpoint_dirs(cfg: RootConfig) -> tuple[str, ...]:
+    """The run's checkpoint roots, actor first: a PPO checkpoint is the actor + critic pair."""
+    return (MAIN,) if cfg.stage == "grpo" else (MAIN, CRITIC)
 
-    return rl_fit(cfg, plan)
+
+class RLStage(Stage):
+    """One RL run: its prompts, roles and step. ``step(iteration)`` does one rollout + update and returns its
+    record."""
+
+    history_key = "reward_mean"
+
+    def __init__(self, cfg: RootConfig, plan, rt):
+        from megatron.core import parallel_state
+
+        self.cfg, self.plan, self.rt, self.rl = cfg, plan, rt, cfg.rl
+        r = cfg.rl
+        self.grpo = cfg.stage == "grpo"
+        self.prompts, _ = usable_prompts(cfg)
+        self.val = None
+        if r.val_data and r.val_interval:
+            val = read_prompts([r.val_data], "rl.val_data")
+            self.val = type(val)(val.ids[:r.val_size], val.prompts[:r.val_size], val.gold[:r.val_size])
+        self.dp, self.dp_rank = plan.dp, parallel_state.get_data_parallel_rank()
+        self.schedule = PromptSchedule(len(self.prompts), r.prompts_per_step, cfg.train.seed, self.dp_rank, self.dp)
+        self.steps_per_iter = r.ppo_epochs * r.mini_batches
+        self.tokenizer = ckpt.read_meta(ckpt.resolve(cfg.train.init_from)).get("tokenizer") or cfg.data.tokenizer
+        self.tok = load_tokenizer(self.tokenizer, key="train.init_from")
+        self.eos = int(self.tok.eos_token_id)
+        self.rollout_log = None
+
+    # ------------------------------------------------------------------------------------------- roles
+    def build(self, rt) -> list[Role]:
+        """The actor (and PPO's critic) with their optimizers and schedulers over every engine step of the run; the
+        frozen reference (KL on) and reward model (rl.reward != verifiable); the actor's inference engine."""
+        cfg, r, steps = self.cfg, self.rl, self.plan.iters * self.steps_per_iter
+        model, optimizer, make = build_training_model(cfg, rt)
+        self.actor = Role(model, optimizer, make(steps), make, meta={"role": "actor"})
+        self.critic = None
+        if not self.grpo:
+            o = cfg.optim
+            ccfg = dataclasses.replace(cfg, optim=dataclasses.replace(o, lr=r.critic_lr,
+                                                                       min_lr=min(o.min_lr, r.critic_lr)))
+            model, optimizer, make = build_training_model(ccfg, rt, build_value_model)
+            self.critic = Role(model, optimizer, make(steps), make, dir=CRITIC, meta={"head": "value",
+                                                                                      "role": "critic"})
+        self.ref = None
+        if r.kl != "off":
+            self.ref = build_model(cfg.model, cfg.parallel, rt.dtype)
+            ckpt.load_weights(cfg.train.init_from, [self.ref])
+            self.ref.eval()
+        self.rm = None
+        if r.reward != "verifiable":  # the reward role: a frozen value-head model (rl/reward.py)
+            self.rm = RewardModelScorer(cfg, rt)
+        max_seq = min(cfg.model.seq_length, r.max_prompt_tokens + r.max_response_tokens)
+        self.generator = Generator(self.actor.model, self.tok, max_seq=max_seq,
+                                   max_batch=r.rollout_micro_batch_size)
+        return [self.actor] + ([self.critic] if self.critic is not None else [])
+
+    def start(self, roles, layout) -> Start:
+        """The actor from ``train.init_from``; the critic's backbone from ``rl.critic_init`` (or the same), with a
+        fresh scalar head."""
+        t = self.cfg.train
+        parent = ckpt.load_weights(t.init_from, [self.actor.model])
+        self.actor.optimizer.reload_model_params()
+        if self.critic is not None:
+            load_backbone(self.rl.critic_init or t.init_from, [self.critic.model])
+            self.critic.optimizer.reload_model_params()
+        return Start(parent_meta=parent)
+
+    def prepare(self, model, rt, start, out_dir):
+        if self.rl.save_rollouts:
+            self.rollout_log = RolloutLog(Path(out_dir) / "rollouts.jsonl", start, self.dp_rank)
+
+    # ------------------------------------------------------------------------------------------- one iteration
+    def rollout(self, iteration: int) -> Rollout:
+        idx = self.schedule.indices(iteration)
+        seed = (self.cfg.train.seed * 1_000_003 + iteration * 1009 + self.dp_rank) % (2 ** 31)
+        return generate(self.generator, [self.prompts.prompts[i] for i in idx], [self.prompts.gold[i] for i in idx],
+                        self.rl.samples_per_prompt, self.rl, self.eos, seed)
+
+    def _microbatches(self, ro: Rollout, order: list[int], extra: dict[str, list[list[float]]]) -> list[dict]:
+        mbs = self.cfg.parallel.micro_batch_size
+        seqs = [(ro.prompt_ids[k] + ro.response_ids[k], len(ro.prompt_ids[k])) for k in range(len(ro))]
+        out = []
+        for i in range(0, len(order), mbs):
+            rows = order[i:i + mbs]
+            out.append(collate([seqs[k] for k in rows], {key: [v[k] for k in rows] for key, v in extra.items()},
+                                 pad_id=self.eos))
+        return out
+
+    def _per_token(self, outputs: list[torch.Tensor], batches: list[dict], order: list[int], n: int) -> list:
+        """Scatter microbatch outputs back to per-sequence lists over response positions."""
+        rows: list = [None] * n
+        i = 0
+        for out, b in zip(outputs, batches):
+            for row in range(out.shape[0]):
+                mask = b["loss_mask"][row].bool()
+                rows[order[i]] = out[row][mask].tolist()
+                i += 1
+        return rows
+
+    def step(self, iteration: int) -> dict:
+        """Rollout -> reward -> old log-probs / values -> advantages -> the actor's (and critic's) engine updates."""
+        r, rt = self.rl, self.rt
+        mbs = self.cfg.parallel.micro_batch_size
+        t0 = time.perf_counter()
+        ro = self.rollout(iteration)
+        t1 = time.perf_counter()
+        ro.correct = verifiable_rewards(ro, r.reward_suite, r.reward_scoring)
+        ro.rm_scores = self.rm.score(ro.prompt_ids, ro.response_ids, self.eos) if self.rm is not None else None
+        ro.rewards = combine_rewards(ro.correct, ro.rm_scores, self.cfg)
+        t2 = time.perf_counter()
+        n = len(ro)
+        order = list(range(n))
+        base = self._microbatches(ro, order, {})
+        old_logp = self._per_token(forward_collect(self.actor.model, base, logprob_forward_step, mbs, rt), base,
+                                   order, n)
+        ref_logp = (self._per_token(forward_collect(self.ref, base, logprob_forward_step, mbs, rt), base, order, n)
+                    if self.ref is not None else None)
+        # token-level rewards: the verifiable reward on the last response token, minus k1 KL when kl=reward
+        rewards = []
+        for k in range(n):
+            rw = [0.0] * len(ro.response_ids[k])
+            rw[-1] = ro.rewards[k]
+            if r.kl == "reward":
+                rw = [x - r.initial_policy_kl_penalty * (a - b) for x, a, b in zip(rw, old_logp[k], ref_logp[k])]
+            rewards.append(rw)
+        extra = {"old_logp": old_logp, "rewards": rewards}
+        if r.tis_cap is not None:
+            extra["engine_logp"] = ro.engine_logp
+        if ref_logp is not None:
+            extra["ref_logp"] = ref_logp
+        keep = [1.0] * n
+        dropped = 0
+        if self.grpo:
+            g = torch.tensor(ro.rewards, dtype=torch.float64)
+            adv = group_advantages(g, r.samples_per_prompt, normalize_std=r.grpo_normalize_std)
+            if r.dynamic_sampling:
+                const = constant_groups(g, r.samples_per_prompt).repeat_interleave(r.samples_per_prompt)
+                keep = [0.0 if c else 1.0 for c in const.tolist()]
+                dropped = int(const.sum()) // r.samples_per_prompt
+            extra["advantages"] = [[float(adv[k]) * keep[k]] * len(ro.response_ids[k]) for k in range(n)]
+            values = None
+        else:
+            values = self._per_token(forward_collect(self.critic.model, base, value_forward_step, mbs, rt), base,
+                                     order, n)
+            extra["old_values"] = values
+        batches = self._microbatches(ro, order, extra)
+        if not self.grpo:
+            for b in batches:
+                adv, ret = gae(b["rewards"], b["old_values"], b["loss_mask"], r.discount_factor, r.gae_lambda)
+                b["advantages"], b["returns"] = adv, ret
+            if r.whiten_advantages:
+                mask = torch.cat([b["loss_mask"].flatten() for b in batches])
+                flat = torch.cat([b["advantages"].flatten() for b in batches])
+                mean, var = global_moments(flat, mask)
+                for b in batches:
+                    b["advantages"] = whiten_with(b["advantages"], b["loss_mask"], mean, var)
+        if r.tis_cap is not None:  # the engine reports no log p for a final EOS: weight 1 there
+            for b in batches:
+                eng = b.pop("engine_logp")
+                eng = torch.where(torch.isnan(eng), b["old_logp"], eng)
+                b["tis"] = truncated_importance_weights(b["old_logp"], eng, r.tis_cap)
+        for b, k0 in zip(batches, range(0, n, mbs)):
+            if dropped:
+                rows = order[k0:k0 + mbs]
+                b["loss_mask"] = b["loss_mask"] * torch.tensor([keep[k] for k in rows]).unsqueeze(1)
+            b.pop("rewards")
+        t3 = time.perf_counter()
+        record = self._update(batches)
+        t4 = time.perf_counter()
+        record.update(rollout_metrics(ro, old_logp, batches, values, t1 - t0))
+        record.update(time_rollout_s=t1 - t0, time_reward_s=t2 - t1, time_prepare_s=t3 - t2, time_update_s=t4 - t3,
+                      groups_dropped=dropped)
+        if self.rollout_log is not None:
+            self.rollout_log.write(iteration + 1, ro)
+        return record
+
+    def _update(self, batches: list[dict]) -> dict:
+        r, rt, mbs = self.rl, self.rt, self.cfg.parallel.micro_batch_size
+        per_mini = len(batches) // r.mini_batches
+        sums: dict[str, float] = {}
+        actor_norms, critic_norms, value_losses, losses = [], [], [], []
+        lr = self.actor.optimizer.param_groups[0]["lr"]
+        for epoch in range(r.ppo_epochs):
+            for m in range(r.mini_batches):
+                chunk = batches[m * per_mini:(m + 1) * per_mini]
+                seq = max(b["tokens"].shape[1] for b in chunk)
+                actor_in = [{k: v for k, v in b.items() if k not in ("returns", "old_values")} for b in chunk]
+                res = train_step(self.actor.model, self.actor.optimizer, actor_in, partial(actor_forward_step, r), seq,
+                                 mbs, rt, sum_keys=ACTOR_KEYS)
+                self.actor.scheduler.step(increment=1)
+                losses.append(res.loss)
+                actor_norms.append(res.grad_norm)
+                for k, v in res.sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if self.critic is not None:
+                    critic_in = [{k: b[k] for k in ("tokens", "labels", "position_ids", "loss_mask", "returns",
+                                                    "old_values")} for b in chunk]
+                    cres = train_step(self.critic.model, self.critic.optimizer, critic_in,
+                                      partial(critic_forward_step, r), seq, mbs, rt, sum_keys=CRITIC_KEYS)
+                    self.critic.scheduler.step(increment=1)
+                    value_losses.append(cres.loss)
+                    critic_norms.append(cres.grad_norm)
+                    sums["value_clip_count"] = sums.get("value_clip_count", 0.0) + cres.sums["value_clip_count"]
+        tokens = max(sums.get("response_tokens", 0.0), 1.0)
+        out = {"loss": float(np.mean(losses)), "lr": lr, "actor_grad_norm": float(np.mean(actor_norms)),
+               "entropy": sums["entropy_sum"] / tokens, "clip_fraction": sums["clip_count"] / tokens,
+               "dual_clip_fraction": sums["dual_clip_count"] / tokens, "ratio_mean": sums["ratio_sum"] / tokens,
+               "kl_old": sums["kl_old_sum"] / tokens}
+        if self.ref is not None:
+            out["kl_ref"] = sums["kl_ref_sum"] / tokens
+        if self.critic is not None:
+            out.update(value_loss=float(np.mean(value_losses)), critic_grad_norm=float(np.mean(critic_norms)),
+                       value_clip_fraction=sums["value_clip_count"] / tokens,
+                       critic_lr=self.critic.optimizer.param_groups[0]["lr"])
+        return out
+
+    # ------------------------------------------------------------------------------------------- what is said
+    def evaluate(self, model, rt, step, last):
+        """Greedy accuracy on ``rl.val_data`` every ``rl.val_interval`` iterations (the shared checker)."""
+        if self.val is None or step % self.rl.val_interval:
+            return {}
+        r = self.rl
+        texts = self.generator.generate(self.val.prompts, r.max_response_tokens, stop_strings=tuple(r.stop_strings))
+        right = sum(judge(r.reward_suite, t, g, r.reward_scoring) for t, g in zip(texts, self.val.gold))
+        return {"val_accuracy": right / max(len(texts), 1)}
+
+    def describe(self) -> str:
+        r = self.rl
+        roles = "actor" + (" + critic" if self.critic is not None else "") + (" + reference" if self.ref else "")
+        return (f"{roles} | {r.prompts_per_step} prompts x {r.samples_per_prompt} samples, {r.ppo_epochs} epoch(s) "
+                f"x {r.mini_batches} mini-batch(es) | {len(self.prompts):,} RL prompts")
+
+    def lineage(self) -> dict:
+        r = self.rl
+        return {"data": self.cfg.data.hf_dataset or ",".join(prompt_files(self.cfg)), "prompts": len(self.prompts),
+                "algorithm": self.cfg.stage, "rollouts": self.plan.iters * r.prompts_per_step * r.samples_per_prompt}
+
+    def postfix(self, record):
+        return {"reward": f"{record['reward_mean']:.3f}", "len": f"{record['response_length_mean']:.0f}"}
+
+    def checkpoint_extra(self, step):
+        return {"consumed_prompts": step * self.rl.prompts_per_step}
+
+
+def build(cfg: RootConfig, plan, rt) -> RLStage:
+    return RLStage(cfg, plan, rt)

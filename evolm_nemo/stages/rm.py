@@ -316,7 +316,8 @@ class RMStage(Stage):
                 self.unit: len(self.train_units), "epochs": self.plan.iters * self.batches.gbs /
                 len(self.train_units)}
 
-    def metrics(self, iteration, result, step_s, peak_flops, world_size):
+    def metrics(self, iteration, step_s, peak_flops, world_size):
+        result = self.result
         return {"accuracy": result.sums.get("correct", 0.0) / max(result.tokens, 1),
                 "score_mean": result.sums.get("score_sum", 0.0) / max(result.tokens * (2 if self.pairwise else 1), 1),
                 f"{self.unit}_per_s": self.batches.gbs / step_s,
@@ -324,7 +325,7 @@ class RMStage(Stage):
                 "epoch": (iteration + 1) * self.batches.gbs / len(self.train_units)}
 
     def postfix(self, record):
-        return {"acc": f"{record['accuracy']:.3f}"}
+        return {**super().postfix(record), "acc": f"{record['accuracy']:.3f}"}
 
     def checkpoint_extra(self, step):
         return {"consumed_samples": step * self.batches.gbs}

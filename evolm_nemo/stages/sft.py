@@ -225,7 +225,8 @@ class SFTStage(Stage):
                 "samples": self.plan.iters * self.gbs, "epochs": self.plan.iters * self.gbs / self.n,
                 "template": self.view.sets[0].manifest.get("template")}
 
-    def metrics(self, iteration, result, step_s, peak_flops, world_size):
+    def metrics(self, iteration, step_s, peak_flops, world_size):
+        result = self.result
         groups, lengths = self._layout(iteration)
         real = int(sum(self.view.length[g].sum() - len(g) for g in groups))
         padded = int(sum(n * len(g) for g, n in zip(groups, lengths)))
@@ -236,7 +237,7 @@ class SFTStage(Stage):
                 "epoch": (iteration + 1) * self.gbs / self.n}
 
     def postfix(self, record):
-        return {"ex_s": f"{record['examples_per_s']:,.1f}", "pad": f"{record['padding_fraction']:.2f}"}
+        return {**super().postfix(record), "ex_s": f"{record['examples_per_s']:,.1f}", "pad": f"{record['padding_fraction']:.2f}"}
 
     def checkpoint_extra(self, step):
         return {"consumed_samples": step * self.gbs, "answer_tokens": self.answer_total}

@@ -86,7 +86,7 @@ def load_weights(model, optimizer, state: dict) -> None:
 def train_run(cfg, rt, batches: list[dict], steps: int, state: dict | None = None) -> dict:
     """``steps`` optimizer steps on ``batches`` (every step the same); starts from ``state`` when given."""
     from evolm_nemo.stages.base import lm_forward_step
-    from evolm_nemo.train.loop import build_training_model, train_step
+    from evolm_nemo.train.engine import build_training_model, train_step
 
     model, optimizer, _ = build_training_model(cfg, rt)
     if state is not None:

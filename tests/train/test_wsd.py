@@ -36,7 +36,7 @@ def wsd_lr(k: int, n: int, shape: str = "linear", warmup: int = WARMUP, fraction
 def test_megatron_wsd_scheduler_follows_the_formula(shape):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from evolm_nemo.train.loop import _scheduler
+    from evolm_nemo.train.engine import _scheduler
 
     o = SimpleNamespace(lr=LR, min_lr=MIN_LR, warmup_fraction=0.1, warmup_iters=WARMUP, decay_style="wsd",
                         wsd_decay_fraction=FRACTION, wsd_decay_shape=shape, weight_decay=0.1)
@@ -85,7 +85,7 @@ def test_branch_starts_from_the_stable_checkpoint_and_ends_at_min_lr(tmp_path, d
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from evolm_nemo.config import RootConfig, compose
-    from evolm_nemo.train.loop import _scheduler
+    from evolm_nemo.train.engine import _scheduler
 
     n, s = 20, 15
     proc = _branch(tmp_path, data_cache, stable, n)
