@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.tasks import SUITE_KIND
 
 CHOICES = {"kl": ("off", "reward", "loss"), "kl_estimator": ("k1", "k2", "k3"),
            "loss_agg": ("token_mean", "seq_mean"), "reward_scoring": ("strict", "evolm")}
 
 
 def plan_iters(cfg: RootConfig, dp: int) -> int:
-    from evolm_nemo.answers import SUITE_KIND
-
     t, r, p = cfg.train, cfg.rl, cfg.parallel
     for key, options in CHOICES.items():
         if getattr(r, key) not in options:
