@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from evolm_nemo import answers as A  # noqa: E402
 from evolm_nemo.evaluation.metrics import majority_answers, rm_index  # noqa: E402
+from evolm_nemo.tasks import SUITES  # noqa: E402
 
-SUITES = ("gsm8k_platinum", "math", "cruxeval", "boardgameqa", "tabmwp", "strategyqa")
 FIXTURES = ROOT / "tests" / "fixtures" / "eval"
 WORDS = ("we", "first", "compute", "the", "total", "so", "then", "each", "value", "gives", "therefore", "number",
          "of", "items", "is", "multiplied", "by", "and", "added", "to", "result", "which", "means", "check", "again")

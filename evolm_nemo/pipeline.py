@@ -22,11 +22,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from evolm_nemo.config import RootConfig, compose, validate
+from evolm_nemo.tasks import TURN_MARKERS, UPSTREAM
 
 DEMO_PROBLEMS = 8  # held-out generated word problems for the final HF evaluation (greedy + n=16)
 HELD_OUT = 64  # held-out problems for the greedy accuracy before and after SFT
 MAX_NEW = 48  # completion tokens for those
-STOP = ("Human:", "Assistant:")  # the template's turn markers end a completion
+STOP = TURN_MARKERS  # the template's turn markers end a completion
 RM_PROBLEMS, RM_SAMPLES = 160, 8  # the demo RM's training samples: problems of the RL set x samples each
 SFT_EPOCHS = 2  # the demo's SFT: 2 epochs (demo_sft's 4 leave greedy accuracy where GRPO on this model cannot raise it)
 RL_WINDOW = 10  # the RL stage's mean reward over its first and last RL_WINDOW steps
@@ -131,11 +132,11 @@ def dynamics_overrides(out: Path, stage: str) -> list[str]:
     so training keeps every document) and the capability probes -- lm-eval 0-shot on the six sample tasks of
     eval/upstream/sample through the live model, and greedy on PROBE_PROBLEMS of the demo's held-out word problems
     (written to ``out``/probe_data first)."""
-    from evolm_nemo.evaluation.upstream import TASKS, default_tasks_dir
+    from evolm_nemo.evaluation.upstream import default_tasks_dir
 
     tokens = DYNAMICS_EVERY[stage]
     return [f"data.synthetic_val_docs={VAL_DOCS}", f"train.val_tokens_interval={tokens}",
-            f"probe.tokens_interval={tokens}", f"probe.upstream=[{','.join(TASKS)}]",
+            f"probe.tokens_interval={tokens}", f"probe.upstream=[{','.join(UPSTREAM)}]",
             f"probe.data_dir={default_tasks_dir() / 'sample'}", "probe.downstream=[gsm8k_platinum]",
             f"probe.downstream_dir={out / 'probe_data'}", f"probe.max_new_tokens={MAX_NEW}",
             f"probe.max_fraction={PROBE_FRACTION}"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from evolm_nemo.tasks import QUESTION_TEMPLATE
+
 
 @dataclass
 class ModelConfig:
@@ -106,7 +108,7 @@ class SFTConfig:
     shuffle: bool = True  # a new order every epoch (seeded by train.seed and the epoch); false: dataset order
     pad_to_multiple_of: int = 1  # microbatch length rounded up to a multiple (8 suits GPU kernels)
     # data.source=synthetic (the demo): generated word problems, prepared like `evolm prepare-sft` would
-    prompt_template: str = "Human: {question}\nAssistant:"  # EvoLM's (LLaMA-Factory "default"); = eval's prompt
+    prompt_template: str = QUESTION_TEMPLATE  # EvoLM's (LLaMA-Factory "default"); = eval's prompt
     answer_template: str = "{answer}"  # the assistant turn; EOS is appended
     synthetic_examples: int = 2000  # generated SFT problems (disjoint from the demo's RL and eval problems)
     synthetic_seed: int = 4321  # their seed

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.tasks import SUITES
 
 PRECISIONS = ("auto", "bf16", "fp32")
 LAYER_SPECS = ("auto", "te", "local")
@@ -216,8 +217,6 @@ def _check_probe(cfg: RootConfig) -> None:
             _positive("probe.upstream_limit", pr.upstream_limit)
         check_tasks(list(pr.upstream), tasks_dir_for(pr.tasks_dir, pr.data_dir), pr.data_dir, prefix="probe.")
     if pr.downstream:
-        from evolm_nemo.answers import SUITES
-
         _positive("probe.downstream_limit", pr.downstream_limit)
         _positive("probe.max_new_tokens", pr.max_new_tokens)
         if pr.scoring not in ("evolm", "strict"):

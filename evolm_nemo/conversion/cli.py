@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from evolm_nemo.config.compose import compose
+from evolm_nemo.tasks import STOP
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ExportTRTLLMConfig:
     tp: int = 1  # tensor-parallel GPUs for the engine
     kv_cache_fraction: float = 0.9  # fraction of free GPU memory for the paged KV cache
     overwrite: bool = False  # replace an existing dst
-    stop_strings: List[str] = field(default_factory=lambda: ["Human", "Human:", "Assistant", "Assistant:"])
+    stop_strings: List[str] = field(default_factory=lambda: list(STOP))
 
 
 def export_hf(overrides: list[str]) -> int:

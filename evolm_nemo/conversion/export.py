@@ -28,9 +28,8 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ModelConfig, ParallelConfig
 from evolm_nemo.conversion import hf
 from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.tasks import STOP
 
-# EvoLM's prompt template is "Human: {question}\nAssistant: {answer}"; generation stops at the next turn marker.
-STOP_STRINGS = ["Human", "Human:", "Assistant", "Assistant:"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt")
 
@@ -427,7 +426,7 @@ def model_card(name: str, m: ModelConfig, head: str, meta: dict, dtype: torch.dt
     lines += ["```", ""]
     if head == "lm":
         lines += ["vLLM: `vllm.LLM(model=path)`; TensorRT-LLM LLM API: `tensorrt_llm.LLM(model=path)`; EvoLM's stop "
-                  "strings: " + ", ".join(f"`{s}`" for s in STOP_STRINGS) + ".", ""]
+                  "strings: " + ", ".join(f"`{s}`" for s in STOP) + ".", ""]
     return "\n".join(lines)
 
 
@@ -535,7 +534,7 @@ def _export(cfg) -> Path:
 
             ids_ = special_ids(tok)
             GenerationConfig(bos_token_id=ids_["bos"], eos_token_id=ids_["eos"], pad_token_id=ids_["pad"],
-                             stop_strings=STOP_STRINGS).save_pretrained(str(tmp))
+                             stop_strings=list(STOP)).save_pretrained(str(tmp))
 
         check = None
         if cfg.verify:

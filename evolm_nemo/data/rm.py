@@ -39,6 +39,7 @@ import numpy as np
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.sft import SFTDataset, SFTWriter, Template, tokenizer_fingerprint
+from evolm_nemo.tasks import QUESTION_TEMPLATE
 
 FORMAT = "evolm-rm-1"
 KINDS = ("outcome", "pairs")
@@ -50,7 +51,7 @@ class PrepareRMConfig:
     output: Optional[str] = None  # the RM dataset directory to create (refused if it exists, unless overwrite=true)
     tokenizer: Optional[str] = None  # the model's HF tokenizer dir or hub name (training refuses another)
     kind: str = "outcome"  # outcome: labelled responses (BCE) | pairs: (correct, incorrect) pairs (Bradley-Terry, DPO)
-    prompt_template: str = "Human: {question}\nAssistant:"  # EvoLM's; = the prompt the completions were sampled after
+    prompt_template: str = QUESTION_TEMPLATE  # EvoLM's; = the prompt the completions were sampled after
     balance: bool = True  # outcome: as many incorrect as correct examples (the larger class subsampled, seeded)
     max_pairs_per_problem: int = 4  # pairs: at most this many (correct, incorrect) pairs of one problem
     cutoff: int = 2048  # sequences longer than this many tokens are dropped (a pair with either side)

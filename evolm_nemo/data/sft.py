@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.tasks import QUESTION_TEMPLATE
 
 FORMAT = "evolm-sft-1"
 MANIFEST, TOKENS, INDEX = "manifest.json", "tokens.bin", "index.npy"
-DEFAULT_PROMPT = "Human: {question}\nAssistant:"  # EvoLM (LLaMA-Factory "default"), = eval/tasks/*.yaml templates
+DEFAULT_PROMPT = QUESTION_TEMPLATE  # EvoLM (LLaMA-Factory "default"), = eval/tasks/*.yaml templates
 DEFAULT_ANSWER = "{answer}"
 
 

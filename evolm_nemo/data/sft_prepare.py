@@ -37,6 +37,7 @@ import numpy as np
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.sft import SFTWriter, Template, encode_example, tokenizer_fingerprint
+from evolm_nemo.tasks import QUESTION_TEMPLATE, SUITES
 
 # EvoLM's SFT/RL allocation study: 100K questions split between SFT and RL (PAPER.md).
 ALLOCATIONS = {"10K/90K": (10_000, 90_000), "30K/70K": (30_000, 70_000), "50K/50K": (50_000, 50_000),
@@ -53,7 +54,7 @@ class PrepareSFTConfig:
     answer_key: str = "answer"  # field with the response the model learns
     reference_key: Optional[str] = None  # field with the reference final answer (filtering, RL gold answers)
     id_key: Optional[str] = None  # field with a row id (RL rows); None: <input name>-<row number>
-    prompt_template: str = "Human: {question}\nAssistant:"  # EvoLM's; must equal the evaluation prompt
+    prompt_template: str = QUESTION_TEMPLATE  # EvoLM's; must equal the evaluation prompt
     answer_template: str = "{answer}"  # the assistant turn; EOS is appended
     filter: bool = True  # consistency filter: keep responses whose final answer matches the reference
     scoring: str = "strict"  # strict | evolm: the checker's mode (as `evolm score scoring=`)
@@ -288,7 +289,7 @@ def check_config(cfg: PrepareSFTConfig) -> Template:
                       ("tokenizer", "the model's HF tokenizer dir or hub name")):
         if not getattr(cfg, key):
             raise ConfigError(key, f"must be set: {hint}")
-    from evolm_nemo.answers import MODES, SUITES
+    from evolm_nemo.answers import MODES
 
     if cfg.scoring not in MODES:
         raise ConfigError("scoring", f"must be one of {', '.join(MODES)}; got {cfg.scoring!r}")

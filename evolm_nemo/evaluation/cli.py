@@ -14,9 +14,7 @@ from typing import List, Optional
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.fileio import write_jsonl
-
-SUITES = ["gsm8k_platinum", "math", "cruxeval", "boardgameqa", "tabmwp", "strategyqa"]
-UPSTREAM = ["hellaswag", "winogrande", "piqa", "openbookqa", "arc_easy", "arc_challenge"]
+from evolm_nemo.tasks import SUITES, UPSTREAM
 
 
 @dataclass

@@ -19,10 +19,7 @@ import math
 from typing import Callable, Iterable, Optional, Sequence
 
 from evolm_nemo.answers import extract_answer
-
-ID_SUITES = ("gsm8k_platinum", "math")
-OOD_SUITES = ("cruxeval", "boardgameqa", "tabmwp", "strategyqa")
-GROUP_OF = {**{s: "id" for s in ID_SUITES}, **{s: "ood" for s in OOD_SUITES}}
+from evolm_nemo.tasks import ID_SUITES, OOD_SUITES
 MAJ_LAST_CHARS = 128
 METRICS = ("pass1", "maj16", "rm16", "pass16", "correct_ratio")
 

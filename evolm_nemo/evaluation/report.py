@@ -43,11 +43,9 @@ from typing import Optional
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.fileio import atomic_path, write_json, write_text
+from evolm_nemo.tasks import UPSTREAM, UPSTREAM_NAMES
 
 SCHEMA = "evolm-result/1"
-UPSTREAM = ("hellaswag", "winogrande", "piqa", "openbookqa", "arc_easy", "arc_challenge")
-UP_NAMES = {"hellaswag": "HellaSwag", "winogrande": "Winogrande", "piqa": "PIQA", "openbookqa": "OBQA",
-            "arc_easy": "ARC-E", "arc_challenge": "ARC-C"}
 METRICS = ("pass1", "maj16", "rm16", "pass16", "correct_ratio")
 M_NAMES = {"pass1": "Greedy", "maj16": "Maj@16", "rm16": "RM@16", "pass16": "Pass@16", "correct_ratio": "Correct ratio"}
 RL_STAGES = ("rl", "ppo", "grpo", "sft+rl")
@@ -195,7 +193,7 @@ def markdown(results: list[dict], plots: dict[str, str | None], dynamics: list[s
     up = [d for d in results if d.get("upstream")]
     if up:
         lines += ["## Upstream (lm-eval, 0-shot)", ""]
-        header = ["model", "size", "tokens", *[UP_NAMES[t] for t in UPSTREAM], "Avg"]
+        header = ["model", "size", "tokens", *[UPSTREAM_NAMES[t] for t in UPSTREAM], "Avg"]
         rows = [[d["model"], d.get("size") or "-", _tokens(d.get("pretrain_tokens")),
                  *[_fmt(_get(d, "upstream", "tasks", t, "score"), 2) for t in UPSTREAM],
                  _fmt(_get(d, "upstream", "avg"), 2)] for d in up]

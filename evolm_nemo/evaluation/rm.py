@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.evaluation.sampling import TEMPLATE
 from evolm_nemo.fileio import read_jsonl, write_jsonl
+from evolm_nemo.tasks import QUESTION_TEMPLATE
 
 
 class RewardModel:
@@ -41,7 +41,7 @@ class RewardModel:
         self.chat = bool(getattr(self.tok, "chat_template", None))
         from evolm_nemo.data.sft import Template
 
-        self.template = Template(TEMPLATE.replace("{problem}", "{question}"))  # the sampling prompt, as prepare-rm
+        self.template = Template(QUESTION_TEMPLATE)  # the sampling prompt, as prepare-rm
 
     def encode(self, problem: str, response: str) -> list[int]:
         """Token ids of one (problem, response) pair; over-long pairs keep their last ``max_length`` tokens."""

@@ -16,9 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from evolm_nemo.config.errors import ConfigError
-
-TEMPLATE = "Human: {problem}\nAssistant:"
-STOP = ("Human", "Human:", "Assistant", "Assistant:")
+from evolm_nemo.tasks import STOP, cut_at_stop
 
 # backend -> (python module it needs, how to get it). "auto" tries them in this order: fastest first.
 BACKENDS = {
@@ -47,20 +45,10 @@ class Spec:
         return self.temperature == 0.0
 
 
-GREEDY = Spec()
-SAMPLED = Spec(n=16, temperature=1.0)
-
-
 def budget(spec: Spec, prompt_len: int) -> int:
     """Completion tokens allowed after a prompt of ``prompt_len`` tokens (0 when the prompt fills the window)."""
     room = max(spec.max_model_len - prompt_len, 0)
     return room if spec.max_new_tokens is None else min(room, spec.max_new_tokens)
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to (not including) the earliest occurrence of any stop string."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i != -1]
-    return text[:min(hits)] if hits else text
 
 
 def installed(backend: str) -> bool:

@@ -1,6 +1,7 @@
-"""Registry of the six downstream suites. Each task's definition (prompt template, stop strings, hub source and how
-to cook its rows into EvoLM's schema) is data in ``eval/tasks/<suite>.yaml``; this module loads it and knows the
-suite's gold-answer and equivalence rules (from :mod:`evolm_nemo.answers`).
+"""The six downstream suites' data. The suites themselves (names, ID/OOD groups, equivalence kinds) are in
+:mod:`evolm_nemo.tasks`; each suite's definition (prompt template, stop strings, hub source and how to cook its rows
+into EvoLM's schema) is data in ``eval/tasks/<suite>.yaml``; this module loads it (its group must be the registry's)
+and gives the suite's gold answers (from :mod:`evolm_nemo.answers`).
 
 Problems come from a local JSONL in EvoLM's cooked schema ``{"id", "problem", "gt_solution", "gt_answer"}`` (exactly
 EvoLM's evaluation sets when those are EvoLM's cooked files; works offline) or, without a path, from the task's
@@ -14,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from evolm_nemo.answers import gold_answer
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.fileio import iter_jsonl
-from evolm_nemo.answers import SUITE_KIND, SUITES, gold_answer
+from evolm_nemo.tasks import SUITE_GROUP, SUITE_KIND, SUITES
 
 COOKED_FIELDS = ("id", "problem", "gt_solution", "gt_answer")
 
@@ -61,8 +63,9 @@ def _load_task(path: Path) -> Task:
             raise ConfigError(where, f"missing key '{key}'")
     if spec["name"] not in SUITES:
         raise ConfigError(where, f"name: unknown suite {spec['name']!r}; expected one of {', '.join(SUITES)}")
-    if spec["group"] not in ("id", "ood"):
-        raise ConfigError(where, f"group: expected id or ood, got {spec['group']!r}")
+    if spec["group"] != SUITE_GROUP[spec["name"]]:
+        raise ConfigError(where, f"group: {spec['name']} is {SUITE_GROUP[spec['name']]} (evolm_nemo/tasks.py), "
+                                 f"got {spec['group']!r}")
     if "{problem}" not in spec["template"]:
         raise ConfigError(where, "template: must contain {problem}")
     unknown = set(spec) - {"name", "display_name", "group", "size", "template", "stop", "evolm_datasets", "hf"}
@@ -91,8 +94,6 @@ def _load_all() -> dict[str, Task]:
 
 
 TASKS: dict[str, Task] = _load_all()
-ID_TASKS = tuple(t for t in TASKS if TASKS[t].group == "id")
-OOD_TASKS = tuple(t for t in TASKS if TASKS[t].group == "ood")
 
 
 def get_task(name: Union[str, Task]) -> Task:

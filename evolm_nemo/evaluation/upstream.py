@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.tasks import UPSTREAM
 
-TASKS = ("hellaswag", "winogrande", "piqa", "openbookqa", "arc_easy", "arc_challenge")
 LOCAL_PREFIX = "evolm_"
 PLACEHOLDER = "__DATA_DIR__"
 
@@ -35,7 +35,7 @@ def check(model: str, tasks: list[str], tasks_dir: str | None, data_dir: str | N
     if not (Path(model) / "config.json").is_file():
         raise ConfigError("model", f"{model} is not an HF model directory (no config.json)")
     if not tasks:
-        raise ConfigError("tasks", f"empty; choose from {', '.join(TASKS)}")
+        raise ConfigError("tasks", f"empty; choose from {', '.join(UPSTREAM)}")
     check_tasks(tasks, tasks_dir, data_dir)
 
 
@@ -120,7 +120,7 @@ def _hub_unreachable(exc: BaseException) -> str | None:
     return None
 
 
-def run(model: str, tasks: list[str] = TASKS, tasks_dir: str | None = None, data_dir: str | None = None,
+def run(model: str, tasks: list[str] = UPSTREAM, tasks_dir: str | None = None, data_dir: str | None = None,
         batch_size: int | str = 16, limit: int | None = None, device: str | None = None, dtype: str = "auto",
         trust_remote_code: bool = False) -> tuple[dict, dict]:
     """Run lm-eval 0-shot on an HF model directory; returns (our summary, lm-eval's raw ``results`` dict without

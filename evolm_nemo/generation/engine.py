@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from evolm_nemo.tasks import cut_at_stop
 
 @dataclass
 class Completion:
@@ -166,8 +167,6 @@ class Generator:
         log-probability (of the untempered distribution) of every generated token."""
         from megatron.core.inference.sampling_params import SamplingParams
         from megatron.core.transformer.utils import set_model_to_sequence_parallel
-
-        from evolm_nemo.evaluation.sampling import cut_at_stop
 
         if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
             raise ValueError(f"bad sampling settings: temperature={temperature} top_p={top_p} top_k={top_k}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evolm_nemo.answers import SUITE_KIND, judge
+from evolm_nemo.answers import judge
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
@@ -40,6 +40,7 @@ from evolm_nemo.rl.reward import RewardModelScorer, check as check_reward, combi
 from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, verifiable_rewards
 from evolm_nemo.rl.stats import global_moments, rollout_metrics
 from evolm_nemo.stages.base import Stage
+from evolm_nemo.tasks import SUITE_KIND
 from evolm_nemo.train.engine import build_training_model, train_step
 from evolm_nemo.train.loop import MAIN, Role, Start
 

@@ -22,12 +22,11 @@ from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.suite.spec import Suite
+from evolm_nemo.tasks import UPSTREAM_NAMES
 
 DOWN_METRICS = [("greedy_id", "Greedy ID", "id_avg", "pass1"), ("maj16_id", "Maj@16 ID", "id_avg", "maj16"),
                 ("pass16_id", "Pass@16 ID", "id_avg", "pass16"), ("greedy_ood", "Greedy OOD", "ood_avg", "pass1"),
                 ("maj16_ood", "Maj@16 OOD", "ood_avg", "maj16"), ("pass16_ood", "Pass@16 OOD", "ood_avg", "pass16")]
-UP_TASKS = [("hellaswag", "HellaSwag"), ("winogrande", "Winogrande"), ("piqa", "PIQA"), ("openbookqa", "OBQA"),
-            ("arc_easy", "ARC-E"), ("arc_challenge", "ARC-C")]
 
 
 def _result(suite: Suite, node: str) -> dict | None:
@@ -104,11 +103,11 @@ def build(suite: Suite) -> _Tables:
         data = t.result(r["eval"])
         pub = r.get("published") or {}
         cells = []
-        for key, name in UP_TASKS:
+        for key in UPSTREAM_NAMES:
             ours = _get(data, "upstream", "tasks", key, "score")
             cells.append(f"{_f(ours)} / {_f(pub.get(key))}")
             t.cell("upstream_tasks", r["row"], key, ours, pub.get(key))
-        t.table(f"Upstream per task, {r['row']} (%, ours / EvoLM)", [name for _, name in UP_TASKS], [cells])
+        t.table(f"Upstream per task, {r['row']} (%, ours / EvoLM)", list(UPSTREAM_NAMES.values()), [cells])
     rows = []
     for r in rep.get("downstream", []):
         sft, rl = t.result(r["sft"]), t.result(r["rl"])

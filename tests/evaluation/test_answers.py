@@ -1,4 +1,4 @@
-"""Answer extraction and equivalence (evolm_nemo/answers.py) on EvoLM's real downstream problems, in both modes."""
+"""Answer extraction and equivalence (evolm_nemo/answers/) on EvoLM's real downstream problems, in both modes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from evolm_nemo import answers as A
-from evolm_nemo.answers import extract_answer, gold_answer, is_equiv, judge
+from evolm_nemo.answers import equiv, extract_answer, gold_answer, is_equiv, judge, pool
 from tests.conftest import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
@@ -401,40 +401,40 @@ def test_huge_inputs_are_bounded():
 
 
 def test_timeout_counts_as_not_equivalent(monkeypatch):
-    monkeypatch.setattr(A, "TIMEOUT_S", 0.3)
-    A._CACHE.clear()
+    monkeypatch.setattr(equiv, "TIMEOUT_S", 0.3)
+    equiv._CACHE.clear()
     # sympy grinds on these for far longer than the limit: bounded, and "not equivalent"
     for a, b in [("$\\int_0^{\\infty} e^{-x^{x^x}} dx$", "1"), ("99999999999^99999999999", "2")]:
         t0 = time.monotonic()
         assert is_equiv("math", a, b, "evolm") is False
-        assert time.monotonic() - t0 < 2 * 0.3 + A._Helper.GRACE_S + 5  # + a helper restart at worst
-    A._CACHE.clear()
+        assert time.monotonic() - t0 < 2 * 0.3 + pool._Helper.GRACE_S + 5  # + a helper restart at worst
+    equiv._CACHE.clear()
 
 
 def test_a_stuck_helper_is_killed_and_replaced(monkeypatch):
     # A backstop shorter than the helper's own alarm: the parent gives up, kills the helper, answers False, and the
     # next check starts a fresh helper that works.
     assert is_equiv("math", "\\frac{1}{2}", "0.5") is True  # a helper is running
-    helpers = list(A._POOL._all)
+    helpers = list(pool._POOL._all)
     assert helpers and all(h.proc.poll() is None for h in helpers)
-    monkeypatch.setattr(A._Helper, "GRACE_S", -7.95)  # backstop = 2 * 4 s - 7.95 s = 50 ms
-    A._CACHE.clear()
+    monkeypatch.setattr(pool._Helper, "GRACE_S", -7.95)  # backstop = 2 * 4 s - 7.95 s = 50 ms
+    equiv._CACHE.clear()
     slow = "$" + "(" * 31 + "1" + ")" * 31 + "$"  # math-verify's LaTeX parser needs seconds for this
     for h in helpers:
         assert is_equiv("math", slow, f"{h.proc.pid}") is False
     assert all(h.proc.poll() is not None for h in helpers)  # killed
     monkeypatch.undo()
-    A._CACHE.clear()
+    equiv._CACHE.clear()
     assert is_equiv("math", "\\frac{1}{2}", "0.5") is True
     assert is_equiv("math", "$\\frac{1}{2}$", "0.5", "strict") is True
-    A._CACHE.clear()
+    equiv._CACHE.clear()
 
 
 def test_safe_from_worker_threads():
     pairs = [("math", "\\frac{1}{2}", "0.5"), ("math", "\\sqrt{2}", "\\sqrt{2}"), ("tabmwp", "Thursday", "Thursday"),
              ("math", "(1,2)", "(1, 2)"), ("gsm8k_platinum", "12", "12.0"), ("math", "x^2", "x\\cdot x")]
     expected = [(is_equiv(s, a, b, "evolm"), is_equiv(s, a, b, "strict")) for s, a, b in pairs]
-    A._CACHE.clear()
+    equiv._CACHE.clear()
     errors = []
 
     def work(i):

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from evolm_nemo import answers as A
-from evolm_nemo.answers import is_equiv, time_budget
+from evolm_nemo.answers import equiv, is_equiv, time_budget, verifier
 from evolm_nemo.evaluation.score import score_row
 from tests.conftest import run_evolm
 
@@ -31,7 +31,7 @@ def _tower_row(dollars: bool) -> dict:
     ("strict", True, 1),
 ])
 def test_a_row_of_towers_is_scored_within_seconds(mode, dollars, n_correct):
-    A._CACHE.clear()
+    equiv._CACHE.clear()
     row = _tower_row(dollars)
     t0 = time.monotonic()
     out = score_row(row, mode)
@@ -81,7 +81,7 @@ FINISHING = [
 def test_verdicts_that_finish_are_unchanged(mode, monkeypatch):
     from math_verify import grader
 
-    A._math_verify()  # installs the guard
+    verifier._math_verify()  # installs the guard
     guarded = [A.slow_equiv_inprocess(mode, a, b) for a, b in FINISHING]
     for name in ("safe_sympy_doit", "simplify", "solve", "sympy_numeric_eq"):
         monkeypatch.setattr(grader, name, getattr(grader, name).__wrapped__)  # math-verify as released
@@ -91,7 +91,7 @@ def test_verdicts_that_finish_are_unchanged(mode, monkeypatch):
 
 
 def test_a_time_budget_is_shared_and_not_cached():
-    A._CACHE.clear()
+    equiv._CACHE.clear()
     pair = ("math", "$x^{2}$", "$x \\cdot x$", "evolm")  # needs sympy
     assert A.fast_verdict(*pair) is None
     with time_budget(0.0) as budget:

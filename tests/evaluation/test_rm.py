@@ -8,7 +8,7 @@ import pytest
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import rm
-from evolm_nemo.evaluation.sampling import TEMPLATE
+from evolm_nemo.tasks import TEMPLATE
 from tests.evaluation._tiny import make_rm, one_thread
 
 threads = pytest.fixture(scope="module", autouse=True)(one_thread)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from evolm_nemo import fileio
+from evolm_nemo import fileio, tasks
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import sampling
-from evolm_nemo.evaluation.sampling import Spec, cut_at_stop
+from evolm_nemo.evaluation.sampling import Spec
+from evolm_nemo.tasks import cut_at_stop
 from tests.evaluation._tiny import make_lm, one_thread
 
 PROMPTS = [
@@ -36,9 +37,9 @@ def sampler(lm):
 
 
 def test_cut_at_stop():
-    assert cut_at_stop("x = 5.\nHuman: next", sampling.STOP) == "x = 5.\n"
-    assert cut_at_stop("The answer is 5. Assistant: Human:", sampling.STOP) == "The answer is 5. "
-    assert cut_at_stop("no stop here", sampling.STOP) == "no stop here"
+    assert cut_at_stop("x = 5.\nHuman: next", tasks.STOP) == "x = 5.\n"
+    assert cut_at_stop("The answer is 5. Assistant: Human:", tasks.STOP) == "The answer is 5. "
+    assert cut_at_stop("no stop here", tasks.STOP) == "no stop here"
     assert cut_at_stop("abc", ()) == "abc"
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.evaluation.tasks import ID_TASKS, OOD_TASKS, TASKS, cook_row, get_task, load_problems
+from evolm_nemo.evaluation.tasks import TASKS, cook_row, get_task, load_problems
+from evolm_nemo.tasks import ID_SUITES, OOD_SUITES, STOP, TEMPLATE
 from tests.conftest import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
@@ -15,12 +16,13 @@ FIXTURES = REPO / "tests" / "fixtures" / "eval"
 
 def test_registry_has_the_six_suites():
     assert list(TASKS) == ["gsm8k_platinum", "math", "cruxeval", "boardgameqa", "tabmwp", "strategyqa"]
-    assert ID_TASKS == ("gsm8k_platinum", "math")
-    assert OOD_TASKS == ("cruxeval", "boardgameqa", "tabmwp", "strategyqa")
+    assert ID_SUITES == ("gsm8k_platinum", "math") and all(TASKS[s].group == "id" for s in ID_SUITES)
+    assert OOD_SUITES == ("cruxeval", "boardgameqa", "tabmwp", "strategyqa")
+    assert all(TASKS[s].group == "ood" for s in OOD_SUITES)
     assert sum(t.size for t in TASKS.values()) == 1209 + 5000 + 800 + 500 + 1000 + 500
     for task in TASKS.values():
-        assert task.stop == ("Human", "Human:", "Assistant", "Assistant:")
-        assert task.prompt("What is {x}?") == "Human: What is {x}?\nAssistant:"
+        assert task.stop == STOP == ("Human", "Human:", "Assistant", "Assistant:")
+        assert task.template == TEMPLATE and task.prompt("What is {x}?") == "Human: What is {x}?\nAssistant:"
     assert get_task("cruxeval").equivalence == "crux" and get_task("strategyqa").equivalence == "nli"
     assert get_task(TASKS["math"]) is TASKS["math"]
     with pytest.raises(ConfigError, match="unknown task 'gsm8k'"):

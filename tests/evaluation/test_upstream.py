@@ -11,6 +11,7 @@ import pytest
 from evolm_nemo import cli
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import upstream
+from evolm_nemo.tasks import UPSTREAM
 from tests.conftest import REPO, run_evolm
 from tests.evaluation._tiny import make_lm, one_thread
 
@@ -78,13 +79,13 @@ def test_local_tasks_offline_match_direct_computation(lm, tmp_path, capsys, monk
     assert (result["model"], result["size"], result["pretrain_tokens"], result["stage"]) == \
         (path.name, "1B", 20 * 10**9, "pretrain")  # parsed from the dir name
     up = result["upstream"]
-    assert set(up["tasks"]) == set(upstream.TASKS) and up["source"] == "local"
-    assert all(up["tasks"][t]["n"] == 3 for t in upstream.TASKS)
+    assert set(up["tasks"]) == set(UPSTREAM) and up["source"] == "local"
+    assert all(up["tasks"][t]["n"] == 3 for t in UPSTREAM)
     for task in ("piqa", "openbookqa", "arc_easy", "winogrande"):
         acc, norm = _expected(model, tok, task)
         assert (up["tasks"][task]["acc"], up["tasks"][task]["acc_norm"]) == (acc, norm), task
         assert up["tasks"][task]["score"] == (acc if norm is None else norm)
-    assert math.isclose(up["avg"], sum(up["tasks"][t]["score"] for t in upstream.TASKS) / 6, abs_tol=0.01)
+    assert math.isclose(up["avg"], sum(up["tasks"][t]["score"] for t in UPSTREAM) / 6, abs_tol=0.01)
     assert "evolm_hellaswag" in json.loads((out / "upstream.json").read_text())["results"]
     assert "avg" in stdout and "arc_challenge" in stdout
 

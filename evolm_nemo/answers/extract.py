@@ -1,0 +1,153 @@
+"""Answer extraction: the last ``\\boxed{}``, else everything after the last "answer is" (the reference's extraction
+in ``evolm`` mode; ``strict`` mode cuts an "answer is" answer at the end of its clause, see :func:`strict_cut`, so
+"The answer is 56, as we know." is 56)."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from evolm_nemo.answers.common import _check_mode
+
+_BRACE_RE = re.compile(r"[{}]")
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """The last ``\\boxed...{...}`` span (or, with no ``\\boxed`` at all, the last ``\\fbox``), reference semantics.
+
+    The span runs from the command to the first ``}`` at which the running brace depth (counted from the command,
+    ``{`` +1, ``}`` -1) returns to exactly zero; without such a brace there is no box.
+    """
+    start = text.rfind("\\boxed")
+    if start < 0:
+        start = text.rfind("\\fbox")
+        if start < 0:
+            return None
+    depth = 0
+    for m in _BRACE_RE.finditer(text, start):
+        if m.group() == "{":
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 0:
+                return text[start : m.end()]
+    return None
+
+
+def unbox(box: Optional[str]) -> str:
+    """Content of a ``\\boxed{..}`` / ``\\boxed ..`` span; "" for anything else (``\\fbox`` included)."""
+    if box is None:
+        return ""
+    if "\\boxed " in box:
+        return box[len("\\boxed ") :] if box.startswith("\\boxed ") else ""
+    if box.startswith("\\boxed{") and box.endswith("}"):
+        return box[len("\\boxed{") : -1]
+    return ""
+
+
+def _after_answer_is(text: str) -> Optional[str]:
+    if "answer is" not in text:
+        return None
+    answer = text.rsplit("answer is", 1)[1].strip()
+    if ":" in answer:
+        answer = answer.rsplit(":", 1)[1].strip()
+    return answer
+
+
+# Words that start a clause after ", " / "; " (conjunctions, relative and personal pronouns, determiners,
+# prepositions, sentence adverbs). Other words after a comma ("red, blue", "Alice, Bob") are part of the answer.
+_CLAUSE_WORDS = frozenset(
+    """
+    and or but nor so yet as because since which who whom whose where when whereas while though although if unless
+    until that than then thus hence therefore meaning making giving given based according assuming considering
+    rounded rounding not also just exactly approximately roughly about respectively
+    i we you he she it they this these those there here its our my your their his her the a an each all both
+    for from in on at by with without to of per after before under over like including excluding
+    """.split()
+)
+# these end a clause only before a word: ", and 5" / ", or \\frac{1}{2}" continue a list, "x, a" may be a variable
+_NEEDS_WORD = frozenset(("and", "or", "a", "i"))
+_CLAUSE_SEP = re.compile(r"[,;]\s+(?P<word>[A-Za-z]+)(?![A-Za-z])\s*(?P<next>.?)", re.ASCII | re.DOTALL)
+_SENTENCE_SEP = re.compile(r"\.\s+[A-Za-z]", re.ASCII)
+_WORD_BEFORE = re.compile(r"(?P<dot>\.?)(?P<word>[A-Za-z]+)$", re.ASCII)
+_TITLES = frozenset(("mr", "mrs", "ms", "dr", "st", "prof", "vs"))
+_OPEN, _CLOSE = "([{", ")]}"
+
+
+def _dot_kind(s: str, i: int) -> str:
+    """What the '.' at s[i] is: "abbrev" (ends "A.M." / "D.C.": the dot belongs to the answer), "title" ("Mr.": no
+    sentence ends here) or "stop"."""
+    m = _WORD_BEFORE.search(s, max(0, i - 32), i)
+    if m is None:
+        return "stop"
+    if len(m.group("word")) == 1 and m.group("dot"):
+        return "abbrev"
+    if m.group("word").lower() in _TITLES:
+        return "title"
+    return "stop"
+
+
+def strict_cut(answer: str) -> str:
+    """Strict mode's end of an "answer is" answer: the text before the first clause boundary outside brackets,
+    braces, parentheses and quoted strings, with a final sentence period dropped. A boundary is ", " or "; " followed
+    by a clause word (``_CLAUSE_WORDS``: "as", "which", "so", "we", ...; "and", "or", "a", "i" only when a word
+    follows), or a sentence end ". " followed by a letter (after "A.M." the cut keeps the period; "Mr. " is no end).
+    So "1,200", "(2, 3)", "[6, 1]", "2, 3", "\\frac{1}{2}, \\frac{3}{4}" and "red, blue" stay whole, "56, as we know."
+    is "56", "56 dollars." is "56 dollars" (units are left to :func:`strict_normalize`) and "8 A.M." keeps its
+    period."""
+    cut = answer[: _clause_end(answer)].rstrip()
+    if cut.endswith(".") and not cut.endswith("..") and _dot_kind(cut, len(cut) - 1) == "stop":
+        cut = cut[:-1].rstrip()
+    return cut
+
+
+def _clause_end(answer: str) -> int:
+    """Index of the first clause boundary of `answer` (len(answer) if none). A quote opens a string only after a
+    non-alphanumeric character ("Mike's" has none) and when the same quote character occurs later."""
+    last = {q: answer.rfind(q) for q in "'\""}
+    depth = 0
+    quote = None
+    i = 0
+    while i < len(answer):
+        ch = answer[i]
+        if quote is not None:
+            if ch == "\\":
+                i += 1
+            elif ch == answer[quote]:
+                quote = None
+        elif ch in "'\"" and i < last[ch] and (i == 0 or not answer[i - 1].isalnum()):
+            quote = i
+        elif ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE:
+            depth = max(0, depth - 1)
+        elif depth == 0 and ch in ",;":
+            m = _CLAUSE_SEP.match(answer, i)
+            word = m.group("word").lower() if m else ""
+            if word in _CLAUSE_WORDS and (word not in _NEEDS_WORD or m.group("next").isalpha()):
+                return i
+        elif depth == 0 and ch == "." and _SENTENCE_SEP.match(answer, i):
+            kind = _dot_kind(answer, i)
+            if kind != "title":
+                return i + 1 if kind == "abbrev" else i
+        i += 1
+    return len(answer)
+
+
+def extract_answer(text: str, mode: str = "evolm") -> Optional[str]:
+    """The model's final answer: the last ``\\boxed{}`` (an empty box or ``\\fbox`` gives none), else everything after
+    the last "answer is" (cut after its last ':'; in ``strict`` mode also at the end of its clause, see
+    :func:`strict_cut`); None when there is neither or it is empty. ``evolm`` mode is the reference's extraction.
+    Never raises on any `text` (an unknown `mode` is a ValueError)."""
+    _check_mode(mode)
+    if not isinstance(text, str):
+        return None
+    if "\\boxed" not in text and "answer is" not in text:
+        return None
+    boxed = unbox(last_boxed(text))
+    if boxed:
+        return boxed
+    answer = _after_answer_is(text)
+    if answer and mode == "strict":
+        answer = strict_cut(answer)
+    return answer or None
