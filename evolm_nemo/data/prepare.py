@@ -44,6 +44,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.fileio import check_writable
 
 FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
@@ -402,8 +403,6 @@ def _check_common(limit, chunk_size, workers) -> int:
 
 
 def _output_dir(prefix: str) -> None:
-    from evolm_nemo.config.validate import check_writable
-
     out_dir = Path(prefix).parent
     check_writable(out_dir, "output", directory=True)  # probed for real: read-only mounts, root too
     try:

@@ -37,6 +37,7 @@ import numpy as np
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.sft import SFTWriter, Template, encode_example, tokenizer_fingerprint
+from evolm_nemo.fileio import check_dst
 
 # EvoLM's SFT/RL allocation study: 100K questions split between SFT and RL (PAPER.md).
 ALLOCATIONS = {"10K/90K": (10_000, 90_000), "30K/70K": (30_000, 70_000), "50K/50K": (50_000, 50_000),
@@ -270,9 +271,7 @@ def _sha(items: Iterable[str]) -> str:
 
 def _check_outputs(cfg: PrepareSFTConfig) -> None:
     """The dataset directory may be created or replaced without touching what this run reads (the one overlap rule
-    of every command that writes a directory: ``conversion.export.check_dst``); the RL file likewise."""
-    from evolm_nemo.conversion.export import check_dst
-
+    of every command that writes a directory: ``fileio.check_dst``); the RL file likewise."""
     out = Path(cfg.output).expanduser().resolve()
     local = tuple(p for p in (Path(str(cfg.input)).expanduser(), Path(str(cfg.tokenizer)).expanduser()) if p.exists())
     check_dst(out, cfg.overwrite, key="output", sources=local)  # (hub names are not paths)
