@@ -304,7 +304,7 @@ def _check_gpt_data(d) -> None:
     if d.source == "indexed":
         if not d.paths:
             raise ConfigError("data.paths", "indexed data needs at least one prefix (run `evolm prepare` first)")
-        from evolm_nemo.data.prepare import MANIFEST_SUFFIX, expand_prefixes
+        from evolm_nemo.data.indexed import MANIFEST_SUFFIX, expand_prefixes
 
         for prefix in d.paths:
             if not Path(prefix + ".bin").exists() and Path(prefix + MANIFEST_SUFFIX).is_file():
@@ -359,7 +359,7 @@ def _check_sources(cfg: RootConfig) -> list[int]:
     """Tokens of each data.paths source. A sharded preparation (``<prefix>.manifest.json``) is read from its manifest:
     its tokenizer must be the one training uses (data.tokenizer, and the parent's when continuing one), compared
     by vocabulary hash, and its size must fit model.vocab_size; other prefixes get the token-id scan."""
-    from evolm_nemo.data.prepare import MANIFEST_SUFFIX, read_manifest
+    from evolm_nemo.data.indexed import MANIFEST_SUFFIX, read_manifest
 
     d, m = cfg.data, cfg.model
     tokens, ours = [], None

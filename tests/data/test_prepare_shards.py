@@ -18,7 +18,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from evolm_nemo import cli
 from evolm_nemo.config import ConfigError, RootConfig, compose, validate
-from evolm_nemo.data.prepare import MANIFEST_SUFFIX, prepare, shard_prefix
+from evolm_nemo.data.indexed import MANIFEST_SUFFIX
+from evolm_nemo.data.prepare import prepare, shard_prefix
 from evolm_nemo.data.synthetic import ensure_synthetic
 from tests.conftest import REPO, evolm_cmd, run_evolm, subprocess_env
 
