@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import sys
 
-from evolm_nemo.config import RootConfig, compose, validate
+from evolm_nemo.config import RootConfig, compose
+from evolm_nemo.stages import plan_run
 
 
 def main(overrides: list[str]) -> int:
     cfg = compose("config", overrides, RootConfig)
-    plan = validate(cfg)
+    plan = plan_run(cfg)
     from evolm_nemo.runtime.distributed import teardown
     from evolm_nemo.train.loop import run
 
