@@ -78,16 +78,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
 
-    from evolm_nemo.config import RootConfig, compose, validate
+    from evolm_nemo.config import RootConfig, compose
     from evolm_nemo.model.build import flops_per_token, param_count
     from evolm_nemo.runtime.distributed import setup, teardown
+    from evolm_nemo.stages import plan_run
     from evolm_nemo.stages.base import lm_forward_step
     from evolm_nemo.train.engine import build_training_model, train_step
     from evolm_nemo.train.metrics import peak_flops
 
     cfg = compose("config", _shape_overrides(args) + [f"parallel.micro_batch_size={args.batch}",
                                                       f"parallel.global_batch_size={args.batch}"], RootConfig)
-    validate(cfg)
+    plan_run(cfg)
     m = cfg.model
     rt = setup(1, 1, seed=0, precision="auto")
     model, optimizer, make_scheduler = build_training_model(cfg, rt)

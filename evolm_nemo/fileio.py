@@ -1,5 +1,7 @@
 """Small file helpers shared by every command: atomic writes (temp file next to the target, then rename, so a crash
-never leaves a half-written file) and JSONL reading with one-line errors that name the file and line."""
+never leaves a half-written file), output directories (built in a temporary directory next to the destination, then
+renamed into place), output checks before any work, and JSONL reading with one-line errors that name the file and
+line."""
 
 from __future__ import annotations
 
@@ -7,6 +9,9 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -31,8 +36,6 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
 def replace_dir(tmp: str | Path, dst: str | Path) -> None:
     """Put the finished directory ``tmp`` in place of ``dst``: an existing ``dst`` is moved aside first and removed
     only after the new one is in place, so ``dst`` is at every moment either the old or the new complete directory."""
-    import shutil
-
     tmp, dst = Path(tmp), Path(dst)
     old = None
     if dst.exists():
@@ -41,6 +44,172 @@ def replace_dir(tmp: str | Path, dst: str | Path) -> None:
     os.replace(tmp, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- output directories
+
+OWNER = ".evolm-owner"  # in a temporary output directory: "<pid> <host>" of the process writing it
+
+
+def _owner_alive(text: str) -> bool:
+    """Whether the process named by an OWNER record may still be running (another host: assume it is)."""
+    try:
+        pid_text, host = text.split()
+        pid = int(pid_text)
+    except ValueError:
+        return True  # not our format: leave it alone
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(dst: Path) -> list[Path]:
+    """Remove what killed earlier runs left next to ``dst``: ``.<name>.tmp-*`` directories whose OWNER record names a
+    dead process on this host, and ``.<name>.old-<pid>`` directories of dead pids. Anything else is left alone.
+    Returns what was removed (each also said on stderr)."""
+    removed = []
+    if not dst.parent.is_dir():
+        return removed
+    for path in dst.parent.glob(f".{dst.name}.tmp-*"):
+        owner = path / OWNER
+        try:
+            record = owner.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # not provably ours
+        if path.is_dir() and not path.is_symlink() and not _owner_alive(record):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for path in dst.parent.glob(f".{dst.name}.old-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and path.is_dir() and not path.is_symlink() and not _owner_alive(
+                f"{pid} {socket.gethostname()}"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for path in removed:
+        print(f"removed {path}, left by an earlier run that was killed (pid no longer running)", file=sys.stderr)
+    return removed
+
+
+def temp_dir(dst: str | Path, mode: int | None = None, owned: bool = False) -> Path:
+    """A fresh directory ``.<name>.tmp-*`` next to ``dst`` (same filesystem, so the final rename is atomic), its
+    parent created. ``mode``: its permissions (mkdtemp makes it 0700). ``owned``: with an OWNER record, so that a
+    later run can tell it from a live one's if this process is killed; stale ones of dead runs go first."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if owned:
+        clean_stale_temps(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    if mode is not None:
+        os.chmod(tmp, mode)
+    if owned:
+        (tmp / OWNER).write_text(f"{os.getpid()} {socket.gethostname()}\n", encoding="utf-8")
+    return tmp
+
+
+@contextlib.contextmanager
+def staged_dir(dst: str | Path, mode: int | None = None) -> Iterator[Path]:
+    """``temp_dir(dst, mode)`` for the body to fill and commit (``replace_dir`` / ``commit_first``); whatever is
+    left of it is removed on the way out, also on error."""
+    tmp = temp_dir(dst, mode)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(root: Path) -> None:
+    """Give a finished output the modes a plain ``mkdir`` / ``open`` would (0777 / 0666 less the umask): mkdtemp and
+    mkstemp create 0700 / 0600, which a cluster group could not read."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~mask, follow_symlinks=False)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
+def commit_dir(tmp: Path, dst: Path) -> None:
+    """Move the finished ``tmp`` (from ``temp_dir(dst, owned=True)``) to ``dst`` (replacing an old ``dst`` only after
+    the new one is complete), with the OWNER record removed and umask-respecting modes."""
+    (tmp / OWNER).unlink(missing_ok=True)
+    publish_modes(tmp)
+    replace_dir(tmp, dst)
+
+
+def commit_first(tmp: Path, dst: Path, marker: str) -> None:
+    """Rename the finished ``tmp`` to ``dst``, unless another writer committed ``dst`` first (it holds ``marker``):
+    then ``tmp`` is dropped. A ``dst`` in the way without ``marker`` raises the OSError."""
+    try:
+        os.replace(tmp, dst)  # fails if another writer committed first (a non-empty directory)
+    except OSError:
+        if not (dst / marker).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_dst(dst: Path, overwrite: bool, key: str = "dst", sources: tuple = ()) -> None:
+    """``dst`` may be created (or, with ``overwrite``, replaced) without touching any of ``sources``: it must not be
+    one of them, lie inside one, or contain one (replacing it would delete what this command reads)."""
+    for src in sources:
+        if src is None:
+            continue
+        src = Path(src).expanduser().resolve()
+        if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+            raise ConfigError(key, f"{dst} overlaps the source {src}; write the output elsewhere")
+    if dst.exists() and not overwrite:
+        raise ConfigError(key, f"{dst} already exists; pass overwrite=true to replace it")
+    if dst.exists() and not dst.is_dir():
+        raise ConfigError(key, f"{dst} exists and is not a directory")
+
+
+def check_writable(path: str | os.PathLike, key: str, directory: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be created: one line naming `key`. `path` is a file to be
+    written (its directory must be creatable and writable) or, with `directory`, a directory to be created or
+    written into. Probed for real (a temporary file in the nearest existing directory, removed at once), so
+    read-only mounts and permissions (also for root) are caught, not only mode bits."""
+    target = Path(path).absolute()
+    if directory and target.exists() and not target.is_dir():
+        raise ConfigError(key, f"cannot write into {path}: it is a file, not a directory")
+    if not directory and target.is_dir():
+        raise ConfigError(key, f"{path} is a directory; name a file")
+    probe = target if directory else target.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(key, f"cannot write {path}: {probe} is a file, not a directory")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".evolm-write-probe-")
+    except OSError as exc:
+        raise ConfigError(key, f"cannot write {path}: {probe} is not writable ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def is_hf_model_dir(path) -> bool:
+    """A directory with an HF ``config.json`` and weights (safetensors or PyTorch bin), and no evolm checkpoint."""
+    p = Path(path)
+    if not (p / "config.json").is_file() or (p / "evolm.json").exists() or (p / "checkpoints").is_dir():
+        return False
+    return any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin")) or (
+        p / "model.safetensors.index.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------ files
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -126,8 +295,6 @@ def drop_rows_after(path: str | Path, iteration: int) -> None:
         if row.get("iteration", 0) <= iteration:
             kept.append(line)
     if torn:
-        import sys
-
         where = f"line {torn[0]}" if len(torn) == 1 else f"lines {', '.join(map(str, torn[:5]))}"
         print(f"[evolm] {path}: dropped {len(torn)} unreadable {where} (a record torn by an interrupted write)",
               file=sys.stderr, flush=True)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evolm_nemo.config import RootConfig, compose, validate
+from evolm_nemo.config import RootConfig, compose
+from evolm_nemo.stages import plan_run
 from evolm_nemo.tasks import TURN_MARKERS, UPSTREAM
 
 DEMO_PROBLEMS = 8  # held-out generated word problems for the final HF evaluation (greedy + n=16)
@@ -69,7 +70,7 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], template: str, max_n
 def _stage(name: str, overrides: list[str], out: Path, parent: str, *own: str) -> tuple[RootConfig, object]:
     cfg = compose("config", [f"experiment={name}", *_stage_overrides(overrides), f"run.out_dir={out}",
                              f"train.init_from={parent}", *own], RootConfig)
-    return cfg, validate(cfg)
+    return cfg, plan_run(cfg)
 
 
 def own_samples(model, tokenizer, rl_path, problems: int, n: int, max_seq: int, seed: int = 0) -> list[dict]:
@@ -149,7 +150,7 @@ def main(overrides: list[str]) -> int:
     held_out, _ = problem_pool(compose("config", ["experiment=demo_sft", *_stage_overrides(overrides)], RootConfig))
     write_demo_problems(out / "probe_data", held_out[:PROBE_PROBLEMS])
     cfg = compose("config", ["experiment=demo", *dynamics_overrides(out, "pretrain"), *overrides], RootConfig)
-    plan = validate(cfg)
+    plan = plan_run(cfg)
     from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
     from evolm_nemo.data.tokenizer import load_tokenizer
     from evolm_nemo.fileio import read_jsonl

@@ -15,9 +15,6 @@ import gc
 import json
 import os
 import shutil
-import socket
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ModelConfig, ParallelConfig
 from evolm_nemo.conversion import hf
 from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.fileio import check_dst, commit_dir, temp_dir
 from evolm_nemo.tasks import STOP
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -50,109 +48,6 @@ def parse_dtype(text: str, key: str = "dtype") -> torch.dtype | None:
     if text not in hf.DTYPES:
         raise ConfigError(key, f"{text!r} is not one of auto, {', '.join(hf.DTYPES)}")
     return hf.DTYPES[text]
-
-
-def check_dst(dst: Path, overwrite: bool, key: str = "dst", sources: tuple = ()) -> None:
-    """``dst`` may be created (or, with ``overwrite``, replaced) without touching any of ``sources``: it must not be
-    one of them, lie inside one, or contain one (replacing it would delete what this command reads)."""
-    for src in sources:
-        if src is None:
-            continue
-        src = Path(src).expanduser().resolve()
-        if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
-            raise ConfigError(key, f"{dst} overlaps the source {src}; write the output elsewhere")
-    if dst.exists() and not overwrite:
-        raise ConfigError(key, f"{dst} already exists; pass overwrite=true to replace it")
-    if dst.exists() and not dst.is_dir():
-        raise ConfigError(key, f"{dst} exists and is not a directory")
-
-
-OWNER = ".evolm-owner"  # in a temporary output directory: "<pid> <host>" of the process writing it
-
-
-def _owner_alive(text: str) -> bool:
-    """Whether the process named by an OWNER record may still be running (another host: assume it is)."""
-    try:
-        pid_text, host = text.split()
-        pid = int(pid_text)
-    except ValueError:
-        return True  # not our format: leave it alone
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temps(dst: Path) -> list[Path]:
-    """Remove what killed earlier runs left next to ``dst``: ``.<name>.tmp-*`` directories whose OWNER record names a
-    dead process on this host, and ``.<name>.old-<pid>`` directories of dead pids. Anything else is left alone.
-    Returns what was removed (each also said on stderr)."""
-    removed = []
-    if not dst.parent.is_dir():
-        return removed
-    for path in dst.parent.glob(f".{dst.name}.tmp-*"):
-        owner = path / OWNER
-        try:
-            record = owner.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue  # not provably ours
-        if path.is_dir() and not path.is_symlink() and not _owner_alive(record):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    for path in dst.parent.glob(f".{dst.name}.old-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and path.is_dir() and not path.is_symlink() and not _owner_alive(
-                f"{pid} {socket.gethostname()}"):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    for path in removed:
-        print(f"removed {path}, left by an earlier run that was killed (pid no longer running)", file=sys.stderr)
-    return removed
-
-
-def temp_dir(dst: Path) -> Path:
-    """A fresh directory next to ``dst`` (same filesystem, so the final rename is atomic), with an OWNER record so
-    that a later run can tell it from a live one's if this process is killed; stale ones of dead runs go first."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(dst)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    (tmp / OWNER).write_text(f"{os.getpid()} {socket.gethostname()}\n", encoding="utf-8")
-    return tmp
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def publish_modes(root: Path) -> None:
-    """Give a finished output the modes a plain ``mkdir`` / ``open`` would (0777 / 0666 less the umask): mkdtemp and
-    mkstemp create 0700 / 0600, which a cluster group could not read."""
-    mask = _umask()
-    os.chmod(root, 0o777 & ~mask)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o777 & ~mask, follow_symlinks=False)
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o666 & ~mask)
-
-
-def commit(tmp: Path, dst: Path) -> None:
-    """Move the finished ``tmp`` to ``dst`` (replacing an old ``dst`` only after the new one is complete), with the
-    OWNER record removed and umask-respecting modes."""
-    (tmp / OWNER).unlink(missing_ok=True)
-    publish_modes(tmp)
-    from evolm_nemo.fileio import replace_dir
-
-    replace_dir(tmp, dst)
 
 
 def find_tokenizer(ckpt: Path, meta: dict, override: str | None) -> str:
@@ -501,7 +396,7 @@ def _export(cfg) -> Path:
     ids = probe_ids(m.vocab_size, cfg.probe_batch, min(cfg.probe_len, m.seq_length))
     reference = megatron_logits(model, ids) if cfg.verify else None
 
-    tmp = temp_dir(dst)
+    tmp = temp_dir(dst, owned=True)
     try:
         writer = ShardWriter(tmp, max_bytes)
         bar = tqdm(total=sum(v.numel() for v in state.values()), unit="param", unit_scale=True, desc="export-hf",
@@ -549,7 +444,7 @@ def _export(cfg) -> Path:
         record = {"source": str(ckpt), "iteration": meta.get("iteration"), "head": head, "dtype": hf.SHORT[out_dtype],
                   "tied": tied, "verify": check, "seconds": round(time.time() - t0, 1)}
         (tmp / "evolm_export.json").write_text(json.dumps(record, indent=1) + "\n")
-        commit(tmp, dst)
+        commit_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

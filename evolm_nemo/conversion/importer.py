@@ -26,9 +26,9 @@ import torch
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ParallelConfig
 from evolm_nemo.conversion import hf
-from evolm_nemo.conversion.export import (TOKENIZER_FILES, check_dst, commit, hf_logits, megatron_logits,
-                                          parse_dtype, probe_ids, release_memory, single_process,
-                                          temp_dir)
+from evolm_nemo.conversion.export import (TOKENIZER_FILES, hf_logits, megatron_logits, parse_dtype, probe_ids,
+                                          release_memory, single_process)
+from evolm_nemo.fileio import check_dst, commit_dir, temp_dir
 
 
 def _tied(cfg: dict, weights: hf.HFWeights, head: str) -> bool:
@@ -115,7 +115,7 @@ def _import_hf(cfg) -> Path:
     reference = megatron_logits(model, ids) if cfg.verify else None
     model.to(dtype)  # store in the source's dtype: a bf16 source stays bf16 (and exports back bitwise)
 
-    tmp = temp_dir(dst)
+    tmp = temp_dir(dst, owned=True)
     try:
         tok_dir = dst / "iter_0000000" / "tokenizer"  # where it will be after the final rename
         meta = {
@@ -146,7 +146,7 @@ def _import_hf(cfg) -> Path:
             check = {"max_diff": diff, "tol": cfg.verify_tol, "probe": f"{ids.shape[0]}x{ids.shape[1]}"}
         (saved / "evolm_import.json").write_text(json.dumps(
             {"source": str(src), "verify": check, "seconds": round(time.time() - t0, 1)}, indent=1) + "\n")
-        commit(tmp, dst)
+        commit_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.conversion import hf
-from evolm_nemo.conversion.export import TOKENIZER_FILES, check_dst, commit, temp_dir
+from evolm_nemo.conversion.export import TOKENIZER_FILES
+from evolm_nemo.fileio import check_dst, commit_dir, temp_dir
 
 CONTAINER = "nvcr.io/nvidia/tensorrt-llm/release"
 _TRT_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -67,7 +68,7 @@ def build(cfg) -> Path:
     plugin = getattr(build_config, "plugin_config", None)
     if plugin is not None and hasattr(plugin, "paged_kv_cache"):
         plugin.paged_kv_cache = True
-    tmp = temp_dir(dst)
+    tmp = temp_dir(dst, owned=True)
     try:
         llm = LLM(model=str(src), dtype=dtype, tensor_parallel_size=cfg.tp, build_config=build_config,
                   kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=cfg.kv_cache_fraction))
@@ -83,7 +84,7 @@ def build(cfg) -> Path:
         shutdown = getattr(llm, "shutdown", None)
         if shutdown:
             shutdown()
-        commit(tmp, dst)
+        commit_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

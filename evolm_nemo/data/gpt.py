@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.data.indexed import expand_prefixes, prefix_tokens
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,6 @@ def resolve_source(cfg: RootConfig) -> DataSource:
     """Where the token files and tokenizer are. The synthetic corpus is generated on rank 0 on first use."""
     d = cfg.data
     if d.source == "indexed":  # a sharded preparation (<prefix>.manifest.json) becomes its shards
-        from evolm_nemo.data.prepare import expand_prefixes
-
         paths, weights, groups = expand_prefixes(list(d.paths), list(d.weights) if d.weights else None)
         val_paths = val_groups = None
         if d.val_paths:
@@ -109,8 +108,6 @@ def build_validation(cfg: RootConfig, source: DataSource, tokenizer, names: list
         paths = [all_paths[i] for i in members]
         weights = [source.weights[i] for i in members] if not held and source.weights and len(members) > 1 else None
         if len(paths) > 1 and weights is None:
-            from evolm_nemo.data.prepare import prefix_tokens
-
             weights = [float(prefix_tokens(p)) for p in paths]
         out[name] = _build_splits(cfg, paths, weights, tokenizer, [0, num_samples, 0],
                                   split="0,100,0" if held else None)[1]

@@ -44,6 +44,8 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.data.indexed import MANIFEST_SUFFIX, SHARD_FORMAT
+from evolm_nemo.fileio import check_writable
 
 FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
@@ -402,8 +404,6 @@ def _check_common(limit, chunk_size, workers) -> int:
 
 
 def _output_dir(prefix: str) -> None:
-    from evolm_nemo.config.validate import check_writable
-
     out_dir = Path(prefix).parent
     check_writable(out_dir, "output", directory=True)  # probed for real: read-only mounts, root too
     try:
@@ -477,10 +477,6 @@ def prepare(
 
 
 # -------------------------------------------------------------------------------------------- sharded, resumable
-
-MANIFEST_SUFFIX = ".manifest.json"
-SHARD_FORMAT = "evolm-shards-1"
-
 
 def shard_prefix(prefix: str, i: int, n: int) -> str:
     return f"{prefix}-{i:05d}-of-{n:05d}"
@@ -701,57 +697,6 @@ def prepare_shards(input, output_prefix, tokenizer, text_key: str = "text", work
             f"{sum(_record_ok(shard_prefix(prefix, j, n), plan) is not None for j in range(n))} of {n} shards finished"
         print(f"prepared {len(written)} shard(s) in {stats.seconds:.1f}s; {state}")
     return stats
-
-
-# ---------------------------------------------------------------------------------------------- training side
-
-
-def read_manifest(prefix: str) -> Optional[dict]:
-    """``<prefix>.manifest.json`` of a sharded preparation, or None when there is none."""
-    path = Path(prefix + MANIFEST_SUFFIX)
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-        manifest["shards"][0]["prefix"]
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        raise ConfigError("data.paths", f"{path} is not a readable manifest; re-run evolm prepare") from None
-    return manifest
-
-
-def prefix_tokens(prefix: str) -> int:
-    """Tokens in a prepared ``<prefix>.bin`` (from its index)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(prefix)
-    total = int(np.asarray(ds.sequence_lengths, dtype=np.int64).sum())
-    del ds
-    return total
-
-
-def expand_prefixes(paths, weights) -> Tuple[List[str], Optional[List[float]], List[int]]:
-    """data.paths entries that name a sharded preparation (``<prefix>.manifest.json``, no ``<prefix>.bin``) become
-    their shards; a weight is shared out over a source's shards by their tokens. Returns (prefixes, weights, the
-    source index of each prefix)."""
-    sharded = [not Path(p + ".bin").exists() and Path(p + MANIFEST_SUFFIX).is_file() for p in paths]
-    if weights is None and any(sharded):  # as for one prefix: every source in proportion to its tokens
-        weights = [read_manifest(p)["tokens"] if sh else prefix_tokens(p) for p, sh in zip(paths, sharded)]
-    out, out_w, group = [], ([] if weights is not None else None), []
-    for s, prefix in enumerate(paths):
-        manifest = None if Path(prefix + ".bin").exists() else read_manifest(prefix)
-        if manifest is None:
-            out.append(prefix)
-            group.append(s)
-            if out_w is not None:
-                out_w.append(float(weights[s]))
-            continue
-        total = max(1, int(manifest["tokens"]))
-        for entry in manifest["shards"]:
-            out.append(str(Path(prefix).parent / entry["prefix"]))
-            group.append(s)
-            if out_w is not None:
-                out_w.append(float(weights[s]) * int(entry["tokens"]) / total)
-    return out, out_w, group
 
 
 def main(overrides) -> int:

@@ -39,6 +39,7 @@ import numpy as np
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.sft import SFTDataset, SFTWriter, Template, tokenizer_fingerprint
+from evolm_nemo.fileio import check_dst
 from evolm_nemo.tasks import QUESTION_TEMPLATE
 
 FORMAT = "evolm-rm-1"
@@ -165,8 +166,6 @@ def _check(cfg: PrepareRMConfig) -> Template:
         raise ConfigError("limit", f"must be a positive number of rows or null, got {cfg.limit}")
     template = Template(cfg.prompt_template, "{answer}")
     template.check("prompt_template")
-    from evolm_nemo.conversion.export import check_dst
-
     local = tuple(p for p in (Path(cfg.input).expanduser(), Path(str(cfg.tokenizer)).expanduser()) if p.exists())
     check_dst(Path(cfg.output).expanduser().resolve(), cfg.overwrite, key="output", sources=local)
     return template

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.fileio import commit_first, temp_dir
 from evolm_nemo.tasks import QUESTION_TEMPLATE
 
 FORMAT = "evolm-sft-1"
@@ -79,8 +79,7 @@ class SFTWriter:
     def __init__(self, out: str | Path, vocab_size: int, fmt: str = FORMAT):
         self.out = Path(out)
         self.format = fmt
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.tmp = temp_dir(self.out)
         self.dtype = _dtype(vocab_size)
         self.file = open(self.tmp / TOKENS, "wb")
         self.rows: list[tuple[int, int, int]] = []
@@ -112,12 +111,7 @@ class SFTWriter:
                   "content_sha256": self.hash.hexdigest(), **manifest}
         (self.tmp / MANIFEST).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
         os.chmod(self.tmp, 0o755)
-        try:
-            os.replace(self.tmp, self.out)  # fails if another writer committed first (a non-empty directory)
-        except OSError:
-            if not (self.out / MANIFEST).is_file():
-                raise
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        commit_first(self.tmp, self.out, MANIFEST)
         return self.out
 
     def abort(self) -> None:

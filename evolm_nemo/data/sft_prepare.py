@@ -37,6 +37,7 @@ import numpy as np
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.sft import SFTWriter, Template, encode_example, tokenizer_fingerprint
+from evolm_nemo.fileio import check_dst
 from evolm_nemo.tasks import QUESTION_TEMPLATE, SUITES
 
 # EvoLM's SFT/RL allocation study: 100K questions split between SFT and RL (PAPER.md).
@@ -271,9 +272,7 @@ def _sha(items: Iterable[str]) -> str:
 
 def _check_outputs(cfg: PrepareSFTConfig) -> None:
     """The dataset directory may be created or replaced without touching what this run reads (the one overlap rule
-    of every command that writes a directory: ``conversion.export.check_dst``); the RL file likewise."""
-    from evolm_nemo.conversion.export import check_dst
-
+    of every command that writes a directory: ``fileio.check_dst``); the RL file likewise."""
     out = Path(cfg.output).expanduser().resolve()
     local = tuple(p for p in (Path(str(cfg.input)).expanduser(), Path(str(cfg.tokenizer)).expanduser()) if p.exists())
     check_dst(out, cfg.overwrite, key="output", sources=local)  # (hub names are not paths)

@@ -7,14 +7,12 @@ two of them. Built once per (sizes, seed, tokenizer) under ``data.cache_dir``, a
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.fileio import commit_first, staged_dir
 
 RL_EXAMPLES = 1000  # the demo RL set
 EVAL_EXAMPLES = 200  # held-out problems (the demo scores a prefix of them)
@@ -67,22 +65,12 @@ def ensure_synthetic_sft(cfg: RootConfig) -> SyntheticSFT:
     tok = load_tokenizer(ref, key="data.tokenizer")
     digest = tokenizer_fingerprint(tok)["vocab_sha256"][:8]
     name = f"synthetic-sft-n{s.synthetic_examples}-r{RL_EXAMPLES}-e{EVAL_EXAMPLES}-s{s.synthetic_seed}-tok{digest}"
-    cache = Path(cfg.data.cache_dir)
-    root = cache / name
+    root = Path(cfg.data.cache_dir) / name
     if (root / DONE).is_file():
         return SyntheticSFT(root)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache))
-    os.chmod(tmp, 0o755)
-    try:
+    with staged_dir(root, mode=0o755) as tmp:
         _build(tmp, cfg, tok, ref)
-        try:
-            os.replace(tmp, root)
-        except OSError:  # another rank finished first
-            if not (root / DONE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        commit_first(tmp, root, DONE)  # another rank may have finished first
     return SyntheticSFT(root)
 
 

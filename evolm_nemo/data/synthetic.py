@@ -17,12 +17,12 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.fileio import replace_dir, staged_dir
 
 KINDS = ("text", "math", "qa")
 
@@ -266,15 +266,11 @@ def ensure_synthetic(
         tok = load_tokenizer(tokenizer_dir)
         digest = MegatronHFTokenizer(tok).unique_identifiers["vocab_sha256"][:8]
         name = f"synthetic-{kind}-n{num_docs}-s{seed}-tok{digest}"
-    cache = Path(cache_dir)
-    root = cache / name
+    root = Path(cache_dir) / name
     done = _complete(root)
     if done is not None:
         return done
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    try:
+    with staged_dir(root, mode=0o755) as tmp:  # mkdtemp makes it private
         corpus = generate(kind, num_docs, seed)
         with open(tmp / "corpus.jsonl", "w", encoding="utf-8") as f:
             for row in corpus:
@@ -287,13 +283,9 @@ def ensure_synthetic(
         manifest = {"complete": True, "kind": kind, "num_docs": num_docs, "seed": seed, "vocab_size": len(tok),
                     "documents": stats.documents, "tokens": stats.tokens}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if root.exists():  # an incomplete leftover (a complete one was returned above)
-            if _complete(root) is not None:
-                return _complete(root)
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _complete(root) is not None:  # another writer finished first; else an incomplete leftover is replaced
+            return _complete(root)
+        replace_dir(tmp, root)
     done = _complete(root)
     assert done is not None, root
     return done

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, List, Sequence
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.fileio import replace_dir, staged_dir
 
 # Special tokens of the generated tokenizer, in id order (Llama-2 uses the same strings: unk 0, bos 1, eos 2).
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -78,21 +76,14 @@ def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 512):
         clean_up_tokenization_spaces=False,  # any cleanup would break exact decoding
     )
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    try:
+    with staged_dir(out, mode=0o755) as tmp:  # mkdtemp makes it private
         fast.save_pretrained(str(tmp))
         # Name the portable class (transformers 5 writes its internal backend name, unknown to 4.x-based tools).
         cfg_path = tmp / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        replace_dir(tmp, out)
     return load_tokenizer(out)
 
 

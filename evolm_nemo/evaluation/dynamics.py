@@ -22,6 +22,7 @@ from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.tokens import format_tokens
+from evolm_nemo.evaluation.render import md_table, save_png
 
 AT = re.compile(r"^(?P<key>.+)_at_(?P<it>\d+)$")
 PREFIXES = ("probe_up_", "probe_down_", "val_loss_")
@@ -142,8 +143,6 @@ def decayed_pairs(curves: list[Curve]) -> list[tuple[Curve, Curve]]:
 
 def markdown(curves: list[Curve]) -> list[str]:
     """The report's dynamics sections: per-run start/end table and the intermediate-vs-decayed table."""
-    from evolm_nemo.evaluation.report import _md_table
-
     metrics = metrics_of(curves)
     lines = ["## Training dynamics", "",
              "Measured while training (probes: percent; validation: per-token loss). First and last record per "
@@ -156,7 +155,7 @@ def markdown(curves: list[Curve]) -> list[str]:
             pts = c.points.get(m)
             cells.append("-" if not pts else f"{pts[0][1]:.2f} -> {pts[-1][1]:.2f}")
         rows.append([c.name, c.model or "-", c.stage or "-", *cells])
-    lines += _md_table(header, rows) + [""]
+    lines += md_table(header, rows) + [""]
     pairs = decayed_pairs(curves)
     if pairs:
         lines += ["## Intermediate vs fully decayed (EvoLM Table 3)", "",
@@ -171,15 +170,13 @@ def markdown(curves: list[Curve]) -> list[str]:
                 note = "" if mid[0] == branch.budget else f" (at {format_tokens(mid[0])})"
                 rows.append([format_tokens(branch.budget), m, f"{mid[1]:.2f}{note}", f"{end[1]:.2f}",
                              f"{end[1] - mid[1]:+.2f}"])
-        lines += _md_table(header, rows) + [""]
+        lines += md_table(header, rows) + [""]
     return lines
 
 
 def plot(curves: list[Curve], path: Path) -> str | None:
     """One panel per metric, one line (colour) per run, tokens seen on x; WSD branches dashed."""
     import matplotlib.pyplot as plt
-
-    from evolm_nemo.evaluation.report import _save
 
     metrics = metrics_of(curves)
     if not metrics:
@@ -208,7 +205,7 @@ def plot(curves: list[Curve], path: Path) -> str | None:
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()
-    out = _save(fig, path)
+    out = save_png(fig, path)
     plt.close(fig)
     return out
 

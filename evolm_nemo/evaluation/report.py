@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Optional
 
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.fileio import atomic_path, write_json, write_text
+from evolm_nemo.evaluation.render import md_table as _md_table, save_png as _save
+from evolm_nemo.fileio import write_json, write_text
 from evolm_nemo.tasks import UPSTREAM, UPSTREAM_NAMES
 
 SCHEMA = "evolm-result/1"
@@ -157,11 +158,6 @@ def _tokens(n) -> str:
     return "-" if n is None else f"{n / 1e9:g}B"
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def _sort_key(data: dict):
     size = data.get("size") or ""
     num = float(re.sub(r"[^0-9.]", "", size) or 0) if size else 0.0
@@ -239,12 +235,6 @@ def markdown(results: list[dict], plots: dict[str, str | None], dynamics: list[s
 
 
 # ------------------------------------------------------------------------------------------------------------ plots
-
-
-def _save(fig, path: Path) -> str:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    return str(path)
 
 
 def plot_tokens(results: list[dict], path: Path) -> str | None:

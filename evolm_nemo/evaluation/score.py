@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.config.validate import check_writable
 from evolm_nemo.answers import MODES, extract_answer, gold_answer, is_equiv, judge, time_budget
 from evolm_nemo.evaluation.metrics import majority_answers, majority_index, rm_index, summarize
-from evolm_nemo.fileio import iter_jsonl, write_jsonl
+from evolm_nemo.fileio import check_writable, iter_jsonl, write_jsonl
 from evolm_nemo.tasks import SUITES
 
 ADDED_FIELDS = ("gold_answer", "extracted", "correct", "pass1", "maj16", "rm16", "pass16")

@@ -1,17 +1,21 @@
 """One room per stage: what a stage supplies to the one loop (``train.loop.fit``) is its data, its objective and its
-roles. The registry below maps ``stage=<name>`` to its module; validation (``config.validate``) and dispatch
-(``run``) both go through it. Each module has ``plan_iters(cfg, dp) -> int`` (checks the stage's data and derives
-the iteration count before anything heavy) and ``build(cfg, plan, rt) -> Stage`` (``stages.base.Stage``: what the loop
+roles. The registry below maps ``stage=<name>`` to its module; planning (``plan_run``) and dispatch (``run``) both go
+through it. Each module has ``plan_iters(cfg, dp) -> int`` (checks the stage's data and derives the iteration count
+before anything heavy), optionally ``check_plan(cfg, iters)`` (what else needs the iterations: pretraining's WSD
+branches, held-out validation, probes), and ``build(cfg, plan, rt) -> Stage`` (``stages.base.Stage``: what the loop
 drives); a stage that saves more than one role says where (``checkpoint_dirs(cfg)``, actor first).
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
+from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.config.validate import Plan
+from evolm_nemo.config.validate import Plan, check_schedule, shape_difference, validate
+from evolm_nemo.fileio import check_writable, is_hf_model_dir
 from evolm_nemo.train.loop import MAIN, TrainResult, fit
 
 STAGES = {
@@ -22,11 +26,55 @@ STAGES = {
     "grpo": "evolm_nemo.stages.rl",  # GRPO: n samples per prompt, group-relative advantages, no critic
     "rm": "evolm_nemo.stages.rm",  # reward model: scalar head, outcome (BCE) or pairwise (Bradley-Terry) objective
     "dpo": "evolm_nemo.stages.dpo",  # direct preference optimisation against the frozen train.init_from
-}
+}  # its keys, in this order, are config.validate.STAGES (what `stage=` may name)
 
 
 def stage_module(name: str) -> ModuleType:
     return importlib.import_module(STAGES[name])
+
+
+def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
+    """Everything `evolm train` checks before it builds anything, in this order, and the plan it derives: the recipe
+    (``config.validate.validate``), that the outputs can be written, the parent checkpoint (``train.init_from``),
+    the stage's data and iterations (its ``plan_iters``), the schedule over them (``config.validate.check_schedule``)
+    and the stage's ``check_plan``. Each failure is a one-line ConfigError naming the key."""
+    layout = validate(cfg, world_size)
+    check_writable(cfg.run.out_dir, "run.out_dir", directory=True)
+    if cfg.data.source == "synthetic" or cfg.stage in ("pretrain", "cpt"):  # generated corpora / sample-index caches
+        check_writable(cfg.data.cache_dir, "data.cache_dir", directory=True)
+    if cfg.train.init_from is not None:
+        check_parent(cfg)
+    module = stage_module(cfg.stage)
+    iters = module.plan_iters(cfg, layout.dp)
+    check_schedule(cfg, iters)
+    if hasattr(module, "check_plan"):
+        module.check_plan(cfg, iters)
+    return Plan(world_size=layout.world_size, dp=layout.dp, iters=iters, tokens_per_iter=layout.tokens_per_iter,
+                num_microbatches=layout.num_microbatches)
+
+
+def check_parent(cfg: RootConfig) -> None:
+    """``train.init_from`` is a complete checkpoint of the same model shape (its evolm.json, no tensors read)."""
+    from evolm_nemo.checkpoint import io as ckpt
+
+    path = cfg.train.init_from
+    if not Path(path).exists():
+        raise ConfigError("train.init_from", f"no checkpoint at {path}")
+    if is_hf_model_dir(path):
+        name = Path(path).resolve().name or "model"
+        raise ConfigError("train.init_from", f"{path} is a HuggingFace model directory, not an evolm checkpoint; "
+                                             f"import it first with evolm import-hf src={path} "
+                                             f"dst=runs/{name}_imported, then set train.init_from to that")
+    try:
+        meta = ckpt.read_meta(ckpt.resolve(path))
+    except ckpt.CheckpointError as exc:
+        raise ConfigError("train.init_from", str(exc)) from None
+    theirs = meta.get("model") or {}
+    key = shape_difference(cfg.model, theirs)
+    if key is not None:
+        raise ConfigError(f"model.{key}", f"{getattr(cfg.model, key)} differs from the parent checkpoint's "
+                                          f"{theirs[key]} (train.init_from={path}, model {theirs.get('name')}); "
+                                          "pick the model preset it was trained with")
 
 
 def run(cfg: RootConfig, plan: Plan) -> TrainResult:

@@ -6,14 +6,14 @@ Single process: `evolm train`. Several: `torchrun --nproc_per_node 2 -m evolm_ne
 
 from __future__ import annotations
 
-from evolm_nemo.config import RootConfig, compose, validate
+from evolm_nemo.config import RootConfig, compose
 from evolm_nemo.runtime.distributed import teardown
-from evolm_nemo.stages import run
+from evolm_nemo.stages import plan_run, run
 
 
 def main(overrides: list[str]) -> int:
     cfg = compose("config", overrides, RootConfig)
-    plan = validate(cfg)
+    plan = plan_run(cfg)
     try:
         result = run(cfg, plan)
         if result.runtime.is_main and result.losses:

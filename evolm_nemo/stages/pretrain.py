@@ -1,19 +1,30 @@
 """Pretraining and CPT: the next-token loss over packed documents of a megatron GPTDataset (a BlendedDataset for a
-replay mix); CPT is the same stage started from ``train.init_from``."""
+replay mix); CPT is the same stage started from ``train.init_from``. Its plan checks the data
+(``stages.pretrain_data``), then, given the iterations, WSD branches, held-out validation and the probes
+(``check_plan``)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.tokens import format_tokens, iterations_for, parse_tokens
+from evolm_nemo.config.validate import positive
+from evolm_nemo.evaluation.probe import tasks_dir_for
+from evolm_nemo.evaluation.upstream import check_tasks
 from evolm_nemo.model.build import flops_per_token
 from evolm_nemo.stages.base import Stage
+from evolm_nemo.stages.pretrain_data import (check_budget, check_data, check_mix_sizes, check_sources, check_split,
+                                             check_validation)
+from evolm_nemo.tasks import SUITES
 from evolm_nemo.train import wsd
 from evolm_nemo.train.engine import train_step
 from evolm_nemo.train.loop import Start
 
 
-def plan_iters(cfg: RootConfig, dp: int) -> int:
+def iterations(cfg: RootConfig) -> int:
+    """The run's iterations from train.tokens or train.iters (one of them; train.epochs is SFT's)."""
     t = cfg.train
     if t.epochs is not None:
         raise ConfigError("train.epochs", f"applies to stage=sft; {cfg.stage} takes train.tokens or train.iters "
@@ -25,6 +36,62 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
             raise ConfigError("train.iters", f"must be > 0, got {t.iters}")
         return t.iters
     return iterations_for(parse_tokens(t.tokens), cfg.parallel.global_batch_size, cfg.model.seq_length)
+
+
+def plan_iters(cfg: RootConfig, dp: int) -> int:
+    """Check the data (files, manifests, token ids, tokenizer, split), derive the iterations, and refuse budgets a
+    sample index cannot hold or that would repeat a source of a mix."""
+    d = cfg.data
+    check_data(d)
+    check_split(d.split)
+    source_tokens = check_sources(cfg) if d.source == "indexed" else None
+    iters = iterations(cfg)
+    check_budget(cfg, iters, sum(source_tokens) if source_tokens is not None else None)
+    if source_tokens is not None:
+        check_mix_sizes(cfg, iters, source_tokens)
+    return iters
+
+
+def check_plan(cfg: RootConfig, iters: int) -> None:
+    """What needs the iterations besides the schedule (``config.validate.check_schedule``, run before): a stable
+    run's branch budgets, a branch's stable checkpoint (evolm.json only), held-out validation, and the probes."""
+    wsd.check_stable(cfg, iters)
+    if cfg.train.branch_from:
+        wsd.resolve_branch(cfg, iters)
+    if cfg.train.val_tokens_interval is not None:
+        check_validation(cfg)
+    if cfg.probe.tokens_interval is not None:
+        check_probe(cfg)
+
+
+def check_probe(cfg: RootConfig) -> None:
+    """Capability probes during pretraining / CPT: every file and task they read exists, before any heavy work."""
+    pr = cfg.probe
+    parse_tokens(pr.tokens_interval, "probe.tokens_interval")
+    if not pr.upstream and not pr.downstream:
+        raise ConfigError("probe.tokens_interval", "is set but probe.upstream and probe.downstream are both empty; "
+                                                   "e.g. probe.upstream=[piqa,arc_easy] "
+                                                   "probe.downstream=[gsm8k_platinum]")
+    if cfg.parallel.pp != 1:
+        raise ConfigError("probe.tokens_interval",
+                          f"probes run the live model with parallel.pp=1 (got pp={cfg.parallel.pp})")
+    if pr.max_fraction is not None and not 0.0 < pr.max_fraction <= 1.0:
+        raise ConfigError("probe.max_fraction", f"must be in (0, 1] or null, got {pr.max_fraction}")
+    positive("probe.batch_size", pr.batch_size)
+    if pr.upstream:
+        if pr.upstream_limit is not None:
+            positive("probe.upstream_limit", pr.upstream_limit)
+        check_tasks(list(pr.upstream), tasks_dir_for(pr.tasks_dir, pr.data_dir), pr.data_dir, prefix="probe.")
+    if pr.downstream:
+        positive("probe.downstream_limit", pr.downstream_limit)
+        positive("probe.max_new_tokens", pr.max_new_tokens)
+        if pr.scoring not in ("evolm", "strict"):
+            raise ConfigError("probe.scoring", f"must be evolm or strict, got {pr.scoring!r}")
+        for suite in pr.downstream:
+            if suite not in SUITES:
+                raise ConfigError("probe.downstream", f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+            if pr.downstream_dir is not None and not (Path(pr.downstream_dir) / f"{suite}.jsonl").is_file():
+                raise ConfigError("probe.downstream_dir", f"missing {Path(pr.downstream_dir) / f'{suite}.jsonl'}")
 
 
 class PretrainStage(Stage):

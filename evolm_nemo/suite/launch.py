@@ -37,12 +37,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.fileio import replace_dir, temp_dir
 from evolm_nemo.suite.plan import Plan, Row
 from evolm_nemo.suite.spec import Suite
 
@@ -349,11 +349,8 @@ def write_dry_run(exp, plan: Plan, js: list[Job], deps_of: dict[str, list[str]],
                   dry: bool = True) -> Path:
     """NeMo-Run's sbatch scripts (``<node>.sbatch``) and node scripts (``scripts/<node>.sh``), the dependencies
     (``dependencies.txt``) and the node states (``status.txt``) into ``directory``, replaced as a whole."""
-    from evolm_nemo.fileio import replace_dir
-
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = temp_dir(directory)
     exp_dir = Path(exp._exp_dir)
     try:
         (tmp / "scripts").mkdir()

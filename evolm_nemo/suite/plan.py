@@ -161,7 +161,7 @@ def _check_layout(cfg, world: int, node: Node):
     """``config.validate`` on a copy without data and parent (those are checked when the job starts): model shape,
     tp/pp/sp, batch divisibility at the node's world size, optimizer keys, budgets. Returns validate's Plan for
     pretraining / CPT (its iteration count is the trainer's), None for the other stages."""
-    from evolm_nemo.config import validate
+    from evolm_nemo.stages import plan_run
 
     c = copy.deepcopy(cfg)
     c.train.init_from = None
@@ -172,7 +172,7 @@ def _check_layout(cfg, world: int, node: Node):
             c.parallel.global_batch_size = c.parallel.micro_batch_size * max(
                 1, world // (c.parallel.tp * c.parallel.pp))
     try:
-        plan = validate(c, world_size=world)
+        plan = plan_run(c, world_size=world)
     except ConfigError as exc:
         raise ConfigError(f"nodes.{node.name}", f"{exc.key}: {exc.message} (at {node.nodes} node(s) x "
                                                 f"{world // node.nodes} GPUs)") from None

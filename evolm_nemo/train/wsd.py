@@ -30,25 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.schedule import branch_iteration, decay_iters, warmup_iters
+from evolm_nemo.config.validate import SHAPE_KEYS
 
 SHAPES = {"linear": "linear", "cosine": "cosine", "1-sqrt": "minus_sqrt"}  # ours -> megatron's lr_wsd_decay_style
 BRANCHES = "branches"  # <run>/branches/iter_N: the stable run's branch points (never pruned)
-
-
-def warmup_iters(o, iters: int) -> int:
-    """Warmup iterations of a run of ``iters``: ``optim.warmup_iters`` when set, else ``warmup_fraction * iters``."""
-    w = getattr(o, "warmup_iters", None)
-    return int(w) if w is not None else int(round(o.warmup_fraction * iters))
-
-
-def decay_iters(o, iters: int) -> int:
-    """WSD cooldown length of a run of ``iters`` iterations (at least 1)."""
-    return max(1, int(round(o.wsd_decay_fraction * iters)))
-
-
-def branch_iteration(o, iters: int) -> int:
-    """Where the cooldown of a ``iters``-iteration WSD run starts: the stable steps it shares."""
-    return iters - decay_iters(o, iters)
 
 
 def scheduler_kwargs(o, iters: int, warmup: int | None = None) -> dict:
@@ -162,8 +148,6 @@ def resolve_branch(cfg, iters: int) -> BranchPoint:
     if not meta.get("has_optimizer"):
         raise ConfigError(key, f"{found} has no optimizer state; a branch continues the stable run's optimizer")
     theirs = meta.get("model") or {}
-    from evolm_nemo.config.validate import SHAPE_KEYS
-
     for k in SHAPE_KEYS + ("seq_length",):
         if k in theirs and theirs[k] != getattr(cfg.model, k):
             raise ConfigError(f"model.{k}", f"{getattr(cfg.model, k)} differs from the stable run's {theirs[k]} "

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from evolm_nemo.config import ConfigError, RootConfig, compose, iterations_for, parse_tokens, validate
+from evolm_nemo.config import ConfigError, RootConfig, compose, iterations_for, parse_tokens
 from evolm_nemo.model.build import param_count
+from evolm_nemo.stages import plan_run
 from tests.conftest import BIN, REPO, run_evolm, subprocess_env, tiny
 
 
 def _check(overrides, world_size=1):
-    return validate(compose("config", overrides, RootConfig), world_size=world_size)
+    return plan_run(compose("config", overrides, RootConfig), world_size=world_size)
 
 
 @pytest.mark.parametrize("text,tokens", [("160B", 160 * 10**9), ("1.6B", 1_600_000_000), ("20_000_000_000", 2 * 10**10),
@@ -39,7 +40,7 @@ def test_token_budget_to_iterations():
 
 def test_evolm_grid_composes():
     cfg = compose("config", ["experiment=pretrain_1b_160b", "data.source=synthetic"], RootConfig)
-    plan = validate(cfg, world_size=32)
+    plan = plan_run(cfg, world_size=32)
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_hidden_size) == (22, 2048, 4896)
     assert (cfg.model.num_attention_heads, cfg.model.num_query_groups, cfg.model.vocab_size) == (32, 4, 32000)
     assert cfg.optim.lr == 2e-4 and cfg.optim.min_lr == 2e-5 and cfg.parallel.global_batch_size == 512
@@ -139,7 +140,7 @@ def test_every_experiment_composes_and_validates(name, request, tmp_path, data_c
                                  *data], RootConfig)
     p = cfg.parallel
     world = p.tp * p.pp * (p.global_batch_size // p.micro_batch_size if cfg.stage not in ("ppo", "grpo") else 1)
-    plan = validate(cfg, world_size=world)
+    plan = plan_run(cfg, world_size=world)
     assert plan.iters > 0
     if name.startswith("cpt_"):
         assert cfg.stage == "cpt" and cfg.train.tokens == "50B"
@@ -157,3 +158,10 @@ def test_every_experiment_composes_and_validates(name, request, tmp_path, data_c
             (1.0, 1.0, 0.2, 3.0, 0.5, 0.001)
         assert (o.weight_decay, o.clip_grad, o.warmup_fraction, o.decay_style) == (0.01, 1.0, 0.1, "constant")
         assert r.temperature == 1.0 and r.top_p == 1.0 and r.max_prompt_tokens == r.max_response_tokens == 1024
+
+
+def test_stage_registry_names_the_stages_config_accepts():
+    from evolm_nemo.config.validate import STAGES as NAMES
+    from evolm_nemo.stages import STAGES
+
+    assert tuple(STAGES) == NAMES

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from evolm_nemo import cli
-from evolm_nemo.config import ConfigError, RootConfig, compose, validate
-from evolm_nemo.config.validate import check_token_ids
+from evolm_nemo.config import ConfigError, RootConfig, compose
+from evolm_nemo.stages import plan_run
+from evolm_nemo.stages.pretrain_data import check_token_ids
 from evolm_nemo.data.synthetic import ensure_synthetic
 from tests.conftest import run_evolm, unwritable_dir
 
@@ -75,7 +76,7 @@ def test_bad_split(split, fragment, capsys, tmp_path):
 
 def test_good_splits_validate(corpus):
     for split in ("100,0,0", "98,2,0", "1", "99/1/0"):
-        validate(compose("config", _indexed(corpus, f"data.split='{split}'"), RootConfig))
+        plan_run(compose("config", _indexed(corpus, f"data.split='{split}'"), RootConfig))
 
 
 def test_all_zero_blend_weights(corpus, capsys, tmp_path):
@@ -138,9 +139,9 @@ def test_absurd_budgets_are_refused_before_any_index_is_built(corpus, tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
     # relative to the prepared data: 2B tokens are thousands of passes over this corpus
     with pytest.raises(ConfigError) as err:
-        validate(compose("config", _indexed(corpus, "train.tokens=2B", "train.iters=null"), RootConfig))
+        plan_run(compose("config", _indexed(corpus, "train.tokens=2B", "train.iters=null"), RootConfig))
     assert err.value.key == "train.tokens" and "passes over the" in err.value.message
-    validate(compose("config", _indexed(corpus, "train.tokens=1M", "train.iters=null"), RootConfig))
+    plan_run(compose("config", _indexed(corpus, "train.tokens=1M", "train.iters=null"), RootConfig))
 
 
 def test_the_plan_is_printed_before_the_dataset_indices_are_built(corpus, tmp_path):

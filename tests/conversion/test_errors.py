@@ -228,7 +228,7 @@ def test_export_modes_follow_the_umask_and_killed_exports_are_cleaned(ckpt, tmp_
     import time
 
     from evolm_nemo.cli import main
-    from evolm_nemo.conversion.export import OWNER
+    from evolm_nemo.fileio import OWNER
     from tests.conftest import subprocess_env
 
     dst = tmp_path / "hf"

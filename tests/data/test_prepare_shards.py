@@ -17,9 +17,11 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from evolm_nemo import cli
-from evolm_nemo.config import ConfigError, RootConfig, compose, validate
-from evolm_nemo.data.prepare import MANIFEST_SUFFIX, prepare, shard_prefix
+from evolm_nemo.config import ConfigError, RootConfig, compose
+from evolm_nemo.data.indexed import MANIFEST_SUFFIX
+from evolm_nemo.data.prepare import prepare, shard_prefix
 from evolm_nemo.data.synthetic import ensure_synthetic
+from evolm_nemo.stages import plan_run
 from tests.conftest import REPO, evolm_cmd, run_evolm, subprocess_env
 
 N = 4
@@ -174,7 +176,7 @@ def test_training_refuses_another_tokenizer_and_an_undersized_mix(tmp_path, mix,
         cfg = compose("config", [*_data(mix, [mix["text"], mix["math"]], [42, 8]), *run[:2], "train.iters=400",
                                  f"data.max_epochs={epochs}"], RootConfig)
         try:
-            validate(cfg)
+            plan_run(cfg)
             break
         except ConfigError as exc:
             assert exc.key == "data.paths" and "but the mix asks it for" in exc.message

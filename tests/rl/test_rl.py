@@ -144,12 +144,13 @@ def test_bad_prompt_rows_are_one_line(tmp_path, rl_parent):
 
 
 def test_pipeline_parallel_is_refused_before_anything_starts(rl_parent):
-    from evolm_nemo.config import ConfigError, RootConfig, compose, validate
+    from evolm_nemo.config import ConfigError, RootConfig, compose
+    from evolm_nemo.stages import plan_run
 
     cfg = compose("config", rl_args("/nonexistent/run", rl_parent, "ppo", None, "train.iters=2", "parallel=pp2"),
                   RootConfig)
     with pytest.raises(ConfigError) as err:
-        validate(cfg, world_size=2)
+        plan_run(cfg, world_size=2)
     assert err.value.key == "parallel.pp"
 
 

@@ -1,5 +1,5 @@
 """`evolm suite plan`: the arithmetic on EvoLM's presets against values computed by hand, and the graph's errors as
-one line (real Hydra composition and config.validate, no mocks)."""
+one line (real Hydra composition and stages.plan_run, no mocks)."""
 
 from __future__ import annotations
 

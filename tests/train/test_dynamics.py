@@ -141,11 +141,12 @@ def test_cost_bound_skips_probes(tmp_path, data_cache):
     (["stage=sft"], "probe.tokens_interval", "stage=pretrain|cpt"),
 ])
 def test_bad_probe_settings_refused_in_one_line(extra, key, words):
-    from evolm_nemo.config import RootConfig, compose, validate
+    from evolm_nemo.config import RootConfig, compose
+    from evolm_nemo.stages import plan_run
 
     cfg = compose("config", [*probe_overrides(), *extra], RootConfig)
     with pytest.raises(ConfigError) as e:
-        validate(cfg)
+        plan_run(cfg)
     assert e.value.key == key and words in e.value.message
 
 
@@ -218,9 +219,10 @@ def test_held_out_documents_of_their_own_leave_training_whole(tmp_path, data_cac
     ([], "train.val_tokens_interval", "data.synthetic_val_docs=200"),
 ])
 def test_bad_held_out_settings_refused_in_one_line(extra, key, words):
-    from evolm_nemo.config import RootConfig, compose, validate
+    from evolm_nemo.config import RootConfig, compose
+    from evolm_nemo.stages import plan_run
 
     cfg = compose("config", ["train.val_tokens_interval=5120", *extra], RootConfig)
     with pytest.raises(ConfigError) as e:
-        validate(cfg)
+        plan_run(cfg)
     assert e.value.key == key and words in e.value.message

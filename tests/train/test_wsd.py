@@ -174,18 +174,18 @@ def test_plan_for_the_evolm_1b_grid(capsys):
 
 def test_the_1b_branch_recipes_start_at_the_stable_recipes_branch_points():
     from evolm_nemo.config import RootConfig, compose
-    from evolm_nemo.stages.pretrain import plan_iters
+    from evolm_nemo.stages.pretrain import iterations
 
     stable = compose("config", ["experiment=wsd_1b_stable"], RootConfig)
-    n = plan_iters(stable, 1)
+    n = iterations(stable)
     saves = wsd.branch_saves(stable, n)
     assert sorted(saves) == [15_259, 30_518, 61_035, 122_070] and n == 305_176
     wsd.check_stable(stable, n)
     for budget in ("20b", "40b", "80b", "160b"):
         cfg = compose("config", [f"experiment=wsd_1b_{budget}"], RootConfig)
         assert cfg.train.branch_from == "runs/wsd_1b_stable" and cfg.optim.decay_style == "wsd"
-        assert wsd.branch_iteration(cfg.optim, plan_iters(cfg, 1)) in saves
-        assert saves[wsd.branch_iteration(cfg.optim, plan_iters(cfg, 1))] == budget.upper()
+        assert wsd.branch_iteration(cfg.optim, iterations(cfg)) in saves
+        assert saves[wsd.branch_iteration(cfg.optim, iterations(cfg))] == budget.upper()
         assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_iters, cfg.parallel.global_batch_size) == \
             (stable.optim.lr, stable.optim.min_lr, stable.optim.warmup_iters, stable.parallel.global_batch_size)
 

@@ -1,0 +1,234 @@
+"""The pretraining / CPT stage's data checks, run by its ``plan_iters`` before anything heavy: the generated corpora
+or the prepared indexed files (manifests, ``.idx`` headers, token ids against the model's vocabulary, the tokenizer),
+``data.split``, budgets that a sample index cannot hold or that would repeat a source, and the held-out data of
+``train.val_tokens_interval``."""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.config.tokens import format_tokens, parse_tokens
+from evolm_nemo.config.validate import positive
+from evolm_nemo.data.indexed import MANIFEST_SUFFIX, expand_prefixes, idx_dtype, read_manifest
+
+
+def check_data(d) -> None:
+    """Pretraining / CPT data: the generated corpora, or megatron indexed files from `evolm prepare`."""
+    if d.source == "synthetic":
+        if not d.synthetic_kinds or d.synthetic_kinds[0] != "text" or any(
+                k not in ("text", "math") for k in d.synthetic_kinds):
+            raise ConfigError("data.synthetic_kinds", f"must start with text and name text/math corpora, got "
+                                                      f"{d.synthetic_kinds}")
+        if d.weights is not None and len(d.weights) != len(d.synthetic_kinds):
+            raise ConfigError("data.weights", f"{len(d.weights)} weights for {len(d.synthetic_kinds)} synthetic kinds")
+    if d.source == "indexed":
+        if not d.paths:
+            raise ConfigError("data.paths", "indexed data needs at least one prefix (run `evolm prepare` first)")
+        for prefix in d.paths:
+            if not Path(prefix + ".bin").exists() and Path(prefix + MANIFEST_SUFFIX).is_file():
+                continue  # a sharded preparation: its shards are checked below
+            for ext in (".bin", ".idx"):
+                if not Path(prefix + ext).is_file():
+                    raise ConfigError("data.paths", f"missing file {prefix + ext}; run `evolm prepare` or fix the path")
+        for prefix in expand_prefixes(d.paths, None)[0]:
+            for ext in (".bin", ".idx"):
+                if not Path(prefix + ext).is_file():
+                    raise ConfigError("data.paths", f"missing shard file {prefix + ext} (listed in its manifest); "
+                                                    "re-run that shard of `evolm prepare`")
+        if d.weights is not None and len(d.weights) != len(d.paths):
+            raise ConfigError("data.weights", f"{len(d.weights)} weights for {len(d.paths)} paths")
+        if d.weights is not None and any(w < 0 for w in d.weights):
+            raise ConfigError("data.weights", "weights must be >= 0")
+    if d.weights is not None and not sum(d.weights) > 0:
+        raise ConfigError("data.weights", f"all weights are zero ({list(d.weights)}); give at least one path a "
+                                          "positive weight (or null: proportional to size)")
+        if not d.tokenizer:
+            raise ConfigError("data.tokenizer", "indexed data needs the tokenizer it was prepared with")
+
+
+def check_split(split) -> list[float]:
+    """``data.split`` is megatron's "train,valid,test" ratios: up to three non-negative numbers with a train part > 0
+    (training reads only the train split)."""
+    text = str(split).strip()
+    parts = [x.strip() for x in re.split(r"[,/]", text)] if text else []
+    try:
+        values = [float(x) for x in parts]
+    except ValueError:
+        values = None
+    if not values or len(values) > 3 or any(not v >= 0 for v in values) or any(v == float("inf") for v in values):
+        raise ConfigError("data.split", f"expected up to three non-negative train,valid,test ratios such as 100,0,0 "
+                                        f"or 98,2,0; got {split!r}")
+    if values[0] == 0:
+        raise ConfigError("data.split", f"the train part of {split!r} is 0: training would have no data; e.g. "
+                                        "100,0,0")
+    return values
+
+
+TOKEN_SAMPLE_BYTES = 64 << 20  # token ids read per .bin file for the vocabulary check (the whole file if smaller)
+
+
+MAX_SAMPLES = 10**10  # megatron's sample / shuffle indices take ~16 bytes per sample: 1e10 samples ~ 160 GB
+MAX_EPOCHS = 1000  # passes over an indexed dataset that a budget may ask for
+
+
+def check_sources(cfg: RootConfig) -> list[int]:
+    """Tokens of each data.paths source. A sharded preparation (``<prefix>.manifest.json``) is read from its manifest:
+    its tokenizer must be the one training uses (data.tokenizer, and the parent's when continuing one), compared
+    by vocabulary hash, and its size must fit model.vocab_size; other prefixes get the token-id scan."""
+    d, m = cfg.data, cfg.model
+    tokens, ours = [], None
+    for prefix in d.paths:
+        manifest = None if Path(prefix + ".bin").exists() else read_manifest(prefix)
+        if manifest is None:
+            tokens.append(check_token_ids([prefix], m.vocab_size))
+            continue
+        theirs = manifest.get("tokenizer") or {}
+        if ours is None:
+            ours = training_tokenizers(cfg)
+        for key, ref, fp in ours:
+            if theirs.get("vocab_sha256") != fp["vocab_sha256"]:
+                raise ConfigError(key, f"{prefix}{MANIFEST_SUFFIX} was prepared with tokenizer {theirs.get('name')} "
+                                       f"(vocabulary {theirs.get('vocab_sha256')}, {theirs.get('size')} tokens), "
+                                       f"not {ref} (vocabulary {fp['vocab_sha256']}, {fp['size']} tokens); prepare "
+                                       "the data with the model's tokenizer")
+        if int(theirs.get("size") or 0) > m.vocab_size:
+            raise ConfigError("data.paths", f"{prefix}: its tokenizer has {theirs.get('size')} tokens, more than "
+                                            f"model.vocab_size={m.vocab_size}")
+        tokens.append(int(manifest["tokens"]))
+    return tokens
+
+
+def training_tokenizers(cfg: RootConfig) -> list:
+    """(key, reference, fingerprint) of the tokenizers a run's data must match: data.tokenizer, and the tokenizer
+    recorded by the parent checkpoint (train.init_from / train.branch_from) when it can be loaded here."""
+    from evolm_nemo.data.sft import tokenizer_fingerprint
+    from evolm_nemo.data.tokenizer import load_tokenizer
+
+    out = []
+    if cfg.data.tokenizer:
+        out.append(("data.tokenizer", cfg.data.tokenizer,
+                    tokenizer_fingerprint(load_tokenizer(cfg.data.tokenizer, key="data.tokenizer"))))
+    parent = cfg.train.init_from or cfg.train.branch_from
+    if parent:
+        from evolm_nemo.checkpoint import io as ckpt
+
+        try:
+            ref = ckpt.read_meta(ckpt.resolve(parent)).get("tokenizer")
+            if ref and ref != cfg.data.tokenizer:
+                out.append(("train.init_from" if cfg.train.init_from else "train.branch_from", f"{ref} (the parent's)",
+                            tokenizer_fingerprint(load_tokenizer(ref))))
+        except (ckpt.CheckpointError, ConfigError):
+            pass  # the parent is checked elsewhere; its tokenizer may live on another machine
+    return out
+
+
+def check_mix_sizes(cfg: RootConfig, iters: int, source_tokens: list[int]) -> None:
+    """A mix (two or more data.paths) may not ask a source for more tokens than it has -- megatron would silently
+    repeat it -- unless data.max_epochs allows that many passes."""
+    d = cfg.data
+    if len(source_tokens) < 2:
+        return
+    weights = list(d.weights) if d.weights is not None else [float(t) for t in source_tokens]
+    total_w = float(sum(weights))
+    budget = iters * cfg.parallel.global_batch_size * cfg.model.seq_length
+    for prefix, w, have in zip(d.paths, weights, source_tokens):
+        asked = budget * float(w) / total_w
+        if have and asked > d.max_epochs * have:
+            raise ConfigError("data.paths", f"{prefix} has {format_tokens(have)} tokens ({have:,}) but the mix asks it "
+                                            f"for {format_tokens(int(asked))} ({float(w) / total_w:.1%} of "
+                                            f"{format_tokens(budget)}) = {asked / have:.2f} passes; prepare more, "
+                                            f"lower its weight or the budget, or allow repeats with "
+                                            f"data.max_epochs={math.ceil(asked / have * 100) / 100}")
+
+
+def check_budget(cfg: RootConfig, iters: int, dataset_tokens: int | None) -> None:
+    """Refuse, before megatron builds its sample indices (minutes to hours, memory ~ samples), budgets that cannot be
+    meant: more samples than an index can hold, or more than MAX_EPOCHS passes over the prepared data."""
+    p, m = cfg.parallel, cfg.model
+    key = "train.tokens" if cfg.train.tokens is not None else "train.iters"
+    value = cfg.train.tokens if cfg.train.tokens is not None else iters
+    samples = iters * p.global_batch_size
+    tokens = samples * m.seq_length
+    if samples > MAX_SAMPLES:
+        raise ConfigError(key, f"{value} means {iters:,} iterations = {samples:,} samples of {m.seq_length} tokens "
+                               f"({format_tokens(tokens)} tokens): more than the {MAX_SAMPLES:,} samples a sample "
+                               "index can hold; check the unit (EvoLM's budgets are 10B-320B)")
+    if dataset_tokens:
+        epochs = tokens / dataset_tokens
+        if epochs > MAX_EPOCHS:
+            raise ConfigError(key, f"{value} means {format_tokens(tokens)} tokens = {epochs:,.0f} passes over the "
+                                   f"{format_tokens(dataset_tokens)} tokens in data.paths (more than {MAX_EPOCHS}); "
+                                   "check the budget or the data")
+
+
+def check_token_ids(prefixes, vocab_size: int, sample_bytes: int = TOKEN_SAMPLE_BYTES) -> int:
+    """Token ids of each prepared ``<prefix>.bin`` must fit ``model.vocab_size`` (data tokenized with a larger
+    vocabulary would index past the embedding). Reads the ``.idx`` header for the dtype, then the maximum id over the
+    whole ``.bin`` when it is at most `sample_bytes`, else over evenly spaced chunks totalling about that much.
+    Returns the number of tokens in all files."""
+    total = 0
+    for prefix in prefixes:
+        idx, bin_path = Path(prefix + ".idx"), Path(prefix + ".bin")
+        try:
+            dtype = idx_dtype(prefix)
+        except (OSError, ValueError, KeyError, struct.error) as exc:
+            raise ConfigError("data.paths", f"{idx}: unreadable index ({exc}); re-run evolm prepare") from None
+        size = bin_path.stat().st_size
+        count = size // dtype.itemsize
+        total += count
+        if count == 0:
+            continue
+        tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(count,))
+        per_read = max(1, sample_bytes // dtype.itemsize)
+        if count <= per_read:
+            top = int(tokens.max())
+            where = "its largest token id"
+        else:
+            chunks = 64
+            step = per_read // chunks
+            starts = np.linspace(0, count - step, chunks).astype(np.int64)
+            top = max(int(tokens[s0:s0 + step].max()) for s0 in starts)
+            where = f"a sample of {per_read:,} of its {count:,} tokens has id"
+        del tokens
+        if top >= vocab_size:
+            raise ConfigError("data.paths", f"{bin_path}: {where} {top} >= model.vocab_size={vocab_size}; it was "
+                                            "tokenized with a larger vocabulary than the model's (check "
+                                            "data.tokenizer and model.vocab_size)")
+    return total
+
+
+def check_validation(cfg: RootConfig) -> None:
+    """Held-out loss per source during pretraining / CPT: a token interval, and held-out documents (a validation part
+    in data.split, data.val_paths or data.synthetic_val_docs). Other stages are refused by
+    ``config.validate.check_schedule``."""
+    t = cfg.train
+    parse_tokens(t.val_tokens_interval, "train.val_tokens_interval")
+    positive("train.val_batches", t.val_batches)
+    d = cfg.data
+    positive("data.synthetic_val_docs", d.synthetic_val_docs, allow_zero=True)
+    if d.val_paths:
+        sources = len(d.paths) if d.source == "indexed" else len(d.synthetic_kinds)
+        if len(d.val_paths) != sources:
+            raise ConfigError("data.val_paths", f"gives {len(d.val_paths)} held-out prefixes for {sources} sources; "
+                                                "one per source, in data.paths order")
+        if d.source != "indexed":
+            raise ConfigError("data.val_paths", "is for data.source=indexed; the synthetic source takes "
+                                                "data.synthetic_val_docs")
+        for prefix in d.val_paths:
+            if not any(Path(f"{prefix}{ext}").is_file() for ext in (".idx", ".manifest.json")):
+                raise ConfigError("data.val_paths", f"no {prefix}.idx/.bin (nor {prefix}.manifest.json)")
+        return
+    if d.source != "indexed" and d.synthetic_val_docs > 0:
+        return
+    parts = check_split(d.split)
+    if len(parts) < 2 or parts[1] <= 0:
+        raise ConfigError("train.val_tokens_interval", f"needs held-out documents, but data.split={d.split!r} "
+                                                       "has no validation part; e.g. data.split=98,2,0, "
+                                                       "data.val_paths=[...] or data.synthetic_val_docs=200")
