@@ -105,10 +105,7 @@ def check_tokenizer(cfg: RootConfig, data: RMData) -> str:
     from evolm_nemo.data.tokenizer import load_tokenizer
 
     ref = data.tokenizer_info["ref"]
-    try:
-        parent = ckpt.read_meta(ckpt.resolve(cfg.train.init_from)).get("tokenizer")
-    except ckpt.CheckpointError as exc:
-        raise ConfigError("train.init_from", str(exc)) from None
+    parent = ckpt.parent_tokenizer(cfg.train.init_from, key="train.init_from")
     for key, other in (("train.init_from", parent), ("data.tokenizer", cfg.data.tokenizer)):
         if other and tokenizer_fingerprint(load_tokenizer(other, key=key))["vocab_sha256"] != \
                 data.tokenizer_info["vocab_sha256"]:
