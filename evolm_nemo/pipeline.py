@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evolm_nemo.config import RootConfig, compose, validate
+from evolm_nemo.suite.demo_data import write_demo_problems
 
 DEMO_PROBLEMS = 8  # held-out generated word problems for the final HF evaluation (greedy + n=16)
 HELD_OUT = 64  # held-out problems for the greedy accuracy before and after SFT
@@ -240,13 +241,3 @@ def main(overrides: list[str]) -> int:
           f"({written['dynamics']})")
     return 0
 
-
-def write_demo_problems(directory, problems: list[dict]):
-    """Held-out generated word problems in EvoLM's cooked GSM8K schema (gold after `#### `)."""
-    from evolm_nemo.fileio import write_jsonl
-
-    directory = Path(directory)
-    rows = [{"id": q["id"], "problem": q["problem"], "gt_solution": f"{q['solution']}\n#### {q['answer']}",
-             "gt_answer": None} for q in problems]
-    write_jsonl(directory / "gsm8k_platinum.jsonl", rows)
-    return directory
