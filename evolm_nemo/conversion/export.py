@@ -434,7 +434,7 @@ def model_card(name: str, m: ModelConfig, head: str, meta: dict, dtype: torch.dt
 # ----------------------------------------------------------------------------------------------------------- export
 
 def export(cfg) -> Path:
-    """Run the command described by ``cfg`` (conversion.cli.ExportHFConfig). Returns the written directory.
+    """Run the command described by ``cfg`` (conversion.config.ExportHFConfig). Returns the written directory.
     The one-rank process group it creates is gone when it returns."""
     from evolm_nemo.runtime.distributed import owned_group
 
@@ -443,7 +443,7 @@ def export(cfg) -> Path:
 
 
 def _export(cfg) -> Path:
-    """Run an export described by ``cfg`` (conversion.cli.ExportHFConfig). Returns the written directory."""
+    """Run an export described by ``cfg`` (conversion.config.ExportHFConfig). Returns the written directory."""
     from tqdm import tqdm
 
     from evolm_nemo.checkpoint import io

@@ -315,11 +315,12 @@ def _eval_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None:
     if node.mode != "downstream":
         row.notes.append("lm-eval log-likelihoods: not estimated")
         return
+    from evolm_nemo.config.compose import compose_command
     from evolm_nemo.evaluation import tasks as registry
-    from evolm_nemo.evaluation.cli import DownstreamConfig, _compose
+    from evolm_nemo.evaluation.evaluate import DownstreamConfig
 
     try:
-        ecfg = _compose("eval_downstream", [o for o in row.overrides], DownstreamConfig)
+        ecfg = compose_command("eval_downstream", [o for o in row.overrides], DownstreamConfig)
         problems = 0
         for name in ecfg.tasks:
             size = registry.get_task(name).size
