@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from evolm_nemo import answers as A
+from evolm_nemo import answers
 from evolm_nemo.answers import extract_answer, gold_answer, is_equiv, judge
 from tests.conftest import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
-ROWS = {s: [json.loads(line) for line in open(FIXTURES / f"{s}.jsonl", encoding="utf-8")] for s in A.SUITES}
+ROWS = {s: [json.loads(line) for line in open(FIXTURES / f"{s}.jsonl", encoding="utf-8")] for s in answers.SUITES}
 COT = "Let me think step by step. " + "We add the numbers and then multiply by the count of items. " * 25
 
 
@@ -123,7 +123,7 @@ def test_strict_extraction_stops_at_the_clause(text, suite, gold, evolm_answer, 
     ],
 )
 def test_strict_cut(answer, expected):
-    assert A.strict_cut(answer) == expected
+    assert answers.strict_cut(answer) == expected
 
 
 def test_strict_extraction_leaves_boxes_and_the_reference_cuts_alone():
@@ -143,7 +143,7 @@ def test_strict_extraction_is_linear_on_huge_answers():
 
 
 def test_strict_equiv_of_identical_numbers_is_trivial():
-    assert A.fast_verdict("gsm8k_platinum", "56", "56", "strict") is True
+    assert answers.fast_verdict("gsm8k_platinum", "56", "56", "strict") is True
     assert is_equiv("gsm8k_platinum", "56", "56", "strict") is True
 
 
@@ -310,8 +310,8 @@ def test_strict_does_not_over_match():
 
 
 def test_no_answer_is_never_equivalent():
-    for suite in A.SUITES:
-        for mode in A.MODES:
+    for suite in answers.SUITES:
+        for mode in answers.MODES:
             gold = gold_answer(suite, ROWS[suite][0])
             assert not is_equiv(suite, None, gold, mode)
             assert not is_equiv(suite, "", gold, mode)
@@ -344,7 +344,7 @@ def _surface_forms(rng: random.Random) -> list[str]:
     return forms
 
 
-@pytest.mark.parametrize("mode", A.MODES)
+@pytest.mark.parametrize("mode", answers.MODES)
 def test_fast_path_agrees_with_sympy_path(mode):
     rng = random.Random(1234)
     forms = _surface_forms(rng)
@@ -353,11 +353,11 @@ def test_fast_path_agrees_with_sympy_path(mode):
     pairs += [(rng.choice(forms), g) for g in golds for _ in range(3)]
     decided = 0
     for a, b in pairs:
-        fast = A.fast_verdict("math", a, b, mode)
+        fast = answers.fast_verdict("math", a, b, mode)
         if fast is None:
             continue
         decided += 1
-        assert fast == A.slow_equiv_inprocess(mode, a, b, None), (mode, a, b)
+        assert fast == answers.slow_equiv_inprocess(mode, a, b, None), (mode, a, b)
     assert decided > 100  # the fast path does cover the common cases
 
 
@@ -366,10 +366,10 @@ def test_fast_path_covers_common_numbers_without_sympy():
                           ("12 dollars", "12", True),
                           ("\\$12", "12", False), ("3/6", "\\frac{1}{2}", True), ("12", "13", False),
                           ("Thursday", "Thursday", False), ("12 \\text{ cm}", "12", True), (".38", "0.38", True)]:
-        assert A.fast_verdict("math", a, b, "evolm") is verdict, (a, b)
+        assert answers.fast_verdict("math", a, b, "evolm") is verdict, (a, b)
     for a, b, verdict in [("\\$12", "12", True), ("\\text{12}", "12", True), ("\\dfrac{1}{2}", "1/2", True),
                           ("Thursday", "\\text{Thursday}", True), ("1,000", "1000.00", True), ("12", "13", False)]:
-        assert A.fast_verdict("math", a, b, "strict") is verdict, (a, b)
+        assert answers.fast_verdict("math", a, b, "strict") is verdict, (a, b)
 
 
 # ---------------------------------------------------------------------------------------- robustness and time bound
@@ -381,9 +381,9 @@ GARBAGE = ["", " ", "}", "{", "\\boxed{", "\\boxed}{", "}}}{{{", "\\frac{", "\\f
 
 
 def test_garbage_never_crashes():
-    for suite in A.SUITES:
+    for suite in answers.SUITES:
         gold = gold_answer(suite, ROWS[suite][0])
-        for mode in A.MODES:
+        for mode in answers.MODES:
             for g in GARBAGE:
                 assert isinstance(is_equiv(suite, g, gold, mode), bool)
                 assert isinstance(judge(suite, g, gold, mode), bool)
@@ -393,7 +393,7 @@ def test_garbage_never_crashes():
 def test_huge_inputs_are_bounded():
     huge = "step " * 200_000 + "\\boxed{" + "(" * 300 + "}" + " the answer is " + "9" * 10_000
     t0 = time.monotonic()
-    for mode in A.MODES:
+    for mode in answers.MODES:
         assert not judge("gsm8k_platinum", huge, "150", mode)
         assert not judge("cruxeval", huge, "'a'", mode)
         assert not judge("strategyqa", huge, "True", mode)
@@ -401,40 +401,40 @@ def test_huge_inputs_are_bounded():
 
 
 def test_timeout_counts_as_not_equivalent(monkeypatch):
-    monkeypatch.setattr(A, "TIMEOUT_S", 0.3)
-    A._CACHE.clear()
+    monkeypatch.setattr(answers, "TIMEOUT_S", 0.3)
+    answers._CACHE.clear()
     # sympy grinds on these for far longer than the limit: bounded, and "not equivalent"
     for a, b in [("$\\int_0^{\\infty} e^{-x^{x^x}} dx$", "1"), ("99999999999^99999999999", "2")]:
         t0 = time.monotonic()
         assert is_equiv("math", a, b, "evolm") is False
-        assert time.monotonic() - t0 < 2 * 0.3 + A._Helper.GRACE_S + 5  # + a helper restart at worst
-    A._CACHE.clear()
+        assert time.monotonic() - t0 < 2 * 0.3 + answers._Helper.GRACE_S + 5  # + a helper restart at worst
+    answers._CACHE.clear()
 
 
 def test_a_stuck_helper_is_killed_and_replaced(monkeypatch):
     # A backstop shorter than the helper's own alarm: the parent gives up, kills the helper, answers False, and the
     # next check starts a fresh helper that works.
     assert is_equiv("math", "\\frac{1}{2}", "0.5") is True  # a helper is running
-    helpers = list(A._POOL._all)
+    helpers = list(answers._POOL._all)
     assert helpers and all(h.proc.poll() is None for h in helpers)
-    monkeypatch.setattr(A._Helper, "GRACE_S", -7.95)  # backstop = 2 * 4 s - 7.95 s = 50 ms
-    A._CACHE.clear()
+    monkeypatch.setattr(answers._Helper, "GRACE_S", -7.95)  # backstop = 2 * 4 s - 7.95 s = 50 ms
+    answers._CACHE.clear()
     slow = "$" + "(" * 31 + "1" + ")" * 31 + "$"  # math-verify's LaTeX parser needs seconds for this
     for h in helpers:
         assert is_equiv("math", slow, f"{h.proc.pid}") is False
     assert all(h.proc.poll() is not None for h in helpers)  # killed
     monkeypatch.undo()
-    A._CACHE.clear()
+    answers._CACHE.clear()
     assert is_equiv("math", "\\frac{1}{2}", "0.5") is True
     assert is_equiv("math", "$\\frac{1}{2}$", "0.5", "strict") is True
-    A._CACHE.clear()
+    answers._CACHE.clear()
 
 
 def test_safe_from_worker_threads():
     pairs = [("math", "\\frac{1}{2}", "0.5"), ("math", "\\sqrt{2}", "\\sqrt{2}"), ("tabmwp", "Thursday", "Thursday"),
              ("math", "(1,2)", "(1, 2)"), ("gsm8k_platinum", "12", "12.0"), ("math", "x^2", "x\\cdot x")]
     expected = [(is_equiv(s, a, b, "evolm"), is_equiv(s, a, b, "strict")) for s, a, b in pairs]
-    A._CACHE.clear()
+    answers._CACHE.clear()
     errors = []
 
     def work(i):
