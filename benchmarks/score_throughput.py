@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evolm_nemo import answers as A  # noqa: E402
+from evolm_nemo import answers  # noqa: E402
 from evolm_nemo.evaluation.metrics import majority_answers, rm_index  # noqa: E402
 from evolm_nemo.tasks import SUITES  # noqa: E402
 
@@ -92,10 +92,10 @@ def _nli_variants(g: str) -> list[str]:
 
 
 def _wrong(suite: str, g: str, k: int) -> str:
-    if A.SUITE_KIND[suite] == "nli":
+    if answers.SUITE_KIND[suite] == "nli":
         return ["True", "False", "Uncertain"][(["True", "False", "Uncertain"].index(g) + k) % 3] if g in (
             "True", "False", "Uncertain") else "False"
-    if A.SUITE_KIND[suite] == "crux":
+    if answers.SUITE_KIND[suite] == "crux":
         return ["[]", "'abc'", "0", "None", "(1, 2)"][k % 5]
     shifted = _shift_numbers(g, k)
     return shifted if shifted != g else ["7", "\\frac{1}{2}", "\\text{no}", "x+1"][k % 4]
@@ -137,19 +137,19 @@ def generate(n_problems: int, n_completions: int, seed: int) -> list[dict]:
         rng = random.Random(seed * 1_000_003 + i)
         suite = SUITES[i % len(SUITES)]
         base = dict(fixtures[suite][(i // len(SUITES)) % len(fixtures[suite])])
-        kind = A.SUITE_KIND[suite]
+        kind = answers.SUITE_KIND[suite]
         offset = i // (len(SUITES) * len(fixtures[suite]))
         if kind == "math" and offset:
             if base["gt_answer"] is None and suite == "gsm8k_platinum":
                 head, _, tail = base["gt_solution"].rpartition("#### ")
                 base["gt_solution"] = f"{head}#### {_shift_numbers(tail, offset)}"
             elif base["gt_answer"] is None:
-                gold = A.gold_answer(suite, base)
+                gold = answers.gold_answer(suite, base)
                 base["gt_solution"] = base["gt_solution"].replace(f"\\boxed{{{gold}}}",
                                                                   f"\\boxed{{{_shift_numbers(gold, offset)}}}")
             else:
                 base["gt_answer"] = base["gt_solution"] = _shift_numbers(base["gt_answer"], offset)
-        gold = A.gold_answer(suite, base)
+        gold = answers.gold_answer(suite, base)
         right = (_math_variants(gold, rng) if kind == "math" else
                  _crux_variants(gold) if kind == "crux" else _nli_variants(gold))
         wrong = [_wrong(suite, gold, k) for k in (1, 2, 3)]
@@ -177,20 +177,20 @@ def generate(n_problems: int, n_completions: int, seed: int) -> list[dict]:
 def _naive_equiv(suite: str, a, b, mode: str) -> bool:
     if not isinstance(a, str) or not isinstance(b, str) or not a or not b:
         return False
-    if A.SUITE_KIND[suite] != "math":
-        return A.is_equiv(suite, a, b, mode)  # no sympy involved for CRUXEval / BoardgameQA / StrategyQA
-    return A.slow_equiv_inprocess(mode, a, b, A.TIMEOUT_S)
+    if answers.SUITE_KIND[suite] != "math":
+        return answers.is_equiv(suite, a, b, mode)  # no sympy involved for CRUXEval / BoardgameQA / StrategyQA
+    return answers.slow_equiv_inprocess(mode, a, b, answers.TIMEOUT_S)
 
 
 def naive_score_row(args) -> dict:
     row, mode = args
     suite = row["suite"]
-    gold = A.gold_answer(suite, row)
+    gold = answers.gold_answer(suite, row)
     completions = row["completions"]
-    extracted = [A.extract_answer(c, mode) for c in completions]
+    extracted = [answers.extract_answer(c, mode) for c in completions]
     correct = [_naive_equiv(suite, e, gold, mode) for e in extracted]
     greedy = row.get("greedy")
-    pass1 = _naive_equiv(suite, A.extract_answer(greedy, mode), gold, mode) if greedy is not None else correct[0]
+    pass1 = _naive_equiv(suite, answers.extract_answer(greedy, mode), gold, mode) if greedy is not None else correct[0]
     votes = majority_answers(completions, mode=mode)
     n = len(votes)
     same = [[False] * n for _ in range(n)]
@@ -216,7 +216,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=1000)
     ap.add_argument("--completions", type=int, default=16)
-    ap.add_argument("--scoring", choices=A.MODES, default="evolm")
+    ap.add_argument("--scoring", choices=answers.MODES, default="evolm")
     ap.add_argument("--workers", type=int, default=2, help="workers for both scorers (default 2: the 2-core goal)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-naive", action="store_true", help="only time `evolm score`")

@@ -25,7 +25,7 @@ COMMANDS = {
     "export-trtllm": ("evolm_nemo.conversion.cli:export_trtllm", "HF dir -> TensorRT-LLM engine (GPU container)"),
     "score": ("evolm_nemo.evaluation.score:main", "score a completions JSONL (Pass@1, Maj@16, RM@16, Pass@16)"),
     "eval": ("evolm_nemo.evaluation.cli:main", "evaluate an HF model: `evolm eval downstream|upstream model=<dir>`"),
-    "report": ("evolm_nemo.evaluation.report:main", "aggregate result JSONs into CSV, Markdown and plots"),
+    "report": ("evolm_nemo.evaluation.cli:report", "aggregate result JSONs into CSV, Markdown and plots"),
     "suite": ("evolm_nemo.suite.cli:main", "a suite recipe as one plan and one launch: `evolm suite plan|status|"
                                            "launch suite=<name>`"),
 }

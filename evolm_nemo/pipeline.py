@@ -22,7 +22,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from evolm_nemo.config import RootConfig, compose
+from evolm_nemo.conversion.config import ExportHFConfig
 from evolm_nemo.stages import plan_run
+from evolm_nemo.suite.demo_data import write_demo_problems
 from evolm_nemo.tasks import TURN_MARKERS, UPSTREAM
 
 DEMO_PROBLEMS = 8  # held-out generated word problems for the final HF evaluation (greedy + n=16)
@@ -213,28 +215,28 @@ def main(overrides: list[str]) -> int:
         print(f"next (one process): evolm export-hf src={final.checkpoint} dst={out / 'hf'} && "
               f"evolm eval downstream model={out / 'hf'}")
         return 0
-    from evolm_nemo.conversion.cli import export_hf
-    from evolm_nemo.evaluation.cli import demo as eval_demo
+    from evolm_nemo.conversion.export import export
+    from evolm_nemo.evaluation.evaluate import demo as eval_demo
 
     hf_dir = out / "hf"
-    export_hf([f"src={final.checkpoint}", f"dst={hf_dir}", "overwrite=true"])
+    export(ExportHFConfig(src=str(final.checkpoint), dst=str(hf_dir), overwrite=True))
     print(f"HF export (verified): {hf_dir}")
-    rm_extra = ()
+    rm_dir = None
     if rm is not None:  # RM@16 in the table below from our own RM, exported as LlamaForSequenceClassification
-        export_hf([f"src={rm.checkpoint}", f"dst={out / 'rm_hf'}", "overwrite=true"])
-        print(f"RM export (verified, LlamaForSequenceClassification): {out / 'rm_hf'}")
-        rm_extra = (f"rm={out / 'rm_hf'}",)
+        rm_dir = str(out / "rm_hf")
+        export(ExportHFConfig(src=str(rm.checkpoint), dst=rm_dir, overwrite=True))
+        print(f"RM export (verified, LlamaForSequenceClassification): {rm_dir}")
     data_dir = write_demo_problems(out / "eval_data", problems[:DEMO_PROBLEMS])
-    tokens = plan.iters * plan.tokens_per_iter
+    tokens = str(plan.iters * plan.tokens_per_iter)
     eval_demo(str(hf_dir), str(out / "eval"), str(data_dir), limit=DEMO_PROBLEMS, n=16,
-              extra=(f"name=evolm-{cfg.model.name}-demo", f"size={cfg.model.name}", f"pretrain_tokens={tokens}",
-                     f"stage={sft_cfg.stage}", *rm_extra))
+              name=f"evolm-{cfg.model.name}-demo", size=cfg.model.name, pretrain_tokens=tokens, stage=sft_cfg.stage,
+              rm=rm_dir)
     if rl is not None:  # the RL actor on the same problems (RM@16 from the same RM)
-        export_hf([f"src={rl.checkpoint}", f"dst={out / 'rl_hf'}", "overwrite=true"])
+        export(ExportHFConfig(src=str(rl.checkpoint), dst=str(out / "rl_hf"), overwrite=True))
         print(f"RL actor export (verified): {out / 'rl_hf'}")
         eval_demo(str(out / "rl_hf"), str(out / "eval_rl"), str(data_dir), limit=DEMO_PROBLEMS, n=16,
-                  extra=(f"name=evolm-{cfg.model.name}-demo-rl", f"size={cfg.model.name}", f"pretrain_tokens={tokens}",
-                         f"stage={rl_cfg.stage}", *rm_extra))
+                  name=f"evolm-{cfg.model.name}-demo-rl", size=cfg.model.name, pretrain_tokens=tokens,
+                  stage=rl_cfg.stage, rm=rm_dir)
     from evolm_nemo.evaluation.report import build as report
 
     written = report(None, str(out / "dynamics"), dynamics=f"{out},{out / 'cpt'}")
@@ -242,13 +244,3 @@ def main(overrides: list[str]) -> int:
           f"({written['dynamics']})")
     return 0
 
-
-def write_demo_problems(directory, problems: list[dict]):
-    """Held-out generated word problems in EvoLM's cooked GSM8K schema (gold after `#### `)."""
-    from evolm_nemo.fileio import write_jsonl
-
-    directory = Path(directory)
-    rows = [{"id": q["id"], "problem": q["problem"], "gt_solution": f"{q['solution']}\n#### {q['answer']}",
-             "gt_answer": None} for q in problems]
-    write_jsonl(directory / "gsm8k_platinum.jsonl", rows)
-    return directory

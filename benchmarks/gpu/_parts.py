@@ -125,6 +125,16 @@ def _version(name: str) -> str | None:
         return None
 
 
+def environment() -> dict:
+    """What the part ran on: Python, torch and its CUDA, megatron-core and the device. Every part records it (check.py
+    copies the first into the JSON's top-level ``environment``)."""
+    import torch
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+            "megatron_core": _version("megatron-core"),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
 _NCCL_PROBE = """
 import os, socket, torch, torch.distributed as dist
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
@@ -307,101 +317,123 @@ def _train_overrides(args, mbs: int) -> list[str]:
             f"train.precision={precision}"]
 
 
+class _Trainer:
+    """The model, optimizer and FLOP counts one training part measures, built once for all its micro-batch sizes."""
+
+    def __init__(self, args, rec: Recorder, recompute: bool):
+        from megatron.core.utils import unwrap_model
+
+        from evolm_nemo.config import RootConfig, compose
+        from evolm_nemo.model.build import flops_per_token, layer_spec, param_count
+        from evolm_nemo.runtime.distributed import setup
+        from evolm_nemo.train.engine import build_training_model
+        from evolm_nemo.train.metrics import peak_flops
+
+        quiet()
+        cfg = compose("config", _train_overrides(args, min(args.mbs)), RootConfig)
+        m = self.m = cfg.model
+        rt = self.rt = setup(1, 1, seed=0, precision=cfg.train.precision)
+        t0 = time.perf_counter()
+        self.model, self.optimizer, _ = build_training_model(cfg, rt)
+        sync()
+        build_s = time.perf_counter() - t0
+        inner = self.inner = unwrap_model(self.model)
+        tc = inner.config
+        if recompute:  # full activation recomputation, every layer on its own (read by TransformerBlock each forward)
+            tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers = "full", "uniform", 1
+            if inner.decoder.config is not tc:
+                raise RuntimeError("the decoder does not share the model's TransformerConfig: recompute not applied")
+        self.n_all = param_count(m)
+        self.n = self.n_all - m.vocab_size * m.hidden_size  # the input embedding is a lookup, not a matmul
+        self.fpt = flops_per_token(m)
+        self.peak = peak_flops(args.peak_tflops, rt.device)
+        self.recompute = recompute
+        self.step_s = None  # the last step's seconds, of whichever configuration ran it
+        rec.set(model={"preset": m.name, "layers": m.num_layers, "hidden": m.hidden_size, "ffn": m.ffn_hidden_size,
+                       "heads": m.num_attention_heads, "groups": m.num_query_groups, "vocab": m.vocab_size,
+                       "seq": m.seq_length, "params": self.n_all, "params_non_embedding": self.n},
+                spec=layer_spec(m)[1], dtype=str(rt.dtype), device=str(rt.device), build_s=round(build_s, 2),
+                recompute={"granularity": tc.recompute_granularity, "method": tc.recompute_method,
+                           "num_layers": tc.recompute_num_layers},
+                optimizer={"distributed": cfg.optim.distributed, "class": type(self.optimizer).__name__},
+                peak_tflops=self.peak / 1e12 if self.peak else None,
+                flops_per_token={"6N": 6 * self.n, "6N_all_params": 6 * self.n_all, "6N+attention": self.fpt},
+                configs=[])
+
+    def batches(self, mbs: int, gbs: int, seq: int) -> list[dict]:
+        import torch
+
+        device = self.rt.device
+        gen = torch.Generator(device=device).manual_seed(mbs)
+        batches = []
+        for _ in range(gbs // mbs):
+            tokens = torch.randint(0, self.m.vocab_size, (mbs, seq + 1), device=device, generator=gen)
+            batches.append({"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+                            "loss_mask": torch.ones(mbs, seq, device=device),
+                            "position_ids": torch.arange(seq, device=device).unsqueeze(0).expand(mbs, -1)
+                            .contiguous()})
+        return batches
+
+    def measure(self, args, entry: dict, mbs: int, share: float) -> None:
+        """Warm-up and timed steps at micro-batch size ``mbs`` within ``share`` seconds; fills ``entry``."""
+        from evolm_nemo.stages.base import lm_forward_step
+        from evolm_nemo.train.engine import train_step
+
+        gbs, seq, n, n_all, peak = args.global_batch, args.seq, self.n, self.n_all, self.peak
+        warmup, steps = args.warmup, args.steps
+        batches = self.batches(mbs, gbs, seq)
+        free_cuda()
+        reset_peak()
+        losses, times, warmed = [], [], 0
+        t_config = time.perf_counter()
+        while warmed < warmup or len(times) < steps:
+            calls = []
+            first = warmed == 0 and not times
+            hook = self.inner.decoder.layers[0].register_forward_hook(lambda *_: calls.append(1)) if first else None
+            sync()
+            t = time.perf_counter()
+            r = train_step(self.model, self.optimizer, batches, lm_forward_step, seq, mbs, self.rt)
+            sync()
+            dt = time.perf_counter() - t
+            if hook is not None:  # 2 with recomputation (forward, then again in backward), else 1
+                hook.remove()
+                entry["layer0_forwards_per_microbatch"] = len(calls) / (gbs // mbs)
+            losses.append(round(r.loss, 4))
+            if warmed < warmup:
+                warmed += 1
+            else:
+                times.append(dt)
+            self.step_s = dt
+            if time.perf_counter() - t_config + 1.2 * dt > share:  # out of this configuration's time
+                if times:
+                    entry["cut_short"] = f"{len(times)} of {steps} timed steps fitted"
+                    break
+                warmup = warmed  # no more warm-up: one timed step next
+        warmup, steps = warmed, len(times)
+        tps = steps * gbs * seq / sum(times)
+        entry.update(warmup=warmup, steps=steps, step_s=[round(x, 4) for x in times[:50]],
+                     tokens_per_s=round(tps, 1), losses=losses[:50], **memory())
+        if peak:
+            entry.update(mfu_6n=round(6 * n * tps / peak, 4), mfu_6n_all_params=round(6 * n_all * tps / peak, 4),
+                         mfu_6n_attention=round(self.fpt * tps / peak, 4))
+        entry["tflops_6n"] = round(6 * n * tps / 1e12, 2)
+        if not all(map(lambda x: x == x and abs(x) != float("inf"), losses)):
+            entry["error"] = f"non-finite loss {losses}"
+
+
 def part_train(args, rec: Recorder, recompute: bool) -> None:
-    import torch
-    from megatron.core.utils import unwrap_model
-
-    from evolm_nemo.config import RootConfig, compose
-    from evolm_nemo.model.build import flops_per_token, layer_spec, param_count
-    from evolm_nemo.runtime.distributed import setup
-    from evolm_nemo.stages.base import lm_forward_step
-    from evolm_nemo.train.engine import build_training_model, train_step
-    from evolm_nemo.train.metrics import peak_flops
-
-    quiet()
-    cfg = compose("config", _train_overrides(args, min(args.mbs)), RootConfig)
-    m = cfg.model
-    rt = setup(1, 1, seed=0, precision=cfg.train.precision)
-    t0 = time.perf_counter()
-    model, optimizer, _ = build_training_model(cfg, rt)
-    sync()
-    build_s = time.perf_counter() - t0
-    inner = unwrap_model(model)
-    tc = inner.config
-    if recompute:  # full activation recomputation, every layer on its own (read by TransformerBlock each forward)
-        tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers = "full", "uniform", 1
-        if inner.decoder.config is not tc:
-            raise RuntimeError("the decoder does not share the model's TransformerConfig: recompute not applied")
-    n_all = param_count(m)
-    n = n_all - m.vocab_size * m.hidden_size  # the input embedding is a lookup, not a matmul
-    peak = peak_flops(args.peak_tflops, rt.device)
-    rec.set(model={"preset": m.name, "layers": m.num_layers, "hidden": m.hidden_size, "ffn": m.ffn_hidden_size,
-                   "heads": m.num_attention_heads, "groups": m.num_query_groups, "vocab": m.vocab_size,
-                   "seq": m.seq_length, "params": n_all, "params_non_embedding": n},
-            spec=layer_spec(m)[1], dtype=str(rt.dtype), device=str(rt.device), build_s=round(build_s, 2),
-            recompute={"granularity": tc.recompute_granularity, "method": tc.recompute_method,
-                       "num_layers": tc.recompute_num_layers},
-            optimizer={"distributed": cfg.optim.distributed, "class": type(optimizer).__name__},
-            peak_tflops=peak / 1e12 if peak else None,
-            flops_per_token={"6N": 6 * n, "6N_all_params": 6 * n_all, "6N+attention": flops_per_token(m)},
-            configs=[])
+    trainer = _Trainer(args, rec, recompute)
     gbs, seq = args.global_batch, args.seq
-    step_s = None
     for index, mbs in enumerate(args.mbs):
         entry = {"mbs": mbs, "microbatches": gbs // mbs, "global_batch": gbs, "seq": seq, "recompute": recompute}
-        warmup, steps = args.warmup, args.steps
+        step_s = trainer.step_s
         if step_s is not None and int((left(args) - 8) / max(step_s * 1.3, 1e-3)) < 2:
             entry["error"] = f"skipped: out of time ({left(args):.0f} s left, last step {step_s:.2f} s)"
             rec.append("configs", entry)
             continue
         share = (left(args) - 8) / (len(args.mbs) - index)  # this configuration's part of the time left
-        batches = None
         try:
-            gen = torch.Generator(device=rt.device).manual_seed(mbs)
-            batches = []
-            for _ in range(gbs // mbs):
-                tokens = torch.randint(0, m.vocab_size, (mbs, seq + 1), device=rt.device, generator=gen)
-                batches.append({"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-                                "loss_mask": torch.ones(mbs, seq, device=rt.device),
-                                "position_ids": torch.arange(seq, device=rt.device).unsqueeze(0).expand(mbs, -1)
-                                .contiguous()})
-            free_cuda()
-            reset_peak()
-            losses, times, warmed = [], [], 0
-            t_config = time.perf_counter()
-            while warmed < warmup or len(times) < steps:
-                calls = []
-                first = warmed == 0 and not times
-                hook = inner.decoder.layers[0].register_forward_hook(lambda *_: calls.append(1)) if first else None
-                sync()
-                t = time.perf_counter()
-                r = train_step(model, optimizer, batches, lm_forward_step, seq, mbs, rt)
-                sync()
-                dt = time.perf_counter() - t
-                if hook is not None:  # 2 with recomputation (forward, then again in backward), else 1
-                    hook.remove()
-                    entry["layer0_forwards_per_microbatch"] = len(calls) / (gbs // mbs)
-                losses.append(round(r.loss, 4))
-                if warmed < warmup:
-                    warmed += 1
-                else:
-                    times.append(dt)
-                step_s = dt
-                if time.perf_counter() - t_config + 1.2 * dt > share:  # out of this configuration's time
-                    if times:
-                        entry["cut_short"] = f"{len(times)} of {steps} timed steps fitted"
-                        break
-                    warmup = warmed  # no more warm-up: one timed step next
-            warmup, steps = warmed, len(times)
-            tps = steps * gbs * seq / sum(times)
-            entry.update(warmup=warmup, steps=steps, step_s=[round(x, 4) for x in times[:50]],
-                         tokens_per_s=round(tps, 1), losses=losses[:50], **memory())
-            if peak:
-                entry.update(mfu_6n=round(6 * n * tps / peak, 4), mfu_6n_all_params=round(6 * n_all * tps / peak, 4),
-                             mfu_6n_attention=round(flops_per_token(m) * tps / peak, 4))
-            entry["tflops_6n"] = round(6 * n * tps / 1e12, 2)
-            if not all(map(lambda x: x == x and abs(x) != float("inf"), losses)):
-                entry["error"] = f"non-finite loss {losses}"
+            trainer.measure(args, entry, mbs, share)
         except Exception as exc:
             entry["error"] = short_error(exc)
             entry["oom"] = "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
@@ -409,11 +441,10 @@ def part_train(args, rec: Recorder, recompute: bool) -> None:
             entry["trace"] = traceback.format_exc(limit=6)[-1500:]
             del exc
             try:
-                model.zero_grad_buffer()
-                optimizer.zero_grad()
+                trainer.model.zero_grad_buffer()
+                trainer.optimizer.zero_grad()
             except Exception:
                 pass
-        batches = None
         free_cuda()
         rec.append("configs", entry)
     ok = [c for c in rec.data["configs"] if "tokens_per_s" in c and "error" not in c]
@@ -651,6 +682,10 @@ PARTS = {"env": part_env, "train": lambda a, r: part_train(a, r, False),
 
 def run(name: str, args) -> int:
     rec = Recorder(Path(args.result))
+    try:
+        rec.set(environment=environment())
+    except Exception as exc:
+        rec.set(environment={"error": short_error(exc)})
     try:
         PARTS[name](args, rec)
     except Exception as exc:

@@ -1,6 +1,7 @@
 """The prepared GPU check of issue 11: the CUDA-marked tests, 1B training throughput/MFU and n=16 sampling speed, in
 one run of under 8 minutes on a device machine (CUDA, Python 3.12, torch, no megatron-core: check.sh installs the
-carried wheels first). Results: one JSON under $OUT (else runs/gpu_check/) and a summary table.
+carried wheels first). Results: one JSON under $OUT (else runs/gpu_check/; its ``environment``: torch, CUDA,
+megatron-core, device) and a summary table.
 
     bash benchmarks/gpu/fetch_wheels.sh                  # on the CPU box: the wheels, into benchmarks/gpu/wheels/
     bash benchmarks/gpu/check.sh --dry-run               # on the CPU box: arguments, wheel list and plan; no CUDA
@@ -468,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             res = run_part(args, name, work, min(lim[name], room), env)
         results["parts"][name] = res
+        if "environment" not in results and "torch" in (res.get("environment") or {}):
+            results["environment"] = res["environment"]  # torch, CUDA, megatron-core, device: what the run used
         write(results, out)
         print(f"[{name}] {res.get('status')} in {res.get('part_s', 0):.0f} s"
               + (f": {res.get('error')}" if res.get("error") else ""), flush=True)

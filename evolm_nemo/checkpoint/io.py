@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from evolm_nemo.config.errors import ConfigError
+
 META = "evolm.json"
 RUN_FILE = "run.json"  # in the run directory: the id of the run that owns it
 _CHUNK = 4 << 20  # checksum read size
@@ -129,8 +131,6 @@ def lock_run_dir(out: str | Path) -> None:
     training into the same run directory refuses in one line instead of clashing with the first."""
     import fcntl
 
-    from evolm_nemo.config.errors import ConfigError
-
     out = Path(out)
     holder = None
     if _rank() == 0 and str(out.resolve()) not in _LOCKS:
@@ -208,6 +208,18 @@ def read_meta(directory: str | Path) -> dict:
     if not is_complete(directory):
         raise CheckpointError(f"{directory}: not a complete evolm checkpoint (missing or inconsistent {META})")
     return json.loads((directory / META).read_text())
+
+
+def parent_tokenizer(path: str | Path, key: str | None = None) -> str | None:
+    """The tokenizer reference (a dir or hub name) recorded in the checkpoint at ``path`` (a checkpoint dir, or a
+    run's checkpoint root / run dir: its latest complete checkpoint); None when it records none. A missing or
+    incomplete checkpoint raises CheckpointError, or with ``key`` a ConfigError naming that key."""
+    try:
+        return read_meta(resolve(path)).get("tokenizer")
+    except CheckpointError as exc:
+        if key is None:
+            raise
+        raise ConfigError(key, str(exc)) from None
 
 
 def checkpoint_dirs(root: str | Path) -> list[Path]:
@@ -547,8 +559,6 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
     The run id (the resumed checkpoint's, or a new one) is written to ``<out>/run.json``. ``dry``: read only (no
     checksums, nothing removed, written or said) -- the cheap checks to run before heavy work.
     """
-    from evolm_nemo.config.errors import ConfigError
-
     out, roots = Path(out), [Path(r) for r in roots]
     say = say or (lambda line: print(line, flush=True))
 

@@ -157,6 +157,24 @@ def compose(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
         raise _translate_omegaconf(exc, schema) from None
 
 
+def compose_command(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
+    """:func:`compose` for a command whose keys share a name with a recipes/ config group (`evolm eval`'s ``model=``,
+    ``stage=``): those are plain values, set after composing -- Hydra would read ``model=<dir>`` as picking a
+    recipes/model/*.yaml."""
+    plain = {f.name for f in dataclasses.fields(schema) if (recipes_dir() / f.name).is_dir()}
+    later, rest = {}, []
+    for item in overrides:
+        key, _, value = item.lstrip("+").partition("=")
+        if key in plain:
+            later[key] = value.strip("'\"") or None
+        else:
+            rest.append(item)
+    cfg = compose(config_name, rest, schema)
+    for key, value in later.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
 def to_dict(cfg) -> dict:
     """Plain-dict view of a composed config (for logs, checkpoints and lineage)."""
     return dataclasses.asdict(cfg)

@@ -328,7 +328,7 @@ def model_card(name: str, m: ModelConfig, head: str, meta: dict, dtype: torch.dt
 # ----------------------------------------------------------------------------------------------------------- export
 
 def export(cfg) -> Path:
-    """Run the command described by ``cfg`` (conversion.cli.ExportHFConfig). Returns the written directory.
+    """Run the command described by ``cfg`` (conversion.config.ExportHFConfig). Returns the written directory.
     The one-rank process group it creates is gone when it returns."""
     from evolm_nemo.runtime.distributed import owned_group
 
@@ -336,10 +336,8 @@ def export(cfg) -> Path:
         return _export(cfg)
 
 
-def _export(cfg) -> Path:
-    """Run an export described by ``cfg`` (conversion.cli.ExportHFConfig). Returns the written directory."""
-    from tqdm import tqdm
-
+def _source(cfg) -> tuple[Path, dict, ModelConfig, str, Path]:
+    """The export's checked inputs: (checkpoint dir, its evolm.json, model config, head, resolved dst)."""
     from evolm_nemo.checkpoint import io
 
     if not cfg.src:
@@ -359,6 +357,57 @@ def _export(cfg) -> Path:
     dst = Path(cfg.dst).expanduser().resolve()
     check_dst(dst, cfg.overwrite, sources=(cfg.src, ckpt, cfg.tokenizer if cfg.tokenizer and
                                            Path(cfg.tokenizer).expanduser().exists() else None))
+    return ckpt, meta, m, head, dst
+
+
+def _build_model(ckpt: Path, m: ModelConfig, head: str, seed: int):
+    """A single-process fp32 megatron model (local layer spec) of the checkpoint's shapes, weights not loaded yet."""
+    from evolm_nemo.model.build import build_model
+    from evolm_nemo.model.heads import build_value_model
+    from evolm_nemo.runtime import distributed
+
+    distributed.setup(1, 1, seed=seed, precision="fp32")
+    local = dataclasses.replace(m, layer_spec="local")  # TE-spec checkpoints load too: the sharded keys agree
+    builder = build_value_model if head == "value" else build_model
+    model = builder(local, ParallelConfig(tp=1, pp=1), torch.float32)
+    check_shapes(ckpt, model)
+    return model
+
+
+def _write_weights(tmp: Path, state: dict, m: ModelConfig, head: str, tied: bool, out_dtype: torch.dtype,
+                   max_bytes: int, progress: bool) -> None:
+    """The megatron state as HF safetensors shards in ``tmp`` (``output_layer`` left out when tied)."""
+    from tqdm import tqdm
+
+    writer = ShardWriter(tmp, max_bytes)
+    bar = tqdm(total=sum(v.numel() for v in state.values()), unit="param", unit_scale=True, desc="export-hf",
+               disable=not progress)
+    for name, tensor in state.items():
+        if tied and name == "output_layer.weight":
+            bar.update(tensor.numel())
+            continue
+        for hf_name, part in hf.to_hf(name, tensor, m, head):
+            writer.add(hf_name, part.detach().to(device="cpu", dtype=out_dtype, copy=True).contiguous())
+        bar.update(tensor.numel())
+    bar.close()
+    writer.close()
+
+
+def _verify(tmp: Path, head: str, ids: torch.Tensor, reference: torch.Tensor, tol: float) -> dict:
+    """transformers' logits of the written directory against megatron's ``reference``: the check's record."""
+    got = hf_logits(tmp, head, ids)
+    diff = (got - reference).abs().max().item()
+    if not diff <= tol:  # also catches NaN
+        raise ConfigError("verify", f"transformers logits differ from megatron's by {diff:.3g} > "
+                                    f"verify_tol={tol:g}; nothing written")
+    return {"max_diff": diff, "tol": tol, "probe": f"{ids.shape[0]}x{ids.shape[1]}"}
+
+
+def _export(cfg) -> Path:
+    """Run an export described by ``cfg`` (conversion.config.ExportHFConfig). Returns the written directory."""
+    from evolm_nemo.checkpoint import io
+
+    ckpt, meta, m, head, dst = _source(cfg)
     out_dtype = parse_dtype(cfg.dtype)
     max_bytes = hf.parse_size(cfg.max_shard_size)
     if cfg.verify and cfg.verify_tol <= 0:
@@ -369,15 +418,9 @@ def _export(cfg) -> Path:
         raise ConfigError("tokenizer", f"{tok_source} has {len(tok)} tokens but the model only {m.vocab_size} rows")
     single_process("export-hf")
 
-    from evolm_nemo.model.build import build_model, param_count
-    from evolm_nemo.model.heads import build_value_model
-    from evolm_nemo.runtime import distributed
+    from evolm_nemo.model.build import param_count
 
-    distributed.setup(1, 1, seed=cfg.seed, precision="fp32")
-    local = dataclasses.replace(m, layer_spec="local")  # TE-spec checkpoints load too: the sharded keys agree
-    builder = build_value_model if head == "value" else build_model
-    model = builder(local, ParallelConfig(tp=1, pp=1), torch.float32)
-    check_shapes(ckpt, model)
+    model = _build_model(ckpt, m, head, cfg.seed)
     out_dtype = out_dtype or stored_dtype(ckpt)
     t0 = time.time()
     try:
@@ -398,19 +441,7 @@ def _export(cfg) -> Path:
 
     tmp = temp_dir(dst, owned=True)
     try:
-        writer = ShardWriter(tmp, max_bytes)
-        bar = tqdm(total=sum(v.numel() for v in state.values()), unit="param", unit_scale=True, desc="export-hf",
-                   disable=not cfg.progress)
-        for name, tensor in state.items():
-            if tied and name == "output_layer.weight":
-                bar.update(tensor.numel())
-                continue
-            for hf_name, part in hf.to_hf(name, tensor, m, head):
-                writer.add(hf_name, part.detach().to(device="cpu", dtype=out_dtype, copy=True).contiguous())
-            bar.update(tensor.numel())
-        bar.close()
-        writer.close()
-        del writer, tensor, part
+        _write_weights(tmp, state, m, head, tied, out_dtype, max_bytes, cfg.progress)
         params = param_count(m) if head == "lm" else param_count(m) - (m.vocab_size - 1) * m.hidden_size
         if tied:
             params -= m.vocab_size * m.hidden_size
@@ -431,14 +462,7 @@ def _export(cfg) -> Path:
             GenerationConfig(bos_token_id=ids_["bos"], eos_token_id=ids_["eos"], pad_token_id=ids_["pad"],
                              stop_strings=list(STOP)).save_pretrained(str(tmp))
 
-        check = None
-        if cfg.verify:
-            got = hf_logits(tmp, head, ids)
-            diff = (got - reference).abs().max().item()
-            if not diff <= cfg.verify_tol:  # also catches NaN
-                raise ConfigError("verify", f"transformers logits differ from megatron's by {diff:.3g} > "
-                                            f"verify_tol={cfg.verify_tol:g}; nothing written")
-            check = {"max_diff": diff, "tol": cfg.verify_tol, "probe": f"{ids.shape[0]}x{ids.shape[1]}"}
+        check = _verify(tmp, head, ids, reference, cfg.verify_tol) if cfg.verify else None
         card = model_card(dst.name, m, head, meta, out_dtype, params, check)
         (tmp / "README.md").write_text(card)
         record = {"source": str(ckpt), "iteration": meta.get("iteration"), "head": head, "dtype": hf.SHORT[out_dtype],

@@ -49,7 +49,7 @@ def _check_layout(m, tp: int, pp: int) -> None:
 
 
 def import_hf(cfg) -> Path:
-    """Run the command described by ``cfg`` (conversion.cli.ImportHFConfig). Returns the checkpoint directory.
+    """Run the command described by ``cfg`` (conversion.config.ImportHFConfig). Returns the checkpoint directory.
     The one-rank process group it creates is gone when it returns."""
     from evolm_nemo.runtime.distributed import owned_group
 
@@ -58,7 +58,7 @@ def import_hf(cfg) -> Path:
 
 
 def _import_hf(cfg) -> Path:
-    """Run an import described by ``cfg`` (conversion.cli.ImportHFConfig). Returns the checkpoint directory."""
+    """Run an import described by ``cfg`` (conversion.config.ImportHFConfig). Returns the checkpoint directory."""
     from tqdm import tqdm
 
     from evolm_nemo.checkpoint import io

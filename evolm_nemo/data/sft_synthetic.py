@@ -37,7 +37,8 @@ class SyntheticSFT:
         return self.root / "eval.jsonl"
 
 
-def parent_tokenizer(cfg: RootConfig) -> str:
+def synthetic_tokenizer(cfg: RootConfig) -> str:
+    """The tokenizer the generated SFT set is written with: data.tokenizer, else the parent checkpoint's."""
     from evolm_nemo.checkpoint import io as ckpt
     from evolm_nemo.config.errors import ConfigError
 
@@ -46,10 +47,7 @@ def parent_tokenizer(cfg: RootConfig) -> str:
     if not cfg.train.init_from:
         raise ConfigError("train.init_from", "the generated SFT set is tokenized with the parent checkpoint's "
                                              "tokenizer; set train.init_from (or data.tokenizer)")
-    try:
-        ref = ckpt.read_meta(ckpt.resolve(cfg.train.init_from)).get("tokenizer")
-    except ckpt.CheckpointError as exc:
-        raise ConfigError("train.init_from", str(exc)) from None
+    ref = ckpt.parent_tokenizer(cfg.train.init_from, key="train.init_from")
     if not ref:
         raise ConfigError("train.init_from", "its checkpoint records no tokenizer; set data.tokenizer")
     return ref
@@ -61,7 +59,7 @@ def ensure_synthetic_sft(cfg: RootConfig) -> SyntheticSFT:
     from evolm_nemo.data.tokenizer import load_tokenizer
 
     s = cfg.sft
-    ref = parent_tokenizer(cfg)
+    ref = synthetic_tokenizer(cfg)
     tok = load_tokenizer(ref, key="data.tokenizer")
     digest = tokenizer_fingerprint(tok)["vocab_sha256"][:8]
     name = f"synthetic-sft-n{s.synthetic_examples}-r{RL_EXAMPLES}-e{EVAL_EXAMPLES}-s{s.synthetic_seed}-tok{digest}"

@@ -1,4 +1,5 @@
-"""`evolm eval downstream|upstream model=<HF dir> ...`: sample + score the six downstream suites, or run lm-eval.
+"""`evolm eval downstream|upstream model=<HF dir> ...` and `evolm report ...`: compose the recipe, call the typed
+function (evaluation/evaluate.py, evaluation/report.py, suite/report.py).
 
 downstream writes into ``out``: ``completions.jsonl`` (the `evolm score` input format, so sampling and scoring can
 run on different machines), ``scored.jsonl``, ``result.json`` (schema in evaluation/report.py) and prints the
@@ -8,62 +9,12 @@ metrics table. upstream writes ``upstream.json`` (lm-eval's results) and merges 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import List, Optional
 
+from evolm_nemo.config.compose import compose, compose_command
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.fileio import write_jsonl
-from evolm_nemo.tasks import SUITES, UPSTREAM
-
-
-@dataclass
-class ResultMeta:
-    """Fields both eval modes share: where results go and how the model is labelled in reports
-    (documented in recipes/eval_downstream.yaml and recipes/eval_upstream.yaml)."""
-
-    out: Optional[str] = None
-    name: Optional[str] = None
-    size: Optional[str] = None
-    pretrain_tokens: Optional[str] = None
-    stage: Optional[str] = None
-    group: Optional[str] = None
-    trust_remote_code: bool = False
-
-
-@dataclass
-class DownstreamConfig(ResultMeta):
-    model: Optional[str] = None
-    tasks: List[str] = field(default_factory=lambda: list(SUITES))
-    data_dir: Optional[str] = None
-    limit: Optional[int] = None
-    backend: str = "auto"
-    n: int = 16
-    greedy: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.1
-    max_model_len: int = 2048
-    max_new_tokens: Optional[int] = None
-    seed: int = 42
-    batch_size: int = 64
-    tensor_parallel_size: int = 1
-    scoring: str = "evolm"
-    workers: int = 0
-    rm: Optional[str] = None
-    rm_batch_size: int = 8
-
-
-@dataclass
-class UpstreamConfig(ResultMeta):
-    model: Optional[str] = None
-    tasks: List[str] = field(default_factory=lambda: list(UPSTREAM))
-    tasks_dir: Optional[str] = None
-    data_dir: Optional[str] = None
-    limit: Optional[int] = None
-    batch_size: str = "16"
-    dtype: str = "auto"
-    device: Optional[str] = None
+from evolm_nemo.evaluation import evaluate
+from evolm_nemo.evaluation.evaluate import DownstreamConfig, UpstreamConfig
+from evolm_nemo.evaluation.report import ReportConfig, build, load_results
 
 
 def main(overrides: list[str]) -> int:
@@ -76,219 +27,28 @@ def main(overrides: list[str]) -> int:
     raise ConfigError("eval", f"unknown mode {mode!r}; use `evolm eval downstream ...` or `evolm eval upstream ...`")
 
 
-# ----------------------------------------------------------------------------------------------------------- common
-
-
-def _compose(name: str, overrides: list[str], schema):
-    """compose(), with keys that share a name with a recipes/ config group (model=, stage=) set afterwards: Hydra
-    would read ``model=<dir>`` as picking a recipes/model/*.yaml."""
-    import dataclasses
-
-    from evolm_nemo.config.compose import compose, recipes_dir
-
-    plain = {f.name for f in dataclasses.fields(schema) if (recipes_dir() / f.name).is_dir()}
-    later, rest = {}, []
-    for item in overrides:
-        key, _, value = item.lstrip("+").partition("=")
-        if key in plain:
-            later[key] = value.strip("'\"") or None
-        else:
-            rest.append(item)
-    cfg = compose(name, rest, schema)
-    for key, value in later.items():
-        setattr(cfg, key, value)
-    return cfg
-
-
-def _model_dir(model: Optional[str]) -> str:
-    if not model:
-        raise ConfigError("model", "required: an HF model directory (config.json + weights)")
-    if not (Path(model) / "config.json").is_file():
-        raise ConfigError("model", f"{model} is not an HF model directory (no config.json)")
-    return model
-
-
-def _meta(cfg) -> dict:
-    """Result-JSON identity: explicit values win over what the directory name suggests."""
-    from evolm_nemo.config.tokens import parse_tokens
-    from evolm_nemo.evaluation.report import infer_meta
-
-    meta = infer_meta(cfg.model)
-    meta["model_dir"] = str(Path(cfg.model).resolve())
-    for key in ("name", "size", "stage", "group"):
-        value = getattr(cfg, key)
-        if value is not None:
-            meta["model" if key == "name" else key] = str(value)
-    if cfg.pretrain_tokens is not None:
-        meta["pretrain_tokens"] = parse_tokens(cfg.pretrain_tokens, "pretrain_tokens")
-    return meta
-
-
-def _out_dir(cfg) -> Path:
-    return Path(cfg.out) if cfg.out else Path("runs") / "eval" / Path(cfg.model.rstrip("/")).name
-
-
-# ------------------------------------------------------------------------------------------------------- downstream
-
-
-def _load_tasks(cfg: DownstreamConfig):
-    """(task, problems) per requested suite, all loaded and checked before any model is."""
-    from evolm_nemo.evaluation import tasks as registry
-
-    if not cfg.tasks:
-        raise ConfigError("tasks", f"empty; choose from {', '.join(SUITES)}")
-    out = []
-    for name in cfg.tasks:
-        task = registry.get_task(name)  # ConfigError naming `tasks` for an unknown suite
-        path = None
-        if cfg.data_dir:
-            path = Path(cfg.data_dir) / f"{task.name}.jsonl"
-            if not path.is_file():
-                raise ConfigError("data_dir", f"missing {path} (cooked JSONL: id, problem, gt_solution, gt_answer)")
-            path = str(path)
-        problems = registry.load_problems(task, path=path, limit=cfg.limit)
-        out.append((task, problems))
-    return out
-
-
-def _check(cfg: DownstreamConfig) -> None:
-    _model_dir(cfg.model)
-    if cfg.scoring not in ("evolm", "strict"):
-        raise ConfigError("scoring", f"expected evolm or strict, got {cfg.scoring!r}")
-    if cfg.n < 1:
-        raise ConfigError("n", f"must be >= 1, got {cfg.n}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise ConfigError("limit", f"must be >= 1 (or null for all problems), got {cfg.limit}")
-    if cfg.max_model_len < 2:
-        raise ConfigError("max_model_len", f"must be >= 2, got {cfg.max_model_len}")
-    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
-        raise ConfigError("max_new_tokens", f"must be >= 1 (or null), got {cfg.max_new_tokens}")
-    if cfg.batch_size < 1:
-        raise ConfigError("batch_size", f"must be >= 1, got {cfg.batch_size}")
-    if not 0.0 < cfg.top_p <= 1.0:
-        raise ConfigError("top_p", f"must be in (0, 1], got {cfg.top_p}")
-    if cfg.temperature <= 0.0:
-        raise ConfigError("temperature", f"the sampled pass needs temperature > 0, got {cfg.temperature}")
-    if cfg.rm is not None and not (Path(cfg.rm) / "config.json").is_file():
-        raise ConfigError("rm", f"{cfg.rm} is not an HF model directory (no config.json)")
-
-
-def sample_rows(cfg: DownstreamConfig, loaded) -> tuple[list[dict], dict]:
-    """Greedy + n-sample completions for every problem, as `evolm score` input rows; plus sampling stats."""
-    from evolm_nemo.evaluation import sampling
-
-    sampler = sampling.load(cfg.backend, cfg.model, batch_size=cfg.batch_size, max_model_len=cfg.max_model_len,
-                            seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                            tensor_parallel_size=cfg.tensor_parallel_size)
-    common = dict(repetition_penalty=cfg.repetition_penalty, max_model_len=cfg.max_model_len,
-                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    rows, stats = [], {"backend": sampler.name, "runs": []}
-    try:
-        for task, problems in loaded:
-            stop = tuple(task.stop)
-            prompts = [task.prompt(p["problem"]) for p in problems]
-            greedy = None
-            if cfg.greedy:
-                greedy = sampler.generate(prompts, sampling.Spec(n=1, temperature=0.0, stop=stop, **common),
-                                          desc=f"{task.name} greedy")
-                stats["runs"].append({"suite": task.name, **sampler.stats})
-            sampled = sampler.generate(prompts, sampling.Spec(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
-                                                              stop=stop, **common), desc=f"{task.name} n={cfg.n}")
-            stats["runs"].append({"suite": task.name, **sampler.stats})
-            for k, p in enumerate(problems):
-                row = {"suite": task.name, "id": p["id"], "problem": p["problem"], "gt_solution": p["gt_solution"],
-                       "gt_answer": p["gt_answer"], "completions": sampled[k]}
-                if greedy is not None:
-                    row["greedy"] = greedy[k][0]
-                rows.append(row)
-    finally:
-        sampler.close()
-    return rows, stats
-
-
-def table(summary: dict, title: str = "") -> str:
-    """Fixed-width metrics table (percent) from an `evolm score` summary."""
-    cols = [("n", "n"), ("pass1", "Pass@1"), ("maj16", "Maj@16"), ("rm16", "RM@16"), ("pass16", "Pass@16"),
-            ("correct_ratio", "CorrRatio")]
-    head = f"{'suite':<16}" + "".join(f"{c:>10}" for _, c in cols)
-    lines = ([title] if title else []) + [head, "-" * len(head)]
-    for suite, m in summary.items():
-        if not isinstance(m, dict):
-            continue
-        cells = []
-        for key, _ in cols:
-            v = m.get(key)
-            cells.append(f"{'-':>10}" if v is None else f"{v:>10}" if key == "n" else f"{100 * v:>10.1f}")
-        lines.append(f"{suite:<16}" + "".join(cells))
-    return "\n".join(lines)
-
-
 def downstream(overrides: list[str]) -> int:
-    from evolm_nemo.evaluation import rm as rm_mod
-    from evolm_nemo.evaluation import sampling
-    from evolm_nemo.evaluation.report import update_result
-    from evolm_nemo.evaluation.score import score_rows
-
-    cfg = _compose("eval_downstream", overrides, DownstreamConfig)
-    _check(cfg)
-    meta = _meta(cfg)
-    sampling.pick(cfg.backend)  # a missing backend fails here, before data or model loading
-    loaded = _load_tasks(cfg)
-    out = _out_dir(cfg)
-    rows, stats = sample_rows(cfg, loaded)
-    completions = out / "completions.jsonl"
-    write_jsonl(completions, rows)
-    if cfg.rm:
-        rows = rm_mod.add_scores(str(completions), cfg.rm, batch_size=cfg.rm_batch_size,
-                                 trust_remote_code=cfg.trust_remote_code)
-    scored, summary = score_rows(rows, cfg.scoring, workers=cfg.workers, progress=True)
-    write_jsonl(out / "scored.jsonl", scored)
-    settings = {k: getattr(cfg, k) for k in ("n", "greedy", "temperature", "top_p", "repetition_penalty",
-                                             "max_model_len", "max_new_tokens", "seed", "limit", "rm")}
-    suites = {k: v for k, v in summary.items() if k not in ("id_avg", "ood_avg")}
-    down = {"scoring": cfg.scoring, "suites": suites, "id_avg": summary.get("id_avg"),
-            "ood_avg": summary.get("ood_avg"), "sampling": {**settings, **stats}}
-    update_result(out / "result.json", meta, downstream=down)
-    print(table(summary, f"{meta['model']} (scoring={cfg.scoring}, backend={stats['backend']})"))
-    print(f"wrote {completions}, {out / 'scored.jsonl'}, {out / 'result.json'}")
+    evaluate.downstream(compose_command("eval_downstream", overrides, DownstreamConfig))
     return 0
 
 
-# --------------------------------------------------------------------------------------------------------- upstream
-
-
 def upstream(overrides: list[str]) -> int:
-    import json
+    evaluate.upstream(compose_command("eval_upstream", overrides, UpstreamConfig))
+    return 0
 
-    from evolm_nemo.evaluation import upstream as up
-    from evolm_nemo.evaluation.report import update_result
-    from evolm_nemo.fileio import write_json
 
-    cfg = _compose("eval_upstream", overrides, UpstreamConfig)
-    _model_dir(cfg.model)
-    unknown = [t for t in cfg.tasks if t not in UPSTREAM]
-    if unknown:
-        raise ConfigError("tasks", f"unknown task {unknown[0]!r}; choose from {', '.join(UPSTREAM)}")
-    batch = cfg.batch_size if cfg.batch_size == "auto" or cfg.batch_size.startswith("auto:") else None
-    if batch is None:
-        if not cfg.batch_size.isdigit() or int(cfg.batch_size) < 1:
-            raise ConfigError("batch_size", f"expected a positive integer or auto, got {cfg.batch_size!r}")
-        batch = int(cfg.batch_size)
-    meta = _meta(cfg)
-    summary, raw = up.run(cfg.model, cfg.tasks, tasks_dir=cfg.tasks_dir, data_dir=cfg.data_dir, batch_size=batch,
-                          limit=cfg.limit, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    out = _out_dir(cfg)
-    write_json(out / "upstream.json", json.loads(json.dumps(raw, default=str)))
-    summary["source"] = "local" if cfg.tasks_dir else "lm-eval built-in"
-    update_result(out / "result.json", meta, upstream=summary)
-    head = f"{'task':<16}{'acc':>8}{'acc_norm':>10}{'score':>8}{'n':>8}"
-    lines = [f"{meta['model']} (lm-eval 0-shot)", head, "-" * len(head)]
-    for t, m in summary["tasks"].items():
-        norm = "-" if m["acc_norm"] is None else f"{m['acc_norm']:.2f}"
-        lines.append(f"{t:<16}{m['acc']:>8.2f}{norm:>10}{m['score']:>8.2f}{m['n']:>8}")
-    lines.append(f"{'avg':<16}{'':>8}{'':>10}{summary['avg']:>8.2f}")
-    print("\n".join(lines))
-    print(f"wrote {out / 'upstream.json'}, {out / 'result.json'}")
+def report(overrides: list[str]) -> int:
+    """`evolm report runs=<glob> [dynamics=<glob>] out=<dir>`, or a suite's tables with ``suite=<name>``."""
+    if any(o.startswith("suite=") for o in overrides):  # a suite's tables: evolm_nemo/suite/report.py
+        from evolm_nemo.suite.cli import report as suite_report
+
+        return suite_report(overrides)
+    cfg = compose("report", overrides, ReportConfig)
+    written = build(cfg.runs or None, cfg.out, cfg.dynamics or None)
+    if cfg.runs:
+        print(f"models: {len(load_results(cfg.runs))}")
+    for name, path in written.items():
+        print(f"{name}: {path or 'skipped (no data)'}")
     return 0
 
 
@@ -296,21 +56,3 @@ if __name__ == "__main__":
     from evolm_nemo.cli import main as cli_main
 
     sys.exit(cli_main(["eval", *sys.argv[1:]]))
-
-
-# ------------------------------------------------------------------------------------------------- embedded default
-
-
-def demo(model: str, out: str, data_dir: str, limit: int = 4, n: int = 16, max_new_tokens: int = 64,
-         extra: tuple[str, ...] = ()) -> dict:
-    """The last step of `make demo`: hf backend, greedy + n samples on every suite in ``data_dir``, scored; prints the
-    metrics table (from :func:`downstream`) and the plot path. Returns {name: path} of what the report wrote."""
-    from evolm_nemo.evaluation.report import build
-
-    tasks = [s for s in SUITES if (Path(data_dir) / f"{s}.jsonl").is_file()]
-    downstream([f"model={model}", f"out={out}", f"data_dir={data_dir}", f"tasks=[{','.join(tasks)}]",
-                f"limit={limit}", f"n={n}", f"max_new_tokens={max_new_tokens}", "backend=hf", *extra])
-    written = build(str(Path(out) / "result.json"), str(Path(out) / "report"))
-    plot = next((written[k] for k in ("id_vs_ood", "maj_vs_pass", "tokens") if written.get(k)), None)
-    print(f"plot: {plot or 'none (no data to draw)'}\nreport: {written['markdown']}")
-    return written

@@ -422,18 +422,3 @@ def build(pattern: str | None, out: str, dynamics: str | None = None) -> dict:
     write_text(out_dir / "report.md", markdown(results, plots, sections))
     return {**written, "markdown": str(out_dir / "report.md"), **plots}
 
-
-def main(overrides: list[str]) -> int:
-    from evolm_nemo.config.compose import compose
-
-    if any(o.startswith("suite=") for o in overrides):  # a suite's tables: evolm_nemo/suite/report.py
-        from evolm_nemo.suite.report import main as suite_report
-
-        return suite_report(overrides)
-    cfg = compose("report", overrides, ReportConfig)
-    written = build(cfg.runs or None, cfg.out, cfg.dynamics or None)
-    if cfg.runs:
-        print(f"models: {len(load_results(cfg.runs))}")
-    for name, path in written.items():
-        print(f"{name}: {path or 'skipped (no data)'}")
-    return 0

@@ -47,10 +47,6 @@ def _float_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _zero(like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros((), dtype=like.dtype, device=like.device)
-
-
 # --------------------------------------------------------------------------------------------------- advantages
 
 

@@ -36,6 +36,12 @@ class ValueHead(torch.nn.Module):
         return F.linear(hidden, self.weight), None
 
 
+def scores_at_last(values: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``[b, s, 1]`` (or ``[b, s]``) per-position values -> ``[b]`` scores at ``last``."""
+    v = values.squeeze(-1) if values.dim() == 3 else values
+    return v.float().gather(1, last.unsqueeze(1)).squeeze(1)
+
+
 def build_value_model(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype = torch.float32, pre_process: bool = True,
                       post_process: bool = True):
     """One pipeline stage of a value model (``post_process`` stages carry the head)."""

@@ -84,7 +84,7 @@ def usable_prompts(cfg: RootConfig):
     from evolm_nemo.data.tokenizer import load_tokenizer
 
     prompts = read_prompts(prompt_files(cfg))
-    ref = ckpt.read_meta(ckpt.resolve(cfg.train.init_from)).get("tokenizer") or cfg.data.tokenizer
+    ref = ckpt.parent_tokenizer(cfg.train.init_from) or cfg.data.tokenizer
     tok = load_tokenizer(ref, key="train.init_from")
     limit = min(cfg.rl.max_prompt_tokens, cfg.model.seq_length - 1)
     lengths = [len(x) for x in tok(prompts.prompts)["input_ids"]]

@@ -1,6 +1,7 @@
 """The RL objectives on megatron models: per-token log-probs and entropy under tensor parallelism, the actor's PPO /
-GRPO loss and the critic's value loss in the engine's ``(loss_sum, count, logs)`` contract, and forward-only passes
-that collect per-token outputs. Loss formulas live in ``evolm_nemo.losses.rl`` (pure, tested without megatron)."""
+GRPO loss and the critic's value loss in the engine's ``(loss_sum, count, logs)`` contract, and the log-prob step of
+forward-only passes (``train.forward``). Loss formulas live in ``evolm_nemo.losses.rl`` (pure, tested without
+megatron)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from functools import partial
 
 import torch
 
-from evolm_nemo.losses import rl as L
+from evolm_nemo.losses.rl import entropy_from_logits, kl_estimate, policy_loss, sequence_mean_weights, value_loss
+from evolm_nemo.train.forward import collect_output
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -25,7 +27,7 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return L.entropy_from_logits(logits.float())
+        return entropy_from_logits(logits.float())
     x = logits.float()
     m = x.detach().max(dim=-1, keepdim=True).values
     torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX,
@@ -55,33 +57,10 @@ def collate(seqs: list[tuple[list[int], int]], extra: dict[str, list[list[float]
 # --------------------------------------------------------------------------------------------------- forward only
 
 
-def _collect_loss(key: str, output: torch.Tensor):
-    zero = output.sum() * 0.0
-    return zero, torch.zeros((), dtype=torch.int32, device=output.device), {key: output.detach()}
-
-
 def logprob_forward_step(data_iterator, model):
     b = next(data_iterator)
     logits = model(b["tokens"], b["position_ids"], None)
-    return token_logprobs(logits, b["labels"]), partial(_collect_loss, "logp")
-
-
-def value_forward_step(data_iterator, model):
-    b = next(data_iterator)
-    return model(b["tokens"], b["position_ids"], None).squeeze(-1).float(), partial(_collect_loss, "values")
-
-
-def forward_collect(model, batches: list[dict], forward_step, micro_batch_size: int, rt) -> list[torch.Tensor]:
-    """Per-microbatch ``[b, s]`` outputs of a forward-only pass (pp = 1)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    data = [{k: v.to(rt.device) for k, v in b.items()} for b in batches]
-    with torch.no_grad():
-        logs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(data), model=[model], num_microbatches=len(data),
-            seq_length=max(b["tokens"].shape[1] for b in data), micro_batch_size=micro_batch_size,
-            decoder_seq_length=max(b["tokens"].shape[1] for b in data), forward_only=True)
-    return [next(iter(x.values())).cpu() for x in logs]
+    return token_logprobs(logits, b["labels"]), partial(collect_output, "logp")
 
 
 # ------------------------------------------------------------------------------------------------------- training
@@ -91,7 +70,7 @@ def _weights(b: dict, rl) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token weights and, for seq_mean, the count to divide by (the engine divides by the global sum)."""
     mask = b["loss_mask"]
     if rl.loss_agg == "seq_mean":
-        return L.sequence_mean_weights(mask), (mask.sum(-1) > 0).sum().to(torch.int32)
+        return sequence_mean_weights(mask), (mask.sum(-1) > 0).sum().to(torch.int32)
     return mask, None
 
 
@@ -103,14 +82,14 @@ def _actor_loss(b: dict, rl, logits: torch.Tensor):
     if "tis" in b:
         weights = weights * b["tis"]
     high = rl.ratio_eps if rl.ratio_eps_high is None else rl.ratio_eps_high
-    pg_sum, count, stats = L.policy_loss(logp, b["old_logp"], b["advantages"], mask, rl.ratio_eps, high,
-                                         rl.dual_clip, weights=weights)
+    pg_sum, count, stats = policy_loss(logp, b["old_logp"], b["advantages"], mask, rl.ratio_eps, high,
+                                       rl.dual_clip, weights=weights)
     total = pg_sum
     if rl.entropy_bonus:
         total = total - rl.entropy_bonus * torch.where(mask.bool(), entropy * weights, torch.zeros_like(entropy)).sum()
     kl_sum = torch.zeros((), device=logp.device)
     if "ref_logp" in b:
-        kl = L.kl_estimate(logp, b["ref_logp"], rl.kl_estimator)
+        kl = kl_estimate(logp, b["ref_logp"], rl.kl_estimator)
         kl_sum = torch.where(mask.bool(), kl, torch.zeros_like(kl)).sum()
         if rl.kl == "loss":
             total = total + rl.initial_policy_kl_penalty * torch.where(mask.bool(), kl * weights,
@@ -133,7 +112,7 @@ def _critic_loss(b: dict, rl, values: torch.Tensor):
     mask = b["loss_mask"]
     values = values.squeeze(-1).float()
     weights, seq_count = _weights(b, rl)
-    v_sum, count, stats = L.value_loss(values, b["old_values"], b["returns"], mask, rl.value_clip, weights=weights)
+    v_sum, count, stats = value_loss(values, b["old_values"], b["returns"], mask, rl.value_clip, weights=weights)
     n = seq_count if seq_count is not None else count
     return v_sum, n, {"loss_sum": v_sum.detach(), "tokens": n.detach().to(torch.float64),
                       **{f"value_{k}": v.detach() for k, v in stats.items()}}

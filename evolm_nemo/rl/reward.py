@@ -73,8 +73,9 @@ class RewardModelScorer:
         self.max_len = m.seq_length
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], eos: int) -> list[float]:
-        from evolm_nemo.rl.objectives import forward_collect, value_forward_step
-        from evolm_nemo.stages.rm import collate_sequences, scores_at_last
+        from evolm_nemo.data.collate import collate_sequences
+        from evolm_nemo.model.heads import scores_at_last
+        from evolm_nemo.train.forward import forward_collect, value_forward_step
 
         seqs = []
         for p, r in zip(prompt_ids, response_ids):

@@ -21,7 +21,7 @@ import torch
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.losses import preference as P
+from evolm_nemo.losses.preference import PREFERENCE_LOSSES, preference_loss
 from evolm_nemo.stages.base import Stage
 from evolm_nemo.stages.rm import (RMData, UnitBatches, check_common, check_tokenizer, epoch_iters, fit_units,
                                   forward_sequences)
@@ -33,8 +33,8 @@ SUM_KEYS = ("margin_sum", "chosen_logp_sum", "rejected_logp_sum", "chosen_reward
 
 def plan_iters(cfg: RootConfig, dp: int) -> int:
     d = cfg.dpo
-    if d.loss_type not in P.PREFERENCE_LOSSES:
-        raise ConfigError("dpo.loss_type", f"must be one of {', '.join(P.PREFERENCE_LOSSES)}; got {d.loss_type!r}")
+    if d.loss_type not in PREFERENCE_LOSSES:
+        raise ConfigError("dpo.loss_type", f"must be one of {', '.join(PREFERENCE_LOSSES)}; got {d.loss_type!r}")
     if d.beta <= 0:
         raise ConfigError("dpo.beta", f"must be > 0, got {d.beta}")
     if not 0.0 <= d.label_smoothing < 0.5:
@@ -71,7 +71,7 @@ def dpo_loss(d, batch: dict, per_token_ce: torch.Tensor):
     else:
         policy, reference = total_logp, ref
     k = policy.shape[0] // 2
-    loss, chosen_r, rejected_r = P.preference_loss(policy[:k], policy[k:], reference[:k], reference[k:], d.beta,
+    loss, chosen_r, rejected_r = preference_loss(policy[:k], policy[k:], reference[:k], reference[k:], d.beta,
                                                    d.loss_type, d.label_smoothing)
     if d.sft_weight:  # RPO (Pang et al. 2024): plus the chosen response's per-token NLL, so its likelihood rises
         loss = loss - d.sft_weight * total_logp[:k] / count[:k].clamp(min=1)

@@ -189,7 +189,7 @@ class PretrainStage(Stage):
                 print(f"[evolm] {self.sources.summary(iteration + 1)}", flush=True)
         return out
 
-    def validate(self, model, rt) -> dict[str, float]:
+    def heldout_loss(self, model, rt) -> dict[str, float]:
         """Per-token loss of the live model on each source's held-out samples (forward only, every rank)."""
         import torch
 
@@ -213,7 +213,7 @@ class PretrainStage(Stage):
         if start >= self.plan.iters:
             return
         if self.val:  # before the first step: the parent's (or the resumed checkpoint's) held-out losses
-            self.val_start = (start, self.validate(model, rt))
+            self.val_start = (start, self.heldout_loss(model, rt))
         if self.probe is not None:
             self.probe.prepare(model, start)
 
@@ -233,7 +233,7 @@ class PretrainStage(Stage):
         import time
 
         t0 = time.perf_counter()
-        losses = self.validate(model, rt)
+        losses = self.heldout_loss(model, rt)
         out = {f"val_loss_{n}": v for n, v in losses.items()}
         out["val_s"] = time.perf_counter() - t0
         if self.val_start is not None:

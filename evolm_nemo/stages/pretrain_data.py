@@ -120,7 +120,7 @@ def training_tokenizers(cfg: RootConfig) -> list:
         from evolm_nemo.checkpoint import io as ckpt
 
         try:
-            ref = ckpt.read_meta(ckpt.resolve(parent)).get("tokenizer")
+            ref = ckpt.parent_tokenizer(parent)
             if ref and ref != cfg.data.tokenizer:
                 out.append(("train.init_from" if cfg.train.init_from else "train.branch_from", f"{ref} (the parent's)",
                             tokenizer_fingerprint(load_tokenizer(ref))))

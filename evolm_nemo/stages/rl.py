@@ -34,14 +34,14 @@ from evolm_nemo.losses.rl import constant_groups, gae, group_advantages, truncat
 from evolm_nemo.model.build import build_model
 from evolm_nemo.model.heads import build_value_model, load_backbone
 from evolm_nemo.rl.data import PromptSchedule, prompt_files, read_prompts, usable_prompts
-from evolm_nemo.rl.objectives import (actor_forward_step, collate, critic_forward_step, forward_collect,
-                                      logprob_forward_step, value_forward_step)
+from evolm_nemo.rl.objectives import actor_forward_step, collate, critic_forward_step, logprob_forward_step
 from evolm_nemo.rl.reward import RewardModelScorer, check as check_reward, combine as combine_rewards
 from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, verifiable_rewards
 from evolm_nemo.rl.stats import global_moments, rollout_metrics
 from evolm_nemo.stages.base import Stage
 from evolm_nemo.tasks import SUITE_KIND
 from evolm_nemo.train.engine import build_training_model, train_step
+from evolm_nemo.train.forward import forward_collect, value_forward_step
 from evolm_nemo.train.loop import MAIN, Role, Start
 
 CRITIC = "critic"  # <run>/critic: the PPO critic's checkpoints, namesakes of the actor's
@@ -71,11 +71,7 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
             raise ConfigError(f"train.{key}", f"must be > 0, got {getattr(t, key)}")
     if not t.init_from:
         raise ConfigError("train.init_from", f"stage={cfg.stage} starts from a checkpoint (an SFT run)")
-    try:
-        actor_tokenizer = ckpt.read_meta(ckpt.resolve(t.init_from)).get("tokenizer")
-    except ckpt.CheckpointError as exc:
-        raise ConfigError("train.init_from", str(exc)) from None
-    check_reward(cfg, actor_tokenizer)
+    check_reward(cfg, ckpt.parent_tokenizer(t.init_from, key="train.init_from"))
     if p.pp != 1:
         raise ConfigError("parallel.pp", "RL rollouts run megatron's inference engine, which needs pp=1; use tp/dp")
     for key in ("prompts_per_step", "samples_per_prompt", "ppo_epochs", "mini_batches", "rollout_micro_batch_size",
@@ -146,7 +142,7 @@ class RLStage(Stage):
         self.dp, self.dp_rank = plan.dp, parallel_state.get_data_parallel_rank()
         self.schedule = PromptSchedule(len(self.prompts), r.prompts_per_step, cfg.train.seed, self.dp_rank, self.dp)
         self.steps_per_iter = r.ppo_epochs * r.mini_batches
-        self.tokenizer = ckpt.read_meta(ckpt.resolve(cfg.train.init_from)).get("tokenizer") or cfg.data.tokenizer
+        self.tokenizer = ckpt.parent_tokenizer(cfg.train.init_from) or cfg.data.tokenizer
         self.tok = load_tokenizer(self.tokenizer, key="train.init_from")
         self.eos = int(self.tok.eos_token_id)
         self.rollout_log = None

@@ -26,8 +26,11 @@ import torch
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.losses import preference as P
+from evolm_nemo.data.collate import collate_sequences
+from evolm_nemo.losses.preference import bradley_terry, outcome_accuracy, outcome_bce, pair_accuracy, roc_auc
+from evolm_nemo.model.heads import scores_at_last
 from evolm_nemo.stages.base import EpochOrder, Stage, check_epoch_keys, epoch_iters
+from evolm_nemo.train.forward import forward_collect, value_forward_step
 
 OBJECTIVES = ("outcome", "pairwise")
 VAL_SCORES = "rm_val_scores.jsonl"  # written into the run directory by the final validation
@@ -105,10 +108,7 @@ def check_tokenizer(cfg: RootConfig, data: RMData) -> str:
     from evolm_nemo.data.tokenizer import load_tokenizer
 
     ref = data.tokenizer_info["ref"]
-    try:
-        parent = ckpt.read_meta(ckpt.resolve(cfg.train.init_from)).get("tokenizer")
-    except ckpt.CheckpointError as exc:
-        raise ConfigError("train.init_from", str(exc)) from None
+    parent = ckpt.parent_tokenizer(cfg.train.init_from, key="train.init_from")
     for key, other in (("train.init_from", parent), ("data.tokenizer", cfg.data.tokenizer)):
         if other and tokenizer_fingerprint(load_tokenizer(other, key=key))["vocab_sha256"] != \
                 data.tokenizer_info["vocab_sha256"]:
@@ -160,43 +160,15 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def collate_sequences(seqs: list[np.ndarray], prompt_lens: list[int], seq: int, pad_id: int) -> dict:
-    """Right-padded ``tokens`` (the whole sequence: the score needs no shifted labels), ``position_ids``, ``last``
-    (the index of each sequence's last token, where its score is read) and, for LM use, ``labels``/``loss_mask``
-    over the response tokens (the positions predicting them)."""
-    b = len(seqs)
-    tokens = torch.full((b, seq), pad_id, dtype=torch.long)
-    labels = torch.full((b, seq), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, seq), dtype=torch.float32)
-    last = torch.zeros(b, dtype=torch.long)
-    for row, (ids, plen) in enumerate(zip(seqs, prompt_lens)):
-        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-        n = len(ids)
-        if n > seq:
-            raise ValueError(f"sequence of {n} ids does not fit a microbatch of length {seq}")
-        tokens[row, :n] = ids
-        labels[row, :n - 1] = ids[1:]
-        mask[row, max(int(plen) - 1, 0):n - 1] = 1.0
-        last[row] = n - 1
-    position_ids = torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(b, -1).contiguous()
-    return {"tokens": tokens, "position_ids": position_ids, "last": last, "labels": labels, "loss_mask": mask}
-
-
-def scores_at_last(values: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """``[b, s, 1]`` (or ``[b, s]``) per-position values -> ``[b]`` scores at ``last``."""
-    v = values.squeeze(-1) if values.dim() == 3 else values
-    return v.float().gather(1, last.unsqueeze(1)).squeeze(1)
-
-
 def rm_loss(objective: str, margin: float, batch: dict, values: torch.Tensor):
     """megatron's 3-tuple: (sum of unit losses, unit count, logs). Pairwise microbatches hold the chosen sequences
     first, then the rejected ones, in the same order."""
     scores = scores_at_last(values, batch["last"])
     if objective == "outcome":
-        per, right = P.outcome_bce(scores, batch["label"]), P.outcome_accuracy(scores, batch["label"])
+        per, right = outcome_bce(scores, batch["label"]), outcome_accuracy(scores, batch["label"])
     else:
         k = scores.shape[0] // 2
-        per, right = P.bradley_terry(scores[:k], scores[k:], margin), P.pair_accuracy(scores[:k], scores[k:])
+        per, right = bradley_terry(scores[:k], scores[k:], margin), pair_accuracy(scores[:k], scores[k:])
     total = per.sum()
     count = torch.tensor(per.numel(), dtype=torch.int32, device=scores.device)
     return total, count, {"loss_sum": total.detach().clone(), "tokens": count.clone(),
@@ -357,8 +329,6 @@ def forward_sequences(model, data: RMData, seqs: np.ndarray, forward_step, per_r
     carry little padding; ``per_row(output, batch) -> [b]`` reduces a microbatch's output; gathered on every rank."""
     from megatron.core import parallel_state
 
-    from evolm_nemo.rl.objectives import forward_collect
-
     seqs = np.unique(seqs)
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine = seqs[rank::dp]
@@ -385,8 +355,6 @@ def forward_sequences(model, data: RMData, seqs: np.ndarray, forward_step, per_r
 def score_sequences(model, data: RMData, seqs: np.ndarray, batches: UnitBatches, rt) -> dict[int, float]:
     """Scores of ``seqs`` under the live value model (at each sequence's last token), in ``batches``' microbatch
     size, padding multiple and pad id."""
-    from evolm_nemo.rl.objectives import value_forward_step
-
     return dict(forward_sequences(model, data, seqs, value_forward_step, lambda out, b: scores_at_last(out, b["last"]),
                                   batches.mbs, batches.multiple, batches.pad_id, rt))
 
@@ -396,14 +364,14 @@ def validation_metrics(scores: dict[int, float], data: RMData, units: np.ndarray
     if objective == "outcome":
         s = torch.tensor([scores[int(u[0])] for u in units])
         y = torch.as_tensor(data.labels[units[:, 0]])
-        return {"val_loss": float(P.outcome_bce(s, y).mean()), "val_accuracy": float(P.outcome_accuracy(s, y).mean()),
-                "val_auc": P.roc_auc(s, y), "val_examples": len(units)}
+        return {"val_loss": float(outcome_bce(s, y).mean()), "val_accuracy": float(outcome_accuracy(s, y).mean()),
+                "val_auc": roc_auc(s, y), "val_examples": len(units)}
     c = torch.tensor([scores[int(u[0])] for u in units])
     r = torch.tensor([scores[int(u[1])] for u in units])
     seqs = np.unique(units.reshape(-1))
-    return {"val_loss": float(P.bradley_terry(c, r, margin).mean()),
-            "val_accuracy": float(P.pair_accuracy(c, r).mean()),
-            "val_auc": P.roc_auc([scores[int(q)] for q in seqs], data.labels[seqs]), "val_pairs": len(units)}
+    return {"val_loss": float(bradley_terry(c, r, margin).mean()),
+            "val_accuracy": float(pair_accuracy(c, r).mean()),
+            "val_auc": roc_auc([scores[int(q)] for q in seqs], data.labels[seqs]), "val_pairs": len(units)}
 
 
 def build(cfg: RootConfig, plan, rt) -> RMStage:

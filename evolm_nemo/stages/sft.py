@@ -109,10 +109,7 @@ def _check_tokenizers(cfg: RootConfig, view: SFTView) -> str:
                                             "tokenizers; prepare them with the same one")
     checks = []
     if cfg.train.init_from:
-        try:
-            parent_ref = ckpt.read_meta(ckpt.resolve(cfg.train.init_from)).get("tokenizer")
-        except ckpt.CheckpointError as exc:
-            raise ConfigError("train.init_from", str(exc)) from None
+        parent_ref = ckpt.parent_tokenizer(cfg.train.init_from, key="train.init_from")
         if parent_ref:
             checks.append(("train.init_from", parent_ref))
     if cfg.data.tokenizer:

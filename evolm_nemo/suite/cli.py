@@ -32,6 +32,18 @@ def _load(opts: dict):
     return plan_mod.build(suite, order)
 
 
+def report(overrides: list[str]) -> int:
+    """`evolm suite report suite=<name> [root=DIR] [out=DIR]` (also `evolm report suite=<name>`)."""
+    from evolm_nemo.suite import report as suite_report
+    from evolm_nemo.suite import spec
+
+    opts = spec.parse_overrides(overrides, {"suite": None, "root": None, "out": None})
+    suite = spec.load(None if opts.get("suite") is None else str(opts["suite"]),
+                      {"root": opts["root"]} if opts.get("root") else {})
+    suite_report.write(suite, opts.get("out"))
+    return 0
+
+
 def main(overrides: list[str]) -> int:
     from evolm_nemo.suite import launch, plan as plan_mod
     from evolm_nemo.suite.spec import parse_overrides
@@ -42,8 +54,6 @@ def main(overrides: list[str]) -> int:
                                    "plan suite=evolm)")
     action = overrides.pop(0)
     if action == "report":
-        from evolm_nemo.suite.report import main as report
-
         return report(overrides)
     if action not in ACTIONS:
         raise ConfigError("suite", f"unknown action {action!r}; use plan, status, launch or report")

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.fileio import read_jsonl, write_jsonl
 
 
 @dataclass
@@ -20,13 +22,18 @@ class DemoDataConfig:
     cache_dir: str = "runs/cache"  # where the demo's generated sets live (the SFT run's data.cache_dir)
 
 
-def main(overrides: list[str]) -> int:
-    from pathlib import Path
+def write_demo_problems(directory, problems: list[dict]) -> Path:
+    """Held-out generated word problems in EvoLM's cooked GSM8K schema (gold after `#### `)."""
+    directory = Path(directory)
+    rows = [{"id": q["id"], "problem": q["problem"], "gt_solution": f"{q['solution']}\n#### {q['answer']}",
+             "gt_answer": None} for q in problems]
+    write_jsonl(directory / "gsm8k_platinum.jsonl", rows)
+    return directory
 
+
+def main(overrides: list[str]) -> int:
     from evolm_nemo.config import RootConfig, compose
     from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
-    from evolm_nemo.fileio import read_jsonl
-    from evolm_nemo.pipeline import write_demo_problems
     from evolm_nemo.suite.spec import parse_overrides
 
     opts = parse_overrides(overrides, {k: None for k in DemoDataConfig.__dataclass_fields__})

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.fileio import replace_dir, temp_dir
-from evolm_nemo.suite.plan import Plan, Row
+from evolm_nemo.suite.plan import Row, SuitePlan
 from evolm_nemo.suite.spec import Suite
 
 
@@ -85,7 +85,7 @@ def node_state(suite: Suite, row: Row) -> tuple[str, str]:
     return ("done", "data present") if (out / "gsm8k_platinum.jsonl").is_file() else ("new", "not written")
 
 
-def argv_for(plan: Plan, row: Row) -> list[str]:
+def argv_for(plan: SuitePlan, row: Row) -> list[str]:
     """The command line of a node after the interpreter (`-m evolm_nemo.cli <command> ...` semantics)."""
     s = plan.suite
     node = s.nodes[row.node]
@@ -103,7 +103,7 @@ def argv_for(plan: Plan, row: Row) -> list[str]:
     return ["-m", "evolm_nemo.suite.demo_data", *items]
 
 
-def jobs(plan: Plan) -> list[Job]:
+def jobs(plan: SuitePlan) -> list[Job]:
     out = []
     for row in plan.rows:
         state, detail = node_state(plan.suite, row)
@@ -199,7 +199,7 @@ def _run_local_node(run, suite: Suite, job: Job, log: Path) -> int:
         rc_file.unlink(missing_ok=True)
 
 
-def run_local(plan: Plan, js: list[Job]) -> int:
+def run_local(plan: SuitePlan, js: list[Job]) -> int:
     suite = plan.suite
     logs = Path(suite.root) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -238,7 +238,7 @@ def job_name(suite: Suite, node: str) -> str:
     return f"evolm-{suite.name}-{node}"
 
 
-def node_script(plan: Plan, job: Job) -> str:
+def node_script(plan: SuitePlan, job: Job) -> str:
     """What one task of the node runs inside the container (torchrun runs it once per rank for a training)."""
     sl = plan.suite.slurm
     if job.row.kind == "train":
@@ -253,7 +253,7 @@ def node_script(plan: Plan, job: Job) -> str:
     return "\n".join(lines) + "\n"
 
 
-def slurm_executor(run, plan: Plan, job: Job, external: list[str]):
+def slurm_executor(run, plan: SuitePlan, job: Job, external: list[str]):
     s, row = plan.suite, job.row
     node, sl = s.nodes[row.node], s.slurm
     gpus = row.gpus if row.kind == "train" else (node.gpus or (1 if row.kind != "data" else 0))
@@ -301,7 +301,7 @@ def _parents(job: Job) -> list[str]:
     return ([job.row.parent] if job.row.parent else []) + list(job.row.needs)
 
 
-def run_slurm(plan: Plan, js: list[Job], directory: Path, dry_run: bool) -> int:
+def run_slurm(plan: SuitePlan, js: list[Job], directory: Path, dry_run: bool) -> int:
     if not dry_run and shutil.which("sbatch") is None:
         raise ConfigError("executor", "slurm: sbatch is not on PATH (run this on a Slurm login node), or pass "
                                       "dry_run=true to write the scripts only")
@@ -345,7 +345,7 @@ def run_slurm(plan: Plan, js: list[Job], directory: Path, dry_run: bool) -> int:
     return 0
 
 
-def write_dry_run(exp, plan: Plan, js: list[Job], deps_of: dict[str, list[str]], directory: Path,
+def write_dry_run(exp, plan: SuitePlan, js: list[Job], deps_of: dict[str, list[str]], directory: Path,
                   dry: bool = True) -> Path:
     """NeMo-Run's sbatch scripts (``<node>.sbatch``) and node scripts (``scripts/<node>.sh``), the dependencies
     (``dependencies.txt``) and the node states (``status.txt``) into ``directory``, replaced as a whole."""

@@ -84,7 +84,9 @@ class Row:
 
 
 @dataclass
-class Plan:
+class SuitePlan:
+    """A suite's DAG as rows in topological order (not config.validate's Plan, the iteration plan of one run)."""
+
     suite: Suite
     rows: list[Row]
     peak_tflops: float
@@ -315,11 +317,12 @@ def _eval_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None:
     if node.mode != "downstream":
         row.notes.append("lm-eval log-likelihoods: not estimated")
         return
+    from evolm_nemo.config.compose import compose_command
     from evolm_nemo.evaluation import tasks as registry
-    from evolm_nemo.evaluation.cli import DownstreamConfig, _compose
+    from evolm_nemo.evaluation.evaluate import DownstreamConfig
 
     try:
-        ecfg = _compose("eval_downstream", [o for o in row.overrides], DownstreamConfig)
+        ecfg = compose_command("eval_downstream", [o for o in row.overrides], DownstreamConfig)
         problems = 0
         for name in ecfg.tasks:
             size = registry.get_task(name).size
@@ -345,7 +348,7 @@ def _data_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None:
     row.notes.append("CPU step")
 
 
-def build(suite: Suite, order: Optional[list[str]] = None) -> Plan:
+def build(suite: Suite, order: Optional[list[str]] = None) -> SuitePlan:
     peak = peak_tflops()
     rows: dict[str, Row] = {}
     for i, name in enumerate(order or suite.order, 1):
@@ -356,7 +359,7 @@ def build(suite: Suite, order: Optional[list[str]] = None) -> Plan:
             suite, node, row, rows)
         row.gpu_hours = row.flops / (suite.mfu * peak * 1e12) / 3600.0
         rows[name] = row
-    return Plan(suite=suite, rows=list(rows.values()), peak_tflops=peak)
+    return SuitePlan(suite=suite, rows=list(rows.values()), peak_tflops=peak)
 
 
 # ---------------------------------------------------------------------------------------------------------- output
@@ -374,7 +377,7 @@ def _gb(b: int) -> str:
     return f"{b / 1e9:.3g}" if b >= 1e7 else (f"{b / 1e6:.3g} MB" if b else "-")
 
 
-def markdown(plan: Plan) -> str:
+def markdown(plan: SuitePlan) -> str:
     s, t = plan.suite, plan.totals
     lines = [f"# Suite `{s.name}`: {t['runs']} runs ({t['train']} trainings) -- {s.path}", ""]
     if s.description:
@@ -409,7 +412,7 @@ CSV_FIELDS = ("order", "node", "kind", "stage", "parent", "needs", "model", "par
               "iterations", "flops", "gpu_hours", "checkpoint_bytes", "nodes", "gpus_per_node", "notes")
 
 
-def csv_text(plan: Plan) -> str:
+def csv_text(plan: SuitePlan) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_FIELDS)

@@ -153,18 +153,16 @@ def csv_text(t: _Tables) -> str:
     return buf.getvalue()
 
 
-def main(overrides: list[str]) -> int:
+def write(suite: Suite, out: str | Path | None = None) -> Path:
+    """Write ``report.md`` and ``report.csv`` into ``out`` (default ``<root>/report``) and print the Markdown.
+    Returns the directory."""
     from evolm_nemo.fileio import write_text
-    from evolm_nemo.suite import spec
 
-    opts = spec.parse_overrides(overrides, {"suite": None, "root": None, "out": None})
-    suite = spec.load(None if opts.get("suite") is None else str(opts["suite"]),
-                      {"root": opts["root"]} if opts.get("root") else {})
     t = build(suite)
     md = markdown(t)
-    out = Path(str(opts.get("out") or Path(suite.root) / "report"))
+    out = Path(str(out or Path(suite.root) / "report"))
     write_text(out / "report.md", md)
     write_text(out / "report.csv", csv_text(t))
     print(md, end="")
     print(f"wrote {out / 'report.md'} and {out / 'report.csv'}")
-    return 0
+    return out

@@ -134,5 +134,8 @@ def test_smoke_run_of_the_measuring_parts(tmp_path):
         assert sample["status"] == "ok", sample
         assert sample["prompt_tokens"] == 8 and sample["sequences"] == 8 and sample["generated_tokens"] > 0
     assert res["parts"]["sample_megatron"]["weights"] == "the hf part's model"
+    env = res["environment"]  # what the run used, from its first part
+    assert set(env) >= {"python", "torch", "cuda", "megatron_core", "device"} and env["torch"] and env["megatron_core"]
+    assert env["device"] and all(res["parts"][p]["environment"] == env for p in res["parts"])
     assert "sampling: n=4" in proc.stdout and "goals: MFU (6N) >= 0.5" in proc.stdout
     assert (out / "gpu_check_log.txt").is_file()

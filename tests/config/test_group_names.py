@@ -32,9 +32,10 @@ def test_a_name_nothing_resembles_lists_where_to_look():
 
 def test_correct_names_and_other_commands_keys_still_compose():
     assert compose("config", ["experiment=demo"], RootConfig).train.iters > 0
-    from evolm_nemo.evaluation.cli import DownstreamConfig, _compose  # `model=` is a path there, not the group
+    from evolm_nemo.config.compose import compose_command  # `model=` is a path there, not the group
+    from evolm_nemo.evaluation.evaluate import DownstreamConfig
 
-    cfg = _compose("eval_downstream", ["model=/no/such/hf/dir"], DownstreamConfig)
+    cfg = compose_command("eval_downstream", ["model=/no/such/hf/dir"], DownstreamConfig)
     assert cfg.model == "/no/such/hf/dir"
 
 

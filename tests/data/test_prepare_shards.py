@@ -203,15 +203,15 @@ def test_parquet_shards_read_only_their_row_groups_and_equal_the_flat_output(tmp
 
 def test_the_backend_fast_path_writes_the_same_bytes(tmp_path, synth, monkeypatch):
     """Tokenizing through the Rust backend (after the first chunk's check) gives the transformers call's bytes."""
-    from evolm_nemo.data import prepare as P
+    from evolm_nemo.data import prepare as prepare_module
 
     texts = [f"doc {i}: a literal </s> and <s> stay text " + " ".join(WORDS[: i % 13]) for i in range(300)]
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     prepare(src, tmp_path / "fast", synth.tokenizer_dir, workers=1, chunk_size=32, progress=False)
-    assert P._FAST is True
-    monkeypatch.setattr(P, "_backend_encodes_alike", lambda tok: False)
+    assert prepare_module._FAST is True
+    monkeypatch.setattr(prepare_module, "_backend_encodes_alike", lambda tok: False)
     prepare(src, tmp_path / "slow", synth.tokenizer_dir, workers=1, chunk_size=32, progress=False)
-    assert P._FAST is False
+    assert prepare_module._FAST is False
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"fast{ext}").read_bytes() == (tmp_path / f"slow{ext}").read_bytes()

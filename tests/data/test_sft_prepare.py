@@ -215,9 +215,9 @@ def test_parquet_and_a_local_hf_dataset_dir(tmp_path, tok_dir):
 
 
 def test_filter_verdicts_do_not_depend_on_workers(tmp_path, tok_dir, monkeypatch):
-    import evolm_nemo.data.sft_prepare as P
+    from evolm_nemo.data import sft_prepare
 
-    monkeypatch.setattr(P, "PARALLEL_MIN_ROWS", 1)
+    monkeypatch.setattr(sft_prepare, "PARALLEL_MIN_ROWS", 1)
     rows = [{"id": i, "question": f"{q} ({k})", "answer": a, "gold": ref}
             for k in range(3) for i, q, a, ref, _ in LABELLED]
     inp = _write(tmp_path / "in.jsonl", rows)

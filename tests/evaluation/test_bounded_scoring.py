@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from evolm_nemo import answers as A
+from evolm_nemo import answers
 from evolm_nemo.answers import equiv, is_equiv, time_budget, verifier
 from evolm_nemo.evaluation.score import score_row
 from tests.conftest import run_evolm
@@ -52,16 +52,17 @@ def test_huge_evaluation_estimate():
             expr = Pow(Integer(x), expr, evaluate=False)
         return expr
 
-    assert A.huge_evaluation(tower(9, 9, 9))  # 3.7e8 digits
-    assert A.huge_evaluation(Symbol("x") ** tower(10, 10, 10))  # a tower in an exponent
-    assert A.huge_evaluation(factorial(Integer(10**8), evaluate=False))
-    assert A.huge_evaluation(Pow(Integer(10), Integer(10**8), evaluate=False))
+    assert answers.huge_evaluation(tower(9, 9, 9))  # 3.7e8 digits
+    assert answers.huge_evaluation(Symbol("x") ** tower(10, 10, 10))  # a tower in an exponent
+    assert answers.huge_evaluation(factorial(Integer(10**8), evaluate=False))
+    assert answers.huge_evaluation(Pow(Integer(10), Integer(10**8), evaluate=False))
     # what sympy computes within the reference's 4 s stays with sympy
-    assert not A.huge_evaluation(Pow(Integer(10), Integer(10**7), evaluate=False))  # 1e7 digits: 6.9 s here, but
+    assert not answers.huge_evaluation(Pow(Integer(10), Integer(10**7), evaluate=False))  # 1e7 digits: 6.9 s here, but
     # below the cut-off: a faster machine may finish it, and the row budget bounds it anyway
-    assert not A.huge_evaluation(tower(2, 2, 2, 2))
-    assert not A.huge_evaluation(Pow(Integer(-1), Integer(10**1000), evaluate=False))  # 1, 0, -1: nothing to compute
-    assert not A.huge_evaluation(Pow(Symbol("x"), Integer(10**9), evaluate=False))
+    assert not answers.huge_evaluation(tower(2, 2, 2, 2))
+    # 1, 0, -1: nothing to compute
+    assert not answers.huge_evaluation(Pow(Integer(-1), Integer(10**1000), evaluate=False))
+    assert not answers.huge_evaluation(Pow(Symbol("x"), Integer(10**9), evaluate=False))
 
 
 # pairs that math-verify finishes well inside the 4 s timeout, some with big exact numbers (not e.g. 10^{10^5} vs
@@ -82,10 +83,10 @@ def test_verdicts_that_finish_are_unchanged(mode, monkeypatch):
     from math_verify import grader
 
     verifier._math_verify()  # installs the guard
-    guarded = [A.slow_equiv_inprocess(mode, a, b) for a, b in FINISHING]
+    guarded = [answers.slow_equiv_inprocess(mode, a, b) for a, b in FINISHING]
     for name in ("safe_sympy_doit", "simplify", "solve", "sympy_numeric_eq"):
         monkeypatch.setattr(grader, name, getattr(grader, name).__wrapped__)  # math-verify as released
-    reference = [A.slow_equiv_inprocess(mode, a, b) for a, b in FINISHING]
+    reference = [answers.slow_equiv_inprocess(mode, a, b) for a, b in FINISHING]
     assert guarded == reference
     assert all(guarded)
 
@@ -93,7 +94,7 @@ def test_verdicts_that_finish_are_unchanged(mode, monkeypatch):
 def test_a_time_budget_is_shared_and_not_cached():
     equiv._CACHE.clear()
     pair = ("math", "$x^{2}$", "$x \\cdot x$", "evolm")  # needs sympy
-    assert A.fast_verdict(*pair) is None
+    assert answers.fast_verdict(*pair) is None
     with time_budget(0.0) as budget:
         assert is_equiv(*pair) is False  # no budget left: not run, "not equivalent"
         assert is_equiv("math", "12", "12.0") is True  # fast-path verdicts cost nothing

@@ -9,6 +9,7 @@ import pytest
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import report
+from evolm_nemo.evaluation.cli import report as report_cli
 
 
 def _down(pass1, maj, pass16, ood=(0.25, 0.24, 0.55), rm=None):
@@ -54,7 +55,7 @@ def _is_png(path):
 
 def test_report_builds_csv_markdown_and_plots(tmp_path):
     out = tmp_path / "report"
-    assert report.main([f"runs={_write(tmp_path, RESULTS)}", f"out={out}"]) == 0
+    assert report_cli([f"runs={_write(tmp_path, RESULTS)}", f"out={out}"]) == 0
 
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["model"] for r in rows] == ["1B-20BT", "1B-80BT", "1B-80BT-sft", "1B-80BT-rl", "4B-80BT"]
@@ -96,7 +97,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="needs a string field 'model'"):
         report.build(str(bad), str(tmp_path / "out"))
     with pytest.raises(ConfigError) as e:
-        report.main([])
+        report_cli([])
     assert e.value.key == "runs"
 
 

@@ -197,14 +197,14 @@ def test_eval_downstream_bad_input_is_one_line(lm, tmp_path):
 
 
 def test_demo_hook_samples_scores_and_plots(lm, tmp_path, capsys):
-    from evolm_nemo.evaluation.cli import demo
+    from evolm_nemo.evaluation.evaluate import demo
     from tests.conftest import REPO
 
     data = tmp_path / "data"
     data.mkdir()
     src = REPO / "tests" / "fixtures" / "eval" / "gsm8k_platinum.jsonl"
     (data / "gsm8k_platinum.jsonl").write_text(src.read_text())
-    written = demo(str(lm[0]), str(tmp_path / "out"), str(data), limit=2, n=2, max_new_tokens=4, extra=("workers=1",))
+    written = demo(str(lm[0]), str(tmp_path / "out"), str(data), limit=2, n=2, max_new_tokens=4, workers=1)
     out = capsys.readouterr().out
     assert written["id_vs_ood"] is None  # one ID suite only: no OOD axis
     assert f"plot: {written['maj_vs_pass']}" in out and "gsm8k_platinum" in out

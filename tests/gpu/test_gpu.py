@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,14 +30,14 @@ import pytest
 import torch
 
 from tests.conftest import REPO, subprocess_env
-from tests.gpu import _checks as C
+from tests.gpu import _checks as checks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _exact_fp32():
-    C.quiet()
+    checks.quiet()
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
     yield
@@ -58,44 +57,45 @@ def test_cpu_layer_inactive_on_cuda():
 
 
 def test_bf16_step_matches_fp32():
-    facts = C.bf16_vs_fp32(steps=5)
+    facts = checks.bf16_vs_fp32(steps=5)
     fp32, bf16 = facts["fp32"], facts["bf16"]
     assert facts["device"].startswith("cuda") and facts["bf16_param_dtype"] == "torch.bfloat16"
     assert facts["bf16_wrapper"] == "Float16Module"
     assert all(math.isfinite(x) for x in bf16)
-    assert C.rel(bf16[0], fp32[0]) <= C.BF16_VS_FP32_FIRST, facts
-    assert max(C.rel(b, f) for b, f in zip(bf16, fp32)) <= C.BF16_VS_FP32_LATER, facts
+    assert checks.rel(bf16[0], fp32[0]) <= checks.BF16_VS_FP32_FIRST, facts
+    assert max(checks.rel(b, f) for b, f in zip(bf16, fp32)) <= checks.BF16_VS_FP32_LATER, facts
     drop32, drop16 = fp32[0] - fp32[-1], bf16[0] - bf16[-1]
-    assert drop32 > 0 and C.rel(drop16, drop32) <= C.BF16_VS_FP32_DROP, facts
+    assert drop32 > 0 and checks.rel(drop16, drop32) <= checks.BF16_VS_FP32_DROP, facts
 
 
 def test_cuda_matches_cpu_engine(tmp_path):
     env = dict(subprocess_env(), CUDA_VISIBLE_DEVICES="")
     for key in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(Path(C.__file__)), "cpu-engine", str(tmp_path)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(Path(checks.__file__)), "cpu-engine", str(tmp_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"CPU engine run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     cpu = json.loads((tmp_path / "cpu_engine.json").read_text())
     assert cpu["cpu_layer_active"] and cpu["device"] == "cpu"
-    cuda = C.replay_cpu_engine(tmp_path)
+    cuda = checks.replay_cpu_engine(tmp_path)
     assert cuda["device"].startswith("cuda")
     facts = {"cpu": cpu, "cuda": cuda}
-    assert C.rel(cuda["losses"][0], cpu["losses"][0]) <= C.CUDA_VS_CPU_FIRST, facts
-    assert max(C.rel(a, b) for a, b in zip(cuda["losses"], cpu["losses"])) <= C.CUDA_VS_CPU_LATER, facts
-    assert max(C.rel(a, b) for a, b in zip(cuda["grad_norms"], cpu["grad_norms"])) <= C.CUDA_VS_CPU_GRAD_NORM, facts
+    assert checks.rel(cuda["losses"][0], cpu["losses"][0]) <= checks.CUDA_VS_CPU_FIRST, facts
+    assert max(checks.rel(a, b) for a, b in zip(cuda["losses"], cpu["losses"])) <= checks.CUDA_VS_CPU_LATER, facts
+    grad_norms = zip(cuda["grad_norms"], cpu["grad_norms"])
+    assert max(checks.rel(a, b) for a, b in grad_norms) <= checks.CUDA_VS_CPU_GRAD_NORM, facts
     assert cpu["losses"][-1] < cpu["losses"][0]
 
 
 def test_cuda_logits_match_transformers():
-    facts = C.logits_vs_hf()
+    facts = checks.logits_vs_hf()
     assert facts["device"].startswith("cuda")
     assert not facts["missing"] and not facts["unexpected"], facts
-    assert facts["max_abs"] <= C.HF_LOGITS_ABS, facts
+    assert facts["max_abs"] <= checks.HF_LOGITS_ABS, facts
 
 
 def test_local_spec_builds_and_trains():
-    facts = C.spec_builds("local")
+    facts = checks.spec_builds("local")
     assert facts["spec"] == "local+sdpa" and facts["device"].startswith("cuda")
     assert math.isfinite(facts["loss"]) and facts["grads"] == facts["params"], facts
 
@@ -105,13 +105,13 @@ def test_te_spec_builds_when_importable():
 
     if _te_spec() is None:
         pytest.skip("transformer_engine does not import here: the TE layer spec cannot be built (auto uses local)")
-    facts = C.spec_builds("te")
+    facts = checks.spec_builds("te")
     assert facts["spec"] == "te"
     assert math.isfinite(facts["loss"]) and facts["grads"] == facts["params"], facts
 
 
 def test_inference_engine_on_cuda(tmp_path):
-    facts = C.generator_facts(tmp_path)
+    facts = checks.generator_facts(tmp_path)
     assert facts["device"].startswith("cuda")
     assert all(len(r) == 24 for r in facts["ref"])  # full-length completions: every step is compared
     assert facts["engine"] == facts["ref"]
@@ -134,12 +134,3 @@ def test_hf_sampler_on_cuda(tmp_path):
     assert [len(texts) for texts in out] == [4, 4]
     assert sampler.stats["tokens"] > 0
     sampler.close()
-
-
-def test_environment_is_recorded():
-    """Not a check: the versions this run used, in the test log."""
-    import megatron.core
-
-    print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
-                      "megatron_core": megatron.core.__version__, "device": torch.cuda.get_device_name(),
-                      "cwd": os.getcwd()}))
