@@ -19,8 +19,6 @@ LAYER_SPECS = ("auto", "te", "local")
 DECAY_STYLES = ("cosine", "linear", "constant", "wsd")
 WSD_SHAPES = ("linear", "cosine", "1-sqrt")
 SOURCES = ("synthetic", "indexed")
-STAGES = ("pretrain", "cpt", "sft", "ppo", "grpo", "rm", "dpo")  # one module each in evolm_nemo.stages.STAGES
-PRETRAIN = ("pretrain", "cpt")  # the stages that take WSD branches, held-out validation and probes
 
 
 @dataclass(frozen=True)
@@ -49,24 +47,24 @@ def positive(key: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
-def _choice(key: str, value, options) -> None:
+def choice(key: str, value, options) -> None:
+    """``value`` is one of ``options``, or a ConfigError naming ``key``."""
     if value not in options:
         raise ConfigError(key, f"must be one of {', '.join(options)}; got {value!r}")
 
 
-def validate(cfg: RootConfig, world_size: int | None = None) -> Layout:
+def validate(cfg: RootConfig, world_size: int | None = None, global_batches: bool = True) -> Layout:
     """The recipe's own rules, in order; no file is read. Returns the layout at ``world_size`` (default: the
-    WORLD_SIZE environment variable, else 1)."""
+    WORLD_SIZE environment variable, else 1). ``global_batches``: the stage's batches are
+    ``parallel.global_batch_size`` sequences (RL's are ``rl.*`` sizes, checked by its stage). Which stage may take
+    which keys is the stage registry's to say (``stages.plan_run``)."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     m, p, o, t, d = cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.data
-    _choice("stage", cfg.stage, STAGES)
-    _choice("train.precision", t.precision, PRECISIONS)
-    _choice("model.layer_spec", m.layer_spec, LAYER_SPECS)
-    _choice("model.core_attention", m.core_attention, ("sdpa", "megatron"))
-    _choice("optim.decay_style", o.decay_style, DECAY_STYLES)
-    _choice("data.source", d.source, SOURCES)
-    if cfg.probe.tokens_interval is not None and cfg.stage not in ("pretrain", "cpt"):
-        raise ConfigError("probe.tokens_interval", f"is for stage=pretrain|cpt, not {cfg.stage}")
+    choice("train.precision", t.precision, PRECISIONS)
+    choice("model.layer_spec", m.layer_spec, LAYER_SPECS)
+    choice("model.core_attention", m.core_attention, ("sdpa", "megatron"))
+    choice("optim.decay_style", o.decay_style, DECAY_STYLES)
+    choice("data.source", d.source, SOURCES)
 
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "vocab_size", "seq_length"):
@@ -95,7 +93,7 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Layout:
         raise ConfigError("parallel.tp", f"world size {world_size} is not divisible by tp*pp={p.tp * p.pp}; "
                                          f"launch a multiple of {p.tp * p.pp} processes")
     dp = world_size // (p.tp * p.pp)
-    if cfg.stage not in ("ppo", "grpo") and p.global_batch_size % (p.micro_batch_size * dp):  # RL: rl.* sizes
+    if global_batches and p.global_batch_size % (p.micro_batch_size * dp):
         raise ConfigError("parallel.global_batch_size",
                           f"{p.global_batch_size} is not divisible by micro_batch_size*dp = {p.micro_batch_size}*{dp}; "
                           f"use a multiple of {p.micro_batch_size * dp}")
@@ -109,7 +107,7 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Layout:
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(o, key) < 1.0:
             raise ConfigError(f"optim.{key}", f"must be in [0, 1), got {getattr(o, key)}")
-    _choice("optim.wsd_decay_shape", o.wsd_decay_shape, WSD_SHAPES)
+    choice("optim.wsd_decay_shape", o.wsd_decay_shape, WSD_SHAPES)
     if not 0.0 < o.wsd_decay_fraction < 1.0:
         raise ConfigError("optim.wsd_decay_fraction", f"must be in (0, 1), got {o.wsd_decay_fraction}")
     if o.warmup_iters is not None:
@@ -125,8 +123,8 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> Layout:
 
 
 def check_schedule(cfg: RootConfig, iters: int) -> None:
-    """The rules that need the stage's iteration count, and the keys only pretraining / CPT take: a WSD warmup that
-    ends before the cooldown, WSD branch keys, held-out validation."""
+    """The rules that need the stage's iteration count: a WSD warmup that ends before the cooldown, and a WSD branch
+    that is not a stable run too."""
     o, t = cfg.optim, cfg.train
     if o.decay_style == "wsd":
         warm, start = warmup_iters(o, iters), branch_iteration(o, iters)
@@ -134,15 +132,9 @@ def check_schedule(cfg: RootConfig, iters: int) -> None:
             raise ConfigError("optim.warmup_iters" if o.warmup_iters is not None else "optim.warmup_fraction",
                               f"the {warm:,}-iteration warmup runs into the cooldown, which starts at iteration "
                               f"{start:,} of {iters:,}; shorten the warmup or optim.wsd_decay_fraction")
-    if (t.branch_budgets or t.branch_from) and cfg.stage not in PRETRAIN:
-        raise ConfigError("train.branch_from" if t.branch_from else "train.branch_budgets",
-                          f"WSD branches are for stage=pretrain|cpt, not {cfg.stage}")
     if t.branch_budgets and t.branch_from:
         raise ConfigError("train.branch_budgets", "a branch decays; it cannot be a stable run too (set "
                                                   "train.branch_budgets=[])")
-    if t.val_tokens_interval is not None and cfg.stage not in PRETRAIN:
-        raise ConfigError("train.val_tokens_interval", f"is for stage=pretrain|cpt; {cfg.stage} has its own "
-                                                       "validation settings")
 
 
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size")

@@ -9,28 +9,71 @@ drives); a stage that saves more than one role says where (``checkpoint_dirs(cfg
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.config.validate import Plan, check_schedule, shape_difference, validate
+from evolm_nemo.config.validate import Plan, check_schedule, choice, shape_difference, validate
 from evolm_nemo.fileio import check_writable, is_hf_model_dir
 from evolm_nemo.train.loop import MAIN, TrainResult, fit
 
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What the rest of the house needs to know of a stage, so that only this package tests stage names."""
+
+    module: str
+    budget: str  # tokens: train.tokens/iters over packed documents (WSD branches, held-out loss, probes) |
+    #              epochs: passes over a dataset of units | prompts: RL steps over prompts (rl.* batch sizes)
+    unit: str  # a dataset unit: tokens | examples | pairs | prompts
+    label: str  # the model's stage in evaluation results and reports
+    from_parent: bool = True  # starts from train.init_from (a parent run)
+    critic: bool = False  # trains a critic beside the actor (saved under <run>/critic)
+    head: str = "lm"  # the trained model's output layer: lm | value (a scalar head)
+    reference_pass: bool = False  # a frozen reference's forward over the data before the first step
+    starts_group: bool = False  # the models it and its descendants make share a report group (SFT, then RL)
+
+
 STAGES = {
-    "pretrain": "evolm_nemo.stages.pretrain",  # next-token loss on packed documents
-    "cpt": "evolm_nemo.stages.pretrain",  # the same objective from train.init_from, on a replay mix
-    "sft": "evolm_nemo.stages.sft",  # prompt-masked fine-tuning on a prepared SFT dataset
-    "ppo": "evolm_nemo.stages.rl",  # PPO with verifiable rewards: actor + critic, rollouts from the live actor
-    "grpo": "evolm_nemo.stages.rl",  # GRPO: n samples per prompt, group-relative advantages, no critic
-    "rm": "evolm_nemo.stages.rm",  # reward model: scalar head, outcome (BCE) or pairwise (Bradley-Terry) objective
-    "dpo": "evolm_nemo.stages.dpo",  # direct preference optimisation against the frozen train.init_from
-}  # its keys, in this order, are config.validate.STAGES (what `stage=` may name)
+    # next-token loss on packed documents
+    "pretrain": Kind("evolm_nemo.stages.pretrain", "tokens", "tokens", "pretrain", from_parent=False),
+    # the same objective from train.init_from, on a replay mix
+    "cpt": Kind("evolm_nemo.stages.pretrain", "tokens", "tokens", "cpt"),
+    # prompt-masked fine-tuning on a prepared SFT dataset
+    "sft": Kind("evolm_nemo.stages.sft", "epochs", "examples", "sft", starts_group=True),
+    # PPO with verifiable rewards: actor + critic, rollouts from the live actor
+    "ppo": Kind("evolm_nemo.stages.rl", "prompts", "prompts", "rl", critic=True),
+    # GRPO: n samples per prompt, group-relative advantages, no critic
+    "grpo": Kind("evolm_nemo.stages.rl", "prompts", "prompts", "rl"),
+    # reward model: scalar head, outcome (BCE) or pairwise (Bradley-Terry) objective
+    "rm": Kind("evolm_nemo.stages.rm", "epochs", "examples", "rm", head="value"),
+    # direct preference optimisation against the frozen train.init_from
+    "dpo": Kind("evolm_nemo.stages.dpo", "epochs", "pairs", "dpo", reference_pass=True),
+}
+
+
+def kind(name: str) -> Kind:
+    """The registry's entry for ``stage=<name>``, or a ConfigError naming the key ``stage``."""
+    choice("stage", name, tuple(STAGES))
+    return STAGES[name]
+
+
+def sequences_per_unit(cfg: RootConfig) -> int:
+    """Sequences a dataset unit of ``cfg``'s stage trains on: 2 for a preference pair (DPO, a pairwise RM)."""
+    return 2 if kind(cfg.stage).unit == "pairs" or (cfg.stage == "rm" and cfg.rm.objective == "pairwise") else 1
+
+
+def synthetic_size(cfg: RootConfig) -> int | None:
+    """Units in the generated (``data.source=synthetic``) dataset of ``cfg``'s stage, when it has one."""
+    module = stage_module(cfg.stage)
+    return module.synthetic_size(cfg) if hasattr(module, "synthetic_size") else None
 
 
 def stage_module(name: str) -> ModuleType:
-    return importlib.import_module(STAGES[name])
+    return importlib.import_module(kind(name).module)
 
 
 def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
@@ -38,15 +81,25 @@ def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
     (``config.validate.validate``), that the outputs can be written, the parent checkpoint (``train.init_from``),
     the stage's data and iterations (its ``plan_iters``), the schedule over them (``config.validate.check_schedule``)
     and the stage's ``check_plan``. Each failure is a one-line ConfigError naming the key."""
-    layout = validate(cfg, world_size)
+    k = kind(cfg.stage)
+    if cfg.probe.tokens_interval is not None and k.budget != "tokens":
+        raise ConfigError("probe.tokens_interval", f"is for stage=pretrain|cpt, not {cfg.stage}")
+    layout = validate(cfg, world_size, global_batches=k.budget != "prompts")
     check_writable(cfg.run.out_dir, "run.out_dir", directory=True)
-    if cfg.data.source == "synthetic" or cfg.stage in ("pretrain", "cpt"):  # generated corpora / sample-index caches
+    if cfg.data.source == "synthetic" or k.budget == "tokens":  # generated corpora / sample-index caches
         check_writable(cfg.data.cache_dir, "data.cache_dir", directory=True)
     if cfg.train.init_from is not None:
         check_parent(cfg)
     module = stage_module(cfg.stage)
     iters = module.plan_iters(cfg, layout.dp)
     check_schedule(cfg, iters)
+    t = cfg.train
+    if (t.branch_budgets or t.branch_from) and k.budget != "tokens":
+        raise ConfigError("train.branch_from" if t.branch_from else "train.branch_budgets",
+                          f"WSD branches are for stage=pretrain|cpt, not {cfg.stage}")
+    if t.val_tokens_interval is not None and k.budget != "tokens":
+        raise ConfigError("train.val_tokens_interval", f"is for stage=pretrain|cpt; {cfg.stage} has its own "
+                                                       "validation settings")
     if hasattr(module, "check_plan"):
         module.check_plan(cfg, iters)
     return Plan(world_size=layout.world_size, dp=layout.dp, iters=iters, tokens_per_iter=layout.tokens_per_iter,

@@ -28,6 +28,7 @@ from evolm_nemo.answers import judge
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.data.sft_synthetic import RL_EXAMPLES
 from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.generation.engine import Generator
 from evolm_nemo.losses.rl import constant_groups, gae, group_advantages, truncated_importance_weights, whiten_with
@@ -365,3 +366,8 @@ class RLStage(Stage):
 
 def build(cfg: RootConfig, plan, rt) -> RLStage:
     return RLStage(cfg, plan, rt)
+
+
+def synthetic_size(cfg: RootConfig) -> int:
+    """Prompts in the demo's generated RL set (``data.source=synthetic``)."""
+    return RL_EXAMPLES

@@ -242,3 +242,8 @@ class SFTStage(Stage):
 
 def build(cfg: RootConfig, plan, rt) -> SFTStage:
     return SFTStage(cfg, plan, rt)
+
+
+def synthetic_size(cfg: RootConfig) -> int:
+    """Examples in the generated SFT set (``data.source=synthetic``)."""
+    return cfg.sft.synthetic_examples

@@ -37,11 +37,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.stages import kind, sequences_per_unit, synthetic_size
 from evolm_nemo.suite.spec import Node, Suite
 
 H100 = "H100"
-FINE_TUNE = ("sft", "rm", "dpo")
-RL = ("ppo", "grpo")
 
 
 @dataclass
@@ -72,12 +71,10 @@ class Row:
     def data(self) -> str:
         from evolm_nemo.config.tokens import format_tokens
 
-        if self.kind == "train" and self.stage in ("pretrain", "cpt"):
+        unit = kind(self.stage).unit if self.kind == "train" else "problems" if self.kind == "eval" else "examples"
+        if unit == "tokens":
             return f"{format_tokens(self.tokens)} tokens"
         if self.samples is not None:
-            unit = {"ppo": "prompts", "grpo": "prompts", "dpo": "pairs"}.get(self.stage, "examples")
-            if self.kind == "eval":
-                unit = "problems"
             ep = f" x {self.epochs} ep" if self.epochs else ""
             return f"{format_tokens(self.samples)} {unit}{ep}"
         return ""
@@ -160,40 +157,35 @@ def _compose_train(suite: Suite, node: Node):
 
 
 def _check_layout(cfg, world: int, node: Node):
-    """``config.validate`` on a copy without data and parent (those are checked when the job starts): model shape,
-    tp/pp/sp, batch divisibility at the node's world size, optimizer keys, budgets. Returns validate's Plan for
-    pretraining / CPT (its iteration count is the trainer's), None for the other stages."""
+    """The recipe's rules at the node's world size (``config.validate``: model shape, tp/pp/sp, batch divisibility,
+    optimizer keys) and, for a stage trained by tokens, its plan on a copy without data and parent (those are checked
+    when the job starts): the Plan (its iteration count is the trainer's), None for the other stages."""
+    from evolm_nemo.config.validate import validate
     from evolm_nemo.stages import plan_run
 
+    budget = kind(cfg.stage).budget
     c = copy.deepcopy(cfg)
     c.train.init_from = None
     c.data.source, c.data.paths, c.data.weights, c.data.synthetic_kinds = "synthetic", [], None, ["text"]
-    if c.stage not in ("pretrain", "cpt"):
-        c.stage, c.train.tokens, c.train.epochs, c.train.iters = "pretrain", None, None, 1
-        if cfg.stage in RL:  # RL batches are rl.* sizes; their rules are checked below
-            c.parallel.global_batch_size = c.parallel.micro_batch_size * max(
-                1, world // (c.parallel.tp * c.parallel.pp))
     try:
-        plan = plan_run(c, world_size=world)
+        if budget != "tokens":  # RL batches are rl.* sizes; their rules are checked below
+            validate(c, world_size=world, global_batches=budget != "prompts")
+            return None
+        return plan_run(c, world_size=world)
     except ConfigError as exc:
         raise ConfigError(f"nodes.{node.name}", f"{exc.key}: {exc.message} (at {node.nodes} node(s) x "
                                                 f"{world // node.nodes} GPUs)") from None
-    return plan if cfg.stage in ("pretrain", "cpt") else None
 
 
 def _samples(cfg, node: Node, row: Row) -> int:
     if node.samples is not None:
         row.notes.append("size from the suite")
         return node.samples
-    if cfg.data.source == "synthetic":
-        if cfg.stage == "sft":
-            row.notes.append("size: sft.synthetic_examples")
-            return cfg.sft.synthetic_examples
-        if cfg.stage in RL:
-            from evolm_nemo.data.sft_synthetic import RL_EXAMPLES
-
-            row.notes.append("size: the demo's RL set")
-            return RL_EXAMPLES
+    size = synthetic_size(cfg) if cfg.data.source == "synthetic" else None
+    if size is not None:
+        row.notes.append("size: the demo's RL set" if kind(cfg.stage).unit == "prompts" else
+                         "size: sft.synthetic_examples")
+        return size
     raise ConfigError(f"nodes.{node.name}.samples", f"stage={cfg.stage}: the plan needs the dataset's size "
                                                     "(examples, prompts or pairs), e.g. samples: 100K")
 
@@ -209,7 +201,8 @@ def _train_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None
     row.params = param_count(m)
     parent = rows.get(node.parent) if node.parent else None
     explicit_parent = any(o.startswith("train.init_from=") for o in node.overrides)
-    if cfg.stage != "pretrain" and parent is None and not explicit_parent:
+    k = kind(cfg.stage)
+    if k.from_parent and parent is None and not explicit_parent:
         raise ConfigError(f"nodes.{node.name}.parent", f"stage={cfg.stage} starts from a parent run: name its node "
                                                        "(or set train.init_from in overrides)")
     if parent is not None and parent.kind != "train":
@@ -225,30 +218,29 @@ def _train_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None
     fwd = fpt / 3.0
     precision = "fp32" if t.precision == "fp32" else "bf16"  # auto is bf16 on the GPUs this plans for
     row.ckpt_bytes = checkpoint_bytes(row.params, precision, cfg.optim.distributed)
-    if cfg.stage in ("pretrain", "cpt"):
+    if k.budget == "tokens":
         row.iters = vplan.iters
         row.tokens = vplan.iters * vplan.tokens_per_iter
         row.flops = row.tokens * fpt
-    elif cfg.stage in FINE_TUNE:
+    elif k.budget == "epochs":
         n = _samples(cfg, node, row)
         row.samples, row.epochs = n, t.epochs
         try:
-            row.iters = epoch_iters(cfg, n, "pairs" if cfg.stage == "dpo" else "examples")
+            row.iters = epoch_iters(cfg, n, k.unit)
         except ConfigError as exc:
             raise ConfigError(f"nodes.{node.name}", f"{exc.key}: {exc.message}") from None
         tpe = node.tokens_per_example or m.seq_length
         if not node.tokens_per_example:
             row.notes.append(f"<= {tpe} tokens/example")
         units = row.iters * p.global_batch_size
-        seqs = 2 if cfg.stage == "dpo" or (cfg.stage == "rm" and cfg.rm.objective == "pairwise") else 1
-        row.tokens = units * seqs * tpe
+        row.tokens = units * sequences_per_unit(cfg) * tpe
         row.flops = row.tokens * fpt
-        if cfg.stage == "dpo":  # the frozen reference's log-probs, once over the data before the first step
+        if k.reference_pass:  # the frozen reference's log-probs, once over the data before the first step
             row.flops += n * 2 * tpe * fwd
-        if cfg.stage == "rm":
+        if k.head == "value":
             row.params = value_params(m)
             row.ckpt_bytes = checkpoint_bytes(row.params, precision, cfg.optim.distributed)
-    else:  # ppo / grpo
+    else:  # RL: steps over prompts
         r = cfg.rl
         n = _samples(cfg, node, row)
         row.samples, row.epochs = n, t.epochs
@@ -271,17 +263,16 @@ def _train_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None
         if not node.tokens_per_example:
             row.notes.append(f"<= {tpe} tokens/sample")
         row.tokens = iters * r.prompts_per_step * r.samples_per_prompt * tpe
-        critic = cfg.stage == "ppo"
+        critic = k.critic
         passes = r.ppo_epochs * (fpt * (2 if critic else 1))
         forwards = fwd * (2 + (1 if critic else 0) + (1 if r.kl != "off" else 0))
         row.flops = row.tokens * (passes + forwards)
         if critic:
             row.ckpt_bytes += checkpoint_bytes(value_params(m), precision, cfg.optim.distributed)
     # identity of what this run produces, for evaluation results and reports
-    stage_label = "rl" if cfg.stage in RL else cfg.stage
-    pre_tokens = row.tokens if cfg.stage == "pretrain" else (parent.meta.get("pretrain_tokens") if parent else None)
-    group = node.name if cfg.stage == "sft" else (parent.meta.get("group") if parent else node.name)
-    row.meta = {"size": size_label(m.name), "pretrain_tokens": pre_tokens, "stage": stage_label, "group": group}
+    pre_tokens = row.tokens if not k.from_parent else (parent.meta.get("pretrain_tokens") if parent else None)
+    group = node.name if k.starts_group else (parent.meta.get("group") if parent else node.name)
+    row.meta = {"size": size_label(m.name), "pretrain_tokens": pre_tokens, "stage": k.label, "group": group}
 
 
 def _export_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None:
@@ -289,9 +280,8 @@ def _export_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> Non
     if parent.kind != "train":
         raise ConfigError(f"nodes.{node.name}.parent", f"an export reads a train node's checkpoint; {node.parent} is "
                                                        f"a {parent.kind} node")
+    # the actor's parameters (checkpoints/); a PPO critic stays a training artefact
     row.stage, row.model, row.params, row.meta = "export", parent.model, parent.params, dict(parent.meta)
-    if parent.stage == "ppo":
-        row.params = parent.params  # the actor (checkpoints/); the critic stays a training artefact
     fp32 = parent.cfg is not None and parent.cfg.train.precision == "fp32"
     row.ckpt_bytes = row.params * (4 if fp32 else 2)
     row.gpus = node.gpus or 1

@@ -160,8 +160,15 @@ def test_every_experiment_composes_and_validates(name, request, tmp_path, data_c
         assert r.temperature == 1.0 and r.top_p == 1.0 and r.max_prompt_tokens == r.max_response_tokens == 1024
 
 
-def test_stage_registry_names_the_stages_config_accepts():
-    from evolm_nemo.config.validate import STAGES as NAMES
-    from evolm_nemo.stages import STAGES
+def test_stage_registry_answers_for_every_stage():
+    from evolm_nemo.config import ConfigError
+    from evolm_nemo.stages import STAGES, kind, stage_module
 
-    assert tuple(STAGES) == NAMES
+    assert tuple(STAGES) == ("pretrain", "cpt", "sft", "ppo", "grpo", "rm", "dpo")
+    for name in STAGES:  # every stage plans its data and builds what the one loop drives
+        module = stage_module(name)
+        assert callable(module.plan_iters) and callable(module.build), name
+        assert kind(name).budget in ("tokens", "epochs", "prompts")
+    with pytest.raises(ConfigError) as err:
+        kind("pretrian")
+    assert err.value.key == "stage" and "pretrain" in err.value.message
