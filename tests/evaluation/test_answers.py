@@ -72,9 +72,9 @@ STRICT_EXTRACTION = [
     ("The answer is \\frac{1}{2}, \\frac{3}{4}.", "math", "\\frac{1}{2}, \\frac{3}{4}",
      "\\frac{1}{2}, \\frac{3}{4}.", "\\frac{1}{2}, \\frac{3}{4}", True, True),
     ("The answer is x = 5, which we checked.", "math", "5", "x = 5, which we checked.", "x = 5", True, True),
-    ("The answer is 10 a.m., as the schedule shows.", "tabmwp", "10 answers.M.", "10 a.m., as the schedule shows.",
+    ("The answer is 10 a.m., as the schedule shows.", "tabmwp", "10 A.M.", "10 a.m., as the schedule shows.",
      "10 a.m.", True, True),
-    ("The answer is 10 answers.M.", "tabmwp", "10 answers.M.", "10 answers.M.", "10 answers.M.", True, True),  # its period is the answer's
+    ("The answer is 10 A.M.", "tabmwp", "10 A.M.", "10 A.M.", "10 A.M.", True, True),  # its period is the answer's
     ("The answer is 56. This is because 7 times 8 is 56.", "gsm8k_platinum", "56",
      "56. This is because 7 times 8 is 56.", "56", True, True),
     ("The answer is no, it is not true.", "strategyqa", "False", "no, it is not true.", "no", False, True),
@@ -116,7 +116,7 @@ def test_strict_extraction_stops_at_the_clause(text, suite, gold, evolm_answer, 
         ("$3.50. So she pays that.", "$3.50"),
         ("5...", "5..."),  # an ellipsis is not a sentence period
         ("Washington D.C.", "Washington D.C."),
-        ("8 answers.M. The shop opens then.", "8 answers.M."),
+        ("8 A.M. The shop opens then.", "8 A.M."),
         ("Mr. Smith.", "Mr. Smith"),
         ("56", "56"),
         ("", ""),
@@ -154,7 +154,7 @@ def test_gold_answers_of_the_real_problems():
         "\\frac{1}{z}", "7", ".38", "(2,4)", "\\frac{21}{8}", "\\{-1\\} \\cup [0,7)", "-1 - 5i", "\\text{(D)}",
         "(-\\infty,0]"]
     assert [gold_answer("tabmwp", r) for r in ROWS["tabmwp"]] == [
-        "16/255", "Wednesday", "8:30 answers.M.", "42.06", "true", "5,737", "-13"]
+        "16/255", "Wednesday", "8:30 A.M.", "42.06", "true", "5,737", "-13"]
     assert [gold_answer("boardgameqa", r) for r in ROWS["boardgameqa"]] == ["True", "False", "Uncertain"]
     assert gold_answer("cruxeval", ROWS["cruxeval"][0]) == "'oooooooo'"
     # without gt_answer: GSM8K after the last "#### ", MATH the last box, NLI the label of the solution
@@ -242,8 +242,8 @@ CASES = [
     ("tabmwp", 1, "The answer is Wednesday.", False, True),
     ("tabmwp", 1, "\\boxed{Tuesday}", False, False),
     ("tabmwp", 2, "\\boxed{8:30 AM}", True, True),
-    ("tabmwp", 2, "\\boxed{8:45 answers.M.}", True, False),  # quirk: only the leading 8 is compared
-    ("tabmwp", 2, "The answer is 8:30 answers.M.", False, False),  # extraction cuts after the last ':'
+    ("tabmwp", 2, "\\boxed{8:45 A.M.}", True, False),  # quirk: only the leading 8 is compared
+    ("tabmwp", 2, "The answer is 8:30 A.M.", False, False),  # extraction cuts after the last ':'
     ("tabmwp", 3, "\\boxed{\\$42.06}", False, True),
     ("tabmwp", 3, "\\boxed{42.060}", True, True),
     ("tabmwp", 3, "\\boxed{42.6}", False, False),
@@ -298,11 +298,11 @@ def test_quirks_kept_by_evolm_fixed_by_strict(suite, pred, gold, evolm, strict):
 
 def test_strict_does_not_over_match():
     for suite, a, b in [("math", "6\\sqrt{8}", "12\\sqrt{2}"), ("math", "\\frac{1}{2}", "0.5"),
-                        ("tabmwp", "\\text{Thursday}", "thursday"), ("tabmwp", "8:30 AM", "8:30 answers.M."),
+                        ("tabmwp", "\\text{Thursday}", "thursday"), ("tabmwp", "8:30 AM", "8:30 A.M."),
                         ("gsm8k_platinum", "18 \\text{ dollars}", "18"), ("math", "x = 5", "5"),
                         ("math", "90^\\circ", "90")]:
         assert is_equiv(suite, a, b, "strict"), (a, b)
-    for suite, a, b in [("tabmwp", "listen", "silent"), ("tabmwp", "8:30 PM", "8:30 answers.M."),
+    for suite, a, b in [("tabmwp", "listen", "silent"), ("tabmwp", "8:30 PM", "8:30 A.M."),
                         ("tabmwp", "10 a.m.", "10 p.m."), ("math", "(1,2)", "(2,1)"), ("math", "[-5,2]", "(-5,2)"),
                         ("math", "\\frac{1}{3}", "0.33"), ("cruxeval", "(1, 2)", "[1, 2]"),
                         ("cruxeval", "'[1, 2]'", "[1, 2]")]:
@@ -340,7 +340,7 @@ def _surface_forms(rng: random.Random) -> list[str]:
                   f"{abs(n)}/{rng.randint(1, 12)}", f"\\frac{{{abs(n)}}}{{{rng.randint(1, 12)}}}",
                   f"\\dfrac{{{abs(n)}}}{{4}}", f"{n} percent", f"{n} apples and 3 pears"]
     forms += ["Thursday", "\\text{yes}", "\\sqrt{2}", "(1,2)", "x=5", "\\pi", "1e3", "12,5", "-.5", "\\frac12",
-              "8:30 answers.M.", "1/0", "\\frac{1}{0}", "0.3333333", "123456789012345678", "12345678901234567.5"]
+              "8:30 A.M.", "1/0", "\\frac{1}{0}", "0.3333333", "123456789012345678", "12345678901234567.5"]
     return forms
 
 
