@@ -21,9 +21,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evolm_nemo.answers import judge
 from evolm_nemo.config import RootConfig, compose
 from evolm_nemo.conversion.config import ExportHFConfig
-from evolm_nemo.stages import plan_run
+from evolm_nemo.conversion.export import export
+from evolm_nemo.data.rm import PrepareRMConfig, prepare_rm
+from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft, problem_pool
+from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.evaluation.evaluate import demo as eval_demo
+from evolm_nemo.evaluation.probe import Problems, downstream
+from evolm_nemo.evaluation.report import build as report
+from evolm_nemo.evaluation.upstream import default_tasks_dir
+from evolm_nemo.fileio import read_jsonl, write_jsonl
+from evolm_nemo.generation.engine import Generator
+from evolm_nemo.runtime.distributed import teardown
+from evolm_nemo.stages import plan_run, run
 from evolm_nemo.suite.demo_data import write_demo_problems
 from evolm_nemo.tasks import TURN_MARKERS, UPSTREAM
 
@@ -62,8 +74,6 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], template: str, max_n
     """Greedy completions of ``problems`` (rows with ``problem``/``answer``) through megatron's inference engine on
     the live model, judged by the shared answer checker (strict): the downstream probe's code. Every TP rank takes
     part."""
-    from evolm_nemo.evaluation.probe import Problems, downstream
-
     batch = Problems("gsm8k_platinum", [template.replace("{question}", p["problem"]) for p in problems],
                      [p["answer"] for p in problems], STOP)
     return downstream(model, tokenizer, batch, max_new_tokens, max_seq, mode="strict", max_batch=32)
@@ -79,10 +89,6 @@ def own_samples(model, tokenizer, rl_path, problems: int, n: int, max_seq: int, 
     """``n`` samples (temperature 1) of the first ``problems`` prompts of the demo's RL set (disjoint from its SFT
     and evaluation problems) from the live model, judged by the shared checker: `evolm score`-style rows for
     `evolm prepare-rm` (the prompt is already templated)."""
-    from evolm_nemo.answers import judge
-    from evolm_nemo.fileio import read_jsonl
-    from evolm_nemo.generation.engine import Generator
-
     rows = read_jsonl(rl_path)[:problems]
     prompts = [r["prompt"] for r in rows for _ in range(n)]
     done = Generator(model, tokenizer, max_seq=max_seq, max_batch=64).complete(
@@ -99,10 +105,6 @@ def train_demo_rm(final, tokenizer, demo_data, overrides: list[str], out: Path, 
     """The demo's reward model: its SFT model's own samples -> `prepare-rm` (outcome, balanced) -> `stage=rm`.
     Returns (the RM's TrainResult, its last metrics record)."""
     import json
-
-    from evolm_nemo.data.rm import PrepareRMConfig, prepare_rm
-    from evolm_nemo.fileio import write_jsonl
-    from evolm_nemo.stages import run
 
     rows = own_samples(final.model, tokenizer, demo_data.rl_path, RM_PROBLEMS, RM_SAMPLES, max_seq)
     is_main = final.runtime.is_main
@@ -135,8 +137,6 @@ def dynamics_overrides(out: Path, stage: str) -> list[str]:
     so training keeps every document) and the capability probes -- lm-eval 0-shot on the six sample tasks of
     eval/upstream/sample through the live model, and greedy on PROBE_PROBLEMS of the demo's held-out word problems
     (written to ``out``/probe_data first)."""
-    from evolm_nemo.evaluation.upstream import default_tasks_dir
-
     tokens = DYNAMICS_EVERY[stage]
     return [f"data.synthetic_val_docs={VAL_DOCS}", f"train.val_tokens_interval={tokens}",
             f"probe.tokens_interval={tokens}", f"probe.upstream=[{','.join(UPSTREAM)}]",
@@ -146,20 +146,11 @@ def dynamics_overrides(out: Path, stage: str) -> list[str]:
 
 
 def main(overrides: list[str]) -> int:
-    from evolm_nemo.data.sft_synthetic import problem_pool
-
     out = Path(compose("config", ["experiment=demo", *overrides], RootConfig).run.out_dir)
     held_out, _ = problem_pool(compose("config", ["experiment=demo_sft", *_stage_overrides(overrides)], RootConfig))
     write_demo_problems(out / "probe_data", held_out[:PROBE_PROBLEMS])
     cfg = compose("config", ["experiment=demo", *dynamics_overrides(out, "pretrain"), *overrides], RootConfig)
     plan = plan_run(cfg)
-    from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
-    from evolm_nemo.data.tokenizer import load_tokenizer
-    from evolm_nemo.fileio import read_jsonl
-    from evolm_nemo.generation.engine import Generator
-    from evolm_nemo.runtime.distributed import teardown
-    from evolm_nemo.stages import run
-
     try:
         pre = run(cfg, plan)
         is_main = pre.runtime.is_main
@@ -215,9 +206,6 @@ def main(overrides: list[str]) -> int:
         print(f"next (one process): evolm export-hf src={final.checkpoint} dst={out / 'hf'} && "
               f"evolm eval downstream model={out / 'hf'}")
         return 0
-    from evolm_nemo.conversion.export import export
-    from evolm_nemo.evaluation.evaluate import demo as eval_demo
-
     hf_dir = out / "hf"
     export(ExportHFConfig(src=str(final.checkpoint), dst=str(hf_dir), overwrite=True))
     print(f"HF export (verified): {hf_dir}")
@@ -237,8 +225,6 @@ def main(overrides: list[str]) -> int:
         eval_demo(str(out / "rl_hf"), str(out / "eval_rl"), str(data_dir), limit=DEMO_PROBLEMS, n=16,
                   name=f"evolm-{cfg.model.name}-demo-rl", size=cfg.model.name, pretrain_tokens=tokens,
                   stage=rl_cfg.stage, rm=rm_dir)
-    from evolm_nemo.evaluation.report import build as report
-
     written = report(None, str(out / "dynamics"), dynamics=f"{out},{out / 'cpt'}")
     print(f"[dynamics] pretraining and CPT, probes and held-out loss vs tokens: {written['markdown']} "
           f"({written['dynamics']})")

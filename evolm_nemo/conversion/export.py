@@ -21,11 +21,16 @@ from typing import Any
 
 import torch
 
+from evolm_nemo.checkpoint import io
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ModelConfig, ParallelConfig
 from evolm_nemo.conversion import hf
 from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.fileio import check_dst, commit_dir, temp_dir
+from evolm_nemo.model.build import build_model, param_count
+from evolm_nemo.model.heads import build_value_model
+from evolm_nemo.runtime import distributed
+from evolm_nemo.runtime.distributed import owned_group
 from evolm_nemo.tasks import STOP
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -330,16 +335,12 @@ def model_card(name: str, m: ModelConfig, head: str, meta: dict, dtype: torch.dt
 def export(cfg) -> Path:
     """Run the command described by ``cfg`` (conversion.config.ExportHFConfig). Returns the written directory.
     The one-rank process group it creates is gone when it returns."""
-    from evolm_nemo.runtime.distributed import owned_group
-
     with owned_group():
         return _export(cfg)
 
 
 def _source(cfg) -> tuple[Path, dict, ModelConfig, str, Path]:
     """The export's checked inputs: (checkpoint dir, its evolm.json, model config, head, resolved dst)."""
-    from evolm_nemo.checkpoint import io
-
     if not cfg.src:
         raise ConfigError("src", "must be set: src=<megatron checkpoint dir, checkpoint root or run dir>")
     if not cfg.dst:
@@ -362,10 +363,6 @@ def _source(cfg) -> tuple[Path, dict, ModelConfig, str, Path]:
 
 def _build_model(ckpt: Path, m: ModelConfig, head: str, seed: int):
     """A single-process fp32 megatron model (local layer spec) of the checkpoint's shapes, weights not loaded yet."""
-    from evolm_nemo.model.build import build_model
-    from evolm_nemo.model.heads import build_value_model
-    from evolm_nemo.runtime import distributed
-
     distributed.setup(1, 1, seed=seed, precision="fp32")
     local = dataclasses.replace(m, layer_spec="local")  # TE-spec checkpoints load too: the sharded keys agree
     builder = build_value_model if head == "value" else build_model
@@ -405,8 +402,6 @@ def _verify(tmp: Path, head: str, ids: torch.Tensor, reference: torch.Tensor, to
 
 def _export(cfg) -> Path:
     """Run an export described by ``cfg`` (conversion.config.ExportHFConfig). Returns the written directory."""
-    from evolm_nemo.checkpoint import io
-
     ckpt, meta, m, head, dst = _source(cfg)
     out_dtype = parse_dtype(cfg.dtype)
     max_bytes = hf.parse_size(cfg.max_shard_size)
@@ -417,8 +412,6 @@ def _export(cfg) -> Path:
     if len(tok) > m.vocab_size:
         raise ConfigError("tokenizer", f"{tok_source} has {len(tok)} tokens but the model only {m.vocab_size} rows")
     single_process("export-hf")
-
-    from evolm_nemo.model.build import param_count
 
     model = _build_model(ckpt, m, head, cfg.seed)
     out_dtype = out_dtype or stored_dtype(ckpt)

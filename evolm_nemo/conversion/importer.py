@@ -23,12 +23,17 @@ from pathlib import Path
 
 import torch
 
+from evolm_nemo.checkpoint import io
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ParallelConfig
 from evolm_nemo.conversion import hf
 from evolm_nemo.conversion.export import (TOKENIZER_FILES, hf_logits, megatron_logits, parse_dtype, probe_ids,
                                           release_memory, single_process)
 from evolm_nemo.fileio import check_dst, commit_dir, temp_dir
+from evolm_nemo.model.build import build_model
+from evolm_nemo.model.heads import build_value_model
+from evolm_nemo.runtime import distributed
+from evolm_nemo.runtime.distributed import owned_group
 
 
 def _tied(cfg: dict, weights: hf.HFWeights, head: str) -> bool:
@@ -51,8 +56,6 @@ def _check_layout(m, tp: int, pp: int) -> None:
 def import_hf(cfg) -> Path:
     """Run the command described by ``cfg`` (conversion.config.ImportHFConfig). Returns the checkpoint directory.
     The one-rank process group it creates is gone when it returns."""
-    from evolm_nemo.runtime.distributed import owned_group
-
     with owned_group():
         return _import_hf(cfg)
 
@@ -60,8 +63,6 @@ def import_hf(cfg) -> Path:
 def _import_hf(cfg) -> Path:
     """Run an import described by ``cfg`` (conversion.config.ImportHFConfig). Returns the checkpoint directory."""
     from tqdm import tqdm
-
-    from evolm_nemo.checkpoint import io
 
     if not cfg.src:
         raise ConfigError("src", "must be set: src=<HF model directory>")
@@ -90,10 +91,6 @@ def _import_hf(cfg) -> Path:
     if cfg.verify and cfg.verify_tol <= 0:
         raise ConfigError("verify_tol", "must be positive")
     single_process("import-hf")
-
-    from evolm_nemo.model.build import build_model
-    from evolm_nemo.model.heads import build_value_model
-    from evolm_nemo.runtime import distributed
 
     t0 = time.time()
     distributed.setup(1, 1, seed=cfg.seed, precision="fp32")

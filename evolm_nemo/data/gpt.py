@@ -11,7 +11,10 @@ import torch
 import torch.distributed as dist
 
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.config.tokens import format_tokens
 from evolm_nemo.data.indexed import expand_prefixes, prefix_tokens
+from evolm_nemo.data.synthetic import ensure_synthetic
+from evolm_nemo.data.tokenizer import MegatronHFTokenizer
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,6 @@ def resolve_source(cfg: RootConfig) -> DataSource:
         if d.val_paths:
             val_paths, _, val_groups = expand_prefixes(list(d.val_paths), None)
         return DataSource(paths, weights, str(d.tokenizer), groups, val_paths, val_groups)
-    from evolm_nemo.data.synthetic import ensure_synthetic
-
     def build():
         text = ensure_synthetic(d.cache_dir, d.synthetic_docs, d.synthetic_seed, vocab_size=cfg.model.vocab_size)
         others = [ensure_synthetic(d.cache_dir, d.synthetic_docs, d.synthetic_seed + i, kind=kind,
@@ -63,8 +64,6 @@ def _build_splits(cfg: RootConfig, paths, weights, tokenizer, sizes, split: str 
     the documents' split, default data.split)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    from evolm_nemo.data.tokenizer import MegatronHFTokenizer
 
     cache = Path(cfg.data.cache_dir) / "index_cache"
     config = GPTDatasetConfig(
@@ -199,8 +198,6 @@ class SourceTokens:
         return max(abs(c / total - p) / p for c, p in zip(counts, self.plan) if p > 0) if total else 0.0
 
     def summary(self, step: int) -> str:
-        from evolm_nemo.config.tokens import format_tokens
-
         tokens = self.tokens(step)
         total = sum(tokens.values()) or 1
         parts = [f"{n} {format_tokens(t)} ({t / total:.2%}, plan {p:.2%})" for (n, t), p in

@@ -43,9 +43,11 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from evolm_nemo.config.compose import compose
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.indexed import MANIFEST_SUFFIX, SHARD_FORMAT
-from evolm_nemo.fileio import check_writable
+from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.fileio import check_writable, write_json
 
 FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
@@ -435,8 +437,6 @@ def prepare(
                               hf_config=hf_config, split=split, append_eos=append_eos, limit=limit,
                               chunk_size=chunk_size, trust_remote_code=trust_remote_code, progress=progress,
                               shard=shard, shards=shards)
-    from evolm_nemo.data.tokenizer import load_tokenizer
-
     start = time.perf_counter()
     workers = _check_common(limit, chunk_size, workers)
     texts, total = open_input(input, text_key, hf_config, split)
@@ -589,8 +589,6 @@ def write_manifest(prefix: str, n: int, plan: dict) -> Optional[dict]:
     while shards are missing."""
     import hashlib
 
-    from evolm_nemo.fileio import write_json
-
     records = []
     for i in range(n):
         record = _record_ok(shard_prefix(prefix, i, n), plan)
@@ -622,8 +620,6 @@ def prepare_shards(input, output_prefix, tokenizer, text_key: str = "text", work
     from tqdm import tqdm
 
     from evolm_nemo.data.sft import tokenizer_fingerprint
-    from evolm_nemo.data.tokenizer import load_tokenizer
-    from evolm_nemo.fileio import write_json
 
     t0 = time.perf_counter()
     workers = _check_common(limit, chunk_size, workers)
@@ -701,8 +697,6 @@ def prepare_shards(input, output_prefix, tokenizer, text_key: str = "text", work
 
 def main(overrides) -> int:
     """`evolm prepare input=... output=... tokenizer=... [text_key=text workers=N ...]`."""
-    from evolm_nemo.config.compose import compose
-
     cfg = compose("prepare", overrides, PrepareConfig)
     hints = {
         "input": "a .jsonl/.parquet file or an HF dataset name, e.g. input=HuggingFaceFW/fineweb-edu",

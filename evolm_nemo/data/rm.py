@@ -37,9 +37,12 @@ from typing import Optional
 
 import numpy as np
 
+from evolm_nemo.config.compose import compose
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.sft import SFTDataset, SFTWriter, Template, tokenizer_fingerprint
-from evolm_nemo.fileio import check_dst
+from evolm_nemo.data.sft_prepare import _tokenizer_ref
+from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.fileio import check_dst, iter_jsonl
 from evolm_nemo.tasks import QUESTION_TEMPLATE
 
 FORMAT = "evolm-rm-1"
@@ -106,8 +109,6 @@ def _text(row: dict, field: str, where: str) -> str:
 
 def read_problems(path: str, limit: Optional[int] = None) -> tuple[list[Problem], dict]:
     """Group the input's rows by prompt (in first-seen order). Counts: rows, responses, duplicates."""
-    from evolm_nemo.fileio import iter_jsonl
-
     problems: "OrderedDict[str, Problem]" = OrderedDict()
     counts = {"rows": 0, "responses": 0, "duplicates": 0}
     for where, row in iter_jsonl(path, "input"):
@@ -181,9 +182,6 @@ def encode(tok, template: Template, prompt: str, response: str) -> tuple[list[in
 def prepare_rm(cfg: PrepareRMConfig, tokenizer=None) -> dict:
     """Read, group, balance or pair, tokenize and write; returns the manifest."""
     from tqdm import tqdm
-
-    from evolm_nemo.data.sft_prepare import _tokenizer_ref
-    from evolm_nemo.data.tokenizer import load_tokenizer
 
     template = _check(cfg)
     problems, counts = read_problems(cfg.input, cfg.limit)
@@ -290,8 +288,6 @@ def summary(manifest: dict) -> str:
 
 def main(overrides) -> int:
     """`evolm prepare-rm input=<scored.jsonl> output=<dir> tokenizer=<tok> kind=outcome|pairs`."""
-    from evolm_nemo.config.compose import compose
-
     cfg = compose("prepare_rm", overrides, PrepareRMConfig)
     manifest = prepare_rm(cfg)
     print(f"prepared RM dataset {cfg.output}: {summary(manifest)}")

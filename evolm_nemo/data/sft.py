@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.data.tokenizer import MegatronHFTokenizer
 from evolm_nemo.fileio import commit_first, temp_dir
 from evolm_nemo.tasks import QUESTION_TEMPLATE
 
@@ -56,8 +57,6 @@ class Template:
 
 def tokenizer_fingerprint(tok) -> dict:
     """What identifies a tokenizer for data compatibility: its vocabulary hash, size and special ids."""
-    from evolm_nemo.data.tokenizer import MegatronHFTokenizer
-
     return {"vocab_sha256": MegatronHFTokenizer(tok).unique_identifiers["vocab_sha256"], "size": len(tok),
             "bos": tok.bos_token_id, "eos": tok.eos_token_id}
 

@@ -35,9 +35,13 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from evolm_nemo.answers import MODES, extract_answer, is_equiv, judge, last_boxed, unbox
+from evolm_nemo.config.compose import compose
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.data.sft import SFTWriter, Template, encode_example, tokenizer_fingerprint
-from evolm_nemo.fileio import check_dst
+from evolm_nemo.data.prepare import open_rows
+from evolm_nemo.data.sft import SFTWriter, Template, encode_example, read_manifest, tokenizer_fingerprint
+from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.fileio import check_dst, write_jsonl
 from evolm_nemo.tasks import QUESTION_TEMPLATE, SUITES
 
 # EvoLM's SFT/RL allocation study: 100K questions split between SFT and RL (PAPER.md).
@@ -147,8 +151,6 @@ def _reference(value) -> Optional[str]:
     if "####" in text:
         return text.rsplit("####", 1)[1].strip() or None
     if "\\boxed" in text:
-        from evolm_nemo.answers import last_boxed, unbox
-
         return unbox(last_boxed(text)) or None
     return text or None
 
@@ -179,8 +181,6 @@ def read_rows(rows: Iterable[tuple[str, object]], cfg: PrepareSFTConfig, counts:
 
 
 def _judge(args) -> bool:
-    from evolm_nemo.answers import judge
-
     suite, response, reference, mode = args
     return reference is not None and judge(suite, response, reference, mode)
 
@@ -207,8 +207,6 @@ def judge_rows(rows: list[Row], cfg: PrepareSFTConfig) -> list[bool]:
 
 def consistency_filter(rows: list[Row], cfg: PrepareSFTConfig, counts: Counts) -> list[Row]:
     """Step 3 with the shared checker. Groups keep the input order."""
-    from evolm_nemo.answers import extract_answer, is_equiv
-
     if not cfg.filter:
         return rows
     groups: dict[str, list[Row]] = {}
@@ -288,8 +286,6 @@ def check_config(cfg: PrepareSFTConfig) -> Template:
                       ("tokenizer", "the model's HF tokenizer dir or hub name")):
         if not getattr(cfg, key):
             raise ConfigError(key, f"must be set: {hint}")
-    from evolm_nemo.answers import MODES
-
     if cfg.scoring not in MODES:
         raise ConfigError("scoring", f"must be one of {', '.join(MODES)}; got {cfg.scoring!r}")
     if cfg.suite not in SUITES:
@@ -325,9 +321,6 @@ def prepare_sft(cfg: PrepareSFTConfig, rows: Optional[Iterable[tuple[str, object
     """Run the steps above; returns the manifest. ``rows``/``tokenizer`` may be passed in directly (the demo's
     generated problems); otherwise they come from ``cfg.input`` / ``cfg.tokenizer``."""
     from tqdm import tqdm
-
-    from evolm_nemo.data.prepare import open_rows
-    from evolm_nemo.data.tokenizer import load_tokenizer
 
     template = check_config(cfg)
     counts = Counts()
@@ -386,8 +379,6 @@ def prepare_sft(cfg: PrepareSFTConfig, rows: Optional[Iterable[tuple[str, object
         if counts.written == 0:
             raise ConfigError("cutoff", f"every example is longer than cutoff={cfg.cutoff} tokens")
         if rl_rows:
-            from evolm_nemo.fileio import write_jsonl
-
             write_jsonl(cfg.rl_output, ({"id": r.id, "prompt": template.render_prompt(r.question),
                                          "gold_answer": r.reference} for r in rl_rows))
             split_info["rl_sha256"] = hashlib.sha256(Path(cfg.rl_output).read_bytes()).hexdigest()
@@ -406,8 +397,6 @@ def prepare_sft(cfg: PrepareSFTConfig, rows: Optional[Iterable[tuple[str, object
     except BaseException:
         writer.abort()
         raise
-    from evolm_nemo.data.sft import read_manifest
-
     return read_manifest(cfg.output, "output")
 
 
@@ -429,8 +418,6 @@ def summary(manifest: dict) -> str:
 
 def main(overrides) -> int:
     """`evolm prepare-sft input=... output=... tokenizer=... [question_key= answer_key= reference_key= ...]`."""
-    from evolm_nemo.config.compose import compose
-
     cfg = compose("prepare_sft", overrides, PrepareSFTConfig)
     manifest = prepare_sft(cfg)
     print(f"prepared SFT dataset {cfg.output}: {summary(manifest)}")

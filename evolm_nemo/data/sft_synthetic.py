@@ -11,8 +11,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.fileio import commit_first, staged_dir
+from evolm_nemo.data.synthetic import generate
+from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.fileio import commit_first, staged_dir, write_jsonl
 
 RL_EXAMPLES = 1000  # the demo RL set
 EVAL_EXAMPLES = 200  # held-out problems (the demo scores a prefix of them)
@@ -40,7 +43,6 @@ class SyntheticSFT:
 def synthetic_tokenizer(cfg: RootConfig) -> str:
     """The tokenizer the generated SFT set is written with: data.tokenizer, else the parent checkpoint's."""
     from evolm_nemo.checkpoint import io as ckpt
-    from evolm_nemo.config.errors import ConfigError
 
     if cfg.data.tokenizer:
         return cfg.data.tokenizer
@@ -56,7 +58,6 @@ def synthetic_tokenizer(cfg: RootConfig) -> str:
 def ensure_synthetic_sft(cfg: RootConfig) -> SyntheticSFT:
     """Generate (once) the demo's SFT dataset, RL set and held-out problems for ``cfg``'s parent tokenizer."""
     from evolm_nemo.data.sft import tokenizer_fingerprint
-    from evolm_nemo.data.tokenizer import load_tokenizer
 
     s = cfg.sft
     ref = synthetic_tokenizer(cfg)
@@ -76,7 +77,6 @@ def problem_pool(cfg: RootConfig) -> tuple[list[dict], list[dict]]:
     """(held-out problems, the rest) of the demo's generated word problems: unique questions, shuffled by the seed;
     the first EVAL_EXAMPLES are held out from SFT and RL. A pure function of ``cfg.sft`` (no tokenizer needed)."""
     from evolm_nemo.data.sft_prepare import question_key
-    from evolm_nemo.data.synthetic import generate
 
     s = cfg.sft
     want = s.synthetic_examples + RL_EXAMPLES + EVAL_EXAMPLES
@@ -96,7 +96,6 @@ def problem_pool(cfg: RootConfig) -> tuple[list[dict], list[dict]]:
 
 def _build(out: Path, cfg: RootConfig, tok, ref: str) -> None:
     from evolm_nemo.data.sft_prepare import PrepareSFTConfig, prepare_sft
-    from evolm_nemo.fileio import write_jsonl
 
     s = cfg.sft
     held_out, rest = problem_pool(cfg)

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.data.prepare import prepare
+from evolm_nemo.data.tokenizer import MegatronHFTokenizer, load_tokenizer, train_tokenizer
 from evolm_nemo.fileio import replace_dir, staged_dir
 
 KINDS = ("text", "math", "qa")
@@ -256,9 +258,6 @@ def ensure_synthetic(
     ``tokenizer_dir`` to tokenize with an existing tokenizer instead of training one (the CPT ``math`` corpus uses
     the pretraining tokenizer). Call on one rank only; other ranks wait at a barrier.
     """
-    from evolm_nemo.data.prepare import prepare
-    from evolm_nemo.data.tokenizer import MegatronHFTokenizer, load_tokenizer, train_tokenizer
-
     if kind not in ("text", "math"):
         raise ConfigError("kind", f"ensure_synthetic builds pretraining corpora (text | math), not {kind!r}")
     name = f"synthetic-{kind}-n{num_docs}-s{seed}-v{vocab_size}"

@@ -23,6 +23,7 @@ from pathlib import Path
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.tokens import format_tokens
 from evolm_nemo.evaluation.render import md_table, save_png
+from evolm_nemo.fileio import write_text
 
 AT = re.compile(r"^(?P<key>.+)_at_(?P<it>\d+)$")
 PREFIXES = ("probe_up_", "probe_down_", "val_loss_")
@@ -213,8 +214,6 @@ def plot(curves: list[Curve], path: Path) -> str | None:
 def write_csv(curves: list[Curve], path: Path) -> str:
     import csv
     import io
-
-    from evolm_nemo.fileio import write_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import List, Optional
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.tokens import parse_tokens
+from evolm_nemo.evaluation import rm as rm_mod
+from evolm_nemo.evaluation import sampling
+from evolm_nemo.evaluation import tasks as registry
+from evolm_nemo.evaluation import upstream as up
 from evolm_nemo.evaluation.report import build, infer_meta, update_result
+from evolm_nemo.evaluation.score import score_rows
 from evolm_nemo.fileio import write_json, write_jsonl
 from evolm_nemo.tasks import SUITES, UPSTREAM
 
@@ -82,8 +88,6 @@ def _model_dir(model: Optional[str]) -> str:
 
 def _meta(cfg) -> dict:
     """Result-JSON identity: explicit values win over what the directory name suggests."""
-    from evolm_nemo.config.tokens import parse_tokens
-
     meta = infer_meta(cfg.model)
     meta["model_dir"] = str(Path(cfg.model).resolve())
     for key in ("name", "size", "stage", "group"):
@@ -104,8 +108,6 @@ def _out_dir(cfg) -> Path:
 
 def _load_tasks(cfg: DownstreamConfig):
     """(task, problems) per requested suite, all loaded and checked before any model is."""
-    from evolm_nemo.evaluation import tasks as registry
-
     if not cfg.tasks:
         raise ConfigError("tasks", f"empty; choose from {', '.join(SUITES)}")
     out = []
@@ -146,8 +148,6 @@ def _check(cfg: DownstreamConfig) -> None:
 
 def sample_rows(cfg: DownstreamConfig, loaded) -> tuple[list[dict], dict]:
     """Greedy + n-sample completions for every problem, as `evolm score` input rows; plus sampling stats."""
-    from evolm_nemo.evaluation import sampling
-
     sampler = sampling.load(cfg.backend, cfg.model, batch_size=cfg.batch_size, max_model_len=cfg.max_model_len,
                             seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
                             tensor_parallel_size=cfg.tensor_parallel_size)
@@ -197,10 +197,6 @@ def table(summary: dict, title: str = "") -> str:
 def downstream(cfg: DownstreamConfig) -> dict:
     """Sample and score ``cfg.tasks`` (greedy + n samples each), write completions.jsonl, scored.jsonl and
     result.json into the out dir and print the metrics table. Returns the result JSON."""
-    from evolm_nemo.evaluation import rm as rm_mod
-    from evolm_nemo.evaluation import sampling
-    from evolm_nemo.evaluation.score import score_rows
-
     _check(cfg)
     meta = _meta(cfg)
     sampling.pick(cfg.backend)  # a missing backend fails here, before data or model loading
@@ -231,8 +227,6 @@ def downstream(cfg: DownstreamConfig) -> dict:
 def upstream(cfg: UpstreamConfig) -> dict:
     """lm-eval 0-shot on ``cfg.tasks``: writes upstream.json, merges the summary into result.json and prints the table.
     Returns the result JSON."""
-    from evolm_nemo.evaluation import upstream as up
-
     _model_dir(cfg.model)
     unknown = [t for t in cfg.tasks if t not in UPSTREAM]
     if unknown:

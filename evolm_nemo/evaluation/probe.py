@@ -19,7 +19,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from evolm_nemo.answers import gold_answer, judge
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.evaluation import upstream as up
+from evolm_nemo.evaluation.tasks import get_task
+from evolm_nemo.evaluation.tasks import load_problems as task_problems
+from evolm_nemo.evaluation.upstream import default_tasks_dir
+from evolm_nemo.generation.engine import Generator
 
 
 def _tp_gather(logits: torch.Tensor) -> torch.Tensor:
@@ -143,8 +149,6 @@ def upstream(model, tokenizer, tasks: Sequence[str], tasks_dir: Optional[str], d
     """lm-eval 0-shot on the live model: :func:`evolm_nemo.evaluation.upstream.summarize`'s shape (percent)."""
     import os
 
-    from evolm_nemo.evaluation import upstream as up
-
     # Every rank computes the same results itself; lm-eval returns them only where LOCAL_RANK is 0 (its TP rule).
     local = os.environ.get("LOCAL_RANK")
     os.environ["LOCAL_RANK"] = "0"
@@ -171,9 +175,6 @@ def load_problems(suite: str, data_dir: Optional[str], limit: int, template: Opt
     """``<data_dir>/<suite>.jsonl`` in EvoLM's cooked schema (or the task's hub source without data_dir); prompts from
     the suite's template, or ``template`` (``{problem}`` replaced) when given."""
     from pathlib import Path
-
-    from evolm_nemo.answers import gold_answer
-    from evolm_nemo.evaluation.tasks import get_task, load_problems as task_problems
 
     task = get_task(suite)
     path = None if data_dir is None else str(Path(data_dir) / f"{suite}.jsonl")
@@ -205,9 +206,6 @@ def fitting(problems: Problems, tokenizer, max_seq: int, max_new_tokens: int, ve
 def downstream(model, tokenizer, problems: Problems, max_new_tokens: int, max_seq: int, mode: str = "evolm",
                max_batch: int = 32) -> tuple[float, list[str]]:
     """Greedy accuracy (fraction) of ``problems`` on the live model, judged by the shared checker; and the texts."""
-    from evolm_nemo.answers import judge
-    from evolm_nemo.generation.engine import Generator
-
     texts = Generator(model, tokenizer, max_seq=max_seq, max_batch=max_batch).generate(
         problems.prompts, max_new_tokens, stop_strings=problems.stop)  # greedy; the engine leaves torch's RNG alone
     right = sum(judge(problems.suite, t, g, mode) for t, g in zip(texts, problems.golds))
@@ -216,8 +214,6 @@ def downstream(model, tokenizer, problems: Problems, max_new_tokens: int, max_se
 
 def tasks_dir_for(tasks_dir: Optional[str], data_dir: Optional[str]) -> Optional[str]:
     """Our local YAMLs (eval/upstream) when only data_dir is given; None: lm-eval's built-in tasks."""
-    from evolm_nemo.evaluation.upstream import default_tasks_dir
-
     if tasks_dir is None and data_dir is not None:
         return str(default_tasks_dir())
     return tasks_dir

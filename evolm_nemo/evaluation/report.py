@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Optional
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.evaluation import dynamics as dyn
 from evolm_nemo.evaluation.render import md_table as _md_table, save_png as _save
 from evolm_nemo.fileio import write_json, write_text
 from evolm_nemo.tasks import UPSTREAM, UPSTREAM_NAMES
@@ -382,8 +383,6 @@ def build(pattern: str | None, out: str, dynamics: str | None = None) -> dict:
                                   "(or dynamics=<glob of training run dirs>)")
     curves = None
     if dynamics is not None:
-        from evolm_nemo.evaluation import dynamics as dyn
-
         curves = dyn.load_curves(dynamics)
     results = sorted((d for _, d in load_results(pattern)), key=_sort_key) if pattern is not None else []
     out_dir = Path(out)

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.answers import MODES, extract_answer, gold_answer, is_equiv, judge, time_budget
+from evolm_nemo.config.compose import compose
+from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation.metrics import majority_answers, majority_index, rm_index, summarize
 from evolm_nemo.fileio import check_writable, iter_jsonl, write_jsonl
 from evolm_nemo.tasks import SUITES
@@ -236,8 +237,6 @@ def _format_table(summary: dict, mode: str) -> str:
 
 
 def main(overrides: Sequence[str]) -> int:
-    from evolm_nemo.config.compose import compose
-
     cfg = compose("score", list(overrides), ScoreConfig)
     if not cfg.input:
         raise ConfigError("input", "required: evolm score input=<completions.jsonl> [output=<scored.jsonl>]")

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from evolm_nemo.data.tokenizer import MegatronHFTokenizer
 from evolm_nemo.tasks import cut_at_stop
 
 @dataclass
@@ -37,8 +38,6 @@ class Completion:
 
 
 def _megatron_tokenizer(tokenizer):
-    from evolm_nemo.data.tokenizer import MegatronHFTokenizer
-
     return tokenizer if isinstance(tokenizer, MegatronHFTokenizer) else MegatronHFTokenizer(tokenizer)
 
 

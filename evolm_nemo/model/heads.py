@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from evolm_nemo.checkpoint import io
 from evolm_nemo.config.schema import ModelConfig, ParallelConfig
 from evolm_nemo.model.build import build_model
 
@@ -55,8 +56,6 @@ def load_backbone(path, chunks) -> dict:
     """Load a checkpoint's weights (LM or value model) except its output layer, at any TP/PP: how a reward model
     starts from an SFT checkpoint. Returns the checkpoint's evolm.json."""
     from megatron.core import dist_checkpointing
-
-    from evolm_nemo.checkpoint import io
 
     path = io.resolve(path)
     meta = io.read_meta(path)

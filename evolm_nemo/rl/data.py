@@ -11,6 +11,9 @@ import numpy as np
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
+from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.fileio import iter_jsonl
 
 FIELDS = ("id", "prompt", "gold_answer")
 
@@ -26,8 +29,6 @@ class RLPrompts:
 
 
 def read_prompts(paths: list[str], key: str = "data.paths") -> RLPrompts:
-    from evolm_nemo.fileio import iter_jsonl
-
     ids, prompts, gold = [], [], []
     for path in paths:
         if not Path(path).is_file():
@@ -49,8 +50,6 @@ def read_prompts(paths: list[str], key: str = "data.paths") -> RLPrompts:
 def prompt_files(cfg: RootConfig) -> list[str]:
     """``data.paths`` (indexed) or the demo's generated RL set (synthetic, disjoint from its SFT and eval sets)."""
     if cfg.data.source == "synthetic":
-        from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
-
         return [str(ensure_synthetic_sft(cfg).rl_path)]
     if not cfg.data.paths:
         raise ConfigError("data.paths", f"stage={cfg.stage} needs RL prompt files: data.paths=[rl.jsonl]")
@@ -81,7 +80,6 @@ def usable_prompts(cfg: RootConfig):
     """The RL prompts whose encoded length fits ``rl.max_prompt_tokens`` (and leaves room for a response), and how
     many were skipped."""
     from evolm_nemo.checkpoint import io as ckpt
-    from evolm_nemo.data.tokenizer import load_tokenizer
 
     prompts = read_prompts(prompt_files(cfg))
     ref = ckpt.parent_tokenizer(cfg.train.init_from) or cfg.data.tokenizer

@@ -9,6 +9,7 @@ from functools import partial
 
 import torch
 
+from evolm_nemo.data.sft import collate as sft_collate
 from evolm_nemo.losses.rl import entropy_from_logits, kl_estimate, policy_loss, sequence_mean_weights, value_loss
 from evolm_nemo.train.forward import collect_output
 
@@ -41,8 +42,6 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 def collate(seqs: list[tuple[list[int], int]], extra: dict[str, list[list[float]]], pad_id: int) -> dict:
     """Right-padded microbatch of ``(ids, prompt_len)``: tokens/labels/position_ids and ``loss_mask`` on the positions
     that predict response tokens, plus each ``extra`` per-response-token list placed at those positions."""
-    from evolm_nemo.data.sft import collate as sft_collate
-
     seq = max(len(ids) for ids, _ in seqs) - 1
     batch = sft_collate(seqs, seq, pad_id)
     for key, rows in extra.items():

@@ -14,6 +14,7 @@ import math
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.data.tokenizer import load_tokenizer
 
 REWARDS = ("verifiable", "rm", "sum")
 
@@ -46,7 +47,6 @@ def check(cfg: RootConfig, actor_tokenizer_ref: str | None) -> None:
     ref = meta.get("tokenizer")
     if ref and actor_tokenizer_ref and ref != actor_tokenizer_ref:
         from evolm_nemo.data.sft import tokenizer_fingerprint
-        from evolm_nemo.data.tokenizer import load_tokenizer
 
         a = tokenizer_fingerprint(load_tokenizer(actor_tokenizer_ref, key="train.init_from"))["vocab_sha256"]
         b = tokenizer_fingerprint(load_tokenizer(ref, key="rl.reward_model"))["vocab_sha256"]

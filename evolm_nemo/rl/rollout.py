@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evolm_nemo.answers import judge
 from evolm_nemo.fileio import drop_rows_after
 
 
@@ -57,8 +58,6 @@ def generate(generator, prompts: list[str], gold: list[str], n: int, rl, eos_id:
 
 def verifiable_rewards(rollout: Rollout, suite: str, mode: str) -> list[float]:
     """1.0 when the response's final answer is equivalent to the gold answer under the evaluation's checker."""
-    from evolm_nemo.answers import judge
-
     return [1.0 if judge(suite, text, gold, mode) else 0.0 for text, gold in zip(rollout.texts, rollout.gold)]
 
 

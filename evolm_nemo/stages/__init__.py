@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.validate import Plan, check_schedule, choice, shape_difference, validate
@@ -108,8 +109,6 @@ def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
 
 def check_parent(cfg: RootConfig) -> None:
     """``train.init_from`` is a complete checkpoint of the same model shape (its evolm.json, no tensors read)."""
-    from evolm_nemo.checkpoint import io as ckpt
-
     path = cfg.train.init_from
     if not Path(path).exists():
         raise ConfigError("train.init_from", f"no checkpoint at {path}")

@@ -8,6 +8,8 @@ from functools import partial
 import numpy as np
 import torch
 
+from evolm_nemo.checkpoint import io as ckpt
+from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.losses import masked_token_sum
 from evolm_nemo.train.engine import StepResult, build_training_model, train_step
 from evolm_nemo.train.loop import Role, Start
@@ -52,8 +54,6 @@ class EpochOrder:
 
 def check_epoch_keys(cfg) -> None:
     """``train.epochs`` / ``train.iters`` / ``train.tokens`` of a fine-tuning stage, one line each."""
-    from evolm_nemo.config.errors import ConfigError
-
     t = cfg.train
     if t.tokens is not None:
         raise ConfigError("train.tokens", f"stage={cfg.stage} trains by train.epochs (or train.iters); "
@@ -69,8 +69,6 @@ def check_epoch_keys(cfg) -> None:
 def epoch_iters(cfg, n: int, what: str = "examples") -> int:
     """Iterations of a fine-tuning stage over ``n`` units: ``train.epochs`` passes (floor) and/or ``train.iters``
     (the smaller wins)."""
-    from evolm_nemo.config.errors import ConfigError
-
     check_epoch_keys(cfg)
     t, gbs = cfg.train, cfg.parallel.global_batch_size
     iters = None
@@ -117,8 +115,6 @@ class Stage:
 
     def load_init(self, path: str, model) -> dict:
         """Weights from the parent ``train.init_from``; returns its evolm.json."""
-        from evolm_nemo.checkpoint import io as ckpt
-
         return ckpt.load_weights(path, [model])
 
     def restore(self, start: int, state: dict) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.fileio import atomic_path
 from evolm_nemo.losses.preference import PREFERENCE_LOSSES, preference_loss
 from evolm_nemo.stages.base import Stage
 from evolm_nemo.stages.rm import (RMData, UnitBatches, check_common, check_tokenizer, epoch_iters, fit_units,
@@ -133,8 +134,6 @@ class DPOStage(Stage):
         self.batches.per_sequence["ref_logp"] = reference
         if rt.is_main:
             from safetensors.torch import save_file
-
-            from evolm_nemo.fileio import atomic_path
 
             with atomic_path(path) as tmp:
                 save_file({"logp": torch.from_numpy(reference)}, str(tmp),

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.tokens import format_tokens, iterations_for, parse_tokens
 from evolm_nemo.config.validate import positive
+from evolm_nemo.data.gpt import (BatchSchedule, SourceTokens, build_dataset, build_validation, resolve_source,
+                                 source_names)
+from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.evaluation.probe import tasks_dir_for
 from evolm_nemo.evaluation.upstream import check_tasks
 from evolm_nemo.model.build import flops_per_token
@@ -19,6 +23,7 @@ from evolm_nemo.stages.pretrain_data import (check_budget, check_data, check_mix
                                              check_validation)
 from evolm_nemo.tasks import SUITES
 from evolm_nemo.train import wsd
+from evolm_nemo.train.dynamics import ProbeHook
 from evolm_nemo.train.engine import train_step
 from evolm_nemo.train.loop import Start
 
@@ -98,10 +103,6 @@ class PretrainStage(Stage):
     def __init__(self, cfg: RootConfig, plan, rt):
         from megatron.core import parallel_state
 
-        from evolm_nemo.data.gpt import (BatchSchedule, SourceTokens, build_dataset, build_validation, resolve_source,
-                                         source_names)
-        from evolm_nemo.data.tokenizer import load_tokenizer
-
         p, m = cfg.parallel, cfg.model
         self.cfg, self.plan = cfg, plan
         source = resolve_source(cfg)
@@ -135,8 +136,6 @@ class PretrainStage(Stage):
                         for name, ds in sets.items()}
         self.probe = None
         if cfg.probe.tokens_interval:  # capability probes of the live model (checkpoint dynamics)
-            from evolm_nemo.train.dynamics import ProbeHook
-
             self.probe = ProbeHook(cfg, tokenizer, plan.tokens_per_iter, rt.is_main)
         self.tokens_per_iter = plan.tokens_per_iter
         self.fpt = flops_per_token(m)
@@ -147,8 +146,6 @@ class PretrainStage(Stage):
         stable run's warmup; anything else as every stage (``train.init_from`` or scratch)."""
         if self.branch is None:
             return super().start(roles, layout)
-        from evolm_nemo.checkpoint import io as ckpt
-
         b, role = self.branch, roles[0]
         role.scheduler = role.make_scheduler(self.plan.iters, warmup=b.warmup)
         state = ckpt.load(b.path, [role.model], role.optimizer, None, layout=layout)

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.tokens import format_tokens, parse_tokens
 from evolm_nemo.config.validate import positive
 from evolm_nemo.data.indexed import MANIFEST_SUFFIX, expand_prefixes, idx_dtype, read_manifest
+from evolm_nemo.data.sft import tokenizer_fingerprint
+from evolm_nemo.data.tokenizer import load_tokenizer
 
 
 def check_data(d) -> None:
@@ -108,17 +111,12 @@ def check_sources(cfg: RootConfig) -> list[int]:
 def training_tokenizers(cfg: RootConfig) -> list:
     """(key, reference, fingerprint) of the tokenizers a run's data must match: data.tokenizer, and the tokenizer
     recorded by the parent checkpoint (train.init_from / train.branch_from) when it can be loaded here."""
-    from evolm_nemo.data.sft import tokenizer_fingerprint
-    from evolm_nemo.data.tokenizer import load_tokenizer
-
     out = []
     if cfg.data.tokenizer:
         out.append(("data.tokenizer", cfg.data.tokenizer,
                     tokenizer_fingerprint(load_tokenizer(cfg.data.tokenizer, key="data.tokenizer"))))
     parent = cfg.train.init_from or cfg.train.branch_from
     if parent:
-        from evolm_nemo.checkpoint import io as ckpt
-
         try:
             ref = ckpt.parent_tokenizer(parent)
             if ref and ref != cfg.data.tokenizer:

@@ -24,11 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.data.collate import collate_sequences
+from evolm_nemo.data.rm import RMDataset
+from evolm_nemo.data.sft import tokenizer_fingerprint
+from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.fileio import write_jsonl
 from evolm_nemo.losses.preference import bradley_terry, outcome_accuracy, outcome_bce, pair_accuracy, roc_auc
-from evolm_nemo.model.heads import scores_at_last
+from evolm_nemo.model.heads import build_value_model, load_backbone, scores_at_last
 from evolm_nemo.stages.base import EpochOrder, Stage, check_epoch_keys, epoch_iters
 from evolm_nemo.train.forward import forward_collect, value_forward_step
 
@@ -60,8 +65,6 @@ class RMData:
     validation units: examples (``units[i] = (seq,)``) or pairs (``units[i] = (chosen, rejected)``)."""
 
     def __init__(self, cfg: RootConfig, pairs: bool, val_fraction: float):
-        from evolm_nemo.data.rm import RMDataset
-
         self.sets = [RMDataset(d) for d in dataset_dirs(cfg)]
         first = self.sets[0].manifest["tokenizer"]
         for ds in self.sets[1:]:
@@ -103,10 +106,6 @@ def check_common(cfg: RootConfig, what: str) -> None:
 
 def check_tokenizer(cfg: RootConfig, data: RMData) -> str:
     """The datasets' tokenizer is the parent's; returns the reference the run records."""
-    from evolm_nemo.checkpoint import io as ckpt
-    from evolm_nemo.data.sft import tokenizer_fingerprint
-    from evolm_nemo.data.tokenizer import load_tokenizer
-
     ref = data.tokenizer_info["ref"]
     parent = ckpt.parent_tokenizer(cfg.train.init_from, key="train.init_from")
     for key, other in (("train.init_from", parent), ("data.tokenizer", cfg.data.tokenizer)):
@@ -254,8 +253,6 @@ def gather_dp(values: list) -> list:
 class RMStage(Stage):
     head = "value"
     def __init__(self, cfg: RootConfig, plan, rt):
-        from evolm_nemo.model.heads import build_value_model
-
         r = cfg.rm
         self.cfg, self.plan, self.rt = cfg, plan, rt
         self.pairwise = r.objective == "pairwise"
@@ -271,8 +268,6 @@ class RMStage(Stage):
         return self.batches.microbatches(iteration)
 
     def load_init(self, path, model):
-        from evolm_nemo.model.heads import load_backbone
-
         return load_backbone(path, [model])  # the backbone of an SFT (or any) checkpoint; a fresh scalar head
 
     def describe(self):
@@ -313,8 +308,6 @@ class RMStage(Stage):
             return {}
         scores = score_sequences(model, self.data, self.val_units.reshape(-1), self.batches, rt)
         if last and rt.is_main:  # every validation sequence's final score, for inspection and calibration
-            from evolm_nemo.fileio import write_jsonl
-
             write_jsonl(Path(self.cfg.run.out_dir) / VAL_SCORES,
                         ({"sequence": q, "dataset": str(self.data.sets[self.data.seq_set[q]].path),
                           "index": int(self.data.seq_local[q]), "problem": int(self.data.groups[q]),

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.data.sft import SFTDataset, Template, collate
+from evolm_nemo.data.sft import SFTDataset, Template, collate, tokenizer_fingerprint
+from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
+from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.stages.base import EpochOrder, Stage, check_epoch_keys, epoch_iters
 
 OVERLENGTH = ("truncate", "drop")
@@ -34,8 +37,6 @@ def dataset_dirs(cfg: RootConfig) -> list[str]:
     """The SFT dataset directories: ``data.paths`` (``data.source=indexed``) or the generated demo set."""
     d = cfg.data
     if d.source == "synthetic":
-        from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
-
         return [str(ensure_synthetic_sft(cfg).sft_dir)]
     if d.source != "indexed":
         raise ConfigError("data.source", f"stage=sft reads prepared datasets (indexed) or generates one (synthetic), "
@@ -98,10 +99,6 @@ def load_view(cfg: RootConfig, dirs: list[str]) -> SFTView:
 def _check_tokenizers(cfg: RootConfig, view: SFTView) -> str:
     """All datasets share one tokenizer and it is the parent checkpoint's (and ``data.tokenizer``'s, if set).
     Returns the tokenizer reference the run records."""
-    from evolm_nemo.checkpoint import io as ckpt
-    from evolm_nemo.data.sft import tokenizer_fingerprint
-    from evolm_nemo.data.tokenizer import load_tokenizer
-
     first = view.sets[0].manifest["tokenizer"]
     for ds in view.sets[1:]:
         if ds.manifest["tokenizer"]["vocab_sha256"] != first["vocab_sha256"]:

@@ -15,6 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.fileio import write_text
+from evolm_nemo.suite import report as suite_report
+from evolm_nemo.suite import spec
+from evolm_nemo.suite.spec import parse_overrides
 
 COMMON = {"suite": None, "root": None, "mfu": None, "gpus_per_node": None, "only": None, "slurm": "section",
           "local": "section"}
@@ -24,7 +28,6 @@ ACTIONS = {"plan": {"format": None, "out": None}, "status": {},
 
 def _load(opts: dict):
     from evolm_nemo.suite import plan as plan_mod
-    from evolm_nemo.suite import spec
 
     suite_opts = {k: v for k, v in opts.items() if k in ("root", "mfu", "gpus_per_node") or "." in k}
     suite = spec.load(None if opts.get("suite") is None else str(opts["suite"]), suite_opts)
@@ -34,9 +37,6 @@ def _load(opts: dict):
 
 def report(overrides: list[str]) -> int:
     """`evolm suite report suite=<name> [root=DIR] [out=DIR]` (also `evolm report suite=<name>`)."""
-    from evolm_nemo.suite import report as suite_report
-    from evolm_nemo.suite import spec
-
     opts = spec.parse_overrides(overrides, {"suite": None, "root": None, "out": None})
     suite = spec.load(None if opts.get("suite") is None else str(opts["suite"]),
                       {"root": opts["root"]} if opts.get("root") else {})
@@ -46,7 +46,6 @@ def report(overrides: list[str]) -> int:
 
 def main(overrides: list[str]) -> int:
     from evolm_nemo.suite import launch, plan as plan_mod
-    from evolm_nemo.suite.spec import parse_overrides
 
     overrides = list(overrides)
     if not overrides or "=" in overrides[0]:
@@ -65,8 +64,6 @@ def main(overrides: list[str]) -> int:
         plan = _load(opts)
         md, text_csv = plan_mod.markdown(plan), plan_mod.csv_text(plan)
         if opts.get("out"):
-            from evolm_nemo.fileio import write_text
-
             out = Path(str(opts["out"]))
             write_text(out / "plan.md", md)
             write_text(out / "plan.csv", text_csv)

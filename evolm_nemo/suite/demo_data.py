@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from evolm_nemo.config import RootConfig, compose
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
 from evolm_nemo.fileio import read_jsonl, write_jsonl
+from evolm_nemo.suite.spec import parse_overrides
 
 
 @dataclass
@@ -32,10 +35,6 @@ def write_demo_problems(directory, problems: list[dict]) -> Path:
 
 
 def main(overrides: list[str]) -> int:
-    from evolm_nemo.config import RootConfig, compose
-    from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
-    from evolm_nemo.suite.spec import parse_overrides
-
     opts = parse_overrides(overrides, {k: None for k in DemoDataConfig.__dataclass_fields__})
     cfg = DemoDataConfig(**opts)
     if not cfg.src or not cfg.out:

@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.fileio import replace_dir, temp_dir
 from evolm_nemo.suite.plan import Row, SuitePlan
@@ -56,8 +57,6 @@ class Job:
 
 
 def train_state(out: Path, planned: int | None) -> tuple[str, str]:
-    from evolm_nemo.checkpoint import io as ckpt
-
     last = ckpt.latest(out / "checkpoints")
     if last is None:
         return ("new", "no committed checkpoint") if not out.exists() else ("new", f"{out} has no committed "

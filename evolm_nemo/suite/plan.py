@@ -36,9 +36,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from evolm_nemo.config import RootConfig, compose
+from evolm_nemo.config.compose import compose_command
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.stages import kind, sequences_per_unit, synthetic_size
+from evolm_nemo.config.tokens import format_tokens
+from evolm_nemo.config.validate import validate
+from evolm_nemo.evaluation import tasks as registry
+from evolm_nemo.evaluation.evaluate import DownstreamConfig
+from evolm_nemo.model.build import flops_per_token, param_count
+from evolm_nemo.stages import kind, plan_run, sequences_per_unit, synthetic_size
+from evolm_nemo.stages.base import epoch_iters
 from evolm_nemo.suite.spec import Node, Suite
+from evolm_nemo.train.metrics import _PEAK_TFLOPS
 
 H100 = "H100"
 
@@ -69,8 +78,6 @@ class Row:
 
     @property
     def data(self) -> str:
-        from evolm_nemo.config.tokens import format_tokens
-
         unit = kind(self.stage).unit if self.kind == "train" else "problems" if self.kind == "eval" else "examples"
         if unit == "tokens":
             return f"{format_tokens(self.tokens)} tokens"
@@ -102,8 +109,6 @@ class SuitePlan:
 
 
 def peak_tflops(device: str = H100) -> float:
-    from evolm_nemo.train.metrics import _PEAK_TFLOPS
-
     return _PEAK_TFLOPS[device]
 
 
@@ -117,8 +122,6 @@ def checkpoint_bytes(params: int, precision: str, distributed: bool) -> int:
 
 def value_params(m) -> int:
     """A value/reward model: the LM without its output layer, plus a scalar head (hidden -> 1)."""
-    from evolm_nemo.model.build import param_count
-
     return param_count(m) - m.vocab_size * m.hidden_size + m.hidden_size
 
 
@@ -148,8 +151,6 @@ def train_overrides(suite: Suite, node: Node) -> list[str]:
 
 
 def _compose_train(suite: Suite, node: Node):
-    from evolm_nemo.config import RootConfig, compose
-
     try:
         return compose("config", train_overrides(suite, node), RootConfig)
     except ConfigError as exc:
@@ -160,9 +161,6 @@ def _check_layout(cfg, world: int, node: Node):
     """The recipe's rules at the node's world size (``config.validate``: model shape, tp/pp/sp, batch divisibility,
     optimizer keys) and, for a stage trained by tokens, its plan on a copy without data and parent (those are checked
     when the job starts): the Plan (its iteration count is the trainer's), None for the other stages."""
-    from evolm_nemo.config.validate import validate
-    from evolm_nemo.stages import plan_run
-
     budget = kind(cfg.stage).budget
     c = copy.deepcopy(cfg)
     c.train.init_from = None
@@ -191,9 +189,6 @@ def _samples(cfg, node: Node, row: Row) -> int:
 
 
 def _train_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None:
-    from evolm_nemo.model.build import flops_per_token, param_count
-    from evolm_nemo.stages.base import epoch_iters
-
     cfg = _compose_train(suite, node)
     row.cfg, row.overrides = cfg, train_overrides(suite, node)
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -307,10 +302,6 @@ def _eval_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None:
     if node.mode != "downstream":
         row.notes.append("lm-eval log-likelihoods: not estimated")
         return
-    from evolm_nemo.config.compose import compose_command
-    from evolm_nemo.evaluation import tasks as registry
-    from evolm_nemo.evaluation.evaluate import DownstreamConfig
-
     try:
         ecfg = compose_command("eval_downstream", [o for o in row.overrides], DownstreamConfig)
         problems = 0
@@ -323,8 +314,6 @@ def _eval_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None:
     rows_parent = rows.get(parent.parent)
     fpt = 0.0
     if rows_parent is not None and rows_parent.cfg is not None:
-        from evolm_nemo.model.build import flops_per_token
-
         fpt = flops_per_token(rows_parent.cfg.model)
     row.samples, row.tokens = problems, seqs * ecfg.max_model_len
     row.flops = row.tokens * fpt / 3.0

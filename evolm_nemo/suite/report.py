@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.fileio import write_text
 from evolm_nemo.suite.spec import Suite
 from evolm_nemo.tasks import UPSTREAM_NAMES
 
@@ -156,8 +157,6 @@ def csv_text(t: _Tables) -> str:
 def write(suite: Suite, out: str | Path | None = None) -> Path:
     """Write ``report.md`` and ``report.csv`` into ``out`` (default ``<root>/report``) and print the Markdown.
     Returns the directory."""
-    from evolm_nemo.fileio import write_text
-
     t = build(suite)
     md = markdown(t)
     out = Path(str(out or Path(suite.root) / "report"))

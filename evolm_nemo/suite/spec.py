@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from evolm_nemo.config.compose import recipes_dir
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.tokens import parse_tokens
 
 KINDS = ("train", "export", "eval", "data")
 EVAL_MODES = ("downstream", "upstream")
@@ -105,8 +107,6 @@ SLURM_DEFAULTS = {
 
 
 def suites_dir() -> Path:
-    from evolm_nemo.config.compose import recipes_dir
-
     return recipes_dir() / "suite"
 
 
@@ -202,8 +202,6 @@ def _node(name: str, spec, where: str) -> Node:
             raise ConfigError(f"{key}.experiment", "a train node names its recipe: experiment: <recipes/experiment "
                                                    "name>")
         if spec.get("samples") is not None:
-            from evolm_nemo.config.tokens import parse_tokens
-
             node.samples = parse_tokens(spec["samples"], f"{key}.samples")
         if spec.get("tokens_per_example") is not None:
             node.tokens_per_example = _positive_int(spec["tokens_per_example"], f"{key}.tokens_per_example")

@@ -29,8 +29,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from evolm_nemo.config import RootConfig, compose
+from evolm_nemo.config.compose import recipes_dir
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schedule import branch_iteration, decay_iters, warmup_iters
+from evolm_nemo.config.tokens import format_tokens, iterations_for, parse_tokens
 from evolm_nemo.config.validate import SHAPE_KEYS
 
 SHAPES = {"linear": "linear", "cosine": "cosine", "1-sqrt": "minus_sqrt"}  # ours -> megatron's lr_wsd_decay_style
@@ -51,8 +54,6 @@ def scheduler_kwargs(o, iters: int, warmup: int | None = None) -> dict:
 
 
 def budget_iters(cfg, budget, key: str = "train.branch_budgets") -> int:
-    from evolm_nemo.config.tokens import iterations_for, parse_tokens
-
     return iterations_for(parse_tokens(budget, key), cfg.parallel.global_batch_size, cfg.model.seq_length)
 
 
@@ -207,8 +208,6 @@ def plan(budgets, tokens_per_iter: int, decay_fraction: float, flops_per_token: 
     ``flops_per_token``) training FLOPs."""
     from types import SimpleNamespace
 
-    from evolm_nemo.config.tokens import iterations_for, parse_tokens
-
     o = SimpleNamespace(wsd_decay_fraction=decay_fraction)
     rows = []
     pairs = sorted(((iterations_for(parse_tokens(b, "budgets"), tokens_per_iter, 1), str(b)) for b in budgets))
@@ -229,8 +228,6 @@ def plan(budgets, tokens_per_iter: int, decay_fraction: float, flops_per_token: 
 
 
 def format_plan(p: dict) -> str:
-    from evolm_nemo.config.tokens import format_tokens
-
     tpi = p["tokens_per_iter"]
     lines = [f"WSD branches vs separate cosine runs ({tpi:,} tokens/iter, cooldown {p['decay_fraction']:.0%} of each "
              "budget)", f"{'budget':>8} {'iters':>9} {'branch at':>10} {'cooldown':>9} {'new (wsd)':>10} "
@@ -257,13 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {sorted(unknown) or argv}: expected model=, budgets=, fraction=, global_batch_size=",
               file=sys.stderr)
         return 2
-    from evolm_nemo.config import RootConfig, compose
     from evolm_nemo.model.build import flops_per_token
 
     model = args.get("model", "evolm_1b")
     try:
-        from evolm_nemo.config.compose import recipes_dir
-
         parallel = model if (recipes_dir() / "parallel" / f"{model}.yaml").is_file() else "evolm_1b"
         cfg = compose("config", [f"model={model}", f"parallel={parallel}"], RootConfig)
         gbs = int(args.get("global_batch_size", cfg.parallel.global_batch_size))
