@@ -151,7 +151,7 @@ class SFTStage(Stage):
     def __init__(self, cfg: RootConfig, plan, rt):
         from megatron.core import parallel_state
 
-        p, t = cfg.parallel, cfg.train
+        p = cfg.parallel
         self.cfg, self.plan = cfg, plan
         self.view = load_view(cfg, dataset_dirs(cfg))
         self.tokenizer = _check_tokenizers(cfg, self.view)

@@ -167,8 +167,8 @@ def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...
     if not resumed and start.lineage is None:
         start.lineage = lineage(cfg, start.parent_meta, stage.lineage())
     meta = {"model": dataclasses.asdict(cfg.model), "config": to_dict(cfg), "tokenizer": _tokenizer_ref(stage),
-            "stage": cfg.stage, "lineage": start.lineage,
-            "head": stage.head, "run_id": begin.run_id, "planned_iters": plan.iters}
+            "stage": cfg.stage, "lineage": start.lineage, "head": stage.head, "run_id": begin.run_id,
+            "planned_iters": plan.iters}
     if start.iteration >= plan.iters and rt.is_main:
         print(f"[evolm] {out} is complete: {begin.checkpoint} is at iteration {start.iteration} of {plan.iters}; "
               "nothing to train", flush=True)
