@@ -25,10 +25,14 @@ COMMANDS = {
     "export-trtllm": ("evolm_nemo.conversion.cli:export_trtllm", "HF dir -> TensorRT-LLM engine (GPU container)"),
     "score": ("evolm_nemo.evaluation.score:main", "score a completions JSONL (Pass@1, Maj@16, RM@16, Pass@16)"),
     "eval": ("evolm_nemo.evaluation.cli:main", "evaluate an HF model: `evolm eval downstream|upstream model=<dir>`"),
-    "report": ("evolm_nemo.evaluation.cli:report", "aggregate result JSONs into CSV, Markdown and plots"),
+    "report": ("evolm_nemo.evaluation.cli:report", "aggregate result JSONs into CSV, Markdown and plots (suite=<name>: "
+                                                   "a suite's tables)"),
     "suite": ("evolm_nemo.suite.cli:main", "a suite recipe as one plan and one launch: `evolm suite plan|status|"
                                            "launch suite=<name>`"),
 }
+
+# (command, key=) -> module:function: the command with that key goes to another room's function.
+ROUTES = {("report", "suite="): "evolm_nemo.suite.cli:report"}  # a suite's tables (suite/report.py)
 
 
 def _usage() -> str:
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     quiet_known_notices()
     target, _ = COMMANDS[command]
+    for (routed, key), other in ROUTES.items():
+        if command == routed and any(o.startswith(key) for o in overrides):
+            target = other
     module_name, func_name = target.split(":")
     try:
         func = getattr(importlib.import_module(module_name), func_name)

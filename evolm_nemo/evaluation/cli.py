@@ -38,11 +38,8 @@ def upstream(overrides: list[str]) -> int:
 
 
 def report(overrides: list[str]) -> int:
-    """`evolm report runs=<glob> [dynamics=<glob>] out=<dir>`, or a suite's tables with ``suite=<name>``."""
-    if any(o.startswith("suite=") for o in overrides):  # a suite's tables: evolm_nemo/suite/report.py
-        from evolm_nemo.suite.cli import report as suite_report
-
-        return suite_report(overrides)
+    """`evolm report runs=<glob> [dynamics=<glob>] out=<dir>` (a suite's tables, `evolm report suite=<name>`, are
+    ``suite.cli.report``: the console script routes there)."""
     cfg = compose("report", overrides, ReportConfig)
     written = build(cfg.runs or None, cfg.out, cfg.dynamics or None)
     if cfg.runs:
