@@ -27,8 +27,9 @@ _FRAC_HALF = re.compile(r"\\frac\s*([0-9a-zA-Z])\s*\{")  # \frac6{5} -> \frac{6}
 _SQRT_SHORT = re.compile(r"\\sqrt\s*([0-9a-zA-Z])")  # \sqrt3 -> \sqrt{3}
 _AM_PM = re.compile(r"(?i)(?<=[0-9] )([ap])\.? ?m\b\.?")  # 8:30 A.M. / 8:30 am -> 8:30 am
 _STRICT_NUM = re.compile(r"-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|-?\.[0-9]+", re.ASCII)
-_STRICT_UNITS = re.compile(  # 12 cm, 3.5 square feet.
-    r"(?P<num>-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|-?\.[0-9]+)"
+_STRICT_UNITS = re.compile(  # 12 cm, 3.5 square feet., \frac{1}{3} meters
+    r"(?P<num>-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|-?\.[0-9]+"
+    r"|-?\\frac\{[0-9]+\}\{[0-9]+\}|-?[0-9]+/[0-9]+)"
     r"\s*(?P<unit>[A-Za-z]+(?:[ .][A-Za-z]+)*)\.?",
     re.ASCII,
 )
