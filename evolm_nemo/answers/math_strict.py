@@ -25,7 +25,7 @@ _STRICT_REMOVE = [
 _FRAC_SHORT = re.compile(r"\\frac\s*([0-9a-zA-Z])\s*([0-9a-zA-Z])")  # \frac65 -> \frac{6}{5}
 _FRAC_HALF = re.compile(r"\\frac\s*([0-9a-zA-Z])\s*\{")  # \frac6{5} -> \frac{6}{5}
 _SQRT_SHORT = re.compile(r"\\sqrt\s*([0-9a-zA-Z])")  # \sqrt3 -> \sqrt{3}
-_AM_PM = re.compile(r"(?i)(?<=[0-9] )([ap])\.? ?m\b\.?")  # 8:30 A.M. / 8:30 am -> 8:30 am
+_AM_PM = re.compile(r"(?i)(?<=[0-9]) ?([ap])\.? ?m\b\.?")  # 8:30 A.M. / 8:30am / 8:30 am -> 8:30 am
 _STRICT_NUM = re.compile(r"-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|-?\.[0-9]+", re.ASCII)
 _STRICT_UNITS = re.compile(  # 12 cm, 3.5 square feet., \frac{1}{3} meters
     r"(?P<num>-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|-?\.[0-9]+"
@@ -77,7 +77,7 @@ def strict_normalize(s: str) -> str:
     s = _FRAC_HALF.sub(r"\\frac{\1}{", _FRAC_SHORT.sub(r"\\frac{\1}{\2}", s))
     s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
     s = re.sub(r"\s+", " ", s).strip()
-    s = _AM_PM.sub(lambda m: m.group(1).lower() + "m", s)
+    s = _AM_PM.sub(lambda m: " " + m.group(1).lower() + "m", s)
     s = _strip_outer_braces(s)
     if s.endswith(".") and not s.endswith(".."):
         s = s[:-1].rstrip()
@@ -323,9 +323,21 @@ def _mv_equiv(na: str, nb: str) -> bool:
     if not pa or not pb:
         return False
     ea, eb = _first_expr(pa), _first_expr(pb)
-    if ea is not None and eb is not None and is_equation(ea) != is_equation(eb):
+    if ea is not None and eb is not None and _relation(ea, is_equation) != _relation(eb, is_equation):
         return False
     return bool(mv["verify"](pa, pb))
+
+
+def _relation(expr, is_equation) -> bool:
+    """An equation that is not a value: ``x \\in [2,5)`` (parsed as x = [2,5)) and ``x = 3`` are their value."""
+    from sympy import Symbol
+
+    if not is_equation(expr):
+        return False
+    try:
+        return not (isinstance(expr.lhs, Symbol) and not expr.rhs.free_symbols)
+    except AttributeError:  # a chain of equations
+        return True
 
 
 def _strict_entry_slow(x: str, y: str) -> bool:

@@ -139,3 +139,15 @@ def test_evolm_mode_does_not_move():
     completion = COT + RAMBLING[0][0]
     assert extract_answer(completion, "evolm") == "255"  # the reference: a box beats "answer is"
     assert extract_answer(COT + "The answer is 8:30 A.M.", "evolm") == "30 A.M."  # cut after the last ':'
+
+
+def test_clock_times_with_or_without_a_space():
+    assert is_equiv("tabmwp", "12:34A.M.", "12:34 A.M.", "strict")
+    assert is_equiv("tabmwp", "10am", "10 A.M.", "strict")
+    assert not is_equiv("tabmwp", "10am", "10 P.M.", "strict")
+
+
+def test_a_membership_or_value_is_not_an_equation():
+    assert is_equiv("math", "x \\in [2,5)", "[2,5)", "strict")  # math-verify parses it as x = [2,5)
+    assert not is_equiv("math", "x \\in [2,5]", "[2,5)", "strict")
+    assert is_equiv("math", "x = 2\\pi", "2\\pi", "strict")
