@@ -1,4 +1,6 @@
-"""Math suites, ``strict`` mode: normalise, compare as text, then as one delimited LaTeX expression."""
+"""Math suites, ``strict`` mode: normalise, compare as text, check that both answers have the same form (an equation
+only matches an equation, a tuple a tuple, a set a set, a matrix a matrix), then compare as what they are: matrices
+entry by entry, equations as relations, everything else as one delimited LaTeX expression (math-verify)."""
 
 from __future__ import annotations
 
