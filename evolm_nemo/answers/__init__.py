@@ -10,7 +10,9 @@ Two modes:
   answer to true / false / uncertain by substring words.
 * ``strict`` is the scorer a careful user wants. It fixes the reference's quirks: answers are normalised (``\\$``,
   ``\\text{}``, ``\\dfrac``, ``\\frac65``, units, thousands separators) and parsed as one delimited LaTeX expression, so
-  ``6\\sqrt{8}`` no longer matches ``6\\sqrt{7}`` and tuples, intervals and ``\\sqrt{..}`` work; text answers compare as
+  ``6\\sqrt{8}`` no longer matches ``6\\sqrt{7}`` and tuples, intervals and ``\\sqrt{..}`` work; forms must agree (an
+  equation gold is not matched by one of its sides, an ordered pair not by a set), equations compare as relations and
+  matrices entry by entry; the last stated final answer is judged; text answers compare as
   normalised text; CRUXEval compares Python literals without stripping quotes and keeps ``True`` apart from ``1``; the
   true/false/uncertain words are matched as whole words, so "Not sure" and "None" are no answer.
 

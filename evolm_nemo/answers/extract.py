@@ -1,6 +1,6 @@
 """Answer extraction: the last ``\\boxed{}``, else everything after the last "answer is" (the reference's extraction
-in ``evolm`` mode; ``strict`` mode cuts an "answer is" answer at the end of its clause, see :func:`strict_cut`, so
-"The answer is 56, as we know." is 56)."""
+in ``evolm`` mode). ``strict`` mode takes the last stated final answer, a box or a later "answer is", and cuts an
+"answer is" answer at the end of its clause, see :func:`strict_cut`, so "The answer is 56, as we know." is 56."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def last_boxed(text: str) -> Optional[str]:
     The span runs from the command to the first ``}`` at which the running brace depth (counted from the command,
     ``{`` +1, ``}`` -1) returns to exactly zero; without such a brace there is no box.
     """
+    span = _last_boxed_span(text)
+    return None if span is None else text[span[0] : span[1]]
+
+
+def _last_boxed_span(text: str) -> Optional[tuple[int, int]]:
     start = text.rfind("\\boxed")
     if start < 0:
         start = text.rfind("\\fbox")
@@ -30,7 +35,7 @@ def last_boxed(text: str) -> Optional[str]:
         else:
             depth -= 1
             if depth == 0:
-                return text[start : m.end()]
+                return start, m.end()
     return None
 
 
@@ -135,19 +140,62 @@ def _clause_end(answer: str) -> int:
 
 
 def extract_answer(text: str, mode: str = "evolm") -> Optional[str]:
-    """The model's final answer: the last ``\\boxed{}`` (an empty box or ``\\fbox`` gives none), else everything after
-    the last "answer is" (cut after its last ':'; in ``strict`` mode also at the end of its clause, see
-    :func:`strict_cut`); None when there is neither or it is empty. ``evolm`` mode is the reference's extraction.
+    """The model's final answer. ``evolm`` mode (the reference's extraction): the last ``\\boxed{}`` (an empty box or
+    ``\\fbox`` gives none), else everything after the last "answer is", cut after its last ':'. ``strict`` mode: the
+    last stated one, a box or a later "answer is" answer (see :func:`_strict_extract`), the latter cut at the end of
+    its clause (:func:`strict_cut`), not at an unrelated colon. None when there is none or it is empty.
     Never raises on any `text` (an unknown `mode` is a ValueError)."""
     _check_mode(mode)
     if not isinstance(text, str):
         return None
     if "\\boxed" not in text and "answer is" not in text:
         return None
+    if mode == "strict":
+        return _strict_extract(text)
     boxed = unbox(last_boxed(text))
     if boxed:
         return boxed
-    answer = _after_answer_is(text)
-    if answer and mode == "strict":
-        answer = strict_cut(answer)
-    return answer or None
+    return _after_answer_is(text) or None
+
+
+# a later "answer is" followed by one of these judges the boxed answer, it states none ("the answer is correct")
+_JUDGEMENT_WORDS = frozenset(
+    """
+    correct right wrong incorrect reasonable plausible consistent valid invalid verified confirmed indeed not also
+    above below boxed given shown as that this in the same still clear obvious likely probably definitely unique
+    """.split()
+)
+_FIRST_WORD = re.compile(r"[A-Za-z]+", re.ASCII)
+_LABEL_COLON = re.compile(r"[A-Za-z]:\s+", re.ASCII)
+
+
+def _strict_answer_is(text: str, after: int) -> Optional[str]:
+    """Strict mode's "answer is" answer from the last "answer is" (at `after`): a leading ':' dropped, cut at the end
+    of its clause (:func:`strict_cut`), then after a label's colon inside that clause ("as follows: 12" is 12; "8:30"
+    is no label). A colon in a later, unrelated sentence cuts nothing."""
+    answer = text[after + len("answer is") :].strip()
+    if answer.startswith(":"):
+        answer = answer[1:].strip()
+    answer = strict_cut(answer)
+    labels = [m.end() for m in _LABEL_COLON.finditer(answer) if _depth_at(answer, m.start()) == 0]
+    return answer[labels[-1] :].strip() if labels else answer
+
+
+def _depth_at(s: str, i: int) -> int:
+    return sum(ch in _OPEN for ch in s[:i]) - sum(ch in _CLOSE for ch in s[:i])
+
+
+def _strict_extract(text: str) -> Optional[str]:
+    """The last stated final answer: a non-empty ``\\boxed{}``, or an "answer is" answer after it (so "\\boxed{255}
+    ... The final answer is $10,455$." is $10,455$), unless that one only judges the box ("the answer is correct")."""
+    span = _last_boxed_span(text)
+    boxed = unbox(None if span is None else text[span[0] : span[1]])
+    after = text.rfind("answer is")
+    if after < 0 or (boxed and after < span[1]):
+        return boxed or None
+    answer = _strict_answer_is(text, after)
+    if boxed and answer:
+        word = _FIRST_WORD.match(answer)
+        if word and word.group().lower() in _JUDGEMENT_WORDS:
+            return boxed
+    return answer or boxed or None

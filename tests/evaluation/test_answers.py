@@ -126,9 +126,10 @@ def test_strict_cut(answer, expected):
     assert answers.strict_cut(answer) == expected
 
 
-def test_strict_extraction_leaves_boxes_and_the_reference_cuts_alone():
-    assert extract_answer("so \\boxed{56, as we know} and the answer is 3, so", "strict") == "56, as we know"
-    assert extract_answer("the answer is x: y: 13, as shown", "strict") == "13"  # cut after the last ':' first
+def test_strict_extraction_leaves_boxes_alone_and_takes_the_last_answer():
+    assert extract_answer("so \\boxed{56, as we know} and that is it", "strict") == "56, as we know"
+    assert extract_answer("so \\boxed{56, as we know} and the answer is 3, so", "strict") == "3"  # the later one
+    assert extract_answer("the answer is x: y: 13, as shown", "strict") == "13"  # after a label's colon
     assert extract_answer("The answer is.", "strict") is None  # nothing left after the cut
     assert extract_answer(None, "strict") is None
     with pytest.raises(ValueError, match="unknown scoring mode"):
@@ -243,7 +244,7 @@ CASES = [
     ("tabmwp", 1, "\\boxed{Tuesday}", False, False),
     ("tabmwp", 2, "\\boxed{8:30 AM}", True, True),
     ("tabmwp", 2, "\\boxed{8:45 A.M.}", True, False),  # quirk: only the leading 8 is compared
-    ("tabmwp", 2, "The answer is 8:30 A.M.", False, False),  # extraction cuts after the last ':'
+    ("tabmwp", 2, "The answer is 8:30 A.M.", False, True),  # evolm's extraction cuts after the last ':'
     ("tabmwp", 3, "\\boxed{\\$42.06}", False, True),
     ("tabmwp", 3, "\\boxed{42.060}", True, True),
     ("tabmwp", 3, "\\boxed{42.6}", False, False),
