@@ -49,24 +49,33 @@ def run_evolm(command: str, overrides: list[str], nproc: int = 1, check: bool = 
 def train_then_sigkill(overrides: list[str], out_dir, at_least: int, timeout: float = 300) -> int:
     """Start `evolm train` in its own process group, SIGKILL the group as soon as a committed checkpoint at iteration
     >= ``at_least`` exists under ``out_dir``/checkpoints; returns that iteration (asserting the kill happened)."""
+    from evolm_nemo.checkpoint import io as ckpt
+
+    def ready():
+        done = ckpt.latest(Path(out_dir) / "checkpoints")
+        return int(done.name.split("_")[1]) if done is not None and int(done.name.split("_")[1]) >= at_least else None
+
+    return train_then_sigkill_when(overrides, ready, timeout)
+
+
+def train_then_sigkill_when(overrides: list[str], ready, timeout: float = 300):
+    """Start `evolm train` in its own process group and SIGKILL the group as soon as ``ready()`` returns something
+    (polled every few milliseconds); returns that (asserting the kill happened)."""
     import signal
     import time
 
-    from evolm_nemo.checkpoint import io as ckpt
-
     proc = subprocess.Popen(evolm_cmd("train", overrides), cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    killed_at, deadline = None, time.time() + timeout
+    found, deadline = None, time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        done = ckpt.latest(Path(out_dir) / "checkpoints")
-        if done is not None and int(done.name.split("_")[1]) >= at_least:
+        found = ready()
+        if found is not None:
             os.killpg(proc.pid, signal.SIGKILL)
-            killed_at = int(done.name.split("_")[1])
             break
-        time.sleep(0.01)
+        time.sleep(0.002)
     proc.wait()
-    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    return killed_at
+    assert found is not None and proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return found
 
 
 def train_then_sigterm(overrides: list[str], out_dir, after_rows: int, timeout: float = 300) -> tuple[int, str, int]:

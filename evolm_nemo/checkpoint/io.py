@@ -380,16 +380,36 @@ def save(root: str | Path, iteration: int, chunks, optimizer=None, scheduler=Non
         if final.exists():  # an older incomplete attempt at the same iteration
             shutil.rmtree(final)
         os.replace(tmp, final)
-        if keep_last:  # the newest N of this run's checkpoints; another run's are never counted (nor touched)
-            run = record.get("run_id")
-            ours = [c for c in checkpoint_dirs(root) if is_complete(c) and _ours(c, run)]
-            for old in ours[:-keep_last]:
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
+        if keep_last:
+            _prune(root, record.get("run_id"), keep_last=keep_last, keep=final)
         for stale in root.glob("iter_*.tmp-*"):  # leftovers of crashed saves
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
+
+
+def _prune(root: Path, run: str | None, keep_last: int | None = None, keep: Path | None = None,
+           names: set[str] | None = None) -> list[str]:
+    """Rank 0: remove this run's complete checkpoints under ``root`` but the newest ``keep_last`` (and ``keep``), or
+    all but ``names``; another run's are never counted (nor touched). Returns the names kept."""
+    ours = [c for c in checkpoint_dirs(root) if is_complete(c) and _ours(c, run)]
+    drop = ours[:-keep_last] if keep_last else [c for c in ours if c.name not in (names or set())]
+    for old in drop:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+    return [c.name for c in ours if c not in drop or c == keep]
+
+
+def prune_set(roots: list, run: str | None, keep_last: int) -> None:
+    """Collective. The checkpoints of a run that saves several roles as one unit (``roots[0]``'s commit is the
+    commit of the set): once the newest set is committed, ``roots[0]`` keeps its newest ``keep_last`` and every
+    other root exactly their namesakes -- so a crash while the set is written never leaves a resumable checkpoint
+    without its partners."""
+    if _rank() == 0:
+        kept = set(_prune(Path(roots[0]), run, keep_last=keep_last))
+        for root in roots[1:]:
+            _prune(Path(root), run, names=kept)
+    _barrier()
 
 
 @contextmanager

@@ -141,6 +141,7 @@ class RLConfig:
     whiten_advantages: bool = True  # PPO: normalise advantages over the global batch
     kl: str = "off"  # off | reward (k1 in the reward) | loss (estimator below); EvoLM: off
     kl_estimator: str = "k3"  # k1 | k2 | k3 (kl=loss)
+    kl_clamp: Optional[float] = 10.0  # cap of the k3 estimate per token (verl's low_var_kl: 10); None: no cap
     initial_policy_kl_penalty: float = 0.0  # KL coefficient
     loss_agg: str = "token_mean"  # token_mean (over the global batch) | seq_mean
     tis_cap: Optional[float] = None  # truncated importance sampling cap (rollouts from another engine/precision)

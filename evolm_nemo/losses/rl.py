@@ -259,7 +259,7 @@ def value_loss(
         clipped = torch.zeros_like(keep)
     else:
         old = torch.where(keep, old_values.detach().float(), zero)
-        v_clipped = old + (v - old).clamp(-clip, clip)
+        v_clipped = torch.clamp(v, old - clip, old + clip)  # V itself where it is inside: no rounding of old+(V-old)
         clipped_sq = (v_clipped - r).square()
         per_token = 0.5 * torch.maximum(unclipped, clipped_sq)
         clipped = keep & (clipped_sq > unclipped)
@@ -283,11 +283,12 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(p * safe_logp).sum(dim=-1)
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str, clamp: float | None = None) -> torch.Tensor:
     """Per-token estimators of KL(pi || ref) from samples of pi (Schulman, "Approximating KL divergence"), with
     ``log_ratio = logp - ref_logp``: ``k1 = log_ratio``; ``k2 = 0.5 * log_ratio^2``;
-    ``k3 = exp(-log_ratio) - 1 + log_ratio`` (>= 0, computed with ``expm1`` for accuracy near 0). Unmasked: reduce
-    with :func:`~evolm_nemo.losses.token.masked_token_sum`. Gradient flows through both inputs."""
+    ``k3 = exp(-log_ratio) - 1 + log_ratio`` (>= 0, computed with ``expm1`` for accuracy near 0), capped at ``clamp``
+    when given (verl's low-variance KL caps it at 10: one token far off the reference cannot dominate). Unmasked:
+    reduce with :func:`~evolm_nemo.losses.token.masked_token_sum`. Gradient flows through both inputs."""
     _check_same_shape(logp=logp, ref_logp=ref_logp)
     log_ratio = logp.float() - ref_logp.float()
     if kind == "k1":
@@ -295,7 +296,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.
     if kind == "k2":
         return 0.5 * log_ratio.square()
     if kind == "k3":
-        return (torch.expm1(-log_ratio) + log_ratio).clamp(min=0)
+        return (torch.expm1(-log_ratio) + log_ratio).clamp(min=0, max=clamp)
     raise ValueError(f"unknown KL estimator kind {kind!r}; expected 'k1', 'k2' or 'k3'")
 
 

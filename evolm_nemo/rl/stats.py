@@ -12,6 +12,9 @@ from evolm_nemo.losses.rl import masked_moments
 from evolm_nemo.rl.rollout import Rollout
 
 
+EV_TOLERANCE = 1e-8  # return variance below which the critic's explained variance is not reported
+
+
 def dp_allreduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """In place over the data-parallel replicas (tensor-parallel ranks hold the same values already)."""
     from megatron.core import parallel_state
@@ -55,6 +58,7 @@ def rollout_metrics(ro: Rollout, old_logp: list, batches: list[dict], values, ro
         val = torch.cat([b["old_values"].flatten() for b in batches])
         _, var_r = global_moments(ret, mask)
         _, var_e = global_moments(ret - val, mask)
-        rec["explained_variance"] = 1.0 - var_e / var_r if var_r > 0 else float("nan")
+        # undefined when the returns do not vary (e.g. every reward 0: float32 GAE leaves returns ~1e-7)
+        rec["explained_variance"] = 1.0 - var_e / var_r if var_r > EV_TOLERANCE else float("nan")
         rec["value_mean"] = global_moments(val, mask)[0]
     return rec

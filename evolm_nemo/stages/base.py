@@ -148,6 +148,12 @@ class Stage:
         return {"loss": self.result.loss, "lr": lr, "grad_norm": self.result.grad_norm}
 
     # --- what is said and recorded
+    @property
+    def finite_keys(self) -> tuple[str, ...]:
+        """Record keys whose non-finite value stops the run before it saves (a grad norm is measured only when
+        gradients are clipped: megatron's fp32 optimizer reports none with optim.clip_grad=0)."""
+        return ("loss", "grad_norm") if self.cfg.optim.clip_grad > 0 else ("loss",)
+
     def describe(self) -> str:
         return ""
 

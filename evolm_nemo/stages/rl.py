@@ -97,6 +97,19 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("rl.value_clip", f"must be > 0 or null, got {r.value_clip}")
     if r.tis_cap is not None and not r.tis_cap > 0:
         raise ConfigError("rl.tis_cap", f"must be > 0 or null, got {r.tis_cap}")
+    for key in ("discount_factor", "gae_lambda"):
+        if not 0.0 <= getattr(r, key) <= 1.0:
+            raise ConfigError(f"rl.{key}", f"must be in [0, 1], got {getattr(r, key)}")
+    if not 0.0 < r.top_p <= 1.0:
+        raise ConfigError("rl.top_p", f"must be in (0, 1], got {r.top_p}")
+    for key in ("temperature", "critic_lr"):
+        if not getattr(r, key) > 0:
+            raise ConfigError(f"rl.{key}", f"must be > 0, got {getattr(r, key)}")
+    if r.entropy_bonus < 0:
+        raise ConfigError("rl.entropy_bonus", f"must be >= 0 (a negative bonus rewards certainty), got "
+                                              f"{r.entropy_bonus}")
+    if r.kl_clamp is not None and not r.kl_clamp > 0:
+        raise ConfigError("rl.kl_clamp", f"must be > 0 or null, got {r.kl_clamp}")
     if r.kl != "off" and r.initial_policy_kl_penalty <= 0:
         raise ConfigError("rl.initial_policy_kl_penalty", f"rl.kl={r.kl} needs a positive KL coefficient")
     if r.critic_init is not None and cfg.stage == "ppo":
@@ -337,6 +350,11 @@ class RLStage(Stage):
         return out
 
     # ------------------------------------------------------------------------------------------- what is said
+    @property
+    def finite_keys(self) -> tuple[str, ...]:
+        norms = ("actor_grad_norm", "critic_grad_norm") if self.cfg.optim.clip_grad > 0 else ()
+        return ("loss", "value_loss", *norms)
+
     def evaluate(self, model, rt, step, last):
         """Greedy accuracy on ``rl.val_data`` every ``rl.val_interval`` iterations (the shared checker)."""
         if self.val is None or step % self.rl.val_interval:

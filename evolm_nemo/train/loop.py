@@ -208,10 +208,13 @@ def _say_start(cfg: RootConfig, plan: Plan, rt: Runtime, stage, start: Start, re
 def _save(out: Path, roles: list[Role], step: int, meta: dict, extra: dict, keep_last: int | None,
           layout: dict) -> Path:
     """Every role's checkpoint at ``step``: the others first, ``roles[0]`` last (its commit is the commit of the
-    set, which ``ckpt.start_run`` checks on resume)."""
+    set, which ``ckpt.start_run`` checks on resume); older sets are pruned only once the new one is committed."""
+    single = len(roles) == 1
     for role in reversed(roles):
         path = ckpt.save(out / role.dir, step, [role.model], role.optimizer, role.scheduler, extra=extra,
-                         meta={**meta, **role.meta}, keep_last=keep_last, layout=layout)
+                         meta={**meta, **role.meta}, keep_last=keep_last if single else None, layout=layout)
+    if keep_last and not single:
+        ckpt.prune_set([out / role.dir for role in roles], meta.get("run_id"), keep_last)
     return path
 
 
@@ -228,8 +231,11 @@ def _iterate(cfg: RootConfig, plan: Plan, rt: Runtime, stage, roles: list[Role],
             step, record = it + 1, stage.step(it)
             now = time.perf_counter()
             dt, tick = now - tick, now
-            if not math.isfinite(record["loss"]):
-                raise RuntimeError(f"loss is {record['loss']} at iteration {step}; lower optim.lr or check the data")
+            for key in stage.finite_keys:  # before anything of this iteration is written or saved
+                if key in record and not math.isfinite(record[key]):
+                    raise ConfigError("optim.lr", f"{key} is {record[key]} at iteration {step}: the run diverged and "
+                                                  f"stops (last checkpoint: {saved or resumed_from}); lower optim.lr "
+                                                  "or check the data")
             record = {"iteration": step, **record, **stage.metrics(it, dt, peak, rt.world_size), "step_s": dt}
             history.append(record[stage.history_key])
             measured = stage.evaluate(roles[0].model, rt, step, last=step == plan.iters)  # every rank takes part

@@ -262,6 +262,25 @@ def test_value_loss_clipped_and_unclipped():
     assert close(values.grad, [[1.0, -1.0, -0.4, 0.0]], 1e-6)
 
 
+def test_value_clip_counts_only_clipped_tokens():
+    """Values inside old +- clip are V itself in the clipped term (no rounding of old + (V - old)): nothing counts as
+    clipped and the gradient is the unclipped one; the count equals verl's ``(clip(V) - R)^2 > (V - R)^2``."""
+    torch.manual_seed(10)
+    n, clip = 200_000, 0.5
+    old = torch.randn(1, n)
+    values = (old + (torch.rand(1, n) * 2 - 1) * clip * 0.999).requires_grad_()  # all inside the clip range
+    returns = torch.randn(1, n) * 3
+    mask = torch.ones(1, n)
+    loss, _, stats = value_loss(values, old, returns, mask, clip=clip)
+    assert float(stats["clip_count"]) == 0
+    loss.backward()
+    assert torch.equal(values.grad, (values - returns).detach())
+    wide = old + torch.randn(1, n) * clip * 2  # some outside
+    v_clip = torch.maximum(torch.minimum(wide, old + clip), old - clip)  # verl's clip_by_value
+    want = ((v_clip - returns).square() > (wide - returns).square()).sum()
+    assert float(value_loss(wide, old, returns, mask, clip=clip)[2]["clip_count"]) == float(want)
+
+
 # ------------------------------------------------------------------------------------------- entropy, KL, weights
 
 
@@ -295,6 +314,10 @@ def test_kl_estimators():
     assert torch.all(kl_estimate(torch.tensor([1e-7, -1e-7, 3e-4]), torch.zeros(3), "k3") >= 0)
     with pytest.raises(ValueError, match="k4"):
         kl_estimate(logp, ref, "k4")
+    # verl's low-variance KL caps k3 at 10: a log-ratio of -12 gives e^12 ~ 1.6e5 uncapped
+    far = kl_estimate(torch.tensor([-12.0, 0.5]), torch.zeros(2), "k3", clamp=10.0)
+    assert far[0] == 10.0 and close(far[1], math.exp(-0.5) - 1 + 0.5, 1e-6)
+    assert kl_estimate(torch.tensor([-12.0]), torch.zeros(1), "k3")[0] > 1e5
 
 
 def test_sequence_mean_weights():

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from evolm_nemo.checkpoint import io as ckpt
-from tests.conftest import run_evolm, train_then_sigkill
+from tests.conftest import run_evolm, train_then_sigkill, train_then_sigkill_when
 
 
 def metrics(out) -> dict[int, dict]:
@@ -121,12 +121,41 @@ def test_sigkill_mid_rl_then_resume_matches(tmp_path, rl_parent):
     _compare(got, want)
 
 
+def test_ppo_pair_is_pruned_as_a_pair(tmp_path, rl_parent):
+    """keep_last=1, SIGKILL after the critic's new checkpoint is committed and before the actor's is: the older pair
+    is still whole (nothing is pruned until the actor commits the new pair), so the run resumes from it and
+    finishes, and only the newest pair is kept."""
+    args = ["train.iters=3", "train.save_interval=1", "train.keep_last=1", "rl.prompts_per_step=8"]
+    out = tmp_path / "run"
+
+    def critic_committed_alone():  # the critic's iteration 2 is committed, the actor's is not yet
+        critic, actor = out / "critic" / "iter_0000002", out / "checkpoints" / "iter_0000002"
+        return 2 if (critic / "evolm.json").exists() and not (actor / "evolm.json").exists() else None
+
+    train_then_sigkill_when(rl_args(out, rl_parent, "ppo", None, *args), critic_committed_alone)
+    assert ckpt.latest(out / "checkpoints").name == "iter_0000001"
+    assert ckpt.is_complete(out / "critic" / "iter_0000001")  # the actor's partner was not pruned
+    resumed = run_evolm("train", rl_args(out, rl_parent, "ppo", None, *args))
+    assert "resuming at iteration 1" in resumed.stdout
+    assert sorted(metrics(out)) == [1, 2, 3]
+    for root in ("checkpoints", "critic"):  # keep_last=1: one pair, the newest
+        assert [p.name for p in ckpt.checkpoint_dirs(out / root)] == ["iter_0000003"]
+
+
 @pytest.mark.parametrize("extra,key", [
     (["stage=grpo", "rl.samples_per_prompt=1"], "rl.samples_per_prompt"),
     (["rl.kl=loss"], "rl.initial_policy_kl_penalty"),
     (["rl.kl_estimator=k9"], "rl.kl_estimator"),
     (["rl.prompts_per_step=3", "parallel.micro_batch_size=2"], "parallel.micro_batch_size"),
     (["train.init_from=null"], "train.init_from"),
+    (["rl.discount_factor=-1"], "rl.discount_factor"),
+    (["rl.gae_lambda=5"], "rl.gae_lambda"),
+    (["rl.entropy_bonus=-0.01"], "rl.entropy_bonus"),
+    (["rl.temperature=-1"], "rl.temperature"),
+    (["rl.top_p=0"], "rl.top_p"),
+    (["rl.top_p=2"], "rl.top_p"),
+    (["rl.critic_lr=-1"], "rl.critic_lr"),
+    (["rl.kl_clamp=0"], "rl.kl_clamp"),
 ])
 def test_bad_rl_recipe_is_one_line(tmp_path, rl_parent, extra, key):
     proc = run_evolm("train", rl_args(tmp_path / "run", rl_parent, "ppo", None, "train.iters=2", *extra), check=False)

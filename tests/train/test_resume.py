@@ -99,3 +99,19 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path, data_cache, unint
     assert sorted(got) == list(range(1, ITERS + 1))
     for it in range(1, ITERS + 1):
         assert abs(got[it] - want[it]) <= 1e-6, (it, got[it], want[it])
+
+
+def test_a_diverging_run_stops_in_one_line_before_it_saves(tmp_path, data_cache):
+    """A non-finite loss or grad norm stops the run before that iteration is recorded or saved: one line naming
+    optim.lr and the last checkpoint, exit 2; the checkpoints before it stay and load."""
+    out = tmp_path / "run"
+    proc = run_evolm("train", tiny(out, data_cache, "train.iters=8", "train.save_interval=1", "train.keep_last=20",
+                                   "optim.lr=1e30", "optim.warmup_fraction=0"), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: optim.lr: "), proc.stderr
+    bad = int(lines[0].split(" at iteration ")[1].split(":")[0])
+    assert bad <= 8 and "the run diverged" in lines[0]
+    saved = [int(p.name.split("_")[1]) for p in ckpt.committed(out / "checkpoints")]
+    assert saved == list(range(1, bad)) or (bad == 1 and saved == [])
+    rows = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(rows) == bad - 1  # the diverged iteration is not recorded
