@@ -102,9 +102,10 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
             raise ConfigError(f"rl.{key}", f"must be in [0, 1], got {getattr(r, key)}")
     if not 0.0 < r.top_p <= 1.0:
         raise ConfigError("rl.top_p", f"must be in (0, 1], got {r.top_p}")
-    for key in ("temperature", "critic_lr"):
-        if not getattr(r, key) > 0:
-            raise ConfigError(f"rl.{key}", f"must be > 0, got {getattr(r, key)}")
+    if not r.temperature >= 0:
+        raise ConfigError("rl.temperature", f"must be >= 0 (0: greedy rollouts), got {r.temperature}")
+    if not r.critic_lr > 0:
+        raise ConfigError("rl.critic_lr", f"must be > 0, got {r.critic_lr}")
     if r.entropy_bonus < 0:
         raise ConfigError("rl.entropy_bonus", f"must be >= 0 (a negative bonus rewards certainty), got "
                                               f"{r.entropy_bonus}")
