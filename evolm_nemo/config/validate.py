@@ -143,3 +143,12 @@ SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
 def shape_difference(model, theirs: dict) -> str | None:
     """The first of ``SHAPE_KEYS`` where ``model`` (a ModelConfig) differs from a checkpoint's recorded model dict."""
     return next((k for k in SHAPE_KEYS if k in theirs and theirs[k] != getattr(model, k)), None)
+
+
+def check_shape(model, meta: dict, says) -> None:
+    """A checkpoint (its evolm.json ``meta``) holds a model of ``model``'s shape, or a ConfigError naming the first
+    ``model.<key>`` that differs, with ``says(ours, theirs, their preset's name)`` as its message."""
+    theirs = meta.get("model") or {}
+    key = shape_difference(model, theirs)
+    if key is not None:
+        raise ConfigError(f"model.{key}", says(getattr(model, key), theirs[key], theirs.get("name")))

@@ -28,8 +28,8 @@ from evolm_nemo.tasks import SUITES, UPSTREAM
 
 @dataclass
 class ResultMeta:
-    """Fields both eval modes share: where results go and how the model is labelled in reports
-    (documented in recipes/eval_downstream.yaml and recipes/eval_upstream.yaml)."""
+    """Fields both eval modes share: the model, its data and limit, where results go and how the model is labelled in
+    reports (documented in recipes/eval_downstream.yaml and recipes/eval_upstream.yaml)."""
 
     out: Optional[str] = None
     name: Optional[str] = None
@@ -38,14 +38,14 @@ class ResultMeta:
     stage: Optional[str] = None
     group: Optional[str] = None
     trust_remote_code: bool = False
+    model: Optional[str] = None  # the HF model directory evaluated
+    data_dir: Optional[str] = None
+    limit: Optional[int] = None
 
 
 @dataclass
 class DownstreamConfig(ResultMeta):
-    model: Optional[str] = None
     tasks: List[str] = field(default_factory=lambda: list(SUITES))
-    data_dir: Optional[str] = None
-    limit: Optional[int] = None
     backend: str = "auto"
     n: int = 16
     greedy: bool = True
@@ -65,11 +65,8 @@ class DownstreamConfig(ResultMeta):
 
 @dataclass
 class UpstreamConfig(ResultMeta):
-    model: Optional[str] = None
     tasks: List[str] = field(default_factory=lambda: list(UPSTREAM))
     tasks_dir: Optional[str] = None
-    data_dir: Optional[str] = None
-    limit: Optional[int] = None
     batch_size: str = "16"
     dtype: str = "auto"
     device: Optional[str] = None

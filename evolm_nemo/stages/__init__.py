@@ -16,7 +16,7 @@ from types import ModuleType
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.config.validate import Plan, check_schedule, choice, shape_difference, validate
+from evolm_nemo.config.validate import Plan, check_schedule, check_shape, choice, validate
 from evolm_nemo.fileio import check_writable, is_hf_model_dir
 from evolm_nemo.train.loop import MAIN, TrainResult, fit
 
@@ -121,12 +121,9 @@ def check_parent(cfg: RootConfig) -> None:
         meta = ckpt.read_meta(ckpt.resolve(path))
     except ckpt.CheckpointError as exc:
         raise ConfigError("train.init_from", str(exc)) from None
-    theirs = meta.get("model") or {}
-    key = shape_difference(cfg.model, theirs)
-    if key is not None:
-        raise ConfigError(f"model.{key}", f"{getattr(cfg.model, key)} differs from the parent checkpoint's "
-                                          f"{theirs[key]} (train.init_from={path}, model {theirs.get('name')}); "
-                                          "pick the model preset it was trained with")
+    check_shape(cfg.model, meta, lambda ours, theirs, name: f"{ours} differs from the parent checkpoint's {theirs} "
+                                                           f"(train.init_from={path}, model {name}); pick the model "
+                                                           "preset it was trained with")
 
 
 def run(cfg: RootConfig, plan: Plan) -> TrainResult:

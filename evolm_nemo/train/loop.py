@@ -29,7 +29,7 @@ from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.compose import to_dict
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.config.validate import Plan, shape_difference
+from evolm_nemo.config.validate import Plan, check_shape
 from evolm_nemo.model.build import param_count
 from evolm_nemo.runtime.distributed import Runtime, setup
 from evolm_nemo.runtime.signals import StopSignal, Stopped, children_die_with_parent
@@ -100,12 +100,10 @@ def resume_check(cfg: RootConfig, plan_iters: int) -> Callable[[Path, dict], Non
     for the old one), naming the two ways forward."""
 
     def check(path: Path, meta: dict) -> None:
-        theirs = meta.get("model") or {}
-        key = shape_difference(cfg.model, theirs)
-        if key is not None:
-            raise ConfigError(f"model.{key}", f"{getattr(cfg.model, key)} differs from {theirs[key]} in {path} "
-                                              f"(model {theirs.get('name')}), the checkpoint this run would "
-                                              "resume; use the model it was trained with, or a new run.out_dir")
+        check_shape(cfg.model, meta, lambda ours, theirs, name: f"{ours} differs from {theirs} in {path} (model "
+                                                               f"{name}), the checkpoint this run would resume; "
+                                                               "use the model it was trained with, or a new "
+                                                               "run.out_dir")
         planned, done = meta.get("planned_iters"), int(meta.get("iteration", 0))
         if (planned is not None and planned != plan_iters) or done > plan_iters:
             key = "train.tokens" if cfg.train.tokens else "train.iters"
