@@ -39,6 +39,9 @@ def check(cfg: RootConfig, actor_tokenizer_ref: str | None) -> None:
     if meta.get("head") != "value":
         raise ConfigError("rl.reward_model", f"{r.reward_model} is a language model (head={meta.get('head', 'lm')}), "
                                              "not a reward model with a scalar head")
+    if meta.get("role") == "critic":
+        raise ConfigError("rl.reward_model", f"{r.reward_model} is a PPO critic (it predicts returns, not rewards); "
+                                             "use a stage=rm run or an imported HF reward model")
     m, tp = meta.get("model") or {}, cfg.parallel.tp
     for key in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
         if key in m and m[key] % tp:

@@ -121,6 +121,11 @@ def check_parent(cfg: RootConfig) -> None:
         meta = ckpt.read_meta(ckpt.resolve(path))
     except ckpt.CheckpointError as exc:
         raise ConfigError("train.init_from", str(exc)) from None
+    head = meta.get("head", "lm")
+    if head != "lm" and kind(cfg.stage).head == "lm":
+        raise ConfigError("train.init_from", f"{path} is a {meta.get('role') or 'reward model'} checkpoint (a scalar "
+                                             f"{head} head, no language-model head); stage={cfg.stage} starts from "
+                                             "a language model (a pretraining, CPT or SFT run)")
     check_shape(cfg.model, meta, lambda ours, theirs, name: f"{ours} differs from the parent checkpoint's {theirs} "
                                                            f"(train.init_from={path}, model {name}); pick the model "
                                                            "preset it was trained with")

@@ -274,3 +274,27 @@ def test_layouts_equal_tp1(rm_data, tmp_path, stage, layout):
     for it in (1, 2):
         for key in ("loss", "grad_norm"):
             assert abs(got[it][key] - ref[it][key]) < 1e-5 * max(1.0, abs(ref[it][key])), (it, key)
+
+
+def test_a_value_head_checkpoint_is_refused_where_a_language_model_or_a_reward_model_belongs(rm_data, tmp_path):
+    """A reward model as the parent of an LM stage would start from a random LM head; a PPO critic as rl.reward_model
+    scores returns, not rewards: both are one line naming the key, before anything is built."""
+    rm = tmp_path / "rm"
+    run_evolm("train", rm_overrides(rm, rm_data, "train.iters=2", "train.epochs=null"))
+    ppo = tmp_path / "ppo"
+    run_evolm("train", ["stage=ppo", f"train.init_from={rm_data['sft']}", f"data.paths=[{rm_data['rl8']}]",
+                        f"run.out_dir={ppo}", "train.iters=1", "rl.max_response_tokens=16", *COMMON])
+    data = {"sft": [f"data.paths=[{rm_data['outcome']}]"], "dpo": [f"data.paths=[{rm_data['pairs']}]"],
+            "grpo": [f"data.paths=[{rm_data['rl8']}]"]}
+    for stage, extra in data.items():
+        proc = run_evolm("train", [f"stage={stage}", f"train.init_from={rm}", f"run.out_dir={tmp_path / stage}",
+                                   "train.iters=1", *extra, *COMMON], check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith("error: train.init_from:") and "no language-model head" in lines[0], lines[0]
+        assert not (tmp_path / stage).exists()
+    proc = run_evolm("train", ["stage=grpo", f"train.init_from={rm_data['sft']}", f"data.paths=[{rm_data['rl8']}]",
+                               f"run.out_dir={tmp_path / 'g'}", "train.iters=1", "rl.reward=rm",
+                               f"rl.reward_model={ppo / 'critic'}", *COMMON], check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "rl.reward_model" in lines[0] and "PPO critic" in lines[0]
