@@ -4,7 +4,7 @@ or a wrong type is caught (with its full dotted name) before any heavy work star
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from evolm_nemo.tasks import QUESTION_TEMPLATE
 
@@ -64,6 +64,9 @@ class OptimConfig:
     wsd_decay_fraction: float = 0.2  # decay_style=wsd: the last fraction of iterations decays to min_lr (cooldown)
     wsd_decay_shape: str = "linear"  # decay_style=wsd: linear | cosine | 1-sqrt
     distributed: bool = False  # shard optimizer state over data-parallel ranks (megatron distributed optimizer)
+    stage_lr: Dict[str, float] = field(default_factory=dict)  # this model size's peak lr of each post-training stage
+    #                                     (sft, rm, dpo, ppo, grpo): what `optim.lr` is for that stage without an
+    #                                     experiment (pretraining and CPT use `optim.lr` itself)
 
 
 @dataclass

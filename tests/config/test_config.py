@@ -172,3 +172,18 @@ def test_stage_registry_answers_for_every_stage():
     with pytest.raises(ConfigError) as err:
         kind("pretrian")
     assert err.value.key == "stage" and "pretrain" in err.value.message
+
+
+@pytest.mark.parametrize("size", ["tiny", "evolm_0.5b", "evolm_1b", "evolm_4b"])
+def test_a_stage_without_an_experiment_uses_its_own_rate(size):
+    """`evolm train stage=<s>` with no experiment: the post-training stages take this size's rate for that stage
+    (recipes/optim/<size>.yaml: stage_lr), an order or more below pretraining's; pretraining and CPT keep optim.lr;
+    an explicit optim.lr still wins."""
+    pre = compose("config", [f"optim={size}"], RootConfig).optim
+    for stage in ("sft", "rm", "dpo", "ppo", "grpo"):
+        o = compose("config", [f"stage={stage}", f"optim={size}"], RootConfig).optim
+        assert o.lr == pre.stage_lr[stage] and o.lr <= pre.lr / 3 and o.min_lr == 0.0, (size, stage, o.lr)
+    assert compose("config", ["stage=cpt", f"optim={size}"], RootConfig).optim.lr == pre.lr
+    assert compose("config", ["stage=grpo", f"optim={size}", "optim.lr=5e-5"], RootConfig).optim.lr == 5e-5
+    if size == "evolm_1b":  # EvoLM's 1B rates (PAPER.md): SFT 1e-5, PPO actor 2e-6
+        assert pre.stage_lr["sft"] == 1e-5 and pre.stage_lr["ppo"] == 2e-6
