@@ -42,7 +42,6 @@ from evolm_nemo.tasks import TURN_MARKERS, UPSTREAM
 DEMO_PROBLEMS = 8  # held-out generated word problems for the final HF evaluation (greedy + n=16)
 HELD_OUT = 64  # held-out problems for the greedy accuracy before and after SFT
 MAX_NEW = 48  # completion tokens for those
-STOP = TURN_MARKERS  # the template's turn markers end a completion
 RM_PROBLEMS, RM_SAMPLES = 160, 8  # the demo RM's training samples: problems of the RL set x samples each
 SFT_EPOCHS = 2  # the demo's SFT: 2 epochs (demo_sft's 4 leave greedy accuracy where GRPO on this model cannot raise it)
 RL_WINDOW = 10  # the RL stage's mean reward over its first and last RL_WINDOW steps
@@ -75,7 +74,7 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], template: str, max_n
     the live model, judged by the shared answer checker (strict): the downstream probe's code. Every TP rank takes
     part."""
     batch = Problems("gsm8k_platinum", [template.replace("{question}", p["problem"]) for p in problems],
-                     [p["answer"] for p in problems], STOP)
+                     [p["answer"] for p in problems], TURN_MARKERS)
     return downstream(model, tokenizer, batch, max_new_tokens, max_seq, mode="strict", max_batch=32)
 
 
@@ -92,7 +91,7 @@ def own_samples(model, tokenizer, rl_path, problems: int, n: int, max_seq: int, 
     rows = read_jsonl(rl_path)[:problems]
     prompts = [r["prompt"] for r in rows for _ in range(n)]
     done = Generator(model, tokenizer, max_seq=max_seq, max_batch=64).complete(
-        prompts, MAX_NEW, temperature=1.0, seed=seed, stop_strings=STOP)
+        prompts, MAX_NEW, temperature=1.0, seed=seed, stop_strings=TURN_MARKERS)
     out = []
     for i, r in enumerate(rows):
         texts = [c.text for c in done[i * n:(i + 1) * n]]

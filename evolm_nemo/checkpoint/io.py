@@ -340,7 +340,7 @@ def _load_model_state(chunks, loaded: dict) -> None:
 
 
 def save(root: str | Path, iteration: int, chunks, optimizer=None, scheduler=None, extra: dict | None = None,
-         meta: dict | None = None, keep_last: int | None = None, layout: dict | None = None) -> Path:
+         meta: dict | None = None, layout: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the committed directory."""
     from megatron.core import dist_checkpointing
 
@@ -380,35 +380,30 @@ def save(root: str | Path, iteration: int, chunks, optimizer=None, scheduler=Non
         if final.exists():  # an older incomplete attempt at the same iteration
             shutil.rmtree(final)
         os.replace(tmp, final)
-        if keep_last:
-            _prune(root, record.get("run_id"), keep_last=keep_last, keep=final)
         for stale in root.glob("iter_*.tmp-*"):  # leftovers of crashed saves
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
 
 
-def _prune(root: Path, run: str | None, keep_last: int | None = None, keep: Path | None = None,
-           names: set[str] | None = None) -> list[str]:
-    """Rank 0: remove this run's complete checkpoints under ``root`` but the newest ``keep_last`` (and ``keep``), or
-    all but ``names``; another run's are never counted (nor touched). Returns the names kept."""
-    ours = [c for c in checkpoint_dirs(root) if is_complete(c) and _ours(c, run)]
-    drop = ours[:-keep_last] if keep_last else [c for c in ours if c.name not in (names or set())]
-    for old in drop:
-        if old != keep:
+def _prune(root: Path, run: str | None, keep: set[str]) -> None:
+    """Rank 0: remove this run's complete checkpoints under ``root`` whose names are not in ``keep``; another run's
+    are never touched."""
+    for old in checkpoint_dirs(root):
+        if old.name not in keep and is_complete(old) and _ours(old, run):
             shutil.rmtree(old, ignore_errors=True)
-    return [c.name for c in ours if c not in drop or c == keep]
 
 
-def prune_set(roots: list, run: str | None, keep_last: int) -> None:
-    """Collective. The checkpoints of a run that saves several roles as one unit (``roots[0]``'s commit is the
-    commit of the set): once the newest set is committed, ``roots[0]`` keeps its newest ``keep_last`` and every
-    other root exactly their namesakes -- so a crash while the set is written never leaves a resumable checkpoint
-    without its partners."""
+def prune(roots: list, run: str | None, keep_last: int, newest: str) -> None:
+    """Collective, once a run's newest checkpoint ``newest`` is committed under every root (``roots[0]``'s commit is
+    the commit of the set): ``roots[0]`` keeps its newest ``keep_last`` complete checkpoints of this run (and
+    ``newest``), every other root exactly their namesakes -- so a crash while a set is written never leaves a
+    resumable checkpoint without its partners."""
     if _rank() == 0:
-        kept = set(_prune(Path(roots[0]), run, keep_last=keep_last))
-        for root in roots[1:]:
-            _prune(Path(root), run, names=kept)
+        ours = [c.name for c in checkpoint_dirs(roots[0]) if is_complete(c) and _ours(c, run)]
+        keep = set(ours[-keep_last:]) | {newest}
+        for root in roots:
+            _prune(Path(root), run, keep)
     _barrier()
 
 

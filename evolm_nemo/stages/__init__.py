@@ -21,7 +21,6 @@ from evolm_nemo.fileio import check_writable, is_hf_model_dir
 from evolm_nemo.train.loop import MAIN, TrainResult, fit
 
 
-
 @dataclass(frozen=True)
 class Kind:
     """What the rest of the house needs to know of a stage, so that only this package tests stage names."""

@@ -39,6 +39,7 @@ from evolm_nemo.rl.objectives import actor_forward_step, collate, critic_forward
 from evolm_nemo.rl.reward import RewardModelScorer, check as check_reward, combine as combine_rewards
 from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, verifiable_rewards
 from evolm_nemo.rl.stats import global_moments, rollout_metrics
+from evolm_nemo.stages import kind
 from evolm_nemo.stages.base import Stage
 from evolm_nemo.tasks import SUITE_KIND
 from evolm_nemo.train.engine import build_training_model, train_step
@@ -134,7 +135,7 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
 
 def checkpoint_dirs(cfg: RootConfig) -> tuple[str, ...]:
     """The run's checkpoint roots, actor first: a PPO checkpoint is the actor + critic pair."""
-    return (MAIN,) if cfg.stage == "grpo" else (MAIN, CRITIC)
+    return (MAIN, CRITIC) if kind(cfg.stage).critic else (MAIN,)
 
 
 class RLStage(Stage):
@@ -170,7 +171,7 @@ class RLStage(Stage):
         model, optimizer, make = build_training_model(cfg, rt)
         self.actor = Role(model, optimizer, make(steps), make, meta={"role": "actor"})
         self.critic = None
-        if not self.grpo:
+        if kind(cfg.stage).critic:
             o = cfg.optim
             ccfg = dataclasses.replace(cfg, optim=dataclasses.replace(o, lr=r.critic_lr,
                                                                        min_lr=min(o.min_lr, r.critic_lr)))
@@ -191,15 +192,13 @@ class RLStage(Stage):
         return [self.actor] + ([self.critic] if self.critic is not None else [])
 
     def start(self, roles, layout) -> Start:
-        """The actor from ``train.init_from``; the critic's backbone from ``rl.critic_init`` (or the same), with a
-        fresh scalar head."""
-        t = self.cfg.train
-        parent = ckpt.load_weights(t.init_from, [self.actor.model])
-        self.actor.optimizer.reload_model_params()
+        """The actor from ``train.init_from`` (as every stage); the critic's backbone from ``rl.critic_init`` (or the
+        same), with a fresh scalar head."""
+        start = super().start(roles, layout)
         if self.critic is not None:
-            load_backbone(self.rl.critic_init or t.init_from, [self.critic.model])
+            load_backbone(self.rl.critic_init or self.cfg.train.init_from, [self.critic.model])
             self.critic.optimizer.reload_model_params()
-        return Start(parent_meta=parent)
+        return start
 
     def prepare(self, model, rt, start, out_dir):
         if self.rl.save_rollouts:
@@ -219,7 +218,7 @@ class RLStage(Stage):
         for i in range(0, len(order), mbs):
             rows = order[i:i + mbs]
             out.append(collate([seqs[k] for k in rows], {key: [v[k] for k in rows] for key, v in extra.items()},
-                                 pad_id=self.eos))
+                               pad_id=self.eos))
         return out
 
     def _per_token(self, outputs: list[torch.Tensor], batches: list[dict], order: list[int], n: int) -> list:

@@ -203,16 +203,14 @@ def _say_start(cfg: RootConfig, plan: Plan, rt: Runtime, stage, start: Start, re
           flush=True)
 
 
-def _save(out: Path, roles: list[Role], step: int, meta: dict, extra: dict, keep_last: int | None,
+def _save(out: Path, roles: list[Role], step: int, meta: dict, extra: dict, keep_last: int,
           layout: dict) -> Path:
     """Every role's checkpoint at ``step``: the others first, ``roles[0]`` last (its commit is the commit of the
     set, which ``ckpt.start_run`` checks on resume); older sets are pruned only once the new one is committed."""
-    single = len(roles) == 1
     for role in reversed(roles):
         path = ckpt.save(out / role.dir, step, [role.model], role.optimizer, role.scheduler, extra=extra,
-                         meta={**meta, **role.meta}, keep_last=keep_last if single else None, layout=layout)
-    if keep_last and not single:
-        ckpt.prune_set([out / role.dir for role in roles], meta.get("run_id"), keep_last)
+                         meta={**meta, **role.meta}, layout=layout)
+    ckpt.prune([out / role.dir for role in roles], meta.get("run_id"), keep_last, path.name)
     return path
 
 
