@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from evolm_nemo.data.tokenizer import MegatronHFTokenizer
+from evolm_nemo.losses.rl import sampling_logits
 from evolm_nemo.tasks import cut_at_stop
 
 @dataclass
@@ -53,15 +54,32 @@ def _controller_class():
 
         stop: tuple[str, ...] = ()
         stopped: set[int] = set()  # batch rows finished by a stop string (indices into the current static batch)
+        sampled: tuple[float, float] | None = None  # (temperature, top_p): report log p of the sampling distribution
         _prompt_lengths: list[int] = []
+        _step_logp: list[torch.Tensor] = []
 
         def generate_all_output_tokens_static_batch(self, active_requests, active_streams=None):
             self._prompt_lengths = [len(r.prompt_tokens) for r in active_requests.values()]
             self.stopped = set()
+            self._step_logp = []
             done = super().generate_all_output_tokens_static_batch(active_requests, active_streams)
+            first = min(self._prompt_lengths, default=0)
             for row, request in enumerate(done.values()):
                 request.stopped_by_string = row in self.stopped
+                if self.sampled is not None and getattr(request, "generated_log_probs", None) is not None:
+                    # step j sampled the token at position first + j; this row's k-th token sits at L_row + k
+                    start = self._prompt_lengths[row] - first
+                    request.generated_log_probs = [float(self._step_logp[start + k][row])
+                                                   for k in range(len(request.generated_log_probs))]
             return done
+
+        def sample_from_logits(self, last_token_logits, sampling_params=None, vocab_size=None, *args, **kwargs):
+            ids = super().sample_from_logits(last_token_logits, sampling_params, vocab_size, *args, **kwargs)
+            if self.sampled is not None:
+                x = sampling_logits(last_token_logits, *self.sampled, keep=ids)
+                self._step_logp.append(torch.log_softmax(x, dim=-1).gather(-1, ids.long().unsqueeze(-1))
+                                       .squeeze(-1).cpu())
+            return ids
 
         def update_generation_status(self, updated_prompts_tokens, generation_started, current_context_end_position,
                                      is_generation_done_tensor, generated_sequence_lengths, termination_id=None):
@@ -162,8 +180,9 @@ class Generator:
     def complete(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None,
                  return_log_probs: bool = False) -> list[Completion]:
-        """Like ``generate``, with the token ids and why each completion ended; ``return_log_probs`` adds the engine's
-        log-probability (of the untempered distribution) of every generated token."""
+        """Like ``generate``, with the token ids and why each completion ended; ``return_log_probs`` adds the log-prob
+        of every generated token under the distribution it was sampled from (tempered, top-p truncated:
+        ``losses.rl.sampling_logits``); greedy (temperature 0) reports the untempered model's."""
         from megatron.core.inference.sampling_params import SamplingParams
         from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
@@ -183,6 +202,8 @@ class Generator:
         results: list[Completion | None] = [None] * len(prompts)
         self.controller.sampling_rng.manual_seed(int(seed))
         self.controller.stop = stop
+        self.controller.sampled = ((float(temperature), float(top_p))
+                                   if return_log_probs and temperature > 0 and top_k == 0 else None)
         was_training = getattr(self.model, "training", False)
         # megatron's static engine refuses sequence parallelism (dense models): switch it off while generating
         sp = self._inner.config.sequence_parallel
@@ -211,6 +232,7 @@ class Generator:
                         results[i] = self._completion(pool.pop(rid), budget, stop, cut_at_stop)
         finally:
             self.controller.stop = ()
+            self.controller.sampled = None
             self.model.train(was_training)
             if sp:
                 set_model_to_sequence_parallel(self._inner, True)

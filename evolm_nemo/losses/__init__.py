@@ -9,6 +9,7 @@ whole global batch whatever the split into microbatches and ranks.
 from evolm_nemo.losses.rl import (
     constant_groups,
     entropy_from_logits,
+    sampling_logits,
     gae,
     group_advantages,
     kl_estimate,
@@ -28,6 +29,7 @@ __all__ = [
     "token_mean",
     "constant_groups",
     "entropy_from_logits",
+    "sampling_logits",
     "gae",
     "group_advantages",
     "kl_estimate",

@@ -24,6 +24,7 @@ __all__ = [
     "policy_loss",
     "value_loss",
     "entropy_from_logits",
+    "sampling_logits",
     "kl_estimate",
     "sequence_mean_weights",
     "truncated_importance_weights",
@@ -281,6 +282,31 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     p = logp.exp()
     safe_logp = torch.where(p > 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
     return -(p * safe_logp).sum(dim=-1)
+
+
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits of the distribution a rollout samples from, ``[..., vocab]`` (full vocabulary): ``logits /
+    temperature``, and with ``top_p < 1`` every token outside the nucleus set to ``-inf`` -- megatron's rule, applied
+    to the tempered probabilities sorted in descending order: a token stays when the probability of the tokens before
+    it is at most ``top_p`` (so the most likely token always stays). ``keep`` (``[...]`` token ids, e.g. the labels)
+    stays in any case, so the log-prob of a sampled token is finite even where a tie or a rounding puts it at the
+    nucleus' edge. ``temperature=0`` (greedy) is taken as 1. The nucleus is chosen without gradient; the kept logits
+    carry it."""
+    x = logits.float()
+    if temperature and temperature != 1.0:
+        x = x / temperature
+    if top_p >= 1.0:
+        return x
+    with torch.no_grad():
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = torch.zeros_like(cum, dtype=torch.bool)
+        drop_sorted[..., 1:] = cum[..., :-1] > top_p  # the mass of the tokens before this one
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        if keep is not None:
+            drop.scatter_(-1, keep.unsqueeze(-1).long(), False)
+    return x.masked_fill(drop, float("-inf"))
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str, clamp: float | None = None) -> torch.Tensor:

@@ -10,7 +10,8 @@ from functools import partial
 import torch
 
 from evolm_nemo.data.sft import collate as sft_collate
-from evolm_nemo.losses.rl import entropy_from_logits, kl_estimate, policy_loss, sequence_mean_weights, value_loss
+from evolm_nemo.losses.rl import (entropy_from_logits, kl_estimate, policy_loss, sampling_logits,
+                                  sequence_mean_weights, value_loss)
 from evolm_nemo.train.forward import collect_output
 
 
@@ -39,6 +40,24 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return torch.log(z) + m.squeeze(-1) - ex / z
 
 
+def policy_logprobs(logits: torch.Tensor, labels: torch.Tensor, rl) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(label), entropy)`` per position under the distribution the rollouts sample from (README, "RL: the
+    sampled distribution"): the actor's logits divided by ``rl.temperature`` and, with ``rl.top_p < 1``, cut to the
+    top-p nucleus (``losses.rl.sampling_logits``, the rule the rollout engine applies). Old, new and reference
+    log-probs all go through here, so the PPO ratio and the KL compare one distribution. Greedy rollouts
+    (temperature 0) train the untempered policy."""
+    temperature = rl.temperature if rl.temperature > 0 else 1.0
+    if rl.top_p >= 1.0 or rl.temperature == 0:
+        x = logits.float() / temperature if temperature != 1.0 else logits
+        return token_logprobs(x, labels), token_entropy(x)
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    full = gather_from_tensor_model_parallel_region(logits.float())  # the nucleus needs the whole vocabulary
+    x = sampling_logits(full, temperature, rl.top_p, keep=labels)
+    logp = torch.log_softmax(x, dim=-1).gather(-1, labels.unsqueeze(-1).long()).squeeze(-1)
+    return logp, entropy_from_logits(x)
+
+
 def collate(seqs: list[tuple[list[int], int]], extra: dict[str, list[list[float]]], pad_id: int) -> dict:
     """Right-padded microbatch of ``(ids, prompt_len)``: tokens/labels/position_ids and ``loss_mask`` on the positions
     that predict response tokens, plus each ``extra`` per-response-token list placed at those positions."""
@@ -56,10 +75,11 @@ def collate(seqs: list[tuple[list[int], int]], extra: dict[str, list[list[float]
 # --------------------------------------------------------------------------------------------------- forward only
 
 
-def logprob_forward_step(data_iterator, model):
+def logprob_forward_step(rl, data_iterator, model):
+    """Forward-only step: the per-token log-probs of ``policy_logprobs`` (``partial`` it with ``rl``)."""
     b = next(data_iterator)
     logits = model(b["tokens"], b["position_ids"], None)
-    return token_logprobs(logits, b["labels"]), partial(collect_output, "logp")
+    return policy_logprobs(logits, b["labels"], rl)[0], partial(collect_output, "logp")
 
 
 # ------------------------------------------------------------------------------------------------------- training
@@ -75,8 +95,7 @@ def _weights(b: dict, rl) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _actor_loss(b: dict, rl, logits: torch.Tensor):
     mask = b["loss_mask"]
-    logp = token_logprobs(logits, b["labels"])
-    entropy = token_entropy(logits)
+    logp, entropy = policy_logprobs(logits, b["labels"], rl)
     weights, seq_count = _weights(b, rl)
     if "tis" in b:
         weights = weights * b["tis"]

@@ -246,9 +246,9 @@ class RLStage(Stage):
         n = len(ro)
         order = list(range(n))
         base = self._microbatches(ro, order, {})
-        old_logp = self._per_token(forward_collect(self.actor.model, base, logprob_forward_step, mbs, rt), base,
-                                   order, n)
-        ref_logp = (self._per_token(forward_collect(self.ref, base, logprob_forward_step, mbs, rt), base, order, n)
+        logp_step = partial(logprob_forward_step, r)  # of the distribution the rollout sampled from
+        old_logp = self._per_token(forward_collect(self.actor.model, base, logp_step, mbs, rt), base, order, n)
+        ref_logp = (self._per_token(forward_collect(self.ref, base, logp_step, mbs, rt), base, order, n)
                     if self.ref is not None else None)
         # token-level rewards: the verifiable reward on the last response token, minus k1 KL when kl=reward
         rewards = []

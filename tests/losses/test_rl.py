@@ -18,6 +18,7 @@ from evolm_nemo.losses import (
     masked_token_sum,
     mean_var_from_moments,
     policy_loss,
+    sampling_logits,
     sequence_mean_weights,
     truncated_importance_weights,
     value_loss,
@@ -282,6 +283,32 @@ def test_value_clip_counts_only_clipped_tokens():
 
 
 # ------------------------------------------------------------------------------------------- entropy, KL, weights
+
+
+def test_sampling_logits_are_the_tempered_nucleus():
+    """Probabilities 0.5, 0.3, 0.15, 0.05 at T=1: top_p=0.7 keeps the first two (0.5 before the second is <= 0.7, 0.8
+    before the third is not), renormalised to 0.625 / 0.375; top_p=0.5 keeps the second too (the mass before it is
+    0.5, not above); a label outside the nucleus is kept when asked; the temperature divides first."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    logits = probs.log().float()
+    kept = torch.softmax(sampling_logits(logits, 1.0, 0.7), -1)
+    assert close(kept, [0.625, 0.375, 0.0, 0.0], 1e-6)
+    assert close(torch.softmax(sampling_logits(logits, 1.0, 0.5), -1), [0.625, 0.375, 0.0, 0.0], 1e-6)
+    assert close(torch.softmax(sampling_logits(logits, 1.0, 0.4), -1), [1.0, 0.0, 0.0, 0.0], 1e-6)
+    with_label = torch.softmax(sampling_logits(logits, 1.0, 0.7, keep=torch.tensor(3)), -1)
+    assert close(with_label, [0.5 / 0.85, 0.3 / 0.85, 0.0, 0.05 / 0.85], 1e-6)
+    tempered = probs ** (1 / 0.5)
+    assert close(torch.softmax(sampling_logits(logits, 0.5), -1), tempered / tempered.sum(), 1e-6)
+    assert torch.equal(sampling_logits(logits, 0.0), logits)  # greedy: the untempered logits
+    # batched over [b, s, V]; the gradient reaches only the kept logits
+    x = torch.randn(2, 3, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 3))
+    out = sampling_logits(x, 0.7, 0.9, keep=labels)
+    logp = torch.log_softmax(out, -1).gather(-1, labels.unsqueeze(-1))
+    assert torch.isfinite(logp).all()
+    logp.sum().backward()
+    dropped = ~torch.isfinite(out)
+    assert dropped.any() and (x.grad[dropped] == 0).all() and (x.grad[~dropped] != 0).any()
 
 
 def test_entropy_matches_definition_and_uniform_is_log_vocab():

@@ -28,7 +28,9 @@ def rl_args(out, parent, stage="ppo", data=None, *extra):
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_contract_and_evolm_preset(tmp_path, rl_parent, stage):
     out = tmp_path / stage
-    options = ["rl.tis_cap=5.0", "rl.loss_agg=seq_mean"] if stage == "grpo" else []  # those paths run too
+    # those paths run too; GRPO samples a tempered, truncated distribution (the ratio and the engine's log-probs
+    # must describe that one)
+    options = ["rl.tis_cap=5.0", "rl.loss_agg=seq_mean", "rl.temperature=0.7", "rl.top_p=0.9"] if stage == "grpo" else []
     proc = run_evolm("train", rl_args(out, rl_parent, stage, None, "train.iters=2", f"rl.val_data={rl_parent['rl8']}",
                                       "rl.val_interval=2", "rl.val_size=4", *options))
     rows = metrics(out)
@@ -183,14 +185,31 @@ def test_pipeline_parallel_is_refused_before_anything_starts(rl_parent):
     assert err.value.key == "parallel.pp"
 
 
-def test_engine_log_probs_equal_the_exported_actor(tmp_path, rl_parent):
+def test_sampled_distribution_under_tp2(tmp_path, rl_parent):
+    """T=0.7, top_p=0.9 at TP=2 (the nucleus over the gathered vocabulary): the engine's log-probs equal the
+    trainer's, and at the first (only) PPO epoch every ratio is 1."""
+    out = tmp_path / "tp2"
+    run_evolm("train", rl_args(out, rl_parent, "ppo", None, "train.iters=1", "rl.prompts_per_step=4",
+                               "rl.temperature=0.7", "rl.top_p=0.9", "parallel.tp=2", "parallel.global_batch_size=8"),
+              nproc=2)
+    r = metrics(out)[1]
+    assert r["ratio_mean"] == 1.0 and r["clip_fraction"] == 0.0
+    assert r["logp_mismatch_max"] < 1e-4 and abs(r["prob_ratio_mean"] - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_engine_log_probs_equal_the_exported_actor(tmp_path, rl_parent, temperature, top_p):
     """The rollout engine's per-token log-probs equal transformers' on the HF export of the same weights (lr 0, so the
-    saved actor is the one that rolled out)."""
+    saved actor is the one that rolled out), under the distribution that sampled: softmax(logits / T) cut to the
+    top-p nucleus."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from evolm_nemo.losses.rl import sampling_logits
+
     out = tmp_path / "run"
-    run_evolm("train", rl_args(out, rl_parent, "ppo", None, "train.iters=1", "optim.lr=0", "rl.save_rollouts=true"))
+    run_evolm("train", rl_args(out, rl_parent, "ppo", None, "train.iters=1", "optim.lr=0", "rl.save_rollouts=true",
+                               f"rl.temperature={temperature}", f"rl.top_p={top_p}"))
     run_evolm("export-hf", [f"src={out}", f"dst={tmp_path / 'hf'}", "progress=false"])
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
@@ -199,8 +218,10 @@ def test_engine_log_probs_equal_the_exported_actor(tmp_path, rl_parent):
     with torch.no_grad():
         for r in rows:
             ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
-            logp = torch.log_softmax(hf(input_ids=ids).logits[0, :-1].float(), -1)
             start = len(r["prompt_ids"]) - 1
+            labels = ids[0, 1:]
+            logp = torch.log_softmax(sampling_logits(hf(input_ids=ids).logits[0, :-1], temperature, top_p,
+                                                     keep=labels), -1)
             for i, (tok, eng) in enumerate(zip(r["response_ids"], r["engine_logp"])):
                 if eng is not None:
                     worst = max(worst, abs(float(logp[start + i, tok]) - eng))
