@@ -1,35 +1,67 @@
-"""SFT throughput: our SFT step (megatron-core engine, prompt-masked loss, microbatches padded to their longest) vs
-transformers' LlamaForCausalLM + torch AdamW on the same padded batch and loss (labels -100 on prompt and padding).
+"""SFT throughput: our SFT step (megatron-core engine, prompt-masked loss) with microbatches padded to their longest
+and with the same examples packed into rows (``train.packing``: best-fit, THD, attention within each example), vs
+transformers' LlamaForCausalLM + torch AdamW on the same batch and loss (labels -100 on prompt and padding).
 
-One global batch of examples with a length mix like EvoLM's SFT data (prompt ~1/4 of the tokens, total lengths from
-seq/8 to seq), the same for both sides; AdamW (0.9, 0.95, wd 0), clip 1.0, fp32 on CPU. Rounds are interleaved
-(ours, HF, ...) so machine noise hits both; medians of answer tokens/s and their ratio are printed, with the padding
-fraction of the batch. Goal on CPU: ratio >= 0.9.
+One global batch of examples, the same for all three; ``--mix uniform``: total lengths from seq/8 to seq with the
+prompt 1/4 of each; ``--mix evolm``: shaped like EvoLM's SFT data (answers of very different lengths, log-normal,
+the prompt ~1/4 of the tokens). AdamW (0.9, 0.95, wd 0), clip 1.0, fp32 on CPU. Rounds are interleaved (padded,
+packed, HF, ...) so machine noise hits all; medians of answer tokens/s and their ratios are printed, with the padding
+fraction of each layout. Goals on CPU: padded / HF >= 0.9; packed / padded >= 1.4.
 
-    .venv/bin/python benchmarks/sft_throughput.py --rounds 5          # ~30M-parameter shape, CPU
+    .venv/bin/python benchmarks/sft_throughput.py --rounds 5 --mix evolm    # ~30M-parameter shape, CPU
     .venv/bin/python benchmarks/sft_throughput.py --preset evolm_1b --seq 2048 --batch 8 --micro 8   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import _shape_overrides, add_shape_args, hf_twin, interleaved  # noqa: E402
+from train_throughput import _shape_overrides, add_shape_args, hf_twin  # noqa: E402
 
 
-def length_mix(rng, n: int, seq: int, vocab: int) -> list[tuple[np.ndarray, int]]:
+def length_mix(rng, n: int, seq: int, vocab: int, mix: str = "uniform") -> list[tuple[np.ndarray, int]]:
     examples = []
     for _ in range(n):
-        total = int(rng.integers(max(seq // 8, 4), seq + 2))
-        prompt = max(1, total // 4)
+        if mix == "evolm":  # answers of very different lengths (log-normal), the prompt ~1/4 of the tokens
+            answer = int(np.clip(rng.lognormal(np.log(seq / 5), 0.8), 4, seq * 3 // 4))
+            prompt = int(np.clip(answer / 3 * rng.uniform(0.6, 1.4), 4, seq + 1 - answer))
+            total = prompt + answer
+        else:
+            total = int(rng.integers(max(seq // 8, 4), seq + 2))
+            prompt = max(1, total // 4)
         examples.append((rng.integers(4, min(1000, vocab), size=total), prompt))
     return examples
+
+
+def interleaved(fns: dict, tokens_per_step: int, steps: int, rounds: int, device) -> dict:
+    """Warm each up, then ``rounds`` interleaved rounds of ``steps`` calls of each; medians of answer tokens/s."""
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return tokens_per_step * steps / (time.perf_counter() - t0)
+
+    for fn in fns.values():
+        fn()
+    results = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            results[name].append(timed(fn))
+        print(f"round {r + 1}: " + " | ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items()) + " answer tok/s",
+              flush=True)
+    return {name: statistics.median(v) for name, v in results.items()}
 
 
 def main() -> None:
@@ -40,9 +72,11 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=8, help="our micro-batch size (HF takes the batch at once)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--mix", choices=("uniform", "evolm"), default="evolm", help="the batch's length mix")
     args = ap.parse_args()
 
     from evolm_nemo.config import RootConfig, compose
+    from evolm_nemo.data.packing import best_fit, collate_packed
     from evolm_nemo.data.sft import collate
     from evolm_nemo.runtime.distributed import setup, teardown
     from evolm_nemo.stages import plan_run
@@ -57,13 +91,18 @@ def main() -> None:
     rt = setup(1, 1, seed=0, precision="auto")
     model, optimizer, make_scheduler = build_training_model(cfg, rt)
     make_scheduler(1000)
-    examples = length_mix(np.random.default_rng(0), args.batch, m.seq_length, m.vocab_size)
+    examples = length_mix(np.random.default_rng(0), args.batch, m.seq_length, m.vocab_size, args.mix)
     groups = [examples[i:i + args.micro] for i in range(0, args.batch, args.micro)]
     ours_batches = [collate(g, max(len(ids) for ids, _ in g) - 1, pad_id=0) for g in groups]
     seq_len = max(b["tokens"].shape[1] for b in ours_batches)
+    bins = best_fit([len(ids) - 1 for ids, _ in examples], m.seq_length)
+    packed = [collate_packed([examples[i] for i in b], sum(len(examples[i][0]) - 1 for i in b), pad_id=0)
+              for b in bins]
+    packed_len = max(b["tokens"].shape[1] for b in packed)
     answer_tokens = int(sum(len(ids) - p for ids, p in examples))
     real = sum(len(ids) - 1 for ids, _ in examples)
     padding = 1.0 - real / sum(b["tokens"].numel() for b in ours_batches)
+    packed_padding = 1.0 - real / sum(b["tokens"].numel() for b in packed)
 
     # HF: the whole batch padded to its longest, labels -100 off the answer, attention mask on the real tokens
     full = collate(examples, max(len(ids) for ids, _ in examples) - 1, pad_id=0)
@@ -79,6 +118,9 @@ def main() -> None:
     def ours() -> None:
         train_step(model, optimizer, ours_batches, lm_forward_step, seq_len, args.micro, rt)
 
+    def ours_packed() -> None:
+        train_step(model, optimizer, packed, lm_forward_step, packed_len, 1, rt)
+
     def theirs() -> None:
         hf_opt.zero_grad(set_to_none=True)
         logits = hf(input_ids=hf_ids, attention_mask=hf_attn).logits
@@ -88,14 +130,18 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         hf_opt.step()
 
-    ours_tps, hf_tps = interleaved(ours, theirs, answer_tokens, args.steps, args.rounds, rt.device, "answer tok/s")
+    tps = interleaved({"padded": ours, "packed": ours_packed, "HF": theirs}, answer_tokens, args.steps, args.rounds,
+                      rt.device)
+    prompt_share = sum(p for _, p in examples) / sum(len(ids) for ids, _ in examples)
     print(f"shape: {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, heads "
           f"{m.num_attention_heads}/{m.num_query_groups}, vocab {m.vocab_size}, max length {m.seq_length}; batch "
-          f"{args.batch} examples ({answer_tokens:,} answer tokens), ours micro {args.micro}: padding "
-          f"{padding:.1%} (HF, one padded batch: {1.0 - real / full['tokens'].numel():.1%}); {rt.dtype} on "
+          f"{args.batch} examples, mix {args.mix} ({answer_tokens:,} answer tokens, prompt {prompt_share:.0%} of "
+          f"the tokens); padding: ours micro {args.micro} {padding:.1%}, packed {len(packed)} rows "
+          f"{packed_padding:.1%}, HF one padded batch {1.0 - real / full['tokens'].numel():.1%}; {rt.dtype} on "
           f"{rt.device}")
-    print(f"ours {ours_tps:,.0f} answer tok/s | HF LlamaForCausalLM + AdamW {hf_tps:,.0f} | ratio "
-          f"{ours_tps / hf_tps:.3f}")
+    print(f"answer tok/s: padded {tps['padded']:,.0f} | packed {tps['packed']:,.0f} | HF LlamaForCausalLM + AdamW "
+          f"{tps['HF']:,.0f}; padded/HF {tps['padded'] / tps['HF']:.3f}, packed/padded "
+          f"{tps['packed'] / tps['padded']:.3f}, packed/HF {tps['packed'] / tps['HF']:.3f}")
     teardown()
 
 

@@ -3,8 +3,10 @@
 megatron-core's own ``DotProductAttention`` materialises the [b*heads, s, s] score matrix (baddbmm, mask, softmax,
 bmm) and repeats K/V for GQA. PyTorch's SDPA computes the same attention with fused kernels (flash attention on CPU
 and GPU) and native GQA, so the local spec — CPU runs, and GPUs without Transformer Engine — uses it by default
-(``model.core_attention=sdpa``). Cases SDPA does not cover here (packed sequences, attention bias, softmax offsets,
-sliding windows) fall back to megatron's implementation.
+(``model.core_attention=sdpa``). Packed sequences (megatron's THD layout: ``packed_seq_params`` with ``cu_seqlens``,
+tokens ``[t, heads, head_dim]``) run as one row under a block-diagonal causal mask, so no token attends across an
+example; megatron's own implementation has no THD path. Cases SDPA does not cover here (attention bias, softmax
+offsets, sliding windows) fall back to megatron's implementation.
 
 With a KV cache (megatron's inference engine) the query can be shorter than the key: a single query (decode) sees
 every cached key, and sq > 1 queries get a causal mask aligned bottom-right (SDPA's ``is_causal`` is top-left).
@@ -24,6 +26,8 @@ class SDPAttention(DotProductAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd" and attention_bias is None:
+            return self._packed(query, key, value, packed_seq_params)
         unsupported = (packed_seq_params is not None or attention_bias is not None or self.softmax_offset is not None
                        or self.scale_mask_softmax.window_size is not None or self.config.apply_query_key_layer_scaling
                        or mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask, AttnMaskType.padding))
@@ -45,6 +49,23 @@ class SDPAttention(DotProductAttention):
                                                  is_causal=causal, scale=self.softmax_scale,
                                                  enable_gqa=q.shape[1] != k.shape[1])
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _packed(self, query, key, value, params):
+        """THD: ``[t, heads, head_dim]`` holding whole sequences back to back (``cu_seqlens``); each attends causally
+        within itself only. Output ``[t, heads*head_dim]`` (megatron reshapes it to ``[t, 1, hidden]``)."""
+        t = query.shape[0]
+        bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        seq_id = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=query.device),
+                                         (bounds[1:] - bounds[:-1]).to(query.device).long())
+        if seq_id.numel() != t:
+            raise ValueError(f"cu_seqlens cover {seq_id.numel()} tokens, the packed row has {t}")
+        pos = torch.arange(t, device=query.device)
+        mask = (seq_id[:, None] == seq_id[None, :]) & (pos[:, None] >= pos[None, :])
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))  # [1, heads, t, head_dim]
+        dropout = self.attention_dropout.p if self.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+        return context.squeeze(0).permute(1, 0, 2).reshape(t, -1)
 
 
 def _cached_rope_attention_class():

@@ -38,8 +38,11 @@ class ValueHead(torch.nn.Module):
 
 
 def scores_at_last(values: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """``[b, s, 1]`` (or ``[b, s]``) per-position values -> ``[b]`` scores at ``last``."""
+    """``[b, s, 1]`` (or ``[b, s]``) per-position values -> ``[b]`` scores at ``last`` (one per row); for one packed
+    row ``[1, t]`` holding several sequences, ``last`` indexes the row and gives one score per sequence."""
     v = values.squeeze(-1) if values.dim() == 3 else values
+    if v.shape[0] == 1 and last.numel() > 1:
+        return v[0].float()[last]
     return v.float().gather(1, last.unsqueeze(1)).squeeze(1)
 
 

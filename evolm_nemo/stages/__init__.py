@@ -35,6 +35,7 @@ class Kind:
     head: str = "lm"  # the trained model's output layer: lm | value (a scalar head)
     reference_pass: bool = False  # a frozen reference's forward over the data before the first step
     starts_group: bool = False  # the models it and its descendants make share a report group (SFT, then RL)
+    lays_out: bool = False  # its microbatches may be packed (train.packing) or formed by a token budget
 
 
 STAGES = {
@@ -43,15 +44,15 @@ STAGES = {
     # the same objective from train.init_from, on a replay mix
     "cpt": Kind("evolm_nemo.stages.pretrain", "tokens", "tokens", "cpt"),
     # prompt-masked fine-tuning on a prepared SFT dataset
-    "sft": Kind("evolm_nemo.stages.sft", "epochs", "examples", "sft", starts_group=True),
+    "sft": Kind("evolm_nemo.stages.sft", "epochs", "examples", "sft", starts_group=True, lays_out=True),
     # PPO with verifiable rewards: actor + critic, rollouts from the live actor
     "ppo": Kind("evolm_nemo.stages.rl", "prompts", "prompts", "rl", critic=True),
     # GRPO: n samples per prompt, group-relative advantages, no critic
     "grpo": Kind("evolm_nemo.stages.rl", "prompts", "prompts", "rl"),
     # reward model: scalar head, outcome (BCE) or pairwise (Bradley-Terry) objective
-    "rm": Kind("evolm_nemo.stages.rm", "epochs", "examples", "rm", head="value"),
+    "rm": Kind("evolm_nemo.stages.rm", "epochs", "examples", "rm", head="value", lays_out=True),
     # direct preference optimisation against the frozen train.init_from
-    "dpo": Kind("evolm_nemo.stages.dpo", "epochs", "pairs", "dpo", reference_pass=True),
+    "dpo": Kind("evolm_nemo.stages.dpo", "epochs", "pairs", "dpo", reference_pass=True, lays_out=True),
 }
 
 
@@ -85,6 +86,10 @@ def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
     if cfg.probe.tokens_interval is not None and k.budget != "tokens":
         raise ConfigError("probe.tokens_interval", f"is for stage=pretrain|cpt, not {cfg.stage}")
     layout = validate(cfg, world_size, global_batches=k.budget != "prompts")
+    if (cfg.train.packing or cfg.parallel.max_tokens_per_microbatch is not None) and not k.lays_out:
+        key = "train.packing" if cfg.train.packing else "parallel.max_tokens_per_microbatch"
+        raise ConfigError(key, f"is for stage={'|'.join(n for n, x in STAGES.items() if x.lays_out)}, not "
+                               f"{cfg.stage}")
     check_writable(cfg.run.out_dir, "run.out_dir", directory=True)
     if cfg.data.source == "synthetic" or k.budget == "tokens":  # generated corpora / sample-index caches
         check_writable(cfg.data.cache_dir, "data.cache_dir", directory=True)

@@ -10,6 +10,7 @@ import torch
 
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.data.packing import packed_seq_params
 from evolm_nemo.losses import masked_token_sum
 from evolm_nemo.train.engine import StepResult, build_training_model, train_step
 from evolm_nemo.train.loop import Role, Start
@@ -23,10 +24,27 @@ def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def lm_forward_step(data_iterator, model):
     """Next-token objective: megatron's GPTModel returns per-token cross-entropy when given labels. Microbatches are
-    right-padded, so under the causal mask no real token ever attends to padding."""
+    right-padded, so under the causal mask no real token ever attends to padding; a packed row carries its
+    sequence bounds (``data.packing``), and attention stays within each sequence."""
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   packed_seq_params=packed_seq_params(batch))
     return output, partial(lm_loss, batch["loss_mask"])
+
+
+def check_layout(cfg, longest: int, unit: str) -> None:
+    """``train.packing`` / ``parallel.max_tokens_per_microbatch`` settings that cannot run, in one line each;
+    ``longest``: the tokens the largest ``unit`` of the data takes in a microbatch (padded, or packed)."""
+    budget, m = cfg.parallel.max_tokens_per_microbatch, cfg.model
+    if budget is not None and budget < longest:
+        raise ConfigError("parallel.max_tokens_per_microbatch", f"{budget} tokens do not hold the longest {unit} "
+                                                                f"({longest} tokens in a microbatch); raise it")
+    if budget is not None and not cfg.train.packing and cfg.parallel.pp > 1:
+        raise ConfigError("parallel.max_tokens_per_microbatch", "with parallel.pp > 1 pipeline stages exchange one "
+                                                                "activation shape; use it with train.packing=true")
+    if cfg.train.packing and m.core_attention == "megatron" and m.layer_spec != "te":
+        raise ConfigError("train.packing", "model.core_attention=megatron has no packed-sequence path; use "
+                                           "model.core_attention=sdpa (the default) or the te layer spec")
 
 
 class EpochOrder:

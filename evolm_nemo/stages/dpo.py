@@ -21,11 +21,12 @@ import torch
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.data.packing import packed_seq_params, per_sequence_sum
 from evolm_nemo.fileio import atomic_path
 from evolm_nemo.losses.preference import PREFERENCE_LOSSES, preference_loss
 from evolm_nemo.stages.base import Stage
-from evolm_nemo.stages.rm import (RMData, UnitBatches, check_common, check_tokenizer, epoch_iters, fit_units,
-                                  forward_sequences)
+from evolm_nemo.stages.rm import (RMData, UnitBatches, check_common, check_tokenizer, check_unit_layout, epoch_iters,
+                                  fit_units, forward_sequences)
 
 REFERENCE_FILE = "dpo_reference.safetensors"
 SUM_KEYS = ("margin_sum", "chosen_logp_sum", "rejected_logp_sum", "chosen_reward_sum", "rejected_reward_sum",
@@ -54,18 +55,12 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     train, _, _ = fit_units(cfg, data)
     if len(train) == 0:
         raise ConfigError("data.paths", f"no pair fits model.seq_length={cfg.model.seq_length}")
+    check_unit_layout(cfg, data, train, d.pad_to_multiple_of, "pair")
     return epoch_iters(cfg, len(train), "pairs")
 
 
-def response_logps(per_token_ce: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum of response-token log-probs, response tokens)`` per row."""
-    keep = mask.bool()
-    logp = torch.where(keep, -per_token_ce.float(), torch.zeros((), device=per_token_ce.device))
-    return logp.sum(1), keep.sum(1)
-
-
 def dpo_loss(d, batch: dict, per_token_ce: torch.Tensor):
-    total_logp, count = response_logps(per_token_ce, batch["loss_mask"])
+    total_logp, count = per_sequence_sum(-per_token_ce.float(), batch["loss_mask"], batch)  # per sequence
     ref = batch["ref_logp"]
     if d.loss_type == "ipo":  # length-normalised log-probs
         policy, reference = total_logp / count.clamp(min=1), ref / count.clamp(min=1)
@@ -86,7 +81,8 @@ def dpo_loss(d, batch: dict, per_token_ce: torch.Tensor):
 
 
 def _lm_ce(batch: dict, model) -> torch.Tensor:
-    return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # per-token CE [b, s]
+    return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                 packed_seq_params=packed_seq_params(batch))  # per-token CE [b, s]
 
 
 def dpo_forward_step(d, data_iterator, model):
@@ -116,7 +112,7 @@ class DPOStage(Stage):
         self.forward_step = partial(dpo_forward_step, d)
 
     def rows_per_microbatch(self, micro_batch_size):
-        return 2 * micro_batch_size
+        return self.batches.rows(micro_batch_size)
 
     def microbatches(self, iteration):
         return self.batches.microbatches(iteration)  # with each sequence's ref_logp (prepare)
@@ -162,7 +158,7 @@ class DPOStage(Stage):
         data = self.data
         seqs = np.unique(self.units.reshape(-1))
         values = forward_sequences(model, data, seqs, ce_forward_step,
-                                   lambda ce, b: response_logps(ce, b["loss_mask"])[0], self.batches.mbs,
+                                   lambda ce, b: per_sequence_sum(-ce.float(), b["loss_mask"], b)[0], self.batches.mbs,
                                    self.batches.multiple, self.batches.pad_id, rt)
         reference = np.full(len(data.labels), np.nan, dtype=np.float64)
         for q, v in values:

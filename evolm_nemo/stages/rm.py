@@ -28,13 +28,15 @@ from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.data.collate import collate_sequences
+from evolm_nemo.data.packing import (best_fit, by_count, by_token_budget, collate_packed_sequences,
+                                     packed_seq_params)
 from evolm_nemo.data.rm import RMDataset
 from evolm_nemo.data.sft import tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.fileio import write_jsonl
 from evolm_nemo.losses.preference import bradley_terry, outcome_accuracy, outcome_bce, pair_accuracy, roc_auc
 from evolm_nemo.model.heads import build_value_model, load_backbone, scores_at_last
-from evolm_nemo.stages.base import EpochOrder, Stage, check_epoch_keys, epoch_iters
+from evolm_nemo.stages.base import EpochOrder, Stage, check_epoch_keys, check_layout, epoch_iters
 from evolm_nemo.train.forward import forward_collect, value_forward_step
 
 OBJECTIVES = ("outcome", "pairwise")
@@ -149,6 +151,7 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     if len(train) == 0:
         raise ConfigError("data.paths", f"no training {'pair' if r.objective == 'pairwise' else 'example'} fits "
                                         f"model.seq_length={cfg.model.seq_length}")
+    check_unit_layout(cfg, data, train, r.pad_to_multiple_of, "pair" if r.objective == "pairwise" else "example")
     return epoch_iters(cfg, len(train), "pairs" if r.objective == "pairwise" else "examples")
 
 
@@ -157,6 +160,18 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def check_unit_layout(cfg: RootConfig, data: RMData, units: np.ndarray, pad_multiple: int, unit: str) -> None:
+    """``check_layout`` with the tokens the largest unit takes: its sequences back to back when packed, else as many
+    rows as it has sequences at the padded length of its longest."""
+    p = cfg.parallel
+    lengths = data.length[units]
+    if cfg.train.packing:
+        longest = int(lengths.sum(1).max())
+    else:
+        longest = units.shape[1] * _round_up(int(lengths.max()), math.lcm(pad_multiple, p.tp if p.sp else 1))
+    check_layout(cfg, longest, unit)
 
 
 def rm_loss(objective: str, margin: float, batch: dict, values: torch.Tensor):
@@ -176,7 +191,7 @@ def rm_loss(objective: str, margin: float, batch: dict, values: torch.Tensor):
 
 def rm_forward_step(objective: str, margin: float, data_iterator, model):
     batch = next(data_iterator)
-    values = model(batch["tokens"], batch["position_ids"], None)
+    values = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed_seq_params(batch))
     return values, partial(rm_loss, objective, margin, batch)
 
 
@@ -185,7 +200,9 @@ def rm_forward_step(objective: str, margin: float, data_iterator, model):
 
 class UnitBatches:
     """Microbatch layout shared by the RM and DPO stages: a global batch of units (examples or pairs), dp rank r's
-    contiguous slice of it, split into microbatches of ``micro_batch_size`` units; a pair microbatch holds its
+    contiguous slice of it, split into microbatches of ``micro_batch_size`` units, or by a token budget
+    (``parallel.max_tokens_per_microbatch``), or packed into rows (``train.packing``: whole units best-fit into rows
+    of ``model.seq_length`` tokens per sequence of a unit, or the budget); a pair microbatch (or row) holds its
     chosen sequences, then its rejected ones."""
 
     def __init__(self, cfg: RootConfig, plan, data: RMData, units: np.ndarray, shuffle: bool, pad_multiple: int):
@@ -199,42 +216,57 @@ class UnitBatches:
         self.same_length = p.pp > 1
         self.pad_id = int(data.tokenizer_info["eos"])
         self.order = EpochOrder(len(units), self.gbs, cfg.train.seed, shuffle)
+        self.packing, self.budget = cfg.train.packing, p.max_tokens_per_microbatch
+        self.per_unit = units.shape[1] if units.ndim == 2 else 1  # sequences per unit
+        self.capacity = self.budget or cfg.model.seq_length * self.per_unit
         self._last = None
         self.per_sequence: dict[str, np.ndarray] = {}  # more per-sequence values collated into every microbatch
 
-    def layout(self, iteration: int) -> tuple[list[np.ndarray], list[int]]:
-        """All microbatches (as unit arrays ``[mbs, 1|2]``) of the global batch and their padded lengths."""
+    def rows(self, micro_batch_size: int) -> int:
+        """Rows of a microbatch (pipeline stages exchange that shape)."""
+        return 1 if self.packing else self.per_unit * micro_batch_size
+
+    def layout(self, iteration: int) -> list[tuple[list[np.ndarray], list[int]]]:
+        """Per data-parallel rank: its microbatches (unit arrays ``[k, 1|2]``) and their lengths (padded length, or
+        a packed row's)."""
         if self._last is None or self._last[0] != iteration:
             picked = self.units[self.order.batch(iteration)]
-            groups = [picked[i:i + self.mbs] for i in range(0, self.gbs, self.mbs)]
-            lengths = [int(self.data.length[g].max()) for g in groups]
-            if self.same_length:
-                per_rank = len(groups) // self.dp
-                for r in range(self.dp):
-                    block = lengths[r * per_rank:(r + 1) * per_rank]
-                    lengths[r * per_rank:(r + 1) * per_rank] = [max(block)] * len(block)
-            self._last = (iteration, groups, [_round_up(n, self.multiple) for n in lengths])
-        return self._last[1], self._last[2]
+            per = self.gbs // self.dp
+            self._last = (iteration, [self._lay(picked[r * per:(r + 1) * per]) for r in range(self.dp)])
+        return self._last[1]
+
+    def _lay(self, mine: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+        lengths = self.data.length[mine]  # [units, 1|2]
+        if self.packing:
+            idx = best_fit(lengths.sum(1), self.capacity)
+        elif self.budget:
+            idx = by_token_budget(lengths.max(1), self.budget, self.multiple, rows_per=self.per_unit)
+        else:
+            idx = by_count(len(mine), self.mbs)
+        groups = [mine[g] for g in idx]
+        sizes = [int(lengths[g].sum() if self.packing else lengths[g].max()) for g in idx]
+        if self.same_length:
+            sizes = [max(sizes)] * len(sizes)
+        return groups, [_round_up(n, self.multiple) for n in sizes]
 
     def collate(self, group: np.ndarray, length: int) -> dict:
         seqs = [int(s) for s in group.T.reshape(-1)]  # column-major: all chosen, then all rejected
-        batch = collate_sequences([self.data.ids(s) for s in seqs], [int(self.data.prompt_len[s]) for s in seqs],
-                                  length, self.pad_id)
+        lay = collate_packed_sequences if self.packing else collate_sequences
+        batch = lay([self.data.ids(s) for s in seqs], [int(self.data.prompt_len[s]) for s in seqs], length,
+                    self.pad_id)
         batch["label"] = torch.as_tensor(self.data.labels[seqs], dtype=torch.float32)
         for key, values in self.per_sequence.items():
             batch[key] = torch.as_tensor(values[seqs], dtype=torch.float32)
         return batch
 
     def microbatches(self, iteration: int) -> list[dict]:
-        groups, lengths = self.layout(iteration)
-        per_rank = len(groups) // self.dp
-        return [self.collate(groups[k], lengths[k]) for k in range(self.dp_rank * per_rank,
-                                                                  (self.dp_rank + 1) * per_rank)]
+        groups, lengths = self.layout(iteration)[self.dp_rank]
+        return [self.collate(g, n) for g, n in zip(groups, lengths)]
 
     def padding_fraction(self, iteration: int) -> float:
-        groups, lengths = self.layout(iteration)
-        real = sum(int(self.data.length[g].sum()) for g in groups)
-        padded = sum(n * g.size for g, n in zip(groups, lengths))
+        laid = [(g, n) for groups, lengths in self.layout(iteration) for g, n in zip(groups, lengths)]
+        real = sum(int(self.data.length[g].sum()) for g, _ in laid)
+        padded = sum(n * (1 if self.packing else g.size) for g, n in laid)
         return 1.0 - real / max(padded, 1)
 
 
@@ -300,7 +332,7 @@ class RMStage(Stage):
     sum_keys = ("correct", "score_sum")
 
     def rows_per_microbatch(self, micro_batch_size):
-        return 2 * micro_batch_size if self.pairwise else micro_batch_size
+        return self.batches.rows(micro_batch_size)
 
     def evaluate(self, model, rt, step, last):
         interval = self.cfg.rm.val_interval

@@ -7,7 +7,9 @@ microbatches. So the order depends only on the iteration: a resumed run sees exa
 
 A microbatch is right-padded to its longest example (all microbatches of a step to the step's longest when pp > 1,
 since pipeline stages exchange one activation shape); the loss mask is 1 on the positions that predict answer tokens
-(EOS included), 0 on the prompt and on padding. Examples longer than ``model.seq_length + 1`` tokens are truncated or
+(EOS included), 0 on the prompt and on padding. ``parallel.max_tokens_per_microbatch`` forms microbatches by a token
+budget instead of a count, and ``train.packing`` lays a rank's examples into packed rows (``data.packing``): the same
+examples, the same loss, another layout. Examples longer than ``model.seq_length + 1`` tokens are truncated or
 dropped (``sft.overlength``), counted in the run header.
 """
 
@@ -22,10 +24,11 @@ import numpy as np
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.data.packing import best_fit, by_count, by_token_budget, collate_packed
 from evolm_nemo.data.sft import SFTDataset, Template, collate, tokenizer_fingerprint
 from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.stages.base import EpochOrder, Stage, check_epoch_keys, epoch_iters
+from evolm_nemo.stages.base import EpochOrder, Stage, check_epoch_keys, check_layout, epoch_iters
 
 OVERLENGTH = ("truncate", "drop")
 
@@ -137,6 +140,9 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     if n == 0:
         raise ConfigError("data.paths", f"no example fits model.seq_length={cfg.model.seq_length} "
                                         f"({view.dropped} dropped)")
+    p = cfg.parallel
+    check_layout(cfg, _round_up(int(view.length.max()) - 1, math.lcm(s.pad_to_multiple_of, p.tp if p.sp else 1)),
+                 "example")
     return epoch_iters(cfg, n)
 
 
@@ -165,43 +171,50 @@ class SFTStage(Stage):
             parallel_state.get_data_parallel_rank()
         self.multiple = math.lcm(cfg.sft.pad_to_multiple_of, p.tp if p.sp else 1)
         self.same_length = p.pp > 1
+        self.packing, self.budget = cfg.train.packing, p.max_tokens_per_microbatch
+        self.capacity = self.budget or cfg.model.seq_length  # tokens of a packed row
         self.epochs_used = -(-plan.iters * self.gbs // self.n)
         self.order = EpochOrder(self.n, self.gbs, cfg.train.seed, cfg.sft.shuffle)
-        self._last = None  # (iteration, microbatch groups, padded lengths)
+        self._last = None  # (iteration, per dp rank: (microbatch groups, lengths))
         self.answer_total = 0
 
     def examples(self, iteration: int) -> np.ndarray:
         """Indices (into the view) of the global batch of ``iteration``, in position order."""
         return self.order.batch(iteration)
 
-    def _layout(self, iteration: int) -> tuple[list[np.ndarray], list[int]]:
-        """All microbatches of the global batch (dp rank by dp rank) and their padded lengths; the step's metrics
-        reuse what its microbatches computed."""
+    def _layout(self, iteration: int) -> list[tuple[list[np.ndarray], list[int]]]:
+        """Per data-parallel rank: its microbatches (example indices) and their lengths (padded length, or a packed
+        row's). A rank takes its contiguous slice of the global batch whatever the layout; the step's metrics reuse
+        what its microbatches computed."""
         if self._last is None or self._last[0] != iteration:
             ex = self.examples(iteration)
-            groups = [ex[i:i + self.mbs] for i in range(0, self.gbs, self.mbs)]
-            self._last = (iteration, groups, self._padded_length(groups))
-        return self._last[1], self._last[2]
+            per = self.gbs // self.dp
+            self._last = (iteration, [self._lay(ex[r * per:(r + 1) * per]) for r in range(self.dp)])
+        return self._last[1]
 
-    def _padded_length(self, groups: list[np.ndarray]) -> list[int]:
-        lengths = [int(self.view.length[g].max()) - 1 for g in groups]
-        if self.same_length:
-            per_rank = len(groups) // self.dp
-            for r in range(self.dp):
-                block = lengths[r * per_rank:(r + 1) * per_rank]
-                lengths[r * per_rank:(r + 1) * per_rank] = [max(block)] * len(block)
-        return [_round_up(n, self.multiple) for n in lengths]
+    def _lay(self, mine: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+        tokens = self.view.length[mine] - 1  # an example's inputs: ids[:-1]
+        if self.packing:
+            idx = best_fit(tokens, self.capacity)
+        elif self.budget:
+            idx = by_token_budget(tokens, self.budget, self.multiple)
+        else:
+            idx = by_count(len(mine), self.mbs)
+        groups = [mine[g] for g in idx]
+        lengths = [int(tokens[g].sum() if self.packing else tokens[g].max()) for g in idx]
+        if self.same_length:  # pipeline stages exchange one activation shape per step
+            lengths = [max(lengths)] * len(lengths)
+        return groups, [_round_up(n, self.multiple) for n in lengths]
 
     # --- Stage API
     def microbatches(self, iteration: int):
-        groups, lengths = self._layout(iteration)
-        per_rank = len(groups) // self.dp
-        mine = range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
-        return [collate([(self.view.ids(int(i)), int(self.view.prompt_len[i])) for i in groups[k]], lengths[k],
-                        self.pad_id) for k in mine]
+        groups, lengths = self._layout(iteration)[self.dp_rank]
+        lay = collate_packed if self.packing else collate
+        return [lay([(self.view.ids(int(i)), int(self.view.prompt_len[i])) for i in g], n, self.pad_id)
+                for g, n in zip(groups, lengths)]
 
-    def seq_length(self, batches) -> int:
-        return max(b["tokens"].shape[1] for b in batches)
+    def rows_per_microbatch(self, micro_batch_size: int) -> int:
+        return 1 if self.packing else micro_batch_size
 
     def restore(self, start: int, state: dict) -> None:
         self.answer_total = int(state.get("answer_tokens", 0)) if start else 0
@@ -221,9 +234,9 @@ class SFTStage(Stage):
 
     def metrics(self, iteration, step_s, peak_flops, world_size):
         result = self.result
-        groups, lengths = self._layout(iteration)
-        real = int(sum(self.view.length[g].sum() - len(g) for g in groups))
-        padded = int(sum(n * len(g) for g, n in zip(groups, lengths)))
+        laid = [(g, n) for groups, lengths in self._layout(iteration) for g, n in zip(groups, lengths)]
+        real = int(sum(self.view.length[g].sum() - len(g) for g, _ in laid))
+        padded = int(sum(n * (1 if self.packing else len(g)) for g, n in laid))
         self.answer_total += result.tokens
         return {"answer_tokens": result.tokens, "answer_tokens_total": self.answer_total,
                 "examples_per_s": self.gbs / step_s, "tokens_per_s": real / step_s,
