@@ -183,7 +183,10 @@ def output_kind(path: str | Path) -> str | None:
     """What made the existing directory ``path`` (a key of ``KINDS``), or None when it is empty. A run directory
     (``checkpoints/``, ``critic/`` or the run record ``run.json``) counts as a run whatever else it holds."""
     p = Path(path)
-    names = {c.name for c in p.iterdir()}
+    try:
+        names = {c.name for c in p.iterdir()}
+    except OSError:
+        return "other"  # cannot be read: not provably the command's own
     if not names:
         return None
     if {"checkpoints", "critic", "run.json"} & names:
@@ -276,7 +279,8 @@ def check_dst_file(path: str | Path, overwrite: bool, key: str, sources: tuple =
 # ------------------------------------------------------------------------------------------------------- locks
 
 _HELD: dict[str, object] = {}  # lock file -> its open file, locked until the process ends or unlock()
-_OUTPUT_LOCKS: set[str] = set()  # those of command outputs: removed when the process exits
+_OUTPUT_LOCKS: dict[str, Path | None] = {}  # those of command outputs (-> the first directory made for it), removed
+#                                             when the command ends
 
 
 def lock_file(path: str | Path) -> str | None:
@@ -343,6 +347,11 @@ def lock_output(dst: str | Path, key: str) -> bool:
     path = lock_path(dst)
     if str(path) in _HELD:
         return False
+    made = None  # the outermost directory the lock file needs that does not exist yet
+    for parent in path.parents:
+        if parent.exists():
+            break
+        made = parent
     try:
         holder = lock_file(path)
     except OSError:  # an unwritable or missing parent: the command's own checks say so in one line
@@ -350,24 +359,37 @@ def lock_output(dst: str | Path, key: str) -> bool:
     if holder is not None:
         raise ConfigError(key, f"{Path(dst).expanduser().resolve()} is being written by another command (pid "
                                f"{holder}); wait for it to end or pick another {key}")
-    _OUTPUT_LOCKS.add(str(path))
+    _OUTPUT_LOCKS[str(path)] = made
     return True
+
+
+def _drop_output_lock(path: str) -> None:
+    """Release and remove one output lock, and the directories made for it that are still empty (a refused
+    command leaves nothing behind)."""
+    made = _OUTPUT_LOCKS.pop(path)
+    unlock(path, remove=True)
+    if made is not None:
+        for parent in Path(path).parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            if parent == made:
+                break
 
 
 def release_output(dst: str | Path) -> None:
     """Release (and remove) the lock ``lock_output`` took on ``dst``."""
     path = lock_path(dst)
     if str(path) in _OUTPUT_LOCKS:
-        _OUTPUT_LOCKS.discard(str(path))
-        unlock(path, remove=True)
+        _drop_output_lock(str(path))
 
 
 @atexit.register
 def release_outputs() -> None:
     """Release (and remove) every output lock this process holds: a command's outputs are unlocked when it ends."""
-    for name in sorted(_OUTPUT_LOCKS):
-        unlock(name, remove=True)
-    _OUTPUT_LOCKS.clear()
+    for name in sorted(_OUTPUT_LOCKS, reverse=True):
+        _drop_output_lock(name)
 
 
 def check_writable(path: str | os.PathLike, key: str, directory: bool = False) -> None:

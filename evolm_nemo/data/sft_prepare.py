@@ -41,7 +41,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.prepare import open_rows
 from evolm_nemo.data.sft import SFTWriter, Template, encode_example, read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.fileio import check_dst, check_dst_file, write_jsonl
+from evolm_nemo.fileio import check_dst, check_dst_file, release_output, write_jsonl
 from evolm_nemo.tasks import QUESTION_TEMPLATE, SUITES
 
 # EvoLM's SFT/RL allocation study: 100K questions split between SFT and RL (PAPER.md).
@@ -275,10 +275,14 @@ def _check_outputs(cfg: PrepareSFTConfig) -> None:
     out = Path(cfg.output).expanduser().resolve()
     local = tuple(p for p in (Path(str(cfg.input)).expanduser(), Path(str(cfg.tokenizer)).expanduser()) if p.exists())
     check_dst(out, cfg.overwrite, key="output", sources=local, kind="sft-dataset")  # (hub names are not paths)
-    if cfg.rl_output:
-        if Path(cfg.rl_output).expanduser().resolve().is_relative_to(out):
+    try:
+        if cfg.rl_output and Path(cfg.rl_output).expanduser().resolve().is_relative_to(out):
             raise ConfigError("rl_output", "must be outside the SFT dataset directory")
-        check_dst_file(cfg.rl_output, cfg.overwrite, "rl_output", sources=local)
+        if cfg.rl_output:
+            check_dst_file(cfg.rl_output, cfg.overwrite, "rl_output", sources=local)
+    except ConfigError:
+        release_output(out)
+        raise
 
 
 def check_config(cfg: PrepareSFTConfig) -> Template:
