@@ -232,8 +232,8 @@ def check_dst(dst: Path, overwrite: bool, key: str = "dst", sources: tuple = (),
     one of them, lie inside one, or contain one (replacing it would delete what this command reads). With ``kind``
     (a key of ``KINDS``: what this command writes), an existing non-empty ``dst`` must be of that kind: ``overwrite``
     replaces only what the same command made, never a training run or anything else. With ``lock``, ``dst`` is
-    locked for the rest of this process (``lock_output``) before it is looked at, so that a second command writing
-    the same ``dst`` at the same time refuses instead of losing one's work."""
+    locked until the command ends (``lock_output``) before it is looked at, so that a second command writing the
+    same ``dst`` at the same time refuses instead of losing one's work; a refusal here releases it."""
     dst = Path(dst).expanduser().resolve()
     for src in _sources(sources):
         if same_path(dst, src) or dst.is_relative_to(src) or src.is_relative_to(dst):
