@@ -9,6 +9,7 @@ import importlib
 import sys
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.fileio import release_outputs
 
 # command -> (module:function, one-line help). Each function takes the list of key=value overrides.
 COMMANDS = {
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        release_outputs()  # the outputs it locked (fileio.lock_output) are free for the next command
     return int(result or 0)
 
 

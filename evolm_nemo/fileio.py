@@ -5,6 +5,7 @@ line."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -162,19 +163,233 @@ def commit_first(tmp: Path, dst: Path, marker: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_dst(dst: Path, overwrite: bool, key: str = "dst", sources: tuple = ()) -> None:
+# What each command leaves in the directory it writes (its "output kind"), so that ``overwrite`` replaces only what
+# the same command made: a dataset by a dataset, an export by an export; a training run's directory is never the
+# overwrite target of another command.
+KINDS = {
+    "run": "a training run's directory (checkpoints, metrics)",
+    "sft-dataset": "an SFT dataset (made by evolm prepare-sft)",
+    "rm-dataset": "an RM dataset (made by evolm prepare-rm)",
+    "hf-export": "an HF export (made by evolm export-hf)",
+    "hf-import": "an imported checkpoint (made by evolm import-hf)",
+    "trtllm-engine": "a TensorRT-LLM engine (made by evolm export-trtllm)",
+    "checkpoint": "an evolm checkpoint",
+    "hf-model": "an HF model directory not made by evolm export-hf",
+    "other": "a directory of other files",
+}
+
+
+def output_kind(path: str | Path) -> str | None:
+    """What made the existing directory ``path`` (a key of ``KINDS``), or None when it is empty. A run directory
+    (``checkpoints/``, ``critic/`` or the run record ``run.json``) counts as a run whatever else it holds."""
+    p = Path(path)
+    try:
+        names = {c.name for c in p.iterdir()}
+    except OSError:
+        return "other"  # cannot be read: not provably the command's own
+    if not names:
+        return None
+    if {"checkpoints", "critic", "run.json"} & names:
+        return "run"
+    if "manifest.json" in names:
+        try:
+            fmt = json.loads((p / "manifest.json").read_text(encoding="utf-8")).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+        found = {"evolm-sft-1": "sft-dataset", "evolm-rm-1": "rm-dataset"}.get(fmt)
+        if found:
+            return found
+    if "evolm_export.json" in names:
+        return "hf-export"
+    if "evolm_trtllm.json" in names:
+        return "trtllm-engine"
+    if (p / "iter_0000000" / "evolm_import.json").is_file():
+        return "hf-import"
+    if "evolm.json" in names or any(re.fullmatch(r"iter_\d{7}", n) for n in names):
+        return "checkpoint"
+    if "config.json" in names and is_hf_model_dir(p):
+        return "hf-model"
+    return "other"
+
+
+def same_path(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` (resolved) name the same file: equal paths, or one file under two names (a hard link)."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _sources(sources: tuple) -> list[Path]:
+    return [Path(src).expanduser().resolve() for src in sources if src is not None]
+
+
+def check_dst(dst: Path, overwrite: bool, key: str = "dst", sources: tuple = (), kind: str | None = None,
+              lock: bool = True) -> None:
     """``dst`` may be created (or, with ``overwrite``, replaced) without touching any of ``sources``: it must not be
-    one of them, lie inside one, or contain one (replacing it would delete what this command reads)."""
-    for src in sources:
-        if src is None:
-            continue
-        src = Path(src).expanduser().resolve()
-        if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+    one of them, lie inside one, or contain one (replacing it would delete what this command reads). With ``kind``
+    (a key of ``KINDS``: what this command writes), an existing non-empty ``dst`` must be of that kind: ``overwrite``
+    replaces only what the same command made, never a training run or anything else. With ``lock``, ``dst`` is
+    locked until the command ends (``lock_output``) before it is looked at, so that a second command writing the
+    same ``dst`` at the same time refuses instead of losing one's work; a refusal here releases it."""
+    dst = Path(dst).expanduser().resolve()
+    for src in _sources(sources):
+        if same_path(dst, src) or dst.is_relative_to(src) or src.is_relative_to(dst):
             raise ConfigError(key, f"{dst} overlaps the source {src}; write the output elsewhere")
-    if dst.exists() and not overwrite:
-        raise ConfigError(key, f"{dst} already exists; pass overwrite=true to replace it")
-    if dst.exists() and not dst.is_dir():
-        raise ConfigError(key, f"{dst} exists and is not a directory")
+    taken = lock and lock_output(dst, key)
+    try:
+        if dst.exists() and not dst.is_dir():
+            raise ConfigError(key, f"{dst} exists and is not a directory")
+        if kind is not None and dst.is_dir():
+            found = output_kind(dst)
+            if found is not None and found != kind:
+                raise ConfigError(key, f"{dst} is {KINDS[found]}, not {KINDS[kind].split(' (')[0]}; overwrite=true "
+                                       "replaces only an output of the same command: pick another " + key)
+        if dst.exists() and not overwrite:
+            raise ConfigError(key, f"{dst} already exists; pass overwrite=true to replace it")
+    except ConfigError:
+        if taken:
+            release_output(dst)
+        raise
+
+
+def check_dst_file(path: str | Path, overwrite: bool, key: str, sources: tuple = (), lock: bool = True) -> None:
+    """A file output ``path`` may be written (or, with ``overwrite``, replaced) without touching any of ``sources``
+    (files or directories this command reads): it must not be one of them (also under another name) nor lie inside
+    one; it is locked like a directory output (``lock_output``); an existing one needs ``overwrite``."""
+    dst = Path(path).expanduser().resolve()
+    for src in _sources(sources):
+        if same_path(dst, src) or dst.is_relative_to(src):
+            what = "is" if same_path(dst, src) else "lies inside"
+            raise ConfigError(key, f"{dst} {what} the input {src}, which this command reads; write it elsewhere")
+    taken = lock and lock_output(dst, key)
+    try:
+        if dst.is_dir():
+            raise ConfigError(key, f"{dst} is a directory; name a file")
+        if dst.exists() and not overwrite:
+            raise ConfigError(key, f"{dst} exists; pick a new file or pass overwrite=true")
+    except ConfigError:
+        if taken:
+            release_output(dst)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------------- locks
+
+_HELD: dict[str, object] = {}  # lock file -> its open file, locked until the process ends or unlock()
+_OUTPUT_LOCKS: dict[str, Path | None] = {}  # those of command outputs (-> the first directory made for it), removed
+#                                             when the command ends
+
+
+def lock_file(path: str | Path) -> str | None:
+    """Take an exclusive, non-blocking ``flock`` on the file ``path`` (created if missing) for the rest of this process
+    (the kernel drops it when the process ends, however it ends); taking it again in the same process is a no-op.
+    Returns None when taken, else what the holder wrote there (its pid). The one locking mechanism of run
+    directories (``checkpoint.io.lock_run_dir``) and command outputs (``lock_output``). A holder may remove its lock
+    file (``unlock``); a process that opened it just before notices (another inode) and opens it again."""
+    import fcntl
+
+    path = Path(path).absolute()
+    if str(path) in _HELD:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            return holder
+        try:
+            current = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        f.close()  # its holder removed it between our open and our lock
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _HELD[str(path)] = f
+    return None
+
+
+def unlock(path: str | Path, remove: bool = False) -> None:
+    """Release a lock ``lock_file`` took in this process (removing the lock file first, under the lock, with
+    ``remove``)."""
+    path = Path(path).absolute()
+    f = _HELD.pop(str(path), None)
+    if f is None:
+        return
+    if remove:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    f.close()
+
+
+def lock_path(dst: str | Path) -> Path:
+    """The lock file of a command's output ``dst``: ``.<name>.lock`` beside it (``dst`` is put in place by a rename,
+    so a lock inside it would not survive)."""
+    dst = Path(dst).expanduser().resolve()
+    return dst.parent / f".{dst.name}.lock"
+
+
+def lock_output(dst: str | Path, key: str) -> bool:
+    """Lock the output ``dst`` of a command (a directory or a file) until the command ends (``release_outputs``: the
+    dispatcher calls it, and the process's exit), or refuse in one line naming ``key`` while another process holds
+    it. Returns whether this call took it (False: already held here, or no lock file can be made beside ``dst``).
+    A lock file left by a killed process is not locked: the next command takes it."""
+    path = lock_path(dst)
+    if str(path) in _HELD:
+        return False
+    made = None  # the outermost directory the lock file needs that does not exist yet
+    for parent in path.parents:
+        if parent.exists():
+            break
+        made = parent
+    try:
+        holder = lock_file(path)
+    except OSError:  # an unwritable or missing parent: the command's own checks say so in one line
+        return False
+    if holder is not None:
+        raise ConfigError(key, f"{Path(dst).expanduser().resolve()} is being written by another command (pid "
+                               f"{holder}); wait for it to end or pick another {key}")
+    _OUTPUT_LOCKS[str(path)] = made
+    return True
+
+
+def _drop_output_lock(path: str) -> None:
+    """Release and remove one output lock, and the directories made for it that are still empty (a refused
+    command leaves nothing behind)."""
+    made = _OUTPUT_LOCKS.pop(path)
+    unlock(path, remove=True)
+    if made is not None:
+        for parent in Path(path).parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            if parent == made:
+                break
+
+
+def release_output(dst: str | Path) -> None:
+    """Release (and remove) the lock ``lock_output`` took on ``dst``."""
+    path = lock_path(dst)
+    if str(path) in _OUTPUT_LOCKS:
+        _drop_output_lock(str(path))
+
+
+@atexit.register
+def release_outputs() -> None:
+    """Release (and remove) every output lock this process holds: a command's outputs are unlocked when it ends."""
+    for name in sorted(_OUTPUT_LOCKS, reverse=True):
+        _drop_output_lock(name)
 
 
 def check_writable(path: str | os.PathLike, key: str, directory: bool = False) -> None:

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.fileio import lock_file
 
 META = "evolm.json"
 RUN_FILE = "run.json"  # in the run directory: the id of the run that owns it
@@ -123,30 +124,15 @@ def _shared_checksums(directory: Path, names: list[str], algorithm: str) -> dict
     return {k: v for part in parts for k, v in part.items()}
 
 
-_LOCKS: dict[str, object] = {}  # run dir -> open lock file, held for the life of the process
-
-
 def lock_run_dir(out: str | Path) -> None:
-    """Collective. Rank 0 takes an exclusive lock on ``<out>/.lock`` (held until the process ends), so a second
-    training into the same run directory refuses in one line instead of clashing with the first."""
-    import fcntl
-
+    """Collective. Rank 0 takes an exclusive lock on ``<out>/.lock`` (held until the process ends; ``fileio.lock_file``,
+    the lock of every command's output), so a second training into the same run directory refuses in one line
+    instead of clashing with the first."""
     out = Path(out)
     holder = None
-    if _rank() == 0 and str(out.resolve()) not in _LOCKS:
+    if _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        f = open(out / ".lock", "a+")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-            _LOCKS[str(out.resolve())] = f
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
-            f.close()
+        holder = lock_file(out / ".lock")
     holder = _broadcast(holder)
     if holder is not None:
         raise ConfigError("run.out_dir", f"{out} is in use by another training (pid {holder}); wait for it to end or "

@@ -357,7 +357,7 @@ def _source(cfg) -> tuple[Path, dict, ModelConfig, str, Path]:
         raise ConfigError("src", f"{ckpt}: unknown head {head!r} in evolm.json")
     dst = Path(cfg.dst).expanduser().resolve()
     check_dst(dst, cfg.overwrite, sources=(cfg.src, ckpt, cfg.tokenizer if cfg.tokenizer and
-                                           Path(cfg.tokenizer).expanduser().exists() else None))
+                                           Path(cfg.tokenizer).expanduser().exists() else None), kind="hf-export")
     return ckpt, meta, m, head, dst
 
 

@@ -86,7 +86,7 @@ def _import_hf(cfg) -> Path:
     if not tok_files:
         raise ConfigError("tokenizer", f"no tokenizer files in {tok_src}; pass tokenizer=<HF tokenizer dir>")
     dst = Path(cfg.dst).expanduser().resolve()
-    check_dst(dst, cfg.overwrite, sources=(src, tok_src))
+    check_dst(dst, cfg.overwrite, sources=(src, tok_src), kind="hf-import")
     dtype = parse_dtype(cfg.dtype) or weights.dtype()
     if cfg.verify and cfg.verify_tol <= 0:
         raise ConfigError("verify_tol", "must be positive")

@@ -35,7 +35,7 @@ def _check(cfg) -> tuple[Path, Path, dict]:
     if hf.head_kind(raw) != "lm":
         raise ConfigError("architectures", "TensorRT-LLM engines are built for LlamaForCausalLM only")
     dst = Path(cfg.dst).expanduser().resolve()
-    check_dst(dst, cfg.overwrite, sources=(src,))
+    check_dst(dst, cfg.overwrite, sources=(src,), kind="trtllm-engine")
     for key in ("max_batch", "max_seq", "max_num_tokens", "n", "tp"):
         if getattr(cfg, key) < 1:
             raise ConfigError(key, "must be >= 1")

@@ -168,7 +168,8 @@ def _check(cfg: PrepareRMConfig) -> Template:
     template = Template(cfg.prompt_template, "{answer}")
     template.check("prompt_template")
     local = tuple(p for p in (Path(cfg.input).expanduser(), Path(str(cfg.tokenizer)).expanduser()) if p.exists())
-    check_dst(Path(cfg.output).expanduser().resolve(), cfg.overwrite, key="output", sources=local)
+    check_dst(Path(cfg.output).expanduser().resolve(), cfg.overwrite, key="output", sources=local,
+              kind="rm-dataset")
     return template
 
 

@@ -41,7 +41,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.prepare import open_rows
 from evolm_nemo.data.sft import SFTWriter, Template, encode_example, read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.fileio import check_dst, write_jsonl
+from evolm_nemo.fileio import check_dst, check_dst_file, release_output, write_jsonl
 from evolm_nemo.tasks import QUESTION_TEMPLATE, SUITES
 
 # EvoLM's SFT/RL allocation study: 100K questions split between SFT and RL (PAPER.md).
@@ -269,15 +269,20 @@ def _sha(items: Iterable[str]) -> str:
 
 
 def _check_outputs(cfg: PrepareSFTConfig) -> None:
-    """The dataset directory may be created or replaced without touching what this run reads (the one overlap rule
-    of every command that writes a directory: ``fileio.check_dst``); the RL file likewise."""
+    """The dataset directory may be created or replaced without touching what this run reads, and replaces only an
+    SFT dataset (the one output rule of every command: ``fileio.check_dst``); the RL file likewise is none of the
+    inputs and lies outside the dataset. Both are locked against a second prepare-sft writing them at once."""
     out = Path(cfg.output).expanduser().resolve()
     local = tuple(p for p in (Path(str(cfg.input)).expanduser(), Path(str(cfg.tokenizer)).expanduser()) if p.exists())
-    check_dst(out, cfg.overwrite, key="output", sources=local)  # (hub names are not paths)
-    if cfg.rl_output and Path(cfg.rl_output).exists() and not cfg.overwrite:
-        raise ConfigError("rl_output", f"{cfg.rl_output} exists; pick a new file or pass overwrite=true")
-    if cfg.rl_output and Path(cfg.rl_output).resolve().is_relative_to(out):
-        raise ConfigError("rl_output", "must be outside the SFT dataset directory")
+    check_dst(out, cfg.overwrite, key="output", sources=local, kind="sft-dataset")  # (hub names are not paths)
+    try:
+        if cfg.rl_output and Path(cfg.rl_output).expanduser().resolve().is_relative_to(out):
+            raise ConfigError("rl_output", "must be outside the SFT dataset directory")
+        if cfg.rl_output:
+            check_dst_file(cfg.rl_output, cfg.overwrite, "rl_output", sources=local)
+    except ConfigError:
+        release_output(out)
+        raise
 
 
 def check_config(cfg: PrepareSFTConfig) -> Template:

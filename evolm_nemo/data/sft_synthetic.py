@@ -15,7 +15,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.data.synthetic import generate
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.fileio import commit_first, staged_dir, write_jsonl
+from evolm_nemo.fileio import commit_first, release_output, staged_dir, write_jsonl
 
 RL_EXAMPLES = 1000  # the demo RL set
 EVAL_EXAMPLES = 200  # held-out problems (the demo scores a prefix of them)
@@ -107,5 +107,7 @@ def _build(out: Path, cfg: RootConfig, tok, ref: str) -> None:
                             allocation=f"{s.synthetic_examples}/{RL_EXAMPLES}", rl_output=str(out / "rl.jsonl"),
                             seed=s.synthetic_seed, cutoff=cfg.model.seq_length + 1, progress=False)
     manifest = prepare_sft(prep, rows=rows, tokenizer=tok)
+    for output in (prep.output, prep.rl_output):  # their locks (beside them, in this private staged directory)
+        release_output(output)
     (out / DONE).write_text(json.dumps({"sft": manifest["examples"], "rl": manifest["split"]["rl"],
                                         "eval": len(held_out)}) + "\n")

@@ -30,7 +30,7 @@ from evolm_nemo.answers import MODES, extract_answer, gold_answer, is_equiv, jud
 from evolm_nemo.config.compose import compose
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation.metrics import majority_answers, majority_index, rm_index, summarize
-from evolm_nemo.fileio import check_writable, iter_jsonl, write_jsonl
+from evolm_nemo.fileio import check_dst_file, check_writable, iter_jsonl, write_jsonl
 from evolm_nemo.tasks import SUITES
 
 ADDED_FIELDS = ("gold_answer", "extracted", "correct", "pass1", "maj16", "rm16", "pass16")
@@ -248,6 +248,7 @@ def main(overrides: Sequence[str]) -> int:
         raise ConfigError("row_budget_s", f"expected seconds > 0 (or null: unbounded), got {cfg.row_budget_s}")
     output = cfg.output or _default_output(cfg.input)
     check_writable(output, "output")
+    check_dst_file(output, True, "output", sources=(cfg.input,), lock=False)  # never the input it reads
     rows = read_rows(cfg.input)
     note = completions_note(rows)
     if note:

@@ -79,7 +79,8 @@ def stage_module(name: str) -> ModuleType:
 
 def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
     """Everything `evolm train` checks before it builds anything, in this order, and the plan it derives: the recipe
-    (``config.validate.validate``), that the outputs can be written, the parent checkpoint (``train.init_from``),
+    (``config.validate.validate``), that no input lies in the run directory ``train.overwrite`` would start over
+    (``check_inputs_outside_run``), that the outputs can be written, the parent checkpoint (``train.init_from``),
     the stage's data and iterations (its ``plan_iters``), the schedule over them (``config.validate.check_schedule``)
     and the stage's ``check_plan``. Each failure is a one-line ConfigError naming the key."""
     k = kind(cfg.stage)
@@ -90,6 +91,7 @@ def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
         key = "train.packing" if cfg.train.packing else "parallel.max_tokens_per_microbatch"
         raise ConfigError(key, f"is for stage={'|'.join(n for n, x in STAGES.items() if x.lays_out)}, not "
                                f"{cfg.stage}")
+    check_inputs_outside_run(cfg)
     check_writable(cfg.run.out_dir, "run.out_dir", directory=True)
     if cfg.data.source == "synthetic" or k.budget == "tokens":  # generated corpora / sample-index caches
         check_writable(cfg.data.cache_dir, "data.cache_dir", directory=True)
@@ -109,6 +111,36 @@ def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
         module.check_plan(cfg, iters)
     return Plan(world_size=layout.world_size, dp=layout.dp, iters=iters, tokens_per_iter=layout.tokens_per_iter,
                 num_microbatches=layout.num_microbatches)
+
+
+def run_inputs(cfg: RootConfig) -> list[tuple[str, str]]:
+    """``(key, path)`` for every file or directory a run of ``cfg`` reads: its parents, the RL critic and reward
+    model, the data (prepared datasets, indexed prefixes, RL prompt files, validation sets), the tokenizer and the
+    probes' task files. (``data.cache_dir`` is a cache the run also writes, not an input.)"""
+    t, d, r, p = cfg.train, cfg.data, cfg.rl, cfg.probe
+    found = [("train.init_from", t.init_from), ("train.branch_from", t.branch_from), ("rl.critic_init", r.critic_init),
+             ("rl.reward_model", r.reward_model), ("rl.val_data", r.val_data), ("probe.tasks_dir", p.tasks_dir),
+             ("probe.data_dir", p.data_dir)]
+    if d.tokenizer and Path(d.tokenizer).expanduser().exists():  # (else a hub name)
+        found.append(("data.tokenizer", d.tokenizer))
+    found += [("data.paths", path) for path in d.paths or ()] + [("data.val_paths", path) for path in d.val_paths or ()]
+    return [(key, str(path)) for key, path in found if path]
+
+
+def check_inputs_outside_run(cfg: RootConfig) -> None:
+    """``train.overwrite=true`` starts the run directory over (its checkpoints removed, its logs restarted), so none
+    of the run's inputs (``run_inputs``) may lie inside ``run.out_dir``: a parent checkpoint, a stable run to branch
+    from, a dataset there would be destroyed before it is read. Refused in one line naming the input's key, before
+    anything is touched."""
+    if not cfg.train.overwrite:
+        return  # without it nothing of the directory is removed (a fresh start refuses a directory with checkpoints)
+    out = Path(cfg.run.out_dir).expanduser().resolve()
+    for key, path in run_inputs(cfg):
+        where = Path(path).expanduser().resolve()
+        if where.is_relative_to(out):
+            raise ConfigError(key, f"{path} lies inside run.out_dir={cfg.run.out_dir}, whose checkpoints and logs "
+                                   "train.overwrite=true removes before training: it would be destroyed before it is "
+                                   "read; write this run to another run.out_dir")
 
 
 def check_parent(cfg: RootConfig) -> None:

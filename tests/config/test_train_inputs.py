@@ -152,3 +152,75 @@ def test_the_plan_is_printed_before_the_dataset_indices_are_built(corpus, tmp_pa
     plan = next(i for i, ln in enumerate(lines) if ln.startswith("[evolm] plan: pretrain tiny, 2 iters x "))
     header = next(i for i, ln in enumerate(lines) if ln.startswith("[evolm] pretrain tiny:"))
     assert plan < header and "building the dataset indices" in lines[plan]
+
+
+# ------------------------------------------------------------------------------------------ issue 19 item 2
+
+
+def _checksums(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative path -> sha256): what must be unchanged after a refused command."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def stable_run(tmp_path_factory, data_cache):
+    """A finished tiny WSD pretraining run: checkpoints, run.json and metrics.jsonl."""
+    from tests.conftest import tiny
+
+    out = tmp_path_factory.mktemp("stable") / "run"
+    run_evolm("train", tiny(out, data_cache, "train.iters=2", "optim.decay_style=wsd"))
+    assert list((out / "checkpoints").glob("iter_*")) and (out / "metrics.jsonl").is_file()
+    return out
+
+
+@pytest.mark.parametrize("case", ["sft_init_from_itself", "wsd_branch_from_itself"])
+def test_overwrite_never_clears_the_runs_own_inputs(stable_run, data_cache, case):
+    """`train.overwrite=true` into the directory the run starts from (an SFT whose parent is its own run.out_dir, a
+    WSD branch whose stable run is its own run.out_dir) used to remove the parent's checkpoints (and metrics) and then
+    fail to load them: refused in one line naming the input, the parent's every byte unchanged."""
+    from tests.conftest import tiny
+
+    before = _checksums(stable_run)
+    extra = {"sft_init_from_itself": ["stage=sft", f"train.init_from={stable_run}", "train.resume=false"],
+             "wsd_branch_from_itself": ["optim.decay_style=wsd", f"train.branch_from={stable_run}", "train.iters=4"]}
+    key = {"sft_init_from_itself": "train.init_from", "wsd_branch_from_itself": "train.branch_from"}[case]
+    proc = run_evolm("train", tiny(stable_run, data_cache, "train.overwrite=true", *extra[case]), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {key}: {stable_run} lies inside run.out_dir=") and \
+        "train.overwrite=true removes" in lines[0], lines[0]
+    assert _checksums(stable_run) == before
+
+
+@pytest.mark.parametrize("key, where", [
+    ("rl.critic_init", "checkpoints"),
+    ("rl.reward_model", "checkpoints"),
+    ("data.paths", "rl.jsonl"),
+    ("rl.val_data", "val.jsonl"),
+])
+def test_every_input_inside_the_run_dir_is_refused_with_overwrite(stable_run, tmp_path, capsys, key, where):
+    """The one rule (stages.check_inputs_outside_run) covers every input of a recipe: the RL critic and reward
+    model, prompt files and validation data inside the run directory that train.overwrite=true starts over."""
+    before = _checksums(stable_run)
+    inside = stable_run / where
+    args = ["stage=ppo", f"run.out_dir={stable_run}", "train.overwrite=true", f"train.init_from={tmp_path / 'sft'}",
+            "data.source=indexed", f"data.paths=[{tmp_path / 'prompts.jsonl'}]"]
+    args += {"rl.critic_init": [f"rl.critic_init={inside}"],
+             "rl.reward_model": ["rl.reward=rm", f"rl.reward_model={inside}"],
+             "data.paths": [f"data.paths=[{inside}]"],
+             "rl.val_data": [f"rl.val_data={inside}", "rl.val_interval=1"]}[key]
+    _refused(capsys, args, key, f"{inside} lies inside run.out_dir=")
+    assert _checksums(stable_run) == before
+
+
+def test_inputs_inside_the_run_dir_are_fine_without_overwrite(stable_run, tmp_path):
+    """Without train.overwrite nothing of the run directory is removed: the rule does not apply (a fresh start
+    there is refused by the run directory's own check instead)."""
+    cfg = compose("config", ["stage=sft", f"run.out_dir={stable_run}", f"train.init_from={stable_run}",
+                             "train.resume=false"], RootConfig)
+    from evolm_nemo.stages import check_inputs_outside_run
+
+    check_inputs_outside_run(cfg)

@@ -266,3 +266,101 @@ def test_export_modes_follow_the_umask_and_killed_exports_are_cleaned(ckpt, tmp_
     assert not (dst / OWNER).exists()
     # group-readable as a plain mkdir / open would make them under umask 027 (not mkdtemp's 0700 / 0600)
     assert _modes(dst) == {(True, 0o750), (False, 0o640)}
+
+
+# ------------------------------------------------------------------------------------------ issue 19 items 4, 5
+
+def _checksums(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def a_run(tmp_path_factory, data_cache):
+    """A real (one-iteration) tiny training run: checkpoints, run.json, metrics.jsonl."""
+    from tests.conftest import run_evolm, tiny
+
+    out = tmp_path_factory.mktemp("a_run") / "run"
+    run_evolm("train", tiny(out, data_cache, "train.iters=1"))
+    return out
+
+
+def _refused(capsys, args: list[str], *fragments: str) -> str:
+    from evolm_nemo.cli import main
+
+    capsys.readouterr()
+    assert main(args) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: dst: "), lines
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+    return lines[0]
+
+
+def test_export_and_import_never_overwrite_another_kind_of_output(good, ckpt, a_run, tmp_path, capsys):
+    """export-hf / import-hf with dst=<a training run> overwrite=true used to delete its checkpoints and metrics:
+    overwrite replaces only what the same command made (an export by an export, an import by an import). One line
+    naming `dst`, every byte of the run (and of the other outputs) unchanged."""
+    from evolm_nemo.cli import main
+
+    before = _checksums(a_run)
+    _refused(capsys, ["export-hf", f"src={ckpt}", f"dst={a_run}", "overwrite=true", "progress=false"],
+             f"{a_run} is a training run's directory", "not an HF export", "replaces only an output of the same")
+    _refused(capsys, ["import-hf", f"src={good / 'single'}", f"dst={a_run}", "overwrite=true", "progress=false"],
+             f"{a_run} is a training run's directory", "not an imported checkpoint")
+    assert _checksums(a_run) == before and not list(a_run.parent.glob(".run.*"))
+    # an import is not an export's target, an export not an import's, an HF model of one's own not an export's
+    imported = tmp_path / "imported"
+    shutil.copytree(ckpt, imported)
+    hf_dir = tmp_path / "hf"
+    assert main(["export-hf", f"src={ckpt}", f"dst={hf_dir}", "progress=false"]) == 0
+    sums = _checksums(imported), _checksums(hf_dir), _checksums(good / "single")
+    _refused(capsys, ["export-hf", f"src={ckpt}", f"dst={imported}", "overwrite=true", "progress=false"],
+             "is an imported checkpoint (made by evolm import-hf), not an HF export")
+    _refused(capsys, ["import-hf", f"src={good / 'single'}", f"dst={hf_dir}", "overwrite=true", "progress=false"],
+             "is an HF export (made by evolm export-hf), not an imported checkpoint")
+    own = tmp_path / "own_model"
+    shutil.copytree(good / "single", own)
+    _refused(capsys, ["export-hf", f"src={ckpt}", f"dst={own}", "overwrite=true", "progress=false"],
+             "is an HF model directory not made by evolm export-hf")
+    assert (_checksums(imported), _checksums(hf_dir), _checksums(own)) == sums
+    # ... while each replaces its own kind
+    assert main(["export-hf", f"src={ckpt}", f"dst={hf_dir}", "overwrite=true", "progress=false"]) == 0
+    assert main(["import-hf", f"src={good / 'single'}", f"dst={imported}", "overwrite=true", "progress=false"]) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_two_exports_into_one_dst_the_second_is_refused(ckpt, tmp_path, capsys):
+    """export-hf's dst is locked like a run directory: a second export into it while the first runs (stopped here
+    with SIGSTOP as soon as it holds the lock) refuses in one line naming `dst` and the first's pid; the first then
+    finishes, leaving no lock file."""
+    import signal
+    import time
+
+    from evolm_nemo.fileio import lock_path
+    from tests.conftest import subprocess_env
+
+    dst = tmp_path / "hf"
+    evolm = Path(sys.executable).with_name("evolm")
+    first = subprocess.Popen([str(evolm), "export-hf", f"src={ckpt}", f"dst={dst}", "progress=false"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={k: v for k, v in subprocess_env().items() if k not in ("MASTER_PORT", "MASTER_ADDR")})
+    lock = lock_path(dst)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None and not (
+                lock.is_file() and lock.read_text().strip() == str(first.pid)):
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)
+        assert first.poll() is None, "the first export ended before it could be stopped"
+        _refused(capsys, ["export-hf", f"src={ckpt}", f"dst={dst}", "overwrite=true", "progress=false"],
+                 f"{dst} is being written by another command (pid {first.pid})")
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err[-3000:]
+    assert (dst / "evolm_export.json").is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

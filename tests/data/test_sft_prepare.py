@@ -159,14 +159,23 @@ def test_existing_output_is_never_replaced_without_overwrite(tmp_path, tok_dir):
     inp = _write(tmp_path / "in.jsonl", [{"question": "q?", "answer": "a"}])
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "precious.txt").write_text("keep")
-    with pytest.raises(ConfigError, match="exists"):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="already exists; pass overwrite=true"):
+        prepare_sft(_cfg(tmp_path, tok_dir, inp, name="empty", filter=False))
+    with pytest.raises(ConfigError, match="is a directory of other files"):
         prepare_sft(_cfg(tmp_path, tok_dir, inp, filter=False))
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep"
     with pytest.raises(ConfigError, match="overlaps the source"):
         prepare_sft(_cfg(tmp_path, tok_dir, inp, name=".", filter=False, overwrite=True))
-    prepare_sft(_cfg(tmp_path, tok_dir, inp, filter=False, overwrite=True))
-    assert not (tmp_path / "out" / "precious.txt").exists() and SFTDataset(tmp_path / "out").manifest["examples"] == 1
-    assert not list(tmp_path.glob(".out.tmp-*"))
+    # overwrite replaces only what prepare-sft made (issue 19 item 4): not a directory of other files
+    with pytest.raises(ConfigError, match="is a directory of other files, not an SFT dataset"):
+        prepare_sft(_cfg(tmp_path, tok_dir, inp, filter=False, overwrite=True))
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep"
+    prepare_sft(_cfg(tmp_path, tok_dir, inp, name="ds", filter=False))
+    _write(inp, [{"question": "q?", "answer": "a"}, {"question": "r?", "answer": "b"}])
+    prepare_sft(_cfg(tmp_path, tok_dir, inp, name="ds", filter=False, overwrite=True))  # a dataset by a dataset
+    assert SFTDataset(tmp_path / "ds").manifest["examples"] == 2
+    assert not list(tmp_path.glob(".out.tmp-*")) and not list(tmp_path.glob(".ds.tmp-*"))
 
 
 def test_a_damaged_dataset_is_refused(tmp_path, tok_dir):
@@ -225,3 +234,133 @@ def test_filter_verdicts_do_not_depend_on_workers(tmp_path, tok_dir, monkeypatch
     two = prepare_sft(_cfg(tmp_path, tok_dir, inp, name="w2", reference_key="gold", workers=2))
     assert one["content_sha256"] == two["content_sha256"] and one["counts"] == two["counts"]
     assert one["examples"] == 3 * sum(ok for *_, ok in LABELLED)
+
+
+# -------------------------------------------------------------------------------------- issue 19 items 3-5
+
+
+def _checksums(root) -> dict[str, str]:
+    """Every file under ``root`` (a file or a directory; relative path -> sha256)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root) if p != root else p.name): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files}
+
+
+def _one_line(proc, key: str, *fragments: str) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("how", ["same_name", "symlink", "hard_link"])
+def test_rl_output_is_never_the_input(tmp_path, tok_dir, how):
+    """`prepare-sft ... rl_output=<the input> overwrite=true` used to replace the input with the RL rows: no output
+    of a command may be one of its inputs (also under another name). One line; the input's bytes unchanged, nothing
+    written."""
+    import os
+
+    rows = [{"q": f"What is {i} + 1?", "r": f"\\\\boxed{{{i + 1}}}", "gold": str(i + 1)} for i in range(12)]
+    inp = _write(tmp_path / "in.jsonl", rows)
+    rl = {"same_name": inp, "symlink": tmp_path / "link.jsonl", "hard_link": tmp_path / "hard.jsonl"}[how]
+    if how == "symlink":
+        os.symlink(inp, rl)
+    elif how == "hard_link":
+        os.link(inp, rl)
+    before = _checksums(inp)
+    proc = run_evolm("prepare-sft", [f"input={inp}", f"output={tmp_path / 'out'}", f"tokenizer={tok_dir}",
+                                     "question_key=q", "answer_key=r", "reference_key=gold", "allocation=4/4",
+                                     f"rl_output={rl}", "overwrite=true", "progress=false"], check=False)
+    _one_line(proc, "rl_output", "the input", "which this command reads")
+    assert _checksums(inp) == before
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*"))
+
+
+@pytest.fixture(scope="module")
+def a_run(tmp_path_factory, data_cache):
+    """A real (one-iteration) tiny training run: checkpoints, run.json, metrics.jsonl."""
+    from tests.conftest import tiny
+
+    out = tmp_path_factory.mktemp("a_run") / "run"
+    run_evolm("train", tiny(out, data_cache, "train.iters=1"))
+    assert (out / "checkpoints").is_dir() and (out / "metrics.jsonl").is_file()
+    return out
+
+
+def _rm_input(tmp_path):
+    return _write(tmp_path / "labelled.jsonl", [{"prompt": f"What is {i}?", "response": r, "label": label}
+                                                for i in range(4) for r, label in (("yes", 1), ("no", 0))])
+
+
+def test_dataset_commands_never_overwrite_a_training_run(a_run, tmp_path, tok_dir):
+    """`prepare-sft` / `prepare-rm` with output=<a run directory> overwrite=true used to delete its checkpoints and
+    metrics: overwrite replaces only what the same command made. One line naming `output`; the run's every byte
+    unchanged. And a dataset of one kind is not replaced by the other command either."""
+    before = _checksums(a_run)
+    inp = _write(tmp_path / "in.jsonl", [{"question": "q?", "answer": "a"}])
+    sft = ["prepare-sft", [f"input={inp}", f"tokenizer={tok_dir}", "filter=false", "progress=false"]]
+    rm = ["prepare-rm", [f"input={_rm_input(tmp_path)}", f"tokenizer={tok_dir}", "progress=false"]]
+    for command, args in (sft, rm):
+        proc = run_evolm(command, [*args, f"output={a_run}", "overwrite=true"], check=False)
+        _one_line(proc, "output", f"{a_run} is a training run's directory", "replaces only an output of the same")
+        assert _checksums(a_run) == before
+        assert not list(a_run.parent.glob(".run.*"))  # no temp dir, no lock file left
+    # an SFT dataset is not an RM dataset's overwrite target, nor the other way round
+    run_evolm(sft[0], [*sft[1], f"output={tmp_path / 'sft'}"])
+    run_evolm(rm[0], [*rm[1], f"output={tmp_path / 'rm'}"])
+    sums = _checksums(tmp_path / "sft"), _checksums(tmp_path / "rm")
+    _one_line(run_evolm(sft[0], [*sft[1], f"output={tmp_path / 'rm'}", "overwrite=true"], check=False), "output",
+              "is an RM dataset (made by evolm prepare-rm), not an SFT dataset")
+    _one_line(run_evolm(rm[0], [*rm[1], f"output={tmp_path / 'sft'}", "overwrite=true"], check=False), "output",
+              "is an SFT dataset (made by evolm prepare-sft), not an RM dataset")
+    assert (_checksums(tmp_path / "sft"), _checksums(tmp_path / "rm")) == sums
+    # ... while each replaces its own kind
+    run_evolm(rm[0], [*rm[1], f"output={tmp_path / 'rm'}", "overwrite=true", "seed=7"])
+
+
+@pytest.mark.parametrize("command", ["prepare-sft", "prepare-rm"])
+def test_two_writers_of_one_output_the_second_is_refused(tmp_path, tok_dir, command):
+    """Two concurrent `prepare-sft` into one output used to both exit 0, one's work silently lost (the second even
+    printed the first one's summary): the output is locked like a run directory. The first is stopped (SIGSTOP) as
+    soon as it holds the lock; the second refuses in one line naming `output` and the first's pid; the first then
+    finishes with its own dataset, and leaves no lock file or temporary directory."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import evolm_cmd, subprocess_env
+    from evolm_nemo.fileio import lock_path
+
+    out = tmp_path / "out"
+    if command == "prepare-sft":
+        inp = _write(tmp_path / "in.jsonl", [{"question": f"q{i}?", "answer": f"a{i}"} for i in range(50)])
+        args = [f"input={inp}", f"tokenizer={tok_dir}", "filter=false", "progress=false"]
+    else:
+        args = [f"input={_rm_input(tmp_path)}", f"tokenizer={tok_dir}", "progress=false"]
+    first = subprocess.Popen(evolm_cmd(command, [*args, f"output={out}"]), env=subprocess_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = lock_path(out)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not (
+                lock.is_file() and lock.read_text().strip() == str(first.pid)):
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)
+        assert first.poll() is None, "the first writer ended before it could be stopped"
+        second = run_evolm(command, [*args, f"output={out}", "overwrite=true"], check=False)
+        _one_line(second, "output", f"{out} is being written by another command (pid {first.pid})")
+        first.send_signal(signal.SIGCONT)
+        stdout, stderr = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, stderr
+    assert str(out) in stdout and out.joinpath("manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # once the first is done, the same command replaces it as usual (overwrite) or refuses (without)
+    _one_line(run_evolm(command, [*args, f"output={out}"], check=False), "output", "already exists")

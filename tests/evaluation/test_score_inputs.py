@@ -80,3 +80,15 @@ def test_completions_per_row_other_than_16_are_named(tmp_path, counts, note):
     else:
         assert len(notes) == 1 and notes[0].startswith(note), proc.stderr
     assert len(out.read_text().splitlines()) == len(counts)
+
+
+def test_output_is_never_the_input(tmp_path, capsys):
+    """Issue 19 item 3: no output of a command may be one of its inputs -- `score output=<its input>` would replace
+    the completions with the scored rows. One line; the input's bytes unchanged."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps(_row()) + "\n", encoding="utf-8")
+    before = inp.read_bytes()
+    assert cli.main(["score", f"input={inp}", f"output={inp}"]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"error: output: {inp} is the input {inp}, which this command reads"), line
+    assert inp.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
