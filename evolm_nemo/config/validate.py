@@ -93,10 +93,14 @@ def validate(cfg: RootConfig, world_size: int | None = None, global_batches: boo
         raise ConfigError("parallel.tp", f"world size {world_size} is not divisible by tp*pp={p.tp * p.pp}; "
                                          f"launch a multiple of {p.tp * p.pp} processes")
     dp = world_size // (p.tp * p.pp)
-    if global_batches and p.global_batch_size % (p.micro_batch_size * dp):
+    by_count = not (cfg.train.packing or p.max_tokens_per_microbatch is not None)  # else micro_batch_size is unused
+    if global_batches and by_count and p.global_batch_size % (p.micro_batch_size * dp):
         raise ConfigError("parallel.global_batch_size",
                           f"{p.global_batch_size} is not divisible by micro_batch_size*dp = {p.micro_batch_size}*{dp}; "
                           f"use a multiple of {p.micro_batch_size * dp}")
+    if global_batches and not by_count and p.global_batch_size % dp:
+        raise ConfigError("parallel.global_batch_size", f"{p.global_batch_size} does not split over {dp} data-parallel "
+                                                        f"ranks; use a multiple of {dp}")
 
     for key in ("lr", "weight_decay", "clip_grad", "eps"):
         positive(f"optim.{key}", getattr(o, key), allow_zero=True)
