@@ -77,7 +77,7 @@ class SFTView:
 
 def load_view(cfg: RootConfig, dirs: list[str]) -> SFTView:
     limit = cfg.model.seq_length + 1  # ids of one example: seq_length inputs + the last label
-    sets = [SFTDataset(d) for d in dirs]
+    sets = [SFTDataset(d, vocab_size=cfg.model.vocab_size) for d in dirs]
     which, local, length, prompt = [], [], [], []
     truncated = dropped = 0
     for k, ds in enumerate(sets):
