@@ -24,8 +24,8 @@ from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.fileio import atomic_path
 from evolm_nemo.losses.preference import PREFERENCE_LOSSES, preference_loss
 from evolm_nemo.stages.base import Stage
-from evolm_nemo.stages.rm import (RMData, UnitBatches, check_common, check_tokenizer, epoch_iters, fit_units,
-                                  forward_sequences)
+from evolm_nemo.stages.rm import (RMData, UnitBatches, check_common, check_tokenizer, datasets_identity, epoch_iters,
+                                  fit_units, forward_sequences)
 
 REFERENCE_FILE = "dpo_reference.safetensors"
 SUM_KEYS = ("margin_sum", "chosen_logp_sum", "rejected_logp_sum", "chosen_reward_sum", "rejected_reward_sum",
@@ -55,6 +55,11 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     if len(train) == 0:
         raise ConfigError("data.paths", f"no pair fits model.seq_length={cfg.model.seq_length}")
     return epoch_iters(cfg, len(train), "pairs")
+
+
+def data_identity(cfg: RootConfig) -> dict:
+    """What defines a DPO run's data and batch (a resume may not change it; the reference log-probs are the data's)."""
+    return {**datasets_identity(cfg), "dpo.shuffle": cfg.dpo.shuffle}
 
 
 def response_logps(per_token_ce: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,13 +28,14 @@ from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.data.collate import collate_sequences
-from evolm_nemo.data.rm import RMDataset
-from evolm_nemo.data.sft import tokenizer_fingerprint
+from evolm_nemo.data.rm import FORMAT, RMDataset
+from evolm_nemo.data.sft import read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.fileio import write_jsonl
 from evolm_nemo.losses.preference import bradley_terry, outcome_accuracy, outcome_bce, pair_accuracy, roc_auc
 from evolm_nemo.model.heads import build_value_model, load_backbone, scores_at_last
-from evolm_nemo.stages.base import EpochOrder, Stage, check_epoch_keys, epoch_iters
+from evolm_nemo.stages.base import (EpochOrder, Stage, batch_identity, check_epoch_keys, dataset_identity,
+                                   epoch_iters)
 from evolm_nemo.train.forward import forward_collect, value_forward_step
 
 OBJECTIVES = ("outcome", "pairwise")
@@ -58,6 +59,19 @@ def dataset_dirs(cfg: RootConfig) -> list[str]:
         if not Path(path).is_dir():
             raise ConfigError("data.paths", f"no dataset directory {path}; run `evolm prepare-rm` first")
     return list(d.paths)
+
+
+def datasets_identity(cfg: RootConfig) -> dict:
+    """The RM / DPO datasets by content, and the batch (``data_identity``)."""
+    return {"data.paths": dataset_identity(read_manifest(d, fmt=FORMAT, maker="evolm prepare-rm")
+                                           for d in dataset_dirs(cfg)), **batch_identity(cfg)}
+
+
+def data_identity(cfg: RootConfig) -> dict:
+    """What defines an RM run's data and batch (a resume may not change it)."""
+    r = cfg.rm
+    return {**datasets_identity(cfg), "rm.objective": r.objective, "rm.val_fraction": r.val_fraction,
+            "rm.shuffle": r.shuffle}
 
 
 class RMData:

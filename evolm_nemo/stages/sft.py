@@ -22,10 +22,11 @@ import numpy as np
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.data.sft import SFTDataset, Template, collate, tokenizer_fingerprint
+from evolm_nemo.data.sft import SFTDataset, Template, collate, read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.stages.base import EpochOrder, Stage, check_epoch_keys, epoch_iters
+from evolm_nemo.stages.base import (EpochOrder, Stage, batch_identity, check_epoch_keys, dataset_identity,
+                                   epoch_iters)
 
 OVERLENGTH = ("truncate", "drop")
 
@@ -138,6 +139,13 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("data.paths", f"no example fits model.seq_length={cfg.model.seq_length} "
                                         f"({view.dropped} dropped)")
     return epoch_iters(cfg, n)
+
+
+def data_identity(cfg: RootConfig) -> dict:
+    """What defines an SFT run's data and batch (a resume may not change it): the datasets' content, the overlength
+    policy and order, the global batch, sequence length and seed."""
+    return {"data.paths": dataset_identity(read_manifest(d) for d in dataset_dirs(cfg)),
+            "sft.overlength": cfg.sft.overlength, "sft.shuffle": cfg.sft.shuffle, **batch_identity(cfg)}
 
 
 # ---------------------------------------------------------------------------------------------------------- stage
