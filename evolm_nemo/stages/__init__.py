@@ -3,9 +3,9 @@ roles. The registry below maps ``stage=<name>`` to its module; planning (``plan_
 through it. Each module has ``plan_iters(cfg, dp) -> int`` (checks the stage's data and derives the iteration count
 before anything heavy), optionally ``check_plan(cfg, iters)`` (what else needs the iterations: pretraining's WSD
 branches, held-out validation, probes), and ``build(cfg, plan, rt) -> Stage`` (``stages.base.Stage``: what the loop
-drives); a stage that saves more than one role says where (``checkpoint_dirs(cfg)``, actor first). ``data_identity(cfg)``
-says what defines its data and batch (config key -> value; data by content fingerprints): the loop records it in every
-checkpoint and refuses a resume that changes it.
+drives); a stage that saves more than one role says where (``checkpoint_dirs(cfg)``, actor first). Its
+``data_identity(cfg)`` says what defines its data and batch (config key -> value; data by content fingerprints): the
+loop records it in every checkpoint and refuses a resume that changes it.
 """
 
 from __future__ import annotations
