@@ -80,7 +80,8 @@ class RMDataset(SFTDataset):
     FORMAT, MAKER = FORMAT, "evolm prepare-rm"
     ARRAYS = ("labels", "groups", "pairs")  # prepare_rm's commit order (the content hash)
 
-    def __init__(self, path: str | Path, key: str = "data.paths", vocab_size: int | None = None):
+    def __init__(self, path: str | Path, key: str = "data.paths", vocab_size: int | None = None,
+                 cache_dir: str | None = None):
         super().__init__(path, key)
         try:
             self.labels = np.load(self.path / "labels.npy", allow_pickle=False)
@@ -92,7 +93,7 @@ class RMDataset(SFTDataset):
             raise ConfigError(key, f"{self.path}: labels/groups do not match its {len(self)} sequences")
         self.kind = self.manifest.get("kind")
         if vocab_size is not None:
-            self.check(vocab_size)
+            self.check(vocab_size, cache_dir)
 
 
 def _label(value, where: str) -> float:

@@ -141,7 +141,8 @@ class SFTDataset:
     FORMAT, MAKER = FORMAT, "evolm prepare-sft"
     ARRAYS: tuple[str, ...] = ()  # more ``<name>.npy`` files in the content hash, in the writer's order
 
-    def __init__(self, path: str | Path, key: str = "data.paths", vocab_size: int | None = None):
+    def __init__(self, path: str | Path, key: str = "data.paths", vocab_size: int | None = None,
+                 cache_dir: str | None = None):
         self.path = Path(path)
         self.key = key
         self.manifest = read_manifest(self.path, key, self.FORMAT, self.MAKER)
@@ -157,17 +158,18 @@ class SFTDataset:
         self.prompt_len = self.index[:, 1]
         self.length = self.index[:, 2]
         if vocab_size is not None:
-            self.check(vocab_size)
+            self.check(vocab_size, cache_dir)
 
-    def check(self, vocab_size: int) -> None:
+    def check(self, vocab_size: int, cache_dir: str | None = None) -> None:
         """The files hold what the manifest's ``content_sha256`` says (hashed at first use, recorded in
-        ``.verified``: ``data.verify``), and every token id fits ``model.vocab_size`` (a larger id would index past
-        the embedding); one-line ConfigErrors naming the dataset."""
+        ``.verified``, or under ``cache_dir`` for a read-only dataset: ``data.verify``), and every token id fits
+        ``model.vocab_size`` (a larger id would index past the embedding); one-line ConfigErrors naming the
+        dataset."""
         from evolm_nemo.data.verify import VERIFIED, verified
 
         files = [self.path / TOKENS, self.path / INDEX] + [self.path / f"{a}.npy" for a in self.ARRAYS]
         top = verified(self.path / VERIFIED, files, self.manifest.get("content_sha256"), self._measure, self.key,
-                       str(self.path))["max_token_id"]
+                       str(self.path), cache_dir)["max_token_id"]
         if top is not None and top >= vocab_size:
             raise ConfigError(self.key, f"{self.path / TOKENS}: token id {top} >= model.vocab_size={vocab_size}; it "
                                         "was tokenized with a larger vocabulary than the model's (check the "

@@ -79,7 +79,8 @@ class RMData:
     validation units: examples (``units[i] = (seq,)``) or pairs (``units[i] = (chosen, rejected)``)."""
 
     def __init__(self, cfg: RootConfig, pairs: bool, val_fraction: float):
-        self.sets = [RMDataset(d, vocab_size=cfg.model.vocab_size) for d in dataset_dirs(cfg)]
+        self.sets = [RMDataset(d, vocab_size=cfg.model.vocab_size, cache_dir=cfg.data.cache_dir)
+                     for d in dataset_dirs(cfg)]
         first = self.sets[0].manifest["tokenizer"]
         for ds in self.sets[1:]:
             if ds.manifest["tokenizer"]["vocab_sha256"] != first["vocab_sha256"]:

@@ -78,7 +78,7 @@ class SFTView:
 
 def load_view(cfg: RootConfig, dirs: list[str]) -> SFTView:
     limit = cfg.model.seq_length + 1  # ids of one example: seq_length inputs + the last label
-    sets = [SFTDataset(d, vocab_size=cfg.model.vocab_size) for d in dirs]
+    sets = [SFTDataset(d, vocab_size=cfg.model.vocab_size, cache_dir=cfg.data.cache_dir) for d in dirs]
     which, local, length, prompt = [], [], [], []
     truncated = dropped = 0
     for k, ds in enumerate(sets):
