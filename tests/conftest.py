@@ -107,6 +107,20 @@ def train_then_sigterm(overrides: list[str], out_dir, after_rows: int, timeout: 
     return proc.returncode, err, int(last.split("after iteration ")[1].split(":")[0])
 
 
+def tree_bytes(root) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> its bytes): to show that a refused command touched nothing."""
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_line_error(proc, key: str) -> str:
+    """The one stderr line of a command refused with exit code 2 naming ``key``."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}: "), \
+        (proc.returncode, proc.stderr[-3000:])
+    return lines[0]
+
+
 def losses(out_dir) -> dict[int, float]:
     path = Path(out_dir) / "metrics.jsonl"
     return {r["iteration"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r}

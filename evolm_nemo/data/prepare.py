@@ -522,20 +522,32 @@ def _row_total(input, hf_config, split) -> int:
 
 def content_digest(prefix: str) -> str:
     """sha256 of a prepared prefix's token bytes and document lengths (what training reads)."""
+    return content_measure(prefix)["sha256"]
+
+
+def content_measure(prefix: str) -> dict:
+    """``content_digest`` of a prepared prefix (``sha256``) and its largest token id (``max_token_id``, None when
+    empty), in one pass over its ``.bin``."""
     import hashlib
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    h = hashlib.sha256()
+    from evolm_nemo.data.indexed import idx_dtype
+
+    dtype = idx_dtype(prefix)
+    h, top = hashlib.sha256(), None
     with open(prefix + ".bin", "rb") as f:
-        while block := f.read(1 << 24):
+        while block := f.read(dtype.itemsize << 23):
             h.update(block)
+            ids = np.frombuffer(block[:len(block) - len(block) % dtype.itemsize], dtype=dtype)
+            if len(ids):
+                top = max(-1 if top is None else top, int(ids.max()))
     ds = IndexedDataset(prefix)  # its index is memory-mapped: copy the lengths while it lives
     lengths = np.array(ds.sequence_lengths, dtype=np.int64, copy=True)
     del ds
     h.update(b"lengths")
     h.update(lengths.tobytes())
-    return h.hexdigest()
+    return {"sha256": h.hexdigest(), "max_token_id": top}
 
 
 def _record_ok(prefix: str, plan: dict) -> Optional[dict]:

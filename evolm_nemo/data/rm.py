@@ -78,8 +78,10 @@ class RMDataset(SFTDataset):
     problem groups and pairs."""
 
     FORMAT, MAKER = FORMAT, "evolm prepare-rm"
+    ARRAYS = ("labels", "groups", "pairs")  # prepare_rm's commit order (the content hash)
 
-    def __init__(self, path: str | Path, key: str = "data.paths"):
+    def __init__(self, path: str | Path, key: str = "data.paths", vocab_size: int | None = None,
+                 cache_dir: str | None = None):
         super().__init__(path, key)
         try:
             self.labels = np.load(self.path / "labels.npy", allow_pickle=False)
@@ -90,6 +92,8 @@ class RMDataset(SFTDataset):
         if len(self.labels) != len(self) or len(self.groups) != len(self):
             raise ConfigError(key, f"{self.path}: labels/groups do not match its {len(self)} sequences")
         self.kind = self.manifest.get("kind")
+        if vocab_size is not None:
+            self.check(vocab_size, cache_dir)
 
 
 def _label(value, where: str) -> float:

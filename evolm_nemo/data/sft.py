@@ -139,8 +139,10 @@ class SFTDataset:
     """A prepared SFT dataset, memory-mapped. ``ids(i)`` is example i's token ids, ``prompt_len[i]`` its prompt length."""
 
     FORMAT, MAKER = FORMAT, "evolm prepare-sft"
+    ARRAYS: tuple[str, ...] = ()  # more ``<name>.npy`` files in the content hash, in the writer's order
 
-    def __init__(self, path: str | Path, key: str = "data.paths"):
+    def __init__(self, path: str | Path, key: str = "data.paths", vocab_size: int | None = None,
+                 cache_dir: str | None = None):
         self.path = Path(path)
         self.key = key
         self.manifest = read_manifest(self.path, key, self.FORMAT, self.MAKER)
@@ -155,6 +157,42 @@ class SFTDataset:
         self.tokens = np.memmap(self.path / TOKENS, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
         self.prompt_len = self.index[:, 1]
         self.length = self.index[:, 2]
+        if vocab_size is not None:
+            self.check(vocab_size, cache_dir)
+
+    def check(self, vocab_size: int, cache_dir: str | None = None) -> None:
+        """The files hold what the manifest's ``content_sha256`` says (hashed at first use, recorded in
+        ``.verified``, or under ``cache_dir`` for a read-only dataset: ``data.verify``), and every token id fits
+        ``model.vocab_size`` (a larger id would index past the embedding); one-line ConfigErrors naming the
+        dataset."""
+        from evolm_nemo.data.verify import VERIFIED, verified
+
+        files = [self.path / TOKENS, self.path / INDEX] + [self.path / f"{a}.npy" for a in self.ARRAYS]
+        top = verified(self.path / VERIFIED, files, self.manifest.get("content_sha256"), self._measure, self.key,
+                       str(self.path), cache_dir)["max_token_id"]
+        if top is not None and top >= vocab_size:
+            raise ConfigError(self.key, f"{self.path / TOKENS}: token id {top} >= model.vocab_size={vocab_size}; it "
+                                        "was tokenized with a larger vocabulary than the model's (check the "
+                                        "tokenizer and model.vocab_size)")
+
+    def _measure(self) -> dict:
+        """The content hash as ``SFTWriter`` computed it (token bytes, index, arrays) and the largest token id."""
+        h, top = hashlib.sha256(), None
+        dtype = np.dtype(self.manifest["dtype"])
+        with open(self.path / TOKENS, "rb") as f:
+            while block := f.read(dtype.itemsize << 22):
+                h.update(block)
+                ids = np.frombuffer(block[:len(block) - len(block) % dtype.itemsize], dtype=dtype)
+                if len(ids):
+                    top = max(top if top is not None else -1, int(ids.max()))
+        h.update(self.index.tobytes())
+        for name in self.ARRAYS:
+            try:
+                h.update(np.ascontiguousarray(np.load(self.path / f"{name}.npy", allow_pickle=False)).tobytes())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(self.key, f"{self.path / f'{name}.npy'} is unreadable ({exc}); prepare it "
+                                            "again") from None
+        return {"sha256": h.hexdigest(), "max_token_id": top}
 
     def __len__(self) -> int:
         return len(self.index)

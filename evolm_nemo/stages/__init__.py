@@ -1,9 +1,11 @@
 """One room per stage: what a stage supplies to the one loop (``train.loop.fit``) is its data, its objective and its
 roles. The registry below maps ``stage=<name>`` to its module; planning (``plan_run``) and dispatch (``run``) both go
 through it. Each module has ``plan_iters(cfg, dp) -> int`` (checks the stage's data and derives the iteration count
-before anything heavy), optionally ``check_plan(cfg, iters)`` (what else needs the iterations: pretraining's WSD
-branches, held-out validation, probes), and ``build(cfg, plan, rt) -> Stage`` (``stages.base.Stage``: what the loop
-drives); a stage that saves more than one role says where (``checkpoint_dirs(cfg)``, actor first).
+before anything heavy), ``data_identity(cfg) -> dict`` (what defines its data and batch: config key -> value, data
+by content fingerprints; the loop records it in every checkpoint and refuses a resume that changes it), optionally
+``check_plan(cfg, iters)`` (what else needs the iterations: pretraining's WSD branches, held-out validation, probes),
+and ``build(cfg, plan, rt) -> Stage`` (``stages.base.Stage``: what the loop drives); a stage that saves more than
+one role says where (``checkpoint_dirs(cfg)``, actor first).
 """
 
 from __future__ import annotations
@@ -171,4 +173,9 @@ def run(cfg: RootConfig, plan: Plan) -> TrainResult:
     """Train the stage ``cfg.stage`` names through the one loop."""
     module = stage_module(cfg.stage)
     dirs = module.checkpoint_dirs(cfg) if hasattr(module, "checkpoint_dirs") else (MAIN,)
-    return fit(cfg, plan, module.build, dirs)
+    return fit(cfg, plan, module.build, dirs, data_identity(cfg))
+
+
+def data_identity(cfg: RootConfig) -> dict:
+    """What defines the data and batch of ``cfg``'s run (its stage's ``data_identity``), JSON-plain."""
+    return stage_module(cfg.stage).data_identity(cfg)

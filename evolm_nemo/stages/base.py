@@ -3,7 +3,10 @@ language-model objective trained as one role, and the data order / iteration cou
 
 from __future__ import annotations
 
+import hashlib
+import json
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -98,6 +101,52 @@ def epoch_iters(cfg, n: int, what: str = "examples") -> int:
     if t.iters is not None:
         iters = t.iters if iters is None else min(iters, t.iters)
     return iters
+
+
+# --- what defines a run's data and batch (``data_identity(cfg)`` of a stage module; ``train.loop.resume_check``)
+
+FINGERPRINT_WHOLE = 64 << 20  # files up to this size are hashed whole; larger ones by FINGERPRINT_BLOCKS samples
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 20
+
+
+def fingerprint(*parts) -> str:
+    """``sha256:<hex>`` of ``parts`` (strings, numbers, bytes): a content fingerprint in a data identity."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def file_fingerprint(path) -> str:
+    """A cheap content fingerprint of one file: its size and the sha256 of its bytes -- all of them up to
+    FINGERPRINT_WHOLE, else FINGERPRINT_BLOCKS evenly spaced blocks (a re-prepared corpus differs in size or in
+    them; an unchanged one costs 16 MiB of reads, not a pass over it)."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FINGERPRINT_WHOLE:
+            while block := f.read(1 << 24):
+                h.update(block)
+        else:
+            for start in np.linspace(0, size - FINGERPRINT_BLOCK, FINGERPRINT_BLOCKS).astype(np.int64):
+                f.seek(int(start))
+                h.update(f.read(FINGERPRINT_BLOCK))
+    return fingerprint(size, h.hexdigest())
+
+
+def batch_identity(cfg) -> dict:
+    """What defines the global batch of a stage that trains on sequences: its size, the sequence length and the
+    seed of the data order."""
+    return {"parallel.global_batch_size": cfg.parallel.global_batch_size, "model.seq_length": cfg.model.seq_length,
+            "train.seed": cfg.train.seed}
+
+
+def dataset_identity(manifests) -> list[str]:
+    """Prepared datasets (`evolm prepare-sft` / `prepare-rm` directories) by the content hash their manifests record
+    (the files are checked against it: ``data.sft.SFTDataset.check``)."""
+    return [fingerprint(m.get("content_sha256") or json.dumps(m, sort_keys=True)) for m in manifests]
 
 
 class Stage:

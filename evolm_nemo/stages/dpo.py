@@ -25,7 +25,8 @@ from evolm_nemo.data.packing import packed_seq_params, per_sequence_sum
 from evolm_nemo.fileio import atomic_path
 from evolm_nemo.losses.preference import PREFERENCE_LOSSES, preference_loss
 from evolm_nemo.stages.base import Stage
-from evolm_nemo.stages.rm import (RMData, UnitBatches, check_common, check_tokenizer, check_unit_layout, epoch_iters,
+from evolm_nemo.stages.rm import (RMData, UnitBatches, check_common, check_tokenizer, check_unit_layout,
+                                  datasets_identity, epoch_iters,
                                   fit_units, forward_sequences)
 
 REFERENCE_FILE = "dpo_reference.safetensors"
@@ -57,6 +58,11 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("data.paths", f"no pair fits model.seq_length={cfg.model.seq_length}")
     check_unit_layout(cfg, data, train, d.pad_to_multiple_of, "pair")
     return epoch_iters(cfg, len(train), "pairs")
+
+
+def data_identity(cfg: RootConfig) -> dict:
+    """What defines a DPO run's data and batch (a resume may not change it; the reference log-probs are the data's)."""
+    return {**datasets_identity(cfg), "dpo.shuffle": cfg.dpo.shuffle}
 
 
 def dpo_loss(d, batch: dict, per_token_ce: torch.Tensor):

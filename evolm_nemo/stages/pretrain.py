@@ -14,11 +14,12 @@ from evolm_nemo.config.tokens import format_tokens, iterations_for, parse_tokens
 from evolm_nemo.config.validate import positive
 from evolm_nemo.data.gpt import (BatchSchedule, SourceTokens, build_dataset, build_validation, resolve_source,
                                  source_names)
+from evolm_nemo.data.indexed import read_manifest
 from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.evaluation.probe import tasks_dir_for
 from evolm_nemo.evaluation.upstream import check_tasks
 from evolm_nemo.model.build import flops_per_token
-from evolm_nemo.stages.base import Stage
+from evolm_nemo.stages.base import Stage, batch_identity, file_fingerprint, fingerprint
 from evolm_nemo.stages.pretrain_data import (check_budget, check_data, check_mix_sizes, check_sources, check_split,
                                              check_validation)
 from evolm_nemo.tasks import SUITES
@@ -55,6 +56,28 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     if source_tokens is not None:
         check_mix_sizes(cfg, iters, source_tokens)
     return iters
+
+
+def data_identity(cfg: RootConfig) -> dict:
+    """What defines a pretraining / CPT run's data and batch (a resume may not change it; a new mix is a new run --
+    CPT from ``train.init_from``, a WSD branch from ``train.branch_from``): the sources (a sharded preparation by
+    its manifest's content hash, a prefix by a fingerprint of its .bin and .idx), their weights and split, or the
+    generated corpora's settings; the global batch, sequence length and seed."""
+    d = cfg.data
+    if d.source == "indexed":
+        sources = {"data.paths": [_source_fingerprint(p) for p in d.paths], "data.split": str(d.split)}
+    else:
+        sources = {"data.synthetic_kinds": list(d.synthetic_kinds), "data.synthetic_docs": d.synthetic_docs,
+                   "data.synthetic_seed": d.synthetic_seed}
+    weights = [float(w) for w in d.weights] if d.weights is not None else None
+    return {"data.source": d.source, **sources, "data.weights": weights, **batch_identity(cfg)}
+
+
+def _source_fingerprint(prefix: str) -> str:
+    manifest = None if Path(prefix + ".bin").exists() else read_manifest(prefix)
+    if manifest is not None:
+        return fingerprint(manifest.get("content_sha256"))
+    return fingerprint(file_fingerprint(prefix + ".bin"), file_fingerprint(prefix + ".idx"))
 
 
 def check_plan(cfg: RootConfig, iters: int) -> None:

@@ -104,8 +104,32 @@ def check_sources(cfg: RootConfig) -> list[int]:
         if int(theirs.get("size") or 0) > m.vocab_size:
             raise ConfigError("data.paths", f"{prefix}: its tokenizer has {theirs.get('size')} tokens, more than "
                                             f"model.vocab_size={m.vocab_size}")
+        check_shards(prefix, manifest, m.vocab_size, d.cache_dir)
         tokens.append(int(manifest["tokens"]))
     return tokens
+
+
+def check_shards(prefix: str, manifest: dict, vocab_size: int, cache_dir: str | None = None) -> None:
+    """Each shard of a sharded preparation holds what its manifest's ``sha256`` says, and its token ids fit
+    ``model.vocab_size``: hashed at first use and recorded (``<shard>.verified``, or under ``cache_dir`` for a
+    read-only corpus: ``data.verify``) by one process per node (``LOCAL_RANK`` 0: a damaged shard stops it, and
+    torchrun the others); later runs read the record."""
+    import os
+
+    from evolm_nemo.data.prepare import content_measure
+    from evolm_nemo.data.verify import verified
+
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    for entry in manifest["shards"]:
+        shard = str(Path(prefix).parent / entry["prefix"])
+        top = verified(Path(shard + ".verified"), [Path(shard + ".bin"), Path(shard + ".idx")], entry.get("sha256"),
+                       lambda: content_measure(shard), "data.paths", f"{shard} (a shard of {prefix})",
+                       cache_dir)["max_token_id"]
+        if top is not None and top >= vocab_size:
+            raise ConfigError("data.paths", f"{shard}.bin: token id {top} >= model.vocab_size={vocab_size}; it was "
+                                            "tokenized with a larger vocabulary than the model's (check "
+                                            "data.tokenizer and model.vocab_size)")
 
 
 def training_tokenizers(cfg: RootConfig) -> list:

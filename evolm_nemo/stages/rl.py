@@ -40,7 +40,7 @@ from evolm_nemo.rl.reward import RewardModelScorer, check as check_reward, combi
 from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, verifiable_rewards
 from evolm_nemo.rl.stats import global_moments, rollout_metrics
 from evolm_nemo.stages import kind
-from evolm_nemo.stages.base import Stage
+from evolm_nemo.stages.base import Stage, file_fingerprint
 from evolm_nemo.tasks import SUITE_KIND
 from evolm_nemo.train.engine import build_training_model, train_step
 from evolm_nemo.train.forward import forward_collect, value_forward_step
@@ -131,6 +131,16 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     if t.iters is not None:
         iters = t.iters if iters is None else min(iters, t.iters)
     return iters
+
+
+def data_identity(cfg: RootConfig) -> dict:
+    """What defines an RL run's data and batch (a resume may not change it): the prompt files' content, which of
+    them fit, the prompts and samples per step, the updates per step (the schedules' length) and the order's seed."""
+    r = cfg.rl
+    return {"data.paths": [file_fingerprint(f) for f in prompt_files(cfg)], "model.seq_length": cfg.model.seq_length,
+            **{f"rl.{k}": getattr(r, k) for k in ("prompts_per_step", "samples_per_prompt", "ppo_epochs",
+                                                   "mini_batches", "max_prompt_tokens")},
+            "train.seed": cfg.train.seed}
 
 
 def checkpoint_dirs(cfg: RootConfig) -> tuple[str, ...]:

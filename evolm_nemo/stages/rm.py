@@ -30,13 +30,14 @@ from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.data.collate import collate_sequences
 from evolm_nemo.data.packing import (best_fit, by_count, by_token_budget, collate_packed_sequences,
                                      packed_seq_params)
-from evolm_nemo.data.rm import RMDataset
-from evolm_nemo.data.sft import tokenizer_fingerprint
+from evolm_nemo.data.rm import FORMAT, RMDataset
+from evolm_nemo.data.sft import read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.fileio import write_jsonl
 from evolm_nemo.losses.preference import bradley_terry, outcome_accuracy, outcome_bce, pair_accuracy, roc_auc
 from evolm_nemo.model.heads import build_value_model, load_backbone, scores_at_last
-from evolm_nemo.stages.base import EpochOrder, Stage, check_epoch_keys, check_layout, epoch_iters
+from evolm_nemo.stages.base import (EpochOrder, Stage, batch_identity, check_epoch_keys, check_layout,
+                                   dataset_identity, epoch_iters)
 from evolm_nemo.train.forward import forward_collect, value_forward_step
 
 OBJECTIVES = ("outcome", "pairwise")
@@ -62,12 +63,26 @@ def dataset_dirs(cfg: RootConfig) -> list[str]:
     return list(d.paths)
 
 
+def datasets_identity(cfg: RootConfig) -> dict:
+    """The RM / DPO datasets by content, and the batch (``data_identity``)."""
+    return {"data.paths": dataset_identity(read_manifest(d, fmt=FORMAT, maker="evolm prepare-rm")
+                                           for d in dataset_dirs(cfg)), **batch_identity(cfg)}
+
+
+def data_identity(cfg: RootConfig) -> dict:
+    """What defines an RM run's data and batch (a resume may not change it)."""
+    r = cfg.rm
+    return {**datasets_identity(cfg), "rm.objective": r.objective, "rm.val_fraction": r.val_fraction,
+            "rm.shuffle": r.shuffle}
+
+
 class RMData:
     """The sequences of one or more RM datasets, concatenated (global sequence ids), with the training and
     validation units: examples (``units[i] = (seq,)``) or pairs (``units[i] = (chosen, rejected)``)."""
 
     def __init__(self, cfg: RootConfig, pairs: bool, val_fraction: float):
-        self.sets = [RMDataset(d) for d in dataset_dirs(cfg)]
+        self.sets = [RMDataset(d, vocab_size=cfg.model.vocab_size, cache_dir=cfg.data.cache_dir)
+                     for d in dataset_dirs(cfg)]
         first = self.sets[0].manifest["tokenizer"]
         for ds in self.sets[1:]:
             if ds.manifest["tokenizer"]["vocab_sha256"] != first["vocab_sha256"]:

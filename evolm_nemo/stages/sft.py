@@ -25,10 +25,11 @@ from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.data.packing import best_fit, by_count, by_token_budget, collate_packed
-from evolm_nemo.data.sft import SFTDataset, Template, collate, tokenizer_fingerprint
+from evolm_nemo.data.sft import SFTDataset, Template, collate, read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.stages.base import EpochOrder, Stage, check_epoch_keys, check_layout, epoch_iters
+from evolm_nemo.stages.base import (EpochOrder, Stage, batch_identity, check_epoch_keys, check_layout,
+                                   dataset_identity, epoch_iters)
 
 OVERLENGTH = ("truncate", "drop")
 
@@ -80,7 +81,7 @@ class SFTView:
 
 def load_view(cfg: RootConfig, dirs: list[str]) -> SFTView:
     limit = cfg.model.seq_length + 1  # ids of one example: seq_length inputs + the last label
-    sets = [SFTDataset(d) for d in dirs]
+    sets = [SFTDataset(d, vocab_size=cfg.model.vocab_size, cache_dir=cfg.data.cache_dir) for d in dirs]
     which, local, length, prompt = [], [], [], []
     truncated = dropped = 0
     for k, ds in enumerate(sets):
@@ -144,6 +145,13 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     check_layout(cfg, _round_up(int(view.length.max()) - 1, math.lcm(s.pad_to_multiple_of, p.tp if p.sp else 1)),
                  "example")
     return epoch_iters(cfg, n)
+
+
+def data_identity(cfg: RootConfig) -> dict:
+    """What defines an SFT run's data and batch (a resume may not change it): the datasets' content, the overlength
+    policy and order, the global batch, sequence length and seed."""
+    return {"data.paths": dataset_identity(read_manifest(d) for d in dataset_dirs(cfg)),
+            "sft.overlength": cfg.sft.overlength, "sft.shuffle": cfg.sft.shuffle, **batch_identity(cfg)}
 
 
 # ---------------------------------------------------------------------------------------------------------- stage

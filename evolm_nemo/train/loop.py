@@ -94,10 +94,38 @@ def progress_bar(cfg: RootConfig, rt: Runtime, iters: int, start: int):
                 mininterval=1.0 if sys.stderr.isatty() else 15.0)
 
 
-def resume_check(cfg: RootConfig, plan_iters: int) -> Callable[[Path, dict], None]:
-    """What a checkpoint must agree on for this recipe to resume it: the model shape, and the iteration budget --
+IDENTITY = "data_identity"  # evolm.json: what defines the run's data and batch (the stage's ``data_identity``)
+
+
+def identity_change(path: Path, theirs: dict, ours: dict) -> ConfigError | None:
+    """The first key of a run's data identity (config key -> value; content fingerprints are ``sha256:...``
+    strings) whose value in the checkpoint ``path`` (``theirs``) differs from this recipe's (``ours``), as a
+    ConfigError naming it; keys one side lacks (checkpoints from before a key was recorded) are not compared."""
+    for key, value in ours.items():
+        if key not in theirs or theirs[key] == value:
+            continue
+        if any(isinstance(v, str) and v.startswith("sha256:") for v in (value if isinstance(value, list) else [value])):
+            what = f"was trained on other data than {key} holds now (content {_short(theirs[key])} -> {_short(value)})"
+        else:
+            what = f"was trained with {key}={_short(theirs[key])}, this recipe has {_short(value)}"
+        return ConfigError(key, f"{path} {what}; a run resumes on the data and batch it started with: keep them, or "
+                                f"go on as a new run from it (train.init_from={path} with a new run.out_dir, or "
+                                "train.resume=false train.overwrite=true to replace this one)")
+    return None
+
+
+def _short(value) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(_short(v) for v in value) + "]"
+    if isinstance(value, str) and value.startswith("sha256:"):
+        return value[:19]
+    return str(value)
+
+
+def resume_check(cfg: RootConfig, plan_iters: int, identity: dict | None = None) -> Callable[[Path, dict], None]:
+    """What a checkpoint must agree on for this recipe to resume it: the model shape, the iteration budget --
     changing ``train.iters`` / ``train.tokens`` on resume is refused (the schedule and the data order were laid out
-    for the old one), naming the two ways forward."""
+    for the old one), naming the two ways forward -- and what defines the data and batch (``identity``)."""
 
     def check(path: Path, meta: dict) -> None:
         check_shape(cfg.model, meta, lambda ours, theirs, name: f"{ours} differs from {theirs} in {path} (model "
@@ -111,6 +139,9 @@ def resume_check(cfg: RootConfig, plan_iters: int) -> Callable[[Path, dict], Non
             raise ConfigError(key, f"{path} {was} and this recipe plans {plan_iters}; resume with "
                                    f"train.iters={planned if planned is not None else done} train.tokens=null, or "
                                    f"branch off with train.init_from={path} and a new run.out_dir")
+        change = identity_change(path, meta.get(IDENTITY) or {}, identity or {})
+        if change is not None:
+            raise change
 
     return check
 
@@ -130,23 +161,26 @@ def stop_line(rt: Runtime, signum: int, step: int, saved, save_on_signal: bool) 
     return Stopped(message)
 
 
-def fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...] = (MAIN,)) -> TrainResult:
+def fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...] = (MAIN,),
+        identity: dict | None = None) -> TrainResult:
     """Train ``cfg`` for ``plan.iters`` iterations (resuming if possible) with the stage ``make_stage(cfg, plan, rt)``
     builds (see ``evolm_nemo.stages.base.Stage``), whose roles are saved under ``dirs`` of the run directory.
-    SIGTERM ends it after the current iteration (saved first with ``train.save_on_signal``) by raising ``Stopped``
-    (exit code 143)."""
+    ``identity`` (the stage's ``data_identity``: what defines its data and batch) is recorded in every checkpoint,
+    and a resume that changes it is refused. SIGTERM ends it after the current iteration (saved first with
+    ``train.save_on_signal``) by raising ``Stopped`` (exit code 143)."""
     children_die_with_parent()
     with StopSignal() as stop:
-        return _fit(cfg, plan, make_stage, dirs, stop)
+        return _fit(cfg, plan, make_stage, dirs, identity or {}, stop)
 
 
-def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...], stop: StopSignal) -> TrainResult:
+def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...], identity: dict,
+         stop: StopSignal) -> TrainResult:
     p, t = cfg.parallel, cfg.train
     rt = setup(p.tp, p.pp, t.seed, t.precision)
     stop.device = rt.device
     out = Path(cfg.run.out_dir)
     roots = [out / d for d in dirs]
-    starting = dict(resume=t.resume, overwrite=t.overwrite, check=resume_check(cfg, plan.iters))
+    starting = dict(resume=t.resume, overwrite=t.overwrite, check=resume_check(cfg, plan.iters, identity))
     ckpt.start_run(out, roots, dry=True, **starting)  # the cheap refusals first: names, sizes, shape, budget
     stage = make_stage(cfg, plan, rt)  # data and tokenizer checks happen here, before the run directory exists
     ckpt.lock_run_dir(out)
@@ -166,7 +200,7 @@ def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...
         start.lineage = lineage(cfg, start.parent_meta, stage.lineage())
     meta = {"model": dataclasses.asdict(cfg.model), "config": to_dict(cfg), "tokenizer": _tokenizer_ref(stage),
             "stage": cfg.stage, "lineage": start.lineage, "head": stage.head, "run_id": begin.run_id,
-            "planned_iters": plan.iters}
+            "planned_iters": plan.iters, IDENTITY: identity}
     if start.iteration >= plan.iters and rt.is_main:
         print(f"[evolm] {out} is complete: {begin.checkpoint} is at iteration {start.iteration} of {plan.iters}; "
               "nothing to train", flush=True)

@@ -165,9 +165,9 @@ def test_stage_registry_answers_for_every_stage():
     from evolm_nemo.stages import STAGES, kind, stage_module
 
     assert tuple(STAGES) == ("pretrain", "cpt", "sft", "ppo", "grpo", "rm", "dpo")
-    for name in STAGES:  # every stage plans its data and builds what the one loop drives
+    for name in STAGES:  # every stage plans its data, says what defines it (resume) and builds what the loop drives
         module = stage_module(name)
-        assert callable(module.plan_iters) and callable(module.build), name
+        assert callable(module.plan_iters) and callable(module.build) and callable(module.data_identity), name
         assert kind(name).budget in ("tokens", "epochs", "prompts")
     with pytest.raises(ConfigError) as err:
         kind("pretrian")

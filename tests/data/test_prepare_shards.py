@@ -188,6 +188,37 @@ def test_training_refuses_another_tokenizer_and_an_undersized_mix(tmp_path, mix,
     assert not (tmp_path / "r").exists()
 
 
+def test_a_damaged_shard_is_refused_and_a_verified_one_is_not_hashed_again(tmp_path, mix):
+    """Each shard is hashed against its recorded sha256 at first use (one record per shard, ``.verified``, with its
+    largest token id, checked against model.vocab_size); a same-size bit flip in a shard's .bin is then refused in
+    one line naming the shard, before a run directory exists."""
+    import shutil
+
+    from tests.conftest import one_line_error
+
+    src = Path(mix["text"])
+    for f in src.parent.glob(src.name + "*"):
+        if not f.name.endswith(".verified"):
+            shutil.copy2(f, tmp_path / f.name)
+    prefix = tmp_path / src.name
+    run = ["train.iters=1", f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false", "train.tensorboard=false"]
+    run_evolm("train", [*_data(mix, [prefix]), *run, f"run.out_dir={tmp_path / 'ok'}"])
+    records = sorted(tmp_path.glob("text-*.verified"))
+    assert len(records) == 3
+    first = json.loads(records[0].read_text())["measured"]
+    assert 0 < first["max_token_id"] < 512
+    stamps = [r.stat().st_mtime_ns for r in records]
+    shard = Path(shard_prefix(str(prefix), 1, 3) + ".bin")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    line = one_line_error(run_evolm("train", [*_data(mix, [prefix]), *run, f"run.out_dir={tmp_path / 'bad'}"],
+                                    check=False), "data.paths")
+    assert f"{shard_prefix(str(prefix), 1, 3)} (a shard of {prefix})" in line and "does not match" in line
+    assert not (tmp_path / "bad").exists()
+    assert [r.stat().st_mtime_ns for r in records] == stamps  # the intact shards were not hashed again
+
+
 def test_parquet_shards_read_only_their_row_groups_and_equal_the_flat_output(tmp_path, synth):
     import pyarrow as pa
     import pyarrow.parquet as pq

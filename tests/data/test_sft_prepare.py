@@ -189,6 +189,34 @@ def test_a_damaged_dataset_is_refused(tmp_path, tok_dir):
         SFTDataset(tmp_path)
 
 
+def test_a_dataset_is_verified_once_beside_it_or_in_the_cache(tmp_path, tok_dir):
+    """At first use a dataset is hashed against its manifest's content_sha256 and the verification recorded beside
+    it (``.verified``); where that cannot be written (here: ``.verified`` is a directory), under the cache dir. Later
+    uses read the record instead of hashing; a same-size bit flip (a new mtime) is hashed again and refused."""
+    inp = _write(tmp_path / "in.jsonl", [{"question": f"q{i}?", "answer": "a b c"} for i in range(4)])
+    prepare_sft(_cfg(tmp_path, tok_dir, inp, filter=False))
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    SFTDataset(out, vocab_size=512, cache_dir=cache)
+    record = json.loads((out / ".verified").read_text())
+    assert record["expected"] == record["measured"]["sha256"] == SFTDataset(out).manifest["content_sha256"]
+    assert not cache.exists()
+    (out / ".verified").unlink()
+    (out / ".verified").mkdir()  # cannot be replaced: the record goes to the cache
+    SFTDataset(out, vocab_size=512, cache_dir=cache)
+    [held] = list((cache / "verified").glob("*.json"))
+    stamp = held.stat().st_mtime_ns
+    SFTDataset(out, vocab_size=512, cache_dir=cache)
+    assert held.stat().st_mtime_ns == stamp and not list(out.glob(".verified.tmp-*"))
+    with pytest.raises(ConfigError, match="token id .* >= model.vocab_size=5;"):
+        SFTDataset(out, vocab_size=5, cache_dir=cache)
+    tokens = out / "tokens.bin"
+    data = bytearray(tokens.read_bytes())
+    data[0] ^= 0x01
+    tokens.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"its content \(tokens.bin, index.npy\) does not match"):
+        SFTDataset(out, vocab_size=512, cache_dir=cache)
+
+
 def test_collate_masks_prompt_and_padding():
     a, b = (np.array([5, 6, 7, 8, 9]), 2), (np.array([10, 11, 12]), 1)
     batch = collate([a, b], seq=6, pad_id=0)

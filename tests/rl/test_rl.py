@@ -6,11 +6,12 @@ SIGKILL and resume reproduces the uninterrupted run."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from evolm_nemo.checkpoint import io as ckpt
-from tests.conftest import run_evolm, train_then_sigkill, train_then_sigkill_when
+from tests.conftest import one_line_error, run_evolm, train_then_sigkill, train_then_sigkill_when, tree_bytes
 
 
 def metrics(out) -> dict[int, dict]:
@@ -227,3 +228,23 @@ def test_engine_log_probs_equal_the_exported_actor(tmp_path, rl_parent, temperat
                     worst = max(worst, abs(float(logp[start + i, tok]) - eng))
                     compared += 1
     assert compared > 50 and worst < 1e-4, (compared, worst)
+
+
+def test_resume_with_other_prompts_or_samples_is_refused(tmp_path, rl_parent):
+    """An RL run resumed with another rl.samples_per_prompt, rl.prompts_per_step or prompt file is refused in one line
+    naming the key, nothing touched; the unchanged command resumes."""
+    args = ["train.epochs=null", "train.iters=2", "train.save_interval=1", "train.keep_last=5",
+            "rl.prompts_per_step=4"]
+    out, prompts = tmp_path / "run", rl_parent["rl8"]
+    run_evolm("train", rl_args(out, rl_parent, "grpo", prompts, *args, "rl.samples_per_prompt=2"))
+    shutil.rmtree(out / "checkpoints" / "iter_0000002")  # as if killed after iteration 1
+    before = tree_bytes(out)
+    for data, extra, key in [(prompts, "rl.samples_per_prompt=4", "rl.samples_per_prompt"),
+                             (prompts, "rl.prompts_per_step=8", "rl.prompts_per_step"),
+                             (rl_parent["rl"], "rl.samples_per_prompt=2", "data.paths")]:
+        proc = run_evolm("train", rl_args(out, rl_parent, "grpo", data, *args, extra), check=False)
+        line = one_line_error(proc, key)
+        assert "iter_0000001 was trained" in line and "train.resume=false" in line
+    assert tree_bytes(out) == before
+    resumed = run_evolm("train", rl_args(out, rl_parent, "grpo", prompts, *args, "rl.samples_per_prompt=2"))
+    assert "resuming at iteration 1" in resumed.stdout and sorted(metrics(out)) == [1, 2]

@@ -66,6 +66,34 @@ def test_prepare_rm_examples_and_pairs_follow_the_labels(rm_data, tmp_path):
     assert len({tuple(p) for p in pairs.pairs.tolist()}) == len(pairs.pairs)  # no pair twice
 
 
+def test_a_damaged_rm_dataset_is_refused_and_a_resume_on_other_data_too(rm_data, tmp_path):
+    """An RM dataset is checked against its manifest's content hash (tokens, index, labels, groups, pairs) at first
+    use: a same-size flip in labels.npy is refused in one line naming it; an RM run resumed on other data.paths is
+    refused in one line naming the key, nothing touched."""
+    import shutil
+
+    from tests.conftest import one_line_error, tree_bytes
+
+    bad = tmp_path / "outcome"
+    shutil.copytree(rm_data["outcome"], bad)
+    labels = bad / "labels.npy"
+    data = bytearray(labels.read_bytes())
+    data[-1] ^= 0x01
+    labels.write_bytes(bytes(data))
+    line = one_line_error(run_evolm("train", rm_overrides(tmp_path / "bad", {**rm_data, "outcome": bad},
+                                                          "train.iters=1"), check=False), "data.paths")
+    assert "labels.npy" in line and "does not match the content_sha256" in line
+    assert not (tmp_path / "bad").exists()
+
+    out, args = tmp_path / "rm", ["train.epochs=null", "train.iters=1"]
+    run_evolm("train", rm_overrides(out, rm_data, *args))
+    before = tree_bytes(out)
+    line = one_line_error(run_evolm("train", rm_overrides(out, rm_data, *args, f"data.paths=[{rm_data['pairs']}]",
+                                                          "rm.objective=pairwise"), check=False), "data.paths")
+    assert "was trained on other data than data.paths holds now" in line
+    assert tree_bytes(out) == before
+
+
 def test_prepare_rm_plain_rows_dedup_and_balance(rm_data, tmp_path):
     from evolm_nemo.data.rm import PrepareRMConfig, RMDataset, prepare_rm
 

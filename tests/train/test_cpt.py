@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from evolm_nemo.data.synthetic import ensure_synthetic
-from tests.conftest import losses, run_evolm, tiny
+from tests.conftest import losses, one_line_error, run_evolm, tiny, tree_bytes
 
 
 def test_cpt_on_a_replay_mix(tmp_path, data_cache):
@@ -31,6 +31,14 @@ def test_cpt_on_a_replay_mix(tmp_path, data_cache):
     assert len(index) == 1
     picks = np.load(index[0], allow_pickle=False)
     assert len(picks) >= 4 * 8 and abs((picks == 0).mean() - 8 / 50) < 0.05
+    # another mix is another run (train.init_from, a new run.out_dir): resuming this one with it is refused
+    before = tree_bytes(cpt)
+    other = tiny(cpt, str(own_cache), "stage=cpt", f"train.init_from={pre / 'checkpoints'}", "train.iters=4",
+                 "data.source=indexed", "data.name=fw8_fm42", f"data.paths=[{text.prefix},{math.prefix}]",
+                 "data.weights=[42,8]", f"data.tokenizer={text.tokenizer_dir}")
+    line = one_line_error(run_evolm("train", other, check=False), "data.weights")
+    assert "was trained with data.weights=[8.0,42.0], this recipe has [42.0,8.0]" in line
+    assert tree_bytes(cpt) == before
 
 
 def test_tokens_per_source_of_an_8_42_mix(tmp_path, data_cache):

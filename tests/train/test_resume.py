@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from evolm_nemo.checkpoint import io as ckpt
-from tests.conftest import losses, run_evolm, tiny, train_then_sigkill
+from tests.conftest import losses, one_line_error, run_evolm, tiny, train_then_sigkill, tree_bytes
 
 ITERS = 30
 
@@ -115,3 +115,35 @@ def test_a_diverging_run_stops_in_one_line_before_it_saves(tmp_path, data_cache)
     assert saved == list(range(1, bad))
     rows = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     assert len(rows) == bad - 1  # the diverged iteration is not recorded
+
+
+DATA_ARGS = ["train.iters=4", "train.save_interval=2", "train.keep_last=5"]
+
+
+@pytest.fixture(scope="module")
+def cut_at_2(tmp_path_factory, data_cache):
+    """A 4-iteration run whose checkpoint 4 is gone, as if it was killed after iteration 2."""
+    out = tmp_path_factory.mktemp("cut")
+    run_evolm("train", tiny(out, data_cache, *DATA_ARGS))
+    shutil.rmtree(out / "checkpoints" / "iter_0000004")
+    return out
+
+
+@pytest.mark.parametrize("change,key", [
+    ("parallel.global_batch_size=4", "parallel.global_batch_size"),
+    ("data.synthetic_seed=7", "data.synthetic_seed"),  # another corpus
+    ("train.seed=7", "train.seed"),  # another data order
+])
+def test_resume_with_other_data_or_batch_is_refused(tmp_path, data_cache, cut_at_2, change, key):
+    """What defines a run's data and batch is recorded in its checkpoints; a resume that changes it is refused in
+    one line naming the key and the ways forward, before anything is touched; the unchanged command still
+    resumes. (A new mix is a new run: CPT from train.init_from, a WSD branch -- tests/train/test_cpt.py,
+    test_wsd.py.)"""
+    out = tmp_path / "run"
+    shutil.copytree(cut_at_2, out)
+    before = tree_bytes(out)
+    line = one_line_error(run_evolm("train", tiny(out, data_cache, *DATA_ARGS, change), check=False), key)
+    assert "iter_0000002 was trained with" in line and "train.resume=false" in line and "train.init_from=" in line
+    assert tree_bytes(out) == before
+    resumed = run_evolm("train", tiny(out, data_cache, *DATA_ARGS))
+    assert "resuming at iteration 2" in resumed.stdout and sorted(losses(out)) == [1, 2, 3, 4]

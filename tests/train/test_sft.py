@@ -8,8 +8,10 @@ A transformers-made Llama (random, perturbed weights) is imported with `evolm im
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +20,7 @@ import torch
 
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.data.sft import SFTDataset
-from tests.conftest import REPO, run_evolm, subprocess_env, tiny, train_then_sigkill
+from tests.conftest import REPO, one_line_error, run_evolm, subprocess_env, tiny, train_then_sigkill, tree_bytes
 from tests.conversion._sources import load_tensors, make_source, make_tokenizer
 
 QUESTIONS = [
@@ -279,3 +281,80 @@ def test_a_token_budget_without_packing_is_refused_under_pipeline_parallel(hf_pa
         plan_run(compose("config", args, RootConfig), world_size=2)
     assert err.value.key == "parallel.max_tokens_per_microbatch" and "train.packing=true" in str(err.value)
     plan_run(compose("config", [*args, "train.packing=true"], RootConfig), world_size=2)  # packed rows: one shape
+
+
+def test_resume_on_other_data_or_order_is_refused(tmp_path, hf_parent):
+    """An SFT run resumed with other data.paths content or another order is refused in one line naming the key,
+    nothing touched; the same data moved elsewhere resumes."""
+    out, args = tmp_path / "run", ["train.epochs=null", "train.iters=2", "train.save_interval=1"]
+    run_evolm("train", sft_overrides(out, hf_parent, *args))
+    shutil.rmtree(out / "checkpoints" / "iter_0000002")  # as if killed after iteration 1
+    other = tmp_path / "other"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:8]))
+    run_evolm("prepare-sft", [f"input={rows}", f"output={other}", f"tokenizer={hf_parent['tok']}",
+                              "question_key=question", "answer_key=answer", "filter=false", "dedup=false",
+                              "progress=false"])
+    before = tree_bytes(out)
+    line = one_line_error(run_evolm("train", sft_overrides(out, hf_parent, *args, f"data.paths=[{other}]"),
+                                    check=False), "data.paths")
+    assert "iter_0000001 was trained on other data than data.paths holds now" in line and "train.resume=false" in line
+    line = one_line_error(run_evolm("train", sft_overrides(out, hf_parent, *args, "sft.shuffle=true"), check=False),
+                          "sft.shuffle")
+    assert tree_bytes(out) == before
+    moved = tmp_path / "moved"
+    shutil.copytree(hf_parent["data"], moved)
+    resumed = run_evolm("train", sft_overrides(out, hf_parent, *args, f"data.paths=[{moved}]"))
+    assert "resuming at iteration 1" in resumed.stdout and sorted(metrics(out)) == [1, 2]
+
+
+def _rehash(ds):
+    """Recompute a dataset's manifest content_sha256 as `evolm prepare-sft` does (token bytes, then the index)."""
+    import numpy as np
+
+    manifest = json.loads((ds / "manifest.json").read_text())
+    h = hashlib.sha256((ds / "tokens.bin").read_bytes())
+    h.update(np.load(ds / "index.npy").tobytes())
+    manifest["content_sha256"] = h.hexdigest()
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_bit_flip_or_an_out_of_vocabulary_id_is_refused(tmp_path, hf_parent):
+    """A prepared dataset is hashed at first use against its manifest's content_sha256 and recorded as verified
+    (later runs do not hash it again); a same-size bit flip in tokens.bin is then refused in one line naming the
+    dataset, before a run directory exists. A token id past model.vocab_size (a dataset prepared with a larger
+    vocabulary) is refused likewise, instead of an IndexError in the embedding."""
+    import numpy as np
+
+    ds = tmp_path / "sft"
+    shutil.copytree(hf_parent["data"], ds)
+    args = ["train.epochs=null", "train.iters=1"]
+    run_evolm("train", sft_overrides(tmp_path / "first", hf_parent, *args, f"data.paths=[{ds}]"))
+    record = json.loads((ds / ".verified").read_text())
+    assert record["measured"]["sha256"] == json.loads((ds / "manifest.json").read_text())["content_sha256"]
+    stamp = (ds / ".verified").stat().st_mtime_ns
+    run_evolm("train", sft_overrides(tmp_path / "second", hf_parent, *args, f"data.paths=[{ds}]"))
+    assert (ds / ".verified").stat().st_mtime_ns == stamp  # verified once, not hashed again
+
+    tokens = ds / "tokens.bin"
+    data = bytearray(tokens.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit
+    tokens.write_bytes(bytes(data))
+    first = tree_bytes(tmp_path / "first")
+    line = one_line_error(run_evolm("train", sft_overrides(tmp_path / "run", hf_parent, *args, f"data.paths=[{ds}]"),
+                                    check=False), "data.paths")
+    assert f"{ds}: its content (tokens.bin, index.npy) does not match the content_sha256" in line
+    assert not (tmp_path / "run").exists() and tree_bytes(tmp_path / "first") == first
+
+    big = tmp_path / "big"
+    shutil.copytree(hf_parent["data"], big)
+    manifest = json.loads((big / "manifest.json").read_text())
+    ids = np.fromfile(big / "tokens.bin", dtype=manifest["dtype"])
+    vocab = int(json.loads((ckpt.resolve(hf_parent["ckpt"]) / "evolm.json").read_text())["model"]["vocab_size"])
+    ids[3] = vocab + 5
+    ids.tofile(big / "tokens.bin")
+    _rehash(big)
+    line = one_line_error(run_evolm("train", sft_overrides(tmp_path / "run", hf_parent, *args,
+                                                           f"data.paths=[{big}]"), check=False), "data.paths")
+    assert f"token id {vocab + 5} >= model.vocab_size={vocab}" in line and "tokens.bin" in line
+    assert not (tmp_path / "run").exists()
