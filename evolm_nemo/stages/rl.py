@@ -28,6 +28,7 @@ from evolm_nemo.answers import judge
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.config.validate import check_shape
 from evolm_nemo.data.sft_synthetic import RL_EXAMPLES
 from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.generation.engine import Generator
@@ -115,8 +116,7 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     if r.kl != "off" and r.initial_policy_kl_penalty <= 0:
         raise ConfigError("rl.initial_policy_kl_penalty", f"rl.kl={r.kl} needs a positive KL coefficient")
     if r.critic_init is not None and cfg.stage == "ppo":
-        if not Path(r.critic_init).exists():
-            raise ConfigError("rl.critic_init", f"no checkpoint at {r.critic_init}")
+        check_critic_init(cfg)
     if r.val_interval and not r.val_data:
         raise ConfigError("rl.val_data", "rl.val_interval needs a validation JSONL {id, prompt, gold_answer}")
     if r.val_interval:
@@ -131,6 +131,21 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     if t.iters is not None:
         iters = t.iters if iters is None else min(iters, t.iters)
     return iters
+
+
+def check_critic_init(cfg: RootConfig) -> None:
+    """``rl.critic_init`` is a complete checkpoint (a run directory or one of its ``iter_*``) of the actor's model
+    shape: its backbone starts the critic. Read from its evolm.json only, before anything is built."""
+    path = cfg.rl.critic_init
+    if not Path(path).exists():
+        raise ConfigError("rl.critic_init", f"no checkpoint at {path}")
+    try:
+        meta = ckpt.read_meta(ckpt.resolve(path))
+    except (ckpt.CheckpointError, OSError, ValueError) as exc:
+        raise ConfigError("rl.critic_init", f"{exc}; it must be a checkpoint (a training run or one of its iter_* "
+                                            "directories) whose backbone starts the critic") from None
+    check_shape(cfg.model, meta, lambda ours, theirs, name: f"{ours} differs from {theirs} in rl.critic_init={path} "
+                                                           f"(model {name}); the critic shares the actor's shape")
 
 
 def checkpoint_dirs(cfg: RootConfig) -> tuple[str, ...]:
