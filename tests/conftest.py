@@ -104,6 +104,7 @@ def train_then_sigterm(overrides: list[str], out_dir, after_rows: int, timeout: 
             proc.kill()
     last = err.strip().splitlines()[-1] if err.strip() else ""
     assert last.startswith("[evolm] stopped by SIGTERM after iteration ") and "committed" in last, err[-2000:]
+    assert "most recent call first" not in err, err[-4000:]  # no faulthandler stack dump: a clean stop, not a crash
     return proc.returncode, err, int(last.split("after iteration ")[1].split(":")[0])
 
 
