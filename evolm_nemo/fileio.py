@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import os
 import re
@@ -20,18 +21,107 @@ from typing import Iterable, Iterator
 from evolm_nemo.config.errors import ConfigError
 
 
+# ------------------------------------------------------------------------------------------- failed writes
+
+# What the OS says when an output cannot be written where it was asked to go -- a full disk or quota, a file over
+# the size limit, a read-only filesystem, no permission: the user's to fix, so one line, not a traceback.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\]|\(os error (\d+)\)")  # Python's / Rust's (safetensors) wording
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """The OS's reason (e.g. "No space left on device") when ``exc`` is a refused write (``WRITE_ERRNOS``) -- itself,
+    an exception it was raised from, or one a library wrapped (torch dist-checkpoint's per-rank failures carry only
+    the text "[Errno 28] ...", safetensors "(os error 28)"); None for anything else."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return e.strerror or os.strerror(e.errno)
+        stack += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        if isinstance(failures, dict):
+            stack += [f for f in failures.values() if isinstance(f, BaseException)]
+    for match in _ERRNO_TEXT.finditer(str(exc)):
+        number = int(match.group(1) or match.group(2))
+        if number in WRITE_ERRNOS:
+            return os.strerror(number)
+    return None
+
+
+FULL_BELOW = 16 << 20  # bytes: a filesystem with less free space than this counts as full (see disk_full)
+
+
+def disk_full(path: str | Path) -> str | None:
+    """"No space left on device" when the filesystem that holds ``path`` (or its nearest existing parent) has less
+    than ``FULL_BELOW`` bytes or no inodes left, else None. For writers that lose the errno: torch's zip writer
+    under dist-checkpoint reports a full disk as "unexpected pos 704 vs 598"."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return None
+    if st.f_bavail * st.f_frsize < FULL_BELOW or (st.f_files and st.f_favail == 0):
+        return os.strerror(errno.ENOSPC)
+    return None
+
+
+def write_error(exc: BaseException, path: str | Path, key: str | None = None, what: str | None = None,
+                reason: str | None = None) -> ConfigError | None:
+    """The one line for ``exc`` if it is a refused write of ``path`` (``write_failure``, or the given ``reason``,
+    e.g. ``disk_full``'s): a ConfigError naming ``key`` (default: the path) and the path; None for anything else
+    (a ConfigError already is one line)."""
+    if isinstance(exc, (ConfigError, KeyboardInterrupt, SystemExit, GeneratorExit)):
+        return None  # (torch's CheckpointException is a BaseException: not excluded)
+    reason = write_failure(exc) or reason
+    if reason is None:
+        return None
+    return ConfigError(key or str(path), f"cannot write {what or path}: {reason}; nothing of it was kept (free "
+                                         "space or pick another place, then rerun)")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, key: str | None = None, what: str | None = None) -> Iterator[None]:
+    """Run the body that writes ``path``; a refused write in it becomes one line (``write_error``). The body
+    cleans up after itself (its own ``finally``); this only says what happened."""
+    try:
+        yield
+    except BaseException as exc:
+        error = write_error(exc, path, key, what)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode a plain ``open(path, "w")`` would leave: an existing file's own, else 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` (with the mode a plain write would
+    give, not mkstemp's 0600), on error it is removed. A refused write (full disk, read-only, ...) is one line
+    naming ``path`` (``writing``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, _new_file_mode(path))
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def replace_dir(tmp: str | Path, dst: str | Path) -> None:

@@ -104,6 +104,7 @@ def train_then_sigterm(overrides: list[str], out_dir, after_rows: int, timeout: 
             proc.kill()
     last = err.strip().splitlines()[-1] if err.strip() else ""
     assert last.startswith("[evolm] stopped by SIGTERM after iteration ") and "committed" in last, err[-2000:]
+    assert "most recent call first" not in err, err[-4000:]  # no faulthandler stack dump: a clean stop, not a crash
     return proc.returncode, err, int(last.split("after iteration ")[1].split(":")[0])
 
 
@@ -111,14 +112,6 @@ def tree_bytes(root) -> dict[str, bytes]:
     """Every file under ``root`` (relative path -> its bytes): to show that a refused command touched nothing."""
     root = Path(root)
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def one_line_error(proc, key: str) -> str:
-    """The one stderr line of a command refused with exit code 2 naming ``key``."""
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}: "), \
-        (proc.returncode, proc.stderr[-3000:])
-    return lines[0]
 
 
 def losses(out_dir) -> dict[int, float]:
@@ -164,3 +157,51 @@ def unwritable_dir(tmp_path: Path) -> Path:
         d.chmod(0o500)
         return d
     return Path("/sys/evolm-unwritable")
+
+
+class SmallDisk:
+    """Real filesystems that run out of space: tmpfs mounts of a given size, so a write past it fails with the
+    kernel's own ENOSPC (what a full disk gives; RLIMIT_FSIZE would give EFBIG instead, and a mocked write proves
+    nothing about the libraries underneath). Mounting needs root (CAP_SYS_ADMIN): without it the test is skipped."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.mounted: list[Path] = []
+
+    def mount(self, size: str, name: str = "disk") -> Path:
+        point = self.root / name
+        point.mkdir(parents=True)
+        try:
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(point)],
+                                  capture_output=True, text=True, timeout=30)
+        except OSError as exc:
+            pytest.skip(f"no mount(8) here ({exc})")
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {proc.stderr.strip()}")
+        self.mounted.append(point)
+        return point
+
+    def grow(self, point: Path, size: str) -> None:
+        """Make room (as freeing disk space would), keeping what is there."""
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(point)], check=True, capture_output=True,
+                       timeout=30)
+
+    def unmount_all(self) -> None:
+        for point in reversed(self.mounted):
+            subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = SmallDisk(tmp_path / "mnt")
+    yield disk
+    disk.unmount_all()
+
+
+def one_line_error(proc, key: str) -> str:
+    """A command that failed the project's way: exit 2 and exactly one line on stderr, ``error: <key>: ...``,
+    no traceback. Returns that line."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}:"), \
+        (proc.returncode, proc.stderr[-4000:])
+    return lines[0]

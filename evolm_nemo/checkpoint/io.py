@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.fileio import lock_file
+from evolm_nemo.fileio import disk_full, lock_file, write_error
 
 META = "evolm.json"
 RUN_FILE = "run.json"  # in the run directory: the id of the run that owns it
@@ -334,40 +334,51 @@ def save(root: str | Path, iteration: int, chunks, optimizer=None, scheduler=Non
     final = root / f"iter_{iteration:07d}"
     token = _broadcast(os.urandom(4).hex() if _rank() == 0 else None)
     tmp = root / f"{final.name}.tmp-{token}"
-    if _rank() == 0:
-        tmp.mkdir(parents=True, exist_ok=False)
-    _barrier()
+    try:
+        if _rank() == 0:
+            tmp.mkdir(parents=True, exist_ok=False)
+        _barrier()
 
-    state = _model_sharded(chunks)
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=_OPTIM_METADATA)
-    common = {"iteration": iteration}
-    if scheduler is not None:
-        common["scheduler"] = scheduler.state_dict()
-    common.update(extra or {})
-    state["evolm"] = common
-    with _writer_in_process():
-        dist_checkpointing.save(state, str(tmp),
-                                content_metadata=_OPTIM_METADATA if optimizer is not None else None)
+        state = _model_sharded(chunks)
+        if optimizer is not None:
+            state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=_OPTIM_METADATA)
+        common = {"iteration": iteration}
+        if scheduler is not None:
+            common["scheduler"] = scheduler.state_dict()
+        common.update(extra or {})
+        state["evolm"] = common
+        with _writer_in_process():
+            dist_checkpointing.save(state, str(tmp),
+                                    content_metadata=_OPTIM_METADATA if optimizer is not None else None)
 
-    (tmp / "rng").mkdir(exist_ok=True)
-    _save_rng(tmp / "rng" / f"rank_{_rank():05d}.safetensors")
-    _barrier()
-    sizes = _broadcast(_manifest(tmp) if _rank() == 0 else None)
-    sums = _shared_checksums(tmp, sorted(sizes), CHECKSUM)
-    if _rank() == 0:
-        record = dict(meta or {})
-        record.update(iteration=iteration, layout=layout or {}, has_optimizer=optimizer is not None,
-                      extra=extra or {}, format="evolm-dist-ckpt-1", manifest=sizes, checksum=CHECKSUM,
-                      checksums=sums)
-        part = tmp / (META + ".part")
-        part.write_text(json.dumps(record, indent=1, sort_keys=True))
-        os.replace(part, tmp / META)
-        if final.exists():  # an older incomplete attempt at the same iteration
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for stale in root.glob("iter_*.tmp-*"):  # leftovers of crashed saves
-            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / "rng").mkdir(exist_ok=True)
+        _save_rng(tmp / "rng" / f"rank_{_rank():05d}.safetensors")
+        _barrier()
+        sizes = _broadcast(_manifest(tmp) if _rank() == 0 else None)
+        sums = _shared_checksums(tmp, sorted(sizes), CHECKSUM)
+        if _rank() == 0:
+            record = dict(meta or {})
+            record.update(iteration=iteration, layout=layout or {}, has_optimizer=optimizer is not None,
+                          extra=extra or {}, format="evolm-dist-ckpt-1", manifest=sizes, checksum=CHECKSUM,
+                          checksums=sums)
+            part = tmp / (META + ".part")
+            part.write_text(json.dumps(record, indent=1, sort_keys=True))
+            os.replace(part, tmp / META)
+            if final.exists():  # an older incomplete attempt at the same iteration
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for stale in root.glob("iter_*.tmp-*"):  # leftovers of crashed saves
+                shutil.rmtree(stale, ignore_errors=True)
+    except BaseException as exc:
+        # a full disk (or any failure mid-save): nothing half-written stays behind; the committed checkpoints
+        # before this one are untouched, so the run resumes from the newest of them
+        full = disk_full(tmp)  # before the cleanup frees the space: some writers lose ENOSPC's errno
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if (error := write_error(exc, final, "run.out_dir", f"checkpoint {final}", full)) is not None:
+            raise ConfigError(error.key, error.message + "; the run resumes from its last committed checkpoint") \
+                from None
+        raise
     _barrier()
     return final
 
@@ -398,15 +409,22 @@ def _writer_in_process():
     """megatron-core's synchronous dist-checkpoint save collects its forked writers' results through a queue it
     creates once per process with ``multiprocessing.get_context("spawn").Manager()``: a server process (and the
     resource tracker it starts) that outlives a killed trainer. A save that is not asynchronous needs no such
-    process -- the results are put and read by this same process -- so hand it a plain queue for the call."""
+    process -- the results are put and read by this same process -- so hand it a plain queue for the call.
+    Its writers also log their failure on stderr before it is raised here: quiet, the raised error says it once."""
+    import logging
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     previous = getattr(filesystem_async, "_results_queue", None)
     filesystem_async._results_queue = queue.Queue()
+    log = logging.getLogger(filesystem_async.__name__)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
         filesystem_async._results_queue = previous
+        log.setLevel(level)
 
 
 def load(path: str | Path, chunks, optimizer=None, scheduler=None, restore_rng: bool = True,

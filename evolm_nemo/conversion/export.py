@@ -26,7 +26,8 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ModelConfig, ParallelConfig
 from evolm_nemo.conversion import hf
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.fileio import check_dst, commit_dir, temp_dir
+from evolm_nemo.fileio import check_dst, check_writable, commit_dir, disk_full, temp_dir, write_error, \
+    writing
 from evolm_nemo.model.build import build_model, param_count
 from evolm_nemo.model.heads import build_value_model
 from evolm_nemo.runtime import distributed
@@ -358,6 +359,7 @@ def _source(cfg) -> tuple[Path, dict, ModelConfig, str, Path]:
     dst = Path(cfg.dst).expanduser().resolve()
     check_dst(dst, cfg.overwrite, sources=(cfg.src, ckpt, cfg.tokenizer if cfg.tokenizer and
                                            Path(cfg.tokenizer).expanduser().exists() else None), kind="hf-export")
+    check_writable(dst, "dst", directory=True)  # probed for real: read-only mounts, root too
     return ckpt, meta, m, head, dst
 
 
@@ -432,7 +434,8 @@ def _export(cfg) -> Path:
     ids = probe_ids(m.vocab_size, cfg.probe_batch, min(cfg.probe_len, m.seq_length))
     reference = megatron_logits(model, ids) if cfg.verify else None
 
-    tmp = temp_dir(dst, owned=True)
+    with writing(dst, "dst"):
+        tmp = temp_dir(dst, owned=True)
     try:
         _write_weights(tmp, state, m, head, tied, out_dtype, max_bytes, cfg.progress)
         params = param_count(m) if head == "lm" else param_count(m) - (m.vocab_size - 1) * m.hidden_size
@@ -462,8 +465,11 @@ def _export(cfg) -> Path:
                   "tied": tied, "verify": check, "seconds": round(time.time() - t0, 1)}
         (tmp / "evolm_export.json").write_text(json.dumps(record, indent=1) + "\n")
         commit_dir(tmp, dst)
-    except BaseException:
+    except BaseException as exc:
+        full = disk_full(tmp)  # before the cleanup frees the space: some writers lose ENOSPC's errno
         shutil.rmtree(tmp, ignore_errors=True)
+        if (error := write_error(exc, dst, "dst", reason=full)) is not None:  # one line, nothing left behind
+            raise error from None
         raise
     msg = f"exported {ckpt} -> {dst}"
     if check:

@@ -181,8 +181,27 @@ def _hf_rows(ds, name: str, start: int = 0, stop: Optional[int] = None) -> Itera
         ds = ds.skip(start)
     if stop is not None:
         ds = ds.take(stop - start)
-    for row, item in enumerate(ds, start):
+    rows = enumerate(ds, start)
+    while True:
+        try:
+            row, item = next(rows)
+        except StopIteration:
+            return
+        except Exception as exc:  # the files of a directory that do not make one table (datasets' CastError), ...
+            raise ConfigError("input", f"{name}: cannot read it as one dataset: {_dataset_error(exc)}") from None
         yield f"{name} row {row}", item
+
+
+def _dataset_error(exc: Exception) -> str:
+    """One line for a datasets error met while reading: a CastError names the columns that do not match."""
+    try:
+        from datasets.table import CastError
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        CastError = ()
+    if isinstance(exc, CastError):
+        return (f"its files do not share one set of columns (found {', '.join(exc.table_column_names)}; "
+                f"expected {', '.join(exc.requested_column_names)}); point input= at one file")
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _count_lines(path: Path) -> int:

@@ -42,7 +42,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.sft import SFTDataset, SFTWriter, Template, tokenizer_fingerprint
 from evolm_nemo.data.sft_prepare import _tokenizer_ref
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.fileio import check_dst, iter_jsonl
+from evolm_nemo.fileio import check_dst, check_writable, iter_jsonl
 from evolm_nemo.tasks import QUESTION_TEMPLATE
 
 FORMAT = "evolm-rm-1"
@@ -174,6 +174,7 @@ def _check(cfg: PrepareRMConfig) -> Template:
     local = tuple(p for p in (Path(cfg.input).expanduser(), Path(str(cfg.tokenizer)).expanduser()) if p.exists())
     check_dst(Path(cfg.output).expanduser().resolve(), cfg.overwrite, key="output", sources=local,
               kind="rm-dataset")
+    check_writable(cfg.output, "output", directory=True)  # probed for real: read-only mounts, root too
     return template
 
 

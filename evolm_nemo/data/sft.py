@@ -28,7 +28,7 @@ import torch
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.tokenizer import MegatronHFTokenizer
-from evolm_nemo.fileio import commit_first, temp_dir
+from evolm_nemo.fileio import OWNER, commit_first, temp_dir, writing
 from evolm_nemo.tasks import QUESTION_TEMPLATE
 
 FORMAT = "evolm-sft-1"
@@ -73,23 +73,38 @@ def _dtype(vocab: int):
 
 
 class SFTWriter:
-    """Appends examples to a temporary directory next to ``out``; ``commit(manifest)`` renames it into place."""
+    """Appends examples to a temporary directory next to ``out``; ``commit(manifest)`` renames it into place. The
+    temporary directory is owned (``fileio.temp_dir``): one a killed writer left is removed by the next writer of
+    the same ``out``. A refused write (full disk, read-only) is one line naming ``key`` and ``out``; ``abort``
+    removes what was written."""
 
-    def __init__(self, out: str | Path, vocab_size: int, fmt: str = FORMAT):
+    def __init__(self, out: str | Path, vocab_size: int, fmt: str = FORMAT, key: str = "output"):
         self.out = Path(out)
         self.format = fmt
-        self.tmp = temp_dir(self.out)
+        self.key = key
+        self.tmp = None
+        self.file = None
+        try:
+            with self._writing():
+                self.tmp = temp_dir(self.out, owned=True)
+                self.file = open(self.tmp / TOKENS, "wb")
+        except BaseException:
+            self.abort()
+            raise
         self.dtype = _dtype(vocab_size)
-        self.file = open(self.tmp / TOKENS, "wb")
         self.rows: list[tuple[int, int, int]] = []
         self.offset = 0
         self.hash = hashlib.sha256()
         self.answer_tokens = 0
 
+    def _writing(self):
+        return writing(self.out, self.key)
+
     def add(self, prompt_ids: list[int], answer_ids: list[int]) -> None:
         ids = np.asarray(prompt_ids + answer_ids, dtype=self.dtype)
         data = ids.tobytes()
-        self.file.write(data)
+        with self._writing():
+            self.file.write(data)
         self.hash.update(data)
         self.rows.append((self.offset, len(prompt_ids), len(ids)))
         self.offset += len(ids)
@@ -98,25 +113,33 @@ class SFTWriter:
     def commit(self, manifest: dict, arrays: dict[str, np.ndarray] | None = None) -> Path:
         """Write the index, any ``arrays`` (``<name>.npy``, e.g. the RM dataset's labels), then the manifest last;
         rename into place."""
-        self.file.close()
-        index = np.asarray(self.rows, dtype=np.int64).reshape(-1, 3)
-        np.save(self.tmp / INDEX, index, allow_pickle=False)
-        self.hash.update(index.tobytes())
-        for name, array in (arrays or {}).items():
-            np.save(self.tmp / f"{name}.npy", array, allow_pickle=False)
-            self.hash.update(np.ascontiguousarray(array).tobytes())
-        record = {"format": self.format, "examples": len(self.rows), "tokens": self.offset,
-                  "answer_tokens": self.answer_tokens, "dtype": np.dtype(self.dtype).name,
-                  "content_sha256": self.hash.hexdigest(), **manifest}
-        (self.tmp / MANIFEST).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-        os.chmod(self.tmp, 0o755)
-        commit_first(self.tmp, self.out, MANIFEST)
+        with self._writing():
+            self.file.close()
+            index = np.asarray(self.rows, dtype=np.int64).reshape(-1, 3)
+            np.save(self.tmp / INDEX, index, allow_pickle=False)
+            self.hash.update(index.tobytes())
+            for name, array in (arrays or {}).items():
+                np.save(self.tmp / f"{name}.npy", array, allow_pickle=False)
+                self.hash.update(np.ascontiguousarray(array).tobytes())
+            record = {"format": self.format, "examples": len(self.rows), "tokens": self.offset,
+                      "answer_tokens": self.answer_tokens, "dtype": np.dtype(self.dtype).name,
+                      "content_sha256": self.hash.hexdigest(), **manifest}
+            (self.tmp / MANIFEST).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+            (self.tmp / OWNER).unlink(missing_ok=True)
+            os.chmod(self.tmp, 0o755)
+            commit_first(self.tmp, self.out, MANIFEST)
         return self.out
 
     def abort(self) -> None:
-        if not self.file.closed:
-            self.file.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Remove the temporary directory. Closing the file may fail again (its buffer still cannot be written:
+        the disk is full); that must not hide the error that got us here."""
+        if self.file is not None and not self.file.closed:
+            try:
+                self.file.close()
+            except OSError:
+                pass
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def read_manifest(path: str | Path, key: str = "data.paths", fmt: str = FORMAT,

@@ -41,7 +41,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.prepare import open_rows
 from evolm_nemo.data.sft import SFTWriter, Template, encode_example, read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.fileio import check_dst, check_dst_file, release_output, write_jsonl
+from evolm_nemo.fileio import check_dst, check_dst_file, check_writable, release_output, write_jsonl
 from evolm_nemo.tasks import QUESTION_TEMPLATE, SUITES
 
 # EvoLM's SFT/RL allocation study: 100K questions split between SFT and RL (PAPER.md).
@@ -319,6 +319,9 @@ def check_config(cfg: PrepareSFTConfig) -> Template:
     template = Template(cfg.prompt_template, cfg.answer_template)
     template.check()
     _check_outputs(cfg)
+    check_writable(cfg.output, "output", directory=True)  # probed for real: read-only mounts, root too
+    if cfg.rl_output:
+        check_writable(cfg.rl_output, "rl_output")
     return template
 
 

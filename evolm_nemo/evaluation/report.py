@@ -44,7 +44,7 @@ from typing import Optional
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import dynamics as dyn
 from evolm_nemo.evaluation.render import md_table as _md_table, save_png as _save
-from evolm_nemo.fileio import write_json, write_text
+from evolm_nemo.fileio import check_writable, write_json, write_text
 from evolm_nemo.tasks import UPSTREAM, UPSTREAM_NAMES
 
 SCHEMA = "evolm-result/1"
@@ -112,11 +112,45 @@ def load_results(pattern: str) -> list[tuple[str, dict]]:
             raise ConfigError(str(p), f"not valid JSON ({exc})") from None
         if not isinstance(data, dict) or not isinstance(data.get("model"), str):
             raise ConfigError(str(p), "not a result JSON: needs a string field 'model'")
-        for part in ("downstream", "upstream"):
-            if part in data and data[part] is not None and not isinstance(data[part], dict):
-                raise ConfigError(str(p), f"field '{part}' must be an object")
+        check_result(data, str(p))
         out.append((str(p), data))
     return out
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_result(data: dict, where: str) -> None:
+    """Every field the report reads has the schema's type (above), or a ConfigError naming ``where`` and the field:
+    one line, before anything is written."""
+
+    def need(path: str, value, ok: bool, what: str) -> None:
+        if value is not None and not ok:
+            raise ConfigError(where, f"field '{path}' must be {what} or null, got {json.dumps(value)[:60]}")
+
+    def obj(path: str, value) -> dict:
+        need(path, value, isinstance(value, dict), "an object")
+        return value or {}
+
+    def metrics(path: str, value, keys) -> None:
+        value = obj(path, value)
+        for key in ("n", *keys):
+            need(f"{path}.{key}", value.get(key), _number(value.get(key)), "a number")
+
+    for key in ("size", "stage", "group", "model_dir"):
+        need(key, data.get(key), isinstance(data.get(key), str), "a string")
+    need("pretrain_tokens", data.get("pretrain_tokens"), _number(data.get("pretrain_tokens")), "a number")
+    down = obj("downstream", data.get("downstream"))
+    need("downstream.scoring", down.get("scoring"), isinstance(down.get("scoring"), str), "a string")
+    for scope in ("id_avg", "ood_avg"):
+        metrics(f"downstream.{scope}", down.get(scope), METRICS)
+    for suite, m in obj("downstream.suites", down.get("suites")).items():
+        metrics(f"downstream.suites.{suite}", m, (*METRICS, "rm_score_mean"))
+    up = obj("upstream", data.get("upstream"))
+    need("upstream.avg", up.get("avg"), _number(up.get("avg")), "a number")
+    for task, m in obj("upstream.tasks", up.get("tasks")).items():
+        metrics(f"upstream.tasks.{task}", m, ("acc", "acc_norm", "score"))
 
 
 # ----------------------------------------------------------------------------------------------------------- tables
@@ -384,6 +418,7 @@ def build(pattern: str | None, out: str, dynamics: str | None = None) -> dict:
     curves = None
     if dynamics is not None:
         curves = dyn.load_curves(dynamics)
+    check_writable(out, "out", directory=True)  # not an existing file, and writable: before any work
     results = sorted((d for _, d in load_results(pattern)), key=_sort_key) if pattern is not None else []
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ Library use: :func:`score_rows` (what sampling and reports call) and :func:`scor
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,20 @@ def validate_row(row, where: str) -> None:
     greedy = row.get("greedy")
     if greedy is not None and not isinstance(greedy, str):
         bad("greedy", f"expected a string (or null), got {type(greedy).__name__}")
+    for field, value in row.items():  # Python's JSON reads NaN / Infinity; they must not reach the outputs
+        if (number := _non_finite(value)) is not None:
+            bad(field, f"holds {json.dumps(number)}, not a finite number (a reward model that diverged?); fix or drop the row")
+
+
+def _non_finite(value) -> Optional[float]:
+    """The first NaN / Infinity anywhere in ``value`` (a JSON value), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    if isinstance(value, (list, tuple)):
+        return next((v for v in map(_non_finite, value) if v is not None), None)
+    if isinstance(value, dict):
+        return next((v for v in map(_non_finite, value.values()) if v is not None), None)
+    return None
 
 
 def read_rows(path: str) -> list[dict]:

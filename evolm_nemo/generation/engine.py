@@ -28,6 +28,7 @@ import torch
 
 from evolm_nemo.data.tokenizer import MegatronHFTokenizer
 from evolm_nemo.losses.rl import sampling_logits
+from evolm_nemo.runtime.signals import import_megatron_inference
 from evolm_nemo.tasks import cut_at_stop
 
 @dataclass
@@ -43,6 +44,7 @@ def _megatron_tokenizer(tokenizer):
 
 
 def _controller_class():
+    import_megatron_inference()
     from megatron.core.inference.text_generation_controllers.text_generation_controller import (
         TextGenerationController,
     )
@@ -106,6 +108,7 @@ def _progress(enabled: bool):
     """The static engine draws its own tqdm bar ("static requests"); silence it unless ``enabled``."""
     from functools import partial
 
+    import_megatron_inference()
     from megatron.core.inference.engines import static_engine
 
     original = static_engine.tqdm
@@ -127,6 +130,8 @@ class Generator:
 
     def __init__(self, model, tokenizer, max_seq: int, max_batch: int = 8, progress: bool = False):
         from megatron.core import parallel_state
+
+        import_megatron_inference()
         from megatron.core.inference.contexts import StaticInferenceContext
         from megatron.core.inference.engines import StaticInferenceEngine
         from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper

@@ -57,6 +57,24 @@ def children_die_with_parent() -> None:
     _hooked = True
 
 
+_INFERENCE_COORDINATOR = "megatron.core.inference.data_parallel_inference_coordinator"
+
+
+def import_megatron_inference() -> None:
+    """Import ``megatron.core.inference`` without its import-time ``faulthandler.register(SIGTERM / SIGINT)`` (in
+    its data-parallel coordinator, which we do not use): that dumps every thread's stack on stderr for each stop
+    signal before our handler (``StopSignal``) runs, so a clean save-and-exit would look like a crash. Call before
+    any other import of it (``generation.engine`` does); a no-op once imported."""
+    if _INFERENCE_COORDINATOR in sys.modules:
+        return
+    import faulthandler
+    import importlib
+
+    importlib.import_module(_INFERENCE_COORDINATOR)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        faulthandler.unregister(sig)  # puts back the handler that was there before (ours, or the default)
+
+
 class StopSignal:
     """SIGTERM -> a flag; ``requested()`` (collective) says whether any rank got it. A context manager: the previous
     handler comes back on exit. Only the main thread can install it (elsewhere it stays inert)."""

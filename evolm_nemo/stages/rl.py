@@ -28,6 +28,7 @@ from evolm_nemo.answers import judge
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.config.validate import check_shape
 from evolm_nemo.data.sft_synthetic import RL_EXAMPLES
 from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.generation.engine import Generator
@@ -90,6 +91,29 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("parallel.micro_batch_size", f"each rank trains on {per_rank} sequences per step: they must "
                                                        f"split into rl.mini_batches={r.mini_batches} x "
                                                        f"micro_batch_size={p.micro_batch_size}")
+    check_ranges(cfg)
+    if r.critic_init is not None and cfg.stage == "ppo":
+        check_critic_init(cfg)
+    if r.val_interval and not r.val_data:
+        raise ConfigError("rl.val_data", "rl.val_interval needs a validation JSONL {id, prompt, gold_answer}")
+    if r.val_interval:
+        read_prompts([r.val_data], "rl.val_data")  # exists and is well-formed, before anything starts
+    prompts, skipped = usable_prompts(cfg)
+    if len(prompts) < r.prompts_per_step:
+        raise ConfigError("rl.prompts_per_step", f"{r.prompts_per_step} is more than the {len(prompts)} usable prompts "
+                                                 f"({skipped} longer than rl.max_prompt_tokens)")
+    iters = None
+    if t.epochs is not None:
+        iters = len(prompts) * t.epochs // r.prompts_per_step
+    if t.iters is not None:
+        iters = t.iters if iters is None else min(iters, t.iters)
+    return iters
+
+
+def check_ranges(cfg: RootConfig) -> None:
+    """The ``rl.*`` values that must lie in a range (clip ranges, discounts, sampling, rates, KL): what the trainer
+    and ``evolm suite plan`` refuse alike, from the recipe alone."""
+    r = cfg.rl
     if not r.ratio_eps > 0 or (r.ratio_eps_high is not None and not r.ratio_eps_high > 0):
         raise ConfigError("rl.ratio_eps", "clip ranges must be > 0")
     if r.dual_clip is not None and not r.dual_clip > 1:
@@ -114,23 +138,21 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("rl.kl_clamp", f"must be > 0 or null, got {r.kl_clamp}")
     if r.kl != "off" and r.initial_policy_kl_penalty <= 0:
         raise ConfigError("rl.initial_policy_kl_penalty", f"rl.kl={r.kl} needs a positive KL coefficient")
-    if r.critic_init is not None and cfg.stage == "ppo":
-        if not Path(r.critic_init).exists():
-            raise ConfigError("rl.critic_init", f"no checkpoint at {r.critic_init}")
-    if r.val_interval and not r.val_data:
-        raise ConfigError("rl.val_data", "rl.val_interval needs a validation JSONL {id, prompt, gold_answer}")
-    if r.val_interval:
-        read_prompts([r.val_data], "rl.val_data")  # exists and is well-formed, before anything starts
-    prompts, skipped = usable_prompts(cfg)
-    if len(prompts) < r.prompts_per_step:
-        raise ConfigError("rl.prompts_per_step", f"{r.prompts_per_step} is more than the {len(prompts)} usable prompts "
-                                                 f"({skipped} longer than rl.max_prompt_tokens)")
-    iters = None
-    if t.epochs is not None:
-        iters = len(prompts) * t.epochs // r.prompts_per_step
-    if t.iters is not None:
-        iters = t.iters if iters is None else min(iters, t.iters)
-    return iters
+
+
+def check_critic_init(cfg: RootConfig) -> None:
+    """``rl.critic_init`` is a complete checkpoint (a run directory or one of its ``iter_*``) of the actor's model
+    shape: its backbone starts the critic. Read from its evolm.json only, before anything is built."""
+    path = cfg.rl.critic_init
+    if not Path(path).exists():
+        raise ConfigError("rl.critic_init", f"no checkpoint at {path}")
+    try:
+        meta = ckpt.read_meta(ckpt.resolve(path))
+    except (ckpt.CheckpointError, OSError, ValueError) as exc:
+        raise ConfigError("rl.critic_init", f"{exc}; it must be a checkpoint (a training run or one of its iter_* "
+                                            "directories) whose backbone starts the critic") from None
+    check_shape(cfg.model, meta, lambda ours, theirs, name: f"{ours} differs from {theirs} in rl.critic_init={path} "
+                                                           f"(model {name}); the critic shares the actor's shape")
 
 
 def data_identity(cfg: RootConfig) -> dict:

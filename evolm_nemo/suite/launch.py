@@ -15,7 +15,9 @@ Idempotent: before anything is started each node's state is read from its output
 for trainings), logging to ``<root>/logs/<node>.log``; the first failure stops the launch (its dependants are not
 started) and is reported in one line with the log's tail. One experiment per node rather than one DAG: NeMo-Run's
 local DAG starts a task whose dependency failed (observed with 0.11.1). NeMo-Run's local scheduler starts each task
-in a session of its own; ``evolm_nemo.suite.node`` wraps the node so that it dies with the launcher.
+in a session of its own; ``evolm_nemo.suite.node`` wraps the node so that it dies with the launcher. SIGTERM or
+Ctrl-C of the launcher is passed on to the running node (a training commits its save-on-signal checkpoint); the
+launcher waits for it to end, says so in one line and exits with 128 + the signal; a second signal cancels the node.
 
 ``executor=slurm``: one ``run.Experiment`` holding every pending node, each a ``run.Script`` on a
 ``run.SlurmExecutor`` -- pyxis ``container_image`` / ``container_mounts``, ``nodes``, ``gpus_per_node``, ``time``,
@@ -35,6 +37,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +47,7 @@ from pathlib import Path
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.fileio import replace_dir, temp_dir
+from evolm_nemo.suite.node import pid_file
 from evolm_nemo.suite.plan import Row, SuitePlan
 from evolm_nemo.suite.spec import Suite
 
@@ -181,21 +185,65 @@ def _run_local_node(run, suite: Suite, job: Job, log: Path) -> int:
     script = run.Script(inline=f"cd {shlex.quote(os.getcwd())}\nexec {shlex.join(wrapped)}\n",
                         env={"PYTHONUNBUFFERED": "1"})
     name = job.row.node
+    stop = _StopRequest()
     with _experiment(run, job_name(suite, name)) as exp:
         exp.add(script, executor=run.LocalExecutor(), name=name)
         exp.run()
         try:
-            while exp.status(return_dict=True)[name]["status"].name not in _TERMINAL:
-                time.sleep(0.5)
-        except BaseException:  # Ctrl-C of the launcher: the node gets SIGTERM (it commits a checkpoint) and ends
+            with stop:  # SIGTERM / Ctrl-C of the launcher: passed on to the node, which saves and ends
+                while exp.status(return_dict=True)[name]["status"].name not in _TERMINAL:
+                    if stop.signum:
+                        stop.forward(Path(pid_file(rc_file)))
+                    time.sleep(0.2)
+        except BaseException:  # a second signal, or anything else: NeMo-Run cancels the node (SIGTERM, then KILL)
             exp.cancel(name)
             raise
     try:
-        return int(rc_file.read_text())
+        rc = int(rc_file.read_text())
     except (OSError, ValueError):
-        return -1  # it did not get as far as the wrapper's end (killed)
+        rc = -1  # it did not get as far as the wrapper's end (killed)
     finally:
         rc_file.unlink(missing_ok=True)
+    if stop.signum:
+        print(f"[suite] stopped by {signal.Signals(stop.signum).name}: node {name} ended with exit code {rc} (its "
+              f"last lines: {log}); relaunch the same command to resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.signum)
+    return rc
+
+
+class _StopRequest:
+    """While the launcher waits for a node: the first SIGTERM / SIGINT is remembered (and passed on to the node by
+    ``forward``, so that a training commits its save-on-signal checkpoint); the launcher then waits for the node to
+    end, however long its save takes. A second signal stops the wait (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum = 0
+        self.sent = False
+        self._previous = {}
+
+    def _handle(self, signum, _frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def forward(self, pid_path: Path) -> None:
+        """SIGTERM to the node's wrapper (once its pid file is there), which passes it to the node."""
+        if self.sent:
+            return
+        try:
+            os.kill(int(pid_path.read_text()), signal.SIGTERM)
+            self.sent = True
+        except (OSError, ValueError):
+            pass  # not started yet, or already gone: tried again on the next poll
 
 
 def run_local(plan: SuitePlan, js: list[Job]) -> int:

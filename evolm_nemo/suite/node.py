@@ -5,7 +5,8 @@ Runs CMD with its output appended to LOG and writes its exit status to RC. NeMo-
 each task in a session of its own, so killing the launcher's process group would not reach the node; this wrapper
 watches its parent (the launcher) and, if the launcher disappears, kills its own process group -- itself and the node
 -- so a relaunch never races an orphan (committed checkpoints are atomic; the relaunch resumes). SIGTERM / SIGINT (a
-cancel from the launcher) are forwarded to CMD, which commits a checkpoint and exits.
+cancel from the launcher) are forwarded to CMD, which commits a checkpoint and exits. While CMD runs, ``RC.pid`` holds
+this wrapper's pid: where the launcher sends SIGTERM when it is stopped itself (``suite.launch``).
 """
 
 from __future__ import annotations
@@ -30,13 +31,23 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    while proc.poll() is None:
-        if os.getppid() != parent:  # the launcher is gone: nobody supervises this node any more
-            os.killpg(os.getpgid(0), signal.SIGKILL)
-        time.sleep(0.1)
+    pid_path = pid_file(rc_path)
+    with open(pid_path, "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        while proc.poll() is None:
+            if os.getppid() != parent:  # the launcher is gone: nobody supervises this node any more
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            time.sleep(0.1)
+    finally:
+        os.unlink(pid_path)
     with open(rc_path, "w", encoding="utf-8") as f:
         f.write(f"{proc.returncode}\n")
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+
+
+def pid_file(rc_path) -> str:
+    return f"{rc_path}.pid"
 
 
 if __name__ == "__main__":

@@ -237,6 +237,12 @@ def _train_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None
             row.ckpt_bytes = checkpoint_bytes(row.params, precision, cfg.optim.distributed)
     else:  # RL: steps over prompts
         r = cfg.rl
+        from evolm_nemo.stages.rl import check_ranges as rl_ranges
+
+        try:
+            rl_ranges(cfg)  # what the trainer refuses before it builds anything
+        except ConfigError as exc:
+            raise ConfigError(f"nodes.{node.name}", f"{exc.key}: {exc.message}") from None
         n = _samples(cfg, node, row)
         row.samples, row.epochs = n, t.epochs
         dp = world // (p.tp * p.pp)

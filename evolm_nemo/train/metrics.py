@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from evolm_nemo.fileio import drop_rows_after
+from evolm_nemo.fileio import drop_rows_after, writing
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -36,6 +36,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tb = None
+        self.failed = False
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,8 +53,13 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            with writing(self.path, "run.out_dir"):  # a full disk: one line naming the file
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+        except BaseException:
+            self.failed = True
+            raise
         if self.tb is not None:
             for key, value in record.items():
                 if key != "iteration" and isinstance(value, (int, float)) and value is not None:
@@ -61,7 +67,11 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                if not self.failed:  # else: the same refused write again, already on its way up
+                    raise
             if self.tb is not None:
                 self.tb.close()
 

@@ -158,3 +158,21 @@ def test_a_recipe_that_does_not_fit_the_checkpoint_refuses(tmp_path, data_cache,
     if key.startswith("train."):
         assert f"train.iters={ITERS}" in line and "train.init_from=" in line
     assert (out / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_resumes(tmp_path, data_cache, small_disk):
+    """ENOSPC for real (a 3 MiB tmpfs holds one ~2 MiB checkpoint, not two) in the middle of a save: one line naming
+    the checkpoint, no `iter_*.tmp-*` left filling the disk, the committed one intact; once there is room, the same
+    command resumes from it and finishes."""
+    disk = small_disk.mount("3m")
+    args = tiny(disk / "run", data_cache, "train.iters=4", "train.save_interval=2", "train.keep_last=10")
+    proc = run_evolm("train", args, check=False)
+    line = _one_error_line(proc, "run.out_dir")
+    root = disk / "run" / "checkpoints"
+    assert f"cannot write checkpoint {root / 'iter_0000004'}: No space left on device" in line, line
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002"]
+    assert ckpt.damage(root / "iter_0000002") is None
+    small_disk.grow(disk, "64m")
+    resumed = run_evolm("train", args)
+    assert "resuming at iteration 2" in resumed.stdout and ckpt.latest(root).name == "iter_0000004"
+    assert sorted(losses(disk / "run")) == [1, 2, 3, 4]

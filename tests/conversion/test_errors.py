@@ -364,3 +364,25 @@ def test_two_exports_into_one_dst_the_second_is_refused(ckpt, tmp_path, capsys):
             first.kill()
     assert first.returncode == 0, err[-3000:]
     assert (dst / "evolm_export.json").is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_export_to_a_read_only_dir_is_one_line(ckpt, tmp_path):
+    from tests.conftest import one_line_error, run_evolm, unwritable_dir
+
+    dst = unwritable_dir(tmp_path) / "hf"
+    proc = run_evolm("export-hf", [f"src={ckpt}", f"dst={dst}", "progress=false"], check=False)
+    line = one_line_error(proc, "dst")
+    assert f"cannot write {dst}" in line and "not writable" in line, line
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(ckpt, tmp_path, small_disk):
+    """ENOSPC for real (a 256 KiB tmpfs, smaller than the weights): one line naming dst, no `.hf.tmp-*` left, the
+    source untouched."""
+    from evolm_nemo.checkpoint import io as ckpt_io
+    from tests.conftest import one_line_error, run_evolm
+
+    disk = small_disk.mount("256k")
+    proc = run_evolm("export-hf", [f"src={ckpt}", f"dst={disk / 'hf'}", "progress=false"], check=False)
+    line = one_line_error(proc, "dst")
+    assert f"cannot write {disk / 'hf'}: No space left on device" in line, line
+    assert list(disk.iterdir()) == [] and ckpt_io.damage(ckpt_io.resolve(ckpt)) is None

@@ -13,7 +13,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.sft import SFTDataset, collate
 from evolm_nemo.data.sft_prepare import ALLOCATIONS, PrepareSFTConfig, parse_allocation, prepare_sft, question_key, \
     split_pool
-from tests.conftest import run_evolm
+from tests.conftest import one_line_error, run_evolm, unwritable_dir
 from tests.conversion._sources import make_tokenizer
 
 # (id, question, response, reference, kept by the strict consistency filter?)
@@ -392,3 +392,82 @@ def test_two_writers_of_one_output_the_second_is_refused(tmp_path, tok_dir, comm
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     # once the first is done, the same command replaces it as usual (overwrite) or refuses (without)
     _one_line(run_evolm(command, [*args, f"output={out}"], check=False), "output", "already exists")
+
+
+# ---------------------------------------------------------------------------------------- faults (issue 19)
+
+
+@pytest.mark.parametrize("command", ["prepare-sft", "prepare-rm"])
+def test_a_read_only_output_is_one_line_before_any_work(tmp_path, tok_dir, command):
+    rows = [{"question": "q?", "answer": "a", "prompt": "q?", "response": " a", "label": 1}]
+    inp = _write(tmp_path / "in.jsonl", rows)
+    out = unwritable_dir(tmp_path) / "sub" / "out"
+    extra = ["filter=false"] if command == "prepare-sft" else []
+    proc = run_evolm(command, [f"input={inp}", f"output={out}", f"tokenizer={tok_dir}", "progress=false", *extra],
+                     check=False)
+    line = one_line_error(proc, "output")
+    assert f"cannot write {out}" in line and "not writable" in line
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tok_dir, small_disk):
+    """ENOSPC for real (a 64 KiB tmpfs) while tokens.bin is written: the first error is the one said (closing the
+    file again in abort used to raise a second ENOSPC over it), and no `.out.tmp-*` is left filling the disk."""
+    rows = [{"question": f"question {i}?", "answer": " ".join(["word"] * 60) + f" {i}"} for i in range(2000)]
+    inp = _write(tmp_path / "in.jsonl", rows)
+    before = inp.read_bytes()
+    disk = small_disk.mount("64k")
+    proc = run_evolm("prepare-sft", [f"input={inp}", f"output={disk / 'sft'}", f"tokenizer={tok_dir}",
+                                     "filter=false", "progress=false"], check=False)
+    line = one_line_error(proc, "output")
+    assert f"cannot write {disk / 'sft'}: No space left on device" in line, line
+    assert list(disk.iterdir()) == [] and inp.read_bytes() == before
+
+
+def test_a_directory_input_that_is_not_one_table_is_one_line(tmp_path, tok_dir):
+    src = tmp_path / "mixed"
+    src.mkdir()
+    _write(src / "a.jsonl", [{"question": "q?", "answer": "a"}])
+    _write(src / "b.jsonl", [{"x": 1}])
+    proc = run_evolm("prepare-sft", [f"input={src}", f"output={tmp_path / 'out'}", f"tokenizer={tok_dir}",
+                                     "filter=false", "progress=false"], check=False)
+    line = one_line_error(proc, "input")
+    assert "do not share one set of columns" in line and "point input= at one file" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_prepare_leaves_its_temp_dir_to_the_next_run(tmp_path, tok_dir):
+    """SIGKILL while the dataset is written: its owned `.out.tmp-*` stays; the next prepare-sft into the same
+    output removes it (its owner is dead), says so, and succeeds; a live writer's temp dir is left alone."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    from evolm_nemo.fileio import OWNER
+    from tests.conftest import REPO, evolm_cmd, subprocess_env
+
+    rows = [{"question": f"question {i}?", "answer": " ".join(["word"] * 40) + f" {i}"} for i in range(30000)]
+    inp = _write(tmp_path / "in.jsonl", rows)
+    args = [f"input={inp}", f"output={tmp_path / 'out'}", f"tokenizer={tok_dir}", "filter=false", "progress=false"]
+    proc = subprocess.Popen(evolm_cmd("prepare-sft", args), cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any((p / OWNER).is_file() for p in tmp_path.glob(".out.tmp-*")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "prepare-sft finished before it could be killed"
+    stale = list(tmp_path.glob(".out.tmp-*"))
+    assert len(stale) == 1 and not (tmp_path / "out").exists()
+    live = tmp_path / ".out.tmp-live"
+    live.mkdir()
+    (live / OWNER).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+
+    small = _write(tmp_path / "small.jsonl", rows[:50])
+    again = run_evolm("prepare-sft", [f"input={small}", *args[1:]])
+    assert f"removed {stale[0]}, left by an earlier run that was killed" in again.stderr
+    assert not stale[0].exists() and live.is_dir()
+    assert SFTDataset(tmp_path / "out").manifest["examples"] == 50 and not (tmp_path / "out" / OWNER).exists()

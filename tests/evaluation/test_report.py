@@ -151,3 +151,37 @@ def test_suite_summary_has_the_mean_orm_score():
             {"pass1": False, "maj16": False, "pass16": True, "rm16": False, "correct": [False, True]}]
     s = suite_summary(rows)
     assert s["rm_score_mean"] == 2.0 and suite_summary(rows[1:])["rm_score_mean"] is None
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d.update(pretrain_tokens="80B"), "pretrain_tokens"),
+    (lambda d: d.update(size=1), "size"),
+    (lambda d: d["downstream"].update(suites=[1, 2]), "downstream.suites"),
+    (lambda d: d["downstream"]["id_avg"].update(pass1="12%"), "downstream.id_avg.pass1"),
+    (lambda d: d["downstream"]["suites"]["cruxeval"].update(n=[10]), "downstream.suites.cruxeval.n"),
+    (lambda d: d.update(upstream={"tasks": {"hellaswag": {"score": "high"}}, "avg": 50}),
+     "upstream.tasks.hellaswag.score"),
+    (lambda d: d.update(upstream={"tasks": {}, "avg": [50]}), "upstream.avg"),
+])
+def test_wrong_types_in_a_result_json_are_one_line(tmp_path, edit, field):
+    from tests.conftest import one_line_error, run_evolm
+
+    data = json.loads(json.dumps({"schema": report.SCHEMA, **RESULTS["e"]}))
+    edit(data)
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(data))
+    proc = run_evolm("report", [f"runs={path}", f"out={tmp_path / 'out'}"], check=False)
+    line = one_line_error(proc, str(path))
+    assert f"field '{field}' must be" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_an_existing_file_is_one_line(tmp_path):
+    from tests.conftest import one_line_error, run_evolm
+
+    runs = _write(tmp_path, ["a"])
+    out = tmp_path / "report.md"
+    out.write_text("mine")
+    proc = run_evolm("report", [f"runs={runs}", f"out={out}"], check=False)
+    assert "it is a file, not a directory" in one_line_error(proc, "out")
+    assert out.read_text() == "mine"

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from evolm_nemo import cli
-from tests.conftest import run_evolm, unwritable_dir
+from tests.conftest import one_line_error, run_evolm, unwritable_dir
 
 
 def _row(n: int = 16, **extra) -> dict:
@@ -92,3 +92,38 @@ def test_output_is_never_the_input(tmp_path, capsys):
     line = _one_line(capsys)
     assert line.startswith(f"error: output: {inp} is the input {inp}, which this command reads"), line
     assert inp.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_non_finite_scores_are_one_line_and_nothing_is_written(tmp_path):
+    """Python's JSON reads NaN / Infinity; `evolm score` used to write them into its output and then fail on its
+    summary. They are refused with the row and field, before anything is written."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [_row(4, id=0, rm_scores=[0.1, 0.2, 0.3, 0.4]), _row(4, id=1, rm_scores=[float("nan"), 1.0, 2.0, 3.0])]
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert "NaN" in inp.read_text()
+    proc = run_evolm("score", [f"input={inp}", f"output={out}", "progress=false"], check=False)
+    line = one_line_error(proc, f"{inp}:2")
+    assert "field 'rm_scores': holds NaN, not a finite number" in line, line
+    assert not out.exists() and not list(tmp_path.glob(".out.jsonl.*"))
+    inp.write_text(json.dumps(_row(4, id=0, rm_scores=[0.1, float("inf"), 0.3, 0.4])) + "\n", encoding="utf-8")
+    assert "holds Infinity" in one_line_error(run_evolm("score", [f"input={inp}", f"output={out}"], check=False),
+                                              f"{inp}:1")
+
+
+def test_the_scored_file_gets_the_umask_mode(tmp_path):
+    """Every atomic write (fileio.atomic_path: write_jsonl, write_json, write_text) publishes the mode a plain
+    open() would give, not mkstemp's 0600."""
+    import os
+    import stat
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps(_row()) + "\n", encoding="utf-8")
+    old = os.umask(0o027)
+    try:
+        run_evolm("score", [f"input={inp}", f"output={out}", "progress=false"])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    out.chmod(0o604)  # an existing file keeps its own mode when it is replaced, as with open(path, "w")
+    run_evolm("score", [f"input={inp}", f"output={out}", "progress=false"])
+    assert stat.S_IMODE(out.stat().st_mode) == 0o604

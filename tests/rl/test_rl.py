@@ -167,6 +167,19 @@ def test_bad_rl_recipe_is_one_line(tmp_path, rl_parent, extra, key):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_critic_init_that_is_not_a_checkpoint_is_one_line(tmp_path, rl_parent):
+    """rl.critic_init = the demo's dataset directory (no checkpoint in it): one line before anything is built, where
+    it used to fail in the critic's load with a traceback after the models were built."""
+    from tests.conftest import one_line_error
+
+    data_dir = rl_parent["rl"].parent
+    proc = run_evolm("train", rl_args(tmp_path / "run", rl_parent, "ppo", None, "train.iters=2",
+                                      f"rl.critic_init={data_dir}"), check=False)
+    line = one_line_error(proc, "rl.critic_init")
+    assert f"{data_dir}: no complete checkpoint found" in line and "whose backbone starts the critic" in line, line
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_prompt_rows_are_one_line(tmp_path, rl_parent):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "prompt": "Human: hi\nAssistant:"}) + "\n")

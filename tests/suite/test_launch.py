@@ -162,3 +162,57 @@ def test_relaunch_skips_finished_runs_and_resumes_a_killed_one(tmp_path):
     assert dry.returncode == 0, dry.stderr
     assert "[suite] nothing to submit (2 done, 0 queued)" in dry.stdout
     assert not list((tmp_path / "slurm").glob("*.sbatch")) and (tmp_path / "slurm" / "status.txt").is_file()
+
+
+def _processes_naming(text: str) -> list[str]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if text in cmd and state != "Z":
+                found.append(cmd[:160])
+    return found
+
+
+def test_sigterm_to_the_launcher_stops_the_node_with_its_checkpoint(tmp_path):
+    """SIGTERM to the launcher (what `kill`, a Slurm job step or a supervisor sends) is passed on to the running
+    training, which commits its save-on-signal checkpoint (no save_interval would have saved before the end); the
+    launcher waits for it, exits 143 with one line, nothing is left running, and the node resumes on relaunch."""
+    root = tmp_path / "runs"
+    suite = tmp_path / "one.yaml"
+    suite.write_text(f"name: one\nroot: {root}\ngpus_per_node: 1\n"
+                     f"train_overrides: [data.cache_dir={tmp_path}/cache, train.progress=false, "
+                     "train.tensorboard=false, train.log_interval=1]\nnodes:\n"
+                     "  pre: {experiment: demo, overrides: [train.iters=3000, train.save_interval=100000]}\n")
+    cmd = [sys.executable, "-m", "evolm_nemo.cli", "suite", "launch", f"suite={suite}", "executor=local"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        metrics, deadline = root / "pre" / "metrics.jsonl", time.time() + 300
+        while time.time() < deadline and proc.poll() is None and (
+                not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the launch ended before the signal"
+        proc.send_signal(signal.SIGTERM)  # the launcher only
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 143 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("[suite] stopped by SIGTERM: node pre ended with exit code 143"), lines
+    last = ckpt.latest(root / "pre" / "checkpoints")
+    assert last is not None and ckpt.damage(last) is None
+    step = int(last.name.split("_")[1])
+    log = (root / "logs" / "pre.log").read_text()
+    assert f"[evolm] stopped by SIGTERM after iteration {step}: checkpoint {last} committed" in log, log[-2000:]
+    deadline = time.time() + 10
+    while (left := _processes_naming(str(root))) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not left, left
+    status = suite_cli("status", f"suite={suite}")
+    assert any(line.split()[:3] == ["pre", "pretrain", "resume"] for line in status.stdout.splitlines()), status.stdout

@@ -148,6 +148,12 @@ def test_order_follows_parents_not_file_order(tmp_path):
      "error: nodes.a.parent: stage=sft starts from a parent run: name its node (or set train.init_from in overrides)"),
     ("  a: {experiment: demo_nope}\n", "error: nodes.a: experiment: no recipe 'demo_nope' in recipes/experiment/; did "
                                         "you mean demo_ppo or demo_dpo or demo_cpt?"),
+    ("  a: {experiment: demo}\n  b: {experiment: demo_sft, parent: a}\n"
+     "  c: {experiment: demo_ppo, parent: b, overrides: [rl.temperature=-1]}\n",
+     "error: nodes.c: rl.temperature: must be >= 0 (0: greedy rollouts), got -1.0"),
+    ("  a: {experiment: demo}\n  b: {experiment: demo_sft, parent: a}\n"
+     "  c: {experiment: demo_grpo, parent: b, overrides: [rl.top_p=0]}\n",
+     "error: nodes.c: rl.top_p: must be in (0, 1], got 0.0"),
 ])
 def test_bad_suites_are_one_line(tmp_path, body, line):
     proc = _cli("plan", f"suite={_suite(tmp_path, body)}")
