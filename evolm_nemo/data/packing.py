@@ -66,15 +66,16 @@ def best_fit(lengths, capacity: int) -> list[list[int]]:
 
 def collate_packed(examples, length: int, pad_id: int) -> dict[str, torch.Tensor]:
     """One packed row ``[1, length]`` from ``(ids, prompt_len)`` pairs: example ``j`` contributes ``tokens =
-    ids[:-1]``, ``labels = ids[1:]``, ``loss_mask`` 1 where the label is an answer token, position ids from 0; the
-    rest of the row is padding (its own segment, no loss). ``cu_seqlens`` (int32) bounds the segments, padding
+    ids[:-1]``, ``labels = ids[1:]``, ``loss_mask`` 1 where the label is an answer token, position ids from 0 and
+    ``segment`` j (-1 on padding); the rest of the row is padding (its own segment, no loss). ``cu_seqlens`` (int32) bounds the segments, padding
     included, and ``max_seqlen`` is the longest: megatron's ``PackedSeqParams`` (THD)."""
     tokens = torch.full((1, length), pad_id, dtype=torch.long)
     labels = torch.full((1, length), pad_id, dtype=torch.long)
     mask = torch.zeros((1, length), dtype=torch.float32)
     position_ids = torch.zeros((1, length), dtype=torch.long)
+    segment = torch.full((1, length), -1, dtype=torch.long)
     bounds, at = [0], 0
-    for ids, prompt_len in examples:
+    for j, (ids, prompt_len) in enumerate(examples):
         ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
         n = len(ids) - 1
         if at + n > length:
@@ -83,13 +84,14 @@ def collate_packed(examples, length: int, pad_id: int) -> dict[str, torch.Tensor
         labels[0, at:at + n] = ids[1:]
         mask[0, at + max(int(prompt_len) - 1, 0):at + n] = 1.0
         position_ids[0, at:at + n] = torch.arange(n)
+        segment[0, at:at + n] = j
         at += n
         bounds.append(at)
     if at < length:
         position_ids[0, at:] = torch.arange(length - at)
         bounds.append(length)
     cu = torch.tensor(bounds, dtype=torch.int32)
-    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "position_ids": position_ids,
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "position_ids": position_ids, "segment": segment,
             "cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max().reshape(1)}
 
 
@@ -134,7 +136,7 @@ def per_sequence_sum(values: torch.Tensor, mask: torch.Tensor, batch: dict) -> t
     if "segment" not in batch:
         return picked.sum(1), keep.sum(1)
     seg = batch["segment"].clamp(min=0).flatten()
-    k = batch["last"].numel()
+    k = batch["last"].numel() if "last" in batch else int(batch["segment"].max()) + 1
     sums = torch.zeros(k, dtype=values.dtype, device=values.device).index_add(0, seg, picked.flatten())
     counts = torch.zeros(k, dtype=torch.long, device=values.device).index_add(0, seg, keep.flatten().long())
     return sums, counts

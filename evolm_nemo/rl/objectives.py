@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import torch
 
+from evolm_nemo.data.packing import collate_packed, packed_seq_params, per_sequence_sum
 from evolm_nemo.data.sft import collate as sft_collate
 from evolm_nemo.losses.rl import (entropy_from_logits, kl_estimate, policy_loss, sampling_logits,
                                   sequence_mean_weights, value_loss)
@@ -58,18 +60,37 @@ def policy_logprobs(logits: torch.Tensor, labels: torch.Tensor, rl) -> tuple[tor
     return logp, entropy_from_logits(x)
 
 
-def collate(seqs: list[tuple[list[int], int]], extra: dict[str, list[list[float]]], pad_id: int) -> dict:
+def collate(seqs: list[tuple[list[int], int]], extra: dict[str, list[list[float]]], pad_id: int,
+            packed_length: int | None = None) -> dict:
     """Right-padded microbatch of ``(ids, prompt_len)``: tokens/labels/position_ids and ``loss_mask`` on the positions
-    that predict response tokens, plus each ``extra`` per-response-token list placed at those positions."""
-    seq = max(len(ids) for ids, _ in seqs) - 1
-    batch = sft_collate(seqs, seq, pad_id)
-    for key, rows in extra.items():
-        t = torch.zeros((len(seqs), seq), dtype=torch.float32)
-        for row, ((ids, plen), values) in enumerate(zip(seqs, rows)):
-            start = max(plen - 1, 0)
+    that predict response tokens, plus each ``extra`` per-response-token list placed at those positions. With
+    ``packed_length``: one packed row of that length instead (``data.packing.collate_packed``: THD, a segment per
+    sequence)."""
+    if packed_length is not None:
+        batch = collate_packed(seqs, packed_length, pad_id)
+        starts = np.cumsum([0] + [len(ids) - 1 for ids, _ in seqs[:-1]])
+        rows = [0] * len(seqs)
+    else:
+        batch = sft_collate(seqs, max(len(ids) for ids, _ in seqs) - 1, pad_id)
+        starts, rows = [0] * len(seqs), list(range(len(seqs)))
+    shape = batch["tokens"].shape
+    for key, values_of in extra.items():
+        t = torch.zeros(shape, dtype=torch.float32)
+        for (ids, plen), values, row, at in zip(seqs, values_of, rows, starts):
+            start = int(at) + max(plen - 1, 0)
             t[row, start:start + len(values)] = torch.as_tensor(values, dtype=torch.float32)
         batch[key] = t
     return batch
+
+
+def per_token(out: torch.Tensor, batch: dict) -> list[list[float]]:
+    """A microbatch's ``[b, s]`` output back to one list per sequence over its response positions (``loss_mask``),
+    in the microbatch's sequence order: per row, or per segment of a packed row."""
+    mask = batch["loss_mask"].bool()
+    if "segment" not in batch:
+        return [out[row][mask[row]].tolist() for row in range(out.shape[0])]
+    seg = batch["segment"][0]
+    return [out[0][mask[0] & (seg == j)].tolist() for j in range(int(seg.max()) + 1)]
 
 
 # --------------------------------------------------------------------------------------------------- forward only
@@ -78,7 +99,7 @@ def collate(seqs: list[tuple[list[int], int]], extra: dict[str, list[list[float]
 def logprob_forward_step(rl, data_iterator, model):
     """Forward-only step: the per-token log-probs of ``policy_logprobs`` (``partial`` it with ``rl``)."""
     b = next(data_iterator)
-    logits = model(b["tokens"], b["position_ids"], None)
+    logits = model(b["tokens"], b["position_ids"], None, packed_seq_params=packed_seq_params(b))
     return policy_logprobs(logits, b["labels"], rl)[0], partial(collect_output, "logp")
 
 
@@ -86,11 +107,18 @@ def logprob_forward_step(rl, data_iterator, model):
 
 
 def _weights(b: dict, rl) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token weights and, for seq_mean, the count to divide by (the engine divides by the global sum)."""
+    """Per-token weights and, for seq_mean, the count to divide by (the engine divides by the global sum); a packed
+    row's sequences are its segments."""
     mask = b["loss_mask"]
-    if rl.loss_agg == "seq_mean":
+    if rl.loss_agg != "seq_mean":
+        return mask, None
+    if "segment" not in b:
         return sequence_mean_weights(mask), (mask.sum(-1) > 0).sum().to(torch.int32)
-    return mask, None
+    _, lengths = per_sequence_sum(mask.float(), mask, b)
+    seg = b["segment"].clamp(min=0)
+    weights = torch.where(mask.bool(), 1.0 / lengths.clamp(min=1).to(torch.float32)[seg],
+                          torch.zeros((), dtype=torch.float32, device=mask.device))
+    return weights, (lengths > 0).sum().to(torch.int32)
 
 
 def _actor_loss(b: dict, rl, logits: torch.Tensor):
@@ -123,7 +151,8 @@ def _actor_loss(b: dict, rl, logits: torch.Tensor):
 
 def actor_forward_step(rl, data_iterator, model):
     b = next(data_iterator)
-    return model(b["tokens"], b["position_ids"], None), partial(_actor_loss, b, rl)
+    return model(b["tokens"], b["position_ids"], None, packed_seq_params=packed_seq_params(b)), \
+        partial(_actor_loss, b, rl)
 
 
 def _critic_loss(b: dict, rl, values: torch.Tensor):
@@ -138,4 +167,5 @@ def _critic_loss(b: dict, rl, values: torch.Tensor):
 
 def critic_forward_step(rl, data_iterator, model):
     b = next(data_iterator)
-    return model(b["tokens"], b["position_ids"], None), partial(_critic_loss, b, rl)
+    return model(b["tokens"], b["position_ids"], None, packed_seq_params=packed_seq_params(b)), \
+        partial(_critic_loss, b, rl)

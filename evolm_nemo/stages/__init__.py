@@ -48,9 +48,9 @@ STAGES = {
     # prompt-masked fine-tuning on a prepared SFT dataset
     "sft": Kind("evolm_nemo.stages.sft", "epochs", "examples", "sft", starts_group=True, lays_out=True),
     # PPO with verifiable rewards: actor + critic, rollouts from the live actor
-    "ppo": Kind("evolm_nemo.stages.rl", "prompts", "prompts", "rl", critic=True),
+    "ppo": Kind("evolm_nemo.stages.rl", "prompts", "prompts", "rl", critic=True, lays_out=True),
     # GRPO: n samples per prompt, group-relative advantages, no critic
-    "grpo": Kind("evolm_nemo.stages.rl", "prompts", "prompts", "rl"),
+    "grpo": Kind("evolm_nemo.stages.rl", "prompts", "prompts", "rl", lays_out=True),
     # reward model: scalar head, outcome (BCE) or pairwise (Bradley-Terry) objective
     "rm": Kind("evolm_nemo.stages.rm", "epochs", "examples", "rm", head="value", lays_out=True),
     # direct preference optimisation against the frozen train.init_from

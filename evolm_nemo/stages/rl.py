@@ -17,6 +17,7 @@ the uninterrupted one did.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,7 @@ from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.validate import check_shape
+from evolm_nemo.data.packing import best_fit, by_count, by_token_budget
 from evolm_nemo.data.sft_synthetic import RL_EXAMPLES
 from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.generation.engine import Generator
@@ -36,12 +38,13 @@ from evolm_nemo.losses.rl import constant_groups, gae, group_advantages, truncat
 from evolm_nemo.model.build import build_model
 from evolm_nemo.model.heads import build_value_model, load_backbone
 from evolm_nemo.rl.data import PromptSchedule, prompt_files, read_prompts, usable_prompts
-from evolm_nemo.rl.objectives import actor_forward_step, collate, critic_forward_step, logprob_forward_step
+from evolm_nemo.rl.objectives import (actor_forward_step, collate, critic_forward_step, logprob_forward_step,
+                                     per_token)
 from evolm_nemo.rl.reward import RewardModelScorer, check as check_reward, combine as combine_rewards
 from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, verifiable_rewards
 from evolm_nemo.rl.stats import global_moments, rollout_metrics
 from evolm_nemo.stages import kind
-from evolm_nemo.stages.base import Stage, file_fingerprint
+from evolm_nemo.stages.base import Stage, check_layout, file_fingerprint
 from evolm_nemo.tasks import SUITE_KIND
 from evolm_nemo.train.engine import build_training_model, train_step
 from evolm_nemo.train.forward import forward_collect, value_forward_step
@@ -87,7 +90,12 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("rl.prompts_per_step", f"{r.prompts_per_step} prompts do not split over {dp} data-parallel "
                                                  "ranks")
     per_rank = r.prompts_per_step // dp * r.samples_per_prompt
-    if per_rank % (r.mini_batches * p.micro_batch_size):
+    laid_out = t.packing or p.max_tokens_per_microbatch is not None  # microbatches not by count
+    check_layout(cfg, min(cfg.model.seq_length, r.max_prompt_tokens + r.max_response_tokens), "sequence")
+    if laid_out and per_rank % r.mini_batches:
+        raise ConfigError("rl.mini_batches", f"each rank trains on {per_rank} sequences per step: they must split "
+                                             f"into rl.mini_batches={r.mini_batches}")
+    if not laid_out and per_rank % (r.mini_batches * p.micro_batch_size):
         raise ConfigError("parallel.micro_batch_size", f"each rank trains on {per_rank} sequences per step: they must "
                                                        f"split into rl.mini_batches={r.mini_batches} x "
                                                        f"micro_batch_size={p.micro_batch_size}")
@@ -194,6 +202,7 @@ class RLStage(Stage):
         self.tok = load_tokenizer(self.tokenizer, key="train.init_from")
         self.eos = int(self.tok.eos_token_id)
         self.rollout_log = None
+        self.packing, self.budget = cfg.train.packing, cfg.parallel.max_tokens_per_microbatch
 
     # ------------------------------------------------------------------------------------------- roles
     def build(self, rt) -> list[Role]:
@@ -243,31 +252,60 @@ class RLStage(Stage):
         return generate(self.generator, [self.prompts.prompts[i] for i in idx], [self.prompts.gold[i] for i in idx],
                         self.rl.samples_per_prompt, self.rl, self.eos, seed)
 
-    def _microbatches(self, ro: Rollout, order: list[int], extra: dict[str, list[list[float]]]) -> list[dict]:
-        mbs = self.cfg.parallel.micro_batch_size
+    def _layout(self, ro: Rollout) -> list[list[list[int]]]:
+        """The update's mini-batches (``rl.mini_batches`` consecutive slices of this rank's sequences), each as its
+        microbatches (lists of sequence indices): ``micro_batch_size`` sequences each, or by a token budget
+        (``parallel.max_tokens_per_microbatch``), or packed rows (``train.packing``: best-fit into rows of
+        ``model.seq_length`` tokens, or the budget). Every layout holds the same sequences."""
+        n = len(ro)
+        per = n // self.rl.mini_batches
+        tokens = [len(ro.prompt_ids[k]) + len(ro.response_ids[k]) - 1 for k in range(n)]
+        minis = []
+        for m in range(self.rl.mini_batches):
+            rows = list(range(m * per, (m + 1) * per))
+            lengths = [tokens[k] for k in rows]
+            if self.packing:
+                idx = best_fit(lengths, self.budget or self.cfg.model.seq_length)
+            elif self.budget:
+                idx = by_token_budget(lengths, self.budget)
+            else:
+                idx = by_count(len(rows), self.cfg.parallel.micro_batch_size)
+            minis.append([[rows[i] for i in g] for g in idx])
+        return minis
+
+    def _microbatches(self, ro: Rollout, groups: list[list[int]], extra: dict[str, list[list[float]]]) -> list[dict]:
         seqs = [(ro.prompt_ids[k] + ro.response_ids[k], len(ro.prompt_ids[k])) for k in range(len(ro))]
         out = []
-        for i in range(0, len(order), mbs):
-            rows = order[i:i + mbs]
-            out.append(collate([seqs[k] for k in rows], {key: [v[k] for k in rows] for key, v in extra.items()},
-                               pad_id=self.eos))
+        for rows in groups:
+            picked = [seqs[k] for k in rows]
+            out.append(collate(picked, {key: [v[k] for k in rows] for key, v in extra.items()}, pad_id=self.eos,
+                               packed_length=sum(len(ids) - 1 for ids, _ in picked) if self.packing else None))
         return out
 
-    def _per_token(self, outputs: list[torch.Tensor], batches: list[dict], order: list[int], n: int) -> list:
+    def _per_token(self, outputs: list[torch.Tensor], batches: list[dict], groups: list[list[int]], n: int) -> list:
         """Scatter microbatch outputs back to per-sequence lists over response positions."""
         rows: list = [None] * n
-        i = 0
-        for out, b in zip(outputs, batches):
-            for row in range(out.shape[0]):
-                mask = b["loss_mask"][row].bool()
-                rows[order[i]] = out[row][mask].tolist()
-                i += 1
+        for out, b, g in zip(outputs, batches, groups):
+            for k, values in zip(g, per_token(out, b)):
+                rows[k] = values
         return rows
+
+    def _advantages(self, ro: Rollout, rewards: list, values: list) -> tuple[list, list]:
+        """GAE per sequence (on one padded batch of every sequence, whatever the update's layout, so that no
+        recursion crosses from one packed sequence into the next), whitened over the global batch when asked."""
+        r, n = self.rl, len(ro)
+        seqs = [(ro.prompt_ids[k] + ro.response_ids[k], len(ro.prompt_ids[k])) for k in range(n)]
+        b = collate(seqs, {"rewards": rewards, "old_values": values}, pad_id=self.eos)
+        adv, ret = gae(b["rewards"], b["old_values"], b["loss_mask"], r.discount_factor, r.gae_lambda)
+        if r.whiten_advantages:
+            mean, var = global_moments(adv.flatten(), b["loss_mask"].flatten())
+            adv = whiten_with(adv, b["loss_mask"], mean, var)
+        return per_token(adv, b), per_token(ret, b)
 
     def step(self, iteration: int) -> dict:
         """Rollout -> reward -> old log-probs / values -> advantages -> the actor's (and critic's) engine updates."""
         r, rt = self.rl, self.rt
-        mbs = self.cfg.parallel.micro_batch_size
+        rows = 1 if self.packing else self.cfg.parallel.micro_batch_size
         t0 = time.perf_counter()
         ro = self.rollout(iteration)
         t1 = time.perf_counter()
@@ -276,11 +314,12 @@ class RLStage(Stage):
         ro.rewards = combine_rewards(ro.correct, ro.rm_scores, self.cfg)
         t2 = time.perf_counter()
         n = len(ro)
-        order = list(range(n))
-        base = self._microbatches(ro, order, {})
+        minis = self._layout(ro)
+        groups = [g for mini in minis for g in mini]
+        base = self._microbatches(ro, groups, {})
         logp_step = partial(logprob_forward_step, r)  # of the distribution the rollout sampled from
-        old_logp = self._per_token(forward_collect(self.actor.model, base, logp_step, mbs, rt), base, order, n)
-        ref_logp = (self._per_token(forward_collect(self.ref, base, logp_step, mbs, rt), base, order, n)
+        old_logp = self._per_token(forward_collect(self.actor.model, base, logp_step, rows, rt), base, groups, n)
+        ref_logp = (self._per_token(forward_collect(self.ref, base, logp_step, rows, rt), base, groups, n)
                     if self.ref is not None else None)
         # token-level rewards: the verifiable reward on the last response token, minus k1 KL when kl=reward
         rewards = []
@@ -290,9 +329,11 @@ class RLStage(Stage):
             if r.kl == "reward":
                 rw = [x - r.initial_policy_kl_penalty * (a - b) for x, a, b in zip(rw, old_logp[k], ref_logp[k])]
             rewards.append(rw)
-        extra = {"old_logp": old_logp, "rewards": rewards}
-        if r.tis_cap is not None:
-            extra["engine_logp"] = ro.engine_logp
+        extra = {"old_logp": old_logp}
+        if r.tis_cap is not None:  # the engine reports no log p for a final EOS: weight 1 there
+            extra["tis"] = [truncated_importance_weights(torch.tensor(o), torch.tensor(
+                [a if not math.isnan(a) else b for a, b in zip(e, o)]), r.tis_cap).tolist()
+                for o, e in zip(old_logp, ro.engine_logp)]
         if ref_logp is not None:
             extra["ref_logp"] = ref_logp
         keep = [1.0] * n
@@ -307,49 +348,34 @@ class RLStage(Stage):
             extra["advantages"] = [[float(adv[k]) * keep[k]] * len(ro.response_ids[k]) for k in range(n)]
             values = None
         else:
-            values = self._per_token(forward_collect(self.critic.model, base, value_forward_step, mbs, rt), base,
-                                     order, n)
+            values = self._per_token(forward_collect(self.critic.model, base, value_forward_step, rows, rt), base,
+                                     groups, n)
             extra["old_values"] = values
-        batches = self._microbatches(ro, order, extra)
-        if not self.grpo:
-            for b in batches:
-                adv, ret = gae(b["rewards"], b["old_values"], b["loss_mask"], r.discount_factor, r.gae_lambda)
-                b["advantages"], b["returns"] = adv, ret
-            if r.whiten_advantages:
-                mask = torch.cat([b["loss_mask"].flatten() for b in batches])
-                flat = torch.cat([b["advantages"].flatten() for b in batches])
-                mean, var = global_moments(flat, mask)
-                for b in batches:
-                    b["advantages"] = whiten_with(b["advantages"], b["loss_mask"], mean, var)
-        if r.tis_cap is not None:  # the engine reports no log p for a final EOS: weight 1 there
-            for b in batches:
-                eng = b.pop("engine_logp")
-                eng = torch.where(torch.isnan(eng), b["old_logp"], eng)
-                b["tis"] = truncated_importance_weights(b["old_logp"], eng, r.tis_cap)
-        for b, k0 in zip(batches, range(0, n, mbs)):
+            extra["advantages"], extra["returns"] = self._advantages(ro, rewards, values)
+        if dropped:  # a dropped group's tokens leave the loss and its count
+            extra["keep"] = [[keep[k]] * len(ro.response_ids[k]) for k in range(n)]
+        batches = [self._microbatches(ro, mini, extra) for mini in minis]
+        for b in (b for mini in batches for b in mini):
             if dropped:
-                rows = order[k0:k0 + mbs]
-                b["loss_mask"] = b["loss_mask"] * torch.tensor([keep[k] for k in rows]).unsqueeze(1)
-            b.pop("rewards")
+                b["loss_mask"] = b["loss_mask"] * b.pop("keep")
         t3 = time.perf_counter()
-        record = self._update(batches)
+        record = self._update(batches, rows)
         t4 = time.perf_counter()
-        record.update(rollout_metrics(ro, old_logp, batches, values, t1 - t0))
+        record.update(rollout_metrics(ro, old_logp, [b for mini in batches for b in mini], values, t1 - t0))
         record.update(time_rollout_s=t1 - t0, time_reward_s=t2 - t1, time_prepare_s=t3 - t2, time_update_s=t4 - t3,
                       groups_dropped=dropped)
         if self.rollout_log is not None:
             self.rollout_log.write(iteration + 1, ro)
         return record
 
-    def _update(self, batches: list[dict]) -> dict:
-        r, rt, mbs = self.rl, self.rt, self.cfg.parallel.micro_batch_size
-        per_mini = len(batches) // r.mini_batches
+    def _update(self, minis: list[list[dict]], mbs: int) -> dict:
+        r, rt = self.rl, self.rt
         sums: dict[str, float] = {}
         actor_norms, critic_norms, value_losses, losses = [], [], [], []
         lr = self.actor.optimizer.param_groups[0]["lr"]
         for epoch in range(r.ppo_epochs):
             for m in range(r.mini_batches):
-                chunk = batches[m * per_mini:(m + 1) * per_mini]
+                chunk = minis[m]
                 seq = max(b["tokens"].shape[1] for b in chunk)
                 actor_in = [{k: v for k, v in b.items() if k not in ("returns", "old_values")} for b in chunk]
                 res = train_step(self.actor.model, self.actor.optimizer, actor_in, partial(actor_forward_step, r), seq,

@@ -7,6 +7,8 @@ from functools import partial
 
 import torch
 
+from evolm_nemo.data.packing import packed_seq_params
+
 
 def collect_output(key: str, output: torch.Tensor):
     """A forward-only "loss" in the engine's ``(loss_sum, count, logs)`` contract that hands ``output`` back under
@@ -16,9 +18,10 @@ def collect_output(key: str, output: torch.Tensor):
 
 
 def value_forward_step(data_iterator, model):
-    """A value-head model's ``[b, s]`` values (fp32)."""
+    """A value-head model's ``[b, s]`` values (fp32); a packed row's too (``data.packing``)."""
     b = next(data_iterator)
-    return model(b["tokens"], b["position_ids"], None).squeeze(-1).float(), partial(collect_output, "values")
+    values = model(b["tokens"], b["position_ids"], None, packed_seq_params=packed_seq_params(b))
+    return values.squeeze(-1).float(), partial(collect_output, "values")
 
 
 def forward_collect(model, batches: list[dict], forward_step, micro_batch_size: int, rt) -> list[torch.Tensor]:

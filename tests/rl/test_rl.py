@@ -90,15 +90,37 @@ def _compare(got, want, keys=("loss", "actor_grad_norm", "value_loss", "critic_g
 
 
 def test_split_into_microbatches_and_ranks_changes_nothing(tmp_path, rl_parent):
+    """PPO (GAE, whitening): micro-batch 4/2/1, DP=2, packed rows (one rank and two; GAE stays within each
+    sequence) and a token budget give the same steps."""
     runs = {}
-    for name, mbs, nproc in (("m4", 4, 1), ("m2", 2, 1), ("m1", 1, 1), ("dp2", 1, 2)):
+    for name, extra, nproc in (("m4", ["parallel.micro_batch_size=4"], 1), ("m2", ["parallel.micro_batch_size=2"], 1),
+                               ("m1", ["parallel.micro_batch_size=1"], 1), ("dp2", ["parallel.micro_batch_size=1"], 2),
+                               ("packed", ["train.packing=true"], 1), ("packed_dp2", ["train.packing=true"], 2),
+                               ("budget", ["parallel.max_tokens_per_microbatch=128"], 1)):
         out = tmp_path / name
-        run_evolm("train", rl_args(out, rl_parent, "ppo", None, *GREEDY, f"parallel.micro_batch_size={mbs}"),
-                  nproc=nproc)
+        run_evolm("train", rl_args(out, rl_parent, "ppo", None, *GREEDY, *extra), nproc=nproc)
         runs[name] = metrics(out)
     assert runs["m4"][1]["actor_grad_norm"] > 0 and runs["m4"][2]["actor_grad_norm"] > 0
-    for name in ("m2", "m1", "dp2"):
+    for name in runs:
         _compare(runs[name], runs["m4"])
+
+
+def test_grpo_layouts_change_nothing(tmp_path, rl_parent):
+    """GRPO with sequence-mean aggregation (a packed row's sequences are its segments), dynamic sampling and TIS,
+    two mini-batches: padded, packed and by a token budget give the same steps (one process: the same samples)."""
+    runs = {}
+    for name, extra in (("padded", ["parallel.micro_batch_size=2"]), ("packed", ["train.packing=true"]),
+                        ("budget", ["parallel.max_tokens_per_microbatch=128"])):
+        out = tmp_path / name
+        run_evolm("train", rl_args(out, rl_parent, "grpo", None, "train.iters=2", "rl.prompts_per_step=4",
+                                   "rl.samples_per_prompt=4", "rl.loss_agg=seq_mean", "rl.dynamic_sampling=true",
+                                   "rl.tis_cap=5.0", "rl.mini_batches=2", "optim.lr=1e-4", "optim.warmup_fraction=0",
+                                   *extra))
+        runs[name] = metrics(out)
+    assert runs["padded"][1]["actor_grad_norm"] > 0
+    for name in ("packed", "budget"):
+        _compare(runs[name], runs["padded"], keys=("loss", "actor_grad_norm", "reward_mean", "entropy",
+                                                    "groups_dropped"))
 
 
 def test_tp2_equals_tp1(tmp_path, rl_parent):
