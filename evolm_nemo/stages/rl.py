@@ -178,6 +178,11 @@ def checkpoint_dirs(cfg: RootConfig) -> tuple[str, ...]:
     return (MAIN, CRITIC) if kind(cfg.stage).critic else (MAIN,)
 
 
+# what the critic's update reads of a microbatch (a packed row's bounds included)
+CRITIC_INPUTS = ("tokens", "labels", "position_ids", "loss_mask", "returns", "old_values", "segment", "cu_seqlens",
+                 "max_seqlen")
+
+
 class RLStage(Stage):
     """One RL run: its prompts, roles and step. ``step(iteration)`` does one rollout + update and returns its
     record."""
@@ -386,8 +391,7 @@ class RLStage(Stage):
                 for k, v in res.sums.items():
                     sums[k] = sums.get(k, 0.0) + v
                 if self.critic is not None:
-                    critic_in = [{k: b[k] for k in ("tokens", "labels", "position_ids", "loss_mask", "returns",
-                                                    "old_values")} for b in chunk]
+                    critic_in = [{k: v for k, v in b.items() if k in CRITIC_INPUTS} for b in chunk]
                     cres = train_step(self.critic.model, self.critic.optimizer, critic_in,
                                       partial(critic_forward_step, r), seq, mbs, rt, sum_keys=CRITIC_KEYS)
                     self.critic.scheduler.step(increment=1)
