@@ -26,6 +26,7 @@ import hashlib
 import json
 import re
 import string
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -362,8 +363,9 @@ def release_section(model: Model, rev: Revision) -> list[str]:
                      f"{_num(st.get('tokens'))} | {repo} |")
     lines.append("")
     if model.parents:
-        lines.append("Parents: " + " <- ".join(f"{_link(p.get('repo'))} ({p.get('stage', '?')}, iteration "
-                                                f"{_num(p.get('iteration'))})" for p in model.parents) + ".")
+        lines.append("Parents: " + " <- ".join(
+            (_link(p["repo"]) if p.get("repo") else f"`{Path(p['run']).name}` (not released)")
+            + f" ({p.get('stage', '?')}, iteration {_num(p.get('iteration'))})" for p in model.parents) + ".")
     else:
         lines.append("Parents: none (trained from scratch).")
     if total:
@@ -547,6 +549,29 @@ def hub_token() -> str:
     return token
 
 
+@contextmanager
+def hub_errors(repo: str, branch: str):
+    """The Hub's refusals and an unreachable endpoint as one line (what was pushed before stays; a re-run goes on)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        yield
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        key = "HF_TOKEN" if status in (401, 403) else "repo"
+        raise ConfigError(key, f"{repo}@{branch}: the Hub refused ({first}); re-run to go on") from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - httpx connection errors come in many types
+        if not type(exc).__module__.startswith(("httpx", "httpcore")) and not isinstance(exc, OSError):
+            raise
+        from huggingface_hub import constants
+
+        raise ConfigError("HF_ENDPOINT", f"cannot reach {constants.ENDPOINT} ({type(exc).__name__}: "
+                                         f"{(str(exc).splitlines() or [''])[0]}); re-run to go on") from None
+
+
 def _remote(api, repo: str, branch: str) -> Optional[dict[str, tuple[str, str]]]:
     """path -> (kind, id) on ``branch`` (kind sha256 for LFS files, sha1 for regular ones); None: no such branch."""
     from huggingface_hub.errors import RevisionNotFoundError
@@ -660,10 +685,11 @@ def run(cfg) -> int:
         targets.append((plan.index[0], "main", plan.index[1]))
     created = set()
     for repo, branch, folder in targets:
-        if repo not in created:
-            api.create_repo(repo, private=cfg.private, exist_ok=True, repo_type="model")
-            created.add(repo)
-        up, gone, same = push(api, repo, branch, folder, cfg.message)
+        with hub_errors(repo, branch):
+            if repo not in created:
+                api.create_repo(repo, private=cfg.private, exist_ok=True, repo_type="model")
+                created.add(repo)
+            up, gone, same = push(api, repo, branch, folder, cfg.message)
         print(f"{repo}@{branch}: {up} uploaded, {gone} deleted, {same} unchanged")
         totals = [totals[0] + up, totals[1] + gone, totals[2] + same]
     print(f"released {len(created)} repo(s), {len(targets)} revision(s): {totals[0]} file(s) uploaded, "
