@@ -697,9 +697,36 @@ def run(cfg) -> int:
     return 0
 
 
-def main(overrides: list[str]) -> int:
-    from evolm_nemo.config.compose import compose
+STRINGS = ("src", "suite", "root", "repo", "org", "index_repo", "out", "dtype", "max_shard_size", "message")
+
+
+def settings(overrides: list[str]):
+    """``recipes/release.yaml`` with the command line's ``key=value`` items on top (parsed here, not by Hydra: the
+    ``suite`` key would name Hydra's recipes/suite/ group). Patterns and names stay text (``{org}/x`` is no YAML
+    mapping)."""
+    import dataclasses
+
+    import yaml
+
+    from evolm_nemo.config.compose import recipes_dir
     from evolm_nemo.conversion.config import ReleaseConfig
+    from evolm_nemo.suite.spec import parse_overrides
 
-    return run(compose("release", overrides, ReleaseConfig))
+    names = [f.name for f in dataclasses.fields(ReleaseConfig)]
+    values = yaml.safe_load((recipes_dir() / "release.yaml").read_text(encoding="utf-8")) or {}
+    parsed = parse_overrides(overrides, dict.fromkeys(names))
+    raw = {k.strip().lstrip("+"): v for k, _, v in (o.partition("=") for o in overrides)}
+    for key, value in parsed.items():
+        values[key] = raw[key] if key in STRINGS and value is not None and raw[key] not in ("null", "~") else value
+    if values.get("only") is not None:
+        only = values["only"]
+        values["only"] = [str(v) for v in (only if isinstance(only, list) else [only])]
+    try:
+        values["verify_tol"] = float(values["verify_tol"])
+    except (TypeError, ValueError):
+        raise ConfigError("verify_tol", f"expected a number, got {values['verify_tol']!r}") from None
+    return ReleaseConfig(**{k: v for k, v in values.items() if k in names})
 
+
+def main(overrides: list[str]) -> int:
+    return run(settings(overrides))
