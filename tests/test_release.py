@@ -1,4 +1,4 @@
-"""`evolm release` end to end against a stand-in Hub (tests/conversion/hubstub.py, HF_ENDPOINT): one run and a
+"""`evolm release` end to end against a stand-in Hub (tests.hubstub.py, HF_ENDPOINT): one run and a
 two-node suite (pretrain -> child, 2 iterations each, a checkpoint per iteration) are exported, verified and
 uploaded; the uploaded files are byte-for-byte the verified exports, the kept intermediate checkpoint is branch
 step-1, a second release uploads nothing, and the cards name each model's parents. The dry run (also of the tiny
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, evolm_cmd, one_line_error, run_evolm, subprocess_env, tiny
-from tests.conversion.hubstub import HubStub
+from tests.hubstub import HubStub
 
 
 def release(args: list[str], hub: HubStub | None, hf_home: Path, token: str | None = "hf_stub_token",
