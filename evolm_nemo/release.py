@@ -217,6 +217,8 @@ class Plan:
     skipped: list[tuple[str, str]]  # (node, why)
     index: Optional[tuple[str, Path]] = None  # (repo, staging dir) of a suite's index card
     suite: Any = None
+    table: list[Model] = field(default_factory=list)  # a suite: every finished model (the index card's rows)
+    unfinished: list[tuple[str, str]] = field(default_factory=list)  # a suite: every train node not finished
 
 
 def _one_run(cfg) -> Plan:
@@ -249,13 +251,20 @@ def _fields(cfg, model: Model, suite_name: Optional[str]) -> dict:
 
 
 def _suite(cfg) -> Plan:
+    """Every finished train node of the suite (the index card's table); ``only=`` narrows what is pushed to those
+    nodes (their parents' repos are still named), the index keeps the whole table."""
     from evolm_nemo.suite import spec
 
     suite = spec.load(str(cfg.suite), {"root": cfg.root} if cfg.root else {})
-    order = spec.select(suite, list(cfg.only) if cfg.only else None)
+    wanted = None
+    if cfg.only:
+        wanted = set(cfg.only)
+        for name in cfg.only:
+            if name not in suite.nodes or suite.nodes[name].kind != "train":
+                raise ConfigError("only", f"{name!r} is not a train node of suite {suite.name}")
     pattern = cfg.repo or "{org}/evolm-{size}-{node}"
-    models, skipped, repos = [], [], {}
-    for name in order:
+    table, skipped, repos = [], [], {}
+    for name in suite.order:
         node = suite.nodes[name]
         if node.kind != "train":
             continue
@@ -271,39 +280,46 @@ def _suite(cfg) -> Plan:
         model.repo = repo_name(pattern, _fields(cfg, model, suite.name), "repo")
         model.stage_dir = (Path(cfg.out).expanduser().resolve() / name) if cfg.out else run / "release"
         model.revisions = _revisions(model, last, cfg.revisions)
-        model.recipe = " ".join(["evolm train", f"experiment={node.experiment}", *suite.train_overrides,
-                                 *node.overrides])
-        model.recipe = suite.expand(model.recipe, f"nodes.{name}.overrides")
-        for other in suite.order:  # eval nodes reading an export of this node
-            ev = suite.nodes[other]
-            if ev.kind == "eval" and ev.parent and suite.nodes[ev.parent].kind == "export" \
-                    and suite.nodes[ev.parent].parent == name:
-                result = Path(suite.out(other)) / "result.json"
-                try:
-                    models_result = json.loads(result.read_text())
-                except (OSError, ValueError):
-                    continue
-                if isinstance(models_result, dict):
-                    model.evals.append((other, models_result))
+        model.recipe = suite.expand(" ".join(["evolm train", f"experiment={node.experiment}", *suite.train_overrides,
+                                              *node.overrides]), f"nodes.{name}.overrides")
+        model.evals = _evals(suite, name)
         repos[run] = model.repo
-        models.append(model)
+        table.append(model)
     seen: dict[str, str] = {}
-    for m in models:
+    for m in table:
         if m.repo in seen:
             raise ConfigError("repo", f"{pattern!r} names {m.repo} for both {seen[m.repo]} and {m.node}; add "
                                       "{node} to the pattern")
         seen[m.repo] = m.node
-    for m in models:
+    for m in table:
         m.parents = _parents(m, repos)
+    models = [m for m in table if wanted is None or m.node in wanted]
     index = None
-    if models:
+    if table:
         index_repo = repo_name(cfg.index_repo, {"org": cfg.org, "suite": suite.name}, "index_repo")
         if index_repo in seen:
             raise ConfigError("index_repo", f"{index_repo} is also the repo of node {seen[index_repo]}")
         where = Path(cfg.out).expanduser().resolve() / "_index" if cfg.out else \
             Path(suite.root).expanduser().resolve() / "release_index"
         index = (index_repo, where)
-    return Plan(models, skipped, index, suite)
+    return Plan(models, [(n, w) for n, w in skipped if wanted is None or n in wanted], index, suite, table,
+                skipped)
+
+
+def _evals(suite, name: str) -> list[tuple[str, dict]]:
+    """(eval node, its result.json) of every evaluation reading an export of train node ``name``."""
+    out = []
+    for other in suite.order:
+        ev = suite.nodes[other]
+        if ev.kind == "eval" and ev.parent and suite.nodes[ev.parent].kind == "export" \
+                and suite.nodes[ev.parent].parent == name:
+            try:
+                result = json.loads((Path(suite.out(other)) / "result.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(result, dict):
+                out.append((other, result))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------ cards
@@ -425,7 +441,7 @@ def index_card(plan: Plan, repo: str) -> str:
               "`step-<iteration>`. The suite's recipe is `suite.yaml`.", "",
               "| node | repository | stage | parent | iterations | tokens (stage) | loss | revisions |",
               "|---|---|---|---|---|---|---|---|"]
-    for m in plan.models:
+    for m in plan.table:
         parent = m.parents[0].get("repo") if m.parents else None
         loss = _last_metrics(m.run, m.revisions[0].iteration).get("loss")
         steps = [r.branch for r in m.revisions if r.branch != "main"]
@@ -433,8 +449,8 @@ def index_card(plan: Plan, repo: str) -> str:
                      f"{_num(m.meta.get('iteration'))} | {_num((m.meta.get('extra') or {}).get('tokens'))} | "
                      f"{_num(loss)} | {', '.join(['main'] + steps)} |")
     lines.append("")
-    if plan.skipped:
-        lines += ["Not released yet: " + ", ".join(f"{n} ({why})" for n, why in plan.skipped) + ".", ""]
+    if plan.unfinished:
+        lines += ["Not finished yet: " + ", ".join(f"{n} ({why})" for n, why in plan.unfinished) + ".", ""]
     if suite.report:
         from evolm_nemo.suite import report as suite_report
 
@@ -501,7 +517,7 @@ def stage_index(plan: Plan) -> None:
         (where / "suite.yaml").write_bytes(suite_yaml)
     table = [{"node": m.node, "repo": m.repo, "stage": m.meta.get("stage"),
               "parent": m.parents[0].get("repo") if m.parents else None,
-              "revisions": [r.branch for r in m.revisions]} for m in plan.models]
+              "revisions": [r.branch for r in m.revisions]} for m in plan.table]
     text = json.dumps({"suite": plan.suite.name, "models": table}, indent=1) + "\n"
     if not (where / "models.json").is_file() or (where / "models.json").read_text() != text:
         write_text(where / "models.json", text)

@@ -125,6 +125,12 @@ def test_release_suite_cards_name_parents_and_index(suite):
         release([f"suite={suite['yaml']}", "org=org"], hub, suite["hf_home"])
         assert hub.writes() == [], [(r.method, r.path) for r in hub.requests]
 
+    with HubStub() as hub:  # only=: that node (its parent still named) and the whole index table
+        release([f"suite={suite['yaml']}", "org=org", "only=[ft]"], hub, suite["hf_home"])
+        assert set(hub.repos) == {ft_repo, "org/evolm-mini"}
+        assert f"base_model: {pre_repo}" in hub.repos[ft_repo].branches["main"]["README.md"].decode()
+        assert f"| pre | [{pre_repo}]" in hub.repos["org/evolm-mini"].branches["main"]["README.md"].decode()
+
 
 def test_release_dry_run_lists_everything_without_network(suite, tmp_path):
     with HubStub() as hub:
