@@ -64,7 +64,20 @@ class Model:
 
 # ------------------------------------------------------------------------------------------------------ small parts
 
+_HASHES: dict[tuple, str] = {}
+
+
 def _sha256_file(path: Path) -> str:
+    """sha256 of a file, computed once per (path, size, mtime) in this process (shards are hashed for the listing
+    and again for the comparison with the remote)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = _hash(path)
+    return _HASHES[key]
+
+
+def _hash(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -105,7 +118,8 @@ def repo_name(pattern: str, fields: dict, key: str) -> str:
         raise ConfigError(key, f"bad pattern {pattern!r} ({exc})") from None
     for name in names:
         if name not in PLACEHOLDERS:
-            raise ConfigError(key, f"unknown placeholder {{{name}}} in {pattern!r}; use {', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
+            known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+            raise ConfigError(key, f"unknown placeholder {{{name}}} in {pattern!r}; use {known}")
         if fields.get(name) in (None, ""):
             raise ConfigError("org" if name == "org" else key,
                               f"{pattern!r} uses {{{name}}}, which is not set" + (" (org=<user or organization>)"
@@ -362,7 +376,8 @@ def release_section(model: Model, rev: Revision) -> list[str]:
     steps = [r for r in model.revisions if r.branch != "main"]
     if steps:
         lines.append("- **intermediate checkpoints** (branches): " + ", ".join(f"`{r.branch}`" for r in steps)
-                     + f"; the final one is `main`. `from_pretrained(\"{model.repo}\", revision=\"{steps[0].branch}\")`")
+                     + f"; the final one is `main`: `from_pretrained(\"{model.repo}\", "
+                       f"revision=\"{steps[0].branch}\")`")
     lines += ["- **recipe**: " + (f"`{model.recipe}`; " if model.recipe else "") + "the composed config is "
               "`recipe.yaml`", ""]
     stages = (meta.get("lineage") or {}).get("stages") or []
@@ -679,7 +694,7 @@ def run(cfg) -> int:
     if cfg.dry_run:
         _print_plan(plan, cfg, staged=False)
         print(f"dry run: {len(plan.models)} model repo(s), {n_rev} revision(s)"
-              + (f", 1 index repo" if plan.index else "") + (f"; {len(plan.skipped)} node(s) not finished"
+              + (", 1 index repo" if plan.index else "") + (f"; {len(plan.skipped)} node(s) not finished"
                                                             if plan.skipped else "") + "; nothing pushed")
         return 0
     if not plan.models:
