@@ -23,6 +23,8 @@ COMMANDS = {
     "pipeline": ("evolm_nemo.pipeline:main", "the embedded default: the tiny pipeline end to end on CPU"),
     "export-hf": ("evolm_nemo.conversion.cli:export_hf", "megatron checkpoint -> verified HF LlamaForCausalLM"),
     "import-hf": ("evolm_nemo.conversion.cli:import_hf", "HF Llama-family checkpoint -> megatron checkpoint"),
+    "release": ("evolm_nemo.release:main", "publish finished models on the HF Hub (src=<run> repo=<org/name> | "
+                                                      "suite=<name> org=<org>; dry_run=true)"),
     "export-trtllm": ("evolm_nemo.conversion.cli:export_trtllm", "HF dir -> TensorRT-LLM engine (GPU container)"),
     "score": ("evolm_nemo.evaluation.score:main", "score a completions JSONL (Pass@1, Maj@16, RM@16, Pass@16)"),
     "eval": ("evolm_nemo.evaluation.cli:main", "evaluate an HF model: `evolm eval downstream|upstream model=<dir>`"),

@@ -5,7 +5,7 @@ recipes/export_hf.yaml and recipes/import_hf.yaml): conversion/cli.py composes t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 
 @dataclass
@@ -46,3 +46,22 @@ class ImportHFConfig:
     overwrite: bool = False  # replace an existing dst
     seed: int = 0  # process seed
     progress: bool = True  # progress bar
+
+
+@dataclass
+class ReleaseConfig:
+    src: Optional[str] = None  # one run: its run directory (<run>/checkpoints)
+    suite: Optional[str] = None  # or a suite (recipes/suite/<name>.yaml or a YAML path): its finished train nodes
+    root: Optional[str] = None  # the suite's root (default: the suite recipe's)
+    only: Optional[List[str]] = None  # suite nodes to release (default: every finished train node)
+    repo: Optional[str] = None  # repo id or pattern: {org} {suite} {node} {stage} {size} {model}
+    org: Optional[str] = None  # user or organization for {org}
+    index_repo: str = "{org}/evolm-{suite}"  # suite: the index card's repo (pattern; {org} {suite})
+    revisions: bool = True  # every kept intermediate checkpoint as branch step-<iteration>
+    private: bool = False  # create the repos private
+    dry_run: bool = False  # print every repo, branch and file; no network, nothing written
+    out: Optional[str] = None  # staging root for the verified exports (default: <run dir>/release)
+    dtype: str = "auto"  # export dtype: auto | fp32 | bf16 | fp16
+    max_shard_size: str = "2GB"  # safetensors shard size limit
+    verify_tol: float = 1.0e-4  # export check: max |logit diff|
+    message: str = "evolm release"  # commit message

@@ -1,0 +1,187 @@
+"""`evolm release` end to end against a stand-in Hub (tests.hubstub.py, HF_ENDPOINT): one run and a
+two-node suite (pretrain -> child, 2 iterations each, a checkpoint per iteration) are exported, verified and
+uploaded; the uploaded files are byte-for-byte the verified exports, the kept intermediate checkpoint is branch
+step-1, a second release uploads nothing, and the cards name each model's parents. The dry run (also of the tiny
+suite) lists every repo, branch and file and makes no request; bad input is one line naming the key."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, evolm_cmd, one_line_error, run_evolm, subprocess_env, tiny
+from tests.hubstub import HubStub
+
+
+def release(args: list[str], hub: HubStub | None, hf_home: Path, token: str | None = "hf_stub_token",
+            check: bool = True):
+    env = subprocess_env()
+    env.pop("HF_TOKEN", None)
+    env.update(HF_HUB_OFFLINE="0", HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1",
+               HF_ENDPOINT=hub.url if hub else "http://127.0.0.1:9")
+    if token:
+        env["HF_TOKEN"] = token
+    proc = subprocess.run(evolm_cmd("release", args), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"evolm release {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+            and not p.name.startswith(".")}
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory, data_cache):
+    """A two-node suite whose runs are there: ``pre`` (pretraining) and ``ft`` (from pre), each 2 iterations with a
+    checkpoint per iteration (iter_1 is kept: a step-1 revision), trained with the command lines the suite's
+    launcher derives; ``eval_ft`` holds a downstream result (the eval node's schema) for the card's rows."""
+    root = tmp_path_factory.mktemp("release") / "suite"
+    common = ["data.synthetic_docs=400", "train.iters=2", "train.save_interval=1"]
+    run_evolm("train", tiny(root / "pre", data_cache, *common))
+    run_evolm("train", tiny(root / "ft", data_cache, *common, f"train.init_from={root / 'pre'}/checkpoints",
+                            "train.seed=7"))
+    (root / "eval_ft").mkdir()
+    (root / "eval_ft" / "result.json").write_text(json.dumps({"downstream": {
+        "scoring": "strict", "suites": {"gsm8k_platinum": {"pass1": 0.25, "maj16": 0.5, "pass16": 0.75}},
+        "id_avg": {"pass1": 0.25, "maj16": 0.5, "pass16": 0.75}}}))
+    over = [f"data.cache_dir={data_cache}", "data.synthetic_docs=400", "train.iters=2", "train.save_interval=1"]
+    yaml = root.parent / "mini.yaml"
+    yaml.write_text(json.dumps({
+        "name": "mini", "description": "Two tiny runs for the release test.", "root": str(root),
+        "train_overrides": over,
+        "report": {"cpt_replay": [{"row": "ft", "eval": "eval_ft"}]},
+        "nodes": {"pre": {"kind": "train", "experiment": "demo"},
+                  "ft": {"kind": "train", "parent": "pre", "experiment": "demo", "overrides": ["train.seed=7"]},
+                  "export_ft": {"kind": "export", "parent": "ft"},
+                  "eval_ft": {"kind": "eval", "parent": "export_ft"}}}))
+    return {"root": root, "yaml": yaml, "hf_home": root.parent / "hf_home"}
+
+
+def test_release_one_run_uploads_the_verified_exports_once(suite, tmp_path):
+    pre = suite["root"] / "pre"
+    with HubStub() as hub:
+        out = release([f"src={pre}", "repo=org/tiny-pre", "private=true"], hub, suite["hf_home"]).stdout
+        assert "org/tiny-pre@main: 8 uploaded" in out, out
+        repo = hub.repos["org/tiny-pre"]
+        assert repo.private and set(repo.branches) == {"main", "step-1"}
+        for branch in ("main", "step-1"):
+            staged = pre / "release" / branch
+            assert json.loads((staged / "evolm_export.json").read_text())["verify"]["max_diff"] <= 1e-4
+            got = {p: b for p, b in repo.branches[branch].items() if p != ".gitattributes"}
+            assert got == files(staged)  # byte for byte the verified export (+ its card and recipe)
+        assert repo.branches["main"]["model.safetensors"] != repo.branches["step-1"]["model.safetensors"]
+        card = repo.branches["main"]["README.md"].decode()
+        assert "Parents: none (trained from scratch)." in card and "`step-1`" in card
+        assert all(r.auth == "Bearer hf_stub_token" for r in hub.requests)
+
+        hub.requests.clear()
+        out = release([f"src={pre}", "repo=org/tiny-pre", "private=true"], hub, suite["hf_home"]).stdout
+        assert hub.writes() == [], [(r.method, r.path) for r in hub.requests]
+        assert "0 file(s) uploaded, 0 deleted" in out and "exported" not in out  # nor exported again
+
+        # a file the export no longer has (a stale shard) is deleted remotely; nothing else moves
+        repo.branches["main"]["model-00001-of-00002.safetensors"] = b"stale"
+        hub.requests.clear()
+        out = release([f"src={pre}", "repo=org/tiny-pre"], hub, suite["hf_home"]).stdout
+        assert "org/tiny-pre@main: 0 uploaded, 1 deleted, 8 unchanged" in out, out
+        assert "org/tiny-pre@step-1: 0 uploaded, 0 deleted" in out
+        assert "model-00001-of-00002.safetensors" not in repo.branches["main"]
+
+
+def test_release_suite_cards_name_parents_and_index(suite):
+    root = suite["root"]
+    with HubStub() as hub:
+        out = release([f"suite={suite['yaml']}", "org=org"], hub, suite["hf_home"]).stdout
+        pre_repo, ft_repo = "org/evolm-158k-pre", "org/evolm-158k-ft"
+        assert set(hub.repos) == {pre_repo, ft_repo, "org/evolm-mini"}, out
+        for node, repo in (("pre", pre_repo), ("ft", ft_repo)):
+            assert set(hub.repos[repo].branches) == {"main", "step-1"}
+            for branch in ("main", "step-1"):
+                got = {p: b for p, b in hub.repos[repo].branches[branch].items() if p != ".gitattributes"}
+                assert got == files(root / node / "release" / branch)
+        card = hub.repos[ft_repo].branches["main"]["README.md"].decode()
+        assert f"base_model: {pre_repo}" in card
+        assert f"Parents: [{pre_repo}](https://huggingface.co/{pre_repo}) (pretrain, iteration 2)." in card
+        assert "| eval_ft | downstream | gsm8k_platinum | 0.25 | 0.5 | 0.75 |" in card
+        assert "evolm train experiment=demo" in card and "train.seed=7" in card
+        step_card = hub.repos[ft_repo].branches["step-1"]["README.md"].decode()
+        assert "revision `step-1` = iteration 1" in step_card and f"base_model: {pre_repo}" in step_card
+        index = hub.repos["org/evolm-mini"].branches["main"]
+        text = index["README.md"].decode()
+        assert f"| ft | [{ft_repo}](https://huggingface.co/{ft_repo}) | pretrain | [{pre_repo}]" in text
+        assert "| ft | 25.00 | - |" in text  # the suite report's table (CPT replay row)
+        assert index["suite.yaml"] == suite["yaml"].read_bytes()
+        assert json.loads(index["models.json"])["models"][1]["parent"] == pre_repo
+
+        hub.requests.clear()
+        release([f"suite={suite['yaml']}", "org=org"], hub, suite["hf_home"])
+        assert hub.writes() == [], [(r.method, r.path) for r in hub.requests]
+
+    with HubStub() as hub:  # only=: that node (its parent still named) and the whole index table
+        release([f"suite={suite['yaml']}", "org=org", "only=[ft]"], hub, suite["hf_home"])
+        assert set(hub.repos) == {ft_repo, "org/evolm-mini"}
+        assert f"base_model: {pre_repo}" in hub.repos[ft_repo].branches["main"]["README.md"].decode()
+        assert f"| pre | [{pre_repo}]" in hub.repos["org/evolm-mini"].branches["main"]["README.md"].decode()
+
+
+def test_release_dry_run_lists_everything_without_network(suite, tmp_path):
+    with HubStub() as hub:
+        out = release([f"suite={suite['yaml']}", "org=org", "dry_run=true", f"out={tmp_path / 'stage'}"], hub,
+                      suite["hf_home"], token=None).stdout
+        assert hub.requests == []
+    assert not (tmp_path / "stage").exists()  # nothing written either
+    for repo in ("org/evolm-158k-pre", "org/evolm-158k-ft", "org/evolm-mini"):
+        assert f"repo {repo} (public;" in out, out
+    assert out.count("  branch step-1 <- ") == 2 and out.count("  branch main <- ") == 3
+    for name in ("model.safetensors", "config.json", "README.md", "tokenizer.json", "recipe.yaml"):
+        assert f"    {name}  (to export)" in out
+    assert "dry run: 2 model repo(s), 4 revision(s), 1 index repo; nothing pushed" in out
+
+    # the tiny suite with nothing trained yet: every train node listed as not finished
+    with HubStub() as hub:
+        out = release(["suite=tiny", "org=org", "dry_run=true", f"root={tmp_path / 'tiny'}"], hub, suite["hf_home"],
+                      token=None).stdout
+        assert hub.requests == []
+    for node in ("pretrain_40it", "pretrain_80it", "cpt_80it_fw8_fm42", "cpt_80it_fw1_fm49", "sft_ep1", "sft_ep2",
+                 "ppo_sft_ep2"):
+        assert f"skip {node}: no committed checkpoint" in out, out
+    assert "6 node(s) not finished" not in out and "7 node(s) not finished" in out
+
+
+def test_release_bad_input_is_one_line(suite, tmp_path):
+    home = suite["hf_home"]
+    proc = release([f"src={tmp_path / 'nope'}", "repo=org/x"], None, home, check=False)
+    assert "no such run directory" in one_line_error(proc, "src")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(suite["root"] / "pre", unfinished, ignore=shutil.ignore_patterns("release"))
+    shutil.rmtree(unfinished / "checkpoints" / "iter_0000002")
+    proc = release([f"src={unfinished}", "repo=org/x"], None, home, check=False)
+    assert "not finished (iter_0000001 of 2 iterations)" in one_line_error(proc, "src")
+    proc = release([f"src={unfinished}"], None, home, check=False)
+    one_line_error(proc, "src")
+    pre = suite["root"] / "pre"
+    proc = release([f"src={pre}"], None, home, check=False)
+    assert "must be set" in one_line_error(proc, "repo")
+    proc = release([f"src={pre}", "repo={org}/x-{bogus}", "org=me"], None, home, check=False)
+    assert "unknown placeholder {bogus}" in one_line_error(proc, "repo")
+    proc = release([f"src={pre}", "repo=org/bad--name"], None, home, check=False)
+    assert "not a valid Hub repo id" in one_line_error(proc, "repo")
+    proc = release([f"suite={suite['yaml']}"], None, home, check=False)
+    assert "{org}" in one_line_error(proc, "org")
+    proc = release([f"suite={suite['yaml']}", "org=org", "repo=org/same"], None, home, check=False)
+    assert "for both pre and ft" in one_line_error(proc, "repo")
+    empty = tmp_path / "home"
+    empty.mkdir()
+    proc = release([f"src={pre}", "repo=org/x"], None, empty, token=None, check=False)
+    assert "set HF_TOKEN" in one_line_error(proc, "HF_TOKEN")
+    proc = release([f"src={pre}", "repo=org/x"], None, home, check=False)  # nothing listens on the endpoint
+    assert "cannot reach" in one_line_error(proc, "HF_ENDPOINT")
+    assert os.path.isdir(pre / "checkpoints" / "iter_0000002")
