@@ -255,7 +255,7 @@ def _iterate(cfg: RootConfig, plan: Plan, rt: Runtime, stage, roles: list[Role],
     t, out = cfg.train, Path(cfg.run.out_dir)
     trackers = None
     if rt.is_main and start < plan.iters:  # W&B / MLflow runs: new, or the resumed run's own (tracking.json)
-        trackers = tracking.open_trackers(cfg, out, meta["run_id"], meta["config"])
+        trackers = tracking.open_trackers(cfg, out, meta["run_id"], meta["config"], start)
     writer = MetricsWriter(out, enabled=rt.is_main, tensorboard=t.tensorboard, truncate_after=start,
                            trackers=trackers)
     peak = peak_flops(t.peak_tflops, rt.device)

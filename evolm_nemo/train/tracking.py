@@ -97,7 +97,7 @@ def parent_tracking(cfg) -> dict:
 class Trackers:
     """The W&B run and/or MLflow run of one training run (rank 0 only); ``log`` mirrors a metrics record."""
 
-    def __init__(self, cfg, out_dir: Path, run_id: str, config: dict):
+    def __init__(self, cfg, out_dir: Path, run_id: str, config: dict, start: int = 0):
         self.cfg, self.out = cfg, Path(out_dir)
         self.path = self.out / TRACKING_FILE
         stored = _read(self.path)
@@ -105,23 +105,27 @@ class Trackers:
         self.state = {"run_id": run_id}
         self.wandb_run = None
         self.mlflow = None  # (client, run id)
+        self.last = start  # the last iteration logged
         lg = cfg.logger
         parent = parent_tracking(cfg) if lg.parent or cfg.train.init_from or cfg.train.branch_from else {}
         try:
             if lg.wandb:
-                self._open_wandb(config, stored.get("wandb") if same else None)
+                self._open_wandb(config, stored.get("wandb") if same else None, start)
             if lg.mlflow:
                 self._open_mlflow(config, stored.get("mlflow") if same else None, parent.get("mlflow") or {})
         except BaseException:
             self.close("FAILED")
             raise
+        self._store()
+
+    def _store(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         part = self.path.with_name(TRACKING_FILE + ".part")
         part.write_text(json.dumps(self.state, indent=1) + "\n")
         os.replace(part, self.path)
 
     # ------------------------------------------------------------------------------------------------ W&B
-    def _open_wandb(self, config: dict, stored: dict | None) -> None:
+    def _open_wandb(self, config: dict, stored: dict | None, start: int) -> None:
         import wandb
 
         lg, cfg = self.cfg.logger, self.cfg
@@ -141,8 +145,23 @@ class Trackers:
         run.define_metric("iteration")
         run.define_metric("*", step_metric="iteration")
         self.wandb_run = run
+        held = int((stored or {}).get("held_through") or 0)
         self.state["wandb"] = {"id": run.id, "project": lg.project, "entity": lg.entity,
-                               "mode": "offline" if run.offline else "online", "dir": directory}
+                               "mode": "offline" if run.offline else "online", "dir": directory,
+                               "held_through": held}
+        if stored and held < start:
+            # The previous process ended without finishing its W&B run (SIGKILL, OOM, a lost node): wandb-core
+            # buffers records (up to its transaction-log flush interval), so rows up to the resumed checkpoint may
+            # be missing. metrics.jsonl keeps them: they are logged again (an online run's summary says how far
+            # the server got; rows it already holds are skipped).
+            if not run.offline:
+                try:
+                    held = max(held, int(run.summary.get("iteration") or 0))
+                except (TypeError, ValueError):
+                    pass
+            for row in metrics_rows(self.out / "metrics.jsonl"):
+                if held < row["iteration"] <= start:
+                    run.log({"iteration": int(row["iteration"]), **scalars(row)})
 
     # ------------------------------------------------------------------------------------------------ MLflow
     def _open_mlflow(self, config: dict, stored: dict | None, parent: dict) -> None:
@@ -200,6 +219,7 @@ class Trackers:
     # ------------------------------------------------------------------------------------------------ records
     def log(self, record: dict) -> None:
         step = int(record["iteration"])
+        self.last = max(self.last, step)
         values = scalars(record)
         if self.wandb_run is not None:
             self.wandb_run.log({"iteration": step, **values})
@@ -217,7 +237,13 @@ class Trackers:
         ok = status == "FINISHED"
         if self.wandb_run is not None:
             run, self.wandb_run = self.wandb_run, None
-            run.finish(exit_code=0 if ok else 143 if status == "KILLED" else 1)
+            run.finish(exit_code=0 if ok else 143 if status == "KILLED" else 1)  # flushes every record
+            self.state["wandb"]["held_through"] = self.last
+            try:
+                self._store()
+            except OSError:
+                if ok:
+                    raise
         if self.mlflow is not None:
             (client, run_id), self.mlflow = self.mlflow, None
             try:
@@ -227,5 +253,23 @@ class Trackers:
                     raise
 
 
-def open_trackers(cfg, out_dir, run_id: str, config: dict) -> Trackers | None:
-    return Trackers(cfg, Path(out_dir), run_id, config) if enabled(cfg) else None
+def metrics_rows(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (a torn last line left out)."""
+    rows = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("iteration"), int):
+            rows.append(row)
+    return rows
+
+
+def open_trackers(cfg, out_dir, run_id: str, config: dict, start: int = 0) -> Trackers | None:
+    """The tracker runs of a run starting (or resuming) at iteration ``start`` (rank 0), or None when off."""
+    return Trackers(cfg, Path(out_dir), run_id, config, start) if enabled(cfg) else None
