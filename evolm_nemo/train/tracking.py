@@ -15,7 +15,10 @@ run (same evolm run id) continues the same W&B run (``resume="allow"``) and the 
 (``train.overwrite=true``, or a restart before the first checkpoint) opens new ones. Iterations after the resumed
 checkpoint are logged again by the resumed run (as ``metrics.jsonl`` is rewritten from there): the later point of
 an iteration is the one that counts. W&B's x-axis is ``iteration`` (``define_metric``), so replayed iterations are
-never dropped as out-of-order steps.
+never dropped as out-of-order steps. wandb-core buffers records, so a process killed without finishing its W&B run
+(SIGKILL, OOM, a lost node) may lose the rows before its checkpoint: the resume logs them again from
+``metrics.jsonl`` (``held_through`` in ``tracking.json``: how far a finished W&B segment got). MLflow's writes are
+synchronous.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ class Trackers:
         self.mlflow = None  # (client, run id)
         self.last = start  # the last iteration logged
         lg = cfg.logger
-        parent = parent_tracking(cfg) if lg.parent or cfg.train.init_from or cfg.train.branch_from else {}
+        parent = parent_tracking(cfg)  # the parent run's tracker ids (mlflow.parentRunId), if it was tracked
         try:
             if lg.wandb:
                 self._open_wandb(config, stored.get("wandb") if same else None, start)
