@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from evolm_nemo.train.tracking import mlflow_key, scalars
-from tests.conftest import one_line_error, run_evolm, tiny, train_then_sigkill
+from tests.conftest import one_line_error, run_evolm, tiny, train_then_sigkill, train_then_sigterm
 
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
@@ -187,6 +187,31 @@ def test_a_killed_run_resumes_the_same_wandb_and_mlflow_runs(tmp_path, data_cach
     assert run.info.run_id == first["mlflow"]["run_id"] and run.info.status == "FINISHED"
     keys = {k for row in rows.values() for k in scalars(row)}
     assert_same_values(rows, mlflow_by_step(client, run.info.run_id, keys))
+
+
+def test_a_sigterm_stop_ends_the_tracker_runs_as_killed_and_the_rerun_continues_them(tmp_path, data_cache, offline):
+    uri, on = offline
+    out = tmp_path / "run"
+    args = tiny(out, data_cache, "train.iters=16", *on)
+    rc, _, stopped = train_then_sigterm(args, out, after_rows=2)
+    assert rc == 143 and stopped < 16
+    first = json.loads((out / "tracking.json").read_text())
+    assert first["wandb"]["held_through"] == stopped  # finished: nothing to log again
+    client = mlflow_client(uri)
+    assert client.get_run(first["mlflow"]["run_id"]).info.status == "KILLED"
+    (wb,) = wandb_runs(out)
+    assert sorted(int(h["iteration"]) for h in wb["history"]) == list(range(1, stopped + 1))
+    run_evolm("train", args)
+    again = json.loads((out / "tracking.json").read_text())
+    assert (again["wandb"]["id"], again["mlflow"]) == (first["wandb"]["id"], first["mlflow"])
+    rows = jsonl_rows(out)
+    assert sorted(rows) == list(range(1, 17))
+    wb = wandb_runs(out)
+    assert len(wb) == 2 and min(int(h["iteration"]) for h in wb[1]["history"]) == stopped + 1  # no replay
+    assert_same_values(rows, wandb_by_step(wb))
+    assert client.get_run(first["mlflow"]["run_id"]).info.status == "FINISHED"
+    assert_same_values(rows, mlflow_by_step(client, first["mlflow"]["run_id"], {k for r in rows.values()
+                                                                                 for k in scalars(r)}))
 
 
 @pytest.mark.parametrize("name,package", [("wandb", "wandb"), ("mlflow", "mlflow-skinny")])
