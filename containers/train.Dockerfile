@@ -15,7 +15,7 @@ COPY recipes ./recipes
 COPY conversion ./conversion
 COPY eval ./eval
 COPY containers/smoke.py ./containers/smoke.py
-RUN pip install --no-cache-dir -c /tmp/constraints.txt -e . \
+RUN pip install --no-cache-dir -c /tmp/constraints.txt -e '.[tracking]' \
  && python -c "import megatron.core, evolm_nemo; print('megatron-core', megatron.core.__version__)"
 
 # hadolint ignore=DL3064

@@ -220,6 +220,26 @@ class RunConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Experiment trackers beside metrics.jsonl and TensorBoard (rank 0; ``pip install evolm-nemo[tracking]``)."""
+
+    wandb: bool = False  # Weights & Biases (WANDB_MODE=offline: files under run.out_dir/wandb, `wandb sync` later)
+    mlflow: bool = False  # MLflow (client only: a tracking server, or a local file store)
+    project: str = "evolm"  # W&B project; the MLflow experiment outside a suite
+    entity: Optional[str] = None  # W&B entity (team or user); null: the login's default
+    name: Optional[str] = None  # the tracker run's name; null: run.name
+    tags: List[str] = field(default_factory=list)  # extra W&B tags (MLflow: evolm.tag.<tag> tags)
+    mlflow_uri: Optional[str] = None  # tracking URI (http://host:5000, file:/path, a path); null:
+    #                                   MLFLOW_TRACKING_URI, else ./mlruns (a file store)
+    experiment: Optional[str] = None  # MLflow experiment; null: logger.suite, else logger.project
+    # set by `evolm suite launch` for every train node (the DAG as structure); null outside a suite
+    suite: Optional[str] = None  # W&B group, MLflow experiment
+    node: Optional[str] = None  # the suite node (W&B tag node:<node>, MLflow tag evolm.node)
+    parent: Optional[str] = None  # its parent node (W&B tag parent:<parent>; MLflow tag evolm.parent and the
+    #                               parent's run as mlflow.parentRunId when it was tracked too)
+
+
+@dataclass
 class RootConfig:
     stage: str = "pretrain"  # pretrain | cpt | sft | ppo | grpo | rm | dpo (evolm_nemo.stages.STAGES)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -233,4 +253,5 @@ class RootConfig:
     rm: RMConfig = field(default_factory=RMConfig)  # stage=rm only
     dpo: DPOConfig = field(default_factory=DPOConfig)  # stage=dpo only
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # stage=pretrain | cpt: capability probes while training
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # W&B / MLflow beside metrics.jsonl
     lineage: Any = field(default_factory=dict)  # free-form provenance carried into checkpoints and model cards

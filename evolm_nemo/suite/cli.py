@@ -7,7 +7,9 @@
     evolm suite report suite=evolm [out=DIR]                              # PAPER.md's tables, EvoLM's beside ours
 
 Common keys: root= (where every node writes), only=[node,...] (those and what they depend on), mfu=,
-gpus_per_node=, slurm.<key>= (container_image, container_mounts, account, partition, time, ...), local.nproc=.
+gpus_per_node=, slurm.<key>= (container_image, container_mounts, account, partition, time, ...), local.nproc=,
+logger.<key>= (wandb, mlflow, project, entity, tags, mlflow_uri, experiment: W&B / MLflow for every train node,
+grouped by the suite's DAG; see README "Tracking").
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from evolm_nemo.suite import spec
 from evolm_nemo.suite.spec import parse_overrides
 
 COMMON = {"suite": None, "root": None, "mfu": None, "gpus_per_node": None, "only": None, "slurm": "section",
-          "local": "section"}
+          "local": "section", "logger": "section"}
 ACTIONS = {"plan": {"format": None, "out": None}, "status": {},
            "launch": {"executor": None, "dry_run": None, "out": None}}
 

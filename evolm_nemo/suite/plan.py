@@ -142,9 +142,10 @@ def _dedupe(items: list[str]) -> list[str]:
 
 def train_overrides(suite: Suite, node: Node) -> list[str]:
     key = f"nodes.{node.name}.overrides"
-    derived = [f"experiment={node.experiment}", f"run.name={node.name}", f"run.out_dir={suite.out(node.name)}"]
+    derived = [f"experiment={node.experiment}", f"run.name={node.name}", f"run.out_dir={suite.out(node.name)}",
+               f"logger.suite={suite.name}", f"logger.node={node.name}"]  # the DAG for W&B / MLflow (when on)
     if node.parent:
-        derived.append(f"train.init_from={suite.out(node.parent)}/checkpoints")
+        derived += [f"train.init_from={suite.out(node.parent)}/checkpoints", f"logger.parent={node.parent}"]
     extra = [suite.expand(o, "train_overrides") for o in suite.train_overrides]
     extra += [suite.expand(o, key) for o in node.overrides]
     return _dedupe(derived + extra)

@@ -32,6 +32,9 @@ REPORT_TABLES = {"upstream": ("eval",), "upstream_tasks": ("eval",), "downstream
                  "cpt_replay": ("eval",)}
 SLURM_KEYS = ("container_image", "eval_container_image", "container_mounts", "container_workdir", "account",
               "partition", "time", "gpus_per_node", "exclusive", "signal_seconds", "master_port", "setup")
+# logger.<key>= at `evolm suite plan|status|launch`: W&B / MLflow for every train node (suite/node/parent are the
+# launcher's to set)
+LOGGER_KEYS = ("wandb", "mlflow", "project", "entity", "tags", "mlflow_uri", "experiment")
 LOCAL_KEYS = ("nproc",)
 _PLACEHOLDER = re.compile(r"\$\{(root|out:([^}]+))\}")
 
@@ -135,6 +138,17 @@ def _parse_value(text: str):
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def _hydra_value(value) -> str:
+    """A parsed command-line value back as a Hydra override value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    return str(value)
 
 
 def parse_overrides(overrides: list[str], allowed: dict[str, Any]) -> dict[str, Any]:
@@ -275,8 +289,14 @@ def load(name: Optional[str], options: Optional[dict] = None) -> Suite:
         if k not in SUITE_KEYS:
             raise ConfigError(k, f"unknown suite key in {path}; valid keys: {', '.join(SUITE_KEYS)}")
     options = dict(options or {})
+    logger = []  # logger.<key>= on the command line: every train node's tracking (after train_overrides)
     for k, v in options.items():
         section, _, sub = k.partition(".")
+        if section == "logger":
+            if sub not in LOGGER_KEYS:
+                raise ConfigError(k, f"unknown key; valid logger keys: {', '.join(LOGGER_KEYS)}")
+            logger.append(f"{k}={_hydra_value(v)}")
+            continue
         if sub:
             valid = SLURM_KEYS if section == "slurm" else LOCAL_KEYS
             if sub not in valid:
@@ -314,7 +334,7 @@ def load(name: Optional[str], options: Optional[dict] = None) -> Suite:
     if slurm.get("gpus_per_node") is not None:
         gpus = _positive_int(slurm["gpus_per_node"], "slurm.gpus_per_node")
     return Suite(name=suite_name, path=path, root=str(root), nodes=nodes, order=order, gpus_per_node=gpus,
-                 mfu=float(mfu), train_overrides=_as_list(doc.get("train_overrides"), "train_overrides"),
+                 mfu=float(mfu), train_overrides=_as_list(doc.get("train_overrides"), "train_overrides") + logger,
                  slurm=slurm, local=local, description=str(doc.get("description") or ""),
                  report=_report(doc.get("report"), nodes))
 

@@ -33,6 +33,7 @@ from evolm_nemo.config.validate import Plan, check_shape
 from evolm_nemo.model.build import param_count
 from evolm_nemo.runtime.distributed import Runtime, setup
 from evolm_nemo.runtime.signals import StopSignal, Stopped, children_die_with_parent
+from evolm_nemo.train import tracking
 from evolm_nemo.train.metrics import MetricsWriter, peak_flops
 
 MAIN = "checkpoints"  # <run>/checkpoints: the first role's checkpoints; their commit is the commit of the set
@@ -178,6 +179,7 @@ def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...
     p, t = cfg.parallel, cfg.train
     rt = setup(p.tp, p.pp, t.seed, t.precision)
     stop.device = rt.device
+    tracking.check(cfg)  # logger.wandb / logger.mlflow: their packages, before anything is built
     out = Path(cfg.run.out_dir)
     roots = [out / d for d in dirs]
     starting = dict(resume=t.resume, overwrite=t.overwrite, check=resume_check(cfg, plan.iters, identity))
@@ -251,11 +253,16 @@ def _save(out: Path, roles: list[Role], step: int, meta: dict, extra: dict, keep
 def _iterate(cfg: RootConfig, plan: Plan, rt: Runtime, stage, roles: list[Role], start: int, meta: dict,
              layout: dict, resumed_from, stop: StopSignal) -> tuple[list[float], Path | None]:
     t, out = cfg.train, Path(cfg.run.out_dir)
-    writer = MetricsWriter(out, enabled=rt.is_main, tensorboard=t.tensorboard, truncate_after=start)
+    trackers = None
+    if rt.is_main and start < plan.iters:  # W&B / MLflow runs: new, or the resumed run's own (tracking.json)
+        trackers = tracking.open_trackers(cfg, out, meta["run_id"], meta["config"], start)
+    writer = MetricsWriter(out, enabled=rt.is_main, tensorboard=t.tensorboard, truncate_after=start,
+                           trackers=trackers)
     peak = peak_flops(t.peak_tflops, rt.device)
     bar = progress_bar(cfg, rt, plan.iters, start)
     history, saved = [], None
     tick = time.perf_counter()
+    status = "FAILED"  # how the tracker runs end
     try:
         for it in range(start, plan.iters):
             step, record = it + 1, stage.step(it)
@@ -287,9 +294,11 @@ def _iterate(cfg: RootConfig, plan: Plan, rt: Runtime, stage, roles: list[Role],
             if measured or wrote:
                 tick = time.perf_counter()  # keep validation, probe and checkpoint time out of the next step_s
             if signum and step < plan.iters:
+                status = "KILLED"
                 raise stop_line(rt, signum, step, saved or resumed_from, t.save_on_signal)
+        status = "FINISHED"
     finally:
         if bar is not None:
             bar.close()
-        writer.close()
+        writer.close(status)
     return history, saved

@@ -1,4 +1,4 @@
-"""Metrics to JSONL (and TensorBoard) on rank 0, and the peak-FLOPs table behind the MFU estimate."""
+"""Metrics to JSONL (and TensorBoard, W&B, MLflow) on rank 0, and the peak-FLOPs table behind the MFU estimate."""
 
 from __future__ import annotations
 
@@ -26,16 +26,19 @@ def peak_flops(override_tflops: float | None, device: torch.device) -> float | N
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged iteration to ``metrics.jsonl``; mirrors scalars to TensorBoard.
+    """Appends one JSON object per logged iteration to ``metrics.jsonl``; mirrors scalars to TensorBoard and to the
+    experiment trackers (``train.tracking.Trackers``: W&B / MLflow runs, already opened), which it closes.
 
     On resume, records past the resumed iteration (written by the interrupted run) are dropped first, so the file
     reads as one clean run.
     """
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = True, truncate_after: int = 0):
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = True, truncate_after: int = 0,
+                 trackers=None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tb = None
+        self.trackers = trackers
         self.failed = False
         if not enabled:
             return
@@ -64,8 +67,18 @@ class MetricsWriter:
             for key, value in record.items():
                 if key != "iteration" and isinstance(value, (int, float)) and value is not None:
                     self.tb.add_scalar(f"train/{key}", value, record["iteration"])
+        if self.trackers is not None:
+            self.trackers.log(record)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """``status``: how the tracker runs end (FINISHED, KILLED: stopped by a signal, FAILED)."""
+        if self.trackers is not None:
+            trackers, self.trackers = self.trackers, None
+            try:
+                trackers.close(status)
+            except Exception:
+                if status == "FINISHED":
+                    raise
         if self.enabled:
             try:
                 self.file.close()

@@ -48,9 +48,10 @@ def test_slurm_dry_run_writes_sbatch_scripts(tmp_path):
     assert srun.endswith("--no-python /nemo_run/scripts/pretrain_1b_160b.sh")
     script = (out / "scripts" / "pretrain_1b_160b.sh").read_text().splitlines()
     assert script[-2:] == ["cd /workspace/evolm", "exec python -m evolm_nemo.train.entry experiment=pretrain_1b_160b "
-                           f"run.name=pretrain_1b_160b run.out_dir={root}/pretrain_1b_160b"]
-    assert f"train.init_from={root}/pretrain_1b_160b/checkpoints" in (out / "scripts" / "cpt_1b_160b_fw8_fm42.sh"
-                                                                        ).read_text()
+                           f"run.name=pretrain_1b_160b run.out_dir={root}/pretrain_1b_160b logger.suite=evolm "
+                           "logger.node=pretrain_1b_160b"]  # the DAG for W&B / MLflow, when a run turns them on
+    cpt = (out / "scripts" / "cpt_1b_160b_fw8_fm42.sh").read_text()
+    assert f"train.init_from={root}/pretrain_1b_160b/checkpoints logger.parent=pretrain_1b_160b" in cpt
     ev = (out / "eval_ppo_1b_evolm.sbatch").read_text()
     assert "--container-image evolm-nemo-eval:1.2.0" in ev and "#SBATCH --gpus-per-node=1" in ev.splitlines()
     assert "--exclusive" not in ev and "torchrun" not in ev and "--signal" not in ev
