@@ -226,7 +226,7 @@ def test_a_missing_tracking_package_is_one_line(tmp_path, monkeypatch, name, pac
     out = tmp_path / "run"
     proc = run_evolm("train", [f"run.out_dir={out}", f"logger.{name}=true", "train.iters=1"], check=False)
     line = one_line_error(proc, f"logger.{name}")
-    assert f"pip install evolm-nemo[tracking]" in line and package in line
+    assert "pip install evolm-nemo[tracking]" in line and package in line
     assert not (out / "tracking.json").exists() and not (out / "metrics.jsonl").exists()
 
 
