@@ -27,6 +27,10 @@ class Rollout:
     rewards: list[float] = field(default_factory=list)  # what the update optimises (rl.reward)
     correct: list[float] = field(default_factory=list)  # the verifiable reward: 1.0 when the answer checker agrees
     rm_scores: list[float] | None = None  # the reward model's scores (rl.reward=rm|sum)
+    prompts: list[str] = field(default_factory=list)  # each sequence's prompt text
+    rows: list[dict] = field(default_factory=list)  # each sequence's prompt row (its JSONL fields)
+    fn_scores: list[float] | None = None  # the user reward function's scores (rl.reward=custom|sum with rl.reward_fn)
+    fn_results: list[dict] | None = None  # its score and metrics per sequence (or the timeout / error), as logged
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -86,4 +90,5 @@ class RolloutLog:
                                     "text": ro.texts[k], "gold_answer": ro.gold[k], "reward": ro.rewards[k],
                                     "correct": ro.correct[k],
                                     **({"rm_score": ro.rm_scores[k]} if ro.rm_scores is not None else {}),
+                                    **({"reward_fn": ro.fn_results[k]} if ro.fn_results is not None else {}),
                                     "truncated": ro.truncated[k]}) + "\n")
