@@ -61,7 +61,8 @@ def resolve(spec: str):
                                    f"{name!r}")
         fn = getattr(fn, part)
     if not callable(fn):
-        raise ConfigError(KEY, f"{spec}: {name!r} is a {type(fn).__name__}, not a function")
+        raise ConfigError(KEY, f"{spec}: {name!r} is not callable (it is {_one_line(repr(fn), 60)}, of type "
+                               f"{type(fn).__name__}); name a function")
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):

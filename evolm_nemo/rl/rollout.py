@@ -66,8 +66,8 @@ def verifiable_rewards(rollout: Rollout, suite: str, mode: str) -> list[float]:
 
 
 class RolloutLog:
-    """``rollouts.jsonl``: one row per response (iteration, prompt/response ids, the engine's log-probs, text,
-    reward), written by tensor-parallel rank 0 of every data-parallel replica (``rollouts.dp<r>.jsonl`` beyond dp
+    """``rollouts.jsonl``: one row per response (iteration, the prompt's id, prompt/response ids, the engine's
+    log-probs, text, reward; with a reward function its score and metrics), written by tensor-parallel rank 0 of every data-parallel replica (``rollouts.dp<r>.jsonl`` beyond dp
     rank 0); rows past the resumed iteration are dropped first."""
 
     def __init__(self, path: Path, start: int, dp_rank: int):
@@ -84,7 +84,8 @@ class RolloutLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             for k in range(len(ro)):
-                f.write(json.dumps({"iteration": iteration, "prompt_ids": ro.prompt_ids[k],
+                f.write(json.dumps({"iteration": iteration, **({"id": ro.rows[k].get("id")} if ro.rows else {}),
+                                    "prompt_ids": ro.prompt_ids[k],
                                     "response_ids": ro.response_ids[k],
                                     "engine_logp": [None if math.isnan(x) else x for x in ro.engine_logp[k]],
                                     "text": ro.texts[k], "gold_answer": ro.gold[k], "reward": ro.rewards[k],
