@@ -181,3 +181,30 @@ def test_a_bad_reward_fn_is_one_line_before_anything_is_built(tmp_path, rl_paren
     line = one_line_error(proc, "rl.reward_fn")
     assert words in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_metrics_are_over_every_data_parallel_rank_and_an_error_on_one_stops_all(tmp_path, rl_parent, reward_module):
+    """DP=2: reward_fn/<name> are means over both ranks' responses; a function that fails on one rank's row only
+    stops every rank with the same line (no rank waits forever on the other)."""
+    out = tmp_path / "dp2"
+    run_evolm("train", rl_args(out, rl_parent, "grpo", None, "train.iters=1", "rl.prompts_per_step=4",
+                               "rl.samples_per_prompt=4", "rl.save_rollouts=true", "rl.reward=custom",
+                               "rl.reward_fn=rewards_here:length_penalised"), nproc=2)
+    ro = _rollouts(out) + [json.loads(x) for x in (out / "rollouts.dp1.jsonl").read_text().splitlines()]
+    rec = metrics(out)[1]
+    assert len(ro) == 16 and len(_rollouts(out)) == 8
+    for name in ("score", "penalty", "hit"):
+        assert rec[f"reward_fn/{name}"] == pytest.approx(sum(r["reward_fn"][name] for r in ro) / 16)
+    assert rec["reward_mean"] == pytest.approx(sum(r["reward"] for r in ro) / 16)
+    target = json.loads((out / "rollouts.dp1.jsonl").read_text().splitlines()[0])["id"]
+    root = tmp_path / "user_code"
+    (root / "one_rank.py").write_text(f"def fn(prompt, response, row):\n    if row['id'] == {target!r}:\n"
+                                      "        raise RuntimeError('only here')\n    return 1.0\n")
+    proc = run_evolm("train", rl_args(tmp_path / "fails", rl_parent, "grpo", None, "train.iters=1",
+                                      "rl.prompts_per_step=4", "rl.samples_per_prompt=4", "rl.reward=custom",
+                                      "rl.reward_fn=one_rank:fn"), nproc=2, check=False, timeout=300)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    want = f"error: rl.reward_fn: one_rank:fn raised RuntimeError: only here on the row id='{target}' (iteration 1)"
+    assert proc.returncode != 0 and len(lines) == 2 and all(x.startswith(want) for x in lines), proc.stderr[-3000:]
+    # each rank exits 2 with that line (torchrun then reports the failed ranks in its own words)
+    assert proc.stderr.count("only here") == 2 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
