@@ -71,8 +71,9 @@ def check_reward_fn(cfg: RootConfig) -> None:
 
     r = cfg.rl
     if r.reward == "custom" and not r.reward_fn:
-        raise ConfigError("rl.reward_fn", "rl.reward=custom needs a reward function: rl.reward_fn=package.module:function "
-                                          "(called fn(prompt, response, row) -> float or {'score': float, ...})")
+        raise ConfigError("rl.reward_fn", "rl.reward=custom needs a reward function: rl.reward_fn=package.module:"
+                                          "function (called fn(prompt, response, row) -> float or {'score': float, "
+                                          "...})")
     if not r.reward_fn:
         return
     if r.reward not in ("custom", "sum"):

@@ -67,8 +67,9 @@ def verifiable_rewards(rollout: Rollout, suite: str, mode: str) -> list[float]:
 
 class RolloutLog:
     """``rollouts.jsonl``: one row per response (iteration, the prompt's id, prompt/response ids, the engine's
-    log-probs, text, reward; with a reward function its score and metrics), written by tensor-parallel rank 0 of every data-parallel replica (``rollouts.dp<r>.jsonl`` beyond dp
-    rank 0); rows past the resumed iteration are dropped first."""
+    log-probs, text, reward; with a reward function its score and metrics), written by tensor-parallel rank 0 of
+    every data-parallel replica (``rollouts.dp<r>.jsonl`` beyond dp rank 0); rows past the resumed iteration are
+    dropped first."""
 
     def __init__(self, path: Path, start: int, dp_rank: int):
         from megatron.core import parallel_state

@@ -81,8 +81,8 @@ def reward_module(tmp_path, monkeypatch):
 def _run(tmp_path, rl_parent, fn, *extra, check=True):
     out = tmp_path / "run"
     proc = run_evolm("train", rl_args(out, rl_parent, "grpo", None, "train.iters=2", "rl.prompts_per_step=2",
-                                      "rl.samples_per_prompt=4", "rl.save_rollouts=true", f"rl.reward_fn=rewards_here:{fn}",
-                                      *extra), check=check)
+                                      "rl.samples_per_prompt=4", "rl.save_rollouts=true",
+                                      f"rl.reward_fn=rewards_here:{fn}", *extra), check=check)
     return out, proc
 
 
