@@ -118,18 +118,22 @@ def _worker_main() -> None:
 
 
 class _Helper:
-    """One helper process and its pipes; used by one thread at a time."""
+    """One helper process and its pipes; used by one thread at a time. The answer checker's by default; other bounded
+    work (the RL stage's user reward functions, ``evolm_nemo.rl.reward_fn``) starts its own ``main`` with ``args``
+    and reads the first line the helper writes (``hello``)."""
 
     START_TIMEOUT_S = 180.0
     GRACE_S = 1.5  # past the helper's own alarm, code stuck in C (huge integer powers) gets the helper killed
+    MAIN = "from evolm_nemo.answers.pool import _worker_main; _worker_main()"
+    START_ERROR = "the math-verify helper process did not start (is math-verify installed?)"
 
-    def __init__(self):
+    def __init__(self, args: tuple[str, ...] = ()):
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above evolm_nemo/
         env = dict(os.environ)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("OMP_NUM_THREADS", "1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from evolm_nemo.answers.pool import _worker_main; _worker_main()"],
+            [sys.executable, "-c", self.MAIN, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -138,9 +142,10 @@ class _Helper:
         )
         self._buf = b""
         self._next_id = 0
-        if self._readline(self.START_TIMEOUT_S) is None:
+        self.hello = self._readline(self.START_TIMEOUT_S)
+        if self.hello is None:
             self.close()
-            raise RuntimeError("the math-verify helper process did not start (is math-verify installed?)")
+            raise RuntimeError(self.START_ERROR)
 
     def _readline(self, timeout: float) -> Optional[bytes]:
         deadline = time.monotonic() + timeout

@@ -160,11 +160,19 @@ class RLConfig:
     val_interval: int = 0  # iterations between validations (0: off)
     val_size: int = 64  # validation prompts
     save_rollouts: bool = False  # write every rollout (prompt/response ids, engine log-probs, reward) to rollouts.jsonl
-    reward: str = "verifiable"  # verifiable (the answer checker) | rm (a reward model) | sum (weighted sum of both)
+    reward: str = "verifiable"  # verifiable (the answer checker) | rm (a reward model) | custom (rl.reward_fn) | sum
+    #                             (weighted: verifiable + the RM if rl.reward_model + the function if rl.reward_fn)
     reward_model: Optional[str] = None  # rl.reward=rm|sum: a value-head checkpoint (`stage=rm` run, or import-hf of
     #                                     an HF LlamaForSequenceClassification)
     reward_model_weight: float = 1.0  # rl.reward=sum: weight of the RM score
     verifiable_weight: float = 1.0  # rl.reward=sum: weight of the verifiable reward
+    reward_fn: Optional[str] = None  # rl.reward=custom|sum: a user reward function `package.module:function`, called
+    #                                  as fn(prompt, response, row) -> float | {"score": float, <metric>: float, ...}
+    reward_fn_weight: float = 1.0  # rl.reward=sum: weight of the reward function's score
+    reward_fn_timeout: float = 10.0  # seconds per call; a call past it scores 0 (counted: reward_fn_timeouts)
+    reward_fn_workers: int = 2  # helper processes that run the function (the answer checker's kind of pool)
+    reward_fn_errors: str = "raise"  # raise (an exception / bad return stops the run, one line) | zero (scores 0,
+    #                                  counted: reward_fn_errors)
 
 
 @dataclass

@@ -4,7 +4,7 @@ so a resumed run rolls out the same prompts)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +23,18 @@ class RLPrompts:
     ids: list[str]
     prompts: list[str]
     gold: list[str]
+    rows: list[dict] = field(default_factory=list)  # each prompt's whole JSONL row (a reward function reads it)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def subset(self, keep: list[int]) -> "RLPrompts":
+        return RLPrompts([self.ids[i] for i in keep], [self.prompts[i] for i in keep], [self.gold[i] for i in keep],
+                         [self.rows[i] for i in keep] if self.rows else [])
+
 
 def read_prompts(paths: list[str], key: str = "data.paths") -> RLPrompts:
-    ids, prompts, gold = [], [], []
+    ids, prompts, gold, rows = [], [], [], []
     for path in paths:
         if not Path(path).is_file():
             raise ConfigError(key, f"no RL prompt file {path} (JSONL rows {{id, prompt, gold_answer}}; `evolm "
@@ -42,9 +47,10 @@ def read_prompts(paths: list[str], key: str = "data.paths") -> RLPrompts:
             ids.append(row["id"])
             prompts.append(row["prompt"])
             gold.append(row["gold_answer"])
+            rows.append(row)
     if not prompts:
         raise ConfigError(key, f"{', '.join(paths)}: no prompts")
-    return RLPrompts(ids, prompts, gold)
+    return RLPrompts(ids, prompts, gold, rows)
 
 
 def prompt_files(cfg: RootConfig) -> list[str]:
@@ -87,6 +93,4 @@ def usable_prompts(cfg: RootConfig):
     limit = min(cfg.rl.max_prompt_tokens, cfg.model.seq_length - 1)
     lengths = [len(x) for x in tok(prompts.prompts)["input_ids"]]
     keep = [i for i, n in enumerate(lengths) if n <= limit]
-    kept = RLPrompts([prompts.ids[i] for i in keep], [prompts.prompts[i] for i in keep],
-                     [prompts.gold[i] for i in keep])
-    return kept, len(prompts) - len(keep)
+    return prompts.subset(keep), len(prompts) - len(keep)

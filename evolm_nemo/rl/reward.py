@@ -1,5 +1,9 @@
 """The reward role: the verifiable reward (the shared answer checker, ``rollout.verifiable_rewards``), a reward model,
-or their weighted sum (``rl.reward``).
+a user reward function (``rl.reward_fn``, run by ``rl/reward_fn.py``), or a weighted sum (``rl.reward``):
+
+* ``verifiable`` / ``rm`` / ``custom``: that reward alone (unweighted);
+* ``sum``: ``rl.verifiable_weight`` x verifiable + ``rl.reward_model_weight`` x the RM's score when ``rl.reward_model``
+  is set + ``rl.reward_fn_weight`` x the function's score when ``rl.reward_fn`` is set (at least one of the two).
 
 The reward model is a frozen value-head megatron model (a ``stage=rm`` run, or ``evolm import-hf`` of an HF
 ``LlamaForSequenceClassification``) at the actor's tensor-parallel layout. It scores ``prompt_ids + response_ids``
@@ -16,7 +20,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.data.tokenizer import load_tokenizer
 
-REWARDS = ("verifiable", "rm", "sum")
+REWARDS = ("verifiable", "rm", "custom", "sum")
 
 
 def check(cfg: RootConfig, actor_tokenizer_ref: str | None) -> None:
@@ -27,11 +31,13 @@ def check(cfg: RootConfig, actor_tokenizer_ref: str | None) -> None:
     r = cfg.rl
     if r.reward not in REWARDS:
         raise ConfigError("rl.reward", f"must be one of {', '.join(REWARDS)}; got {r.reward!r}")
-    if r.reward == "verifiable":
+    check_reward_fn(cfg)
+    if r.reward in ("verifiable", "custom") or (r.reward == "sum" and r.reward_fn and not r.reward_model):
         return
     if not r.reward_model:
+        also = " (or rl.reward_fn, a reward function, for rl.reward=sum)" if r.reward == "sum" else ""
         raise ConfigError("rl.reward_model", f"rl.reward={r.reward} needs a reward-model checkpoint (a stage=rm run, "
-                                             "or `evolm import-hf` of an HF LlamaForSequenceClassification)")
+                                             f"or `evolm import-hf` of an HF LlamaForSequenceClassification){also}")
     try:
         meta = ckpt.read_meta(ckpt.resolve(r.reward_model))
     except ckpt.CheckpointError as exc:
@@ -56,6 +62,33 @@ def check(cfg: RootConfig, actor_tokenizer_ref: str | None) -> None:
         if a != b:
             raise ConfigError("rl.reward_model", f"{r.reward_model} uses tokenizer {ref}, the actor {actor_tokenizer_ref}"
                                                  "; the RM reads the actor's token ids, so they must agree")
+
+
+def check_reward_fn(cfg: RootConfig) -> None:
+    """``rl.reward_fn`` and its options: the function is imported and its signature checked here, before any model is
+    built; one set while ``rl.reward`` does not use it is refused (it would be silently ignored)."""
+    from evolm_nemo.rl.reward_fn import ERRORS, resolve
+
+    r = cfg.rl
+    if r.reward == "custom" and not r.reward_fn:
+        raise ConfigError("rl.reward_fn", "rl.reward=custom needs a reward function: rl.reward_fn=package.module:"
+                                          "function (called fn(prompt, response, row) -> float or {'score': float, "
+                                          "...})")
+    if not r.reward_fn:
+        return
+    if r.reward not in ("custom", "sum"):
+        raise ConfigError("rl.reward_fn", f"rl.reward={r.reward} does not use it; set rl.reward=custom (the function "
+                                          "alone) or rl.reward=sum (weighted with the verifiable reward)")
+    if r.reward_fn_errors not in ERRORS:
+        raise ConfigError("rl.reward_fn_errors", f"must be one of {', '.join(ERRORS)}; got {r.reward_fn_errors!r}")
+    if not r.reward_fn_timeout > 0:
+        raise ConfigError("rl.reward_fn_timeout", f"must be > 0 seconds, got {r.reward_fn_timeout}")
+    if r.reward_fn_workers < 1:
+        raise ConfigError("rl.reward_fn_workers", f"must be >= 1, got {r.reward_fn_workers}")
+    for key in ("verifiable_weight", "reward_model_weight", "reward_fn_weight"):
+        if not math.isfinite(getattr(r, key)):
+            raise ConfigError(f"rl.{key}", f"must be a finite number, got {getattr(r, key)}")
+    resolve(r.reward_fn)
 
 
 class RewardModelScorer:
@@ -98,10 +131,18 @@ class RewardModelScorer:
         return scores
 
 
-def combine(verifiable: list[float], rm_scores: list[float] | None, cfg: RootConfig) -> list[float]:
+def combine(verifiable: list[float], rm_scores: list[float] | None, cfg: RootConfig,
+            fn_scores: list[float] | None = None) -> list[float]:
     r = cfg.rl
     if r.reward == "verifiable":
         return list(verifiable)
     if r.reward == "rm":
         return list(rm_scores)
-    return [r.verifiable_weight * v + r.reward_model_weight * s for v, s in zip(verifiable, rm_scores)]
+    if r.reward == "custom":
+        return list(fn_scores)
+    out = [r.verifiable_weight * v for v in verifiable]
+    if rm_scores is not None:
+        out = [x + r.reward_model_weight * s for x, s in zip(out, rm_scores)]
+    if fn_scores is not None:
+        out = [x + r.reward_fn_weight * s for x, s in zip(out, fn_scores)]
+    return out

@@ -27,6 +27,10 @@ class Rollout:
     rewards: list[float] = field(default_factory=list)  # what the update optimises (rl.reward)
     correct: list[float] = field(default_factory=list)  # the verifiable reward: 1.0 when the answer checker agrees
     rm_scores: list[float] | None = None  # the reward model's scores (rl.reward=rm|sum)
+    prompts: list[str] = field(default_factory=list)  # each sequence's prompt text
+    rows: list[dict] = field(default_factory=list)  # each sequence's prompt row (its JSONL fields)
+    fn_scores: list[float] | None = None  # the user reward function's scores (rl.reward=custom|sum with rl.reward_fn)
+    fn_results: list[dict] | None = None  # its score and metrics per sequence (or the timeout / error), as logged
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -62,9 +66,10 @@ def verifiable_rewards(rollout: Rollout, suite: str, mode: str) -> list[float]:
 
 
 class RolloutLog:
-    """``rollouts.jsonl``: one row per response (iteration, prompt/response ids, the engine's log-probs, text,
-    reward), written by tensor-parallel rank 0 of every data-parallel replica (``rollouts.dp<r>.jsonl`` beyond dp
-    rank 0); rows past the resumed iteration are dropped first."""
+    """``rollouts.jsonl``: one row per response (iteration, the prompt's id, prompt/response ids, the engine's
+    log-probs, text, reward; with a reward function its score and metrics), written by tensor-parallel rank 0 of
+    every data-parallel replica (``rollouts.dp<r>.jsonl`` beyond dp rank 0); rows past the resumed iteration are
+    dropped first."""
 
     def __init__(self, path: Path, start: int, dp_rank: int):
         from megatron.core import parallel_state
@@ -80,10 +85,12 @@ class RolloutLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             for k in range(len(ro)):
-                f.write(json.dumps({"iteration": iteration, "prompt_ids": ro.prompt_ids[k],
+                f.write(json.dumps({"iteration": iteration, **({"id": ro.rows[k].get("id")} if ro.rows else {}),
+                                    "prompt_ids": ro.prompt_ids[k],
                                     "response_ids": ro.response_ids[k],
                                     "engine_logp": [None if math.isnan(x) else x for x in ro.engine_logp[k]],
                                     "text": ro.texts[k], "gold_answer": ro.gold[k], "reward": ro.rewards[k],
                                     "correct": ro.correct[k],
                                     **({"rm_score": ro.rm_scores[k]} if ro.rm_scores is not None else {}),
+                                    **({"reward_fn": ro.fn_results[k]} if ro.fn_results is not None else {}),
                                     "truncated": ro.truncated[k]}) + "\n")

@@ -41,6 +41,7 @@ from evolm_nemo.rl.data import PromptSchedule, prompt_files, read_prompts, usabl
 from evolm_nemo.rl.objectives import (actor_forward_step, collate, critic_forward_step, logprob_forward_step,
                                      per_token)
 from evolm_nemo.rl.reward import RewardModelScorer, check as check_reward, combine as combine_rewards
+from evolm_nemo.rl.reward_fn import RewardFunction, rewards as reward_fn_rewards
 from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, verifiable_rewards
 from evolm_nemo.rl.stats import global_moments, rollout_metrics
 from evolm_nemo.stages import kind
@@ -199,7 +200,7 @@ class RLStage(Stage):
         self.val = None
         if r.val_data and r.val_interval:
             val = read_prompts([r.val_data], "rl.val_data")
-            self.val = type(val)(val.ids[:r.val_size], val.prompts[:r.val_size], val.gold[:r.val_size])
+            self.val = val.subset(list(range(min(r.val_size, len(val)))))
         self.dp, self.dp_rank = plan.dp, parallel_state.get_data_parallel_rank()
         self.schedule = PromptSchedule(len(self.prompts), r.prompts_per_step, cfg.train.seed, self.dp_rank, self.dp)
         self.steps_per_iter = r.ppo_epochs * r.mini_batches
@@ -230,8 +231,11 @@ class RLStage(Stage):
             ckpt.load_weights(cfg.train.init_from, [self.ref])
             self.ref.eval()
         self.rm = None
-        if r.reward != "verifiable":  # the reward role: a frozen value-head model (rl/reward.py)
+        if r.reward in ("rm", "sum") and r.reward_model:  # the reward role: a frozen value-head model (rl/reward.py)
             self.rm = RewardModelScorer(cfg, rt)
+        self.reward_fn = None
+        if r.reward in ("custom", "sum") and r.reward_fn:  # a user function in helper processes (rl/reward_fn.py)
+            self.reward_fn = RewardFunction(r.reward_fn, r.reward_fn_timeout, r.reward_fn_workers)
         max_seq = min(cfg.model.seq_length, r.max_prompt_tokens + r.max_response_tokens)
         self.generator = Generator(self.actor.model, self.tok, max_seq=max_seq,
                                    max_batch=r.rollout_micro_batch_size)
@@ -254,8 +258,21 @@ class RLStage(Stage):
     def rollout(self, iteration: int) -> Rollout:
         idx = self.schedule.indices(iteration)
         seed = (self.cfg.train.seed * 1_000_003 + iteration * 1009 + self.dp_rank) % (2 ** 31)
-        return generate(self.generator, [self.prompts.prompts[i] for i in idx], [self.prompts.gold[i] for i in idx],
-                        self.rl.samples_per_prompt, self.rl, self.eos, seed)
+        ro = generate(self.generator, [self.prompts.prompts[i] for i in idx], [self.prompts.gold[i] for i in idx],
+                      self.rl.samples_per_prompt, self.rl, self.eos, seed)
+        ro.prompts = [self.prompts.prompts[i] for i in idx for _ in range(self.rl.samples_per_prompt)]
+        ro.rows = [self.prompts.rows[i] for i in idx for _ in range(self.rl.samples_per_prompt)]
+        return ro
+
+    def _reward_fn(self, ro: Rollout, iteration: int) -> dict:
+        """The user reward function's scores of this rank's responses (into ``ro.fn_scores`` / ``ro.fn_results``) and
+        its part of the step's record (over the global batch)."""
+        n, suite = self.rl.samples_per_prompt, self.rl.reward_suite
+        # the prompt's row as read; unless it has them, `suite` (rl.reward_suite) and `sample` (which of the prompt's n)
+        rows = [{"suite": suite, "sample": k % n, **row} for k, row in enumerate(ro.rows)]
+        ro.fn_scores, ro.fn_results, record = reward_fn_rewards(self.reward_fn, self.rl.reward_fn_errors, ro.prompts,
+                                                                ro.texts, rows, iteration)
+        return record
 
     def _layout(self, ro: Rollout) -> list[list[list[int]]]:
         """The update's mini-batches (``rl.mini_batches`` consecutive slices of this rank's sequences), each as its
@@ -316,7 +333,8 @@ class RLStage(Stage):
         t1 = time.perf_counter()
         ro.correct = verifiable_rewards(ro, r.reward_suite, r.reward_scoring)
         ro.rm_scores = self.rm.score(ro.prompt_ids, ro.response_ids, self.eos) if self.rm is not None else None
-        ro.rewards = combine_rewards(ro.correct, ro.rm_scores, self.cfg)
+        fn_record = self._reward_fn(ro, iteration) if self.reward_fn is not None else {}
+        ro.rewards = combine_rewards(ro.correct, ro.rm_scores, self.cfg, ro.fn_scores)
         t2 = time.perf_counter()
         n = len(ro)
         minis = self._layout(ro)
@@ -368,7 +386,7 @@ class RLStage(Stage):
         t4 = time.perf_counter()
         record.update(rollout_metrics(ro, old_logp, [b for mini in batches for b in mini], values, t1 - t0))
         record.update(time_rollout_s=t1 - t0, time_reward_s=t2 - t1, time_prepare_s=t3 - t2, time_update_s=t4 - t3,
-                      groups_dropped=dropped)
+                      groups_dropped=dropped, **fn_record)
         if self.rollout_log is not None:
             self.rollout_log.write(iteration + 1, ro)
         return record
