@@ -34,6 +34,21 @@ COMMANDS = {
                                            "launch suite=<name>`"),
 }
 
+# command -> (recipe, module:schema) for `--help` / `--cfg job` (eval: per subcommand)
+RECIPES = {
+    "train": ("config", "evolm_nemo.config.schema:RootConfig"),
+    "prepare": ("prepare", "evolm_nemo.data.prepare:PrepareConfig"),
+    "prepare-sft": ("prepare_sft", "evolm_nemo.data.sft_prepare:PrepareSFTConfig"),
+    "prepare-rm": ("prepare_rm", "evolm_nemo.data.rm:PrepareRMConfig"),
+    "export-hf": ("export_hf", "evolm_nemo.conversion.config:ExportHFConfig"),
+    "import-hf": ("import_hf", "evolm_nemo.conversion.config:ImportHFConfig"),
+    "export-trtllm": ("export_trtllm", "evolm_nemo.conversion.trtllm:ExportTRTLLMConfig"),
+    "score": ("score", "evolm_nemo.evaluation.score:ScoreConfig"),
+    "report": ("report", "evolm_nemo.evaluation.report:ReportConfig"),
+    "eval downstream": ("eval_downstream", "evolm_nemo.evaluation.evaluate:DownstreamConfig"),
+    "eval upstream": ("eval_upstream", "evolm_nemo.evaluation.evaluate:UpstreamConfig"),
+}
+
 # (command, key=) -> module:function: the command with that key goes to another room's function.
 ROUTES = {("report", "suite="): "evolm_nemo.suite.cli:report"}  # a suite's tables (suite/report.py)
 
@@ -57,6 +72,32 @@ def quiet_known_notices() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.")
 
 
+def _show(command: str, overrides: list[str]) -> int | None:
+    """``--help`` / ``-h`` and ``--cfg job`` anywhere among the overrides: print the command's keys (or composed
+    recipe) and return 0 without running it; None when neither is asked."""
+    flags = {"--help", "-h"}
+    job = any(a == "--cfg" and b == "job" for a, b in zip(overrides, overrides[1:])) or "--cfg=job" in overrides
+    if not job and not flags & set(overrides):
+        return None
+    rest = [o for i, o in enumerate(overrides) if o not in flags and o not in ("--cfg", "--cfg=job")
+            and not (o == "job" and i and overrides[i - 1] == "--cfg")]
+    name = command
+    if command == "eval" and rest and "=" not in rest[0]:
+        name, rest = f"eval {rest[0]}", rest[1:]
+    if name not in RECIPES:
+        print(f"usage: evolm {command} key=value ...  -- {COMMANDS[command][1]}" + (
+            "" if command != "eval" else "\n  subcommands: downstream, upstream (`evolm eval downstream --help`)"))
+        print("its keys are listed in README (this command composes no single recipe)")
+        return 0
+    from evolm_nemo.config import show
+
+    recipe, schema_path = RECIPES[name]
+    module_name, cls_name = schema_path.split(":")
+    schema = getattr(importlib.import_module(module_name), cls_name)
+    print(show.render_job(recipe, rest, schema) if job else show.render_help(name, recipe, rest, schema))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -67,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     quiet_known_notices()
+    try:
+        shown = _show(command, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc.key}: {exc.message}", file=sys.stderr)
+        return 2
+    if shown is not None:
+        return shown
     target, _ = COMMANDS[command]
     for (routed, key), other in ROUTES.items():
         if command == routed and any(o.startswith(key) for o in overrides):

@@ -76,8 +76,8 @@ class ParallelConfig:
     sp: bool = False  # sequence parallel (needs tp > 1)
     micro_batch_size: int = 2  # sequences per forward/backward on one rank
     global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
-    max_tokens_per_microbatch: Optional[int] = None  # sft: microbatches by a token budget (rows x padded length)
-    #                                     instead of micro_batch_size; with train.packing the capacity of a packed row
+    max_tokens_per_microbatch: Optional[int] = None  # sft/rm/dpo/ppo/grpo: microbatches by a token budget (rows x
+    #                                     padded length) instead of micro_batch_size; with train.packing a row's capacity
 
 
 @dataclass
@@ -105,8 +105,8 @@ class TrainConfig:
     peak_tflops: Optional[float] = None  # per-device peak for MFU (None: known GPUs auto, CPU not reported)
     progress: bool = True  # tqdm progress bar with ETA on rank 0
     tensorboard: bool = True  # also write TensorBoard events
-    packing: bool = False  # sft: lay each rank's examples into packed rows (best-fit, whole examples, attention
-    #                        within each example only) instead of padded microbatches; same batch, same loss
+    packing: bool = False  # sft/rm/dpo/ppo/grpo: lay each rank's examples into packed rows (best-fit, whole
+    #                        examples, attention within each only) instead of padded microbatches; same batch and loss
 
 
 @dataclass
