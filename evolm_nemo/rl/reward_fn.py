@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import os
+import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -200,7 +201,10 @@ class RewardFunction:
         helper = self._helper()
         reply = helper.call(prompt, response, row, self.timeout)
         if reply is None:  # past the backstop (stuck in C, or the alarm swallowed) or the helper died
-            died = helper.proc.poll()
+            try:  # a helper that died closed its output first: give the exit a moment to be reaped
+                died = helper.proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                died = None  # still running: it overran the backstop
             self._drop(helper)
             if died is not None:
                 return "error", f"killed its helper process (exit code {died})"
