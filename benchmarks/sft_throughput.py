@@ -15,16 +15,14 @@ fraction of each layout. Goals on CPU: padded / HF >= 0.9; packed / padded >= 1.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import _shape_overrides, add_shape_args, hf_twin  # noqa: E402
+from train_throughput import _shape_overrides, add_shape_args, hf_twin, interleave  # noqa: E402
 
 
 def length_mix(rng, n: int, seq: int, vocab: int, mix: str = "uniform") -> list[tuple[np.ndarray, int]]:
@@ -39,29 +37,6 @@ def length_mix(rng, n: int, seq: int, vocab: int, mix: str = "uniform") -> list[
             prompt = max(1, total // 4)
         examples.append((rng.integers(4, min(1000, vocab), size=total), prompt))
     return examples
-
-
-def interleaved(fns: dict, tokens_per_step: int, steps: int, rounds: int, device) -> dict:
-    """Warm each up, then ``rounds`` interleaved rounds of ``steps`` calls of each; medians of answer tokens/s."""
-    def timed(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return tokens_per_step * steps / (time.perf_counter() - t0)
-
-    for fn in fns.values():
-        fn()
-    results = {name: [] for name in fns}
-    for r in range(rounds):
-        for name, fn in fns.items():
-            results[name].append(timed(fn))
-        print(f"round {r + 1}: " + " | ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items()) + " answer tok/s",
-              flush=True)
-    return {name: statistics.median(v) for name, v in results.items()}
 
 
 def main() -> None:
@@ -130,8 +105,8 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         hf_opt.step()
 
-    tps = interleaved({"padded": ours, "packed": ours_packed, "HF": theirs}, answer_tokens, args.steps, args.rounds,
-                      rt.device)
+    tps = interleave({"padded": ours, "packed": ours_packed, "HF": theirs}, answer_tokens, args.steps, args.rounds,
+                     rt.device, "answer tok/s")
     prompt_share = sum(p for _, p in examples) / sum(len(ids) for ids, _ in examples)
     print(f"shape: {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, heads "
           f"{m.num_attention_heads}/{m.num_query_groups}, vocab {m.vocab_size}, max length {m.seq_length}; batch "

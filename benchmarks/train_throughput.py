@@ -47,9 +47,9 @@ def hf_twin(m, rt):
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False)).to(rt.device, rt.dtype)
 
 
-def interleaved(ours, theirs, tokens_per_step: int, steps: int, rounds: int, device, unit: str = "tok/s"):
-    """Warm both up, then time ``rounds`` interleaved rounds of ``steps`` calls each (ours, theirs, ours, ...);
-    returns the medians of tokens/s ``(ours, theirs)`` and prints each round."""
+def interleave(fns: dict, tokens_per_step: int, steps: int, rounds: int, device, unit: str = "tok/s") -> dict:
+    """Warm each of ``fns`` (name -> callable) up, then time ``rounds`` interleaved rounds of ``steps`` calls of each;
+    returns the medians of tokens/s by name and prints each round."""
     def timed(fn) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -60,13 +60,21 @@ def interleaved(ours, theirs, tokens_per_step: int, steps: int, rounds: int, dev
             torch.cuda.synchronize()
         return tokens_per_step * steps / (time.perf_counter() - t0)
 
-    ours(), theirs()  # warm-up
-    results = {"ours": [], "hf": []}
+    for fn in fns.values():
+        fn()
+    results = {name: [] for name in fns}
     for r in range(rounds):
-        results["ours"].append(timed(ours))
-        results["hf"].append(timed(theirs))
-        print(f"round {r + 1}: ours {results['ours'][-1]:,.0f} | HF {results['hf'][-1]:,.0f} {unit}", flush=True)
-    return statistics.median(results["ours"]), statistics.median(results["hf"])
+        for name, fn in fns.items():
+            results[name].append(timed(fn))
+        print(f"round {r + 1}: " + " | ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items()) + f" {unit}",
+              flush=True)
+    return {name: statistics.median(v) for name, v in results.items()}
+
+
+def interleaved(ours, theirs, tokens_per_step: int, steps: int, rounds: int, device, unit: str = "tok/s"):
+    """``interleave`` of ours and HF: the medians ``(ours, theirs)``."""
+    tps = interleave({"ours": ours, "HF": theirs}, tokens_per_step, steps, rounds, device, unit)
+    return tps["ours"], tps["HF"]
 
 
 def main() -> None:

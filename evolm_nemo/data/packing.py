@@ -64,57 +64,30 @@ def best_fit(lengths, capacity: int) -> list[list[int]]:
     return bins
 
 
-def collate_packed(examples, length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """One packed row ``[1, length]`` from ``(ids, prompt_len)`` pairs: example ``j`` contributes ``tokens =
-    ids[:-1]``, ``labels = ids[1:]``, ``loss_mask`` 1 where the label is an answer token, position ids from 0 and
-    ``segment`` j (-1 on padding); the rest of the row is padding (its own segment, no loss). ``cu_seqlens`` (int32) bounds the segments, padding
-    included, and ``max_seqlen`` is the longest: megatron's ``PackedSeqParams`` (THD)."""
+def _pack(items, length: int, pad_id: int, shifted: bool) -> dict[str, torch.Tensor]:
+    """One packed row ``[1, length]`` of ``(ids, prompt_len)`` items laid back to back: each item's inputs (``ids[:-1]``
+    when ``shifted``, else the whole ``ids``), ``labels`` (the next id within the item), ``loss_mask`` on the
+    positions whose label is past the prompt, position ids from 0, ``segment`` (the item's number, -1 on padding),
+    ``last`` (the row position of each item's last input); the rest of the row is padding (its own segment, no loss).
+    ``cu_seqlens`` (int32) bounds the segments, padding included, and ``max_seqlen`` is the longest: megatron's
+    ``PackedSeqParams`` (THD)."""
     tokens = torch.full((1, length), pad_id, dtype=torch.long)
     labels = torch.full((1, length), pad_id, dtype=torch.long)
     mask = torch.zeros((1, length), dtype=torch.float32)
     position_ids = torch.zeros((1, length), dtype=torch.long)
     segment = torch.full((1, length), -1, dtype=torch.long)
+    last = torch.zeros(len(items), dtype=torch.long)
     bounds, at = [0], 0
-    for j, (ids, prompt_len) in enumerate(examples):
+    for j, (ids, prompt_len) in enumerate(items):
         ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-        n = len(ids) - 1
+        inputs = ids[:-1] if shifted else ids
+        n = len(inputs)
         if at + n > length:
-            raise ValueError(f"examples of {at + n} tokens do not fit a packed row of {length}")
-        tokens[0, at:at + n] = ids[:-1]
-        labels[0, at:at + n] = ids[1:]
-        mask[0, at + max(int(prompt_len) - 1, 0):at + n] = 1.0
-        position_ids[0, at:at + n] = torch.arange(n)
-        segment[0, at:at + n] = j
-        at += n
-        bounds.append(at)
-    if at < length:
-        position_ids[0, at:] = torch.arange(length - at)
-        bounds.append(length)
-    cu = torch.tensor(bounds, dtype=torch.int32)
-    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "position_ids": position_ids, "segment": segment,
-            "cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max().reshape(1)}
-
-
-def collate_packed_sequences(seqs, prompt_lens, length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """``data.collate.collate_sequences`` packed into one row ``[1, length]``: each whole sequence as ``tokens``,
-    ``labels`` (the next id within the sequence), ``loss_mask`` over the positions predicting response tokens,
-    ``last`` (the row position of each sequence's last token, where its score is read) and ``segment`` (each
-    position's sequence number, -1 on padding, for per-sequence sums); plus ``cu_seqlens`` / ``max_seqlen``."""
-    tokens = torch.full((1, length), pad_id, dtype=torch.long)
-    labels = torch.full((1, length), pad_id, dtype=torch.long)
-    mask = torch.zeros((1, length), dtype=torch.float32)
-    position_ids = torch.zeros((1, length), dtype=torch.long)
-    segment = torch.full((1, length), -1, dtype=torch.long)
-    last = torch.zeros(len(seqs), dtype=torch.long)
-    bounds, at = [0], 0
-    for j, (ids, plen) in enumerate(zip(seqs, prompt_lens)):
-        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-        n = len(ids)
-        if at + n > length:
-            raise ValueError(f"sequences of {at + n} tokens do not fit a packed row of {length}")
-        tokens[0, at:at + n] = ids
-        labels[0, at:at + n - 1] = ids[1:]
-        mask[0, at + max(int(plen) - 1, 0):at + n - 1] = 1.0
+            raise ValueError(f"{'examples' if shifted else 'sequences'} of {at + n} tokens do not fit a packed row "
+                             f"of {length}")
+        tokens[0, at:at + n] = inputs
+        labels[0, at:at + len(ids) - 1] = ids[1:]
+        mask[0, at + max(int(prompt_len) - 1, 0):at + len(ids) - 1] = 1.0
         position_ids[0, at:at + n] = torch.arange(n)
         segment[0, at:at + n] = j
         last[j] = at + n - 1
@@ -124,8 +97,22 @@ def collate_packed_sequences(seqs, prompt_lens, length: int, pad_id: int) -> dic
         position_ids[0, at:] = torch.arange(length - at)
         bounds.append(length)
     cu = torch.tensor(bounds, dtype=torch.int32)
-    return {"tokens": tokens, "position_ids": position_ids, "last": last, "labels": labels, "loss_mask": mask,
-            "segment": segment, "cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max().reshape(1)}
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "position_ids": position_ids, "segment": segment,
+            "last": last, "cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max().reshape(1)}
+
+
+def collate_packed(examples, length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """``data.sft.collate`` packed into one row ``[1, length]``: example ``j`` contributes ``tokens = ids[:-1]``,
+    ``labels = ids[1:]``, ``loss_mask`` 1 where the label is an answer token, position ids from 0 and ``segment`` j
+    (``_pack``)."""
+    return _pack(examples, length, pad_id, shifted=True)
+
+
+def collate_packed_sequences(seqs, prompt_lens, length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """``data.collate.collate_sequences`` packed into one row ``[1, length]``: each whole sequence as ``tokens``,
+    ``labels`` (the next id within the sequence), ``loss_mask`` over the positions predicting response tokens,
+    ``last`` (the row position of each sequence's last token, where its score is read) and ``segment`` (``_pack``)."""
+    return _pack(list(zip(seqs, prompt_lens)), length, pad_id, shifted=False)
 
 
 def per_sequence_sum(values: torch.Tensor, mask: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +123,7 @@ def per_sequence_sum(values: torch.Tensor, mask: torch.Tensor, batch: dict) -> t
     if "segment" not in batch:
         return picked.sum(1), keep.sum(1)
     seg = batch["segment"].clamp(min=0).flatten()
-    k = batch["last"].numel() if "last" in batch else int(batch["segment"].max()) + 1
+    k = batch["last"].numel()
     sums = torch.zeros(k, dtype=values.dtype, device=values.device).index_add(0, seg, picked.flatten())
     counts = torch.zeros(k, dtype=torch.long, device=values.device).index_add(0, seg, keep.flatten().long())
     return sums, counts
