@@ -281,8 +281,8 @@ def js_divergence(p: Counter, q: Counter) -> float:
 class WorldConfig:
     out: Optional[str] = None  # output directory
     seed: int = 0
-    general_docs: int = 4000  # general-text documents
-    math_docs: int = 2000  # math-domain documents
+    general_docs: int = 20000  # general-text documents (~1.2M tokens)
+    math_docs: int = 8000  # math-domain documents (~1M tokens)
     sft_examples: int = 2000  # ID problems with worked solutions
     rl_prompts: int = 500  # ID RL prompts
     eval_id: int = 200  # held-out ID problems
