@@ -33,7 +33,8 @@ rows (``{"id", "question", "answer", "gold"}``, as `evolm prepare-sft` reads the
 (``{"id", "prompt", "gold_answer"}``), and held-out evaluation problems in EvoLM's cooked schema
 (``eval/gsm8k_platinum.jsonl`` = ID, ``eval/tabmwp.jsonl`` = OOD), with no question in two of the sets.
 
-``python -m evolm_nemo.data.nano_world out=<dir> [seed=0] [general_docs=...] ...`` runs it.
+``python -m evolm_nemo.data.nano_world out=<dir> [seed=0] [general_docs=...] ...`` runs it;
+``python -m evolm_nemo.data.nano_world stats=<dir>`` prints how its two corpora differ.
 """
 
 from __future__ import annotations
@@ -367,9 +368,33 @@ def build_world(cfg: WorldConfig) -> dict:
     return manifest
 
 
+def corpus_stats(world) -> dict:
+    """How the world's two corpora differ: digit share, and the Jensen-Shannon divergence (bits) of their word
+    distributions, of the two halves of the general corpus (a floor), and of the tokenizer's token distributions
+    (first 4,000 documents of each)."""
+    from evolm_nemo.data.tokenizer import load_tokenizer
+
+    world = Path(world)
+    g = [json.loads(line)["text"] for line in open(world / "general.jsonl", encoding="utf-8")]
+    m = [json.loads(line)["text"] for line in open(world / "math.jsonl", encoding="utf-8")]
+
+    def digits(texts):
+        return sum(c.isdigit() for t in texts for c in t) / max(1, sum(map(len, texts)))
+
+    tok = load_tokenizer(str(world / "tokenizer"))
+    half = len(g) // 2
+    return {"digit_share": {"general": round(digits(g), 4), "math": round(digits(m), 4)},
+            "js_words": round(js_divergence(unigram(g), unigram(m)), 4),
+            "js_words_general_halves": round(js_divergence(unigram(g[:half]), unigram(g[half:])), 4),
+            "js_tokens": round(js_divergence(unigram(g[:4000], tok.tokenize), unigram(m[:4000], tok.tokenize)), 4)}
+
+
 def main(argv: List[str]) -> int:
     from evolm_nemo.suite.spec import parse_overrides
 
+    if len(argv) == 1 and argv[0].startswith("stats="):  # python -m evolm_nemo.data.nano_world stats=<world dir>
+        print(json.dumps(corpus_stats(argv[0].partition("=")[2])))
+        return 0
     opts = parse_overrides(argv, {f.name: None for f in fields(WorldConfig)})
     cfg = WorldConfig(**opts)
     manifest = build_world(cfg)

@@ -105,6 +105,9 @@ def test_build_world_writes_the_sets(tmp_path):
     gen = nw.unigram((json.loads(line)["text"] for line in open(out / "general.jsonl")), tok.tokenize)
     mth = nw.unigram((json.loads(line)["text"] for line in open(out / "math.jsonl")), tok.tokenize)
     assert nw.js_divergence(gen, mth) > 0.3
+    stats = nw.corpus_stats(out)
+    assert stats["digit_share"]["general"] == 0.0 and stats["js_tokens"] > 0.3
+    assert stats["js_words"] > 10 * stats["js_words_general_halves"]
     rl = [json.loads(line) for line in open(out / "rl.jsonl")]
     assert all(r["prompt"].startswith("Human: ") and r["prompt"].endswith("\nAssistant:") for r in rl)
     for suite, split in (("gsm8k_platinum", "id"), ("tabmwp", "ood")):
