@@ -41,3 +41,18 @@ def test_nano_quick_plan_cli():
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "**Totals:** 10 runs" in proc.stdout and "| nano_1m |" in proc.stdout
+
+
+def test_nano_presets_compose_with_stage_rates():
+    """recipes/model|optim/nano_*.yaml: the sizes the READMEs state, and post-training rates from stage_lr an order
+    of magnitude or so below pretraining's (as tests/config/test_config.py checks for the other presets)."""
+    from evolm_nemo.config import RootConfig, compose
+    from evolm_nemo.model.build import param_count
+
+    for size, params in (("nano_1m", P_NANO_1M), ("nano_4m", 4_152_064)):
+        cfg = compose("config", [f"model={size}", f"optim={size}"], RootConfig)
+        assert cfg.model.name == size and cfg.model.vocab_size == 1024 and param_count(cfg.model) == params
+        pre = cfg.optim
+        for stage in ("sft", "rm", "dpo", "ppo", "grpo"):
+            o = compose("config", [f"stage={stage}", f"optim={size}"], RootConfig).optim
+            assert o.lr == pre.stage_lr[stage] and o.lr <= pre.lr / 3 and o.min_lr == 0.0, (size, stage, o.lr)
