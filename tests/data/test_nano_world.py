@@ -1,0 +1,125 @@
+"""EvoLM-nano's generated world: deterministic for a seed, ID/OOD disjoint by construction, answers right by the
+project's own checker, and a general corpus measurably unlike the math domain corpus."""
+
+import json
+import re
+
+import pytest
+
+from evolm_nemo.answers import gold_answer, judge
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.data import nano_world as nw
+from evolm_nemo.tasks import SUITE_GROUP
+
+SMALL = dict(general_docs=120, math_docs=80, sft_examples=150, rl_prompts=40, eval_id=30, eval_ood=40,
+             vocab_size=600)
+
+
+def test_corpora_and_problems_are_deterministic_and_prefix_stable():
+    for name in nw.CORPORA:
+        a = nw.corpus(name, 40, seed=3)
+        assert a == nw.corpus(name, 40, seed=3)
+        assert a[:10] == nw.corpus(name, 10, seed=3)  # row i depends only on (name, seed, i)
+        assert a != nw.corpus(name, 40, seed=4)
+        assert len({r["text"] for r in a}) == 40
+    for split in ("id", "ood"):
+        p = nw.problems(split, 50, seed=3)
+        assert p == nw.problems(split, 50, seed=3)
+        assert p[:7] == nw.problems(split, 7, seed=3)
+        assert p != nw.problems(split, 50, seed=4)
+    cfg = nw.WorldConfig(seed=5, **SMALL)
+    assert nw.split_sets(cfg) == nw.split_sets(nw.WorldConfig(seed=5, **SMALL))
+    with pytest.raises(ConfigError):
+        nw.corpus("code", 3)
+    with pytest.raises(ConfigError):
+        nw.problems("both", 3)
+
+
+def test_split_is_disjoint_by_construction():
+    fams = nw.FAMILIES.values()
+    id_sigs = {f.signature for f in fams if f.split == "id"}
+    ood = [f for f in fams if f.split == "ood"]
+    assert id_sigs and ood and all(f.signature not in id_sigs for f in ood)
+    assert {f.axis for f in ood} == {"operation", "composition", "format"}
+    # the held-out operation (division) and formats never occur in ID problems, their solutions or the math corpus
+    id_text = [p.problem + " " + p.solution for p in nw.problems("id", 400, seed=0)]
+    id_text += [r["text"] for r in nw.corpus("math", 200, seed=0)]
+    for marker in nw.OOD_MARKERS:
+        assert not any(marker in t for t in id_text), marker
+    # every OOD problem carries the marker of what makes it OOD
+    for p in nw.problems("ood", 200, seed=0):
+        assert p.split == "ood" and any(m in p.problem + " " + p.solution for m in nw.OOD_MARKERS), p
+    # and the sets written to disk share no question
+    sets = nw.split_sets(nw.WorldConfig(seed=0, **SMALL))
+    assert {k: len(v) for k, v in sets.items()} == {"sft": 150, "rl": 40, "eval_id": 30, "eval_ood": 40}
+    keys = {k: {q["problem"].lower() for q in v} for k, v in sets.items()}
+    for a in keys:
+        assert len(keys[a]) == len(sets[a])  # unique within a set
+        for b in keys:
+            assert a == b or not keys[a] & keys[b], (a, b)
+    assert {q["split"] for k in ("sft", "rl", "eval_id") for q in sets[k]} == {"id"}
+    assert {q["split"] for q in sets["eval_ood"]} == {"ood"}
+    assert {q["family"] for q in sets["eval_ood"]} == set(nw.OOD_FAMILIES)  # every OOD family is evaluated
+
+
+def test_answers_are_right_by_the_project_checker():
+    assert SUITE_GROUP[nw.SUITE_FOR_SPLIT["id"]] == "id" and SUITE_GROUP[nw.SUITE_FOR_SPLIT["ood"]] == "ood"
+    for split in ("id", "ood"):
+        suite = nw.SUITE_FOR_SPLIT[split]
+        for p in nw.problems(split, 40, seed=1):
+            assert judge(suite, p.solution, p.answer), p
+            assert judge(suite, p.solution, p.answer, mode="strict"), p
+            assert not judge(suite, p.solution, str(int(p.answer) + 1)), p  # the checker is not vacuous
+            # the answer is the arithmetic the worked solution states last
+            assert re.findall(r"= (-?\d+)", p.solution)[-1] == p.answer
+
+
+def test_corpora_differ_measurably():
+    general = [r["text"] for r in nw.corpus("general", 300, seed=0)]
+    math = [r["text"] for r in nw.corpus("math", 300, seed=0)]
+
+    def digit_share(texts):
+        s = "".join(texts)
+        return sum(c.isdigit() for c in s) / len(s)
+
+    assert digit_share(general) == 0.0 and digit_share(math) > 0.05
+    js = nw.js_divergence(nw.unigram(general), nw.unigram(math))
+    js_self = nw.js_divergence(nw.unigram(general[:150]), nw.unigram(general[150:]))
+    assert js > 0.5 and js_self < 0.1, (js, js_self)
+
+
+def test_build_world_writes_the_sets(tmp_path):
+    out = tmp_path / "world"
+    manifest = nw.main([f"out={out}", "seed=2"] + [f"{k}={v}" for k, v in SMALL.items()])
+    assert manifest == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["sets"] == {"sft": 150, "rl": 40, "eval_id": 30, "eval_ood": 40}
+    assert m["tokens"]["general"] > 0 and m["tokens"]["math"] > 0
+    for name in ("general", "math"):
+        assert (out / f"{name}.bin").stat().st_size > 0 and (out / f"{name}.idx").is_file()
+    from evolm_nemo.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(out / "tokenizer"))
+    assert len(tok) == 600
+    # per-token distributions differ too (the tokenizer's view of the two corpora)
+    gen = nw.unigram((json.loads(line)["text"] for line in open(out / "general.jsonl")), tok.tokenize)
+    mth = nw.unigram((json.loads(line)["text"] for line in open(out / "math.jsonl")), tok.tokenize)
+    assert nw.js_divergence(gen, mth) > 0.3
+    stats = nw.corpus_stats(out)
+    assert stats["digit_share"]["general"] == 0.0 and stats["js_tokens"] > 0.3
+    assert stats["js_words"] > 10 * stats["js_words_general_halves"]
+    rl = [json.loads(line) for line in open(out / "rl.jsonl")]
+    assert all(r["prompt"].startswith("Human: ") and r["prompt"].endswith("\nAssistant:") for r in rl)
+    for suite, split in (("gsm8k_platinum", "id"), ("tabmwp", "ood")):
+        rows = [json.loads(line) for line in open(out / "eval" / f"{suite}.jsonl")]
+        assert rows and all(r["id"].startswith(f"nano-{split}-") for r in rows)
+        for r in rows:  # the evaluator's gold is the problem's answer, and its worked solution is judged right
+            assert gold_answer(suite, r) == r["gt_answer"]
+            assert judge(suite, r["gt_solution"].split("\n#### ")[0], gold_answer(suite, r))
+    sft = [json.loads(line) for line in open(out / "sft.jsonl")]
+    assert set(sft[0]) == {"id", "question", "answer", "gold"}
+    # the same seed writes the same bytes
+    out2 = tmp_path / "world2"
+    nw.main([f"out={out2}", "seed=2"] + [f"{k}={v}" for k, v in SMALL.items()])
+    for name in ("general.jsonl", "math.jsonl", "sft.jsonl", "rl.jsonl", "eval/tabmwp.jsonl", "general.bin"):
+        assert (out / name).read_bytes() == (out2 / name).read_bytes(), name
