@@ -389,14 +389,27 @@ def corpus_stats(world) -> dict:
             "js_tokens": round(js_divergence(unigram(g[:4000], tok.tokenize), unigram(m[:4000], tok.tokenize)), 4)}
 
 
-def main(argv: List[str]) -> int:
-    from evolm_nemo.suite.spec import parse_overrides
+def _overrides(argv: List[str]) -> dict:
+    """``key=value`` items -> WorldConfig keyword arguments (values read as YAML scalars)."""
+    import yaml
 
+    names = {f.name for f in fields(WorldConfig)}
+    opts = {}
+    for item in argv:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(item, "overrides are key=value (e.g. out=runs/nano/world seed=1)")
+        if key not in names:
+            raise ConfigError(key, f"unknown key; valid keys: {', '.join(sorted(names))}")
+        opts[key] = yaml.safe_load(value) if value else None
+    return opts
+
+
+def main(argv: List[str]) -> int:
     if len(argv) == 1 and argv[0].startswith("stats="):  # python -m evolm_nemo.data.nano_world stats=<world dir>
         print(json.dumps(corpus_stats(argv[0].partition("=")[2])))
         return 0
-    opts = parse_overrides(argv, {f.name: None for f in fields(WorldConfig)})
-    cfg = WorldConfig(**opts)
+    cfg = WorldConfig(**_overrides(argv))
     manifest = build_world(cfg)
     print(json.dumps({"out": cfg.out, "sets": manifest["sets"], "tokens": manifest.get("tokens")}))
     return 0
