@@ -300,18 +300,36 @@ def test_rl_reward_model_errors_are_one_line(rm_data, tmp_path):
             proc.stderr
 
 
-@pytest.mark.parametrize("stage, layout, packing", [("rm", "tp2", False), ("rm", "pp2", False), ("dpo", "tp2", False),
-                                                   ("rm", "pp2", True), ("dpo", "tp2_sp", True)])
-def test_layouts_equal_tp1(rm_data, tmp_path, stage, layout, packing):
-    """Pairwise RM at TP=2 and PP=2 (a microbatch of pairs sends 2x rows between stages), DPO at TP=2, and packed
-    (RM at PP=2, DPO at TP=2 with sequence parallel): the same losses and grad norms as one padded process."""
-    base = [f"experiment=demo_{stage}", f"data.paths=[{rm_data['pairs']}]", f"train.init_from={rm_data['sft']}",
+def _layout_base(rm_data, stage: str) -> list[str]:
+    return [f"experiment=demo_{stage}", f"data.paths=[{rm_data['pairs']}]", f"train.init_from={rm_data['sft']}",
             "train.iters=2", "train.log_interval=1", "parallel.micro_batch_size=2", "parallel.global_batch_size=4",
             *COMMON, *(["rm.val_fraction=0", "rm.objective=pairwise"] if stage == "rm" else [])]
-    run_evolm("train", [*base, f"run.out_dir={tmp_path / 'tp1'}"])
-    run_evolm("train", [*base, f"parallel={layout}", "parallel.micro_batch_size=2", "parallel.global_batch_size=4",
-                        f"run.out_dir={tmp_path / layout}", f"train.packing={str(packing).lower()}"], nproc=2)
-    ref, got = metrics(tmp_path / "tp1"), metrics(tmp_path / layout)
+
+
+@pytest.fixture(scope="module")
+def one_process(rm_data, tmp_path_factory):
+    """Each stage's padded one-process run (made once, on first use): the layouts' reference."""
+    runs = {}
+
+    def get(stage: str) -> dict:
+        if stage not in runs:
+            out = tmp_path_factory.mktemp(f"{stage}_tp1") / "tp1"
+            run_evolm("train", [*_layout_base(rm_data, stage), f"run.out_dir={out}"])
+            runs[stage] = metrics(out)
+        return runs[stage]
+
+    return get
+
+
+@pytest.mark.parametrize("stage, layout, packing", [("rm", "tp2", False), ("rm", "pp2", False), ("dpo", "tp2", False),
+                                                   ("rm", "pp2", True), ("dpo", "tp2_sp", True)])
+def test_layouts_equal_tp1(rm_data, tmp_path, one_process, stage, layout, packing):
+    """Pairwise RM at TP=2 and PP=2 (a microbatch of pairs sends 2x rows between stages), DPO at TP=2, and packed
+    (RM at PP=2, DPO at TP=2 with sequence parallel): the same losses and grad norms as one padded process."""
+    run_evolm("train", [*_layout_base(rm_data, stage), f"parallel={layout}", "parallel.micro_batch_size=2",
+                        "parallel.global_batch_size=4", f"run.out_dir={tmp_path / layout}",
+                        f"train.packing={str(packing).lower()}"], nproc=2)
+    ref, got = one_process(stage), metrics(tmp_path / layout)
     for it in (1, 2):
         for key in ("loss", "grad_norm"):
             assert abs(got[it][key] - ref[it][key]) < 1e-5 * max(1.0, abs(ref[it][key])), (it, key)

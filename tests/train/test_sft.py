@@ -88,12 +88,22 @@ def _masked_loss(model, batch):
     return total, count
 
 
+@pytest.fixture(scope="module")
+def padded_run(tmp_path_factory, hf_parent):
+    """The contract's run, padded, one process: the reference of the transformers comparison and of the layouts."""
+    out = tmp_path_factory.mktemp("sft_padded") / "run"
+    return out, run_evolm("train", sft_overrides(out, hf_parent))
+
+
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_sft_steps_equal_transformers_adamw(tmp_path, hf_parent, layout):
+def test_sft_steps_equal_transformers_adamw(tmp_path, hf_parent, padded_run, layout):
     from transformers import LlamaForCausalLM
 
-    out = tmp_path / "run"
-    proc = run_evolm("train", sft_overrides(out, hf_parent, *(["train.packing=true"] if layout == "packed" else [])))
+    if layout == "padded":
+        out, proc = padded_run
+    else:
+        out = tmp_path / "run"
+        proc = run_evolm("train", sft_overrides(out, hf_parent, "train.packing=true"))
     assert "12 examples (0 truncated, 0 dropped" in proc.stdout  # every example fits: the reference is exact
     ours = metrics(out)
     assert sorted(ours) == [1, 2, 3]
@@ -166,9 +176,8 @@ def test_loss_and_grads_do_not_depend_on_the_split(tmp_path, hf_parent):
 
 
 @pytest.mark.parametrize("layout,packing", [("tp2", False), ("pp2", False), ("tp2_sp", True), ("pp2", True)])
-def test_sft_layouts_equal_tp1(tmp_path, hf_parent, layout, packing):
-    ref, out = tmp_path / "tp1", tmp_path / layout
-    run_evolm("train", sft_overrides(ref, hf_parent))
+def test_sft_layouts_equal_tp1(tmp_path, hf_parent, padded_run, layout, packing):
+    ref, out = padded_run[0], tmp_path / layout
     run_evolm("train", sft_overrides(out, hf_parent, f"parallel={layout}", "parallel.micro_batch_size=2",
                                      "parallel.global_batch_size=4", f"train.packing={str(packing).lower()}"),
               nproc=2)
