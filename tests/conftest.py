@@ -109,9 +109,21 @@ def train_then_sigterm(overrides: list[str], out_dir, after_rows: int, timeout: 
 
 
 def tree_bytes(root) -> dict[str, bytes]:
-    """Every file under ``root`` (relative path -> its bytes): to show that a refused command touched nothing."""
+    """Every file under ``root`` (relative path -> its bytes; a file: its name -> its bytes): to show that a refused
+    command touched nothing."""
     root = Path(root)
+    if root.is_file():
+        return {root.name: root.read_bytes()}
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def a_run(tmp_path_factory, data_cache):
+    """A real (one-iteration) tiny training run: checkpoints, run.json, metrics.jsonl."""
+    out = tmp_path_factory.mktemp("a_run") / "run"
+    run_evolm("train", tiny(out, data_cache, "train.iters=1"))
+    assert (out / "checkpoints").is_dir() and (out / "metrics.jsonl").is_file()
+    return out
 
 
 def losses(out_dir) -> dict[int, float]:

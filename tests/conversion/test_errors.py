@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import tree_bytes
 from tests.conversion._sources import make_source, make_tokenizer
 
 
@@ -270,23 +271,6 @@ def test_export_modes_follow_the_umask_and_killed_exports_are_cleaned(ckpt, tmp_
 
 # ------------------------------------------------------------------------------------------ issue 19 items 4, 5
 
-def _checksums(root: Path) -> dict[str, str]:
-    import hashlib
-
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def a_run(tmp_path_factory, data_cache):
-    """A real (one-iteration) tiny training run: checkpoints, run.json, metrics.jsonl."""
-    from tests.conftest import run_evolm, tiny
-
-    out = tmp_path_factory.mktemp("a_run") / "run"
-    run_evolm("train", tiny(out, data_cache, "train.iters=1"))
-    return out
-
-
 def _refused(capsys, args: list[str], *fragments: str) -> str:
     from evolm_nemo.cli import main
 
@@ -305,18 +289,18 @@ def test_export_and_import_never_overwrite_another_kind_of_output(good, ckpt, a_
     naming `dst`, every byte of the run (and of the other outputs) unchanged."""
     from evolm_nemo.cli import main
 
-    before = _checksums(a_run)
+    before = tree_bytes(a_run)
     _refused(capsys, ["export-hf", f"src={ckpt}", f"dst={a_run}", "overwrite=true", "progress=false"],
              f"{a_run} is a training run's directory", "not an HF export", "replaces only an output of the same")
     _refused(capsys, ["import-hf", f"src={good / 'single'}", f"dst={a_run}", "overwrite=true", "progress=false"],
              f"{a_run} is a training run's directory", "not an imported checkpoint")
-    assert _checksums(a_run) == before and not list(a_run.parent.glob(".run.*"))
+    assert tree_bytes(a_run) == before and not list(a_run.parent.glob(".run.*"))
     # an import is not an export's target, an export not an import's, an HF model of one's own not an export's
     imported = tmp_path / "imported"
     shutil.copytree(ckpt, imported)
     hf_dir = tmp_path / "hf"
     assert main(["export-hf", f"src={ckpt}", f"dst={hf_dir}", "progress=false"]) == 0
-    sums = _checksums(imported), _checksums(hf_dir), _checksums(good / "single")
+    sums = tree_bytes(imported), tree_bytes(hf_dir), tree_bytes(good / "single")
     _refused(capsys, ["export-hf", f"src={ckpt}", f"dst={imported}", "overwrite=true", "progress=false"],
              "is an imported checkpoint (made by evolm import-hf), not an HF export")
     _refused(capsys, ["import-hf", f"src={good / 'single'}", f"dst={hf_dir}", "overwrite=true", "progress=false"],
@@ -325,7 +309,7 @@ def test_export_and_import_never_overwrite_another_kind_of_output(good, ckpt, a_
     shutil.copytree(good / "single", own)
     _refused(capsys, ["export-hf", f"src={ckpt}", f"dst={own}", "overwrite=true", "progress=false"],
              "is an HF model directory not made by evolm export-hf")
-    assert (_checksums(imported), _checksums(hf_dir), _checksums(own)) == sums
+    assert (tree_bytes(imported), tree_bytes(hf_dir), tree_bytes(own)) == sums
     # ... while each replaces its own kind
     assert main(["export-hf", f"src={ckpt}", f"dst={hf_dir}", "overwrite=true", "progress=false"]) == 0
     assert main(["import-hf", f"src={good / 'single'}", f"dst={imported}", "overwrite=true", "progress=false"]) == 0

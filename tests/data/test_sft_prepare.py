@@ -13,7 +13,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.sft import SFTDataset, collate
 from evolm_nemo.data.sft_prepare import ALLOCATIONS, PrepareSFTConfig, parse_allocation, prepare_sft, question_key, \
     split_pool
-from tests.conftest import one_line_error, run_evolm, unwritable_dir
+from tests.conftest import one_line_error, run_evolm, tree_bytes, unwritable_dir
 from tests.conversion._sources import make_tokenizer
 
 # (id, question, response, reference, kept by the strict consistency filter?)
@@ -267,17 +267,6 @@ def test_filter_verdicts_do_not_depend_on_workers(tmp_path, tok_dir, monkeypatch
 # -------------------------------------------------------------------------------------- issue 19 items 3-5
 
 
-def _checksums(root) -> dict[str, str]:
-    """Every file under ``root`` (a file or a directory; relative path -> sha256)."""
-    import hashlib
-    from pathlib import Path
-
-    root = Path(root)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return {str(p.relative_to(root) if p != root else p.name): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in files}
-
-
 def _one_line(proc, key: str, *fragments: str) -> str:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}: "), proc.stderr
@@ -300,24 +289,13 @@ def test_rl_output_is_never_the_input(tmp_path, tok_dir, how):
         os.symlink(inp, rl)
     elif how == "hard_link":
         os.link(inp, rl)
-    before = _checksums(inp)
+    before = tree_bytes(inp)
     proc = run_evolm("prepare-sft", [f"input={inp}", f"output={tmp_path / 'out'}", f"tokenizer={tok_dir}",
                                      "question_key=q", "answer_key=r", "reference_key=gold", "allocation=4/4",
                                      f"rl_output={rl}", "overwrite=true", "progress=false"], check=False)
     _one_line(proc, "rl_output", "the input", "which this command reads")
-    assert _checksums(inp) == before
+    assert tree_bytes(inp) == before
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*"))
-
-
-@pytest.fixture(scope="module")
-def a_run(tmp_path_factory, data_cache):
-    """A real (one-iteration) tiny training run: checkpoints, run.json, metrics.jsonl."""
-    from tests.conftest import tiny
-
-    out = tmp_path_factory.mktemp("a_run") / "run"
-    run_evolm("train", tiny(out, data_cache, "train.iters=1"))
-    assert (out / "checkpoints").is_dir() and (out / "metrics.jsonl").is_file()
-    return out
 
 
 def _rm_input(tmp_path):
@@ -329,24 +307,24 @@ def test_dataset_commands_never_overwrite_a_training_run(a_run, tmp_path, tok_di
     """`prepare-sft` / `prepare-rm` with output=<a run directory> overwrite=true used to delete its checkpoints and
     metrics: overwrite replaces only what the same command made. One line naming `output`; the run's every byte
     unchanged. And a dataset of one kind is not replaced by the other command either."""
-    before = _checksums(a_run)
+    before = tree_bytes(a_run)
     inp = _write(tmp_path / "in.jsonl", [{"question": "q?", "answer": "a"}])
     sft = ["prepare-sft", [f"input={inp}", f"tokenizer={tok_dir}", "filter=false", "progress=false"]]
     rm = ["prepare-rm", [f"input={_rm_input(tmp_path)}", f"tokenizer={tok_dir}", "progress=false"]]
     for command, args in (sft, rm):
         proc = run_evolm(command, [*args, f"output={a_run}", "overwrite=true"], check=False)
         _one_line(proc, "output", f"{a_run} is a training run's directory", "replaces only an output of the same")
-        assert _checksums(a_run) == before
+        assert tree_bytes(a_run) == before
         assert not list(a_run.parent.glob(".run.*"))  # no temp dir, no lock file left
     # an SFT dataset is not an RM dataset's overwrite target, nor the other way round
     run_evolm(sft[0], [*sft[1], f"output={tmp_path / 'sft'}"])
     run_evolm(rm[0], [*rm[1], f"output={tmp_path / 'rm'}"])
-    sums = _checksums(tmp_path / "sft"), _checksums(tmp_path / "rm")
+    sums = tree_bytes(tmp_path / "sft"), tree_bytes(tmp_path / "rm")
     _one_line(run_evolm(sft[0], [*sft[1], f"output={tmp_path / 'rm'}", "overwrite=true"], check=False), "output",
               "is an RM dataset (made by evolm prepare-rm), not an SFT dataset")
     _one_line(run_evolm(rm[0], [*rm[1], f"output={tmp_path / 'sft'}", "overwrite=true"], check=False), "output",
               "is an SFT dataset (made by evolm prepare-sft), not an RM dataset")
-    assert (_checksums(tmp_path / "sft"), _checksums(tmp_path / "rm")) == sums
+    assert (tree_bytes(tmp_path / "sft"), tree_bytes(tmp_path / "rm")) == sums
     # ... while each replaces its own kind
     run_evolm(rm[0], [*rm[1], f"output={tmp_path / 'rm'}", "overwrite=true", "seed=7"])
 
