@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, print_error
 from evolm_nemo.fileio import release_outputs
 
 # command -> (module:function, one-line help). Each function takes the list of key=value overrides.
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shown = _show(command, overrides)
     except ConfigError as exc:
-        print(f"error: {exc.key}: {exc.message}", file=sys.stderr)
+        print_error(exc.key, exc.message)
         return 2
     if shown is not None:
         return shown
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         func = getattr(importlib.import_module(module_name), func_name)
         result = func(overrides)
     except ConfigError as exc:
-        print(f"error: {exc.key}: {exc.message}", file=sys.stderr)
+        print_error(exc.key, exc.message)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

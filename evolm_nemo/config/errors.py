@@ -6,3 +6,18 @@ class ConfigError(ValueError):
         self.key = key
         self.message = message
         super().__init__(f"{key}: {message}")
+
+
+def print_error(key: str, message: str) -> None:
+    """Write ``error: <key>: <message>`` as ONE write: under PYTHONUNBUFFERED, print() writes the text and the newline
+    separately, so two ranks failing at once interleave into one garbled line."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    line = f"error: {key}: {message}\n".encode(sys.stderr.encoding or "utf-8", "backslashreplace")
+    try:
+        os.write(sys.stderr.fileno(), line)
+    except (AttributeError, OSError, ValueError):  # a replaced stderr (pytest capture, StringIO) has no fd
+        sys.stderr.write(line.decode(sys.stderr.encoding or "utf-8"))
+        sys.stderr.flush()

@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, print_error
 from evolm_nemo.tasks import TEMPLATE
 
 # --- the world's lexicon -----------------------------------------------------------------------------------------
@@ -419,5 +419,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except ConfigError as exc:
-        print(f"error: {exc.key}: {exc.message}", file=sys.stderr)
+        print_error(exc.key, exc.message)
         sys.exit(2)

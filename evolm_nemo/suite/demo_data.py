@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from evolm_nemo.config import RootConfig, compose
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, print_error
 from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
 from evolm_nemo.fileio import read_jsonl, write_jsonl
 from evolm_nemo.suite.spec import parse_overrides
@@ -54,5 +54,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except ConfigError as exc:
-        print(f"error: {exc.key}: {exc.message}", file=sys.stderr)
+        print_error(exc.key, exc.message)
         sys.exit(2)

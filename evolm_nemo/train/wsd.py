@@ -31,7 +31,7 @@ from pathlib import Path
 
 from evolm_nemo.config import RootConfig, compose
 from evolm_nemo.config.compose import recipes_dir
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, print_error
 from evolm_nemo.config.schedule import branch_iteration, decay_iters, warmup_iters
 from evolm_nemo.config.tokens import format_tokens, iterations_for, parse_tokens
 from evolm_nemo.config.validate import SHAPE_KEYS
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {cfg.model.name}: {format_plan(table)}")
     except (ConfigError, ValueError) as exc:
         key, msg = (exc.key, exc.message) if isinstance(exc, ConfigError) else ("args", str(exc))
-        print(f"error: {key}: {msg}", file=sys.stderr)
+        print_error(key, msg)
         return 2
     return 0
 
