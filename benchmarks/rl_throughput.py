@@ -1,115 +1,229 @@
-"""RL rollout throughput: megatron-core's inference engine on the live actor (what `stage=ppo|grpo` samples with) vs
-transformers' `generate` (KV cache) on the same weights exported to HF, for the same prompts, n and lengths; then a
-short PPO run's time split (rollout / reward / prepare / update) from its metrics.
+"""RL rollout throughput on a response-length mix where about half the samples end early: the continuous-batching
+engine (`generation/continuous.py`, what `stage=ppo|grpo` samples with by default), megatron-core's static inference
+engine (`rl.rollout_engine=static`) and transformers' `generate` (KV cache) on the same weights exported to HF, for
+the same prompts, n and lengths; then, with `--checkpoint`, a short PPO run's time split (rollout / reward / prepare /
+update) with each engine.
 
-Both sample at temperature 1 (top_p 1) with the same number of prompts per batch; generated tokens are counted up to
-and including EOS. Rounds are interleaved; medians are printed with their ratio. Goal on CPU: ratio >= 1.0.
+The models are random-initialised (seeded) at two shapes, `tiny` (the CPU preset, 0.17M) and `25m` (hidden 512, 8
+layers, 8 heads, SwiGLU 1408, vocab 512: BENCHMARKS.md's `mid`), with a larger init std than training's so the logits are peaked. The
+length mix is made, not hoped for: calibration passes (no EOS) find the token most samples emit early and scale its
+output-layer row until about half the samples emit it within the first half of `--max-new`; that token is then EOS
+for every engine (the HF export carries the scaled row). All sample
+at temperature 1 (top_p 1); generated tokens are counted up to and including EOS. Rounds are interleaved; medians
+are printed with the ratios. Goal on CPU: continuous >= 1.0x transformers at both shapes.
 
-    .venv/bin/python benchmarks/rl_throughput.py --checkpoint runs/demo/sft     # after `make demo`
+    .venv/bin/python benchmarks/rl_throughput.py                                   # both shapes
+    .venv/bin/python benchmarks/rl_throughput.py --checkpoint runs/demo/sft        # + PPO step split (after make demo)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "tiny": [],
+    "25m": ["model.hidden_size=512", "model.num_layers=8", "model.num_attention_heads=8", "model.num_query_groups=8",
+            "model.ffn_hidden_size=1408", "model.seq_length=256"],
+}
+
+
+def _evolm() -> str:
+    return str(Path(sys.executable).parent / "evolm")
+
+
+def _env() -> dict:
+    """This process's environment without the rank variables ``setup()`` set (a child command sets up its own)."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+
+
+def _early(gen, prompts: list[str], max_new: int, token: int) -> float:
+    """The fraction of samples (drawn without EOS) that emit ``token`` within their first ``max_new // 2`` tokens."""
+    eos = gen.eos_id
+    gen.eos_id = -1
+    try:
+        out = gen.complete(prompts, max_new, temperature=1.0, seed=7)
+    finally:
+        gen.eos_id = eos
+    return sum(token in c.ids[:max_new // 2] for c in out) / len(out)
+
+
+def make_half_end_early(gen, weight, prompts: list[str], max_new: int) -> tuple[int, float, float]:
+    """Pick the token most samples emit early and scale its output-layer row until about half the samples emit it
+    within their first ``max_new // 2`` tokens (the counter-based sampler makes the samples up to that token the same
+    with and without it as EOS). Returns (token, scale, fraction)."""
+    import torch
+
+    eos = gen.eos_id
+    gen.eos_id = -1
+    try:
+        out = gen.complete(prompts, max_new, temperature=1.0, seed=7)
+    finally:
+        gen.eos_id = eos
+    token = Counter(t for c in out for t in set(c.ids[:max_new // 2])).most_common(1)[0][0]
+    row = weight[token].detach().clone()
+    lo, hi, scale = 1.0, 1.0, 1.0
+    with torch.no_grad():
+        frac = _early(gen, prompts, max_new, token)
+        while frac < 0.5 and hi < 1024:
+            lo, hi = hi, hi * 2
+            weight[token] = row * hi
+            frac = _early(gen, prompts, max_new, token)
+        scale = hi
+        for _ in range(6 if hi > 1 else 0):  # bisect the scale towards a fraction of 0.5
+            mid = (lo + hi) / 2
+            weight[token] = row * mid
+            f = _early(gen, prompts, max_new, token)
+            if abs(f - 0.5) < abs(frac - 0.5):
+                scale, frac = mid, f
+            lo, hi = (mid, hi) if f < 0.5 else (lo, mid)
+        weight[token] = row * scale
+    return token, scale, frac
+
+
+def shape_row(name: str, args, work: Path, tok_dir: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evolm_nemo.checkpoint import io as ckpt
+    from evolm_nemo.config import RootConfig, compose
+    from evolm_nemo.data.tokenizer import load_tokenizer
+    from evolm_nemo.generation.continuous import ContinuousGenerator
+    from evolm_nemo.generation.engine import Generator
+    from evolm_nemo.model.build import build_model
+
+    cfg = compose("config", ["model=tiny", "model.init_method_std=0.1", *SHAPES[name]], RootConfig)
+    torch.manual_seed(1234)
+    model = build_model(cfg.model, cfg.parallel)
+    params = sum(p.numel() for p in model.parameters())
+    tok = load_tokenizer(tok_dir)
+    rows = json.loads((tok_dir / "prompts.json").read_text())[:args.prompts]
+    rep = [p for p in rows for _ in range(args.n)]
+    max_seq = cfg.model.seq_length
+    batch = args.max_batch or len(rep)
+    cont = ContinuousGenerator(model, tok, max_seq=max_seq, max_batch=batch)
+    inner = model
+    weight = (inner.shared_embedding_or_output_weight() if inner.share_embeddings_and_output_weights
+              else inner.output_layer.weight)
+    eos, scale, frac = make_half_end_early(cont, weight, rep, args.max_new)
+    tok = copy.deepcopy(tok)
+    tok.eos_token = tok.convert_ids_to_tokens(eos)
+    cont = ContinuousGenerator(model, tok, max_seq=max_seq, max_batch=batch)
+    static = Generator(model, tok, max_seq=max_seq, max_batch=batch)
+
+    src = ckpt.save(work / name / "ckpt", 0, [model], meta={"model": dataclasses.asdict(cfg.model), "head": "lm"},
+                    layout={"tp": 1, "pp": 1})
+    hf_dir = work / name / "hf"
+    subprocess.run([_evolm(), "export-hf", f"src={src}", f"dst={hf_dir}", f"tokenizer={tok_dir}", "progress=false"],
+                   check=True, cwd=REPO, capture_output=True, env=_env())
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    hf.generation_config.stop_strings = None
+    enc = tok(rep, return_tensors="pt", padding=True, padding_side="left")
+
+    def megatron(gen):
+        def run() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            out = gen.complete(rep, args.max_new, temperature=1.0, seed=7, return_log_probs=True)
+            tokens = sum(len(c.ids) + (c.finish == "eos") for c in out)
+            early = sum(c.finish == "eos" and len(c.ids) < args.max_new // 2 for c in out) / len(out)
+            return tokens / (time.perf_counter() - t0), early
+        return run
+
+    def transformers_generate() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.max_new,
+                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
+                              eos_token_id=eos)
+        tokens, early = 0, 0
+        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            n = (row.index(eos) + 1) if eos in row else len(row)
+            tokens += n
+            early += eos in row and n - 1 < args.max_new // 2
+        return tokens / (time.perf_counter() - t0), early / len(rep)
+
+    engines = {"continuous": megatron(cont), "static": megatron(static), "transformers": transformers_generate}
+    for run in engines.values():
+        run()  # warm-up
+    res: dict[str, list] = {k: [] for k in engines}
+    for r in range(args.rounds):
+        for k, run in engines.items():
+            res[k].append(run())
+        print(f"  {name} round {r + 1}: " + " | ".join(f"{k} {v[-1][0]:,.0f}" for k, v in res.items())
+              + " generated tok/s", flush=True)
+    med = {k: statistics.median(x[0] for x in v) for k, v in res.items()}
+    early = {k: v[-1][1] for k, v in res.items()}
+    return {"shape": name, "params": params, "eos": eos, "scale": scale, "calibrated_early": frac, "early": early, "tok_s": med,
+            "sequences": len(rep), "max_batch": batch}
+
+
+def ppo_split(args, work: Path) -> None:
+    from evolm_nemo.checkpoint import io as ckpt
+
+    src = ckpt.resolve(args.checkpoint)
+    for engine in ("static", "continuous"):
+        out = work / f"ppo-{engine}"
+        subprocess.run([_evolm(), "train", "experiment=demo_ppo", f"train.init_from={src}", f"run.out_dir={out}",
+                        f"train.iters={args.ppo_iters}", f"rl.rollout_engine={engine}", "train.progress=false",
+                        "train.tensorboard=false"], check=True, cwd=REPO, capture_output=True, env=_env())
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # skip warm-up
+        split = {k: statistics.median(r[k] for r in rows) for k in ("time_rollout_s", "time_reward_s",
+                                                                     "time_prepare_s", "time_update_s", "step_s")}
+        print(f"PPO step, rl.rollout_engine={engine} (experiment=demo_ppo, median over iterations 2..): " +
+              ", ".join(f"{k[5:-2] if k.startswith('time_') else k[:-2]} {v:.3f}s" for k, v in split.items()))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="runs/demo/sft", help="an SFT checkpoint (run dir or iter_* dir)")
+    ap.add_argument("--shapes", default="tiny,25m", help=f"comma-separated, of {sorted(SHAPES)}")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--n", type=int, default=4, help="samples per prompt")
     ap.add_argument("--max-new", type=int, default=48)
+    ap.add_argument("--max-batch", type=int, default=0, help="sequences decoded at once (0: all of them)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--ppo-iters", type=int, default=5, help="iterations of the PPO run for the time split (0: skip)")
+    ap.add_argument("--checkpoint", default="", help="an SFT checkpoint: also time demo_ppo steps with each engine")
+    ap.add_argument("--ppo-iters", type=int, default=5)
     args = ap.parse_args()
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evolm_nemo.checkpoint import io as ckpt
     from evolm_nemo.cli import quiet_known_notices
-    from evolm_nemo.config import RootConfig, compose
-    from evolm_nemo.generation.engine import Generator
-    from evolm_nemo.model.build import build_model
+    from evolm_nemo.data.synthetic import generate
+    from evolm_nemo.data.tokenizer import train_tokenizer
     from evolm_nemo.runtime.distributed import setup, teardown
 
     quiet_known_notices()
-    src = ckpt.resolve(args.checkpoint)
-    meta = ckpt.read_meta(src)
     work = Path(tempfile.mkdtemp(prefix="rl_bench_"))
-    hf_dir = work / "hf"
-    subprocess.run([str(Path(sys.executable).parent / "evolm"), "export-hf", f"src={src}", f"dst={hf_dir}",
-                    "progress=false"], check=True, cwd=REPO, capture_output=True)
-    rl_rows = sorted((REPO / "runs" / "cache").glob("synthetic-sft-*/rl.jsonl"))
-    prompts = ([json.loads(line)["prompt"] for line in rl_rows[0].read_text().splitlines()[:args.prompts]] if rl_rows
-               else [f"Human: What is {i} + {i}?\nAssistant:" for i in range(args.prompts)])
-
-    m = meta["model"]
-    cfg = compose("config", [f"model.{k}={v}" for k, v in m.items() if k not in ("name",)], RootConfig)
-    rt = setup(1, 1, seed=0, precision="fp32")
-    model = build_model(cfg.model, cfg.parallel)
-    ckpt.load_weights(src, [model])
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    gen = Generator(model, tok, max_seq=cfg.model.seq_length, max_batch=args.prompts * args.n)
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    hf.generation_config.stop_strings = None  # the export carries EvoLM's; RL rollouts stop at EOS on both sides
-    rep = [p for p in prompts for _ in range(args.n)]
-    enc = tok(rep, return_tensors="pt", padding=True, padding_side="left")
-
-    def ours() -> float:
-        t0 = time.perf_counter()
-        out = gen.complete(rep, args.max_new, temperature=1.0, seed=1, return_log_probs=True)
-        tokens = sum(len(c.ids) + (c.finish == "eos") for c in out)
-        return tokens / (time.perf_counter() - t0)
-
-    def theirs() -> float:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = hf.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                              max_new_tokens=args.max_new, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                              eos_token_id=tok.eos_token_id)
-        new = out[:, enc["input_ids"].shape[1]:]
-        tokens = 0
-        for row in new.tolist():
-            tokens += (row.index(tok.eos_token_id) + 1) if tok.eos_token_id in row else len(row)
-        return tokens / (time.perf_counter() - t0)
-
-    ours(), theirs()  # warm-up
-    res = {"ours": [], "hf": []}
-    for r in range(args.rounds):
-        res["ours"].append(ours())
-        res["hf"].append(theirs())
-        print(f"round {r + 1}: ours {res['ours'][-1]:,.0f} | HF generate {res['hf'][-1]:,.0f} generated tok/s",
-              flush=True)
-    o, h = statistics.median(res["ours"]), statistics.median(res["hf"])
-    print(f"model {meta['model']['name']} ({src}); {args.prompts} prompts x n={args.n}, <= {args.max_new} new tokens, "
-          f"T=1; ours = megatron static inference engine (KV cache) + per-token log-probs")
-    print(f"ours {o:,.0f} generated tok/s | transformers generate {h:,.0f} | ratio {o / h:.3f}")
+    tok_dir = work / "tokenizer"
+    train_tokenizer([d["text"] for d in generate("text", 400, 0)], tok_dir, 512)
+    prompts = [f"Human: {d['text'].splitlines()[0][:200]}\nAssistant:" for d in generate("math", args.prompts, 3)]
+    (tok_dir / "prompts.json").write_text(json.dumps(prompts))
+    setup(1, 1, seed=0, precision="fp32")
+    results = [shape_row(s, args, work, tok_dir) for s in args.shapes.split(",") if s]
     teardown()
-    if args.ppo_iters:
-        import os
-
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                                 "MASTER_PORT")}  # setup() set them for this process
-        out = work / "ppo"
-        subprocess.run([str(Path(sys.executable).parent / "evolm"), "train", "experiment=demo_ppo",
-                        f"train.init_from={src}", f"run.out_dir={out}", f"train.iters={args.ppo_iters}",
-                        "train.progress=false", "train.tensorboard=false"], check=True, cwd=REPO,
-                       capture_output=True, env=env)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # skip warm-up
-        split = {k: statistics.median(r[k] for r in rows) for k in ("time_rollout_s", "time_reward_s",
-                                                                     "time_prepare_s", "time_update_s", "step_s")}
-        print("PPO step (experiment=demo_ppo, median over iterations 2..): " +
-              ", ".join(f"{k[5:-2] if k.startswith('time_') else k[:-2]} {v:.3f}s" for k, v in split.items()))
+    for r in results:
+        t = r["tok_s"]
+        print(f"{r['shape']} ({r['params'] / 1e6:.2f}M params): {r['sequences']} sequences ({args.prompts} prompts x "
+              f"n={args.n}), <= {args.max_new} new tokens, max_batch {r['max_batch']}, T=1; EOS = token {r['eos']} "
+              f"(output row x{r['scale']:.3g}), "
+              f"ending before {args.max_new // 2} tokens: " +
+              ", ".join(f"{k} {v:.0%}" for k, v in r["early"].items()))
+        print(f"  continuous {t['continuous']:,.0f} tok/s | static {t['static']:,.0f} | transformers "
+              f"{t['transformers']:,.0f} | continuous/transformers {t['continuous'] / t['transformers']:.3f} | "
+              f"continuous/static {t['continuous'] / t['static']:.3f} | static/transformers "
+              f"{t['static'] / t['transformers']:.3f}")
+    if args.checkpoint:
+        ppo_split(args, work)
 
 
 if __name__ == "__main__":

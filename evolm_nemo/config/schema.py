@@ -128,7 +128,8 @@ class RLConfig:
 
     prompts_per_step: int = 8  # prompts per iteration over all data-parallel ranks (EvoLM 1B: 1024)
     samples_per_prompt: int = 1  # n responses per prompt (EvoLM PPO: 1; GRPO needs >= 2)
-    rollout_micro_batch_size: int = 32  # prompts per static batch of the inference engine
+    rollout_engine: str = "continuous"  # continuous (a finished sequence's slot takes the next) | static (megatron's)
+    rollout_micro_batch_size: int = 32  # sequences the rollout engine decodes at once (its KV cache width)
     temperature: float = 1.0  # rollout sampling temperature
     top_p: float = 1.0  # rollout nucleus sampling
     max_prompt_tokens: int = 1024  # longer prompts are skipped (counted)

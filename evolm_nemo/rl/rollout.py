@@ -51,7 +51,7 @@ def generate(generator, prompts: list[str], gold: list[str], n: int, rl, eos_id:
         ids, lps = list(c.ids), list(c.log_probs or [math.nan] * len(c.ids))
         if c.finish == "eos":
             ids.append(eos_id)
-            lps.append(math.nan)  # the engine reports no log p for the token that ended generation
+            lps.append(math.nan)  # the engines report no log p for the token that ended generation
         out.prompt_ids.append(generator.encode(prompt))
         out.response_ids.append(ids)
         out.engine_logp.append(lps)

@@ -97,6 +97,25 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def device_mode_paused():
+    """Run a block without redirection 7 (the torch-function mode), for hot loops that pass no CUDA device argument
+    (the continuous generation loop: ~15% of a tiny model's decode step is the mode's Python dispatch). A no-op on
+    GPU machines and when the mode is not the innermost one."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    mode = _MODE
+    if mode is None or not _ACTIVE or not _get_current_function_mode_stack() or \
+            _get_current_function_mode_stack()[-1] is not mode:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+
+
 class _Event:
     """Host-clock stand-in for torch.cuda.Event (elapsed_time in milliseconds, like CUDA's)."""
 

@@ -33,6 +33,7 @@ from evolm_nemo.config.validate import check_shape
 from evolm_nemo.data.packing import best_fit, by_count, by_token_budget
 from evolm_nemo.data.sft_synthetic import RL_EXAMPLES
 from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.generation.continuous import ContinuousGenerator
 from evolm_nemo.generation.engine import Generator
 from evolm_nemo.losses.rl import constant_groups, gae, group_advantages, truncated_importance_weights, whiten_with
 from evolm_nemo.model.build import build_model
@@ -85,6 +86,8 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
                 "max_prompt_tokens", "max_response_tokens"):
         if getattr(r, key) < 1:
             raise ConfigError(f"rl.{key}", f"must be >= 1, got {getattr(r, key)}")
+    if r.rollout_engine not in ("continuous", "static"):
+        raise ConfigError("rl.rollout_engine", f"must be continuous or static, got {r.rollout_engine!r}")
     if cfg.stage == "grpo" and r.samples_per_prompt < 2:
         raise ConfigError("rl.samples_per_prompt", "GRPO compares samples of one prompt: it needs >= 2")
     if r.prompts_per_step % dp:
@@ -237,8 +240,8 @@ class RLStage(Stage):
         if r.reward in ("custom", "sum") and r.reward_fn:  # a user function in helper processes (rl/reward_fn.py)
             self.reward_fn = RewardFunction(r.reward_fn, r.reward_fn_timeout, r.reward_fn_workers)
         max_seq = min(cfg.model.seq_length, r.max_prompt_tokens + r.max_response_tokens)
-        self.generator = Generator(self.actor.model, self.tok, max_seq=max_seq,
-                                   max_batch=r.rollout_micro_batch_size)
+        engine = ContinuousGenerator if r.rollout_engine == "continuous" else Generator
+        self.generator = engine(self.actor.model, self.tok, max_seq=max_seq, max_batch=r.rollout_micro_batch_size)
         return [self.actor] + ([self.critic] if self.critic is not None else [])
 
     def start(self, roles, layout) -> Start:

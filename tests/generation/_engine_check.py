@@ -72,10 +72,19 @@ def attention_decode() -> dict:
     return out
 
 
+ENGINES = ("static", "continuous")
+
+
+def engine_class(name: str):
+    from evolm_nemo.generation.continuous import ContinuousGenerator
+    from evolm_nemo.generation.engine import Generator
+
+    return {"static": Generator, "continuous": ContinuousGenerator}[name]
+
+
 def single(work: Path) -> dict:
     from evolm_nemo.checkpoint import io
     from evolm_nemo.config.schema import ParallelConfig
-    from evolm_nemo.generation.engine import Generator
     from evolm_nemo.model.build import build_model
     from evolm_nemo.runtime.distributed import setup
 
@@ -86,45 +95,75 @@ def single(work: Path) -> dict:
         m = model_config(groups)
         model = build_model(m, ParallelConfig())
         ref = [reference(model, tok, p, NEW, MAX_SEQ) for p in PROMPTS]
-        gen = Generator(model, tok, max_seq=MAX_SEQ, max_batch=8)
-        batched = gen.complete(PROMPTS, NEW)  # one static batch, prompts of different lengths
-        small = Generator(model, tok, max_seq=MAX_SEQ, max_batch=3).complete(PROMPTS, NEW)  # two static batches
-        facts[name] = {"ref": ref, "batched": [c.ids for c in batched], "small_batches": [c.ids for c in small],
-                       "finish": [c.finish for c in batched], "texts": [c.text for c in batched],
-                       "ref_texts": [tok.decode(r, skip_special_tokens=True) for r in ref]}
-        if name != "gqa":
-            continue
-        # the window: prompt + completion never exceeds max_seq, as greedy_ids' max_length
-        long_prompt = " ".join(["apples and pears"] * 12)
-        short = Generator(model, tok, max_seq=48, max_batch=2).complete([long_prompt, PROMPTS[1]], NEW)
-        facts["window"] = {"engine": [c.ids for c in short], "finish": [c.finish for c in short],
-                           "ref": [reference(model, tok, p, NEW, 48) for p in (long_prompt, PROMPTS[1])],
-                           "prompt_len": len(tok(long_prompt, add_special_tokens=False)["input_ids"])}
-        # EOS: make a token the first greedy completion produces mid-way the tokenizer's EOS
-        eos_tok = copy.deepcopy(tok)
-        eos_id = ref[0][len(ref[0]) // 2]
-        eos_tok.eos_token = eos_tok.convert_ids_to_tokens(eos_id)
-        ended = Generator(model, eos_tok, max_seq=MAX_SEQ).complete(PROMPTS, NEW)
-        facts["eos_run"] = {"eos": eos_id, "engine": [c.ids for c in ended], "finish": [c.finish for c in ended],
-                            "ref": [reference(model, eos_tok, p, NEW, MAX_SEQ) for p in PROMPTS]}
-        # seeded sampling
-        runs = {key: gen.generate(PROMPTS, NEW, temperature=1.0, seed=seed, **kw)
-                for key, seed, kw in (("a", 7, {}), ("a2", 7, {}), ("b", 8, {}), ("topk", 7, {"top_k": 5}),
-                                      ("topk2", 7, {"top_k": 5}), ("topp", 7, {"top_p": 0.9}))}
-        facts["sampling"] = runs
-        facts["global_rng_untouched"] = _global_rng_untouched(gen)
-        # stop strings: a piece of the first greedy completion's text, strictly inside it
-        full = batched[0]
-        text = full.text
-        stop = text[len(text) // 2:len(text) // 2 + 2]
-        stopped = gen.complete(PROMPTS[:2], NEW, stop_strings=[stop, "\x00never"])
-        facts["stop"] = {"stop": stop, "full_text": text, "full_ids": full.ids, "text": stopped[0].text,
-                         "ids": stopped[0].ids, "finish": stopped[0].finish, "other": stopped[1].ids}
-        model.train()
-        gen.generate(PROMPTS[:1], 2)
-        facts["training_restored"] = model.training
-        io.save(work / "ckpt", 0, [model], meta={"model": dataclasses.asdict(m)}, layout={"tp": 1, "pp": 1})
+        facts[name] = {"ref": ref, "ref_texts": [tok.decode(r, skip_special_tokens=True) for r in ref]}
+        if name == "gqa":
+            long_prompt = " ".join(["apples and pears"] * 12)
+            facts["window_ref"] = [reference(model, tok, p, NEW, 48) for p in (long_prompt, PROMPTS[1])]
+            facts["prompt_len"] = len(tok(long_prompt, add_special_tokens=False)["input_ids"])
+            # EOS: make a token the first greedy completion produces mid-way the tokenizer's EOS
+            eos_tok = copy.deepcopy(tok)
+            eos_id = ref[0][len(ref[0]) // 2]
+            eos_tok.eos_token = eos_tok.convert_ids_to_tokens(eos_id)
+            facts["eos_ref"] = {"eos": eos_id, "ref": [reference(model, eos_tok, p, NEW, MAX_SEQ) for p in PROMPTS]}
+        for engine in ENGINES:
+            facts[name][engine] = engine_facts(engine_class(engine), model, tok, ref, name == "gqa",
+                                               (long_prompt, eos_tok))
+        if name == "gqa":
+            io.save(work / "ckpt", 0, [model], meta={"model": dataclasses.asdict(m)}, layout={"tp": 1, "pp": 1})
     return facts
+
+
+def engine_facts(Engine, model, tok, ref, more: bool, extra) -> dict:
+    """What one engine does on one model: greedy in one batch and in small ones; with ``more``, the max_seq window,
+    EOS, seeded sampling, stop strings and the state it leaves behind."""
+    gen = Engine(model, tok, max_seq=MAX_SEQ, max_batch=8)
+    batched = gen.complete(PROMPTS, NEW)  # one batch, prompts of different lengths
+    small = Engine(model, tok, max_seq=MAX_SEQ, max_batch=3).complete(PROMPTS, NEW)  # 3 at a time
+    facts = {"batched": [c.ids for c in batched], "small_batches": [c.ids for c in small],
+             "finish": [c.finish for c in batched], "texts": [c.text for c in batched]}
+    if not more:
+        return facts
+    long_prompt, eos_tok = extra
+    # the window: prompt + completion never exceeds max_seq, as greedy_ids' max_length
+    short = Engine(model, tok, max_seq=48, max_batch=2).complete([long_prompt, PROMPTS[1]], NEW)
+    facts["window"] = {"engine": [c.ids for c in short], "finish": [c.finish for c in short]}
+    ended = Engine(model, eos_tok, max_seq=MAX_SEQ, max_batch=2).complete(PROMPTS, NEW)
+    facts["eos_run"] = {"engine": [c.ids for c in ended], "finish": [c.finish for c in ended]}
+    runs = {key: gen.generate(PROMPTS, NEW, temperature=1.0, seed=seed, **kw)
+            for key, seed, kw in (("a", 7, {}), ("a2", 7, {}), ("b", 8, {}), ("topk", 7, {"top_k": 5}),
+                                  ("topk2", 7, {"top_k": 5}), ("topp", 7, {"top_p": 0.9}))}
+    facts["sampling"] = runs
+    facts["global_rng_untouched"] = _global_rng_untouched(gen)
+    # stop strings: a piece of the first greedy completion's text, strictly inside it
+    text = batched[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stopped = gen.complete(PROMPTS[:2], NEW, stop_strings=[stop, "\x00never"])
+    facts["stop"] = {"stop": stop, "full_text": text, "full_ids": batched[0].ids, "text": stopped[0].text,
+                     "ids": stopped[0].ids, "finish": stopped[0].finish, "other": stopped[1].ids}
+    model.train()
+    gen.generate(PROMPTS[:1], 2)
+    facts["training_restored"] = model.training
+    model.eval()
+    if Engine.__name__ == "ContinuousGenerator":
+        facts["continuous"] = continuous_facts(Engine, model, eos_tok)
+    return facts
+
+
+def continuous_facts(Engine, model, tok) -> dict:
+    """Samples and log-probs of 3 x 4 prompts at T=0.7, top_p=0.9 with 1, 3 and 16 slots, and of request 5 among
+    other prompts; the decode rows against the tokens they produced (no idle slot); the samples' ids and log-probs."""
+    prompts = PROMPTS * 3
+    runs, stats = {}, {}
+    for slots in (16, 3, 1):
+        gen = Engine(model, tok, max_seq=MAX_SEQ, max_batch=slots)
+        out = gen.complete(prompts, NEW, temperature=0.7, top_p=0.9, seed=11, return_log_probs=True)
+        runs[slots] = [(c.ids, c.log_probs, c.finish) for c in out]
+        stats[slots] = dict(gen.stats)
+    others = [f"{p} and then" for p in prompts]  # other prompts around request 5, itself unchanged
+    others[5] = prompts[5]
+    alone = Engine(model, tok, max_seq=MAX_SEQ, max_batch=4).complete(
+        others[:6], NEW, temperature=0.7, top_p=0.9, seed=11, return_log_probs=True)[5]
+    return {"runs": runs, "stats": stats, "alone": [alone.ids, alone.log_probs], "eos": tok.eos_token_id}
 
 
 def _global_rng_untouched(gen) -> bool:
@@ -141,7 +180,6 @@ def tp(work: Path) -> dict:
 
     from evolm_nemo.checkpoint import io
     from evolm_nemo.config.schema import ParallelConfig
-    from evolm_nemo.generation.engine import Generator
     from evolm_nemo.model.build import build_model
     from evolm_nemo.runtime.distributed import setup
 
@@ -149,18 +187,22 @@ def tp(work: Path) -> dict:
     tok = tokenizer(work)
     model = build_model(model_config(2), ParallelConfig(tp=2))
     io.load_weights(work / "ckpt", [model])
-    gen = Generator(model, tok, max_seq=MAX_SEQ)
-    greedy = [c.ids for c in gen.complete(PROMPTS, NEW)]
-    sampled = gen.generate(PROMPTS, NEW, temperature=1.0, seed=7)
-    # sequence parallel: the engine switches it off while generating and back on afterwards
+    # sequence parallel: the engines switch it off while generating and back on afterwards
     sp_model = build_model(model_config(2), ParallelConfig(tp=2, sp=True))
     io.load_weights(work / "ckpt", [sp_model])
-    sp_greedy = [c.ids for c in Generator(sp_model, tok, max_seq=MAX_SEQ).complete(PROMPTS, NEW)]
-    sp_restored = sp_model.config.sequence_parallel and sp_model.decoder.layers[0].mlp.linear_fc1.sequence_parallel
-    ranks = [None, None]
-    dist.all_gather_object(ranks, {"greedy": greedy, "sampled": sampled, "sp_greedy": sp_greedy,
-                                   "sp_restored": bool(sp_restored)})
-    return {"ranks": ranks}
+    facts = {}
+    for engine in ENGINES:
+        gen = engine_class(engine)(model, tok, max_seq=MAX_SEQ)
+        greedy = [c.ids for c in gen.complete(PROMPTS, NEW)]
+        sampled = gen.generate(PROMPTS, NEW, temperature=1.0, seed=7)
+        sp_greedy = [c.ids for c in engine_class(engine)(sp_model, tok, max_seq=MAX_SEQ).complete(PROMPTS, NEW)]
+        sp_restored = (sp_model.config.sequence_parallel
+                       and sp_model.decoder.layers[0].mlp.linear_fc1.sequence_parallel)
+        ranks = [None, None]
+        dist.all_gather_object(ranks, {"greedy": greedy, "sampled": sampled, "sp_greedy": sp_greedy,
+                                       "sp_restored": bool(sp_restored)})
+        facts[engine] = ranks
+    return facts
 
 
 def main() -> None:

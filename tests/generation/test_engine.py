@@ -1,7 +1,8 @@
-"""megatron-core's static inference engine (KV cache) on CPU: greedy equals the no-cache reference loop token for
+"""The generation engines on CPU -- megatron-core's static inference engine (KV cache) and the continuous-batching
+engine (``generation/continuous.py``): greedy equals the no-cache reference loop token for
 token (GQA and MHA, batched prompts of different lengths, several static batches, the max_seq window, EOS), seeded
 sampling, stop strings, SDPA attention with fewer queries than keys, and TP=2 (also with sequence parallel) over
-gloo equal to TP=1.
+gloo equal to TP=1; for the continuous engine also samples that do not depend on the batching and no idle slot.
 
 The megatron work runs in ``_engine_check.py`` subprocesses (one single-process run, then one 2-rank torchrun that
 loads the checkpoint the first one saved); this file judges the facts they write."""
@@ -35,40 +36,79 @@ def single(work) -> dict:
     return _run([sys.executable], work, "single")
 
 
+ENGINES = ["static", "continuous"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("kind", ["gqa", "mha"])
-def test_greedy_equals_reference_loop(single, kind):
-    facts = single[kind]
-    assert all(len(r) == 24 for r in facts["ref"])  # full-length completions: every step is compared
-    assert facts["batched"] == facts["ref"]  # one static batch, prompts of 1, 6, 11 and 20 tokens
-    assert facts["small_batches"] == facts["ref"]  # max_batch=3: two static batches
+def test_greedy_equals_reference_loop(single, kind, engine):
+    facts, ref = single[kind][engine], single[kind]["ref"]
+    assert all(len(r) == 24 for r in ref)  # full-length completions: every step is compared
+    assert facts["batched"] == ref  # one batch, prompts of 1, 6, 11 and 20 tokens
+    assert facts["small_batches"] == ref  # max_batch=3: two static batches / a slot refilled
     assert facts["finish"] == ["length"] * 4
-    assert facts["texts"] == facts["ref_texts"]
+    assert facts["texts"] == single[kind]["ref_texts"]
 
 
-def test_window_and_eos(single):
-    window = single["window"]
-    assert window["engine"] == window["ref"]
-    assert len(window["engine"][0]) == 48 - window["prompt_len"] < 24  # cut by max_seq, not max_new_tokens
+@pytest.mark.parametrize("engine", ENGINES)
+def test_window_and_eos(single, engine):
+    facts = single["gqa"][engine]
+    window = facts["window"]
+    assert window["engine"] == single["window_ref"]
+    assert len(window["engine"][0]) == 48 - single["prompt_len"] < 24  # cut by max_seq, not max_new_tokens
     assert window["finish"] == ["length", "length"]
-    eos = single["eos_run"]
-    assert eos["engine"] == eos["ref"]
-    assert eos["finish"][0] == "eos" and eos["eos"] not in eos["engine"][0] and len(eos["engine"][0]) < 24
+    eos = facts["eos_run"]
+    assert eos["engine"] == single["eos_ref"]["ref"]
+    assert eos["finish"][0] == "eos" and single["eos_ref"]["eos"] not in eos["engine"][0]
+    assert len(eos["engine"][0]) < 24
 
 
-def test_sampling_is_seeded(single):
-    runs = single["sampling"]
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sampling_is_seeded(single, engine):
+    facts = single["gqa"][engine]
+    runs = facts["sampling"]
     assert runs["a"] == runs["a2"] and runs["topk"] == runs["topk2"]
     assert runs["a"] != runs["b"] and runs["a"] != runs["topk"] and runs["a"] != runs["topp"]
-    assert single["global_rng_untouched"] and single["training_restored"]
+    assert facts["global_rng_untouched"] and facts["training_restored"]
 
 
-def test_stop_strings(single):
-    stop = single["stop"]
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stop_strings(single, engine):
+    stop = single["gqa"][engine]["stop"]
     cut = stop["full_text"][:stop["full_text"].find(stop["stop"])]
     assert 0 < len(cut) < len(stop["full_text"])
     assert stop["text"] == cut and stop["finish"] == "stop"
     assert len(stop["ids"]) < len(stop["full_ids"]) and stop["full_ids"][:len(stop["ids"])] == stop["ids"]
     assert stop["other"] == single["gqa"]["ref"][1]  # the other prompt in the batch runs on unaffected
+
+
+def test_continuous_samples_do_not_depend_on_the_batching(single):
+    """The same seed gives the same samples and log-probs with 16, 3 or 1 slots, and for a request among other
+    prompts (counter-based sampling: a token depends on (seed, request index, step) and its logits only)."""
+    facts = single["gqa"]["continuous"]["continuous"]
+    runs = facts["runs"]
+    ids = {k: [r[0] for r in v] for k, v in runs.items()}
+    assert ids["16"] == ids["3"] == ids["1"]
+    assert {r[2] for r in runs["16"]} >= {"eos", "length"}  # a mix: some end early, some run to the budget
+    for slots in ("3", "1"):
+        for (_, a, _), (_, b, _) in zip(runs["16"], runs[slots]):
+            assert len(a) == len(b) and max((abs(x - y) for x, y in zip(a, b)), default=0) < 1e-5
+    alone_ids, alone_lp = facts["alone"]
+    assert alone_ids == ids["16"][5]
+    assert max(abs(x - y) for x, y in zip(alone_lp, runs["16"][5][1])) < 1e-5
+
+
+def test_continuous_batching_has_no_idle_slot(single):
+    """Every decode row is a live sequence's next token: rows = tokens generated after each prefill's first, so a
+    finished sequence never costs a step; with fewer slots than sequences, the slots are refilled."""
+    facts = single["gqa"]["continuous"]["continuous"]
+    for slots, runs in facts["runs"].items():
+        stats = facts["stats"][slots]
+        produced = sum(len(ids) + (finish == "eos") for ids, _, finish in runs)
+        assert stats["decode_rows"] == produced - len(runs), (slots, stats, produced)
+        assert stats["max_active"] <= int(slots)
+    assert facts["stats"]["1"]["prefills"] == 12 and facts["stats"]["3"]["prefills"] > 4
+    assert facts["stats"]["16"]["prefills"] == 1
 
 
 def test_sdpa_with_fewer_queries_than_keys(single):
@@ -80,8 +120,9 @@ def test_sdpa_with_fewer_queries_than_keys(single):
 def test_tensor_parallel_equals_single(single, work):
     tp = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port())], work, "tp")
-    rank0, rank1 = tp["ranks"]
-    assert rank0 == rank1
-    assert rank0["greedy"] == single["gqa"]["ref"]
-    assert rank0["sampled"] == single["sampling"]["a"]
-    assert rank0["sp_greedy"] == single["gqa"]["ref"] and rank0["sp_restored"]
+    for engine in ENGINES:
+        rank0, rank1 = tp[engine]
+        assert rank0 == rank1, engine
+        assert rank0["greedy"] == single["gqa"]["ref"], engine
+        assert rank0["sampled"] == single["gqa"][engine]["sampling"]["a"], engine
+        assert rank0["sp_greedy"] == single["gqa"]["ref"] and rank0["sp_restored"], engine
