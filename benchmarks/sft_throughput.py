@@ -48,8 +48,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--mix", choices=("uniform", "evolm"), default="evolm", help="the batch's length mix")
-    args = ap.parse_args()
+    r = measure(ap.parse_args())
+    print(f"shape: {r['shape']}; batch {r['batch']} examples, mix {r['mix']} ({r['answer_tokens']:,} answer tokens, "
+          f"prompt {r['prompt_share']:.0%} of the tokens); padding: ours micro {r['micro']} {r['padding']['padded']:.1%}, "
+          f"packed {r['packed_rows']} rows {r['padding']['packed']:.1%}, HF one padded batch "
+          f"{r['padding']['HF']:.1%}; {r['dtype']} on {r['device']}")
+    tps = r["answer_tokens_per_s"]
+    print(f"answer tok/s: padded {tps['padded']:,.0f} | packed {tps['packed']:,.0f} | HF LlamaForCausalLM + AdamW "
+          f"{tps['HF']:,.0f}; padded/HF {tps['padded'] / tps['HF']:.3f}, packed/padded "
+          f"{tps['packed'] / tps['padded']:.3f}, packed/HF {tps['packed'] / tps['HF']:.3f}")
 
+
+def measure(args) -> dict:
+    """The three layouts on one batch (``args``: main's options); medians of answer tokens/s and the paddings."""
     from evolm_nemo.config import RootConfig, compose
     from evolm_nemo.data.packing import best_fit, collate_packed
     from evolm_nemo.data.sft import collate
@@ -108,16 +119,13 @@ def main() -> None:
     tps = interleave({"padded": ours, "packed": ours_packed, "HF": theirs}, answer_tokens, args.steps, args.rounds,
                      rt.device, "answer tok/s")
     prompt_share = sum(p for _, p in examples) / sum(len(ids) for ids, _ in examples)
-    print(f"shape: {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, heads "
-          f"{m.num_attention_heads}/{m.num_query_groups}, vocab {m.vocab_size}, max length {m.seq_length}; batch "
-          f"{args.batch} examples, mix {args.mix} ({answer_tokens:,} answer tokens, prompt {prompt_share:.0%} of "
-          f"the tokens); padding: ours micro {args.micro} {padding:.1%}, packed {len(packed)} rows "
-          f"{packed_padding:.1%}, HF one padded batch {1.0 - real / full['tokens'].numel():.1%}; {rt.dtype} on "
-          f"{rt.device}")
-    print(f"answer tok/s: padded {tps['padded']:,.0f} | packed {tps['packed']:,.0f} | HF LlamaForCausalLM + AdamW "
-          f"{tps['HF']:,.0f}; padded/HF {tps['padded'] / tps['HF']:.3f}, packed/padded "
-          f"{tps['packed'] / tps['padded']:.3f}, packed/HF {tps['packed'] / tps['HF']:.3f}")
     teardown()
+    return {"shape": f"{m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, heads "
+                     f"{m.num_attention_heads}/{m.num_query_groups}, vocab {m.vocab_size}, max length {m.seq_length}",
+            "batch": args.batch, "micro": args.micro, "mix": args.mix, "answer_tokens": answer_tokens,
+            "prompt_share": prompt_share, "packed_rows": len(packed), "dtype": str(rt.dtype), "device": str(rt.device),
+            "padding": {"padded": padding, "packed": packed_padding, "HF": 1.0 - real / full["tokens"].numel()},
+            "answer_tokens_per_s": tps}
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from evolm_nemo.evaluation.probe import Problems, downstream
 from evolm_nemo.evaluation.report import build as report
 from evolm_nemo.evaluation.upstream import default_tasks_dir
 from evolm_nemo.fileio import read_jsonl, write_jsonl
-from evolm_nemo.generation.engine import Generator
+from evolm_nemo.generation.continuous import ContinuousGenerator
 from evolm_nemo.runtime.distributed import teardown
 from evolm_nemo.stages import plan_run, run
 from evolm_nemo.suite.demo_data import write_demo_problems
@@ -90,7 +90,7 @@ def own_samples(model, tokenizer, rl_path, problems: int, n: int, max_seq: int, 
     `evolm prepare-rm` (the prompt is already templated)."""
     rows = read_jsonl(rl_path)[:problems]
     prompts = [r["prompt"] for r in rows for _ in range(n)]
-    done = Generator(model, tokenizer, max_seq=max_seq, max_batch=64).complete(
+    done = ContinuousGenerator(model, tokenizer, max_seq=max_seq, max_batch=64).complete(
         prompts, MAX_NEW, temperature=1.0, seed=seed, stop_strings=TURN_MARKERS)
     out = []
     for i, r in enumerate(rows):
@@ -179,7 +179,7 @@ def main(overrides: list[str]) -> int:
                       f"before SFT {before:.1%} -> after SFT {after:.1%}")
                 for p, t in list(zip(problems, texts))[:2]:
                     print(f"sample> Human: {p['problem']}\nAssistant:{t}")
-            texts = Generator(final.model, tokenizer, max_seq=max_seq).generate(PROMPTS, 40)
+            texts = ContinuousGenerator(final.model, tokenizer, max_seq=max_seq).generate(PROMPTS, 40)
             for prompt, text in zip(PROMPTS, texts):
                 if is_main:
                     print(f"sample> {prompt}{text}")

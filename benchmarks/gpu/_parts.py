@@ -606,6 +606,7 @@ def part_sample_megatron(args, rec: Recorder) -> None:
 
     from evolm_nemo.config.schema import ParallelConfig
     from evolm_nemo.data.tokenizer import load_tokenizer
+    from evolm_nemo.generation.continuous import ContinuousGenerator
     from evolm_nemo.generation.engine import Generator
     from evolm_nemo.model.build import build_model, layer_spec
     from evolm_nemo.runtime.distributed import setup
@@ -643,21 +644,40 @@ def part_sample_megatron(args, rec: Recorder) -> None:
     free_cuda()
     seqs = args.prompts * args.n
     window = args.prompt_len + args.new_tokens
-    gen = Generator(model, tok, max_seq=window, max_batch=seqs)
     rec.set(build_s=round(time.perf_counter() - t, 2), weights=weights, spec=layer_spec(m)[1], dtype=str(rt.dtype),
             device=str(rt.device), prompts=args.prompts, n=args.n, sequences=seqs)
     texts = prompts(args.prompts, args.prompt_len)
-    batch = [p for p in texts for _ in range(args.n)]  # n samples of a prompt = n rows of the static batch
-    rec.set(prompt_tokens=len(getattr(gen, "encode", gen.tokenizer.tokenize)(texts[0])))
+    batch = [p for p in texts for _ in range(args.n)]  # n samples of a prompt = n rows
+    engines = {"continuous": ContinuousGenerator, "static": Generator}
+    for index, (name, engine) in enumerate(engines.items()):
+        entry: dict = {"engine": engine.__name__}
+        try:
+            gen = engine(model, tok, max_seq=window, max_batch=seqs)
+            entry["prompt_tokens"] = len(gen.encode(texts[0]))
+            _sample_measure(args, gen, batch, entry, share=1.0 / (len(engines) - index))
+        except Exception as exc:
+            entry.update(status="error", error=short_error(exc), trace=traceback.format_exc(limit=6)[-1500:])
+        free_cuda()
+        rec.set(**{name: entry})
+    # the figures of the default engine also at the top level (earlier results and the summary read these)
+    first = rec.data.get("continuous", {})
+    rec.set(**{k: first[k] for k in ("tokens_per_s", "generated_tokens", "seconds", "new_tokens") if k in first})
+    ok = [n for n in engines if rec.data.get(n, {}).get("status") == "ok"]
+    rec.set(status="ok" if ok else "error", error=None if ok else "no engine ran")
+
+
+def _sample_measure(args, gen, batch: list[str], entry: dict, share: float) -> None:
+    """A 16-token warm-up, then as many new tokens as fit in ``share`` of the part's time left; fills ``entry``."""
     sync()
     t = time.perf_counter()
     gen.complete(batch, 16, temperature=1.0, seed=0)
     sync()
     warm = time.perf_counter() - t
-    new = _fit_tokens(args, warm / 16, 0)
-    rec.set(warmup_s=round(warm, 2), new_tokens=new, new_tokens_asked=args.new_tokens)
+    room = (left(args) - 10) * share
+    new = max(0, min(args.new_tokens, int(room / max(warm / 16, 1e-6))))
+    entry.update(warmup_s=round(warm, 2), new_tokens=new, new_tokens_asked=args.new_tokens)
     if new < 16:
-        rec.set(status="error", error=f"out of time for the measured run ({left(args):.0f} s left)")
+        entry.update(status="error", error=f"out of time for the measured run ({left(args):.0f} s left)")
         return
     reset_peak()
     sync()
@@ -666,17 +686,35 @@ def part_sample_megatron(args, rec: Recorder) -> None:
     sync()
     dt = time.perf_counter() - t
     tokens = sum(len(c.ids) + (c.finish == "eos") for c in comps)  # EOS counted, as the hf backend counts it
-    finishes = {}
+    finishes: dict = {}
     for c in comps:
         finishes[c.finish] = finishes.get(c.finish, 0) + 1
-    rec.set(seconds=round(dt, 3), generated_tokens=tokens, tokens_per_s=round(tokens / dt, 1),
-            nominal_tokens_per_s=round(seqs * new / dt, 1), finish=finishes,
-            settings={"temperature": 1.0, "top_p": 1.0, "repetition_penalty": "none (megatron engine)"}, **memory())
-    rec.set(status="ok")
+    entry.update(seconds=round(dt, 3), generated_tokens=tokens, tokens_per_s=round(tokens / dt, 1),
+                 nominal_tokens_per_s=round(len(batch) * new / dt, 1), finish=finishes,
+                 settings={"temperature": 1.0, "top_p": 1.0}, status="ok", **memory())
+
+
+def part_sft_packed(args, rec: Recorder) -> None:
+    """benchmarks/sft_throughput.py's measurement at the 1B preset (tiny with --smoke): padded, packed, HF."""
+    import types
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sft_throughput import measure
+
+    quiet()
+    preset = "tiny" if args.smoke else "evolm_1b"
+    batch = 4 if args.smoke else 8
+    opts = types.SimpleNamespace(preset=preset, layers=None, hidden=None, ffn=None, heads=None, groups=None,
+                                 vocab=None, seq=args.seq, batch=batch, micro=batch, steps=2, rounds=2, mix="evolm")
+    result = measure(opts)
+    tps = result["answer_tokens_per_s"]
+    rec.set(**result, packed_over_padded=round(tps["packed"] / tps["padded"], 3),
+            padded_over_hf=round(tps["padded"] / tps["HF"], 3), status="ok")
 
 
 PARTS = {"env": part_env, "train": lambda a, r: part_train(a, r, False),
-         "train_recompute": lambda a, r: part_train(a, r, True), "sample_hf": part_sample_hf,
+         "train_recompute": lambda a, r: part_train(a, r, True), "sft_packed": part_sft_packed,
+         "sample_hf": part_sample_hf,
          "sample_megatron": part_sample_megatron}
 
 

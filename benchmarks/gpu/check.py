@@ -33,18 +33,21 @@ REPO = HERE.parents[1]
 WHEEL_LIST = HERE / "wheels.txt"
 RESULT_NAME = "gpu_check.json"
 LOG_NAME = "gpu_check_log.txt"
-TOTAL_BUDGET_S = 465  # the whole run, install included: under 8 minutes
+TOTAL_BUDGET_S = 470  # the whole run, install included: under 8 minutes
 INSTALL_BUDGET_S = 20  # check.sh's pip install (not a part of this file; in the plan and the budget)
 # name -> (time limit in seconds, what it does). Order = run order.
 PARTS = {
     "env": (40, "versions, GPU, imports, TE, NCCL, bf16 matmul TFLOP/s, SDPA (GQA) kernels"),
-    "tests": (95, "pytest -m gpu tests/gpu: bf16 vs fp32, CUDA vs CPU engine, CPU layer off, local/TE spec, "
+    "tests": (90, "pytest -m gpu tests/gpu: bf16 vs fp32, CUDA vs CPU engine, CPU layer off, local/TE spec, "
                    "inference engine, hf sampler"),
-    "train": (80, "evolm_1b training steps in bf16 at each micro-batch size, no recompute: tokens/s, MFU (6N, "
+    "train": (70, "evolm_1b training steps in bf16 at each micro-batch size, no recompute: tokens/s, MFU (6N, "
                   "6N+attention), peak memory"),
-    "train_recompute": (85, "the same with full activation recomputation (uniform, 1 layer per checkpoint)"),
-    "sample_hf": (80, "a random 1B-shape HF model + tokenizer written; hf backend sampling: generated tokens/s"),
-    "sample_megatron": (65, "the same weights in megatron's static inference engine (generation.engine.Generator)"),
+    "train_recompute": (60, "the same with full activation recomputation (uniform, 1 layer per checkpoint)"),
+    "sft_packed": (60, "evolm_1b SFT steps on an EvoLM-shaped length mix: padded microbatches vs packed rows (TE THD, "
+                       "cu_seqlens) vs transformers + AdamW: answer tokens/s"),
+    "sample_hf": (65, "a random 1B-shape HF model + tokenizer written; hf backend sampling: generated tokens/s"),
+    "sample_megatron": (65, "the same weights in the continuous-batching engine (RL's default) and megatron's static "
+                            "inference engine"),
 }
 SMOKE_SCALE = 4  # --smoke: every limit x4 (CPU)
 # option -> (default, --smoke default)
@@ -498,7 +501,11 @@ def summary(results: dict) -> dict:
     train = [c for key in ("train", "train_recompute") for c in (parts.get(key) or {}).get("configs", [])
              if "tokens_per_s" in c and not c.get("error")]
     best = max(train, key=lambda c: c["tokens_per_s"], default=None)
-    samplers = {k: (parts.get(k) or {}).get("tokens_per_s") for k in ("sample_hf", "sample_megatron")}
+    megatron = parts.get("sample_megatron") or {}
+    samplers = {"sample_hf": (parts.get("sample_hf") or {}).get("tokens_per_s"),
+                "sample_megatron": megatron.get("tokens_per_s"),
+                **{f"sample_megatron_{e}": (megatron.get(e) or {}).get("tokens_per_s") for e in ("continuous", "static")}}
+    sft = parts.get("sft_packed") or {}
     fastest = max((v for v in samplers.values() if v), default=None)
     tests = parts.get("tests") or {}
     return {"best_training": best and {k: best.get(k) for k in ("mbs", "recompute", "tokens_per_s", "mfu_6n",
@@ -508,6 +515,8 @@ def summary(results: dict) -> dict:
                             "met": bool(best and (best.get("mfu_6n") or 0) >= GOALS["mfu_6n"])},
             "goal_sampling": {"goal": GOALS["sampling_tokens_per_s"], "best": fastest,
                               "met": bool(fastest and fastest >= GOALS["sampling_tokens_per_s"])},
+            "sft_answer_tokens_per_s": sft.get("answer_tokens_per_s"),
+            "sft_packed_over_padded": sft.get("packed_over_padded"),
             "tests": {k: tests.get(k) for k in ("passed", "failed", "skipped", "errors")}}
 
 
@@ -556,10 +565,21 @@ def print_table(results: dict) -> None:
         print(f"\nsampling: n={results['settings'].get('n')}, {results['settings'].get('prompts')} prompts, "
               f"{results['settings'].get('prompt_len')} prompt + {results['settings'].get('new_tokens')} new tokens")
         print(f"{'backend':<16} {'seqs':>5} {'new':>5} {'gen tokens':>11} {'s':>7} {'gen tok/s':>10}  note")
+        rows = []
         for k, r in samp:
-            print(f"{k.replace('sample_', ''):<16} {_f(r.get('sequences'), 'd'):>5} {_f(r.get('new_tokens'), 'd'):>5} "
+            engines = [(f"megatron {e}", r[e]) for e in ("continuous", "static") if isinstance(r.get(e), dict)]
+            rows += engines or [(k.replace("sample_", ""), r)]
+        for k, r in rows:
+            seqs = r.get("sequences", (parts.get("sample_megatron") or {}).get("sequences"))
+            print(f"{k:<16} {_f(seqs, 'd'):>5} {_f(r.get('new_tokens'), 'd'):>5} "
                   f"{_f(r.get('generated_tokens'), ',d'):>11} {_f(r.get('seconds'), '.1f'):>7} "
                   f"{_f(r.get('tokens_per_s'), ',.0f'):>10}  {(r.get('error') or '')[:90]}")
+    sft = parts.get("sft_packed") or {}
+    if sft.get("answer_tokens_per_s"):
+        tps = sft["answer_tokens_per_s"]
+        print(f"\nSFT ({sft.get('shape')}; {sft.get('batch')} examples, mix {sft.get('mix')}): answer tok/s padded "
+              f"{_f(tps.get('padded'), ',.0f')} | packed {_f(tps.get('packed'), ',.0f')} | HF "
+              f"{_f(tps.get('HF'), ',.0f')}; packed/padded {_f(sft.get('packed_over_padded'), '.3f')}")
     s = results.get("summary") or {}
     g1, g2 = s.get("goal_mfu_6n") or {}, s.get("goal_sampling") or {}
     print(f"\ngoals: MFU (6N) >= {g1.get('goal')}: best {_f(g1.get('best'), '.3f')} "

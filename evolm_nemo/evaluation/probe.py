@@ -25,7 +25,7 @@ from evolm_nemo.evaluation import upstream as up
 from evolm_nemo.evaluation.tasks import get_task
 from evolm_nemo.evaluation.tasks import load_problems as task_problems
 from evolm_nemo.evaluation.upstream import default_tasks_dir
-from evolm_nemo.generation.engine import Generator
+from evolm_nemo.generation.continuous import ContinuousGenerator
 
 
 def _tp_gather(logits: torch.Tensor) -> torch.Tensor:
@@ -206,7 +206,7 @@ def fitting(problems: Problems, tokenizer, max_seq: int, max_new_tokens: int, ve
 def downstream(model, tokenizer, problems: Problems, max_new_tokens: int, max_seq: int, mode: str = "evolm",
                max_batch: int = 32) -> tuple[float, list[str]]:
     """Greedy accuracy (fraction) of ``problems`` on the live model, judged by the shared checker; and the texts."""
-    texts = Generator(model, tokenizer, max_seq=max_seq, max_batch=max_batch).generate(
+    texts = ContinuousGenerator(model, tokenizer, max_seq=max_seq, max_batch=max_batch).generate(
         problems.prompts, max_new_tokens, stop_strings=problems.stop)  # greedy; the engine leaves torch's RNG alone
     right = sum(judge(problems.suite, t, g, mode) for t, g in zip(texts, problems.golds))
     return right / max(len(problems.prompts), 1), texts

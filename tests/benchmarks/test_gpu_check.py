@@ -50,12 +50,12 @@ def test_dry_run_through_check_sh(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert out.startswith("evolm GPU check (issue 11), dry run: nothing installed, torch and CUDA untouched")
-    assert "arguments: ok (parts=env,tests,train,train_recompute,sample_hf,sample_megatron" in out
+    assert "arguments: ok (parts=env,tests,train,train_recompute,sft_packed,sample_hf,sample_megatron" in out
     assert "micro-batch 4/8/16" in out and "seq 2048" in out and "n=16" in out and "128 prompt + 512 new" in out
     for name, version in load_check().wanted_wheels():
         assert re.search(rf"^  {re.escape(name)}=={re.escape(version)}\s+present ", out, re.M), out
     assert "wheel folder: complete (4/4" in out
-    for step in ("install", "env", "tests", "train", "train_recompute", "sample_hf", "sample_megatron"):
+    for step in ("install", "env", "tests", "train", "train_recompute", "sft_packed", "sample_hf", "sample_megatron"):
         assert re.search(rf"^  {step}\s+\d+s  ", out, re.M), step
     total = int(re.search(r"^  total\s+(\d+)s", out, re.M).group(1))
     assert total <= 480  # under 8 minutes, install included
@@ -120,7 +120,8 @@ def test_plan_and_wheel_list_are_consistent():
 def test_smoke_run_of_the_measuring_parts(tmp_path):
     """Every measuring part at the tiny shape on this CPU (fp32): the JSON and the table come out."""
     out = tmp_path / "out"
-    proc = run([sys.executable, str(CHECK_PY), "--smoke", "--parts", "train_recompute,sample_hf,sample_megatron",
+    proc = run([sys.executable, str(CHECK_PY), "--smoke", "--parts",
+                "train_recompute,sft_packed,sample_hf,sample_megatron",
                 "--mbs", "4", "--out", str(out), "--work", str(tmp_path / "work")], timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
@@ -129,11 +130,17 @@ def test_smoke_run_of_the_measuring_parts(tmp_path):
     config = train["configs"][0]
     assert config["mbs"] == 4 and config["tokens_per_s"] > 0 and "error" not in config
     assert config["layer0_forwards_per_microbatch"] == 2  # recomputed in the backward pass
-    for part in ("sample_hf", "sample_megatron"):
-        sample = res["parts"][part]
+    hf, megatron = res["parts"]["sample_hf"], res["parts"]["sample_megatron"]
+    for sample in (hf, megatron["continuous"], megatron["static"]):
         assert sample["status"] == "ok", sample
-        assert sample["prompt_tokens"] == 8 and sample["sequences"] == 8 and sample["generated_tokens"] > 0
-    assert res["parts"]["sample_megatron"]["weights"] == "the hf part's model"
+        assert sample["prompt_tokens"] == 8 and sample["generated_tokens"] > 0
+    assert hf["sequences"] == megatron["sequences"] == 8 and megatron["status"] == "ok"
+    assert megatron["weights"] == "the hf part's model"
+    assert megatron["tokens_per_s"] == megatron["continuous"]["tokens_per_s"]
+    sft = res["parts"]["sft_packed"]
+    assert sft["status"] == "ok" and sft["padding"]["packed"] < sft["padding"]["padded"], sft
+    assert all(v > 0 for v in sft["answer_tokens_per_s"].values()) and sft["packed_over_padded"] > 0
+    assert "megatron continuous" in proc.stdout and "SFT (" in proc.stdout
     env = res["environment"]  # what the run used, from its first part
     assert set(env) >= {"python", "torch", "cuda", "megatron_core", "device"} and env["torch"] and env["megatron_core"]
     assert env["device"] and all(res["parts"][p]["environment"] == env for p in res["parts"])

@@ -19,6 +19,8 @@ VOCAB_FLOOR = 263  # the smallest model vocabulary below; the tokenizer must fit
 SHAPES = {
     "tiny_gqa": (dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=512, max_position_embeddings=128), {"perturb": True}),
+    "tiny4_gqa": (dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512, max_position_embeddings=128), {"perturb": True}),
     "tiny_mha": (dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, vocab_size=512, max_position_embeddings=128), {"perturb": True}),
     # scaled-down 1B shape (EvoLM 1B: hidden 2048, 32 heads / 4 KV groups, head dim 64)

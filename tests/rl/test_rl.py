@@ -233,11 +233,12 @@ def test_sampled_distribution_under_tp2(tmp_path, rl_parent):
     assert r["logp_mismatch_max"] < 1e-4 and abs(r["prob_ratio_mean"] - 1.0) < 1e-5
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_engine_log_probs_equal_the_exported_actor(tmp_path, rl_parent, temperature, top_p):
+@pytest.mark.parametrize("engine,temperature,top_p", [("continuous", 1.0, 1.0), ("continuous", 0.7, 0.9),
+                                                      ("static", 0.7, 0.9)])
+def test_engine_log_probs_equal_the_exported_actor(tmp_path, rl_parent, engine, temperature, top_p):
     """The rollout engine's per-token log-probs equal transformers' on the HF export of the same weights (lr 0, so the
     saved actor is the one that rolled out), under the distribution that sampled: softmax(logits / T) cut to the
-    top-p nucleus."""
+    top-p nucleus. Both engines (continuous batching, the default; megatron's static one)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -245,7 +246,7 @@ def test_engine_log_probs_equal_the_exported_actor(tmp_path, rl_parent, temperat
 
     out = tmp_path / "run"
     run_evolm("train", rl_args(out, rl_parent, "ppo", None, "train.iters=1", "optim.lr=0", "rl.save_rollouts=true",
-                               f"rl.temperature={temperature}", f"rl.top_p={top_p}"))
+                               f"rl.temperature={temperature}", f"rl.top_p={top_p}", f"rl.rollout_engine={engine}"))
     run_evolm("export-hf", [f"src={out}", f"dst={tmp_path / 'hf'}", "progress=false"])
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
@@ -263,6 +264,22 @@ def test_engine_log_probs_equal_the_exported_actor(tmp_path, rl_parent, temperat
                     worst = max(worst, abs(float(logp[start + i, tok]) - eng))
                     compared += 1
     assert compared > 50 and worst < 1e-4, (compared, worst)
+
+
+def test_rollouts_do_not_depend_on_how_many_sequences_decode_at_once(tmp_path, rl_parent):
+    """The continuous engine's samples are a function of (seed, iteration, rank) and the weights: 3 or 32 sequences
+    decoded at once (a slot refilled as soon as a response ends, or all at once) give the same responses and steps."""
+    runs = {}
+    for width in (32, 3):
+        out = tmp_path / f"w{width}"
+        run_evolm("train", rl_args(out, rl_parent, "grpo", None, "train.iters=2", "rl.prompts_per_step=4",
+                                   "rl.samples_per_prompt=4", "rl.save_rollouts=true",
+                                   f"rl.rollout_micro_batch_size={width}"))
+        runs[width] = ([(r["id"], r["response_ids"]) for r in map(json.loads, (out / "rollouts.jsonl")
+                                                                   .read_text().splitlines())], metrics(out))
+    assert len(runs[32][0]) == 32 and runs[3][0] == runs[32][0]
+    assert len({len(ids) for _, ids in runs[32][0]}) > 1  # responses of different lengths: slots were freed early
+    _compare(runs[3][1], runs[32][1], keys=("loss", "actor_grad_norm", "reward_mean", "response_length_mean"))
 
 
 def test_resume_with_other_prompts_or_samples_is_refused(tmp_path, rl_parent):
