@@ -26,6 +26,9 @@ Redirections (each measured as necessary on megatron-core 0.16.1, torch 2.13 CPU
    ``pin_memory=True``, and answers ``Tensor.type()`` with the ``torch.cuda.*Tensor`` names megatron's optimizer and
    clip_grads compare against (~40 literal sites in DDP buffers, the megatron optimizer, p2p, dist-checkpointing).
    It adds Python dispatch to every torch call; BENCHMARKS.md has the end-to-end step throughput with it active.
+8. While a ``megatron.core`` module's body runs (``evolm_nemo/__init__.py`` installs the import hook),
+   ``torch.compile`` is an identity: megatron decorates ~40 fused kernels with it at import, which loads dynamo and
+   inductor (~2 s of every process's start); every fusion is switched off in ``model/build.py``, so none runs.
 
 Inference (``megatron.core.inference``: ``StaticInferenceEngine(legacy=True)`` + ``TextGenerationController`` +
 ``GPTInferenceWrapper``, used by ``generation.engine``) needs no redirection of its own: its sampling generator
@@ -159,6 +162,29 @@ class _Stream:
 
 def _seed_cpu(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
+
+
+def _uncompiled(model=None, **_kwargs):
+    """``torch.compile`` as an identity: ``torch.compile(fn)``, ``@torch.compile`` and ``@torch.compile(...)``."""
+    return model if model is not None else (lambda fn: fn)
+
+
+@contextlib.contextmanager
+def megatron_import():
+    """Redirection 8, for the import of a megatron-core module only (``evolm_nemo/__init__.py`` wraps each one in
+    it): ``torch.compile`` is an identity while the module body runs. megatron-core decorates ~40 fused kernels with
+    ``torch.compile`` at import (``megatron.core.jit.jit_fuser``), which loads dynamo and inductor: ~2 s of every
+    process's start on CPU. None of them runs here (build.py switches every fusion off), so nothing else changes;
+    torch.compile outside megatron's imports is untouched, and with CUDA this is a no-op."""
+    if not should_activate():
+        yield
+        return
+    real = torch.compile
+    torch.compile = _uncompiled
+    try:
+        yield
+    finally:
+        torch.compile = real
 
 
 def activate() -> bool:
