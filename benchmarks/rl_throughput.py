@@ -49,15 +49,19 @@ def _env() -> dict:
                                                              "MASTER_PORT")}
 
 
-def _early(gen, prompts: list[str], max_new: int, token: int) -> float:
-    """The fraction of samples (drawn without EOS) that emit ``token`` within their first ``max_new // 2`` tokens."""
+def _without_eos(gen, prompts: list[str], max_new: int) -> list:
+    """The samples the benchmark measures (seed 7, T=1), drawn with no token ending them."""
     eos = gen.eos_id
     gen.eos_id = -1
     try:
-        out = gen.complete(prompts, max_new, temperature=1.0, seed=7)
+        return gen.complete(prompts, max_new, temperature=1.0, seed=7)
     finally:
         gen.eos_id = eos
-    return sum(token in c.ids[:max_new // 2] for c in out) / len(out)
+
+
+def _early(gen, prompts: list[str], max_new: int, token: int) -> float:
+    """The fraction of samples (drawn without EOS) that emit ``token`` within their first ``max_new // 2`` tokens."""
+    return sum(token in c.ids[:max_new // 2] for c in _without_eos(gen, prompts, max_new)) / len(prompts)
 
 
 def make_half_end_early(gen, weight, prompts: list[str], max_new: int) -> tuple[int, float, float]:
@@ -66,12 +70,7 @@ def make_half_end_early(gen, weight, prompts: list[str], max_new: int) -> tuple[
     with and without it as EOS). Returns (token, scale, fraction)."""
     import torch
 
-    eos = gen.eos_id
-    gen.eos_id = -1
-    try:
-        out = gen.complete(prompts, max_new, temperature=1.0, seed=7)
-    finally:
-        gen.eos_id = eos
+    out = _without_eos(gen, prompts, max_new)
     token = Counter(t for c in out for t in set(c.ids[:max_new // 2])).most_common(1)[0][0]
     row = weight[token].detach().clone()
     lo, hi, scale = 1.0, 1.0, 1.0

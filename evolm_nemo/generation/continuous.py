@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from evolm_nemo.generation.engine import Completion, _megatron_tokenizer
+from evolm_nemo.generation.engine import Completion, _Engine
 from evolm_nemo.losses.rl import sampling_logits
 from evolm_nemo.runtime.cpu_compat import device_mode_paused
 from evolm_nemo.tasks import cut_at_stop
@@ -136,7 +136,7 @@ class _Slot:
         self.finish: str | None = None
 
 
-class ContinuousGenerator:
+class ContinuousGenerator(_Engine):
     """Continuous batching on one GPTModel (pp=1; TP any, sequence parallel switched off while generating).
 
     ``max_seq``: prompt + completion tokens (the KV cache length); ``max_batch``: sequences decoded at once (the KV
@@ -150,28 +150,14 @@ class ContinuousGenerator:
             raise ValueError("ContinuousGenerator supports pipeline parallel size 1 (tensor parallel any)")
         self.model = model.module if hasattr(model, "ddp_config") else model
         self._inner = unwrap_model(self.model)
-        self.tokenizer = _megatron_tokenizer(tokenizer)
-        hf = self.tokenizer.hf
-        self.add_bos = hf.bos_token_id is not None and hf("x")["input_ids"][:1] == [hf.bos_token_id]
-        self.eos_id = hf.eos_token_id
-        self.max_seq, self.max_batch = int(max_seq), int(max_batch)
+        self._set_tokenizer(tokenizer, max_seq, progress)
+        self.eos_id = self.tokenizer.hf.eos_token_id
+        self.max_batch = int(max_batch)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.progress = progress and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0)
         self.refill_at = max(1, self.max_batch // 8)  # free slots that trigger a prefill while others decode
         # the last call's work: forwards, and decode rows (each one a live sequence's next token: no idle slot)
         self.stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "max_active": 0}
-
-    def encode(self, prompt: str) -> list[int]:
-        """The prompt's token ids as the engine feeds them."""
-        ids = self.tokenizer.tokenize(prompt)
-        return [self.tokenizer.hf.bos_token_id, *ids] if self.add_bos else ids
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None) -> list[str]:
-        """Completions of ``prompts`` (text only): greedy at temperature 0, else sampled with top-p or top-k."""
-        return [c.text for c in self.complete(prompts, max_new_tokens, temperature, top_p, top_k, seed,
-                                              stop_strings)]
 
     # ------------------------------------------------------------------------------------------------ internals
     @contextlib.contextmanager
@@ -220,18 +206,7 @@ class ContinuousGenerator:
                  return_log_probs: bool = False) -> list[Completion]:
         """Like ``generate``, with the token ids and why each completion ended; ``return_log_probs`` adds the log-prob
         of every generated token under the distribution it was sampled from (greedy: the untempered model's)."""
-        if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-            raise ValueError(f"bad sampling settings: temperature={temperature} top_p={top_p} top_k={top_k}")
-        if temperature > 0 and top_k > 0 and top_p < 1.0:
-            raise ValueError("use top_p or top_k, not both")
-        stop = tuple(s for s in (stop_strings or ()) if s)
-        encoded = [self.encode(p) for p in prompts]
-        for i, p in enumerate(encoded):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            if len(p) >= self.max_seq:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; max_seq={self.max_seq} leaves no room")
-        budgets = [min(int(max_new_tokens), self.max_seq - len(p)) for p in encoded]
+        stop, encoded, budgets = self._request(prompts, max_new_tokens, temperature, top_p, top_k, stop_strings)
         results: list[Completion | None] = [None] * len(prompts)
         self.stats = stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "max_active": 0}
         for i, b in enumerate(budgets):

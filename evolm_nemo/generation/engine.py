@@ -120,7 +120,57 @@ def _progress(enabled: bool):
         static_engine.tqdm = original
 
 
-class Generator:
+class _Engine:
+    """What both generation engines share: how a prompt is encoded, the text-only call, and a request's checks and
+    token budgets. Subclasses set ``tokenizer`` (a ``MegatronHFTokenizer``), ``add_bos`` and ``max_seq`` through
+    ``_set_tokenizer`` and implement ``complete``."""
+
+    tokenizer: MegatronHFTokenizer
+    add_bos: bool
+    max_seq: int
+
+    def _set_tokenizer(self, tokenizer, max_seq: int, progress: bool) -> None:
+        self.tokenizer = _megatron_tokenizer(tokenizer)
+        hf = self.tokenizer.hf
+        # Prompts are encoded as evaluation encodes them: with BOS when the tokenizer adds one (Llama-2), else as is.
+        self.add_bos = hf.bos_token_id is not None and hf("x")["input_ids"][:1] == [hf.bos_token_id]
+        self.max_seq = int(max_seq)
+        self.progress = progress and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0)
+
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's token ids as the engine feeds them."""
+        ids = self.tokenizer.tokenize(prompt)
+        return [self.tokenizer.hf.bos_token_id, *ids] if self.add_bos else ids
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None) -> list[str]:
+        """Completions of ``prompts`` (text only): greedy at temperature 0, else sampled with top-p or top-k."""
+        return [c.text for c in self.complete(prompts, max_new_tokens, temperature, top_p, top_k, seed,
+                                              stop_strings)]
+
+    def complete(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None,
+                 return_log_probs: bool = False) -> list[Completion]:
+        raise NotImplementedError
+
+    def _request(self, prompts: Sequence[str], max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                 stop_strings: Sequence[str] | None) -> tuple[tuple[str, ...], list[list[int]], list[int]]:
+        """(stop strings, each prompt's ids, each prompt's token budget), or ValueError for bad settings/prompts."""
+        if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+            raise ValueError(f"bad sampling settings: temperature={temperature} top_p={top_p} top_k={top_k}")
+        if temperature > 0 and top_k > 0 and top_p < 1.0:
+            raise ValueError("use top_p or top_k, not both")
+        stop = tuple(s for s in (stop_strings or ()) if s)
+        ids = [self.encode(p) for p in prompts]
+        for i, p in enumerate(ids):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) >= self.max_seq:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; max_seq={self.max_seq} leaves no room")
+        return stop, ids, [min(int(max_new_tokens), self.max_seq - len(p)) for p in ids]
+
+
+class Generator(_Engine):
     """megatron-core static inference engine around one GPTModel (pp=1; TP any, sequence parallel switched off
     while generating), with KV cache.
 
@@ -145,13 +195,8 @@ class Generator:
         # megatron DDP -> its module (a Float16Module under bf16 is kept: it casts the logits back to fp32)
         self.model = model = model.module if hasattr(model, "ddp_config") else model
         self._inner = unwrap_model(model)  # the GPTModel
-        self.tokenizer = _megatron_tokenizer(tokenizer)
-        hf = self.tokenizer.hf
-        # Prompts are encoded as evaluation encodes them: with BOS when the tokenizer adds one (Llama-2), else as is.
-        self.add_bos = hf.bos_token_id is not None and hf("x")["input_ids"][:1] == [hf.bos_token_id]
-        self.max_seq = int(max_seq)
+        self._set_tokenizer(tokenizer, max_seq, progress)
         self.max_batch = int(max_batch)
-        self.progress = progress and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0)
         config = get_model_config(model)
         wrapper_config = InferenceWrapperConfig(
             hidden_size=config.hidden_size,
@@ -171,17 +216,6 @@ class Generator:
         # generator, so leave the global one (dropout, data order) alone.
         self.engine.random_seed = None
 
-    def encode(self, prompt: str) -> list[int]:
-        """The prompt's token ids as the engine feeds them."""
-        ids = self.tokenizer.tokenize(prompt)
-        return [self.tokenizer.hf.bos_token_id, *ids] if self.add_bos else ids
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None) -> list[str]:
-        """Completions of ``prompts`` (text only): greedy at temperature 0, else sampled with top-p or top-k."""
-        return [c.text for c in self.complete(prompts, max_new_tokens, temperature, top_p, top_k, seed,
-                                              stop_strings)]
-
     def complete(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None,
                  return_log_probs: bool = False) -> list[Completion]:
@@ -191,19 +225,8 @@ class Generator:
         from megatron.core.inference.sampling_params import SamplingParams
         from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
-        if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-            raise ValueError(f"bad sampling settings: temperature={temperature} top_p={top_p} top_k={top_k}")
-        if temperature > 0 and top_k > 0 and top_p < 1.0:
-            raise ValueError("use top_p or top_k, not both")
-        stop = tuple(s for s in (stop_strings or ()) if s)
-        ids = [self.encode(p) for p in prompts]
-        for i, p in enumerate(ids):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            if len(p) >= self.max_seq:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; max_seq={self.max_seq} leaves no room")
-        # Each prompt's token budget; prompts with the same budget share static batches.
-        budgets = [min(int(max_new_tokens), self.max_seq - len(p)) for p in ids]
+        stop, ids, budgets = self._request(prompts, max_new_tokens, temperature, top_p, top_k, stop_strings)
+        # prompts with the same token budget share static batches
         results: list[Completion | None] = [None] * len(prompts)
         self.controller.sampling_rng.manual_seed(int(seed))
         self.controller.stop = stop

@@ -40,11 +40,15 @@ def metrics(out) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def hf_parent(tmp_path_factory):
-    """A transformers-made Llama, its tokenizer, the `evolm import-hf` checkpoint and a prepared SFT dataset."""
-    root = tmp_path_factory.mktemp("sft_ref")
+    return make_parent(tmp_path_factory.mktemp("sft_ref"), "tiny_gqa", seed=3)
+
+
+def make_parent(root, shape: str, seed: int) -> dict:
+    """A transformers-made Llama of ``shape``, its tokenizer, the `evolm import-hf` checkpoint and a prepared SFT
+    dataset, under ``root``."""
     tok_dir = root / "tokenizer"
     make_tokenizer(tok_dir)
-    hf = make_source("tiny_gqa", root / "hf", tok_dir, seed=3)
+    hf = make_source(shape, root / "hf", tok_dir, seed=seed)
     run_evolm("import-hf", [f"src={hf}", f"dst={root / 'imported'}", "progress=false"])
     data = root / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -187,16 +191,7 @@ def test_sft_layouts_equal_tp1(tmp_path, hf_parent, padded_run, layout, packing)
 def test_packed_under_pp4_equals_the_padded_run(tmp_path):
     """PP=4 (4 ranks, a 4-layer model: where Megatron-Bridge #2952 broke the packed loss): packed rows under a token
     budget (several microbatches through the 1F1B pipeline) give the padded PP=1 run's losses and grad norms."""
-    tok_dir = tmp_path / "tokenizer"
-    make_tokenizer(tok_dir)
-    hf = make_source("tiny4_gqa", tmp_path / "hf", tok_dir, seed=5)
-    run_evolm("import-hf", [f"src={hf}", f"dst={tmp_path / 'imported'}", "progress=false"])
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    run_evolm("prepare-sft", [f"input={data}", f"output={tmp_path / 'sft'}", f"tokenizer={tok_dir}",
-                              "question_key=question", "answer_key=answer", "filter=false", "dedup=false",
-                              "progress=false"])
-    parent = {"ckpt": tmp_path / "imported", "data": tmp_path / "sft"}
+    parent = make_parent(tmp_path, "tiny4_gqa", seed=5)
     run_evolm("train", sft_overrides(tmp_path / "padded", parent, "model.num_layers=4", "parallel.micro_batch_size=1"))
     run_evolm("train", sft_overrides(tmp_path / "pp4", parent, "model.num_layers=4", "parallel.pp=4", "train.packing=true",
                                      "parallel.max_tokens_per_microbatch=120"), nproc=4)
