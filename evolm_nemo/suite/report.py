@@ -6,7 +6,9 @@ The suite's ``report:`` section says which eval node fills which row (recipes/su
 * ``upstream``: lm-eval 0-shot average by pretraining budget (``result.json`` ``upstream.avg``, percent);
 * ``upstream_tasks``: the same per task for one model;
 * ``downstream``: SFT / SFT+RL -- Greedy (Pass@1), Maj@16 and Pass@16 averaged over the ID and the OOD suites;
-* ``cpt_replay``: GSM8K-Platinum Pass@1 after SFT, one row per CPT mix.
+* ``cpt_replay``: GSM8K-Platinum Pass@1 after SFT, one row per CPT mix;
+* ``takeaways``: EvoLM's six findings as claims with the suite's own numbers, each holds / does not hold / not
+  measured (``suite/takeaways.py``).
 
 A row whose result is not there yet reads "-" and is counted; each table says which scoring produced our numbers
 (EvoLM's figures come from its own evaluator, ``scoring=evolm``). Writes ``report.md`` and ``report.csv`` (one line per
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.fileio import write_text
+from evolm_nemo.suite import takeaways
 from evolm_nemo.suite.spec import Suite
 from evolm_nemo.tasks import UPSTREAM_NAMES
 
@@ -132,6 +135,11 @@ def build(suite: Suite) -> _Tables:
         t.cell("cpt_replay", r["row"], "gsm8k_platinum_pass1", ours, pub)
     if "cpt_replay" in rep:
         t.table("CPT replay: GSM8K-Platinum Pass@1 after SFT (%)", ["CPT mix", "ours", "EvoLM"], rows)
+    if "takeaways" in rep:
+        claims = takeaways.check(rep["takeaways"], takeaways.Reader(suite.out))
+        t.md += takeaways.markdown(claims)
+        for c in claims:
+            t.cells.append(["takeaways", c.claim, c.verdict, c.evidence, ""])
     return t
 
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from evolm_nemo.config.compose import recipes_dir
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.tokens import parse_tokens
+from evolm_nemo.suite.takeaways import validate as validate_takeaways
 
 KINDS = ("train", "export", "eval", "data")
 EVAL_MODES = ("downstream", "upstream")
@@ -344,10 +345,14 @@ def _report(raw, nodes: dict[str, Node]) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError("report", f"expected a mapping of tables ({', '.join(REPORT_TABLES)})")
+        raise ConfigError("report", f"expected a mapping of tables ({', '.join(REPORT_TABLES)}, takeaways)")
     for table, rows in raw.items():
+        if table == "takeaways":  # EvoLM's claims checked on the suite's runs (suite/takeaways.py)
+            validate_takeaways(rows, nodes)
+            continue
         if table not in REPORT_TABLES:
-            raise ConfigError(f"report.{table}", f"unknown table; valid tables: {', '.join(REPORT_TABLES)}")
+            raise ConfigError(f"report.{table}", f"unknown table; valid tables: {', '.join(REPORT_TABLES)}, "
+                                                 "takeaways")
         if not isinstance(rows, list):
             raise ConfigError(f"report.{table}", "expected a list of rows")
         for i, row in enumerate(rows):

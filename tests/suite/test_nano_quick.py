@@ -56,3 +56,4 @@ def test_nano_presets_compose_with_stage_rates():
         for stage in ("sft", "rm", "dpo", "ppo", "grpo"):
             o = compose("config", [f"stage={stage}", f"optim={size}"], RootConfig).optim
             assert o.lr == pre.stage_lr[stage] and o.lr <= pre.lr / 3 and o.min_lr == 0.0, (size, stage, o.lr)
+

@@ -1,0 +1,258 @@
+"""EvoLM's six takeaways as claims checked against a suite's own runs (``report.takeaways`` in a suite recipe; issue
+21). Each claim reads the numbers its nodes produced -- the held-out loss per source a training run logs
+(``metrics.jsonl``: ``val_loss_<source>`` and, before the first step, ``val_loss_<source>_at_0``) or an evaluation's
+``result.json`` (``downstream.id_avg`` / ``ood_avg``: pass1 = greedy, maj16, pass16, correct_ratio) -- and says
+**holds**, **does not hold** or **not measured** with those numbers. Nothing is tuned until a claim holds: a
+direction that does not appear at a suite's scale is reported as it is.
+
+A node may be given as a list (one per seed): the claim uses the mean and shows the spread (min..max) and the count.
+
+    report:
+      takeaways:
+        - {claim: diminishing_returns, budgets: [pretrain_100it, pretrain_200it, pretrain_400it], source: general}
+        - {claim: replay_mitigates_forgetting, no_replay: cpt_fm50, replay: cpt_fw8_fm42, general: general,
+           domain: math}
+        - {claim: cpt_bridge, with_cpt: eval_sft_cpt, without_cpt: eval_sft_nocpt}
+        - {claim: sft_scaling, steps: [eval_sft_ep1, eval_sft_ep2, eval_sft_ep4]}
+        - {claim: rl_sharpens, sft: [eval_sft_s1, eval_sft_s2], rl: [eval_rl_s1, eval_rl_s2]}
+        - {claim: allocation, steps: [eval_sft_heavy, eval_balanced, eval_rl_heavy]}   # SFT share falling
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from evolm_nemo.config.errors import ConfigError
+
+# claim -> (its keys: node roles that name train/eval nodes, then plain keys), what it says
+CLAIMS: dict[str, tuple[dict[str, str], tuple[str, ...], str]] = {
+    "diminishing_returns": ({"budgets": "train"}, ("source",),
+                            "Pretraining: each larger budget lowers the held-out loss by less than the one before "
+                            "(diminishing returns)"),
+    "replay_mitigates_forgetting": ({"no_replay": "train", "replay": "train"}, ("general", "domain"),
+                                    "CPT on domain data forgets general text; replay forgets less and keeps a "
+                                    "domain gain"),
+    "cpt_bridge": ({"with_cpt": "eval", "without_cpt": "eval"}, (),
+                   "Domain CPT is the bridge: the same post-training reaches higher in-domain accuracy after it"),
+    "sft_scaling": ({"steps": "eval"}, (),
+                    "More SFT raises in-domain accuracy with diminishing returns; out-of-domain saturates or falls"),
+    "rl_sharpens": ({"sft": "eval", "rl": "eval"}, (),
+                    "RL raises greedy accuracy and the correct ratio while Pass@16 barely moves"),
+    "allocation": ({"steps": "eval"}, (),
+                   "Under a fixed post-training budget, moving it from SFT to RL trades in-domain for "
+                   "out-of-domain accuracy"),
+}
+LISTS = ("budgets", "steps")  # roles that are a sequence of nodes (each of which may be a list of seeds)
+
+
+@dataclass
+class Claim:
+    claim: str
+    says: str
+    verdict: str  # "holds" | "does not hold" | "not measured"
+    evidence: str
+    seeds: int
+
+
+@dataclass
+class Value:
+    """A number over seeds: mean, min, max, count."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    def __str__(self) -> str:
+        if self.n == 1:
+            return f"{self.mean:.3f}"
+        return f"{self.mean:.3f} [{self.lo:.3f}..{self.hi:.3f}, {self.n} seeds]"
+
+
+def value(xs: list[float | None]) -> Value | None:
+    xs = [float(x) for x in xs if x is not None]
+    return Value(statistics.fmean(xs), min(xs), max(xs), len(xs)) if xs else None
+
+
+def validate(rows, nodes: dict) -> list[dict]:
+    """``report.takeaways``: a list of claims, each naming nodes of the right kind. Returns the rows."""
+    if not isinstance(rows, list):
+        raise ConfigError("report.takeaways", "expected a list of claims")
+    for i, row in enumerate(rows):
+        key = f"report.takeaways[{i}]"
+        if not isinstance(row, dict) or row.get("claim") not in CLAIMS:
+            raise ConfigError(f"{key}.claim", f"expected one of: {', '.join(CLAIMS)}")
+        roles, plain, _ = CLAIMS[row["claim"]]
+        for k in row:
+            if k not in ("claim", *roles, *plain):
+                raise ConfigError(f"{key}.{k}", f"unknown key for {row['claim']}; valid keys: claim, "
+                                                f"{', '.join([*roles, *plain])}")
+        for k in (*roles, *plain):
+            if k not in row:
+                raise ConfigError(f"{key}.{k}", "required")
+        for role, kind in roles.items():
+            groups = row[role] if role in LISTS else [row[role]]
+            least = 3 if row["claim"] == "diminishing_returns" else 2  # returns diminish between two drops
+            if role in LISTS and (not isinstance(groups, list) or len(groups) < least):
+                raise ConfigError(f"{key}.{role}", f"expected a list of at least {least} entries (each a node, or a "
+                                                   "list of seeds)")
+            for group in groups:
+                for name in group if isinstance(group, list) else [group]:
+                    if name not in nodes or nodes[name].kind != kind:
+                        raise ConfigError(f"{key}.{role}", f"{name!r} is not a {kind} node of this suite")
+    return rows
+
+
+class Reader:
+    """The numbers of a suite's nodes: ``out(node)`` is the node's output directory."""
+
+    def __init__(self, out: Callable[[str], str]):
+        self.out = out
+
+    def metrics(self, node: str) -> dict:
+        """The last held-out evaluation a training run logged (the row holding ``val_loss_*`` keys), or {}."""
+        path = Path(self.out(node)) / "metrics.jsonl"
+        if not path.is_file():
+            return {}
+        last: dict = {}
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn last line
+            if isinstance(row, dict) and any(k.startswith("val_loss_") for k in row):
+                last = {**last, **row}
+        return last
+
+    def result(self, node: str) -> dict:
+        path = Path(self.out(node)) / "result.json"
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            data = {}
+        return data if isinstance(data, dict) else {}
+
+    def loss(self, group, source: str, at_0: bool = False) -> Value | None:
+        key = f"val_loss_{source}" + ("_at_0" if at_0 else "")
+        return value([self.metrics(n).get(key) for n in _seeds(group)])
+
+    def down(self, group, split: str, metric: str) -> Value | None:
+        out = []
+        for n in _seeds(group):
+            d = self.result(n).get("downstream") or {}
+            out.append((d.get(f"{split}_avg") or {}).get(metric))
+        return value(out)
+
+
+def _seeds(group) -> list[str]:
+    return list(group) if isinstance(group, list) else [group]
+
+
+def _seed_count(row: dict) -> int:
+    roles = CLAIMS[row["claim"]][0]
+    counts = [len(_seeds(g)) for r in roles for g in (row[r] if r in LISTS else [row[r]])]
+    return min(counts) if counts else 0
+
+
+def _pct(v: Value | None) -> str:
+    if v is None:
+        return "-"
+    if v.n == 1:
+        return f"{100 * v.mean:.1f}%"
+    return f"{100 * v.mean:.1f}% [{100 * v.lo:.1f}..{100 * v.hi:.1f}, {v.n} seeds]"
+
+
+def _missing(*vals) -> bool:
+    return any(v is None for v in vals)
+
+
+def check(rows: list[dict], reader: Reader) -> list[Claim]:
+    return [_check(row, reader) for row in rows]
+
+
+def _check(row: dict, r: Reader) -> Claim:
+    name = row["claim"]
+    says = CLAIMS[name][2]
+    seeds = _seed_count(row)
+
+    def done(holds: bool | None, evidence: str) -> Claim:
+        verdict = "not measured" if holds is None else ("holds" if holds else "does not hold")
+        return Claim(name, says, verdict, evidence, seeds)
+
+    if name == "diminishing_returns":
+        losses = [r.loss(g, row["source"]) for g in row["budgets"]]
+        if _missing(*losses):
+            return done(None, "held-out loss missing for " + ", ".join(
+                str(g) for g, v in zip(row["budgets"], losses) if v is None))
+        drops = [a.mean - b.mean for a, b in zip(losses, losses[1:])]
+        text = f"{row['source']} loss by budget: " + " -> ".join(str(v) for v in losses) + \
+               "; drops: " + ", ".join(f"{d:+.3f}" for d in drops)
+        return done(all(d > 0 for d in drops) and all(b < a for a, b in zip(drops, drops[1:])), text)
+
+    if name == "replay_mitigates_forgetting":
+        g, d = row["general"], row["domain"]
+        vals = {k: (r.loss(row[k], g, True), r.loss(row[k], g), r.loss(row[k], d, True), r.loss(row[k], d))
+                for k in ("no_replay", "replay")}
+        if _missing(*vals["no_replay"], *vals["replay"]):
+            return done(None, "held-out losses before/after CPT missing")
+        forget = {k: v[1].mean - v[0].mean for k, v in vals.items()}
+        gain = {k: v[2].mean - v[3].mean for k, v in vals.items()}
+        text = (f"{g} loss change (forgetting): no replay {forget['no_replay']:+.3f}, replay {forget['replay']:+.3f}; "
+                f"{d} loss drop (domain gain): no replay {gain['no_replay']:+.3f}, replay {gain['replay']:+.3f}")
+        return done(forget["no_replay"] > 0 and forget["replay"] < forget["no_replay"] and gain["replay"] > 0, text)
+
+    if name == "cpt_bridge":
+        a, b = r.down(row["with_cpt"], "id", "pass1"), r.down(row["without_cpt"], "id", "pass1")
+        if _missing(a, b):
+            return done(None, "in-domain greedy accuracy missing")
+        return done(a.mean > b.mean, f"in-domain greedy: with CPT {_pct(a)}, without {_pct(b)}")
+
+    if name == "sft_scaling":
+        ids = [r.down(g, "id", "pass1") for g in row["steps"]]
+        oods = [r.down(g, "ood", "pass1") for g in row["steps"]]
+        if _missing(*ids, *oods):
+            return done(None, "greedy accuracy missing for some step")
+        up = [b.mean - a.mean for a, b in zip(ids, ids[1:])]
+        ood_up = [b.mean - a.mean for a, b in zip(oods, oods[1:])]
+        text = ("in-domain greedy: " + " -> ".join(_pct(v) for v in ids) + "; out-of-domain: "
+                + " -> ".join(_pct(v) for v in oods))
+        holds = all(x >= 0 for x in up) and up[-1] <= up[0] and ood_up[-1] <= max(up[-1], 0.0)
+        return done(holds and sum(up) > 0, text)
+
+    if name == "rl_sharpens":
+        g0, g1 = r.down(row["sft"], "id", "pass1"), r.down(row["rl"], "id", "pass1")
+        c0, c1 = r.down(row["sft"], "id", "correct_ratio"), r.down(row["rl"], "id", "correct_ratio")
+        p0, p1 = r.down(row["sft"], "id", "pass16"), r.down(row["rl"], "id", "pass16")
+        if _missing(g0, g1, c0, c1, p0, p1):
+            return done(None, "greedy, correct ratio or Pass@16 missing")
+        text = (f"in-domain, SFT -> SFT+RL: greedy {_pct(g0)} -> {_pct(g1)}, correct ratio {_pct(c0)} -> {_pct(c1)}, "
+                f"Pass@16 {_pct(p0)} -> {_pct(p1)}")
+        gain = g1.mean - g0.mean
+        return done(gain > 0 and c1.mean > c0.mean and abs(p1.mean - p0.mean) < gain, text)
+
+    # allocation: steps ordered by a falling SFT share
+    ids = [r.down(g, "id", "pass1") for g in row["steps"]]
+    oods = [r.down(g, "ood", "pass1") for g in row["steps"]]
+    if _missing(*ids, *oods):
+        return done(None, "greedy accuracy missing for some allocation")
+    text = ("SFT share falling: in-domain greedy " + " -> ".join(_pct(v) for v in ids) + "; out-of-domain "
+            + " -> ".join(_pct(v) for v in oods))
+    return done(ids[-1].mean < ids[0].mean and oods[-1].mean > oods[0].mean, text)
+
+
+def markdown(claims: list[Claim]) -> list[str]:
+    """The takeaways table (Markdown lines)."""
+    if not claims:
+        return []
+    lines = ["## EvoLM's takeaways, checked on this suite", "",
+             "| # | claim | verdict | numbers | seeds |", "|---|---|---|---|---|"]
+    for i, c in enumerate(claims, 1):
+        lines.append(f"| {i} | {c.says} (`{c.claim}`) | **{c.verdict}** | {c.evidence} | {c.seeds} |")
+    held = sum(c.verdict == "holds" for c in claims)
+    lines += ["", f"{held} of {len(claims)} hold; " + f"{sum(c.verdict == 'not measured' for c in claims)} not "
+              "measured. A claim is never tuned until it holds: what does not appear at this scale is shown as is.", ""]
+    return lines

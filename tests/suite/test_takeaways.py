@@ -1,0 +1,119 @@
+"""`report.takeaways` (suite/takeaways.py): EvoLM's six findings checked against a suite's own runs. The runs'
+files (metrics.jsonl held-out losses, result.json downstream averages) are written here in the documented formats;
+the verdicts follow from their numbers: a claim that holds, one that does not, one whose runs are missing, seeds
+averaged with their spread."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.suite import report, spec
+
+SUITE = """name: t
+gpus_per_node: 1
+report:
+  takeaways:
+    - {claim: diminishing_returns, budgets: [p1, p2, p3], source: general}
+    - {claim: replay_mitigates_forgetting, no_replay: cpt_math, replay: cpt_mix, general: general, domain: math}
+    - {claim: cpt_bridge, with_cpt: e_cpt, without_cpt: e_nocpt}
+    - {claim: sft_scaling, steps: [e_ep1, e_ep2, e_ep4]}
+    - {claim: rl_sharpens, sft: [e_sft_s1, e_sft_s2], rl: [e_rl_s1, e_rl_s2]}
+    - {claim: allocation, steps: [e_missing, e_cpt]}
+nodes:
+  p1: {experiment: demo}
+  p2: {experiment: demo}
+  p3: {experiment: demo}
+  cpt_math: {experiment: demo_cpt, parent: p3}
+  cpt_mix: {experiment: demo_cpt, parent: p3}
+  x: {kind: export, parent: cpt_mix}
+"""
+EVALS = ["e_cpt", "e_nocpt", "e_ep1", "e_ep2", "e_ep4", "e_sft_s1", "e_sft_s2", "e_rl_s1", "e_rl_s2", "e_missing"]
+
+
+def _metrics(root, node, **vals):
+    (root / node).mkdir(parents=True)
+    rows = [{"iteration": 1, "loss": 3.0}, {"iteration": 2, "loss": 2.5, **vals}, {"iteration": 3, "loss": 2.4}]
+    (root / node / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 4, "lo')
+
+
+def _result(root, node, pass1, ood=0.1, ratio=0.2, pass16=0.6):
+    (root / node).mkdir(parents=True)
+    down = {"id_avg": {"pass1": pass1, "pass16": pass16, "correct_ratio": ratio},
+            "ood_avg": {"pass1": ood, "pass16": 0.3, "correct_ratio": 0.1}}
+    (root / node / "result.json").write_text(json.dumps({"schema": "evolm-result/1", "downstream": down}))
+
+
+@pytest.fixture
+def suite(tmp_path):
+    text = SUITE + "".join(f"  {e}: {{kind: eval, parent: x}}\n" for e in EVALS)
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_verdicts_follow_the_numbers(tmp_path, suite):
+    root = tmp_path / "runs"
+    # pretraining: drops 0.5 then 0.2 (diminishing)
+    for node, loss in (("p1", 3.0), ("p2", 2.5), ("p3", 2.3)):
+        _metrics(root, node, val_loss_general=loss)
+    # CPT: no replay forgets 0.4 of general, replay 0.1; both gain on math
+    _metrics(root, "cpt_math", val_loss_general=2.7, val_loss_general_at_0=2.3, val_loss_math=1.0,
+             val_loss_math_at_0=2.0)
+    _metrics(root, "cpt_mix", val_loss_general=2.4, val_loss_general_at_0=2.3, val_loss_math=1.2,
+             val_loss_math_at_0=2.0)
+    _result(root, "e_cpt", 0.30)
+    _result(root, "e_nocpt", 0.35)  # the bridge does not show here: reported as such
+    for node, acc, ood in (("e_ep1", 0.20, 0.10), ("e_ep2", 0.30, 0.12), ("e_ep4", 0.34, 0.11)):
+        _result(root, node, acc, ood)
+    _result(root, "e_sft_s1", 0.20, ratio=0.20, pass16=0.60)
+    _result(root, "e_sft_s2", 0.24, ratio=0.22, pass16=0.62)
+    _result(root, "e_rl_s1", 0.30, ratio=0.35, pass16=0.61)
+    _result(root, "e_rl_s2", 0.32, ratio=0.37, pass16=0.63)
+    s = spec.load(str(suite), {"root": str(root)})
+    t = report.build(s)
+    md = "\n".join(t.md)
+    got = {row[1]: row[2] for row in t.cells if row[0] == "takeaways"}
+    assert got == {"diminishing_returns": "holds", "replay_mitigates_forgetting": "holds",
+                   "cpt_bridge": "does not hold", "sft_scaling": "holds", "rl_sharpens": "holds",
+                   "allocation": "not measured"}
+    assert "general loss by budget: 3.000 -> 2.500 -> 2.300; drops: +0.500, +0.200" in md
+    assert "forgetting): no replay +0.400, replay +0.100" in md and "no replay +1.000, replay +0.800" in md
+    assert "with CPT 30.0%, without 35.0%" in md
+    assert "greedy 22.0% [20.0..24.0, 2 seeds] -> 31.0% [30.0..32.0, 2 seeds]" in md
+    rl_row = next(line for line in t.md if line.startswith("| 5 | RL raises greedy accuracy"))
+    assert rl_row.endswith("| 2 |")  # two seeds
+    assert "4 of 6 hold; 1 not measured" in md
+
+
+def test_a_direction_that_does_not_appear_is_reported_as_such(tmp_path, suite):
+    root = tmp_path / "runs"
+    for node, loss in (("p1", 3.0), ("p2", 2.9), ("p3", 2.5)):  # drops 0.1 then 0.4: not diminishing
+        _metrics(root, node, val_loss_general=loss)
+    _result(root, "e_sft_s1", 0.20)
+    _result(root, "e_sft_s2", 0.20)
+    _result(root, "e_rl_s1", 0.20, pass16=0.9)  # no greedy gain, Pass@16 moved
+    _result(root, "e_rl_s2", 0.20, pass16=0.9)
+    t = report.build(spec.load(str(suite), {"root": str(root)}))
+    got = {row[1]: row[2] for row in t.cells if row[0] == "takeaways"}
+    assert got["diminishing_returns"] == "does not hold" and got["rl_sharpens"] == "does not hold"
+    assert got["replay_mitigates_forgetting"] == "not measured"
+
+
+@pytest.mark.parametrize("row,key", [
+    ("{claim: nope}", "report.takeaways[0].claim"),
+    ("{claim: cpt_bridge, with_cpt: e_cpt}", "report.takeaways[0].without_cpt"),
+    ("{claim: cpt_bridge, with_cpt: p1, without_cpt: e_cpt}", "report.takeaways[0].with_cpt"),
+    ("{claim: sft_scaling, steps: [e_cpt]}", "report.takeaways[0].steps"),
+    ("{claim: diminishing_returns, budgets: [p1, p2], source: general}", "report.takeaways[0].budgets"),
+    ("{claim: rl_sharpens, sft: e_cpt, rl: e_cpt, extra: 1}", "report.takeaways[0].extra"),
+])
+def test_a_bad_claim_is_named(tmp_path, row, key):
+    text = SUITE.split("report:")[0] + f"report:\n  takeaways:\n    - {row}\n" + "nodes:" + SUITE.split("nodes:")[1]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text + "  e_cpt: {kind: eval, parent: x}\n")
+    with pytest.raises(ConfigError) as err:
+        spec.load(str(path))
+    assert err.value.key == key
