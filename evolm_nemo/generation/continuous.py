@@ -77,14 +77,14 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, u
 
 class _Cache:
     """Keys/values of every layer, ``[slots, kv_heads, max_seq, head_dim]`` (allocated on first write), and what the
-    forward under way is: a prefill of rows ``[start, start + rows)`` at positions ``0..s-1``, or a decode step of
-    rows ``[0, rows)`` each at its own position ``pos``."""
+    forward under way is: a prefill of the batch's rows from ``start`` on, at positions ``0..s-1`` (``pos`` None), or
+    a decode step of rows ``[0, b)``, each at its own position ``pos[r]``."""
 
     def __init__(self, slots: int, max_seq: int):
         self.slots, self.max_seq = slots, max_seq
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
-        self.start, self.rows, self.pos = 0, 0, None
+        self.start, self.pos = 0, None
 
     def move(self, src: int, dst: int, length: int) -> None:
         for t in (*self.k.values(), *self.v.values()):

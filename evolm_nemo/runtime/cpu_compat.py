@@ -107,9 +107,8 @@ def device_mode_paused():
     GPU machines and when the mode is not the innermost one."""
     from torch.overrides import _get_current_function_mode_stack
 
-    mode = _MODE
-    if mode is None or not _ACTIVE or not _get_current_function_mode_stack() or \
-            _get_current_function_mode_stack()[-1] is not mode:
+    mode, stack = _MODE, _get_current_function_mode_stack()
+    if mode is None or not _ACTIVE or not stack or stack[-1] is not mode:
         yield
         return
     mode.__exit__(None, None, None)

@@ -112,9 +112,15 @@ class Reader:
 
     def __init__(self, out: Callable[[str], str]):
         self.out = out
+        self._metrics: dict[str, dict] = {}  # each run's file is read once, however many claims use it
 
     def metrics(self, node: str) -> dict:
         """The last held-out evaluation a training run logged (the row holding ``val_loss_*`` keys), or {}."""
+        if node not in self._metrics:
+            self._metrics[node] = self._read_metrics(node)
+        return self._metrics[node]
+
+    def _read_metrics(self, node: str) -> dict:
         path = Path(self.out(node)) / "metrics.jsonl"
         if not path.is_file():
             return {}
