@@ -26,6 +26,15 @@ class DataSource:
     val_paths: list[str] | None = None  # held-out token files (data.val_paths / synthetic_val_docs), else None
     val_groups: list[int] | None = None  # the source of each held-out path
 
+    def trained(self) -> tuple[list[str], list[float] | None, list[int]]:
+        """The paths training mixes, their weights and sources: a path of weight 0 is left out (only measured: its
+        held-out loss, as CPT without replay still watches general text)."""
+        groups = list(self.groups) if self.groups else list(range(len(self.paths)))
+        if not self.weights or 0 not in self.weights:
+            return list(self.paths), self.weights, groups
+        keep = [i for i, w in enumerate(self.weights) if w > 0]
+        return [self.paths[i] for i in keep], [self.weights[i] for i in keep], [groups[i] for i in keep]
+
 
 VAL_SEED_OFFSET = 100_000  # synthetic held-out corpora: seed = the corpus's seed + this (never a training seed)
 
@@ -90,8 +99,10 @@ def _build_splits(cfg: RootConfig, paths, weights, tokenizer, sizes, split: str 
 
 
 def build_dataset(cfg: RootConfig, source: DataSource, tokenizer, num_samples: int):
-    """The training split as one megatron dataset (a BlendedDataset when several paths are mixed)."""
-    return _build_splits(cfg, source.paths, source.weights, tokenizer, [num_samples, 0, 0])[0]
+    """The training split as one megatron dataset (a BlendedDataset when several paths are mixed) of the paths
+    ``source.trained()`` keeps."""
+    paths, weights, _ = source.trained()
+    return _build_splits(cfg, paths, weights, tokenizer, [num_samples, 0, 0])[0]
 
 
 def build_validation(cfg: RootConfig, source: DataSource, tokenizer, names: list[str], num_samples: int) -> dict:
@@ -164,6 +175,8 @@ class SourceTokens:
         plan = np.zeros(len(names))
         if weights:
             np.add.at(plan, self.groups[: len(weights)], np.asarray(weights, dtype=np.float64))
+        elif index is None:  # one trained path (the others of weight 0): every sample is its source's
+            plan[self.groups[0]] = 1.0
         self.plan = list(plan / plan.sum()) if plan.sum() > 0 else [1.0 / len(names)] * len(names)
         self._step, self._counts = 0, np.zeros(len(names), dtype=np.int64)
 
@@ -180,7 +193,9 @@ class SourceTokens:
         import numpy as np
 
         if self.index is None:
-            return np.array([step * self.gbs], dtype=np.int64)
+            out = np.zeros(len(self.names), dtype=np.int64)
+            out[self.groups[0]] = step * self.gbs
+            return out
         if step == self._step + 1:
             self._counts = self._counts + self._by_source(self.index[self._step * self.gbs: step * self.gbs])
         elif step != self._step:

@@ -33,7 +33,12 @@ rows (``{"id", "question", "answer", "gold"}``, as `evolm prepare-sft` reads the
 (``{"id", "prompt", "gold_answer"}``), and held-out evaluation problems in EvoLM's cooked schema
 (``eval/gsm8k_platinum.jsonl`` = ID, ``eval/tabmwp.jsonl`` = OOD), with no question in two of the sets.
 
-``python -m evolm_nemo.data.nano_world out=<dir> [seed=0] [general_docs=...] ...`` runs it;
+With ``index`` (the default) it also trains the tokenizer, tokenizes both corpora into ``<out>/general`` and
+``<out>/math`` and prepares the SFT rows as a training dataset ``<out>/sft``. The world is built beside ``out`` and
+renamed into place when complete (a killed build leaves nothing); ``overwrite=true`` replaces only a world.
+
+``python -m evolm_nemo.data.nano_world out=<dir> [seed=0] [general_docs=...] ...`` runs it (a suite's
+``kind: data, make: nano_world`` node does the same);
 ``python -m evolm_nemo.data.nano_world stats=<dir>`` prints how its two corpora differ.
 """
 
@@ -42,12 +47,14 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+from evolm_nemo import fileio
 from evolm_nemo.config.errors import ConfigError, print_error
 from evolm_nemo.tasks import TEMPLATE
 
@@ -290,6 +297,12 @@ class WorldConfig:
     eval_ood: int = 200  # OOD problems (evaluation only)
     vocab_size: int = 1024  # the generated tokenizer's vocabulary (the nano presets' model.vocab_size)
     index: bool = True  # also tokenize the corpora into .bin/.idx prefixes (needs the training stack)
+    val_docs: int = 200  # held-out documents per corpus (<corpus>_val: the next documents of the same stream, never
+    #                      trained on) for the held-out loss per source (data.val_paths)
+    sft_subsets: List[int] = field(default_factory=list)  # with sft_cutoff: also <out>/sft_<N>, the first N SFT rows
+    sft_cutoff: int = 257  # with index: the SFT rows prepared as <out>/sft (`evolm prepare-sft`), at most this many
+    #                        tokens per example (the nano presets' model.seq_length + 1); 0: not prepared
+    overwrite: bool = False  # replace an existing world at out (never another command's output)
 
 
 def split_sets(cfg: WorldConfig) -> Dict[str, List[dict]]:
@@ -333,11 +346,58 @@ def build_world(cfg: WorldConfig) -> dict:
     """Write the world under ``cfg.out`` (see the module docstring); return its manifest (also ``manifest.json``)."""
     if not cfg.out:
         raise ConfigError("out", "required (out=<dir>)")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpora = {"general": corpus("general", cfg.general_docs, cfg.seed),
-               "math": corpus("math", cfg.math_docs, cfg.seed)}
-    for name, rows in corpora.items():
+    for n in cfg.sft_subsets:
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= cfg.sft_examples:
+            raise ConfigError("sft_subsets", f"each subset is a row count in 1..sft_examples ({cfg.sft_examples}), "
+                                             f"got {n!r}")
+    if isinstance(cfg.sft_cutoff, bool) or not isinstance(cfg.sft_cutoff, int) or cfg.sft_cutoff < 0:
+        raise ConfigError("sft_cutoff", f"expected an integer >= 0 (0: no SFT dataset), got {cfg.sft_cutoff!r}")
+    final = Path(cfg.out)
+    taken = fileio.lock_output(final, "out")  # a second build of the same world is refused while this one runs
+    try:
+        _check_out(final, cfg.overwrite)
+        tmp = fileio.temp_dir(final, owned=True)  # built aside, renamed into place when complete: never half a world
+        try:
+            manifest = _build(cfg, tmp, final)
+            fileio.commit_dir(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if taken:
+            fileio.release_output(final)
+    return manifest
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``out`` is new, empty, or (with ``overwrite``) a world this command wrote; never anything else."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError("out", f"{out} exists and is not a directory")
+    if not any(out.iterdir()):
+        return
+    try:
+        mine = "families" in json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        mine = False
+    if not mine:
+        raise ConfigError("out", f"{out} holds {fileio.KINDS[fileio.output_kind(out) or 'other']}, not a nano "
+                                 "world; choose another out=")
+    if not overwrite:
+        raise ConfigError("out", f"{out} already holds a nano world; overwrite=true replaces it")
+
+
+def _build(cfg: WorldConfig, out: Path, final: Path) -> dict:
+    """Write the world into ``out`` (a temporary directory that becomes ``final``); paths recorded name ``final``."""
+    corpora = {"general": corpus("general", cfg.general_docs + cfg.val_docs, cfg.seed),
+               "math": corpus("math", cfg.math_docs + cfg.val_docs, cfg.seed)}
+    held_out = {}
+    for name, rows in list(corpora.items()):
+        cut = len(rows) - cfg.val_docs
+        corpora[name] = rows[:cut]
+        if cfg.val_docs:
+            held_out[f"{name}_val"] = rows[cut:]
+    for name, rows in {**corpora, **held_out}.items():
         _write_jsonl(out / f"{name}.jsonl", rows)
     sets = split_sets(cfg)
     _write_jsonl(out / "sft.jsonl", ({"id": q["id"], "question": q["problem"], "answer": q["solution"],
@@ -359,11 +419,23 @@ def build_world(cfg: WorldConfig) -> dict:
         texts = [r["text"] for rows in corpora.values() for r in rows]
         texts += [f"Human: {q['problem']}\nAssistant: {q['solution']}" for q in sets["sft"][:500]]
         tok = train_tokenizer(texts, out / "tokenizer", cfg.vocab_size)
-        manifest["tokenizer"] = str(out / "tokenizer")
+        manifest["tokenizer"] = str(final / "tokenizer")
         manifest["tokens"] = {}
-        for name in corpora:
+        for name in [*corpora, *held_out]:
             stats = prepare(out / f"{name}.jsonl", out / name, tok, workers=1, progress=False)
             manifest["tokens"][name] = stats.tokens
+        if cfg.sft_cutoff:  # the SFT rows as a training dataset: every worked solution passes the checker
+            from evolm_nemo.data.sft_prepare import PrepareSFTConfig, prepare_sft
+
+            manifest["sft"] = {"cutoff": cfg.sft_cutoff}
+            for n in [None, *cfg.sft_subsets]:
+                name = "sft" if n is None else f"sft_{n}"
+                sft = prepare_sft(PrepareSFTConfig(
+                    input=str(out / "sft.jsonl"), output=str(out / name), limit=n, reference_key="gold", id_key="id",
+                    tokenizer=str(final.resolve() / "tokenizer"), cutoff=cfg.sft_cutoff, workers=1, progress=False),
+                    tokenizer=tok)
+                fileio.release_output(out / name)  # its lock file would otherwise be renamed into the world
+                manifest["sft"][name] = sft["counts"]["written"]
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -29,6 +29,12 @@ Redirections (each measured as necessary on megatron-core 0.16.1, torch 2.13 CPU
 8. While a ``megatron.core`` module's body runs (``evolm_nemo/__init__.py`` installs the import hook),
    ``torch.compile`` is an identity: megatron decorates ~40 fused kernels with it at import, which loads dynamo and
    inductor (~2 s of every process's start); every fusion is switched off in ``model/build.py``, so none runs.
+9. ``torch.optim``'s optimizers import ``torch._dynamo`` (~1 s of every training process's start) only for
+   torch.compile's sake: their methods (``add_param_group``, ``zero_grad``, ``state_dict``, ...) are wrapped in
+   ``torch._disable_dynamo``, and ``step`` in ``_use_grad_for_differentiable``, which sets grad mode around the
+   update and inserts graph breaks. Nothing is compiled on this path, so each ``_disable_dynamo`` wrapper's cache is
+   filled with the plain method (what the wrapper stores after that import), and each ``step`` runs its update
+   under the same grad mode without the graph breaks (no-ops outside torch.compile).
 
 Inference (``megatron.core.inference``: ``StaticInferenceEngine(legacy=True)`` + ``TextGenerationController`` +
 ``GPTInferenceWrapper``, used by ``generation.engine``) needs no redirection of its own: its sampling generator
@@ -41,6 +47,7 @@ fails to build it and falls back to the legacy engine (megatron-core 0.16.1).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import torch
@@ -186,6 +193,44 @@ def megatron_import():
         torch.compile = real
 
 
+def _eager_step(update):
+    """An optimizer's ``step`` as ``_use_grad_for_differentiable`` runs it eagerly: the update under grad mode
+    ``defaults["differentiable"]``, the caller's mode restored after."""
+
+    @functools.wraps(update)
+    def step(self, *args, **kwargs):
+        prev = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(self.defaults["differentiable"])
+            return update(self, *args, **kwargs)
+        finally:
+            torch.set_grad_enabled(prev)
+
+    return step
+
+
+def _eager_optimizer_guards() -> None:
+    """Redirection 9, on every optimizer class of ``torch.optim`` before any is instantiated."""
+    import torch._compile
+    import torch.optim
+    from torch.optim import optimizer as torch_optimizer
+
+    disabled = torch._compile._disable_dynamo(lambda: None).__code__
+    use_grad = torch_optimizer._use_grad_for_differentiable(lambda self: None).__code__
+    classes = [torch.optim.Optimizer] + [c for c in vars(torch.optim).values()
+                                         if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)]
+    for cls in classes:
+        for name, fn in list(vars(cls).items()):
+            plain = getattr(fn, "__wrapped__", None)
+            code = getattr(fn, "__code__", None)
+            if plain is None:
+                continue
+            if code is disabled:
+                setattr(plain, "__dynamo_disable", plain)
+            elif code is use_grad:
+                setattr(cls, name, _eager_step(plain))
+
+
 def activate() -> bool:
     """Apply every redirection when CUDA is absent. Idempotent. Returns whether the layer is active."""
     global _ACTIVE, _MODE
@@ -247,6 +292,9 @@ def activate() -> bool:
     # 6. .cuda()
     torch.Tensor.cuda = lambda self, *_a, **_k: self
     torch.nn.Module.cuda = lambda self, *_a, **_k: self
+
+    # 9. torch.optim without dynamo
+    _eager_optimizer_guards()
 
     # 7. device arguments
     _MODE = _CudaToCpuMode()

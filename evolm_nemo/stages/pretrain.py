@@ -147,7 +147,7 @@ class PretrainStage(Stage):
         self.tokenizer = source.tokenizer
         self.is_main = rt.is_main
         names = source_names(cfg, source)
-        self.sources = (SourceTokens(dataset, names, p.global_batch_size, m.seq_length, source.groups)
+        self.sources = (SourceTokens(dataset, names, p.global_batch_size, m.seq_length, source.trained()[2])
                         if len(names) > 1 else None)  # per-source accounting of a blend (CPT replay)
         self.val, self.val_every, self.val_start, self.val_start_logged = {}, 0, None, False
         if cfg.train.val_tokens_interval:  # held-out loss per source (checkpoint dynamics, forgetting in CPT)

@@ -52,8 +52,8 @@ def check_data(d) -> None:
     if d.weights is not None and not sum(d.weights) > 0:
         raise ConfigError("data.weights", f"all weights are zero ({list(d.weights)}); give at least one path a "
                                           "positive weight (or null: proportional to size)")
-        if not d.tokenizer:
-            raise ConfigError("data.tokenizer", "indexed data needs the tokenizer it was prepared with")
+    if d.source == "indexed" and not d.tokenizer:
+        raise ConfigError("data.tokenizer", "indexed data needs the tokenizer it was prepared with")
 
 
 def check_split(split) -> list[float]:

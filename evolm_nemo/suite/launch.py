@@ -85,7 +85,8 @@ def node_state(suite: Suite, row: Row) -> tuple[str, str]:
         except (OSError, ValueError):
             result = {}
         return ("done", "result.json present") if mode in result else ("new", "no result yet")
-    return ("done", "data present") if (out / "gsm8k_platinum.jsonl").is_file() else ("new", "not written")
+    made = "manifest.json" if row.stage == "data-nano_world" else "gsm8k_platinum.jsonl"
+    return ("done", "data present") if (out / made).is_file() else ("new", "not written")
 
 
 def argv_for(plan: SuitePlan, row: Row) -> list[str]:
@@ -98,6 +99,8 @@ def argv_for(plan: SuitePlan, row: Row) -> list[str]:
         return ["export-hf", *row.overrides]
     if row.kind == "eval":
         return ["eval", node.mode, *row.overrides]
+    if node.make == "nano_world":
+        return ["-m", "evolm_nemo.data.nano_world", f"out={s.out(row.node)}", *row.overrides]
     parent = plan.row(node.parent)
     cache = parent.cfg.data.cache_dir if parent.cfg is not None else "runs/cache"
     items = [f"src={s.out(node.parent)}", f"out={s.out(row.node)}", f"cache_dir={cache}"]

@@ -166,6 +166,9 @@ def _check_layout(cfg, world: int, node: Node):
     c = copy.deepcopy(cfg)
     c.train.init_from = None
     c.data.source, c.data.paths, c.data.weights, c.data.synthetic_kinds = "synthetic", [], None, ["text"]
+    if c.data.val_paths:  # held-out files, like the training data, are checked when the job starts
+        c.data.val_paths, c.data.synthetic_val_docs = [], 1
+    c.train.branch_from = None  # so is a WSD branch's stable run (its budget is the branch's own)
     try:
         if budget != "tokens":  # RL batches are rl.* sizes; their rules are checked below
             validate(c, world_size=world, global_batches=budget != "prompts")
@@ -328,8 +331,8 @@ def _eval_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None:
 
 
 def _data_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None:
-    parent = rows[node.parent]
-    row.stage, row.model = f"data-{node.make}", parent.model
+    row.stage, row.model = f"data-{node.make}", rows[node.parent].model if node.parent else "-"
+    row.overrides = [suite.expand(o, f"nodes.{node.name}.overrides") for o in node.overrides]
     row.gpus = 0
     row.notes.append("CPU step")
 

@@ -8,18 +8,21 @@ and orders the graph; a bad suite is one ConfigError naming the key (``nodes.<no
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from evolm_nemo.config.compose import recipes_dir
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.tokens import parse_tokens
+from evolm_nemo.data.nano_world import WorldConfig
 from evolm_nemo.suite.takeaways import validate as validate_takeaways
 
 KINDS = ("train", "export", "eval", "data")
 EVAL_MODES = ("downstream", "upstream")
-DATA_MAKERS = ("demo_eval",)  # the demo's held-out generated problems in GSM8K's cooked schema
+# demo_eval: the demo's held-out generated problems in GSM8K's cooked schema (parent: an SFT run);
+# nano_world: EvoLM-nano's generated world (evolm_nemo/data/nano_world.py; no parent; overrides are its keys)
+DATA_MAKERS = ("demo_eval", "nano_world")
 COMMON_KEYS = ("kind", "parent", "needs", "overrides", "nodes", "gpus", "time", "note")
 KIND_KEYS = {
     "train": ("experiment", "samples", "tokens_per_example"),
@@ -230,9 +233,23 @@ def _node(name: str, spec, where: str) -> Node:
             raise ConfigError(f"{key}.make", f"must be one of {', '.join(DATA_MAKERS)}; got {node.make!r}")
         if spec.get("limit") is not None:
             node.limit = _positive_int(spec["limit"], f"{key}.limit")
-    if kind in ("export", "eval", "data") and not parent:
+    if kind == "data" and node.make == "nano_world":
+        if parent:
+            raise ConfigError(f"{key}.parent", "a nano_world node reads no other node's output: drop its parent")
+        check_world_overrides(node.overrides, f"{key}.overrides")
+    elif kind in ("export", "eval", "data") and not parent:
         raise ConfigError(f"{key}.parent", f"a {kind} node needs a parent (the node whose output it reads)")
     return node
+
+
+def check_world_overrides(items: list[str], key: str) -> None:
+    """A nano_world node's overrides are the world's own keys (``general_docs=1500``), never ``out``."""
+    valid = sorted(f.name for f in fields(WorldConfig) if f.name not in ("out", "overwrite"))
+    for item in items:
+        name = item.partition("=")[0].strip()
+        if name not in valid:
+            raise ConfigError(key, f"{name!r} is not a nano world key (the node's out is its own directory); valid "
+                                   f"keys: {', '.join(valid)}")
 
 
 def topological(nodes: dict[str, Node], suite: str) -> list[str]:

@@ -12,7 +12,7 @@ from evolm_nemo.data import nano_world as nw
 from evolm_nemo.tasks import SUITE_GROUP
 
 SMALL = dict(general_docs=120, math_docs=80, sft_examples=150, rl_prompts=40, eval_id=30, eval_ood=40,
-             vocab_size=600)
+             vocab_size=600, val_docs=20, sft_subsets="[50]")
 
 
 def test_corpora_and_problems_are_deterministic_and_prefix_stable():
@@ -118,6 +118,28 @@ def test_build_world_writes_the_sets(tmp_path):
             assert judge(suite, r["gt_solution"].split("\n#### ")[0], gold_answer(suite, r))
     sft = [json.loads(line) for line in open(out / "sft.jsonl")]
     assert set(sft[0]) == {"id", "question", "answer", "gold"}
+    # held-out documents: the next ones of each corpus's stream, never trained on; the SFT rows as datasets
+    for name in ("general", "math"):
+        train_rows = (out / f"{name}.jsonl").read_text().splitlines()
+        held = (out / f"{name}_val.jsonl").read_text().splitlines()
+        assert len(held) == SMALL["val_docs"] and not set(held) & set(train_rows)
+        assert [json.loads(r) for r in held] == nw.corpus(name, len(train_rows) + len(held), 2)[len(train_rows):]
+        assert (out / f"{name}_val.bin").stat().st_size > 0
+    from evolm_nemo.data.sft import read_manifest
+
+    assert m["sft"] == {"cutoff": 257, "sft": 150, "sft_50": 50}
+    assert read_manifest(out / "sft_50")["counts"]["written"] == 50
+    assert not list(tmp_path.glob(".*"))  # no lock or temporary directory left beside the world
+    # out= is a world only: an existing one needs overwrite, anything else is refused before any work
+    with pytest.raises(ConfigError, match="already holds a nano world; overwrite=true"):
+        nw.build_world(nw.WorldConfig(out=str(out)))
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="holds a training run's directory"):
+        nw.build_world(nw.WorldConfig(out=str(run_dir), overwrite=True))
+    with pytest.raises(ConfigError) as e:
+        nw.build_world(nw.WorldConfig(out=str(tmp_path / "w3"), sft_subsets=[0]))
+    assert e.value.key == "sft_subsets" and not (tmp_path / "w3").exists()
     # the same seed writes the same bytes
     out2 = tmp_path / "world2"
     nw.main([f"out={out2}", "seed=2"] + [f"{k}={v}" for k, v in SMALL.items()])

@@ -46,3 +46,45 @@ def test_redirections_on_cpu():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_optimizers_run_without_loading_dynamo_and_step_the_same():
+    """Redirection 9: with the layer active, AdamW (and Adam, SGD) construct, step, zero their grads and round-trip
+    their state without importing torch._dynamo, and the parameters they produce equal torch's own step bitwise
+    (the reference runs in a process without the layer); grad mode is the caller's after a step."""
+    code = r"""
+import sys, torch
+if sys.argv[1] == "layer":
+    from evolm_nemo.runtime import cpu_compat
+    assert cpu_compat.activate()
+torch.manual_seed(0)
+out = []
+for make in (lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1), lambda p: torch.optim.Adam(p, lr=1e-2),
+             lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9)):
+    m = torch.nn.Linear(8, 4)
+    opt = make(m.parameters())
+    for _ in range(3):
+        opt.zero_grad()
+        m(torch.randn(5, 8)).pow(2).sum().backward()
+        opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert torch.is_grad_enabled()
+    out += [p.detach().clone() for p in m.parameters()]
+if sys.argv[1] == "layer":
+    assert "torch._dynamo" not in sys.modules, "dynamo was imported"
+torch.save(out, sys.argv[2])
+"""
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as d:
+        got = {}
+        for mode in ("layer", "plain"):
+            proc = subprocess.run([sys.executable, "-c", code, mode, f"{d}/{mode}.pt"], cwd=REPO,
+                                  env=subprocess_env(), capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            got[mode] = torch.load(f"{d}/{mode}.pt", weights_only=True)
+    assert len(got["layer"]) == len(got["plain"]) == 6
+    for a, b in zip(got["layer"], got["plain"]):
+        assert torch.equal(a, b)

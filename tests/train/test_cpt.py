@@ -95,6 +95,15 @@ def test_held_out_loss_per_source_before_and_after_cpt(tmp_path, data_cache):
         assert got[3][f"val_loss_{source}_at_0"] == pytest.approx(parent[3][f"val_loss_{source}"], abs=1e-6)
         assert got[6][f"val_loss_{source}_at_0"] == got[3][f"val_loss_{source}_at_0"]
     assert got[6]["val_loss_math"] < got[3]["val_loss_math_at_0"]  # 42 parts math: its held-out loss falls
+    # a source of weight 0 is not trained on, only measured (CPT without replay that still watches general text)
+    out = tmp_path / "no_replay"
+    proc = run_evolm("train", tiny(out, data_cache, "experiment=demo_cpt", f"train.init_from={pre}", "train.iters=6",
+                                   split, "train.val_tokens_interval=6144", "data.weights=[0,50]"))
+    assert "text 0 (0.00%, plan 0.00%), math 6.144K (100.00%, plan 100.00%)" in proc.stdout
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["tokens_text"] == 0 and last["tokens_math"] == last["tokens"] == 6 * 1024
+    assert last["val_loss_text_at_0"] == pytest.approx(parent[3]["val_loss_text"], abs=1e-6)
+    assert last["val_loss_math"] < last["val_loss_math_at_0"]
 
 
 def test_held_out_loss_needs_a_validation_split(tmp_path, data_cache, capsys):
