@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from evolm_nemo.generation.engine import Completion, _Engine
 from evolm_nemo.losses.rl import sampling_logits
 from evolm_nemo.runtime.cpu_compat import device_mode_paused
-from evolm_nemo.tasks import cut_at_stop
 
 _M32 = 0xFFFFFFFF
 
@@ -157,7 +156,7 @@ class ContinuousGenerator(_Engine):
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.refill_at = max(1, self.max_batch // 8)  # free slots that trigger a prefill while others decode
         # the last call's work: forwards, and decode rows (each one a live sequence's next token: no idle slot)
-        self.stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "max_active": 0}
+        self.stats = _new_stats()
 
     # ------------------------------------------------------------------------------------------------ internals
     @contextlib.contextmanager
@@ -208,7 +207,7 @@ class ContinuousGenerator(_Engine):
         of every generated token under the distribution it was sampled from (greedy: the untempered model's)."""
         stop, encoded, budgets = self._request(prompts, max_new_tokens, temperature, top_p, top_k, stop_strings)
         results: list[Completion | None] = [None] * len(prompts)
-        self.stats = stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "max_active": 0}
+        self.stats = stats = _new_stats()
         for i, b in enumerate(budgets):
             if b <= 0:
                 results[i] = Completion("", [], "length", [] if return_log_probs else None)
@@ -288,11 +287,12 @@ class ContinuousGenerator(_Engine):
         return results  # type: ignore[return-value]
 
     def _completion(self, s: _Slot, stop, return_log_probs: bool) -> Completion:
-        text = self.tokenizer.detokenize(s.ids, skip_special_tokens=True)
-        finish = s.finish
-        if stop and cut_at_stop(text, stop) != text:
-            text, finish = cut_at_stop(text, stop), "stop"
-        return Completion(text, list(s.ids), finish, list(s.logps) if return_log_probs else None)
+        return self._finished(list(s.ids), s.finish, stop, list(s.logps) if return_log_probs else None)
+
+
+def _new_stats() -> dict:
+    """The last ``complete`` call's counts: prefill batches, decode steps, rows decoded, most slots in use."""
+    return {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "max_active": 0}
 
 
 def _bar(total: int, enabled: bool):

@@ -169,6 +169,15 @@ class _Engine:
                 raise ValueError(f"prompt {i} has {len(p)} tokens; max_seq={self.max_seq} leaves no room")
         return stop, ids, [min(int(max_new_tokens), self.max_seq - len(p)) for p in ids]
 
+    def _finished(self, ids: list[int], finish: str, stop: tuple[str, ...],
+                  log_probs: list[float] | None) -> Completion:
+        """A finished sequence as a Completion: its text cut at the first stop string (then ``finish`` is "stop",
+        also when the budget's last token completed it)."""
+        text = self.tokenizer.detokenize(ids, skip_special_tokens=True)
+        if stop and cut_at_stop(text, stop) != text:
+            text, finish = cut_at_stop(text, stop), "stop"
+        return Completion(text, ids, finish, log_probs)
+
 
 class Generator(_Engine):
     """megatron-core static inference engine around one GPTModel (pp=1; TP any, sequence parallel switched off
@@ -257,7 +266,7 @@ class Generator(_Engine):
                     self.engine.run_engine()
                     pool = self.engine.scheduler.completed_request_pool
                     for i, rid in zip(rows, requests):
-                        results[i] = self._completion(pool.pop(rid), budget, stop, cut_at_stop)
+                        results[i] = self._completion(pool.pop(rid), budget, stop)
         finally:
             self.controller.stop = ()
             self.controller.sampled = None
@@ -266,13 +275,10 @@ class Generator(_Engine):
                 set_model_to_sequence_parallel(self._inner, True)
         return results  # type: ignore[return-value]
 
-    def _completion(self, request, budget: int, stop, cut) -> Completion:
+    def _completion(self, request, budget: int, stop) -> Completion:
         new = [int(t) for t in request.generated_tokens.tolist()]
         lps = getattr(request, "generated_log_probs", None)
         lps = [float(x) for x in lps] if lps is not None else None
-        text = self.tokenizer.detokenize(new, skip_special_tokens=True)
-        if getattr(request, "stopped_by_string", False):
-            return Completion(cut(text, stop), new, "stop", lps)
-        if stop and cut(text, stop) != text:  # a stop string completed by the budget's last token
-            return Completion(cut(text, stop), new, "stop", lps)
-        return Completion(text, new, "length" if len(new) >= budget else "eos", lps)
+        finish = "stop" if getattr(request, "stopped_by_string", False) else (
+            "length" if len(new) >= budget else "eos")
+        return self._finished(new, finish, stop, lps)
