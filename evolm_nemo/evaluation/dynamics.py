@@ -160,13 +160,18 @@ def markdown(curves: list[Curve]) -> list[str]:
     pairs = decayed_pairs(curves)
     if pairs:
         lines += ["## Intermediate vs fully decayed (EvoLM Table 3)", "",
-                  "Each WSD branch at budget B against its stable run's record at B tokens (undecayed).", ""]
+                  "Each WSD branch at budget B against its stable run's record at B tokens (undecayed; the nearest "
+                  "record at or before B, if within 10% of B).", ""]
         header = ["budget", "metric", "intermediate (stable run)", "fully decayed (branch)", "delta"]
         rows = []
         for stable, branch in pairs:
             for m in metrics:
                 end, mid = branch.last(m), stable.at(m, branch.budget)
                 if end is None or mid is None:
+                    continue
+                if mid[0] < 0.9 * branch.budget:  # the stable run measured nothing near B: no comparison
+                    rows.append([format_tokens(branch.budget), m, f"- (last record at {format_tokens(mid[0])})",
+                                 f"{end[1]:.2f}", "-"])
                     continue
                 note = "" if mid[0] == branch.budget else f" (at {format_tokens(mid[0])})"
                 rows.append([format_tokens(branch.budget), m, f"{mid[1]:.2f}{note}", f"{end[1]:.2f}",
