@@ -226,3 +226,19 @@ def test_bad_held_out_settings_refused_in_one_line(extra, key, words):
     with pytest.raises(ConfigError) as e:
         plan_run(cfg)
     assert e.value.key == key and words in e.value.message
+
+
+def test_table_3_compares_only_records_near_the_budget(tmp_path):
+    """A branch whose stable run logged nothing within 10% below its budget gets no intermediate value (its nearest
+    record may be the run's start); one with a record there is compared with it."""
+    from evolm_nemo.evaluation import dynamics
+
+    stable = dynamics.Curve(run=str(tmp_path / "stable"), name="stable",
+                            points={"val_loss_text": [(0, 7.0), (1000, 1.5), (1960, 1.2)]})
+    early = dynamics.Curve(run=str(tmp_path / "b500"), name="b500", branch_of=str((tmp_path / "stable").resolve()),
+                           budget=500, points={"val_loss_text": [(500, 1.8)]})
+    late = dynamics.Curve(run=str(tmp_path / "b2000"), name="b2000", branch_of=str((tmp_path / "stable").resolve()),
+                          budget=2000, points={"val_loss_text": [(2000, 1.1)]})
+    md = dynamics.markdown([stable, early, late])
+    assert "| 500 | val_loss_text | - (last record at 0) | 1.80 | - |" in md
+    assert "| 2K | val_loss_text | 1.20 (at 1.96K) | 1.10 | -0.10 |" in md
