@@ -125,9 +125,9 @@ def _pairs_dataset(parent, out):
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes" / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates(name, request, tmp_path, data_cache):
     # real data files are absent here: validate everything else on the generated corpus
+    held_out = ["data.synthetic_val_docs=8"] if name.startswith("nano_") else []  # nano: held-out loss per source
     cfg = compose("config", [f"experiment={name}", "data.source=synthetic", "data.weights=null", "train.init_from=null",
-                           "train.branch_from=null"],
-                  RootConfig)
+                           "train.branch_from=null", *held_out], RootConfig)
     if cfg.stage in ("sft", "ppo", "grpo", "rm", "dpo"):  # post-training needs a parent (its tokenizer and shape): the tiny one, dressed as the experiment's
         parent = _parent_like(request.getfixturevalue("tiny_parent"), cfg, tmp_path / "parent")
         data = ["data.source=synthetic"]
@@ -187,3 +187,22 @@ def test_a_stage_without_an_experiment_uses_its_own_rate(size):
     assert compose("config", ["stage=grpo", f"optim={size}", "optim.lr=5e-5"], RootConfig).optim.lr == 5e-5
     if size == "evolm_1b":  # EvoLM's 1B rates (PAPER.md): SFT 1e-5, PPO actor 2e-6
         assert pre.stage_lr["sft"] == 1e-5 and pre.stage_lr["ppo"] == 2e-6
+
+
+def test_every_data_preset_names_every_data_key():
+    """Hydra overrides only keys a composed YAML has: each data preset lists every `data.*` key of the schema, so
+    `data.<key>=...` works whichever preset an experiment picks (`data.synthetic_val_docs=8` under fineweb_edu was
+    refused as an unknown key)."""
+    import dataclasses
+
+    import yaml
+
+    from evolm_nemo.config.compose import recipes_dir
+    from evolm_nemo.config.schema import DataConfig
+
+    keys = {f.name for f in dataclasses.fields(DataConfig)}
+    for path in sorted((recipes_dir() / "data").glob("*.yaml")):
+        missing = keys - set(yaml.safe_load(path.read_text()))
+        assert not missing, (path.name, sorted(missing))
+    cfg = compose("config", ["experiment=wsd_1b_stable", "data.synthetic_val_docs=8"], RootConfig)
+    assert cfg.data.synthetic_val_docs == 8
