@@ -263,6 +263,7 @@ KINDS = {
     "hf-export": "an HF export (made by evolm export-hf)",
     "hf-import": "an imported checkpoint (made by evolm import-hf)",
     "trtllm-engine": "a TensorRT-LLM engine (made by evolm export-trtllm)",
+    "nano-world": "a nano world (made by python -m evolm_nemo.data.nano_world)",
     "checkpoint": "an evolm checkpoint",
     "hf-model": "an HF model directory not made by evolm export-hf",
     "other": "a directory of other files",
@@ -286,7 +287,7 @@ def output_kind(path: str | Path) -> str | None:
             fmt = json.loads((p / "manifest.json").read_text(encoding="utf-8")).get("format")
         except (OSError, ValueError, AttributeError):
             fmt = None
-        found = {"evolm-sft-1": "sft-dataset", "evolm-rm-1": "rm-dataset"}.get(fmt)
+        found = {"evolm-sft-1": "sft-dataset", "evolm-rm-1": "rm-dataset", "evolm-nano-world-1": "nano-world"}.get(fmt)
         if found:
             return found
     if "evolm_export.json" in names:

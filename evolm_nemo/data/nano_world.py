@@ -284,6 +284,8 @@ def js_divergence(p: Counter, q: Counter) -> float:
 
 # --- the world on disk -------------------------------------------------------------------------------------------
 
+WORLD_FORMAT = "evolm-nano-world-1"  # manifest.json's format: what fileio.output_kind knows a world by
+
 
 @dataclass
 class WorldConfig:
@@ -376,13 +378,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ConfigError("out", f"{out} exists and is not a directory")
     if not any(out.iterdir()):
         return
-    try:
-        mine = "families" in json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        mine = False
-    if not mine:
-        raise ConfigError("out", f"{out} holds {fileio.KINDS[fileio.output_kind(out) or 'other']}, not a nano "
-                                 "world; choose another out=")
+    kind = fileio.output_kind(out)
+    if kind != "nano-world":
+        raise ConfigError("out", f"{out} holds {fileio.KINDS[kind or 'other']}, not a nano world; choose another out=")
     if not overwrite:
         raise ConfigError("out", f"{out} already holds a nano world; overwrite=true replaces it")
 
@@ -407,8 +405,9 @@ def _build(cfg: WorldConfig, out: Path, final: Path) -> dict:
     (out / "eval").mkdir(exist_ok=True)
     _write_jsonl(out / "eval" / f"{SUITE_FOR_SPLIT['id']}.jsonl", _cooked(sets["eval_id"]))
     _write_jsonl(out / "eval" / f"{SUITE_FOR_SPLIT['ood']}.jsonl", _cooked(sets["eval_ood"]))
-    manifest = {"config": asdict(cfg), "families": {n: {"split": f.split, "ops": list(f.ops), "format": f.format,
-                                                         "axis": f.axis} for n, f in FAMILIES.items()},
+    families = {n: {"split": f.split, "ops": list(f.ops), "format": f.format, "axis": f.axis}
+                for n, f in FAMILIES.items()}
+    manifest = {"format": WORLD_FORMAT, "config": asdict(cfg), "families": families,
                 "sets": {k: len(v) for k, v in sets.items()}}
     if cfg.index:
         from evolm_nemo.data.prepare import prepare
@@ -419,7 +418,8 @@ def _build(cfg: WorldConfig, out: Path, final: Path) -> dict:
         texts = [r["text"] for rows in corpora.values() for r in rows]
         texts += [f"Human: {q['problem']}\nAssistant: {q['solution']}" for q in sets["sft"][:500]]
         tok = train_tokenizer(texts, out / "tokenizer", cfg.vocab_size)
-        manifest["tokenizer"] = str(final / "tokenizer")
+        tokenizer = str(final.resolve() / "tokenizer")  # where it will be once the world is in place
+        manifest["tokenizer"] = tokenizer
         manifest["tokens"] = {}
         for name in [*corpora, *held_out]:
             stats = prepare(out / f"{name}.jsonl", out / name, tok, workers=1, progress=False)
@@ -432,7 +432,7 @@ def _build(cfg: WorldConfig, out: Path, final: Path) -> dict:
                 name = "sft" if n is None else f"sft_{n}"
                 sft = prepare_sft(PrepareSFTConfig(
                     input=str(out / "sft.jsonl"), output=str(out / name), limit=n, reference_key="gold", id_key="id",
-                    tokenizer=str(final.resolve() / "tokenizer"), cutoff=cfg.sft_cutoff, workers=1, progress=False),
+                    tokenizer=tokenizer, cutoff=cfg.sft_cutoff, workers=1, progress=False),
                     tokenizer=tok)
                 fileio.release_output(out / name)  # its lock file would otherwise be renamed into the world
                 manifest["sft"][name] = sft["counts"]["written"]
