@@ -23,23 +23,25 @@ SOURCES = ("synthetic", "indexed")
 
 @dataclass(frozen=True)
 class Layout:
-    """What the recipe alone decides: data-parallel size, tokens per iteration, microbatches per iteration."""
+    """What the recipe alone decides: data-parallel size, tokens per iteration, microbatches per iteration (None
+    when microbatches are formed by packing or a token budget: then each batch's examples decide their count)."""
 
     world_size: int
     dp: int
     tokens_per_iter: int
-    num_microbatches: int
+    num_microbatches: int | None
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What planning derives (``stages.plan_run``): data-parallel size, iterations, tokens per iteration."""
+    """What planning derives (``stages.plan_run``): data-parallel size, iterations, tokens per iteration,
+    microbatches per iteration (None under packing or a token budget, as in ``Layout``)."""
 
     world_size: int
     dp: int
     iters: int
     tokens_per_iter: int
-    num_microbatches: int
+    num_microbatches: int | None
 
 
 def positive(key: str, value, allow_zero: bool = False) -> None:
@@ -123,7 +125,7 @@ def validate(cfg: RootConfig, world_size: int | None = None, global_batches: boo
     positive("train.keep_last", t.keep_last)
 
     return Layout(world_size=world_size, dp=dp, tokens_per_iter=p.global_batch_size * m.seq_length,
-                  num_microbatches=p.global_batch_size // (p.micro_batch_size * dp))
+                  num_microbatches=p.global_batch_size // (p.micro_batch_size * dp) if by_count else None)
 
 
 def check_schedule(cfg: RootConfig, iters: int) -> None:

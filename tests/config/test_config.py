@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from evolm_nemo.config import ConfigError, RootConfig, compose, iterations_for, parse_tokens
+from evolm_nemo.config.validate import validate
 from evolm_nemo.model.build import param_count
 from evolm_nemo.stages import plan_run
 from tests.conftest import BIN, REPO, run_evolm, subprocess_env, tiny
@@ -45,6 +46,10 @@ def test_evolm_grid_composes():
     assert (cfg.model.num_attention_heads, cfg.model.num_query_groups, cfg.model.vocab_size) == (32, 4, 32000)
     assert cfg.optim.lr == 2e-4 and cfg.optim.min_lr == 2e-5 and cfg.parallel.global_batch_size == 512
     assert plan.iters == 152588 and plan.dp == 32 and plan.num_microbatches == 1
+    for packed in (["stage=sft", "train.packing=true"], ["stage=sft", "parallel.max_tokens_per_microbatch=4096"]):
+        layout = validate(compose("config", ["experiment=pretrain_1b_160b", "data.source=synthetic", *packed],
+                                  RootConfig), world_size=32)
+        assert layout.num_microbatches is None and layout.dp == 32  # each batch's examples decide the count
     assert 0.95e9 < param_count(cfg.model) < 1.1e9
     for name in ("evolm_0.5b", "evolm_4b"):
         assert compose("config", [f"model={name}"], RootConfig).model.name == name
