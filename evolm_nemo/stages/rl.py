@@ -17,7 +17,6 @@ the uninterrupted one did.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from functools import partial
 from pathlib import Path
@@ -357,9 +356,10 @@ class RLStage(Stage):
             rewards.append(rw)
         extra = {"old_logp": old_logp}
         if r.tis_cap is not None:  # the engine reports no log p for a final EOS: weight 1 there
-            extra["tis"] = [truncated_importance_weights(torch.tensor(o), torch.tensor(
-                [a if not math.isnan(a) else b for a, b in zip(e, o)]), r.tis_cap).tolist()
-                for o, e in zip(old_logp, ro.engine_logp)]
+            train = torch.tensor([x for o in old_logp for x in o])
+            engine = torch.tensor([x for e in ro.engine_logp for x in e])
+            weights = truncated_importance_weights(train, torch.where(engine.isnan(), train, engine), r.tis_cap)
+            extra["tis"] = [w.tolist() for w in weights.split([len(o) for o in old_logp])]
         if ref_logp is not None:
             extra["ref_logp"] = ref_logp
         keep = [1.0] * n
