@@ -164,27 +164,36 @@ class _Helper:
         line, self._buf = self._buf.split(b"\n", 1)
         return line
 
-    def check(self, mode: str, a: str, b: str, timeout: float) -> Optional[tuple[bool, bool]]:
-        """(verdict, timed out): both directions OR-ed, each under the helper's alarm; None if the helper died or ran
-        past the backstop (then it must be dropped)."""
+    def request(self, fields: list, backstop: float) -> Optional[list]:
+        """Send ``[id, *fields]`` as one JSON line and return the fields of the helper's answer to that id (lines
+        for other ids or unreadable lines are skipped); None if the helper died or said nothing for ``backstop``
+        seconds (then it must be dropped)."""
         self._next_id += 1
         rid = self._next_id
         try:
-            self.proc.stdin.write((json.dumps([rid, mode, a, b, timeout]) + "\n").encode("utf-8"))
+            self.proc.stdin.write((json.dumps([rid, *fields]) + "\n").encode("utf-8"))
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
             return None
-        backstop = 2 * timeout + self.GRACE_S
         while True:
             line = self._readline(backstop)
             if line is None:
                 return None
             try:
-                got_id, verdict, timed_out = json.loads(line)
-            except (ValueError, TypeError):
+                got = json.loads(line)
+            except ValueError:
                 continue
-            if got_id == rid:
-                return bool(verdict), bool(timed_out)
+            if isinstance(got, list) and got and got[0] == rid:
+                return got[1:]
+
+    def check(self, mode: str, a: str, b: str, timeout: float) -> Optional[tuple[bool, bool]]:
+        """(verdict, timed out): both directions OR-ed, each under the helper's alarm; None if the helper died or ran
+        past the backstop (then it must be dropped)."""
+        reply = self.request([mode, a, b, timeout], 2 * timeout + self.GRACE_S)
+        if reply is None or len(reply) != 2:
+            return None
+        verdict, timed_out = reply
+        return bool(verdict), bool(timed_out)
 
     def close(self) -> None:
         try:
@@ -208,32 +217,48 @@ class _Helper:
 
 
 class _HelperPool:
-    def __init__(self):
+    """Idle helper processes for any number of threads: ``acquire`` one (started by ``start`` when none is idle),
+    then ``release`` it, or ``drop`` it (killed) when it died or overran. After a fork the parent's helpers are
+    forgotten, not shared."""
+
+    def __init__(self, start: Callable[[], _Helper] = _Helper):
+        self._start = start
         self._idle: list[_Helper] = []
         self._all: list[_Helper] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
-    def check(self, mode: str, a: str, b: str, timeout: float) -> tuple[bool, bool]:
-        """(verdict, timed out) of one pair in a helper process; a helper that dies or overruns is killed and the pair
-        is (False, True)."""
+    def acquire(self) -> _Helper:
         with self._lock:
             if self._pid != os.getpid():  # forked: the helpers belong to the parent process
                 self._idle, self._all, self._pid = [], [], os.getpid()
-            helper = self._idle.pop() if self._idle else None
-        if helper is None:
-            helper = _Helper()
-            with self._lock:
-                self._all.append(helper)
-        verdict = helper.check(mode, a, b, timeout)
-        if verdict is None:  # timed out past the backstop or died: kill it, the pair counts as not equivalent
-            helper.proc.kill()
-            helper.close()
-            with self._lock:
-                self._all.remove(helper)
-            return False, True
+            if self._idle:
+                return self._idle.pop()
+        helper = self._start()
+        with self._lock:
+            self._all.append(helper)
+        return helper
+
+    def release(self, helper: _Helper) -> None:
         with self._lock:
             self._idle.append(helper)
+
+    def drop(self, helper: _Helper) -> None:
+        helper.proc.kill()
+        helper.close()
+        with self._lock:
+            if helper in self._all:
+                self._all.remove(helper)
+
+    def check(self, mode: str, a: str, b: str, timeout: float) -> tuple[bool, bool]:
+        """(verdict, timed out) of one pair in a helper process; a helper that dies or overruns is killed and the pair
+        is (False, True)."""
+        helper = self.acquire()
+        verdict = helper.check(mode, a, b, timeout)
+        if verdict is None:  # timed out past the backstop or died: kill it, the pair counts as not equivalent
+            self.drop(helper)
+            return False, True
+        self.release(helper)
         return verdict
 
     def close(self) -> None:

@@ -26,10 +26,9 @@ import numbers
 import os
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from evolm_nemo.answers.pool import _bounded, _Helper
+from evolm_nemo.answers.pool import _bounded, _Helper, _HelperPool
 from evolm_nemo.config.errors import ConfigError
 
 KEY = "rl.reward_fn"
@@ -147,24 +146,8 @@ class _FnHelper(_Helper):
 
     def call(self, prompt: str, response: str, row: dict, timeout: float):
         """[status, payload]; None if the helper died or ran past the backstop (then it must be dropped)."""
-        self._next_id += 1
-        rid = self._next_id
-        try:
-            self.proc.stdin.write((json.dumps([rid, prompt, response, row, timeout]) + "\n").encode("utf-8"))
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            return None
-        backstop = timeout + 2 * self.GRACE_S
-        while True:
-            line = self._readline(backstop)
-            if line is None:
-                return None
-            try:
-                got, status, payload = json.loads(line)
-            except (ValueError, TypeError):
-                continue
-            if got == rid:
-                return status, payload
+        reply = self.request([prompt, response, row, timeout], timeout + 2 * self.GRACE_S)
+        return reply if reply is None or len(reply) == 2 else None
 
 
 class RewardFunction:
@@ -173,44 +156,30 @@ class RewardFunction:
 
     def __init__(self, spec: str, timeout: float, workers: int):
         self.spec, self.timeout, self.workers = spec, float(timeout), max(int(workers), 1)
-        self._idle: list[_FnHelper] = []
-        self._all: list[_FnHelper] = []
-        self._lock = threading.Lock()
+        self._pool = _HelperPool(self._start)
         atexit.register(self.close)
 
-    def _helper(self) -> _FnHelper:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
+    def _start(self) -> _FnHelper:
         helper = _FnHelper((self.spec, json.dumps([p for p in sys.path if isinstance(p, str)])))
         hello = json.loads(helper.hello)
         if hello != "ready":
             helper.close()
             raise ConfigError(KEY, (hello or {}).get("error", f"{self.spec}: its helper process did not start"))
-        with self._lock:
-            self._all.append(helper)
         return helper
 
-    def _drop(self, helper: _FnHelper) -> None:
-        helper.proc.kill()
-        helper.close()
-        with self._lock:
-            self._all.remove(helper)
-
     def call(self, prompt: str, response: str, row: dict):
-        helper = self._helper()
+        helper = self._pool.acquire()
         reply = helper.call(prompt, response, row, self.timeout)
         if reply is None:  # past the backstop (stuck in C, or the alarm swallowed) or the helper died
             try:  # a helper that died closed its output first: give the exit a moment to be reaped
                 died = helper.proc.wait(timeout=2.0)
             except subprocess.TimeoutExpired:
                 died = None  # still running: it overran the backstop
-            self._drop(helper)
+            self._pool.drop(helper)
             if died is not None:
                 return "error", f"killed its helper process (exit code {died})"
             return "timeout", None
-        with self._lock:
-            self._idle.append(helper)
+        self._pool.release(helper)
         return tuple(reply)
 
     def score(self, prompts: list[str], responses: list[str], rows: list[dict]) -> list[tuple[str, object]]:
@@ -220,10 +189,7 @@ class RewardFunction:
             return list(ex.map(self.call, prompts, responses, rows))
 
     def close(self) -> None:
-        with self._lock:
-            helpers, self._all, self._idle = self._all, [], []
-        for helper in helpers:
-            helper.close()
+        self._pool.close()
 
 
 def _dp_gather(obj) -> list:
