@@ -8,11 +8,13 @@ The suite's ``report:`` section says which eval node fills which row (recipes/su
 * ``downstream``: SFT / SFT+RL -- Greedy (Pass@1), Maj@16 and Pass@16 averaged over the ID and the OOD suites;
 * ``cpt_replay``: GSM8K-Platinum Pass@1 after SFT, one row per CPT mix;
 * ``takeaways``: EvoLM's six findings as claims with the suite's own numbers, each holds / does not hold / not
-  measured (``suite/takeaways.py``).
+  measured (``suite/takeaways.py``), and ``takeaways.png``: one panel per claim, drawn from the same numbers (EvoLM's
+  figures in shape: accuracy in and out of domain over SFT epochs, SFT examples and the SFT/RL allocation, held-out
+  loss over the pretraining budgets, forgetting with and without replay, SFT vs SFT+RL).
 
 A row whose result is not there yet reads "-" and is counted; each table says which scoring produced our numbers
 (EvoLM's figures come from its own evaluator, ``scoring=evolm``). Writes ``report.md`` and ``report.csv`` (one line per
-cell: table, row, metric, ours, published) into ``out`` (default ``<root>/report``), atomically.
+cell: table, row, metric, ours, published) and the figure into ``out`` (default ``<root>/report``), atomically.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class _Tables:
         self.cells: list[list] = []
         self.missing: list[str] = []
         self.scorings: set[str] = set()
+        self.claims: list[takeaways.Claim] = []
+        self.figure_at: int | None = None  # where in ``md`` the takeaways figure goes, once drawn
 
     def result(self, node: str) -> dict | None:
         data = _result(self.suite, node)
@@ -136,8 +140,9 @@ def build(suite: Suite) -> _Tables:
     if "cpt_replay" in rep:
         t.table("CPT replay: GSM8K-Platinum Pass@1 after SFT (%)", ["CPT mix", "ours", "EvoLM"], rows)
     if "takeaways" in rep:
-        claims = takeaways.check(rep["takeaways"], takeaways.Reader(suite.out))
+        claims = t.claims = takeaways.check(rep["takeaways"], takeaways.Reader(suite.out))
         t.md += takeaways.markdown(claims)
+        t.figure_at = len(t.md)
         for c in claims:
             t.cells.append(["takeaways", c.claim, c.verdict, c.evidence, ""])
     return t
@@ -163,13 +168,17 @@ def csv_text(t: _Tables) -> str:
 
 
 def write(suite: Suite, out: str | Path | None = None) -> Path:
-    """Write ``report.md`` and ``report.csv`` into ``out`` (default ``<root>/report``) and print the Markdown.
-    Returns the directory."""
+    """Write ``report.md``, ``report.csv`` and ``takeaways.png`` (when a claim has numbers) into ``out`` (default
+    ``<root>/report``) and print the Markdown. Returns the directory."""
     t = build(suite)
-    md = markdown(t)
     out = Path(str(out or Path(suite.root) / "report"))
+    figure = takeaways.plot(t.claims, out / "takeaways.png") if t.figure_at is not None else None
+    if figure:
+        t.md[t.figure_at:t.figure_at] = ["![EvoLM's takeaways on this suite: one panel per claim, numbered as in the "
+                                         "table](takeaways.png)", ""]
+    md = markdown(t)
     write_text(out / "report.md", md)
     write_text(out / "report.csv", csv_text(t))
     print(md, end="")
-    print(f"wrote {out / 'report.md'} and {out / 'report.csv'}")
+    print(f"wrote {out / 'report.md'}, {out / 'report.csv'}" + (f", {figure}" if figure else ""))
     return out

@@ -6,6 +6,9 @@
 direction that does not appear at a suite's scale is reported as it is.
 
 A node may be given as a list (one per seed): the claim uses the mean and shows the spread (min..max) and the count.
+A claim over a sequence (``budgets`` / ``steps``) may name its points (``labels``, one per entry; default: the first
+node of each) and its axis (``axis``); the report draws every claim as one panel of ``takeaways.png`` (:func:`plot`:
+a line over the sequence, or bars side by side, seeds as error bars from min to max).
 
     report:
       takeaways:
@@ -13,7 +16,8 @@ A node may be given as a list (one per seed): the claim uses the mean and shows 
         - {claim: replay_mitigates_forgetting, no_replay: cpt_fm50, replay: cpt_fw8_fm42, general: general,
            domain: math}
         - {claim: cpt_bridge, with_cpt: eval_sft_cpt, without_cpt: eval_sft_nocpt}
-        - {claim: sft_scaling, steps: [eval_sft_ep1, eval_sft_ep2, eval_sft_ep4]}
+        - {claim: sft_scaling, steps: [eval_sft_ep1, eval_sft_ep2, eval_sft_ep4], labels: [1, 2, 4],
+           axis: SFT epochs}
         - {claim: rl_sharpens, sft: [eval_sft_s1, eval_sft_s2], rl: [eval_rl_s1, eval_rl_s2]}
         - {claim: allocation, steps: [eval_sft_heavy, eval_balanced, eval_rl_heavy]}   # SFT share falling
 """
@@ -47,6 +51,7 @@ CLAIMS: dict[str, tuple[dict[str, str], tuple[str, ...], str]] = {
                    "out-of-domain accuracy"),
 }
 LISTS = ("budgets", "steps")  # roles that are a sequence of nodes (each of which may be a list of seeds)
+SWEEP_KEYS = ("labels", "axis")  # optional, for a claim over a sequence: its points' names and the axis's
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Claim:
     verdict: str  # "holds" | "does not hold" | "not measured"
     evidence: str
     seeds: int
+    figure: "Figure | None" = None  # what the claim's panel of takeaways.png draws
 
 
 @dataclass
@@ -73,6 +79,19 @@ class Value:
         return f"{self.mean:.3f} [{self.lo:.3f}..{self.hi:.3f}, {self.n} seeds]"
 
 
+@dataclass
+class Figure:
+    """One claim's panel: a line per series over ``points`` (``line``) or bars side by side (``bars``); values in
+    percent when ``percent``."""
+
+    kind: str  # "line" | "bars"
+    points: list[str]
+    series: dict[str, list["Value | None"]]
+    axis: str
+    ylabel: str
+    percent: bool
+
+
 def value(xs: list[float | None]) -> Value | None:
     xs = [float(x) for x in xs if x is not None]
     return Value(statistics.fmean(xs), min(xs), max(xs), len(xs)) if xs else None
@@ -87,10 +106,12 @@ def validate(rows, nodes: dict) -> list[dict]:
         if not isinstance(row, dict) or row.get("claim") not in CLAIMS:
             raise ConfigError(f"{key}.claim", f"expected one of: {', '.join(CLAIMS)}")
         roles, plain, _ = CLAIMS[row["claim"]]
+        sweep = [r for r in roles if r in LISTS]
+        optional = SWEEP_KEYS if sweep else ()
         for k in row:
-            if k not in ("claim", *roles, *plain):
+            if k not in ("claim", *roles, *plain, *optional):
                 raise ConfigError(f"{key}.{k}", f"unknown key for {row['claim']}; valid keys: claim, "
-                                                f"{', '.join([*roles, *plain])}")
+                                                f"{', '.join([*roles, *plain, *optional])}")
         for k in (*roles, *plain):
             if k not in row:
                 raise ConfigError(f"{key}.{k}", "required")
@@ -104,6 +125,13 @@ def validate(rows, nodes: dict) -> list[dict]:
                 for name in group if isinstance(group, list) else [group]:
                     if name not in nodes or nodes[name].kind != kind:
                         raise ConfigError(f"{key}.{role}", f"{name!r} is not a {kind} node of this suite")
+        labels = row.get("labels")
+        if labels is not None and (not isinstance(labels, list) or len(labels) != len(row[sweep[0]])
+                                   or not all(isinstance(x, (str, int, float)) for x in labels)):
+            raise ConfigError(f"{key}.labels", f"expected a list of {len(row[sweep[0]])} names, one per entry of "
+                                               f"{sweep[0]}")
+        if "axis" in row and not isinstance(row["axis"], str):
+            raise ConfigError(f"{key}.axis", "expected a string (the x axis's name)")
     return rows
 
 
@@ -181,7 +209,57 @@ def check(rows: list[dict], reader: Reader) -> list[Claim]:
     return [_check(row, reader) for row in rows]
 
 
+def _labels(row: dict, role: str) -> list[str]:
+    given = row.get("labels")
+    return [str(x) for x in given] if given is not None else [_seeds(g)[0] for g in row[role]]
+
+
+def _figure(row: dict, r: Reader) -> Figure:
+    """The panel of one claim: the numbers its verdict reads, over its points."""
+    name = row["claim"]
+    if name == "diminishing_returns":
+        return Figure("line", _labels(row, "budgets"),
+                      {f"{row['source']} held-out loss": [r.loss(g, row["source"]) for g in row["budgets"]]},
+                      row.get("axis", "pretraining budget"), "held-out loss", False)
+    if name == "replay_mitigates_forgetting":
+        g, d = row["general"], row["domain"]
+
+        def change(k: str, source: str, sign: float) -> Value | None:
+            a, b = r.loss(row[k], source, True), r.loss(row[k], source)
+            if a is None or b is None:
+                return None
+            x = sign * (b.mean - a.mean)
+            return Value(x, x, x, min(a.n, b.n))
+
+        return Figure("bars", ["no replay", "replay"],
+                      {f"{g} loss change (forgetting)": [change(k, g, 1.0) for k in ("no_replay", "replay")],
+                       f"{d} loss drop (domain gain)": [change(k, d, -1.0) for k in ("no_replay", "replay")]},
+                      "CPT", "loss change", False)
+    if name == "cpt_bridge":
+        return Figure("bars", ["with CPT", "without CPT"],
+                      {"in-domain greedy": [r.down(row[k], "id", "pass1") for k in ("with_cpt", "without_cpt")]},
+                      "", "accuracy (%)", True)
+    if name == "rl_sharpens":
+        return Figure("bars", ["SFT", "SFT+RL"],
+                      {label: [r.down(row[k], "id", metric) for k in ("sft", "rl")]
+                       for label, metric in (("greedy", "pass1"), ("correct ratio", "correct_ratio"),
+                                             ("Pass@16", "pass16"))},
+                      "in-domain", "accuracy (%)", True)
+    # sft_scaling, allocation: greedy accuracy in and out of domain over the steps
+    return Figure("line", _labels(row, "steps"),
+                  {f"{split} greedy": [r.down(g, key, "pass1") for g in row["steps"]]
+                   for split, key in (("in-domain", "id"), ("out-of-domain", "ood"))},
+                  row.get("axis", "SFT share falling" if name == "allocation" else "more SFT"), "accuracy (%)",
+                  True)
+
+
 def _check(row: dict, r: Reader) -> Claim:
+    claim = _verdict(row, r)
+    claim.figure = _figure(row, r)
+    return claim
+
+
+def _verdict(row: dict, r: Reader) -> Claim:
     name = row["claim"]
     says = CLAIMS[name][2]
     seeds = _seed_count(row)
@@ -263,3 +341,57 @@ def markdown(claims: list[Claim]) -> list[str]:
     lines += ["", f"{held} of {len(claims)} hold; " + f"{sum(c.verdict == 'not measured' for c in claims)} not "
               "measured. A claim is never tuned until it holds: what does not appear at this scale is shown as is.", ""]
     return lines
+
+
+def plot(claims: list[Claim], path: Path) -> str | None:
+    """``takeaways.png``: one panel per claim, numbered as in the table (None when no claim has a number)."""
+    panels = [(i, c) for i, c in enumerate(claims, 1)
+              if c.figure and any(v is not None for vals in c.figure.series.values() for v in vals)]
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evolm_nemo.evaluation.render import save_png
+
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    for ax, (i, c) in zip(axes.flat, panels):
+        f = c.figure
+        scale = 100.0 if f.percent else 1.0
+        xs = list(range(len(f.points)))
+        width = 0.8 / max(len(f.series), 1)
+        for k, (label, vals) in enumerate(f.series.items()):
+            pts = [(x, v) for x, v in zip(xs, vals) if v is not None]
+            if not pts:
+                continue
+            mean = [scale * v.mean for _, v in pts]
+            err = [[scale * (v.mean - v.lo) for _, v in pts], [scale * (v.hi - v.mean) for _, v in pts]]
+            spread = any(v.n > 1 for _, v in pts)
+            if f.kind == "line":
+                ax.errorbar([x for x, _ in pts], mean, yerr=err if spread else None, marker="o", markersize=4,
+                            capsize=3, label=label)
+            else:
+                ax.bar([x + (k - (len(f.series) - 1) / 2) * width for x, _ in pts], mean, width,
+                       yerr=err if spread else None, capsize=3, label=label)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(f.points, fontsize=7, rotation=20 if max(map(len, f.points)) > 12 else 0)
+        ax.set_xlabel(f.axis, fontsize=8)
+        ax.set_ylabel(f.ylabel, fontsize=8)
+        ax.set_title(f"{i}. {c.claim}: {c.verdict}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        if f.kind == "bars":
+            ax.axhline(0.0, color="gray", lw=0.6)
+            low, high = ax.get_ylim()
+            ax.set_ylim(low, high + 0.3 * (high - low))  # room for the legend above the bars
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = save_png(fig, path)
+    plt.close(fig)
+    return out

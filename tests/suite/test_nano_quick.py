@@ -131,6 +131,7 @@ def test_nano_quick_runs_through_the_launcher_and_the_report(nano_quick):
                             cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
     md = (root / "report" / "report.md").read_text()
+    assert "](takeaways.png)" in md and (root / "report" / "takeaways.png").stat().st_size > 20_000
     verdicts = {}
     for line in md.split("## EvoLM's takeaways")[1].splitlines():  # | n | says | verdict | evidence | seeds |
         cells = [c.strip() for c in line.strip("|").split("|")]

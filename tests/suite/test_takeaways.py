@@ -19,7 +19,7 @@ report:
     - {claim: diminishing_returns, budgets: [p1, p2, p3], source: general}
     - {claim: replay_mitigates_forgetting, no_replay: cpt_math, replay: cpt_mix, general: general, domain: math}
     - {claim: cpt_bridge, with_cpt: e_cpt, without_cpt: e_nocpt}
-    - {claim: sft_scaling, steps: [e_ep1, e_ep2, e_ep4]}
+    - {claim: sft_scaling, steps: [e_ep1, e_ep2, e_ep4], labels: [1, 2, 4], axis: SFT epochs}
     - {claim: rl_sharpens, sft: [e_sft_s1, e_sft_s2], rl: [e_rl_s1, e_rl_s2]}
     - {claim: allocation, steps: [e_missing, e_cpt]}
 nodes:
@@ -86,6 +86,32 @@ def test_verdicts_follow_the_numbers(tmp_path, suite):
     rl_row = next(line for line in t.md if line.startswith("| 5 | RL raises greedy accuracy"))
     assert rl_row.endswith("| 2 |")  # two seeds
     assert "4 of 6 hold; 1 not measured" in md
+    # each claim's panel draws the numbers its verdict read, over its named points
+    figs = {c.claim: c.figure for c in t.claims}
+    sft = figs["sft_scaling"]
+    assert (sft.kind, sft.points, sft.axis, sft.percent) == ("line", ["1", "2", "4"], "SFT epochs", True)
+    assert [v.mean for v in sft.series["in-domain greedy"]] == [0.20, 0.30, 0.34]
+    assert [v.mean for v in sft.series["out-of-domain greedy"]] == [0.10, 0.12, 0.11]
+    dim = figs["diminishing_returns"]
+    assert dim.points == ["p1", "p2", "p3"] and [v.mean for v in dim.series["general held-out loss"]] == [3.0, 2.5, 2.3]
+    replay = figs["replay_mitigates_forgetting"].series
+    assert [round(v.mean, 6) for v in replay["general loss change (forgetting)"]] == [0.4, 0.1]
+    assert [round(v.mean, 6) for v in replay["math loss drop (domain gain)"]] == [1.0, 0.8]
+    greedy = figs["rl_sharpens"].series["greedy"]
+    assert [(v.mean, v.lo, v.hi, v.n) for v in greedy] == [(0.22, 0.20, 0.24, 2), (0.31, 0.30, 0.32, 2)]
+    assert figs["allocation"].series["in-domain greedy"] == [None, figs["cpt_bridge"].series["in-domain greedy"][0]]
+    # the report writes the figure and links it under the takeaways table
+    out = report.write(s, tmp_path / "report")
+    png = (out / "takeaways.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+    written = (out / "report.md").read_text()
+    assert "](takeaways.png)" in written and written.index("](takeaways.png)") > written.index("4 of 6 hold")
+
+
+def test_no_numbers_no_figure(tmp_path, suite):
+    out = report.write(spec.load(str(suite), {"root": str(tmp_path / "runs")}), tmp_path / "report")
+    assert not (out / "takeaways.png").exists() and "takeaways.png" not in (out / "report.md").read_text()
+    assert "0 of 6 hold; 6 not measured" in (out / "report.md").read_text()
 
 
 def test_a_direction_that_does_not_appear_is_reported_as_such(tmp_path, suite):
@@ -109,6 +135,9 @@ def test_a_direction_that_does_not_appear_is_reported_as_such(tmp_path, suite):
     ("{claim: sft_scaling, steps: [e_cpt]}", "report.takeaways[0].steps"),
     ("{claim: diminishing_returns, budgets: [p1, p2], source: general}", "report.takeaways[0].budgets"),
     ("{claim: rl_sharpens, sft: e_cpt, rl: e_cpt, extra: 1}", "report.takeaways[0].extra"),
+    ("{claim: sft_scaling, steps: [e_cpt, e_cpt], labels: [1]}", "report.takeaways[0].labels"),
+    ("{claim: sft_scaling, steps: [e_cpt, e_cpt], axis: [1]}", "report.takeaways[0].axis"),
+    ("{claim: cpt_bridge, with_cpt: e_cpt, without_cpt: e_cpt, labels: [a, b]}", "report.takeaways[0].labels"),
 ])
 def test_a_bad_claim_is_named(tmp_path, row, key):
     text = SUITE.split("report:")[0] + f"report:\n  takeaways:\n    - {row}\n" + "nodes:" + SUITE.split("nodes:")[1]
