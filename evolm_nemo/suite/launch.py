@@ -49,7 +49,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.fileio import replace_dir, temp_dir
 from evolm_nemo.suite.node import pid_file
 from evolm_nemo.suite.plan import Row, SuitePlan
-from evolm_nemo.suite.spec import Suite
+from evolm_nemo.suite.spec import DATA_MAKERS, Suite
 
 
 @dataclass
@@ -85,7 +85,7 @@ def node_state(suite: Suite, row: Row) -> tuple[str, str]:
         except (OSError, ValueError):
             result = {}
         return ("done", "result.json present") if mode in result else ("new", "no result yet")
-    made = "manifest.json" if row.stage == "data-nano_world" else "gsm8k_platinum.jsonl"
+    made = DATA_MAKERS[suite.nodes[row.node].make][1]
     return ("done", "data present") if (out / made).is_file() else ("new", "not written")
 
 
@@ -99,14 +99,15 @@ def argv_for(plan: SuitePlan, row: Row) -> list[str]:
         return ["export-hf", *row.overrides]
     if row.kind == "eval":
         return ["eval", node.mode, *row.overrides]
+    module = DATA_MAKERS[node.make][0]
     if node.make == "nano_world":
-        return ["-m", "evolm_nemo.data.nano_world", f"out={s.out(row.node)}", *row.overrides]
+        return ["-m", module, f"out={s.out(row.node)}", *row.overrides]
     parent = plan.row(node.parent)
     cache = parent.cfg.data.cache_dir if parent.cfg is not None else "runs/cache"
     items = [f"src={s.out(node.parent)}", f"out={s.out(row.node)}", f"cache_dir={cache}"]
     if node.limit:
         items.append(f"limit={node.limit}")
-    return ["-m", "evolm_nemo.suite.demo_data", *items]
+    return ["-m", module, *items]
 
 
 def jobs(plan: SuitePlan) -> list[Job]:

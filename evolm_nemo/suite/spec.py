@@ -20,9 +20,11 @@ from evolm_nemo.suite.takeaways import validate as validate_takeaways
 
 KINDS = ("train", "export", "eval", "data")
 EVAL_MODES = ("downstream", "upstream")
+# A data node's maker -> (the module its command runs, the file in its directory that says it is done).
 # demo_eval: the demo's held-out generated problems in GSM8K's cooked schema (parent: an SFT run);
 # nano_world: EvoLM-nano's generated world (evolm_nemo/data/nano_world.py; no parent; overrides are its keys)
-DATA_MAKERS = ("demo_eval", "nano_world")
+DATA_MAKERS = {"demo_eval": ("evolm_nemo.suite.demo_data", "gsm8k_platinum.jsonl"),
+               "nano_world": ("evolm_nemo.data.nano_world", "manifest.json")}
 COMMON_KEYS = ("kind", "parent", "needs", "overrides", "nodes", "gpus", "time", "note")
 KIND_KEYS = {
     "train": ("experiment", "samples", "tokens_per_example"),
