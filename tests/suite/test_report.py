@@ -26,6 +26,9 @@ def test_evolm_tables(tmp_path):
             "ood_avg": {"pass1": 0.25, "maj16": 0.26, "pass16": 0.55},
             "suites": {"gsm8k_platinum": {"pass1": 0.2}}}
     _write(root, "eval_sft_1b_fw8_fm42_100k_ep1", {"downstream": down})
+    for ep, (acc, ood) in ((2, (0.15, 0.24)), (4, (0.16, 0.22))):  # part of the epochs sweep
+        _write(root, f"eval_sft_1b_fw8_fm42_100k_ep{ep}", {"downstream": {"id_avg": {"pass1": acc},
+                                                                          "ood_avg": {"pass1": ood}}})
     proc = subprocess.run([sys.executable, "-m", "evolm_nemo.cli", "suite", "report", "suite=evolm", f"root={root}"],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -37,6 +40,10 @@ def test_evolm_tables(tmp_path):
             "26.0/- (25.6/31.6) | 55.0/- (55.3/64.9) |") in md
     assert "| FW8+FM42 | 20.00 | 21.01 |" in md and "| no CPT | - | 6.04 |" in md
     assert "downstream scoring: evolm" in md and "20 results missing" in md
+    # the takeaways: measured where the suite's results are there, "not measured" (named) where not
+    assert "| 1 | Domain CPT is the bridge" in md and "| 6 | Under a fixed post-training budget" in md
+    assert "0 of 6 hold; 6 not measured" in md  # the epochs sweep has 3 of its 6 points
+    assert "](takeaways.png)" in md and (root / "report" / "takeaways.png").is_file()
     rows = list(csv.DictReader((root / "report" / "report.csv").open()))
     assert {"table": "upstream", "row": "1B-160BT", "metric": "avg", "ours": "50.0000", "evolm": "52.3"} in rows
 
