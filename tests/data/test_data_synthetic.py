@@ -118,15 +118,20 @@ def test_autotokenizer_loads_offline_in_a_fresh_process(synth, tok):
         "import json, sys\n"
         "from transformers import AutoTokenizer\n"
         "t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
-        "print(json.dumps([t.eos_token_id, t.bos_token_id, t.pad_token_id, len(t), t(sys.argv[2]).input_ids]))\n"
+        "print(json.dumps([t.eos_token_id, t.bos_token_id, t.pad_token_id, len(t), t(sys.argv[2]).input_ids,\n"
+        "                  type(t).__name__, sorted(t.get_vocab().items()), t.special_tokens_map,\n"
+        "                  t.decode(t(sys.argv[2]).input_ids + [2], skip_special_tokens=True)]))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     text = "Mia has 8 cups. The answer is \\boxed{8}."
     res = subprocess.run([sys.executable, "-c", code, synth.tokenizer_dir, text], capture_output=True, text=True,
                          env=env, timeout=120)
     assert res.returncode == 0, res.stderr
-    eos, bos, pad, n, ids = json.loads(res.stdout.strip().splitlines()[-1])
+    eos, bos, pad, n, ids, cls, vocab, specials, decoded = json.loads(res.stdout.strip().splitlines()[-1])
     assert (eos, bos, pad, n) == (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id, len(tok)) == (2, 1, 3, len(tok))
     assert ids == tok(text).input_ids
+    # load_tokenizer reads our tokenizer with the class AutoTokenizer picks, without AutoTokenizer: the same tokenizer
+    assert cls == type(tok).__name__ and vocab == [list(kv) for kv in sorted(tok.get_vocab().items())]
+    assert specials == tok.special_tokens_map and decoded == tok.decode(ids + [2], skip_special_tokens=True) == text
     cfg = json.loads(Path(synth.tokenizer_dir, "tokenizer_config.json").read_text())
     assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and cfg["clean_up_tokenization_spaces"] is False
