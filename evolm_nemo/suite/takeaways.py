@@ -1,7 +1,8 @@
 """EvoLM's six takeaways as claims checked against a suite's own runs (``report.takeaways`` in a suite recipe; issue
 21). Each claim reads the numbers its nodes produced -- the held-out loss per source a training run logs
 (``metrics.jsonl``: ``val_loss_<source>`` and, before the first step, ``val_loss_<source>_at_0``) or an evaluation's
-``result.json`` (``downstream.id_avg`` / ``ood_avg``: pass1 = greedy, maj16, pass16, correct_ratio) -- and says
+``result.json`` (``downstream.id_avg`` / ``ood_avg``: pass1 = greedy, maj16, pass16, correct_ratio; ``upstream.avg``,
+the lm-eval 0-shot average, for ``diminishing_returns`` over eval nodes) -- and says
 **holds**, **does not hold** or **not measured** with those numbers. Nothing is tuned until a claim holds: a
 direction that does not appear at a suite's scale is reported as it is.
 
@@ -13,6 +14,7 @@ a line over the sequence, or bars side by side, seeds as error bars from min to 
     report:
       takeaways:
         - {claim: diminishing_returns, budgets: [pretrain_100it, pretrain_200it, pretrain_400it], source: general}
+        - {claim: diminishing_returns, budgets: [eval_pretrain_20b, eval_pretrain_40b, eval_pretrain_80b]}  # upstream
         - {claim: replay_mitigates_forgetting, no_replay: cpt_fm50, replay: cpt_fw8_fm42, general: general,
            domain: math}
         - {claim: cpt_bridge, with_cpt: eval_sft_cpt, without_cpt: eval_sft_nocpt}
@@ -32,24 +34,27 @@ from typing import Callable
 
 from evolm_nemo.config.errors import ConfigError
 
-# claim -> (its keys: node roles that name train/eval nodes, then plain keys), what it says
-CLAIMS: dict[str, tuple[dict[str, str], tuple[str, ...], str]] = {
-    "diminishing_returns": ({"budgets": "train"}, ("source",),
+# claim -> (its keys: node roles and the node kinds they name, then plain keys), what it says. diminishing_returns
+# reads the held-out loss of `source` from train nodes, or the upstream average from eval nodes (then no `source`).
+CLAIMS: dict[str, tuple[dict[str, tuple[str, ...]], tuple[str, ...], str]] = {
+    "diminishing_returns": ({"budgets": ("train", "eval")}, ("source",),
                             "Pretraining: each larger budget lowers the held-out loss by less than the one before "
                             "(diminishing returns)"),
-    "replay_mitigates_forgetting": ({"no_replay": "train", "replay": "train"}, ("general", "domain"),
+    "replay_mitigates_forgetting": ({"no_replay": ("train",), "replay": ("train",)}, ("general", "domain"),
                                     "CPT on domain data forgets general text; replay forgets less and keeps a "
                                     "domain gain"),
-    "cpt_bridge": ({"with_cpt": "eval", "without_cpt": "eval"}, (),
+    "cpt_bridge": ({"with_cpt": ("eval",), "without_cpt": ("eval",)}, (),
                    "Domain CPT is the bridge: the same post-training reaches higher in-domain accuracy after it"),
-    "sft_scaling": ({"steps": "eval"}, (),
+    "sft_scaling": ({"steps": ("eval",)}, (),
                     "More SFT raises in-domain accuracy with diminishing returns; out-of-domain saturates or falls"),
-    "rl_sharpens": ({"sft": "eval", "rl": "eval"}, (),
+    "rl_sharpens": ({"sft": ("eval",), "rl": ("eval",)}, (),
                     "RL raises greedy accuracy and the correct ratio while Pass@16 barely moves"),
-    "allocation": ({"steps": "eval"}, (),
+    "allocation": ({"steps": ("eval",)}, (),
                    "Under a fixed post-training budget, moving it from SFT to RL trades in-domain for "
                    "out-of-domain accuracy"),
 }
+UPSTREAM_SAYS = ("Pretraining: each larger budget raises the upstream 0-shot average by less than the one before "
+                 "(diminishing returns)")
 LISTS = ("budgets", "steps")  # roles that are a sequence of nodes (each of which may be a list of seeds)
 SWEEP_KEYS = ("labels", "axis")  # optional, for a claim over a sequence: its points' names and the axis's
 
@@ -112,10 +117,11 @@ def validate(rows, nodes: dict) -> list[dict]:
             if k not in ("claim", *roles, *plain, *optional):
                 raise ConfigError(f"{key}.{k}", f"unknown key for {row['claim']}; valid keys: claim, "
                                                 f"{', '.join([*roles, *plain, *optional])}")
-        for k in (*roles, *plain):
+        for k in roles:
             if k not in row:
                 raise ConfigError(f"{key}.{k}", "required")
-        for role, kind in roles.items():
+        named = set()
+        for role, kinds in roles.items():
             groups = row[role] if role in LISTS else [row[role]]
             least = 3 if row["claim"] == "diminishing_returns" else 2  # returns diminish between two drops
             if role in LISTS and (not isinstance(groups, list) or len(groups) < least):
@@ -123,8 +129,19 @@ def validate(rows, nodes: dict) -> list[dict]:
                                                    "list of seeds)")
             for group in groups:
                 for name in group if isinstance(group, list) else [group]:
-                    if name not in nodes or nodes[name].kind != kind:
-                        raise ConfigError(f"{key}.{role}", f"{name!r} is not a {kind} node of this suite")
+                    if name not in nodes or nodes[name].kind not in kinds:
+                        raise ConfigError(f"{key}.{role}", f"{name!r} is not a{'n' if kinds[0][0] == 'e' else ''} "
+                                                           f"{' or '.join(kinds)} node of this suite")
+                    named.add(nodes[name].kind)
+            if len(named) > 1:
+                raise ConfigError(f"{key}.{role}", f"mixes {' and '.join(sorted(named))} nodes; name one kind")
+        for k in plain:
+            if row["claim"] == "diminishing_returns" and named == {"eval"}:  # upstream average: no source
+                if k in row:
+                    raise ConfigError(f"{key}.{k}", "is for train nodes (their held-out loss); eval nodes give the "
+                                                    "upstream average")
+            elif k not in row:
+                raise ConfigError(f"{key}.{k}", "required")
         labels = row.get("labels")
         if labels is not None and (not isinstance(labels, list) or len(labels) != len(row[sweep[0]])
                                    or not all(isinstance(x, (str, int, float)) for x in labels)):
@@ -174,6 +191,10 @@ class Reader:
         key = f"val_loss_{source}" + ("_at_0" if at_0 else "")
         return value([self.metrics(n).get(key) for n in _seeds(group)])
 
+    def upstream(self, group) -> Value | None:
+        """The lm-eval 0-shot average (percent) of eval nodes."""
+        return value([(self.result(n).get("upstream") or {}).get("avg") for n in _seeds(group)])
+
     def down(self, group, split: str, metric: str) -> Value | None:
         out = []
         for n in _seeds(group):
@@ -201,6 +222,11 @@ def _pct(v: Value | None) -> str:
     return f"{100 * v.mean:.1f}% [{100 * v.lo:.1f}..{100 * v.hi:.1f}, {v.n} seeds]"
 
 
+def _points(vals: list[Value], digits: int) -> list[str]:
+    return [f"{v.mean:.{digits}f}" + (f" [{v.lo:.{digits}f}..{v.hi:.{digits}f}, {v.n} seeds]" if v.n > 1 else "")
+            for v in vals]
+
+
 def _missing(*vals) -> bool:
     return any(v is None for v in vals)
 
@@ -218,9 +244,14 @@ def _figure(row: dict, r: Reader) -> Figure:
     """The panel of one claim: the numbers its verdict reads, over its points."""
     name = row["claim"]
     if name == "diminishing_returns":
+        axis = row.get("axis", "pretraining budget")
+        if "source" not in row:
+            return Figure("line", _labels(row, "budgets"),
+                          {"upstream 0-shot average": [r.upstream(g) for g in row["budgets"]]}, axis,
+                          "upstream 0-shot average (%)", False)
         return Figure("line", _labels(row, "budgets"),
                       {f"{row['source']} held-out loss": [r.loss(g, row["source"]) for g in row["budgets"]]},
-                      row.get("axis", "pretraining budget"), "held-out loss", False)
+                      axis, "held-out loss", False)
     if name == "replay_mitigates_forgetting":
         g, d = row["general"], row["domain"]
 
@@ -262,11 +293,23 @@ def _check(row: dict, r: Reader) -> Claim:
 def _verdict(row: dict, r: Reader) -> Claim:
     name = row["claim"]
     says = CLAIMS[name][2]
+    if name == "diminishing_returns" and "source" not in row:
+        says = UPSTREAM_SAYS
     seeds = _seed_count(row)
 
     def done(holds: bool | None, evidence: str) -> Claim:
         verdict = "not measured" if holds is None else ("holds" if holds else "does not hold")
         return Claim(name, says, verdict, evidence, seeds)
+
+    if name == "diminishing_returns" and "source" not in row:  # eval nodes: the upstream average rises
+        avgs = [r.upstream(g) for g in row["budgets"]]
+        if _missing(*avgs):
+            return done(None, "upstream average missing for " + ", ".join(
+                str(g) for g, v in zip(row["budgets"], avgs) if v is None))
+        gains = [b.mean - a.mean for a, b in zip(avgs, avgs[1:])]
+        text = ("upstream 0-shot average by budget: " + " -> ".join(_points(avgs, 2)) + "; gains: "
+                + ", ".join(f"{d:+.2f}" for d in gains))
+        return done(all(d > 0 for d in gains) and all(b < a for a, b in zip(gains, gains[1:])), text)
 
     if name == "diminishing_returns":
         losses = [r.loss(g, row["source"]) for g in row["budgets"]]

@@ -128,6 +128,31 @@ def test_a_direction_that_does_not_appear_is_reported_as_such(tmp_path, suite):
     assert got["replay_mitigates_forgetting"] == "not measured"
 
 
+def test_diminishing_returns_over_upstream_evaluations(tmp_path):
+    """Budgets given as eval nodes: the claim reads their upstream 0-shot average (EvoLM's own figures for 1B hold:
+    gains +2.94, +2.50, +0.42, +0.19); its panel draws those averages."""
+    evals = ["u20", "u40", "u80", "u160", "u320"]
+    text = (SUITE.split("report:")[0] + "report:\n  takeaways:\n    - {claim: diminishing_returns, budgets: ["
+            + ", ".join(evals) + "], labels: [20B, 40B, 80B, 160B, 320B]}\nnodes:" + SUITE.split("nodes:")[1]
+            + "".join(f"  {e}: {{kind: eval, mode: upstream, parent: x}}\n" for e in evals))
+    path = tmp_path / "u.yaml"
+    path.write_text(text)
+    root = tmp_path / "runs"
+    for node, avg in zip(evals, (46.44, 49.38, 51.88, 52.30, 52.49)):
+        (root / node).mkdir(parents=True)
+        (root / node / "result.json").write_text(json.dumps({"upstream": {"avg": avg}}))
+    t = report.build(spec.load(str(path), {"root": str(root)}))
+    claim = t.claims[0]
+    assert claim.verdict == "holds" and claim.says.startswith("Pretraining: each larger budget raises the upstream")
+    assert claim.evidence == ("upstream 0-shot average by budget: 46.44 -> 49.38 -> 51.88 -> 52.30 -> 52.49; gains: "
+                              "+2.94, +2.50, +0.42, +0.19")
+    series = claim.figure.series["upstream 0-shot average"]
+    assert [v.mean for v in series] == [46.44, 49.38, 51.88, 52.30, 52.49] and claim.figure.percent is False
+    (root / "u80" / "result.json").unlink()
+    claim = report.build(spec.load(str(path), {"root": str(root)})).claims[0]
+    assert claim.verdict == "not measured" and claim.evidence == "upstream average missing for u80"
+
+
 @pytest.mark.parametrize("row,key", [
     ("{claim: nope}", "report.takeaways[0].claim"),
     ("{claim: cpt_bridge, with_cpt: e_cpt}", "report.takeaways[0].without_cpt"),
@@ -138,6 +163,10 @@ def test_a_direction_that_does_not_appear_is_reported_as_such(tmp_path, suite):
     ("{claim: sft_scaling, steps: [e_cpt, e_cpt], labels: [1]}", "report.takeaways[0].labels"),
     ("{claim: sft_scaling, steps: [e_cpt, e_cpt], axis: [1]}", "report.takeaways[0].axis"),
     ("{claim: cpt_bridge, with_cpt: e_cpt, without_cpt: e_cpt, labels: [a, b]}", "report.takeaways[0].labels"),
+    ("{claim: diminishing_returns, budgets: [e_cpt, e_cpt, e_cpt], source: general}", "report.takeaways[0].source"),
+    ("{claim: diminishing_returns, budgets: [p1, p2, e_cpt], source: general}", "report.takeaways[0].budgets"),
+    ("{claim: diminishing_returns, budgets: [p1, p2, p3]}", "report.takeaways[0].source"),
+    ("{claim: diminishing_returns, budgets: [p1, p2, x]}", "report.takeaways[0].budgets"),
 ])
 def test_a_bad_claim_is_named(tmp_path, row, key):
     text = SUITE.split("report:")[0] + f"report:\n  takeaways:\n    - {row}\n" + "nodes:" + SUITE.split("nodes:")[1]
