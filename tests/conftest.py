@@ -78,10 +78,11 @@ def train_then_sigkill_when(overrides: list[str], ready, timeout: float = 300):
     return found
 
 
-def train_then_sigterm(overrides: list[str], out_dir, after_rows: int, timeout: float = 300) -> tuple[int, str, int]:
+def train_then_sigterm(overrides: list[str], out_dir, after_rows: int, timeout: float = 300,
+                       output: dict | None = None) -> tuple[int, str, int]:
     """Start `evolm train` in its own process group, send SIGTERM once ``metrics.jsonl`` under ``out_dir`` has
     ``after_rows`` rows; returns (exit code, stderr, the iteration the run's last line says it stopped after),
-    asserting that nothing of its process group is left running."""
+    asserting that nothing of its process group is left running. ``output["stdout"]``: its standard output."""
     import signal
     import time
 
@@ -97,7 +98,9 @@ def train_then_sigterm(overrides: list[str], out_dir, after_rows: int, timeout: 
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before the signal"
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
+        if output is not None:
+            output["stdout"] = out
         assert not _wait_gone(proc.pid)
     finally:
         if proc.poll() is None:

@@ -91,13 +91,15 @@ def test_a_forked_child_dies_with_its_parent(tmp_path):
 
 def test_sigterm_mid_ppo_commits_the_actor_critic_pair(tmp_path, sft_parent):
     """The RL loop has its own iterations: SIGTERM there commits actor and critic at the same iteration, exits 143,
-    leaves nothing running; the pair resumes, and a damaged critic half makes the pair unusable (named)."""
+    leaves nothing running; the pair resumes (and is stopped again once it has trained a step past the resume), and a
+    damaged critic half makes the pair unusable (named)."""
     from tests.rl.test_rl import rl_args
 
     args = rl_args(tmp_path, sft_parent, "ppo", sft_parent["rl8"], "train.iters=30", "train.epochs=null",
                    "rl.prompts_per_step=8")
     code, err, step = train_then_sigterm(args, tmp_path, after_rows=2)
     assert code == 143, err[-3000:]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == step  # one row per iteration, none past it
     name = f"iter_{step:07d}"
     assert ckpt.latest(tmp_path / "checkpoints").name == name and ckpt.latest(tmp_path / "critic").name == name
     assert ckpt.damage(tmp_path / "critic" / name) is None
@@ -113,6 +115,7 @@ def test_sigterm_mid_ppo_commits_the_actor_critic_pair(tmp_path, sft_parent):
     assert f"critic/{name}" in lines[0] and shard.name in lines[0]
     data[len(data) // 2] ^= 0xFF  # repaired: the pair resumes
     shard.write_bytes(bytes(data))
-    resumed = subprocess.run(evolm_cmd("train", args), cwd=REPO, env=subprocess_env(), capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0 and f"resuming at iteration {step}" in resumed.stdout, resumed.stderr[-3000:]
+    resumed: dict = {}
+    code, err, again = train_then_sigterm(args, tmp_path, after_rows=step + 1, output=resumed)
+    assert code == 143 and f"resuming at iteration {step}" in resumed["stdout"], err[-3000:]
+    assert again > step and ckpt.latest(tmp_path / "critic").name == f"iter_{again:07d}"
