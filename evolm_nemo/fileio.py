@@ -24,8 +24,10 @@ from evolm_nemo.config.errors import ConfigError
 # ------------------------------------------------------------------------------------------- failed writes
 
 # What the OS says when an output cannot be written where it was asked to go -- a full disk or quota, a file over
-# the size limit, a read-only filesystem, no permission: the user's to fix, so one line, not a traceback.
-WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+# the size limit, a read-only filesystem, no permission, a file where a directory must be (or the reverse): the
+# user's to fix, so one line, not a traceback.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
 _ERRNO_TEXT = re.compile(r"\[Errno (\d+)\]|\(os error (\d+)\)")  # Python's / Rust's (safetensors) wording
 
 
@@ -124,15 +126,41 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
             Path(tmp).unlink(missing_ok=True)
 
 
+_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the directories ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    kernel, the C library or the filesystem cannot."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0
+
+
 def replace_dir(tmp: str | Path, dst: str | Path) -> None:
-    """Put the finished directory ``tmp`` in place of ``dst``: an existing ``dst`` is moved aside first and removed
-    only after the new one is in place, so ``dst`` is at every moment either the old or the new complete directory."""
+    """Put the finished directory ``tmp`` in place of ``dst``, so that ``dst`` is at every moment either the old or
+    the new complete directory: the two are swapped in one step where Linux can (then the old one is removed), else
+    the old one is moved aside under a name of its own and removed only after the new one is in place (put back if
+    that fails)."""
     tmp, dst = Path(tmp), Path(dst)
+    if dst.is_dir() and not dst.is_symlink() and _exchange(tmp, dst):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
+        return
     old = None
     if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, old)
-    os.replace(tmp, dst)
+        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
+        os.replace(dst, old)  # onto the empty directory just made
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -264,6 +292,7 @@ KINDS = {
     "hf-import": "an imported checkpoint (made by evolm import-hf)",
     "trtllm-engine": "a TensorRT-LLM engine (made by evolm export-trtllm)",
     "nano-world": "a nano world (made by python -m evolm_nemo.data.nano_world)",
+    "suite-slurm": "a suite's sbatch scripts (made by evolm suite launch executor=slurm dry_run=true)",
     "checkpoint": "an evolm checkpoint",
     "hf-model": "an HF model directory not made by evolm export-hf",
     "other": "a directory of other files",
@@ -287,9 +316,12 @@ def output_kind(path: str | Path) -> str | None:
             fmt = json.loads((p / "manifest.json").read_text(encoding="utf-8")).get("format")
         except (OSError, ValueError, AttributeError):
             fmt = None
+        fmt = fmt if isinstance(fmt, str) else None
         found = {"evolm-sft-1": "sft-dataset", "evolm-rm-1": "rm-dataset", "evolm-nano-world-1": "nano-world"}.get(fmt)
         if found:
             return found
+    if "evolm_suite_slurm.json" in names:
+        return "suite-slurm"
     if "evolm_export.json" in names:
         return "hf-export"
     if "evolm_trtllm.json" in names:
@@ -595,10 +627,11 @@ def drop_rows_after(path: str | Path, iteration: int) -> None:
             row = json.loads(line)
         except (ValueError, RecursionError):
             row = None
-        if not isinstance(row, dict):
+        it = row.get("iteration", 0) if isinstance(row, dict) else None
+        if isinstance(it, bool) or not isinstance(it, int):
             torn.append(lineno)
             continue
-        if row.get("iteration", 0) <= iteration:
+        if it <= iteration:
             kept.append(line)
     if torn:
         where = f"line {torn[0]}" if len(torn) == 1 else f"lines {', '.join(map(str, torn[:5]))}"

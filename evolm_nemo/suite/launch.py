@@ -46,7 +46,7 @@ from pathlib import Path
 
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.fileio import replace_dir, temp_dir
+from evolm_nemo.fileio import check_dst, lock_file, replace_dir, temp_dir
 from evolm_nemo.suite.node import pid_file
 from evolm_nemo.suite.plan import Row, SuitePlan
 from evolm_nemo.suite.spec import DATA_MAKERS, Suite
@@ -84,7 +84,8 @@ def node_state(suite: Suite, row: Row) -> tuple[str, str]:
             result = json.loads((out / "result.json").read_text())
         except (OSError, ValueError):
             result = {}
-        return ("done", "result.json present") if mode in result else ("new", "no result yet")
+        done = isinstance(result, dict) and isinstance(result.get(mode), dict)
+        return ("done", "result.json present") if done else ("new", "no result yet")
     made = DATA_MAKERS[suite.nodes[row.node].make][1]
     return ("done", "data present") if (out / made).is_file() else ("new", "not written")
 
@@ -185,6 +186,7 @@ def _run_local_node(run, suite: Suite, job: Job, log: Path) -> int:
         f.write(f"$ {shlex.join(cmd)}\n")
     rc_file = log.with_suffix(".rc")
     rc_file.unlink(missing_ok=True)
+    Path(pid_file(rc_file)).unlink(missing_ok=True)  # a killed wrapper's: its pid may belong to anyone by now
     wrapped = [sys.executable, "-m", "evolm_nemo.suite.node", str(log), str(rc_file), "--", *cmd]
     script = run.Script(inline=f"cd {shlex.quote(os.getcwd())}\nexec {shlex.join(wrapped)}\n",
                         env={"PYTHONUNBUFFERED": "1"})
@@ -250,8 +252,18 @@ class _StopRequest:
             pass  # not started yet, or already gone: tried again on the next poll
 
 
+def lock_launch(suite: Suite) -> None:
+    """One launcher per suite root at a time (until this process ends): two would share the nodes' logs and exit-status
+    files, and submit or run the same node twice."""
+    holder = lock_file(Path(suite.root) / ".launch.lock")
+    if holder is not None:
+        raise ConfigError("root", f"{Path(suite.root).resolve()} is being launched by another `evolm suite launch` "
+                                  f"(pid {holder}); wait for it to end, or stop it (it passes SIGTERM on to its node)")
+
+
 def run_local(plan: SuitePlan, js: list[Job]) -> int:
     suite = plan.suite
+    lock_launch(suite)
     logs = Path(suite.root) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     total = time.monotonic()
@@ -340,9 +352,13 @@ def queued_jobs(suite: Suite, nodes: list[str]) -> dict[str, str]:
         try:
             proc = subprocess.run(["squeue", "-h", "--me", "-n", job_name(suite, n), "-o", "%i"], capture_output=True,
                                   text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        ids = proc.stdout.split() if proc.returncode == 0 else []
+            failed = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[0]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            failed = f"{type(exc).__name__}: {exc}"
+        if failed:  # not knowing what is queued could submit a node twice
+            raise ConfigError("executor", f"slurm: squeue failed ({failed}); cannot tell which nodes are already "
+                                          "queued, so nothing was submitted; retry when squeue answers")
+        ids = proc.stdout.split()
         if ids:
             out[n] = ids[0]
     return out
@@ -357,6 +373,9 @@ def run_slurm(plan: SuitePlan, js: list[Job], directory: Path, dry_run: bool) ->
         raise ConfigError("executor", "slurm: sbatch is not on PATH (run this on a Slurm login node), or pass "
                                       "dry_run=true to write the scripts only")
     suite = plan.suite
+    lock_launch(suite)
+    if dry_run:  # the scripts replace `directory` as a whole: only ever an earlier dry run's scripts
+        check_dst(directory, overwrite=True, key="out", kind="suite-slurm")
     (Path(suite.root) / "logs").mkdir(parents=True, exist_ok=True)
     pending = [j for j in js if j.state != "done"]
     queued = {} if dry_run else queued_jobs(suite, [j.row.node for j in pending])
@@ -412,6 +431,7 @@ def write_dry_run(exp, plan: SuitePlan, js: list[Job], deps_of: dict[str, list[s
             "# node: the pending parents it waits for (sbatch --dependency=afterok), in submission order\n"
             + "".join(f"{n}: {' '.join(d) or '-'}\n" for n, d in deps_of.items()), encoding="utf-8")
         (tmp / "status.txt").write_text(status_table(js) + "\n", encoding="utf-8")
+        (tmp / "evolm_suite_slurm.json").write_text(json.dumps({"suite": plan.suite.name}) + "\n", encoding="utf-8")
         for p in tmp.rglob("*"):
             p.chmod(0o755 if p.is_dir() or p.suffix in (".sh", ".sbatch") else 0o644)
         tmp.chmod(0o755)

@@ -11,6 +11,7 @@ this wrapper's pid: where the launcher sends SIGTERM when it is stopped itself (
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,25 +23,34 @@ def main(argv: list[str]) -> int:
     log, rc_path, sep, *cmd = argv
     assert sep == "--" and cmd, "usage: python -m evolm_nemo.suite.node LOG RC -- CMD..."
     parent = os.getppid()
-    with open(log, "a", encoding="utf-8") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    state = {"proc": None, "pending": False}
 
-    def forward(signum, _frame):
-        if proc.poll() is None:
+    def forward(signum, _frame):  # before CMD has started: remembered, and sent as soon as it has
+        proc = state["proc"]
+        if proc is None:
+            state["pending"] = True
+        elif proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     pid_path = pid_file(rc_path)
-    with open(pid_path, "w", encoding="utf-8") as f:
+    tmp = f"{pid_path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:  # whole or absent: the launcher never reads half a pid
         f.write(f"{os.getpid()}\n")
+    os.replace(tmp, pid_path)
+    with open(log, "a", encoding="utf-8") as f:
+        proc = state["proc"] = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if state["pending"]:
+        proc.send_signal(signal.SIGTERM)
     try:
         while proc.poll() is None:
             if os.getppid() != parent:  # the launcher is gone: nobody supervises this node any more
                 os.killpg(os.getpgid(0), signal.SIGKILL)
             time.sleep(0.1)
     finally:
-        os.unlink(pid_path)
+        with contextlib.suppress(OSError):
+            os.unlink(pid_path)
     with open(rc_path, "w", encoding="utf-8") as f:
         f.write(f"{proc.returncode}\n")
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
@@ -54,11 +55,18 @@ def _get(d, *keys):
     return d
 
 
+def _num(x) -> float | None:
+    """A finite number, else None: a result's odd value (text, NaN, a list) reads as missing, never a crash."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
 def _pct(x) -> float | None:
-    return None if x is None else 100.0 * float(x)
+    x = _num(x)
+    return None if x is None else 100.0 * x
 
 
 def _f(x, digits: int = 2) -> str:
+    x = _num(x)
     return "-" if x is None else f"{x:.{digits}f}"
 
 
@@ -78,7 +86,7 @@ class _Tables:
             self.missing.append(node)
         else:
             scoring = _get(data, "downstream", "scoring")
-            if scoring:
+            if isinstance(scoring, str) and scoring:
                 self.scorings.add(scoring)
         return data
 
@@ -100,7 +108,7 @@ def build(suite: Suite) -> _Tables:
         raise ConfigError("report", f"suite {suite.name} has no report: section naming the eval node of each row")
     rows = []
     for r in rep.get("upstream", []):
-        ours = _get(t.result(r["eval"]), "upstream", "avg")
+        ours = _num(_get(t.result(r["eval"]), "upstream", "avg"))
         pub = r.get("published")
         rows.append([str(r["row"]), _f(ours), _f(pub), _f(None if ours is None or pub is None else ours - pub)])
         t.cell("upstream", r["row"], "avg", ours, pub)
@@ -112,7 +120,7 @@ def build(suite: Suite) -> _Tables:
         pub = r.get("published") or {}
         cells = []
         for key in UPSTREAM_NAMES:
-            ours = _get(data, "upstream", "tasks", key, "score")
+            ours = _num(_get(data, "upstream", "tasks", key, "score"))
             cells.append(f"{_f(ours)} / {_f(pub.get(key))}")
             t.cell("upstream_tasks", r["row"], key, ours, pub.get(key))
         t.table(f"Upstream per task, {r['row']} (%, ours / EvoLM)", list(UPSTREAM_NAMES.values()), [cells])
@@ -173,7 +181,9 @@ def write(suite: Suite, out: str | Path | None = None) -> Path:
     t = build(suite)
     out = Path(str(out or Path(suite.root) / "report"))
     figure = takeaways.plot(t.claims, out / "takeaways.png") if t.figure_at is not None else None
-    if figure:
+    if figure is None:  # an earlier report's figure would show numbers this report no longer has
+        (out / "takeaways.png").unlink(missing_ok=True)
+    else:
         t.md[t.figure_at:t.figure_at] = ["![EvoLM's takeaways on this suite: one panel per claim, numbered as in the "
                                          "table](takeaways.png)", ""]
     md = markdown(t)

@@ -42,6 +42,9 @@ SLURM_KEYS = ("container_image", "eval_container_image", "container_mounts", "co
 # launcher's to set)
 LOGGER_KEYS = ("wandb", "mlflow", "project", "entity", "tags", "mlflow_uri", "experiment")
 LOCAL_KEYS = ("nproc",)
+# directories the launcher and the report write under the suite's root: no node may be named like them
+RESERVED = ("logs", "slurm", "report", "nemo_run", "cache")
+_SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}")
 _PLACEHOLDER = re.compile(r"\$\{(root|out:([^}]+))\}")
 
 
@@ -168,7 +171,7 @@ def parse_overrides(overrides: list[str], allowed: dict[str, Any]) -> dict[str, 
         head = key.split(".")[0]
         if key not in allowed and not (head in allowed and allowed[head] == "section"):
             raise ConfigError(key, f"unknown key; valid keys: {', '.join(sorted(allowed))}")
-        out[key] = _parse_value(value)
+        out[key] = value.strip() if key == "slurm.time" else _parse_value(value)  # 1:00:00 is text, not 3600 s
     return out
 
 
@@ -182,6 +185,17 @@ def _as_list(value, key: str) -> list[str]:
     return [str(v) for v in value]
 
 
+def slurm_time(value, key: str) -> str:
+    """A Slurm time limit as text (``04:00:00``, ``90``, ``1-12:00:00``). A YAML number is refused: YAML 1.1 reads
+    ``1:00:00`` as 3600, which Slurm would take as 3600 minutes."""
+    if isinstance(value, bool) or not isinstance(value, str) or not _SLURM_TIME.fullmatch(value.strip()):
+        hint = (" (YAML read an unquoted H:MM:SS as a number of seconds; quote it)" if isinstance(value, int)
+                and not isinstance(value, bool) else "")
+        raise ConfigError(key, f"expected a Slurm time such as \"04:00:00\" or \"1-00:00:00\", quoted; got "
+                               f"{value!r}{hint}")
+    return value.strip()
+
+
 def _positive_int(value, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(key, f"expected an integer >= 1, got {value!r}")
@@ -192,6 +206,9 @@ def _node(name: str, spec, where: str) -> Node:
     key = f"nodes.{name}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
         raise ConfigError(key, "node names are letters, digits, '_', '.', '-' (they become directory names)")
+    if name in RESERVED:
+        raise ConfigError(key, f"{name!r} is where the launcher or the report writes under the suite's root "
+                               f"({', '.join(RESERVED)} are taken); rename the node")
     if not isinstance(spec, dict):
         raise ConfigError(key, f"expected a mapping such as {{kind: train, experiment: ...}}, got {spec!r}")
     kind = spec.get("kind", "train" if "experiment" in spec else None)
@@ -214,7 +231,7 @@ def _node(name: str, spec, where: str) -> Node:
     node.nodes = _positive_int(spec.get("nodes", 1), f"{key}.nodes")
     if spec.get("gpus") is not None:
         node.gpus = _positive_int(spec["gpus"], f"{key}.gpus")
-    node.time = None if spec.get("time") is None else str(spec["time"])
+    node.time = None if spec.get("time") is None else slurm_time(spec["time"], f"{key}.time")
     node.note = spec.get("note")
     if kind == "train":
         node.experiment = spec.get("experiment")
@@ -231,7 +248,7 @@ def _node(name: str, spec, where: str) -> Node:
             raise ConfigError(f"{key}.mode", f"must be one of {', '.join(EVAL_MODES)}; got {node.mode!r}")
     elif kind == "data":
         node.make = spec.get("make")
-        if node.make not in DATA_MAKERS:
+        if not isinstance(node.make, str) or node.make not in DATA_MAKERS:
             raise ConfigError(f"{key}.make", f"must be one of {', '.join(DATA_MAKERS)}; got {node.make!r}")
         if spec.get("limit") is not None:
             node.limit = _positive_int(spec["limit"], f"{key}.limit")
@@ -303,6 +320,10 @@ def load(name: Optional[str], options: Optional[dict] = None) -> Suite:
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ConfigError(str(path), f"not valid YAML ({first})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot be read ({exc.strerror or exc})") from None
     if not isinstance(doc, dict):
         raise ConfigError(str(path), "a suite is a mapping with name, root and nodes")
     for k in doc:
@@ -334,12 +355,14 @@ def load(name: Optional[str], options: Optional[dict] = None) -> Suite:
     suite_name = str(doc.get("name") or path.stem)
     order = topological(nodes, suite_name)
     slurm = dict(SLURM_DEFAULTS)
+    for section in ("slurm", "local"):
+        if not isinstance(doc.get(section) or {}, dict):
+            raise ConfigError(section, f"expected a mapping of {section} keys in {path}, got {doc[section]!r}")
     for k, v in (doc.get("slurm") or {}).items():
         if k not in SLURM_KEYS:
             raise ConfigError(f"slurm.{k}", f"unknown key; valid slurm keys: {', '.join(SLURM_KEYS)}")
         slurm[k] = v
-    slurm["container_mounts"] = _as_list(slurm.get("container_mounts"), "slurm.container_mounts")
-    slurm["setup"] = _as_list(slurm.get("setup"), "slurm.setup")
+    _check_slurm(slurm)
     local = {"nproc": 1}
     for k, v in (doc.get("local") or {}).items():
         if k not in LOCAL_KEYS:
@@ -357,6 +380,49 @@ def load(name: Optional[str], options: Optional[dict] = None) -> Suite:
                  mfu=float(mfu), train_overrides=_as_list(doc.get("train_overrides"), "train_overrides") + logger,
                  slurm=slurm, local=local, description=str(doc.get("description") or ""),
                  report=_report(doc.get("report"), nodes))
+
+
+def _check_slurm(slurm: dict) -> None:
+    """Each Slurm key's type, so that a launch never fails half-way on one."""
+    slurm["container_mounts"] = _as_list(slurm.get("container_mounts"), "slurm.container_mounts")
+    slurm["setup"] = _as_list(slurm.get("setup"), "slurm.setup")
+    slurm["time"] = slurm_time(slurm.get("time"), "slurm.time")
+    for k in ("container_image", "container_workdir"):
+        if not isinstance(slurm.get(k), str) or not slurm[k]:
+            raise ConfigError(f"slurm.{k}", f"expected a non-empty string, got {slurm.get(k)!r}")
+    for k in ("eval_container_image", "account", "partition"):
+        if slurm.get(k) is not None and not isinstance(slurm[k], str):
+            raise ConfigError(f"slurm.{k}", f"expected a string or null, got {slurm[k]!r}")
+    if not isinstance(slurm.get("exclusive"), bool):
+        raise ConfigError("slurm.exclusive", f"expected true or false, got {slurm.get('exclusive')!r}")
+    if slurm.get("signal_seconds") is not None and slurm["signal_seconds"] != 0:
+        _positive_int(slurm["signal_seconds"], "slurm.signal_seconds")
+    port = slurm.get("master_port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError("slurm.master_port", f"expected a port number in 1..65535, got {port!r}")
+
+
+def _published(value, table: str, key: str) -> None:
+    """EvoLM's figures beside a row: a number (upstream, cpt_replay), {task: number} (upstream_tasks) or
+    {metric: [SFT, SFT+RL]} (downstream); null where the paper has none."""
+    def number(x) -> bool:
+        return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+    if value is None:
+        return
+    if table in ("upstream", "cpt_replay"):
+        ok = number(value)
+        shape = "a number"
+    elif table == "upstream_tasks":
+        ok = isinstance(value, dict) and all(isinstance(k, str) and number(v) for k, v in value.items())
+        shape = "a mapping of task: number"
+    else:
+        ok = isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, list) and len(v) == 2 and all(map(number, v))
+            for k, v in value.items())
+        shape = "a mapping of metric: [SFT, SFT+RL] numbers"
+    if not ok:
+        raise ConfigError(key, f"expected {shape} (or null), got {value!r}")
 
 
 def _report(raw, nodes: dict[str, Node]) -> dict:
@@ -386,8 +452,9 @@ def _report(raw, nodes: dict[str, Node]) -> dict:
                 name = row.get(k)
                 if name is None:
                     raise ConfigError(f"{key}.{k}", "required: the eval node of this row")
-                if name not in nodes or nodes[name].kind != "eval":
+                if not isinstance(name, str) or name not in nodes or nodes[name].kind != "eval":
                     raise ConfigError(f"{key}.{k}", f"{name!r} is not an eval node of this suite")
+            _published(row.get("published"), table, f"{key}.published")
     return raw
 
 

@@ -27,6 +27,7 @@ a line over the sequence, or bars side by side, seeds as error bars from min to 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +98,10 @@ class Figure:
     percent: bool
 
 
-def value(xs: list[float | None]) -> Value | None:
-    xs = [float(x) for x in xs if x is not None]
+def value(xs: list) -> Value | None:
+    """Mean, min, max and count of the finite numbers among ``xs`` (a missing, non-numeric or non-finite entry --
+    a torn record, NaN -- is not measured); None when there is none."""
+    xs = [float(x) for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
     return Value(statistics.fmean(xs), min(xs), max(xs), len(xs)) if xs else None
 
 
@@ -129,7 +132,7 @@ def validate(rows, nodes: dict) -> list[dict]:
                                                    "list of seeds)")
             for group in groups:
                 for name in group if isinstance(group, list) else [group]:
-                    if name not in nodes or nodes[name].kind not in kinds:
+                    if not isinstance(name, str) or name not in nodes or nodes[name].kind not in kinds:
                         raise ConfigError(f"{key}.{role}", f"{name!r} is not a{'n' if kinds[0][0] == 'e' else ''} "
                                                            f"{' or '.join(kinds)} node of this suite")
                     named.add(nodes[name].kind)
@@ -167,10 +170,12 @@ class Reader:
 
     def _read_metrics(self, node: str) -> dict:
         path = Path(self.out(node)) / "metrics.jsonl"
-        if not path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
             return {}
         last: dict = {}
-        for line in path.read_text().splitlines():
+        for line in text.splitlines():
             try:
                 row = json.loads(line)
             except ValueError:
@@ -182,10 +187,17 @@ class Reader:
     def result(self, node: str) -> dict:
         path = Path(self.out(node)) / "result.json"
         try:
-            data = json.loads(path.read_text()) if path.is_file() else {}
-        except ValueError:
+            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError):  # (UnicodeDecodeError is a ValueError)
             data = {}
         return data if isinstance(data, dict) else {}
+
+    def section(self, node: str, *keys: str) -> dict:
+        """``result.json``'s mapping at ``keys`` ({} where any level is missing or not a mapping)."""
+        d = self.result(node)
+        for k in keys:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d if isinstance(d, dict) else {}
 
     def loss(self, group, source: str, at_0: bool = False) -> Value | None:
         key = f"val_loss_{source}" + ("_at_0" if at_0 else "")
@@ -193,14 +205,10 @@ class Reader:
 
     def upstream(self, group) -> Value | None:
         """The lm-eval 0-shot average (percent) of eval nodes."""
-        return value([(self.result(n).get("upstream") or {}).get("avg") for n in _seeds(group)])
+        return value([self.section(n, "upstream").get("avg") for n in _seeds(group)])
 
     def down(self, group, split: str, metric: str) -> Value | None:
-        out = []
-        for n in _seeds(group):
-            d = self.result(n).get("downstream") or {}
-            out.append((d.get(f"{split}_avg") or {}).get(metric))
-        return value(out)
+        return value([self.section(n, "downstream", f"{split}_avg").get(metric) for n in _seeds(group)])
 
 
 def _seeds(group) -> list[str]:
