@@ -85,9 +85,14 @@ class PromptSchedule:
 def usable_prompts(cfg: RootConfig):
     """The RL prompts whose encoded length fits ``rl.max_prompt_tokens`` (and leaves room for a response), and how
     many were skipped."""
+    return fit_prompts(cfg, read_prompts(prompt_files(cfg)))
+
+
+def fit_prompts(cfg: RootConfig, prompts):
+    """The prompts of ``prompts`` whose encoded length fits ``rl.max_prompt_tokens`` (and leaves room for a
+    response), and how many did not."""
     from evolm_nemo.checkpoint import io as ckpt
 
-    prompts = read_prompts(prompt_files(cfg))
     ref = ckpt.parent_tokenizer(cfg.train.init_from) or cfg.data.tokenizer
     tok = load_tokenizer(ref, key="train.init_from")
     limit = min(cfg.rl.max_prompt_tokens, cfg.model.seq_length - 1)

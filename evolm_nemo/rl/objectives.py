@@ -61,17 +61,20 @@ def policy_logprobs(logits: torch.Tensor, labels: torch.Tensor, rl) -> tuple[tor
 
 
 def collate(seqs: list[tuple[list[int], int]], extra: dict[str, list[list[float]]], pad_id: int,
-            packed_length: int | None = None) -> dict:
+            packed_length: int | None = None, multiple: int = 1) -> dict:
     """Right-padded microbatch of ``(ids, prompt_len)``: tokens/labels/position_ids and ``loss_mask`` on the positions
     that predict response tokens, plus each ``extra`` per-response-token list placed at those positions. With
     ``packed_length``: one packed row of that length instead (``data.packing.collate_packed``: THD, a segment per
-    sequence)."""
+    sequence). The row length is rounded up to a ``multiple`` (sequence parallelism splits it over the TP ranks)."""
+    def rounded(n: int) -> int:
+        return -(-n // multiple) * multiple
+
     if packed_length is not None:
-        batch = collate_packed(seqs, packed_length, pad_id)
+        batch = collate_packed(seqs, rounded(packed_length), pad_id)
         starts = np.cumsum([0] + [len(ids) - 1 for ids, _ in seqs[:-1]])
         rows = [0] * len(seqs)
     else:
-        batch = sft_collate(seqs, max(len(ids) for ids, _ in seqs) - 1, pad_id)
+        batch = sft_collate(seqs, rounded(max(len(ids) for ids, _ in seqs) - 1), pad_id)
         starts, rows = [0] * len(seqs), list(range(len(seqs)))
     shape = batch["tokens"].shape
     for key, values_of in extra.items():
@@ -125,11 +128,11 @@ def _actor_loss(b: dict, rl, logits: torch.Tensor):
     mask = b["loss_mask"]
     logp, entropy = policy_logprobs(logits, b["labels"], rl)
     weights, seq_count = _weights(b, rl)
-    if "tis" in b:
-        weights = weights * b["tis"]
+    # truncated importance weights correct the policy gradient only (as verl's): entropy and KL keep the plain weights
+    pg_weights = weights * b["tis"] if "tis" in b else weights
     high = rl.ratio_eps if rl.ratio_eps_high is None else rl.ratio_eps_high
     pg_sum, count, stats = policy_loss(logp, b["old_logp"], b["advantages"], mask, rl.ratio_eps, high,
-                                       rl.dual_clip, weights=weights)
+                                       rl.dual_clip, weights=pg_weights)
     total = pg_sum
     if rl.entropy_bonus:
         total = total - rl.entropy_bonus * torch.where(mask.bool(), entropy * weights, torch.zeros_like(entropy)).sum()

@@ -127,7 +127,8 @@ class RewardModelScorer:
         outs = forward_collect(self.model, batches, value_forward_step, mbs, self.rt)
         scores = [float(v) for out, b in zip(outs, batches) for v in scores_at_last(out, b["last"])]
         if not all(math.isfinite(s) for s in scores):
-            raise RuntimeError("the reward model returned a non-finite score")
+            raise ConfigError("rl.reward_model", f"{self.cfg.rl.reward_model} returned a non-finite score (NaN or "
+                                                 "inf) for a response; the reward model is damaged or diverged")
         return scores
 
 

@@ -16,12 +16,40 @@ EV_TOLERANCE = 1e-8  # return variance below which the critic's explained varian
 
 
 def dp_allreduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In place over the data-parallel replicas (tensor-parallel ranks hold the same values already)."""
+    """In place over the data-parallel replicas (tensor-parallel ranks hold the same values already). On GPU the
+    reduction runs on the current device (NCCL has no CPU tensors)."""
     from megatron.core import parallel_state
 
     if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(t, op=op, group=parallel_state.get_data_parallel_group())
+        on = t.to(torch.cuda.current_device()) if torch.cuda.is_available() else t
+        dist.all_reduce(on, op=op, group=parallel_state.get_data_parallel_group())
+        if on is not t:
+            t.copy_(on)
     return t
+
+
+def on_tp_rank0(fn):
+    """``fn()`` run on tensor-parallel rank 0 of this replica only, its result (or its one-line ConfigError) handed to
+    every rank of the tensor-parallel group: reward checks under wall-clock limits (the answer checker's slow path, a
+    user reward function) could otherwise answer differently on two ranks of one model, whose updates must agree."""
+    from megatron.core import parallel_state
+
+    from evolm_nemo.config.errors import ConfigError
+
+    if not dist.is_initialized() or parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return fn()
+    box = [None]
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except ConfigError as exc:
+            box[0] = ("error", (exc.key, exc.message))
+    dist.broadcast_object_list(box, src=parallel_state.get_tensor_model_parallel_src_rank(),
+                               group=parallel_state.get_tensor_model_parallel_group())
+    status, value = box[0]
+    if status == "error":
+        raise ConfigError(*value)
+    return value
 
 
 def global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:

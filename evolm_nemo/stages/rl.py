@@ -37,13 +37,13 @@ from evolm_nemo.generation.engine import Generator
 from evolm_nemo.losses.rl import constant_groups, gae, group_advantages, truncated_importance_weights, whiten_with
 from evolm_nemo.model.build import build_model
 from evolm_nemo.model.heads import build_value_model, load_backbone
-from evolm_nemo.rl.data import PromptSchedule, prompt_files, read_prompts, usable_prompts
+from evolm_nemo.rl.data import PromptSchedule, fit_prompts, prompt_files, read_prompts, usable_prompts
 from evolm_nemo.rl.objectives import (actor_forward_step, collate, critic_forward_step, logprob_forward_step,
                                      per_token)
 from evolm_nemo.rl.reward import RewardModelScorer, check as check_reward, combine as combine_rewards
 from evolm_nemo.rl.reward_fn import RewardFunction, rewards as reward_fn_rewards
 from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, verifiable_rewards
-from evolm_nemo.rl.stats import global_moments, rollout_metrics
+from evolm_nemo.rl.stats import global_moments, on_tp_rank0, rollout_metrics
 from evolm_nemo.stages import kind
 from evolm_nemo.stages.base import Stage, check_layout, file_fingerprint
 from evolm_nemo.tasks import SUITE_KIND
@@ -107,8 +107,11 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         check_critic_init(cfg)
     if r.val_interval and not r.val_data:
         raise ConfigError("rl.val_data", "rl.val_interval needs a validation JSONL {id, prompt, gold_answer}")
-    if r.val_interval:
-        read_prompts([r.val_data], "rl.val_data")  # exists and is well-formed, before anything starts
+    if r.val_interval:  # exists, is well-formed and has prompts that fit, before anything starts
+        val, too_long = fit_prompts(cfg, read_prompts([r.val_data], "rl.val_data"))
+        if not len(val):
+            raise ConfigError("rl.val_data", f"none of its {too_long} prompts fits rl.max_prompt_tokens="
+                                             f"{r.max_prompt_tokens} (and model.seq_length)")
     prompts, skipped = usable_prompts(cfg)
     if len(prompts) < r.prompts_per_step:
         raise ConfigError("rl.prompts_per_step", f"{r.prompts_per_step} is more than the {len(prompts)} usable prompts "
@@ -149,6 +152,13 @@ def check_ranges(cfg: RootConfig) -> None:
         raise ConfigError("rl.kl_clamp", f"must be > 0 or null, got {r.kl_clamp}")
     if r.kl != "off" and r.initial_policy_kl_penalty <= 0:
         raise ConfigError("rl.initial_policy_kl_penalty", f"rl.kl={r.kl} needs a positive KL coefficient")
+    if cfg.stage == "grpo" and r.kl == "reward":
+        raise ConfigError("rl.kl", "kl=reward puts the KL penalty into PPO's per-token rewards (GAE); GRPO's "
+                                   "advantages come from each sample's reward alone, so it would never act: use "
+                                   "rl.kl=loss (verl's use_kl_loss) or off")
+    if cfg.stage == "grpo" and r.temperature == 0:
+        raise ConfigError("rl.temperature", "GRPO compares the samples of a prompt; greedy rollouts (temperature 0) "
+                                            "make them identical, so every advantage is 0: use a temperature > 0")
 
 
 def check_critic_init(cfg: RootConfig) -> None:
@@ -183,7 +193,7 @@ def checkpoint_dirs(cfg: RootConfig) -> tuple[str, ...]:
 
 # what the critic's update reads of a microbatch (a packed row's bounds included)
 CRITIC_INPUTS = ("tokens", "labels", "position_ids", "loss_mask", "returns", "old_values", "segment", "cu_seqlens",
-                 "max_seqlen")
+                 "max_seqlen", "last")
 
 
 class RLStage(Stage):
@@ -200,8 +210,8 @@ class RLStage(Stage):
         self.grpo = cfg.stage == "grpo"
         self.prompts, _ = usable_prompts(cfg)
         self.val = None
-        if r.val_data and r.val_interval:
-            val = read_prompts([r.val_data], "rl.val_data")
+        if r.val_data and r.val_interval:  # the first rl.val_size prompts that fit, as for training
+            val, _ = fit_prompts(cfg, read_prompts([r.val_data], "rl.val_data"))
             self.val = val.subset(list(range(min(r.val_size, len(val)))))
         self.dp, self.dp_rank = plan.dp, parallel_state.get_data_parallel_rank()
         self.schedule = PromptSchedule(len(self.prompts), r.prompts_per_step, cfg.train.seed, self.dp_rank, self.dp)
@@ -211,6 +221,8 @@ class RLStage(Stage):
         self.eos = int(self.tok.eos_token_id)
         self.rollout_log = None
         self.packing, self.budget = cfg.train.packing, cfg.parallel.max_tokens_per_microbatch
+        p = cfg.parallel
+        self.multiple = p.tp if p.sp else 1  # sequence parallelism splits every row over the TP ranks
 
     # ------------------------------------------------------------------------------------------- roles
     def build(self, rt) -> list[Role]:
@@ -266,15 +278,13 @@ class RLStage(Stage):
         ro.rows = [self.prompts.rows[i] for i in idx for _ in range(self.rl.samples_per_prompt)]
         return ro
 
-    def _reward_fn(self, ro: Rollout, iteration: int) -> dict:
-        """The user reward function's scores of this rank's responses (into ``ro.fn_scores`` / ``ro.fn_results``) and
-        its part of the step's record (over the global batch)."""
+    def _reward_fn(self, ro: Rollout, iteration: int) -> tuple[list, list, dict]:
+        """The user reward function's scores of this rank's responses, its per-response results and its part of the
+        step's record (over the global batch)."""
         n, suite = self.rl.samples_per_prompt, self.rl.reward_suite
         # the prompt's row as read; unless it has them, `suite` (rl.reward_suite) and `sample` (which of the prompt's n)
         rows = [{"suite": suite, "sample": k % n, **row} for k, row in enumerate(ro.rows)]
-        ro.fn_scores, ro.fn_results, record = reward_fn_rewards(self.reward_fn, self.rl.reward_fn_errors, ro.prompts,
-                                                                ro.texts, rows, iteration)
-        return record
+        return reward_fn_rewards(self.reward_fn, self.rl.reward_fn_errors, ro.prompts, ro.texts, rows, iteration)
 
     def _layout(self, ro: Rollout) -> list[list[list[int]]]:
         """The update's mini-batches (``rl.mini_batches`` consecutive slices of this rank's sequences), each as its
@@ -303,7 +313,8 @@ class RLStage(Stage):
         for rows in groups:
             picked = [seqs[k] for k in rows]
             out.append(collate(picked, {key: [v[k] for k in rows] for key, v in extra.items()}, pad_id=self.eos,
-                               packed_length=sum(len(ids) - 1 for ids, _ in picked) if self.packing else None))
+                               packed_length=sum(len(ids) - 1 for ids, _ in picked) if self.packing else None,
+                               multiple=self.multiple))
         return out
 
     def _per_token(self, outputs: list[torch.Tensor], batches: list[dict], groups: list[list[int]], n: int) -> list:
@@ -333,9 +344,11 @@ class RLStage(Stage):
         t0 = time.perf_counter()
         ro = self.rollout(iteration)
         t1 = time.perf_counter()
-        ro.correct = verifiable_rewards(ro, r.reward_suite, r.reward_scoring)
+        ro.correct = on_tp_rank0(lambda: verifiable_rewards(ro, r.reward_suite, r.reward_scoring))
         ro.rm_scores = self.rm.score(ro.prompt_ids, ro.response_ids, self.eos) if self.rm is not None else None
-        fn_record = self._reward_fn(ro, iteration) if self.reward_fn is not None else {}
+        fn_record = {}
+        if self.reward_fn is not None:
+            ro.fn_scores, ro.fn_results, fn_record = on_tp_rank0(lambda: self._reward_fn(ro, iteration))
         ro.rewards = combine_rewards(ro.correct, ro.rm_scores, self.cfg, ro.fn_scores)
         t2 = time.perf_counter()
         n = len(ro)

@@ -208,3 +208,11 @@ def test_metrics_are_over_every_data_parallel_rank_and_an_error_on_one_stops_all
     assert proc.returncode != 0 and len(lines) == 2 and all(x.startswith(want) for x in lines), proc.stderr[-3000:]
     # each rank exits 2 with that line (torchrun then reports the failed ranks in its own words)
     assert proc.stderr.count("only here") == 2 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    # TP=2: tensor-parallel rank 0 alone calls the function (two ranks of one model must not score apart: a call
+    # that times out on one only would split their updates) and hands its scores, or its error, to the other
+    proc = run_evolm("train", rl_args(tmp_path / "tp2", rl_parent, "grpo", None, "train.iters=1",
+                                      "rl.prompts_per_step=4", "rl.samples_per_prompt=4", "rl.reward=custom",
+                                      "rl.reward_fn=one_rank:fn", "parallel.tp=2", "parallel.global_batch_size=16"),
+                     nproc=2, check=False, timeout=300)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert proc.returncode != 0 and len(lines) == 2 and all(x.startswith(want) for x in lines), proc.stderr[-3000:]

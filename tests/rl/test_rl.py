@@ -91,7 +91,8 @@ def _compare(got, want, keys=("loss", "actor_grad_norm", "value_loss", "critic_g
 
 def test_split_into_microbatches_and_ranks_changes_nothing(tmp_path, rl_parent):
     """PPO (GAE, whitening): micro-batch 4/1, DP=2, packed rows (one rank and two; GAE stays within each
-    sequence) and a token budget give the same steps."""
+    sequence) and a token budget give the same steps; with sequence-mean aggregation, packed rows (the actor's and the
+    critic's segments) give the padded run's steps too."""
     runs = {}
     for name, extra, nproc in (("m4", ["parallel.micro_batch_size=4"], 1), ("m1", ["parallel.micro_batch_size=1"], 1), ("dp2", ["parallel.micro_batch_size=1"], 2),
                                ("packed", ["train.packing=true"], 1), ("packed_dp2", ["train.packing=true"], 2),
@@ -102,6 +103,12 @@ def test_split_into_microbatches_and_ranks_changes_nothing(tmp_path, rl_parent):
     assert runs["m4"][1]["actor_grad_norm"] > 0 and runs["m4"][2]["actor_grad_norm"] > 0
     for name in runs:
         _compare(runs[name], runs["m4"])
+    seq = {}
+    for name, extra in (("padded", ["parallel.micro_batch_size=4"]), ("packed", ["train.packing=true"])):
+        out = tmp_path / f"seq_{name}"
+        run_evolm("train", rl_args(out, rl_parent, "ppo", None, *GREEDY, "rl.loss_agg=seq_mean", *extra))
+        seq[name] = metrics(out)
+    _compare(seq["packed"], seq["padded"], keys=("loss", "actor_grad_norm", "value_loss", "critic_grad_norm"))
 
 
 def test_grpo_layouts_change_nothing(tmp_path, rl_parent):
@@ -123,11 +130,15 @@ def test_grpo_layouts_change_nothing(tmp_path, rl_parent):
 
 
 def test_tp2_equals_tp1(tmp_path, rl_parent):
-    ref, out = tmp_path / "tp1", tmp_path / "tp2"
+    """TP=2, and TP=2 with sequence parallelism (each row's length rounded up to a multiple of 2, packed rows too),
+    give the one-process steps."""
+    ref = tmp_path / "tp1"
     run_evolm("train", rl_args(ref, rl_parent, "ppo", None, *GREEDY, "parallel.micro_batch_size=2"))
-    run_evolm("train", rl_args(out, rl_parent, "ppo", None, *GREEDY, "parallel.micro_batch_size=2",
-                               "parallel.tp=2", "parallel.global_batch_size=8"), nproc=2)
-    _compare(metrics(out), metrics(ref), tol=1e-5)
+    for name, extra in (("tp2", []), ("tp2_sp", ["parallel.sp=true"]), ("tp2_sp_packed", ["parallel.sp=true", "train.packing=true"])):
+        out = tmp_path / name
+        run_evolm("train", rl_args(out, rl_parent, "ppo", None, *GREEDY, "parallel.micro_batch_size=2",
+                                   "parallel.tp=2", "parallel.global_batch_size=8", *extra), nproc=2)
+        _compare(metrics(out), metrics(ref), tol=1e-5)
 
 
 def test_sigkill_mid_rl_then_resume_matches(tmp_path, rl_parent):
@@ -180,6 +191,8 @@ def test_ppo_pair_is_pruned_as_a_pair(tmp_path, rl_parent):
     (["rl.top_p=2"], "rl.top_p"),
     (["rl.critic_lr=-1"], "rl.critic_lr"),
     (["rl.kl_clamp=0"], "rl.kl_clamp"),
+    (["stage=grpo", "rl.temperature=0"], "rl.temperature"),  # identical samples: every advantage 0
+    (["stage=grpo", "rl.kl=reward", "rl.initial_policy_kl_penalty=0.01"], "rl.kl"),  # would never act in GRPO
 ])
 def test_bad_rl_recipe_is_one_line(tmp_path, rl_parent, extra, key):
     proc = run_evolm("train", rl_args(tmp_path / "run", rl_parent, "ppo", None, "train.iters=2", *extra), check=False)
@@ -207,6 +220,14 @@ def test_bad_prompt_rows_are_one_line(tmp_path, rl_parent):
     proc = run_evolm("train", rl_args(tmp_path / "run", rl_parent, "ppo", bad, "train.iters=2"), check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "gold_answer" in lines[0], proc.stderr
+    # validation prompts that cannot fit: refused before anything starts (they used to fail at the first validation)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"id": "v", "prompt": "word " * 400, "gold_answer": "1"}) + "\n")
+    proc = run_evolm("train", rl_args(tmp_path / "run", rl_parent, "ppo", None, "train.iters=2",
+                                      f"rl.val_data={long}", "rl.val_interval=1"), check=False)
+    assert one_line_error(proc, "rl.val_data").endswith("none of its 1 prompts fits rl.max_prompt_tokens=1024 (and "
+                                                         "model.seq_length)"), proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_pipeline_parallel_is_refused_before_anything_starts(rl_parent):

@@ -30,3 +30,26 @@ def test_explained_variance_is_nan_when_returns_do_not_vary():
     returns = torch.randn(n, 3)
     rec = rollout_metrics(_rollout(n), old_logp, _batches(returns, returns * 0.5), values=True, rollout_s=1.0)
     assert 0.0 < rec["explained_variance"] <= 1.0  # the critic explains part of a varying return
+
+
+def test_truncated_importance_weights_scale_the_policy_gradient_only(monkeypatch):
+    """rl.tis_cap: the weights correct the policy-gradient term (as verl's TIS); the entropy bonus and a KL loss keep
+    the plain per-token weights. The actor's loss is read with fixed log-probs (its weighting, not the model)."""
+    from types import SimpleNamespace
+
+    from evolm_nemo.rl import objectives
+
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -1.5]])
+    entropy = torch.tensor([[0.7, 0.2, 0.4, 0.9]])
+    monkeypatch.setattr(objectives, "policy_logprobs", lambda logits, labels, rl: (logp, entropy))
+    monkeypatch.setattr(objectives, "kl_estimate", lambda a, b, est, clamp: torch.full_like(a, 0.3))
+    rl = SimpleNamespace(loss_agg="token_mean", ratio_eps=0.2, ratio_eps_high=None, dual_clip=None, entropy_bonus=0.1,
+                         kl="loss", initial_policy_kl_penalty=0.5, kl_estimator="k3", kl_clamp=None)
+    base = {"loss_mask": torch.ones(1, 4), "labels": torch.zeros(1, 4, dtype=torch.long), "old_logp": logp.clone(),
+            "advantages": torch.tensor([[1.0, -1.0, 2.0, 0.5]]), "ref_logp": logp.clone()}
+    plain, _, logs = objectives._actor_loss(dict(base), rl, None)
+    tis, _, tis_logs = objectives._actor_loss({**base, "tis": torch.full((1, 4), 0.25)}, rl, None)
+    pg = logs["loss_sum"]  # ratio 1: -sum(A) = -2.5
+    assert float(pg) == -2.5 and float(tis_logs["loss_sum"]) == 0.25 * float(pg)
+    others = -0.1 * float(entropy.sum()) + 0.5 * 0.3 * 4  # entropy bonus and KL loss, unweighted by TIS
+    assert abs(float(plain) - (float(pg) + others)) < 1e-6 and abs(float(tis) - (0.25 * float(pg) + others)) < 1e-6

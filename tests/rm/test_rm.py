@@ -324,10 +324,11 @@ def one_process(rm_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage, layout, packing", [("rm", "tp2", False), ("rm", "pp2", False), ("dpo", "tp2", False),
-                                                   ("rm", "pp2", True), ("dpo", "tp2_sp", True)])
+                                                   ("rm", "pp2", True), ("dpo", "tp2_sp", True), ("rm", "tp2_sp", True)])
 def test_layouts_equal_tp1(rm_data, tmp_path, one_process, stage, layout, packing):
     """Pairwise RM at TP=2 and PP=2 (a microbatch of pairs sends 2x rows between stages), DPO at TP=2, and packed
-    (RM at PP=2, DPO at TP=2 with sequence parallel): the same losses and grad norms as one padded process."""
+    (RM at PP=2, DPO and RM at TP=2 with sequence parallel: the replicated value head's gradient is split back over
+    the ranks, not summed): the same losses and grad norms as one padded process."""
     run_evolm("train", [*_layout_base(rm_data, stage), f"parallel={layout}", "parallel.micro_batch_size=2",
                         "parallel.global_batch_size=4", f"run.out_dir={tmp_path / layout}",
                         f"train.packing={str(packing).lower()}"], nproc=2)
