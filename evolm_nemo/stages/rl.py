@@ -43,7 +43,7 @@ from evolm_nemo.rl.objectives import (actor_forward_step, collate, critic_forwar
 from evolm_nemo.rl.reward import RewardModelScorer, check as check_reward, combine as combine_rewards
 from evolm_nemo.rl.reward_fn import RewardFunction, rewards as reward_fn_rewards
 from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, verifiable_rewards
-from evolm_nemo.rl.stats import global_moments, on_tp_rank0, rollout_metrics
+from evolm_nemo.rl.stats import dp_allreduce, global_moments, on_tp_rank0, rollout_metrics
 from evolm_nemo.stages import kind
 from evolm_nemo.stages.base import Stage, check_layout, file_fingerprint
 from evolm_nemo.tasks import SUITE_KIND
@@ -402,7 +402,8 @@ class RLStage(Stage):
         t4 = time.perf_counter()
         record.update(rollout_metrics(ro, old_logp, [b for mini in batches for b in mini], values, t1 - t0))
         record.update(time_rollout_s=t1 - t0, time_reward_s=t2 - t1, time_prepare_s=t3 - t2, time_update_s=t4 - t3,
-                      groups_dropped=dropped, **fn_record)
+                      groups_dropped=int(dp_allreduce(torch.tensor([float(dropped)], dtype=torch.float64))[0]),
+                      **fn_record)
         if self.rollout_log is not None:
             self.rollout_log.write(iteration + 1, ro)
         return record
