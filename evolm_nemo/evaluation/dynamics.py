@@ -22,7 +22,7 @@ from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.tokens import format_tokens
-from evolm_nemo.evaluation.render import md_table, save_png
+from evolm_nemo.evaluation.render import finish, md_table, panel_grid
 from evolm_nemo.fileio import write_text
 
 AT = re.compile(r"^(?P<key>.+)_at_(?P<it>\d+)$")
@@ -187,14 +187,12 @@ def plot(curves: list[Curve], path: Path) -> str | None:
     metrics = metrics_of(curves)
     if not metrics:
         return None
-    cols = min(3, len(metrics))
-    rows = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = panel_grid(len(metrics), 5, 3.6)
     from matplotlib.ticker import FuncFormatter
 
     colors = {c.run: plt.cm.tab10(i % 10) for i, c in enumerate(curves)}
     axis = FuncFormatter(lambda x, _: format_tokens(int(x)) if x > 0 else "0")
-    for ax, m in zip(axes.flat, metrics):
+    for ax, m in zip(axes, metrics):
         for c in curves:
             pts = c.points.get(m)
             if not pts:
@@ -208,12 +206,7 @@ def plot(curves: list[Curve], path: Path) -> str | None:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    fig.tight_layout()
-    out = save_png(fig, path)
-    plt.close(fig)
-    return out
+    return finish(fig, axes, len(metrics), path)
 
 
 def write_csv(curves: list[Curve], path: Path) -> str:

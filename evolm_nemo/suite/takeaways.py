@@ -400,17 +400,10 @@ def plot(claims: list[Claim], path: Path) -> str | None:
               if c.figure and any(v is not None for vals in c.figure.series.values() for v in vals)]
     if not panels:
         return None
-    import matplotlib
+    from evolm_nemo.evaluation.render import finish, panel_grid
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from evolm_nemo.evaluation.render import save_png
-
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
-    for ax, (i, c) in zip(axes.flat, panels):
+    fig, axes = panel_grid(len(panels), 4.6, 3.6)
+    for ax, (i, c) in zip(axes, panels):
         f = c.figure
         scale = 100.0 if f.percent else 1.0
         xs = list(range(len(f.points)))
@@ -440,9 +433,4 @@ def plot(claims: list[Claim], path: Path) -> str | None:
             ax.axhline(0.0, color="gray", lw=0.6)
             low, high = ax.get_ylim()
             ax.set_ylim(low, high + 0.3 * (high - low))  # room for the legend above the bars
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    out = save_png(fig, path)
-    plt.close(fig)
-    return out
+    return finish(fig, axes, len(panels), path)
