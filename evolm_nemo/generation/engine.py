@@ -58,10 +58,12 @@ def _controller_class():
         stopped: set[int] = set()  # batch rows finished by a stop string (indices into the current static batch)
         sampled: tuple[float, float] | None = None  # (temperature, top_p): report log p of the sampling distribution
         _prompt_lengths: list[int] = []
+        _budgets: list[int] = []
         _step_logp: list[torch.Tensor] = []
 
         def generate_all_output_tokens_static_batch(self, active_requests, active_streams=None):
             self._prompt_lengths = [len(r.prompt_tokens) for r in active_requests.values()]
+            self._budgets = [r.sampling_params.num_tokens_to_generate for r in active_requests.values()]
             self.stopped = set()
             self._step_logp = []
             done = super().generate_all_output_tokens_static_batch(active_requests, active_streams)
@@ -93,6 +95,8 @@ def _controller_class():
             tail = 4 * max(len(s) for s in self.stop) + 4  # a character is at most 4 byte-level tokens
             end = current_context_end_position + 1
             for row in torch.nonzero(generation_started & ~done).flatten().tolist():
+                if end - self._prompt_lengths[row] > self._budgets[row]:
+                    continue  # past this row's budget (a longer prompt shares the batch): trimmed off, never a stop
                 start = max(self._prompt_lengths[row], end - tail)
                 text = self._detokenize(updated_prompts_tokens[row, start:end].tolist(), skip_special_tokens=False)
                 if any(s in text for s in self.stop):

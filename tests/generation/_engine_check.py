@@ -140,6 +140,15 @@ def engine_facts(Engine, model, tok, ref, more: bool, extra) -> dict:
     stopped = gen.complete(PROMPTS[:2], NEW, stop_strings=[stop, "\x00never"])
     facts["stop"] = {"stop": stop, "full_text": text, "full_ids": batched[0].ids, "text": stopped[0].text,
                      "ids": stopped[0].ids, "finish": stopped[0].finish, "other": stopped[1].ids}
+    # a stop string that the short prompt "A" would only reach past its budget (the static batch runs on while the
+    # longer prompts beside it finish): the completion ends by length, with its budget's tokens
+    longer = reference(model, tok, PROMPTS[2], MAX_SEQ, MAX_SEQ)
+    inside, past = tok.decode(longer[:NEW]), tok.decode(longer[NEW:NEW + 12])
+    late = next((past[k:k + 3] for k in range(len(past) - 2) if past[k:k + 3].strip() and past[k:k + 3] not in
+                 tok.decode(longer[:NEW + 1])), None)
+    if late is not None and inside:
+        out = gen.complete([PROMPTS[2], PROMPTS[0], PROMPTS[3]], NEW, stop_strings=[late])[0]
+        facts["late_stop"] = {"stop": late, "ids": out.ids, "finish": out.finish, "want": longer[:NEW]}
     model.train()
     gen.generate(PROMPTS[:1], 2)
     facts["training_restored"] = model.training

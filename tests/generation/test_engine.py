@@ -80,6 +80,8 @@ def test_stop_strings(single, engine):
     assert stop["text"] == cut and stop["finish"] == "stop"
     assert len(stop["ids"]) < len(stop["full_ids"]) and stop["full_ids"][:len(stop["ids"])] == stop["ids"]
     assert stop["other"] == single["gqa"]["ref"][1]  # the other prompt in the batch runs on unaffected
+    late = single["gqa"][engine]["late_stop"]  # met only past the row's budget: trimmed off, not a stop
+    assert late["finish"] == "length" and late["ids"] == late["want"], late
 
 
 def test_continuous_samples_do_not_depend_on_the_batching(single):
