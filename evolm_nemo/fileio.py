@@ -515,6 +515,15 @@ def release_outputs() -> None:
         _drop_output_lock(name)
 
 
+def resolved(path: str | os.PathLike, key: str) -> Path:
+    """``path`` with ``~`` expanded and every symlink resolved; a symlink loop (or a path the OS refuses to resolve)
+    is one line naming ``key``."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11: RuntimeError("Symlink loop from ...")
+        raise ConfigError(key, f"cannot resolve {path}: {exc}") from None
+
+
 def check_writable(path: str | os.PathLike, key: str, directory: bool = False) -> None:
     """Refuse, before any work, an output that cannot be created: one line naming `key`. `path` is a file to be
     written (its directory must be creatable and writable) or, with `directory`, a directory to be created or

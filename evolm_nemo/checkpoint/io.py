@@ -150,6 +150,9 @@ def problem(directory: str | Path) -> str | None:
         return f"no {META} (never committed)"
     except (ValueError, KeyError, TypeError):
         return f"{META} is unreadable"
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in files.items()):
+        return f"{META} has no manifest of its files (name: size)"
     for name, size in files.items():
         path = directory / name
         if not path.is_file():
@@ -173,6 +176,8 @@ def damage(directory: str | Path) -> str | None:
         return found
     meta = json.loads((directory / META).read_text())
     want = meta.get("checksums") or {}
+    if not isinstance(want, dict):
+        return f"{META}'s checksums are not a mapping of file: checksum"
     if not want:
         return None
     got = _shared_checksums(directory, sorted(want), meta.get("checksum", "xxh3_64"))

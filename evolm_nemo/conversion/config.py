@@ -8,6 +8,21 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 
+def check_probe(cfg) -> None:
+    """The verification settings of an export or import (``verify_tol``, ``probe_batch``, ``probe_len``), before any
+    work."""
+    from evolm_nemo.config.errors import ConfigError
+
+    if not cfg.verify:
+        return
+    if not cfg.verify_tol > 0:
+        raise ConfigError("verify_tol", f"must be positive, got {cfg.verify_tol}")
+    for key in ("probe_batch", "probe_len"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(key, f"must be an integer >= 1 (the verification probe's size), got {value!r}")
+
+
 @dataclass
 class ExportHFConfig:
     src: Optional[str] = None  # megatron checkpoint dir (iter_*), checkpoint root or run dir (latest complete)

@@ -3,7 +3,8 @@
 One process. dist-checkpointing reshards any saved layout into a TP=1 / PP=1 model on load; its tensors are then
 streamed into safetensors shards (one HF tensor copied at a time, so peak memory is the fp32 model plus one shard).
 Then the megatron model is freed, the written directory is loaded with transformers, and both models' logits on a
-fixed probe batch are compared. Both sides compute in fp32 (a bf16 export is upcast exactly), so the tolerance is
+fixed probe batch are compared. Both sides compute in fp32 (a bf16 export is upcast exactly; megatron's side
+computes with the weights rounded to the export's dtype first, as transformers will read them), so the tolerance is
 1e-4 whatever the stored dtype. Everything is written into a temporary directory next to ``dst`` and renamed at the
 end: a failed check or any error leaves no ``dst``.
 """
@@ -25,8 +26,9 @@ from evolm_nemo.checkpoint import io
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ModelConfig, ParallelConfig
 from evolm_nemo.conversion import hf
+from evolm_nemo.conversion.config import check_probe
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.fileio import check_dst, check_writable, commit_dir, disk_full, temp_dir, write_error, \
+from evolm_nemo.fileio import check_dst, check_writable, commit_dir, disk_full, resolved, temp_dir, write_error, \
     writing
 from evolm_nemo.model.build import build_model, param_count
 from evolm_nemo.model.heads import build_value_model
@@ -206,8 +208,11 @@ def check_shapes(ckpt: Path, model) -> None:
 
 
 def stored_dtype(ckpt: Path) -> torch.dtype:
+    """The dtype of the model's tensors in ``ckpt`` (the optimizer's fp32 main params and moments left out); fp32
+    when they are mixed."""
     stored = tensors_metadata(ckpt)
-    found = {t.dtype for t in stored.values() if getattr(t, "dtype", None) in hf.SHORT}
+    found = {t.dtype for k, t in stored.items()
+             if not str(k).startswith("optimizer.") and getattr(t, "dtype", None) in hf.SHORT}
     return found.pop() if len(found) == 1 else torch.float32
 
 
@@ -356,7 +361,7 @@ def _source(cfg) -> tuple[Path, dict, ModelConfig, str, Path]:
     head = meta.get("head", "lm")
     if head not in ("lm", "value"):
         raise ConfigError("src", f"{ckpt}: unknown head {head!r} in evolm.json")
-    dst = Path(cfg.dst).expanduser().resolve()
+    dst = resolved(cfg.dst, "dst")
     check_dst(dst, cfg.overwrite, sources=(cfg.src, ckpt, cfg.tokenizer if cfg.tokenizer and
                                            Path(cfg.tokenizer).expanduser().exists() else None), kind="hf-export")
     check_writable(dst, "dst", directory=True)  # probed for real: read-only mounts, root too
@@ -407,8 +412,7 @@ def _export(cfg) -> Path:
     ckpt, meta, m, head, dst = _source(cfg)
     out_dtype = parse_dtype(cfg.dtype)
     max_bytes = hf.parse_size(cfg.max_shard_size)
-    if cfg.verify and cfg.verify_tol <= 0:
-        raise ConfigError("verify_tol", "must be positive")
+    check_probe(cfg)
     tok_source = find_tokenizer(ckpt, meta, cfg.tokenizer)
     tok = load_tokenizer(tok_source, key="tokenizer")
     if len(tok) > m.vocab_size:
@@ -432,6 +436,10 @@ def _export(cfg) -> Path:
         if tied and not same:
             raise ConfigError("tie", "tie=true but the checkpoint's input and output embeddings differ")
     ids = probe_ids(m.vocab_size, cfg.probe_batch, min(cfg.probe_len, m.seq_length))
+    if cfg.verify and out_dtype != torch.float32:  # the reference reads the weights the export will hold
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.to(out_dtype).to(p.dtype)
     reference = megatron_logits(model, ids) if cfg.verify else None
 
     with writing(dst, "dst"):

@@ -63,12 +63,22 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
 def head_kind(cfg: dict) -> str:
     """'lm' or 'value' from ``architectures`` (refusing anything else)."""
     arch = cfg.get("architectures") or ["LlamaForCausalLM"]
+    if not isinstance(arch, list) or not isinstance(arch[0], str):
+        raise ConfigError("architectures", f"expected a list of class names in config.json, got {arch!r}")
     name = arch[0]
     if name in CAUSAL:
         return "lm"
     if name in VALUE:
         return "value"
     raise ConfigError("architectures", f"{name} is not supported; supported: {', '.join(CAUSAL + VALUE)}")
+
+
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _positive_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def check_config(cfg: dict) -> None:
@@ -79,8 +89,21 @@ def check_config(cfg: dict) -> None:
         raise ConfigError("model_type", f"{model_type!r} is not supported; supported: llama, mistral")
     need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     for field in need:
-        if not isinstance(cfg.get(field), int) or cfg[field] <= 0:
+        if not _positive_int(cfg.get(field)):
             raise ConfigError(field, f"missing or not a positive integer in config.json (got {cfg.get(field)!r})")
+    for field in ("num_key_value_heads", "max_position_embeddings", "head_dim"):
+        if cfg.get(field) is not None and not _positive_int(cfg[field]):
+            raise ConfigError(field, f"not a positive integer in config.json (got {cfg[field]!r})")
+    for field in ("rms_norm_eps", "initializer_range"):
+        if field in cfg and not _positive_number(cfg[field]):
+            raise ConfigError(field, f"not a positive number in config.json (got {cfg[field]!r})")
+    params = cfg.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError("rope_parameters", f"expected a mapping in config.json, got {params!r}")
+    theta = params.get("rope_theta") if isinstance(params, dict) and "rope_theta" in params else \
+        cfg.get("rope_theta", 10000.0)
+    if not _positive_number(theta):
+        raise ConfigError("rope_theta", f"not a positive number in config.json (got {theta!r})")
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ConfigError("hidden_act", f"{act!r} is not supported; only silu (SwiGLU)")
@@ -287,8 +310,11 @@ class HFWeights:
         if index is not None:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise ConfigError(key, f"{index}: unreadable index ({exc})") from None
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(key, f"{index}: unreadable index ({type(exc).__name__}: {exc})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise ConfigError(key, f"{index}: weight_map must map tensor names to shard file names")
             for shard in sorted(set(weight_map.values())):
                 if not (self.src / shard).is_file():
                     raise ConfigError(key, f"missing shard {shard} listed in {index.name}")

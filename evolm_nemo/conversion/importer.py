@@ -27,9 +27,10 @@ from evolm_nemo.checkpoint import io
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ParallelConfig
 from evolm_nemo.conversion import hf
+from evolm_nemo.conversion.config import check_probe
 from evolm_nemo.conversion.export import (TOKENIZER_FILES, hf_logits, megatron_logits, parse_dtype, probe_ids,
                                           release_memory, single_process)
-from evolm_nemo.fileio import check_dst, commit_dir, temp_dir
+from evolm_nemo.fileio import check_dst, check_writable, commit_dir, resolved, temp_dir
 from evolm_nemo.model.build import build_model
 from evolm_nemo.model.heads import build_value_model
 from evolm_nemo.runtime import distributed
@@ -68,10 +69,14 @@ def _import_hf(cfg) -> Path:
         raise ConfigError("src", "must be set: src=<HF model directory>")
     if not cfg.dst:
         raise ConfigError("dst", "must be set: dst=<checkpoint directory to create>")
-    src = Path(cfg.src).expanduser().resolve()
+    src = resolved(cfg.src, "src")
+    check_probe(cfg)
     raw = hf.read_config(src)
     hf.check_config(raw)
     head = hf.head_kind(raw)
+    if cfg.verify and "model_type" not in raw:
+        raise ConfigError("model_type", f"{src / 'config.json'} names no model_type, so transformers cannot load the "
+                                        "source to verify the import; add \"model_type\": \"llama\" (or verify=false)")
     m = hf.model_config(raw, cfg.name or src.name)
     _check_layout(m, cfg.parallel.tp, cfg.parallel.pp)
     weights = hf.HFWeights(src)
@@ -85,11 +90,10 @@ def _import_hf(cfg) -> Path:
         tok_files = [n for n in TOKENIZER_FILES if (tok_src / n).is_file()]
     if not tok_files:
         raise ConfigError("tokenizer", f"no tokenizer files in {tok_src}; pass tokenizer=<HF tokenizer dir>")
-    dst = Path(cfg.dst).expanduser().resolve()
+    dst = resolved(cfg.dst, "dst")
+    check_writable(dst, "dst", directory=True)
     check_dst(dst, cfg.overwrite, sources=(src, tok_src), kind="hf-import")
     dtype = parse_dtype(cfg.dtype) or weights.dtype()
-    if cfg.verify and cfg.verify_tol <= 0:
-        raise ConfigError("verify_tol", "must be positive")
     single_process("import-hf")
 
     t0 = time.time()

@@ -18,7 +18,7 @@ from pathlib import Path
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.conversion import hf
 from evolm_nemo.conversion.export import TOKENIZER_FILES
-from evolm_nemo.fileio import check_dst, commit_dir, temp_dir
+from evolm_nemo.fileio import check_dst, commit_dir, resolved, temp_dir
 
 CONTAINER = "nvcr.io/nvidia/tensorrt-llm/release"
 _TRT_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -29,12 +29,12 @@ def _check(cfg) -> tuple[Path, Path, dict]:
         raise ConfigError("src", "must be set: src=<HF directory, e.g. the output of export-hf>")
     if not cfg.dst:
         raise ConfigError("dst", "must be set: dst=<engine directory to create>")
-    src = Path(cfg.src).expanduser().resolve()
+    src = resolved(cfg.src, "src")
     raw = hf.read_config(src)
     hf.check_config(raw)
     if hf.head_kind(raw) != "lm":
         raise ConfigError("architectures", "TensorRT-LLM engines are built for LlamaForCausalLM only")
-    dst = Path(cfg.dst).expanduser().resolve()
+    dst = resolved(cfg.dst, "dst")
     check_dst(dst, cfg.overwrite, sources=(src,), kind="trtllm-engine")
     for key in ("max_batch", "max_seq", "max_num_tokens", "n", "tp"):
         if getattr(cfg, key) < 1:

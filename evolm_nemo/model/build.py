@@ -115,7 +115,7 @@ def build_model(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype = torch.fl
         post_process=post_process,
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
-        rotary_base=int(m.rope_base),
+        rotary_base=int(m.rope_base) if float(m.rope_base).is_integer() else float(m.rope_base),  # HF's theta as is
         rotary_percent=1.0,
     )
     if torch.cuda.is_available():

@@ -370,3 +370,66 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(ckpt, tmp_path, sm
     line = one_line_error(proc, "dst")
     assert f"cannot write {disk / 'hf'}: No space left on device" in line, line
     assert list(disk.iterdir()) == [] and ckpt_io.damage(ckpt_io.resolve(ckpt)) is None
+
+
+@pytest.mark.parametrize("edits, key", [
+    ({"architectures": 5}, "architectures"),
+    ({"num_key_value_heads": "2"}, "num_key_value_heads"),
+    ({"num_key_value_heads": -2}, "num_key_value_heads"),
+    ({"hidden_size": True}, "hidden_size"),
+    ({"rope_theta": None, "rope_parameters": None}, "rope_theta"),
+    ({"rope_theta": "abc", "rope_parameters": None}, "rope_theta"),
+    ({"rope_parameters": [1]}, "rope_parameters"),
+    ({"max_position_embeddings": "x"}, "max_position_embeddings"),
+    ({"rms_norm_eps": None}, "rms_norm_eps"),
+    ({"model_type": None}, "model_type"),  # transformers could not load the source to verify
+])
+def test_config_values_of_the_wrong_type_are_named(good, tmp_path, capsys, edits, key):
+    src = variant(good, tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    for k, v in edits.items():  # None: the key is there with a null value (variant() would drop it)
+        cfg[k] = v
+    if edits.get("model_type", 0) is None:
+        del cfg["model_type"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    fails(capsys, tmp_path, ["import-hf", f"src={src}", "progress=false"], key)
+
+
+def test_bad_index_probe_and_paths_are_one_line(good, ckpt, tmp_path, capsys):
+    src = variant(good, tmp_path, "sharded")
+    index = src / "model.safetensors.index.json"
+    for bad in ("[1, 2]", '{"weight_map": ["a"]}', '{"weight_map": {"model.norm.weight": 5}}'):
+        index.write_text(bad)
+        fails(capsys, tmp_path, ["import-hf", f"src={src}", "progress=false"], "src", "index")
+    for key in ("probe_len", "probe_batch"):
+        fails(capsys, tmp_path, ["import-hf", f"src={good / 'single'}", f"{key}=0", "progress=false"], key)
+        fails(capsys, tmp_path, ["export-hf", f"src={ckpt}", f"{key}=0", "progress=false"], key)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    fails(capsys, tmp_path, ["import-hf", f"src={loop}", "progress=false"], "src", "cannot resolve")
+    from evolm_nemo.cli import main
+
+    assert main(["export-hf", f"src={ckpt}", f"dst={loop}", "progress=false"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: dst: cannot resolve")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["import-hf", f"src={good / 'single'}", f"dst={afile / 'sub'}", "progress=false"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: dst: cannot write")
+
+
+def test_a_bf16_export_of_an_fp32_checkpoint_verifies(ckpt, tmp_path, capsys):
+    """The reference logits are computed with the weights rounded to the export's dtype (what transformers reads):
+    a bf16 export of an fp32 checkpoint used to fail its own check (logits 0.016 apart)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from evolm_nemo.cli import main
+    from evolm_nemo.conversion.export import stored_dtype
+
+    assert stored_dtype(ckpt / "iter_0000000") == torch.float32
+    out = tmp_path / "bf16"
+    assert main(["export-hf", f"src={ckpt}", f"dst={out}", "dtype=bf16", "progress=false"]) == 0, \
+        capsys.readouterr().err
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
+    check = json.loads((out / "evolm_export.json").read_text())["verify"]
+    assert check["max_diff"] <= 1e-4
