@@ -84,15 +84,20 @@ def _model_dir(model: Optional[str]) -> str:
 
 
 def _meta(cfg) -> dict:
-    """Result-JSON identity: explicit values win over what the directory name suggests."""
+    """Result-JSON identity: explicit values win over what the directory name suggests. ``meta["inferred"]`` lists
+    the keys guessed from the name (a later evaluation's guesses never replace an earlier explicit value)."""
     meta = infer_meta(cfg.model)
+    inferred = {k for k, v in meta.items() if v is not None}
     meta["model_dir"] = str(Path(cfg.model).resolve())
     for key in ("name", "size", "stage", "group"):
         value = getattr(cfg, key)
         if value is not None:
             meta["model" if key == "name" else key] = str(value)
+            inferred.discard("model" if key == "name" else key)
     if cfg.pretrain_tokens is not None:
         meta["pretrain_tokens"] = parse_tokens(cfg.pretrain_tokens, "pretrain_tokens")
+        inferred.discard("pretrain_tokens")
+    meta["inferred"] = sorted(inferred)
     return meta
 
 

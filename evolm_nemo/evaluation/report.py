@@ -11,6 +11,8 @@ merge into the same file when given the same ``out``)::
       "pretrain_tokens": 160000000000,    # pretraining tokens (int), or null
       "stage": "sft",                     # pretrain | cpt | sft | rl (or any label), or null
       "group": "1B-160BT-cpt-FW8FM42",    # models differing only by stage share a group (pairs SFT with SFT+RL)
+      "inferred": ["size", ...],          # the keys guessed from the directory name: a later evaluation's guesses
+                                          # never replace a value given explicitly (name=, stage=, group=, ...)
       "downstream": {                     # `evolm score` summary: fractions in [0, 1]
         "scoring": "evolm",               # evolm | strict: the equivalence mode that produced the numbers
         "suites": {"gsm8k_platinum": {"n", "pass1", "maj16", "rm16", "pass16", "correct_ratio"}, ...},
@@ -37,6 +39,7 @@ import glob
 import io
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -44,7 +47,7 @@ from typing import Optional
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import dynamics as dyn
 from evolm_nemo.evaluation.render import md_table as _md_table, save_png as _save
-from evolm_nemo.fileio import check_writable, write_json, write_text
+from evolm_nemo.fileio import check_writable, lock_file, unlock, write_json, write_text
 from evolm_nemo.tasks import UPSTREAM, UPSTREAM_NAMES
 
 SCHEMA = "evolm-result/1"
@@ -81,15 +84,34 @@ def infer_meta(model_dir: str) -> dict:
 
 
 def update_result(path: str | Path, meta: dict, **parts) -> dict:
-    """Merge ``meta`` (non-null values) and ``parts`` (downstream=..., upstream=...) into the result JSON."""
+    """Merge ``meta`` (non-null values) and ``parts`` (downstream=..., upstream=...) into the result JSON, under the
+    file's lock (an upstream and a downstream evaluation of one model may finish together). ``meta["inferred"]``:
+    keys guessed from the directory name, which never replace a value an earlier evaluation was given explicitly."""
     path = Path(path)
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data["schema"] = SCHEMA
-    for k, v in meta.items():
-        if v is not None or k not in data:
-            data[k] = v
-    data.update(parts)
-    write_json(path, data)
+    lock = path.parent / f".{path.name}.lock"
+    holder = lock_file(lock)
+    while holder is not None:  # another evaluation is writing it: the next moment it is ours
+        time.sleep(0.05)
+        holder = lock_file(lock)
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data = data if isinstance(data, dict) else {}
+        data["schema"] = SCHEMA
+        meta = dict(meta)
+        guessed = set(meta.pop("inferred", []))
+        had_explicit = {k for k in data if k not in set(data.get("inferred") or [])}
+        now_inferred = set(data.get("inferred") or [])
+        for k, v in meta.items():
+            if k in guessed and k in data and k in had_explicit:
+                continue  # a guess never replaces an explicit value
+            if v is not None or k not in data:
+                data[k] = v
+                (now_inferred.add if k in guessed else now_inferred.discard)(k)
+        data["inferred"] = sorted(now_inferred)
+        data.update(parts)
+        write_json(path, data)
+    finally:
+        unlock(lock, remove=True)
     return data
 
 

@@ -119,6 +119,46 @@ def test_update_result_merges_parts(tmp_path):
     assert data["size"] == "1B" and data["downstream"]["scoring"] == "strict" and data["upstream"]["avg"] == 50.0
 
 
+def test_a_later_evaluation_keeps_the_labels_given_earlier(tmp_path):
+    """name=/stage=/group= given to one evaluation stay when another evaluation of the same out only guesses them
+    from the directory name (the report pairs SFT with SFT+RL by them); an explicit value still replaces a guess."""
+    from evolm_nemo.evaluation.evaluate import _meta
+    from evolm_nemo.evaluation.evaluate import DownstreamConfig
+
+    path = tmp_path / "result.json"
+    model = tmp_path / "myllama-1B-160BT-sftep1"
+    explicit = _meta(DownstreamConfig(model=str(model), name="Custom", stage="rl", group="G1"))
+    guessed = _meta(DownstreamConfig(model=str(model)))
+    assert guessed["inferred"] == ["group", "model", "pretrain_tokens", "size", "stage"]
+    report.update_result(path, explicit, downstream={"scoring": "strict"})
+    data = report.update_result(path, guessed, upstream={"avg": 50.0})
+    assert (data["model"], data["stage"], data["group"]) == ("Custom", "rl", "G1")
+    assert data["size"] == "1B" and data["downstream"] == {"scoring": "strict"} and data["upstream"] == {"avg": 50.0}
+    path.unlink()
+    report.update_result(path, guessed, upstream={"avg": 50.0})
+    data = report.update_result(path, explicit, downstream={"scoring": "strict"})
+    assert (data["model"], data["stage"], data["group"]) == ("Custom", "rl", "G1") and data["inferred"] == [
+        "pretrain_tokens", "size"]
+    assert not list(tmp_path.glob(".result.json.lock"))
+
+
+def test_two_evaluations_finishing_together_both_land(tmp_path):
+    """Upstream and downstream into one out at the same moment: the file's lock keeps both parts."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, subprocess_env
+
+    path = tmp_path / "result.json"
+    code = ("import sys, time\nfrom evolm_nemo.evaluation import report\n"
+            "for i in range(40):\n    report.update_result(sys.argv[1], {'model': 'm'}, **{sys.argv[2] + str(i): i})\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), part], cwd=REPO, env=subprocess_env())
+             for part in ("up", "down")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    data = json.loads(path.read_text())
+    assert all(f"{part}{i}" in data for part in ("up", "down") for i in range(40))
+
+
 def test_orm_score_against_accuracy_per_suite_with_pearson_r(tmp_path):
     """EvoLM's Takeaway 12: one point per model per suite (mean ORM score of its samples, correct ratio), r drawn
     and tabled; a suite with fewer than 3 models gets n/a."""
