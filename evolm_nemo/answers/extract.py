@@ -177,12 +177,32 @@ def _strict_answer_is(text: str, after: int) -> Optional[str]:
     if answer.startswith(":"):
         answer = answer[1:].strip()
     answer = strict_cut(answer)
-    labels = [m.end() for m in _LABEL_COLON.finditer(answer) if _depth_at(answer, m.start()) == 0]
+    top = _top_level(answer)
+    labels = [m.end() for m in _LABEL_COLON.finditer(answer) if top[m.start()]]
     return answer[labels[-1] :].strip() if labels else answer
 
 
-def _depth_at(s: str, i: int) -> int:
-    return sum(ch in _OPEN for ch in s[:i]) - sum(ch in _CLOSE for ch in s[:i])
+def _top_level(s: str) -> list[bool]:
+    """Per index of ``s``: whether it lies outside brackets, braces, parentheses and quoted strings (the quote rule
+    of :func:`_clause_end`), in one pass (a label's colon inside ``'key: value'`` is part of the answer)."""
+    last = {q: s.rfind(q) for q in "'\""}
+    out, depth, quote, escaped = [], 0, None, False
+    for i, ch in enumerate(s):
+        out.append(depth == 0 and quote is None)
+        if quote is not None:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
+        elif ch in "'\"" and i < last[ch] and (i == 0 or not s[i - 1].isalnum()):
+            quote = ch
+        elif ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE:
+            depth = max(0, depth - 1)
+    return out
 
 
 def _strict_extract(text: str) -> Optional[str]:

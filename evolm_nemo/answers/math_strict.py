@@ -32,7 +32,7 @@ _STRICT_NUM = re.compile(r"-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|-?
 _STRICT_UNITS = re.compile(  # 12 cm, 3.5 square feet., \frac{1}{3} meters
     r"(?P<num>-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|-?\.[0-9]+"
     r"|-?\\frac\{[0-9]+\}\{[0-9]+\}|-?[0-9]+/[0-9]+)"
-    r"\s*(?P<unit>[A-Za-z]+(?:[ .][A-Za-z]+)*)\.?",
+    r"\s*(?P<unit>[A-Za-z]+(?:[ .][A-Za-z]+)*(?:\^\{?[23]\}?)?)\.?",  # cm^2, m^{3}
     re.ASCII,
 )
 _STRICT_ASSIGN = re.compile(r"[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?\s*=\s*(?P<rhs>[^=]+)")
@@ -63,6 +63,8 @@ def strict_normalize(s: str) -> str:
     s = s.strip()
     if len(s) > _STRICT_MAX_LEN:
         return s
+    while len(s) > 4 and s[:2] in ("**", "__") and s.endswith(s[:2]):  # markdown bold: **18**
+        s = s[2:-2].strip()
     for delim_open, delim_close in (("\\(", "\\)"), ("\\[", "\\]")):
         if s.startswith(delim_open) and s.endswith(delim_close):
             s = s[len(delim_open) : -len(delim_close)].strip()
