@@ -22,9 +22,16 @@ def _nli_label_evolm(answer: str) -> Optional[str]:
     return hits[0] if len(hits) == 1 else None
 
 
+_NEGATION = re.compile(r"\b(?:not|never)\b|n't\b|n’t\b")
+
+
 def _nli_label_strict(answer: str) -> Optional[str]:
-    """Whole-word matching: exactly one class among the answer's words, else no answer."""
-    labels = {_NLI_WORD_CLASS[w] for w in _WORD_RE.findall(answer.lower()) if w in _NLI_WORD_CLASS}
+    """Whole-word matching: exactly one class among the answer's words, else no answer; a negated label ("not
+    true", "isn't correct") is no answer rather than the label it negates."""
+    low = answer.lower()
+    if _NEGATION.search(low):
+        return None
+    labels = {_NLI_WORD_CLASS[w] for w in _WORD_RE.findall(low) if w in _NLI_WORD_CLASS}
     return labels.pop() if len(labels) == 1 else None
 
 

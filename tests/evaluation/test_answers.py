@@ -291,6 +291,8 @@ QUIRKS = [
     ("math", "6\\sqrt{8}", "6\\sqrt{7}", True, False),
     ("strategyqa", "Not sure", "False", True, False),
     ("strategyqa", "None", "False", True, False),
+    ("strategyqa", "not true", "False", False, False),  # a negated label is no answer (strict)
+    ("boardgameqa", "it isn't correct", "True", True, False),
     ("cruxeval", "'1 '", "True", True, False),
     ("gsm8k_platinum", "**18**", "18", True, True),  # markdown bold
     ("math", "72 cm^2", "72", True, True),  # a squared unit
