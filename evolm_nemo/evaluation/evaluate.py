@@ -21,7 +21,7 @@ from evolm_nemo.evaluation import tasks as registry
 from evolm_nemo.evaluation import upstream as up
 from evolm_nemo.evaluation.report import build, infer_meta, update_result
 from evolm_nemo.evaluation.score import score_rows
-from evolm_nemo.fileio import write_json, write_jsonl
+from evolm_nemo.fileio import check_writable, write_json, write_jsonl
 from evolm_nemo.tasks import SUITES, UPSTREAM
 
 
@@ -202,8 +202,9 @@ def downstream(cfg: DownstreamConfig) -> dict:
     _check(cfg)
     meta = _meta(cfg)
     sampling.pick(cfg.backend)  # a missing backend fails here, before data or model loading
-    loaded = _load_tasks(cfg)
     out = _out_dir(cfg)
+    check_writable(out, "out", directory=True)  # before hours of sampling, not at the first write after them
+    loaded = _load_tasks(cfg)
     rows, stats = sample_rows(cfg, loaded)
     completions = out / "completions.jsonl"
     write_jsonl(completions, rows)
@@ -239,6 +240,7 @@ def upstream(cfg: UpstreamConfig) -> dict:
             raise ConfigError("batch_size", f"expected a positive integer or auto, got {cfg.batch_size!r}")
         batch = int(cfg.batch_size)
     meta = _meta(cfg)
+    check_writable(_out_dir(cfg), "out", directory=True)  # before the harness runs
     summary, raw = up.run(cfg.model, cfg.tasks, tasks_dir=cfg.tasks_dir, data_dir=cfg.data_dir, batch_size=batch,
                           limit=cfg.limit, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     out = _out_dir(cfg)

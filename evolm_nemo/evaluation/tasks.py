@@ -158,7 +158,12 @@ def _load_hub(task: Task, limit: Optional[int]) -> list[dict]:  # pragma: no cov
     spec = task.hf
     rows: list[dict] = []
     for config in spec.get("configs") or [None]:
-        ds = load_dataset(spec["path"], config, split=spec["split"])
+        try:
+            ds = load_dataset(spec["path"], config, split=spec["split"])
+        except Exception as exc:  # offline, no access, a moved dataset: one line, not the hub client's traceback
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError("data_dir", f"cannot load {task.name} from the hub ({spec['path']}: {first}); pass "
+                                          "data_dir=<dir of cooked JSONLs> to evaluate offline") from None
         for index, row in enumerate(ds):
             cooked = cook_row(spec, dict(row), index, config)
             if cooked is not None:

@@ -188,6 +188,12 @@ def test_eval_downstream_bad_input_is_one_line(lm, tmp_path):
     ]
     if not sampling.installed("vllm"):
         cases.append((["backend=vllm"], "error: backend: vllm needs the `vllm` package, which is not installed"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")  # an out that cannot be made: refused before any sampling, not after it
+    cases.append(([f"out={afile}", "limit=1"], f"error: out: cannot write into {afile}: it is a file"))
+    # no data_dir and no hub (tests run offline): one line naming data_dir, not the hub client's traceback
+    cases.append((["tasks=[gsm8k_platinum]", "limit=1", f"out={tmp_path / 'o'}"],
+                  "error: data_dir: cannot load gsm8k_platinum from the hub (madrylab/gsm8k-platinum: "))
     for extra, first in cases:
         proc = run_evolm("eval", ["downstream", f"model={path}", *extra], check=False)
         lines = proc.stderr.strip().splitlines()
