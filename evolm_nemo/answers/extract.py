@@ -107,36 +107,44 @@ def strict_cut(answer: str) -> str:
 
 
 def _clause_end(answer: str) -> int:
-    """Index of the first clause boundary of `answer` (len(answer) if none). A quote opens a string only after a
-    non-alphanumeric character ("Mike's" has none) and when the same quote character occurs later."""
-    last = {q: answer.rfind(q) for q in "'\""}
-    depth = 0
-    quote = None
-    i = 0
-    while i < len(answer):
-        ch = answer[i]
-        if quote is not None:
-            if ch == "\\":
-                i += 1
-            elif ch == answer[quote]:
-                quote = None
-        elif ch in "'\"" and i < last[ch] and (i == 0 or not answer[i - 1].isalnum()):
-            quote = i
-        elif ch in _OPEN:
-            depth += 1
-        elif ch in _CLOSE:
-            depth = max(0, depth - 1)
-        elif depth == 0 and ch in ",;":
+    """Index of the first clause boundary of `answer` (len(answer) if none), outside brackets and quoted strings
+    (:func:`_scan`)."""
+    for i, ch, outside in _scan(answer):
+        if not outside:
+            continue
+        if ch in ",;":
             m = _CLAUSE_SEP.match(answer, i)
             word = m.group("word").lower() if m else ""
             if word in _CLAUSE_WORDS and (word not in _NEEDS_WORD or m.group("next").isalpha()):
                 return i
-        elif depth == 0 and ch == "." and _SENTENCE_SEP.match(answer, i):
+        elif ch == "." and _SENTENCE_SEP.match(answer, i):
             kind = _dot_kind(answer, i)
             if kind != "title":
                 return i + 1 if kind == "abbrev" else i
-        i += 1
     return len(answer)
+
+
+def _scan(s: str):
+    """``(index, char, outside)`` for each character of ``s``: ``outside`` when it lies outside brackets, braces,
+    parentheses and quoted strings. A quote opens a string only after a non-alphanumeric character ("Mike's" has
+    none) and when the same quote character occurs later; a backslash inside a string escapes the next character."""
+    last = {q: s.rfind(q) for q in "'\""}
+    depth, quote, escaped = 0, None, False
+    for i, ch in enumerate(s):
+        yield i, ch, depth == 0 and quote is None
+        if quote is not None:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
+        elif ch in "'\"" and i < last[ch] and (i == 0 or not s[i - 1].isalnum()):
+            quote = ch
+        elif ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE:
+            depth = max(0, depth - 1)
 
 
 def extract_answer(text: str, mode: str = "evolm") -> Optional[str]:
@@ -183,26 +191,9 @@ def _strict_answer_is(text: str, after: int) -> Optional[str]:
 
 
 def _top_level(s: str) -> list[bool]:
-    """Per index of ``s``: whether it lies outside brackets, braces, parentheses and quoted strings (the quote rule
-    of :func:`_clause_end`), in one pass (a label's colon inside ``'key: value'`` is part of the answer)."""
-    last = {q: s.rfind(q) for q in "'\""}
-    out, depth, quote, escaped = [], 0, None, False
-    for i, ch in enumerate(s):
-        out.append(depth == 0 and quote is None)
-        if quote is not None:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = None
-        elif ch in "'\"" and i < last[ch] and (i == 0 or not s[i - 1].isalnum()):
-            quote = ch
-        elif ch in _OPEN:
-            depth += 1
-        elif ch in _CLOSE:
-            depth = max(0, depth - 1)
-    return out
+    """Per index of ``s``: whether it lies outside brackets and quoted strings (:func:`_scan`; a label's colon inside
+    ``'key: value'`` is part of the answer)."""
+    return [outside for _, _, outside in _scan(s)]
 
 
 def _strict_extract(text: str) -> Optional[str]:
