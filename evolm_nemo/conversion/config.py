@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from evolm_nemo.config.errors import ConfigError
+
 
 def check_probe(cfg) -> None:
     """The verification settings of an export or import (``verify_tol``, ``probe_batch``, ``probe_len``), before any
     work."""
-    from evolm_nemo.config.errors import ConfigError
-
     if not cfg.verify:
         return
     if not cfg.verify_tol > 0:

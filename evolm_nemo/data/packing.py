@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import bisect
 
+import math
+
 import numpy as np
 import torch
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def row_multiple(parallel, pad: int = 1) -> int:
+    """What every microbatch row's length is a multiple of: ``pad`` (a kernel-friendly padding) and, under sequence
+    parallelism, the TP size (each rank holds an equal slice of the sequence)."""
+    return math.lcm(pad, parallel.tp if parallel.sp else 1)
 
 
 def by_count(n: int, size: int) -> list[list[int]]:
@@ -33,10 +41,10 @@ def by_token_budget(lengths, budget: int, multiple: int = 1, rows_per: int = 1) 
     current: list[int] = []
     longest = 0
     for i, n in enumerate(int(x) for x in lengths):
-        longer = max(longest, _round_up(n, multiple))
+        longer = max(longest, round_up(n, multiple))
         if current and longer * rows_per * (len(current) + 1) > budget:
             groups.append(current)
-            current, longer = [], _round_up(n, multiple)
+            current, longer = [], round_up(n, multiple)
         current.append(i)
         longest = longer
     if current:

@@ -10,7 +10,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from evolm_nemo.data.packing import collate_packed, packed_seq_params, per_sequence_sum
+from evolm_nemo.data.packing import collate_packed, packed_seq_params, per_sequence_sum, round_up
 from evolm_nemo.data.sft import collate as sft_collate
 from evolm_nemo.losses.rl import (entropy_from_logits, kl_estimate, policy_loss, sampling_logits,
                                   sequence_mean_weights, value_loss)
@@ -66,15 +66,12 @@ def collate(seqs: list[tuple[list[int], int]], extra: dict[str, list[list[float]
     that predict response tokens, plus each ``extra`` per-response-token list placed at those positions. With
     ``packed_length``: one packed row of that length instead (``data.packing.collate_packed``: THD, a segment per
     sequence). The row length is rounded up to a ``multiple`` (sequence parallelism splits it over the TP ranks)."""
-    def rounded(n: int) -> int:
-        return -(-n // multiple) * multiple
-
     if packed_length is not None:
-        batch = collate_packed(seqs, rounded(packed_length), pad_id)
+        batch = collate_packed(seqs, round_up(packed_length, multiple), pad_id)
         starts = np.cumsum([0] + [len(ids) - 1 for ids, _ in seqs[:-1]])
         rows = [0] * len(seqs)
     else:
-        batch = sft_collate(seqs, rounded(max(len(ids) for ids, _ in seqs) - 1), pad_id)
+        batch = sft_collate(seqs, round_up(max(len(ids) for ids, _ in seqs) - 1, multiple), pad_id)
         starts, rows = [0] * len(seqs), list(range(len(seqs)))
     shape = batch["tokens"].shape
     for key, values_of in extra.items():

@@ -18,6 +18,7 @@ import math
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.data.packing import round_up, row_multiple
 from evolm_nemo.data.tokenizer import load_tokenizer
 
 REWARDS = ("verifiable", "rm", "custom", "sum")
@@ -118,11 +119,11 @@ class RewardModelScorer:
             r = r[:-1] if r and r[-1] == eos else r
             seqs.append((p + r)[-self.max_len:])
         p = self.cfg.parallel
-        mbs, multiple = p.micro_batch_size, p.tp if p.sp else 1
+        mbs, multiple = p.micro_batch_size, row_multiple(p)
         batches = []
         for i in range(0, len(seqs), mbs):
             chunk = seqs[i:i + mbs]
-            length = -(-max(len(s) for s in chunk) // multiple) * multiple
+            length = round_up(max(len(s) for s in chunk), multiple)
             batches.append(collate_sequences(chunk, [1] * len(chunk), length, eos))
         outs = forward_collect(self.model, batches, value_forward_step, mbs, self.rt)
         scores = [float(v) for out, b in zip(outs, batches) for v in scores_at_last(out, b["last"])]

@@ -29,7 +29,7 @@ from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.validate import check_shape
-from evolm_nemo.data.packing import best_fit, by_count, by_token_budget
+from evolm_nemo.data.packing import best_fit, by_count, by_token_budget, row_multiple
 from evolm_nemo.data.sft_synthetic import RL_EXAMPLES
 from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.generation.continuous import ContinuousGenerator
@@ -221,8 +221,7 @@ class RLStage(Stage):
         self.eos = int(self.tok.eos_token_id)
         self.rollout_log = None
         self.packing, self.budget = cfg.train.packing, cfg.parallel.max_tokens_per_microbatch
-        p = cfg.parallel
-        self.multiple = p.tp if p.sp else 1  # sequence parallelism splits every row over the TP ranks
+        self.multiple = row_multiple(cfg.parallel)
 
     # ------------------------------------------------------------------------------------------- roles
     def build(self, rt) -> list[Role]:

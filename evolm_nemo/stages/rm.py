@@ -29,7 +29,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.data.collate import collate_sequences
 from evolm_nemo.data.packing import (best_fit, by_count, by_token_budget, collate_packed_sequences,
-                                     packed_seq_params)
+                                     packed_seq_params, round_up, row_multiple)
 from evolm_nemo.data.rm import FORMAT, RMDataset
 from evolm_nemo.data.sft import read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import load_tokenizer
@@ -173,10 +173,6 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
 # ---------------------------------------------------------------------------------------------- batches and loss
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def check_unit_layout(cfg: RootConfig, data: RMData, units: np.ndarray, pad_multiple: int, unit: str) -> None:
     """``check_layout`` with the tokens the largest unit takes: its sequences back to back when packed, else as many
     rows as it has sequences at the padded length of its longest."""
@@ -185,7 +181,7 @@ def check_unit_layout(cfg: RootConfig, data: RMData, units: np.ndarray, pad_mult
     if cfg.train.packing:
         longest = int(lengths.sum(1).max())
     else:
-        longest = units.shape[1] * _round_up(int(lengths.max()), math.lcm(pad_multiple, p.tp if p.sp else 1))
+        longest = units.shape[1] * round_up(int(lengths.max()), row_multiple(p, pad_multiple))
     check_layout(cfg, longest, unit)
 
 
@@ -227,7 +223,7 @@ class UnitBatches:
         self.data, self.units = data, units
         self.gbs, self.mbs, self.dp = p.global_batch_size, p.micro_batch_size, plan.dp
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.multiple = math.lcm(pad_multiple, p.tp if p.sp else 1)
+        self.multiple = row_multiple(p, pad_multiple)
         self.same_length = p.pp > 1
         self.pad_id = int(data.tokenizer_info["eos"])
         self.order = EpochOrder(len(units), self.gbs, cfg.train.seed, shuffle)
@@ -262,7 +258,7 @@ class UnitBatches:
         sizes = [int(lengths[g].sum() if self.packing else lengths[g].max()) for g in idx]
         if self.same_length:
             sizes = [max(sizes)] * len(sizes)
-        return groups, [_round_up(n, self.multiple) for n in sizes]
+        return groups, [round_up(n, self.multiple) for n in sizes]
 
     def collate(self, group: np.ndarray, length: int) -> dict:
         seqs = [int(s) for s in group.T.reshape(-1)]  # column-major: all chosen, then all rejected
@@ -376,7 +372,7 @@ def forward_sequences(model, data: RMData, seqs: np.ndarray, forward_step, per_r
     batches, chunks = [], []
     for i in range(0, len(mine), micro_batch_size):
         chunk = mine[i:i + micro_batch_size]
-        length = _round_up(int(data.length[chunk].max()), multiple)
+        length = round_up(int(data.length[chunk].max()), multiple)
         batches.append(collate_sequences([data.ids(int(q)) for q in chunk],
                                          [int(data.prompt_len[q]) for q in chunk], length, pad_id))
         chunks.append(chunk)

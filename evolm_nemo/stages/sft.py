@@ -15,7 +15,6 @@ dropped (``sft.overlength``), counted in the run header.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.data.packing import best_fit, by_count, by_token_budget, collate_packed
+from evolm_nemo.data.packing import best_fit, by_count, by_token_budget, collate_packed, round_up, row_multiple
 from evolm_nemo.data.sft import SFTDataset, Template, collate, read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
 from evolm_nemo.data.tokenizer import load_tokenizer
@@ -142,8 +141,7 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("data.paths", f"no example fits model.seq_length={cfg.model.seq_length} "
                                         f"({view.dropped} dropped)")
     p = cfg.parallel
-    check_layout(cfg, _round_up(int(view.length.max()) - 1, math.lcm(s.pad_to_multiple_of, p.tp if p.sp else 1)),
-                 "example")
+    check_layout(cfg, round_up(int(view.length.max()) - 1, row_multiple(p, s.pad_to_multiple_of)), "example")
     return epoch_iters(cfg, n)
 
 
@@ -155,10 +153,6 @@ def data_identity(cfg: RootConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- stage
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 class SFTStage(Stage):
@@ -177,7 +171,7 @@ class SFTStage(Stage):
         self.n = len(self.view)
         self.gbs, self.mbs, self.dp, self.dp_rank = p.global_batch_size, p.micro_batch_size, plan.dp, \
             parallel_state.get_data_parallel_rank()
-        self.multiple = math.lcm(cfg.sft.pad_to_multiple_of, p.tp if p.sp else 1)
+        self.multiple = row_multiple(p, cfg.sft.pad_to_multiple_of)
         self.same_length = p.pp > 1
         self.packing, self.budget = cfg.train.packing, p.max_tokens_per_microbatch
         self.capacity = self.budget or cfg.model.seq_length  # tokens of a packed row
@@ -212,7 +206,7 @@ class SFTStage(Stage):
         lengths = [int(tokens[g].sum() if self.packing else tokens[g].max()) for g in idx]
         if self.same_length:  # pipeline stages exchange one activation shape per step
             lengths = [max(lengths)] * len(lengths)
-        return groups, [_round_up(n, self.multiple) for n in lengths]
+        return groups, [round_up(n, self.multiple) for n in lengths]
 
     # --- Stage API
     def microbatches(self, iteration: int):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
@@ -55,9 +54,7 @@ def _get(d, *keys):
     return d
 
 
-def _num(x) -> float | None:
-    """A finite number, else None: a result's odd value (text, NaN, a list) reads as missing, never a crash."""
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+_num = takeaways.finite  # a result's odd value (text, NaN, a list) reads as missing, never a crash
 
 
 def _pct(x) -> float | None:

@@ -80,9 +80,12 @@ class Value:
     n: int
 
     def __str__(self) -> str:
+        return self.format(3)
+
+    def format(self, digits: int) -> str:
         if self.n == 1:
-            return f"{self.mean:.3f}"
-        return f"{self.mean:.3f} [{self.lo:.3f}..{self.hi:.3f}, {self.n} seeds]"
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} [{self.lo:.{digits}f}..{self.hi:.{digits}f}, {self.n} seeds]"
 
 
 @dataclass
@@ -98,10 +101,15 @@ class Figure:
     percent: bool
 
 
+def finite(x) -> float | None:
+    """A finite number, else None: a result's odd value (text, a list, NaN) reads as missing, never as a number."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
 def value(xs: list) -> Value | None:
     """Mean, min, max and count of the finite numbers among ``xs`` (a missing, non-numeric or non-finite entry --
     a torn record, NaN -- is not measured); None when there is none."""
-    xs = [float(x) for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
+    xs = [v for v in map(finite, xs) if v is not None]
     return Value(statistics.fmean(xs), min(xs), max(xs), len(xs)) if xs else None
 
 
@@ -160,7 +168,8 @@ class Reader:
 
     def __init__(self, out: Callable[[str], str]):
         self.out = out
-        self._metrics: dict[str, dict] = {}  # each run's file is read once, however many claims use it
+        self._metrics: dict[str, dict] = {}  # each run's files are read once, however many claims use them
+        self._results: dict[str, dict] = {}
 
     def metrics(self, node: str) -> dict:
         """The last held-out evaluation a training run logged (the row holding ``val_loss_*`` keys), or {}."""
@@ -185,6 +194,11 @@ class Reader:
         return last
 
     def result(self, node: str) -> dict:
+        if node not in self._results:
+            self._results[node] = self._read_result(node)
+        return self._results[node]
+
+    def _read_result(self, node: str) -> dict:
         path = Path(self.out(node)) / "result.json"
         try:
             data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -228,11 +242,6 @@ def _pct(v: Value | None) -> str:
     if v.n == 1:
         return f"{100 * v.mean:.1f}%"
     return f"{100 * v.mean:.1f}% [{100 * v.lo:.1f}..{100 * v.hi:.1f}, {v.n} seeds]"
-
-
-def _points(vals: list[Value], digits: int) -> list[str]:
-    return [f"{v.mean:.{digits}f}" + (f" [{v.lo:.{digits}f}..{v.hi:.{digits}f}, {v.n} seeds]" if v.n > 1 else "")
-            for v in vals]
 
 
 def _missing(*vals) -> bool:
@@ -315,7 +324,7 @@ def _verdict(row: dict, r: Reader) -> Claim:
             return done(None, "upstream average missing for " + ", ".join(
                 str(g) for g, v in zip(row["budgets"], avgs) if v is None))
         gains = [b.mean - a.mean for a, b in zip(avgs, avgs[1:])]
-        text = ("upstream 0-shot average by budget: " + " -> ".join(_points(avgs, 2)) + "; gains: "
+        text = ("upstream 0-shot average by budget: " + " -> ".join(v.format(2) for v in avgs) + "; gains: "
                 + ", ".join(f"{d:+.2f}" for d in gains))
         return done(all(d > 0 for d in gains) and all(b < a for a, b in zip(gains, gains[1:])), text)
 
