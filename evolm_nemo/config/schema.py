@@ -156,7 +156,7 @@ class RLConfig:
     critic_lr: float = 2.0e-5  # critic peak lr (warmup optim.warmup_fraction, then optim.decay_style)
     critic_init: Optional[str] = None  # critic backbone: None = train.init_from (fresh scalar head) | a checkpoint
     grpo_normalize_std: bool = True  # GRPO: divide by the group std (false: Dr. GRPO)
-    dynamic_sampling: bool = False  # GRPO: drop groups whose rewards are all equal (DAPO)
+    dynamic_sampling: bool = False  # GRPO: drop groups whose rewards are all equal (DAPO; not refilled)
     val_data: Optional[str] = None  # JSONL {id, prompt, gold_answer} for greedy validation
     val_interval: int = 0  # iterations between validations (0: off)
     val_size: int = 64  # validation prompts

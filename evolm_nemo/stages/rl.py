@@ -412,9 +412,21 @@ class RLStage(Stage):
         sums: dict[str, float] = {}
         actor_norms, critic_norms, value_losses, losses = [], [], [], []
         lr = self.actor.optimizer.param_groups[0]["lr"]
+        # a mini-batch with no token left in the loss on any replica (dynamic sampling dropped all its groups) is no
+        # update: its optimizer step would still move the weights (weight decay, Adam's momentum); the schedules
+        # advance as if it ran, so the learning rate stays a function of the iteration
+        kept = dp_allreduce(torch.tensor([float(sum(float(b["loss_mask"].sum()) for b in chunk)) for chunk in minis],
+                                         dtype=torch.float64))
+        skipped = 0
         for epoch in range(r.ppo_epochs):
             for m in range(r.mini_batches):
                 chunk = minis[m]
+                if kept[m] == 0:
+                    skipped += 1
+                    for role in (self.actor, self.critic):
+                        if role is not None:
+                            role.scheduler.step(increment=1)
+                    continue
                 seq = max(b["tokens"].shape[1] for b in chunk)
                 actor_in = [{k: v for k, v in b.items() if k not in ("returns", "old_values")} for b in chunk]
                 res = train_step(self.actor.model, self.actor.optimizer, actor_in, partial(actor_forward_step, r), seq,
@@ -433,14 +445,19 @@ class RLStage(Stage):
                     critic_norms.append(cres.grad_norm)
                     sums["value_clip_count"] = sums.get("value_clip_count", 0.0) + cres.sums["value_clip_count"]
         tokens = max(sums.get("response_tokens", 0.0), 1.0)
-        out = {"loss": float(np.mean(losses)), "lr": lr, "actor_grad_norm": float(np.mean(actor_norms)),
+        sums = {k: sums.get(k, 0.0) for k in (*ACTOR_KEYS, *CRITIC_KEYS)} | sums
+
+        def mean(values):  # over the updates that ran (0 when none did)
+            return float(np.mean(values)) if values else 0.0
+
+        out = {"loss": mean(losses), "lr": lr, "actor_grad_norm": mean(actor_norms), "updates_skipped": skipped,
                "entropy": sums["entropy_sum"] / tokens, "clip_fraction": sums["clip_count"] / tokens,
                "dual_clip_fraction": sums["dual_clip_count"] / tokens, "ratio_mean": sums["ratio_sum"] / tokens,
                "kl_old": sums["kl_old_sum"] / tokens}
         if self.ref is not None:
             out["kl_ref"] = sums["kl_ref_sum"] / tokens
         if self.critic is not None:
-            out.update(value_loss=float(np.mean(value_losses)), critic_grad_norm=float(np.mean(critic_norms)),
+            out.update(value_loss=mean(value_losses), critic_grad_norm=mean(critic_norms),
                        value_clip_fraction=sums["value_clip_count"] / tokens,
                        critic_lr=self.critic.optimizer.param_groups[0]["lr"])
         return out

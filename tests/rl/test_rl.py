@@ -129,6 +129,33 @@ def test_grpo_layouts_change_nothing(tmp_path, rl_parent):
                                                     "groups_dropped"))
 
 
+def test_a_mini_batch_dynamic_sampling_emptied_is_no_update(tmp_path, rl_parent):
+    """Gold answers no response can give: every group's rewards are equal, dynamic sampling drops them all, and no
+    optimizer step runs (with weight decay on, a zero-gradient AdamW step would still shrink the weights): the actor
+    leaves the run exactly as the SFT parent entered it, the skipped updates are counted and the learning-rate
+    schedule still advances."""
+    import safetensors.torch
+
+    never = tmp_path / "never.jsonl"
+    never.write_text("".join(json.dumps({**json.loads(line), "gold_answer": "-987654.125"}) + "\n"
+                             for line in rl_parent["rl8"].read_text().splitlines()))
+    out = tmp_path / "run"
+    run_evolm("train", rl_args(out, rl_parent, "grpo", never, "train.iters=2", "rl.prompts_per_step=4",
+                               "rl.samples_per_prompt=2", "rl.mini_batches=2", "rl.dynamic_sampling=true",
+                               "optim.weight_decay=0.1", "optim.lr=1e-3", "optim.warmup_fraction=0.5",
+                               "parallel.micro_batch_size=2"))
+    rows = metrics(out)
+    for r in rows.values():
+        assert r["reward_mean"] == 0.0 and r["groups_dropped"] == 4 and r["updates_skipped"] == 2
+        assert r["loss"] == 0.0 and r["actor_grad_norm"] == 0.0
+    assert rows[2]["lr"] > rows[1]["lr"]  # warmup over the 4 engine steps went on
+    for src, dst in ((rl_parent["sft"], tmp_path / "sft_hf"), (out, tmp_path / "rl_hf")):
+        run_evolm("export-hf", [f"src={src}", f"dst={dst}", "progress=false"])
+    before = safetensors.torch.load_file(tmp_path / "sft_hf" / "model.safetensors")
+    after = safetensors.torch.load_file(tmp_path / "rl_hf" / "model.safetensors")
+    assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
+
+
 def test_tp2_equals_tp1(tmp_path, rl_parent):
     """TP=2, and TP=2 with sequence parallelism (each row's length rounded up to a multiple of 2, packed rows too),
     give the one-process steps."""
