@@ -48,7 +48,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import dynamics as dyn
 from evolm_nemo.evaluation.render import md_table as _md_table, save_png as _save
 from evolm_nemo.fileio import check_writable, lock_file, unlock, write_json, write_text
-from evolm_nemo.tasks import UPSTREAM, UPSTREAM_NAMES
+from evolm_nemo.tasks import ID_SUITES, OOD_SUITES, UPSTREAM, UPSTREAM_NAMES
 
 SCHEMA = "evolm-result/1"
 METRICS = ("pass1", "maj16", "rm16", "pass16", "correct_ratio")
@@ -193,6 +193,9 @@ def flat_row(data: dict) -> dict:
     for t in UPSTREAM:
         row[f"up_{t}"] = _get(data, "upstream", "tasks", t, "score")
     row["up_avg"] = _get(data, "upstream", "avg")
+    over = averaged_over(data)
+    row["up_tasks"] = ";".join(over["upstream"])
+    row["id_suites"], row["ood_suites"] = ";".join(over["id"]), ";".join(over["ood"])
     down = data.get("downstream") or {}
     for scope in ("id_avg", "ood_avg"):
         for m in METRICS:
@@ -205,6 +208,43 @@ def flat_row(data: dict) -> dict:
 
 def _pct(x):
     return None if x is None else round(100.0 * float(x), 2)
+
+
+def averaged_over(data: dict) -> dict[str, list[str]]:
+    """Which suites a result's ``id_avg`` / ``ood_avg`` and which tasks its upstream ``avg`` are means of (those it
+    was evaluated on)."""
+    suites = _get(data, "downstream", "suites") or {}
+    tasks = _get(data, "upstream", "tasks") or {}
+    return {"id": [s for s in ID_SUITES if s in suites], "ood": [s for s in OOD_SUITES if s in suites],
+            "upstream": [t for t in UPSTREAM if t in tasks]}
+
+
+def _partial_note(data: dict, scopes: tuple[str, ...]) -> str | None:
+    """What a result's averages in ``scopes`` leave out of the full sets (None when nothing): a report row marked
+    with it is not comparable with complete ones."""
+    over = averaged_over(data)
+    full = {"id": ID_SUITES, "ood": OOD_SUITES, "upstream": UPSTREAM}
+    parts = []
+    for scope in scopes:
+        missing = [x for x in full[scope] if x not in over[scope]]
+        if missing:
+            name = {"id": "ID", "ood": "OOD", "upstream": "Avg"}[scope]
+            parts.append(f"{name} over {', '.join(over[scope]) or 'nothing'} (without {', '.join(missing)})")
+    return "; ".join(parts) or None
+
+
+def _marked(rows: list[dict], scopes: tuple[str, ...], name=lambda d: d["model"]) -> tuple[list[str], list[str]]:
+    """Model cells, ``†`` after each whose averages miss part of the full sets, and the footnote lines saying what."""
+    cells, notes = [], []
+    for d in rows:
+        note = _partial_note(d, scopes)
+        cells.append(name(d) + (" †" if note else ""))
+        if note:
+            notes.append(f"- † {name(d)}: {note}")
+    if notes:
+        notes = ["† averages over the part of the suites/tasks this model was evaluated on, not comparable with "
+                 "complete rows:", *notes, ""]
+    return cells, notes
 
 
 def _fmt(x, digits=1) -> str:
@@ -247,19 +287,21 @@ def markdown(results: list[dict], plots: dict[str, str | None], dynamics: list[s
     if up:
         lines += ["## Upstream (lm-eval, 0-shot)", ""]
         header = ["model", "size", "tokens", *[UPSTREAM_NAMES[t] for t in UPSTREAM], "Avg"]
-        rows = [[d["model"], d.get("size") or "-", _tokens(d.get("pretrain_tokens")),
+        names, notes = _marked(up, ("upstream",))
+        rows = [[name, d.get("size") or "-", _tokens(d.get("pretrain_tokens")),
                  *[_fmt(_get(d, "upstream", "tasks", t, "score"), 2) for t in UPSTREAM],
-                 _fmt(_get(d, "upstream", "avg"), 2)] for d in up]
-        lines += _md_table(header, rows) + [""]
+                 _fmt(_get(d, "upstream", "avg"), 2)] for name, d in zip(names, up)]
+        lines += _md_table(header, rows) + [""] + notes
     down = [d for d in results if d.get("downstream")]
     if down:
         lines += ["## Downstream", ""]
         cols = [("id_avg", "pass1"), ("id_avg", "maj16"), ("id_avg", "rm16"), ("id_avg", "pass16"),
                 ("ood_avg", "pass1"), ("ood_avg", "maj16"), ("ood_avg", "rm16"), ("ood_avg", "pass16")]
         header = ["model", "stage", *[f"{M_NAMES[m]} {'ID' if s == 'id_avg' else 'OOD'}" for s, m in cols]]
-        rows = [[d["model"], d.get("stage") or "-",
-                 *[_fmt(_pct(_get(d, "downstream", s, m))) for s, m in cols]] for d in down]
-        lines += _md_table(header, rows) + [""]
+        names, notes = _marked(down, ("id", "ood"))
+        rows = [[name, d.get("stage") or "-",
+                 *[_fmt(_pct(_get(d, "downstream", s, m))) for s, m in cols]] for name, d in zip(names, down)]
+        lines += _md_table(header, rows) + [""] + notes
         suites = sorted({s for d in down for s in (_get(d, "downstream", "suites") or {})})
         if suites:
             lines += ["### Per suite (Greedy / Maj@16 / Pass@16)", ""]
@@ -272,10 +314,21 @@ def markdown(results: list[dict], plots: dict[str, str | None], dynamics: list[s
         cols = [("id_avg", "pass1"), ("id_avg", "maj16"), ("id_avg", "pass16"),
                 ("ood_avg", "pass1"), ("ood_avg", "maj16"), ("ood_avg", "pass16")]
         header = ["model", *[f"{M_NAMES[m]} {'ID' if s == 'id_avg' else 'OOD'}" for s, m in cols]]
-        rows = [[sft.get("group") or sft["model"],
+        def downstream_over(d):
+            over = averaged_over(d)
+            return over["id"], over["ood"]
+
+        # either model's averages partial, or the two over different suites, marks the pair
+        marked = [(sft.get("group") or sft["model"]) + (" †" if _partial_note(sft, ("id", "ood"))
+                                                        or _partial_note(rl, ("id", "ood"))
+                                                        or downstream_over(sft) != downstream_over(rl) else "")
+                  for sft, rl in pairs]
+        rows = [[name,
                  *[f"{_fmt(_pct(_get(sft, 'downstream', s, m)))}/{_fmt(_pct(_get(rl, 'downstream', s, m)))}"
-                   for s, m in cols]] for sft, rl in pairs]
+                   for s, m in cols]] for name, (sft, rl) in zip(marked, pairs)]
         lines += _md_table(header, rows) + [""]
+        if any(n.endswith(" †") for n in marked):
+            lines += ["† SFT or SFT+RL averages over part of the suites (see Downstream), or over different ones", ""]
     points = rm_accuracy_points(results)
     if points:
         lines += ["## ORM score vs accuracy (EvoLM Takeaway 12)", ""]

@@ -16,8 +16,9 @@ def _down(pass1, maj, pass16, ood=(0.25, 0.24, 0.55), rm=None):
     def m(p1, mj, p16):
         return {"n": 10, "pass1": p1, "maj16": mj, "rm16": rm, "pass16": p16, "correct_ratio": 0.5}
 
-    return {"scoring": "evolm", "suites": {"gsm8k_platinum": m(pass1, maj, pass16), "cruxeval": m(*ood)},
-            "id_avg": m(pass1, maj, pass16), "ood_avg": m(*ood), "sampling": {"backend": "hf", "n": 16}}
+    suites = {**{s: m(pass1, maj, pass16) for s in report.ID_SUITES}, **{s: m(*ood) for s in report.OOD_SUITES}}
+    return {"scoring": "evolm", "suites": suites, "id_avg": m(pass1, maj, pass16), "ood_avg": m(*ood),
+            "sampling": {"backend": "hf", "n": 16}}
 
 
 def _up(avg):
@@ -74,6 +75,33 @@ def test_report_builds_csv_markdown_and_plots(tmp_path):
         assert f"![{name}]({name}.png)" in md
         _is_png(out / f"{name}.png")
     assert not list(out.glob(".*"))  # no temp files left behind
+
+
+def test_averages_over_part_of_the_suites_are_marked(tmp_path):
+    """A model evaluated on part of the suites (or upstream tasks) has averages over those only: its rows carry a
+    mark and a footnote saying which it has and which it lacks, the CSV lists them, and an SFT/SFT+RL pair whose
+    models were averaged over different suites is marked; complete rows are not."""
+    data = json.loads(json.dumps(RESULTS))
+    for suite in ("math", "tabmwp", "strategyqa"):
+        del data["e"]["downstream"]["suites"][suite]
+    del data["b"]["upstream"]["tasks"]["piqa"]
+    for n in RESULTS:
+        d = tmp_path / "runs" / n
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({"schema": report.SCHEMA, **data[n]}))
+    out = tmp_path / "report"
+    assert report_cli([f"runs={tmp_path / 'runs' / '*' / 'result.json'}", f"out={out}"]) == 0
+    md = (out / "report.md").read_text()
+    assert "| 1B-80BT-rl † | rl |" in md and "| 1B-80BT-sft | sft |" in md
+    assert ("- † 1B-80BT-rl: ID over gsm8k_platinum (without math); OOD over cruxeval, boardgameqa (without tabmwp, "
+            "strategyqa)") in md
+    assert "| 1B-80BT † | 1B | 80B |" in md and "| 1B-20BT | 1B | 20B |" in md
+    assert "- † 1B-80BT: Avg over hellaswag, winogrande, openbookqa, arc_easy, arc_challenge (without piqa)" in md
+    assert "| 1B-80BT † | 12.1/18.0 |" in md  # the SFT/SFT+RL pair
+    rows = {r["model"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert rows["1B-80BT-rl"]["id_suites"] == "gsm8k_platinum"
+    assert rows["1B-80BT-sft"]["ood_suites"] == ";".join(report.OOD_SUITES)
+    assert rows["1B-80BT"]["up_tasks"] == "hellaswag;winogrande;openbookqa;arc_easy;arc_challenge"
 
 
 def test_plots_without_data_are_skipped(tmp_path):
