@@ -187,11 +187,30 @@ def damage(directory: str | Path) -> str | None:
     return None
 
 
+_VERIFIED: set[tuple] = set()  # checkpoints this process has verified whole, as (path, its evolm.json's identity)
+
+
+def _verified_key(directory: Path) -> tuple | None:
+    try:
+        st = (directory / META).stat()
+    except OSError:
+        return None
+    return str(directory.resolve()), st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def verify(directory: str | Path) -> None:
-    """Collective: raise CheckpointError naming the damaged file (see ``damage``)."""
+    """Collective: raise CheckpointError naming the damaged file (see ``damage``). A checkpoint this process already
+    verified (the same committed ``evolm.json``: RL's actor, reference and critic start from one parent) is not
+    read again; rank 0 decides, so every rank takes the same path through the collectives."""
+    directory = Path(directory)
+    key = _verified_key(directory) if _rank() == 0 else None
+    if _broadcast(key is not None and key in _VERIFIED):
+        return
     found = damage(directory)
     if found is not None:
         raise CheckpointError(f"{directory}: {found}")
+    if key is not None:
+        _VERIFIED.add(key)
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -464,9 +483,10 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, restore_rng: 
     return {"iteration": meta["iteration"], **meta.get("extra", {}), "meta": meta}
 
 
-def load_weights(path: str | Path, chunks) -> dict:
-    """Model weights only (a parent checkpoint for CPT/SFT/PPO, or export): any TP/PP."""
-    return load(path, chunks, optimizer=None, scheduler=None, restore_rng=False)["meta"]
+def load_weights(path: str | Path, chunks, verified: bool = False) -> dict:
+    """Model weights only (a parent checkpoint for CPT/SFT/PPO, or export): any TP/PP. ``verified``: the caller has
+    just checked the checksums (``verify``), so the files are not read twice."""
+    return load(path, chunks, optimizer=None, scheduler=None, restore_rng=False, verified=verified)["meta"]
 
 
 # ------------------------------------------------------------------------------- optimizer-state reshard workarounds

@@ -83,6 +83,57 @@ def test_export_of_a_damaged_checkpoint_refuses(tmp_path, data_cache, reference,
     assert not (tmp_path / "hf").exists()
 
 
+def test_export_reads_each_file_for_its_checksum_once(tmp_path, reference):
+    """export-hf checks every file before anything heavy and then loads without checking again (a 4B checkpoint is
+    tens of GB read per pass): each file of the checkpoint is checksummed exactly once."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, subprocess_env
+
+    newest = reference / "checkpoints" / f"iter_{ITERS:07d}"
+    script = (  # the real command, with the checksum function counting what it reads
+        "import collections, sys\n"
+        "from evolm_nemo.checkpoint import io\n"
+        "seen, plain = collections.Counter(), io.file_checksum\n"
+        "def counted(path, *a, **k):\n"
+        "    seen[str(path)] += 1\n"
+        "    return plain(path, *a, **k)\n"
+        "io.file_checksum = counted\n"
+        "from evolm_nemo.cli import main\n"
+        "code = main(['export-hf', *sys.argv[1:]])\n"
+        "print('COUNTS', max(seen.values()), len(seen))\n"
+        "sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", script, f"src={newest}", f"dst={tmp_path / 'hf'}", "progress=false"],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    most, files = map(int, proc.stdout.split("COUNTS")[1].split())
+    recorded = json.loads((newest / "evolm.json").read_text())["checksums"]
+    assert files == len(recorded) and most == 1
+
+
+def test_a_checkpoint_is_verified_once_per_process_until_it_changes(tmp_path, reference, monkeypatch):
+    """RL's actor, reference and critic start from one parent: verified once, not three times; a checkpoint whose
+    evolm.json was rewritten since (a new commit) is read again, and damage found then is named."""
+    import collections
+
+    out, root = _copy(reference, tmp_path)
+    newest = root / f"iter_{ITERS:07d}"
+    seen, plain = collections.Counter(), ckpt.file_checksum
+    monkeypatch.setattr(ckpt, "file_checksum", lambda path, *a, **k: seen.update([str(path)]) or plain(path, *a, **k))
+    ckpt.verify(newest)
+    files = len(seen)
+    ckpt.verify(newest)
+    assert files > 1 and len(seen) == files and max(seen.values()) == 1
+    _flip_middle(_largest_shard(newest))
+    meta = (newest / "evolm.json").read_text()
+    (newest / "evolm.json").unlink()
+    (newest / "evolm.json").write_text(meta)  # committed anew: another file, the same record
+    with pytest.raises(ckpt.CheckpointError, match="damaged"):
+        ckpt.verify(newest)
+    assert max(seen.values()) == 2
+
+
 def test_deleted_files_are_named_and_none_usable_refuses(tmp_path, data_cache, reference):
     out, root = _copy(reference, tmp_path)
     newest = root / f"iter_{ITERS:07d}"
