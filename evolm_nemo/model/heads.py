@@ -63,6 +63,7 @@ def load_backbone(path, chunks) -> dict:
 
     path = io.resolve(path)
     meta = io.read_meta(path)
+    io.verify(path)  # every file against its checksum, as any load (once per process)
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     state = {}
     for key, chunk in zip(keys, chunks):
@@ -71,7 +72,9 @@ def load_backbone(path, chunks) -> dict:
         state[key] = {k: v for k, v in sharded.items() if not k.startswith("output_layer.")}
     loaded = dist_checkpointing.load(state, str(path))
     for key, chunk in zip(keys, chunks):
-        module = getattr(chunk, "module", chunk)
+        module = chunk
+        while hasattr(module, "module"):  # DDP, then (bf16) Float16Module, whose load_state_dict returns nothing
+            module = module.module
         result = module.load_state_dict(loaded[key], strict=False)
         unexpected = [k for k in result.unexpected_keys]
         missing = [k for k in result.missing_keys if not k.startswith("output_layer.")]

@@ -156,6 +156,17 @@ def test_outcome_rm_learns_and_its_hf_export_scores_the_same(rm_data, tmp_path):
     assert max(abs(a - v["score"]) for a, v in zip(got, val)) < 1e-5
 
 
+def test_rm_in_bf16_starts_from_its_sft_backbone(rm_data, tmp_path):
+    """bf16 (what a GPU runs by default) wraps the model in megatron's Float16Module, whose load_state_dict returns
+    nothing: the backbone load must still start the RM (it raised AttributeError) and check for missing keys."""
+    out = tmp_path / "rm_bf16"
+    run_evolm("train", rm_overrides(out, rm_data, "train.precision=bf16", "train.iters=1", "rm.val_fraction=0"))
+    row = metrics(out)[1]
+    assert 0.0 < row["loss"] < 5.0 and row["grad_norm"] > 0
+    meta = json.loads(next((out / "checkpoints").glob("iter_*/evolm.json")).read_text())
+    assert meta["config"]["train"]["precision"] == "bf16" and meta["head"] == "value"
+
+
 SPLITS = (("1x4", ["parallel.micro_batch_size=1"], 1), ("4x1", ["parallel.micro_batch_size=4"], 1), ("dp2", ["parallel.micro_batch_size=1"], 2),
           ("packed", ["train.packing=true"], 1), ("packed_dp2", ["train.packing=true"], 2),
           ("budget", ["parallel.max_tokens_per_microbatch=400"], 1))
