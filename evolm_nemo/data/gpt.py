@@ -102,6 +102,8 @@ def build_dataset(cfg: RootConfig, source: DataSource, tokenizer, num_samples: i
     """The training split as one megatron dataset (a BlendedDataset when several paths are mixed) of the paths
     ``source.trained()`` keeps."""
     paths, weights, _ = source.trained()
+    if len(paths) > 1 and weights is None:  # in proportion to size, stated: megatron's unweighted blend holds one
+        weights = [float(prefix_tokens(p)) for p in paths]  # pass only and runs out where data.max_epochs allows more
     return _build_splits(cfg, paths, weights, tokenizer, [num_samples, 0, 0])[0]
 
 

@@ -160,11 +160,15 @@ def check_mix_sizes(cfg: RootConfig, iters: int, source_tokens: list[int]) -> No
     weights = list(d.weights) if d.weights is not None else [float(t) for t in source_tokens]
     total_w = float(sum(weights))
     budget = iters * cfg.parallel.global_batch_size * cfg.model.seq_length
-    for prefix, w, have in zip(d.paths, weights, source_tokens):
+    split = check_split(d.split)
+    train_share = split[0] / sum(split)  # training reads the train split's documents only
+    for prefix, w, whole in zip(d.paths, weights, source_tokens):
+        have = int(whole * train_share)
         asked = budget * float(w) / total_w
         if have and asked > d.max_epochs * have:
-            raise ConfigError("data.paths", f"{prefix} has {format_tokens(have)} tokens ({have:,}) but the mix asks it "
-                                            f"for {format_tokens(int(asked))} ({float(w) / total_w:.1%} of "
+            where = "" if train_share == 1 else f" in its train split (data.split={d.split})"
+            raise ConfigError("data.paths", f"{prefix} has {format_tokens(have)} tokens ({have:,}){where} but the mix "
+                                            f"asks it for {format_tokens(int(asked))} ({float(w) / total_w:.1%} of "
                                             f"{format_tokens(budget)}) = {asked / have:.2f} passes; prepare more, "
                                             f"lower its weight or the budget, or allow repeats with "
                                             f"data.max_epochs={math.ceil(asked / have * 100) / 100}")

@@ -164,6 +164,26 @@ def test_training_reads_a_sharded_source_and_counts_it_as_one(tmp_path, mix):
     assert last["tokens_text"] + last[f"tokens_{math_name}"] == last["tokens"] == 3 * 8 * 128
 
 
+def test_a_mix_without_weights_repeats_its_sources_as_data_max_epochs_allows(tmp_path, mix):
+    """data.weights=null mixes in proportion to size; with data.max_epochs=2 a budget of ~1.5 passes over two small
+    sources trains to its end (megatron's unweighted blend holds one pass only: it ran out mid-run, IndexError)."""
+    second = ensure_synthetic(tmp_path / "math2", 40, 6, kind="math", tokenizer_dir=mix["tok"])
+    out = tmp_path / "run"
+    run_evolm("train", [*_data(mix, [mix["math"], second.prefix]), "train.iters=16", "data.max_epochs=2",
+                        f"run.out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false",
+                        "train.tensorboard=false", "train.log_interval=1"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(1, 17))
+    a, b = rows[-1]["tokens_corpus"], rows[-1]["tokens_corpus_1"]  # both prefixes are named corpus
+    assert a + b == 16 * 8 * 128 and 0.3 < a / (a + b) < 0.7  # two sources of about the same size
+    # half the documents held out: the train split has half the tokens, so the same budget is ~3 passes: refused
+    cfg = compose("config", [*_data(mix, [mix["math"], second.prefix]), "train.iters=16", "data.max_epochs=2",
+                             "data.split='50,50,0'", f"run.out_dir={tmp_path / 'r2'}",
+                             f"data.cache_dir={tmp_path / 'cache'}"], RootConfig)
+    with pytest.raises(ConfigError, match=r"in its train split \(data.split=50,50,0\) but the mix asks"):
+        plan_run(cfg)
+
+
 def test_training_refuses_another_tokenizer_and_an_undersized_mix(tmp_path, mix, capsys):
     run = [f"run.out_dir={tmp_path / 'r'}", f"data.cache_dir={tmp_path / 'c'}", "train.iters=3"]
     assert cli.main(["train", *_data(mix, [mix["foreign"]]), *run]) == 2
