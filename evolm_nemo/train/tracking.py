@@ -52,6 +52,38 @@ def check(cfg) -> None:
                                                 f"constraints.txt {pip_name}`), or set logger.{name}=false")
 
 
+def mlflow_uri(cfg) -> str:
+    """Where MLflow logs: ``logger.mlflow_uri``, else $MLFLOW_TRACKING_URI, else ./mlruns (a plain path is a local
+    file store)."""
+    uri = cfg.logger.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or Path("mlruns").resolve().as_uri()
+    if ":" not in uri.split("/")[0] and uri != "databricks":
+        uri = Path(uri).resolve().as_uri()
+    if uri.startswith("file:"):  # MLflow 3 keeps the file store in maintenance mode, behind an opt-in
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+def reach(cfg) -> None:
+    """Rank 0, before the model is built: the tracking backends asked for can take a run -- MLflow's store answers,
+    an online W&B has a login -- else one line now rather than after minutes of building and loading."""
+    lg = cfg.logger
+    if lg.wandb and os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled", "dryrun"):
+        import wandb
+
+        if not wandb.login(prompt=False, verify=False):  # a stored or WANDB_API_KEY login; no network
+            raise ConfigError("logger.wandb", "W&B is online but has no login: run `wandb login` or set "
+                                              "WANDB_API_KEY (or WANDB_MODE=offline to log locally)")
+    if lg.mlflow:
+        uri = mlflow_uri(cfg)
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as e:  # an unreachable server, a refused store, a bad scheme
+            raise ConfigError("logger.mlflow_uri", f"MLflow at {uri} does not answer ({type(e).__name__}: "
+                                                   f"{(str(e).splitlines() or [''])[0][:300]})") from None
+
+
 def scalars(record: dict) -> dict[str, float]:
     """The numeric values of a metrics record, ``iteration`` left out (it is the step)."""
     return {k: float(v) for k, v in record.items()
@@ -169,11 +201,7 @@ class Trackers:
     # ------------------------------------------------------------------------------------------------ MLflow
     def _open_mlflow(self, config: dict, stored: dict | None, parent: dict) -> None:
         lg, cfg = self.cfg.logger, self.cfg
-        uri = lg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or Path("mlruns").resolve().as_uri()
-        if ":" not in uri.split("/")[0] and uri != "databricks":
-            uri = Path(uri).resolve().as_uri()  # a plain path: a local file store
-        if uri.startswith("file:"):  # MLflow 3 keeps the file store in maintenance mode, behind an opt-in
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri = mlflow_uri(cfg)
         from mlflow.entities import Param  # imported here: the extra is optional
         from mlflow.tracking import MlflowClient
 
@@ -221,26 +249,52 @@ class Trackers:
 
     # ------------------------------------------------------------------------------------------------ records
     def log(self, record: dict) -> None:
+        """Mirror one record to the open backends. A backend that fails (a server gone, a full disk, a revoked key)
+        is said in one line and dropped for the rest of the run: training goes on, metrics.jsonl keeps every row."""
         step = int(record["iteration"])
         self.last = max(self.last, step)
         values = scalars(record)
         if self.wandb_run is not None:
-            self.wandb_run.log({"iteration": step, **values})
+            try:
+                self.wandb_run.log({"iteration": step, **values})
+            except Exception as exc:
+                self._drop("wandb", exc, step)
         if self.mlflow is not None:
             from mlflow.entities import Metric
 
             client, run_id = self.mlflow
             now = int(time.time() * 1000)
             metrics = [Metric(mlflow_key(k), v, now, step) for k, v in values.items()]
-            for i in range(0, len(metrics), 1000):
-                client.log_batch(run_id, metrics=metrics[i:i + 1000])
+            try:
+                for i in range(0, len(metrics), 1000):
+                    client.log_batch(run_id, metrics=metrics[i:i + 1000])
+            except Exception as exc:
+                self._drop("mlflow", exc, step)
+
+    def _drop(self, name: str, exc: BaseException, step: int | None) -> None:
+        where = f"at iteration {step}" if step is not None else "at the end"
+        print(f"[evolm] warning: logger.{name}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]} "
+              f"{where}; training goes on without it (metrics.jsonl has every row)", flush=True)
+        if name == "wandb":
+            run, self.wandb_run = self.wandb_run, None
+            try:
+                run.finish(exit_code=1)
+            except Exception:
+                pass
+        else:
+            self.mlflow = None
 
     def close(self, status: str = "FINISHED") -> None:
-        """End both runs: ``FINISHED``, ``KILLED`` (stopped by a signal; resumable) or ``FAILED``."""
+        """End both runs: ``FINISHED``, ``KILLED`` (stopped by a signal; resumable) or ``FAILED``. A backend that
+        fails to end its run is said in one line; the training run's own outcome stands."""
         ok = status == "FINISHED"
         if self.wandb_run is not None:
             run, self.wandb_run = self.wandb_run, None
-            run.finish(exit_code=0 if ok else 143 if status == "KILLED" else 1)  # flushes every record
+            try:
+                run.finish(exit_code=0 if ok else 143 if status == "KILLED" else 1)  # flushes every record
+            except Exception as exc:
+                self.wandb_run = run
+                self._drop("wandb", exc, None)
             self.state["wandb"]["held_through"] = self.last
             try:
                 self._store()
@@ -251,9 +305,8 @@ class Trackers:
             (client, run_id), self.mlflow = self.mlflow, None
             try:
                 client.set_terminated(run_id, status=status)
-            except Exception:
-                if ok:
-                    raise
+            except Exception as exc:
+                self._drop("mlflow", exc, None)
 
 
 def metrics_rows(path: Path) -> list[dict]:

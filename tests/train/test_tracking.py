@@ -214,6 +214,37 @@ def test_a_sigterm_stop_ends_the_tracker_runs_as_killed_and_the_rerun_continues_
                                                                                  for k in scalars(r)}))
 
 
+def test_a_tracking_store_lost_mid_run_is_one_warning_and_training_finishes(tmp_path, data_cache, offline):
+    """The MLflow store disappears while the run trains (a server gone): one warning line naming logger.mlflow,
+    the run trains to its end and exits 0, metrics.jsonl and the W&B run have every row, the checkpoint is saved."""
+    import shutil
+    import subprocess
+    import time
+
+    from tests.conftest import REPO, evolm_cmd, subprocess_env
+
+    uri, on = offline
+    out = tmp_path / "run"
+    proc = subprocess.Popen(evolm_cmd("train", tiny(out, data_cache, "train.iters=60", "train.log_interval=1", *on)),
+                            cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store = tmp_path / "mlruns"
+    while proc.poll() is None:  # the store goes once training has logged its first row to it
+        rows = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        if rows and store.exists():
+            shutil.rmtree(store)
+            break
+        time.sleep(0.002)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and not store.exists(), stderr
+    warnings = [ln for ln in stdout.splitlines() if ln.startswith("[evolm] warning: logger.mlflow")]
+    assert len(warnings) == 1 and "training goes on without it" in warnings[0], stdout
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(1, 61))
+    (wb,) = wandb_runs(out)
+    assert sorted(int(h["iteration"]) for h in wb["history"]) == list(range(1, 61))
+    assert (out / "checkpoints" / "iter_0000060" / "evolm.json").is_file()
+
+
 @pytest.mark.parametrize("name,package", [("wandb", "wandb"), ("mlflow", "mlflow-skinny")])
 def test_a_missing_tracking_package_is_one_line(tmp_path, monkeypatch, name, package):
     hide = tmp_path / "hide"
@@ -228,6 +259,27 @@ def test_a_missing_tracking_package_is_one_line(tmp_path, monkeypatch, name, pac
     line = one_line_error(proc, f"logger.{name}")
     assert "pip install evolm-nemo[tracking]" in line and package in line
     assert not (out / "tracking.json").exists() and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["wandb", "mlflow"])
+def test_a_tracking_backend_that_cannot_take_a_run_is_one_line_before_the_model_is_built(tmp_path, monkeypatch,
+                                                                                         data_cache, name):
+    """An online W&B without a login, an MLflow server nobody answers at: one line naming the key, before the run
+    directory is made and the model built."""
+    from tests.conftest import free_port
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no W&B login
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    out = tmp_path / "run"
+    extra = (["logger.wandb=true"] if name == "wandb" else
+             ["logger.mlflow=true", f"logger.mlflow_uri=http://127.0.0.1:{free_port()}"])
+    proc = run_evolm("train", tiny(out, data_cache, "train.iters=1", *extra), check=False)
+    line = one_line_error(proc, "logger.wandb" if name == "wandb" else "logger.mlflow_uri")
+    assert ("wandb login" in line) if name == "wandb" else ("does not answer" in line)
+    assert not out.exists() and "params" not in proc.stdout  # nothing made, nothing built
 
 
 def test_suite_nodes_carry_the_dag_and_command_line_logger_keys(tmp_path):
