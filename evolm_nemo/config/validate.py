@@ -132,6 +132,12 @@ def check_schedule(cfg: RootConfig, iters: int) -> None:
     """The rules that need the stage's iteration count: a WSD warmup that ends before the cooldown, and a WSD branch
     that is not a stable run too."""
     o, t = cfg.optim, cfg.train
+    # RL's schedules run over its engine steps: ppo_epochs x mini_batches per rollout step
+    steps = iters * (cfg.rl.ppo_epochs * cfg.rl.mini_batches if cfg.stage in ("ppo", "grpo") else 1)
+    if o.decay_style != "wsd" and not t.branch_from and steps > 0 and warmup_iters(o, steps) >= steps:
+        raise ConfigError("optim.warmup_iters" if o.warmup_iters is not None else "optim.warmup_fraction",
+                          f"the {warmup_iters(o, steps):,}-step warmup is as long as the whole run ({steps:,} steps): "
+                          f"the learning rate would never reach optim.lr nor decay ({o.decay_style}); shorten it")
     if o.decay_style == "wsd":
         warm, start = warmup_iters(o, iters), branch_iteration(o, iters)
         if warm > start and not t.branch_from:

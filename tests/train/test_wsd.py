@@ -156,6 +156,11 @@ def test_bad_branch_recipes_are_one_line(tmp_path, data_cache, stable, capsys):
              "1-sqrt")
     _refused(capsys, [*base, "train.iters=20", "optim.decay_style=wsd", "optim.warmup_iters=18"],
              "optim.warmup_iters", "runs into the cooldown")
+    # cosine (and linear, constant): a warmup as long as the run never reaches the peak nor decays
+    _refused(capsys, [*base, "train.iters=20", "optim.decay_style=cosine", "optim.warmup_iters=20"],
+             "optim.warmup_iters", "never reach optim.lr")
+    _refused(capsys, [*base, "train.iters=20", "optim.decay_style=linear", "optim.warmup_fraction=0.99"],
+             "optim.warmup_fraction", "never reach optim.lr")
     assert not (tmp_path / "b").exists()
 
 
