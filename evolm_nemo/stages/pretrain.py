@@ -229,19 +229,29 @@ class PretrainStage(Stage):
             model.train(was_training)
         return out
 
+    def restore(self, start, state):
+        """A resumed run keeps the measurements its first run made before its first step (checkpoint_extra): they
+        are not made again at the resume point."""
+        self.resumed = bool(state)
+        self.carried = state.get("dynamics_start") or {}
+
     def prepare(self, model, rt, start, out_dir):
         if start >= self.plan.iters:
             return
-        if self.val:  # before the first step: the parent's (or the resumed checkpoint's) held-out losses
+        resumed = getattr(self, "resumed", False)
+        if self.val and not resumed:  # before the first step: the parent's held-out losses
             self.val_start = (start, self.heldout_loss(model, rt))
+        elif self.val and self.carried.get("val"):
+            begin, before = self.carried["val"]
+            self.val_start, self.val_start_logged = (int(begin), dict(before)), True  # logged by the first run
         if self.probe is not None:
-            self.probe.prepare(model, start)
+            self.probe.prepare(model, start, self.carried.get("probe") if resumed else None, resumed)
 
     def evaluate(self, model, rt, step, last):
         out = self._validation(model, rt, step, last)
         if self.probe is not None and self.probe.due(step, last):
             out.update(self.probe.run(model, step, last))
-            if last and rt.is_main:
+            if last and rt.is_main and self.probe.start is not None:
                 begin, before, _ = self.probe.start
                 parts = [f"{k[6:]} {before[k]:.1f} -> {out[k]:.1f}" for k in before]
                 print(f"[evolm] probes (percent), iteration {begin} -> {step}: {', '.join(parts)}", flush=True)
@@ -274,6 +284,13 @@ class PretrainStage(Stage):
         extra = {"consumed_samples": step * self.cfg.parallel.global_batch_size, "tokens": step * self.tokens_per_iter}
         if self.sources is not None:
             extra["tokens_by_source"] = self.sources.tokens(step)
+        carried = {}
+        if self.val_start is not None:
+            carried["val"] = [self.val_start[0], self.val_start[1]]
+        if self.probe is not None and self.probe.start is not None:
+            carried["probe"] = list(self.probe.start)
+        if carried:  # the measurements before the first step, for a resumed run's records
+            extra["dynamics_start"] = carried
         return extra
 
 

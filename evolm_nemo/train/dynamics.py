@@ -56,12 +56,19 @@ class ProbeHook:
             out[f"probe_down_{problems.suite}"] = round(100.0 * acc, 2)
         return out
 
-    def prepare(self, model, start: int) -> None:
-        """Before the first step: the starting point of the curve (the parent's, or the resumed checkpoint's)."""
+    def prepare(self, model, start: int, carried=None, resumed: bool = False) -> None:
+        """Before the first step: the starting point of the curve (the parent's). A resumed run takes the one its
+        first run measured (``carried``, from the checkpoint) instead of measuring at the resume point, and probes
+        at the same multiples of the interval as the uninterrupted run."""
         self.t0 = time.perf_counter()
-        self.start = (start, self.measure(model), _slowest(time.perf_counter() - self.t0))
-        self.spent = self.last_cost = self.start[2]
-        self.next = start + self.every
+        if resumed:
+            self.start = (int(carried[0]), dict(carried[1]), float(carried[2])) if carried else None
+            self.spent = self.last_cost = 0.0
+            self.start_logged = True  # the first run's first probe record carries it
+        else:
+            self.start = (start, self.measure(model), _slowest(time.perf_counter() - self.t0))
+            self.spent = self.last_cost = self.start[2]
+        self.next = (start // self.every + 1) * self.every
 
     def due(self, step: int, last: bool) -> bool:
         """Whether to probe after ``step``: at every interval while the probes' share of the wall time since the
@@ -71,7 +78,7 @@ class ProbeHook:
             return True
         if self.next is None or step < self.next:
             return False
-        self.next = step + self.every
+        self.next = (step // self.every + 1) * self.every
         f = self.cfg.max_fraction
         if f is None:
             return True

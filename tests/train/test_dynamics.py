@@ -62,6 +62,28 @@ def test_probes_on_schedule_with_cost(probed):
             assert r["step_s"] < r["probe_s"]  # the probe's time is kept out of the step time
 
 
+def test_a_resumed_run_probes_where_the_uninterrupted_one_did(probed, tmp_path, data_cache):
+    """SIGKILL after the checkpoint at iteration 6, resume: the probes run at 10, 15, 20 (multiples of the interval,
+    not 6 + 5 ...), nothing is measured again at the resume point (no *_at_6 keys), and every probe record equals
+    the uninterrupted run's; the closing summary still starts from the measurements before the first step."""
+    from tests.conftest import train_then_sigkill_when
+
+    out = tmp_path / "run"
+    args = tiny(out, data_cache, "train.iters=20", "train.log_interval=10", "train.save_interval=3",
+                "train.keep_last=10", *probe_overrides("5120", "probe.max_fraction=null"))
+    ckpts = out / "checkpoints"
+    killed = train_then_sigkill_when(args, lambda: 1 if (ckpts / "iter_0000006" / "evolm.json").exists() else None)
+    assert killed
+    resumed = run_evolm("train", args)
+    assert "resuming at iteration" in resumed.stdout
+    got, want = rows(out), rows(probed[0])
+    assert [r["iteration"] for r in got if "probe_up_avg" in r] == [5, 10, 15, 20]
+    assert not [k for r in got for k in r if "_at_" in k and not k.endswith("_at_0")]
+    assert [_probe_keys(r) for r in got if "probe_up_avg" in r] == [_probe_keys(r) for r in want
+                                                                    if "probe_up_avg" in r]
+    assert "probes (percent), iteration 0 -> 20" in resumed.stdout  # from the first run's measurements
+
+
 def test_probes_deterministic_for_a_seed(probed):
     a, b = rows(probed[0]), rows(probed[1])
     pa = [_probe_keys(r) for r in a if "probe_up_avg" in r]
