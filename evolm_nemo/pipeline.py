@@ -19,6 +19,8 @@ Any training override works here too: `evolm pipeline train.iters=200 model.num_
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from evolm_nemo.answers import judge
@@ -103,8 +105,6 @@ def own_samples(model, tokenizer, rl_path, problems: int, n: int, max_seq: int, 
 def train_demo_rm(final, tokenizer, demo_data, overrides: list[str], out: Path, max_seq: int):
     """The demo's reward model: its SFT model's own samples -> `prepare-rm` (outcome, balanced) -> `stage=rm`.
     Returns (the RM's TrainResult, its last metrics record)."""
-    import json
-
     rows = own_samples(final.model, tokenizer, demo_data.rl_path, RM_PROBLEMS, RM_SAMPLES, max_seq)
     is_main = final.runtime.is_main
     scored, data = out / "rm_samples.jsonl", out / "rm_data"
@@ -131,31 +131,43 @@ def train_demo_rm(final, tokenizer, demo_data, overrides: list[str], out: Path, 
     return result, last
 
 
-def dynamics_overrides(out: Path, stage: str) -> list[str]:
+def dynamics_overrides(probe_dir: Path, stage: str) -> list[str]:
     """The demo's checkpoint dynamics: held-out loss per source (on VAL_DOCS generated held-out documents per kind,
     so training keeps every document) and the capability probes -- lm-eval 0-shot on the six sample tasks of
     eval/upstream/sample through the live model, and greedy on PROBE_PROBLEMS of the demo's held-out word problems
-    (written to ``out``/probe_data first)."""
+    (in ``probe_dir``: ``probe_problems``)."""
     tokens = DYNAMICS_EVERY[stage]
     return [f"data.synthetic_val_docs={VAL_DOCS}", f"train.val_tokens_interval={tokens}",
             f"probe.tokens_interval={tokens}", f"probe.upstream=[{','.join(UPSTREAM)}]",
             f"probe.data_dir={default_tasks_dir() / 'sample'}", "probe.downstream=[gsm8k_platinum]",
-            f"probe.downstream_dir={out / 'probe_data'}", f"probe.max_new_tokens={MAX_NEW}",
+            f"probe.downstream_dir={probe_dir}", f"probe.max_new_tokens={MAX_NEW}",
             f"probe.max_fraction={PROBE_FRACTION}"]
+
+
+def probe_problems(overrides: list[str]) -> Path:
+    """The probe's held-out word problems, written once into the data cache under a name of their content (a cache,
+    never the run directory: nothing is written there before the runs' own checks)."""
+    base = compose("config", ["experiment=demo", *overrides], RootConfig)
+    held_out, _ = problem_pool(compose("config", ["experiment=demo_sft", *_stage_overrides(overrides)], RootConfig))
+    problems = held_out[:PROBE_PROBLEMS]
+    key = hashlib.sha256(json.dumps(problems, sort_keys=True).encode()).hexdigest()[:16]
+    directory = Path(base.data.cache_dir) / f"demo-probe-{key}"
+    if not (directory / "gsm8k_platinum.jsonl").is_file():
+        write_demo_problems(directory, problems)
+    return directory
 
 
 def main(overrides: list[str]) -> int:
     out = Path(compose("config", ["experiment=demo", *overrides], RootConfig).run.out_dir)
-    held_out, _ = problem_pool(compose("config", ["experiment=demo_sft", *_stage_overrides(overrides)], RootConfig))
-    write_demo_problems(out / "probe_data", held_out[:PROBE_PROBLEMS])
-    cfg = compose("config", ["experiment=demo", *dynamics_overrides(out, "pretrain"), *overrides], RootConfig)
+    probe_dir = probe_problems(overrides)
+    cfg = compose("config", ["experiment=demo", *dynamics_overrides(probe_dir, "pretrain"), *overrides], RootConfig)
     plan = plan_run(cfg)
     try:
         pre = run(cfg, plan)
         is_main = pre.runtime.is_main
         if is_main and pre.losses:
             print(f"[pretrain] {loss_curve(pre.losses)}")
-        cpt_cfg, cpt_plan = _stage("demo_cpt", [*dynamics_overrides(out, "cpt"), *overrides], out / "cpt",
+        cpt_cfg, cpt_plan = _stage("demo_cpt", [*dynamics_overrides(probe_dir, "cpt"), *overrides], out / "cpt",
                                    pre.checkpoint)
         cpt = run(cpt_cfg, cpt_plan)
         if is_main and cpt.losses:

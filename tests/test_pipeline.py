@@ -67,3 +67,23 @@ def test_pipeline_end_to_end(tmp_path):
     csv_rows = (out / "dynamics" / "dynamics.csv").read_text().splitlines()
     assert any(x.startswith("cpt,tiny,cpt,,val_loss_math,307200,") for x in csv_rows)  # CPT starts after 307.2K
     assert "[dynamics] pretraining and CPT" in text
+
+
+def test_a_refused_pipeline_writes_nothing(tmp_path, a_run):
+    """A bad key, and an output directory that is another run's: one line, and nothing written there (the probe's
+    problems go to the data cache, not into the run directory before its checks)."""
+    import shutil
+
+    from tests.conftest import one_line_error, tree_bytes
+
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    fresh = tmp_path / "fresh"
+    one_line_error(run_evolm("pipeline", [f"run.out_dir={fresh}", cache, "train.iters=-5"], check=False),
+                   "train.iters")
+    assert not fresh.exists()
+    other = tmp_path / "other"
+    shutil.copytree(a_run, other)
+    before = tree_bytes(other)
+    proc = run_evolm("pipeline", [f"run.out_dir={other}", cache], check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert tree_bytes(other) == before
