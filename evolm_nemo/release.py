@@ -489,6 +489,35 @@ def _state(stage_dir: Path) -> dict:
         return {}
 
 
+def _settings(cfg) -> dict:
+    """The export settings a staged export was made with (another set means another export)."""
+    return {"dtype": cfg.dtype, "max_shard_size": cfg.max_shard_size, "verify_tol": cfg.verify_tol}
+
+
+def export_intact(directory: Path) -> bool:
+    """A staged export holds exactly the files its export recorded (``evolm_export.json``: size and checksum of
+    each), plus the card and recipe the release writes: nothing deleted, cut short, edited or added."""
+    try:
+        record = json.loads((directory / "evolm_export.json").read_text())
+        files = record["files"]
+        assert isinstance(files, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return False  # an export from before file records, or no export at all: made again
+    present = set(local_files(directory)) - {"README.md", "recipe.yaml", "evolm_export.json"}
+    if present != set(files):
+        return False
+    for name, (size, checksum) in files.items():
+        p = directory / name
+        if p.stat().st_size != size or io.file_checksum(p, record.get("checksum", io.CHECKSUM)) != checksum:
+            return False
+    return True
+
+
+def _reusable(model: Model, rev: Revision, cfg) -> bool:
+    entry = (_state(model.stage_dir).get("revisions") or {}).get(rev.branch) or {}
+    return entry.get("key") == rev.key and entry.get("settings") == _settings(cfg) and export_intact(rev.dir)
+
+
 def stage(model: Model, cfg) -> None:
     """Every revision's verified export in its staging dir (re-exported only when its checkpoint changed), then
     its card and recipe."""
@@ -499,12 +528,13 @@ def stage(model: Model, cfg) -> None:
     state = _state(model.stage_dir)
     done = state.get("revisions") or {}
     for rev in model.revisions:
-        if (done.get(rev.branch) or {}).get("key") == rev.key and (rev.dir / "config.json").is_file():
+        if _reusable(model, rev, cfg):  # its checkpoint, its settings, every file as exported
             continue
         export(ExportHFConfig(src=str(rev.checkpoint), dst=str(rev.dir), dtype=cfg.dtype,
                               max_shard_size=cfg.max_shard_size, verify=True, verify_tol=cfg.verify_tol,
                               overwrite=rev.dir.exists(), progress=False))
-        done[rev.branch] = {"key": rev.key, "checkpoint": str(rev.checkpoint), "iteration": rev.iteration}
+        done[rev.branch] = {"key": rev.key, "checkpoint": str(rev.checkpoint), "iteration": rev.iteration,
+                            "settings": _settings(cfg)}
         write_json(model.stage_dir / STATE, {"repo": model.repo, "revisions": done})
     for rev in model.revisions:
         readme = rev.dir / "README.md"
@@ -660,8 +690,7 @@ def _print_plan(plan: Plan, cfg, staged: bool) -> None:
         print(f"repo {m.repo} ({vis}; {m.node}: {m.meta.get('stage')}, parent {parent or '-'})")
         for rev in m.revisions:
             print(f"  branch {rev.branch} <- {rev.checkpoint}")
-            if staged or (rev.dir / "config.json").is_file() and (_state(m.stage_dir).get("revisions") or {}).get(
-                    rev.branch, {}).get("key") == rev.key:
+            if staged or _reusable(m, rev, cfg):
                 for path, p in local_files(rev.dir).items():
                     print(f"    {path}  {p.stat().st_size:,} B  sha256 {_sha256_file(p)[:16]}")
             else:

@@ -96,6 +96,32 @@ def test_release_one_run_uploads_the_verified_exports_once(suite, tmp_path):
         assert "model-00001-of-00002.safetensors" not in repo.branches["main"]
 
 
+def test_a_staged_export_is_reused_only_whole_and_with_the_same_settings(suite, tmp_path):
+    """The staged export of a revision is uploaded again only as it was exported: a deleted weights file (a disk
+    clean-up) or another dtype makes a new verified export -- the Hub never loses the weights nor gets the old
+    dtype; an intact one is reused without exporting."""
+    pre = tmp_path / "pre"
+    shutil.copytree(suite["root"] / "pre", pre)
+    shutil.rmtree(pre / "release", ignore_errors=True)
+    with HubStub() as hub:
+        release([f"src={pre}", "repo=org/reuse", "revisions=false"], hub, suite["hf_home"])
+        staged = pre / "release" / "main"
+        weights = staged / "model.safetensors"
+        want = weights.read_bytes()
+        weights.unlink()
+        out = release([f"src={pre}", "repo=org/reuse", "revisions=false"], hub, suite["hf_home"]).stdout
+        repo = hub.repos["org/reuse"]
+        assert weights.read_bytes() == want and repo.branches["main"]["model.safetensors"] == want, out
+        out = release([f"src={pre}", "repo=org/reuse", "revisions=false", "dtype=bf16"], hub, suite["hf_home"]).stdout
+        assert json.loads((staged / "evolm_export.json").read_text())["dtype"] == "bf16"
+        assert repo.branches["main"]["model.safetensors"] == weights.read_bytes() != want
+        record = json.loads((staged / "evolm_export.json").read_text())
+        assert record["run_id"] and "model.safetensors" in record["files"] and "README.md" not in record["files"]
+        hub.requests.clear()
+        out = release([f"src={pre}", "repo=org/reuse", "revisions=false", "dtype=bf16"], hub, suite["hf_home"]).stdout
+        assert hub.writes() == [] and "0 file(s) uploaded, 0 deleted" in out, out
+
+
 def test_release_suite_cards_name_parents_and_index(suite):
     root = suite["root"]
     with HubStub() as hub:

@@ -469,8 +469,14 @@ def _export(cfg) -> Path:
         check = _verify(tmp, head, ids, reference, cfg.verify_tol) if cfg.verify else None
         card = model_card(dst.name, m, head, meta, out_dtype, params, check)
         (tmp / "README.md").write_text(card)
+        # every file as written (the card aside: a release rewrites it), so a later reader can tell a staged export
+        # is whole and unedited before reusing it
+        written = {p.relative_to(tmp).as_posix(): [p.stat().st_size, io.file_checksum(p)]
+                   for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != "README.md"
+                   and not p.name.startswith(".")}  # the temporary directory's owner marker is not the export's
         record = {"source": str(ckpt), "iteration": meta.get("iteration"), "head": head, "dtype": hf.SHORT[out_dtype],
-                  "tied": tied, "verify": check, "seconds": round(time.time() - t0, 1)}
+                  "tied": tied, "verify": check, "seconds": round(time.time() - t0, 1),
+                  "run_id": meta.get("run_id"), "checksum": io.CHECKSUM, "files": written}
         (tmp / "evolm_export.json").write_text(json.dumps(record, indent=1) + "\n")
         commit_dir(tmp, dst)
     except BaseException as exc:
