@@ -90,6 +90,7 @@ class Counts:
     disagreement: int = 0
     duplicates: int = 0
     rl: int = 0
+    rl_no_reference: int = 0  # allocated to RL but without a reference answer: left out
     not_allocated: int = 0
     truncated: int = 0
     dropped: int = 0
@@ -309,6 +310,8 @@ def check_config(cfg: PrepareSFTConfig) -> Template:
         raise ConfigError("reference_key", "the consistency filter needs the reference answer's field "
                                            "(or agree_k=k to compare responses with each other, or filter=false)")
     n_rl = parse_allocation(cfg.allocation)[1] if cfg.allocation else 0
+    if cfg.allocation and not cfg.dedup:  # before the rows are read and filtered (minutes of checker work)
+        raise ConfigError("dedup", "the SFT/RL split needs dedup=true (a question must land on one side)")
     if n_rl and not cfg.rl_output:
         raise ConfigError("rl_output", f"allocation={cfg.allocation} puts {n_rl:,} questions on the RL side: name "
                                        "the JSONL they go to (rl_output=...)")
@@ -356,12 +359,17 @@ def prepare_sft(cfg: PrepareSFTConfig, rows: Optional[Iterable[tuple[str, object
     split_info = None
     if cfg.allocation:
         n_sft, n_rl = parse_allocation(cfg.allocation)
-        if not cfg.dedup:
-            raise ConfigError("dedup", "the SFT/RL split needs dedup=true (a question must land on one side)")
         sft_pos, rl_pos = split_pool([r.key for r in pool], n_sft, n_rl, cfg.seed)
         counts.not_allocated = len(pool) - len(sft_pos) - len(rl_pos)
         rl_rows = [pool[i] for i in rl_pos]
         pool = [pool[i] for i in sft_pos]
+        # an RL prompt is judged against its gold answer: one without a reference (filter=false keeps such rows)
+        # cannot be one -- the RL stage refuses a null gold_answer
+        counts.rl_no_reference = sum(r.reference is None for r in rl_rows)
+        rl_rows = [r for r in rl_rows if r.reference is not None]
+        if rl_pos and not rl_rows:
+            raise ConfigError("reference_key", f"none of the {len(rl_pos):,} questions allocated to RL has a reference "
+                                               f"answer ({cfg.reference_key!r}): RL needs gold answers")
         counts.rl = len(rl_rows)
         split_info = {"allocation": cfg.allocation, "sft": len(pool), "rl": len(rl_rows), "seed": cfg.seed,
                       "sft_questions_sha256": _sha(r.key for r in pool),
@@ -419,6 +427,8 @@ def summary(manifest: dict) -> str:
             f"{c['filtered']:,} | disagreement {c['disagreement']:,} | duplicates {c['duplicates']:,}")
     if manifest.get("split"):
         line += f" | RL {c['rl']:,} | unallocated {c['not_allocated']:,}"
+        if c.get("rl_no_reference"):
+            line += f" | RL without a reference (left out) {c['rl_no_reference']:,}"
     line += (f" | truncated {c['truncated']:,} | dropped {c['dropped']:,} -> {manifest['examples']:,} examples, "
              f"{manifest['answer_tokens']:,} answer tokens of {manifest['tokens']:,}")
     return line

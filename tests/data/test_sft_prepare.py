@@ -138,8 +138,27 @@ def test_split_through_the_command(tmp_path, tok_dir):
     assert len(sft_keys) == 10 and len(rl_keys) == 25 and not sft_keys & rl_keys
 
 
+def test_rl_side_takes_only_questions_with_a_gold_answer(tmp_path, tok_dir):
+    """filter=false keeps rows without a reference; allocated to RL they would be prompts with a null gold_answer,
+    which the RL stage refuses: they are left out (and counted); the RL set is what `stage=ppo|grpo` reads."""
+    from evolm_nemo.rl.data import read_prompts
+
+    rows = [{"q": f"Q{i}: what is {i} + 1?", "r": f"\\boxed{{{i + 1}}}", "gold": str(i + 1) if i % 2 else None}
+            for i in range(40)]
+    inp = _write(tmp_path / "in.jsonl", rows)
+    proc = run_evolm("prepare-sft", [f"input={inp}", f"tokenizer={tok_dir}", "question_key=q", "answer_key=r",
+                                     "reference_key=gold", "filter=false", "allocation=10/30", "progress=false",
+                                     f"output={tmp_path / 'a'}", f"rl_output={tmp_path / 'a.jsonl'}"])
+    rl = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    left_out = 30 - len(rl)
+    assert rl and left_out > 0 and all(r["gold_answer"] for r in rl)
+    assert f"RL {len(rl)}" in proc.stdout and f"RL without a reference (left out) {left_out}" in proc.stdout
+    assert len(read_prompts([str(tmp_path / "a.jsonl")], "data.paths")) == len(rl)
+
+
 @pytest.mark.parametrize("extra,key", [
     ([], "reference_key"),  # filter=true needs a reference (or agree_k)
+    (["filter=false", "allocation=10/10", "dedup=false", "rl_output=x.jsonl", "reference_key=answer"], "dedup"),
     (["filter=false", "question_key=prompt"], "question_key"),
     (["filter=false", "scoring=loose"], "scoring"),
     (["filter=false", "allocation=10/10"], "rl_output"),
