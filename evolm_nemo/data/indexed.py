@@ -58,6 +58,10 @@ def expand_prefixes(paths, weights) -> Tuple[List[str], Optional[List[float]], L
     """data.paths entries that name a sharded preparation (``<prefix>.manifest.json``, no ``<prefix>.bin``) become
     their shards; a weight is shared out over a source's shards by their tokens. Returns (prefixes, weights, the
     source index of each prefix)."""
+    for p in paths:
+        if Path(p + ".bin").exists() and Path(p + MANIFEST_SUFFIX).is_file():
+            raise ConfigError("data.paths", f"{p} is both an unsharded preparation ({p}.bin) and a sharded one "
+                                            f"({p}{MANIFEST_SUFFIX}): keep one (move the other to another prefix)")
     sharded = [not Path(p + ".bin").exists() and Path(p + MANIFEST_SUFFIX).is_file() for p in paths]
     if weights is None and any(sharded):  # as for one prefix: every source in proportion to its tokens
         weights = [read_manifest(p)["tokens"] if sh else prefix_tokens(p) for p, sh in zip(paths, sharded)]

@@ -47,7 +47,7 @@ from evolm_nemo.config.compose import compose
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.indexed import MANIFEST_SUFFIX, SHARD_FORMAT
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.fileio import check_writable, write_json
+from evolm_nemo.fileio import check_dst_file, check_writable, write_json
 
 FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
@@ -68,6 +68,7 @@ class PrepareConfig:
     progress: bool = True  # progress bar with ETA on stderr
     shard: Optional[str] = None  # "i/n": write shard i (0-based) of n, e.g. one per node (resumable layout)
     shards: Optional[int] = None  # n: write all n shards in turn, skipping finished ones (a killed run continues)
+    overwrite: bool = False  # replace an existing unsharded <output>.bin/.idx (never a sharded preparation)
 
 
 @dataclass
@@ -726,6 +727,25 @@ def prepare_shards(input, output_prefix, tokenizer, text_key: str = "text", work
     return stats
 
 
+def check_prefix(cfg: PrepareConfig) -> None:
+    """The output prefix holds one layout: an unsharded ``<output>.bin/.idx`` or a sharded preparation
+    (``<output>.manifest.json`` + shards), never both -- training would read the unsharded one and silently ignore
+    the other. An unsharded output is replaced only with ``overwrite=true`` and is locked against a second writer."""
+    prefix = _strip_suffix(str(cfg.output))
+    plain = [p for p in (prefix + ".bin", prefix + ".idx") if os.path.exists(p)]
+    sharded = cfg.shard is not None or cfg.shards is not None
+    if sharded and plain:
+        raise ConfigError("output", f"{plain[0]} exists: {prefix} is an unsharded preparation; a sharded one under "
+                                    "the same prefix would be ignored by training -- pick another output")
+    if not sharded:
+        if os.path.exists(prefix + MANIFEST_SUFFIX):
+            raise ConfigError("output", f"{prefix}{MANIFEST_SUFFIX} exists: {prefix} is a sharded preparation; an "
+                                        "unsharded one would hide it from training -- pick another output")
+        if not isinstance(cfg.overwrite, bool):
+            raise ConfigError("overwrite", f"must be true or false; got {cfg.overwrite!r}")
+        check_dst_file(prefix + ".bin", cfg.overwrite, "output", sources=(cfg.input,))
+
+
 def main(overrides) -> int:
     """`evolm prepare input=... output=... tokenizer=... [text_key=text workers=N ...]`."""
     cfg = compose("prepare", overrides, PrepareConfig)
@@ -737,6 +757,7 @@ def main(overrides) -> int:
     for key, hint in hints.items():
         if not getattr(cfg, key):
             raise ConfigError(key, f"must be set: {hint}")
+    check_prefix(cfg)
     stats = prepare(
         cfg.input, cfg.output, cfg.tokenizer, text_key=cfg.text_key, workers=cfg.workers, hf_config=cfg.hf_config,
         split=cfg.split, append_eos=cfg.append_eos, limit=cfg.limit, chunk_size=cfg.chunk_size,
