@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -271,10 +270,9 @@ def prepare_rm(cfg: PrepareRMConfig, tokenizer=None) -> dict:
                                "negative": int(len(y) - y.sum()), "pairs": len(pair_index),
                                "problems_used": len(set(groups))},
                     "input_sha256": hashlib.sha256(Path(cfg.input).read_bytes()).hexdigest()}
-        if Path(cfg.output).exists() and cfg.overwrite:
-            shutil.rmtree(cfg.output)
         writer.commit(manifest, {"labels": y, "groups": np.asarray(groups, dtype=np.int64),
-                                 "pairs": np.asarray(pair_index, dtype=np.int64).reshape(-1, 2)})
+                                 "pairs": np.asarray(pair_index, dtype=np.int64).reshape(-1, 2)},
+                      replace=cfg.overwrite)  # the old dataset stays until the new one is whole
     except BaseException:
         writer.abort()
         raise

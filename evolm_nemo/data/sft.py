@@ -28,7 +28,7 @@ import torch
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.tokenizer import MegatronHFTokenizer
-from evolm_nemo.fileio import OWNER, commit_first, temp_dir, writing
+from evolm_nemo.fileio import OWNER, commit_first, replace_dir, temp_dir, writing
 from evolm_nemo.tasks import QUESTION_TEMPLATE
 
 FORMAT = "evolm-sft-1"
@@ -110,9 +110,10 @@ class SFTWriter:
         self.offset += len(ids)
         self.answer_tokens += len(answer_ids)
 
-    def commit(self, manifest: dict, arrays: dict[str, np.ndarray] | None = None) -> Path:
+    def commit(self, manifest: dict, arrays: dict[str, np.ndarray] | None = None, replace: bool = False) -> Path:
         """Write the index, any ``arrays`` (``<name>.npy``, e.g. the RM dataset's labels), then the manifest last;
-        rename into place."""
+        rename into place. ``replace`` (overwrite=true): an existing dataset is swapped for the new one only once
+        the new one is whole (``fileio.replace_dir``), never removed first."""
         with self._writing():
             self.file.close()
             index = np.asarray(self.rows, dtype=np.int64).reshape(-1, 3)
@@ -127,7 +128,10 @@ class SFTWriter:
             (self.tmp / MANIFEST).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
             (self.tmp / OWNER).unlink(missing_ok=True)
             os.chmod(self.tmp, 0o755)
-            commit_first(self.tmp, self.out, MANIFEST)
+            if replace and self.out.exists():
+                replace_dir(self.tmp, self.out)
+            else:
+                commit_first(self.tmp, self.out, MANIFEST)
         return self.out
 
     def abort(self) -> None:

@@ -41,7 +41,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.prepare import open_rows
 from evolm_nemo.data.sft import SFTWriter, Template, encode_example, read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.fileio import check_dst, check_dst_file, check_writable, release_output, write_jsonl
+from evolm_nemo.fileio import check_dst, check_dst_file, check_writable, release_output, write_text
 from evolm_nemo.tasks import QUESTION_TEMPLATE, SUITES
 
 # EvoLM's SFT/RL allocation study: 100K questions split between SFT and RL (PAPER.md).
@@ -394,10 +394,11 @@ def prepare_sft(cfg: PrepareSFTConfig, rows: Optional[Iterable[tuple[str, object
             counts.written += 1
         if counts.written == 0:
             raise ConfigError("cutoff", f"every example is longer than cutoff={cfg.cutoff} tokens")
-        if rl_rows:
-            write_jsonl(cfg.rl_output, ({"id": r.id, "prompt": template.render_prompt(r.question),
-                                         "gold_answer": r.reference} for r in rl_rows))
-            split_info["rl_sha256"] = hashlib.sha256(Path(cfg.rl_output).read_bytes()).hexdigest()
+        rl_text = None
+        if rl_rows:  # written once the dataset is committed: a failed commit leaves the old pair as it was
+            rl_text = "".join(json.dumps({"id": r.id, "prompt": template.render_prompt(r.question),
+                                          "gold_answer": r.reference}, ensure_ascii=False) + "\n" for r in rl_rows)
+            split_info["rl_sha256"] = hashlib.sha256(rl_text.encode("utf-8")).hexdigest()
         manifest = {"source": str(cfg.input), "tokenizer": {"ref": _tokenizer_ref(cfg.tokenizer, tok),
                                                             **tokenizer_fingerprint(tok)},
                     "template": {"prompt": template.prompt, "answer": template.answer},
@@ -405,14 +406,12 @@ def prepare_sft(cfg: PrepareSFTConfig, rows: Optional[Iterable[tuple[str, object
                               "agree_k": cfg.agree_k, "dedup": cfg.dedup, "cutoff": cfg.cutoff,
                               "overlength": cfg.overlength},
                     "counts": dict(counts.__dict__), "split": split_info}
-        if Path(cfg.output).exists() and cfg.overwrite:
-            import shutil
-
-            shutil.rmtree(cfg.output)
-        writer.commit(manifest)
+        writer.commit(manifest, replace=cfg.overwrite)
     except BaseException:
         writer.abort()
         raise
+    if rl_text is not None:
+        write_text(cfg.rl_output, rl_text)
     return read_manifest(cfg.output, "output")
 
 

@@ -197,6 +197,32 @@ def test_existing_output_is_never_replaced_without_overwrite(tmp_path, tok_dir):
     assert not list(tmp_path.glob(".out.tmp-*")) and not list(tmp_path.glob(".ds.tmp-*"))
 
 
+def test_an_overwrite_that_fails_at_its_commit_keeps_the_old_dataset_and_rl_set(tmp_path, tok_dir, monkeypatch):
+    """overwrite=true swaps the new dataset in only once it is whole: when putting it in place fails (here the
+    rename itself refuses), the old dataset and its RL set are still there, unchanged (the old one was removed
+    first, so both were lost)."""
+    import errno
+
+    from evolm_nemo.data import sft
+
+    rows = [{"q": f"Q{i}: what is {i} + 1?", "r": f"\\boxed{{{i + 1}}}", "gold": str(i + 1)} for i in range(20)]
+    inp = _write(tmp_path / "in.jsonl", rows)
+    kw = dict(question_key="q", answer_key="r", reference_key="gold", allocation="5/10",
+              rl_output=str(tmp_path / "rl.jsonl"))
+    prepare_sft(_cfg(tmp_path, tok_dir, inp, name="ds", **kw))
+    before = tree_bytes(tmp_path / "ds"), (tmp_path / "rl.jsonl").read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(sft, "replace_dir", refuse)
+    _write(inp, rows[:15])
+    with pytest.raises(ConfigError):
+        prepare_sft(_cfg(tmp_path, tok_dir, inp, name="ds", overwrite=True, **{**kw, "allocation": "5/5"}))
+    assert (tree_bytes(tmp_path / "ds"), (tmp_path / "rl.jsonl").read_bytes()) == before
+    assert not list(tmp_path.glob(".ds.tmp-*"))
+
+
 def test_a_damaged_dataset_is_refused(tmp_path, tok_dir):
     inp = _write(tmp_path / "in.jsonl", [{"question": "q?", "answer": "a b c"}])
     prepare_sft(_cfg(tmp_path, tok_dir, inp, filter=False))
