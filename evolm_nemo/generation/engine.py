@@ -36,7 +36,7 @@ class Completion:
     text: str  # decoded completion, cut before the first stop string
     ids: list[int]  # generated token ids (EOS excluded; the tokens of a matched stop string included)
     finish: str  # "eos" | "stop" | "length"
-    log_probs: list[float] | None = None  # with return_log_probs: log p of each id (and of EOS last, if it ended so)
+    log_probs: list[float] | None = None  # with return_log_probs: log p of each id (a final EOS has none)
 
 
 def _megatron_tokenizer(tokenizer):
@@ -56,7 +56,8 @@ def _controller_class():
 
         stop: tuple[str, ...] = ()
         stopped: set[int] = set()  # batch rows finished by a stop string (indices into the current static batch)
-        sampled: tuple[float, float] | None = None  # (temperature, top_p): report log p of the sampling distribution
+        sampled: tuple[float, float, int] | None = None  # (temperature, top_p, top_k): report log p of the
+        #                                                          distribution that sampled
         _prompt_lengths: list[int] = []
         _budgets: list[int] = []
         _step_logp: list[torch.Tensor] = []
@@ -80,7 +81,11 @@ def _controller_class():
         def sample_from_logits(self, last_token_logits, sampling_params=None, vocab_size=None, *args, **kwargs):
             ids = super().sample_from_logits(last_token_logits, sampling_params, vocab_size, *args, **kwargs)
             if self.sampled is not None:
-                x = sampling_logits(last_token_logits, *self.sampled, keep=ids)
+                temperature, top_p, top_k = self.sampled
+                x = sampling_logits(last_token_logits, temperature, top_p, keep=ids)
+                if top_k > 0:  # megatron samples top-k from the tempered logits: the same cut, as the continuous one
+                    kth = x.topk(top_k, dim=-1).values[:, -1:]
+                    x = x.masked_fill(x < kth, float("-inf"))
                 self._step_logp.append(torch.log_softmax(x, dim=-1).gather(-1, ids.long().unsqueeze(-1))
                                        .squeeze(-1).cpu())
             return ids
@@ -233,7 +238,7 @@ class Generator(_Engine):
                  top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None,
                  return_log_probs: bool = False) -> list[Completion]:
         """Like ``generate``, with the token ids and why each completion ended; ``return_log_probs`` adds the log-prob
-        of every generated token under the distribution it was sampled from (tempered, top-p truncated:
+        of every generated token under the distribution it was sampled from (tempered, top-p or top-k truncated:
         ``losses.rl.sampling_logits``); greedy (temperature 0) reports the untempered model's."""
         from megatron.core.inference.sampling_params import SamplingParams
         from megatron.core.transformer.utils import set_model_to_sequence_parallel
@@ -243,8 +248,8 @@ class Generator(_Engine):
         results: list[Completion | None] = [None] * len(prompts)
         self.controller.sampling_rng.manual_seed(int(seed))
         self.controller.stop = stop
-        self.controller.sampled = ((float(temperature), float(top_p))
-                                   if return_log_probs and temperature > 0 and top_k == 0 else None)
+        self.controller.sampled = ((float(temperature), float(top_p), int(top_k))
+                                   if return_log_probs and temperature > 0 else None)
         was_training = getattr(self.model, "training", False)
         # megatron's static engine refuses sequence parallelism (dense models): switch it off while generating
         sp = self._inner.config.sequence_parallel

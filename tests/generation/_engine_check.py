@@ -133,6 +133,12 @@ def engine_facts(Engine, model, tok, ref, more: bool, extra) -> dict:
             for key, seed, kw in (("a", 7, {}), ("a2", 7, {}), ("b", 8, {}), ("topk", 7, {"top_k": 5}),
                                   ("topk2", 7, {"top_k": 5}), ("topp", 7, {"top_p": 0.9}))}
     facts["sampling"] = runs
+    # top_k=1 at T=0.7: a one-token distribution, so log p of every sampled token is 0 (the raw model's is not);
+    # top_k=5: log p under the tempered top-5 distribution, at most that of the untruncated one
+    facts["topk_logp"] = {k: [c.log_probs for c in gen.complete(PROMPTS, 8, temperature=0.7, top_k=k, seed=3,
+                                                                return_log_probs=True)] for k in (1, 5)}
+    facts["tempered_logp"] = [c.log_probs for c in gen.complete(PROMPTS, 8, temperature=0.7, seed=3,
+                                                                return_log_probs=True)]
     facts["global_rng_untouched"] = _global_rng_untouched(gen)
     # stop strings: a piece of the first greedy completion's text, strictly inside it
     text = batched[0].text

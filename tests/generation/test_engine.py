@@ -73,6 +73,18 @@ def test_sampling_is_seeded(single, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_top_k_log_probs_are_of_the_truncated_distribution(single, engine):
+    """With top_k the reported log-probs describe the distribution that sampled (tempered, cut to the top k), in
+    both engines: top_k=1 is a one-token distribution (log p = 0 for every token)."""
+    facts = single["gqa"][engine]
+    one = [x for row in facts["topk_logp"]["1"] for x in row]
+    assert one and all(abs(x) < 1e-6 for x in one), one[:8]
+    five = [x for row in facts["topk_logp"]["5"] for x in row]
+    assert five and all(x <= 1e-6 for x in five) and any(x < -1e-3 for x in five)
+    assert any(x < -1e-3 for row in facts["tempered_logp"] for x in row)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_stop_strings(single, engine):
     stop = single["gqa"][engine]["stop"]
     cut = stop["full_text"][:stop["full_text"].find(stop["stop"])]
