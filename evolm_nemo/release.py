@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import string
 from contextlib import contextmanager
@@ -191,11 +192,25 @@ def _last_metrics(run: Path, iteration: int) -> dict:
     return {k: v for k, v in best.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _locate(parent: str, near: Path) -> str:
+    """A lineage's parent path: as recorded when absolute (runs record it so) or found from here; a relative one
+    (recorded by older runs, relative to the directory training ran in) is looked for under the ancestors of the
+    child run ``near``."""
+    if os.path.isabs(parent) or Path(parent).exists():
+        return parent
+    for base in Path(near).resolve().parents:
+        if (base / parent).exists():
+            return str(base / parent)
+    return parent
+
+
 def _parents(model: Model, repos: dict[Path, str]) -> list[dict]:
     """The ancestors up to pretraining, nearest first: run dir, stage, iteration, tokens, data, repo."""
     out, seen = [], {model.run}
     parent = (model.meta.get("lineage") or {}).get("parent")
+    child = model.run
     while parent:
+        parent = _locate(parent, child)
         run = run_dir_of(parent)
         if run in seen:
             break
@@ -211,7 +226,7 @@ def _parents(model: Model, repos: dict[Path, str]) -> list[dict]:
         entry.update(stage=meta.get("stage"), iteration=meta.get("iteration"),
                      tokens=(meta.get("extra") or {}).get("tokens"), data=stages[-1].get("data"))
         out.append(entry)
-        parent = (meta.get("lineage") or {}).get("parent")
+        child, parent = run, (meta.get("lineage") or {}).get("parent")
     return out
 
 

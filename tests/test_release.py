@@ -158,6 +158,23 @@ def test_release_suite_cards_name_parents_and_index(suite):
         assert f"| pre | [{pre_repo}]" in hub.repos["org/evolm-mini"].branches["main"]["README.md"].decode()
 
 
+def test_a_parent_named_relatively_at_training_is_found_from_anywhere(suite, tmp_path, data_cache):
+    """A child trained from `train.init_from=runs/pre/checkpoints` (relative to where it ran): its lineage records
+    the parent's absolute path, so a release from another directory names the parent (its card's base model), not a
+    missing one under the current directory."""
+    proj = tmp_path / "proj"
+    shutil.copytree(suite["root"] / "pre", proj / "runs" / "pre")
+    proc = subprocess.run(evolm_cmd("train", tiny("runs/child", data_cache, "data.synthetic_docs=400",
+                                                  "train.iters=1", "train.init_from=runs/pre/checkpoints")),
+                          cwd=proj, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads(next((proj / "runs" / "child" / "checkpoints").glob("iter_*/evolm.json")).read_text())
+    assert meta["lineage"]["parent"] == str(proj / "runs" / "pre" / "checkpoints")
+    out = release([f"src={proj / 'runs' / 'child'}", "repo=org/child", "dry_run=true"], None, suite["hf_home"],
+                  token=None).stdout
+    assert f"parent {proj / 'runs' / 'pre'})" in out, out
+
+
 def test_release_dry_run_lists_everything_without_network(suite, tmp_path):
     with HubStub() as hub:
         out = release([f"suite={suite['yaml']}", "org=org", "dry_run=true", f"out={tmp_path / 'stage'}"], hub,

@@ -82,7 +82,8 @@ def lineage(cfg: RootConfig, parent_meta: dict | None, record: dict) -> dict:
     """A new run's lineage: its parent's stages, then this one (``record``: what the stage says of its data)."""
     previous = list((parent_meta or {}).get("lineage", {}).get("stages", []))
     return {"stages": previous + [{"stage": cfg.stage, "model": cfg.model.name, **record}],
-            "parent": cfg.train.init_from,
+            # absolute: the lineage is read from other working directories (release, reports)
+            "parent": os.path.abspath(os.path.expanduser(cfg.train.init_from)) if cfg.train.init_from else None,
             **{k: v for k, v in (cfg.lineage or {}).items() if k not in ("stages", "parent")}}
 
 
