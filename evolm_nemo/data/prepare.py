@@ -152,6 +152,7 @@ def _jsonl_rows(path: Path, start: int = 0, stop: Optional[int] = None) -> Itera
 
 def _parquet_rows(path: Path, columns: Optional[List[str]], start: int = 0,
                   stop: Optional[int] = None) -> Iterator[Tuple[str, object]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -170,7 +171,16 @@ def _parquet_rows(path: Path, columns: Optional[List[str]], start: int = 0,
     if not groups:
         return
     row = first
-    for batch in pf.iter_batches(columns=columns, batch_size=1024, row_groups=groups):
+    batches = pf.iter_batches(columns=columns, batch_size=1024, row_groups=groups)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, ValueError, pa.ArrowException) as exc:  # a damaged data page
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError("input", f"{path}: cannot read the rows from {row} on ({first_line}); the file is "
+                                       "damaged: download or write it again") from None
         for item in batch.to_pylist():
             if row >= start and (stop is None or row < stop):
                 yield f"{path} row {row}", item

@@ -186,6 +186,26 @@ def test_cli_never_replaces_an_output_without_overwrite_nor_mixes_layouts(tmp_pa
     assert len(err) == 1 and err[0].startswith("error: data.paths: ") and "both an unsharded" in err[0], err
 
 
+def test_a_damaged_parquet_data_page_is_one_line_and_writes_nothing(tmp_path, synth, capsys):
+    """The footer is sound (the file opens) but a data page in the middle is damaged: reading it is one line
+    naming the file and the row it failed at, not pyarrow's traceback; no output is left."""
+    texts = [f"document number {i} " * 20 for i in range(4000)]
+    good = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": texts}), good, row_group_size=1000, compression="snappy")
+    data = bytearray(good.read_bytes())
+    for k in range(len(data) // 2, len(data) // 2 + 400):
+        data[k] ^= 0x5A
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "out" / "docs"
+    assert cli_main(["prepare", f"input={bad}", f"output={out}", f"tokenizer={synth.tokenizer_dir}", "workers=1",
+                     "progress=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: input: {bad}: cannot read the rows from ") and \
+        "damaged" in err[0], err
+    assert not list(tmp_path.glob("out/*docs*"))  # no output, no temporaries
+
+
 def test_cli_process_exits_2_with_one_line(tmp_path, synth):
     """The real process: exit code 2, exactly one stderr line, no output files."""
     cmd = [sys.executable, "-m", "evolm_nemo.cli", "prepare", f"input={tmp_path / 'missing.jsonl'}",
