@@ -33,6 +33,7 @@ import json
 import multiprocessing
 import os
 import re
+import socket
 import sys
 import time
 import zlib
@@ -390,7 +391,7 @@ def _write_prefix(prefix: str, chunks: Iterator[List[str]], pool, workers: int, 
     skipped)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
-    tmp = f"{prefix}.tmp-{os.getpid()}"
+    tmp = f"{prefix}.tmp-{socket.gethostname()}-{os.getpid()}"  # whose: a later run removes it only if it is dead
     tmp_bin, tmp_idx = get_bin_path(tmp), get_idx_path(tmp)
     bin_path, idx_path = get_bin_path(prefix), get_idx_path(prefix)
     docs = tokens = skipped = 0
@@ -481,6 +482,7 @@ def prepare(
         raise ConfigError("input", f"{input} has no documents")
     prefix = _strip_suffix(str(output_prefix))
     _output_dir(prefix)
+    _remove_stale(prefix)  # what a killed earlier attempt left
 
     def all_chunks():
         yield first
@@ -609,14 +611,16 @@ def _record_ok(prefix: str, plan: dict) -> Optional[dict]:
 
 
 def _remove_stale(prefix: str) -> None:
-    """Temporaries of a killed attempt at this shard (``<prefix>.tmp-<pid>.*`` of a dead pid on this host)."""
+    """Temporaries of a killed attempt at this output (``<prefix>.tmp-<host>-<pid>.*`` of a dead pid on this host;
+    another host's are left alone: on a shared filesystem its writer may be alive)."""
+    here = socket.gethostname()
     for tmp in Path(prefix).parent.glob(Path(prefix).name + ".tmp-*"):
-        m = re.match(r".*\.tmp-(\d+)\.", tmp.name)
-        if not m:
+        m = re.fullmatch(re.escape(Path(prefix).name) + r"\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)\.(?:bin|idx)", tmp.name)
+        if not m or (m.group("host") is not None and m.group("host") != here):
             continue
         try:
-            os.kill(int(m.group(1)), 0)
-            alive = int(m.group(1)) != os.getpid()
+            os.kill(int(m.group("pid")), 0)
+            alive = int(m.group("pid")) != os.getpid()
         except ProcessLookupError:
             alive = False
         except PermissionError:

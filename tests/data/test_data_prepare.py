@@ -206,6 +206,23 @@ def test_a_damaged_parquet_data_page_is_one_line_and_writes_nothing(tmp_path, sy
     assert not list(tmp_path.glob("out/*docs*"))  # no output, no temporaries
 
 
+def test_a_killed_attempts_temporaries_are_removed_and_another_hosts_kept(tmp_path, corpus, synth):
+    """`<prefix>.tmp-<host>-<pid>.*` of a dead process on this host is what a killed prepare left: the next prepare
+    of that prefix removes it; another host's (a live writer on a shared filesystem, maybe) is left alone."""
+    import socket
+
+    out = tmp_path / "docs"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    mine = [tmp_path / f"docs.tmp-{socket.gethostname()}-{dead}.{ext}" for ext in ("bin", "idx")]
+    theirs = tmp_path / "docs.tmp-some-other-node-1.bin"
+    for p in (*mine, theirs):
+        p.write_bytes(b"partial")
+    prepare(corpus, out, synth.tokenizer_dir, workers=1, progress=False)
+    assert not any(p.exists() for p in mine) and theirs.read_bytes() == b"partial"
+    assert len(read_docs(out)) == len(TEXTS)
+
+
 def test_cli_process_exits_2_with_one_line(tmp_path, synth):
     """The real process: exit code 2, exactly one stderr line, no output files."""
     cmd = [sys.executable, "-m", "evolm_nemo.cli", "prepare", f"input={tmp_path / 'missing.jsonl'}",
