@@ -85,28 +85,28 @@ def check_sources(cfg: RootConfig) -> list[int]:
     """Tokens of each data.paths source. A sharded preparation (``<prefix>.manifest.json``) is read from its manifest:
     its tokenizer must be the one training uses (data.tokenizer, and the parent's when continuing one), compared
     by vocabulary hash, and its size must fit model.vocab_size; other prefixes get the token-id scan."""
+    return [source_tokens(cfg, prefix) for prefix in cfg.data.paths]
+
+
+def source_tokens(cfg: RootConfig, prefix: str, key: str = "data.paths") -> int:
+    """One prepared prefix's tokens, after the checks that it can be read by this model (``key``: the recipe key
+    that names it -- data.paths, or data.val_paths for held-out files)."""
     d, m = cfg.data, cfg.model
-    tokens, ours = [], None
-    for prefix in d.paths:
-        manifest = None if Path(prefix + ".bin").exists() else read_manifest(prefix)
-        if manifest is None:
-            tokens.append(check_token_ids([prefix], m.vocab_size))
-            continue
-        theirs = manifest.get("tokenizer") or {}
-        if ours is None:
-            ours = training_tokenizers(cfg)
-        for key, ref, fp in ours:
-            if theirs.get("vocab_sha256") != fp["vocab_sha256"]:
-                raise ConfigError(key, f"{prefix}{MANIFEST_SUFFIX} was prepared with tokenizer {theirs.get('name')} "
+    manifest = None if Path(prefix + ".bin").exists() else read_manifest(prefix)
+    if manifest is None:
+        return check_token_ids([prefix], m.vocab_size)
+    theirs = manifest.get("tokenizer") or {}
+    for tok_key, ref, fp in training_tokenizers(cfg):
+        if theirs.get("vocab_sha256") != fp["vocab_sha256"]:
+            raise ConfigError(tok_key, f"{prefix}{MANIFEST_SUFFIX} was prepared with tokenizer {theirs.get('name')} "
                                        f"(vocabulary {theirs.get('vocab_sha256')}, {theirs.get('size')} tokens), "
                                        f"not {ref} (vocabulary {fp['vocab_sha256']}, {fp['size']} tokens); prepare "
                                        "the data with the model's tokenizer")
-        if int(theirs.get("size") or 0) > m.vocab_size:
-            raise ConfigError("data.paths", f"{prefix}: its tokenizer has {theirs.get('size')} tokens, more than "
-                                            f"model.vocab_size={m.vocab_size}")
-        check_shards(prefix, manifest, m.vocab_size, d.cache_dir)
-        tokens.append(int(manifest["tokens"]))
-    return tokens
+    if int(theirs.get("size") or 0) > m.vocab_size:
+        raise ConfigError(key, f"{prefix}: its tokenizer has {theirs.get('size')} tokens, more than "
+                               f"model.vocab_size={m.vocab_size}")
+    check_shards(prefix, manifest, m.vocab_size, d.cache_dir)
+    return int(manifest["tokens"])
 
 
 def check_shards(prefix: str, manifest: dict, vocab_size: int, cache_dir: str | None = None) -> None:
@@ -248,8 +248,13 @@ def check_validation(cfg: RootConfig) -> None:
             raise ConfigError("data.val_paths", "is for data.source=indexed; the synthetic source takes "
                                                 "data.synthetic_val_docs")
         for prefix in d.val_paths:
-            if not any(Path(f"{prefix}{ext}").is_file() for ext in (".idx", ".manifest.json")):
-                raise ConfigError("data.val_paths", f"no {prefix}.idx/.bin (nor {prefix}.manifest.json)")
+            plain = [Path(f"{prefix}{ext}").is_file() for ext in (".bin", ".idx")]
+            if not all(plain) and not Path(f"{prefix}{MANIFEST_SUFFIX}").is_file():
+                raise ConfigError("data.val_paths", f"no {prefix}.bin + .idx (nor {prefix}{MANIFEST_SUFFIX})")
+            try:  # read by this model as training data is: token ids, tokenizer, shards
+                source_tokens(cfg, prefix, "data.val_paths")
+            except ConfigError as exc:
+                raise ConfigError("data.val_paths" if exc.key == "data.paths" else exc.key, exc.message) from None
         return
     if d.source != "indexed" and d.synthetic_val_docs > 0:
         return

@@ -98,6 +98,24 @@ def test_data_with_a_larger_vocabulary_than_the_model(corpus, capsys, tmp_path):
     check_token_ids([prefix], 512)  # fits: no error
 
 
+def test_held_out_files_are_checked_as_training_data_is(corpus, capsys, tmp_path):
+    """data.val_paths is read by the model as data.paths is: a held-out prefix tokenized with a larger vocabulary
+    (it failed at the first validation, after the model was built, as an embedding-index traceback) or without its
+    .bin is one line naming data.val_paths before anything is built."""
+    small = ensure_synthetic(tmp_path / "small", 200, 8, vocab_size=300)  # the model's vocabulary: 300
+    prefix, _ = corpus
+    top = int(np.fromfile(prefix + ".bin", dtype=np.uint16).max())
+    assert top >= 300
+    base = ["data.source=indexed", f"data.paths=[{small.prefix}]", f"data.tokenizer={small.tokenizer_dir}",
+            "model.vocab_size=300", "train.val_tokens_interval=1024", f"run.out_dir={tmp_path / 'run'}"]
+    _refused(capsys, [*base, f"data.val_paths=[{prefix}]"], "data.val_paths", f"{prefix}.bin",
+             f"largest token id {top} >= model.vocab_size=300")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "x.idx").write_bytes(Path(prefix + ".idx").read_bytes())
+    _refused(capsys, [*base, f"data.val_paths=[{tmp_path / 'half' / 'x'}]"], "data.val_paths", "no ")
+    assert not (tmp_path / "run").exists()
+
+
 def test_token_check_samples_big_files(tmp_path):
     # a .bin bigger than the sample: evenly spaced chunks are read; ids over the vocabulary throughout are found
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
