@@ -51,6 +51,12 @@ def budget(spec: Spec, prompt_len: int) -> int:
     return room if spec.max_new_tokens is None else min(room, spec.max_new_tokens)
 
 
+def prompt_seed(seed: int, key: int) -> int:
+    """The sampling seed of the prompt at position ``key`` of a call: its samples depend on (seed, position) only,
+    not on the batch size, the chunking or the engine's scheduling."""
+    return (int(seed) * 1_000_003 + int(key)) % (2 ** 31)
+
+
 def installed(backend: str) -> bool:
     module = BACKENDS[backend][0]
     try:
@@ -122,7 +128,7 @@ class Sampler:
         bar.update(len(prompts) - len(fit), 0)
         t0 = time.perf_counter()
         try:
-            got = self._generate([prompts[i] for i in fit], [ids[i] for i in fit], spec, bar) if fit else []
+            got = self._generate([prompts[i] for i in fit], [ids[i] for i in fit], spec, bar, fit) if fit else []
         finally:
             tok_s = bar.close()
         self.stats = {"backend": self.name, "prompts": len(prompts), "n": spec.n, "tokens": bar.tokens,
@@ -136,7 +142,9 @@ class Sampler:
         """Prompt token ids as the engine will see them (BOS included when the tokenizer adds one)."""
         raise NotImplementedError
 
-    def _generate(self, prompts: list[str], ids: list[list[int]], spec: Spec, bar: Progress) -> list[list[str]]:
+    def _generate(self, prompts: list[str], ids: list[list[int]], spec: Spec, bar: Progress,
+                  keys: list[int]) -> list[list[str]]:
+        """``n`` completions of each prompt; ``keys``: each prompt's position in the call (its seed: ``prompt_seed``)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -178,14 +186,15 @@ class HFSampler(Sampler):
     def encode(self, prompt):
         return self.tok(prompt).input_ids
 
-    def _generate(self, prompts, ids, spec, bar):
+    def _generate(self, prompts, ids, spec, bar, keys):
         import torch
 
         out: list[list[str]] = [[] for _ in prompts]
         # Longest first: similar lengths share a batch (less padding) and an out-of-memory shows up at once.
         order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
-        per_batch = max(1, self.batch_size // spec.n)
-        torch.manual_seed(spec.seed)
+        # Greedy prompts share batches; sampled ones run one prompt (its n samples) per call, seeded by its position:
+        # transformers draws one random stream for the whole batch, so batch-mates would change each other's samples.
+        per_batch = max(1, self.batch_size // spec.n) if spec.greedy else 1
         for start in range(0, len(order), per_batch):
             chunk = order[start:start + per_batch]
             width = max(len(ids[i]) for i in chunk)
@@ -194,7 +203,11 @@ class HFSampler(Sampler):
             for row, i in enumerate(chunk):
                 input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
                 mask[row, width - len(ids[i]):] = 1
-            gen = self._gen_kwargs(spec, budget(spec, width))
+            # each row to its own budget (max_model_len less its own prompt), not the longest batch-mate's
+            budgets = [budget(spec, len(ids[i])) for i in chunk]
+            gen = self._gen_kwargs(spec, max(budgets))
+            if not spec.greedy:
+                torch.manual_seed(prompt_seed(spec.seed, keys[chunk[0]]))
             with torch.inference_mode():
                 seqs = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                                            tokenizer=self.tok, **gen)
@@ -203,7 +216,7 @@ class HFSampler(Sampler):
             for row, i in enumerate(chunk):
                 texts = []
                 for toks in seqs[row]:
-                    toks, count = self._trim(toks)
+                    toks, count = self._trim(toks[:budgets[row]])
                     tokens += count
                     texts.append(self.tok.decode(toks, skip_special_tokens=False))
                 out[i] = texts
@@ -246,14 +259,15 @@ class _EngineSampler(Sampler):
     llm = None
     chunk = 256
 
-    def _params(self, spec: Spec, n_prompt_tokens: int):
+    def _params(self, spec: Spec, n_prompt_tokens: int, seed: int):
         raise NotImplementedError
 
-    def _generate(self, prompts, ids, spec, bar):
+    def _generate(self, prompts, ids, spec, bar, keys):
         out = []
         for start in range(0, len(prompts), self.chunk):
             part = prompts[start:start + self.chunk]
-            params = [self._params(spec, len(p_ids)) for p_ids in ids[start:start + self.chunk]]
+            params = [self._params(spec, len(p_ids), prompt_seed(spec.seed, key))  # per request: not the chunking's
+                      for p_ids, key in zip(ids[start:start + self.chunk], keys[start:start + self.chunk])]
             results = self.llm.generate(part, params, use_tqdm=False)
             out += [[o.text for o in r.outputs] for r in results]
             bar.update(len(part), sum(len(o.token_ids) for r in results for o in r.outputs))
@@ -279,12 +293,12 @@ class VLLMSampler(_EngineSampler):
     def encode(self, prompt):
         return self.tok(prompt).input_ids
 
-    def _params(self, spec, n_prompt_tokens):
+    def _params(self, spec, n_prompt_tokens, seed):
         from vllm import SamplingParams
 
         return SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
                               max_tokens=budget(spec, n_prompt_tokens), repetition_penalty=spec.repetition_penalty,
-                              stop=list(spec.stop), skip_special_tokens=False)
+                              stop=list(spec.stop), skip_special_tokens=False, seed=seed)
 
     def close(self) -> None:
         del self.llm
@@ -308,13 +322,13 @@ class TRTLLMSampler(_EngineSampler):
     def encode(self, prompt):
         return self.tok.encode(prompt)
 
-    def _params(self, spec, n_prompt_tokens):
+    def _params(self, spec, n_prompt_tokens, seed):
         from tensorrt_llm import SamplingParams
 
         # Greedy is top_k=1 (TRT-LLM wants temperature > 0); sampling is top_k=0: the full distribution.
         pick_kw = dict(top_k=1) if spec.greedy else dict(top_k=0, top_p=spec.top_p, temperature=spec.temperature)
         return SamplingParams(n=spec.n, max_tokens=budget(spec, n_prompt_tokens), stop=list(spec.stop),
-                              seed=spec.seed, repetition_penalty=spec.repetition_penalty, skip_special_tokens=False,
+                              seed=seed, repetition_penalty=spec.repetition_penalty, skip_special_tokens=False,
                               **pick_kw)
 
     def close(self) -> None:

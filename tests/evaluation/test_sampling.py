@@ -83,6 +83,25 @@ def test_n16_returns_16_and_respects_stop_strings(sampler):
     assert again == stopped  # seed 42 makes the run reproducible
 
 
+def test_samples_do_not_depend_on_the_batching(lm, sampler):
+    """A prompt's samples are a function of (seed, its position in the call): batch size 64 and 4 give the same
+    16 samples; greedy completions keep their own budget (max_model_len less their own prompt) whatever the
+    batch-mates (the longest prompt's budget cut every row of its batch)."""
+    spec = Spec(n=16, temperature=1.0, max_new_tokens=10, stop=())
+    small = sampling.HFSampler(str(lm[0]), batch_size=4)
+    try:
+        assert small.generate(PROMPTS, spec) == sampler.generate(PROMPTS, spec)
+        _, _, tok = lm
+        n_long = len(tok(PROMPTS[1]).input_ids)
+        greedy = Spec(max_model_len=n_long + 4, stop=())  # the long prompt leaves 4 tokens, the others more
+        together = sampler.generate(PROMPTS, greedy)
+        alone = [small.generate([p], greedy)[0] for p in PROMPTS]
+    finally:
+        small.close()
+    assert together == alone
+    assert len(tok(together[0][0], add_special_tokens=False).input_ids) > 4  # a short prompt's own, larger budget
+
+
 def test_max_model_len_budget(lm, sampler):
     _, _, tok = lm
     n_prompt = len(tok(PROMPTS[0]).input_ids)
