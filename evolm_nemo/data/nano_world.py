@@ -243,24 +243,31 @@ def _sentence(r: random.Random) -> str:
     return f"{name} and {other} met at the {r.choice(PLACES)} on a {r.choice(WEATHER)} morning."
 
 
-def _doc(corpus: str, r: random.Random) -> Dict[str, str]:
+def _doc(corpus: str, r: random.Random, exclude: frozenset = frozenset()) -> Dict[str, str]:
     if corpus == "general":
         return {"text": " ".join(_sentence(r) for _ in range(r.randint(4, 8)))}
+    from evolm_nemo.data.sft_prepare import question_key
+
     parts = []
     for _ in range(r.randint(2, 4)):
         p = make_problem(r.choice(ID_FAMILIES), r)
+        while exclude and question_key(p.problem) in exclude:  # an evaluation or RL question: never in the corpus
+            p = make_problem(r.choice(ID_FAMILIES), r)
         parts.append(f"{p.problem} {p.solution}" if r.random() < 0.7 else f"Human: {p.problem}\nAssistant: "
                                                                            f"{p.solution}")
     return {"text": "\n".join(parts)}
 
 
-def corpus(name: str, num_docs: int, seed: int = 0) -> List[Dict[str, str]]:
-    """``num_docs`` ``{"text"}`` rows of corpus ``name`` (general | math); row ``i`` depends only on (name, seed, i)."""
+def corpus(name: str, num_docs: int, seed: int = 0, exclude: Iterable[str] = ()) -> List[Dict[str, str]]:
+    """``num_docs`` ``{"text"}`` rows of corpus ``name`` (general | math); row ``i`` depends only on (name, seed, i)
+    and ``exclude`` (question keys, ``sft_prepare.question_key``, the math corpus never states: the held-out
+    evaluation and RL questions)."""
     if name not in CORPORA:
         raise ConfigError("corpus", f"unknown nano corpus {name!r}; choose one of {', '.join(CORPORA)}")
     if num_docs < 1:
         raise ConfigError("num_docs", f"must be positive, got {num_docs}")
-    return [_doc(name, random.Random(f"nano:{name}:{seed}:{i}")) for i in range(num_docs)]
+    exclude = frozenset(exclude)
+    return [_doc(name, random.Random(f"nano:{name}:{seed}:{i}"), exclude) for i in range(num_docs)]
 
 
 def unigram(texts: Iterable[str], tokenize: Optional[Callable[[str], List]] = None) -> Counter:
@@ -387,8 +394,12 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _build(cfg: WorldConfig, out: Path, final: Path) -> dict:
     """Write the world into ``out`` (a temporary directory that becomes ``final``); paths recorded name ``final``."""
+    from evolm_nemo.data.sft_prepare import question_key
+
+    sets = split_sets(cfg)
+    held = {question_key(q["problem"]) for part in ("eval_id", "rl") for q in sets[part]}  # never in a corpus
     corpora = {"general": corpus("general", cfg.general_docs + cfg.val_docs, cfg.seed),
-               "math": corpus("math", cfg.math_docs + cfg.val_docs, cfg.seed)}
+               "math": corpus("math", cfg.math_docs + cfg.val_docs, cfg.seed, exclude=held)}
     held_out = {}
     for name, rows in list(corpora.items()):
         cut = len(rows) - cfg.val_docs
@@ -397,7 +408,6 @@ def _build(cfg: WorldConfig, out: Path, final: Path) -> dict:
             held_out[f"{name}_val"] = rows[cut:]
     for name, rows in {**corpora, **held_out}.items():
         _write_jsonl(out / f"{name}.jsonl", rows)
-    sets = split_sets(cfg)
     _write_jsonl(out / "sft.jsonl", ({"id": q["id"], "question": q["problem"], "answer": q["solution"],
                                       "gold": q["answer"]} for q in sets["sft"]))
     _write_jsonl(out / "rl.jsonl", ({"id": q["id"], "prompt": TEMPLATE.replace("{problem}", q["problem"]),
@@ -408,7 +418,8 @@ def _build(cfg: WorldConfig, out: Path, final: Path) -> dict:
     families = {n: {"split": f.split, "ops": list(f.ops), "format": f.format, "axis": f.axis}
                 for n, f in FAMILIES.items()}
     manifest = {"format": WORLD_FORMAT, "config": asdict(cfg), "families": families,
-                "sets": {k: len(v) for k, v in sets.items()}}
+                "sets": {k: len(v) for k, v in sets.items()},
+                "corpus_excludes": ["eval_id", "rl"]}  # questions the math corpus never states
     if cfg.index:
         from evolm_nemo.data.prepare import prepare
         from evolm_nemo.data.tokenizer import train_tokenizer

@@ -88,6 +88,26 @@ def test_corpora_differ_measurably():
     assert js > 0.5 and js_self < 0.1, (js, js_self)
 
 
+def test_the_math_corpus_never_states_an_evaluation_or_rl_question():
+    """At the default world's sizes, 2,000 math documents drawn freely state 33 of the 700 held-out ID evaluation
+    and RL questions verbatim, with their worked answers; with those questions excluded (as the world is built),
+    none -- the rest of the stream unchanged."""
+    from evolm_nemo.data.sft_prepare import question_key
+
+    sets = nw.split_sets(nw.WorldConfig())
+    held = [q["problem"] for part in ("eval_id", "rl") for q in sets[part]]
+    keys = {question_key(p) for p in held}
+
+    def stated(rows):
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        return sum(json.dumps(p)[1:-1] in text for p in held)
+
+    free, kept = nw.corpus("math", 2000, 0), nw.corpus("math", 2000, 0, exclude=keys)
+    assert stated(free) == 33 and stated(kept) == 0
+    changed = sum(a != b for a, b in zip(free, kept))
+    assert 0 < changed < 100  # only the documents that held such a question were drawn again
+
+
 def test_build_world_writes_the_sets(tmp_path):
     out = tmp_path / "world"
     manifest = nw.main([f"out={out}", "seed=2"] + [f"{k}={v}" for k, v in SMALL.items()])
@@ -118,12 +138,22 @@ def test_build_world_writes_the_sets(tmp_path):
             assert judge(suite, r["gt_solution"].split("\n#### ")[0], gold_answer(suite, r))
     sft = [json.loads(line) for line in open(out / "sft.jsonl")]
     assert set(sft[0]) == {"id", "question", "answer", "gold"}
+    # the evaluation and RL questions are held out of the corpora too: no math document states one
+    from evolm_nemo.data.sft_prepare import question_key
+
+    sets = nw.split_sets(nw.WorldConfig(seed=2, **SMALL))
+    secret = {question_key(q["problem"]) for part in ("eval_id", "rl") for q in sets[part]}
+    math_text = (out / "math.jsonl").read_text() + (out / "math_val.jsonl").read_text()
+    stated = {question_key(q["problem"]) for part in ("eval_id", "rl") for q in sets[part]
+              if json.dumps(q["problem"])[1:-1] in math_text}
+    assert secret and not stated and m["corpus_excludes"] == ["eval_id", "rl"]
     # held-out documents: the next ones of each corpus's stream, never trained on; the SFT rows as datasets
     for name in ("general", "math"):
         train_rows = (out / f"{name}.jsonl").read_text().splitlines()
         held = (out / f"{name}_val.jsonl").read_text().splitlines()
         assert len(held) == SMALL["val_docs"] and not set(held) & set(train_rows)
-        assert [json.loads(r) for r in held] == nw.corpus(name, len(train_rows) + len(held), 2)[len(train_rows):]
+        stream = nw.corpus(name, len(train_rows) + len(held), 2, exclude=secret if name == "math" else ())
+        assert [json.loads(r) for r in held] == stream[len(train_rows):]
         assert (out / f"{name}_val.bin").stat().st_size > 0
     from evolm_nemo.data.sft import read_manifest
 
