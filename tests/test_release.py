@@ -164,6 +164,7 @@ def test_a_parent_named_relatively_at_training_is_found_from_anywhere(suite, tmp
     missing one under the current directory."""
     proj = tmp_path / "proj"
     shutil.copytree(suite["root"] / "pre", proj / "runs" / "pre")
+    shutil.rmtree(proj / "runs" / "pre" / "release", ignore_errors=True)  # never released: named by its run dir
     proc = subprocess.run(evolm_cmd("train", tiny("runs/child", data_cache, "data.synthetic_docs=400",
                                                   "train.iters=1", "train.init_from=runs/pre/checkpoints")),
                           cwd=proj, env=subprocess_env(), capture_output=True, text=True, timeout=600)
