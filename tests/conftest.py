@@ -120,9 +120,10 @@ def tree_bytes(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def a_run(tmp_path_factory, data_cache):
-    """A real (one-iteration) tiny training run: checkpoints, run.json, metrics.jsonl."""
+    """A real (one-iteration) tiny training run: checkpoints, run.json, metrics.jsonl. Shared by the whole session:
+    its users copy it or show that a refused command left it byte for byte (never write into it)."""
     out = tmp_path_factory.mktemp("a_run") / "run"
     run_evolm("train", tiny(out, data_cache, "train.iters=1"))
     assert (out / "checkpoints").is_dir() and (out / "metrics.jsonl").is_file()

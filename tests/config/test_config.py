@@ -9,7 +9,7 @@ from evolm_nemo.config import ConfigError, RootConfig, compose, iterations_for, 
 from evolm_nemo.config.validate import validate
 from evolm_nemo.model.build import param_count
 from evolm_nemo.stages import plan_run
-from tests.conftest import BIN, REPO, run_evolm, subprocess_env, tiny
+from tests.conftest import BIN, REPO, subprocess_env
 
 
 def _check(overrides, world_size=1):
@@ -94,10 +94,8 @@ def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_parent(tmp_path_factory, data_cache):
-    out = tmp_path_factory.mktemp("parent")
-    run_evolm("train", tiny(out, data_cache, "train.iters=1"))
-    return out / "checkpoints" / "iter_0000001"
+def tiny_parent(a_run):
+    return a_run / "checkpoints" / "iter_0000001"  # copied before use (_parent_like)
 
 
 def _parent_like(tiny_parent, cfg, where):

@@ -133,19 +133,40 @@ def test_prepare_rm_malformed_row_is_one_line_with_its_number(rm_data, tmp_path,
 # ------------------------------------------------------------------------------------------------------ rm stage
 
 
-def test_outcome_rm_learns_and_its_hf_export_scores_the_same(rm_data, tmp_path):
+@pytest.fixture(scope="module")
+def outcome_rm(rm_data, tmp_path_factory):
+    """The demo recipe's outcome RM on the scored completions, and its HF export (read by several tests)."""
+    root = tmp_path_factory.mktemp("outcome_rm")
+    run_evolm("train", rm_overrides(root / "rm", rm_data))
+    run_evolm("export-hf", [f"src={root / 'rm'}", f"dst={root / 'hf'}", "progress=false"])
+    return {"run": root / "rm", "hf": root / "hf"}
+
+
+@pytest.fixture(scope="module")
+def ppo_with_rm(rm_data, outcome_rm, tmp_path_factory):
+    """PPO whose reward adds the outcome RM's score (its HF export imported with `evolm import-hf`): rollouts saved;
+    its critic is a value-head checkpoint too."""
+    root = tmp_path_factory.mktemp("ppo_with_rm")
+    imported, out = root / "imported", root / "ppo"
+    run_evolm("import-hf", [f"src={outcome_rm['hf']}", f"dst={imported}", "progress=false"])
+    run_evolm("train", ["stage=ppo", f"train.init_from={rm_data['sft']}", f"data.paths=[{rm_data['rl8']}]",
+                        f"run.out_dir={out}", "train.iters=2", "rl.max_response_tokens=48",
+                        "rl.reward=sum", f"rl.reward_model={imported}", "rl.reward_model_weight=0.5",
+                        "rl.save_rollouts=true", *COMMON])
+    return out
+
+
+def test_outcome_rm_learns_and_its_hf_export_scores_the_same(rm_data, outcome_rm):
     """A tiny outcome RM separates the checker's correct from incorrect completions of held-out problems
     (validation AUC > 0.8); its HF LlamaForSequenceClassification export scores every validation sequence like
     our model (1e-5), from the text as `evolm eval downstream rm=` sees it."""
-    out = tmp_path / "rm"
-    run_evolm("train", rm_overrides(out, rm_data))
+    out = outcome_rm["run"]
     last = metrics(out)[max(metrics(out))]
     assert last["val_auc"] > 0.8 and last["val_accuracy"] > 0.8 and last["val_examples"] == 192, last
     meta = json.loads(next((out / "checkpoints").glob("iter_*/evolm.json")).read_text())
     assert meta["head"] == "value" and meta["lineage"]["stages"][-1]["stage"] == "rm"
 
-    hf = tmp_path / "hf"
-    run_evolm("export-hf", [f"src={out}", f"dst={hf}", "progress=false"])
+    hf = outcome_rm["hf"]
     assert json.loads((hf / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
     from evolm_nemo.evaluation.rm import RewardModel
 
@@ -172,11 +193,18 @@ SPLITS = (("1x4", ["parallel.micro_batch_size=1"], 1), ("4x1", ["parallel.micro_
           ("budget", ["parallel.max_tokens_per_microbatch=400"], 1))
 
 
-def test_rm_loss_and_grads_do_not_depend_on_the_split(rm_data, tmp_path):
+@pytest.fixture(scope="module")
+def references() -> dict:
+    """Each stage's one-process pairwise run of the split tests (micro-batch 1), kept for the layout tests: the split
+    tests prove micro-batch size changes nothing, so it is their one-process reference too."""
+    return {}
+
+
+def test_rm_loss_and_grads_do_not_depend_on_the_split(rm_data, tmp_path, references):
     """Pairwise (a pair is one unit: both answers in one microbatch): micro 1x4, 4x1, DP=2, packed rows (one
     rank and two) and a token budget agree on loss, accuracy and grad norm (two steps). Outcome (one answer per unit,
-    the same layout code): the extremes, micro 4x1 against DP=2 and packed rows over DP=2."""
-    for objective, data, splits in (("outcome", rm_data["outcome"], ("1x4", "4x1", "dp2", "packed_dp2")),
+    the same layout code): micro 4x1 against DP=2 (micro 1, two per rank) and packed rows over DP=2."""
+    for objective, data, splits in (("outcome", rm_data["outcome"], ("4x1", "dp2", "packed_dp2")),
                                     ("pairwise", rm_data["pairs"], tuple(name for name, _, _ in SPLITS))):
         runs = {}
         for name, extra, nproc in (s for s in SPLITS if s[0] in splits):
@@ -186,7 +214,9 @@ def test_rm_loss_and_grads_do_not_depend_on_the_split(rm_data, tmp_path):
                                             "train.iters=2", "train.log_interval=1", "rm.val_fraction=0"),
                       nproc=nproc)
             runs[name] = metrics(out)
-        base = runs["1x4"]
+        base = runs["1x4"] if "1x4" in runs else runs["4x1"]
+        if objective == "pairwise":
+            references["rm"] = base
         for name, got in runs.items():
             for it in (1, 2):
                 for key in ("loss", "grad_norm", "accuracy"):
@@ -249,7 +279,7 @@ def test_dpo_starts_at_log2_widens_the_margin_and_resumes(rm_data, tmp_path):
     assert q[6]["reward_margin"] > q[1]["reward_margin"]
 
 
-def test_dpo_invariant_to_the_split(rm_data, tmp_path):
+def test_dpo_invariant_to_the_split(rm_data, tmp_path, references):
     """Micro 1x4, DP=2 (micro 2 per rank), packed rows (one rank and two) and a token budget: the same DPO steps."""
     runs = {}
     for name, extra, nproc in (("1x4", ["parallel.micro_batch_size=1"], 1), ("dp2", ["parallel.micro_batch_size=2"], 2),
@@ -261,6 +291,7 @@ def test_dpo_invariant_to_the_split(rm_data, tmp_path):
                             f"train.init_from={rm_data['sft']}", f"run.out_dir={out}", "train.iters=2",
                             "train.log_interval=1", *extra, "parallel.global_batch_size=4", *COMMON], nproc=nproc)
         runs[name] = metrics(out)
+    references["dpo"] = runs["1x4"]
     for name, got in runs.items():
         for it in (1, 2):
             for key in ("loss", "grad_norm", "reward_margin", "chosen_logp"):
@@ -271,20 +302,11 @@ def test_dpo_invariant_to_the_split(rm_data, tmp_path):
 # ------------------------------------------------------------------------------------------------------ rl reward
 
 
-def test_ppo_with_an_imported_hf_reward_model_scores_like_transformers(rm_data, tmp_path):
+def test_ppo_with_an_imported_hf_reward_model_scores_like_transformers(outcome_rm, ppo_with_rm):
     """An HF LlamaForSequenceClassification (our RM's export) imported with `evolm import-hf` is PPO's reward
     model (rl.reward=sum): each rollout's rm_score equals transformers' score of the same token ids, and the reward
     is the weighted sum with the checker's verdict."""
-    rm = tmp_path / "rm"
-    run_evolm("train", rm_overrides(rm, rm_data, "train.epochs=1"))
-    hf, imported = tmp_path / "hf", tmp_path / "imported"
-    run_evolm("export-hf", [f"src={rm}", f"dst={hf}", "progress=false"])
-    run_evolm("import-hf", [f"src={hf}", f"dst={imported}", "progress=false"])
-    out = tmp_path / "ppo"
-    run_evolm("train", ["stage=ppo", f"train.init_from={rm_data['sft']}", f"data.paths=[{rm_data['rl8']}]",
-                        f"run.out_dir={out}", "train.iters=2", "rl.max_response_tokens=48",
-                        "rl.reward=sum", f"rl.reward_model={imported}", "rl.reward_model_weight=0.5",
-                        "rl.save_rollouts=true", *COMMON])
+    hf, out = outcome_rm["hf"], ppo_with_rm
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(str(hf), dtype=torch.float32).eval()
@@ -320,9 +342,10 @@ def _layout_base(rm_data, stage: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def one_process(rm_data, tmp_path_factory):
-    """Each stage's padded one-process run (made once, on first use): the layouts' reference."""
-    runs = {}
+def one_process(rm_data, tmp_path_factory, references):
+    """Each stage's padded one-process run (the split test's, else made once, on first use): the layouts'
+    reference."""
+    runs = references
 
     def get(stage: str) -> dict:
         if stage not in runs:
@@ -349,14 +372,11 @@ def test_layouts_equal_tp1(rm_data, tmp_path, one_process, stage, layout, packin
             assert abs(got[it][key] - ref[it][key]) < 1e-5 * max(1.0, abs(ref[it][key])), (it, key)
 
 
-def test_a_value_head_checkpoint_is_refused_where_a_language_model_or_a_reward_model_belongs(rm_data, tmp_path):
+def test_a_value_head_checkpoint_is_refused_where_a_language_model_or_a_reward_model_belongs(rm_data, tmp_path,
+                                                                                            outcome_rm, ppo_with_rm):
     """A reward model as the parent of an LM stage would start from a random LM head; a PPO critic as rl.reward_model
     scores returns, not rewards: both are one line naming the key, before anything is built."""
-    rm = tmp_path / "rm"
-    run_evolm("train", rm_overrides(rm, rm_data, "train.iters=2", "train.epochs=null"))
-    ppo = tmp_path / "ppo"
-    run_evolm("train", ["stage=ppo", f"train.init_from={rm_data['sft']}", f"data.paths=[{rm_data['rl8']}]",
-                        f"run.out_dir={ppo}", "train.iters=1", "rl.max_response_tokens=16", *COMMON])
+    rm, ppo = outcome_rm["run"], ppo_with_rm
     data = {"sft": [f"data.paths=[{rm_data['outcome']}]"], "dpo": [f"data.paths=[{rm_data['pairs']}]"],
             "grpo": [f"data.paths=[{rm_data['rl8']}]"]}
     for stage, extra in data.items():

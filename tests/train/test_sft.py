@@ -216,10 +216,8 @@ def test_no_leakage_between_padded_or_packed_examples(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def synthetic_parent(tmp_path_factory, data_cache):
-    out = tmp_path_factory.mktemp("sft_parent")
-    run_evolm("train", tiny(out, data_cache, "train.iters=2"))
-    return out
+def synthetic_parent(a_run):
+    return a_run  # a tiny pretraining run (only read: train.init_from)
 
 
 def _synthetic_sft(out, cache, parent, *extra):
