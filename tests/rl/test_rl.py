@@ -89,7 +89,14 @@ def _compare(got, want, keys=("loss", "actor_grad_norm", "value_loss", "critic_g
                 (it, key, got[it][key], want[it][key])
 
 
-def test_split_into_microbatches_and_ranks_changes_nothing(tmp_path, rl_parent):
+@pytest.fixture(scope="module")
+def references() -> dict:
+    """The split test's one-process greedy PPO run (micro-batch 4), kept as the TP test's reference: the split test
+    proves micro-batch size changes nothing."""
+    return {}
+
+
+def test_split_into_microbatches_and_ranks_changes_nothing(tmp_path, rl_parent, references):
     """PPO (GAE, whitening): micro-batch 4/1, DP=2, packed rows (one rank and two; GAE stays within each
     sequence) and a token budget give the same steps; with sequence-mean aggregation, packed rows (the actor's and the
     critic's segments) give the padded run's steps too."""
@@ -103,6 +110,7 @@ def test_split_into_microbatches_and_ranks_changes_nothing(tmp_path, rl_parent):
     assert runs["m4"][1]["actor_grad_norm"] > 0 and runs["m4"][2]["actor_grad_norm"] > 0
     for name in runs:
         _compare(runs[name], runs["m4"])
+    references["ppo"] = runs["m4"]
     seq = {}
     for name, extra in (("padded", ["parallel.micro_batch_size=4"]), ("packed", ["train.packing=true"])):
         out = tmp_path / f"seq_{name}"
@@ -156,16 +164,17 @@ def test_a_mini_batch_dynamic_sampling_emptied_is_no_update(tmp_path, rl_parent)
     assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
 
 
-def test_tp2_equals_tp1(tmp_path, rl_parent):
+def test_tp2_equals_tp1(tmp_path, rl_parent, references):
     """TP=2, and TP=2 with sequence parallelism (each row's length rounded up to a multiple of 2, packed rows too),
-    give the one-process steps."""
-    ref = tmp_path / "tp1"
-    run_evolm("train", rl_args(ref, rl_parent, "ppo", None, *GREEDY, "parallel.micro_batch_size=2"))
+    give the one-process steps (the split test's run, else made here)."""
+    if "ppo" not in references:
+        run_evolm("train", rl_args(tmp_path / "tp1", rl_parent, "ppo", None, *GREEDY, "parallel.micro_batch_size=2"))
+        references["ppo"] = metrics(tmp_path / "tp1")
     for name, extra in (("tp2", []), ("tp2_sp", ["parallel.sp=true"]), ("tp2_sp_packed", ["parallel.sp=true", "train.packing=true"])):
         out = tmp_path / name
         run_evolm("train", rl_args(out, rl_parent, "ppo", None, *GREEDY, "parallel.micro_batch_size=2",
                                    "parallel.tp=2", "parallel.global_batch_size=8", *extra), nproc=2)
-        _compare(metrics(out), metrics(ref), tol=1e-5)
+        _compare(metrics(out), references["ppo"], tol=1e-5)
 
 
 def test_sigkill_mid_rl_then_resume_matches(tmp_path, rl_parent):

@@ -57,29 +57,36 @@ def test_cut_short_checkpoint_is_skipped(tmp_path, data_cache, uninterrupted):
 
 
 def test_a_second_training_into_a_busy_run_dir_refuses(tmp_path, data_cache):
-    """Two trainings into one run directory at once: the second refuses in one line and the first finishes."""
+    """Two trainings into one run directory at once: the second refuses in one line and leaves the first alone (it
+    then stops cleanly on SIGTERM, its checkpoint committed); once the first has ended, the directory is free: a
+    rerun takes it and resumes (stopped again after a step, to keep the test short)."""
+    import signal
     import subprocess
     import time
 
-    from tests.conftest import REPO, evolm_cmd, subprocess_env
+    from tests.conftest import REPO, evolm_cmd, subprocess_env, train_then_sigterm
 
-    first = subprocess.Popen(evolm_cmd("train", tiny(tmp_path, data_cache, "train.iters=400")), cwd=REPO,
-                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = tiny(tmp_path, data_cache, "train.iters=400", "train.log_interval=1")
+    first = subprocess.Popen(evolm_cmd("train", args), cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
             time.sleep(0.05)
         assert first.poll() is None, "the first run ended too early"
-        second = run_evolm("train", tiny(tmp_path, data_cache, "train.iters=400"), check=False)
+        second = run_evolm("train", args, check=False)
         lines = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: run.out_dir:"), lines
         assert "in use by another training" in lines[0]
-        assert first.wait(timeout=300) == 0
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 143 and "committed" in err.strip().splitlines()[-1], err[-2000:]
     finally:
         if first.poll() is None:
             first.kill()
-    rerun = run_evolm("train", tiny(tmp_path, data_cache, "train.iters=400"))  # free again once the first ended
-    assert rerun.returncode == 0
+    stopped = len((tmp_path / "metrics.jsonl").read_text().splitlines())
+    code, _, again = train_then_sigterm(args, tmp_path, after_rows=stopped + 1)  # free again once the first ended
+    assert code == 143 and again > stopped
 
 
 def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path, data_cache, uninterrupted):

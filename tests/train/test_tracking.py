@@ -225,7 +225,7 @@ def test_a_tracking_store_lost_mid_run_is_one_warning_and_training_finishes(tmp_
 
     uri, on = offline
     out = tmp_path / "run"
-    proc = subprocess.Popen(evolm_cmd("train", tiny(out, data_cache, "train.iters=60", "train.log_interval=1", *on)),
+    proc = subprocess.Popen(evolm_cmd("train", tiny(out, data_cache, "train.iters=30", "train.log_interval=1", *on)),
                             cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     store = tmp_path / "mlruns"
     while proc.poll() is None:  # the store goes once training has logged its first row to it
@@ -239,10 +239,10 @@ def test_a_tracking_store_lost_mid_run_is_one_warning_and_training_finishes(tmp_
     warnings = [ln for ln in stdout.splitlines() if ln.startswith("[evolm] warning: logger.mlflow")]
     assert len(warnings) == 1 and "training goes on without it" in warnings[0], stdout
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows] == list(range(1, 61))
+    assert [r["iteration"] for r in rows] == list(range(1, 31))
     (wb,) = wandb_runs(out)
-    assert sorted(int(h["iteration"]) for h in wb["history"]) == list(range(1, 61))
-    assert (out / "checkpoints" / "iter_0000060" / "evolm.json").is_file()
+    assert sorted(int(h["iteration"]) for h in wb["history"]) == list(range(1, 31))
+    assert (out / "checkpoints" / "iter_0000030" / "evolm.json").is_file()
 
 
 @pytest.mark.parametrize("name,package", [("wandb", "wandb"), ("mlflow", "mlflow-skinny")])
