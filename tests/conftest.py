@@ -214,6 +214,22 @@ def small_disk(tmp_path):
     disk.unmount_all()
 
 
+def refused_in_process(capsys, command: str, overrides: list[str], key: str) -> str:
+    """``evolm <command> <overrides>`` called in this process (the real CLI entry, without a new interpreter's
+    imports: for the many one-line refusals that come before anything is built) must exit 2 with exactly one line,
+    ``error: <key>: ...``, and leave no process group behind. Returns that line."""
+    import torch.distributed as dist
+
+    from evolm_nemo.cli import main
+
+    capsys.readouterr()
+    code = main([command, *overrides])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}:"), (code, lines)
+    assert not dist.is_initialized(), "refused after the process group was set up: test it in a process"
+    return lines[0]
+
+
 def one_line_error(proc, key: str) -> str:
     """A command that failed the project's way: exit 2 and exactly one line on stderr, ``error: <key>: ...``,
     no traceback. Returns that line."""

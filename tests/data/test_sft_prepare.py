@@ -165,12 +165,12 @@ def test_rl_side_takes_only_questions_with_a_gold_answer(tmp_path, tok_dir):
     (["filter=false", "prompt_template=Q:"], "prompt_template"),
     (["filter=false", "cutoff=1"], "cutoff"),
 ])
-def test_bad_input_is_one_line(tmp_path, tok_dir, extra, key):
+def test_bad_input_is_one_line(tmp_path, tok_dir, capsys, extra, key):
+    from tests.conftest import refused_in_process
+
     inp = _write(tmp_path / "in.jsonl", [{"question": "q?", "answer": "a"}])
-    proc = run_evolm("prepare-sft", [f"input={inp}", f"output={tmp_path / 'out'}", f"tokenizer={tok_dir}",
-                                     "progress=false", *extra], check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}:"), proc.stderr
+    refused_in_process(capsys, "prepare-sft", [f"input={inp}", f"output={tmp_path / 'out'}", f"tokenizer={tok_dir}",
+                                               "progress=false", *extra], key)
     assert not (tmp_path / "out").exists()
 
 
