@@ -483,10 +483,9 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, restore_rng: 
     return {"iteration": meta["iteration"], **meta.get("extra", {}), "meta": meta}
 
 
-def load_weights(path: str | Path, chunks, verified: bool = False) -> dict:
-    """Model weights only (a parent checkpoint for CPT/SFT/PPO, or export): any TP/PP. ``verified``: the caller has
-    just checked the checksums (``verify``), so the files are not read twice."""
-    return load(path, chunks, optimizer=None, scheduler=None, restore_rng=False, verified=verified)["meta"]
+def load_weights(path: str | Path, chunks) -> dict:
+    """Model weights only (a parent checkpoint for CPT/SFT/PPO, or export): any TP/PP."""
+    return load(path, chunks, optimizer=None, scheduler=None, restore_rng=False)["meta"]
 
 
 # ------------------------------------------------------------------------------- optimizer-state reshard workarounds

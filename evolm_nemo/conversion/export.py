@@ -423,7 +423,7 @@ def _export(cfg) -> Path:
     out_dtype = out_dtype or stored_dtype(ckpt)
     t0 = time.time()
     try:
-        io.load_weights(ckpt, [model], verified=True)  # _source verified every file
+        io.load_weights(ckpt, [model])  # _source verified every file: not read again (io.verify)
     except Exception as exc:  # a damaged checkpoint: one line, not a dist-checkpointing traceback
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError("src", f"{ckpt}: cannot load weights: {first}") from None

@@ -150,6 +150,7 @@ class PretrainStage(Stage):
         self.sources = (SourceTokens(dataset, names, p.global_batch_size, m.seq_length, source.trained()[2])
                         if len(names) > 1 else None)  # per-source accounting of a blend (CPT replay)
         self.val, self.val_every, self.val_start, self.val_start_logged = {}, 0, None, False
+        self.resumed, self.carried = False, {}  # restore(): a resumed run and its first run's start measurements
         if cfg.train.val_tokens_interval:  # held-out loss per source (checkpoint dynamics, forgetting in CPT)
             every = parse_tokens(cfg.train.val_tokens_interval, "train.val_tokens_interval")
             self.val_every = max(1, -(-every // plan.tokens_per_iter))
@@ -238,7 +239,7 @@ class PretrainStage(Stage):
     def prepare(self, model, rt, start, out_dir):
         if start >= self.plan.iters:
             return
-        resumed = getattr(self, "resumed", False)
+        resumed = self.resumed
         if self.val and not resumed:  # before the first step: the parent's held-out losses
             self.val_start = (start, self.heldout_loss(model, rt))
         elif self.val and self.carried.get("val"):

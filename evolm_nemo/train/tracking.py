@@ -271,10 +271,14 @@ class Trackers:
             except Exception as exc:
                 self._drop("mlflow", exc, step)
 
-    def _drop(self, name: str, exc: BaseException, step: int | None) -> None:
+    @staticmethod
+    def _warn(name: str, exc: BaseException, step: int | None) -> None:
         where = f"at iteration {step}" if step is not None else "at the end"
         print(f"[evolm] warning: logger.{name}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]} "
               f"{where}; training goes on without it (metrics.jsonl has every row)", flush=True)
+
+    def _drop(self, name: str, exc: BaseException, step: int) -> None:
+        self._warn(name, exc, step)
         if name == "wandb":
             run, self.wandb_run = self.wandb_run, None
             try:
@@ -293,8 +297,7 @@ class Trackers:
             try:
                 run.finish(exit_code=0 if ok else 143 if status == "KILLED" else 1)  # flushes every record
             except Exception as exc:
-                self.wandb_run = run
-                self._drop("wandb", exc, None)
+                self._warn("wandb", exc, None)
             self.state["wandb"]["held_through"] = self.last
             try:
                 self._store()
@@ -306,7 +309,7 @@ class Trackers:
             try:
                 client.set_terminated(run_id, status=status)
             except Exception as exc:
-                self._drop("mlflow", exc, None)
+                self._warn("mlflow", exc, None)
 
 
 def metrics_rows(path: Path) -> list[dict]:
