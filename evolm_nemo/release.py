@@ -575,7 +575,7 @@ def stage_index(plan: Plan) -> None:
     suite_yaml = plan.suite.path.read_bytes()
     if not (where / "suite.yaml").is_file() or (where / "suite.yaml").read_bytes() != suite_yaml:
         (where / "suite.yaml").write_bytes(suite_yaml)
-    table = [{"node": m.node, "repo": m.repo, "stage": m.meta.get("stage"),
+    table = [{"node": m.node, "repo": m.repo, "run_id": m.meta.get("run_id"), "stage": m.meta.get("stage"),
               "parent": m.parents[0].get("repo") if m.parents else None,
               "revisions": [r.branch for r in m.revisions]} for m in plan.table]
     text = json.dumps({"suite": plan.suite.name, "models": table}, indent=1) + "\n"
@@ -679,6 +679,73 @@ def _changes(files: dict[str, Path], remote: dict[str, tuple[str, str]]) -> tupl
     return changed, deleted
 
 
+def _remote_json(api, repo: str, branch: str, path: str) -> Optional[dict]:
+    """One small JSON file of ``branch`` (None: not a JSON object)."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo, path, revision=branch, endpoint=api.endpoint)
+    response = get_session().get(url, headers=build_hf_headers(token=api.token, library_name="evolm-nemo"),
+                                 follow_redirects=True)
+    hf_raise_for_status(response)
+    try:
+        data = json.loads(response.content)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _taken(api, repo: str, branch: str, key: str, mine) -> Optional[str]:
+    """Why ``branch`` of ``repo`` is not this release's to replace, or None. It is when the repo or branch does not
+    exist, holds only the Hub's own files, or holds this release's marker: a model's ``evolm_export.json`` with
+    this run's id (``mine``: the run id), an index's ``models.json`` of this suite whose models share ids with
+    this one's (``mine``: (suite name, {node: run id}))."""
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:  # one request, no retries: an unreachable endpoint is one line at once
+        info = api.model_info(repo, revision=branch)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return None
+    theirs = sorted(s.rfilename for s in info.siblings or [] if s.rfilename not in KEEP_REMOTE)
+    if not theirs:
+        return None
+    marker = "models.json" if key == "index_repo" else "evolm_export.json"
+    foreign = f"{repo}@{branch} holds files no evolm release put there ({', '.join(theirs[:3])}" + \
+              (", ..." if len(theirs) > 3 else "") + ")"
+    record = _remote_json(api, repo, branch, marker) if marker in theirs else None
+    if record is None:
+        return foreign
+    if key == "index_repo":
+        suite, ids = mine
+        if record.get("suite") != suite:
+            return f"{repo}@{branch} holds the index of suite {record.get('suite')!r}, not {suite!r}"
+        for entry in record.get("models") or []:
+            node, run_id = (entry.get("node"), entry.get("run_id")) if isinstance(entry, dict) else (None, None)
+            if run_id and ids.get(node) and run_id != ids[node]:
+                return (f"{repo}@{branch} holds the index of another launch of suite {suite!r} (its node {node} is "
+                        f"run {run_id}, this one's is run {ids[node]})")
+        return None
+    run_id = record.get("run_id")
+    if run_id and mine and run_id != mine:
+        return (f"{repo}@{branch} holds the release of another run (run {run_id}, exported from "
+                f"{record.get('source')}; this is run {mine})")
+    return None
+
+
+def check_owners(api, plan: Plan) -> None:
+    """Before any export or upload: every branch the release would write is new, empty or this release's own --
+    a second run (or suite launch) released to the same repo would otherwise replace the first's files."""
+    checks = [(m.repo, r.branch, "repo", m.meta.get("run_id")) for m in plan.models for r in m.revisions]
+    if plan.index:
+        checks.append((plan.index[0], "main", "index_repo",
+                       (plan.suite.name, {m.node: m.meta.get("run_id") for m in plan.table})))
+    for repo, branch, key, mine in checks:
+        with hub_errors(repo, branch):
+            why = _taken(api, repo, branch, key, mine)
+        if why:
+            raise ConfigError(key, f"{why}: choose another {key}=, or overwrite=true to replace it")
+
+
 def push(api, repo: str, branch: str, folder: Path, message: str) -> tuple[int, int, int]:
     """Bring ``branch`` of ``repo`` to ``folder``'s files. Returns (uploaded, deleted, unchanged)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -725,7 +792,7 @@ def run(cfg) -> int:
     if bool(cfg.src) == bool(cfg.suite):
         raise ConfigError("src", "set exactly one of src=<run dir> (one run) or suite=<name> (a suite's finished "
                                  "models)")
-    for key in ("revisions", "private", "dry_run"):
+    for key in ("revisions", "private", "dry_run", "overwrite"):
         if not isinstance(getattr(cfg, key), bool):
             raise ConfigError(key, f"must be true or false; got {getattr(cfg, key)!r}")
     from evolm_nemo.conversion.export import parse_dtype
@@ -745,15 +812,17 @@ def run(cfg) -> int:
         raise ConfigError("suite", f"no finished model in suite {plan.suite.name} under {plan.suite.root} "
                                    f"({len(plan.skipped)} train node(s) not finished)")
     token = hub_token()
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token, library_name="evolm-nemo")
+    if not cfg.overwrite:
+        check_owners(api, plan)
     for m in plan.models:
         stage(m, cfg)
     if plan.index:
         stage_index(plan)
     _print_plan(plan, cfg, staged=True)
 
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token, library_name="evolm-nemo")
     totals = [0, 0, 0]
     targets = [(m.repo, r.branch, r.dir) for m in plan.models for r in m.revisions]
     if plan.index:

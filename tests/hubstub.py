@@ -1,6 +1,6 @@
 """A small stand-in for the Hugging Face Hub: the routes huggingface_hub 2.4.0 calls for ``create_repo``,
 ``create_commit`` (README validation, preupload -- every file "regular", so no LFS / Xet transfer -- and the NDJSON
-commit), ``list_repo_tree``, ``create_branch`` and ``repo_info``. Threaded, in-process; records every request and
+commit), ``list_repo_tree``, ``create_branch``, ``repo_info`` and a file's content (``/<repo>/resolve/<rev>/<path>``). Threaded, in-process; records every request and
 keeps every branch's files (path -> bytes) so tests compare them with what was exported.
 
     with HubStub() as hub:   # hub.url -> HF_ENDPOINT
@@ -60,9 +60,10 @@ class HubStub:
                 return self.rfile.read(n) if n else b""
 
             def _send(self, status: int, payload, headers: dict | None = None):
-                data = json.dumps(payload).encode()
+                raw = isinstance(payload, bytes)  # a file's content (the resolve route)
+                data = payload if raw else json.dumps(payload).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "application/octet-stream" if raw else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
@@ -118,6 +119,19 @@ class HubStub:
             return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}, {}
         if method == "POST" and path == "/api/validate-yaml":
             return 200, {"errors": [], "warnings": []}, {}
+        if method == "GET" and "/resolve/" in path and not path.startswith("/api/"):  # a file's content
+            repo_id, _, rest = path.lstrip("/").partition("/resolve/")
+            rev, _, name = rest.partition("/")
+            repo = self.repos.get(unquote(repo_id))
+            if repo is None:
+                return not_found
+            files = repo.branches.get(unquote(rev))
+            if files is None:
+                return 404, {"error": f"Invalid rev id: {unquote(rev)}"}, {"X-Error-Code": "RevisionNotFound"}
+            if unquote(name) not in files:
+                return 404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"}
+            data = files[unquote(name)]
+            return 200, data, {"X-Repo-Commit": repo.heads[unquote(rev)], "ETag": f'"{git_sha1(data)}"'}
         if not path.startswith("/api/models/"):
             return 404, {"error": f"no route {method} {path}"}, {}
         parts = path[len("/api/models/"):].split("/")

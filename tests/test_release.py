@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, evolm_cmd, one_line_error, run_evolm, subprocess_env, tiny
-from tests.hubstub import HubStub
+from tests.hubstub import GITATTRIBUTES, HubStub, Repo
 
 
 def release(args: list[str], hub: HubStub | None, hf_home: Path, token: str | None = "hf_stub_token",
@@ -156,6 +156,52 @@ def test_release_suite_cards_name_parents_and_index(suite):
         assert set(hub.repos) == {ft_repo, "org/evolm-mini"}
         assert f"base_model: {pre_repo}" in hub.repos[ft_repo].branches["main"]["README.md"].decode()
         assert f"| pre | [{pre_repo}]" in hub.repos["org/evolm-mini"].branches["main"]["README.md"].decode()
+
+
+def test_a_repo_holding_another_runs_release_is_refused_before_any_export(suite, tmp_path):
+    """A second run released to a repo that holds the first run's release (two runs, one repo pattern) is refused in
+    one line naming ``repo`` before anything is exported or pushed, as is a repo holding files no release made and
+    a suite's index repo holding another launch's index; a copy of the same run (same run id) is the same release,
+    and ``overwrite=true`` replaces the other run's files."""
+    pre, ft, home = suite["root"] / "pre", suite["root"] / "ft", suite["hf_home"]
+    with HubStub() as hub:
+        release([f"src={pre}", "repo=org/shared", "revisions=false", f"out={tmp_path / 'pre'}"], hub, home)
+        first = dict(hub.repos["org/shared"].branches["main"])
+        hub.requests.clear()
+        proc = release([f"src={ft}", "repo=org/shared", f"out={tmp_path / 'ft'}"], hub, home, check=False)
+        pre_id = json.loads(first["evolm_export.json"])["run_id"]
+        ft_id = json.loads(next((ft / "checkpoints").glob("iter_*/evolm.json")).read_text())["run_id"]
+        assert f"org/shared@main holds the release of another run (run {pre_id}" in one_line_error(proc, "repo")
+        assert f"this is run {ft_id})" in proc.stderr and "overwrite=true" in proc.stderr
+        assert hub.writes() == [] and hub.repos["org/shared"].branches["main"] == first
+        assert not (tmp_path / "ft").exists()  # refused before the export
+
+        copy = tmp_path / "pre_copy"  # the same run elsewhere (a moved run dir): its own release, same weights
+        shutil.copytree(pre, copy, ignore=shutil.ignore_patterns("release"))
+        out = release([f"src={copy}", "repo=org/shared", "revisions=false"], hub, home).stdout
+        assert "org/shared@main: 1 uploaded, 0 deleted, 7 unchanged" in out, out  # the record names the new path
+        assert hub.repos["org/shared"].branches["main"]["model.safetensors"] == first["model.safetensors"]
+
+        hub.repos["org/theirs"] = Repo(private=False, branches={"main": {".gitattributes": GITATTRIBUTES,
+                                                                         "weights.bin": b"not ours"}},
+                                       heads={"main": "0" * 40})
+        proc = release([f"src={pre}", "repo=org/theirs", "revisions=false"], hub, home, check=False)
+        assert "org/theirs@main holds files no evolm release put there (weights.bin)" in one_line_error(proc, "repo")
+
+        out = release([f"src={ft}", "repo=org/shared", "revisions=false", "overwrite=true",
+                       f"out={tmp_path / 'ft'}"], hub, home).stdout
+        main = hub.repos["org/shared"].branches["main"]
+        assert json.loads(main["evolm_export.json"])["run_id"] == ft_id, out
+
+        index = {"suite": "mini", "models": [{"node": "pre", "repo": "org/a", "run_id": "another-launch"}]}
+        hub.repos["org/evolm-mini"] = Repo(private=False, branches={"main": {
+            ".gitattributes": GITATTRIBUTES, "models.json": json.dumps(index).encode()}}, heads={"main": "0" * 40})
+        hub.requests.clear()
+        proc = release([f"suite={suite['yaml']}", "org=org", f"out={tmp_path / 'suite'}"], hub, home, check=False)
+        err = one_line_error(proc, "index_repo")
+        assert f"another launch of suite 'mini' (its node pre is run another-launch, this one's is run {pre_id})" \
+            in err, err
+        assert hub.writes() == [] and not (tmp_path / "suite").exists()
 
 
 def test_a_parent_named_relatively_at_training_is_found_from_anywhere(suite, tmp_path, data_cache):

@@ -75,6 +75,7 @@ class ReleaseConfig:
     revisions: bool = True  # every kept intermediate checkpoint as branch step-<iteration>
     private: bool = False  # create the repos private
     dry_run: bool = False  # print every repo, branch and file; no network, nothing written
+    overwrite: bool = False  # replace a branch holding another run's release (or files no release made)
     out: Optional[str] = None  # staging root for the verified exports (default: <run dir>/release)
     dtype: str = "auto"  # export dtype: auto | fp32 | bf16 | fp16
     max_shard_size: str = "2GB"  # safetensors shard size limit
