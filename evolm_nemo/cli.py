@@ -47,6 +47,8 @@ RECIPES = {
     "report": ("report", "evolm_nemo.evaluation.report:ReportConfig"),
     "eval downstream": ("eval_downstream", "evolm_nemo.evaluation.evaluate:DownstreamConfig"),
     "eval upstream": ("eval_upstream", "evolm_nemo.evaluation.evaluate:UpstreamConfig"),
+    # its own key=value parser (patterns such as {org}/x are no Hydra values): shown as it parses
+    "release": ("release", "evolm_nemo.conversion.config:ReleaseConfig", "evolm_nemo.release:settings"),
 }
 
 # (command, key=) -> module:function: the command with that key goes to another room's function.
@@ -91,10 +93,15 @@ def _show(command: str, overrides: list[str]) -> int | None:
         return 0
     from evolm_nemo.config import show
 
-    recipe, schema_path = RECIPES[name]
-    module_name, cls_name = schema_path.split(":")
-    schema = getattr(importlib.import_module(module_name), cls_name)
-    print(show.render_job(recipe, rest, schema) if job else show.render_help(name, recipe, rest, schema))
+    recipe, schema_path, *parser = RECIPES[name]
+
+    def load(path: str):
+        module_name, attr = path.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    schema, settings = load(schema_path), (load(parser[0]) if parser else None)
+    print(show.render_job(recipe, rest, schema, settings) if job else
+          show.render_help(name, recipe, rest, schema, settings))
     return 0
 
 

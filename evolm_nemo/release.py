@@ -792,9 +792,6 @@ def run(cfg) -> int:
     if bool(cfg.src) == bool(cfg.suite):
         raise ConfigError("src", "set exactly one of src=<run dir> (one run) or suite=<name> (a suite's finished "
                                  "models)")
-    for key in ("revisions", "private", "dry_run", "overwrite"):
-        if not isinstance(getattr(cfg, key), bool):
-            raise ConfigError(key, f"must be true or false; got {getattr(cfg, key)!r}")
     from evolm_nemo.conversion.export import parse_dtype
     from evolm_nemo.conversion import hf
 
@@ -869,6 +866,9 @@ def settings(overrides: list[str]):
         values["verify_tol"] = float(values["verify_tol"])
     except (TypeError, ValueError):
         raise ConfigError("verify_tol", f"expected a number, got {values['verify_tol']!r}") from None
+    for key in ("revisions", "private", "dry_run", "overwrite"):
+        if not isinstance(values.get(key), bool):
+            raise ConfigError(key, f"must be true or false; got {values.get(key)!r}")
     return ReleaseConfig(**{k: v for k, v in values.items() if k in names})
 
 

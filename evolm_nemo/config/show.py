@@ -73,18 +73,22 @@ def groups(config_name: str) -> dict[str, list[str]]:
     return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir()) if d.is_dir()}
 
 
-def _compose(config_name: str, overrides: Sequence[str], schema):
-    """As the command composes it: evaluation's recipes read ``model=`` / ``stage=`` as plain values."""
+def _compose(config_name: str, overrides: Sequence[str], schema, settings=None):
+    """As the command composes it: evaluation's recipes read ``model=`` / ``stage=`` as plain values; a command
+    that parses its own ``key=value`` items (``settings``: overrides -> its typed config) is shown as it parses."""
+    if settings is not None:
+        return settings(list(overrides))
     make = compose_command if config_name.startswith("eval_") else compose
     return make(config_name, overrides, schema)
 
 
-def render_help(command: str, config_name: str, overrides: Sequence[str], schema) -> str:
-    cfg = _compose(config_name, overrides, schema)
+def render_help(command: str, config_name: str, overrides: Sequence[str], schema, settings=None) -> str:
+    cfg = _compose(config_name, overrides, schema, settings)
     rows = key_lines(cfg)
     width = min(max(len(k) + len(v) + 2 for k, v, _ in rows), 60)
     given = f" with {' '.join(overrides)}" if overrides else " (defaults)"
-    out = [f"usage: evolm {command} [key=value ...]   (recipe: recipes/{config_name}.yaml, Hydra overrides)", "",
+    kind = "key=value overrides" if settings is not None else "Hydra overrides"
+    out = [f"usage: evolm {command} [key=value ...]   (recipe: recipes/{config_name}.yaml, {kind})", "",
            f"keys{given}:"]
     for key, value, comment in rows:
         text = f"{key}={value}"
@@ -97,7 +101,7 @@ def render_help(command: str, config_name: str, overrides: Sequence[str], schema
     return "\n".join(out)
 
 
-def render_job(config_name: str, overrides: Sequence[str], schema) -> str:
+def render_job(config_name: str, overrides: Sequence[str], schema, settings=None) -> str:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_yaml(OmegaConf.structured(_compose(config_name, overrides, schema))).rstrip()
+    return OmegaConf.to_yaml(OmegaConf.structured(_compose(config_name, overrides, schema, settings))).rstrip()

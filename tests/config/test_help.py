@@ -29,9 +29,16 @@ def test_help_shows_the_composed_values_and_cfg_job_the_recipe(tmp_path):
     exp = run_evolm("export-hf", [f"src={tmp_path}", f"dst={out}", "--cfg=job"]).stdout
     assert yaml.safe_load(exp)["dst"] == str(out) and not out.exists()
     assert "keys with model=" in run_evolm("eval", ["downstream", f"model={tmp_path}", "-h"]).stdout
-    assert "usage: evolm release" in run_evolm("release", ["suite=tiny", "org=me", "--help"]).stdout
+    # release parses its own key=value items (a repo pattern is no Hydra value): shown as it parses them
+    rel = run_evolm("release", ["suite=tiny", "org=me", "--help"]).stdout
+    assert rel.startswith("usage: evolm release") and "keys with suite=tiny org=me:" in rel
+    assert "overwrite=false" in rel and "# replace a branch holding another run's release" in rel
+    job = yaml.safe_load(run_evolm("release", ["suite=tiny", "repo={org}/x-{node}", "--cfg", "job"]).stdout)
+    assert job["repo"] == "{org}/x-{node}" and job["suite"] == "tiny" and job["dry_run"] is False
 
 
 def test_a_bad_override_with_help_is_one_line():
     proc = run_evolm("train", ["parallel.tp=abc", "--help"], check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: parallel.tp: expected integer, got 'abc'"
+    proc = run_evolm("release", ["dry_run=maybe", "--help"], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: dry_run: must be true or false; got 'maybe'"
