@@ -74,6 +74,9 @@ _CLAUSE_WORDS = frozenset(
 _NEEDS_WORD = frozenset(("and", "or", "a", "i"))
 _CLAUSE_SEP = re.compile(r"[,;]\s+(?P<word>[A-Za-z]+)(?![A-Za-z])\s*(?P<next>.?)", re.ASCII | re.DOTALL)
 _SENTENCE_SEP = re.compile(r"\.\s+[A-Za-z]", re.ASCII)
+# words that open a reason after a space alone ("False because ...", "18 since 2*9 = 18"): the answer ends before them
+_REASON_WORDS = frozenset("because since therefore thus hence so which as".split())
+_REASON_SEP = re.compile(r"\s+(?P<word>[A-Za-z]+)(?![A-Za-z])", re.ASCII)
 _WORD_BEFORE = re.compile(r"(?P<dot>\.?)(?P<word>[A-Za-z]+)$", re.ASCII)
 _TITLES = frozenset(("mr", "mrs", "ms", "dr", "st", "prof", "vs"))
 _OPEN, _CLOSE = "([{", ")]}"
@@ -96,7 +99,9 @@ def strict_cut(answer: str) -> str:
     """Strict mode's end of an "answer is" answer: the text before the first clause boundary outside brackets,
     braces, parentheses and quoted strings, with a final sentence period dropped. A boundary is ", " or "; " followed
     by a clause word (``_CLAUSE_WORDS``: "as", "which", "so", "we", ...; "and", "or", "a", "i" only when a word
-    follows), or a sentence end ". " followed by a letter (after "A.M." the cut keeps the period; "Mr. " is no end).
+    follows), a space followed by a word that opens a reason (``_REASON_WORDS``: "False because ..." is "False",
+    "18 since 2*9 = 18" is "18"), or a sentence end ". " followed by a letter (after "A.M." the cut keeps the period;
+    "Mr. " is no end).
     So "1,200", "(2, 3)", "[6, 1]", "2, 3", "\\frac{1}{2}, \\frac{3}{4}" and "red, blue" stay whole, "56, as we know."
     is "56", "56 dollars." is "56 dollars" (units are left to :func:`strict_normalize`) and "8 A.M." keeps its
     period."""
@@ -121,6 +126,10 @@ def _clause_end(answer: str) -> int:
             kind = _dot_kind(answer, i)
             if kind != "title":
                 return i + 1 if kind == "abbrev" else i
+        elif ch.isspace() and answer[:i].strip() and not answer[i - 1].isspace():
+            m = _REASON_SEP.match(answer, i)
+            if m and m.group("word").lower() in _REASON_WORDS:
+                return i
     return len(answer)
 
 

@@ -152,8 +152,14 @@ def _not_an_expression(s: str) -> bool:
 
 
 def _text_key(s: str) -> str:
-    """Case and spacing do not matter (LaTeX ignores spaces in math; "Thursday" is "thursday")."""
-    return re.sub(r"\s+", "", s).lower()
+    """Spacing does not matter (LaTeX ignores spaces in math) except between two digits that are not a thousands
+    group ("2 1/2" is no "21/2", "1 2" no "12"; "1 000" is "1000"); case does not matter in words ("Thursday" is
+    "thursday")."""
+    s = _THOUSANDS_SPACE.sub("", s)
+    return re.sub(r"\s+", "", re.sub(r"(?<=\d)\s+(?=\d)", "\x00", s)).replace("\x00", " ").lower()
+
+
+_THOUSANDS_SPACE = re.compile(r"(?<=\d)\s(?=\d{3}(?![\d/]))")
 
 
 def _strict_fast_value(s: str):

@@ -22,14 +22,17 @@ def _nli_label_evolm(answer: str) -> Optional[str]:
     return hits[0] if len(hits) == 1 else None
 
 
-_NEGATION = re.compile(r"\b(?:not|never)\b|n't\b|n’t\b")
+_LABELS = "|".join(sorted(_NLI_WORD_CLASS))
+# a negation that bears on a label: "not true", "isn't correct", "not really true", "never a correct" -- a "not" in a
+# reason that follows ("false (it would not fit)") negates no label
+_NEGATED_LABEL = re.compile(rf"(?:\b(?:not|never)\b|n't\b|n’t\b)(?:\s+[a-z]+)?\s+(?:{_LABELS})\b")
 
 
 def _nli_label_strict(answer: str) -> Optional[str]:
     """Whole-word matching: exactly one class among the answer's words, else no answer; a negated label ("not
-    true", "isn't correct") is no answer rather than the label it negates."""
+    true", "isn't correct", at most one word between) is no answer rather than the label it negates."""
     low = answer.lower()
-    if _NEGATION.search(low):
+    if _NEGATED_LABEL.search(low):
         return None
     labels = {_NLI_WORD_CLASS[w] for w in _WORD_RE.findall(low) if w in _NLI_WORD_CLASS}
     return labels.pop() if len(labels) == 1 else None

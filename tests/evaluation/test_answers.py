@@ -120,6 +120,11 @@ def test_strict_extraction_stops_at_the_clause(text, suite, gold, evolm_answer, 
         ("Mr. Smith.", "Mr. Smith"),
         ("56", "56"),
         ("", ""),
+        ("False because a reader would not finish it first.", "False"),  # a reason after a space alone
+        ("18 since 2*9 = 18.", "18"),
+        ("\\frac{1}{2} which is 0.5", "\\frac{1}{2}"),
+        ("\\text{because}", "\\text{because}"),  # inside braces
+        ("So", "So"),  # nothing before the word: no cut
     ],
 )
 def test_strict_cut(answer, expected):
@@ -136,6 +141,28 @@ def test_strict_extraction_leaves_boxes_alone_and_takes_the_last_answer():
     assert extract_answer(None, "strict") is None
     with pytest.raises(ValueError, match="unknown scoring mode"):
         extract_answer("the answer is 1", "loose")
+
+
+def test_a_correct_answer_followed_by_its_reason_is_right():
+    """Strict mode judged these wrong (the reason stayed in the answer; a "not" anywhere in it negated the label):
+    false negatives in SFT filtering and RL rewards, not only in reports."""
+    right = [("strategyqa", "The answer is False because a speed reader would not finish Gatsby first.", "False"),
+             ("strategyqa", "The answer is False (the Raven is shorter, so it would not be read second).", "False"),
+             ("boardgameqa", "Therefore the answer is False because the cobra does not have more money.", "False"),
+             ("gsm8k_platinum", "The answer is 18 because 2*9 = 18.", "18")]
+    for suite, text, gold in right:
+        assert judge(suite, text, gold, "strict"), text
+    assert not judge("strategyqa", "The answer is not true.", "True", "strict")  # a negated label: no answer
+    assert not judge("strategyqa", "The answer is not really true.", "True", "strict")
+    assert not judge("strategyqa", "The answer is not really true.", "False", "strict")
+
+
+def test_strict_spacing_between_digits_is_no_separator_unless_thousands():
+    assert not is_equiv("math", "2 1/2", "21/2", "strict")  # 2.5 is not 10.5
+    assert not is_equiv("math", "1 2", "12", "strict")
+    assert is_equiv("math", "1 000 000", "1000000", "strict")  # thousands groups
+    assert is_equiv("math", "12 345.5", "12345.5", "strict")
+    assert is_equiv("math", "\\frac{1} {2}", "\\frac12", "strict") and is_equiv("math", "x + 1", "x+1", "strict")
 
 
 def test_strict_extraction_is_linear_on_huge_answers():
