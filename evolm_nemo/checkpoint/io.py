@@ -349,13 +349,26 @@ def _load_model_state(chunks, loaded: dict) -> None:
             _unwrap(c).load_state_dict(loaded[f"model{i}"], strict=True)
 
 
+def _in_the_way(final: Path, run_id: str | None) -> str | None:
+    """Why a save must not replace what sits at ``final``: a complete checkpoint of another run (an incomplete
+    attempt, or this run's own checkpoint, is replaced), or None."""
+    if not final.exists() or problem(final) is not None or _ours(final, run_id):
+        return None
+    return (f"{final} holds a complete checkpoint of run {run_id_of(final)}, not of this run ({run_id}); it is "
+            "not replaced: move it away or pick another run.out_dir")
+
+
 def save(root: str | Path, iteration: int, chunks, optimizer=None, scheduler=None, extra: dict | None = None,
          meta: dict | None = None, layout: dict | None = None) -> Path:
-    """Collective: every rank calls it. Returns the committed directory."""
+    """Collective: every rank calls it. Returns the committed directory. Another run's complete checkpoint at the same
+    iteration is refused (ConfigError) before anything is written."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
     final = root / f"iter_{iteration:07d}"
+    run_id = (meta or {}).get("run_id")
+    if (refused := _broadcast(_in_the_way(final, run_id) if _rank() == 0 else None)) is not None:
+        raise ConfigError("run.out_dir", refused)
     token = _broadcast(os.urandom(4).hex() if _rank() == 0 else None)
     tmp = root / f"{final.name}.tmp-{token}"
     try:
@@ -388,7 +401,9 @@ def save(root: str | Path, iteration: int, chunks, optimizer=None, scheduler=Non
             part = tmp / (META + ".part")
             part.write_text(json.dumps(record, indent=1, sort_keys=True))
             os.replace(part, tmp / META)
-            if final.exists():  # an older incomplete attempt at the same iteration
+            if (refused := _in_the_way(final, run_id)) is not None:
+                raise ConfigError("run.out_dir", refused)
+            if final.exists():  # an older incomplete attempt at the same iteration, or this run's own
                 shutil.rmtree(final)
             os.replace(tmp, final)
             for stale in root.glob("iter_*.tmp-*"):  # leftovers of crashed saves
@@ -417,12 +432,14 @@ def _prune(root: Path, run: str | None, keep: set[str]) -> None:
 
 def prune(roots: list, run: str | None, keep_last: int, newest: str) -> None:
     """Collective, once a run's newest checkpoint ``newest`` is committed under every root (``roots[0]``'s commit is
-    the commit of the set): ``roots[0]`` keeps its newest ``keep_last`` complete checkpoints of this run (and
-    ``newest``), every other root exactly their namesakes -- so a crash while a set is written never leaves a
-    resumable checkpoint without its partners."""
+    the commit of the set): ``roots[0]`` keeps its newest ``keep_last`` complete checkpoints of this run up to
+    ``newest`` (and ``newest``), every other root exactly their namesakes -- so a crash while a set is written never
+    leaves a resumable checkpoint without its partners. Checkpoints past ``newest`` are ones the resume passed over
+    (damaged, or without partners): kept, but not counted, until this run's save at their iteration replaces them."""
     if _rank() == 0:
         ours = [c.name for c in checkpoint_dirs(roots[0]) if is_complete(c) and _ours(c, run)]
-        keep = set(ours[-keep_last:]) | {newest}
+        upto = ours.index(newest) + 1 if newest in ours else len(ours)
+        keep = set(ours[:upto][-keep_last:]) | set(ours[upto:]) | {newest}
         for root in roots:
             _prune(Path(root), run, keep)
     _barrier()

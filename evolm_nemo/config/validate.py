@@ -85,6 +85,9 @@ def validate(cfg: RootConfig, world_size: int | None = None, global_batches: boo
         raise ConfigError("parallel.tp", f"tp={p.tp} must divide model.num_query_groups={m.num_query_groups}; pick a divisor")
     if m.ffn_hidden_size % p.tp:
         raise ConfigError("parallel.tp", f"tp={p.tp} must divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    if m.vocab_size % p.tp:
+        raise ConfigError("parallel.tp", f"tp={p.tp} must divide model.vocab_size={m.vocab_size} (megatron splits the "
+                                         "embedding rows evenly; vocabulary padding is not supported)")
     if m.num_layers % p.pp:
         raise ConfigError("parallel.pp", f"pp={p.pp} must divide model.num_layers={m.num_layers}; pick a divisor")
     if p.sp and p.tp == 1:

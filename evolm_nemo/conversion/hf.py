@@ -47,16 +47,21 @@ def read_config(src: Path, key: str = "src") -> dict:
     return cfg
 
 
+def _rope_raw(cfg: dict) -> tuple[object, object]:
+    """(theta, scaling) as transformers reads them: a non-empty 4.x ``rope_scaling`` replaces the 5.x
+    ``rope_parameters``; theta is that mapping's ``rope_theta``, else the top-level ``rope_theta``, else 10000;
+    scaling is None for plain RoPE (``rope_type``, else ``type``, missing or "default"), else the mapping (or a
+    ``rope_scaling`` that is not one)."""
+    params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        return cfg.get("rope_theta", 10000.0), params
+    kind = params.get("rope_type", params.get("type", "default"))
+    return params.get("rope_theta", cfg.get("rope_theta", 10000.0)), (None if kind == "default" else params)
+
+
 def _rope(cfg: dict) -> tuple[float, dict | None]:
-    """(theta, scaling) from a transformers 5 ``rope_parameters`` or a 4.x ``rope_theta``/``rope_scaling``."""
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        theta = params["rope_theta"]
-        kind = params.get("rope_type", params.get("type", "default"))
-        scaling = None if kind == "default" else params
-    else:
-        theta = cfg.get("rope_theta", 10000.0)
-        scaling = cfg.get("rope_scaling")
+    """(theta, scaling) of a checked config (``_rope_raw``)."""
+    theta, scaling = _rope_raw(cfg)
     return float(theta), scaling
 
 
@@ -100,8 +105,7 @@ def check_config(cfg: dict) -> None:
     params = cfg.get("rope_parameters")
     if params is not None and not isinstance(params, dict):
         raise ConfigError("rope_parameters", f"expected a mapping in config.json, got {params!r}")
-    theta = params.get("rope_theta") if isinstance(params, dict) and "rope_theta" in params else \
-        cfg.get("rope_theta", 10000.0)
+    theta, scaling = _rope_raw(cfg)
     if not _positive_number(theta):
         raise ConfigError("rope_theta", f"not a positive number in config.json (got {theta!r})")
     act = cfg.get("hidden_act", "silu")
@@ -110,7 +114,6 @@ def check_config(cfg: dict) -> None:
     for field in ("attention_bias", "mlp_bias"):
         if cfg.get(field):
             raise ConfigError(field, "biases are not supported (LLaMA-2 has none)")
-    _, scaling = _rope(cfg)
     if scaling:
         raise ConfigError("rope_scaling", f"RoPE scaling {scaling} is not supported; only default RoPE")
     if cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True):

@@ -2,10 +2,10 @@
 
 Design: one process builds the model at TP=1 / PP=1 and copies the HF tensors in one by one (peak memory: the fp32
 model plus a few tensors). A dist-checkpoint is reshardable, so this checkpoint loads at any TP/PP;
-``parallel.tp``/``parallel.pp`` are checked against the shapes up front (they must divide heads, KV groups and
-layers) and recorded as the intended layout. Before saving, the model's logits on a probe batch are compared with
-transformers' on the source (fp32, tolerance 1e-4). Output is written to a temporary directory next to ``dst`` and
-renamed at the end; the HF tokenizer files are copied into ``<dst>/iter_0000000/tokenizer/``.
+``parallel.tp``/``parallel.pp`` are checked against the shapes up front (they must divide heads, KV groups, FFN
+size, vocabulary and layers) and recorded as the intended layout. Before saving, the model's logits on a probe batch
+are compared with transformers' on the source (fp32, tolerance 1e-4). Output is written to a temporary directory
+next to ``dst`` and renamed at the end; the HF tokenizer files are copied into ``<dst>/iter_0000000/tokenizer/``.
 
 Resulting layout::
 
@@ -50,6 +50,9 @@ def _check_layout(m, tp: int, pp: int) -> None:
     if m.num_attention_heads % tp or m.num_query_groups % tp:
         raise ConfigError("parallel.tp", f"{tp} must divide num_attention_heads={m.num_attention_heads} and "
                                          f"num_key_value_heads={m.num_query_groups}")
+    if m.ffn_hidden_size % tp or m.vocab_size % tp:
+        raise ConfigError("parallel.tp", f"{tp} must divide intermediate_size={m.ffn_hidden_size} and "
+                                         f"vocab_size={m.vocab_size} (vocabulary padding is not supported)")
     if m.num_layers % pp:
         raise ConfigError("parallel.pp", f"{pp} must divide num_hidden_layers={m.num_layers}")
 

@@ -81,6 +81,14 @@ def test_validation_errors(overrides, world, key):
     assert err.value.key == key, str(err.value)
 
 
+def test_tp_must_divide_the_vocabulary():
+    # megatron's VocabParallelEmbedding asserts vocab_size % tp == 0 after the model is built; refuse it up front
+    validate(compose("config", ["model.vocab_size=514", "parallel.tp=2"], RootConfig), world_size=2)
+    with pytest.raises(ConfigError) as err:
+        validate(compose("config", ["model.vocab_size=513", "parallel.tp=2"], RootConfig), world_size=2)
+    assert err.value.key == "parallel.tp" and "model.vocab_size=513" in str(err.value), str(err.value)
+
+
 def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([str(BIN / "evolm"), "train", "parallel.tp=3", f"run.out_dir={out}",

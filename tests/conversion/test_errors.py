@@ -5,6 +5,7 @@ These fail before megatron is set up, so they run through the real dispatcher in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from evolm_nemo.config.errors import ConfigError
 from tests.conftest import tree_bytes
 from tests.conversion._sources import make_source, make_tokenizer
 
@@ -118,6 +120,21 @@ def test_no_config(good, tmp_path, capsys):
 def test_layout_must_divide(good, tmp_path, capsys):
     fails(capsys, tmp_path, ["import-hf", f"src={good / 'single'}", "parallel.tp=4"], "parallel.tp")
     fails(capsys, tmp_path, ["import-hf", f"src={good / 'single'}", "parallel.pp=3"], "parallel.pp")
+
+
+@pytest.mark.parametrize("shape", [{"vocab_size": 513}, {"ffn_hidden_size": 177}])
+def test_layout_must_divide_the_vocabulary_and_ffn(shape):
+    # megatron splits embedding rows and FFN columns evenly over tp (VocabParallelEmbedding asserts it)
+    from evolm_nemo.config.schema import ModelConfig
+    from evolm_nemo.conversion.importer import _check_layout
+
+    m = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2,
+                    vocab_size=512)
+    _check_layout(m, 2, 1)
+    _check_layout(dataclasses.replace(m, **shape), 1, 1)
+    with pytest.raises(ConfigError) as err:
+        _check_layout(dataclasses.replace(m, **shape), 2, 1)
+    assert err.value.key == "parallel.tp" and str(next(iter(shape.values()))) in str(err.value), str(err.value)
 
 
 def test_bad_options(good, tmp_path, capsys):

@@ -95,3 +95,42 @@ def test_parse_size():
     for bad in ("two GB", "-1GB", "5XB"):
         with pytest.raises(ConfigError):
             hf.parse_size(bad)
+
+
+LINEAR = {"rope_type": "linear", "factor": 4.0}
+
+
+@pytest.mark.parametrize("rope,theta", [
+    ({"rope_scaling": {"rope_type": "default"}, "rope_theta": 5e5}, 5e5),
+    ({"rope_scaling": {"type": "default"}}, 1e4),
+    ({"rope_parameters": {"rope_type": "default"}, "rope_theta": 2e4}, 2e4),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 3e4}, "rope_theta": 2e4}, 3e4),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 3e4}, "rope_scaling": {"rope_type": "default"},
+      "rope_theta": 2e4}, 2e4),  # a non-empty rope_scaling replaces rope_parameters in transformers
+])
+def test_plain_rope_is_read_as_transformers_reads_it(rope, theta):
+    from transformers import LlamaConfig
+
+    cfg = {**LLAMA2_7B, "rope_scaling": None, **rope}
+    hf.check_config(cfg)
+    assert hf.model_config(cfg, "x").rope_base == theta
+    seen = LlamaConfig(**json.loads(json.dumps(cfg))).rope_parameters
+    assert seen["rope_type"] == "default" and seen["rope_theta"] == theta
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_parameters": LINEAR, "rope_theta": 1e4},  # no rope_theta inside rope_parameters
+    {"rope_parameters": {"type": "linear", "factor": 2.0}},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_scaling": LINEAR},
+    {"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 1e4},
+    {"rope_scaling": "linear"},
+])
+def test_rope_scaling_is_refused_wherever_it_is_written(rope):
+    from transformers import LlamaConfig
+
+    cfg = {**LLAMA2_7B, "rope_scaling": None, **rope}
+    if isinstance(cfg["rope_scaling"], (dict, type(None))):
+        assert LlamaConfig(**json.loads(json.dumps(cfg))).rope_parameters["rope_type"] != "default"
+    with pytest.raises(ConfigError) as err:
+        hf.check_config(cfg)
+    assert err.value.key == "rope_scaling", str(err.value)
