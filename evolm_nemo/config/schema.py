@@ -136,6 +136,8 @@ class RLConfig:
     max_response_tokens: int = 1024  # responses cut here are flagged truncated
     stop_strings: List[str] = field(default_factory=list)  # besides EOS (EvoLM/verl: EOS only)
     reward_scoring: str = "strict"  # the answer checker's mode for the verifiable reward: strict | evolm
+    reward_cut_at_stop: bool = True  # judge the response up to the evaluation's stop strings (Human, Assistant:
+    # what evaluation keeps of a sample); false: the whole response, a made-up next turn included (verl 0.2)
     reward_suite: str = "gsm8k_platinum"  # the checker's equivalence rule (math suites)
     ppo_epochs: int = 1  # passes over each rollout batch (EvoLM: 1)
     mini_batches: int = 1  # optimizer steps per PPO epoch (EvoLM: 1, mini-batch = batch)

@@ -100,14 +100,19 @@ class RewardModelScorer:
         from evolm_nemo.conversion.export import model_from_meta
         from evolm_nemo.model.heads import build_value_model
 
-        path = ckpt.resolve(cfg.rl.reward_model)
-        m = model_from_meta(ckpt.read_meta(path), "rl.reward_model")
+        self.path = ckpt.resolve(cfg.rl.reward_model)  # its latest checkpoint now (a resumed run loads its own)
+        m = model_from_meta(ckpt.read_meta(self.path), "rl.reward_model")
         m = dataclasses.replace(m, layer_spec=cfg.model.layer_spec)
         self.cfg, self.rt = cfg, rt
         self.model = build_value_model(m, cfg.parallel, rt.dtype)
+        self.max_len = m.seq_length
+
+    def load(self, path) -> None:
+        """The weights of checkpoint ``path`` (the one this run started with: ``RLStage.prepare``)."""
+        from evolm_nemo.checkpoint import io as ckpt
+
         ckpt.load_weights(path, [self.model])
         self.model.eval()
-        self.max_len = m.seq_length
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], eos: int) -> list[float]:
         from evolm_nemo.data.collate import collate_sequences

@@ -12,6 +12,7 @@ import numpy as np
 
 from evolm_nemo.answers import judge
 from evolm_nemo.fileio import drop_rows_after
+from evolm_nemo.tasks import STOP, cut_at_stop
 
 
 @dataclass
@@ -60,9 +61,17 @@ def generate(generator, prompts: list[str], gold: list[str], n: int, rl, eos_id:
     return out
 
 
-def verifiable_rewards(rollout: Rollout, suite: str, mode: str) -> list[float]:
-    """1.0 when the response's final answer is equivalent to the gold answer under the evaluation's checker."""
-    return [1.0 if judge(suite, text, gold, mode) else 0.0 for text, gold in zip(rollout.texts, rollout.gold)]
+def judged_text(text: str, cut: bool) -> str:
+    """What the checker reads of a response: with ``cut``, the text before the evaluation's stop strings (``Human``,
+    ``Assistant``: what evaluation keeps of a sample), so a made-up next turn's answer is not the one judged."""
+    return cut_at_stop(text, STOP) if cut else text
+
+
+def verifiable_rewards(rollout: Rollout, suite: str, mode: str, cut: bool = True) -> list[float]:
+    """1.0 when the response's final answer is equivalent to the gold answer under the evaluation's checker (on the
+    text evaluation would keep, with ``cut``)."""
+    return [1.0 if judge(suite, judged_text(text, cut), gold, mode) else 0.0
+            for text, gold in zip(rollout.texts, rollout.gold)]
 
 
 class RolloutLog:

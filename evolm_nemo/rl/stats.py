@@ -29,8 +29,9 @@ def dp_allreduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 
 def on_tp_rank0(fn):
-    """``fn()`` run on tensor-parallel rank 0 of this replica only, its result (or its one-line ConfigError) handed to
-    every rank of the tensor-parallel group: reward checks under wall-clock limits (the answer checker's slow path, a
+    """``fn()`` run on tensor-parallel rank 0 of this replica only, its result (or its one-line ConfigError, or the
+    news that it failed otherwise: the other ranks raise too instead of waiting forever) handed to every rank of the
+    tensor-parallel group: reward checks under wall-clock limits (the answer checker's slow path, a
     user reward function) could otherwise answer differently on two ranks of one model, whose updates must agree."""
     from megatron.core import parallel_state
 
@@ -38,17 +39,24 @@ def on_tp_rank0(fn):
 
     if not dist.is_initialized() or parallel_state.get_tensor_model_parallel_world_size() == 1:
         return fn()
-    box = [None]
+    box, failure = [None], None
     if parallel_state.get_tensor_model_parallel_rank() == 0:
         try:
             box[0] = ("ok", fn())
         except ConfigError as exc:
             box[0] = ("error", (exc.key, exc.message))
+        except Exception as exc:  # noqa: BLE001 - any failure is handed on: the other ranks must not wait forever
+            failure = exc
+            box[0] = ("crash", f"{type(exc).__name__}: {exc}")
     dist.broadcast_object_list(box, src=parallel_state.get_tensor_model_parallel_src_rank(),
                                group=parallel_state.get_tensor_model_parallel_group())
     status, value = box[0]
     if status == "error":
         raise ConfigError(*value)
+    if status == "crash":
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"tensor-parallel rank 0 failed while computing rewards: {value}")
     return value
 
 

@@ -42,7 +42,7 @@ from evolm_nemo.rl.objectives import (actor_forward_step, collate, critic_forwar
                                      per_token)
 from evolm_nemo.rl.reward import RewardModelScorer, check as check_reward, combine as combine_rewards
 from evolm_nemo.rl.reward_fn import RewardFunction, rewards as reward_fn_rewards
-from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, verifiable_rewards
+from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, judged_text, verifiable_rewards
 from evolm_nemo.rl.stats import dp_allreduce, global_moments, on_tp_rank0, rollout_metrics
 from evolm_nemo.stages import kind
 from evolm_nemo.stages.base import Stage, check_layout, file_fingerprint
@@ -220,6 +220,9 @@ class RLStage(Stage):
         self.tok = load_tokenizer(self.tokenizer, key="train.init_from")
         self.eos = int(self.tok.eos_token_id)
         self.rollout_log = None
+        # the frozen roles' checkpoints (role -> iter_* dir), resolved at the run's first start and kept in its
+        # checkpoints: a parent run (or an RM run) that saved again since is not a new reference or reward mid-run
+        self.sources: dict[str, str] = {}
         self.packing, self.budget = cfg.train.packing, cfg.parallel.max_tokens_per_microbatch
         self.multiple = row_multiple(cfg.parallel)
 
@@ -239,13 +242,13 @@ class RLStage(Stage):
             self.critic = Role(model, optimizer, make(steps), make, dir=CRITIC, meta={"head": "value",
                                                                                       "role": "critic"})
         self.ref = None
-        if r.kl != "off":
+        if r.kl != "off":  # its weights in prepare(): the checkpoint this run started from, also after a resume
             self.ref = build_model(cfg.model, cfg.parallel, rt.dtype)
-            ckpt.load_weights(cfg.train.init_from, [self.ref])
-            self.ref.eval()
+            self.sources["reference"] = str(ckpt.resolve(cfg.train.init_from))
         self.rm = None
         if r.reward in ("rm", "sum") and r.reward_model:  # the reward role: a frozen value-head model (rl/reward.py)
             self.rm = RewardModelScorer(cfg, rt)
+            self.sources["reward_model"] = str(self.rm.path)
         self.reward_fn = None
         if r.reward in ("custom", "sum") and r.reward_fn:  # a user function in helper processes (rl/reward_fn.py)
             self.reward_fn = RewardFunction(r.reward_fn, r.reward_fn_timeout, r.reward_fn_workers)
@@ -263,7 +266,28 @@ class RLStage(Stage):
             self.critic.optimizer.reload_model_params()
         return start
 
+    def restore(self, start, state):
+        """A resumed run keeps the reference and reward model it started with (``rl_sources`` of its checkpoint)."""
+        recorded = state.get("rl_sources") or {}
+        keys = {"reference": "train.init_from", "reward_model": "rl.reward_model"}
+        for role, now in list(self.sources.items()):
+            kept = recorded.get(role)
+            if not kept or kept == now:
+                continue
+            if not ckpt.is_complete(Path(kept)):
+                raise ConfigError(keys[role], f"this run's {role.replace('_', ' ')}, {kept}, is gone or incomplete "
+                                              f"(the latest is now {now}); restore it, or start a new run")
+            if self.rt.is_main:
+                print(f"[evolm] {role.replace('_', ' ')}: {kept}, the one this run started with (the latest is now "
+                      f"{now})", flush=True)
+            self.sources[role] = kept
+
     def prepare(self, model, rt, start, out_dir):
+        if self.ref is not None:
+            ckpt.load_weights(self.sources["reference"], [self.ref])
+            self.ref.eval()
+        if self.rm is not None:
+            self.rm.load(self.sources["reward_model"])
         if self.rl.save_rollouts:
             self.rollout_log = RolloutLog(Path(out_dir) / "rollouts.jsonl", start, self.dp_rank)
 
@@ -343,7 +367,8 @@ class RLStage(Stage):
         t0 = time.perf_counter()
         ro = self.rollout(iteration)
         t1 = time.perf_counter()
-        ro.correct = on_tp_rank0(lambda: verifiable_rewards(ro, r.reward_suite, r.reward_scoring))
+        ro.correct = on_tp_rank0(lambda: verifiable_rewards(ro, r.reward_suite, r.reward_scoring,
+                                                                        r.reward_cut_at_stop))
         ro.rm_scores = self.rm.score(ro.prompt_ids, ro.response_ids, self.eos) if self.rm is not None else None
         fn_record = {}
         if self.reward_fn is not None:
@@ -469,12 +494,14 @@ class RLStage(Stage):
         return ("loss", "value_loss", *norms)
 
     def evaluate(self, model, rt, step, last):
-        """Greedy accuracy on ``rl.val_data`` every ``rl.val_interval`` iterations (the shared checker)."""
-        if self.val is None or step % self.rl.val_interval:
+        """Greedy accuracy on ``rl.val_data`` every ``rl.val_interval`` iterations and at the last one (the shared
+        checker): the final actor is always validated, also in a run shorter than the interval."""
+        if self.val is None or (step % self.rl.val_interval and not last):
             return {}
         r = self.rl
         texts = self.generator.generate(self.val.prompts, r.max_response_tokens, stop_strings=tuple(r.stop_strings))
-        right = sum(judge(r.reward_suite, t, g, r.reward_scoring) for t, g in zip(texts, self.val.gold))
+        right = sum(judge(r.reward_suite, judged_text(t, r.reward_cut_at_stop), g, r.reward_scoring)
+                    for t, g in zip(texts, self.val.gold))
         return {"val_accuracy": right / max(len(texts), 1)}
 
     def describe(self) -> str:
@@ -492,7 +519,7 @@ class RLStage(Stage):
         return {"reward": f"{record['reward_mean']:.3f}", "len": f"{record['response_length_mean']:.0f}"}
 
     def checkpoint_extra(self, step):
-        return {"consumed_prompts": step * self.rl.prompts_per_step}
+        return {"consumed_prompts": step * self.rl.prompts_per_step, "rl_sources": dict(self.sources)}
 
 
 def build(cfg: RootConfig, plan, rt) -> RLStage:

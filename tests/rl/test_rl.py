@@ -33,11 +33,12 @@ def test_contract_and_evolm_preset(tmp_path, rl_parent, stage):
     # those paths run too; GRPO samples a tempered, truncated distribution (the ratio and the engine's log-probs
     # must describe that one)
     options = ["rl.tis_cap=5.0", "rl.loss_agg=seq_mean", "rl.temperature=0.7", "rl.top_p=0.9"] if stage == "grpo" else []
+    interval = 2 if stage == "ppo" else 5  # every 2 steps; the final actor always, also in a run shorter than that
     proc = run_evolm("train", rl_args(out, rl_parent, stage, None, "train.iters=2", f"rl.val_data={rl_parent['rl8']}",
-                                      "rl.val_interval=2", "rl.val_size=4", *options))
+                                      f"rl.val_interval={interval}", "rl.val_size=4", *options))
     rows = metrics(out)
     assert sorted(rows) == [1, 2]
-    assert "val_accuracy" not in rows[1] and 0.0 <= rows[2]["val_accuracy"] <= 1.0  # greedy validation every 2 steps
+    assert "val_accuracy" not in rows[1] and 0.0 <= rows[2]["val_accuracy"] <= 1.0  # greedy validation
     for r in rows.values():
         assert 0.0 <= r["reward_mean"] <= 1.0 and r["response_length_mean"] > 0
         # one PPO epoch over one mini-batch (EvoLM's verl run): the ratio is exactly 1, the clip never acts
@@ -336,6 +337,30 @@ def test_rollouts_do_not_depend_on_how_many_sequences_decode_at_once(tmp_path, r
     assert len(runs[32][0]) == 32 and runs[3][0] == runs[32][0]
     assert len({len(ids) for _, ids in runs[32][0]}) > 1  # responses of different lengths: slots were freed early
     _compare(runs[3][1], runs[32][1], keys=("loss", "actor_grad_norm", "reward_mean", "response_length_mean"))
+
+
+def test_a_resume_keeps_the_reference_it_started_with(tmp_path, rl_parent):
+    """KL on: the frozen reference is the parent checkpoint the run started from. A parent run that saved another
+    checkpoint since (here: a different model's weights as its newest) is not a new KL anchor after a resume: the
+    resumed iteration equals the uninterrupted one and the run says which reference it kept."""
+    parent = tmp_path / "parent"
+    shutil.copytree(rl_parent["sft"] / "checkpoints", parent / "checkpoints")
+    given = {**rl_parent, "sft": parent}
+    args = ["train.iters=2", "train.save_interval=1", "train.keep_last=5", "rl.prompts_per_step=4",
+            "rl.kl=loss", "rl.initial_policy_kl_penalty=0.5"]
+    out = tmp_path / "run"
+    run_evolm("train", rl_args(out, given, "grpo", rl_parent["rl8"], *args))
+    want = metrics(out)
+    started = str(ckpt.latest(parent / "checkpoints"))
+    assert json.loads((out / "checkpoints" / "iter_0000002" / "evolm.json").read_text())["extra"]["rl_sources"] == \
+        {"reference": started}
+    shutil.rmtree(out / "checkpoints" / "iter_0000002")  # as if killed after iteration 1
+    newer = parent / "checkpoints" / "iter_0999999"  # the parent run went on: another model is its latest now
+    shutil.copytree(ckpt.latest(rl_parent["sft"].parent / "pre" / "checkpoints"), newer)
+    assert ckpt.latest(parent / "checkpoints") == newer
+    resumed = run_evolm("train", rl_args(out, given, "grpo", rl_parent["rl8"], *args))
+    assert f"reference: {started}, the one this run started with (the latest is now {newer})" in resumed.stdout
+    _compare(metrics(out), want, keys=("loss", "actor_grad_norm", "kl_ref", "reward_mean"))
 
 
 def test_resume_with_other_prompts_or_samples_is_refused(tmp_path, rl_parent):

@@ -53,3 +53,35 @@ def test_truncated_importance_weights_scale_the_policy_gradient_only(monkeypatch
     assert float(pg) == -2.5 and float(tis_logs["loss_sum"]) == 0.25 * float(pg)
     others = -0.1 * float(entropy.sum()) + 0.5 * 0.3 * 4  # entropy bonus and KL loss, unweighted by TIS
     assert abs(float(plain) - (float(pg) + others)) < 1e-6 and abs(float(tis) - (0.25 * float(pg) + others)) < 1e-6
+
+
+def test_the_reward_judges_what_evaluation_keeps_of_a_response():
+    """A response that answers and then makes up the next turn ("Human: ... Assistant: The answer is 4."): the reward
+    judges the text before the evaluation's stop strings -- what an evaluation of the model keeps -- unless
+    ``rl.reward_cut_at_stop=false`` (verl 0.2 judged the whole response)."""
+    from evolm_nemo.rl.rollout import verifiable_rewards
+
+    text = "2 x 75 = 150. The answer is 150.\nHuman: What is 2+2?\nAssistant: The answer is 4."
+    ro = Rollout([[1]] * 2, [[3]] * 2, [[-0.5]] * 2, [text, "The answer is 4."], [False] * 2, ["150", "150"])
+    assert verifiable_rewards(ro, "gsm8k_platinum", "strict") == [1.0, 0.0]
+    assert verifiable_rewards(ro, "gsm8k_platinum", "strict", cut=False) == [0.0, 0.0]
+    assert verifiable_rewards(ro, "gsm8k_platinum", "evolm") == [1.0, 0.0]
+
+
+def test_a_failure_on_tensor_parallel_rank_0_stops_its_peers_too(tmp_path):
+    """on_tp_rank0 handed on only a ConfigError: any other failure on rank 0 left the other ranks of the model waiting
+    in the broadcast until the process-group timeout (30 minutes, then an unrelated traceback)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import REPO, free_port, subprocess_env
+
+    script = Path(__file__).with_name("_tp_rank0.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), str(tmp_path)], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "rank0.txt").read_text() == "BrokenPipeError: the reward pool went away"
+    assert (tmp_path / "rank1.txt").read_text() == ("RuntimeError: tensor-parallel rank 0 failed while computing "
+                                                    "rewards: BrokenPipeError: the reward pool went away")
