@@ -75,6 +75,25 @@ def synthetic_size(cfg: RootConfig) -> int | None:
     return module.synthetic_size(cfg) if hasattr(module, "synthetic_size") else None
 
 
+def rl_split(cfg: RootConfig, dp: int) -> tuple[str, str] | None:
+    """The RL batch's split over ``dp`` data-parallel ranks, then into ``rl.mini_batches`` (and each mini-batch into
+    ``micro_batch_size`` rows, unless packing or a token budget lays its microbatches out): the key and message of
+    the first thing that does not divide, or None. The trainer and ``evolm suite plan`` refuse alike."""
+    r, p, t = cfg.rl, cfg.parallel, cfg.train
+    if r.prompts_per_step % dp:
+        return "rl.prompts_per_step", f"{r.prompts_per_step} prompts do not split over {dp} data-parallel ranks"
+    per_rank = r.prompts_per_step // dp * r.samples_per_prompt
+    if t.packing or p.max_tokens_per_microbatch is not None:  # microbatches not by count
+        if per_rank % r.mini_batches:
+            return "rl.mini_batches", (f"each rank trains on {per_rank} sequences per step: they must split into "
+                                       f"rl.mini_batches={r.mini_batches}")
+    elif per_rank % (r.mini_batches * p.micro_batch_size):
+        return "parallel.micro_batch_size", (f"each rank trains on {per_rank} sequences per step: they must split "
+                                             f"into rl.mini_batches={r.mini_batches} x micro_batch_size="
+                                             f"{p.micro_batch_size}")
+    return None
+
+
 def stage_module(name: str) -> ModuleType:
     return importlib.import_module(kind(name).module)
 

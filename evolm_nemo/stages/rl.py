@@ -44,7 +44,7 @@ from evolm_nemo.rl.reward import RewardModelScorer, check as check_reward, combi
 from evolm_nemo.rl.reward_fn import RewardFunction, rewards as reward_fn_rewards
 from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, judged_text, verifiable_rewards
 from evolm_nemo.rl.stats import dp_allreduce, global_moments, on_tp_rank0, rollout_metrics
-from evolm_nemo.stages import kind
+from evolm_nemo.stages import kind, rl_split
 from evolm_nemo.stages.base import Stage, check_layout, file_fingerprint
 from evolm_nemo.tasks import SUITE_KIND
 from evolm_nemo.train.engine import build_training_model, train_step
@@ -89,19 +89,11 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("rl.rollout_engine", f"must be continuous or static, got {r.rollout_engine!r}")
     if cfg.stage == "grpo" and r.samples_per_prompt < 2:
         raise ConfigError("rl.samples_per_prompt", "GRPO compares samples of one prompt: it needs >= 2")
-    if r.prompts_per_step % dp:
-        raise ConfigError("rl.prompts_per_step", f"{r.prompts_per_step} prompts do not split over {dp} data-parallel "
-                                                 "ranks")
-    per_rank = r.prompts_per_step // dp * r.samples_per_prompt
-    laid_out = t.packing or p.max_tokens_per_microbatch is not None  # microbatches not by count
+    if (split := rl_split(cfg, dp)) is not None and split[0] == "rl.prompts_per_step":
+        raise ConfigError(*split)
     check_layout(cfg, min(cfg.model.seq_length, r.max_prompt_tokens + r.max_response_tokens), "sequence")
-    if laid_out and per_rank % r.mini_batches:
-        raise ConfigError("rl.mini_batches", f"each rank trains on {per_rank} sequences per step: they must split "
-                                             f"into rl.mini_batches={r.mini_batches}")
-    if not laid_out and per_rank % (r.mini_batches * p.micro_batch_size):
-        raise ConfigError("parallel.micro_batch_size", f"each rank trains on {per_rank} sequences per step: they must "
-                                                       f"split into rl.mini_batches={r.mini_batches} x "
-                                                       f"micro_batch_size={p.micro_batch_size}")
+    if split is not None:
+        raise ConfigError(*split)
     check_ranges(cfg)
     if r.critic_init is not None and cfg.stage == "ppo":
         check_critic_init(cfg)
@@ -130,6 +122,18 @@ def check_ranges(cfg: RootConfig) -> None:
     r = cfg.rl
     if not r.ratio_eps > 0 or (r.ratio_eps_high is not None and not r.ratio_eps_high > 0):
         raise ConfigError("rl.ratio_eps", "clip ranges must be > 0")
+    if not r.ratio_eps < 1:
+        raise ConfigError("rl.ratio_eps", f"must be < 1 (the low clip 1 - eps would be <= 0: no clip), got "
+                                          f"{r.ratio_eps}")
+    if r.val_interval and r.val_size < 1:
+        raise ConfigError("rl.val_size", f"must be >= 1 with rl.val_interval set, got {r.val_size}")
+    # settings another algorithm reads: refused rather than silently ignored
+    if cfg.stage == "ppo" and r.dynamic_sampling:
+        raise ConfigError("rl.dynamic_sampling", "drops GRPO groups whose samples' rewards are all equal; stage=ppo "
+                                                 "has no groups: use stage=grpo or leave it false")
+    if cfg.stage == "grpo" and r.critic_init is not None:
+        raise ConfigError("rl.critic_init", "stage=grpo has no critic (its baseline is the group's mean reward); "
+                                            "use stage=ppo or leave it null")
     if r.dual_clip is not None and not r.dual_clip > 1:
         raise ConfigError("rl.dual_clip", f"must be > 1 or null, got {r.dual_clip}")
     if r.value_clip is not None and not r.value_clip > 0:
@@ -208,7 +212,7 @@ class RLStage(Stage):
         self.cfg, self.plan, self.rt, self.rl = cfg, plan, rt, cfg.rl
         r = cfg.rl
         self.grpo = cfg.stage == "grpo"
-        self.prompts, _ = usable_prompts(cfg)
+        self.prompts, self.skipped = usable_prompts(cfg)
         self.val = None
         if r.val_data and r.val_interval:  # the first rl.val_size prompts that fit, as for training
             val, _ = fit_prompts(cfg, read_prompts([r.val_data], "rl.val_data"))
@@ -508,7 +512,9 @@ class RLStage(Stage):
         r = self.rl
         roles = "actor" + (" + critic" if self.critic is not None else "") + (" + reference" if self.ref else "")
         return (f"{roles} | {r.prompts_per_step} prompts x {r.samples_per_prompt} samples, {r.ppo_epochs} epoch(s) "
-                f"x {r.mini_batches} mini-batch(es) | {len(self.prompts):,} RL prompts")
+                f"x {r.mini_batches} mini-batch(es) | {len(self.prompts):,} RL prompts"
+                + (f" ({self.skipped:,} longer than rl.max_prompt_tokens={r.max_prompt_tokens} skipped)"
+                   if self.skipped else ""))
 
     def lineage(self) -> dict:
         r = self.rl

@@ -23,10 +23,13 @@ launcher waits for it to end, says so in one line and exits with 128 + the signa
 ``run.SlurmExecutor`` -- pyxis ``container_image`` / ``container_mounts``, ``nodes``, ``gpus_per_node``, ``time``,
 ``account`` / ``partition`` from the suite recipe, ``--signal=TERM@<s>`` so a training commits a checkpoint before
 its time limit, ``torchrun`` across the job's nodes (``run.Torchrun``, c10d rendezvous) -- added with
-``dependencies=[...]`` along the DAG, so NeMo-Run submits them with ``--dependency=afterok:``. NeMo-Run forces the
+``dependencies=[...]`` along the DAG, so NeMo-Run submits them with ``--dependency=afterok:`` (and
+``--kill-on-invalid-dep=yes``: a failed parent cancels its dependants). NeMo-Run forces the
 container's working directory to its job directory, so each node's script first changes to
 ``slurm.container_workdir``. A pending node whose job is still queued or running (same job name, ``squeue --me``) is
-not submitted twice; its dependants wait for that job. ``dry_run=true`` runs NeMo-Run's dry run and copies the
+not submitted twice; its dependants wait for that job -- unless that job is pending on a dependency that can never be
+satisfied (reason ``DependencyNeverSatisfied``) or on a parent submitted again now: it is cancelled (``scancel``)
+and submitted again. ``dry_run=true`` runs NeMo-Run's dry run and copies the
 sbatch scripts it wrote (and each node's script) to ``out=`` (default ``<root>/slurm``) for inspection; nothing is
 submitted. NeMo-Run's experiment metadata goes to ``$NEMORUN_HOME`` (default here ``<root>/nemo_run``).
 """
@@ -47,6 +50,7 @@ from pathlib import Path
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.fileio import check_dst, lock_file, replace_dir, temp_dir
+from evolm_nemo.stages import kind
 from evolm_nemo.suite.node import pid_file
 from evolm_nemo.suite.plan import Row, SuitePlan
 from evolm_nemo.suite.spec import DATA_MAKERS, Suite
@@ -60,22 +64,49 @@ class Job:
     argv: list[str] = field(default_factory=list)  # after `python -m evolm_nemo.cli` (or the module for data)
 
 
-def train_state(out: Path, planned: int | None) -> tuple[str, str]:
+# What fixes a run's iteration count besides its dataset's size, by budget (stages.base.epoch_iters,
+# stages.rl.plan_iters): a fine-tuning / RL plan is an estimate from the suite's ``samples:``, so a finished run whose
+# own count differs is done unless one of these changed since (then the trainer, relaunched, names the key)
+COUNT_KEYS = {"epochs": ("train.epochs", "train.iters", "parallel.global_batch_size"),
+              "prompts": ("train.epochs", "train.iters", "rl.prompts_per_step")}
+
+
+def _count_change(recorded: dict | None, cfg, budget: str) -> str | None:
+    """The first key of ``COUNT_KEYS[budget]`` whose value in a checkpoint's recorded config differs from ``cfg``'s,
+    as ``key=theirs -> ours``; keys the record lacks are not compared."""
+    for key in COUNT_KEYS.get(budget, ()) if cfg is not None else ():
+        section, name = key.split(".")
+        theirs = (recorded or {}).get(section)
+        if isinstance(theirs, dict) and name in theirs and theirs[name] != getattr(getattr(cfg, section), name):
+            return f"{key}={theirs[name]} -> {getattr(getattr(cfg, section), name)}"
+    return None
+
+
+def train_state(out: Path, planned: int | None, budget: str = "tokens", cfg=None) -> tuple[str, str]:
+    """A train node's state from its newest committed checkpoint. ``planned``: the plan's iterations -- the
+    trainer's own for a token budget (a checkpoint planned otherwise was trained by another recipe: resumed, the
+    trainer refuses it naming the key), an estimate from the suite's ``samples:`` for the other budgets (their runs
+    count their real dataset: a finished one is done, with a note where the counts differ, unless a ``COUNT_KEYS``
+    value changed since)."""
     last = ckpt.latest(out / "checkpoints")
     if last is None:
         return ("new", "no committed checkpoint") if not out.exists() else ("new", f"{out} has no committed "
                                                                                   "checkpoint yet")
     meta = json.loads((last / ckpt.META).read_text())
     it, want = meta.get("iteration"), meta.get("planned_iters")
-    if want is not None and it is not None and it >= want and (planned is None or want == planned):
+    if want is None or it is None or it < want:
+        return "resume", f"{last.name} of {want if want is not None else planned}"
+    if planned is None or want == planned:
         return "done", f"{last.name} of {want}"
-    return "resume", f"{last.name} of {want if want is not None else planned}"
+    if budget != "tokens" and (changed := _count_change(meta.get("config"), cfg, budget)) is None:
+        return "done", f"{last.name} of {want} (the run's count over its dataset; the plan estimated {planned})"
+    return "resume", f"{last.name} of {want}" + (f"; this recipe changed {changed}" if budget != "tokens" else "")
 
 
 def node_state(suite: Suite, row: Row) -> tuple[str, str]:
     out = Path(suite.out(row.node))
     if row.kind == "train":
-        return train_state(out, row.iters)
+        return train_state(out, row.iters, kind(row.stage).budget, row.cfg)
     if row.kind == "export":
         return ("done", "HF directory present") if (out / "config.json").is_file() else ("new", "not exported")
     if row.kind == "eval":
@@ -316,7 +347,9 @@ def node_script(plan: SuitePlan, job: Job) -> str:
     return "\n".join(lines) + "\n"
 
 
-def slurm_executor(run, plan: SuitePlan, job: Job, external: list[str]):
+def slurm_executor(run, plan: SuitePlan, job: Job, external: list[str], waits: bool = False):
+    """``waits``: the job has a dependency (``external`` or this experiment's): if a parent fails, Slurm cancels it
+    (``--kill-on-invalid-dep=yes``) rather than leaving it pending forever."""
     s, row = plan.suite, job.row
     node, sl = s.nodes[row.node], s.slurm
     gpus = row.gpus if row.kind == "train" else (node.gpus or (1 if row.kind != "data" else 0))
@@ -325,6 +358,8 @@ def slurm_executor(run, plan: SuitePlan, job: Job, external: list[str]):
     extra = {}
     if external:  # parents whose jobs are already queued (not part of this experiment)
         extra["dependency"] = "afterok:" + ":".join(external)
+    if waits or external:
+        extra["kill_on_invalid_dep"] = "yes"
     home = Path(os.environ["NEMORUN_HOME"])
     ex = run.SlurmExecutor(
         account=sl.get("account") or "", partition=sl.get("partition"), job_name_prefix=f"evolm-{s.name}-",
@@ -345,23 +380,59 @@ def slurm_executor(run, plan: SuitePlan, job: Job, external: list[str]):
     return ex
 
 
-def queued_jobs(suite: Suite, nodes: list[str]) -> dict[str, str]:
-    """node -> id of this user's queued or running job of the same name (``squeue --me``)."""
+def _slurm(cmd: list[str]) -> tuple[subprocess.CompletedProcess | None, str | None]:
+    """Run a Slurm client command: (its result, None) or (None, why it failed, in one line)."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if proc.returncode:
+        return None, (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[0]
+    return proc, None
+
+
+def queued_jobs(suite: Suite, nodes: list[str]) -> dict[str, list[tuple[str, str, str]]]:
+    """node -> [(id, state, reason)] of this user's queued or running jobs of the same name (``squeue --me``)."""
     out = {}
     for n in nodes:
-        try:
-            proc = subprocess.run(["squeue", "-h", "--me", "-n", job_name(suite, n), "-o", "%i"], capture_output=True,
-                                  text=True, timeout=60)
-            failed = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[0]
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            failed = f"{type(exc).__name__}: {exc}"
+        proc, failed = _slurm(["squeue", "-h", "--me", "-n", job_name(suite, n), "-o", "%i %T %r"])
         if failed:  # not knowing what is queued could submit a node twice
             raise ConfigError("executor", f"slurm: squeue failed ({failed}); cannot tell which nodes are already "
                                           "queued, so nothing was submitted; retry when squeue answers")
-        ids = proc.stdout.split()
-        if ids:
-            out[n] = ids[0]
+        found = [tuple((line.split(None, 2) + ["", ""])[:3]) for line in proc.stdout.splitlines() if line.strip()]
+        if found:
+            out[n] = found
     return out
+
+
+NEVER = "DependencyNeverSatisfied"  # squeue's reason for a job whose afterok parent failed
+
+
+def sort_queued(pending: list[Job], found: dict[str, list[tuple[str, str, str]]]) -> tuple[dict[str, str],
+                                                                                           dict[str, list[str]]]:
+    """(node -> the queued job its dependants wait for, node -> its stale jobs to cancel) over ``pending`` (parents
+    first). A job is stale when it is pending on a dependency that can never be satisfied (a parent failed; Slurm
+    leaves such jobs pending unless they were submitted with --kill-on-invalid-dep) or on a parent that is submitted
+    again now (it waits for the parent's old job): cancelled, it is submitted again after its parent."""
+    names = {j.row.node for j in pending}
+    queued: dict[str, str] = {}
+    stale: dict[str, list[str]] = {}
+    for j in pending:
+        node = j.row.node
+        resubmitted = any(d in names and d not in queued for d in _parents(j))
+        for jid, state, reason in found.get(node, []):
+            if state == "PENDING" and (reason == NEVER or resubmitted):
+                stale.setdefault(node, []).append(jid)
+            elif node not in queued:
+                queued[node] = jid
+    return queued, stale
+
+
+def cancel_jobs(ids: list[str]) -> None:
+    _, failed = _slurm(["scancel", *ids])
+    if failed:
+        raise ConfigError("executor", f"slurm: scancel {' '.join(ids)} failed ({failed}); those jobs can never start "
+                                      "(a parent failed), so nothing was submitted; cancel them, then relaunch")
 
 
 def _parents(job: Job) -> list[str]:
@@ -378,10 +449,14 @@ def run_slurm(plan: SuitePlan, js: list[Job], directory: Path, dry_run: bool) ->
         check_dst(directory, overwrite=True, key="out", kind="suite-slurm")
     (Path(suite.root) / "logs").mkdir(parents=True, exist_ok=True)
     pending = [j for j in js if j.state != "done"]
-    queued = {} if dry_run else queued_jobs(suite, [j.row.node for j in pending])
+    queued, stale = sort_queued(pending, {} if dry_run else queued_jobs(suite, [j.row.node for j in pending]))
     for j in js:
         print(f"[suite] {j.row.node}: {j.state} ({j.detail})" + ("; skipped" if j.state == "done" else "")
-              + (f"; already queued as job {queued[j.row.node]}" if j.row.node in queued else ""), flush=True)
+              + (f"; already queued as job {queued[j.row.node]}" if j.row.node in queued else "")
+              + (f"; its queued job {', '.join(stale[j.row.node])} can never start (a parent failed or is submitted "
+                 "again): cancelled, submitted again" if j.row.node in stale else ""), flush=True)
+    if stale:
+        cancel_jobs([i for ids in stale.values() for i in ids])
     run = nemo_run(suite)
     added: dict[str, str] = {}
     deps_of: dict[str, list[str]] = {}
@@ -394,8 +469,8 @@ def run_slurm(plan: SuitePlan, js: list[Job], directory: Path, dry_run: bool) ->
             internal = [added[d] for d in _parents(j) if d in added]
             deps_of[node] = [d for d in _parents(j) if d in added] + [f"{d}(job {queued[d]})" for d in _parents(j)
                                                                       if d in queued]
-            added[node] = exp.add(run.Script(inline=node_script(plan, j)), executor=slurm_executor(run, plan, j,
-                                  external), name=node, dependencies=internal or None)
+            added[node] = exp.add(run.Script(inline=node_script(plan, j)), executor=slurm_executor(
+                run, plan, j, external, waits=bool(internal)), name=node, dependencies=internal or None)
         if not added:
             print(f"[suite] nothing to submit ({len(js) - len(pending)} done, {len(queued)} queued)")
             if dry_run:

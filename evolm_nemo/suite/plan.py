@@ -44,7 +44,7 @@ from evolm_nemo.config.validate import validate
 from evolm_nemo.evaluation import tasks as registry
 from evolm_nemo.evaluation.evaluate import DownstreamConfig
 from evolm_nemo.model.build import flops_per_token, param_count
-from evolm_nemo.stages import kind, plan_run, sequences_per_unit, synthetic_size
+from evolm_nemo.stages import kind, plan_run, rl_split, sequences_per_unit, synthetic_size
 from evolm_nemo.stages.base import epoch_iters
 from evolm_nemo.suite.spec import Node, Suite
 from evolm_nemo.train.metrics import _PEAK_TFLOPS
@@ -250,11 +250,8 @@ def _train_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None
         n = _samples(cfg, node, row)
         row.samples, row.epochs = n, t.epochs
         dp = world // (p.tp * p.pp)
-        if r.prompts_per_step % dp or (r.prompts_per_step // dp * r.samples_per_prompt) % (
-                r.mini_batches * p.micro_batch_size):
-            raise ConfigError(f"nodes.{node.name}", f"rl.prompts_per_step={r.prompts_per_step} does not split over "
-                                                    f"dp={dp} ranks x rl.mini_batches={r.mini_batches} x "
-                                                    f"micro_batch_size={p.micro_batch_size}")
+        if (split := rl_split(cfg, dp)) is not None:  # the trainer's own rule
+            raise ConfigError(f"nodes.{node.name}", f"{split[0]}: {split[1]}")
         iters = None  # the same arithmetic as stages.rl.plan_iters, over the suite's prompt count
         if t.epochs is not None:
             iters = n * t.epochs // r.prompts_per_step

@@ -271,6 +271,24 @@ def check_world_overrides(items: list[str], key: str) -> None:
                                    f"keys: {', '.join(valid)}")
 
 
+def outputs_are_needs(nodes: dict[str, Node], train_overrides: list[str], suite: str) -> None:
+    """Every ``${out:<node>}`` a node reads -- in its overrides, and for a train node in the suite's
+    ``train_overrides`` -- becomes one of its needs, so that it is ordered (and submitted, ``afterok``) after that node
+    and ``only=`` keeps that node. A name that is no node is one line naming the key."""
+    for node in nodes.values():
+        items = [(o, "train_overrides") for o in train_overrides] if node.kind == "train" else []
+        items += [(o, f"nodes.{node.name}.overrides") for o in node.overrides]
+        for text, key in items:
+            for m in _PLACEHOLDER.finditer(text):
+                target = m.group(2)
+                if target is None or target == node.name:  # ${root}; a node's own output is no dependency
+                    continue
+                if target not in nodes:
+                    raise ConfigError(key, f"${{out:{target}}} names no node of suite {suite}")
+                if target not in node.deps:
+                    node.needs.append(target)
+
+
 def topological(nodes: dict[str, Node], suite: str) -> list[str]:
     """Every node after its parent and needs; ties keep file order. A missing parent or a cycle is one line."""
     for node in nodes.values():
@@ -353,6 +371,8 @@ def load(name: Optional[str], options: Optional[dict] = None) -> Suite:
         raise ConfigError("nodes", f"{path} needs a mapping of nodes (name: {{kind, parent, ...}})")
     nodes = {str(n): _node(str(n), spec, str(path)) for n, spec in raw_nodes.items()}
     suite_name = str(doc.get("name") or path.stem)
+    train_overrides = _as_list(doc.get("train_overrides"), "train_overrides")
+    outputs_are_needs(nodes, train_overrides, suite_name)
     order = topological(nodes, suite_name)
     slurm = dict(SLURM_DEFAULTS)
     for section in ("slurm", "local"):
@@ -377,7 +397,7 @@ def load(name: Optional[str], options: Optional[dict] = None) -> Suite:
     if slurm.get("gpus_per_node") is not None:
         gpus = _positive_int(slurm["gpus_per_node"], "slurm.gpus_per_node")
     return Suite(name=suite_name, path=path, root=str(root), nodes=nodes, order=order, gpus_per_node=gpus,
-                 mfu=float(mfu), train_overrides=_as_list(doc.get("train_overrides"), "train_overrides") + logger,
+                 mfu=float(mfu), train_overrides=train_overrides + logger,
                  slurm=slurm, local=local, description=str(doc.get("description") or ""),
                  report=_report(doc.get("report"), nodes))
 

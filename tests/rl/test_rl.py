@@ -231,6 +231,10 @@ def test_ppo_pair_is_pruned_as_a_pair(tmp_path, rl_parent):
     (["rl.kl_clamp=0"], "rl.kl_clamp"),
     (["stage=grpo", "rl.temperature=0"], "rl.temperature"),  # identical samples: every advantage 0
     (["stage=grpo", "rl.kl=reward", "rl.initial_policy_kl_penalty=0.01"], "rl.kl"),  # would never act in GRPO
+    (["rl.ratio_eps=1.0"], "rl.ratio_eps"),  # the low clip would vanish
+    (["rl.val_interval=1", "rl.val_size=0"], "rl.val_size"),
+    (["rl.dynamic_sampling=true"], "rl.dynamic_sampling"),  # another algorithm's setting: not silently ignored
+    (["stage=grpo", "rl.critic_init=runs/x"], "rl.critic_init"),
 ])
 def test_bad_rl_recipe_is_one_line(tmp_path, rl_parent, capsys, extra, key):
     refused_in_process(capsys, "train", rl_args(tmp_path / "run", rl_parent, "ppo", None, "train.iters=2", *extra), key)

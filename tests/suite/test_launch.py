@@ -94,6 +94,53 @@ def test_slurm_dry_run_writes_sbatch_scripts(tmp_path):
     assert "[suite] submitted 5 of 6 pending jobs" in proc.stdout
 
 
+def test_slurm_relaunch_resubmits_jobs_whose_parent_failed(tmp_path):
+    """Dependants are submitted with --kill-on-invalid-dep=yes. On relaunch after a parent's job failed (no longer
+    queued), a dependant Slurm left pending (DependencyNeverSatisfied) and its own dependant (pending on it) are
+    cancelled and submitted again after the parent, not skipped as queued; jobs pending on live parents are kept."""
+    root = tmp_path / "runs"
+    suite = tmp_path / "three.yaml"
+    suite.write_text(f"name: three\nroot: {root}\ngpus_per_node: 1\nnodes:\n  pre: {{experiment: demo}}\n"
+                     "  cpt: {experiment: demo_cpt, parent: pre}\n  hf: {kind: export, parent: cpt}\n")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text("#!/bin/bash\nn=$(( $(wc -l < \"$SBATCH_LOG\" 2>/dev/null || echo 0) + 1001 ))\n"
+                                   "echo \"$n $*\" >> \"$SBATCH_LOG\"\necho \"$n\"\n")
+    (bindir / "scancel").write_text("#!/bin/bash\necho \"$*\" >> \"$SCANCEL_LOG\"\n")
+    squeue = bindir / "squeue"
+    for p in bindir.iterdir():
+        p.chmod(0o755)
+    env = dict(subprocess_env(), PATH=f"{bindir}:{os.environ['PATH']}", SBATCH_LOG=str(tmp_path / "sbatch.log"),
+               SCANCEL_LOG=str(tmp_path / "scancel.log"))
+
+    def launch(jobs: dict[str, str]):  # job name suffix -> the line squeue prints for it (%i %T %r)
+        squeue.write_text("#!/bin/bash\n" + "".join(f"[[ \"$*\" == *evolm-three-{n}\\ * ]] && echo '{line}'\n"
+                                                     for n, line in jobs.items()) + "exit 0\n")
+        squeue.chmod(0o755)
+        for log in ("sbatch.log", "scancel.log"):
+            (tmp_path / log).unlink(missing_ok=True)
+        proc = suite_cli("launch", f"suite={suite}", "executor=slurm", env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        calls = [c.split() for c in (tmp_path / "sbatch.log").read_text().splitlines()] \
+            if (tmp_path / "sbatch.log").exists() else []
+        cancels = (tmp_path / "scancel.log").read_text().split() if (tmp_path / "scancel.log").exists() else []
+        return proc, calls, cancels
+
+    # pre's job failed: cpt was left pending for ever, hf waits on cpt's job
+    proc, calls, cancels = launch({"cpt": "501 PENDING DependencyNeverSatisfied", "hf": "502 PENDING Dependency"})
+    assert sorted(cancels) == ["501", "502"], proc.stdout
+    assert [c[-1].rsplit("/", 1)[-1] for c in calls] == ["pre_sbatch.sh", "cpt_sbatch.sh", "hf_sbatch.sh"]
+    assert [c[3:-1] for c in calls] == [[], ["--dependency=afterok:1001"], ["--dependency=afterok:1002"]]
+    flags = [Path(c[-1]).read_text().splitlines() for c in calls]
+    assert ["#SBATCH --kill-on-invalid-dep=yes" in f for f in flags] == [False, True, True]
+    assert "cpt: new (no committed checkpoint); its queued job 501 can never start" in proc.stdout
+    # pre's job is running: cpt and hf wait on live parents and stay queued; nothing is cancelled or submitted
+    proc, calls, cancels = launch({"pre": "900 RUNNING None", "cpt": "901 PENDING Dependency",
+                                   "hf": "902 PENDING Dependency"})
+    assert calls == [] and cancels == [], proc.stdout
+    assert "[suite] nothing to submit (0 done, 3 queued)" in proc.stdout
+
+
 def test_slurm_without_sbatch_is_one_line(tmp_path):
     env = dict(subprocess_env(), PATH=str(Path(sys.executable).parent) + ":/usr/bin:/bin")
     proc = suite_cli("launch", "suite=tiny", "executor=slurm", f"root={tmp_path}", env=env)
@@ -163,6 +210,38 @@ def test_relaunch_skips_finished_runs_and_resumes_a_killed_one(tmp_path):
     assert dry.returncode == 0, dry.stderr
     assert "[suite] nothing to submit (2 done, 0 queued)" in dry.stdout
     assert not list((tmp_path / "slurm").glob("*.sbatch")) and (tmp_path / "slurm" / "status.txt").is_file()
+
+
+def test_a_finished_run_whose_count_differs_from_the_plans_estimate_is_done(tmp_path):
+    """The plan estimates an SFT's iterations from the suite's `samples:` (64 examples: 4); the trainer counts its
+    real dataset (32: 2). The finished run is done (with a note), its dependants run, a relaunch starts nothing; a
+    changed epoch count (or, for a token budget, iteration count) is still not done: the trainer names the key."""
+    root = tmp_path / "runs"
+    suite = tmp_path / "est.yaml"
+    text = (f"name: est\nroot: {root}\ngpus_per_node: 1\n"
+            f"train_overrides: [data.cache_dir={tmp_path}/cache, train.progress=false, train.tensorboard=false, "
+            "train.precision=fp32]\nnodes:\n"
+            "  pre: {experiment: demo, overrides: [train.iters=2]}\n"
+            "  sft: {experiment: demo_sft, parent: pre, samples: 64, overrides: [train.epochs=1, "
+            "sft.synthetic_examples=32]}\n"
+            "  hf: {kind: export, parent: sft}\n")
+    suite.write_text(text)
+    cmd = [sys.executable, "-m", "evolm_nemo.cli", "suite", "launch", f"suite={suite}", "executor=local"]
+    first = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout + first.stderr
+    note = "iter_0000002 of 2 (the run's count over its dataset; the plan estimated 4)"
+    assert "[suite] sft: done in" in first.stdout and note in first.stdout, first.stdout
+    assert (root / "hf" / "config.json").is_file()  # the dependant ran
+    again = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"[suite] sft: done ({note}); skipped" in again.stdout and "starting" not in again.stdout
+    suite.write_text(text.replace("train.epochs=1", "train.epochs=2").replace("train.iters=2", "train.iters=3"))
+    status = suite_cli("status", f"suite={suite}")
+    assert status.returncode == 0, status.stderr
+    lines = [line.split(None, 3) for line in status.stdout.splitlines()]
+    assert ["pre", "pretrain", "resume", "iter_0000002 of 2"] in lines, status.stdout
+    assert ["sft", "sft", "resume", "iter_0000002 of 2; this recipe changed train.epochs=1 -> 2"] in lines, \
+        status.stdout
 
 
 def _processes_naming(text: str) -> list[str]:

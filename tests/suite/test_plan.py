@@ -133,6 +133,46 @@ def test_order_follows_parents_not_file_order(tmp_path):
     assert spec.load(path).order == ["a", "b", "c", "d"]
 
 
+def test_an_output_a_node_reads_is_a_dependency(tmp_path):
+    """`${out:X}` in a node's overrides or the suite's train_overrides orders X first and is a dependency (plan
+    rows, `only=`), without `needs`."""
+    path = _suite(tmp_path, "  pt: {experiment: demo, overrides: [\"data.paths=[${out:world}/general]\"]}\n"
+                            "  world: {kind: data, make: nano_world}\n")
+    suite = spec.load(path)
+    assert suite.order == ["world", "pt"] and suite.nodes["pt"].needs == ["world"]
+    assert spec.select(suite, ["pt"]) == ["world", "pt"]
+    path = _suite(tmp_path, "  pt: {experiment: demo}\n  world: {kind: data, make: nano_world}\n"
+                            "  x: {kind: export, parent: pt}\n")
+    text = open(path).read().replace("nodes:\n",
+                                     "train_overrides: [\"data.tokenizer=${out:world}/tokenizer\"]\nnodes:\n")
+    open(path, "w").write(text)
+    suite = spec.load(path)
+    assert suite.order == ["world", "pt", "x"] and suite.nodes["pt"].needs == ["world"]
+    assert suite.nodes["x"].needs == []  # train_overrides are the train nodes' only
+    with pytest.raises(ConfigError) as exc:
+        spec.load(_suite(tmp_path, "  pt: {experiment: demo, overrides: [\"train.branch_from=${out:nope}\"]}\n"))
+    assert exc.value.key == "nodes.pt.overrides" and "${out:nope} names no node of suite s" in exc.value.message
+
+
+@pytest.mark.parametrize("layout, ok", [("", False), ("train.packing=true", True),
+                                        ("parallel.max_tokens_per_microbatch=4096", True)])
+def test_rl_mini_batches_follow_the_trainers_rule(tmp_path, layout, ok):
+    """64 sequences per rank split into rl.mini_batches=2, not into 2 x micro_batch_size=48: refused only where the
+    trainer (stages.rl.plan_iters) refuses it, i.e. unless the microbatches are packed or by a token budget."""
+    body = ("  a: {experiment: demo}\n  b: {experiment: demo_sft, parent: a}\n"
+            f"  c: {{experiment: demo_grpo, parent: b, overrides: [rl.mini_batches=2, parallel.micro_batch_size=48"
+            f"{', ' + layout if layout else ''}]}}\n")
+    suite = spec.load(_suite(tmp_path, body))
+    if ok:
+        assert plan_mod.build(suite).row("c").iters == 30
+        return
+    with pytest.raises(ConfigError) as exc:
+        plan_mod.build(suite)
+    assert exc.value.key == "nodes.c" and exc.value.message == (
+        "parallel.micro_batch_size: each rank trains on 64 sequences per step: they must split into "
+        "rl.mini_batches=2 x micro_batch_size=48")
+
+
 @pytest.mark.parametrize("body, line", [
     ("  a: {experiment: demo}\n  b: {experiment: demo_cpt, parent: x}\n",
      "error: nodes.b.parent: names 'x', which is not a node of suite s"),
