@@ -72,10 +72,11 @@ def rm_index(scores: Optional[Sequence[float]]) -> Optional[int]:
     return best
 
 
-def correct_ratio(corrects: Iterable[Sequence[bool]]) -> float:
-    """Mean of #correct / #completions over problems with at least one correct completion (0.0 if there are none)."""
+def correct_ratio(corrects: Iterable[Sequence[bool]]) -> Optional[float]:
+    """Mean of #correct / #completions over problems with at least one correct completion; None (undefined, shown
+    as "-" and left out of group averages) when no problem has one."""
     ratios = [sum(map(bool, c)) / len(c) for c in corrects if c and any(c)]
-    return sum(ratios) / len(ratios) if ratios else 0.0
+    return sum(ratios) / len(ratios) if ratios else None
 
 
 def _mean(values: Sequence) -> Optional[float]:

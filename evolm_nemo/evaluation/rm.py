@@ -9,6 +9,8 @@ completion's tokens (no special tokens), exactly as it was sampled and as `evolm
 
 from __future__ import annotations
 
+import math
+
 import sys
 from itertools import chain
 from pathlib import Path
@@ -122,6 +124,10 @@ def add_scores(path: str, rm_dir: str, out: str | None = None, batch_size: int =
     k = 0
     for row in rows:
         row["rm_scores"] = flat[k:k + len(row["completions"])]
+        for i, score in enumerate(row["rm_scores"]):
+            if not math.isfinite(float(score)):  # scoring refuses it; say so now, with the file as it was
+                raise ConfigError("rm", f"{rm_dir} scored completion {i} of problem {row.get('id')!r} as {score}, "
+                                        f"not a finite number (a diverged reward model?); {out or path} is unchanged")
         k += len(row["completions"])
     write_jsonl(out or path, rows)
     return rows

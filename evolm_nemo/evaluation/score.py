@@ -19,7 +19,6 @@ Library use: :func:`score_rows` (what sampling and reports call) and :func:`scor
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from evolm_nemo.answers import MODES, extract_answer, gold_answer, is_equiv, jud
 from evolm_nemo.config.compose import compose
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation.metrics import majority_answers, majority_index, rm_index, summarize
+from evolm_nemo.evaluation.tasks import check_problem, is_number, non_finite
 from evolm_nemo.fileio import check_dst_file, check_writable, iter_jsonl, write_jsonl
 from evolm_nemo.tasks import SUITES
 
@@ -54,10 +54,6 @@ class ScoreConfig:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def validate_row(row, where: str) -> None:
     """Raise a one-line ConfigError naming `where` (e.g. ``file.jsonl:7``) and the field if `row` is malformed."""
 
@@ -69,16 +65,7 @@ def validate_row(row, where: str) -> None:
     suite = row.get("suite")
     if suite not in SUITES:
         bad("suite", f"expected one of {', '.join(SUITES)}, got {suite!r}" if "suite" in row else "missing")
-    if "id" not in row or row["id"] is None:
-        bad("id", "missing")
-    if not isinstance(row.get("problem"), str):
-        bad("problem", "missing" if "problem" not in row else "expected a string")
-    for field in ("gt_solution", "gt_answer"):
-        value = row.get(field)
-        if value is not None and not isinstance(value, str) and not _is_number(value):
-            bad(field, f"expected a string or null, got {type(value).__name__}")
-    if row.get("gt_answer") is None and row.get("gt_solution") is None:
-        bad("gt_answer", "null, and no gt_solution to take the gold answer from")
+    check_problem(row, where)
     completions = row.get("completions")
     if not isinstance(completions, list) or not completions:
         bad("completions", "missing" if "completions" not in row else "expected a non-empty list of strings")
@@ -87,7 +74,7 @@ def validate_row(row, where: str) -> None:
             bad("completions", f"item {i} is {type(c).__name__}, expected a string")
     scores = row.get("rm_scores")
     if scores is not None:
-        if not isinstance(scores, list) or not all(_is_number(s) for s in scores):
+        if not isinstance(scores, list) or not all(is_number(s) for s in scores):
             bad("rm_scores", "expected a list of numbers (or null)")
         if len(scores) != len(completions):
             bad("rm_scores", f"has {len(scores)} scores for {len(completions)} completions")
@@ -95,19 +82,8 @@ def validate_row(row, where: str) -> None:
     if greedy is not None and not isinstance(greedy, str):
         bad("greedy", f"expected a string (or null), got {type(greedy).__name__}")
     for field, value in row.items():  # Python's JSON reads NaN / Infinity; they must not reach the outputs
-        if (number := _non_finite(value)) is not None:
+        if (number := non_finite(value)) is not None:
             bad(field, f"holds {json.dumps(number)}, not a finite number (a reward model that diverged?); fix or drop the row")
-
-
-def _non_finite(value) -> Optional[float]:
-    """The first NaN / Infinity anywhere in ``value`` (a JSON value), or None."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else value
-    if isinstance(value, (list, tuple)):
-        return next((v for v in map(_non_finite, value) if v is not None), None)
-    if isinstance(value, dict):
-        return next((v for v in map(_non_finite, value.values()) if v is not None), None)
-    return None
 
 
 def read_rows(path: str) -> list[dict]:

@@ -10,6 +10,8 @@ Hugging Face hub source, cooked into the same schema.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +111,44 @@ def get_task(name: Union[str, Task]) -> Task:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def non_finite(value) -> Optional[float]:
+    """The first NaN / Infinity anywhere in ``value`` (a JSON value), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    if isinstance(value, (list, tuple)):
+        return next((v for v in map(non_finite, value) if v is not None), None)
+    if isinstance(value, dict):
+        return next((v for v in map(non_finite, value.values()) if v is not None), None)
+    return None
+
+
+def check_problem(row: dict, where: str) -> None:
+    """A problem's own fields (``id``, ``problem``, ``gt_solution`` / ``gt_answer``) as scoring reads them: a
+    one-line ConfigError naming ``where`` and the field. Evaluation checks them when it reads the problems -- before
+    any model is loaded -- so a malformed row never stops a run after its sampling."""
+
+    def bad(name: str, message: str):
+        raise ConfigError(where, f"field '{name}': {message}")
+
+    if "id" not in row or row["id"] is None:
+        bad("id", "missing")
+    if not isinstance(row.get("problem"), str):
+        bad("problem", "missing" if "problem" not in row else "expected a string")
+    for name in ("gt_solution", "gt_answer"):
+        value = row.get(name)
+        if value is not None and not isinstance(value, str) and not is_number(value):
+            bad(name, f"expected a string or null, got {type(value).__name__}")
+    if row.get("gt_answer") is None and row.get("gt_solution") is None:
+        bad("gt_answer", "null, and no gt_solution to take the gold answer from")
+    for name in ("id", "gt_solution", "gt_answer"):
+        if (number := non_finite(row.get(name))) is not None:
+            bad(name, f"holds {json.dumps(number)}, not a finite number")
+
+
 def _read_cooked(path: str, limit: Optional[int]) -> list[dict]:
     rows = []
     for where, row in iter_jsonl(path, key="path"):
@@ -117,10 +157,7 @@ def _read_cooked(path: str, limit: Optional[int]) -> list[dict]:
         for key in COOKED_FIELDS:
             if key not in row:
                 raise ConfigError(where, f"field '{key}': missing (cooked schema: {', '.join(COOKED_FIELDS)})")
-        if not isinstance(row["problem"], str):
-            raise ConfigError(where, "field 'problem': expected a string")
-        if row["gt_answer"] is None and row["gt_solution"] is None:
-            raise ConfigError(where, "field 'gt_answer': null, and no gt_solution to take the gold answer from")
+        check_problem(row, where)
         rows.append(row)
     return rows
 

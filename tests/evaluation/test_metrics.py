@@ -107,8 +107,11 @@ def test_rm_index_is_numpy_argmax():
 def test_correct_ratio_is_a_conditional_mean():
     corrects = [[True] * 4 + [False] * 12, [False] * 16, [True] * 16, [False] * 16]
     assert correct_ratio(corrects) == pytest.approx((4 / 16 + 16 / 16) / 2)  # problems with no correct are skipped
-    assert correct_ratio([[False] * 16]) == 0.0
-    assert correct_ratio([]) == 0.0
+    assert correct_ratio([[False] * 16]) is None  # undefined, not 0: a group average leaves it out
+    assert correct_ratio([]) is None
+    per_suite = {s: {"n": 1, **dict.fromkeys(("pass1", "maj16", "rm16", "pass16"), 0.0), "correct_ratio": c}
+                 for s, c in (("cruxeval", 0.5), ("tabmwp", correct_ratio([[False]])))}
+    assert group_average(per_suite, ["cruxeval", "tabmwp"])["correct_ratio"] == 0.5
 
 
 def _row(suite, correct, pass1, maj16, rm16):
@@ -139,4 +142,4 @@ def test_suite_summary_and_group_averages():
             assert 0.0 <= m[key] <= 1.0, (name, key)
     empty = group_average({}, ["math"])
     assert empty == {"n": 0, "pass1": None, "maj16": None, "rm16": None, "pass16": None, "correct_ratio": None}
-    assert suite_summary([_row("math", [False], False, False, None)])["correct_ratio"] == 0.0
+    assert suite_summary([_row("math", [False], False, False, None)])["correct_ratio"] is None

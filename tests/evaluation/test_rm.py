@@ -95,3 +95,21 @@ def test_reward_model_needs_one_output(tmp_path):
     LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="exactly one"):
         rm.RewardModel(str(tmp_path))
+
+
+def test_a_reward_model_that_scores_nan_is_one_line_and_nothing_is_written(tmp_path):
+    """Scoring refuses a non-finite rm_score; the RM step refused nothing and wrote NaN into the completions, so a
+    run stopped only at scoring, its file holding the NaNs. Now it stops at the RM, the file as it was."""
+    import torch
+
+    model, _ = make_rm(tmp_path / "rm", seed=2)
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "rm")
+    comp = tmp_path / "c.jsonl"
+    comp.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    before = comp.read_text()
+    with pytest.raises(ConfigError) as e:
+        rm.add_scores(str(comp), str(tmp_path / "rm"))
+    assert e.value.key == "rm" and "scored completion 0 of problem 'a' as nan" in e.value.message
+    assert comp.read_text() == before

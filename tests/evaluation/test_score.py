@@ -81,7 +81,7 @@ def test_score_rows_hand_built(mode):
         assert m.pop("rm_score_mean") == (sum(rm_scores) / len(rm_scores) if rm_scores else None)
         assert m == {"n": 1, "pass1": float(pass1), "maj16": float(maj16),
                      "rm16": None if rm16 is None else float(rm16), "pass16": float(pass16),
-                     "correct_ratio": ratio[suite] if ratio[suite] else 0.0}
+                     "correct_ratio": ratio[suite] if ratio[suite] else None}
     ids = ("gsm8k_platinum", "math")
     assert summary["id_avg"]["pass1"] == pytest.approx(sum(EXPECTED[mode][s][0] for s in ids) / 2)
     assert summary["id_avg"]["correct_ratio"] == pytest.approx(sum(ratio[s] for s in ids) / 2)

@@ -49,6 +49,15 @@ def test_bad_local_files(tmp_path):
     with pytest.raises(ConfigError, match="has no hub source"):
         load_problems("tabmwp")
 
+    # what scoring refuses after all the sampling is refused when the problems are read, before any model loads
+    for row, field in [('{"id": 1, "problem": "p", "gt_solution": null, "gt_answer": true}', "gt_answer"),
+                       ('{"id": 1, "problem": "p", "gt_solution": null, "gt_answer": ["True"]}', "gt_answer"),
+                       ('{"id": null, "problem": "p", "gt_solution": null, "gt_answer": "1"}', "id"),
+                       ('{"id": 1, "problem": "p", "gt_solution": null, "gt_answer": NaN}', "gt_answer")]:
+        bad.write_text('{"id": 0, "problem": "p", "gt_solution": null, "gt_answer": "2"}\n' + row + "\n")
+        with pytest.raises(ConfigError, match=rf"bad.jsonl:2: field '{field}': "):
+            load_problems("strategyqa", path=str(bad))
+
 
 def _fixture(name):
     return [json.loads(line) for line in (FIXTURES / f"{name}.jsonl").read_text().splitlines()]
