@@ -135,7 +135,8 @@ def _actor_loss(b: dict, rl, logits: torch.Tensor):
         total = total - rl.entropy_bonus * torch.where(mask.bool(), entropy * weights, torch.zeros_like(entropy)).sum()
     kl_sum = torch.zeros((), device=logp.device)
     if "ref_logp" in b:
-        kl = kl_estimate(logp, b["ref_logp"], rl.kl_estimator, rl.kl_clamp)
+        # kl=reward penalises k1 in the rewards: the logged kl_ref is that one (kl=loss: the estimator it adds)
+        kl = kl_estimate(logp, b["ref_logp"], "k1" if rl.kl == "reward" else rl.kl_estimator, rl.kl_clamp)
         kl_sum = torch.where(mask.bool(), kl, torch.zeros_like(kl)).sum()
         if rl.kl == "loss":
             total = total + rl.initial_policy_kl_penalty * torch.where(mask.bool(), kl * weights,

@@ -54,6 +54,12 @@ def check(cfg: RootConfig, actor_tokenizer_ref: str | None) -> None:
         if key in m and m[key] % tp:
             raise ConfigError("rl.reward_model", f"{r.reward_model}: its {key}={m[key]} does not split over "
                                                  f"parallel.tp={tp} (the RM runs at the actor's TP layout)")
+    longest = min(cfg.model.seq_length, r.max_prompt_tokens + r.max_response_tokens)
+    if "seq_length" in m and m["seq_length"] < longest:  # it would read only the end of a long prompt + response
+        raise ConfigError("rl.reward_model", f"{r.reward_model} reads at most {m['seq_length']} tokens, but a prompt + "
+                                             f"response may hold {longest} (model.seq_length, rl.max_prompt_tokens + "
+                                             "rl.max_response_tokens): lower those, or use an RM with a longer "
+                                             "context")
     ref = meta.get("tokenizer")
     if ref and actor_tokenizer_ref and ref != actor_tokenizer_ref:
         from evolm_nemo.data.sft import tokenizer_fingerprint

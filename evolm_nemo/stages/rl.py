@@ -495,7 +495,8 @@ class RLStage(Stage):
     @property
     def finite_keys(self) -> tuple[str, ...]:
         norms = ("actor_grad_norm", "critic_grad_norm") if self.cfg.optim.clip_grad > 0 else ()
-        return ("loss", "value_loss", *norms)
+        # the whole objective: the entropy bonus and the KL loss are in the actor's loss beside the logged policy term
+        return ("loss", "value_loss", "entropy", *(("kl_ref",) if self.ref is not None else ()), *norms)
 
     def evaluate(self, model, rt, step, last):
         """Greedy accuracy on ``rl.val_data`` every ``rl.val_interval`` iterations and at the last one (the shared

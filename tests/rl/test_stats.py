@@ -55,6 +55,25 @@ def test_truncated_importance_weights_scale_the_policy_gradient_only(monkeypatch
     assert abs(float(plain) - (float(pg) + others)) < 1e-6 and abs(float(tis) - (0.25 * float(pg) + others)) < 1e-6
 
 
+def test_the_logged_reference_kl_is_the_one_penalised(monkeypatch):
+    """kl=reward puts k1 into the rewards: kl_ref logs k1 then, whatever rl.kl_estimator says (it logged k3, a number
+    the run never penalised); kl=loss logs the estimator it adds to the loss."""
+    from types import SimpleNamespace
+
+    from evolm_nemo.losses.rl import kl_estimate
+    from evolm_nemo.rl import objectives
+
+    logp, ref = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.5, -1.0, -0.5]])
+    monkeypatch.setattr(objectives, "policy_logprobs", lambda logits, labels, rl: (logp, torch.zeros_like(logp)))
+    b = {"loss_mask": torch.ones(1, 3), "labels": torch.zeros(1, 3, dtype=torch.long), "old_logp": logp.clone(),
+         "advantages": torch.ones(1, 3), "ref_logp": ref}
+    for kl, want in (("reward", "k1"), ("loss", "k3")):
+        rl = SimpleNamespace(loss_agg="token_mean", ratio_eps=0.2, ratio_eps_high=None, dual_clip=None,
+                             entropy_bonus=0.0, kl=kl, initial_policy_kl_penalty=0.5, kl_estimator="k3", kl_clamp=None)
+        _, _, logs = objectives._actor_loss(dict(b), rl, None)
+        assert float(logs["kl_ref_sum"]) == float(kl_estimate(logp, ref, want).sum()), kl
+
+
 def test_the_reward_judges_what_evaluation_keeps_of_a_response():
     """A response that answers and then makes up the next turn ("Human: ... Assistant: The answer is 4."): the reward
     judges the text before the evaluation's stop strings -- what an evaluation of the model keeps -- unless
@@ -85,3 +104,19 @@ def test_a_failure_on_tensor_parallel_rank_0_stops_its_peers_too(tmp_path):
     assert (tmp_path / "rank0.txt").read_text() == "BrokenPipeError: the reward pool went away"
     assert (tmp_path / "rank1.txt").read_text() == ("RuntimeError: tensor-parallel rank 0 failed while computing "
                                                     "rewards: BrokenPipeError: the reward pool went away")
+
+
+def test_the_divergence_guard_covers_the_whole_actor_objective():
+    """The loop stops before recording or saving an iteration whose finite_keys are not finite: the logged `loss` is
+    the policy term only, so the entropy bonus and the KL loss (k2, or k3 without a clamp, can overflow) are guarded
+    by their own metrics -- also when no grad norm is checked (optim.clip_grad=0)."""
+    from types import SimpleNamespace
+
+    from evolm_nemo.stages.rl import RLStage
+
+    def keys(ref, clip):
+        return RLStage.finite_keys.fget(SimpleNamespace(cfg=SimpleNamespace(optim=SimpleNamespace(clip_grad=clip)),
+                                                        ref=ref))
+
+    assert {"loss", "value_loss", "entropy", "kl_ref"} <= set(keys(object(), 0.0))
+    assert "kl_ref" not in keys(None, 1.0) and "actor_grad_norm" in keys(None, 1.0)

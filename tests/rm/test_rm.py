@@ -323,12 +323,15 @@ def test_ppo_with_an_imported_hf_reward_model_scores_like_transformers(outcome_r
     assert "rm_score_mean" in last and 0.0 <= last["correct_ratio"] <= 1.0
 
 
-def test_rl_reward_model_errors_are_one_line(rm_data, tmp_path):
+def test_rl_reward_model_errors_are_one_line(rm_data, tmp_path, outcome_rm):
     base = ["stage=ppo", f"train.init_from={rm_data['sft']}", f"data.paths=[{rm_data['rl8']}]",
             f"run.out_dir={tmp_path / 'p'}", "train.iters=1", *COMMON]
     for extra, words in ((["rl.reward=rm"], "needs a reward-model checkpoint"),
                          (["rl.reward=rm", f"rl.reward_model={rm_data['sft']}"], "not a reward model"),
-                         (["rl.reward=bogus"], "must be one of")):
+                         (["rl.reward=bogus"], "must be one of"),
+                         # a 128-token RM would read only the end of a 256-token prompt + response (BOS cut off)
+                         (["rl.reward=rm", f"rl.reward_model={outcome_rm['run']}", "model.seq_length=256"],
+                          "reads at most 128 tokens, but a prompt + response may hold 256")):
         proc = run_evolm("train", [*base, *extra], check=False)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and "rl.reward" in lines[0] and words in lines[0], \
