@@ -268,13 +268,21 @@ def _is_rl(data: dict) -> bool:
 
 
 def sft_rl_pairs(results: list[dict]) -> list[tuple[dict, dict]]:
-    """(SFT, SFT+RL) results that share a group."""
+    """(SFT, SFT+RL) results that share a group: every RL result of the group (seeds, RL variants) beside the
+    group's SFT (its last, if several)."""
     by_group: dict[str, dict] = {}
     for d in results:
         key = "rl" if _is_rl(d) else "sft" if (d.get("stage") or "").lower() == "sft" else None
         if key and d.get("downstream"):
-            by_group.setdefault(d.get("group") or d["model"], {})[key] = d
-    return [(g["sft"], g["rl"]) for g in by_group.values() if "sft" in g and "rl" in g]
+            by_group.setdefault(d.get("group") or d["model"], {}).setdefault(key, []).append(d)
+    return [(g["sft"][-1], rl) for g in by_group.values() if "sft" in g for rl in g.get("rl", [])]
+
+
+def _pair_label(sft: dict, rl: dict, pairs: list[tuple[dict, dict]]) -> str:
+    """The group's name, and the RL model's where the group has more than one RL result."""
+    group = sft.get("group") or sft["model"]
+    several = sum(1 for s, _ in pairs if (s.get("group") or s["model"]) == group) > 1
+    return f"{group} ({rl['model']})" if several else group
 
 
 def markdown(results: list[dict], plots: dict[str, str | None], dynamics: list[str] | None = None) -> str:
@@ -319,7 +327,7 @@ def markdown(results: list[dict], plots: dict[str, str | None], dynamics: list[s
             return over["id"], over["ood"]
 
         # either model's averages partial, or the two over different suites, marks the pair
-        marked = [(sft.get("group") or sft["model"]) + (" †" if _partial_note(sft, ("id", "ood"))
+        marked = [_pair_label(sft, rl, pairs) + (" †" if _partial_note(sft, ("id", "ood"))
                                                         or _partial_note(rl, ("id", "ood"))
                                                         or downstream_over(sft) != downstream_over(rl) else "")
                   for sft, rl in pairs]
@@ -473,7 +481,7 @@ def plot_sft_rl(results: list[dict], path: Path) -> str | None:
                    label=label)
         ax.set_xticks(list(xs), [f"{M_NAMES[m]}\n{'ID' if s == 'id_avg' else 'OOD'}" for s, m in cols], fontsize=8)
         ax.set_ylabel("%")
-        ax.set_title(sft.get("group") or sft["model"])
+        ax.set_title(_pair_label(sft, rl, pairs))
         ax.legend(fontsize=8)
     out = _save(fig, path)
     plt.close(fig)

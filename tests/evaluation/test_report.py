@@ -253,3 +253,14 @@ def test_out_an_existing_file_is_one_line(tmp_path):
     proc = run_evolm("report", [f"runs={runs}", f"out={out}"], check=False)
     assert "it is a file, not a directory" in one_line_error(proc, "out")
     assert out.read_text() == "mine"
+
+
+def test_every_rl_seed_of_a_group_is_paired_with_its_sft():
+    """Three RL seeds of one group: three SFT / SFT+RL rows (one pair kept the last seed and dropped the others),
+    each named by its RL model."""
+    rls = [{**RESULTS["e"], "model": f"1B-80BT-rl-s{i}"} for i in (1, 2, 3)]
+    pairs = report.sft_rl_pairs([RESULTS["d"], *rls])
+    assert [(s["model"], r["model"]) for s, r in pairs] == [("1B-80BT-sft", f"1B-80BT-rl-s{i}") for i in (1, 2, 3)]
+    md = report.markdown([RESULTS["d"], *rls], {})
+    assert all(f"| 1B-80BT (1B-80BT-rl-s{i}) | 12.1/18.0 |" in md for i in (1, 2, 3)), md
+    assert report.sft_rl_pairs([RESULTS["d"], RESULTS["e"]]) == [(RESULTS["d"], RESULTS["e"])]
