@@ -35,6 +35,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 import zlib
 from collections import deque
@@ -385,6 +386,21 @@ def _start_pool(tok, append_eos: bool, workers: int):
     return None, dtype
 
 
+def _stop_pool(pool) -> None:
+    """Stop the workers without waiting on multiprocessing's handler threads: ``Pool.terminate`` can wait forever on
+    its task-handler thread, blocked on the task pipe's lock, when the input failed mid-stream with tasks in flight
+    (seen once: a file with a bad encoding, workers=2, the test process hung in ``_terminate_pool``). It runs in a
+    daemon thread for at most 10 s; workers still alive then are killed."""
+    workers = list(getattr(pool, "_pool", None) or [])
+    stopper = threading.Thread(target=pool.terminate, name="prepare-pool-stop", daemon=True)
+    stopper.start()
+    stopper.join(timeout=10)
+    for p in workers:
+        if p.exitcode is None:
+            p.kill()
+        p.join(timeout=5)
+
+
 def _write_prefix(prefix: str, chunks: Iterator[List[str]], pool, workers: int, dtype, bar, where: str):
     """Encode ``chunks`` into ``<prefix>.bin/.idx``: written under temporary names and renamed at the end (``.idx``
     last: it is the commit mark), so a failure leaves the previous output (or none). Returns (docs, tokens,
@@ -499,8 +515,7 @@ def prepare(
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            _stop_pool(pool)
     bin_path, idx_path = get_bin_path(prefix), get_idx_path(prefix)
     stats = PrepareStats(docs, tokens, skipped, bin_path, idx_path, time.perf_counter() - start)
     if progress:
@@ -728,8 +743,7 @@ def prepare_shards(input, output_prefix, tokenizer, text_key: str = "text", work
                 print(f"shard {i}/{n}: {d:,} documents, {t:,} tokens -> {sp}.bin, {sp}.idx")
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            _stop_pool(pool)
     manifest = write_manifest(prefix, n, plan)
     stats = PrepareStats(docs, tokens, skipped, prefix + MANIFEST_SUFFIX if manifest else "", "",
                          time.perf_counter() - t0)
