@@ -372,11 +372,15 @@ def _verdict(row: dict, r: Reader) -> Claim:
         g0, g1 = r.down(row["sft"], "id", "pass1"), r.down(row["rl"], "id", "pass1")
         c0, c1 = r.down(row["sft"], "id", "correct_ratio"), r.down(row["rl"], "id", "correct_ratio")
         p0, p1 = r.down(row["sft"], "id", "pass16"), r.down(row["rl"], "id", "pass16")
-        if _missing(g0, g1, c0, c1, p0, p1):
-            return done(None, "greedy, correct ratio or Pass@16 missing")
+        if _missing(g0, g1, p0, p1):
+            return done(None, "greedy or Pass@16 missing")
+        gain = g1.mean - g0.mean
+        if _missing(c0, c1):  # undefined where no problem has a correct completion: greedy alone can refute
+            text = (f"in-domain, SFT -> SFT+RL: greedy {_pct(g0)} -> {_pct(g1)}, correct ratio undefined (no correct "
+                    f"completion), Pass@16 {_pct(p0)} -> {_pct(p1)}")
+            return done(False if gain <= 0 else None, text)
         text = (f"in-domain, SFT -> SFT+RL: greedy {_pct(g0)} -> {_pct(g1)}, correct ratio {_pct(c0)} -> {_pct(c1)}, "
                 f"Pass@16 {_pct(p0)} -> {_pct(p1)}")
-        gain = g1.mean - g0.mean
         return done(gain > 0 and c1.mean > c0.mean and abs(p1.mean - p0.mean) < gain, text)
 
     # allocation: steps ordered by a falling SFT share

@@ -175,3 +175,14 @@ def test_a_bad_claim_is_named(tmp_path, row, key):
     with pytest.raises(ConfigError) as err:
         spec.load(str(path))
     assert err.value.key == key
+
+
+def test_rl_sharpens_without_a_correct_completion(tmp_path, suite):
+    """A model with no correct completion has no correct ratio (undefined, not 0): greedy alone still refutes the
+    claim when RL did not raise it; with a greedy gain the claim cannot be judged."""
+    root = tmp_path / "runs"
+    for node, p in (("e_sft_s1", 0.0), ("e_sft_s2", 0.0), ("e_rl_s1", 0.0), ("e_rl_s2", 0.0)):
+        _result(root, node, p, ratio=None, pass16=0.0)
+    t = report.build(spec.load(str(suite), {"root": str(root)}))
+    got = {row[1]: (row[2], row[3]) for row in t.cells if row[0] == "takeaways"}
+    assert got["rl_sharpens"][0] == "does not hold" and "correct ratio undefined" in got["rl_sharpens"][1]
