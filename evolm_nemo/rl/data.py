@@ -24,6 +24,8 @@ class RLPrompts:
     prompts: list[str]
     gold: list[str]
     rows: list[dict] = field(default_factory=list)  # each prompt's whole JSONL row (a reward function reads it)
+    # how many prompts leave less than rl.max_response_tokens of model.seq_length for their response (fit_prompts)
+    short_budget: int = 0
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -90,7 +92,8 @@ def usable_prompts(cfg: RootConfig):
 
 def fit_prompts(cfg: RootConfig, prompts):
     """The prompts of ``prompts`` whose encoded length fits ``rl.max_prompt_tokens`` (and leaves room for a
-    response), and how many did not."""
+    response), and how many did not. A prompt longer than ``model.seq_length - rl.max_response_tokens`` is kept
+    with the response budget the context leaves (counted in ``short_budget``)."""
     from evolm_nemo.checkpoint import io as ckpt
 
     ref = ckpt.parent_tokenizer(cfg.train.init_from) or cfg.data.tokenizer
@@ -98,4 +101,6 @@ def fit_prompts(cfg: RootConfig, prompts):
     limit = min(cfg.rl.max_prompt_tokens, cfg.model.seq_length - 1)
     lengths = [len(x) for x in tok(prompts.prompts)["input_ids"]]
     keep = [i for i, n in enumerate(lengths) if n <= limit]
-    return prompts.subset(keep), len(prompts) - len(keep)
+    fitted = prompts.subset(keep)
+    fitted.short_budget = sum(lengths[i] + cfg.rl.max_response_tokens > cfg.model.seq_length for i in keep)
+    return fitted, len(prompts) - len(keep)

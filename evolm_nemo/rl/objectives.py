@@ -42,22 +42,24 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return torch.log(z) + m.squeeze(-1) - ex / z
 
 
-def policy_logprobs(logits: torch.Tensor, labels: torch.Tensor, rl) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_logprobs(logits: torch.Tensor, labels: torch.Tensor, rl,
+                    entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(log p(label), entropy)`` per position under the distribution the rollouts sample from (README, "RL: the
     sampled distribution"): the actor's logits divided by ``rl.temperature`` and, with ``rl.top_p < 1``, cut to the
     top-p nucleus (``losses.rl.sampling_logits``, the rule the rollout engine applies). Old, new and reference
     log-probs all go through here, so the PPO ratio and the KL compare one distribution. Greedy rollouts
-    (temperature 0) train the untempered policy."""
+    (temperature 0) train the untempered policy. ``entropy=False``: None in its place (the forward-only passes need
+    only the log-probs; the entropy is one more full-vocabulary tensor per position)."""
     temperature = rl.temperature if rl.temperature > 0 else 1.0
     if rl.top_p >= 1.0 or rl.temperature == 0:
         x = logits.float() / temperature if temperature != 1.0 else logits
-        return token_logprobs(x, labels), token_entropy(x)
+        return token_logprobs(x, labels), token_entropy(x) if entropy else None
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
     full = gather_from_tensor_model_parallel_region(logits.float())  # the nucleus needs the whole vocabulary
     x = sampling_logits(full, temperature, rl.top_p, keep=labels)
     logp = torch.log_softmax(x, dim=-1).gather(-1, labels.unsqueeze(-1).long()).squeeze(-1)
-    return logp, entropy_from_logits(x)
+    return logp, entropy_from_logits(x) if entropy else None
 
 
 def collate(seqs: list[tuple[list[int], int]], extra: dict[str, list[list[float]]], pad_id: int,
@@ -100,7 +102,7 @@ def logprob_forward_step(rl, data_iterator, model):
     """Forward-only step: the per-token log-probs of ``policy_logprobs`` (``partial`` it with ``rl``)."""
     b = next(data_iterator)
     logits = model(b["tokens"], b["position_ids"], None, packed_seq_params=packed_seq_params(b))
-    return policy_logprobs(logits, b["labels"], rl)[0], partial(collect_output, "logp")
+    return policy_logprobs(logits, b["labels"], rl, entropy=False)[0], partial(collect_output, "logp")
 
 
 # ------------------------------------------------------------------------------------------------------- training

@@ -504,10 +504,14 @@ class RLStage(Stage):
         if self.val is None or (step % self.rl.val_interval and not last):
             return {}
         r = self.rl
-        texts = self.generator.generate(self.val.prompts, r.max_response_tokens, stop_strings=tuple(r.stop_strings))
-        right = sum(judge(r.reward_suite, judged_text(t, r.reward_cut_at_stop), g, r.reward_scoring)
-                    for t, g in zip(texts, self.val.gold))
-        return {"val_accuracy": right / max(len(texts), 1)}
+        # each data-parallel replica generates its share (every dp-th prompt); the counts are summed over replicas
+        mine = range(self.dp_rank, len(self.val.prompts), self.dp)
+        texts = self.generator.generate([self.val.prompts[i] for i in mine], r.max_response_tokens,
+                                        stop_strings=tuple(r.stop_strings)) if len(mine) else []
+        right = sum(judge(r.reward_suite, judged_text(t, r.reward_cut_at_stop), self.val.gold[i], r.reward_scoring)
+                    for t, i in zip(texts, mine))
+        counts = dp_allreduce(torch.tensor([float(right), float(len(texts))], dtype=torch.float64))
+        return {"val_accuracy": float(counts[0]) / max(float(counts[1]), 1.0), "val_examples": int(counts[1])}
 
     def describe(self) -> str:
         r = self.rl
@@ -515,7 +519,10 @@ class RLStage(Stage):
         return (f"{roles} | {r.prompts_per_step} prompts x {r.samples_per_prompt} samples, {r.ppo_epochs} epoch(s) "
                 f"x {r.mini_batches} mini-batch(es) | {len(self.prompts):,} RL prompts"
                 + (f" ({self.skipped:,} longer than rl.max_prompt_tokens={r.max_prompt_tokens} skipped)"
-                   if self.skipped else ""))
+                   if self.skipped else "")
+                + (f" ({self.prompts.short_budget:,} longer than model.seq_length - rl.max_response_tokens = "
+                   f"{self.cfg.model.seq_length - r.max_response_tokens} tokens: their responses get only the rest "
+                   f"of the context)" if self.prompts.short_budget else ""))
 
     def lineage(self) -> dict:
         r = self.rl

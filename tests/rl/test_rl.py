@@ -99,11 +99,15 @@ def references() -> dict:
 
 
 def test_split_into_microbatches_and_ranks_changes_nothing(tmp_path, rl_parent, references):
-    """PPO (GAE, whitening): micro-batch 4/1, DP=2, packed rows (one rank and two; GAE stays within each
+    """PPO (GAE, whitening): micro-batch 4/1, DP=2 (validation split over the replicas), packed rows (one rank and two; GAE stays within each
     sequence) and a token budget give the same steps; with sequence-mean aggregation, packed rows (the actor's and the
     critic's segments) give the padded run's steps too."""
     runs = {}
-    for name, extra, nproc in (("m4", ["parallel.micro_batch_size=4"], 1), ("m1", ["parallel.micro_batch_size=1"], 1), ("dp2", ["parallel.micro_batch_size=1"], 2),
+    # greedy validation of the final actor on 5 prompts: two replicas validate 3 + 2 of them, one process all 5
+    val = [f"rl.val_data={rl_parent['rl8']}", "rl.val_interval=2", "rl.val_size=5"]
+    for name, extra, nproc in (("m4", ["parallel.micro_batch_size=4", *val], 1),
+                               ("m1", ["parallel.micro_batch_size=1"], 1),
+                               ("dp2", ["parallel.micro_batch_size=1", *val], 2),
                                ("packed", ["train.packing=true"], 1), ("packed_dp2", ["train.packing=true"], 2),
                                ("budget", ["parallel.max_tokens_per_microbatch=128"], 1)):
         out = tmp_path / name
@@ -112,6 +116,8 @@ def test_split_into_microbatches_and_ranks_changes_nothing(tmp_path, rl_parent, 
     assert runs["m4"][1]["actor_grad_norm"] > 0 and runs["m4"][2]["actor_grad_norm"] > 0
     for name in runs:
         _compare(runs[name], runs["m4"])
+    assert runs["dp2"][2]["val_examples"] == runs["m4"][2]["val_examples"] == 5
+    assert runs["dp2"][2]["val_accuracy"] == runs["m4"][2]["val_accuracy"]
     references["ppo"] = runs["m4"]
     seq = {}
     for name, extra in (("padded", ["parallel.micro_batch_size=4"]), ("packed", ["train.packing=true"])):
@@ -269,6 +275,26 @@ def test_bad_prompt_rows_are_one_line(tmp_path, rl_parent):
     assert one_line_error(proc, "rl.val_data").endswith("none of its 1 prompts fits rl.max_prompt_tokens=1024 (and "
                                                          "model.seq_length)"), proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_prompts_that_leave_less_than_the_response_budget_are_counted(rl_parent):
+    """seq_length 128, max_response_tokens 48: a prompt of more than 80 tokens is kept (it fits max_prompt_tokens)
+    with a shorter response budget, and counted; one of 128 or more cannot fit and is skipped."""
+    from evolm_nemo.config import RootConfig, compose
+    from evolm_nemo.data.tokenizer import load_tokenizer
+    from evolm_nemo.rl.data import RLPrompts, fit_prompts
+
+    cfg = compose("config", rl_args("/nonexistent/run", rl_parent, "ppo"), RootConfig)
+    tok = load_tokenizer(ckpt.parent_tokenizer(cfg.train.init_from) or cfg.data.tokenizer)
+    def of_length(lo, hi):  # a text whose encoding has lo < n <= hi tokens
+        return next(t for t in (" ".join(["word"] * k) for k in range(1, 1000)) if lo < len(tok(t)["input_ids"]) <= hi)
+
+    texts = ["Human: 1+1?\nAssistant:", of_length(80, 127), of_length(40, 80), of_length(127, 1000)]
+    lengths = [len(x) for x in tok(texts)["input_ids"]]
+    prompts = RLPrompts([str(i) for i in range(4)], texts, ["2"] * 4)
+    fitted, skipped = fit_prompts(cfg, prompts)
+    assert skipped == sum(n > 127 for n in lengths) and len(fitted) == 4 - skipped, lengths
+    assert fitted.short_budget == sum(80 < n <= 127 for n in lengths) == 1, lengths
 
 
 def test_pipeline_parallel_is_refused_before_anything_starts(rl_parent):
