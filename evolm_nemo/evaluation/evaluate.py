@@ -3,12 +3,16 @@ score the six downstream suites, or run lm-eval.
 
 downstream writes into ``out``: ``completions.jsonl`` (the `evolm score` input format, so sampling and scoring can
 run on different machines), ``scored.jsonl``, ``result.json`` (schema in evaluation/report.py) and prints the
-metrics table. upstream writes ``upstream.json`` (lm-eval's results) and merges its summary into ``result.json``.
+metrics table; until ``result.json`` is written, ``.sampled/<suite>.json`` holds each suite sampled so far (a rerun
+with the same model and settings resumes after it). upstream writes ``upstream.json`` (lm-eval's results) and merges
+its summary into ``result.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -148,40 +152,101 @@ def _check(cfg: DownstreamConfig) -> None:
         raise ConfigError("rm", f"{cfg.rm} is not an HF model directory (no config.json)")
 
 
-def sample_rows(cfg: DownstreamConfig, loaded) -> tuple[list[dict], dict]:
-    """Greedy + n-sample completions for every problem, as `evolm score` input rows; plus sampling stats."""
-    sampler = sampling.load(cfg.backend, cfg.model, batch_size=cfg.batch_size, max_model_len=cfg.max_model_len,
-                            seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                            tensor_parallel_size=cfg.tensor_parallel_size)
+SAMPLED = ".sampled"  # under ``out``: each suite's sampled rows until result.json is written (a rerun resumes)
+
+
+def sampling_identity(cfg: DownstreamConfig, backend: str) -> dict:
+    """What decides a suite's samples: the model's files (name, size, modification time), the backend and every
+    sampling setting. A rerun with the same identity reuses a suite sampled before it was interrupted."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(cfg.model).iterdir() if p.is_file())
+    settings = {k: getattr(cfg, k) for k in ("n", "greedy", "temperature", "top_p", "repetition_penalty",
+                                             "max_model_len", "max_new_tokens", "seed", "batch_size",
+                                             "tensor_parallel_size")}
+    return {"model": str(Path(cfg.model).resolve()), "files": [list(f) for f in files], "backend": backend,
+            **settings}
+
+
+def _suite_rows(task, problems, greedy, sampled) -> list[dict]:
+    rows = []
+    for k, p in enumerate(problems):
+        row = {"suite": task.name, "id": p["id"], "problem": p["problem"], "gt_solution": p["gt_solution"],
+               "gt_answer": p["gt_answer"], "completions": sampled[k]}
+        if greedy is not None:
+            row["greedy"] = greedy[k][0]
+        rows.append(row)
+    return rows
+
+
+def _problems_key(task, problems: list[dict], prompts: list[str]) -> str:
+    """The suite's problems (every field a row keeps), prompts (its template applied) and stop strings, hashed."""
+    fields = [[p["id"], p["problem"], p["gt_solution"], p["gt_answer"]] for p in problems]
+    return hashlib.sha256(json.dumps([task.name, list(task.stop), prompts, fields], default=str)
+                          .encode("utf-8")).hexdigest()
+
+
+def _kept(path: Path, identity: dict, key: str) -> tuple[list[dict], list[dict]] | None:
+    """A suite's (rows, stats) sampled by an interrupted run with the same identity and prompts, else None."""
+    try:
+        part = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(part, dict) or part.get("identity") != json.loads(json.dumps(identity)) or \
+            part.get("prompts") != key or not isinstance(part.get("rows"), list):
+        return None
+    return part["rows"], part.get("stats", [])
+
+
+def sample_rows(cfg: DownstreamConfig, loaded, out: Path | None = None) -> tuple[list[dict], dict]:
+    """Greedy + n-sample completions for every problem, as `evolm score` input rows; plus sampling stats. With
+    ``out``: each suite's rows are kept in ``out/.sampled/<suite>.json`` as soon as it is sampled, and a suite
+    found there with the same model, settings and problems (a run stopped in a later suite, or in scoring) is not
+    sampled again; the model is loaded only when a suite needs it."""
+    backend = sampling.pick(cfg.backend)
+    identity = sampling_identity(cfg, backend) if out is not None else None
     common = dict(repetition_penalty=cfg.repetition_penalty, max_model_len=cfg.max_model_len,
                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    rows, stats = [], {"backend": sampler.name, "runs": []}
+    rows, stats, sampler = [], {"backend": backend, "runs": []}, None
     try:
         for task, problems in loaded:
-            stop = tuple(task.stop)
             prompts = [task.prompt(p["problem"]) for p in problems]
-            greedy = None
+            key = _problems_key(task, problems, prompts)
+            path = out / SAMPLED / f"{task.name}.json" if out is not None else None
+            kept = _kept(path, identity, key) if path is not None and path.is_file() else None
+            if kept is not None:
+                print(f"[eval] {task.name}: {len(problems)} problems' completions kept from an interrupted run with "
+                      f"the same model and settings ({path})", flush=True)
+                rows += kept[0]
+                stats["runs"] += kept[1]
+                continue
+            if sampler is None:
+                sampler = sampling.load(backend, cfg.model, batch_size=cfg.batch_size,
+                                        max_model_len=cfg.max_model_len, seed=cfg.seed,
+                                        trust_remote_code=cfg.trust_remote_code,
+                                        tensor_parallel_size=cfg.tensor_parallel_size)
+            stop = tuple(task.stop)
+            greedy, runs = None, []
             if cfg.greedy:
                 greedy = sampler.generate(prompts, sampling.Spec(n=1, temperature=0.0, stop=stop, **common),
                                           desc=f"{task.name} greedy")
-                stats["runs"].append({"suite": task.name, **sampler.stats})
+                runs.append({"suite": task.name, **sampler.stats})
             sampled = sampler.generate(prompts, sampling.Spec(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                                                               stop=stop, **common), desc=f"{task.name} n={cfg.n}")
-            stats["runs"].append({"suite": task.name, **sampler.stats})
-            for k, p in enumerate(problems):
-                row = {"suite": task.name, "id": p["id"], "problem": p["problem"], "gt_solution": p["gt_solution"],
-                       "gt_answer": p["gt_answer"], "completions": sampled[k]}
-                if greedy is not None:
-                    row["greedy"] = greedy[k][0]
-                rows.append(row)
+            runs.append({"suite": task.name, **sampler.stats})
+            suite_rows = _suite_rows(task, problems, greedy, sampled)
+            if path is not None:
+                write_json(path, {"identity": identity, "prompts": key, "stats": runs, "rows": suite_rows})
+            rows += suite_rows
+            stats["runs"] += runs
     finally:
-        sampler.close()
+        if sampler is not None:
+            sampler.close()
     return rows, stats
 
 
-def table(summary: dict, title: str = "") -> str:
-    """Fixed-width metrics table (percent) from an `evolm score` summary."""
-    cols = [("n", "n"), ("pass1", "Pass@1"), ("maj16", "Maj@16"), ("rm16", "RM@16"), ("pass16", "Pass@16"),
+def table(summary: dict, title: str = "", k: int = 16) -> str:
+    """Fixed-width metrics table (percent) from an `evolm score` summary; ``k``: samples per problem (the
+    ``maj16``/``rm16``/``pass16`` keys keep EvoLM's names whatever it is, the headers say it)."""
+    cols = [("n", "n"), ("pass1", "Pass@1"), ("maj16", f"Maj@{k}"), ("rm16", f"RM@{k}"), ("pass16", f"Pass@{k}"),
             ("correct_ratio", "CorrRatio")]
     head = f"{'suite':<16}" + "".join(f"{c:>10}" for _, c in cols)
     lines = ([title] if title else []) + [head, "-" * len(head)]
@@ -205,7 +270,7 @@ def downstream(cfg: DownstreamConfig) -> dict:
     out = _out_dir(cfg)
     check_writable(out, "out", directory=True)  # before hours of sampling, not at the first write after them
     loaded = _load_tasks(cfg)
-    rows, stats = sample_rows(cfg, loaded)
+    rows, stats = sample_rows(cfg, loaded, out)
     completions = out / "completions.jsonl"
     write_jsonl(completions, rows)
     if cfg.rm:
@@ -219,7 +284,8 @@ def downstream(cfg: DownstreamConfig) -> dict:
     down = {"scoring": cfg.scoring, "suites": suites, "id_avg": summary.get("id_avg"),
             "ood_avg": summary.get("ood_avg"), "sampling": {**settings, **stats}}
     result = update_result(out / "result.json", meta, downstream=down)
-    print(table(summary, f"{meta['model']} (scoring={cfg.scoring}, backend={stats['backend']})"))
+    shutil.rmtree(out / SAMPLED, ignore_errors=True)  # done: the next run samples afresh
+    print(table(summary, f"{meta['model']} (scoring={cfg.scoring}, backend={stats['backend']})", cfg.n))
     print(f"wrote {completions}, {out / 'scored.jsonl'}, {out / 'result.json'}")
     return result
 

@@ -121,3 +121,15 @@ def build_model(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype = torch.fl
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def with_precision(model, dtype: torch.dtype):
+    """The model as megatron's mixed precision runs it: in bf16/fp16, wrapped in ``Float16Module`` (every parameter,
+    norms too, in that dtype; inputs cast on the first pipeline stage, outputs in fp32 on the last). The trained roles
+    and the frozen ones (RL reference, reward model) go through here, so a frozen copy computes what the trained one
+    would with the same weights. fp32: the model as is."""
+    if dtype == torch.float32:
+        return model
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module(model.config, model)

@@ -104,13 +104,14 @@ class RewardModelScorer:
     def __init__(self, cfg: RootConfig, rt):
         from evolm_nemo.checkpoint import io as ckpt
         from evolm_nemo.conversion.export import model_from_meta
+        from evolm_nemo.model.build import with_precision
         from evolm_nemo.model.heads import build_value_model
 
         self.path = ckpt.resolve(cfg.rl.reward_model)  # its latest checkpoint now (a resumed run loads its own)
         m = model_from_meta(ckpt.read_meta(self.path), "rl.reward_model")
         m = dataclasses.replace(m, layer_spec=cfg.model.layer_spec)
         self.cfg, self.rt = cfg, rt
-        self.model = build_value_model(m, cfg.parallel, rt.dtype)
+        self.model = with_precision(build_value_model(m, cfg.parallel, rt.dtype), rt.dtype)  # as it was trained
         self.max_len = m.seq_length
 
     def load(self, path) -> None:

@@ -35,7 +35,7 @@ from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.generation.continuous import ContinuousGenerator
 from evolm_nemo.generation.engine import Generator
 from evolm_nemo.losses.rl import constant_groups, gae, group_advantages, truncated_importance_weights, whiten_with
-from evolm_nemo.model.build import build_model
+from evolm_nemo.model.build import build_model, with_precision
 from evolm_nemo.model.heads import build_value_model, load_backbone
 from evolm_nemo.rl.data import PromptSchedule, fit_prompts, prompt_files, read_prompts, usable_prompts
 from evolm_nemo.rl.objectives import (actor_forward_step, collate, critic_forward_step, logprob_forward_step,
@@ -247,7 +247,7 @@ class RLStage(Stage):
                                                                                       "role": "critic"})
         self.ref = None
         if r.kl != "off":  # its weights in prepare(): the checkpoint this run started from, also after a resume
-            self.ref = build_model(cfg.model, cfg.parallel, rt.dtype)
+            self.ref = with_precision(build_model(cfg.model, cfg.parallel, rt.dtype), rt.dtype)  # as the actor
             self.sources["reference"] = str(ckpt.resolve(cfg.train.init_from))
         self.rm = None
         if r.reward in ("rm", "sum") and r.reward_model:  # the reward role: a frozen value-head model (rl/reward.py)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.model.build import build_model
+from evolm_nemo.model.build import build_model, with_precision
 from evolm_nemo.runtime.distributed import Runtime
 from evolm_nemo.train.wsd import scheduler_kwargs
 
@@ -38,10 +38,7 @@ def build_training_model(cfg: RootConfig, rt: Runtime, model_builder: Callable |
                                            pre_process=parallel_state.is_pipeline_first_stage(),
                                            post_process=parallel_state.is_pipeline_last_stage())
     model.config.calculate_per_token_loss = True  # one division by the global batch's token count (module doc)
-    if rt.dtype != torch.float32:  # megatron's mixed precision: every param (norms too) in bf16, fp32 main params
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(model.config, model)
+    model = with_precision(model, rt.dtype)  # megatron's mixed precision: every param in bf16, fp32 main params
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=o.distributed)
     model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)

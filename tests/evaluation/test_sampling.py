@@ -194,6 +194,64 @@ def test_eval_downstream_end_to_end(lm, tmp_path, capsys):
     assert result["downstream"]["id_avg"] == json.loads(json.dumps(summary["id_avg"]))
     assert result["downstream"]["sampling"]["backend"] == "hf" and result["downstream"]["sampling"]["n"] == 3
     assert "Pass@1" in proc.out and "strategyqa" in proc.out and "tok/s" in proc.err
+    assert "Maj@3" in proc.out and "Pass@3" in proc.out and "@16" not in proc.out  # n=3 samples per problem
+
+
+def test_eval_downstream_resumes_after_sampling(lm, tmp_path, capsys, monkeypatch):
+    """A run stopped after sampling (here: its RM scores NaN) keeps each sampled suite under out/.sampled; the rerun
+    with the same model and settings scores them without loading the model; a suite whose file is gone (a run
+    stopped in it) is sampled again and gets the same samples (seeded by position); other settings sample afresh;
+    a finished run leaves no .sampled behind."""
+    import json
+
+    import torch
+
+    from evolm_nemo import cli
+    from evolm_nemo.evaluation import evaluate, sampling
+    from tests.conftest import REPO
+    from tests.evaluation._tiny import make_rm
+
+    path, _, _ = lm
+    bad, good = tmp_path / "bad_rm", tmp_path / "rm"
+    model, _ = make_rm(bad, seed=2)
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    model.save_pretrained(bad)
+    make_rm(good)
+    data, out = REPO / "tests" / "fixtures" / "eval", tmp_path / "out"
+    args = ["eval", "downstream", f"model={path}", "tasks=[gsm8k_platinum,strategyqa]", f"data_dir={data}", "limit=2",
+            "n=3", "max_new_tokens=8", "backend=hf", f"out={out}", "workers=1"]
+    assert cli.main([*args, f"rm={bad}"]) == 2
+    first = (out / "completions.jsonl").read_text()
+    assert not (out / "result.json").exists()
+    assert sorted(p.name for p in (out / evaluate.SAMPLED).iterdir()) == ["gsm8k_platinum.json", "strategyqa.json"]
+    capsys.readouterr()
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded again")
+
+    with monkeypatch.context() as m:
+        m.setattr(sampling, "load", no_model)
+        assert cli.main([*args, f"rm={good}"]) == 0
+    said = capsys.readouterr().out
+    assert said.count("completions kept from an interrupted run") == 2, said
+    rows = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "rm_scores"} for r in rows] == \
+        [json.loads(x) for x in first.splitlines()]
+    assert not (out / evaluate.SAMPLED).exists() and (out / "result.json").is_file()
+    # stopped in the second suite: only that one is sampled again, to the same samples
+    assert cli.main([*args, f"rm={bad}"]) == 2
+    (out / evaluate.SAMPLED / "strategyqa.json").unlink()
+    capsys.readouterr()
+    assert cli.main([*args, f"rm={good}"]) == 0
+    said = capsys.readouterr().out
+    assert "gsm8k_platinum: 2 problems' completions kept" in said and "strategyqa: 2 problems'" not in said, said
+    assert [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()] == rows
+    # another setting: everything sampled again
+    assert cli.main([*args, f"rm={bad}"]) == 2
+    capsys.readouterr()
+    assert cli.main([*args, "seed=7", f"rm={good}"]) == 0
+    assert "kept from an interrupted run" not in capsys.readouterr().out
 
 
 def test_eval_downstream_bad_input_is_one_line(lm, tmp_path):

@@ -369,6 +369,27 @@ def test_rollouts_do_not_depend_on_how_many_sequences_decode_at_once(tmp_path, r
     _compare(runs[3][1], runs[32][1], keys=("loss", "actor_grad_norm", "reward_mean", "response_length_mean"))
 
 
+def test_the_frozen_reference_runs_in_the_actors_precision(tmp_path, rl_parent):
+    """bf16 with KL on: the reference is built as the actor is (megatron's Float16Module: every parameter in bf16,
+    norms too, fp32 logits), so at the parent's weights both give the same logits. It was a bare model: its norms
+    kept the checkpoint's fp32 values where the actor's are bf16, and its logits were up to 0.156 apart from the
+    actor's at the same checkpoint (on CPU): a KL penalty at the very first step."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, subprocess_env
+
+    facts = tmp_path / "facts.json"
+    args = rl_args(tmp_path / "run", rl_parent, "grpo", rl_parent["rl8"], "train.iters=1", "rl.prompts_per_step=4",
+                   "rl.kl=loss", "rl.initial_policy_kl_penalty=0.5", "train.precision=bf16")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "rl" / "_frozen_precision.py"), str(facts), *args],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(facts.read_text())
+    assert got["actor"] == got["reference"] == ["torch.bfloat16"], got
+    assert got["logits_dtypes"] == ["torch.float32", "torch.float32"] and got["max_diff"] == 0.0, got
+
+
 def test_a_resume_keeps_the_reference_it_started_with(tmp_path, rl_parent):
     """KL on: the frozen reference is the parent checkpoint the run started from. A parent run that saved another
     checkpoint since (here: a different model's weights as its newest) is not a new KL anchor after a resume: the

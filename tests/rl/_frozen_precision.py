@@ -1,0 +1,43 @@
+"""One process, train.precision=bf16, KL on: build the RL stage's roles as `evolm train` does and write, as JSON to
+argv[1], the parameter dtypes of the actor and of the frozen reference, and the largest difference between their
+logits on one batch once the reference holds the parent's weights (the actor starts from them too)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> None:
+    import torch
+    from megatron.core.utils import unwrap_model
+
+    from evolm_nemo.config import RootConfig, compose
+    from evolm_nemo.runtime.distributed import setup, teardown
+    from evolm_nemo.stages import plan_run, stage_module
+
+    cfg = compose("config", sys.argv[2:], RootConfig)
+    plan = plan_run(cfg, world_size=1)
+    rt = setup(1, 1, seed=0, precision=cfg.train.precision)
+    stage = stage_module(cfg.stage).build(cfg, plan, rt)
+    roles = stage.build(rt)
+    actor = roles[0].model
+    from evolm_nemo.checkpoint import io as ckpt
+
+    ckpt.load_weights(ckpt.resolve(cfg.train.init_from), [actor])
+    stage.prepare(actor, rt, None, cfg.run.out_dir)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 24))
+    pos = torch.arange(24).unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        a, r = actor(tokens, pos, None), stage.ref(tokens, pos, None)
+    dtypes = {name: sorted({str(p.dtype) for p in unwrap_model(m).parameters()})
+              for name, m in (("actor", actor), ("reference", stage.ref))}
+    out = {**dtypes, "logits_dtypes": [str(a.dtype), str(r.dtype)],
+           "max_diff": float((a.float() - r.float()).abs().max())}
+    with open(sys.argv[1], "w") as f:
+        json.dump(out, f)
+    teardown()
+
+
+if __name__ == "__main__":
+    main()
