@@ -25,25 +25,6 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
-# The longest test files (their tests and module fixtures, measured in one full run), started first under `make test`'s
-# two workers (`--dist loadfile`: a file's tests stay on one worker, its module fixtures built once): the short files
-# then fill both workers to the end instead of one long file running alone after the rest.
-LONGEST_FIRST = ("rm/test_rm.py", "rl/test_rl.py", "train/test_sft.py", "test_pipeline.py", "suite/test_nano_quick.py",
-                 "train/test_dynamics.py", "test_release.py", "suite/test_launch.py", "rl/test_reward_fn.py",
-                 "suite/test_tiny_suite.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return  # one process: the files in their own order
-
-    def rank(item):
-        path = Path(str(item.fspath)).relative_to(REPO / "tests").as_posix()
-        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: each file's tests keep their order
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
