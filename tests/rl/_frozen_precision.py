@@ -12,6 +12,7 @@ def main() -> None:
     import torch
     from megatron.core.utils import unwrap_model
 
+    from evolm_nemo.checkpoint import io as ckpt
     from evolm_nemo.config import RootConfig, compose
     from evolm_nemo.runtime.distributed import setup, teardown
     from evolm_nemo.stages import plan_run, stage_module
@@ -22,8 +23,6 @@ def main() -> None:
     stage = stage_module(cfg.stage).build(cfg, plan, rt)
     roles = stage.build(rt)
     actor = roles[0].model
-    from evolm_nemo.checkpoint import io as ckpt
-
     ckpt.load_weights(ckpt.resolve(cfg.train.init_from), [actor])
     stage.prepare(actor, rt, None, cfg.run.out_dir)
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 24))
