@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/evolm pipeline
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf runs .pytest_cache

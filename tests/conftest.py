@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +25,52 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
+
+
+# The longest test files (their tests and module fixtures; per-file sums of one full run's junit times, BENCHMARKS.md),
+# started first under `make test`'s two workers: `--dist loadfile` keeps a file's tests (and module fixtures) on one
+# worker and `--no-loadscope-reorder` hands the files out in collection order, so the short files fill both workers
+# to the end instead of one long file running alone after the rest. test_sft comes second so that the two workers do
+# not both wait on the shared SFT parent (`sft_parent`, which test_rl and test_rm start with).
+LONGEST_FIRST = ("rl/test_rl.py", "train/test_sft.py", "rm/test_rm.py", "test_pipeline.py", "suite/test_nano_quick.py",
+                 "train/test_dynamics.py", "suite/test_launch.py", "test_release.py", "suite/test_tiny_suite.py",
+                 "rl/test_reward_fn.py", "train/test_resume.py", "train/test_parallel.py",
+                 "checkpoint/test_integrity.py", "train/test_tracking.py", "data/test_sft_prepare.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the files in their own order
+
+    def rank(item):
+        path = Path(str(item.fspath)).relative_to(REPO / "tests").as_posix()
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str):
+    """A directory for a session fixture's read-only product, built once for the whole test session: under
+    pytest-xdist the workers share it (the first to come builds it under an flock while the others wait; a
+    ``.done`` marker says it is whole). Yields (directory, whether this caller must build it)."""
+    import fcntl
+
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    base = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp()
+    root = base / name
+    with open(base / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            done = (root / ".done").exists()
+            if not done:
+                if root.exists():
+                    shutil.rmtree(root)  # a builder that failed part way
+                root.mkdir(parents=True)
+            yield root, not done
+            (root / ".done").touch()
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def free_port() -> int:
@@ -162,15 +210,17 @@ def sft_parent(tmp_path_factory):
     """One SFT parent for the RL, RM and DPO tests: the demo's pretraining, then SFT on the demo's generated word
     problems (a model that solves some of them, so rewards carry signal). Also the demo's RL set and a fixed
     8-prompt subset of it (a task the tiny model can learn in a few steps)."""
-    root = tmp_path_factory.mktemp("sft_parent")
-    cache = root / "cache"
-    common = [f"data.cache_dir={cache}", "train.progress=false", "train.tensorboard=false"]
-    run_evolm("train", ["experiment=demo", f"run.out_dir={root / 'pre'}", *common])
-    run_evolm("train", ["experiment=demo_sft", f"run.out_dir={root / 'sft'}", f"train.init_from={root / 'pre'}",
-                        "train.epochs=3", *common])
-    rl = next(Path(cache).glob("synthetic-sft-*/rl.jsonl"))
-    small = root / "rl8.jsonl"
-    small.write_text("".join(rl.read_text().splitlines(keepends=True)[:8]))
+    with built_once(tmp_path_factory, "sft_parent") as (root, build):
+        cache = root / "cache"
+        if build:
+            common = [f"data.cache_dir={cache}", "train.progress=false", "train.tensorboard=false"]
+            run_evolm("train", ["experiment=demo", f"run.out_dir={root / 'pre'}", *common])
+            run_evolm("train", ["experiment=demo_sft", f"run.out_dir={root / 'sft'}",
+                                f"train.init_from={root / 'pre'}", "train.epochs=3", *common])
+        rl = next(Path(cache).glob("synthetic-sft-*/rl.jsonl"))
+        small = root / "rl8.jsonl"
+        if build:
+            small.write_text("".join(rl.read_text().splitlines(keepends=True)[:8]))
     return {"sft": root / "sft", "rl": rl, "rl8": small, "cache": cache,
             "eval": next(Path(cache).glob("synthetic-sft-*/eval.jsonl"))}
 

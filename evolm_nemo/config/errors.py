@@ -8,6 +8,13 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
 
 
+def check_seed(key: str, value) -> None:
+    """A seed that numpy, torch and megatron all take: an integer in [0, 2**32 - 1] (numpy refuses a negative one
+    deep inside a run)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 32:
+        raise ConfigError(key, f"must be an integer in [0, {2 ** 32 - 1}], got {value!r}")
+
+
 def print_error(key: str, message: str) -> None:
     """Write ``error: <key>: <message>`` as ONE write: under PYTHONUNBUFFERED, print() writes the text and the newline
     separately, so two ranks failing at once interleave into one garbled line."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, check_seed
 from evolm_nemo.config.schedule import branch_iteration, warmup_iters
 from evolm_nemo.config.schema import RootConfig
 
@@ -121,6 +121,10 @@ def validate(cfg: RootConfig, world_size: int | None = None, global_batches: boo
         raise ConfigError("optim.wsd_decay_fraction", f"must be in (0, 1), got {o.wsd_decay_fraction}")
     if o.warmup_iters is not None:
         positive("optim.warmup_iters", o.warmup_iters, allow_zero=True)
+
+    for key, value in (("train.seed", t.seed), ("data.synthetic_seed", d.synthetic_seed),
+                       ("sft.synthetic_seed", cfg.sft.synthetic_seed)):
+        check_seed(key, value)
 
     positive("data.max_epochs", d.max_epochs)
     positive("train.log_interval", t.log_interval)

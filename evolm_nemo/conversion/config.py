@@ -7,12 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, check_seed
 
 
 def check_probe(cfg) -> None:
     """The verification settings of an export or import (``verify_tol``, ``probe_batch``, ``probe_len``), before any
-    work."""
+    work; and the process seed."""
+    check_seed("seed", cfg.seed)
     if not cfg.verify:
         return
     if not cfg.verify_tol > 0:

@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 from evolm_nemo.config.compose import compose
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, check_seed
 from evolm_nemo.data.sft import SFTDataset, SFTWriter, Template, tokenizer_fingerprint
 from evolm_nemo.data.sft_prepare import _tokenizer_ref
 from evolm_nemo.data.tokenizer import load_tokenizer
@@ -155,6 +155,7 @@ def read_problems(path: str, limit: Optional[int] = None) -> tuple[list[Problem]
 
 
 def _check(cfg: PrepareRMConfig) -> Template:
+    check_seed("seed", cfg.seed)
     for key, hint in (("input", "a JSONL of scored completions or preference rows"),
                       ("output", "the RM dataset directory to create"),
                       ("tokenizer", "the model's HF tokenizer dir or hub name")):

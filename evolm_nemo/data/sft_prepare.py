@@ -37,7 +37,7 @@ import numpy as np
 
 from evolm_nemo.answers import MODES, extract_answer, is_equiv, judge, last_boxed, unbox
 from evolm_nemo.config.compose import compose
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, check_seed
 from evolm_nemo.data.prepare import open_rows
 from evolm_nemo.data.sft import SFTWriter, Template, encode_example, read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import load_tokenizer
@@ -287,6 +287,7 @@ def _check_outputs(cfg: PrepareSFTConfig) -> None:
 
 
 def check_config(cfg: PrepareSFTConfig) -> Template:
+    check_seed("seed", cfg.seed)
     for key, hint in (("input", "a .jsonl/.parquet file or an HF dataset name"),
                       ("output", "the SFT dataset directory to create"),
                       ("tokenizer", "the model's HF tokenizer dir or hub name")):

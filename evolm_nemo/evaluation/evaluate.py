@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, check_seed
 from evolm_nemo.config.tokens import parse_tokens
 from evolm_nemo.evaluation import rm as rm_mod
 from evolm_nemo.evaluation import sampling
@@ -131,6 +131,7 @@ def _load_tasks(cfg: DownstreamConfig):
 
 
 def _check(cfg: DownstreamConfig) -> None:
+    check_seed("seed", cfg.seed)
     _model_dir(cfg.model)
     if cfg.scoring not in ("evolm", "strict"):
         raise ConfigError("scoring", f"expected evolm or strict, got {cfg.scoring!r}")

@@ -217,3 +217,30 @@ def test_every_data_preset_names_every_data_key():
         assert not missing, (path.name, sorted(missing))
     cfg = compose("config", ["experiment=wsd_1b_stable", "data.synthetic_val_docs=8"], RootConfig)
     assert cfg.data.synthetic_val_docs == 8
+
+
+@pytest.mark.parametrize("command,overrides,key", [
+    ("train", ["train.seed=-1"], "train.seed"),
+    ("train", ["train.seed=4294967296"], "train.seed"),
+    ("train", ["stage=cpt", "data.synthetic_seed=-3"], "data.synthetic_seed"),
+    ("train", ["stage=sft", "sft.synthetic_seed=-1"], "sft.synthetic_seed"),
+    ("eval", ["downstream", "seed=-1"], "seed"),
+    ("prepare-sft", ["seed=-1"], "seed"),
+    ("prepare-rm", ["seed=-2"], "seed"),
+])
+def test_a_seed_numpy_would_refuse_is_refused_first(capsys, tmp_path, command, overrides, key):
+    """numpy takes seeds in [0, 2**32 - 1] only: `evolm train train.seed=-1` used to build the model and then die in
+    a numpy traceback. Every command's seed is checked with the recipe, in one line, before anything is built."""
+    from tests.conftest import refused_in_process
+
+    line = refused_in_process(capsys, command, [*overrides, f"run.out_dir={tmp_path / 'run'}"]
+                              if command == "train" else overrides, key)
+    assert "[0, 4294967295]" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_a_negative_seed_before_writing(capsys, tmp_path, a_run):
+    from tests.conftest import refused_in_process
+
+    refused_in_process(capsys, "export-hf", [f"src={a_run}", f"dst={tmp_path / 'hf'}", "seed=-1"], "seed")
+    assert list(tmp_path.iterdir()) == []
