@@ -15,8 +15,8 @@ similar lengths are prefilled together) are prefilled in one forward each time e
 
 Sampling is counter-based: the token of request ``r`` at its ``k``-th step is drawn by inverse CDF with a uniform
 that depends only on ``(seed, r, k)`` (a 32-bit integer hash), never on which slot, step or batch it ran in. So the
-samples for a seed do not depend on ``max_batch``, on the order requests are admitted, or on the other prompts of
-the call (up to float rounding of the logits, which the tests find equal on CPU). Greedy (temperature 0) is argmax
+samples for a seed do not depend on ``max_batch``, on the order requests are admitted, on the other prompts of the
+call, or on how a batch is split over calls (``first_request`` numbers a slice's requests as in the whole) (up to float rounding of the logits, which the tests find equal on CPU). Greedy (temperature 0) is argmax
 and equals ``generation.greedy.greedy_ids`` token for token. Log-probs describe the distribution sampled from
 (``losses.rl.sampling_logits``: tempered, top-p truncated), as the trainer recomputes them.
 """
@@ -202,9 +202,14 @@ class ContinuousGenerator(_Engine):
 
     def complete(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] | None = None,
-                 return_log_probs: bool = False) -> list[Completion]:
+                 return_log_probs: bool = False, first_request: int = 0) -> list[Completion]:
         """Like ``generate``, with the token ids and why each completion ended; ``return_log_probs`` adds the log-prob
-        of every generated token under the distribution it was sampled from (greedy: the untempered model's)."""
+        of every generated token under the distribution it was sampled from (greedy: the untempered model's).
+        ``first_request``: the sampling key of the first prompt (the others follow it), so a call given a slice
+        ``prompts[j:]`` with ``first_request=j`` samples what one call given all of them did for that slice (data-
+        parallel ranks each sampling their part of one batch)."""
+        if isinstance(first_request, bool) or not isinstance(first_request, int) or first_request < 0:
+            raise ValueError(f"first_request must be an integer >= 0, got {first_request!r}")
         stop, encoded, budgets = self._request(prompts, max_new_tokens, temperature, top_p, top_k, stop_strings)
         results: list[Completion | None] = [None] * len(prompts)
         self.stats = stats = _new_stats()
@@ -226,7 +231,7 @@ class ContinuousGenerator(_Engine):
 
         def take(rows: list[_Slot], logits: torch.Tensor) -> None:
             steps = torch.tensor([len(s.ids) for s in rows], dtype=torch.int64)
-            reqs = torch.tensor([s.request for s in rows], dtype=torch.int64)
+            reqs = torch.tensor([first_request + s.request for s in rows], dtype=torch.int64)
             ids, logp = sample(logits, temp, tp, int(top_k), uniforms(seed, reqs, steps))
             for s, t, lp in zip(rows, ids.tolist(), logp.tolist()):
                 if t == self.eos_id:

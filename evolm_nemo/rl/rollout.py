@@ -41,12 +41,15 @@ class Rollout:
         return np.array([len(r) for r in self.response_ids])
 
 
-def generate(generator, prompts: list[str], gold: list[str], n: int, rl, eos_id: int, seed: int) -> Rollout:
-    """``n`` samples of every prompt (temperature/top_p from ``rl``), each prompt's samples adjacent."""
+def generate(generator, prompts: list[str], gold: list[str], n: int, rl, eos_id: int, seed: int,
+             first_request: int | None = None) -> Rollout:
+    """``n`` samples of every prompt (temperature/top_p from ``rl``), each prompt's samples adjacent.
+    ``first_request`` (an engine that takes it: the continuous one): the first sequence's sampling key."""
     rep_prompts = [p for p in prompts for _ in range(n)]
+    where = {} if first_request is None else {"first_request": first_request}
     completions = generator.complete(rep_prompts, rl.max_response_tokens, temperature=rl.temperature,
                                      top_p=rl.top_p, seed=seed, stop_strings=tuple(rl.stop_strings),
-                                     return_log_probs=True)
+                                     return_log_probs=True, **where)
     out = Rollout([], [], [], [], [], [g for g in gold for _ in range(n)])
     for prompt, c in zip(rep_prompts, completions):
         ids, lps = list(c.ids), list(c.log_probs or [math.nan] * len(c.ids))

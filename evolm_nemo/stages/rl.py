@@ -10,8 +10,9 @@ roles -- actor and critic, each with its optimizer and scheduler -- are saved as
 ``critic/`` first, then the actor under ``checkpoints/`` (its commit is the commit of the pair), so ``export-hf
 src=<run>`` exports the actor and ``export-hf src=<run>/critic`` the critic.
 
-Rollout sampling is seeded by (``train.seed``, iteration, data-parallel rank), so a resumed run rolls out exactly what
-the uninterrupted one did.
+Rollout sampling is keyed by (``train.seed``, iteration, the sequence's place in the step's global batch) with the
+continuous engine -- the same samples whatever the data-parallel size -- and by (``train.seed``, iteration,
+data-parallel rank) with the static one, so a resumed run rolls out exactly what the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -180,6 +181,12 @@ def check_critic_init(cfg: RootConfig) -> None:
                                                            f"(model {name}); the critic shares the actor's shape")
 
 
+def rollout_seed(seed: int, iteration: int, *more: int) -> int:
+    """The sampling seed of an iteration's rollout (< 2**31): numpy's SeedSequence of (``train.seed``, iteration,
+    ``more``), so no two iterations (or replicas) share one."""
+    return int(np.random.SeedSequence([seed, iteration, *more]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
 def data_identity(cfg: RootConfig) -> dict:
     """What defines an RL run's data and batch (a resume may not change it): the prompt files' content, which of
     them fit, the prompts and samples per step, the updates per step (the schedules' length) and the order's seed."""
@@ -298,9 +305,15 @@ class RLStage(Stage):
     # ------------------------------------------------------------------------------------------- one iteration
     def rollout(self, iteration: int) -> Rollout:
         idx = self.schedule.indices(iteration)
-        seed = (self.cfg.train.seed * 1_000_003 + iteration * 1009 + self.dp_rank) % (2 ** 31)
+        n = self.rl.samples_per_prompt
+        if isinstance(self.generator, ContinuousGenerator):
+            # keyed by the sequence's place in the step's global batch: the same samples whatever the data-parallel
+            # size (a resume on another number of GPUs included)
+            seed, first = rollout_seed(self.cfg.train.seed, iteration), self.dp_rank * len(idx) * n
+        else:  # the static engine seeds a call: each replica its own
+            seed, first = rollout_seed(self.cfg.train.seed, iteration, self.dp_rank), None
         ro = generate(self.generator, [self.prompts.prompts[i] for i in idx], [self.prompts.gold[i] for i in idx],
-                      self.rl.samples_per_prompt, self.rl, self.eos, seed)
+                      n, self.rl, self.eos, seed, first)
         ro.prompts = [self.prompts.prompts[i] for i in idx for _ in range(self.rl.samples_per_prompt)]
         ro.rows = [self.prompts.rows[i] for i in idx for _ in range(self.rl.samples_per_prompt)]
         return ro

@@ -178,7 +178,13 @@ def continuous_facts(Engine, model, tok) -> dict:
     others[5] = prompts[5]
     alone = Engine(model, tok, max_seq=MAX_SEQ, max_batch=4).complete(
         others[:6], NEW, temperature=0.7, top_p=0.9, seed=11, return_log_probs=True)[5]
-    return {"runs": runs, "stats": stats, "alone": [alone.ids, alone.log_probs], "eos": tok.eos_token_id}
+    # the batch split over two calls (as over two data-parallel ranks), the second numbered from where the first ends
+    gen = Engine(model, tok, max_seq=MAX_SEQ, max_batch=4)
+    halves = [c for lo, hi in ((0, 7), (7, len(prompts))) for c in gen.complete(
+        prompts[lo:hi], NEW, temperature=0.7, top_p=0.9, seed=11, return_log_probs=True, first_request=lo)]
+    unnumbered = gen.complete(prompts[7:], NEW, temperature=0.7, top_p=0.9, seed=11, return_log_probs=True)
+    return {"runs": runs, "stats": stats, "alone": [alone.ids, alone.log_probs], "eos": tok.eos_token_id,
+            "halves": [[c.ids, c.log_probs] for c in halves], "unnumbered": [c.ids for c in unnumbered]}
 
 
 def _global_rng_untouched(gen) -> bool:

@@ -97,8 +97,9 @@ def test_stop_strings(single, engine):
 
 
 def test_continuous_samples_do_not_depend_on_the_batching(single):
-    """The same seed gives the same samples and log-probs with 16, 3 or 1 slots, and for a request among other
-    prompts (counter-based sampling: a token depends on (seed, request index, step) and its logits only)."""
+    """The same seed gives the same samples and log-probs with 16, 3 or 1 slots, for a request among other prompts,
+    and for a batch split over two calls numbered by ``first_request`` (counter-based sampling: a token depends on
+    (seed, request index, step) and its logits only)."""
     facts = single["gqa"]["continuous"]["continuous"]
     runs = facts["runs"]
     ids = {k: [r[0] for r in v] for k, v in runs.items()}
@@ -110,6 +111,11 @@ def test_continuous_samples_do_not_depend_on_the_batching(single):
     alone_ids, alone_lp = facts["alone"]
     assert alone_ids == ids["16"][5]
     assert max(abs(x - y) for x, y in zip(alone_lp, runs["16"][5][1])) < 1e-5
+    # split over two calls (two data-parallel ranks), the second's requests numbered from 7: the whole call's samples
+    assert [h[0] for h in facts["halves"]] == ids["16"]
+    for (_, a), (_, b, _) in zip(facts["halves"], runs["16"]):
+        assert max((abs(x - y) for x, y in zip(a, b)), default=0) < 1e-5
+    assert facts["unnumbered"] != ids["16"][7:]  # numbered from 0 instead, the second half samples other tokens
 
 
 def test_continuous_batching_has_no_idle_slot(single):
