@@ -394,3 +394,31 @@ def test_a_value_head_checkpoint_is_refused_where_a_language_model_or_a_reward_m
                                f"rl.reward_model={ppo / 'critic'}", *COMMON], check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "rl.reward_model" in lines[0] and "PPO critic" in lines[0]
+
+
+def test_the_reward_model_runs_in_the_actors_precision(tmp_path, rm_data, outcome_rm):
+    """bf16: the frozen reward model is built as the actor is (megatron's Float16Module: every parameter in bf16, norms
+    too), so its scores are the fp32 model's up to bf16 rounding -- transformers' fp32 score of the export, within
+    0.05 on scores of order 1."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.conftest import REPO, subprocess_env
+    from tests.rl.test_rl import rl_args
+
+    facts = tmp_path / "facts.json"
+    parent = {"sft": rm_data["sft"]}
+    args = rl_args(tmp_path / "run", parent, "grpo", rm_data["rl8"], "train.iters=1", "rl.prompts_per_step=4",
+                   "rl.kl=loss", "rl.initial_policy_kl_penalty=0.5", "train.precision=bf16", "rl.reward=rm",
+                   f"rl.reward_model={outcome_rm['run']}")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "rl" / "_frozen_precision.py"), str(facts), *args],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(facts.read_text())
+    assert got["reward_model"] == ["torch.bfloat16"], got
+    model = AutoModelForSequenceClassification.from_pretrained(str(outcome_rm["hf"]), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = [float(model(input_ids=torch.tensor([s])).logits[0, 0]) for s in got["rm_sequences"]]
+    assert all(abs(a - b) < 0.05 for a, b in zip(got["rm_scores"], want)), (got["rm_scores"], want)
