@@ -16,7 +16,7 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from evolm_nemo.config.errors import ConfigError
 
@@ -335,6 +335,34 @@ def output_kind(path: str | Path) -> str | None:
     return "other"
 
 
+# What a training run writes into its directory (train/metrics.py, train/tracking.py, stages/dpo.py, stages/rm.py,
+# rl/rollout.py, checkpoint/io.py): no other command writes there. Other files beside them (the demo's eval/ and
+# rm_samples.jsonl under its pretraining run, say) are not the run's.
+RUN_OWNED = re.compile(r"checkpoints|critic|tensorboard|run\.json|metrics\.jsonl|\.lock|tracking\.json|"
+                       r"dpo_reference\.safetensors|rm_val_scores\.jsonl|rollouts(\.dp\d+)?\.jsonl")
+# kinds of output no other command writes into, at any depth
+SEALED = frozenset(KINDS) - {"run", "other"}
+
+
+def owned_elsewhere(path: str | Path, itself: bool = True) -> str | None:
+    """Why writing ``path`` (a file or a directory, existing or not) would write into another command's output -- it
+    is, or lies inside, a checkpoint, a dataset, an export or a model directory, or it is one of a training run's own
+    files or directories -- or None when it would not. With ``itself``, an existing directory ``path`` is judged
+    too (a training run's directory included); without, only what holds it."""
+    path = Path(path).expanduser().resolve()
+    if itself and path.is_dir() and output_kind(path) in SEALED | {"run"}:
+        return f"{path} is {KINDS[output_kind(path)]}"
+    child = path
+    for parent in path.parents:
+        kind = output_kind(parent) if parent.is_dir() else None
+        if kind == "run" and RUN_OWNED.fullmatch(child.name):
+            return f"{path} is {'' if child == path else 'inside '}the training run {parent}'s own {child.name}"
+        if kind in SEALED:
+            return f"{path} lies inside {KINDS[kind]}, {parent}"
+        child = parent
+    return None
+
+
 def same_path(a: Path, b: Path) -> bool:
     """``a`` and ``b`` (resolved) name the same file: equal paths, or one file under two names (a hard link)."""
     if a == b:
@@ -361,6 +389,9 @@ def check_dst(dst: Path, overwrite: bool, key: str = "dst", sources: tuple = (),
     for src in _sources(sources):
         if same_path(dst, src) or dst.is_relative_to(src) or src.is_relative_to(dst):
             raise ConfigError(key, f"{dst} overlaps the source {src}; write the output elsewhere")
+    foreign = owned_elsewhere(dst, itself=False)  # what dst itself is: ``kind`` below
+    if foreign is not None:
+        raise ConfigError(key, f"{foreign}, which no other command writes; write {key} elsewhere")
     taken = lock and lock_output(dst, key)
     try:
         if dst.exists() and not dst.is_dir():
@@ -378,21 +409,30 @@ def check_dst(dst: Path, overwrite: bool, key: str = "dst", sources: tuple = (),
         raise
 
 
-def check_dst_file(path: str | Path, overwrite: bool, key: str, sources: tuple = (), lock: bool = True) -> None:
+def check_dst_file(path: str | Path, overwrite: bool, key: str, sources: tuple = (), lock: bool = True,
+                   ours: Callable[[Path], bool] | None = None, what: str = "") -> None:
     """A file output ``path`` may be written (or, with ``overwrite``, replaced) without touching any of ``sources``
     (files or directories this command reads): it must not be one of them (also under another name) nor lie inside
-    one; it is locked like a directory output (``lock_output``); an existing one needs ``overwrite``."""
+    one, nor inside another command's output (``owned_elsewhere``); it is locked like a directory output
+    (``lock_output``); an existing one needs ``overwrite``, and with ``ours`` (does an existing file look like this
+    command's output, ``what``?) ``overwrite`` replaces only such a file."""
     dst = Path(path).expanduser().resolve()
     for src in _sources(sources):
         if same_path(dst, src) or dst.is_relative_to(src):
-            what = "is" if same_path(dst, src) else "lies inside"
-            raise ConfigError(key, f"{dst} {what} the input {src}, which this command reads; write it elsewhere")
+            what_ = "is" if same_path(dst, src) else "lies inside"
+            raise ConfigError(key, f"{dst} {what_} the input {src}, which this command reads; write it elsewhere")
+    foreign = owned_elsewhere(dst)
+    if foreign is not None:
+        raise ConfigError(key, f"{foreign}, which no other command writes; write {key} elsewhere")
     taken = lock and lock_output(dst, key)
     try:
         if dst.is_dir():
             raise ConfigError(key, f"{dst} is a directory; name a file")
         if dst.exists() and not overwrite:
             raise ConfigError(key, f"{dst} exists; pick a new file or pass overwrite=true")
+        if dst.exists() and ours is not None and not ours(dst):
+            raise ConfigError(key, f"{dst} is not {what}; overwrite=true replaces only an output of the same "
+                                   f"command: pick another {key}")
     except ConfigError:
         if taken:
             release_output(dst)
@@ -572,6 +612,22 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def jsonl_with(*fields: str) -> Callable[[Path], bool]:
+    """A test of an existing file for ``check_dst_file(ours=...)``: empty, or its first line is a JSON object with
+    all of ``fields`` (what a command's JSONL output holds)."""
+
+    def test(path: Path) -> bool:
+        try:
+            with open(path, encoding="utf-8") as f:
+                first = next((line for line in f if line.strip()), None)
+            row = json.loads(first) if first is not None else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            return False
+        return row is None or (isinstance(row, dict) and all(k in row for k in fields))
+
+    return test
 
 
 def iter_jsonl(path: str | Path, key: str = "input") -> Iterator[tuple[str, dict]]:

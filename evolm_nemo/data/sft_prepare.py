@@ -41,7 +41,7 @@ from evolm_nemo.config.errors import ConfigError, check_seed
 from evolm_nemo.data.prepare import open_rows
 from evolm_nemo.data.sft import SFTWriter, Template, encode_example, read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.fileio import check_dst, check_dst_file, check_writable, release_output, write_text
+from evolm_nemo.fileio import check_dst, check_dst_file, check_writable, jsonl_with, release_output, write_text
 from evolm_nemo.tasks import QUESTION_TEMPLATE, SUITES
 
 # EvoLM's SFT/RL allocation study: 100K questions split between SFT and RL (PAPER.md).
@@ -280,7 +280,9 @@ def _check_outputs(cfg: PrepareSFTConfig) -> None:
         if cfg.rl_output and Path(cfg.rl_output).expanduser().resolve().is_relative_to(out):
             raise ConfigError("rl_output", "must be outside the SFT dataset directory")
         if cfg.rl_output:
-            check_dst_file(cfg.rl_output, cfg.overwrite, "rl_output", sources=local)
+            check_dst_file(cfg.rl_output, cfg.overwrite, "rl_output", sources=local,
+                           ours=jsonl_with("id", "prompt", "gold_answer"),
+                           what="an RL prompt JSONL (made by evolm prepare-sft)")
     except ConfigError:
         release_output(out)
         raise

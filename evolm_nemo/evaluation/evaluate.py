@@ -25,7 +25,7 @@ from evolm_nemo.evaluation import tasks as registry
 from evolm_nemo.evaluation import upstream as up
 from evolm_nemo.evaluation.report import build, infer_meta, update_result
 from evolm_nemo.evaluation.score import score_rows
-from evolm_nemo.fileio import check_writable, write_json, write_jsonl
+from evolm_nemo.fileio import check_writable, owned_elsewhere, write_json, write_jsonl
 from evolm_nemo.tasks import SUITES, UPSTREAM
 
 
@@ -36,6 +36,7 @@ class ResultMeta:
     reports (documented in recipes/eval_downstream.yaml and recipes/eval_upstream.yaml)."""
 
     out: Optional[str] = None
+    overwrite: bool = False  # replace an evaluation of another model in out (its result files are removed first)
     name: Optional[str] = None
     size: Optional[str] = None
     pretrain_tokens: Optional[str] = None
@@ -84,7 +85,17 @@ def _model_dir(model: Optional[str]) -> str:
         raise ConfigError("model", "required: an HF model directory (config.json + weights)")
     if not (Path(model) / "config.json").is_file():
         raise ConfigError("model", f"{model} is not an HF model directory (no config.json)")
+    if not has_tokenizer(model):
+        raise ConfigError("model", f"{model} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json + "
+                                   "merges.txt); save the model's tokenizer beside it (evolm export-hf does)")
     return model
+
+
+def has_tokenizer(path) -> bool:
+    """The files transformers builds a tokenizer from, in the HF directory ``path``."""
+    p = Path(path)
+    return any((p / n).is_file() for n in ("tokenizer.json", "tokenizer.model")) or (
+        (p / "vocab.json").is_file() and (p / "merges.txt").is_file())
 
 
 def _meta(cfg) -> dict:
@@ -107,6 +118,45 @@ def _meta(cfg) -> dict:
 
 def _out_dir(cfg) -> Path:
     return Path(cfg.out) if cfg.out else Path("runs") / "eval" / Path(cfg.model.rstrip("/")).name
+
+
+# what an evaluation writes into its out dir (report/: `evolm report` of it, as the demo makes)
+EVAL_FILES = ("result.json", "upstream.json", "completions.jsonl", "scored.jsonl", ".sampled", "report")
+
+
+def check_out(cfg, out: Path) -> bool:
+    """Before any data or model is loaded: ``out`` is writable, is not another command's output (a training run, a
+    checkpoint, an export, the model directory itself ...), and holds no other model's evaluation -- an upstream
+    and a downstream evaluation of one model share it (result.json names the model directory), another model's
+    results are replaced only with ``overwrite=true``. Returns whether they are to be (``clear_out``)."""
+    foreign = owned_elsewhere(out)
+    if foreign is not None:
+        raise ConfigError("out", f"{foreign}; evaluation results go in a directory of their own: pick another out")
+    check_writable(out, "out", directory=True)  # before hours of sampling, not at the first write after them
+    result = Path(out) / "result.json"
+    if not result.is_file():
+        return False
+    try:
+        theirs = json.loads(result.read_text(encoding="utf-8")).get("model_dir")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        theirs = None
+    if theirs == str(Path(cfg.model).resolve()):
+        return False  # this model's own evaluation: the other mode's results stay, this mode's are replaced
+    if not cfg.overwrite:
+        raise ConfigError("out", f"{out} holds the evaluation of {theirs or 'another model (unreadable result.json)'}; "
+                                 "pick another out, or pass overwrite=true to replace it")
+    return True
+
+
+def clear_out(out: Path) -> None:
+    """Remove another model's evaluation files from ``out`` (``check_out`` said so; once the data is read, before
+    the model is loaded)."""
+    for name in EVAL_FILES:
+        path = Path(out) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 # ------------------------------------------------------------------------------------------------------- downstream
@@ -269,8 +319,10 @@ def downstream(cfg: DownstreamConfig) -> dict:
     meta = _meta(cfg)
     sampling.pick(cfg.backend)  # a missing backend fails here, before data or model loading
     out = _out_dir(cfg)
-    check_writable(out, "out", directory=True)  # before hours of sampling, not at the first write after them
+    replace = check_out(cfg, out)  # before hours of sampling, not at the first write after them
     loaded = _load_tasks(cfg)
+    if replace:
+        clear_out(out)
     rows, stats = sample_rows(cfg, loaded, out)
     completions = out / "completions.jsonl"
     write_jsonl(completions, rows)
@@ -307,7 +359,8 @@ def upstream(cfg: UpstreamConfig) -> dict:
             raise ConfigError("batch_size", f"expected a positive integer or auto, got {cfg.batch_size!r}")
         batch = int(cfg.batch_size)
     meta = _meta(cfg)
-    check_writable(_out_dir(cfg), "out", directory=True)  # before the harness runs
+    if check_out(cfg, _out_dir(cfg)):  # before the harness runs
+        clear_out(_out_dir(cfg))
     summary, raw = up.run(cfg.model, cfg.tasks, tasks_dir=cfg.tasks_dir, data_dir=cfg.data_dir, batch_size=batch,
                           limit=cfg.limit, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     out = _out_dir(cfg)

@@ -47,7 +47,7 @@ from typing import Optional
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import dynamics as dyn
 from evolm_nemo.evaluation.render import md_table as _md_table, save_png as _save
-from evolm_nemo.fileio import check_writable, lock_file, unlock, write_json, write_text
+from evolm_nemo.fileio import check_writable, lock_file, owned_elsewhere, unlock, write_json, write_text
 from evolm_nemo.tasks import ID_SUITES, OOD_SUITES, UPSTREAM, UPSTREAM_NAMES
 
 SCHEMA = "evolm-result/1"
@@ -501,6 +501,9 @@ def build(pattern: str | None, out: str, dynamics: str | None = None) -> dict:
     curves = None
     if dynamics is not None:
         curves = dyn.load_curves(dynamics)
+    foreign = owned_elsewhere(out)
+    if foreign is not None:
+        raise ConfigError("out", f"{foreign}; a report goes in a directory of its own: pick another out")
     check_writable(out, "out", directory=True)  # not an existing file, and writable: before any work
     results = sorted((d for _, d in load_results(pattern)), key=_sort_key) if pattern is not None else []
     out_dir = Path(out)

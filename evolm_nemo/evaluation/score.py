@@ -31,7 +31,7 @@ from evolm_nemo.config.compose import compose
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation.metrics import majority_answers, majority_index, rm_index, summarize
 from evolm_nemo.evaluation.tasks import check_problem, is_number, non_finite
-from evolm_nemo.fileio import check_dst_file, check_writable, iter_jsonl, write_jsonl
+from evolm_nemo.fileio import check_dst_file, check_writable, iter_jsonl, jsonl_with, write_jsonl
 from evolm_nemo.tasks import SUITES
 
 ADDED_FIELDS = ("gold_answer", "extracted", "correct", "pass1", "maj16", "rm16", "pass16")
@@ -47,6 +47,7 @@ class ScoreConfig:
     workers: int = 0  # concurrent scorers, each with its own math-verify helper process (0: one per CPU core, max 8)
     progress: bool = True  # progress bar on stderr for inputs of 100 rows or more
     row_budget_s: float = 10.0  # wall-clock seconds shared by one row's slow checks (null: unbounded)
+    overwrite: bool = False  # replace an existing output (only a scored JSONL: never another command's file)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -239,7 +240,8 @@ def main(overrides: Sequence[str]) -> int:
         raise ConfigError("row_budget_s", f"expected seconds > 0 (or null: unbounded), got {cfg.row_budget_s}")
     output = cfg.output or _default_output(cfg.input)
     check_writable(output, "output")
-    check_dst_file(output, True, "output", sources=(cfg.input,), lock=False)  # never the input it reads
+    check_dst_file(output, cfg.overwrite, "output", sources=(cfg.input,), lock=False,  # never the input it reads
+                   ours=jsonl_with("correct", "extracted"), what="a scored JSONL (made by evolm score)")
     rows = read_rows(cfg.input)
     note = completions_note(rows)
     if note:

@@ -494,3 +494,29 @@ def test_a_killed_prepare_leaves_its_temp_dir_to_the_next_run(tmp_path, tok_dir)
     assert f"removed {stale[0]}, left by an earlier run that was killed" in again.stderr
     assert not stale[0].exists() and live.is_dir()
     assert SFTDataset(tmp_path / "out").manifest["examples"] == 50 and not (tmp_path / "out" / OWNER).exists()
+
+
+def test_rl_output_never_replaces_another_commands_file(tmp_path, tok_dir, a_run):
+    """`rl_output=<any file> overwrite=true` replaced it whatever it was -- a checkpoint's commit record, a run's
+    metrics: overwrite replaces only an RL prompt JSONL, and nothing inside a run's own files or a checkpoint is
+    ever written. One line each; the files' bytes unchanged, no dataset made."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(a_run, run)
+    rows = [{"q": f"What is {i} + 1?", "r": f"\\\\boxed{{{i + 1}}}", "gold": str(i + 1)} for i in range(12)]
+    inp = _write(tmp_path / "in.jsonl", rows)
+    other = _write(tmp_path / "completions.jsonl", [{"suite": "gsm8k_platinum", "id": 1, "completions": ["x"]}])
+    before = tree_bytes(tmp_path)
+    common = [f"input={inp}", f"tokenizer={tok_dir}", "question_key=q", "answer_key=r", "reference_key=gold",
+              "allocation=4/4", "overwrite=true", "progress=false"]
+    meta = next((run / "checkpoints").glob("iter_*")) / "evolm.json"
+    for target, fragment in ((meta, "lies inside an evolm checkpoint"), (run / "metrics.jsonl", "own metrics.jsonl"),
+                             (other, "is not an RL prompt JSONL")):
+        proc = run_evolm("prepare-sft", [*common, f"output={tmp_path / 'out'}", f"rl_output={target}"], check=False)
+        _one_line(proc, "rl_output", fragment)
+    assert tree_bytes(tmp_path) == before
+    # an RL prompt JSONL it made before is replaced, and a new file beside the run's own is fine
+    first = run_evolm("prepare-sft", [*common, f"output={tmp_path / 'a'}", f"rl_output={run / 'rl.jsonl'}"])
+    assert first.returncode == 0 and len((run / "rl.jsonl").read_text().splitlines()) == 4
+    run_evolm("prepare-sft", [*common, f"output={tmp_path / 'a'}", f"rl_output={run / 'rl.jsonl'}"])

@@ -99,7 +99,8 @@ def test_evolm_score_cli_end_to_end(tmp_path):
     inp, out = tmp_path / "completions.jsonl", tmp_path / "scored.jsonl"
     _write(inp, rows)
     for mode in ("evolm", "strict"):
-        proc = run_evolm("score", [f"input={inp}", f"output={out}", f"scoring={mode}", "workers=2"])
+        proc = run_evolm("score", [f"input={inp}", f"output={out}", f"scoring={mode}", "workers=2",
+                                   "overwrite=true"])  # the second mode replaces the first one's file
         summary = json.loads(proc.stdout.strip().splitlines()[-1])  # the last stdout line is the summary
         scored = [json.loads(line) for line in out.read_text().splitlines()]
         expect_rows, expect_summary = score_rows(rows, mode)

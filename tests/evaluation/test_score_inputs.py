@@ -125,5 +125,5 @@ def test_the_scored_file_gets_the_umask_mode(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o640
     out.chmod(0o604)  # an existing file keeps its own mode when it is replaced, as with open(path, "w")
-    run_evolm("score", [f"input={inp}", f"output={out}", "progress=false"])
+    run_evolm("score", [f"input={inp}", f"output={out}", "progress=false", "overwrite=true"])
     assert stat.S_IMODE(out.stat().st_mode) == 0o604
