@@ -66,7 +66,7 @@ def validate_row(row, where: str) -> None:
     suite = row.get("suite")
     if suite not in SUITES:
         bad("suite", f"expected one of {', '.join(SUITES)}, got {suite!r}" if "suite" in row else "missing")
-    check_problem(row, where)
+    check_problem(row, where, suite)
     completions = row.get("completions")
     if not isinstance(completions, list) or not completions:
         bad("completions", "missing" if "completions" not in row else "expected a non-empty list of strings")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from evolm_nemo.answers import gold_answer
+from evolm_nemo.answers import MODES, gold_answer, nli_label
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.fileio import iter_jsonl
 from evolm_nemo.tasks import SUITE_GROUP, SUITE_KIND, SUITES
@@ -126,10 +126,17 @@ def non_finite(value) -> Optional[float]:
     return None
 
 
-def check_problem(row: dict, where: str) -> None:
+# where a null gt_answer's gold answer is taken from, per suite (answers/gold.py)
+GOLD_FROM_SOLUTION = {"gsm8k_platinum": "the text after its last '#### '", "math": "its last \\boxed{...}",
+                      "boardgameqa": "a True / False / Uncertain label", "strategyqa": "a True / False / Uncertain label"}
+
+
+def check_problem(row: dict, where: str, suite: Optional[str] = None) -> None:
     """A problem's own fields (``id``, ``problem``, ``gt_solution`` / ``gt_answer``) as scoring reads them: a
     one-line ConfigError naming ``where`` and the field. Evaluation checks them when it reads the problems -- before
-    any model is loaded -- so a malformed row never stops a run after its sampling."""
+    any model is loaded -- so a malformed row never stops a run after its sampling. With ``suite``: the row has a
+    gold answer scoring can match (a null gt_answer whose gt_solution yields none, or a BoardgameQA / StrategyQA
+    label that is not true / false / uncertain, would score every completion wrong without a word)."""
 
     def bad(name: str, message: str):
         raise ConfigError(where, f"field '{name}': {message}")
@@ -147,9 +154,25 @@ def check_problem(row: dict, where: str) -> None:
     for name in ("id", "gt_solution", "gt_answer"):
         if (number := non_finite(row.get(name))) is not None:
             bad(name, f"holds {json.dumps(number)}, not a finite number")
+    if suite is not None:
+        _check_gold(suite, row, bad)
 
 
-def _read_cooked(path: str, limit: Optional[int]) -> list[dict]:
+def _check_gold(suite: str, row: dict, bad) -> None:
+    gold = gold_answer(suite, row)
+    solution = row.get("gt_solution")
+    if row.get("gt_answer") is None and (not gold.strip() or (
+            suite == "gsm8k_platinum" and "#### " not in str(solution))):
+        how = GOLD_FROM_SOLUTION.get(suite, "the solution itself")
+        bad("gt_answer", f"null, and gt_solution {json.dumps(solution)[:80]} holds no gold answer (taken from {how})")
+    if SUITE_KIND[suite] == "nli":
+        labels = {nli_label(gold, mode) for mode in MODES}
+        if None in labels or len(labels) != 1:
+            bad("gt_answer", f"{json.dumps(row.get('gt_answer'))[:80]} is not a {suite} label: expected True, False "
+                             "or Uncertain (or null with the label in gt_solution)")
+
+
+def _read_cooked(path: str, limit: Optional[int], suite: Optional[str] = None) -> list[dict]:
     rows = []
     for where, row in iter_jsonl(path, key="path"):
         if limit is not None and len(rows) >= limit:
@@ -157,7 +180,7 @@ def _read_cooked(path: str, limit: Optional[int]) -> list[dict]:
         for key in COOKED_FIELDS:
             if key not in row:
                 raise ConfigError(where, f"field '{key}': missing (cooked schema: {', '.join(COOKED_FIELDS)})")
-        check_problem(row, where)
+        check_problem(row, where, suite)
         rows.append(row)
     return rows
 
@@ -216,7 +239,7 @@ def load_problems(task: Union[str, Task], path: Optional[str] = None, limit: Opt
     if limit is not None and limit < 0:
         raise ConfigError("limit", f"expected a non-negative number, got {limit}")
     if path is not None:
-        return _read_cooked(path, limit)
+        return _read_cooked(path, limit, task.name)
     if not task.hf:
         raise ConfigError("path", f"task {task.name} has no hub source; pass a cooked JSONL (EvoLM's "
                                   f"{'/'.join(task.evolm_datasets) or task.name}.jsonl)")

@@ -143,6 +143,17 @@ BAD = [
      '"rm_scores": ["high"]}', "field 'rm_scores': expected a list of numbers"),
     ('{"suite": "math", "id": 1, "problem": "p", "gt_solution": "x", "gt_answer": "1", "completions": ["a"], '
      '"greedy": 5}', "field 'greedy': expected a string"),
+    # no gold answer scoring could ever match: refused, not scored 0
+    ('{"suite": "gsm8k_platinum", "id": 1, "problem": "p", "gt_solution": "2 + 2 = 4", "gt_answer": null, '
+     '"completions": ["a"]}', "field 'gt_answer': null, and gt_solution \"2 + 2 = 4\" holds no gold answer"),
+    ('{"suite": "math", "id": 1, "problem": "p", "gt_solution": "no box", "gt_answer": null, "completions": ["a"]}',
+     "field 'gt_answer': null, and gt_solution \"no box\" holds no gold answer"),
+    ('{"suite": "boardgameqa", "id": 1, "problem": "p", "gt_solution": null, "gt_answer": "proved", '
+     '"completions": ["a"]}', "field 'gt_answer': \"proved\" is not a boardgameqa label"),
+    ('{"suite": "boardgameqa", "id": 1, "problem": "p", "gt_solution": "maybe", "gt_answer": null, '
+     '"completions": ["a"]}', "field 'gt_answer': null, and gt_solution \"maybe\" holds no gold answer"),
+    ('{"suite": "strategyqa", "id": 1, "problem": "p", "gt_solution": null, "gt_answer": "Not sure", '
+     '"completions": ["a"]}', "field 'gt_answer': \"Not sure\" is not a strategyqa label"),
 ]
 
 

@@ -43,7 +43,7 @@ def test_bad_local_files(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_problems("math", path=str(tmp_path / "nope.jsonl"))
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": 1, "problem": "p", "gt_solution": "x", "gt_answer": null}\n{"id": 2, "problem": "p"}\n')
+    bad.write_text('{"id": 1, "problem": "p", "gt_solution": "\\\\boxed{x}", "gt_answer": null}\n{"id": 2, "problem": "p"}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2: field 'gt_solution': missing"):
         load_problems("math", path=str(bad))
     with pytest.raises(ConfigError, match="has no hub source"):
@@ -53,8 +53,10 @@ def test_bad_local_files(tmp_path):
     for row, field in [('{"id": 1, "problem": "p", "gt_solution": null, "gt_answer": true}', "gt_answer"),
                        ('{"id": 1, "problem": "p", "gt_solution": null, "gt_answer": ["True"]}', "gt_answer"),
                        ('{"id": null, "problem": "p", "gt_solution": null, "gt_answer": "1"}', "id"),
-                       ('{"id": 1, "problem": "p", "gt_solution": null, "gt_answer": NaN}', "gt_answer")]:
-        bad.write_text('{"id": 0, "problem": "p", "gt_solution": null, "gt_answer": "2"}\n' + row + "\n")
+                       ('{"id": 1, "problem": "p", "gt_solution": null, "gt_answer": NaN}', "gt_answer"),
+                       ('{"id": 1, "problem": "p", "gt_solution": null, "gt_answer": "maybe"}', "gt_answer"),
+                       ('{"id": 1, "problem": "p", "gt_solution": "perhaps", "gt_answer": null}', "gt_answer")]:
+        bad.write_text('{"id": 0, "problem": "p", "gt_solution": null, "gt_answer": "True"}\n' + row + "\n")
         with pytest.raises(ConfigError, match=rf"bad.jsonl:2: field '{field}': "):
             load_problems("strategyqa", path=str(bad))
 
