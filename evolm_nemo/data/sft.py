@@ -162,6 +162,33 @@ def read_manifest(path: str | Path, key: str = "data.paths", fmt: str = FORMAT,
     return manifest
 
 
+def check_manifest_fields(manifest: dict, where: Path, key: str) -> None:
+    """The fields a dataset's readers use (dtype, tokens, examples, tokenizer, content_sha256) have the types
+    ``SFTWriter`` writes: a damaged manifest is one line naming the file and the field, not a TypeError later."""
+
+    def bad(field: str, expected: str):
+        got = json.dumps(manifest.get(field)) if field in manifest else "missing"
+        raise ConfigError(key, f"{where}: field '{field}': expected {expected}, got {got[:80]}; prepare the dataset "
+                               "again")
+
+    try:
+        integer = np.dtype(manifest.get("dtype")).kind in "iu" and isinstance(manifest.get("dtype"), str)
+    except (TypeError, ValueError):
+        integer = False
+    if not integer:
+        bad("dtype", "an integer dtype name (uint16 or int32)")
+    for field in ("tokens", "examples"):
+        value = manifest.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            bad(field, "a non-negative integer")
+    tok = manifest.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("vocab_sha256"), str) or \
+            not all(isinstance(tok.get(k), int) and not isinstance(tok.get(k), bool) for k in ("size", "eos")):
+        bad("tokenizer", "the tokenizer's fingerprint {vocab_sha256, size, bos, eos}")
+    if not isinstance(manifest.get("content_sha256", ""), (str, type(None))):
+        bad("content_sha256", "a sha256 hex string")
+
+
 class SFTDataset:
     """A prepared SFT dataset, memory-mapped. ``ids(i)`` is example i's token ids, ``prompt_len[i]`` its prompt length."""
 
@@ -173,6 +200,7 @@ class SFTDataset:
         self.path = Path(path)
         self.key = key
         self.manifest = read_manifest(self.path, key, self.FORMAT, self.MAKER)
+        check_manifest_fields(self.manifest, self.path / MANIFEST, key)
         try:
             self.index = np.load(self.path / INDEX, allow_pickle=False)
         except (OSError, ValueError) as exc:

@@ -234,6 +234,23 @@ def test_a_damaged_dataset_is_refused(tmp_path, tok_dir):
         SFTDataset(tmp_path)
 
 
+@pytest.mark.parametrize("field,value", [("dtype", "float99"), ("dtype", "float32"), ("dtype", None),
+                                         ("tokenizer", None), ("tokenizer", {"size": 400}), ("tokens", "12"),
+                                         ("examples", -1), ("content_sha256", 7)])
+def test_a_damaged_manifest_field_is_one_line_naming_the_file_and_field(tmp_path, tok_dir, capsys, field, value):
+    """A manifest.json whose field a reader uses has the wrong type (was: a TypeError traceback for dtype "float99"
+    or tokenizer null) is refused naming the manifest file and the field, for SFT and RM datasets alike."""
+    inp = _write(tmp_path / "in.jsonl", [{"question": "q?", "answer": "a b c"}])
+    prepare_sft(_cfg(tmp_path, tok_dir, inp, filter=False))
+    path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest[field] = value
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError) as err:
+        SFTDataset(tmp_path / "out", key="data.paths")
+    assert err.value.key == "data.paths" and err.value.message.startswith(f"{path}: field '{field}': expected ")
+
+
 def test_a_dataset_is_verified_once_beside_it_or_in_the_cache(tmp_path, tok_dir):
     """At first use a dataset is hashed against its manifest's content_sha256 and the verification recorded beside
     it (``.verified``); where that cannot be written (here: ``.verified`` is a directory), under the cache dir. Later
