@@ -30,13 +30,56 @@ def default_tasks_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "eval" / "upstream"
 
 
-def check(model: str, tasks: list[str], tasks_dir: str | None, data_dir: str | None) -> None:
+# the row fields our task YAMLs (eval/upstream/<task>.yaml, their header comments) read: a data file for one of them
+# is checked for these before lm-eval loads it (a missing one was a DatasetGenerationError / jinja error mid-run)
+ROW_FIELDS = {
+    "hellaswag": ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+    "winogrande": ("sentence", "option1", "option2", "answer"),
+    "piqa": ("goal", "sol1", "sol2", "label"),
+    "openbookqa": ("question_stem", "choices", "answerKey"),
+    "arc_easy": ("question", "choices", "answerKey"),
+    "arc_challenge": ("question", "choices", "answerKey"),
+}
+# model dtypes lm-eval's hf model takes (it calls getattr(torch, dtype)); "auto": the checkpoint's own
+DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "float64", "double")
+
+
+def check(model: str, tasks: list[str], tasks_dir: str | None, data_dir: str | None, limit: int | None = None,
+          device: str | None = None, dtype: str = "auto") -> None:
     """Fail fast, with one line, on anything that would break after the model is loaded."""
     if not (Path(model) / "config.json").is_file():
         raise ConfigError("model", f"{model} is not an HF model directory (no config.json)")
     if not tasks:
         raise ConfigError("tasks", f"empty; choose from {', '.join(UPSTREAM)}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError("limit", f"must be >= 1 (or null for every document), got {limit!r}")
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", f"expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_device(device)
     check_tasks(tasks, tasks_dir, data_dir)
+
+
+def check_device(device: str | None, key: str = "device") -> None:
+    """A device lm-eval's hf model uses as given (it silently falls back to cuda-or-cpu for any other string) and
+    that this machine has (``cuda`` without CUDA was an AssertionError after the data was loaded)."""
+    if device is None:
+        return
+    import re
+
+    import torch
+
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", str(device))
+    if m is None or (m[1] == "cpu" and m[2] is not None) or (m[1] == "mps" and m[2] not in (None, "0")):
+        raise ConfigError(key, f"expected cpu, cuda, cuda:<index> or mps (null: cuda if available, else cpu), "
+                               f"got {device!r}")
+    if m[1] == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(key, f"{device}: CUDA is not available here (torch.cuda.is_available() is false); use "
+                                   "device=cpu or leave it null")
+        if m[2] is not None and int(m[2]) >= torch.cuda.device_count():
+            raise ConfigError(key, f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if m[1] == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(key, f"{device}: MPS is not available here; use device=cpu or leave it null")
 
 
 def check_tasks(tasks: list[str], tasks_dir: str | None, data_dir: str | None, prefix: str = "") -> None:
@@ -55,6 +98,27 @@ def check_tasks(tasks: list[str], tasks_dir: str | None, data_dir: str | None, p
     for task in tasks:
         if not (Path(data_dir) / f"{task}.jsonl").is_file():
             raise ConfigError(f"{prefix}data_dir", f"missing {Path(data_dir) / f'{task}.jsonl'}")
+    for task in tasks:
+        ours = (default_tasks_dir() / f"{task}.yaml").resolve()
+        mine = (Path(tasks_dir) / f"{task}.yaml").resolve()
+        same = mine == ours or (ours.is_file() and mine.read_bytes() == ours.read_bytes())
+        check_rows(Path(data_dir) / f"{task}.jsonl", ROW_FIELDS.get(task, ()) if same else (), f"{prefix}data_dir")
+
+
+def check_rows(path: Path, fields: tuple[str, ...], key: str) -> None:
+    """``path`` is UTF-8 JSONL of objects (one per non-blank line), has rows and each has ``fields`` (not null):
+    a one-line ConfigError naming ``file:line`` (or ``key`` for a file with no rows)."""
+    from evolm_nemo.fileio import iter_jsonl
+
+    n = 0
+    for where, row in iter_jsonl(path, key):
+        missing = [f for f in fields if row.get(f) is None]
+        if missing:
+            raise ConfigError(where, f"field '{missing[0]}': missing (rows of {path.name} need "
+                                     f"{', '.join(fields)}; see the header of its task YAML)")
+        n += 1
+    if n == 0:
+        raise ConfigError(key, f"{path} has no rows")
 
 
 def render(tasks_dir: str, data_dir: str, into: str) -> None:
@@ -126,7 +190,7 @@ def run(model: str, tasks: list[str] = UPSTREAM, tasks_dir: str | None = None, d
     """Run lm-eval 0-shot on an HF model directory; returns (our summary, lm-eval's raw ``results`` dict without
     per-sample logs)."""
     tasks = list(tasks)
-    check(model, tasks, tasks_dir, data_dir)
+    check(model, tasks, tasks_dir, data_dir, limit=limit, device=device, dtype=dtype)
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -166,3 +166,67 @@ def test_builtin_tasks_without_hub_access_say_how_to_run_offline(lm, tmp_path):
     assert errors[0].startswith("error: tasks: cannot fetch lm-eval's task data from the HF hub")
     assert "tasks_dir=" in errors[0] and "data_dir=" in errors[0] and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("override,key", [
+    ("limit=0", "limit"), ("limit=-1", "limit"), ("dtype=fp33", "dtype"), ("device=foo", "device"),
+    ("device=cpu:0", "device"), ("device=cuda:99", "device"),
+    pytest.param("device=cuda", "device", marks=pytest.mark.skipif(
+        __import__("torch").cuda.is_available(), reason="refused only where there is no CUDA")),
+])
+def test_bad_settings_are_one_line_before_lm_eval(lm, tmp_path, capsys, override, key):
+    """limit / dtype / device that lm-eval would fail on after loading the data and the model (limit=0: "did not
+    find any docs", dtype=fp33: AttributeError, device=cuda without CUDA: AssertionError) or silently ignore
+    (device=foo) are refused up front; nothing written."""
+    from tests.conftest import refused_in_process
+
+    out = tmp_path / "up"
+    refused_in_process(capsys, "eval", ["upstream", f"model={lm[0]}", f"tasks_dir={TASKS_DIR}", f"data_dir={SAMPLE}",
+                                        "tasks=[piqa]", f"out={out}", override], key)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage,line,message", [
+    ("truncated", 2, "not valid JSON"),
+    ("empty", None, "has no rows"),
+    ("blank", None, "has no rows"),
+    ("missing_field", 2, "field 'sol2': missing"),
+    ("null_field", 1, "field 'label': missing"),
+    ("not_an_object", 1, "expected a JSON object, got list"),
+])
+def test_damaged_local_data_is_one_line_naming_the_file(lm, tmp_path, capsys, damage, line, message):
+    """A <task>.jsonl that is cut short, empty, not JSON objects or whose rows lack a field the task's YAML reads (was:
+    DatasetGenerationError / StopIteration / a jinja error out of lm-eval) is refused naming the file (and line)."""
+    from tests.conftest import refused_in_process
+
+    good = (SAMPLE / "piqa.jsonl").read_text().splitlines()
+    rows = {"truncated": good[0] + "\n" + good[1][:20], "empty": "", "blank": "\n\n",
+            "missing_field": good[0] + "\n" + json.dumps({"goal": "g", "sol1": "a", "label": 0}) + "\n",
+            "null_field": json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": None}) + "\n",
+            "not_an_object": "[1, 2]\n"}[damage]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "piqa.jsonl").write_text(rows)
+    (data / "arc_easy.jsonl").write_text((SAMPLE / "arc_easy.jsonl").read_text())
+    out = tmp_path / "up"
+    key = f"{data / 'piqa.jsonl'}:{line}" if line else "data_dir"
+    err = refused_in_process(capsys, "eval", ["upstream", f"model={lm[0]}", f"tasks_dir={TASKS_DIR}",
+                                              f"data_dir={data}", "tasks=[arc_easy,piqa]", f"out={out}"], key)
+    assert message in err and "piqa.jsonl" in err and not out.exists()
+
+
+def test_row_fields_are_the_task_yamls_and_the_samples(tmp_path):
+    """The fields checked per task are those its YAML's header names and every sample row has; a copy of our YAML
+    elsewhere is checked the same way, another YAML only for readable, non-empty JSONL."""
+    for task in UPSTREAM:
+        head = (TASKS_DIR / f"{task}.yaml").read_text().split("\ntask:")[0]
+        assert all(f in head for f in upstream.ROW_FIELDS[task]), task
+        upstream.check_rows(SAMPLE / f"{task}.jsonl", upstream.ROW_FIELDS[task], "data_dir")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tmp_path / "piqa.jsonl").write_text('{"question": "q"}\n')
+    (tasks / "piqa.yaml").write_text((TASKS_DIR / "piqa.yaml").read_text())
+    with pytest.raises(ConfigError, match="field 'goal': missing"):
+        upstream.check_tasks(["piqa"], str(tasks), str(tmp_path))
+    (tasks / "piqa.yaml").write_text((TASKS_DIR / "piqa.yaml").read_text().replace("{{goal}}", "{{question}}"))
+    upstream.check_tasks(["piqa"], str(tasks), str(tmp_path))
