@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,8 @@ def _load_tasks(cfg: DownstreamConfig):
                 raise ConfigError("data_dir", f"missing {path} (cooked JSONL: id, problem, gt_solution, gt_answer)")
             path = str(path)
         problems = registry.load_problems(task, path=path, limit=cfg.limit)
+        if not problems:
+            raise ConfigError("data_dir" if path else "tasks", f"no problems in {path or task.name}")
         out.append((task, problems))
     return out
 
@@ -195,12 +198,42 @@ def _check(cfg: DownstreamConfig) -> None:
         raise ConfigError("max_new_tokens", f"must be >= 1 (or null), got {cfg.max_new_tokens}")
     if cfg.batch_size < 1:
         raise ConfigError("batch_size", f"must be >= 1, got {cfg.batch_size}")
-    if not 0.0 < cfg.top_p <= 1.0:
+    if not 0.0 < cfg.top_p <= 1.0:  # NaN fails the comparison too
         raise ConfigError("top_p", f"must be in (0, 1], got {cfg.top_p}")
-    if cfg.temperature <= 0.0:
-        raise ConfigError("temperature", f"the sampled pass needs temperature > 0, got {cfg.temperature}")
-    if cfg.rm is not None and not (Path(cfg.rm) / "config.json").is_file():
-        raise ConfigError("rm", f"{cfg.rm} is not an HF model directory (no config.json)")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0.0):
+        raise ConfigError("temperature", f"the sampled pass needs a finite temperature > 0, got {cfg.temperature}")
+    if not (math.isfinite(cfg.repetition_penalty) and cfg.repetition_penalty > 0.0):
+        raise ConfigError("repetition_penalty", f"must be a finite number > 0 (1: none), got {cfg.repetition_penalty}")
+    if cfg.tensor_parallel_size < 1:
+        raise ConfigError("tensor_parallel_size", f"must be >= 1, got {cfg.tensor_parallel_size}")
+    if cfg.workers < 0:
+        raise ConfigError("workers", f"must be >= 0 (0: one scorer per CPU core), got {cfg.workers}")
+    if cfg.rm_batch_size < 1:
+        raise ConfigError("rm_batch_size", f"must be >= 1, got {cfg.rm_batch_size}")
+    if cfg.rm is not None:
+        _check_rm(cfg.rm)
+
+
+def _check_rm(path: str) -> None:
+    """``rm`` is a reward model as evaluation/rm.py loads it (AutoModelForSequenceClassification with one output),
+    read from its config.json: a causal LM export was refused only after all the sampling, once it was loaded."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise ConfigError("rm", f"{path} is not an HF model directory (no config.json)")
+    try:
+        spec = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError("rm", f"{config} is unreadable ({exc})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError("rm", f"{config} is not a JSON object")
+    archs = spec.get("architectures") or []
+    if archs and not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError("rm", f"{path} is a {', '.join(map(str, archs))}, not a reward model (an "
+                                "...ForSequenceClassification with one output, e.g. `evolm export-hf` of an RM run)")
+    labels = spec.get("id2label")
+    n = len(labels) if isinstance(labels, dict) else spec.get("num_labels", 2)  # transformers' default: 2 labels
+    if n != 1:
+        raise ConfigError("rm", f"{path} has {n} outputs; a reward model has exactly one (num_labels=1)")
 
 
 SAMPLED = ".sampled"  # under ``out``: each suite's sampled rows until result.json is written (a rerun resumes)

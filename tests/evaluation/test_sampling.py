@@ -279,6 +279,47 @@ def test_eval_downstream_bad_input_is_one_line(lm, tmp_path):
     assert proc.returncode == 2 and "error: model:" in proc.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("extra,key", [
+    (["temperature=nan"], "temperature"), (["temperature=inf"], "temperature"), (["top_p=nan"], "top_p"),
+    (["repetition_penalty=0"], "repetition_penalty"), (["repetition_penalty=-1"], "repetition_penalty"),
+    (["repetition_penalty=nan"], "repetition_penalty"), (["tensor_parallel_size=0"], "tensor_parallel_size"),
+    (["workers=-1"], "workers"), (["rm_batch_size=0"], "rm_batch_size"),
+    (["rm=<causal lm>"], "rm"), (["rm=<two labels>"], "rm"), (["rm=<bad json>"], "rm"),
+    (["data_dir=<empty suite>"], "data_dir"),
+])
+def test_eval_downstream_bad_settings_before_the_model_loads(lm, tmp_path, capsys, extra, key):
+    """Settings transformers refuses only after the model is loaded (temperature / repetition_penalty NaN or <= 0),
+    an rm that is no reward model (a causal LM export: was refused after all the sampling, completions.jsonl and
+    .sampled/ left behind), an empty suite file (was rc 0 with n=0) and out-of-range counts: one line, nothing
+    written, no model loaded."""
+    from tests.conftest import REPO, refused_in_process
+
+    causal, two, badjson, data = (tmp_path / n for n in ("causal", "two", "badjson", "data"))
+    for d in (causal, two, badjson, data):
+        d.mkdir()
+    (causal / "config.json").write_text((lm[0] / "config.json").read_text())  # the tiny LlamaForCausalLM's
+    (two / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"], '
+                                     '"id2label": {"0": "LABEL_0", "1": "LABEL_1"}}')
+    (badjson / "config.json").write_text('{"architectures": ')
+    (data / "gsm8k_platinum.jsonl").write_text((REPO / "tests" / "fixtures" / "eval" / "gsm8k_platinum.jsonl")
+                                               .read_text())
+    (data / "math.jsonl").write_text("\n")
+    subst = {"rm=<causal lm>": f"rm={causal}", "rm=<two labels>": f"rm={two}", "rm=<bad json>": f"rm={badjson}",
+             "data_dir=<empty suite>": f"data_dir={data}"}
+    extra = [subst.get(e, e) for e in extra]
+    if not any(e.startswith("data_dir=") for e in extra):
+        extra.append(f"data_dir={REPO / 'tests' / 'fixtures' / 'eval'}")
+    out = tmp_path / "out"
+    line = refused_in_process(capsys, "eval", ["downstream", f"model={lm[0]}", "tasks=[gsm8k_platinum,math]",
+                                               "limit=1", "n=2", "max_new_tokens=4", "backend=hf", f"out={out}",
+                                               *extra], key)
+    if key == "data_dir":
+        assert f"no problems in {data / 'math.jsonl'}" in line
+    if extra[0] == f"rm={causal}":
+        assert "LlamaForCausalLM, not a reward model" in line
+    assert not out.exists()
+
+
 def test_demo_hook_samples_scores_and_plots(lm, tmp_path, capsys):
     from evolm_nemo.evaluation.evaluate import demo
     from tests.conftest import REPO
