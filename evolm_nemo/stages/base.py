@@ -176,7 +176,11 @@ class Stage:
         """Where a run that resumes nothing starts: the weights of ``train.init_from`` (``load_init``), or scratch."""
         if not self.cfg.train.init_from:
             return Start()
-        meta = self.load_init(self.cfg.train.init_from, roles[0].model)
+        try:
+            meta = self.load_init(self.cfg.train.init_from, roles[0].model)
+        except ckpt.CheckpointError as exc:  # a damaged file (the check is collective: every rank says so)
+            raise ConfigError("train.init_from", f"{exc}; restore the parent checkpoint or start from another "
+                                                 "one") from None
         roles[0].optimizer.reload_model_params()
         return Start(parent_meta=meta)
 

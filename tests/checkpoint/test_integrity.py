@@ -83,6 +83,19 @@ def test_export_of_a_damaged_checkpoint_refuses(tmp_path, data_cache, reference,
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_damaged_parent_is_one_line_naming_train_init_from(tmp_path, data_cache, reference):
+    """A parent (train.init_from) with a damaged shard was a CheckpointError traceback: one line naming the key and
+    the file; the new run keeps no checkpoint."""
+    parent, root = _copy(reference, tmp_path)
+    shard = _largest_shard(root / f"iter_{ITERS:07d}")
+    _flip_middle(shard)
+    out = tmp_path / "child"
+    proc = run_evolm("train", tiny(out, data_cache, "train.iters=2", f"train.init_from={parent}"), check=False)
+    line = _one_error_line(proc, "train.init_from")
+    assert shard.name in line and "damaged" in line
+    assert not list(out.glob("checkpoints/iter_*"))
+
+
 def test_export_reads_each_file_for_its_checksum_once(tmp_path, reference):
     """export-hf checks every file before anything heavy and then loads without checking again (a 4B checkpoint is
     tens of GB read per pass): each file of the checkpoint is checksummed exactly once."""
