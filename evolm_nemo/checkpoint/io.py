@@ -175,11 +175,12 @@ def damage(directory: str | Path) -> str | None:
     if found is not None:
         return found
     meta = json.loads((directory / META).read_text())
-    want = meta.get("checksums") or {}
-    if not isinstance(want, dict):
-        return f"{META}'s checksums are not a mapping of file: checksum"
-    if not want:
-        return None
+    if "checksums" not in meta:
+        return None  # written before checksums existed
+    want = meta["checksums"]
+    if not isinstance(want, dict) or set(want) != set(meta["manifest"]):
+        # every save records one per file of its manifest: anything else is an edited or damaged record
+        return f"{META}'s checksums do not cover its files (a mapping of each manifest file to its checksum)"
     got = _shared_checksums(directory, sorted(want), meta.get("checksum", "xxh3_64"))
     for name in sorted(want):
         if got.get(name) != want[name]:

@@ -42,12 +42,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 # ------------------------------------------------------------------------------------------------------ small parts
 
-def model_from_meta(meta: dict, where: str) -> ModelConfig:
+def model_from_meta(meta: dict, where: str, key: str = "src") -> ModelConfig:
+    """The model shape a checkpoint's evolm.json records, each value of its field's type (an edited or damaged
+    record is a ConfigError naming ``key``, not a TypeError deep in the model build)."""
     raw = meta.get("model")
     if not isinstance(raw, dict):
-        raise ConfigError("src", f"{where}: evolm.json has no 'model' config; cannot rebuild the model")
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in raw.items() if k in names})
+        raise ConfigError(key, f"{where}: evolm.json has no 'model' config; cannot rebuild the model")
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    for name, value in raw.items():
+        if name not in fields:
+            continue
+        default = fields[name].default
+        want = (int, float) if isinstance(default, float) else type(default)
+        if default is not None and value is not None and (
+                not isinstance(value, want) or (isinstance(value, bool) and not isinstance(default, bool))):
+            raise ConfigError(key, f"{where}: evolm.json's model.{name} is {value!r}, expected {type(default).__name__}; "
+                                   "the record is damaged or edited")
+    return ModelConfig(**{k: v for k, v in raw.items() if k in fields})
 
 
 def parse_dtype(text: str, key: str = "dtype") -> torch.dtype | None:

@@ -108,7 +108,7 @@ class RewardModelScorer:
         from evolm_nemo.model.heads import build_value_model
 
         self.path = ckpt.resolve(cfg.rl.reward_model)  # its latest checkpoint now (a resumed run loads its own)
-        m = model_from_meta(ckpt.read_meta(self.path), "rl.reward_model")
+        m = model_from_meta(ckpt.read_meta(self.path), str(self.path), key="rl.reward_model")
         m = dataclasses.replace(m, layer_spec=cfg.model.layer_spec)
         self.cfg, self.rt = cfg, rt
         self.model = with_precision(build_value_model(m, cfg.parallel, rt.dtype), rt.dtype)  # as it was trained

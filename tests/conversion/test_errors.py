@@ -236,6 +236,25 @@ def test_export_with_a_garbled_metadata_file(ckpt, tmp_path, capsys):
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda m: m["model"].update(hidden_size="abc"), "model.hidden_size is 'abc', expected int"),
+    (lambda m: m["model"].update(norm_eps=True), "model.norm_eps is True"),
+    (lambda m: m.update(checksums=None), "checksums do not cover its files"),
+    (lambda m: m["checksums"].pop(sorted(m["checksums"])[0]), "checksums do not cover its files"),
+])
+def test_export_of_an_edited_record_is_one_line(ckpt, tmp_path, capsys, edit, fragment):
+    """An evolm.json whose model shape has a value of the wrong type was a TypeError in the model build; one whose
+    checksums were nulled or thinned skipped (part of) the integrity check."""
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    path = bad / "iter_0000000" / "evolm.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    fails(capsys, tmp_path, ["export-hf", f"src={bad}", "progress=false"], "src", fragment)
+
+
 def _modes(root: Path) -> set:
     return {(p.is_dir(), p.stat().st_mode & 0o777) for p in [root, *root.rglob("*")] if not p.is_symlink()}
 
