@@ -7,6 +7,8 @@ Each rule raises ConfigError naming the key and the fix; the CLI prints it as on
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -45,7 +47,8 @@ class Plan:
 
 
 def positive(key: str, value, allow_zero: bool = False) -> None:
-    if value is None or value < 0 or (value == 0 and not allow_zero):
+    # ``not value >= 0`` rather than ``value < 0``: every comparison with NaN is False, so NaN must fail the test
+    if value is None or not value >= 0 or (value == 0 and not allow_zero):
         raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
@@ -55,6 +58,39 @@ def choice(key: str, value, options) -> None:
         raise ConfigError(key, f"must be one of {', '.join(options)}; got {value!r}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: weights, rates and losses are float32 tensors
+FREE_FORM = ("lineage",)  # provenance carried into checkpoints as given, not a setting the run computes with
+
+
+def recipe_floats(value, key: str, at: str = ""):
+    """``(key, at, float)`` for every float in a composed recipe (a dataclass tree), floats in lists and dicts
+    included: a list's items under the list's own key (``data.weights``: the key an override sets) with their place
+    in ``at`` (``[0]``), a dict's under ``<key>.<name>`` (``optim.stage_lr.sft``)."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            if f.name not in FREE_FORM:
+                yield from recipe_floats(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from recipe_floats(item, key, f"{at}[{i}]")
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            yield from recipe_floats(item, f"{key}.{name}", at)
+    elif isinstance(value, float):
+        yield key, at, value
+
+
+def check_finite(cfg: RootConfig) -> None:
+    """Every float of the recipe is finite and fits float32. NaN passes any range rule written as a comparison
+    (``x < 0`` is False for NaN) and then poisons the run after the model is built; inf, and a value past float32's
+    range (optim.lr=1e300 becomes inf in the optimizer's tensors), train NaN weights or write ``Infinity`` into
+    metrics.jsonl (not JSON). One generic rule covers the keys a range rule forgets."""
+    for key, at, value in recipe_floats(cfg, ""):
+        if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise ConfigError(key, f"must be a finite number within float32's range (|x| <= {FLOAT32_MAX:.4g}), "
+                                   f"got {value!r}{' at ' + at if at else ''}")
+
+
 def validate(cfg: RootConfig, world_size: int | None = None, global_batches: bool = True) -> Layout:
     """The recipe's own rules, in order; no file is read. Returns the layout at ``world_size`` (default: the
     WORLD_SIZE environment variable, else 1). ``global_batches``: the stage's batches are
@@ -62,6 +98,7 @@ def validate(cfg: RootConfig, world_size: int | None = None, global_batches: boo
     which keys is the stage registry's to say (``stages.plan_run``)."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     m, p, o, t, d = cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.data
+    check_finite(cfg)  # first: the range rules below assume numbers that compare
     choice("train.precision", t.precision, PRECISIONS)
     choice("model.layer_spec", m.layer_spec, LAYER_SPECS)
     choice("model.core_attention", m.core_attention, ("sdpa", "megatron"))
@@ -70,6 +107,10 @@ def validate(cfg: RootConfig, world_size: int | None = None, global_batches: boo
 
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "vocab_size", "seq_length"):
+        positive(f"model.{key}", getattr(m, key))
+    # RMSNorm divides by sqrt(mean(x^2) + eps); RoPE raises theta to fractional powers; every fresh weight is drawn
+    # from N(0, std), and a std of 0 makes them all 0 (a model from scratch then never breaks symmetry)
+    for key in ("norm_eps", "rope_base", "init_method_std"):
         positive(f"model.{key}", getattr(m, key))
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError("model.hidden_size", f"{m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}")
@@ -127,6 +168,9 @@ def validate(cfg: RootConfig, world_size: int | None = None, global_batches: boo
         check_seed(key, value)
 
     positive("data.max_epochs", d.max_epochs)
+    positive("data.synthetic_val_docs", d.synthetic_val_docs, allow_zero=True)
+    if t.peak_tflops is not None:  # a per-device peak; null is how to ask for the known GPUs' own
+        positive("train.peak_tflops", t.peak_tflops)
     positive("train.log_interval", t.log_interval)
     positive("train.save_interval", t.save_interval, allow_zero=True)
     positive("train.keep_last", t.keep_last)
