@@ -18,6 +18,7 @@ from evolm_nemo.fileio import replace_dir, staged_dir
 
 # Special tokens of the generated tokenizer, in id order (Llama-2 uses the same strings: unk 0, bos 1, eos 2).
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+MIN_VOCAB = 256 + len(SPECIALS)  # the smallest byte-level BPE: its 256-byte alphabet and the specials, no merges
 
 
 def _looks_local(name: str) -> bool:
@@ -74,8 +75,8 @@ def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 512):
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + len(SPECIALS):
-        raise ConfigError("vocab_size", f"must be at least {len(alphabet) + len(SPECIALS)} for a byte-level BPE")
+    if vocab_size < MIN_VOCAB:
+        raise ConfigError("vocab_size", f"must be at least {MIN_VOCAB} for a byte-level BPE")
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # no prefix space: exact round trip
     bpe.decoder = decoders.ByteLevel()

@@ -48,7 +48,7 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     """Check the data (files, manifests, token ids, tokenizer, split), derive the iterations, and refuse budgets a
     sample index cannot hold or that would repeat a source of a mix."""
     d = cfg.data
-    check_data(d)
+    check_data(cfg)
     check_split(d.split)
     source_tokens = check_sources(cfg) if d.source == "indexed" else None
     iters = iterations(cfg)

@@ -19,11 +19,12 @@ from evolm_nemo.config.tokens import format_tokens, parse_tokens
 from evolm_nemo.config.validate import positive
 from evolm_nemo.data.indexed import MANIFEST_SUFFIX, expand_prefixes, idx_dtype, read_manifest
 from evolm_nemo.data.sft import tokenizer_fingerprint
-from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.data.tokenizer import MIN_VOCAB, load_tokenizer
 
 
-def check_data(d) -> None:
+def check_data(cfg: RootConfig) -> None:
     """Pretraining / CPT data: the generated corpora, or megatron indexed files from `evolm prepare`."""
+    d = cfg.data
     if d.source == "synthetic":
         if not d.synthetic_kinds or d.synthetic_kinds[0] != "text" or any(
                 k not in ("text", "math") for k in d.synthetic_kinds):
@@ -31,6 +32,14 @@ def check_data(d) -> None:
                                                       f"{d.synthetic_kinds}")
         if d.weights is not None and len(d.weights) != len(d.synthetic_kinds):
             raise ConfigError("data.weights", f"{len(d.weights)} weights for {len(d.synthetic_kinds)} synthetic kinds")
+        # the corpora and their tokenizer are generated after the process group is up, where the generator's own
+        # errors could only name its arguments (vocab_size, synthetic_docs): refuse here, by the recipe's keys
+        positive("data.synthetic_docs", d.synthetic_docs)
+        if cfg.model.vocab_size < MIN_VOCAB:
+            raise ConfigError("model.vocab_size", f"must be at least {MIN_VOCAB} with data.source=synthetic: the "
+                                                  "generated corpus's byte-level BPE tokenizer (256 bytes + "
+                                                  f"{MIN_VOCAB - 256} special tokens) is trained to this size; "
+                                                  f"got {cfg.model.vocab_size}")
     if d.source == "indexed":
         if not d.paths:
             raise ConfigError("data.paths", "indexed data needs at least one prefix (run `evolm prepare` first)")
@@ -47,8 +56,10 @@ def check_data(d) -> None:
                                                     "re-run that shard of `evolm prepare`")
         if d.weights is not None and len(d.weights) != len(d.paths):
             raise ConfigError("data.weights", f"{len(d.weights)} weights for {len(d.paths)} paths")
-        if d.weights is not None and any(w < 0 for w in d.weights):
-            raise ConfigError("data.weights", "weights must be >= 0")
+    # either source: megatron's blend asserts on a negative or non-finite weight after the model is built (and NaN
+    # would read as "all weights are zero" below)
+    if d.weights is not None and not all(0 <= w < math.inf for w in d.weights):
+        raise ConfigError("data.weights", f"every weight must be a finite number >= 0, got {list(d.weights)}")
     if d.weights is not None and not sum(d.weights) > 0:
         raise ConfigError("data.weights", f"all weights are zero ({list(d.weights)}); give at least one path a "
                                           "positive weight (or null: proportional to size)")

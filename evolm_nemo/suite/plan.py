@@ -166,6 +166,7 @@ def _check_layout(cfg, world: int, node: Node):
     c = copy.deepcopy(cfg)
     c.train.init_from = None
     c.data.source, c.data.paths, c.data.weights, c.data.synthetic_kinds = "synthetic", [], None, ["text"]
+    c.data.synthetic_docs = max(c.data.synthetic_docs, 1)  # a stand-in corpus (indexed presets leave it 0)
     if c.data.val_paths:  # held-out files, like the training data, are checked when the job starts
         c.data.val_paths, c.data.synthetic_val_docs = [], 1
     c.train.branch_from = None  # so is a WSD branch's stable run (its budget is the branch's own)

@@ -40,7 +40,8 @@ def test_token_budget_to_iterations():
 
 
 def test_evolm_grid_composes():
-    cfg = compose("config", ["experiment=pretrain_1b_160b", "data.source=synthetic"], RootConfig)
+    cfg = compose("config", ["experiment=pretrain_1b_160b", "data.source=synthetic", "data.synthetic_docs=2000"],
+                  RootConfig)
     plan = plan_run(cfg, world_size=32)
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_hidden_size) == (22, 2048, 4896)
     assert (cfg.model.num_attention_heads, cfg.model.num_query_groups, cfg.model.vocab_size) == (32, 4, 32000)
@@ -138,7 +139,7 @@ def test_every_experiment_composes_and_validates(name, request, tmp_path, data_c
     # real data files are absent here: validate everything else on the generated corpus
     held_out = ["data.synthetic_val_docs=8"] if name.startswith("nano_") else []  # nano: held-out loss per source
     cfg = compose("config", [f"experiment={name}", "data.source=synthetic", "data.weights=null", "train.init_from=null",
-                           "train.branch_from=null", *held_out], RootConfig)
+                           "train.branch_from=null", "data.synthetic_docs=2000", *held_out], RootConfig)
     if cfg.stage in ("sft", "ppo", "grpo", "rm", "dpo"):  # post-training needs a parent (its tokenizer and shape): the tiny one, dressed as the experiment's
         parent = _parent_like(request.getfixturevalue("tiny_parent"), cfg, tmp_path / "parent")
         data = ["data.source=synthetic"]
