@@ -38,13 +38,13 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     d = cfg.dpo
     if d.loss_type not in PREFERENCE_LOSSES:
         raise ConfigError("dpo.loss_type", f"must be one of {', '.join(PREFERENCE_LOSSES)}; got {d.loss_type!r}")
-    if d.beta <= 0:
+    if not d.beta > 0:  # (not ``<= 0``: NaN fails every comparison)
         raise ConfigError("dpo.beta", f"must be > 0, got {d.beta}")
     if not 0.0 <= d.label_smoothing < 0.5:
         raise ConfigError("dpo.label_smoothing", f"must be in [0, 0.5), got {d.label_smoothing}")
     if d.label_smoothing and d.loss_type != "sigmoid":
         raise ConfigError("dpo.label_smoothing", "applies to dpo.loss_type=sigmoid only")
-    if d.sft_weight < 0:
+    if not d.sft_weight >= 0:
         raise ConfigError("dpo.sft_weight", f"must be >= 0, got {d.sft_weight}")
     if d.pad_to_multiple_of < 1:
         raise ConfigError("dpo.pad_to_multiple_of", f"must be >= 1, got {d.pad_to_multiple_of}")

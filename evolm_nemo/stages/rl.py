@@ -126,6 +126,8 @@ def check_ranges(cfg: RootConfig) -> None:
     if not r.ratio_eps < 1:
         raise ConfigError("rl.ratio_eps", f"must be < 1 (the low clip 1 - eps would be <= 0: no clip), got "
                                           f"{r.ratio_eps}")
+    if not r.val_interval >= 0:
+        raise ConfigError("rl.val_interval", f"must be >= 0 (0: off), got {r.val_interval}")
     if r.val_interval and r.val_size < 1:
         raise ConfigError("rl.val_size", f"must be >= 1 with rl.val_interval set, got {r.val_size}")
     # settings another algorithm reads: refused rather than silently ignored
@@ -150,12 +152,17 @@ def check_ranges(cfg: RootConfig) -> None:
         raise ConfigError("rl.temperature", f"must be >= 0 (0: greedy rollouts), got {r.temperature}")
     if not r.critic_lr > 0:
         raise ConfigError("rl.critic_lr", f"must be > 0, got {r.critic_lr}")
-    if r.entropy_bonus < 0:
+    # written ``not x >= 0``: a NaN fails every comparison, so ``x < 0`` would let it through
+    if not r.entropy_bonus >= 0:
         raise ConfigError("rl.entropy_bonus", f"must be >= 0 (a negative bonus rewards certainty), got "
                                               f"{r.entropy_bonus}")
     if r.kl_clamp is not None and not r.kl_clamp > 0:
         raise ConfigError("rl.kl_clamp", f"must be > 0 or null, got {r.kl_clamp}")
-    if r.kl != "off" and r.initial_policy_kl_penalty <= 0:
+    if not r.initial_policy_kl_penalty >= 0:
+        raise ConfigError("rl.initial_policy_kl_penalty", f"must be >= 0 (a negative coefficient rewards "
+                                                          "drifting from the initial policy), got "
+                                                          f"{r.initial_policy_kl_penalty}")
+    if r.kl != "off" and not r.initial_policy_kl_penalty > 0:
         raise ConfigError("rl.initial_policy_kl_penalty", f"rl.kl={r.kl} needs a positive KL coefficient")
     if cfg.stage == "grpo" and r.kl == "reward":
         raise ConfigError("rl.kl", "kl=reward puts the KL penalty into PPO's per-token rewards (GAE); GRPO's "

@@ -152,6 +152,10 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("rm.val_fraction", f"must be in [0, 1), got {r.val_fraction}")
     if r.val_interval < 0:
         raise ConfigError("rm.val_interval", f"must be >= 0, got {r.val_interval}")
+    if not r.margin >= 0:  # (not ``< 0``: NaN fails every comparison)
+        raise ConfigError("rm.margin", f"must be >= 0: the chosen score must beat the rejected one by this much "
+                                       f"(-log sigmoid(r_chosen - r_rejected - margin)); a negative margin lets it "
+                                       f"lose, got {r.margin}")
     if r.pad_to_multiple_of < 1:
         raise ConfigError("rm.pad_to_multiple_of", f"must be >= 1, got {r.pad_to_multiple_of}")
     if r.val_fraction > 0 and cfg.parallel.pp > 1:
