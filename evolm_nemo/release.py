@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import string
@@ -866,6 +867,10 @@ def settings(overrides: list[str]):
         values["verify_tol"] = float(values["verify_tol"])
     except (TypeError, ValueError):
         raise ConfigError("verify_tol", f"expected a number, got {values['verify_tol']!r}") from None
+    if not (math.isfinite(values["verify_tol"]) and values["verify_tol"] > 0):  # NaN would pass any export
+        raise ConfigError("verify_tol", f"must be a finite number > 0, got {values['verify_tol']!r}")
+    if values.get("out") is not None and Path(str(values["out"])).expanduser().is_file():
+        raise ConfigError("out", f"{values['out']} is a file; the staging root is a directory")
     for key in ("revisions", "private", "dry_run", "overwrite"):
         if not isinstance(values.get(key), bool):
             raise ConfigError(key, f"must be true or false; got {values.get(key)!r}")

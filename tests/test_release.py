@@ -264,6 +264,12 @@ def test_release_bad_input_is_one_line(suite, tmp_path):
     assert "unknown placeholder {bogus}" in one_line_error(proc, "repo")
     proc = release([f"src={pre}", "repo=org/bad--name"], None, home, check=False)
     assert "not a valid Hub repo id" in one_line_error(proc, "repo")
+    proc = release([f"src={pre}", "repo=org/x", "verify_tol=nan"], None, home, check=False)
+    assert "finite number > 0" in one_line_error(proc, "verify_tol")  # NaN would pass any export's verification
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = release([f"src={pre}", "repo=org/x", f"out={afile}"], None, home, check=False)
+    assert "is a file" in one_line_error(proc, "out")
     proc = release([f"suite={suite['yaml']}"], None, home, check=False)
     assert "{org}" in one_line_error(proc, "org")
     proc = release([f"suite={suite['yaml']}", "org=org", "repo=org/same"], None, home, check=False)

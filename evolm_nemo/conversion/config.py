@@ -4,6 +4,7 @@ recipes/export_hf.yaml and recipes/import_hf.yaml): conversion/cli.py composes t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -16,8 +17,8 @@ def check_probe(cfg) -> None:
     check_seed("seed", cfg.seed)
     if not cfg.verify:
         return
-    if not cfg.verify_tol > 0:
-        raise ConfigError("verify_tol", f"must be positive, got {cfg.verify_tol}")
+    if not (cfg.verify_tol > 0 and math.isfinite(cfg.verify_tol)):  # (NaN and inf would pass any export)
+        raise ConfigError("verify_tol", f"must be a finite number > 0, got {cfg.verify_tol}")
     for key in ("probe_batch", "probe_len"):
         value = getattr(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -238,6 +238,8 @@ def main(overrides: Sequence[str]) -> int:
         raise ConfigError("workers", f"expected 0 (auto) or a positive number, got {cfg.workers}")
     if cfg.row_budget_s is not None and not cfg.row_budget_s > 0:
         raise ConfigError("row_budget_s", f"expected seconds > 0 (or null: unbounded), got {cfg.row_budget_s}")
+    if Path(cfg.input).expanduser().is_dir():
+        raise ConfigError("input", f"{cfg.input} is a directory; name the completions JSONL in it")
     output = cfg.output or _default_output(cfg.input)
     check_writable(output, "output")
     check_dst_file(output, cfg.overwrite, "output", sources=(cfg.input,), lock=False,  # never the input it reads

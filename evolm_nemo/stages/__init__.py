@@ -19,7 +19,7 @@ from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.validate import Plan, check_schedule, check_shape, choice, validate
-from evolm_nemo.fileio import check_writable, is_hf_model_dir
+from evolm_nemo.fileio import KINDS, check_writable, is_hf_model_dir, output_kind, owned_elsewhere
 from evolm_nemo.train.loop import MAIN, TrainResult, fit
 
 
@@ -114,6 +114,7 @@ def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
                                f"{cfg.stage}")
     check_inputs_outside_run(cfg)
     check_writable(cfg.run.out_dir, "run.out_dir", directory=True)
+    check_run_dir(cfg.run.out_dir)
     if cfg.data.source == "synthetic" or k.budget == "tokens":  # generated corpora / sample-index caches
         check_writable(cfg.data.cache_dir, "data.cache_dir", directory=True)
     if cfg.train.init_from is not None:
@@ -146,6 +147,21 @@ def run_inputs(cfg: RootConfig) -> list[tuple[str, str]]:
         found.append(("data.tokenizer", d.tokenizer))
     found += [("data.paths", path) for path in d.paths or ()] + [("data.val_paths", path) for path in d.val_paths or ()]
     return [(key, str(path)) for key, path in found if path]
+
+
+def check_run_dir(out: str) -> None:
+    """``run.out_dir`` is a directory of its own: a new or empty one, a training run's, or one of other files -- not
+    another command's output (an export, a dataset, a checkpoint, a model directory) nor inside one, nor a run's own
+    ``checkpoints/`` or ``tensorboard/`` (``fileio.owned_elsewhere``)."""
+    path = Path(out).expanduser().resolve()
+    kind = output_kind(path) if path.is_dir() else None
+    if kind not in (None, "run", "other"):
+        raise ConfigError("run.out_dir", f"{path} is {KINDS[kind]}; a training run goes in a directory of its own: "
+                                         "pick another run.out_dir")
+    foreign = owned_elsewhere(path, itself=False)
+    if foreign is not None:
+        raise ConfigError("run.out_dir", f"{foreign}; a training run goes in a directory of its own: pick another "
+                                         "run.out_dir")
 
 
 def check_inputs_outside_run(cfg: RootConfig) -> None:

@@ -130,6 +130,9 @@ def check_ranges(cfg: RootConfig) -> None:
         raise ConfigError("rl.val_interval", f"must be >= 0 (0: off), got {r.val_interval}")
     if r.val_interval and r.val_size < 1:
         raise ConfigError("rl.val_size", f"must be >= 1 with rl.val_interval set, got {r.val_size}")
+    if any(not isinstance(x, str) or not x for x in r.stop_strings):
+        raise ConfigError("rl.stop_strings", f"each must be a non-empty string (an empty one ends every response "
+                                             f"before its first token), got {list(r.stop_strings)!r}")
     # settings another algorithm reads: refused rather than silently ignored
     if cfg.stage == "ppo" and r.dynamic_sampling:
         raise ConfigError("rl.dynamic_sampling", "drops GRPO groups whose samples' rewards are all equal; stage=ppo "

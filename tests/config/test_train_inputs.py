@@ -242,3 +242,27 @@ def test_inputs_inside_the_run_dir_are_fine_without_overwrite(stable_run, tmp_pa
     from evolm_nemo.stages import check_inputs_outside_run
 
     check_inputs_outside_run(cfg)
+
+
+@pytest.mark.parametrize("what", ["hf-export", "sft-dataset", "checkpoint", "inside-export", "run-tensorboard"])
+def test_a_run_directory_is_never_another_commands_output(tmp_path, capsys, what):
+    """`evolm train run.out_dir=<an HF export / a dataset / a checkpoint>` wrote a run into it (mixing the two);
+    now one line before anything is made, the directory byte for byte as it was."""
+    import json
+
+    from tests.conftest import refused_in_process, tiny, tree_bytes
+
+    target = {"hf-export": tmp_path / "hf", "sft-dataset": tmp_path / "ds", "checkpoint": tmp_path / "iter_0000001",
+              "inside-export": tmp_path / "hf" / "run", "run-tensorboard": tmp_path / "run" / "tensorboard"}[what]
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "evolm_export.json").write_text("{}")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps({"format": "evolm-sft-1"}))
+    (tmp_path / "iter_0000001").mkdir()
+    (tmp_path / "iter_0000001" / "evolm.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "run.json").write_text("{}")
+    before = tree_bytes(tmp_path)
+    line = refused_in_process(capsys, "train", tiny(target, str(tmp_path / "cache")), "run.out_dir")
+    assert "a training run goes in a directory of its own" in line
+    assert tree_bytes(tmp_path) == before and not (tmp_path / "cache").exists()

@@ -127,3 +127,11 @@ def test_the_scored_file_gets_the_umask_mode(tmp_path):
     out.chmod(0o604)  # an existing file keeps its own mode when it is replaced, as with open(path, "w")
     run_evolm("score", [f"input={inp}", f"output={out}", "progress=false", "overwrite=true"])
     assert stat.S_IMODE(out.stat().st_mode) == 0o604
+
+
+def test_a_directory_as_input_is_named(tmp_path, capsys):
+    """It said the output 'lies inside the input'."""
+    (tmp_path / "d").mkdir()
+    assert cli.main(["score", f"input={tmp_path / 'd'}", f"output={tmp_path / 'd' / 'x.jsonl'}"]) == 2
+    assert _one_line(capsys).startswith(f"error: input: {tmp_path / 'd'} is a directory")
+    assert list((tmp_path / "d").iterdir()) == []
