@@ -342,6 +342,22 @@ RUN_OWNED = re.compile(r"checkpoints|critic|tensorboard|run\.json|metrics\.jsonl
                        r"dpo_reference\.safetensors|rm_val_scores\.jsonl|rollouts(\.dp\d+)?\.jsonl")
 # kinds of output no other command writes into, at any depth
 SEALED = frozenset(KINDS) - {"run", "other"}
+META_FILE = "evolm.json"  # a checkpoint's commit record (checkpoint/io.py META)
+
+
+def _holder_kind(parent: Path) -> str | None:
+    """``output_kind`` of a directory above an output, on proof only: a training run by its run record (``run.json``:
+    a folder that merely holds a ``checkpoints/`` is no run), a checkpoint by an ``evolm.json`` in it or in one of
+    its ``iter_*`` directories (a ``~/checkpoints/`` of other things is none)."""
+    if not parent.is_dir():
+        return None
+    kind = output_kind(parent)
+    if kind == "run" and not (parent / "run.json").is_file():
+        return None
+    if kind == "checkpoint" and not ((parent / META_FILE).is_file()
+                                     or any((c / META_FILE).is_file() for c in parent.glob("iter_[0-9]*"))):
+        return None
+    return kind
 
 
 def owned_elsewhere(path: str | Path, itself: bool = True) -> str | None:
@@ -354,7 +370,7 @@ def owned_elsewhere(path: str | Path, itself: bool = True) -> str | None:
         return f"{path} is {KINDS[output_kind(path)]}"
     child = path
     for parent in path.parents:
-        kind = output_kind(parent) if parent.is_dir() else None
+        kind = _holder_kind(parent)
         if kind == "run" and RUN_OWNED.fullmatch(child.name):
             return f"{path} is {'' if child == path else 'inside '}the training run {parent}'s own {child.name}"
         if kind in SEALED:

@@ -87,16 +87,18 @@ def _model_dir(model: Optional[str]) -> str:
     if not (Path(model) / "config.json").is_file():
         raise ConfigError("model", f"{model} is not an HF model directory (no config.json)")
     if not has_tokenizer(model):
-        raise ConfigError("model", f"{model} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json + "
-                                   "merges.txt); save the model's tokenizer beside it (evolm export-hf does)")
+        raise ConfigError("model", f"{model} has no tokenizer files (tokenizer.json, tokenizer_config.json, a "
+                                   "vocabulary ...); save the model's tokenizer beside it (evolm export-hf does)")
     return model
 
 
 def has_tokenizer(path) -> bool:
-    """The files transformers builds a tokenizer from, in the HF directory ``path``."""
-    p = Path(path)
-    return any((p / n).is_file() for n in ("tokenizer.json", "tokenizer.model")) or (
-        (p / "vocab.json").is_file() and (p / "merges.txt").is_file())
+    """Files a tokenizer is built from, in the HF directory ``path``: ``tokenizer.json`` / ``.model``, a vocabulary
+    (``vocab.*``, ``merges.txt``), a ``*.tiktoken`` or ``*.model`` file or a ``tokenizer_config.json`` (a model's own
+    tokenizer code names its files there) -- what a directory of weights alone lacks."""
+    return any(f.is_file() and (f.name.startswith(("tokenizer", "vocab")) or f.name == "merges.txt"
+                                or f.suffix in (".tiktoken", ".model"))
+               for f in Path(path).iterdir())
 
 
 def _meta(cfg) -> dict:
@@ -392,7 +394,9 @@ def upstream(cfg: UpstreamConfig) -> dict:
             raise ConfigError("batch_size", f"expected a positive integer or auto, got {cfg.batch_size!r}")
         batch = int(cfg.batch_size)
     meta = _meta(cfg)
-    if check_out(cfg, _out_dir(cfg)):  # before the harness runs
+    replace = check_out(cfg, _out_dir(cfg))  # before the harness runs
+    up.check(cfg.model, cfg.tasks, cfg.tasks_dir, cfg.data_dir, limit=cfg.limit, device=cfg.device, dtype=cfg.dtype)
+    if replace:  # another model's results go only once every setting and the data are known to be good
         clear_out(_out_dir(cfg))
     summary, raw = up.run(cfg.model, cfg.tasks, tasks_dir=cfg.tasks_dir, data_dir=cfg.data_dir, batch_size=batch,
                           limit=cfg.limit, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)

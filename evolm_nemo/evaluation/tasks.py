@@ -162,7 +162,7 @@ def _check_gold(suite: str, row: dict, bad) -> None:
     gold = gold_answer(suite, row)
     solution = row.get("gt_solution")
     if row.get("gt_answer") is None and (not gold.strip() or (
-            suite == "gsm8k_platinum" and "#### " not in str(solution))):
+            suite == "gsm8k_platinum" and isinstance(solution, str) and "#### " not in solution)):
         how = GOLD_FROM_SOLUTION.get(suite, "the solution itself")
         bad("gt_answer", f"null, and gt_solution {json.dumps(solution)[:80]} holds no gold answer (taken from {how})")
     if SUITE_KIND[suite] == "nli":

@@ -244,25 +244,49 @@ def test_inputs_inside_the_run_dir_are_fine_without_overwrite(stable_run, tmp_pa
     check_inputs_outside_run(cfg)
 
 
+def _decoys(root: Path) -> dict[str, tuple[Path, str]]:
+    """Each kind of foreign directory in a folder of its own (so that no decoy's kind leaks into another's path):
+    name -> (the run.out_dir to try, what the refusal must say)."""
+    import json
+
+    (root / "a" / "hf").mkdir(parents=True)
+    (root / "a" / "hf" / "evolm_export.json").write_text("{}")
+    (root / "b" / "ds").mkdir(parents=True)
+    (root / "b" / "ds" / "manifest.json").write_text(json.dumps({"format": "evolm-sft-1"}))
+    (root / "c" / "iter_0000001").mkdir(parents=True)
+    (root / "c" / "iter_0000001" / "evolm.json").write_text("{}")
+    (root / "d" / "hf").mkdir(parents=True)
+    (root / "d" / "hf" / "evolm_export.json").write_text("{}")
+    (root / "e" / "run" / "checkpoints").mkdir(parents=True)
+    (root / "e" / "run" / "run.json").write_text("{}")
+    return {"hf-export": (root / "a" / "hf", "is an HF export"), "sft-dataset": (root / "b" / "ds", "is an SFT dataset"),
+            "checkpoint": (root / "c" / "iter_0000001", "is an evolm checkpoint"),
+            "inside-export": (root / "d" / "hf" / "run", "lies inside an HF export"),
+            "run-tensorboard": (root / "e" / "run" / "tensorboard", "own tensorboard")}
+
+
 @pytest.mark.parametrize("what", ["hf-export", "sft-dataset", "checkpoint", "inside-export", "run-tensorboard"])
 def test_a_run_directory_is_never_another_commands_output(tmp_path, capsys, what):
     """`evolm train run.out_dir=<an HF export / a dataset / a checkpoint>` wrote a run into it (mixing the two);
-    now one line before anything is made, the directory byte for byte as it was."""
-    import json
-
+    now one line before anything is made, naming what the directory is, every byte as it was."""
     from tests.conftest import refused_in_process, tiny, tree_bytes
 
-    target = {"hf-export": tmp_path / "hf", "sft-dataset": tmp_path / "ds", "checkpoint": tmp_path / "iter_0000001",
-              "inside-export": tmp_path / "hf" / "run", "run-tensorboard": tmp_path / "run" / "tensorboard"}[what]
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "evolm_export.json").write_text("{}")
-    (tmp_path / "ds").mkdir()
-    (tmp_path / "ds" / "manifest.json").write_text(json.dumps({"format": "evolm-sft-1"}))
-    (tmp_path / "iter_0000001").mkdir()
-    (tmp_path / "iter_0000001" / "evolm.json").write_text("{}")
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "run" / "run.json").write_text("{}")
+    target, says = _decoys(tmp_path)[what]
     before = tree_bytes(tmp_path)
     line = refused_in_process(capsys, "train", tiny(target, str(tmp_path / "cache")), "run.out_dir")
-    assert "a training run goes in a directory of its own" in line
+    assert "a training run goes in a directory of its own" in line and says in line, line
     assert tree_bytes(tmp_path) == before and not (tmp_path / "cache").exists()
+
+
+def test_folders_that_only_look_like_outputs_are_not_refused(tmp_path):
+    """A `~/checkpoints/` of one's own runs, or a folder holding an `iter_*` directory without a commit record, is not
+    a training run or a checkpoint: outputs under them are fine (the rule asks for run.json / evolm.json)."""
+    from evolm_nemo.fileio import owned_elsewhere
+    from evolm_nemo.stages import check_run_dir
+
+    (tmp_path / "home" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "scratch" / "iter_0000001").mkdir(parents=True)
+    for path in (tmp_path / "home" / "checkpoints" / "evolm-1b", tmp_path / "scratch" / "iter_0000001" / "x",
+                 tmp_path / "scratch" / "run"):
+        assert owned_elsewhere(path) is None, path
+        check_run_dir(str(path))

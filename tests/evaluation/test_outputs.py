@@ -121,3 +121,17 @@ def test_a_model_directory_without_a_tokenizer_is_one_line(capsys, tmp_path, wor
     _refused(capsys, ["eval", "downstream", f"model={world['model']}", f"data_dir={DATA}", "tasks=[gsm8k_platinum]",
                       f"out={tmp_path / 'eval'}"], "model", "has no tokenizer")
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_refused_upstream_overwrite_keeps_the_other_models_results(capsys, tmp_path, world):
+    """overwrite=true removes another model's results only once every setting and the data passed their checks: a
+    bad limit (checked by the harness's own check) used to come after the removal."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "result.json").write_text(json.dumps({"model_dir": "/models/a", "downstream": {"id_avg": 1.0}}))
+    (out / "scored.jsonl").write_text("{}\n")
+    before = tree_bytes(out)
+    _refused(capsys, ["eval", "upstream", f"model={world['model']}", f"tasks_dir={REPO / 'eval' / 'upstream'}",
+                      f"data_dir={REPO / 'eval' / 'upstream' / 'sample'}", "tasks=[piqa]", "limit=0", f"out={out}",
+                      "overwrite=true"], "limit")
+    assert tree_bytes(out) == before

@@ -59,6 +59,9 @@ def test_bad_local_files(tmp_path):
         bad.write_text('{"id": 0, "problem": "p", "gt_solution": null, "gt_answer": "True"}\n' + row + "\n")
         with pytest.raises(ConfigError, match=rf"bad.jsonl:2: field '{field}': "):
             load_problems("strategyqa", path=str(bad))
+    # a GSM8K gold given as a bare number (no "#### " line to find) is the gold itself: kept
+    bad.write_text('{"id": 1, "problem": "p", "gt_solution": 42, "gt_answer": null}\n')
+    assert load_problems("gsm8k_platinum", path=str(bad))[0]["gt_solution"] == 42
 
 
 def _fixture(name):
