@@ -342,7 +342,7 @@ RUN_OWNED = re.compile(r"checkpoints|critic|tensorboard|run\.json|metrics\.jsonl
                        r"dpo_reference\.safetensors|rm_val_scores\.jsonl|rollouts(\.dp\d+)?\.jsonl")
 # kinds of output no other command writes into, at any depth
 SEALED = frozenset(KINDS) - {"run", "other"}
-META_FILE = "evolm.json"  # a checkpoint's commit record (checkpoint/io.py META)
+META_FILE = "evolm.json"  # a checkpoint's commit record (checkpoint/io.py META is this one)
 
 
 def _holder_kind(parent: Path) -> str | None:

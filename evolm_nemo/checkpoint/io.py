@@ -42,9 +42,9 @@ import torch
 import torch.distributed as dist
 
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.fileio import disk_full, lock_file, write_error
+from evolm_nemo.fileio import META_FILE, disk_full, lock_file, write_error
 
-META = "evolm.json"
+META = META_FILE
 RUN_FILE = "run.json"  # in the run directory: the id of the run that owns it
 _CHUNK = 4 << 20  # checksum read size
 _ITER = re.compile(r"^iter_(\d{7})$")

@@ -399,7 +399,8 @@ def upstream(cfg: UpstreamConfig) -> dict:
     if replace:  # another model's results go only once every setting and the data are known to be good
         clear_out(_out_dir(cfg))
     summary, raw = up.run(cfg.model, cfg.tasks, tasks_dir=cfg.tasks_dir, data_dir=cfg.data_dir, batch_size=batch,
-                          limit=cfg.limit, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+                          limit=cfg.limit, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                          checked=True)
     out = _out_dir(cfg)
     write_json(out / "upstream.json", json.loads(json.dumps(raw, default=str)))
     summary["source"] = "local" if cfg.tasks_dir else "lm-eval built-in"

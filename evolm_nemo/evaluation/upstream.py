@@ -186,11 +186,12 @@ def _hub_unreachable(exc: BaseException) -> str | None:
 
 def run(model: str, tasks: list[str] = UPSTREAM, tasks_dir: str | None = None, data_dir: str | None = None,
         batch_size: int | str = 16, limit: int | None = None, device: str | None = None, dtype: str = "auto",
-        trust_remote_code: bool = False) -> tuple[dict, dict]:
+        trust_remote_code: bool = False, checked: bool = False) -> tuple[dict, dict]:
     """Run lm-eval 0-shot on an HF model directory; returns (our summary, lm-eval's raw ``results`` dict without
-    per-sample logs)."""
+    per-sample logs). ``checked``: the caller ran ``check`` on these settings (the data files are read once)."""
     tasks = list(tasks)
-    check(model, tasks, tasks_dir, data_dir, limit=limit, device=device, dtype=dtype)
+    if not checked:
+        check(model, tasks, tasks_dir, data_dir, limit=limit, device=device, dtype=dtype)
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

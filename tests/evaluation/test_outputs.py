@@ -135,3 +135,19 @@ def test_a_refused_upstream_overwrite_keeps_the_other_models_results(capsys, tmp
                       f"data_dir={REPO / 'eval' / 'upstream' / 'sample'}", "tasks=[piqa]", "limit=0", f"out={out}",
                       "overwrite=true"], "limit")
     assert tree_bytes(out) == before
+
+
+def test_the_run_files_the_rule_knows_are_the_ones_runs_write():
+    """fileio.RUN_OWNED names what a training run writes into its directory (fileio sits below the modules that
+    write them): each of their constants must be among its names."""
+    from evolm_nemo.checkpoint.io import META
+    from evolm_nemo.fileio import META_FILE, RUN_OWNED
+    from evolm_nemo.stages.dpo import REFERENCE_FILE
+    from evolm_nemo.stages.rl import CRITIC, MAIN
+    from evolm_nemo.stages.rm import VAL_SCORES
+    from evolm_nemo.train.tracking import TRACKING_FILE
+
+    assert META == META_FILE
+    for name in (REFERENCE_FILE, VAL_SCORES, TRACKING_FILE, MAIN, CRITIC, "metrics.jsonl", "run.json", "tensorboard",
+                 "rollouts.jsonl", "rollouts.dp1.jsonl"):
+        assert RUN_OWNED.fullmatch(name), name
