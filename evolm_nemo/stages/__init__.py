@@ -14,13 +14,17 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.validate import Plan, check_schedule, check_shape, choice, validate
 from evolm_nemo.fileio import KINDS, check_writable, is_hf_model_dir, output_kind, owned_elsewhere
-from evolm_nemo.train.loop import MAIN, TrainResult, fit
+
+if TYPE_CHECKING:
+    from evolm_nemo.train.loop import TrainResult
+# checkpoint.io and train.loop (torch, megatron-core) are imported where they are used: `evolm train` composes and
+# checks the recipe first, so that a recipe error is one line without the heavy imports
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,8 @@ def check_parent(cfg: RootConfig) -> None:
         raise ConfigError("train.init_from", f"{path} is a HuggingFace model directory, not an evolm checkpoint; "
                                              f"import it first with evolm import-hf src={path} "
                                              f"dst=runs/{name}_imported, then set train.init_from to that")
+    from evolm_nemo.checkpoint import io as ckpt
+
     try:
         meta = ckpt.read_meta(ckpt.resolve(path))
     except ckpt.CheckpointError as exc:
@@ -206,6 +212,8 @@ def check_parent(cfg: RootConfig) -> None:
 
 def run(cfg: RootConfig, plan: Plan) -> TrainResult:
     """Train the stage ``cfg.stage`` names through the one loop."""
+    from evolm_nemo.train.loop import MAIN, fit
+
     module = stage_module(cfg.stage)
     dirs = module.checkpoint_dirs(cfg) if hasattr(module, "checkpoint_dirs") else (MAIN,)
     return fit(cfg, plan, module.build, dirs, data_identity(cfg))

@@ -7,12 +7,13 @@ Single process: `evolm train`. Several: `torchrun --nproc_per_node 2 -m evolm_ne
 from __future__ import annotations
 
 from evolm_nemo.config import RootConfig, compose
-from evolm_nemo.runtime.distributed import teardown
-from evolm_nemo.stages import plan_run, run
 
 
 def main(overrides: list[str]) -> int:
-    cfg = compose("config", overrides, RootConfig)
+    cfg = compose("config", overrides, RootConfig)  # a recipe error is one line here, before torch is imported
+    from evolm_nemo.runtime.distributed import teardown
+    from evolm_nemo.stages import plan_run, run
+
     plan = plan_run(cfg)
     try:
         result = run(cfg, plan)
