@@ -29,20 +29,24 @@ import queue
 import random
 import re
 import shutil
+import sys
 import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.fileio import META_FILE, disk_full, lock_file, write_error
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported where tensors are made: reading, verifying and listing checkpoints (`evolm suite status`,
+# `release`, a recipe's init_from check) needs none of it
 
 META = META_FILE
 RUN_FILE = "run.json"  # in the run directory: the id of the run that owns it
@@ -55,17 +59,27 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _group():
+    """torch.distributed while a process group is up, else None (without torch imported, none can be)."""
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None) if torch is not None else None
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    dist = _group()
+    return dist.get_rank() if dist else 0
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
+    dist = _group()
+    if dist:
         dist.barrier()
 
 
 def _broadcast(obj):
-    if not dist.is_initialized():
+    dist = _group()
+    if not dist:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -105,7 +119,8 @@ def file_checksum(path: str | Path, algorithm: str = CHECKSUM) -> str:
 
 
 def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    dist = _group()
+    return dist.get_world_size() if dist else 1
 
 
 def _shared_checksums(directory: Path, names: list[str], algorithm: str) -> dict[str, str | None]:
@@ -120,7 +135,7 @@ def _shared_checksums(directory: Path, names: list[str], algorithm: str) -> dict
     if _world() == 1:
         return mine
     parts = [None] * _world()
-    dist.all_gather_object(parts, mine)
+    _group().all_gather_object(parts, mine)
     return {k: v for part in parts for k, v in part.items()}
 
 
@@ -292,6 +307,7 @@ def resolve(path: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------- RNG
 
 def _rng_state() -> dict[str, torch.Tensor]:
+    import torch
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     state = {"torch": torch.get_rng_state()}
@@ -314,6 +330,7 @@ def _save_rng(path: Path) -> None:
 
 
 def _load_rng(path: Path) -> None:
+    import torch
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
     from safetensors import safe_open
 
@@ -518,6 +535,8 @@ def _prepare_optimizer_for_load(optimizer) -> None:
     `step`) exists before loading (so create it empty), and its fully-reshardable loader then copies every state key,
     `step` included, from checkpoint tensors that have no `step` (KeyError): skip `step` there; it is restored from
     the param groups."""
+    import torch
+
     for wrapper in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
         if hasattr(wrapper, "_set_main_param_and_optimizer_states") and not getattr(wrapper, "_evolm_tolerant", False):
             wrapper._set_main_param_and_optimizer_states = partial(_set_states_without_step, wrapper,
@@ -550,6 +569,8 @@ def _set_states_without_step(wrapper, original, model_param, tensors) -> None:
 def _unshare_step(optimizer) -> None:
     """After a reshard load one `step` tensor can be shared by all params, so torch Adam would bump it once per
     param per step: give each param its own copy."""
+    import torch
+
     for opt in _inner_optimizers(optimizer):
         seen = set()
         for group in opt.param_groups:

@@ -32,21 +32,24 @@ class ExportTRTLLMConfig:
 
 
 def export_hf(overrides: list[str]) -> int:
+    cfg = compose("export_hf", overrides, ExportHFConfig)  # a recipe error is one line, before torch is imported
     from evolm_nemo.conversion.export import export
 
-    export(compose("export_hf", overrides, ExportHFConfig))
+    export(cfg)
     return 0
 
 
 def import_hf(overrides: list[str]) -> int:
+    cfg = compose("import_hf", overrides, ImportHFConfig)  # a recipe error is one line, before torch is imported
     from evolm_nemo.conversion.importer import import_hf as run
 
-    run(compose("import_hf", overrides, ImportHFConfig))
+    run(cfg)
     return 0
 
 
 def export_trtllm(overrides: list[str]) -> int:
+    cfg = compose("export_trtllm", overrides, ExportTRTLLMConfig)  # a recipe error is one line, before torch is imported
     from evolm_nemo.conversion.trtllm import build
 
-    build(compose("export_trtllm", overrides, ExportTRTLLMConfig))
+    build(cfg)
     return 0

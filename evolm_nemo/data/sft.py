@@ -22,14 +22,17 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.tokenizer import MegatronHFTokenizer
 from evolm_nemo.fileio import OWNER, commit_first, replace_dir, temp_dir, writing
 from evolm_nemo.tasks import QUESTION_TEMPLATE
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "evolm-sft-1"
 MANIFEST, TOKENS, INDEX = "manifest.json", "tokens.bin", "index.npy"
@@ -261,6 +264,8 @@ def collate(examples, seq: int, pad_id: int) -> dict[str, torch.Tensor]:
     """One right-padded microbatch from ``(ids, prompt_len)`` pairs: ``tokens = ids[:-1]``, ``labels = ids[1:]``,
     ``loss_mask`` 1 exactly on the positions whose label is an answer token (EOS included), 0 on the prompt and on
     padding; padded positions hold ``pad_id`` (never attended to under the causal mask, never in the loss)."""
+    import torch  # here, not at the top: `evolm prepare-sft` / `prepare-rm` check their recipe without torch
+
     b = len(examples)
     tokens = torch.full((b, seq), pad_id, dtype=torch.long)
     labels = torch.full((b, seq), pad_id, dtype=torch.long)

@@ -47,8 +47,6 @@ def report(overrides: list[str]) -> int:
 
 
 def main(overrides: list[str]) -> int:
-    from evolm_nemo.suite import launch, plan as plan_mod
-
     overrides = list(overrides)
     if not overrides or "=" in overrides[0]:
         raise ConfigError("suite", "usage: evolm suite plan|status|launch|report suite=<name> ... (e.g. evolm suite "
@@ -59,6 +57,8 @@ def main(overrides: list[str]) -> int:
     if action not in ACTIONS:
         raise ConfigError("suite", f"unknown action {action!r}; use plan, status, launch or report")
     opts = parse_overrides(overrides, {**COMMON, **ACTIONS[action]})
+    from evolm_nemo.suite import launch, plan as plan_mod  # torch and megatron-core: after the keys' check
+
     if action == "plan":
         fmt = str(opts.get("format") or "md")
         if fmt not in ("md", "csv"):

@@ -1,0 +1,32 @@
+"""A recipe error is one line before any heavy work: every command composes and checks its keys before it imports
+torch / megatron-core (0.5 s instead of 3-10 s on the 2-core box). The demo pipeline (`evolm pipeline`) is the one
+exception: it is the embedded end-to-end run, not a command users feed recipes to."""
+
+import subprocess
+import sys
+
+import pytest
+
+from evolm_nemo.cli import COMMANDS
+from tests.conftest import REPO, subprocess_env
+
+PROBE = "import sys\nfrom evolm_nemo.cli import main\nrc = main(sys.argv[1:])\nprint('torch' in sys.modules)\n" \
+        "sys.exit(rc)\n"
+CASES = [[c] for c in COMMANDS if c not in ("pipeline", "eval", "suite")] + [
+    ["eval", "downstream"], ["eval", "upstream"], ["suite", "plan"], ["suite", "status"], ["suite", "launch"]]
+
+
+@pytest.mark.parametrize("command", CASES, ids=" ".join)
+def test_an_unknown_key_is_one_line_before_torch_is_imported(command):
+    proc = subprocess.run([sys.executable, "-c", PROBE, *command, "no_such_key=1"], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "no_such_key" in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "False", f"evolm {' '.join(command)} imported torch before checking its keys"
+
+
+def test_the_check_sees_torch_when_it_is_imported():
+    """The probe itself can fail: a command that does import torch first is caught."""
+    proc = subprocess.run([sys.executable, "-c", "import torch\n" + PROBE, "train", "no_such_key=1"], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout.strip() == "True"
