@@ -212,7 +212,9 @@ def cook_row(spec: dict, row: dict, index: int, config: Optional[str] = None) ->
     return cooked
 
 
-def _load_hub(task: Task, limit: Optional[int]) -> list[dict]:  # pragma: no cover - needs network
+def _load_hub(task: Task, limit: Optional[int]) -> list[dict]:
+    """The task's hub rows, cooked and checked as a local file's are (``check_problem``): a row scoring cannot read
+    is refused here, before any model loads. ``hf.path`` may also be a local dataset directory."""
     from datasets import load_dataset
 
     spec = task.hf
@@ -227,6 +229,8 @@ def _load_hub(task: Task, limit: Optional[int]) -> list[dict]:  # pragma: no cov
         for index, row in enumerate(ds):
             cooked = cook_row(spec, dict(row), index, config)
             if cooked is not None:
+                check_problem(cooked, f"{spec['path']}{f' ({config})' if config else ''} {spec['split']} row {index}",
+                              task.name)
                 rows.append(cooked)
             if limit is not None and len(rows) >= limit:
                 return rows

@@ -96,3 +96,23 @@ def test_cooking_hub_rows_reproduces_evolms_problem_text():
     row = _fixture("gsm8k_platinum")[0]
     cooked = cook_row(TASKS["gsm8k_platinum"].hf, {"question": row["problem"], "answer": row["gt_solution"]}, 382)
     assert cooked == {**row, "id": "GSM8KPlatinum-0382"}
+
+
+def test_hub_rows_are_cooked_and_checked_like_a_local_file(tmp_path):
+    """The hub path (``datasets.load_dataset``) on a local dataset directory: rows are cooked by the task's recipe,
+    and a row whose gold answer scoring could not find is refused when the problems are read, naming the row."""
+    import dataclasses
+
+    spec = {**TASKS["gsm8k_platinum"].hf, "path": str(tmp_path / "hub"), "configs": [None]}
+    task = dataclasses.replace(TASKS["gsm8k_platinum"], hf=spec)
+    (tmp_path / "hub").mkdir()
+    rows = [{"question": "What is 2+3?", "answer": "2+3=5\n#### 5"}, {"question": "And 4*4?", "answer": "#### 16"}]
+    (tmp_path / "hub" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cooked = load_problems(task)
+    assert [p["id"] for p in cooked] == ["GSM8KPlatinum-0000", "GSM8KPlatinum-0001"]
+    assert [task.gold(p) for p in cooked] == ["5", "16"] and cooked[1]["problem"] == "And 4*4?"
+    assert len(load_problems(task, limit=1)) == 1
+    rows.append({"question": "No gold here", "answer": "the answer is 7"})
+    (tmp_path / "hub" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=r"hub test row 2: field 'gt_answer': null, and gt_solution .* holds no gold"):
+        load_problems(task)
