@@ -33,6 +33,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -289,11 +290,19 @@ _DTYPE = None
 _FAST: Optional[bool] = None  # the Rust backend's encode_batch gives this process's tokenizer's ids (None: unchecked)
 
 
-def _init_worker(tokenizer, append_eos: bool, dtype, single_thread: bool = False) -> None:
+def _init_worker(tokenizer, append_eos: bool, dtype, pool_worker: bool = False) -> None:
     global _TOK, _EOS, _DTYPE, _FAST
-    if single_thread:  # one Rust thread per worker process: N workers on N cores, not N x N threads
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if pool_worker:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker: N workers on N cores, not N x N
+        ignore_interrupts()
     _TOK, _EOS, _DTYPE, _FAST = tokenizer, (tokenizer.eos_token_id if append_eos else None), dtype, None
+
+
+def ignore_interrupts() -> None:
+    """In a pool's worker process: Ctrl-C (SIGINT to the terminal's process group) is the parent's to handle -- it
+    stops the pool and says `interrupted` in one line -- so a worker never prints its own KeyboardInterrupt
+    traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _backend_encodes_alike(tok) -> bool:

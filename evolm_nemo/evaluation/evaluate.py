@@ -26,7 +26,8 @@ from evolm_nemo.evaluation import tasks as registry
 from evolm_nemo.evaluation import upstream as up
 from evolm_nemo.evaluation.report import build, infer_meta, update_result
 from evolm_nemo.evaluation.score import score_rows
-from evolm_nemo.fileio import check_writable, owned_elsewhere, write_json, write_jsonl
+from evolm_nemo.fileio import (check_writable, lock_output, owned_elsewhere, release_output, write_json,
+                               write_jsonl)
 from evolm_nemo.tasks import SUITES, UPSTREAM
 
 
@@ -136,19 +137,28 @@ def check_out(cfg, out: Path) -> bool:
     if foreign is not None:
         raise ConfigError("out", f"{foreign}; evaluation results go in a directory of their own: pick another out")
     check_writable(out, "out", directory=True)  # before hours of sampling, not at the first write after them
-    result = Path(out) / "result.json"
-    if not result.is_file():
-        return False
+    # one evaluation at a time writes ``out`` (until the command ends): a second one, of any model or mode, is refused
+    # in one line instead of mixing its files and result.json with the first's
+    taken = lock_output(out, "out")
     try:
-        theirs = json.loads(result.read_text(encoding="utf-8")).get("model_dir")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        theirs = None
-    if theirs == str(Path(cfg.model).resolve()):
-        return False  # this model's own evaluation: the other mode's results stay, this mode's are replaced
-    if not cfg.overwrite:
-        raise ConfigError("out", f"{out} holds the evaluation of {theirs or 'another model (unreadable result.json)'}; "
-                                 "pick another out, or pass overwrite=true to replace it")
-    return True
+        result = Path(out) / "result.json"
+        if not result.is_file():
+            return False
+        try:
+            theirs = json.loads(result.read_text(encoding="utf-8")).get("model_dir")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            theirs = None
+        if theirs == str(Path(cfg.model).resolve()):
+            return False  # this model's own evaluation: the other mode's results stay, this mode's are replaced
+        if not cfg.overwrite:
+            raise ConfigError("out", f"{out} holds the evaluation of "
+                                     f"{theirs or 'another model (unreadable result.json)'}; pick another out, or "
+                                     "pass overwrite=true to replace it")
+        return True
+    except ConfigError:
+        if taken:
+            release_output(out)
+        raise
 
 
 def clear_out(out: Path) -> None:

@@ -242,7 +242,7 @@ def main(overrides: Sequence[str]) -> int:
         raise ConfigError("input", f"{cfg.input} is a directory; name the completions JSONL in it")
     output = cfg.output or _default_output(cfg.input)
     check_writable(output, "output")
-    check_dst_file(output, cfg.overwrite, "output", sources=(cfg.input,), lock=False,  # never the input it reads
+    check_dst_file(output, cfg.overwrite, "output", sources=(cfg.input,),  # never the input it reads; locked
                    ours=jsonl_with("correct", "extracted"), what="a scored JSONL (made by evolm score)")
     rows = read_rows(cfg.input)
     note = completions_note(rows)

@@ -115,6 +115,38 @@ def test_another_models_evaluation_is_replaced_only_with_overwrite(capsys, tmp_p
     assert result["model_dir"] == str(model_b.resolve()) and "upstream" not in result
 
 
+def test_an_output_another_command_is_writing_is_refused(capsys, tmp_path, world):
+    """Two `evolm score` into one output, or two evaluations (any models, any modes) into one out, both ran to the end
+    and the later one's files replaced or mixed with the earlier one's. Now the output is locked while a command
+    writes it: a second one is refused in one line naming the holder's pid, before any model or data loads; once
+    the holder ends, the same command runs."""
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    out, scored = tmp_path / "eval", tmp_path / "scored.jsonl"
+    hold = ("import sys, time\nfrom evolm_nemo.fileio import lock_output\nfor p in sys.argv[1:]: lock_output(p, 'x')\n"
+            "print('held', flush=True)\ntime.sleep(300)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out), str(scored)], cwd=REPO, env=subprocess_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        pid = f"pid {holder.pid}"
+        score = ["score", f"input={world['comp']}", f"output={scored}", "progress=false", "workers=1"]
+        _refused(capsys, score, "output", "is being written by another command", pid)
+        _refused(capsys, ["eval", "downstream", f"model={world['model']}", f"data_dir={DATA}",
+                          "tasks=[gsm8k_platinum]", "limit=1", "backend=hf", f"out={out}"], "out",
+                 "is being written by another command", pid)
+        _refused(capsys, ["eval", "upstream", f"model={world['model']}", f"tasks_dir={REPO / 'eval' / 'upstream'}",
+                          "tasks=[piqa]", f"out={out}"], "out", "is being written by another command", pid)
+        assert not scored.exists() and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.main(score) == 0 and scored.is_file()
+
+
 def test_a_model_directory_without_a_tokenizer_is_one_line(capsys, tmp_path, world):
     """It was a transformers traceback after the tasks were read."""
     (world["model"] / "tokenizer.json").unlink()
