@@ -31,6 +31,35 @@ def idx_dtype(prefix: str) -> np.dtype:
     return np.dtype(IDX_DTYPES[code])
 
 
+def index_extent(prefix: str) -> Tuple[np.dtype, int]:
+    """The token dtype and the number of tokens ``<prefix>.idx`` says ``<prefix>.bin`` holds (the end of its last
+    sequence), read from the header and two entries -- constant time, whatever the corpus' size. Raises ValueError
+    (naming what is wrong: not an index, cut short, entries past each other), OSError, KeyError (an unknown dtype
+    code) or struct.error."""
+    dtype = idx_dtype(prefix)
+    path = prefix + ".idx"
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        f.seek(18)
+        head = f.read(16)
+        if len(head) < 16:
+            raise ValueError(f"cut short ({size} bytes, no sequence and document counts)")
+        sequences, documents = struct.unpack("<QQ", head)
+        need = 34 + 12 * sequences + 8 * documents
+        if size not in (need, need + sequences):  # (+ one mode byte per sequence: megatron's multimodal layout)
+            raise ValueError(f"{size:,} bytes for {sequences:,} sequences and {documents:,} documents, which need "
+                             f"{need:,}: cut short or not one index")
+        if sequences == 0:
+            return dtype, 0
+        f.seek(34 + 4 * (sequences - 1))
+        (length,) = struct.unpack("<i", f.read(4))
+        f.seek(34 + 4 * sequences + 8 * (sequences - 1))
+        (pointer,) = struct.unpack("<q", f.read(8))
+    if length < 0 or pointer < 0 or pointer % dtype.itemsize:
+        raise ValueError(f"its last sequence (length {length}, byte offset {pointer}) is not a valid entry")
+    return dtype, pointer // dtype.itemsize + length
+
+
 def read_manifest(prefix: str) -> Optional[dict]:
     """``<prefix>.manifest.json`` of a sharded preparation, or None when there is none."""
     path = Path(prefix + MANIFEST_SUFFIX)

@@ -17,7 +17,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.tokens import format_tokens, parse_tokens
 from evolm_nemo.config.validate import positive
-from evolm_nemo.data.indexed import MANIFEST_SUFFIX, expand_prefixes, idx_dtype, read_manifest
+from evolm_nemo.data.indexed import MANIFEST_SUFFIX, expand_prefixes, index_extent, read_manifest
 from evolm_nemo.data.sft import tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import MIN_VOCAB, load_tokenizer
 
@@ -85,7 +85,9 @@ def check_split(split) -> list[float]:
     return values
 
 
-TOKEN_SAMPLE_BYTES = 64 << 20  # token ids read per .bin file for the vocabulary check (the whole file if smaller)
+# a .bin up to this size has its largest token id read at every check; a larger one is read whole once and the
+# result recorded (``data.verify``: ``<prefix>.verified``, or under data.cache_dir for a read-only corpus)
+TOKEN_SAMPLE_BYTES = 64 << 20
 
 
 MAX_SAMPLES = 10**10  # megatron's sample / shuffle indices take ~16 bytes per sample: 1e10 samples ~ 160 GB
@@ -105,7 +107,7 @@ def source_tokens(cfg: RootConfig, prefix: str, key: str = "data.paths") -> int:
     d, m = cfg.data, cfg.model
     manifest = None if Path(prefix + ".bin").exists() else read_manifest(prefix)
     if manifest is None:
-        return check_token_ids([prefix], m.vocab_size)
+        return check_token_ids([prefix], m.vocab_size, cache_dir=d.cache_dir)
     theirs = manifest.get("tokenizer") or {}
     for tok_key, ref, fp in training_tokenizers(cfg):
         if theirs.get("vocab_sha256") != fp["vocab_sha256"]:
@@ -205,40 +207,56 @@ def check_budget(cfg: RootConfig, iters: int, dataset_tokens: int | None) -> Non
                                    "check the budget or the data")
 
 
-def check_token_ids(prefixes, vocab_size: int, sample_bytes: int = TOKEN_SAMPLE_BYTES) -> int:
-    """Token ids of each prepared ``<prefix>.bin`` must fit ``model.vocab_size`` (data tokenized with a larger
-    vocabulary would index past the embedding). Reads the ``.idx`` header for the dtype, then the maximum id over the
-    whole ``.bin`` when it is at most `sample_bytes`, else over evenly spaced chunks totalling about that much.
-    Returns the number of tokens in all files."""
+def check_token_ids(prefixes, vocab_size: int, sample_bytes: int = TOKEN_SAMPLE_BYTES, cache_dir=None) -> int:
+    """Each prepared ``<prefix>.bin`` holds the tokens its ``.idx`` says (a cut or mismatched pair would have megatron
+    read past the end, or train on wrong document boundaries), and its token ids fit ``model.vocab_size`` (data
+    tokenized with a larger vocabulary would index past the embedding): the largest id over the whole ``.bin``, read
+    at each check when it is at most ``sample_bytes``, else read once by one process per node (``LOCAL_RANK`` 0) and
+    recorded (``data.verify``; a rewritten file is read again). Returns the number of tokens in all files."""
+    import os
+
+    from evolm_nemo.data.verify import verified
+
     total = 0
     for prefix in prefixes:
         idx, bin_path = Path(prefix + ".idx"), Path(prefix + ".bin")
         try:
-            dtype = idx_dtype(prefix)
+            dtype, described = index_extent(prefix)
         except (OSError, ValueError, KeyError, struct.error) as exc:
             raise ConfigError("data.paths", f"{idx}: unreadable index ({exc}); re-run evolm prepare") from None
         size = bin_path.stat().st_size
         count = size // dtype.itemsize
+        if size != described * dtype.itemsize:  # megatron would read past the end, or train on wrong boundaries
+            raise ConfigError("data.paths", f"{idx} describes {described:,} tokens but {bin_path} holds "
+                                            f"{size / dtype.itemsize:,.0f} ({size:,} bytes of {dtype.name}): the two "
+                                            "files are not one preparation or one was cut short; re-run evolm "
+                                            "prepare")
         total += count
         if count == 0:
             continue
-        tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(count,))
         per_read = max(1, sample_bytes // dtype.itemsize)
         if count <= per_read:
-            top = int(tokens.max())
-            where = "its largest token id"
+            top = _largest_id(bin_path, dtype, count, per_read)
+        elif int(os.environ.get("LOCAL_RANK", "0")) == 0:  # a damaged file stops this process, and torchrun the rest
+            top = verified(Path(prefix + ".verified"), [bin_path, idx], None,
+                           lambda: {"max_token_id": _largest_id(bin_path, dtype, count, per_read)}, "data.paths",
+                           prefix, cache_dir)["max_token_id"]
         else:
-            chunks = 64
-            step = per_read // chunks
-            starts = np.linspace(0, count - step, chunks).astype(np.int64)
-            top = max(int(tokens[s0:s0 + step].max()) for s0 in starts)
-            where = f"a sample of {per_read:,} of its {count:,} tokens has id"
-        del tokens
+            continue
         if top >= vocab_size:
-            raise ConfigError("data.paths", f"{bin_path}: {where} {top} >= model.vocab_size={vocab_size}; it was "
-                                            "tokenized with a larger vocabulary than the model's (check "
+            raise ConfigError("data.paths", f"{bin_path}: its largest token id {top} >= model.vocab_size={vocab_size}; "
+                                            "it was tokenized with a larger vocabulary than the model's (check "
                                             "data.tokenizer and model.vocab_size)")
     return total
+
+
+def _largest_id(bin_path: Path, dtype: np.dtype, count: int, per_read: int) -> int:
+    """The largest token id in ``bin_path`` (``count`` tokens of ``dtype``), reading ``per_read`` tokens at a time."""
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(count,))
+    try:
+        return max(int(tokens[s0:s0 + per_read].max()) for s0 in range(0, count, per_read))
+    finally:
+        del tokens
 
 
 def check_validation(cfg: RootConfig) -> None:

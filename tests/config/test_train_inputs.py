@@ -116,26 +116,70 @@ def test_held_out_files_are_checked_as_training_data_is(corpus, capsys, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_token_check_samples_big_files(tmp_path):
-    # a .bin bigger than the sample: evenly spaced chunks are read; ids over the vocabulary throughout are found
+def test_token_check_reads_big_files_whole_once(tmp_path):
+    """A .bin bigger than what is read at every check: it was sampled (64 evenly spaced chunks), so out-of-vocabulary
+    ids between the chunks reached the embedding as a traceback after the model was built. Now it is read whole
+    once, the largest id recorded beside it (<prefix>.verified) and read from there until the file changes."""
+    import json
+    import os
+
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    def build(prefix, top_at):
+        builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+        for i in range(64):
+            doc = np.full(4096, 7, dtype=np.int64)
+            doc[top_at] = 39_999 if i == 50 else 7  # one id, in one document, where no sample chunk reads
+            builder.add_document(torch.from_numpy(doc), [4096])
+        builder.finalize(prefix + ".idx")
+
     prefix = str(tmp_path / "big")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    rng = np.random.default_rng(0)
-    for _ in range(64):
-        builder.add_document(torch.from_numpy(rng.integers(0, 40_000, 4096).astype(np.int64)), [4096])
-    builder.finalize(prefix + ".idx")
+    build(prefix, 2000)
     assert Path(prefix + ".bin").stat().st_size == 64 * 4096 * 2
     with pytest.raises(ConfigError) as err:
         check_token_ids([prefix], 32_000, sample_bytes=64 << 10)
-    assert err.value.key == "data.paths" and "a sample of 32,768 of its 262,144 tokens" in err.value.message
-    check_token_ids([prefix], 40_000, sample_bytes=64 << 10)
+    assert err.value.key == "data.paths" and "its largest token id 39999 >= model.vocab_size=32000" in err.value.message
+    assert check_token_ids([prefix], 40_000, sample_bytes=64 << 10) == 64 * 4096
+    record = json.loads(Path(prefix + ".verified").read_text())
+    assert record["measured"] == {"max_token_id": 39_999}
+    record["measured"]["max_token_id"] = 123  # later checks read the record, not the data ...
+    Path(prefix + ".verified").write_text(json.dumps(record))
+    check_token_ids([prefix], 124, sample_bytes=64 << 10)
+    os.utime(prefix + ".bin")  # ... until the file changes
+    with pytest.raises(ConfigError, match="39999 >= model.vocab_size=124"):
+        check_token_ids([prefix], 124, sample_bytes=64 << 10)
     (tmp_path / "bad.idx").write_bytes(b"garbage" * 4)
     (tmp_path / "bad.bin").write_bytes(b"")
     with pytest.raises(ConfigError) as err:
         check_token_ids([str(tmp_path / "bad")], 512)
     assert "unreadable index" in err.value.message
+
+
+def test_an_index_and_a_bin_that_do_not_belong_together(corpus, tmp_path):
+    """A cut .bin or .idx, an empty .bin, or an index of another preparation: megatron tracebacks in the first step
+    (after the model was built) or -- an index of a smaller corpus -- training on wrong document boundaries without a
+    word. Each is one line naming both files, before anything is built."""
+    import shutil
+
+    prefix, _ = corpus
+    other = ensure_synthetic(tmp_path / "other", 100, 8, vocab_size=512)  # a smaller corpus, the same vocabulary
+    cases = {"cut_bin": lambda d: Path(d + ".bin").write_bytes(Path(prefix + ".bin").read_bytes()[:20_000]),
+             "empty_bin": lambda d: Path(d + ".bin").write_bytes(b""),
+             "cut_idx": lambda d: Path(d + ".idx").write_bytes(Path(prefix + ".idx").read_bytes()[:2_000]),
+             "other_idx": lambda d: shutil.copy(other.prefix + ".idx", d + ".idx")}
+    for name, damage in cases.items():
+        d = str(tmp_path / name / "corpus")
+        Path(d).parent.mkdir()
+        shutil.copy(prefix + ".bin", d + ".bin")
+        shutil.copy(prefix + ".idx", d + ".idx")
+        damage(d)
+        with pytest.raises(ConfigError) as err:
+            check_token_ids([d], 512)
+        message = err.value.message
+        if name == "cut_idx":
+            assert "unreadable index" in message and "cut short" in message, message
+        else:
+            assert f"{d}.idx describes" in message and f"but {d}.bin holds" in message, message
 
 
 def test_one_real_process_for_the_exit_code(tmp_path):
