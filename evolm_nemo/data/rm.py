@@ -88,8 +88,13 @@ class RMDataset(SFTDataset):
             self.pairs = np.load(self.path / "pairs.npy", allow_pickle=False).reshape(-1, 2)
         except (OSError, ValueError) as exc:
             raise ConfigError(key, f"{self.path} is incomplete ({exc}); prepare it again") from None
-        if len(self.labels) != len(self) or len(self.groups) != len(self):
+        if self.labels.ndim != 1 or self.groups.ndim != 1 or len(self.labels) != len(self) \
+                or len(self.groups) != len(self):
             raise ConfigError(key, f"{self.path}: labels/groups do not match its {len(self)} sequences")
+        if self.pairs.size and (self.pairs.dtype.kind not in "iu" or self.pairs.min() < 0
+                                or self.pairs.max() >= len(self)):
+            raise ConfigError(key, f"{self.path / 'pairs.npy'}: not pairs of sequence numbers below {len(self)} "
+                                   "(altered); prepare it again")
         self.kind = self.manifest.get("kind")
         if vocab_size is not None:
             self.check(vocab_size, cache_dir)

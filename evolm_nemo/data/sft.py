@@ -210,8 +210,17 @@ class SFTDataset:
             raise ConfigError(key, f"{self.path / INDEX} is unreadable ({exc})") from None
         dtype = np.dtype(self.manifest["dtype"])
         size = (self.path / TOKENS).stat().st_size if (self.path / TOKENS).is_file() else -1
+        if self.index.ndim != 2 or self.index.shape[1:] != (3,) or self.index.dtype.kind not in "iu":
+            raise ConfigError(key, f"{self.path / INDEX}: {self.index.dtype} {list(self.index.shape)}, not the "
+                                   "[examples, 3] integers (offset, prompt length, length) a prepared dataset has; "
+                                   "prepare it again")
         if size != self.manifest["tokens"] * dtype.itemsize or len(self.index) != self.manifest["examples"]:
             raise ConfigError(key, f"{self.path} does not match its manifest (truncated or altered); prepare it again")
+        offset, prompt, length = (self.index[:, i].astype(np.int64) for i in range(3))
+        if len(self.index) and ((offset < 0).any() or (offset + length > self.manifest["tokens"]).any()
+                                or (prompt < 0).any() or (prompt > length).any()):
+            raise ConfigError(key, f"{self.path / INDEX}: an example reaches outside tokens.bin or has a prompt longer "
+                                   "than itself (altered); prepare it again")
         self.tokens = np.memmap(self.path / TOKENS, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
         self.prompt_len = self.index[:, 1]
         self.length = self.index[:, 2]

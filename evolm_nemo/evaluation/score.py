@@ -89,9 +89,13 @@ def validate_row(row, where: str) -> None:
 
 def read_rows(path: str) -> list[dict]:
     """Parse and validate a completions JSONL; blank lines are skipped. Errors are one-line ConfigErrors."""
-    rows = []
+    rows, seen = [], {}
     for where, row in iter_jsonl(path, key="input"):
         validate_row(row, where)
+        first = seen.setdefault((row["suite"], json.dumps(row["id"])), where)
+        if first is not where:  # a problem twice (e.g. two files concatenated) would count twice in every metric
+            raise ConfigError(where, f"{row['suite']} problem id {json.dumps(row['id'])} again (first at {first}); "
+                                     "each problem is one row")
         rows.append(row)
     if not rows:
         raise ConfigError("input", f"{path} has no rows")

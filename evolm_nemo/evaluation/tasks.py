@@ -173,7 +173,7 @@ def _check_gold(suite: str, row: dict, bad) -> None:
 
 
 def _read_cooked(path: str, limit: Optional[int], suite: Optional[str] = None) -> list[dict]:
-    rows = []
+    rows, seen = [], {}
     for where, row in iter_jsonl(path, key="path"):
         if limit is not None and len(rows) >= limit:
             break
@@ -181,8 +181,18 @@ def _read_cooked(path: str, limit: Optional[int], suite: Optional[str] = None) -
             if key not in row:
                 raise ConfigError(where, f"field '{key}': missing (cooked schema: {', '.join(COOKED_FIELDS)})")
         check_problem(row, where, suite)
+        check_unique(row, where, seen)
         rows.append(row)
     return rows
+
+
+def check_unique(row: dict, where: str, seen: dict) -> None:
+    """A problem id appears once in a suite (``seen``: id -> where it was first): a problem twice would be sampled and
+    counted twice in every metric."""
+    first = seen.setdefault(json.dumps(row["id"]), where)
+    if first is not where:
+        raise ConfigError(where, f"field 'id': {json.dumps(row['id'])} again (first at {first}); each problem is one "
+                                 "row")
 
 
 class _Fields(dict):
@@ -219,6 +229,7 @@ def _load_hub(task: Task, limit: Optional[int]) -> list[dict]:
 
     spec = task.hf
     rows: list[dict] = []
+    seen: dict = {}
     for config in spec.get("configs") or [None]:
         try:
             ds = load_dataset(spec["path"], config, split=spec["split"])
@@ -229,8 +240,9 @@ def _load_hub(task: Task, limit: Optional[int]) -> list[dict]:
         for index, row in enumerate(ds):
             cooked = cook_row(spec, dict(row), index, config)
             if cooked is not None:
-                check_problem(cooked, f"{spec['path']}{f' ({config})' if config else ''} {spec['split']} row {index}",
-                              task.name)
+                where = f"{spec['path']}{f' ({config})' if config else ''} {spec['split']} row {index}"
+                check_problem(cooked, where, task.name)
+                check_unique(cooked, where, seen)
                 rows.append(cooked)
             if limit is not None and len(rows) >= limit:
                 return rows

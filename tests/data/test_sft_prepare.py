@@ -234,6 +234,28 @@ def test_a_damaged_dataset_is_refused(tmp_path, tok_dir):
         SFTDataset(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["1d", "float", "past_end", "prompt_too_long"])
+def test_a_damaged_index_is_one_line(tmp_path, tok_dir, damage):
+    """index.npy of another shape was an IndexError traceback (before the content hash could say anything); entries
+    reaching outside tokens.bin are refused too, also in a dataset without a content hash."""
+    inp = _write(tmp_path / "in.jsonl", [{"question": f"q{i}?", "answer": "a b c"} for i in range(3)])
+    prepare_sft(_cfg(tmp_path, tok_dir, inp, filter=False))
+    path = tmp_path / "out" / "index.npy"
+    index = np.load(path)
+    if damage == "1d":
+        index = index[:, 2].copy()
+    elif damage == "float":
+        index = index.astype(np.float64)
+    elif damage == "past_end":
+        index[-1, 0] += 1
+    else:
+        index[0, 1] = index[0, 2] + 1
+    np.save(path, index)
+    with pytest.raises(ConfigError) as err:
+        SFTDataset(tmp_path / "out")
+    assert err.value.key == "data.paths" and str(path) in err.value.message
+
+
 @pytest.mark.parametrize("field,value", [("dtype", "float99"), ("dtype", "float32"), ("dtype", None),
                                          ("tokenizer", None), ("tokenizer", {"size": 400}), ("tokens", "12"),
                                          ("examples", -1), ("content_sha256", 7)])

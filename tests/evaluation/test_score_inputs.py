@@ -135,3 +135,15 @@ def test_a_directory_as_input_is_named(tmp_path, capsys):
     assert cli.main(["score", f"input={tmp_path / 'd'}", f"output={tmp_path / 'd' / 'x.jsonl'}"]) == 2
     assert _one_line(capsys).startswith(f"error: input: {tmp_path / 'd'} is a directory")
     assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_a_problem_twice_is_refused(tmp_path, capsys):
+    """Two completions files concatenated (or a problem twice in them) were scored as two problems: every metric
+    counted it twice. Now the second row is refused, naming both lines; the same id in two suites is two problems."""
+    rows = [_row(id=7), {**_row(id=7), "suite": "math", "gt_solution": "\\boxed{4}"}, _row(id=8), _row(id=7)]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["score", f"input={path}", "progress=false", "workers=1"]) == 2
+    line = _one_line(capsys)
+    assert line == f"error: {path}:4: gsm8k_platinum problem id 7 again (first at {path}:1); each problem is one row"
+    assert not (tmp_path / "c.scored.jsonl").exists()

@@ -59,6 +59,13 @@ def test_bad_local_files(tmp_path):
         bad.write_text('{"id": 0, "problem": "p", "gt_solution": null, "gt_answer": "True"}\n' + row + "\n")
         with pytest.raises(ConfigError, match=rf"bad.jsonl:2: field '{field}': "):
             load_problems("strategyqa", path=str(bad))
+    # a problem twice would be sampled and counted twice
+    bad.write_text('{"id": "a", "problem": "p", "gt_solution": "#### 1", "gt_answer": null}\n'
+                   '{"id": "b", "problem": "q", "gt_solution": "#### 2", "gt_answer": null}\n'
+                   '{"id": "a", "problem": "p", "gt_solution": "#### 1", "gt_answer": null}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:3: field 'id': \"a\" again \(first at .*bad.jsonl:1\)"):
+        load_problems("gsm8k_platinum", path=str(bad))
+    assert len(load_problems("gsm8k_platinum", path=str(bad), limit=2)) == 2
     # a GSM8K gold given as a bare number (no "#### " line to find) is the gold itself: kept
     bad.write_text('{"id": 1, "problem": "p", "gt_solution": 42, "gt_answer": null}\n')
     assert load_problems("gsm8k_platinum", path=str(bad))[0]["gt_solution"] == 42

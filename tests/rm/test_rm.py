@@ -66,6 +66,23 @@ def test_prepare_rm_examples_and_pairs_follow_the_labels(rm_data, tmp_path):
     assert len({tuple(p) for p in pairs.pairs.tolist()}) == len(pairs.pairs)  # no pair twice
 
 
+def test_rm_arrays_of_another_shape_are_one_line(rm_data, tmp_path):
+    """labels.npy of two dimensions, or pairs.npy naming a sequence the dataset does not have, were tracebacks in
+    the first step (before the content hash says anything, and in datasets without one)."""
+    import shutil
+
+    from evolm_nemo.config.errors import ConfigError
+    from evolm_nemo.data.rm import RMDataset
+
+    for name, damage in (("labels", lambda a: a.reshape(-1, 1)), ("pairs", lambda a: a + 10_000)):
+        bad = tmp_path / name
+        shutil.copytree(rm_data["pairs"], bad)
+        np.save(bad / f"{name}.npy", damage(np.load(bad / f"{name}.npy")))
+        with pytest.raises(ConfigError) as err:
+            RMDataset(bad)
+        assert err.value.key == "data.paths" and str(bad) in err.value.message
+
+
 def test_a_damaged_rm_dataset_is_refused_and_a_resume_on_other_data_too(rm_data, tmp_path):
     """An RM dataset is checked against its manifest's content hash (tokens, index, labels, groups, pairs) at first
     use: a same-size flip in labels.npy is refused in one line naming it; an RM run resumed on other data.paths is
