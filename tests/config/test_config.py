@@ -40,16 +40,16 @@ def test_token_budget_to_iterations():
 
 
 def test_evolm_grid_composes():
-    cfg = compose("config", ["experiment=pretrain_1b_160b", "data.source=synthetic", "data.synthetic_docs=2000"],
-                  RootConfig)
+    cfg = compose("config", ["experiment=pretrain_1b_160b", "data.source=synthetic", "data.paths=[]",
+                             "data.synthetic_docs=2000"], RootConfig)
     plan = plan_run(cfg, world_size=32)
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_hidden_size) == (22, 2048, 4896)
     assert (cfg.model.num_attention_heads, cfg.model.num_query_groups, cfg.model.vocab_size) == (32, 4, 32000)
     assert cfg.optim.lr == 2e-4 and cfg.optim.min_lr == 2e-5 and cfg.parallel.global_batch_size == 512
     assert plan.iters == 152588 and plan.dp == 32 and plan.num_microbatches == 1
     for packed in (["stage=sft", "train.packing=true"], ["stage=sft", "parallel.max_tokens_per_microbatch=4096"]):
-        layout = validate(compose("config", ["experiment=pretrain_1b_160b", "data.source=synthetic", *packed],
-                                  RootConfig), world_size=32)
+        layout = validate(compose("config", ["experiment=pretrain_1b_160b", "data.source=synthetic", "data.paths=[]",
+                                             *packed], RootConfig), world_size=32)
         assert layout.num_microbatches is None and layout.dp == 32  # each batch's examples decide the count
     assert 0.95e9 < param_count(cfg.model) < 1.1e9
     for name in ("evolm_0.5b", "evolm_4b"):
@@ -138,11 +138,12 @@ def _pairs_dataset(parent, out):
 def test_every_experiment_composes_and_validates(name, request, tmp_path, data_cache):
     # real data files are absent here: validate everything else on the generated corpus
     held_out = ["data.synthetic_val_docs=8"] if name.startswith("nano_") else []  # nano: held-out loss per source
-    cfg = compose("config", [f"experiment={name}", "data.source=synthetic", "data.weights=null", "train.init_from=null",
-                           "train.branch_from=null", "data.synthetic_docs=2000", *held_out], RootConfig)
+    cfg = compose("config", [f"experiment={name}", "data.source=synthetic", "data.paths=[]", "data.weights=null",
+                           "train.init_from=null", "train.branch_from=null", "data.synthetic_docs=2000", *held_out],
+                  RootConfig)
     if cfg.stage in ("sft", "ppo", "grpo", "rm", "dpo"):  # post-training needs a parent (its tokenizer and shape): the tiny one, dressed as the experiment's
         parent = _parent_like(request.getfixturevalue("tiny_parent"), cfg, tmp_path / "parent")
-        data = ["data.source=synthetic"]
+        data = ["data.source=synthetic", "data.paths=[]"]
         if cfg.stage in ("ppo", "grpo"):
             data += ["rl.prompts_per_step=64", "rl.val_interval=0"]  # the demo RL set is small
         if cfg.stage in ("rm", "dpo"):  # a small preference dataset made with the parent's tokenizer

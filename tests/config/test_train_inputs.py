@@ -334,3 +334,16 @@ def test_folders_that_only_look_like_outputs_are_not_refused(tmp_path):
                  tmp_path / "scratch" / "run"):
         assert owned_elsewhere(path) is None, path
         check_run_dir(str(path))
+
+
+def test_data_paths_with_the_synthetic_source_is_refused(corpus, capsys, tmp_path):
+    """`evolm train data.paths=[my/corpus]` (pretraining's default source is the generated one) trained on generated
+    text and never read the files; so did `experiment=demo_rl data.paths=[rl.jsonl]`. Now one line says how to read
+    them, and with data.source=indexed the same files are what the run plans on."""
+    prefix, tok = corpus
+    for base in ([], ["experiment=demo_rl"]):
+        _refused(capsys, [*base, f"data.paths=[{prefix}]", f"run.out_dir={tmp_path / 'run'}"], "data.paths",
+                 "data.source=synthetic generates its data and reads no files", "data.source=indexed")
+    assert not (tmp_path / "run").exists()
+    cfg = compose("config", _indexed(corpus, f"run.out_dir={tmp_path / 'run'}"), RootConfig)
+    assert plan_run(cfg).iters > 0
