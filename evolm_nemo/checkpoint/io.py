@@ -291,17 +291,37 @@ def latest(root: str | Path) -> Path | None:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint dir, or a run's checkpoint root / run dir -> its latest complete checkpoint."""
+    """A checkpoint dir, or a run's checkpoint root / run dir -> its latest complete checkpoint. Newer checkpoints of
+    the run that were committed but are damaged now (a file missing or cut short) are passed over, each said once
+    per process on stderr, so that an export or a child run never starts from an older one without a word."""
     path = Path(path)
     if (path / META).exists():
-        if not is_complete(path):
-            raise CheckpointError(f"{path}: checkpoint is incomplete (files missing or cut short)")
+        why = problem(path)
+        if why is not None:
+            raise CheckpointError(f"{path}: checkpoint is incomplete ({why})")
         return path
     for root in (path, path / "checkpoints"):
         found = latest(root)
         if found is not None:
+            _say_passed_over(root, found)
             return found
     raise CheckpointError(f"{path}: no complete checkpoint found")
+
+
+_PASSED_OVER: set[str] = set()  # damaged checkpoints ``resolve`` has said it passed over (once each per process)
+
+
+def _say_passed_over(root: Path, found: Path) -> None:
+    run = owner(root)
+    for newer in checkpoint_dirs(root):
+        if int(newer.name.split("_")[1]) <= int(found.name.split("_")[1]) or str(newer) in _PASSED_OVER:
+            continue
+        why = problem(newer)
+        if why is not None and (newer / META).is_file() and _ours(newer, run):  # committed once, damaged since
+            _PASSED_OVER.add(str(newer))
+            if _rank() == 0:
+                print(f"[evolm] note: passing over checkpoint {newer} ({why}); using {found.name}", file=sys.stderr,
+                      flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------- RNG

@@ -96,6 +96,28 @@ def test_a_damaged_parent_is_one_line_naming_train_init_from(tmp_path, data_cach
     assert not list(out.glob("checkpoints/iter_*"))
 
 
+def test_a_cut_newest_checkpoint_is_passed_over_with_a_word(tmp_path, reference, capsys):
+    """export-hf src=<run> and train.init_from=<run> took the previous checkpoint without a word when the newest was
+    cut short; src=<that checkpoint> said "incomplete" without naming the file. Now the run's newest complete one is
+    still used, and the one passed over is said once per process with its file."""
+    out, root = _copy(reference, tmp_path)
+    newest = root / f"iter_{ITERS:07d}"
+    shard = _largest_shard(newest)
+    shard.write_bytes(shard.read_bytes()[:1000])
+    capsys.readouterr()
+    assert ckpt.resolve(out) == root / f"iter_{ITERS - 3:07d}"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"[evolm] note: passing over checkpoint {newest} ({shard.name} has "
+                                               "1000 bytes") and err[0].endswith(f"using iter_{ITERS - 3:07d}")
+    assert ckpt.resolve(root) == root / f"iter_{ITERS - 3:07d}" and capsys.readouterr().err == ""  # once
+    with pytest.raises(ckpt.CheckpointError, match=rf"checkpoint is incomplete \({shard.name} has 1000 bytes"):
+        ckpt.resolve(newest)
+    shutil.rmtree(newest / "rng", ignore_errors=True)
+    (newest / ckpt.META).unlink()  # never committed (a save killed before its commit): nothing to say
+    ckpt._PASSED_OVER.clear()
+    assert ckpt.resolve(out) == root / f"iter_{ITERS - 3:07d}" and capsys.readouterr().err == ""
+
+
 def test_export_reads_each_file_for_its_checksum_once(tmp_path, reference):
     """export-hf checks every file before anything heavy and then loads without checking again (a 4B checkpoint is
     tens of GB read per pass): each file of the checkpoint is checksummed exactly once."""
