@@ -172,17 +172,27 @@ class Stage:
         self.roles = [Role(model, optimizer, make_scheduler(self.plan.iters), make_scheduler)]
         return self.roles
 
+    def check_parent(self) -> None:
+        """Collective. A run that resumes nothing, before its run directory exists: the files of ``train.init_from``
+        match their checksums (its load does not read them again), so that a damaged parent leaves nothing behind."""
+        if self.cfg.train.init_from:
+            self._parent(lambda: ckpt.verify(ckpt.resolve(self.cfg.train.init_from)))
+
     def start(self, roles: list[Role], layout: dict) -> Start:
         """Where a run that resumes nothing starts: the weights of ``train.init_from`` (``load_init``), or scratch."""
         if not self.cfg.train.init_from:
             return Start()
+        meta = self._parent(lambda: self.load_init(self.cfg.train.init_from, roles[0].model))
+        roles[0].optimizer.reload_model_params()
+        return Start(parent_meta=meta)
+
+    @staticmethod
+    def _parent(read):
         try:
-            meta = self.load_init(self.cfg.train.init_from, roles[0].model)
+            return read()
         except ckpt.CheckpointError as exc:  # a damaged file (the check is collective: every rank says so)
             raise ConfigError("train.init_from", f"{exc}; restore the parent checkpoint or start from another "
                                                  "one") from None
-        roles[0].optimizer.reload_model_params()
-        return Start(parent_meta=meta)
 
     def load_init(self, path: str, model) -> dict:
         """Weights from the parent ``train.init_from``; returns its evolm.json."""

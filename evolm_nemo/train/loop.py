@@ -184,10 +184,12 @@ def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...
     out = Path(cfg.run.out_dir)
     roots = [out / d for d in dirs]
     starting = dict(resume=t.resume, overwrite=t.overwrite, check=resume_check(cfg, plan.iters, identity))
-    ckpt.start_run(out, roots, dry=True, **starting)  # the cheap refusals first: names, sizes, shape, budget
+    planned = ckpt.start_run(out, roots, dry=True, **starting)  # the cheap refusals first: names, sizes, shape, budget
     if rt.is_main:
         tracking.reach(cfg)  # the tracking store answers (its runs open once the model is built)
     stage = make_stage(cfg, plan, rt)  # data and tokenizer checks happen here, before the run directory exists
+    if planned.checkpoint is None:
+        stage.check_parent()  # a fresh run's parent too
     ckpt.lock_run_dir(out)
     begin = ckpt.start_run(out, roots, **starting)  # checksums, fall-back, overwrite: under the lock
     roles = stage.build(rt)
