@@ -26,7 +26,7 @@ import torch
 from evolm_nemo.checkpoint import io
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ParallelConfig
-from evolm_nemo.conversion import hf
+from evolm_nemo.conversion import hf, hfdir
 from evolm_nemo.conversion.config import check_probe
 from evolm_nemo.conversion.export import (TOKENIZER_FILES, hf_logits, megatron_logits, parse_dtype, probe_ids,
                                           release_memory, single_process)
@@ -74,7 +74,7 @@ def _import_hf(cfg) -> Path:
         raise ConfigError("dst", "must be set: dst=<checkpoint directory to create>")
     src = resolved(cfg.src, "src")
     check_probe(cfg)
-    raw = hf.read_config(src)
+    raw = hfdir.read_config(src)
     hf.check_config(raw)
     head = hf.head_kind(raw)
     if cfg.verify and "model_type" not in raw:

@@ -212,6 +212,27 @@ def test_integer_tensors_are_refused_not_imported_as_fp32(good, tmp_path, capsys
     fails(capsys, tmp_path, ["import-hf", f"src={src}"], "src", name, "is int8", "dequantize")
 
 
+def test_a_bin_holding_pickled_code_is_one_line_without_torchs_advice(good, tmp_path, capsys):
+    """A pytorch_model.bin with a pickle payload was refused with torch's whole multi-line message, including "Re-running
+    `torch.load` with `weights_only` set to False will likely succeed" -- advice not to pass on. Now one line; the
+    payload never runs."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.evaluation._tiny import Payload
+
+    src = variant(good, tmp_path)
+    tensors = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    marker = tmp_path / "payload_ran"
+    torch.save({**tensors, "payload": Payload(marker)}, src / "pytorch_model.bin")
+    line = fails(capsys, tmp_path, ["import-hf", f"src={src}"], "src", "pytorch_model.bin: cannot load with "
+                 "weights_only=True (it holds more than tensors: a reference to ", "open); convert it to "
+                 "safetensors with a tool you trust")
+    assert "set to False" not in line and "allowlist" not in line and "safe_globals" not in line
+    assert not marker.exists()
+
+
 @pytest.fixture(scope="module")
 def ckpt(good, tmp_path_factory):
     """A megatron checkpoint made by import-hf (in this process; its group is torn down)."""
