@@ -8,6 +8,13 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
 
 
+def first_line(exc: BaseException) -> str:
+    """The line of another library's exception that says what went wrong, for a one-line ConfigError: its first
+    non-blank line, or the next one when the first only introduces it ("... error for validator 'x':")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 def check_seed(key: str, value) -> None:
     """A seed that numpy, torch and megatron all take: an integer in [0, 2**32 - 1] (numpy refuses a negative one
     deep inside a run)."""

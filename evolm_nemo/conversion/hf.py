@@ -12,7 +12,6 @@ untied embeddings. Anything that computes something else is refused, naming the 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,6 +20,7 @@ import torch
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ModelConfig
+from evolm_nemo.conversion import hfdir
 
 CAUSAL = ("LlamaForCausalLM", "MistralForCausalLM")
 VALUE = ("LlamaForSequenceClassification",)
@@ -30,22 +30,6 @@ SHORT = {v: k for k, v in DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------- config
-
-def read_config(src: Path, key: str = "src") -> dict:
-    path = Path(src) / "config.json"
-    if not Path(src).is_dir():
-        raise ConfigError(key, f"{src} is not a directory")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except OSError:
-        raise ConfigError(key, f"{path} not found (an HF model directory has a config.json)") from None
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise ConfigError(key, f"{path}: invalid JSON ({str(exc).splitlines()[0] if str(exc) else 'too deep'})") \
-            from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(key, f"{path}: expected a JSON object of model settings, got a {type(cfg).__name__}")
-    return cfg
-
 
 def _rope_raw(cfg: dict) -> tuple[object, object]:
     """(theta, scaling) as transformers reads them: a non-empty 4.x ``rope_scaling`` replaces the 5.x
@@ -299,83 +283,18 @@ def from_hf(name: str, get: Callable[[str], torch.Tensor], m: ModelConfig, head:
 
 class HFWeights:
     """The tensors of an HF model directory: ``model.safetensors``, sharded safetensors with an index, or (loaded
-    with ``torch.load(weights_only=True)``) ``pytorch_model*.bin``. Opening checks that every listed shard exists;
-    tensors are read one at a time (safetensors are memory-mapped)."""
+    with ``torch.load(weights_only=True)``) ``pytorch_model*.bin``. Opening reads every file's header (``hfdir``:
+    every listed shard exists, is whole and holds its tensors); tensors are read one at a time (safetensors are
+    memory-mapped)."""
 
     def __init__(self, src: Path, key: str = "src"):
         self.src, self.key = Path(src), key
-        self.files: dict[str, Path] = {}  # tensor name -> file
-        self._shapes: dict[str, tuple] = {}
-        self._dtypes: dict[str, torch.dtype] = {}
-        self._bins: dict[Path, dict] = {}
-        index = next((self.src / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-                      if (self.src / n).is_file()), None)
-        if index is not None:
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(key, f"{index}: unreadable index ({type(exc).__name__}: {exc})") from None
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-                raise ConfigError(key, f"{index}: weight_map must map tensor names to shard file names")
-            for shard in sorted(set(weight_map.values())):
-                if not (self.src / shard).is_file():
-                    raise ConfigError(key, f"missing shard {shard} listed in {index.name}")
-            self.files = {name: self.src / shard for name, shard in weight_map.items()}
-        elif (self.src / "model.safetensors").is_file():
-            self.files = dict.fromkeys(self._safetensors_names(self.src / "model.safetensors"),
-                                       self.src / "model.safetensors")
-        elif (self.src / "pytorch_model.bin").is_file():
-            self.files = dict.fromkeys(self._bin(self.src / "pytorch_model.bin"), self.src / "pytorch_model.bin")
-        else:
-            raise ConfigError(key, f"{self.src} has no model.safetensors, safetensors index or pytorch_model.bin")
-        self._read_headers()
-
-    def _safetensors_names(self, path: Path) -> list[str]:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
-        except Exception as exc:  # a truncated or foreign file
-            raise ConfigError(self.key, f"{path.name}: not a readable safetensors file ({exc})") from None
-
-    def _bin(self, path: Path) -> dict:
-        if path not in self._bins:
-            try:
-                self._bins[path] = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
-                raise ConfigError(self.key, f"{path.name}: cannot load with weights_only=True ({exc})") from None
-        return self._bins[path]
-
-    def _read_headers(self) -> None:
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for name, path in self.files.items():
-            by_file.setdefault(path, []).append(name)
-        for path, names in by_file.items():
-            if path.suffix == ".safetensors":
-                try:
-                    with safe_open(str(path), framework="pt") as f:
-                        present = set(f.keys())
-                        for name in names:
-                            if name not in present:
-                                raise ConfigError(self.key, f"{path.name} lacks tensor {name} listed in the index")
-                            sl = f.get_slice(name)
-                            self._shapes[name] = tuple(sl.get_shape())
-                            self._dtypes[name] = _st_dtype(sl.get_dtype())
-                except ConfigError:
-                    raise
-                except Exception as exc:
-                    raise ConfigError(self.key, f"{path.name}: not a readable safetensors file ({exc})") from None
-            else:
-                tensors = self._bin(path)
-                for name in names:
-                    if name not in tensors:
-                        raise ConfigError(self.key, f"{path.name} lacks tensor {name} listed in the index")
-                    self._shapes[name] = tuple(tensors[name].shape)
-                    self._dtypes[name] = tensors[name].dtype
+        self._bins: dict[Path, dict] = {}  # the .bin files, loaded once
+        self.files = hfdir.weight_files(self.src, key, self._bins)  # tensor name -> file
+        specs = hfdir.tensor_specs(self.files, key, self._bins)
+        self._shapes = {name: shape for name, (_, shape) in specs.items()}
+        self._dtypes = {name: dtype if isinstance(dtype, torch.dtype) else _st_dtype(dtype)
+                        for name, (dtype, _) in specs.items()}
 
     def names(self) -> list[str]:
         return list(self.files)
@@ -395,7 +314,7 @@ class HFWeights:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 return f.get_tensor(name)
-        return self._bin(path)[name]
+        return self._bins[path][name]
 
     def check(self, m: ModelConfig, head: str, tied: bool) -> None:
         """Every tensor the model needs is present with the right shape and a floating-point dtype; nothing

@@ -26,10 +26,11 @@ import torch
 from evolm_nemo.checkpoint import io
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ParallelConfig
-from evolm_nemo.conversion import hf
+from evolm_nemo.conversion import hf, hfdir
 from evolm_nemo.conversion.config import check_probe
 from evolm_nemo.conversion.export import (TOKENIZER_FILES, hf_logits, megatron_logits, parse_dtype, probe_ids,
                                           release_memory, single_process)
+from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.fileio import check_dst, check_writable, commit_dir, resolved, temp_dir
 from evolm_nemo.model.build import build_model
 from evolm_nemo.model.heads import build_value_model
@@ -74,7 +75,7 @@ def _import_hf(cfg) -> Path:
         raise ConfigError("dst", "must be set: dst=<checkpoint directory to create>")
     src = resolved(cfg.src, "src")
     check_probe(cfg)
-    raw = hf.read_config(src)
+    raw = hfdir.read_config(src)
     hf.check_config(raw)
     head = hf.head_kind(raw)
     if cfg.verify and "model_type" not in raw:
@@ -93,6 +94,12 @@ def _import_hf(cfg) -> Path:
         tok_files = [n for n in TOKENIZER_FILES if (tok_src / n).is_file()]
     if not tok_files:
         raise ConfigError("tokenizer", f"no tokenizer files in {tok_src}; pass tokenizer=<HF tokenizer dir>")
+    # the files are copied verbatim: they must load now, not at the first use of the checkpoint
+    tok_key = "tokenizer" if cfg.tokenizer else "src"
+    tok = load_tokenizer(tok_src, key=tok_key)
+    if len(tok) > m.vocab_size:
+        raise ConfigError(tok_key, f"the tokenizer in {tok_src} has {len(tok)} tokens, more than the model's "
+                                   f"vocab_size={m.vocab_size}: ids from {m.vocab_size} on have no embedding")
     dst = resolved(cfg.dst, "dst")
     check_writable(dst, "dst", directory=True)
     check_dst(dst, cfg.overwrite, sources=(src, tok_src), kind="hf-import")

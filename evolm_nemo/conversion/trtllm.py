@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.conversion import hf
+from evolm_nemo.conversion import hf, hfdir
 from evolm_nemo.conversion.export import TOKENIZER_FILES
 from evolm_nemo.fileio import check_dst, commit_dir, resolved, temp_dir
 
@@ -30,7 +30,7 @@ def _check(cfg) -> tuple[Path, Path, dict]:
     if not cfg.dst:
         raise ConfigError("dst", "must be set: dst=<engine directory to create>")
     src = resolved(cfg.src, "src")
-    raw = hf.read_config(src)
+    raw = hfdir.read_config(src)
     hf.check_config(raw)
     if hf.head_kind(raw) != "lm":
         raise ConfigError("architectures", "TensorRT-LLM engines are built for LlamaForCausalLM only")

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, List, Sequence
 
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, first_line
 from evolm_nemo.fileio import replace_dir, staged_dir
 
 # Special tokens of the generated tokenizer, in id order (Llama-2 uses the same strings: unk 0, bos 1, eos 2).
@@ -37,13 +37,32 @@ def _plain_fast(path: Path) -> bool:
             and "auto_map" not in cfg and (path / "tokenizer.json").is_file())
 
 
-def load_tokenizer(name_or_dir, trust_remote_code: bool = False, key: str = "tokenizer"):
-    """An HF tokenizer from a local directory or a hub name, through ``AutoTokenizer``; it must have an EOS id.
+# the JSON files a tokenizer directory may hold: the first that does not parse is named when loading fails
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json")
 
-    Failures become one-line ConfigErrors naming ``key``. A local directory whose ``tokenizer_config.json`` names
-    ``PreTrainedTokenizerFast`` (ours, from :func:`train_tokenizer`, and any plain ``tokenizer.json`` tokenizer) is
-    loaded by that class directly: the class ``AutoTokenizer`` would pick, without importing its registry of every
-    model family (about 0.3 s of each process's start).
+
+def _damaged_json(path: Path) -> str | None:
+    """``"<file>: invalid JSON (...)"`` for the first of ``path``'s tokenizer JSON files that does not parse."""
+    for name in TOKENIZER_JSON:
+        try:
+            json.loads((path / name).read_text(encoding="utf-8"))
+        except OSError:
+            continue  # absent (or unreadable: the loader's own message says so)
+        except (ValueError, RecursionError) as exc:
+            return f"{path / name}: invalid JSON ({first_line(exc)}); the file is damaged or cut short"
+    return None
+
+
+def load_tokenizer(name_or_dir, trust_remote_code: bool = False, key: str = "tokenizer", require_eos: bool = True):
+    """An HF tokenizer from a local directory or a hub name, through ``AutoTokenizer``; with ``require_eos`` it must
+    have an EOS id.
+
+    Failures become one-line ConfigErrors naming ``key`` (and, for a local directory, the damaged JSON file when one
+    is why). A local directory whose ``tokenizer_config.json`` names ``PreTrainedTokenizerFast`` (ours, from
+    :func:`train_tokenizer`, and any plain ``tokenizer.json`` tokenizer) is loaded by that class directly: the class
+    ``AutoTokenizer`` would pick, without importing its registry of every model family (about 0.3 s of each
+    process's start).
     """
     name = str(name_or_dir)
     path = Path(name).expanduser()
@@ -58,9 +77,9 @@ def load_tokenizer(name_or_dir, trust_remote_code: bool = False, key: str = "tok
     try:
         tok = Loader.from_pretrained(str(path) if path.exists() else name, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers/hub raise many types; report the first line only
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(key, f"cannot load tokenizer {name!r}: {first}") from None
-    if tok.eos_token_id is None:
+        damaged = _damaged_json(path) if path.is_dir() else None
+        raise ConfigError(key, damaged or f"cannot load tokenizer {name!r}: {first_line(exc)}") from None
+    if require_eos and tok.eos_token_id is None:
         raise ConfigError(key, f"tokenizer {name!r} has no EOS token; documents could not be delimited")
     return tok
 

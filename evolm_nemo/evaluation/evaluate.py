@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from evolm_nemo.config.errors import ConfigError, check_seed
+from evolm_nemo.config.errors import ConfigError, check_seed, first_line
 from evolm_nemo.config.tokens import parse_tokens
+from evolm_nemo.conversion import hfdir
+from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.evaluation import rm as rm_mod
 from evolm_nemo.evaluation import sampling
 from evolm_nemo.evaluation import tasks as registry
@@ -100,6 +102,56 @@ def has_tokenizer(path) -> bool:
     return any(f.is_file() and (f.name.startswith(("tokenizer", "vocab")) or f.name == "merges.txt"
                                 or f.suffix in (".tiktoken", ".model"))
                for f in Path(path).iterdir())
+
+
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def check_model(path: str, key: str = "model", head: str = "lm", trust_remote_code: bool = False) -> None:
+    """The HF model directory ``path`` will load, checked without loading it (once the settings and data are read,
+    before any model is): ``config.json``, each weight file's header (a cut-short safetensors; a
+    ``pytorch_model.bin`` read with weights_only=True), the model transformers builds from ``config.json`` (on the
+    meta device: no memory) against the stored tensor shapes, the tokenizer, and the tokenizer against the embedding
+    rows. ``head``: "lm" (AutoModelForCausalLM) or "value" (AutoModelForSequenceClassification, the reward model).
+    One line naming ``key`` and the file, field or tensor; these were tracebacks once the model loaded (for the
+    reward model: after all the sampling). A TensorRT-LLM engine directory (``*.engine``) has no HF weights: its
+    config.json and tokenizer are checked."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    spec = hfdir.read_config(path, key)
+    if any(Path(path).glob("*.engine")):
+        load_tokenizer(path, trust_remote_code, key=key, require_eos=False)
+        return
+    bins: dict = {}  # a pytorch_model*.bin, loaded (weights_only) once and let go once its shapes are read
+    files = hfdir.weight_files(path, key, bins)
+    stored = hfdir.tensor_specs(files, key, bins)
+    del bins
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        auto = AutoModelForSequenceClassification if head == "value" else AutoModelForCausalLM
+        with torch.device("meta"):
+            model = auto.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers' config validation, an unknown architecture, remote code not allowed
+        raise ConfigError(key, f"{Path(path) / 'config.json'}: transformers cannot build the model it describes "
+                               f"({first_line(exc)[:300]})") from None
+    if "quantization_config" not in spec:  # a quantized checkpoint stores packed shapes of its own
+        for name, want in model.state_dict().items():  # in the model's order: the embedding first
+            if name in stored and tuple(stored[name][1]) != tuple(want.shape):
+                unset = [f for f in SIZE_FIELDS if f not in spec and hasattr(config, f)]
+                hint = (f" (it sets no {', '.join(unset)}: transformers used its default"
+                        f"{'s' if len(unset) > 1 else ''} {', '.join(str(getattr(config, f)) for f in unset)})"
+                        if unset else "")
+                raise ConfigError(key, f"tensor {name} in {files[name].name} has shape {list(stored[name][1])}, "
+                                       f"{Path(path) / 'config.json'} implies {list(want.shape)}{hint}")
+    tok = load_tokenizer(path, trust_remote_code, key=key, require_eos=False)
+    try:
+        rows = model.get_input_embeddings().weight.shape[0]
+    except Exception:  # a model class without the accessor: nothing to compare
+        return
+    if len(tok) > rows:
+        raise ConfigError(key, f"its tokenizer has {len(tok)} tokens, more than the model's {rows} embedding rows "
+                               f"(vocab_size in {Path(path) / 'config.json'}): ids from {rows} on have no embedding")
 
 
 def _meta(cfg) -> dict:
@@ -366,6 +418,9 @@ def downstream(cfg: DownstreamConfig) -> dict:
     out = _out_dir(cfg)
     replace = check_out(cfg, out)  # before hours of sampling, not at the first write after them
     loaded = _load_tasks(cfg)
+    check_model(cfg.model, "model", "lm", cfg.trust_remote_code)
+    if cfg.rm:
+        check_model(cfg.rm, "rm", "value", cfg.trust_remote_code)  # before the sampling, not after it
     if replace:
         clear_out(out)
     rows, stats = sample_rows(cfg, loaded, out)
@@ -406,6 +461,7 @@ def upstream(cfg: UpstreamConfig) -> dict:
     meta = _meta(cfg)
     replace = check_out(cfg, _out_dir(cfg))  # before the harness runs
     up.check(cfg.model, cfg.tasks, cfg.tasks_dir, cfg.data_dir, limit=cfg.limit, device=cfg.device, dtype=cfg.dtype)
+    check_model(cfg.model, "model", "lm", cfg.trust_remote_code)
     if replace:  # another model's results go only once every setting and the data are known to be good
         clear_out(_out_dir(cfg))
     summary, raw = up.run(cfg.model, cfg.tasks, tasks_dir=cfg.tasks_dir, data_dir=cfg.data_dir, batch_size=batch,

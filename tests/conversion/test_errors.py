@@ -212,6 +212,50 @@ def test_integer_tensors_are_refused_not_imported_as_fp32(good, tmp_path, capsys
     fails(capsys, tmp_path, ["import-hf", f"src={src}"], "src", name, "is int8", "dequantize")
 
 
+def test_a_tokenizer_that_does_not_load_is_refused_naming_the_file(good, tmp_path, capsys):
+    """The tokenizer files are copied into the checkpoint verbatim: a tokenizer.json cut short was imported (exit 0)
+    and failed only at the checkpoint's first use. Now it is loaded first: one line naming the file, under src= or
+    tokenizer= (whichever it came from)."""
+    src = variant(good, tmp_path)
+    tok = src / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes()[: tok.stat().st_size // 2])
+    fails(capsys, tmp_path, ["import-hf", f"src={src}"], "src", f"{tok}: invalid JSON", "cut short")
+    fails(capsys, tmp_path, ["import-hf", f"src={good / 'single'}", f"tokenizer={src}"], "tokenizer",
+          f"{tok}: invalid JSON")
+
+
+def test_a_tokenizer_with_more_tokens_than_the_vocabulary_is_refused(good, tmp_path, capsys):
+    """Ids past vocab_size have no embedding row: such a tokenizer is refused, not copied into the checkpoint."""
+    from transformers import AutoTokenizer
+
+    src = variant(good, tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    tok.add_tokens([f"<extra_{i}>" for i in range(512 - len(tok) + 1)])
+    tok.save_pretrained(str(src))
+    fails(capsys, tmp_path, ["import-hf", f"src={src}"], "src", "513 tokens", "vocab_size=512")
+
+
+def test_a_bin_holding_pickled_code_is_one_line_without_torchs_advice(good, tmp_path, capsys):
+    """A pytorch_model.bin with a pickle payload was refused with torch's whole multi-line message, including "Re-running
+    `torch.load` with `weights_only` set to False will likely succeed" -- advice not to pass on. Now one line; the
+    payload never runs."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.evaluation._tiny import Payload
+
+    src = variant(good, tmp_path)
+    tensors = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    marker = tmp_path / "payload_ran"
+    torch.save({**tensors, "payload": Payload(marker)}, src / "pytorch_model.bin")
+    line = fails(capsys, tmp_path, ["import-hf", f"src={src}"], "src", "pytorch_model.bin: cannot load with "
+                 "weights_only=True (it holds more than tensors: a reference to ", "open); convert it to "
+                 "safetensors with a tool you trust")
+    assert "set to False" not in line and "allowlist" not in line and "safe_globals" not in line
+    assert not marker.exists()
+
+
 @pytest.fixture(scope="module")
 def ckpt(good, tmp_path_factory):
     """A megatron checkpoint made by import-hf (in this process; its group is torn down)."""

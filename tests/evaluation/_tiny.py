@@ -87,3 +87,64 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+# damages of a model directory that transformers finds only while loading it (or later): name -> what the one-line
+# refusal names. `damaged_copy` makes them on a copy of a tiny model directory.
+DAMAGES = {
+    "truncated_safetensors": "model.safetensors: not a readable safetensors file",
+    "heads_not_dividing": "not a multiple of the number of attention heads",
+    "vocab_size_edited": "model.embed_tokens.weight in model.safetensors has shape",
+    "hidden_size_missing": "it sets no hidden_size",
+    "tokenizer_cut_short": "tokenizer.json: invalid JSON",
+    "config_not_json": "config.json: invalid JSON",
+    "pickled_code_bin": "pytorch_model.bin: cannot load with weights_only=True (it holds more than tensors",
+}
+
+
+class Payload:
+    """Pickled code (a call of ``open(marker, "w")``): what weights_only=True refuses. Run only by an unsafe load,
+    which the marker file would show."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def damaged_copy(model_dir: Path, dst: Path, damage: str) -> Path:
+    """A copy of the HF directory ``model_dir`` at ``dst`` with one of ``DAMAGES`` (``pickled_code_bin``: its payload
+    would create ``<dst>.unsafe``)."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, dst)
+    config = json.loads((dst / "config.json").read_text())
+    weights = dst / "model.safetensors"
+    if damage == "truncated_safetensors":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "heads_not_dividing":
+        config.update(num_attention_heads=5, num_key_value_heads=5)
+        config.pop("head_dim", None)
+    elif damage == "vocab_size_edited":
+        config["vocab_size"] -= 7
+    elif damage == "hidden_size_missing":
+        del config["hidden_size"]
+    elif damage == "tokenizer_cut_short":
+        tok = dst / "tokenizer.json"
+        tok.write_bytes(tok.read_bytes()[: tok.stat().st_size // 2])
+    elif damage == "config_not_json":
+        (dst / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],\n')
+        return dst
+    elif damage == "pickled_code_bin":
+        import torch
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(weights))
+        weights.unlink()
+        torch.save({**tensors, "payload": Payload(dst.with_name(dst.name + ".unsafe"))}, dst / "pytorch_model.bin")
+    else:
+        raise ValueError(damage)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst

@@ -9,7 +9,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import sampling
 from evolm_nemo.evaluation.sampling import Spec
 from evolm_nemo.tasks import cut_at_stop
-from tests.evaluation._tiny import make_lm, one_thread
+from tests.evaluation._tiny import DAMAGES, damaged_copy, make_lm, one_thread
 
 PROMPTS = [
     "Human: What is 2 + 3?\nAssistant:",
@@ -317,6 +317,43 @@ def test_eval_downstream_bad_settings_before_the_model_loads(lm, tmp_path, capsy
         assert f"no problems in {data / 'math.jsonl'}" in line
     if extra[0] == f"rm={causal}":
         assert "LlamaForCausalLM, not a reward model" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_model_directory_is_one_line_before_sampling(lm, tmp_path, capsys, damage):
+    """A model directory transformers fails on only while loading it -- safetensors cut short, heads that do not
+    divide the hidden size, a vocab_size or hidden_size its tensors do not have, tokenizer.json cut short, config.json
+    not JSON, a pytorch_model.bin holding pickled code -- was a safetensors / transformers / torch traceback (exit 1;
+    torch's advising to load the .bin with weights_only=False): now one line naming the file or field, before any
+    model loads; nothing written, and the .bin's code never runs."""
+    from tests.conftest import REPO, refused_in_process
+
+    model = damaged_copy(lm[0], tmp_path / "model", damage)
+    out = tmp_path / "out"
+    line = refused_in_process(capsys, "eval", ["downstream", f"model={model}", "tasks=[gsm8k_platinum]",
+                                               f"data_dir={REPO / 'tests' / 'fixtures' / 'eval'}", "limit=1", "n=2",
+                                               "max_new_tokens=4", "backend=hf", f"out={out}"], "model")
+    assert DAMAGES[damage] in line, line
+    assert "weights_only` set to False" not in line and "allowlist" not in line, line
+    assert not out.exists() and not (tmp_path / "model.unsafe").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated_safetensors", "tokenizer_cut_short"])
+def test_a_damaged_reward_model_is_one_line_before_sampling(lm, tmp_path, capsys, damage):
+    """A damaged rm= directory was found only after all the sampling (a traceback once completions.jsonl was
+    written): refused in one line naming rm and the file, before the policy is loaded."""
+    from tests.conftest import REPO, refused_in_process
+    from tests.evaluation._tiny import make_rm
+
+    make_rm(tmp_path / "rm_src")
+    rm_dir = damaged_copy(tmp_path / "rm_src", tmp_path / "rm", damage)
+    out = tmp_path / "out"
+    line = refused_in_process(capsys, "eval", ["downstream", f"model={lm[0]}", f"rm={rm_dir}",
+                                               "tasks=[gsm8k_platinum]",
+                                               f"data_dir={REPO / 'tests' / 'fixtures' / 'eval'}", "limit=1", "n=2",
+                                               "max_new_tokens=4", "backend=hf", f"out={out}"], "rm")
+    assert DAMAGES[damage] in line, line
     assert not out.exists()
 
 

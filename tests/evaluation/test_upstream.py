@@ -13,7 +13,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import upstream
 from evolm_nemo.tasks import UPSTREAM
 from tests.conftest import REPO, run_evolm
-from tests.evaluation._tiny import make_lm, one_thread
+from tests.evaluation._tiny import DAMAGES, damaged_copy, make_lm, one_thread
 
 threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 TASKS_DIR = REPO / "eval" / "upstream"
@@ -213,6 +213,20 @@ def test_damaged_local_data_is_one_line_naming_the_file(lm, tmp_path, capsys, da
     err = refused_in_process(capsys, "eval", ["upstream", f"model={lm[0]}", f"tasks_dir={TASKS_DIR}",
                                               f"data_dir={data}", "tasks=[arc_easy,piqa]", f"out={out}"], key)
     assert message in err and "piqa.jsonl" in err and not out.exists()
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_model_directory_is_one_line_before_lm_eval(lm, tmp_path, capsys, damage):
+    """The damages `eval downstream` refuses (tests/evaluation/test_sampling.py) were tracebacks out of lm-eval's
+    model load here too: one line naming the file or field, before the harness runs; nothing written."""
+    from tests.conftest import refused_in_process
+
+    model = damaged_copy(lm[0], tmp_path / "model", damage)
+    out = tmp_path / "up"
+    err = refused_in_process(capsys, "eval", ["upstream", f"model={model}", f"tasks_dir={TASKS_DIR}",
+                                              f"data_dir={SAMPLE}", "tasks=[piqa]", "limit=4", f"out={out}"], "model")
+    assert DAMAGES[damage] in err and "weights_only` set to False" not in err, err
+    assert not out.exists() and not (tmp_path / "model.unsafe").exists()
 
 
 def test_row_fields_are_the_task_yamls_and_the_samples(tmp_path):

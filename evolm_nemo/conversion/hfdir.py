@@ -1,0 +1,132 @@
+"""An HF model directory read without building its model: ``config.json``, which file holds each tensor (a shard
+index, ``model.safetensors`` or ``pytorch_model.bin``) and each tensor's dtype and shape (safetensors headers; a
+``.bin`` only through ``torch.load(weights_only=True)``). A damaged file is a one-line ConfigError naming ``key`` and
+the file. Shared by `evolm import-hf` (``conversion.hf.HFWeights``) and `evolm eval` (the model and the reward model,
+checked before any sampling); nothing here imports torch unless a ``.bin`` is read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from evolm_nemo.config.errors import ConfigError, first_line
+
+INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def read_config(src: Path, key: str = "src") -> dict:
+    """``<src>/config.json`` as a dict (a missing, unparsable or non-object file is one line naming ``key``)."""
+    path = Path(src) / "config.json"
+    if not Path(src).is_dir():
+        raise ConfigError(key, f"{src} is not a directory")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise ConfigError(key, f"{path} not found (an HF model directory has a config.json)") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ConfigError(key, f"{path}: invalid JSON ({str(exc).splitlines()[0] if str(exc) else 'too deep'})") \
+            from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(key, f"{path}: expected a JSON object of model settings, got a {type(cfg).__name__}")
+    return cfg
+
+
+def weight_files(src: Path, key: str = "src", bins: dict | None = None) -> dict[str, Path]:
+    """Tensor name -> the file holding it: the shard index's map (every shard it lists must exist), else the names in
+    the one ``model.safetensors`` or ``pytorch_model.bin``. ``bins`` caches the ``.bin`` dicts loaded on the way."""
+    src = Path(src)
+    index = next((src / n for n in INDEXES if (src / n).is_file()), None)
+    if index is not None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(key, f"{index}: unreadable index ({type(exc).__name__}: {exc})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise ConfigError(key, f"{index}: weight_map must map tensor names to shard file names")
+        for shard in sorted(set(weight_map.values())):
+            if not (src / shard).is_file():
+                raise ConfigError(key, f"missing shard {shard} listed in {index.name}")
+        return {name: src / shard for name, shard in weight_map.items()}
+    if (src / "model.safetensors").is_file():
+        return dict.fromkeys(safetensors_specs(src / "model.safetensors", key), src / "model.safetensors")
+    if (src / "pytorch_model.bin").is_file():
+        return dict.fromkeys(_cached_bin(src / "pytorch_model.bin", key, bins), src / "pytorch_model.bin")
+    raise ConfigError(key, f"{src} has no model.safetensors, safetensors index or pytorch_model.bin")
+
+
+def safetensors_specs(path: Path, key: str = "src") -> dict[str, tuple[str, tuple]]:
+    """Tensor name -> (dtype name as the header writes it: ``F32``, ``BF16`` ..., shape) of a safetensors file, from
+    its header; the library checks the header describes exactly the bytes the file holds (a cut-short file fails)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:  # headers only: no tensor is read, torch not needed
+            specs = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                specs[name] = (sl.get_dtype(), tuple(sl.get_shape()))
+            return specs
+    except Exception as exc:  # a truncated or foreign file
+        raise ConfigError(key, f"{path.name}: not a readable safetensors file ({first_line(exc)})") from None
+
+
+def load_bin(path: Path, key: str = "src") -> dict:
+    """A ``pytorch_model*.bin`` loaded with ``torch.load(weights_only=True)`` (memory-mapped when it is torch's zip
+    format), never unsafely. A file holding more than tensors (pickled code) is refused in one line, without
+    torch's advice to load it unsafely or to allow-list what it names."""
+    import pickle
+    import warnings
+    import zipfile
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": a second line on stderr
+            warnings.simplefilter("ignore")
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:  # what weights_only refuses: code or classes beyond tensors, or garbage
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        why = f"it holds more than tensors: a reference to {found[1]}" if found else \
+            "it is not a plain file of tensors: damaged, or pickled by other means"
+        raise ConfigError(key, f"{path.name}: cannot load with weights_only=True ({why}); convert it to safetensors "
+                               "with a tool you trust") from None
+    except Exception as exc:  # a truncated or foreign file
+        first = first_line(exc).split(". ")[0]  # torch adds sentences of advice
+        raise ConfigError(key, f"{path.name}: not a readable PyTorch weights file ({type(exc).__name__}: "
+                               f"{first[:200]})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(key, f"{path.name}: expected a dict of tensors, got a {type(state).__name__}")
+    return state
+
+
+def _cached_bin(path: Path, key: str, bins: dict | None) -> dict:
+    if bins is None:
+        return load_bin(path, key)
+    if path not in bins:
+        bins[path] = load_bin(path, key)
+    return bins[path]
+
+
+def tensor_specs(files: dict[str, Path], key: str = "src", bins: dict | None = None) -> dict[str, tuple]:
+    """Tensor name -> (dtype, shape) for ``files`` (:func:`weight_files`): every file readable and holding the tensors
+    listed for it. A safetensors tensor's dtype is its header's name (``F32`` ...), a ``.bin``'s the torch dtype."""
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    specs = {}
+    for path, names in by_file.items():
+        if path.suffix == ".safetensors":
+            held = safetensors_specs(path, key)
+        else:  # a tensor's (dtype, shape); None for another value (weights_only also loads ints, lists ...)
+            held = {name: (value.dtype, tuple(value.shape)) if hasattr(value, "shape") and hasattr(value, "dtype")
+                    else None for name, value in _cached_bin(path, key, bins).items()}
+        for name in names:
+            if name not in held:
+                raise ConfigError(key, f"{path.name} lacks tensor {name} listed in the index")
+            if held[name] is None:
+                raise ConfigError(key, f"{path.name}: {name} is not a tensor")
+            specs[name] = held[name]
+    return specs
