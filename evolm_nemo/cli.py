@@ -105,6 +105,41 @@ def _show(command: str, overrides: list[str]) -> int | None:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM in a command that has no handler of its own: raised in the main thread so that the command unwinds as
+    on Ctrl-C -- its temporaries removed, its worker pools stopped, its output locks released -- and ends with one
+    line and exit code 143 (the default action killed it on the spot, leaving those behind)."""
+
+
+# commands that take SIGTERM themselves: a training saves and stops after its iteration (train.loop), the suite
+# launcher passes it on to its node (suite.launch)
+OWN_SIGTERM = ("train", "pipeline", "suite")
+
+
+def _terminate_on_sigterm():
+    """Install the handler (unless SIGTERM is handled already); returns what to restore when the command ends."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None  # only the main thread may set handlers (a command called from a thread keeps the default)
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
+        return None  # someone (a launcher, a test harness) handles it already
+    main_pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != main_pid:  # a forked worker inherited this: it dies as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -127,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == routed and any(o.startswith(key) for o in overrides):
             target = other
     module_name, func_name = target.split(":")
+    restore = _terminate_on_sigterm() if command not in OWN_SIGTERM else None
     try:
         func = getattr(importlib.import_module(module_name), func_name)
         result = func(overrides)
@@ -136,8 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("stopped by SIGTERM", file=sys.stderr)
+        return 143
     finally:
         release_outputs()  # the outputs it locked (fileio.lock_output) are free for the next command
+        if restore is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, restore)
     return int(result or 0)
 
 

@@ -38,7 +38,9 @@ import csv
 import glob
 import io
 import json
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +49,8 @@ from typing import Optional
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import dynamics as dyn
 from evolm_nemo.evaluation.render import md_table as _md_table, save_png as _save
-from evolm_nemo.fileio import check_writable, lock_file, owned_elsewhere, unlock, write_json, write_text
+from evolm_nemo.fileio import (OWNER, check_writable, lock_file, lock_output, owned_elsewhere, temp_dir, unlock,
+                               write_json, write_text)
 from evolm_nemo.tasks import ID_SUITES, OOD_SUITES, UPSTREAM, UPSTREAM_NAMES
 
 SCHEMA = "evolm-result/1"
@@ -505,9 +508,21 @@ def build(pattern: str | None, out: str, dynamics: str | None = None) -> dict:
     if foreign is not None:
         raise ConfigError("out", f"{foreign}; a report goes in a directory of its own: pick another out")
     check_writable(out, "out", directory=True)  # not an existing file, and writable: before any work
+    lock_output(out, "out")  # a second report into ``out`` at the same time is refused in one line
     results = sorted((d for _, d in load_results(pattern)), key=_sort_key) if pattern is not None else []
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    final = Path(out)
+    final.mkdir(parents=True, exist_ok=True)
+    out_dir = temp_dir(final, owned=True)  # drawn here, then moved into ``out`` at once: never half a report there
+    try:
+        made = _build(results, out_dir, curves)
+        for name in sorted(p.name for p in out_dir.iterdir() if p.name != OWNER):
+            os.replace(out_dir / name, final / name)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return {k: None if v is None else str(final / Path(v).name) for k, v in made.items()}
+
+
+def _build(results: list[dict], out_dir: Path, curves) -> dict:
     plots = {}
     if results:
         plots = {

@@ -116,10 +116,10 @@ def test_another_models_evaluation_is_replaced_only_with_overwrite(capsys, tmp_p
 
 
 def test_an_output_another_command_is_writing_is_refused(capsys, tmp_path, world):
-    """Two `evolm score` into one output, or two evaluations (any models, any modes) into one out, both ran to the end
-    and the later one's files replaced or mixed with the earlier one's. Now the output is locked while a command
-    writes it: a second one is refused in one line naming the holder's pid, before any model or data loads; once
-    the holder ends, the same command runs."""
+    """Two `evolm score` into one output, two evaluations (any models, any modes) or two reports into one out, both
+    ran to the end and the later one's files replaced or mixed with the earlier one's. Now the output is locked while
+    a command writes it: a second one is refused in one line naming the holder's pid, before any model or data
+    loads; once the holder ends, the same command runs."""
     import subprocess
     import sys
 
@@ -140,6 +140,8 @@ def test_an_output_another_command_is_writing_is_refused(capsys, tmp_path, world
                  "is being written by another command", pid)
         _refused(capsys, ["eval", "upstream", f"model={world['model']}", f"tasks_dir={REPO / 'eval' / 'upstream'}",
                           "tasks=[piqa]", f"out={out}"], "out", "is being written by another command", pid)
+        _refused(capsys, ["report", f"runs={tmp_path / 'none' / '*.json'}", f"out={out}"], "out",
+                 "is being written by another command", pid)
         assert not scored.exists() and not out.exists()
     finally:
         holder.kill()

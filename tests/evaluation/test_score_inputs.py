@@ -147,3 +147,31 @@ def test_a_problem_twice_is_refused(tmp_path, capsys):
     line = _one_line(capsys)
     assert line == f"error: {path}:4: gsm8k_platinum problem id 7 again (first at {path}:1); each problem is one row"
     assert not (tmp_path / "c.scored.jsonl").exists()
+
+
+def test_sigterm_mid_scoring_is_one_line_and_leaves_nothing(tmp_path):
+    """SIGTERM's default action killed a command on the spot: its output lock and temporaries stayed behind (a killed
+    `evolm report` left a `.dynamics.png.*` no later run removed; a killed `prepare-sft` its pool's semaphores, with
+    a two-line warning). Commands without a SIGTERM rule of their own now unwind as on Ctrl-C: one line, exit 143,
+    nothing left."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import evolm_cmd, subprocess_env
+
+    rows = [{**_row(), "id": i, "completions": [f"so \\boxed{{{i % 7 + j}}}" for j in range(16)]} for i in range(4000)]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out" / "scored.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.Popen(evolm_cmd("score", [f"input={inp}", f"output={out}", "workers=1", "progress=false"]),
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = out.parent / f".{out.name}.lock"
+    deadline = time.time() + 60
+    while not lock.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(1.0)  # reading and scoring (about 6 s in all)
+    assert proc.poll() is None, "scoring ended before the signal"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().splitlines() == ["stopped by SIGTERM"], (proc.returncode, err)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []  # no lock, no temporary, no half file
