@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.fileio import write_text
+from evolm_nemo.fileio import lock_output, owned_elsewhere, write_text
 from evolm_nemo.suite import takeaways
 from evolm_nemo.suite.spec import Suite
 from evolm_nemo.tasks import UPSTREAM_NAMES
@@ -175,8 +175,12 @@ def csv_text(t: _Tables) -> str:
 def write(suite: Suite, out: str | Path | None = None) -> Path:
     """Write ``report.md``, ``report.csv`` and ``takeaways.png`` (when a claim has numbers) into ``out`` (default
     ``<root>/report``) and print the Markdown. Returns the directory."""
-    t = build(suite)
     out = Path(str(out or Path(suite.root) / "report"))
+    foreign = owned_elsewhere(out)
+    if foreign is not None:
+        raise ConfigError("out", f"{foreign}; a report goes in a directory of its own: pick another out")
+    lock_output(out, "out")  # a second report into ``out`` at the same time is refused in one line
+    t = build(suite)
     figure = takeaways.plot(t.claims, out / "takeaways.png") if t.figure_at is not None else None
     if figure is None:  # an earlier report's figure would show numbers this report no longer has
         (out / "takeaways.png").unlink(missing_ok=True)

@@ -142,6 +142,8 @@ def test_an_output_another_command_is_writing_is_refused(capsys, tmp_path, world
                           "tasks=[piqa]", f"out={out}"], "out", "is being written by another command", pid)
         _refused(capsys, ["report", f"runs={tmp_path / 'none' / '*.json'}", f"out={out}"], "out",
                  "is being written by another command", pid)
+        _refused(capsys, ["report", "suite=tiny", f"root={tmp_path / 'suite'}", f"out={out}"], "out",
+                 "is being written by another command", pid)
         assert not scored.exists() and not out.exists()
     finally:
         holder.kill()
