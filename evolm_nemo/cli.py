@@ -105,10 +105,11 @@ def _show(command: str, overrides: list[str]) -> int | None:
     return 0
 
 
-class Terminated(BaseException):
+class Terminated(KeyboardInterrupt):
     """SIGTERM in a command that has no handler of its own: raised in the main thread so that the command unwinds as
-    on Ctrl-C -- its temporaries removed, its worker pools stopped, its output locks released -- and ends with one
-    line and exit code 143 (the default action killed it on the spot, leaving those behind)."""
+    on Ctrl-C -- its temporaries removed, its worker pools stopped, its output locks released; whatever lets Ctrl-C
+    through lets this through -- and ends with one line and exit code 143 (the default action killed it on the spot,
+    leaving those behind)."""
 
 
 # commands that take SIGTERM themselves: a training saves and stops after its iteration (train.loop), the suite
@@ -169,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print_error(exc.key, exc.message)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     except Terminated:
         print("stopped by SIGTERM", file=sys.stderr)
         return 143
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         release_outputs()  # the outputs it locked (fileio.lock_output) are free for the next command
         if restore is not None:

@@ -15,6 +15,8 @@ def _unwrap_text(s: str) -> str:
 def _literal_or_str(s: str):
     try:
         return ast.literal_eval(s)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM stop the command, as anywhere else
+        raise
     except BaseException:  # SyntaxError, ValueError, MemoryError, RecursionError, ... (the reference: bare except)
         return s
 
@@ -28,6 +30,8 @@ def _crux_equiv_evolm(a: str, b: str) -> bool:
 
     try:
         return bool(_literal_or_str(norm(a)) == _literal_or_str(norm(b)))
+    except (KeyboardInterrupt, SystemExit):
+        raise
     except BaseException:
         return False
 
@@ -58,6 +62,8 @@ def _crux_value_strict(s: str):
         if candidate:
             try:
                 return ast.literal_eval(candidate)
+            except (KeyboardInterrupt, SystemExit):
+                raise
             except BaseException:
                 pass
     return s  # an unquoted string answer stands for itself
@@ -66,5 +72,7 @@ def _crux_value_strict(s: str):
 def _crux_equiv_strict(a: str, b: str) -> bool:
     try:
         return _same_value(_crux_value_strict(a), _crux_value_strict(b))
+    except (KeyboardInterrupt, SystemExit):
+        raise
     except BaseException:
         return False

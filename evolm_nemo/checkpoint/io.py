@@ -319,7 +319,7 @@ def _say_passed_over(root: Path, found: Path) -> None:
         why = problem(newer)
         if why is not None and (newer / META).is_file() and _ours(newer, run):  # committed once, damaged since
             _PASSED_OVER.add(str(newer))
-            if _rank() == 0:
+            if _rank() == 0 and os.environ.get("RANK", "0") == "0":  # torchrun's ranks plan before the group exists
                 print(f"[evolm] note: passing over checkpoint {newer} ({why}); using {found.name}", file=sys.stderr,
                       flush=True)
 

@@ -106,8 +106,8 @@ def validate(cfg: RootConfig, world_size: int | None = None, global_batches: boo
     choice("data.source", d.source, SOURCES)
     if d.source == "synthetic" and d.paths:  # it was ignored without a word: the run trained on generated data
         raise ConfigError("data.paths", f"{list(d.paths)} is set, but data.source=synthetic generates its data and "
-                                        "reads no files; add data.source=indexed (or a data preset such as "
-                                        "data=fineweb_edu) to train on them, or data.paths=[] to train on generated data")
+                                        "reads no files; add data.source=indexed to train on them, or "
+                                        "data.paths=[] to train on generated data")
 
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "vocab_size", "seq_length"):

@@ -68,8 +68,9 @@ def load_tokenizer(name_or_dir, trust_remote_code: bool = False, key: str = "tok
     path = Path(name).expanduser()
     if _looks_local(name) and not path.exists():
         raise ConfigError(key, f"no tokenizer directory {name}")
-    if path.is_dir() and not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise ConfigError(key, f"{name} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    if path.is_dir() and not has_tokenizer(path):
+        raise ConfigError(key, f"{name} has no tokenizer files (tokenizer.json, tokenizer_config.json, a vocabulary "
+                               "...)")
     if _plain_fast(path):
         from transformers import PreTrainedTokenizerFast as Loader
     else:
@@ -82,6 +83,15 @@ def load_tokenizer(name_or_dir, trust_remote_code: bool = False, key: str = "tok
     if require_eos and tok.eos_token_id is None:
         raise ConfigError(key, f"tokenizer {name!r} has no EOS token; documents could not be delimited")
     return tok
+
+
+def has_tokenizer(path) -> bool:
+    """Files a tokenizer is built from, in the directory ``path``: ``tokenizer.json`` / ``.model``, a vocabulary
+    (``vocab.*``, ``merges.txt``), a ``*.tiktoken`` or ``*.model`` file or a ``tokenizer_config.json`` (a model's own
+    tokenizer code names its files there) -- what a directory of weights alone lacks."""
+    return any(f.is_file() and (f.name.startswith(("tokenizer", "vocab")) or f.name == "merges.txt"
+                                or f.suffix in (".tiktoken", ".model"))
+               for f in Path(path).iterdir())
 
 
 def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 512):

@@ -21,7 +21,7 @@ from typing import List, Optional
 from evolm_nemo.config.errors import ConfigError, check_seed, first_line
 from evolm_nemo.config.tokens import parse_tokens
 from evolm_nemo.conversion import hfdir
-from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.data.tokenizer import has_tokenizer, load_tokenizer
 from evolm_nemo.evaluation import rm as rm_mod
 from evolm_nemo.evaluation import sampling
 from evolm_nemo.evaluation import tasks as registry
@@ -93,15 +93,6 @@ def _model_dir(model: Optional[str]) -> str:
         raise ConfigError("model", f"{model} has no tokenizer files (tokenizer.json, tokenizer_config.json, a "
                                    "vocabulary ...); save the model's tokenizer beside it (evolm export-hf does)")
     return model
-
-
-def has_tokenizer(path) -> bool:
-    """Files a tokenizer is built from, in the HF directory ``path``: ``tokenizer.json`` / ``.model``, a vocabulary
-    (``vocab.*``, ``merges.txt``), a ``*.tiktoken`` or ``*.model`` file or a ``tokenizer_config.json`` (a model's own
-    tokenizer code names its files there) -- what a directory of weights alone lacks."""
-    return any(f.is_file() and (f.name.startswith(("tokenizer", "vocab")) or f.name == "merges.txt"
-                                or f.suffix in (".tiktoken", ".model"))
-               for f in Path(path).iterdir())
 
 
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")

@@ -512,7 +512,8 @@ def build(pattern: str | None, out: str, dynamics: str | None = None) -> dict:
     results = sorted((d for _, d in load_results(pattern)), key=_sort_key) if pattern is not None else []
     final = Path(out)
     final.mkdir(parents=True, exist_ok=True)
-    out_dir = temp_dir(final, owned=True)  # drawn here, then moved into ``out`` at once: never half a report there
+    out_dir = temp_dir(final / ".report", owned=True)  # drawn in ``out`` aside, then moved in at once: never half
+    # a report there (inside ``out``: its parent may not be writable)
     try:
         made = _build(results, out_dir, curves)
         for name in sorted(p.name for p in out_dir.iterdir() if p.name != OWNER):

@@ -30,7 +30,7 @@ from evolm_nemo.answers import MODES, extract_answer, gold_answer, is_equiv, jud
 from evolm_nemo.config.compose import compose
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation.metrics import majority_answers, majority_index, rm_index, summarize
-from evolm_nemo.evaluation.tasks import check_problem, is_number, non_finite
+from evolm_nemo.evaluation.tasks import check_problem, check_unique, is_number, non_finite
 from evolm_nemo.fileio import check_dst_file, check_writable, iter_jsonl, jsonl_with, write_jsonl
 from evolm_nemo.tasks import SUITES
 
@@ -92,10 +92,7 @@ def read_rows(path: str) -> list[dict]:
     rows, seen = [], {}
     for where, row in iter_jsonl(path, key="input"):
         validate_row(row, where)
-        first = seen.setdefault((row["suite"], json.dumps(row["id"])), where)
-        if first is not where:  # a problem twice (e.g. two files concatenated) would count twice in every metric
-            raise ConfigError(where, f"{row['suite']} problem id {json.dumps(row['id'])} again (first at {first}); "
-                                     "each problem is one row")
+        check_unique(row, where, seen.setdefault(row["suite"], {}))  # e.g. two files concatenated
         rows.append(row)
     if not rows:
         raise ConfigError("input", f"{path} has no rows")

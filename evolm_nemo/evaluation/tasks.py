@@ -192,7 +192,7 @@ def check_unique(row: dict, where: str, seen: dict) -> None:
     first = seen.setdefault(json.dumps(row["id"]), where)
     if first is not where:
         raise ConfigError(where, f"field 'id': {json.dumps(row['id'])} again (first at {first}); each problem is one "
-                                 "row")
+                                 "row of a suite")
 
 
 class _Fields(dict):

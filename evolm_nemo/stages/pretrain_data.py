@@ -85,9 +85,12 @@ def check_split(split) -> list[float]:
     return values
 
 
-# a .bin up to this size has its largest token id read at every check; a larger one is read whole once and the
-# result recorded (``data.verify``: ``<prefix>.verified``, or under data.cache_dir for a read-only corpus)
+# a .bin up to TOKEN_SAMPLE_BYTES has its largest token id read at every check; one up to FULL_SCAN_BYTES is read
+# whole once and the result recorded (``data.verify``: ``<prefix>.verified``, or under data.cache_dir for a read-only
+# corpus); a larger one is sampled (evenly spaced chunks of TOKEN_SAMPLE_BYTES in all): reading hundreds of GB before
+# the process group forms would outlast its timeout -- `evolm prepare shards=N` verifies every shard whole instead
 TOKEN_SAMPLE_BYTES = 64 << 20
+FULL_SCAN_BYTES = 8 << 30
 
 
 MAX_SAMPLES = 10**10  # megatron's sample / shuffle indices take ~16 bytes per sample: 1e10 samples ~ 160 GB
@@ -207,12 +210,14 @@ def check_budget(cfg: RootConfig, iters: int, dataset_tokens: int | None) -> Non
                                    "check the budget or the data")
 
 
-def check_token_ids(prefixes, vocab_size: int, sample_bytes: int = TOKEN_SAMPLE_BYTES, cache_dir=None) -> int:
+def check_token_ids(prefixes, vocab_size: int, sample_bytes: int = TOKEN_SAMPLE_BYTES, cache_dir=None,
+                    full_bytes: int = FULL_SCAN_BYTES) -> int:
     """Each prepared ``<prefix>.bin`` holds the tokens its ``.idx`` says (a cut or mismatched pair would have megatron
     read past the end, or train on wrong document boundaries), and its token ids fit ``model.vocab_size`` (data
     tokenized with a larger vocabulary would index past the embedding): the largest id over the whole ``.bin``, read
-    at each check when it is at most ``sample_bytes``, else read once by one process per node (``LOCAL_RANK`` 0) and
-    recorded (``data.verify``; a rewritten file is read again). Returns the number of tokens in all files."""
+    at each check when it is at most ``sample_bytes``, else up to ``full_bytes`` read once by one process per node
+    (``LOCAL_RANK`` 0, saying so) and recorded (``data.verify``; a rewritten file is read again); a larger file is
+    sampled. Returns the number of tokens in all files."""
     import os
 
     from evolm_nemo.data.verify import verified
@@ -235,17 +240,29 @@ def check_token_ids(prefixes, vocab_size: int, sample_bytes: int = TOKEN_SAMPLE_
         if count == 0:
             continue
         per_read = max(1, sample_bytes // dtype.itemsize)
+        where = "its largest token id"
         if count <= per_read:
             top = _largest_id(bin_path, dtype, count, per_read)
+        elif size > full_bytes:
+            step = per_read // 64
+            starts = np.linspace(0, count - step, 64).astype(np.int64)
+            tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(count,))
+            top = max(int(tokens[s0:s0 + step].max()) for s0 in starts)
+            del tokens
+            where = f"a sample of {per_read:,} of its {count:,} tokens has id"
         elif int(os.environ.get("LOCAL_RANK", "0")) == 0:  # a damaged file stops this process, and torchrun the rest
-            top = verified(Path(prefix + ".verified"), [bin_path, idx], None,
-                           lambda: {"max_token_id": _largest_id(bin_path, dtype, count, per_read)}, "data.paths",
-                           prefix, cache_dir)["max_token_id"]
+            def measure():
+                print(f"[evolm] reading {bin_path} ({size / 2**30:.1f} GiB) once for its largest token id",
+                      flush=True)
+                return {"max_token_id": _largest_id(bin_path, dtype, count, per_read)}
+
+            top = verified(Path(prefix + ".verified"), [bin_path, idx], None, measure, "data.paths", prefix,
+                           cache_dir)["max_token_id"]
         else:
             continue
         if top >= vocab_size:
-            raise ConfigError("data.paths", f"{bin_path}: its largest token id {top} >= model.vocab_size={vocab_size}; "
-                                            "it was tokenized with a larger vocabulary than the model's (check "
+            raise ConfigError("data.paths", f"{bin_path}: {where} {top} >= model.vocab_size={vocab_size}; it was "
+                                            "tokenized with a larger vocabulary than the model's (check "
                                             "data.tokenizer and model.vocab_size)")
     return total
 

@@ -116,7 +116,7 @@ def test_held_out_files_are_checked_as_training_data_is(corpus, capsys, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_token_check_reads_big_files_whole_once(tmp_path):
+def test_token_check_reads_big_files_whole_once(tmp_path, capsys):
     """A .bin bigger than what is read at every check: it was sampled (64 evenly spaced chunks), so out-of-vocabulary
     ids between the chunks reached the embedding as a traceback after the model was built. Now it is read whole
     once, the largest id recorded beside it (<prefix>.verified) and read from there until the file changes."""
@@ -139,6 +139,7 @@ def test_token_check_reads_big_files_whole_once(tmp_path):
     with pytest.raises(ConfigError) as err:
         check_token_ids([prefix], 32_000, sample_bytes=64 << 10)
     assert err.value.key == "data.paths" and "its largest token id 39999 >= model.vocab_size=32000" in err.value.message
+    assert capsys.readouterr().out == f"[evolm] reading {prefix}.bin (0.0 GiB) once for its largest token id\n"
     assert check_token_ids([prefix], 40_000, sample_bytes=64 << 10) == 64 * 4096
     record = json.loads(Path(prefix + ".verified").read_text())
     assert record["measured"] == {"max_token_id": 39_999}
@@ -148,6 +149,9 @@ def test_token_check_reads_big_files_whole_once(tmp_path):
     os.utime(prefix + ".bin")  # ... until the file changes
     with pytest.raises(ConfigError, match="39999 >= model.vocab_size=124"):
         check_token_ids([prefix], 124, sample_bytes=64 << 10)
+    # past full_bytes (hundreds of GB would outlast the process group's timeout) the file is sampled, and says so
+    with pytest.raises(ConfigError, match="a sample of 32,768 of its 262,144 tokens has id 7 >= model.vocab_size=5"):
+        check_token_ids([prefix], 5, sample_bytes=64 << 10, full_bytes=256 << 10)
     (tmp_path / "bad.idx").write_bytes(b"garbage" * 4)
     (tmp_path / "bad.bin").write_bytes(b"")
     with pytest.raises(ConfigError) as err:

@@ -513,3 +513,24 @@ def test_a_bf16_export_of_an_fp32_checkpoint_verifies(ckpt, tmp_path, capsys):
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
     check = json.loads((out / "evolm_export.json").read_text())["verify"]
     assert check["max_diff"] <= 1e-4
+
+
+def test_a_tokenizer_of_vocabulary_files_only_is_loaded_where_evaluation_accepts_it(tmp_path):
+    """The loader's own pre-check knew three file names (tokenizer.json / .model, vocab.json) while evaluation's
+    model-directory check knew more (vocab.txt, merges.txt, *.tiktoken, tokenizer_config.json): a directory the one
+    accepted, the other refused. Both now ask the same question (data.tokenizer.has_tokenizer)."""
+    import json
+
+    from evolm_nemo.data.tokenizer import has_tokenizer, load_tokenizer
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    assert has_tokenizer(tmp_path)
+    tok = load_tokenizer(str(tmp_path), require_eos=False)
+    assert tok("hello world", add_special_tokens=False)["input_ids"] == [5, 6]
+    (tmp_path / "vocab.txt").unlink()
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "config.json").write_text("{}")
+    assert not has_tokenizer(tmp_path)
+    with pytest.raises(ConfigError, match="has no tokenizer files"):
+        load_tokenizer(str(tmp_path), require_eos=False)

@@ -145,7 +145,7 @@ def test_a_problem_twice_is_refused(tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert cli.main(["score", f"input={path}", "progress=false", "workers=1"]) == 2
     line = _one_line(capsys)
-    assert line == f"error: {path}:4: gsm8k_platinum problem id 7 again (first at {path}:1); each problem is one row"
+    assert line == f"error: {path}:4: field 'id': 7 again (first at {path}:1); each problem is one row of a suite"
     assert not (tmp_path / "c.scored.jsonl").exists()
 
 
@@ -175,3 +175,14 @@ def test_sigterm_mid_scoring_is_one_line_and_leaves_nothing(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err.strip().splitlines() == ["stopped by SIGTERM"], (proc.returncode, err)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []  # no lock, no temporary, no half file
+
+
+def test_sigterm_passes_wherever_ctrl_c_does():
+    """The SIGTERM exception is a KeyboardInterrupt: code that lets Ctrl-C through lets it through (a write cut by it
+    is no 'disk full' error; the CRUXEval checker's catch-all re-raises it)."""
+    from evolm_nemo.cli import Terminated
+    from evolm_nemo.fileio import write_error
+
+    assert isinstance(Terminated(), KeyboardInterrupt)
+    assert write_error(Terminated(), "/x/y", reason="No space left on device") is None
+    assert write_error(OSError(28, "No space left on device"), "/x/y") is not None
