@@ -106,28 +106,28 @@ def _show(command: str, overrides: list[str]) -> int | None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM in a command that has no handler of its own: raised in the main thread so that the command unwinds as
-    on Ctrl-C -- its temporaries removed, its worker pools stopped, its output locks released; whatever lets Ctrl-C
-    through lets this through -- and ends with one line and exit code 143 (the default action killed it on the spot,
-    leaving those behind)."""
+    """SIGTERM (or SIGHUP: the terminal or ssh session went away) in a command that has no handler of its own: raised
+    in the main thread so that the command unwinds as on Ctrl-C -- its temporaries removed, its worker pools stopped,
+    its output locks released; whatever lets Ctrl-C through lets this through -- and ends with one line and exit code
+    128 + the signal (the default action killed it on the spot, leaving those behind). ``args[0]``: the signal."""
 
 
-# commands that take SIGTERM themselves: a training saves and stops after its iteration (train.loop), the suite
-# launcher passes it on to its node (suite.launch)
+# commands that take SIGTERM / SIGHUP themselves: a training saves and stops after its iteration (train.loop,
+# runtime.signals.STOP_SIGNALS), the suite launcher passes SIGTERM on to its node (suite.launch)
 OWN_SIGTERM = ("train", "pipeline", "suite")
 
 
 def _terminate_on_sigterm():
-    """Install the handler (unless SIGTERM is handled already); returns what to restore when the command ends."""
+    """Install the handler for SIGTERM and SIGHUP (each unless handled already); returns {signal: what to restore}
+    for when the command ends."""
     import os
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return None  # only the main thread may set handlers (a command called from a thread keeps the default)
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is not signal.SIG_DFL:
-        return None  # someone (a launcher, a test harness) handles it already
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: was for sig, was in previous.items() if was is signal.SIG_DFL}  # others are someone's (a test's)
     main_pid = os.getpid()
 
     def handler(signum, frame):
@@ -135,9 +135,10 @@ def _terminate_on_sigterm():
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        raise Terminated()
+        raise Terminated(signum)
 
-    signal.signal(signal.SIGTERM, handler)
+    for sig in previous:
+        signal.signal(sig, handler)
     return previous
 
 
@@ -170,18 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print_error(exc.key, exc.message)
         return 2
-    except Terminated:
-        print("stopped by SIGTERM", file=sys.stderr)
-        return 143
+    except Terminated as stop:
+        import signal
+
+        signum = stop.args[0] if stop.args else signal.SIGTERM
+        print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
         release_outputs()  # the outputs it locked (fileio.lock_output) are free for the next command
-        if restore is not None:
+        if restore:
             import signal
 
-            signal.signal(signal.SIGTERM, restore)
+            for sig, handler in restore.items():
+                signal.signal(sig, handler)
     return int(result or 0)
 
 

@@ -137,10 +137,10 @@ def train_then_sigkill_when(overrides: list[str], ready, timeout: float = 300):
 
 
 def train_then_sigterm(overrides: list[str], out_dir, after_rows: int, timeout: float = 300,
-                       output: dict | None = None) -> tuple[int, str, int]:
-    """Start `evolm train` in its own process group, send SIGTERM once ``metrics.jsonl`` under ``out_dir`` has
-    ``after_rows`` rows; returns (exit code, stderr, the iteration the run's last line says it stopped after),
-    asserting that nothing of its process group is left running. ``output["stdout"]``: its standard output."""
+                       output: dict | None = None, sig: str = "SIGTERM") -> tuple[int, str, int]:
+    """Start `evolm train` in its own process group, send SIGTERM (or ``sig``) once ``metrics.jsonl`` under
+    ``out_dir`` has ``after_rows`` rows; returns (exit code, stderr, the iteration the run's last line says it stopped
+    after), asserting that nothing of its process group is left running. ``output["stdout"]``: its standard output."""
     import signal
     import time
 
@@ -155,7 +155,7 @@ def train_then_sigterm(overrides: list[str], out_dir, after_rows: int, timeout: 
                 not metrics.exists() or len(metrics.read_text().splitlines()) < after_rows):
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before the signal"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, sig))
         out, err = proc.communicate(timeout=timeout)
         if output is not None:
             output["stdout"] = out
@@ -164,7 +164,7 @@ def train_then_sigterm(overrides: list[str], out_dir, after_rows: int, timeout: 
         if proc.poll() is None:
             proc.kill()
     last = err.strip().splitlines()[-1] if err.strip() else ""
-    assert last.startswith("[evolm] stopped by SIGTERM after iteration ") and "committed" in last, err[-2000:]
+    assert last.startswith(f"[evolm] stopped by {sig} after iteration ") and "committed" in last, err[-2000:]
     assert "most recent call first" not in err, err[-4000:]  # no faulthandler stack dump: a clean stop, not a crash
     return proc.returncode, err, int(last.split("after iteration ")[1].split(":")[0])
 

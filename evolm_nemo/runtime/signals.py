@@ -21,6 +21,9 @@ import torch
 import torch.distributed as dist
 
 EXIT_CODE = 128 + signal.SIGTERM  # 143, the conventional code for "terminated"
+# what stops a training after its iteration (saved first): a scheduler's SIGTERM, and the hangup of the terminal or
+# ssh session it was started from (whose default action killed it with everything since the last checkpoint)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
 _hooked = False
 _forking_parent = None  # pid of the process that forked us (set just before a fork, inherited by the child)
@@ -36,7 +39,8 @@ def _after_fork_in_child() -> None:
     if parent is None:  # forked from a helper thread: its end would kill us; leave it
         return
     try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
     except (ValueError, OSError):
         pass
     try:
@@ -79,7 +83,7 @@ class StopSignal:
     """SIGTERM -> a flag; ``requested()`` (collective) says whether any rank got it. A context manager: the previous
     handler comes back on exit. Only the main thread can install it (elsewhere it stays inert)."""
 
-    def __init__(self, device: torch.device | None = None, signals=(signal.SIGTERM,)):
+    def __init__(self, device: torch.device | None = None, signals=STOP_SIGNALS):
         self.device = device or torch.device("cpu")
         self.signals = tuple(signals)
         self.received = 0

@@ -92,7 +92,7 @@ def test_a_forked_child_dies_with_its_parent(tmp_path):
 def test_sigterm_mid_ppo_commits_the_actor_critic_pair(tmp_path, sft_parent):
     """The RL loop has its own iterations: SIGTERM there commits actor and critic at the same iteration, exits 143,
     leaves nothing running; the pair resumes (and is stopped again once it has trained a step past the resume), and a
-    damaged critic half makes the pair unusable (named)."""
+    damaged critic half makes the pair unusable (named). The resumed pair is stopped by SIGHUP, as by SIGTERM."""
     from tests.rl.test_rl import rl_args
 
     args = rl_args(tmp_path, sft_parent, "ppo", sft_parent["rl8"], "train.iters=30", "train.epochs=null",
@@ -115,7 +115,7 @@ def test_sigterm_mid_ppo_commits_the_actor_critic_pair(tmp_path, sft_parent):
     assert f"critic/{name}" in lines[0] and shard.name in lines[0]
     data[len(data) // 2] ^= 0xFF  # repaired: the pair resumes
     shard.write_bytes(bytes(data))
-    resumed: dict = {}
-    code, err, again = train_then_sigterm(args, tmp_path, after_rows=step + 1, output=resumed)
+    resumed: dict = {}  # a hangup (the terminal or ssh session gone) stops it the same way: it used to kill it
+    code, err, again = train_then_sigterm(args, tmp_path, after_rows=step + 1, output=resumed, sig="SIGHUP")
     assert code == 143 and f"resuming at iteration {step}" in resumed["stdout"], err[-3000:]
     assert again > step and ckpt.latest(tmp_path / "critic").name == f"iter_{again:07d}"

@@ -149,7 +149,8 @@ def test_a_problem_twice_is_refused(tmp_path, capsys):
     assert not (tmp_path / "c.scored.jsonl").exists()
 
 
-def test_sigterm_mid_scoring_is_one_line_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_mid_scoring_is_one_line_and_leaves_nothing(tmp_path, sig):
     """SIGTERM's default action killed a command on the spot: its output lock and temporaries stayed behind (a killed
     `evolm report` left a `.dynamics.png.*` no later run removed; a killed `prepare-sft` its pool's semaphores, with
     a two-line warning). Commands without a SIGTERM rule of their own now unwind as on Ctrl-C: one line, exit 143,
@@ -171,9 +172,10 @@ def test_sigterm_mid_scoring_is_one_line_and_leaves_nothing(tmp_path):
         time.sleep(0.01)
     time.sleep(1.0)  # reading and scoring (about 6 s in all)
     assert proc.poll() is None, "scoring ended before the signal"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and err.strip().splitlines() == ["stopped by SIGTERM"], (proc.returncode, err)
+    code = 128 + getattr(signal, sig)
+    assert proc.returncode == code and err.strip().splitlines() == [f"stopped by {sig}"], (proc.returncode, err)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []  # no lock, no temporary, no half file
 
 
