@@ -26,8 +26,7 @@ def read_config(src: Path, key: str = "src") -> dict:
     except OSError:
         raise ConfigError(key, f"{path} not found (an HF model directory has a config.json)") from None
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise ConfigError(key, f"{path}: invalid JSON ({str(exc).splitlines()[0] if str(exc) else 'too deep'})") \
-            from None
+        raise ConfigError(key, f"{path}: invalid JSON ({first_line(exc) if str(exc) else 'too deep'})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(key, f"{path}: expected a JSON object of model settings, got a {type(cfg).__name__}")
     return cfg

@@ -74,13 +74,11 @@ def read_manifest(prefix: str) -> Optional[dict]:
 
 
 def prefix_tokens(prefix: str) -> int:
-    """Tokens in a prepared ``<prefix>.bin`` (from its index)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(prefix)
-    total = int(np.asarray(ds.sequence_lengths, dtype=np.int64).sum())
-    del ds
-    return total
+    """Tokens in a prepared ``<prefix>.bin`` (from its index: ``index_extent``, constant time)."""
+    try:
+        return index_extent(prefix)[1]
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        raise ConfigError("data.paths", f"{prefix}.idx: unreadable index ({exc}); re-run evolm prepare") from None
 
 
 def expand_prefixes(paths, weights) -> Tuple[List[str], Optional[List[float]], List[int]]:

@@ -272,15 +272,7 @@ def _check(cfg: DownstreamConfig) -> None:
 def _check_rm(path: str) -> None:
     """``rm`` is a reward model as evaluation/rm.py loads it (AutoModelForSequenceClassification with one output),
     read from its config.json: a causal LM export was refused only after all the sampling, once it was loaded."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        raise ConfigError("rm", f"{path} is not an HF model directory (no config.json)")
-    try:
-        spec = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError("rm", f"{config} is unreadable ({exc})") from None
-    if not isinstance(spec, dict):
-        raise ConfigError("rm", f"{config} is not a JSON object")
+    spec = hfdir.read_config(path, "rm")
     archs = spec.get("architectures") or []
     if archs and not any(str(a).endswith("ForSequenceClassification") for a in archs):
         raise ConfigError("rm", f"{path} is a {', '.join(map(str, archs))}, not a reward model (an "

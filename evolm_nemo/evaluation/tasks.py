@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from evolm_nemo.answers import MODES, gold_answer, nli_label
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, first_line
 from evolm_nemo.fileio import iter_jsonl
 from evolm_nemo.tasks import SUITE_GROUP, SUITE_KIND, SUITES
 
@@ -234,7 +234,7 @@ def _load_hub(task: Task, limit: Optional[int]) -> list[dict]:
         try:
             ds = load_dataset(spec["path"], config, split=spec["split"])
         except Exception as exc:  # offline, no access, a moved dataset: one line, not the hub client's traceback
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise ConfigError("data_dir", f"cannot load {task.name} from the hub ({spec['path']}: {first}); pass "
                                           "data_dir=<dir of cooked JSONLs> to evaluate offline") from None
         for index, row in enumerate(ds):
