@@ -26,20 +26,20 @@ from pathlib import Path
 from evolm_nemo.answers import judge
 from evolm_nemo.config import RootConfig, compose
 from evolm_nemo.conversion.config import ExportHFConfig
-from evolm_nemo.conversion.export import export
 from evolm_nemo.data.rm import PrepareRMConfig, prepare_rm
 from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft, problem_pool
 from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.evaluation.evaluate import demo as eval_demo
-from evolm_nemo.evaluation.probe import Problems, downstream
 from evolm_nemo.evaluation.report import build as report
 from evolm_nemo.evaluation.upstream import default_tasks_dir
 from evolm_nemo.fileio import read_jsonl, write_jsonl
-from evolm_nemo.generation.continuous import ContinuousGenerator
-from evolm_nemo.runtime.distributed import teardown
-from evolm_nemo.stages import plan_run, run
+from evolm_nemo.stages import check_recipe, plan_run, run
 from evolm_nemo.suite.demo_data import write_demo_problems
 from evolm_nemo.tasks import TURN_MARKERS, UPSTREAM
+
+# torch / megatron-core (export, generation, the probes' inference, the process group) are imported where they are
+# used: `evolm pipeline` composes and checks every stage's recipe first (``check_recipes``), so that a recipe error is
+# one line without the heavy imports
 
 DEMO_PROBLEMS = 8  # held-out generated word problems for the final HF evaluation (greedy + n=16)
 HELD_OUT = 64  # held-out problems for the greedy accuracy before and after SFT
@@ -75,21 +75,51 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], template: str, max_n
     """Greedy completions of ``problems`` (rows with ``problem``/``answer``) through megatron's inference engine on
     the live model, judged by the shared answer checker (strict): the downstream probe's code. Every TP rank takes
     part."""
+    from evolm_nemo.evaluation.probe import Problems, downstream
+
     batch = Problems("gsm8k_platinum", [template.replace("{question}", p["problem"]) for p in problems],
                      [p["answer"] for p in problems], TURN_MARKERS)
     return downstream(model, tokenizer, batch, max_new_tokens, max_seq, mode="strict", max_batch=32)
 
 
+def _compose_stage(name: str, overrides: list[str], out: Path, parent: str, *own: str) -> RootConfig:
+    return compose("config", [f"experiment={name}", *_stage_overrides(overrides), f"run.out_dir={out}",
+                              f"train.init_from={parent}", *own], RootConfig)
+
+
 def _stage(name: str, overrides: list[str], out: Path, parent: str, *own: str) -> tuple[RootConfig, object]:
-    cfg = compose("config", [f"experiment={name}", *_stage_overrides(overrides), f"run.out_dir={out}",
-                             f"train.init_from={parent}", *own], RootConfig)
+    cfg = _compose_stage(name, overrides, out, parent, *own)
     return cfg, plan_run(cfg)
+
+
+def later_stages(overrides: list[str], out: Path, probe_dir: Path) -> dict[str, tuple]:
+    """The stages after pretraining as ``main`` composes them: step -> (experiment, overrides, run directory, its
+    own overrides); the parent of each is known only once the step before it has run."""
+    return {"cpt": ("demo_cpt", [*dynamics_overrides(probe_dir, "cpt"), *overrides], out / "cpt", ()),
+            "sft": ("demo_sft", overrides, out / "sft", (f"train.epochs={SFT_EPOCHS}",)),
+            "rm": ("demo_rm", overrides, out / "rm", (f"data.paths=[{out / 'rm_data'}]",)),
+            "rl": ("demo_rl", overrides, out / "rl", ())}
+
+
+def check_recipes(cfg: RootConfig, overrides: list[str], out: Path, probe_dir: Path) -> None:
+    """Every stage the pipeline will run, composed as it will be and checked by its recipe's own rules
+    (``stages.check_recipe``) before the first one starts and before torch is imported: a key that a later stage
+    refuses is one line now, not after minutes of pretraining. (Each stage's data and parent are checked when it
+    starts: they are the stages before it.) RM and RL run only where the inference engine can (pp=1)."""
+    check_recipe(cfg)
+    steps = later_stages(overrides, out, probe_dir)
+    parent = str(out / "checkpoints")  # a stand-in: the recipe's rules read no file
+    for step in ("cpt", "sft", *(("rm", "rl") if cfg.parallel.pp == 1 else ())):
+        name, stage_overrides, directory, own = steps[step]
+        check_recipe(_compose_stage(name, stage_overrides, directory, parent, *own))
 
 
 def own_samples(model, tokenizer, rl_path, problems: int, n: int, max_seq: int, seed: int = 0) -> list[dict]:
     """``n`` samples (temperature 1) of the first ``problems`` prompts of the demo's RL set (disjoint from its SFT
     and evaluation problems) from the live model, judged by the shared checker: `evolm score`-style rows for
     `evolm prepare-rm` (the prompt is already templated)."""
+    from evolm_nemo.generation.continuous import ContinuousGenerator
+
     rows = read_jsonl(rl_path)[:problems]
     prompts = [r["prompt"] for r in rows for _ in range(n)]
     done = ContinuousGenerator(model, tokenizer, max_seq=max_seq, max_batch=64).complete(
@@ -120,7 +150,8 @@ def train_demo_rm(final, tokenizer, demo_data, overrides: list[str], out: Path, 
     if is_main:
         print(f"[rm] {len(rows) * RM_SAMPLES} samples of the SFT model on {len(rows)} RL-set problems, "
               f"{right / (len(rows) * RM_SAMPLES):.1%} correct (strict checker) -> outcome RM data {data}")
-    cfg, plan = _stage("demo_rm", overrides, out / "rm", final.checkpoint, f"data.paths=[{data}]")
+    name, stage_overrides, directory, own = later_stages(overrides, out, Path())["rm"]  # (no probes)
+    cfg, plan = _stage(name, stage_overrides, directory, final.checkpoint, *own)
     result = run(cfg, plan)
     last = json.loads((out / "rm" / "metrics.jsonl").read_text().splitlines()[-1])
     if is_main:
@@ -144,35 +175,44 @@ def dynamics_overrides(probe_dir: Path, stage: str) -> list[str]:
             f"probe.max_fraction={PROBE_FRACTION}"]
 
 
-def probe_problems(overrides: list[str]) -> Path:
-    """The probe's held-out word problems, written once into the data cache under a name of their content (a cache,
-    never the run directory: nothing is written there before the runs' own checks)."""
+def probe_problems(overrides: list[str]) -> tuple[Path, list[dict]]:
+    """The probe's held-out word problems and where they go: the data cache, under a name of their content (a cache,
+    never the run directory: nothing is written there before the runs' own checks). ``write_probe_problems`` writes
+    them there once."""
     base = compose("config", ["experiment=demo", *overrides], RootConfig)
     held_out, _ = problem_pool(compose("config", ["experiment=demo_sft", *_stage_overrides(overrides)], RootConfig))
     problems = held_out[:PROBE_PROBLEMS]
     key = hashlib.sha256(json.dumps(problems, sort_keys=True).encode()).hexdigest()[:16]
-    directory = Path(base.data.cache_dir) / f"demo-probe-{key}"
+    return Path(base.data.cache_dir) / f"demo-probe-{key}", problems
+
+
+def write_probe_problems(directory: Path, problems: list[dict]) -> None:
     if not (directory / "gsm8k_platinum.jsonl").is_file():
         write_demo_problems(directory, problems)
-    return directory
 
 
 def main(overrides: list[str]) -> int:
     out = Path(compose("config", ["experiment=demo", *overrides], RootConfig).run.out_dir)
-    probe_dir = probe_problems(overrides)
+    probe_dir, probe_set = probe_problems(overrides)
     cfg = compose("config", ["experiment=demo", *dynamics_overrides(probe_dir, "pretrain"), *overrides], RootConfig)
+    check_recipes(cfg, overrides, out, probe_dir)
+    write_probe_problems(probe_dir, probe_set)
     plan = plan_run(cfg)
+    from evolm_nemo.runtime.distributed import teardown
+
     try:
         pre = run(cfg, plan)
         is_main = pre.runtime.is_main
         if is_main and pre.losses:
             print(f"[pretrain] {loss_curve(pre.losses)}")
-        cpt_cfg, cpt_plan = _stage("demo_cpt", [*dynamics_overrides(probe_dir, "cpt"), *overrides], out / "cpt",
-                                   pre.checkpoint)
+        steps = later_stages(overrides, out, probe_dir)
+        name, stage_overrides, directory, own = steps["cpt"]
+        cpt_cfg, cpt_plan = _stage(name, stage_overrides, directory, pre.checkpoint, *own)
         cpt = run(cpt_cfg, cpt_plan)
         if is_main and cpt.losses:
             print(f"[cpt] {loss_curve(cpt.losses)}")
-        sft_cfg, sft_plan = _stage("demo_sft", overrides, out / "sft", cpt.checkpoint, f"train.epochs={SFT_EPOCHS}")
+        name, stage_overrides, directory, own = steps["sft"]
+        sft_cfg, sft_plan = _stage(name, stage_overrides, directory, cpt.checkpoint, *own)
         demo_data = ensure_synthetic_sft(sft_cfg)
         problems = read_jsonl(demo_data.eval_path)[:HELD_OUT]
         tokenizer = load_tokenizer(cpt.tokenizer)
@@ -191,12 +231,15 @@ def main(overrides: list[str]) -> int:
                       f"before SFT {before:.1%} -> after SFT {after:.1%}")
                 for p, t in list(zip(problems, texts))[:2]:
                     print(f"sample> Human: {p['problem']}\nAssistant:{t}")
+            from evolm_nemo.generation.continuous import ContinuousGenerator
+
             texts = ContinuousGenerator(final.model, tokenizer, max_seq=max_seq).generate(PROMPTS, 40)
             for prompt, text in zip(PROMPTS, texts):
                 if is_main:
                     print(f"sample> {prompt}{text}")
             rm, _ = train_demo_rm(final, tokenizer, demo_data, overrides, out, max_seq)
-            rl_cfg, rl_plan = _stage("demo_rl", overrides, out / "rl", final.checkpoint)
+            name, stage_overrides, directory, own = steps["rl"]
+            rl_cfg, rl_plan = _stage(name, stage_overrides, directory, final.checkpoint, *own)
             rl = run(rl_cfg, rl_plan)
             rl_after, _ = greedy_accuracy(rl.model, tokenizer, problems, template, MAX_NEW, max_seq)
             if is_main:
@@ -217,6 +260,8 @@ def main(overrides: list[str]) -> int:
         print(f"next (one process): evolm export-hf src={final.checkpoint} dst={out / 'hf'} && "
               f"evolm eval downstream model={out / 'hf'}")
         return 0
+    from evolm_nemo.conversion.export import export
+
     hf_dir = out / "hf"
     export(ExportHFConfig(src=str(final.checkpoint), dst=str(hf_dir), overwrite=True))
     print(f"HF export (verified): {hf_dir}")

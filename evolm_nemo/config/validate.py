@@ -171,6 +171,9 @@ def validate(cfg: RootConfig, world_size: int | None = None, global_batches: boo
                        ("sft.synthetic_seed", cfg.sft.synthetic_seed)):
         check_seed(key, value)
 
+    for key in ("iters", "epochs"):  # counts of any stage (which of them a stage takes is its plan's to say)
+        if getattr(t, key) is not None:
+            positive(f"train.{key}", getattr(t, key))
     positive("data.max_epochs", d.max_epochs)
     positive("data.synthetic_val_docs", d.synthetic_val_docs, allow_zero=True)
     if t.peak_tflops is not None:  # a per-device peak; null is how to ask for the known GPUs' own

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
-from evolm_nemo.config.validate import Plan, check_schedule, check_shape, choice, validate
+from evolm_nemo.config.validate import Layout, Plan, check_schedule, check_shape, choice, validate
 from evolm_nemo.fileio import KINDS, check_writable, is_hf_model_dir, output_kind, owned_elsewhere
 
 if TYPE_CHECKING:
@@ -102,12 +102,10 @@ def stage_module(name: str) -> ModuleType:
     return importlib.import_module(kind(name).module)
 
 
-def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
-    """Everything `evolm train` checks before it builds anything, in this order, and the plan it derives: the recipe
-    (``config.validate.validate``), that no input lies in the run directory ``train.overwrite`` would start over
-    (``check_inputs_outside_run``), that the outputs can be written, the parent checkpoint (``train.init_from``),
-    the stage's data and iterations (its ``plan_iters``), the schedule over them (``config.validate.check_schedule``)
-    and the stage's ``check_plan``. Each failure is a one-line ConfigError naming the key."""
+def check_recipe(cfg: RootConfig, world_size: int | None = None) -> Layout:
+    """The recipe's own rules for its stage (``config.validate.validate`` and which stage may take which keys): no
+    file read, nothing heavy imported, so a command that runs several stages (`evolm pipeline`) checks all of their
+    recipes before the first one starts. Returns the layout at ``world_size``."""
     k = kind(cfg.stage)
     if cfg.probe.tokens_interval is not None and k.budget != "tokens":
         raise ConfigError("probe.tokens_interval", f"is for stage=pretrain|cpt, not {cfg.stage}")
@@ -116,6 +114,17 @@ def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
         key = "train.packing" if cfg.train.packing else "parallel.max_tokens_per_microbatch"
         raise ConfigError(key, f"is for stage={'|'.join(n for n, x in STAGES.items() if x.lays_out)}, not "
                                f"{cfg.stage}")
+    return layout
+
+
+def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
+    """Everything `evolm train` checks before it builds anything, in this order, and the plan it derives: the recipe
+    (``check_recipe``: ``config.validate.validate`` and the stage's keys), that no input lies in the run directory ``train.overwrite`` would start over
+    (``check_inputs_outside_run``), that the outputs can be written, the parent checkpoint (``train.init_from``),
+    the stage's data and iterations (its ``plan_iters``), the schedule over them (``config.validate.check_schedule``)
+    and the stage's ``check_plan``. Each failure is a one-line ConfigError naming the key."""
+    k = kind(cfg.stage)
+    layout = check_recipe(cfg, world_size)
     check_inputs_outside_run(cfg)
     check_writable(cfg.run.out_dir, "run.out_dir", directory=True)
     check_run_dir(cfg.run.out_dir)
