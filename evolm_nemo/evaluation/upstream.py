@@ -220,9 +220,10 @@ def evaluate(lm, tasks: list[str], tasks_dir: str | None, data_dir: str | None, 
         manager = TaskManager(include_path=tmp, include_defaults=False) if local else TaskManager()
         names = [LOCAL_PREFIX + t if local else t for t in tasks]
         try:
-            results = lm_eval.simple_evaluate(
-                model=lm, model_args=model_args, tasks=names, num_fewshot=0, batch_size=batch_size, device=device,
-                limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0)
+            with _quiet_git():
+                results = lm_eval.simple_evaluate(
+                    model=lm, model_args=model_args, tasks=names, num_fewshot=0, batch_size=batch_size,
+                    device=device, limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0)
         except Exception as exc:
             hub = _hub_unreachable(exc)
             if hub is None or local:
@@ -232,6 +233,39 @@ def evaluate(lm, tasks: list[str], tasks_dir: str | None, data_dir: str | None, 
                                        "data_dir=<dir with <task>.jsonl rows> (README: Evaluation)") from None
     raw = {k: results[k] for k in ("results", "versions", "n-shot", "n-samples", "configs") if k in results}
     return summarize(results, tasks, local), raw
+
+
+@contextlib.contextmanager
+def _quiet_git():
+    """lm-eval records the working directory's git commit in its results (``lm_eval.evaluator.get_git_commit_hash``:
+    ``git describe --always`` in a subprocess that inherits our stderr), so run outside a git checkout it printed
+    git's ``fatal: not a git repository (or any of the parent directories): .git``. For the duration, the same lookup
+    (the same command, the same fallback to reading .git) with git's stderr discarded -- its failure is the expected
+    answer "no commit", and nothing else goes to that stream. Nothing else of lm-eval's output changes."""
+    import subprocess
+
+    from lm_eval import evaluator
+
+    try:
+        from lm_eval.loggers.utils import get_commit_from_path
+    except ImportError:
+        get_commit_from_path = None
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None or get_commit_from_path is None:  # another lm-eval's layout: left as it is
+        yield
+        return
+
+    def git_commit_hash():
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+
+    evaluator.get_git_commit_hash = git_commit_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 @contextlib.contextmanager

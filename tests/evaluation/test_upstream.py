@@ -244,3 +244,25 @@ def test_row_fields_are_the_task_yamls_and_the_samples(tmp_path):
         upstream.check_tasks(["piqa"], str(tasks), str(tmp_path))
     (tasks / "piqa.yaml").write_text((TASKS_DIR / "piqa.yaml").read_text().replace("{{goal}}", "{{question}}"))
     upstream.check_tasks(["piqa"], str(tasks), str(tmp_path))
+
+
+def test_no_git_noise_outside_a_git_checkout(lm, tmp_path, capfd, monkeypatch):
+    """lm-eval records the working directory's git commit (`git describe --always` in a subprocess): run outside a
+    git checkout that printed git's `fatal: not a git repository ...` on our stderr. Not any more; lm-eval's own
+    output still reaches it (its results table is printed to stdout as before)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("no git here: lm-eval's lookup cannot print git's complaint")
+    cwd = tmp_path / "not_a_checkout"
+    cwd.mkdir()
+    outside = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=cwd, capture_output=True, text=True)
+    assert outside.returncode != 0 and "not a git repository" in outside.stderr  # the case this test is about
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "out"
+    assert cli.main(["eval", "upstream", f"model={lm[0]}", f"tasks_dir={TASKS_DIR}", f"data_dir={SAMPLE}",
+                     "tasks=[piqa]", "limit=1", "batch_size=1", f"out={out}"]) == 0
+    captured = capfd.readouterr()
+    assert "not a git repository" not in captured.err, captured.err[-2000:]
+    assert (out / "result.json").is_file() and "piqa" in captured.out
