@@ -186,13 +186,14 @@ def _read_cooked(path: str, limit: Optional[int], suite: Optional[str] = None) -
     return rows
 
 
-def check_unique(row: dict, where: str, seen: dict) -> None:
+def check_unique(row: dict, where: str, seen: dict, of: str = "a suite") -> None:
     """A problem id appears once in a suite (``seen``: id -> where it was first): a problem twice would be sampled and
-    counted twice in every metric."""
+    counted twice in every metric. ``of``: what the rows make up, for the message (an RL prompt set: rolled out and
+    trained on twice as often)."""
     first = seen.setdefault(json.dumps(row["id"]), where)
     if first is not where:
         raise ConfigError(where, f"field 'id': {json.dumps(row['id'])} again (first at {first}); each problem is one "
-                                 "row of a suite")
+                                 f"row of {of}")
 
 
 class _Fields(dict):

@@ -13,6 +13,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
 from evolm_nemo.data.tokenizer import load_tokenizer
+from evolm_nemo.evaluation.tasks import check_unique
 from evolm_nemo.fileio import iter_jsonl
 
 FIELDS = ("id", "prompt", "gold_answer")
@@ -36,7 +37,10 @@ class RLPrompts:
 
 
 def read_prompts(paths: list[str], key: str = "data.paths") -> RLPrompts:
-    ids, prompts, gold, rows = [], [], [], []
+    """The prompt rows of ``paths`` (one set: an id appears once across all of them -- a problem twice would be
+    rolled out and trained on twice as often, and named twice in the rollout logs); each bad row or repeated id is
+    one line naming its file and line."""
+    ids, prompts, gold, rows, seen = [], [], [], [], {}
     for path in paths:
         if not Path(path).is_file():
             raise ConfigError(key, f"no RL prompt file {path} (JSONL rows {{id, prompt, gold_answer}}; `evolm "
@@ -46,6 +50,7 @@ def read_prompts(paths: list[str], key: str = "data.paths") -> RLPrompts:
                 if not isinstance(row.get(f), str) or not row[f]:
                     raise ConfigError(where, f"field {f!r} must be a non-empty string (rows: {{id, prompt, "
                                              "gold_answer}})")
+            check_unique(row, where, seen, f"the RL prompt set ({key})")
             ids.append(row["id"])
             prompts.append(row["prompt"])
             gold.append(row["gold_answer"])

@@ -1,0 +1,42 @@
+"""The RL prompt set is a set: a problem id appears once across its files (a repeated one would be rolled out and
+trained on twice as often); a repeat is one line naming the file, the line and the id, before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evolm_nemo.config.errors import ConfigError
+from tests.conftest import refused_in_process
+
+
+def write_prompts(path, ids):
+    path.write_text("".join(json.dumps({"id": i, "prompt": f"Human: {n} + 1?\nAssistant:", "gold_answer": str(n + 1)})
+                            + "\n" for n, i in enumerate(ids)))
+    return path
+
+
+def test_a_repeated_id_is_refused_naming_the_file_line_and_id(tmp_path):
+    from evolm_nemo.rl.data import read_prompts
+
+    good = write_prompts(tmp_path / "good.jsonl", ["p0", "p1", "p2"])
+    assert read_prompts([str(good)]).ids == ["p0", "p1", "p2"]
+    bad = write_prompts(tmp_path / "bad.jsonl", ["p0", "p1", "p0"])
+    with pytest.raises(ConfigError) as exc:
+        read_prompts([str(bad)])
+    assert exc.value.key == f"{bad}:3" and '"p0" again (first at ' + f"{bad}:1)" in exc.value.message
+    other = write_prompts(tmp_path / "other.jsonl", ["q0", "p2"])  # across the files of one set, too
+    with pytest.raises(ConfigError) as exc:
+        read_prompts([str(good), str(other)], "rl.val_data")
+    assert exc.value.key == f"{other}:2" and f'"p2" again (first at {good}:3)' in exc.value.message
+    assert "rl.val_data" in exc.value.message
+
+
+def test_evolm_train_refuses_it_in_one_line_before_the_model(tmp_path, capsys, a_run):
+    dup = write_prompts(tmp_path / "rl.jsonl", ["a", "b", "c", "b"])
+    line = refused_in_process(capsys, "train", [f"run.out_dir={tmp_path / 'run'}", "stage=grpo",
+                                                f"train.init_from={a_run}", f"data.paths=[{dup}]", "train.iters=1",
+                                                "train.progress=false"], f"{dup}:4")
+    assert "field 'id': \"b\" again (first at " in line and f"{dup}:2" in line, line
+    assert not (tmp_path / "run").exists()
