@@ -18,7 +18,7 @@ class ModelConfig:
     num_attention_heads: int = 4  # query heads
     num_query_groups: int = 2  # key/value heads (GQA); equal to num_attention_heads for MHA
     vocab_size: int = 512  # embedding rows; must cover the tokenizer's vocabulary
-    seq_length: int = 128  # training context length (EvoLM: 2048)
+    seq_length: int = 128  # training context length (EvoLM: 2048); at most 2^24 (RoPE positions are float32)
     norm_eps: float = 1.0e-5  # RMSNorm epsilon
     rope_base: float = 10000.0  # RoPE theta
     init_method_std: float = 0.02  # normal init std for all weights

@@ -58,6 +58,10 @@ def choice(key: str, value, options) -> None:
         raise ConfigError(key, f"must be one of {', '.join(options)}; got {value!r}")
 
 
+# RoPE positions are float32 in megatron-core (RotaryEmbedding: torch.arange(seq, dtype=float32)) and in the HF export
+# (LlamaRotaryEmbedding: position_ids.float()); float32 holds every integer only up to 2**24, so past it neighbouring
+# positions round to one angle (2**24 + 1 -> 2**24): a longer context cannot tell its tokens' positions apart
+MAX_SEQ_LENGTH = 2**24
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: weights, rates and losses are float32 tensors
 FREE_FORM = ("lineage",)  # provenance carried into checkpoints as given, not a setting the run computes with
 
@@ -112,6 +116,10 @@ def validate(cfg: RootConfig, world_size: int | None = None, global_batches: boo
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "vocab_size", "seq_length"):
         positive(f"model.{key}", getattr(m, key))
+    if m.seq_length > MAX_SEQ_LENGTH:
+        raise ConfigError("model.seq_length", f"{m.seq_length:,} is more than the {MAX_SEQ_LENGTH:,} (2^24) positions "
+                                              "RoPE can tell apart: megatron-core and HF compute positions in float32, "
+                                              "which past 2^24 rounds neighbouring positions to one angle")
     # RMSNorm divides by sqrt(mean(x^2) + eps); RoPE raises theta to fractional powers; every fresh weight is drawn
     # from N(0, std), and a std of 0 makes them all 0 (a model from scratch then never breaks symmetry)
     for key in ("norm_eps", "rope_base", "init_method_std"):

@@ -75,11 +75,28 @@ def test_evolm_grid_composes():
     (["optim.min_lr=1.0"], 1, "optim.min_lr"),
     (["data.synthetic_kinds=[text,math]", "data.weights=[1]"], 1, "data.weights"),
     (["data.synthetic_kinds=[math]"], 1, "data.synthetic_kinds"),
+    (["model.seq_length=100000000"], 1, "model.seq_length"),    # past what RoPE's float32 positions tell apart
 ])
 def test_validation_errors(overrides, world, key):
     with pytest.raises(ConfigError) as err:
         _check(overrides, world_size=world)
     assert err.value.key == key, str(err.value)
+
+
+def test_seq_length_is_at_most_what_float32_rope_positions_hold():
+    """megatron-core and HF compute RoPE positions in float32: every position up to 2^24 is exact, past it two
+    positions share one angle. 2^24 passes the recipe's rules; one more is one line naming model.seq_length (it used
+    to build the data and the model, then die in an allocation traceback)."""
+    import torch
+
+    from evolm_nemo.config.validate import MAX_SEQ_LENGTH
+
+    positions = torch.arange(MAX_SEQ_LENGTH + 2, dtype=torch.float32)[-3:].tolist()
+    assert positions[0] == MAX_SEQ_LENGTH - 1 and positions[1] == positions[2] == MAX_SEQ_LENGTH  # the rounding
+    validate(compose("config", [f"model.seq_length={MAX_SEQ_LENGTH}"], RootConfig))
+    with pytest.raises(ConfigError) as err:
+        validate(compose("config", [f"model.seq_length={MAX_SEQ_LENGTH + 1}"], RootConfig))
+    assert err.value.key == "model.seq_length" and "16,777,217" in err.value.message, str(err.value)
 
 
 def test_tp_must_divide_the_vocabulary():
