@@ -119,8 +119,8 @@ def check_recipe(cfg: RootConfig, world_size: int | None = None) -> Layout:
 
 def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
     """Everything `evolm train` checks before it builds anything, in this order, and the plan it derives: the recipe
-    (``check_recipe``: ``config.validate.validate`` and the stage's keys), that no input lies in the run directory ``train.overwrite`` would start over
-    (``check_inputs_outside_run``), that the outputs can be written, the parent checkpoint (``train.init_from``),
+    (``check_recipe``: ``config.validate.validate`` and the stage's keys), that no input lies in the run directory
+    ``train.overwrite`` would start over (``check_inputs_outside_run``), that the outputs can be written, the parent checkpoint (``train.init_from``),
     the stage's data and iterations (its ``plan_iters``), the schedule over them (``config.validate.check_schedule``)
     and the stage's ``check_plan``. Each failure is a one-line ConfigError naming the key."""
     k = kind(cfg.stage)
