@@ -42,7 +42,7 @@ RECIPES = {
     "prepare-rm": ("prepare_rm", "evolm_nemo.data.rm:PrepareRMConfig"),
     "export-hf": ("export_hf", "evolm_nemo.conversion.config:ExportHFConfig"),
     "import-hf": ("import_hf", "evolm_nemo.conversion.config:ImportHFConfig"),
-    "export-trtllm": ("export_trtllm", "evolm_nemo.conversion.trtllm:ExportTRTLLMConfig"),
+    "export-trtllm": ("export_trtllm", "evolm_nemo.conversion.cli:ExportTRTLLMConfig"),
     "score": ("score", "evolm_nemo.evaluation.score:ScoreConfig"),
     "report": ("report", "evolm_nemo.evaluation.report:ReportConfig"),
     "eval downstream": ("eval_downstream", "evolm_nemo.evaluation.evaluate:DownstreamConfig"),
@@ -87,9 +87,11 @@ def _show(command: str, overrides: list[str]) -> int | None:
     if command == "eval" and rest and "=" not in rest[0]:
         name, rest = f"eval {rest[0]}", rest[1:]
     if name not in RECIPES:
-        print(f"usage: evolm {command} key=value ...  -- {COMMANDS[command][1]}" + (
-            "" if command != "eval" else "\n  subcommands: downstream, upstream (`evolm eval downstream --help`)"))
-        print("its keys are listed in README (this command composes no single recipe)")
+        print(f"usage: evolm {command} key=value ...  -- {COMMANDS[command][1]}")
+        if command == "eval":
+            print("  subcommands: downstream, upstream (`evolm eval downstream --help` lists that one's keys)")
+        else:  # no single recipe: the command's own text says what it takes (read, not imported)
+            print("\n" + _module_doc(COMMANDS[command][0].split(":")[0]))
         return 0
     from evolm_nemo.config import show
 
@@ -103,6 +105,16 @@ def _show(command: str, overrides: list[str]) -> int | None:
     print(show.render_job(recipe, rest, schema, settings) if job else
           show.render_help(name, recipe, rest, schema, settings))
     return 0
+
+
+def _module_doc(module: str) -> str:
+    """The docstring of ``module``, read from its file without running it (its imports may be heavy)."""
+    import ast
+    import importlib.util
+
+    origin = importlib.util.find_spec(module).origin
+    with open(origin, encoding="utf-8") as f:
+        return (ast.get_docstring(ast.parse(f.read())) or "").strip()
 
 
 class Terminated(KeyboardInterrupt):
@@ -143,6 +155,16 @@ def _terminate_on_sigterm():
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `evolm ... --help | head`: the reader left; no traceback, the shell's SIGPIPE status
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush goes nowhere
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

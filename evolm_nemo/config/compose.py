@@ -41,20 +41,66 @@ def _resolve(owner, type_name: str):
     return getattr(module, type_name, None)
 
 
-def _unknown_key(schema, key: str) -> ConfigError:
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
+def _stage_only_keys() -> dict[str, list[str]]:
+    """Dotted keys (and sections) the root recipe holds only under some stages -> those stages: what their
+    ``recipes/stage/<name>.yaml`` adds (``train.epochs``, ``sft.*``, ``rl.*``, ...)."""
+    import yaml
+
+    found: dict[str, list[str]] = {}
+
+    def walk(node, prefix, stage):
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            found.setdefault(dotted, []).append(stage)
+            if isinstance(value, dict):
+                walk(value, dotted + ".", stage)
+
+    for path in sorted((recipes_dir() / "stage").glob("*.yaml")):
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except Exception:  # an unreadable stage recipe is hydra's to report
+            continue
+        if isinstance(doc, dict):
+            walk(doc, "", path.stem)
+    return found
+
+
+def _root_sections() -> set[str]:
+    """Top-level keys of the root training recipe itself (recipes/config.yaml)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load((recipes_dir() / "config.yaml").read_text(encoding="utf-8"))
+    except Exception:
+        return set()
+    return set(doc) if isinstance(doc, dict) else set()
+
+
+def _unknown_key(schema, key: str, stage: str | None = None) -> ConfigError:
+    """An override of a key the composed recipe lacks. ``stage``: the root training recipe's stage, when it is
+    the one composed -- a key that only other stages' recipes hold (``train.epochs`` of a pretraining run,
+    ``rl.temperature`` of an SFT run) is named as theirs instead of as unknown."""
+    parent, _, leaf = key.rpartition(".")
+    if stage is not None and leaf in _field_names(schema, parent):
+        owners = _stage_only_keys()
+        # the key itself, else its section when the section is a stage's own (sft, rl, rm, dpo)
+        stages = owners.get(key) or (owners.get(key.split(".")[0]) if "." in key and key.split(".")[0] not in
+                                     _root_sections() else None)
+        if stages and stage not in stages:
+            return ConfigError(key, f"is a key of stage={'|'.join(stages)} (recipes/stage/), not of stage={stage}; "
+                                    "pick one of those stages (stage=<name>) or an experiment of one")
     valid = _field_names(schema, parent)
     hint = f"valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}" if valid else "check the spelling"
     return ConfigError(key, f"unknown key; {hint}")
 
 
-def _translate_hydra(exc: Exception, schema) -> ConfigError:
+def _translate_hydra(exc: Exception, schema, stage: str | None = None) -> ConfigError:
     text = str(exc)
     cause = exc.__cause__ or exc.__context__
     full = text + ("\n" + str(cause) if cause else "")
     m = re.search(r"Could not override '([^']+)'", full)
     if m:
-        return _unknown_key(schema, m.group(1))
+        return _unknown_key(schema, m.group(1), stage)
     m = re.search(r"Could not find '([^'/]+)/([^']+)'", full)
     if m:
         group, name = m.group(1), m.group(2)
@@ -100,6 +146,48 @@ def _default_groups(config_name: str) -> set[str]:
     return groups
 
 
+BUDGETS = ("train.tokens", "train.iters")  # a training run's length: one or the other
+
+
+def _one_budget(config_name: str, overrides: Sequence[str]) -> list[str]:
+    """On the root training recipe, a budget given on the command line replaces the recipe's other one:
+    ``train.tokens=1.6B`` alone trains 1.6B tokens whatever ``train.iters`` the recipe or experiment holds (and
+    ``train.iters=N`` alone replaces an experiment's ``train.tokens``); both given stay the user's to settle."""
+    overrides = list(overrides)
+    if config_name != "config":
+        return overrides
+    given = {}
+    for item in overrides:
+        key, _, value = item.lstrip("+").partition("=")
+        if key in BUDGETS:
+            given[key] = value.strip()
+    named = [k for k, v in given.items() if v not in ("", "null", "None")]
+    if len(named) == 1 and len(given) == 1:
+        other = BUDGETS[1 - BUDGETS.index(named[0])]
+        overrides.append(f"{other}=null")
+    return overrides
+
+
+def _stage_of(config_name: str, overrides: Sequence[str]) -> str | None:
+    """The stage the root training recipe composes (its ``stage=`` override, else its defaults list's choice);
+    None for any other recipe."""
+    import yaml
+
+    if config_name != "config":
+        return None
+    chosen = [item.partition("=")[2].strip() for item in overrides if item.lstrip("+").partition("=")[0] == "stage"]
+    if chosen:
+        return chosen[-1]
+    try:
+        doc = yaml.safe_load((recipes_dir() / "config.yaml").read_text(encoding="utf-8"))
+    except Exception:
+        return None
+    for entry in (doc or {}).get("defaults", []) if isinstance(doc, dict) else []:
+        if isinstance(entry, dict) and "stage" in entry:
+            return str(entry["stage"])
+    return None
+
+
 def _check_group_choices(config_name: str, overrides: Sequence[str]) -> None:
     """A ``group=name`` override (``experiment=``, ``model=``, ...) must name a recipe file in recipes/<group>/.
     Hydra itself silently skips a missing choice of an *optional* group (``optional experiment``), so a misspelled
@@ -141,12 +229,13 @@ def compose(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
         if "=" not in item:
             raise ConfigError(item, "overrides are key=value (e.g. parallel.tp=2 or experiment=pretrain_1b_160b)")
     _check_group_choices(config_name, overrides)
+    overrides = _one_budget(config_name, overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
             raw = hydra_compose(config_name=config_name, overrides=list(overrides))
     except Exception as exc:  # hydra raises several exception types; all become one line
-        raise _translate_hydra(exc, schema) from None
+        raise _translate_hydra(exc, schema, _stage_of(config_name, overrides)) from None
     finally:
         GlobalHydra.instance().clear()
     try:

@@ -114,6 +114,7 @@ class SFTConfig:
     overlength: str = "truncate"  # truncate | drop: examples longer than model.seq_length + 1 tokens (counted)
     shuffle: bool = True  # a new order every epoch (seeded by train.seed and the epoch); false: dataset order
     pad_to_multiple_of: int = 1  # microbatch length rounded up to a multiple (8 suits GPU kernels)
+
     # data.source=synthetic (the demo): generated word problems, prepared like `evolm prepare-sft` would
     prompt_template: str = QUESTION_TEMPLATE  # EvoLM's (LLaMA-Factory "default"); = eval's prompt
     answer_template: str = "{answer}"  # the assistant turn; EOS is appended
@@ -198,8 +199,8 @@ class DPOConfig:
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (IPO: squared loss on length-normalised log-ratios)
     label_smoothing: float = 0.0  # conservative DPO: the preference labels' assumed noise
     sft_weight: float = 0.0  # RPO: + this x the chosen response's per-token NLL (keeps its likelihood rising)
-    shuffle: bool = True
-    pad_to_multiple_of: int = 1
+    shuffle: bool = True  # a new order of the pairs every epoch (train.seed + epoch); false: dataset order
+    pad_to_multiple_of: int = 1  # microbatch length rounded up to a multiple (8 suits GPU kernels)
 
 
 @dataclass
@@ -243,6 +244,7 @@ class LoggerConfig:
     mlflow_uri: Optional[str] = None  # tracking URI (http://host:5000, file:/path, a path); null:
     #                                   MLFLOW_TRACKING_URI, else ./mlruns (a file store)
     experiment: Optional[str] = None  # MLflow experiment; null: logger.suite, else logger.project
+
     # set by `evolm suite launch` for every train node (the DAG as structure); null outside a suite
     suite: Optional[str] = None  # W&B group, MLflow experiment
     node: Optional[str] = None  # the suite node (W&B tag node:<node>, MLflow tag evolm.node)

@@ -65,12 +65,38 @@ def key_lines(obj, prefix: str = "") -> list[tuple[str, str, str]]:
     return rows
 
 
-def groups(config_name: str) -> dict[str, list[str]]:
-    """The config groups a recipe can pick (``recipes/<group>/*.yaml``), for the root recipe only."""
-    if config_name != "config":
+_YAML_KEY = re.compile(r"^(\s*)([\w.]+)\s*:[^#]*?(?:#\s?(.*))?$")
+
+
+def recipe_comments(config_name: str) -> dict[str, str]:
+    """``{dotted key: comment}`` from ``recipes/<config_name>.yaml`` itself (the comment on a key's line): what
+    ``--help`` shows for a key whose schema field carries none (evaluation's recipes keep their comments there)."""
+    try:
+        lines = (recipes_dir() / f"{config_name}.yaml").read_text(encoding="utf-8").splitlines()
+    except OSError:
         return {}
+    out, path = {}, []  # path: (indent, key) of the open mappings above the current line
+    for line in lines:
+        m = _YAML_KEY.match(line)
+        if not m or line.lstrip().startswith(("#", "-")):
+            continue
+        indent = len(m.group(1))
+        while path and path[-1][0] >= indent:
+            path.pop()
+        key = ".".join([k for _, k in path] + [m.group(2)])
+        path.append((indent, m.group(2)))
+        if m.group(3):
+            out[key] = m.group(3).strip()
+    return out
+
+
+def groups(config_name: str) -> dict[str, list[str]]:
+    """The config groups a recipe can pick (``recipes/<group>/*.yaml`` for each group its defaults list names)."""
+    from evolm_nemo.config.compose import _default_groups
+
     root = recipes_dir()
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir()) if d.is_dir()}
+    return {g: sorted(p.stem for p in (root / g).glob("*.yaml")) for g in sorted(_default_groups(config_name))
+            if (root / g).is_dir()}
 
 
 def _compose(config_name: str, overrides: Sequence[str], schema, settings=None):
@@ -84,7 +110,8 @@ def _compose(config_name: str, overrides: Sequence[str], schema, settings=None):
 
 def render_help(command: str, config_name: str, overrides: Sequence[str], schema, settings=None) -> str:
     cfg = _compose(config_name, overrides, schema, settings)
-    rows = key_lines(cfg)
+    yaml_comments = recipe_comments(config_name)
+    rows = [(k, v, c or yaml_comments.get(k, "")) for k, v, c in key_lines(cfg)]
     width = min(max(len(k) + len(v) + 2 for k, v, _ in rows), 60)
     given = f" with {' '.join(overrides)}" if overrides else " (defaults)"
     kind = "key=value overrides" if settings is not None else "Hydra overrides"

@@ -443,16 +443,17 @@ def upstream(cfg: UpstreamConfig) -> dict:
         batch = int(cfg.batch_size)
     meta = _meta(cfg)
     replace = check_out(cfg, _out_dir(cfg))  # before the harness runs
-    up.check(cfg.model, cfg.tasks, cfg.tasks_dir, cfg.data_dir, limit=cfg.limit, device=cfg.device, dtype=cfg.dtype)
+    tasks_dir = up.tasks_dir_for(cfg.tasks_dir, cfg.data_dir)
+    up.check(cfg.model, cfg.tasks, tasks_dir, cfg.data_dir, limit=cfg.limit, device=cfg.device, dtype=cfg.dtype)
     check_model(cfg.model, "model", "lm", cfg.trust_remote_code)
     if replace:  # another model's results go only once every setting and the data are known to be good
         clear_out(_out_dir(cfg))
-    summary, raw = up.run(cfg.model, cfg.tasks, tasks_dir=cfg.tasks_dir, data_dir=cfg.data_dir, batch_size=batch,
+    summary, raw = up.run(cfg.model, cfg.tasks, tasks_dir=tasks_dir, data_dir=cfg.data_dir, batch_size=batch,
                           limit=cfg.limit, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                           checked=True)
     out = _out_dir(cfg)
     write_json(out / "upstream.json", json.loads(json.dumps(raw, default=str)))
-    summary["source"] = "local" if cfg.tasks_dir else "lm-eval built-in"
+    summary["source"] = "local" if tasks_dir else "lm-eval built-in"
     result = update_result(out / "result.json", meta, upstream=summary)
     head = f"{'task':<16}{'acc':>8}{'acc_norm':>10}{'score':>8}{'n':>8}"
     lines = [f"{meta['model']} (lm-eval 0-shot)", head, "-" * len(head)]

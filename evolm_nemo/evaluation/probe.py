@@ -24,7 +24,6 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import upstream as up
 from evolm_nemo.evaluation.tasks import get_task
 from evolm_nemo.evaluation.tasks import load_problems as task_problems
-from evolm_nemo.evaluation.upstream import default_tasks_dir
 from evolm_nemo.generation.continuous import ContinuousGenerator
 
 
@@ -210,11 +209,3 @@ def downstream(model, tokenizer, problems: Problems, max_new_tokens: int, max_se
         problems.prompts, max_new_tokens, stop_strings=problems.stop)  # greedy; the engine leaves torch's RNG alone
     right = sum(judge(problems.suite, t, g, mode) for t, g in zip(texts, problems.golds))
     return right / max(len(problems.prompts), 1), texts
-
-
-def tasks_dir_for(tasks_dir: Optional[str], data_dir: Optional[str]) -> Optional[str]:
-    """Our local YAMLs (eval/upstream) when only data_dir is given; None: lm-eval's built-in tasks."""
-    if tasks_dir is None and data_dir is not None:
-        return str(default_tasks_dir())
-    return tasks_dir
-

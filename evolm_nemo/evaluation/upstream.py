@@ -30,6 +30,14 @@ def default_tasks_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "eval" / "upstream"
 
 
+def tasks_dir_for(tasks_dir: str | None, data_dir: str | None) -> str | None:
+    """Our local YAMLs (eval/upstream) when only data_dir is given; None: lm-eval's built-in tasks. The one rule of
+    `evolm eval upstream` and the training probes (``probe.tasks_dir`` / ``probe.data_dir``)."""
+    if tasks_dir is None and data_dir is not None:
+        return str(default_tasks_dir())
+    return tasks_dir
+
+
 # the row fields our task YAMLs (eval/upstream/<task>.yaml, their header comments) read: a data file for one of them
 # is checked for these before lm-eval loads it (a missing one was a DatasetGenerationError / jinja error mid-run)
 ROW_FIELDS = {

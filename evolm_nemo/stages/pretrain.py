@@ -16,8 +16,7 @@ from evolm_nemo.data.gpt import (BatchSchedule, SourceTokens, build_dataset, bui
                                  source_names)
 from evolm_nemo.data.indexed import read_manifest
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.evaluation.probe import tasks_dir_for
-from evolm_nemo.evaluation.upstream import check_tasks
+from evolm_nemo.evaluation.upstream import check_tasks, tasks_dir_for
 from evolm_nemo.model.build import flops_per_token
 from evolm_nemo.stages.base import Stage, batch_identity, file_fingerprint, fingerprint
 from evolm_nemo.stages.pretrain_data import (check_budget, check_data, check_mix_sizes, check_sources, check_split,
@@ -35,8 +34,11 @@ def iterations(cfg: RootConfig) -> int:
     if t.epochs is not None:
         raise ConfigError("train.epochs", f"applies to stage=sft; {cfg.stage} takes train.tokens or train.iters "
                                           "(set train.epochs=null)")
-    if (t.tokens is None) == (t.iters is None):
-        raise ConfigError("train.tokens", "set exactly one of train.tokens (e.g. 160B) or train.iters")
+    if t.tokens is None and t.iters is None:
+        raise ConfigError("train.tokens", "set one of train.tokens (e.g. 160B) or train.iters")
+    if t.tokens is not None and t.iters is not None:
+        raise ConfigError("train.tokens", f"train.tokens={t.tokens} and train.iters={t.iters} both set: keep one "
+                                          "(the other =null)")
     if t.iters is not None:
         if t.iters <= 0:
             raise ConfigError("train.iters", f"must be > 0, got {t.iters}")

@@ -543,9 +543,15 @@ class RLStage(Stage):
                 f"x {r.mini_batches} mini-batch(es) | {len(self.prompts):,} RL prompts"
                 + (f" ({self.skipped:,} longer than rl.max_prompt_tokens={r.max_prompt_tokens} skipped)"
                    if self.skipped else "")
-                + (f" ({self.prompts.short_budget:,} longer than model.seq_length - rl.max_response_tokens = "
-                   f"{self.cfg.model.seq_length - r.max_response_tokens} tokens: their responses get only the rest "
-                   f"of the context)" if self.prompts.short_budget else ""))
+                + (f" ({self.prompts.short_budget:,} {self._short_budget()}: their responses get only the rest of "
+                   "the context)" if self.prompts.short_budget else ""))
+
+    def _short_budget(self) -> str:
+        room, r = self.cfg.model.seq_length - self.rl.max_response_tokens, self.rl
+        if room > 0:
+            return f"longer than model.seq_length - rl.max_response_tokens = {room} tokens"
+        return (f"prompts, as rl.max_response_tokens={r.max_response_tokens} is not below "
+                f"model.seq_length={self.cfg.model.seq_length}")
 
     def lineage(self) -> dict:
         r = self.rl

@@ -22,12 +22,13 @@ from evolm_nemo.config.tokens import parse_tokens
 class ProbeHook:
     def __init__(self, cfg: RootConfig, tokenizer, tokens_per_iter: int, is_main: bool):
         from evolm_nemo.evaluation import probe
+        from evolm_nemo.evaluation import upstream as up
 
         pr = self.cfg = cfg.probe
         self.every = max(1, -(-parse_tokens(pr.tokens_interval, "probe.tokens_interval") // tokens_per_iter))
         self.tokenizer, self.is_main = tokenizer, is_main
         self.max_seq = cfg.model.seq_length
-        self.tasks_dir = probe.tasks_dir_for(pr.tasks_dir, pr.data_dir)
+        self.tasks_dir = up.tasks_dir_for(pr.tasks_dir, pr.data_dir)
         # problems are read now: a bad file fails in one line before the model is built
         self.problems = [probe.fitting(probe.load_problems(s, pr.downstream_dir, pr.downstream_limit, pr.template),
                                        tokenizer, self.max_seq, pr.max_new_tokens, is_main) for s in pr.downstream]

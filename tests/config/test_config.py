@@ -34,8 +34,10 @@ def test_token_budget_to_iterations():
     # 1B/160B: 160e9 / (512 * 2048) = 152587.89 -> 152588 iterations
     assert iterations_for(160 * 10**9, 512, 2048) == 152588
     assert iterations_for(1024, 8, 128) == 1
-    plan = _check(["train.tokens=1.6M", "train.iters=null"])
+    plan = _check(["train.tokens=1.6M"])  # a budget given alone replaces the recipe's train.iters=60
     assert plan.iters == -(-1_600_000 // (8 * 128))
+    cfg = compose("config", ["experiment=pretrain_1b_160b", "train.iters=5"], RootConfig)
+    assert (cfg.train.iters, cfg.train.tokens) == (5, None)  # and train.iters alone an experiment's train.tokens
     assert plan.tokens_per_iter == 8 * 128
 
 
@@ -68,7 +70,8 @@ def test_evolm_grid_composes():
     (["parallel.global_batch_size=6"], 4, "parallel.global_batch_size"),
     (["train.tokens=-1B", "train.iters=null"], 1, "train.tokens"),
     (["train.tokens=lots", "train.iters=null"], 1, "train.tokens"),
-    (["train.tokens=1B"], 1, "train.tokens"),                   # both tokens and iters
+    (["train.tokens=1B", "train.iters=5"], 1, "train.tokens"),  # both tokens and iters
+    (["train.iters=null"], 1, "train.tokens"),                  # neither
     (["data.source=indexed", "data.paths=[/nonexistent/doc]", "data.tokenizer=x"], 1, "data.paths"),
     (["parallel.sp=true"], 1, "parallel.sp"),
     (["model=nonexistent"], 1, "model"),

@@ -1,8 +1,13 @@
 """`evolm <command> --help` prints the command's keys with their values and comments, `--cfg job` the composed
 recipe as YAML (Hydra's conventions); both compose for real and run nothing."""
 
+import pytest
 import yaml
 
+from evolm_nemo import cli
+from evolm_nemo.cli import RECIPES
+from evolm_nemo.config import RootConfig, compose
+from evolm_nemo.config.errors import ConfigError
 from tests.conftest import run_evolm
 
 
@@ -42,3 +47,68 @@ def test_a_bad_override_with_help_is_one_line():
     assert proc.returncode == 2 and proc.stderr.strip() == "error: parallel.tp: expected integer, got 'abc'"
     proc = run_evolm("release", ["dry_run=maybe", "--help"], check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: dry_run: must be true or false; got 'maybe'"
+
+
+@pytest.mark.parametrize("command", sorted(RECIPES), ids=str)
+def test_every_commands_help_names_each_key_with_a_comment(command, capsys):
+    """In process (nothing is imported that --help does not need): every key a command takes is shown with its value
+    and a comment (from its schema, else its recipe's YAML); `--cfg job` composes too."""
+    assert cli.main([*command.split(), "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: evolm {command}")
+    keys = [line for line in out.splitlines() if line.startswith("  ") and "=" in line.split()[0]]
+    assert keys and all("  # " in line for line in keys), [line for line in keys if "  # " not in line]
+    assert cli.main([*command.split(), "--cfg", "job"]) == 0 and capsys.readouterr().out.strip()
+
+
+def test_help_comments_and_groups_are_the_right_ones(capsys):
+    """A comment line that opens the next block is not the field above's; only the groups the recipe's defaults
+    list can pick are offered (recipes/suite/ is `evolm suite`'s, not a training group)."""
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("=", 1)[0].strip(): line for line in out.splitlines() if line.startswith("  ") and "=" in line}
+    assert "data.source=synthetic" not in lines["sft.pad_to_multiple_of"]
+    assert "evolm suite launch" not in lines["logger.experiment"]
+    picks = out.split("config groups (pick one: group=name):")[1]
+    assert "  stage: " in picks and "  experiment: " in picks and "  suite: " not in picks
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo"])
+def test_a_stage_without_an_experiment_takes_its_own_budget(stage):
+    """recipes/stage/<stage>.yaml counts epochs (train.epochs=1, no iterations): the root recipe's pretraining
+    train.iters=60 no longer overrides it (a stage run stopped at 60 iterations, a fraction of its one epoch)."""
+    cfg = compose("config", [f"stage={stage}"], RootConfig)
+    assert (cfg.train.epochs, cfg.train.iters, cfg.train.tokens) == (1, None, None)
+    assert compose("config", [], RootConfig).train.iters == 60  # pretraining's own default stays
+
+
+@pytest.mark.parametrize("overrides,key,stages", [
+    (["train.epochs=2"], "train.epochs", "stage=dpo|grpo|ppo|rm|sft"),
+    (["stage=sft", "rl.temperature=0.5"], "rl.temperature", "stage=grpo|ppo"),
+    (["stage=cpt", "sft.shuffle=false"], "sft.shuffle", "stage=sft"),
+])
+def test_a_key_of_another_stage_is_named_as_theirs(overrides, key, stages):
+    with pytest.raises(ConfigError) as err:
+        compose("config", overrides, RootConfig)
+    assert err.value.key == key and f"is a key of {stages} (recipes/stage/)" in err.value.message
+    with pytest.raises(ConfigError) as err:
+        compose("config", ["train.no_such_key=1"], RootConfig)
+    assert "unknown key" in err.value.message
+
+
+def test_commands_without_one_recipe_say_what_they_take_and_a_closed_pipe_is_quiet():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, subprocess_env
+
+    text = run_evolm("pipeline", ["--help"]).stdout
+    assert "Any training override works here too" in text and "README" not in text.splitlines()[1]
+    assert "evolm suite plan suite=evolm" in run_evolm("suite", ["--help"]).stdout
+    # `evolm train --help | head -1`: the reader left before the help was written; no BrokenPipeError traceback,
+    # the shell's status for it (128 + SIGPIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "evolm_nemo.cli", "train", "--help"], cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err

@@ -71,8 +71,8 @@ def test_local_tasks_offline_match_direct_computation(lm, tmp_path, capsys, monk
     path, model, tok = lm
     out = tmp_path / "out"
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    assert cli.main(["eval", "upstream", f"model={path}", f"tasks_dir={TASKS_DIR}", f"data_dir={SAMPLE}",
-                     "batch_size=4", f"out={out}"]) == 0
+    # data_dir alone reads eval/upstream's task YAMLs (the probes' rule; it went to the hub for lm-eval's own)
+    assert cli.main(["eval", "upstream", f"model={path}", f"data_dir={SAMPLE}", "batch_size=4", f"out={out}"]) == 0
     assert "HF_HUB_OFFLINE" not in os.environ  # offline only while lm-eval ran
     stdout = capsys.readouterr().out
     result = json.loads((out / "result.json").read_text())
