@@ -238,6 +238,19 @@ def consistency_filter(rows: list[Row], cfg: PrepareSFTConfig, counts: Counts) -
     return out
 
 
+def _check_rl_ids(rows: list[Row], cfg: PrepareSFTConfig) -> None:
+    """One id per RL question: ``id_key`` values the input repeats on different questions would give the RL set (and
+    the RL stage refuses such a set) two prompts under one id. Ids made from row numbers are unique already."""
+    seen: dict[str, Row] = {}
+    for row in rows:
+        first = seen.setdefault(row.id, row)
+        if first is not row:
+            raise ConfigError("id_key", f"{cfg.id_key}={row.id!r} names two questions allocated to RL "
+                                        f"({first.question[:40]!r}..., {row.question[:40]!r}...): an RL prompt set "
+                                        f"takes one id per question; fix the ids in {cfg.input}, or leave id_key unset "
+                                        "(ids from the row numbers)")
+
+
 def dedup(rows: list[Row], counts: Counts) -> list[Row]:
     seen: set[str] = set()
     out = []
@@ -373,6 +386,7 @@ def prepare_sft(cfg: PrepareSFTConfig, rows: Optional[Iterable[tuple[str, object
         if rl_pos and not rl_rows:
             raise ConfigError("reference_key", f"none of the {len(rl_pos):,} questions allocated to RL has a reference "
                                                f"answer ({cfg.reference_key!r}): RL needs gold answers")
+        _check_rl_ids(rl_rows, cfg)
         counts.rl = len(rl_rows)
         split_info = {"allocation": cfg.allocation, "sft": len(pool), "rl": len(rl_rows), "seed": cfg.seed,
                       "sft_questions_sha256": _sha(r.key for r in pool),

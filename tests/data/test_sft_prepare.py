@@ -138,7 +138,7 @@ def test_split_through_the_command(tmp_path, tok_dir):
     assert len(sft_keys) == 10 and len(rl_keys) == 25 and not sft_keys & rl_keys
 
 
-def test_rl_side_takes_only_questions_with_a_gold_answer(tmp_path, tok_dir):
+def test_rl_side_takes_only_questions_with_a_gold_answer(tmp_path, tok_dir, capsys):
     """filter=false keeps rows without a reference; allocated to RL they would be prompts with a null gold_answer,
     which the RL stage refuses: they are left out (and counted); the RL set is what `stage=ppo|grpo` reads."""
     from evolm_nemo.rl.data import read_prompts
@@ -154,6 +154,16 @@ def test_rl_side_takes_only_questions_with_a_gold_answer(tmp_path, tok_dir):
     assert rl and left_out > 0 and all(r["gold_answer"] for r in rl)
     assert f"RL {len(rl)}" in proc.stdout and f"RL without a reference (left out) {left_out}" in proc.stdout
     assert len(read_prompts([str(tmp_path / "a.jsonl")], "data.paths")) == len(rl)
+    # ids from id_key that repeat on different questions would make a set the RL stage refuses: refused here
+    from tests.conftest import refused_in_process
+
+    shared = _write(tmp_path / "ids.jsonl", [{**row, "id": i // 4} for i, row in enumerate(rows)])
+    err = refused_in_process(capsys, "prepare-sft", [
+        f"input={shared}", f"tokenizer={tok_dir}", "question_key=q", "answer_key=r", "reference_key=gold", "id_key=id",
+        "filter=false", "allocation=10/30", "progress=false", f"output={tmp_path / 'b'}",
+        f"rl_output={tmp_path / 'b.jsonl'}"], "id_key")
+    assert err.startswith("error: id_key: id=") and "names two questions allocated to RL" in err, err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.jsonl").exists()
 
 
 @pytest.mark.parametrize("extra,key", [
