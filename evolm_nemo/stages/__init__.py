@@ -42,6 +42,7 @@ class Kind:
     reference_pass: bool = False  # a frozen reference's forward over the data before the first step
     starts_group: bool = False  # the models it and its descendants make share a report group (SFT, then RL)
     lays_out: bool = False  # its microbatches may be packed (train.packing) or formed by a token budget
+    section: str | None = None  # the recipe section of its own settings (sft, rl, rm, dpo)
 
 
 STAGES = {
@@ -50,15 +51,16 @@ STAGES = {
     # the same objective from train.init_from, on a replay mix
     "cpt": Kind("evolm_nemo.stages.pretrain", "tokens", "tokens", "cpt"),
     # prompt-masked fine-tuning on a prepared SFT dataset
-    "sft": Kind("evolm_nemo.stages.sft", "epochs", "examples", "sft", starts_group=True, lays_out=True),
+    "sft": Kind("evolm_nemo.stages.sft", "epochs", "examples", "sft", starts_group=True, lays_out=True, section="sft"),
     # PPO with verifiable rewards: actor + critic, rollouts from the live actor
-    "ppo": Kind("evolm_nemo.stages.rl", "prompts", "prompts", "rl", critic=True, lays_out=True),
+    "ppo": Kind("evolm_nemo.stages.rl", "prompts", "prompts", "rl", critic=True, lays_out=True, section="rl"),
     # GRPO: n samples per prompt, group-relative advantages, no critic
-    "grpo": Kind("evolm_nemo.stages.rl", "prompts", "prompts", "rl", lays_out=True),
+    "grpo": Kind("evolm_nemo.stages.rl", "prompts", "prompts", "rl", lays_out=True, section="rl"),
     # reward model: scalar head, outcome (BCE) or pairwise (Bradley-Terry) objective
-    "rm": Kind("evolm_nemo.stages.rm", "epochs", "examples", "rm", head="value", lays_out=True),
+    "rm": Kind("evolm_nemo.stages.rm", "epochs", "examples", "rm", head="value", lays_out=True, section="rm"),
     # direct preference optimisation against the frozen train.init_from
-    "dpo": Kind("evolm_nemo.stages.dpo", "epochs", "pairs", "dpo", reference_pass=True, lays_out=True),
+    "dpo": Kind("evolm_nemo.stages.dpo", "epochs", "pairs", "dpo", reference_pass=True, lays_out=True,
+                section="dpo"),
 }
 
 
@@ -225,9 +227,49 @@ def run(cfg: RootConfig, plan: Plan) -> TrainResult:
 
     module = stage_module(cfg.stage)
     dirs = module.checkpoint_dirs(cfg) if hasattr(module, "checkpoint_dirs") else (MAIN,)
-    return fit(cfg, plan, module.build, dirs, data_identity(cfg))
+    return fit(cfg, plan, module.build, dirs, data_identity(cfg), run_settings(cfg))
 
 
 def data_identity(cfg: RootConfig) -> dict:
     """What defines the data and batch of ``cfg``'s run (its stage's ``data_identity``), JSON-plain."""
     return stage_module(cfg.stage).data_identity(cfg)
+
+
+# What a resume may change (everything else of the sections a stage reads must stay as the run started, or the
+# resumed run would not be the run its checkpoints record -- megatron's scheduler, for one, keeps the checkpoint's
+# learning rates and ignores the recipe's): where the run writes and what it shows; how each step's batch is laid
+# out over ranks and microbatches (the loss does not depend on it); the iteration budget (train.loop.resume_check
+# refuses a change with its own message); inputs named by path whose content the stage's ``data_identity`` checks,
+# or that the run keeps from its start (the parent, the reference and the reward model, rl.critic_init); and what is
+# measured beside training (validation, probes).
+RESUME_FREE = frozenset({
+    "model.name", "model.layer_spec", "model.core_attention",
+    "data.name", "data.paths", "data.val_paths", "data.tokenizer", "data.cache_dir", "data.hf_dataset",
+    "data.max_epochs",
+    "optim.distributed", "optim.stage_lr",
+    "parallel.tp", "parallel.pp", "parallel.sp", "parallel.micro_batch_size", "parallel.max_tokens_per_microbatch",
+    "train.tokens", "train.iters", "train.epochs", "train.log_interval", "train.save_interval", "train.keep_last",
+    "train.init_from", "train.branch_from", "train.val_tokens_interval", "train.val_batches", "train.resume",
+    "train.overwrite", "train.save_on_signal", "train.peak_tflops", "train.progress", "train.tensorboard",
+    "train.packing",
+    "sft.pad_to_multiple_of", "rm.pad_to_multiple_of", "dpo.pad_to_multiple_of", "rm.val_interval",
+    "rl.rollout_micro_batch_size", "rl.critic_init", "rl.reward_model", "rl.reward_fn_workers", "rl.val_data",
+    "rl.val_interval", "rl.val_size", "rl.save_rollouts",
+})
+
+
+def run_settings(cfg: RootConfig) -> dict:
+    """The settings of ``cfg`` a resume must keep (dotted key -> value): ``stage`` and every key of the model,
+    data, optim, parallel and train sections and of the stage's own (``Kind.section``), but ``RESUME_FREE``.
+    ``train.loop.resume_check`` compares them with the config the checkpoint records."""
+    from evolm_nemo.config.compose import to_dict
+
+    plain = to_dict(cfg)
+    sections = ("model", "data", "optim", "parallel", "train") + ((kind(cfg.stage).section,)
+                                                                   if kind(cfg.stage).section else ())
+    found = {"stage": cfg.stage}
+    for section in sections:
+        for key, value in plain[section].items():
+            if f"{section}.{key}" not in RESUME_FREE:
+                found[f"{section}.{key}"] = value
+    return found

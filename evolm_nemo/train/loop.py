@@ -124,10 +124,33 @@ def _short(value) -> str:
     return str(value)
 
 
-def resume_check(cfg: RootConfig, plan_iters: int, identity: dict | None = None) -> Callable[[Path, dict], None]:
+def settings_change(path: Path, config: dict, ours: dict) -> ConfigError | None:
+    """The first of ``ours`` (dotted key -> value: ``stages.run_settings``) whose value differs from the recipe the
+    checkpoint ``path`` records (``config``, its evolm.json), as a ConfigError naming it and how many more differ;
+    keys the record lacks (checkpoints from before a key existed) are not compared."""
+    changed = []
+    for key, value in ours.items():
+        section, _, name = key.rpartition(".")
+        recorded = config.get(section, {}) if section else config
+        if isinstance(recorded, dict) and name in recorded and recorded[name] != value:
+            changed.append((key, recorded[name], value))
+    if not changed:
+        return None
+    key, theirs, value = changed[0]
+    more = f" (and {', '.join(k for k, _, _ in changed[1:])})" if changed[1:] else ""
+    return ConfigError(key, f"{path} was trained with {key}={_short(theirs)}, this recipe has {_short(value)}{more}; "
+                            "a run resumes with the settings it started with: keep them, or go on as a new run from "
+                            f"it (train.init_from={path} with a new run.out_dir, or train.resume=false "
+                            "train.overwrite=true to replace this one)")
+
+
+def resume_check(cfg: RootConfig, plan_iters: int, identity: dict | None = None,
+                 settings: dict | None = None) -> Callable[[Path, dict], None]:
     """What a checkpoint must agree on for this recipe to resume it: the model shape, the iteration budget --
     changing ``train.iters`` / ``train.tokens`` on resume is refused (the schedule and the data order were laid out
-    for the old one), naming the two ways forward -- and what defines the data and batch (``identity``)."""
+    for the old one), naming the two ways forward --, what defines the data and batch (``identity``) and the
+    other settings of the run (``settings``, ``stages.run_settings``: an optimizer, sampling or reward setting
+    changed on resume would make the run other than the one its checkpoints record)."""
 
     def check(path: Path, meta: dict) -> None:
         check_shape(cfg.model, meta, lambda ours, theirs, name: f"{ours} differs from {theirs} in {path} (model "
@@ -141,7 +164,8 @@ def resume_check(cfg: RootConfig, plan_iters: int, identity: dict | None = None)
             raise ConfigError(key, f"{path} {was} and this recipe plans {plan_iters}; resume with "
                                    f"train.iters={planned if planned is not None else done} train.tokens=null, or "
                                    f"branch off with train.init_from={path} and a new run.out_dir")
-        change = identity_change(path, meta.get(IDENTITY) or {}, identity or {})
+        change = identity_change(path, meta.get(IDENTITY) or {}, identity or {}) or \
+            settings_change(path, meta.get("config") or {}, settings or {})
         if change is not None:
             raise change
 
@@ -164,18 +188,18 @@ def stop_line(rt: Runtime, signum: int, step: int, saved, save_on_signal: bool) 
 
 
 def fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...] = (MAIN,),
-        identity: dict | None = None) -> TrainResult:
+        identity: dict | None = None, settings: dict | None = None) -> TrainResult:
     """Train ``cfg`` for ``plan.iters`` iterations (resuming if possible) with the stage ``make_stage(cfg, plan, rt)``
     builds (see ``evolm_nemo.stages.base.Stage``), whose roles are saved under ``dirs`` of the run directory.
     ``identity`` (the stage's ``data_identity``: what defines its data and batch) is recorded in every checkpoint,
-    and a resume that changes it is refused. SIGTERM ends it after the current iteration (saved first with
+    and a resume that changes it or ``settings`` (``stages.run_settings``) is refused. SIGTERM ends it after the current iteration (saved first with
     ``train.save_on_signal``) by raising ``Stopped`` (exit code 143)."""
     children_die_with_parent()
     with StopSignal() as stop:
-        return _fit(cfg, plan, make_stage, dirs, identity or {}, stop)
+        return _fit(cfg, plan, make_stage, dirs, identity or {}, settings or {}, stop)
 
 
-def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...], identity: dict,
+def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...], identity: dict, settings: dict,
          stop: StopSignal) -> TrainResult:
     p, t = cfg.parallel, cfg.train
     rt = setup(p.tp, p.pp, t.seed, t.precision)
@@ -183,7 +207,7 @@ def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...
     tracking.check(cfg)  # logger.wandb / logger.mlflow: their packages, before anything is built
     out = Path(cfg.run.out_dir)
     roots = [out / d for d in dirs]
-    starting = dict(resume=t.resume, overwrite=t.overwrite, check=resume_check(cfg, plan.iters, identity))
+    starting = dict(resume=t.resume, overwrite=t.overwrite, check=resume_check(cfg, plan.iters, identity, settings))
     planned = ckpt.start_run(out, roots, dry=True, **starting)  # the cheap refusals first: names, sizes, shape, budget
     if rt.is_main:
         tracking.reach(cfg)  # the tracking store answers (its runs open once the model is built)

@@ -154,3 +154,22 @@ def test_resume_with_other_data_or_batch_is_refused(tmp_path, data_cache, cut_at
     assert tree_bytes(out) == before
     resumed = run_evolm("train", tiny(out, data_cache, *DATA_ARGS))
     assert "resuming at iteration 2" in resumed.stdout and sorted(losses(out)) == [1, 2, 3, 4]
+
+
+def test_a_resume_keeps_the_settings_its_run_started_with(tmp_path, data_cache, cut_at_2):
+    """A learning rate changed on resume was ignored (megatron's scheduler keeps the checkpoint's) while the new
+    value was recorded; other optimizer settings changed the run mid-way. Refused in one line naming the key and the
+    others that differ, nothing touched; what only lays the batch out, writes or shows may change, and the run goes
+    on exactly as the uninterrupted one."""
+    want = losses(cut_at_2)  # the whole 4-iteration run's record (only its checkpoint 4 was removed)
+    out = tmp_path / "run"
+    shutil.copytree(cut_at_2, out)
+    before = tree_bytes(out)
+    line = one_line_error(run_evolm("train", tiny(out, data_cache, *DATA_ARGS, "optim.lr=1e-2", "optim.beta1=0.5"),
+                                    check=False), "optim.lr")
+    assert "iter_0000002 was trained with optim.lr=" in line and "(and optim.beta1)" in line, line
+    assert tree_bytes(out) == before
+    run_evolm("train", tiny(out, data_cache, *DATA_ARGS, "parallel.micro_batch_size=1", "train.save_interval=1",
+                            "train.log_interval=2"))
+    got = losses(out)
+    assert sorted(got) == [1, 2, 4] and abs(got[4] - want[4]) <= 1e-5 * abs(want[4]), (got, want)
