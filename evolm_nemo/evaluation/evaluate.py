@@ -102,7 +102,9 @@ def check_model(path: str, key: str = "model", head: str = "lm", trust_remote_co
     """The HF model directory ``path`` will load, checked without loading it (once the settings and data are read,
     before any model is): ``config.json``, each weight file's header (a cut-short safetensors; a
     ``pytorch_model.bin`` read with weights_only=True), the model transformers builds from ``config.json`` (on the
-    meta device: no memory) against the stored tensor shapes, the tokenizer, and the tokenizer against the embedding
+    meta device: no memory) against the stored tensors (each one present -- else transformers fills it at random, e.g.
+    the untied ``lm_head.weight`` of a reward model or critic export, which ``head="lm"`` refuses from its
+    ``architectures`` first -- and of its shape), the tokenizer, and the tokenizer against the embedding
     rows. ``head``: "lm" (AutoModelForCausalLM) or "value" (AutoModelForSequenceClassification, the reward model).
     One line naming ``key`` and the file, field or tensor; these were tracebacks once the model loaded (for the
     reward model: after all the sampling). A TensorRT-LLM engine directory (``*.engine``) has no HF weights: its
@@ -111,6 +113,13 @@ def check_model(path: str, key: str = "model", head: str = "lm", trust_remote_co
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     spec = hfdir.read_config(path, key)
+    config_file = Path(path) / "config.json"
+    archs = [str(a) for a in spec.get("architectures") or []]
+    if head == "lm" and any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(key, f"{config_file} describes a {archs[0]} (a reward model or PPO critic: a score head, "
+                               "no LM head to sample from); pass a causal LM (...ForCausalLM, e.g. `evolm export-hf` "
+                               "of a pretrain, SFT or RL actor checkpoint)" + ("; a reward model goes in rm="
+                                                                               if key == "model" else ""))
     if any(Path(path).glob("*.engine")):
         load_tokenizer(path, trust_remote_code, key=key, require_eos=False)
         return
@@ -124,17 +133,28 @@ def check_model(path: str, key: str = "model", head: str = "lm", trust_remote_co
         with torch.device("meta"):
             model = auto.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers' config validation, an unknown architecture, remote code not allowed
-        raise ConfigError(key, f"{Path(path) / 'config.json'}: transformers cannot build the model it describes "
+        raise ConfigError(key, f"{config_file}: transformers cannot build the model it describes "
                                f"({first_line(exc)[:300]})") from None
     if "quantization_config" not in spec:  # a quantized checkpoint stores packed shapes of its own
+        found = _stored_names(model, stored)
         for name, want in model.state_dict().items():  # in the model's order: the embedding first
-            if name in stored and tuple(stored[name][1]) != tuple(want.shape):
+            if name not in found:
+                continue
+            have = found[name]
+            if have is None:
+                # transformers would load the rest and initialise this one at random (a warning, then junk samples)
+                tied = " (its embeddings are not tied: tie_word_embeddings is false)" \
+                    if name.endswith("lm_head.weight") and not getattr(config, "tie_word_embeddings", False) else ""
+                raise ConfigError(key, f"{Path(path)} has no tensor {name} in its weight files, yet the "
+                                       f"{type(model).__name__} its config.json describes needs it{tied}: "
+                                       "transformers would fill it with random values")
+            if tuple(stored[have][1]) != tuple(want.shape):
                 unset = [f for f in SIZE_FIELDS if f not in spec and hasattr(config, f)]
                 hint = (f" (it sets no {', '.join(unset)}: transformers used its default"
                         f"{'s' if len(unset) > 1 else ''} {', '.join(str(getattr(config, f)) for f in unset)})"
                         if unset else "")
-                raise ConfigError(key, f"tensor {name} in {files[name].name} has shape {list(stored[name][1])}, "
-                                       f"{Path(path) / 'config.json'} implies {list(want.shape)}{hint}")
+                raise ConfigError(key, f"tensor {have} in {files[have].name} has shape {list(stored[have][1])}, "
+                                       f"{config_file} implies {list(want.shape)}{hint}")
     tok = load_tokenizer(path, trust_remote_code, key=key, require_eos=False)
     try:
         rows = model.get_input_embeddings().weight.shape[0]
@@ -143,6 +163,39 @@ def check_model(path: str, key: str = "model", head: str = "lm", trust_remote_co
     if len(tok) > rows:
         raise ConfigError(key, f"its tokenizer has {len(tok)} tokens, more than the model's {rows} embedding rows "
                                f"(vocab_size in {Path(path) / 'config.json'}): ids from {rows} on have no embedding")
+
+
+def _stored_names(model, stored: dict) -> dict:
+    """{state_dict name: the stored tensor that fills it, or None when none does} for ``model``'s tensors. A tensor
+    is found under its own name, under the name without the base model's prefix (a checkpoint saved from the bare
+    ``LlamaModel``, which transformers loads into the causal LM) or through a tied alias (``lm_head.weight`` is the
+    embedding when ``tie_word_embeddings`` is true); names the model class lets be missing are left out."""
+    import re
+
+    prefix = f"{getattr(model, 'base_model_prefix', '') or ''}."
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+
+    def lookup(name: str):
+        if name in stored:
+            return name
+        if prefix != "." and name.startswith(prefix) and name[len(prefix):] in stored:
+            return name[len(prefix):]
+        return None
+
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in named:
+        aliases.setdefault(id(tensor), []).append(name)
+    by_name = dict(named)
+    found = {}
+    for name in model.state_dict():
+        tensor = by_name.get(name)
+        names = aliases.get(id(tensor), [name]) if tensor is not None else [name]
+        have = next((h for h in map(lookup, [name, *names]) if h is not None), None)
+        if have is None and any(p.search(name) for p in ignore):
+            continue  # the model class says it may be absent
+        found[name] = have
+    return found
 
 
 def _meta(cfg) -> dict:

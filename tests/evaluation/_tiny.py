@@ -99,6 +99,11 @@ DAMAGES = {
     "tokenizer_cut_short": "tokenizer.json: invalid JSON",
     "config_not_json": "config.json: invalid JSON",
     "pickled_code_bin": "pytorch_model.bin: cannot load with weights_only=True (it holds more than tensors",
+    # transformers only warns "lm_head.weight MISSING ... newly initialized" and samples junk from a random head
+    "lm_head_removed": "has no tensor lm_head.weight in its weight files, yet the LlamaForCausalLM its config.json "
+                       "describes needs it (its embeddings are not tied",
+    # a reward model / PPO critic export (`evolm export-hf` of a critic): a score head, no LM head
+    "sequence_classifier": "describes a LlamaForSequenceClassification (a reward model or PPO critic",
 }
 
 
@@ -144,6 +149,17 @@ def damaged_copy(model_dir: Path, dst: Path, damage: str) -> Path:
         tensors = load_file(str(weights))
         weights.unlink()
         torch.save({**tensors, "payload": Payload(dst.with_name(dst.name + ".unsafe"))}, dst / "pytorch_model.bin")
+    elif damage in ("lm_head_removed", "sequence_classifier"):
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(weights))
+        head = tensors.pop("lm_head.weight")
+        if damage == "sequence_classifier":
+            tensors["score.weight"] = torch.zeros(1, head.shape[1])
+            config.update(architectures=["LlamaForSequenceClassification"], id2label={"0": "LABEL_0"},
+                          label2id={"LABEL_0": 0})
+        save_file(tensors, str(weights), metadata={"format": "pt"})
     else:
         raise ValueError(damage)
     (dst / "config.json").write_text(json.dumps(config))
