@@ -10,6 +10,7 @@ its summary into ``result.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -61,7 +62,7 @@ class DownstreamConfig(ResultMeta):
     temperature: float = 1.0
     top_p: float = 1.0
     repetition_penalty: float = 1.1
-    max_model_len: int = 2048
+    max_model_len: Optional[int] = None  # null: resolved by model_len (EvoLM's 2048, or less: the model's context)
     max_new_tokens: Optional[int] = None
     seed: int = 42
     batch_size: int = 64
@@ -291,7 +292,69 @@ def _load_tasks(cfg: DownstreamConfig):
     return out
 
 
-def _check(cfg: DownstreamConfig) -> None:
+EVOLM_MAX_MODEL_LEN = 2048  # EvoLM's prompt + completion window
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+
+
+def model_context(path: str) -> tuple[Optional[int], str]:
+    """The longest sequence (prompt + completion tokens) the model in ``path`` was built for and where it was read:
+    a TensorRT-LLM engine's ``max_seq`` (evolm_trtllm.json) or ``build_config.max_seq_len``, else config.json's
+    ``max_position_embeddings`` (or another model family's name for it), stretched by a ``rope_scaling`` factor as
+    vLLM does. (None, "") when nothing says."""
+    record = Path(path) / "evolm_trtllm.json"
+    if record.is_file():
+        try:
+            seq = json.loads(record.read_text(encoding="utf-8")).get("max_seq")
+        except (OSError, ValueError, AttributeError):
+            seq = None
+        if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0:
+            return seq, f"max_seq in {record}"
+    spec = hfdir.read_config(path, "model")
+    config_file = Path(path) / "config.json"
+    build_cfg = spec.get("build_config")
+    if isinstance(build_cfg, dict) and isinstance(build_cfg.get("max_seq_len"), int) and build_cfg["max_seq_len"] > 0:
+        return build_cfg["max_seq_len"], f"build_config.max_seq_len in {config_file}"
+    for where, prefix in ((spec, ""), (spec.get("text_config"), "text_config."),
+                          (spec.get("pretrained_config"), "pretrained_config.")):
+        if not isinstance(where, dict):
+            continue
+        for name in CONTEXT_FIELDS:
+            value = where.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return _rope_stretched(value, where.get("rope_scaling"), f"{prefix}{name} in {config_file}")
+    return None, ""
+
+
+def _rope_stretched(length: int, rope, source: str) -> tuple[int, str]:
+    """vLLM's rule: a RoPE scaling factor stretches max_position_embeddings (llama3 / longrope configs already give
+    the stretched length; yarn stretches original_max_position_embeddings)."""
+    if not isinstance(rope, dict):
+        return length, source
+    kind = rope.get("rope_type") or rope.get("type")
+    factor = rope.get("factor")
+    if kind in (None, "default", "su", "longrope", "llama3") or not isinstance(factor, (int, float)) or factor <= 1:
+        return length, source
+    base = rope.get("original_max_position_embeddings") if kind == "yarn" else None
+    base = base if isinstance(base, int) and base > 0 else length
+    return int(base * factor), f"{source} x rope_scaling.factor {factor}"
+
+
+def model_len(cfg) -> int:
+    """``max_model_len`` as sampling uses it: null is EvoLM's 2048, or the model's context when that is shorter (as
+    vLLM defaults to the model's length); an explicit value longer than the model's context is refused in one line
+    -- the hf backend would generate past the positions the model was trained on (vLLM refuses it itself)."""
+    context, source = model_context(cfg.model)
+    if cfg.max_model_len is None:
+        return min(EVOLM_MAX_MODEL_LEN, context) if context else EVOLM_MAX_MODEL_LEN
+    if context and cfg.max_model_len > context:
+        raise ConfigError("max_model_len", f"{cfg.max_model_len} is longer than the model's context of {context} "
+                                           f"tokens ({source}); set max_model_len <= {context}, or null for "
+                                           f"{min(EVOLM_MAX_MODEL_LEN, context)}")
+    return cfg.max_model_len
+
+
+def _check(cfg: DownstreamConfig) -> DownstreamConfig:
+    """Every setting checked before any data or model is loaded; returns ``cfg`` with ``max_model_len`` resolved."""
     check_seed("seed", cfg.seed)
     _model_dir(cfg.model)
     if cfg.scoring not in ("evolm", "strict"):
@@ -300,8 +363,9 @@ def _check(cfg: DownstreamConfig) -> None:
         raise ConfigError("n", f"must be >= 1, got {cfg.n}")
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError("limit", f"must be >= 1 (or null for all problems), got {cfg.limit}")
-    if cfg.max_model_len < 2:
-        raise ConfigError("max_model_len", f"must be >= 2, got {cfg.max_model_len}")
+    if cfg.max_model_len is not None and cfg.max_model_len < 2:
+        raise ConfigError("max_model_len", f"must be >= 2 (or null: the model's context, at most 2048), got "
+                                           f"{cfg.max_model_len}")
     if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         raise ConfigError("max_new_tokens", f"must be >= 1 (or null), got {cfg.max_new_tokens}")
     if cfg.batch_size < 1:
@@ -320,6 +384,7 @@ def _check(cfg: DownstreamConfig) -> None:
         raise ConfigError("rm_batch_size", f"must be >= 1, got {cfg.rm_batch_size}")
     if cfg.rm is not None:
         _check_rm(cfg.rm)
+    return dataclasses.replace(cfg, max_model_len=model_len(cfg))
 
 
 def _check_rm(path: str) -> None:
@@ -448,7 +513,7 @@ def table(summary: dict, title: str = "", k: int = 16) -> str:
 def downstream(cfg: DownstreamConfig) -> dict:
     """Sample and score ``cfg.tasks`` (greedy + n samples each), write completions.jsonl, scored.jsonl and
     result.json into the out dir and print the metrics table. Returns the result JSON."""
-    _check(cfg)
+    cfg = _check(cfg)
     meta = _meta(cfg)
     sampling.pick(cfg.backend)  # a missing backend fails here, before data or model loading
     out = _out_dir(cfg)

@@ -178,8 +178,12 @@ def test_eval_downstream_end_to_end(lm, tmp_path, capsys):
         src = next(p for p in load_problems(task, path=str(data / f"{task.name}.jsonl")) if p["id"] == r["id"])
         assert {k: r[k] for k in ("id", "problem", "gt_solution", "gt_answer")} == src
         assert len(r["completions"]) == 3 and len(r["rm_scores"]) == 3 and isinstance(r["greedy"], str)
-        # Greedy is transformers' greedy on the task's prompt, cut at the task's stop strings.
+        # Greedy is transformers' greedy on the task's prompt, cut at the task's stop strings; a prompt that fills the
+        # model's 256 positions (the default max_model_len here) gets empty completions, not text sampled past them.
         ids = tok(task.prompt(r["problem"]), return_tensors="pt").input_ids
+        if ids.shape[1] >= 256:
+            assert r["greedy"] == "" and r["completions"] == [""] * 3
+            continue
         with torch.inference_mode():
             ref = model.generate(ids, do_sample=False, max_new_tokens=8, repetition_penalty=1.1)[0, ids.shape[1]:]
         ref = ref.tolist()
@@ -193,6 +197,10 @@ def test_eval_downstream_end_to_end(lm, tmp_path, capsys):
     assert set(result["downstream"]["suites"]) == {"gsm8k_platinum", "strategyqa"}
     assert result["downstream"]["id_avg"] == json.loads(json.dumps(summary["id_avg"]))
     assert result["downstream"]["sampling"]["backend"] == "hf" and result["downstream"]["sampling"]["n"] == 3
+    # max_model_len: null is the model's 256-token context (shorter than EvoLM's 2048), recorded as used
+    assert result["downstream"]["sampling"]["max_model_len"] == 256
+    assert sum(len(tok(get_task(r["suite"]).prompt(r["problem"])).input_ids) < 256 for r in rows) == 2
+    assert "prompt(s) fill max_model_len=256; their completions are empty" in proc.err
     assert "Pass@1" in proc.out and "strategyqa" in proc.out and "tok/s" in proc.err
     assert "Maj@3" in proc.out and "Pass@3" in proc.out and "@16" not in proc.out  # n=3 samples per problem
 
@@ -284,6 +292,7 @@ def test_eval_downstream_bad_input_is_one_line(lm, tmp_path):
     (["repetition_penalty=0"], "repetition_penalty"), (["repetition_penalty=-1"], "repetition_penalty"),
     (["repetition_penalty=nan"], "repetition_penalty"), (["tensor_parallel_size=0"], "tensor_parallel_size"),
     (["workers=-1"], "workers"), (["rm_batch_size=0"], "rm_batch_size"),
+    (["max_model_len=257"], "max_model_len"),  # the tiny model's max_position_embeddings is 256
     (["rm=<causal lm>"], "rm"), (["rm=<two labels>"], "rm"), (["rm=<bad json>"], "rm"),
     (["data_dir=<empty suite>"], "data_dir"),
 ])
@@ -317,6 +326,10 @@ def test_eval_downstream_bad_settings_before_the_model_loads(lm, tmp_path, capsy
         assert f"no problems in {data / 'math.jsonl'}" in line
     if extra[0] == f"rm={causal}":
         assert "LlamaForCausalLM, not a reward model" in line
+    if key == "max_model_len":  # the hf backend generated past the model's positions without a word
+        assert line == (f"error: max_model_len: 257 is longer than the model's context of 256 tokens "
+                        f"(max_position_embeddings in {lm[0] / 'config.json'}); set max_model_len <= 256, or null "
+                        "for 256")
     assert not out.exists()
 
 

@@ -173,6 +173,19 @@ def test_rl_mini_batches_follow_the_trainers_rule(tmp_path, layout, ok):
         "rl.mini_batches=2 x micro_batch_size=48")
 
 
+def test_eval_max_model_len_follows_the_models_context(tmp_path):
+    """An eval node's max_model_len: null is the model's context (the demo model's 128-token model.seq_length, which
+    its export writes as max_position_embeddings) when shorter than EvoLM's 2048; a longer explicit value is refused
+    at plan time, not by the evaluation after the training."""
+    body = "  a: {experiment: demo}\n  x: {kind: export, parent: a}\n  e: {kind: eval, parent: x%s}\n"
+    rows = plan_mod.build(spec.load(_suite(tmp_path, body % "")))
+    assert rows.row("e").notes[-1].endswith("<= 128 tokens"), rows.row("e").notes
+    with pytest.raises(ConfigError) as exc:
+        plan_mod.build(spec.load(_suite(tmp_path, body % ", overrides: [max_model_len=129]")))
+    assert exc.value.key == "nodes.e" and exc.value.message.startswith(
+        "max_model_len: 129 is longer than the model's context of 128 tokens (a's model.seq_length)")
+
+
 @pytest.mark.parametrize("body, line", [
     ("  a: {experiment: demo}\n  b: {experiment: demo_cpt, parent: x}\n",
      "error: nodes.b.parent: names 'x', which is not a node of suite s"),
