@@ -157,9 +157,16 @@ def train_demo_rm(final, tokenizer, demo_data, overrides: list[str], out: Path, 
     if is_main:
         if result.losses:  # empty when the run was already complete
             print(f"[rm] {loss_curve(result.losses)}")
-        print(f"[rm] validation on held-out problems: AUC {last['val_auc']:.3f}, "
-              f"accuracy {last['val_accuracy']:.3f} over {last['val_examples']} samples")
+        print(rm_validation_line(last))
     return result, last
+
+
+def rm_validation_line(last: dict) -> str:
+    """The demo's line on its outcome RM's final validation row (``val_auc`` is null when the held-out samples are
+    all of one class: the AUC is undefined)."""
+    auc = "undefined (one class)" if last.get("val_auc") is None else f"{last['val_auc']:.3f}"
+    return (f"[rm] validation on held-out problems: AUC {auc}, accuracy {last['val_accuracy']:.3f} over "
+            f"{last['val_examples']} samples")
 
 
 def dynamics_overrides(probe_dir: Path, stage: str) -> list[str]:

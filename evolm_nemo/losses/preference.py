@@ -55,14 +55,14 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def roc_auc(scores, labels) -> float:
+def roc_auc(scores, labels) -> float | None:
     """Area under the ROC curve: the probability that a random positive outscores a random negative (ties count
-    half), via ranks (Mann-Whitney U). NaN when one class is absent."""
+    half), via ranks (Mann-Whitney U). None when one class is absent: undefined (null in metrics.jsonl, not NaN)."""
     s = torch.as_tensor(scores, dtype=torch.float64).flatten()
     y = torch.as_tensor(labels).flatten().bool()
     pos, neg = int(y.sum()), int((~y).sum())
     if pos == 0 or neg == 0:
-        return float("nan")
+        return None
     order = torch.argsort(s)
     ranks = torch.empty_like(s)
     sorted_s = s[order]

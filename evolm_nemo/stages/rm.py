@@ -18,6 +18,7 @@ Data order is ``EpochOrder`` over the training units, as in SFT (exact resume).
 from __future__ import annotations
 
 import math
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -310,6 +311,11 @@ class RMStage(Stage):
         self.model_builder = build_value_model
         self.forward_step = partial(rm_forward_step, r.objective, r.margin)
         self.unit = "pairs" if self.pairwise else "examples"
+        if not self.pairwise and rt.is_main:
+            for what, units in (("training", self.train_units), ("validation", self.val_units)):
+                line = one_class(self.data.labels[units[:, 0]], what)
+                if line:
+                    print(f"[evolm] warning: rm.objective=outcome: {line}", file=sys.stderr, flush=True)
 
     def microbatches(self, iteration):
         return self.batches.microbatches(iteration)
@@ -397,6 +403,21 @@ def score_sequences(model, data: RMData, seqs: np.ndarray, batches: UnitBatches,
     size, padding multiple and pad id."""
     return dict(forward_sequences(model, data, seqs, value_forward_step, lambda out, b: scores_at_last(out, b["last"]),
                                   batches.mbs, batches.multiple, batches.pad_id, rt))
+
+
+def one_class(labels: np.ndarray, what: str) -> str | None:
+    """A warning when the outcome examples ``labels`` (1 correct, 0 incorrect) are all of one class, else None."""
+    if len(labels) == 0:
+        return None
+    correct = int((labels > 0.5).sum())
+    if 0 < correct < len(labels):
+        return None
+    kind = "correct" if correct else "incorrect"
+    if what == "training":
+        return (f"all {len(labels):,} training examples are {kind} (one class): the value head learns a constant, "
+                "not to tell correct from incorrect; sample problems the model gets both right and wrong")
+    return (f"all {len(labels):,} validation examples are {kind} (one class): val_auc is undefined (null in "
+            "metrics.jsonl); more problems or a larger rm.val_fraction give both classes")
 
 
 def validation_metrics(scores: dict[int, float], data: RMData, units: np.ndarray, objective: str,

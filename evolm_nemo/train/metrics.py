@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -23,6 +24,17 @@ def peak_flops(override_tflops: float | None, device: torch.device) -> float | N
             if key in name:
                 return tflops * 1e12
     return None
+
+
+def finite_record(value):
+    """``value`` with every float that is not finite (NaN, +-inf), at any depth, replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_record(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_record(v) for v in value]
+    return value
 
 
 class MetricsWriter:
@@ -54,11 +66,15 @@ class MetricsWriter:
                 self.tb = None
 
     def write(self, record: dict) -> None:
+        """One row of metrics.jsonl. A value that is not a finite number (an undefined metric: a one-class AUC, a
+        mean over nothing) is written as null: JSON has no NaN or Infinity, and ``json.dumps`` would write them bare
+        (not JSON). A diverged loss never gets here: the loop stops on it first (``Stage.finite_keys``)."""
         if not self.enabled:
             return
+        record = finite_record(record)
         try:
             with writing(self.path, "run.out_dir"):  # a full disk: one line naming the file
-                self.file.write(json.dumps(record) + "\n")
+                self.file.write(json.dumps(record, allow_nan=False) + "\n")
                 self.file.flush()
         except BaseException:
             self.failed = True

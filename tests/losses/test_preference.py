@@ -71,4 +71,4 @@ def test_roc_auc_against_pairwise_definition():
     want = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg).item() / (len(pos) * len(neg))
     assert preference.roc_auc(s, y) == pytest.approx(want, abs=1e-12)
     assert preference.roc_auc([0.1, 0.9], [0, 1]) == 1.0 and preference.roc_auc([0.9, 0.1], [0, 1]) == 0.0
-    assert math.isnan(preference.roc_auc([1.0, 2.0], [1, 1]))
+    assert preference.roc_auc([1.0, 2.0], [1, 1]) is None  # undefined (one class): null in metrics.jsonl

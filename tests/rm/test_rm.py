@@ -194,6 +194,31 @@ def test_outcome_rm_learns_and_its_hf_export_scores_the_same(rm_data, outcome_rm
     assert max(abs(a - v["score"]) for a, v in zip(got, val)) < 1e-5
 
 
+def test_a_one_class_outcome_rm_is_said_and_its_auc_is_null(rm_data, tmp_path):
+    """Outcome examples all of one class (prepare-rm balance=false): a warning for the training and the validation
+    split each, and val_auc null in metrics.jsonl (a bare NaN was written: not JSON), said as undefined."""
+    from evolm_nemo.data.rm import PrepareRMConfig, prepare_rm
+    from evolm_nemo.pipeline import rm_validation_line
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Q{i}", "response": f" a{k}", "label": 1}) + "\n"
+                           for i in range(10) for k in range(2)))
+    prepare_rm(PrepareRMConfig(input=str(src), output=str(tmp_path / "one"), tokenizer=str(rm_data["tok"]),
+                               balance=False, progress=False))
+    out = tmp_path / "rm"
+    proc = run_evolm("train", rm_overrides(out, rm_data, f"data.paths=[{tmp_path / 'one'}]", "train.iters=1"))
+    assert "warning: rm.objective=outcome: all 16 training examples are correct (one class)" in proc.stderr
+    assert "warning: rm.objective=outcome: all 4 validation examples are correct (one class): val_auc is " \
+           "undefined" in proc.stderr
+
+    def refuse(name):
+        raise AssertionError(f"bare {name} in metrics.jsonl")
+
+    rows = [json.loads(x, parse_constant=refuse) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_auc"] is None and rows[-1]["val_examples"] == 4, rows[-1]
+    assert rm_validation_line(rows[-1]).startswith("[rm] validation on held-out problems: AUC undefined (one class), ")
+
+
 def test_rm_in_bf16_starts_from_its_sft_backbone(rm_data, tmp_path):
     """bf16 (what a GPU runs by default) wraps the model in megatron's Float16Module, whose load_state_dict returns
     nothing: the backbone load must still start the RM (it raised AttributeError) and check for missing keys."""

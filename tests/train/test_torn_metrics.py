@@ -22,6 +22,20 @@ def test_metrics_writer_drops_a_torn_line(tmp_path, capsys):
     assert err == [f"[evolm] {path}: dropped 1 unreadable line 4 (a record torn by an interrupted write)"]
 
 
+def test_metrics_writer_writes_undefined_values_as_null(tmp_path):
+    """A value that is not a finite number (a one-class AUC) was written as a bare NaN (not JSON): now null."""
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    writer.write({"iteration": 1, "loss": 0.5, "val_auc": float("nan"), "up": float("inf"),
+                  "deep": {"x": [-float("inf"), 1.0]}})
+    writer.close()
+
+    def refuse(name):
+        raise AssertionError(f"bare {name} in metrics.jsonl")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"iteration": 1, "loss": 0.5, "val_auc": None, "up": None, "deep": {"x": [None, 1.0]}}]
+
+
 def test_resume_over_a_torn_metrics_line(tmp_path, data_cache):
     out = tmp_path / "run"
     args = tiny(out, data_cache, "train.iters=6", "train.save_interval=2")
