@@ -32,6 +32,7 @@ def check(cfg: RootConfig, actor_tokenizer_ref: str | None) -> None:
     r = cfg.rl
     if r.reward not in REWARDS:
         raise ConfigError("rl.reward", f"must be one of {', '.join(REWARDS)}; got {r.reward!r}")
+    check_reward_model_used(cfg)
     check_reward_fn(cfg)
     if r.reward in ("verifiable", "custom") or (r.reward == "sum" and r.reward_fn and not r.reward_model):
         return
@@ -69,6 +70,17 @@ def check(cfg: RootConfig, actor_tokenizer_ref: str | None) -> None:
         if a != b:
             raise ConfigError("rl.reward_model", f"{r.reward_model} uses tokenizer {ref}, the actor {actor_tokenizer_ref}"
                                                  "; the RM reads the actor's token ids, so they must agree")
+
+
+def check_reward_model_used(cfg: RootConfig) -> None:
+    """``rl.reward_model`` set while ``rl.reward`` does not read it (verifiable, custom) is refused: it would be
+    silently ignored (the run would train on another reward than the one asked for). From the recipe alone: the
+    trainer and `evolm suite plan` refuse it alike (``stages.rl.check_ranges``)."""
+    r = cfg.rl
+    if r.reward_model and r.reward in ("verifiable", "custom"):
+        raise ConfigError("rl.reward_model", f"rl.reward={r.reward} does not use it; set rl.reward=rm (the reward "
+                                             "model alone) or rl.reward=sum (weighted with the verifiable reward), or "
+                                             "leave rl.reward_model null")
 
 
 def check_reward_fn(cfg: RootConfig) -> None:

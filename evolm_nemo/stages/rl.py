@@ -41,7 +41,8 @@ from evolm_nemo.model.heads import build_value_model, load_backbone
 from evolm_nemo.rl.data import PromptSchedule, fit_prompts, prompt_files, read_prompts, usable_prompts
 from evolm_nemo.rl.objectives import (actor_forward_step, collate, critic_forward_step, logprob_forward_step,
                                      per_token)
-from evolm_nemo.rl.reward import RewardModelScorer, check as check_reward, combine as combine_rewards
+from evolm_nemo.rl.reward import (RewardModelScorer, check as check_reward, check_reward_model_used,
+                                  combine as combine_rewards)
 from evolm_nemo.rl.reward_fn import RewardFunction, rewards as reward_fn_rewards
 from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, judged_text, verifiable_rewards
 from evolm_nemo.rl.stats import dp_allreduce, global_moments, on_tp_rank0, rollout_metrics
@@ -130,6 +131,11 @@ def check_ranges(cfg: RootConfig) -> None:
         raise ConfigError("rl.val_interval", f"must be >= 0 (0: off), got {r.val_interval}")
     if r.val_interval and r.val_size < 1:
         raise ConfigError("rl.val_size", f"must be >= 1 with rl.val_interval set, got {r.val_size}")
+    if r.val_data and not r.val_interval:  # it would be silently ignored: no validation runs with interval 0
+        raise ConfigError("rl.val_data", "is set, but rl.val_interval=0 turns validation off, so it would not be read; "
+                                         "set rl.val_interval=N (greedy validation every N iterations and at the end) "
+                                         "or leave rl.val_data null")
+    check_reward_model_used(cfg)
     if any(not isinstance(x, str) or not x for x in r.stop_strings):
         raise ConfigError("rl.stop_strings", f"each must be a non-empty string (an empty one ends every response "
                                              f"before its first token), got {list(r.stop_strings)!r}")

@@ -157,6 +157,9 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("rm.margin", f"must be >= 0: the chosen score must beat the rejected one by this much "
                                        f"(-log sigmoid(r_chosen - r_rejected - margin)); a negative margin lets it "
                                        f"lose, got {r.margin}")
+    if r.margin and r.objective == "outcome":  # it would be silently ignored: BCE has no margin
+        raise ConfigError("rm.margin", "applies to rm.objective=pairwise only (the Bradley-Terry margin); "
+                                       "rm.objective=outcome is binary cross-entropy: leave rm.margin 0")
     if r.pad_to_multiple_of < 1:
         raise ConfigError("rm.pad_to_multiple_of", f"must be >= 1, got {r.pad_to_multiple_of}")
     if r.val_fraction > 0 and cfg.parallel.pp > 1:

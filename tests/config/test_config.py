@@ -165,7 +165,7 @@ def test_every_experiment_composes_and_validates(name, request, tmp_path, data_c
         parent = _parent_like(request.getfixturevalue("tiny_parent"), cfg, tmp_path / "parent")
         data = ["data.source=synthetic", "data.paths=[]"]
         if cfg.stage in ("ppo", "grpo"):
-            data += ["rl.prompts_per_step=64", "rl.val_interval=0"]  # the demo RL set is small
+            data += ["rl.prompts_per_step=64", "rl.val_interval=0", "rl.val_data=null"]  # the demo RL set is small
         if cfg.stage in ("rm", "dpo"):  # a small preference dataset made with the parent's tokenizer
             data = ["data.source=indexed", f"data.paths=[{_pairs_dataset(parent, tmp_path / 'pairs')}]"]
         original = cfg

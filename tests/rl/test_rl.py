@@ -244,6 +244,10 @@ def test_ppo_pair_is_pruned_as_a_pair(tmp_path, rl_parent):
     (["rl.dynamic_sampling=true"], "rl.dynamic_sampling"),  # another algorithm's setting: not silently ignored
     (["stage=grpo", "rl.critic_init=runs/x"], "rl.critic_init"),
     (["rl.stop_strings=['']"], "rl.stop_strings"),  # would end every response before its first token
+    # settings the run would not read: refused rather than silently ignored
+    (["rl.reward_model=runs/x"], "rl.reward_model"),  # rl.reward=verifiable (the default) reads no RM
+    (["rl.reward=custom", "rl.reward_model=runs/x"], "rl.reward_model"),
+    (["rl.val_data=runs/val.jsonl"], "rl.val_data"),  # rl.val_interval=0 (the default): validation off
 ])
 def test_bad_rl_recipe_is_one_line(tmp_path, rl_parent, capsys, extra, key):
     refused_in_process(capsys, "train", rl_args(tmp_path / "run", rl_parent, "ppo", None, "train.iters=2", *extra), key)

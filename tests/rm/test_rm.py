@@ -276,6 +276,7 @@ def test_rm_loss_and_grads_do_not_depend_on_the_split(rm_data, tmp_path, referen
     (["rm.val_fraction=0.999"], "rm.val_fraction"),  # every problem held out
     (["train.init_from=null"], "train.init_from"),
     (["data.paths=[/nonexistent/rm]"], "data.paths"),
+    (["rm.margin=0.5"], "rm.margin"),  # a Bradley-Terry margin: outcome BCE would ignore it
 ])
 def test_bad_rm_recipe_is_one_line(rm_data, tmp_path, capsys, extra, key):
     from tests.conftest import refused_in_process

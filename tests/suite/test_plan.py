@@ -207,6 +207,10 @@ def test_eval_max_model_len_follows_the_models_context(tmp_path):
     ("  a: {experiment: demo}\n  b: {experiment: demo_sft, parent: a}\n"
      "  c: {experiment: demo_grpo, parent: b, overrides: [rl.top_p=0]}\n",
      "error: nodes.c: rl.top_p: must be in (0, 1], got 0.0"),
+    ("  a: {experiment: demo}\n  b: {experiment: demo_sft, parent: a}\n"
+     "  c: {experiment: demo_grpo, parent: b, overrides: [rl.reward_model=runs/rm]}\n",
+     "error: nodes.c: rl.reward_model: rl.reward=verifiable does not use it; set rl.reward=rm (the reward model alone) "
+     "or rl.reward=sum (weighted with the verifiable reward), or leave rl.reward_model null"),
 ])
 def test_bad_suites_are_one_line(tmp_path, body, line):
     proc = _cli("plan", f"suite={_suite(tmp_path, body)}")
