@@ -60,7 +60,8 @@ class OptimConfig:
     warmup_fraction: float = 0.1  # fraction of iterations spent in linear warmup
     decay_style: str = "cosine"  # cosine | linear | constant | wsd (after warmup)
     warmup_iters: Optional[int] = None  # explicit warmup iterations (overrides warmup_fraction): a WSD stable run
-    #                                     and its branches share one warmup, whatever their budgets
+    #                                     and its branches share one warmup, whatever their budgets (RL: optimizer
+    #                                     steps, rl.ppo_epochs x rl.mini_batches per iteration, as its schedule runs)
     wsd_decay_fraction: float = 0.2  # decay_style=wsd: the last fraction of iterations decays to min_lr (cooldown)
     wsd_decay_shape: str = "linear"  # decay_style=wsd: linear | cosine | 1-sqrt
     distributed: bool = False  # shard optimizer state over data-parallel ranks (megatron distributed optimizer)

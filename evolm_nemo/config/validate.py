@@ -195,21 +195,27 @@ def validate(cfg: RootConfig, world_size: int | None = None, global_batches: boo
 
 
 def check_schedule(cfg: RootConfig, iters: int) -> None:
-    """The rules that need the stage's iteration count: a WSD warmup that ends before the cooldown, and a WSD branch
-    that is not a stable run too."""
+    """The rules that need the stage's iteration count: a warmup as long as the run, a WSD warmup that ends after the
+    cooldown starts, and a WSD branch that is not a stable run too. Over the steps the scheduler counts: an
+    iteration each, except RL's ``rl.ppo_epochs x rl.mini_batches`` optimizer steps per rollout iteration (its
+    schedulers run over those, ``stages.rl.RLStage.build``: ``optim.warmup_iters`` counts them), said so."""
     o, t = cfg.optim, cfg.train
-    # RL's schedules run over its engine steps: ppo_epochs x mini_batches per rollout step
-    steps = iters * (cfg.rl.ppo_epochs * cfg.rl.mini_batches if cfg.stage in ("ppo", "grpo") else 1)
-    if o.decay_style != "wsd" and not t.branch_from and steps > 0 and warmup_iters(o, steps) >= steps:
-        raise ConfigError("optim.warmup_iters" if o.warmup_iters is not None else "optim.warmup_fraction",
-                          f"the {warmup_iters(o, steps):,}-step warmup is as long as the whole run ({steps:,} steps): "
-                          f"the learning rate would never reach optim.lr nor decay ({o.decay_style}); shorten it")
+    per = cfg.rl.ppo_epochs * cfg.rl.mini_batches if cfg.stage in ("ppo", "grpo") else 1
+    steps = iters * per
+    key = "optim.warmup_iters" if o.warmup_iters is not None else "optim.warmup_fraction"
+    unit = "iteration" if per == 1 else "step"
+    # RL: what a step is, and where the steps fall in the rollout iterations
+    counted = "" if per == 1 else (f" (RL schedules count optimizer steps: rl.ppo_epochs x rl.mini_batches = {per} "
+                                   f"per iteration, {steps:,} over train.iters={iters:,})")
+    warm = warmup_iters(o, steps)
+    if o.decay_style != "wsd" and not t.branch_from and steps > 0 and warm >= steps:
+        raise ConfigError(key, f"the {warm:,}-{unit} warmup is as long as the whole run ({steps:,} {unit}s){counted}: "
+                               f"the learning rate would never reach optim.lr nor decay ({o.decay_style}); shorten it")
     if o.decay_style == "wsd":
-        warm, start = warmup_iters(o, iters), branch_iteration(o, iters)
+        start = branch_iteration(o, steps)
         if warm > start and not t.branch_from:
-            raise ConfigError("optim.warmup_iters" if o.warmup_iters is not None else "optim.warmup_fraction",
-                              f"the {warm:,}-iteration warmup runs into the cooldown, which starts at iteration "
-                              f"{start:,} of {iters:,}; shorten the warmup or optim.wsd_decay_fraction")
+            raise ConfigError(key, f"the {warm:,}-{unit} warmup runs into the cooldown, which starts at {unit} "
+                                   f"{start:,} of {steps:,}{counted}; shorten the warmup or optim.wsd_decay_fraction")
     if t.branch_budgets and t.branch_from:
         raise ConfigError("train.branch_budgets", "a branch decays; it cannot be a stable run too (set "
                                                   "train.branch_budgets=[])")

@@ -49,6 +49,33 @@ def test_megatron_wsd_scheduler_follows_the_formula(shape):
     assert wsd_lr(n, n, shape) == pytest.approx(MIN_LR)
 
 
+def test_rl_wsd_warmup_is_checked_over_the_steps_its_scheduler_counts():
+    """RL's schedulers run over rl.ppo_epochs x rl.mini_batches optimizer steps per rollout iteration
+    (stages.rl.RLStage.build); the WSD warmup rule counted rollout iterations and refused a 3-step warmup in an
+    8-step run ("starts at iteration 1 of 2") whose cooldown the scheduler starts at step 6. Now the rule and the
+    scheduler agree, and the refusal says steps."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from evolm_nemo.config import ConfigError, RootConfig, compose
+    from evolm_nemo.config.validate import check_schedule
+    from evolm_nemo.train.engine import _scheduler
+
+    def cfg(warmup):
+        return compose("config", ["stage=grpo", "rl.samples_per_prompt=2", "optim.decay_style=wsd",
+                                  f"optim.warmup_iters={warmup}", "rl.ppo_epochs=4", "train.iters=2"], RootConfig)
+
+    check_schedule(cfg(3), 2)  # accepted: warmup steps 1-3, peak 4-6, cooldown 7-8
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = _scheduler(OptimizerParamScheduler, opt, cfg(3).optim, 2 * 4)  # as RLStage.build makes it
+    assert sched.lr_warmup_steps == 3 and sched.lr_decay_steps - sched.wsd_decay_steps == 6
+    with pytest.raises(ConfigError) as exc:
+        check_schedule(cfg(7), 2)
+    assert exc.value.key == "optim.warmup_iters" and exc.value.message == (
+        "the 7-step warmup runs into the cooldown, which starts at step 6 of 8 (RL schedules count optimizer steps: "
+        "rl.ppo_epochs x rl.mini_batches = 4 per iteration, 8 over train.iters=2); shorten the warmup or "
+        "optim.wsd_decay_fraction")
+
+
 def _records(out) -> dict[int, dict]:
     return {r["iteration"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r}
 
