@@ -276,12 +276,14 @@ def _bullets(obj: Any, depth: int = 0) -> list[str]:
 def model_card(name: str, m: ModelConfig, head: str, meta: dict, dtype: torch.dtype, params: int,
                check: dict | None) -> str:
     arch = "LlamaForSequenceClassification (num_labels=1)" if head == "value" else "LlamaForCausalLM"
+    what = ("PPO critic (a value model: it predicts returns, not rewards; no reward model)"
+            if meta.get("role") == "critic" else "value/reward model" if head == "value" else "language model")
     cfg = meta.get("config") or {}
     train, data = cfg.get("train") or {}, cfg.get("data") or {}
     lines = [
         f"# {name}", "",
-        f"An EvoLM-style LLaMA-2 {'value/reward model' if head == 'value' else 'language model'} trained with "
-        "evolm-nemo (megatron-core) and exported by `evolm export-hf`.", "",
+        f"An EvoLM-style LLaMA-2 {what} trained with evolm-nemo (megatron-core) and exported by `evolm export-hf`.",
+        "",
         "## Model", "",
         "| field | value |", "|---|---|",
         f"| architecture | {arch} |",
@@ -485,7 +487,11 @@ def _export(cfg) -> Path:
         written = {p.relative_to(tmp).as_posix(): [p.stat().st_size, io.file_checksum(p)]
                    for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != "README.md"
                    and not p.name.startswith(".")}  # the temporary directory's owner marker is not the export's
-        record = {"source": str(ckpt), "iteration": meta.get("iteration"), "head": head, "dtype": hf.SHORT[out_dtype],
+        # the role travels with the files: `evolm import-hf` gives it back to the checkpoint it makes, so a PPO
+        # critic's export is refused as rl.reward_model (or eval rm=) as the critic itself is
+        role = meta.get("role") or ("reward_model" if head == "value" else None)
+        record = {"source": str(ckpt), "iteration": meta.get("iteration"), "head": head, "role": role,
+                  "dtype": hf.SHORT[out_dtype],
                   "tied": tied, "verify": check, "seconds": round(time.time() - t0, 1),
                   "run_id": meta.get("run_id"), "checksum": io.CHECKSUM, "files": written}
         (tmp / "evolm_export.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -32,6 +32,35 @@ def read_config(src: Path, key: str = "src") -> dict:
     return cfg
 
 
+EXPORT_RECORD = "evolm_export.json"  # `evolm export-hf`'s record beside the HF files (conversion/export.py)
+ROLES = ("actor", "critic", "reward_model")  # what a recorded export was: an RL actor, a PPO critic, a reward model
+
+
+def export_role(src: Path, key: str = "src") -> str | None:
+    """The role `evolm export-hf` recorded for the HF directory ``src`` (``evolm_export.json``): "critic" (a PPO
+    critic: it predicts returns, not rewards), "reward_model", "actor", or None (no record: a model made elsewhere;
+    no role recorded: a language model). An export made before the role was recorded names its source checkpoint:
+    a value head under a run's ``critic/`` is the critic. An unreadable record is one line naming ``key``."""
+    path = Path(src) / EXPORT_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ConfigError(key, f"{path}: unreadable export record ({first_line(exc) or type(exc).__name__})") from None
+    if not isinstance(record, dict):
+        raise ConfigError(key, f"{path}: expected a JSON object (the export's record), got a {type(record).__name__}")
+    if "role" in record:
+        role = record["role"]
+        if role is not None and role not in ROLES:
+            raise ConfigError(key, f"{path}: unknown role {role!r} (one of {', '.join(ROLES)}, or null)")
+        return role
+    source = record.get("source")
+    if record.get("head") == "value" and isinstance(source, str):
+        return "critic" if Path(source).parent.name == "critic" else "reward_model"
+    return None
+
+
 def weight_files(src: Path, key: str = "src", bins: dict | None = None) -> dict[str, Path]:
     """Tensor name -> the file holding it: the shard index's map (every shard it lists must exist), else the names in
     the one ``model.safetensors`` or ``pytorch_model.bin``. ``bins`` caches the ``.bin`` dicts loaded on the way."""

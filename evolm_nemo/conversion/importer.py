@@ -78,6 +78,10 @@ def _import_hf(cfg) -> Path:
     raw = hfdir.read_config(src)
     hf.check_config(raw)
     head = hf.head_kind(raw)
+    role = hfdir.export_role(src)  # an `evolm export-hf` output: what it was (a PPO critic stays one)
+    if role == "critic" and head != "value":
+        raise ConfigError("src", f"{src / hfdir.EXPORT_RECORD} records a PPO critic, but {src / 'config.json'} "
+                                 "describes a language model: the files do not belong together")
     if cfg.verify and "model_type" not in raw:
         raise ConfigError("model_type", f"{src / 'config.json'} names no model_type, so transformers cannot load the "
                                         "source to verify the import; add \"model_type\": \"llama\" (or verify=false)")
@@ -133,10 +137,12 @@ def _import_hf(cfg) -> Path:
             "model": dataclasses.asdict(m),
             "config": {"import_hf": dataclasses.asdict(cfg), "parallel": dataclasses.asdict(cfg.parallel)},
             "tokenizer": str(tok_dir),
-            "lineage": {"parents": [{"hf": str(src), "architecture": (raw.get("architectures") or ["?"])[0]}],
+            "lineage": {"parents": [{"hf": str(src), "architecture": (raw.get("architectures") or ["?"])[0],
+                                     **({"role": role} if role else {})}],
                         "stages": [{"stage": "import-hf", "source": str(src)}]},
             "stage": "import",
             "head": head,
+            **({"role": "critic"} if role == "critic" else {}),  # as the critic's own checkpoints (reward.check)
             "dtype": hf.SHORT.get(dtype, "fp32"),
             "hf_config": raw,
         }
@@ -161,7 +167,8 @@ def _import_hf(cfg) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    msg = f"imported {src} -> {dst}/iter_0000000 ({head}, {hf.SHORT.get(dtype, dtype)}"
+    msg = f"imported {src} -> {dst}/iter_0000000 ({head}{', a PPO critic' if role == 'critic' else ''}, " \
+          f"{hf.SHORT.get(dtype, dtype)}"
     msg += f", verified: max |logit diff| {check['max_diff']:.2e})" if check else ")"
     print(msg)
     return dst / "iter_0000000"

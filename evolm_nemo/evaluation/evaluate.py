@@ -395,6 +395,10 @@ def _check_rm(path: str) -> None:
     if archs and not any(str(a).endswith("ForSequenceClassification") for a in archs):
         raise ConfigError("rm", f"{path} is a {', '.join(map(str, archs))}, not a reward model (an "
                                 "...ForSequenceClassification with one output, e.g. `evolm export-hf` of an RM run)")
+    if hfdir.export_role(path, "rm") == "critic":  # as rl.reward_model refuses the critic (and its import)
+        raise ConfigError("rm", f"{path} is the export of a PPO critic ({Path(path) / hfdir.EXPORT_RECORD}): it "
+                                "predicts returns, not rewards; use a reward model (`evolm export-hf` of a stage=rm "
+                                "run)")
     labels = spec.get("id2label")
     n = len(labels) if isinstance(labels, dict) else spec.get("num_labels", 2)  # transformers' default: 2 labels
     if n != 1:

@@ -437,6 +437,31 @@ def test_a_value_head_checkpoint_is_refused_where_a_language_model_or_a_reward_m
                                f"rl.reward_model={ppo / 'critic'}", *COMMON], check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "rl.reward_model" in lines[0] and "PPO critic" in lines[0]
+    # its HF export and the import of that stay a critic (evolm_export.json carries the role): the same refusal,
+    # where the import used to be accepted as a reward model; eval rm= refuses the export too
+    hf_dir, imported = tmp_path / "critic_hf", tmp_path / "critic_imported"
+    run_evolm("export-hf", [f"src={ppo / 'critic'}", f"dst={hf_dir}", "progress=false"])
+    assert json.loads((hf_dir / "evolm_export.json").read_text())["role"] == "critic"
+    assert json.loads((outcome_rm["hf"] / "evolm_export.json").read_text())["role"] == "reward_model"
+    assert "PPO critic" in (hf_dir / "README.md").read_text()
+    proc = run_evolm("import-hf", [f"src={hf_dir}", f"dst={imported}", "progress=false"])
+    assert "(value, a PPO critic, " in proc.stdout
+    meta = json.loads((imported / "iter_0000000" / "evolm.json").read_text())
+    assert meta["role"] == "critic" and meta["lineage"]["parents"][0]["role"] == "critic"
+    proc = run_evolm("train", ["stage=grpo", f"train.init_from={rm_data['sft']}", f"data.paths=[{rm_data['rl8']}]",
+                               f"run.out_dir={tmp_path / 'g2'}", "train.iters=1", "rl.reward=rm",
+                               f"rl.reward_model={imported}", *COMMON], check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: rl.reward_model:") and \
+        "is a PPO critic" in lines[0], proc.stderr
+    assert not (tmp_path / "g2").exists()
+    from evolm_nemo.config.errors import ConfigError
+    from evolm_nemo.evaluation.evaluate import _check_rm
+
+    with pytest.raises(ConfigError) as exc:
+        _check_rm(str(hf_dir))
+    assert exc.value.key == "rm" and "is the export of a PPO critic" in exc.value.message
+    _check_rm(str(outcome_rm["hf"]))  # a reward model's export passes
 
 
 def test_the_reward_model_runs_in_the_actors_precision(tmp_path, rm_data, outcome_rm):
