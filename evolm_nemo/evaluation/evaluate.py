@@ -138,10 +138,11 @@ def check_model(path: str, key: str = "model", head: str = "lm", trust_remote_co
                                f"({first_line(exc)[:300]})") from None
     if "quantization_config" not in spec:  # a quantized checkpoint stores packed shapes of its own
         found = _stored_names(model, stored)
+        renamed = _renamed_on_load(model, stored)  # then a name absent from the files says nothing
         for name, want in model.state_dict().items():  # in the model's order: the embedding first
-            if name not in found:
+            have = found.get(name)
+            if have is None and (renamed or name not in found):
                 continue
-            have = found[name]
             if have is None:
                 # transformers would load the rest and initialise this one at random (a warning, then junk samples)
                 tied = " (its embeddings are not tied: tie_word_embeddings is false)" \
@@ -164,6 +165,28 @@ def check_model(path: str, key: str = "model", head: str = "lm", trust_remote_co
     if len(tok) > rows:
         raise ConfigError(key, f"its tokenizer has {len(tok)} tokens, more than the model's {rows} embedding rows "
                                f"(vocab_size in {Path(path) / 'config.json'}): ids from {rows} on have no embedding")
+
+
+def _renamed_on_load(model, stored: dict) -> bool:
+    """Whether transformers renames or merges this checkpoint's tensors as it loads them: the model class has a
+    conversion mapping of its own (e.g. Mixtral's experts, stored one per expert, loaded stacked), or a stored name
+    matches one of the legacy renamings (``LayerNorm.gamma`` ...). Unknown (another transformers): True, and the
+    presence of each tensor is left to transformers."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, get_model_conversion_mapping
+
+        if get_model_conversion_mapping(model, add_legacy=False):
+            return True
+        patterns = []
+        for rename in get_checkpoint_conversion_mapping("legacy") or []:
+            source = getattr(rename, "source_patterns", None)
+            patterns += [source] if isinstance(source, str) else list(source or [])
+        legacy = [re.compile(p) for p in patterns]
+    except Exception:
+        return True
+    return any(p.search(name) for name in stored for p in legacy)
 
 
 def _stored_names(model, stored: dict) -> dict:

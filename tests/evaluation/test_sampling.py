@@ -383,3 +383,27 @@ def test_demo_hook_samples_scores_and_plots(lm, tmp_path, capsys):
     assert written["id_vs_ood"] is None  # one ID suite only: no OOD axis
     assert f"plot: {written['maj_vs_pass']}" in out and "gsm8k_platinum" in out
     assert (tmp_path / "out" / "report" / "maj_vs_pass.png").stat().st_size > 1000
+
+
+def test_the_presence_check_passes_tied_heads_and_checkpoints_transformers_renames(tmp_path):
+    """The missing-tensor refusal (an untied lm_head.weight no file holds) must not refuse what transformers loads
+    whole: a tied LM head (stored once, as the embedding) and a checkpoint whose names transformers converts on load
+    (Mixtral's experts are stored one by one and loaded stacked)."""
+    import torch
+    from transformers import LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from evolm_nemo.evaluation.evaluate import check_model
+    from tests.evaluation._tiny import _config, make_tokenizer
+
+    tied, moe = tmp_path / "tied", tmp_path / "moe"
+    tok = make_tokenizer(tied)
+    config = _config(tok)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tied)
+    check_model(str(tied))
+    tok = make_tokenizer(moe)
+    MixtralForCausalLM(MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                                     max_position_embeddings=256)).save_pretrained(moe)
+    check_model(str(moe))
