@@ -159,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except BrokenPipeError:  # `evolm ... --help | head`: the reader left; no traceback, the shell's SIGPIPE status
         import os
+        import select
 
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        if not any(event & select.POLLERR for _, event in poll.poll(0)):
+            raise  # another pipe's error is the command's own
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush goes nowhere
         return 141
 

@@ -65,27 +65,17 @@ def _stage_only_keys() -> dict[str, list[str]]:
     return found
 
 
-def _root_sections() -> set[str]:
-    """Top-level keys of the root training recipe itself (recipes/config.yaml)."""
-    import yaml
-
-    try:
-        doc = yaml.safe_load((recipes_dir() / "config.yaml").read_text(encoding="utf-8"))
-    except Exception:
-        return set()
-    return set(doc) if isinstance(doc, dict) else set()
-
-
-def _unknown_key(schema, key: str, stage: str | None = None) -> ConfigError:
-    """An override of a key the composed recipe lacks. ``stage``: the root training recipe's stage, when it is
-    the one composed -- a key that only other stages' recipes hold (``train.epochs`` of a pretraining run,
-    ``rl.temperature`` of an SFT run) is named as theirs instead of as unknown."""
+def _unknown_key(schema, key: str, composed=None) -> ConfigError:
+    """An override of a key the composed recipe lacks. ``composed``: for the root training recipe, a function giving
+    the recipe as composed without that override (None if it does not compose) -- a key that only other stages'
+    recipes hold (``train.epochs`` of a pretraining run, ``rl.temperature`` of an SFT run) is named as theirs
+    instead of as unknown, whichever way the stage was picked (``stage=``, an experiment)."""
     parent, _, leaf = key.rpartition(".")
-    if stage is not None and leaf in _field_names(schema, parent):
-        owners = _stage_only_keys()
-        # the key itself, else its section when the section is a stage's own (sft, rl, rm, dpo)
-        stages = owners.get(key) or (owners.get(key.split(".")[0]) if "." in key and key.split(".")[0] not in
-                                     _root_sections() else None)
+    recipe = composed() if composed is not None and leaf in _field_names(schema, parent) else None
+    if recipe is not None and recipe.get("stage"):
+        stage, owners, section = str(recipe["stage"]), _stage_only_keys(), key.split(".")[0]
+        # the key itself, else its section when the recipe lacks the whole section (sft, rl, rm, dpo)
+        stages = owners.get(key) or (owners.get(section) if "." in key and section not in recipe else None)
         if stages and stage not in stages:
             return ConfigError(key, f"is a key of stage={'|'.join(stages)} (recipes/stage/), not of stage={stage}; "
                                     "pick one of those stages (stage=<name>) or an experiment of one")
@@ -94,13 +84,14 @@ def _unknown_key(schema, key: str, stage: str | None = None) -> ConfigError:
     return ConfigError(key, f"unknown key; {hint}")
 
 
-def _translate_hydra(exc: Exception, schema, stage: str | None = None) -> ConfigError:
+def _translate_hydra(exc: Exception, schema, composed=None) -> ConfigError:
     text = str(exc)
     cause = exc.__cause__ or exc.__context__
     full = text + ("\n" + str(cause) if cause else "")
     m = re.search(r"Could not override '([^']+)'", full)
     if m:
-        return _unknown_key(schema, m.group(1), stage)
+        key = m.group(1)
+        return _unknown_key(schema, key, None if composed is None else lambda: composed(key))
     m = re.search(r"Could not find '([^'/]+)/([^']+)'", full)
     if m:
         group, name = m.group(1), m.group(2)
@@ -168,26 +159,6 @@ def _one_budget(config_name: str, overrides: Sequence[str]) -> list[str]:
     return overrides
 
 
-def _stage_of(config_name: str, overrides: Sequence[str]) -> str | None:
-    """The stage the root training recipe composes (its ``stage=`` override, else its defaults list's choice);
-    None for any other recipe."""
-    import yaml
-
-    if config_name != "config":
-        return None
-    chosen = [item.partition("=")[2].strip() for item in overrides if item.lstrip("+").partition("=")[0] == "stage"]
-    if chosen:
-        return chosen[-1]
-    try:
-        doc = yaml.safe_load((recipes_dir() / "config.yaml").read_text(encoding="utf-8"))
-    except Exception:
-        return None
-    for entry in (doc or {}).get("defaults", []) if isinstance(doc, dict) else []:
-        if isinstance(entry, dict) and "stage" in entry:
-            return str(entry["stage"])
-    return None
-
-
 def _check_group_choices(config_name: str, overrides: Sequence[str]) -> None:
     """A ``group=name`` override (``experiment=``, ``model=``, ...) must name a recipe file in recipes/<group>/.
     Hydra itself silently skips a missing choice of an *optional* group (``optional experiment``), so a misspelled
@@ -217,11 +188,38 @@ def _check_group_choices(config_name: str, overrides: Sequence[str]) -> None:
         raise ConfigError(group, f"no recipe '{value}' in recipes/{group}/; {hint}")
 
 
-def compose(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
-    """Compose ``recipes/<config_name>.yaml`` with ``overrides`` and return a ``schema`` instance."""
+def _hydra(config_name: str, overrides: Sequence[str]):
+    """Hydra's composition of ``recipes/<config_name>.yaml`` with ``overrides`` (a DictConfig)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _without(config_name: str, overrides: Sequence[str]):
+    """``key -> the recipe composed without the overrides of key`` (a plain dict; None if it does not compose):
+    what an error about that key is judged against."""
+
+    def recipe(key: str):
+        rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+        try:
+            from omegaconf import OmegaConf
+
+            return OmegaConf.to_container(_hydra(config_name, rest))
+        except Exception:  # another error of the same command line: the key is judged without a recipe
+            return None
+
+    return recipe
+
+
+def compose(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
+    """Compose ``recipes/<config_name>.yaml`` with ``overrides`` and return a ``schema`` instance."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -230,14 +228,11 @@ def compose(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
             raise ConfigError(item, "overrides are key=value (e.g. parallel.tp=2 or experiment=pretrain_1b_160b)")
     _check_group_choices(config_name, overrides)
     overrides = _one_budget(config_name, overrides)
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
-            raw = hydra_compose(config_name=config_name, overrides=list(overrides))
+        raw = _hydra(config_name, overrides)
     except Exception as exc:  # hydra raises several exception types; all become one line
-        raise _translate_hydra(exc, schema, _stage_of(config_name, overrides)) from None
-    finally:
-        GlobalHydra.instance().clear()
+        raise _translate_hydra(exc, schema, _without(config_name, overrides) if config_name == "config" else None) \
+            from None
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
         OmegaConf.resolve(merged)

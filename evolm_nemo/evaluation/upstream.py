@@ -2,10 +2,11 @@
 
 Two sources of task definitions:
 
-* ``tasks_dir=None``: lm-eval's built-in tasks (data from the HF hub or its local cache).
-* ``tasks_dir=<dir>`` + ``data_dir=<dir>``: our YAML tasks (``eval/upstream/``, named ``evolm_<task>``) over local
-  JSONL files ``<data_dir>/<task>.jsonl`` in the row schema of each task's HF dataset, with the same prompts as the
-  built-ins. This runs fully offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set).
+* ``tasks_dir=None`` and ``data_dir=None``: lm-eval's built-in tasks (data from the HF hub or its local cache).
+* ``data_dir=<dir>`` (with ``tasks_dir=<dir>``, or alone: ``eval/upstream/``, ``tasks_dir_for``): our YAML tasks
+  (named ``evolm_<task>``) over local JSONL files ``<data_dir>/<task>.jsonl`` in the row schema of each task's HF
+  dataset, with the same prompts as the built-ins. This runs fully offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE
+  are set).
 
 Each task's score is acc_norm where lm-eval reports it and acc otherwise (winogrande); ``avg`` is their mean, in
 percent, the shape of EvoLM's upstream table. lm_eval is imported only inside :func:`run`.
@@ -55,6 +56,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "float64", 
 def check(model: str, tasks: list[str], tasks_dir: str | None, data_dir: str | None, limit: int | None = None,
           device: str | None = None, dtype: str = "auto") -> None:
     """Fail fast, with one line, on anything that would break after the model is loaded."""
+    tasks_dir = tasks_dir_for(tasks_dir, data_dir)
     if not (Path(model) / "config.json").is_file():
         raise ConfigError("model", f"{model} is not an HF model directory (no config.json)")
     if not tasks:
@@ -93,6 +95,7 @@ def check_device(device: str | None, key: str = "device") -> None:
 def check_tasks(tasks: list[str], tasks_dir: str | None, data_dir: str | None, prefix: str = "") -> None:
     """Local tasks: each ``<task>.yaml`` in ``tasks_dir`` and its ``<task>.jsonl`` in ``data_dir`` exist (keys
     named ``<prefix>tasks`` / ``<prefix>data_dir``; the probe's are ``probe.upstream`` / ``probe.data_dir``)."""
+    tasks_dir = tasks_dir_for(tasks_dir, data_dir)
     if tasks_dir is None:
         return
     key_tasks = f"{prefix}upstream" if prefix else "tasks"
@@ -197,7 +200,7 @@ def run(model: str, tasks: list[str] = UPSTREAM, tasks_dir: str | None = None, d
         trust_remote_code: bool = False, checked: bool = False) -> tuple[dict, dict]:
     """Run lm-eval 0-shot on an HF model directory; returns (our summary, lm-eval's raw ``results`` dict without
     per-sample logs). ``checked``: the caller ran ``check`` on these settings (the data files are read once)."""
-    tasks = list(tasks)
+    tasks, tasks_dir = list(tasks), tasks_dir_for(tasks_dir, data_dir)
     if not checked:
         check(model, tasks, tasks_dir, data_dir, limit=limit, device=device, dtype=dtype)
     import torch

@@ -104,27 +104,57 @@ def stage_module(name: str) -> ModuleType:
     return importlib.import_module(kind(name).module)
 
 
+def check_budget_keys(cfg: RootConfig) -> None:
+    """Which of ``train.tokens`` / ``train.iters`` / ``train.epochs`` the stage takes, one line each: pretraining and
+    CPT one of tokens or iters; the fine-tuning stages epochs and/or iters over their data, RL over its prompts."""
+    t, k = cfg.train, kind(cfg.stage)
+    if k.budget == "tokens":
+        if t.epochs is not None:
+            raise ConfigError("train.epochs", f"applies to stage=sft|rm|dpo|ppo|grpo; {cfg.stage} takes train.tokens "
+                                              "or train.iters (set train.epochs=null)")
+        if t.tokens is None and t.iters is None:
+            raise ConfigError("train.tokens", "set one of train.tokens (e.g. 160B) or train.iters")
+        if t.tokens is not None and t.iters is not None:
+            raise ConfigError("train.tokens", f"train.tokens={t.tokens} and train.iters={t.iters} both set: keep one "
+                                              "(the other =null)")
+        return
+    over = "over the prompts" if k.budget == "prompts" else "over the data"
+    if t.tokens is not None:
+        raise ConfigError("train.tokens", f"stage={cfg.stage} trains by train.epochs or train.iters ({over}); set "
+                                          "train.tokens=null")
+    if t.epochs is None and t.iters is None:
+        raise ConfigError("train.epochs", f"stage={cfg.stage} needs train.epochs (passes {over}) or train.iters")
+
+
 def check_recipe(cfg: RootConfig, world_size: int | None = None) -> Layout:
-    """The recipe's own rules for its stage (``config.validate.validate`` and which stage may take which keys): no
-    file read, nothing heavy imported, so a command that runs several stages (`evolm pipeline`) checks all of their
-    recipes before the first one starts. Returns the layout at ``world_size``."""
-    k = kind(cfg.stage)
+    """The recipe's own rules for its stage (``config.validate.validate``, its budget keys and which stage may take
+    which keys): no file read, nothing heavy imported, so a command that runs several stages (`evolm pipeline`)
+    checks all of their recipes before the first one starts. Returns the layout at ``world_size``."""
+    k, t = kind(cfg.stage), cfg.train
     if cfg.probe.tokens_interval is not None and k.budget != "tokens":
         raise ConfigError("probe.tokens_interval", f"is for stage=pretrain|cpt, not {cfg.stage}")
     layout = validate(cfg, world_size, global_batches=k.budget != "prompts")
-    if (cfg.train.packing or cfg.parallel.max_tokens_per_microbatch is not None) and not k.lays_out:
-        key = "train.packing" if cfg.train.packing else "parallel.max_tokens_per_microbatch"
+    if (t.packing or cfg.parallel.max_tokens_per_microbatch is not None) and not k.lays_out:
+        key = "train.packing" if t.packing else "parallel.max_tokens_per_microbatch"
         raise ConfigError(key, f"is for stage={'|'.join(n for n, x in STAGES.items() if x.lays_out)}, not "
                                f"{cfg.stage}")
+    check_budget_keys(cfg)
+    if (t.branch_budgets or t.branch_from) and k.budget != "tokens":
+        raise ConfigError("train.branch_from" if t.branch_from else "train.branch_budgets",
+                          f"WSD branches are for stage=pretrain|cpt, not {cfg.stage}")
+    if t.val_tokens_interval is not None and k.budget != "tokens":
+        raise ConfigError("train.val_tokens_interval", f"is for stage=pretrain|cpt; {cfg.stage} has its own "
+                                                       "validation settings")
     return layout
 
 
 def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
     """Everything `evolm train` checks before it builds anything, in this order, and the plan it derives: the recipe
     (``check_recipe``: ``config.validate.validate`` and the stage's keys), that no input lies in the run directory
-    ``train.overwrite`` would start over (``check_inputs_outside_run``), that the outputs can be written, the parent checkpoint (``train.init_from``),
-    the stage's data and iterations (its ``plan_iters``), the schedule over them (``config.validate.check_schedule``)
-    and the stage's ``check_plan``. Each failure is a one-line ConfigError naming the key."""
+    ``train.overwrite`` would start over (``check_inputs_outside_run``), that the outputs can be written, the parent
+    checkpoint (``train.init_from``), the stage's data and iterations (its ``plan_iters``), the schedule over them
+    (``config.validate.check_schedule``) and the stage's ``check_plan``. Each failure is a one-line ConfigError
+    naming the key."""
     k = kind(cfg.stage)
     layout = check_recipe(cfg, world_size)
     check_inputs_outside_run(cfg)
@@ -137,13 +167,6 @@ def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
     module = stage_module(cfg.stage)
     iters = module.plan_iters(cfg, layout.dp)
     check_schedule(cfg, iters)
-    t = cfg.train
-    if (t.branch_budgets or t.branch_from) and k.budget != "tokens":
-        raise ConfigError("train.branch_from" if t.branch_from else "train.branch_budgets",
-                          f"WSD branches are for stage=pretrain|cpt, not {cfg.stage}")
-    if t.val_tokens_interval is not None and k.budget != "tokens":
-        raise ConfigError("train.val_tokens_interval", f"is for stage=pretrain|cpt; {cfg.stage} has its own "
-                                                       "validation settings")
     if hasattr(module, "check_plan"):
         module.check_plan(cfg, iters)
     return Plan(world_size=layout.world_size, dp=layout.dp, iters=iters, tokens_per_iter=layout.tokens_per_iter,
@@ -241,17 +264,18 @@ def data_identity(cfg: RootConfig) -> dict:
 # out over ranks and microbatches (the loss does not depend on it); the iteration budget (train.loop.resume_check
 # refuses a change with its own message); inputs named by path whose content the stage's ``data_identity`` checks,
 # or that the run keeps from its start (the parent, the reference and the reward model, rl.critic_init); and what is
-# measured beside training (validation, probes).
+# measured beside training (validation, probes), and which checkpoints are kept (a WSD stable run's branch points:
+# train.branch_budgets only saves more of them).
 RESUME_FREE = frozenset({
     "model.name", "model.layer_spec", "model.core_attention",
     "data.name", "data.paths", "data.val_paths", "data.tokenizer", "data.cache_dir", "data.hf_dataset",
-    "data.max_epochs",
+    "data.max_epochs", "data.synthetic_val_docs",
     "optim.distributed", "optim.stage_lr",
     "parallel.tp", "parallel.pp", "parallel.sp", "parallel.micro_batch_size", "parallel.max_tokens_per_microbatch",
     "train.tokens", "train.iters", "train.epochs", "train.log_interval", "train.save_interval", "train.keep_last",
     "train.init_from", "train.branch_from", "train.val_tokens_interval", "train.val_batches", "train.resume",
     "train.overwrite", "train.save_on_signal", "train.peak_tflops", "train.progress", "train.tensorboard",
-    "train.packing",
+    "train.packing", "train.branch_budgets",
     "sft.pad_to_multiple_of", "rm.pad_to_multiple_of", "dpo.pad_to_multiple_of", "rm.val_interval",
     "rl.rollout_micro_batch_size", "rl.critic_init", "rl.reward_model", "rl.reward_fn_workers", "rl.val_data",
     "rl.val_interval", "rl.val_size", "rl.save_rollouts",
@@ -267,9 +291,10 @@ def run_settings(cfg: RootConfig) -> dict:
     plain = to_dict(cfg)
     sections = ("model", "data", "optim", "parallel", "train") + ((kind(cfg.stage).section,)
                                                                    if kind(cfg.stage).section else ())
+    unused = {"parallel.global_batch_size"} if kind(cfg.stage).budget == "prompts" else set()  # RL: rl.* sizes
     found = {"stage": cfg.stage}
     for section in sections:
         for key, value in plain[section].items():
-            if f"{section}.{key}" not in RESUME_FREE:
+            if f"{section}.{key}" not in RESUME_FREE | unused:
                 found[f"{section}.{key}"] = value
     return found

@@ -15,6 +15,7 @@ from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.data.packing import packed_seq_params
 from evolm_nemo.losses import masked_token_sum
+from evolm_nemo.stages import check_budget_keys
 from evolm_nemo.train.engine import StepResult, build_training_model, train_step
 from evolm_nemo.train.loop import Role, Start
 
@@ -73,24 +74,10 @@ class EpochOrder:
         return np.array([self.perm(int(x // self.n))[x % self.n] for x in g], dtype=np.int64)
 
 
-def check_epoch_keys(cfg) -> None:
-    """``train.epochs`` / ``train.iters`` / ``train.tokens`` of a fine-tuning stage, one line each."""
-    t = cfg.train
-    if t.tokens is not None:
-        raise ConfigError("train.tokens", f"stage={cfg.stage} trains by train.epochs (or train.iters); "
-                                          "set train.tokens=null")
-    if t.epochs is None and t.iters is None:
-        raise ConfigError("train.epochs", f"stage={cfg.stage} needs train.epochs (passes over the data) or train.iters")
-    if t.epochs is not None and t.epochs <= 0:
-        raise ConfigError("train.epochs", f"must be > 0, got {t.epochs}")
-    if t.iters is not None and t.iters <= 0:
-        raise ConfigError("train.iters", f"must be > 0, got {t.iters}")
-
-
 def epoch_iters(cfg, n: int, what: str = "examples") -> int:
     """Iterations of a fine-tuning stage over ``n`` units: ``train.epochs`` passes (floor) and/or ``train.iters``
     (the smaller wins)."""
-    check_epoch_keys(cfg)
+    check_budget_keys(cfg)
     t, gbs = cfg.train, cfg.parallel.global_batch_size
     iters = None
     if t.epochs is not None:

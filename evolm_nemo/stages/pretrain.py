@@ -16,8 +16,9 @@ from evolm_nemo.data.gpt import (BatchSchedule, SourceTokens, build_dataset, bui
                                  source_names)
 from evolm_nemo.data.indexed import read_manifest
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.evaluation.upstream import check_tasks, tasks_dir_for
+from evolm_nemo.evaluation.upstream import check_tasks
 from evolm_nemo.model.build import flops_per_token
+from evolm_nemo.stages import check_budget_keys
 from evolm_nemo.stages.base import Stage, batch_identity, file_fingerprint, fingerprint
 from evolm_nemo.stages.pretrain_data import (check_budget, check_data, check_mix_sizes, check_sources, check_split,
                                              check_validation)
@@ -31,17 +32,8 @@ from evolm_nemo.train.loop import Start
 def iterations(cfg: RootConfig) -> int:
     """The run's iterations from train.tokens or train.iters (one of them; train.epochs is SFT's)."""
     t = cfg.train
-    if t.epochs is not None:
-        raise ConfigError("train.epochs", f"applies to stage=sft; {cfg.stage} takes train.tokens or train.iters "
-                                          "(set train.epochs=null)")
-    if t.tokens is None and t.iters is None:
-        raise ConfigError("train.tokens", "set one of train.tokens (e.g. 160B) or train.iters")
-    if t.tokens is not None and t.iters is not None:
-        raise ConfigError("train.tokens", f"train.tokens={t.tokens} and train.iters={t.iters} both set: keep one "
-                                          "(the other =null)")
+    check_budget_keys(cfg)
     if t.iters is not None:
-        if t.iters <= 0:
-            raise ConfigError("train.iters", f"must be > 0, got {t.iters}")
         return t.iters
     return iterations_for(parse_tokens(t.tokens), cfg.parallel.global_batch_size, cfg.model.seq_length)
 
@@ -111,7 +103,7 @@ def check_probe(cfg: RootConfig) -> None:
     if pr.upstream:
         if pr.upstream_limit is not None:
             positive("probe.upstream_limit", pr.upstream_limit)
-        check_tasks(list(pr.upstream), tasks_dir_for(pr.tasks_dir, pr.data_dir), pr.data_dir, prefix="probe.")
+        check_tasks(list(pr.upstream), pr.tasks_dir, pr.data_dir, prefix="probe.")
     if pr.downstream:
         positive("probe.downstream_limit", pr.downstream_limit)
         positive("probe.max_new_tokens", pr.max_new_tokens)

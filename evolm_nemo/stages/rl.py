@@ -46,7 +46,7 @@ from evolm_nemo.rl.reward import (RewardModelScorer, check as check_reward, chec
 from evolm_nemo.rl.reward_fn import RewardFunction, rewards as reward_fn_rewards
 from evolm_nemo.rl.rollout import Rollout, RolloutLog, generate, judged_text, verifiable_rewards
 from evolm_nemo.rl.stats import dp_allreduce, global_moments, on_tp_rank0, rollout_metrics
-from evolm_nemo.stages import kind, rl_split
+from evolm_nemo.stages import check_budget_keys, kind, rl_split
 from evolm_nemo.stages.base import Stage, check_layout, file_fingerprint
 from evolm_nemo.tasks import SUITE_KIND
 from evolm_nemo.train.engine import build_training_model, train_step
@@ -70,14 +70,7 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     if SUITE_KIND.get(r.reward_suite) != "math":
         raise ConfigError("rl.reward_suite", f"the verifiable reward uses a math suite's rule (gsm8k_platinum, math); "
                                              f"got {r.reward_suite!r}")
-    if t.tokens is not None:
-        raise ConfigError("train.tokens", f"stage={cfg.stage} trains by train.iters or train.epochs over the prompts; "
-                                          "set train.tokens=null")
-    if t.epochs is None and t.iters is None:
-        raise ConfigError("train.iters", f"stage={cfg.stage} needs train.iters (rollout steps) or train.epochs")
-    for key in ("iters", "epochs"):
-        if getattr(t, key) is not None and getattr(t, key) <= 0:
-            raise ConfigError(f"train.{key}", f"must be > 0, got {getattr(t, key)}")
+    check_budget_keys(cfg)
     if not t.init_from:
         raise ConfigError("train.init_from", f"stage={cfg.stage} starts from a checkpoint (an SFT run)")
     check_reward(cfg, ckpt.parent_tokenizer(t.init_from, key="train.init_from"))
@@ -223,6 +216,23 @@ CRITIC_INPUTS = ("tokens", "labels", "position_ids", "loss_mask", "returns", "ol
                  "max_seqlen", "last")
 
 
+SOURCE_KEYS = {"reference": "train.init_from", "reward_model": "rl.reward_model"}  # a frozen role -> its key
+
+
+def check_no_role_added(state: dict, sources: dict) -> None:
+    """A resumed run (``state``: its checkpoint's) keeps the frozen roles it started with: a reference or reward
+    model in ``sources`` that its ``rl_sources`` lack would change the run mid-way (``rl.reward=sum`` takes an RM
+    when one is named) -- one line naming the key. Checkpoints from before ``rl_sources`` are not compared."""
+    if "rl_sources" not in state:
+        return
+    for role in sources:
+        if not (state["rl_sources"] or {}).get(role):
+            key = SOURCE_KEYS[role]
+            raise ConfigError(key, f"this run started without a {role.replace('_', ' ')}; a resume keeps the run as it "
+                                   f"started: unset {key}, or go on as a new run from its checkpoint (train.init_from "
+                                   "with a new run.out_dir)")
+
+
 class RLStage(Stage):
     """One RL run: its prompts, roles and step. ``step(iteration)`` does one rollout + update and returns its
     record."""
@@ -295,14 +305,14 @@ class RLStage(Stage):
 
     def restore(self, start, state):
         """A resumed run keeps the reference and reward model it started with (``rl_sources`` of its checkpoint)."""
+        check_no_role_added(state, self.sources)
         recorded = state.get("rl_sources") or {}
-        keys = {"reference": "train.init_from", "reward_model": "rl.reward_model"}
         for role, now in list(self.sources.items()):
             kept = recorded.get(role)
             if not kept or kept == now:
                 continue
             if not ckpt.is_complete(Path(kept)):
-                raise ConfigError(keys[role], f"this run's {role.replace('_', ' ')}, {kept}, is gone or incomplete "
+                raise ConfigError(SOURCE_KEYS[role], f"this run's {role.replace('_', ' ')}, {kept}, is gone or incomplete "
                                               f"(the latest is now {now}); restore it, or start a new run")
             if self.rt.is_main:
                 print(f"[evolm] {role.replace('_', ' ')}: {kept}, the one this run started with (the latest is now "

@@ -37,7 +37,8 @@ from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.fileio import write_jsonl
 from evolm_nemo.losses.preference import bradley_terry, outcome_accuracy, outcome_bce, pair_accuracy, roc_auc
 from evolm_nemo.model.heads import build_value_model, load_backbone, scores_at_last
-from evolm_nemo.stages.base import (EpochOrder, Stage, batch_identity, check_epoch_keys, check_layout,
+from evolm_nemo.stages import check_budget_keys
+from evolm_nemo.stages.base import (EpochOrder, Stage, batch_identity, check_layout,
                                    dataset_identity, epoch_iters)
 from evolm_nemo.train.forward import forward_collect, value_forward_step
 
@@ -117,7 +118,7 @@ class RMData:
 
 
 def check_common(cfg: RootConfig, what: str) -> None:
-    check_epoch_keys(cfg)
+    check_budget_keys(cfg)
     if not cfg.train.init_from:
         raise ConfigError("train.init_from", f"stage={cfg.stage} starts from a checkpoint ({what})")
 

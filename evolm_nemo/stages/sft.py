@@ -27,7 +27,8 @@ from evolm_nemo.data.packing import best_fit, by_count, by_token_budget, collate
 from evolm_nemo.data.sft import SFTDataset, Template, collate, read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.sft_synthetic import ensure_synthetic_sft
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.stages.base import (EpochOrder, Stage, batch_identity, check_epoch_keys, check_layout,
+from evolm_nemo.stages import check_budget_keys
+from evolm_nemo.stages.base import (EpochOrder, Stage, batch_identity, check_layout,
                                    dataset_identity, epoch_iters)
 
 OVERLENGTH = ("truncate", "drop")
@@ -125,7 +126,7 @@ def _check_tokenizers(cfg: RootConfig, view: SFTView) -> str:
 
 def plan_iters(cfg: RootConfig, dp: int) -> int:
     s = cfg.sft
-    check_epoch_keys(cfg)  # before any data is read
+    check_budget_keys(cfg)  # before any data is read
     if s.overlength not in OVERLENGTH:
         raise ConfigError("sft.overlength", f"must be one of {', '.join(OVERLENGTH)}; got {s.overlength!r}")
     if s.pad_to_multiple_of < 1:

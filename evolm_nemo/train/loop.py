@@ -192,8 +192,8 @@ def fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...]
     """Train ``cfg`` for ``plan.iters`` iterations (resuming if possible) with the stage ``make_stage(cfg, plan, rt)``
     builds (see ``evolm_nemo.stages.base.Stage``), whose roles are saved under ``dirs`` of the run directory.
     ``identity`` (the stage's ``data_identity``: what defines its data and batch) is recorded in every checkpoint,
-    and a resume that changes it or ``settings`` (``stages.run_settings``) is refused. SIGTERM ends it after the current iteration (saved first with
-    ``train.save_on_signal``) by raising ``Stopped`` (exit code 143)."""
+    and a resume that changes it or ``settings`` (``stages.run_settings``) is refused. SIGTERM ends it after the
+    current iteration (saved first with ``train.save_on_signal``) by raising ``Stopped`` (exit code 143)."""
     children_die_with_parent()
     with StopSignal() as stop:
         return _fit(cfg, plan, make_stage, dirs, identity or {}, settings or {}, stop)

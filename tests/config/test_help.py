@@ -86,11 +86,13 @@ def test_a_stage_without_an_experiment_takes_its_own_budget(stage):
     (["train.epochs=2"], "train.epochs", "stage=dpo|grpo|ppo|rm|sft"),
     (["stage=sft", "rl.temperature=0.5"], "rl.temperature", "stage=grpo|ppo"),
     (["stage=cpt", "sft.shuffle=false"], "sft.shuffle", "stage=sft"),
+    (["experiment=demo_sft", "dpo.beta=0.2"], "dpo.beta", "stage=dpo"),  # the stage an experiment picks
 ])
 def test_a_key_of_another_stage_is_named_as_theirs(overrides, key, stages):
     with pytest.raises(ConfigError) as err:
         compose("config", overrides, RootConfig)
     assert err.value.key == key and f"is a key of {stages} (recipes/stage/)" in err.value.message
+    assert f"not of stage={compose('config', overrides[:-1], RootConfig).stage};" in err.value.message
     with pytest.raises(ConfigError) as err:
         compose("config", ["train.no_such_key=1"], RootConfig)
     assert "unknown key" in err.value.message

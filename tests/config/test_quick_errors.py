@@ -28,7 +28,9 @@ def test_an_unknown_key_is_one_line_before_torch_is_imported(command):
 @pytest.mark.parametrize("override, key", [
     ("train.iters=-5", "train.iters"),  # a value every stage's recipe refuses
     ("probe.tokens_interval=51200", "probe.tokens_interval"),  # pretraining and CPT take it; SFT, the third stage, not
-], ids=["every stage", "a later stage"])
+    ("train.tokens=2K", "train.tokens"),  # a token budget: pretraining and CPT take it alone; SFT counts epochs
+    ("train.val_tokens_interval=1K", "train.val_tokens_interval"),  # held-out loss: pretraining and CPT only
+], ids=["every stage", "a later stage", "a budget", "validation"])
 def test_the_pipeline_checks_every_stage_recipe_before_torch(tmp_path, override, key):
     """A value that one of the pipeline's stages refuses is one line before the first stage starts (and before torch
     is imported), not after minutes of pretraining."""

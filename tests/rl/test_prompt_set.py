@@ -1,5 +1,6 @@
 """The RL prompt set is a set: a problem id appears once across its files (a repeated one would be rolled out and
-trained on twice as often); a repeat is one line naming the file, the line and the id, before any model loads."""
+trained on twice as often); a repeat is one line naming the file, the line and the id, before any model loads. A
+resumed run keeps the frozen roles (reference, reward model) it started with."""
 
 from __future__ import annotations
 
@@ -40,3 +41,20 @@ def test_evolm_train_refuses_it_in_one_line_before_the_model(tmp_path, capsys, a
                                                 "train.progress=false"], f"{dup}:4")
     assert "field 'id': \"b\" again (first at " in line and f"{dup}:2" in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_keeps_the_frozen_roles_it_started_with():
+    """A run that started without a reward model (rl.reward=sum with a reward function only) and is resumed with
+    rl.reward_model set would take the RM's scores from the resumed step on: refused in one line naming the key;
+    the roles it started with pass, and checkpoints from before rl_sources are not compared."""
+    from evolm_nemo.stages.rl import check_no_role_added
+
+    started = {"rl_sources": {"reference": "/runs/sft/checkpoints/iter_0000010"}}
+    with pytest.raises(ConfigError) as err:
+        check_no_role_added(started, {"reference": "/runs/sft/checkpoints/iter_0000010", "reward_model": "/rm/iter_2"})
+    assert err.value.key == "rl.reward_model" and "started without a reward model" in err.value.message
+    check_no_role_added(started, {"reference": "/runs/sft/checkpoints/iter_0000012"})  # another path: restore's note
+    check_no_role_added({}, {"reward_model": "/rm/iter_2"})  # an old checkpoint: nothing recorded to compare
+    with pytest.raises(ConfigError) as err:
+        check_no_role_added({"rl_sources": {}}, {"reference": "/runs/sft"})
+    assert err.value.key == "train.init_from"
