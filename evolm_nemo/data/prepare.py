@@ -305,6 +305,19 @@ def ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def worker_pool(method: str, workers: int, initializer, initargs=()):
+    """A ``multiprocessing`` pool of ``workers`` (``method``: fork | spawn) whose workers ignore SIGINT from their
+    first instruction: the parent ignores it while it starts them (a forked child inherits that, and an ignored
+    signal stays ignored across exec, where Python then installs no handler of its own), so a Ctrl-C in a worker's
+    start-up -- before ``initializer`` runs -- prints no traceback either. (A Ctrl-C in those milliseconds is
+    dropped.) Workers the pool starts later to replace dead ones get it from ``initializer``."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return multiprocessing.get_context(method).Pool(workers, initializer=initializer, initargs=initargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _backend_encodes_alike(tok) -> bool:
     """A fast tokenizer whose call is transformers' own (no subclass override): its ids are the Rust backend's
     ``encode_batch`` (special-token strings split, no truncation or padding), without the per-call conversion to
@@ -389,8 +402,7 @@ def _start_pool(tok, append_eos: bool, workers: int):
     dtype = DType.optimal_dtype(len(tok))
     init_args = (tok, append_eos, dtype)
     if workers > 1:  # forked before the progress bar's thread exists; workers inherit the tokenizer
-        return multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker,
-                                                        initargs=(*init_args, True)), dtype
+        return worker_pool("fork", workers, _init_worker, (*init_args, True)), dtype
     _init_worker(*init_args)
     return None, dtype
 

@@ -38,7 +38,7 @@ import numpy as np
 from evolm_nemo.answers import MODES, extract_answer, is_equiv, judge, last_boxed, unbox
 from evolm_nemo.config.compose import compose
 from evolm_nemo.config.errors import ConfigError, check_seed
-from evolm_nemo.data.prepare import ignore_interrupts, open_rows
+from evolm_nemo.data.prepare import ignore_interrupts, open_rows, worker_pool
 from evolm_nemo.data.sft import SFTWriter, Template, encode_example, read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.fileio import check_dst, check_dst_file, check_writable, jsonl_with, release_output, write_text
@@ -192,8 +192,6 @@ PARALLEL_MIN_ROWS = 2000  # below this, worker start-up costs more than it saves
 def judge_rows(rows: list[Row], cfg: PrepareSFTConfig) -> list[bool]:
     """The checker's verdict for every row's response against its reference, in worker processes for large inputs
     (spawned: each starts its own bounded checker; the verdicts are the same for any ``workers``)."""
-    import multiprocessing
-
     from tqdm import tqdm
 
     jobs = [(cfg.suite, r.answer, r.reference, cfg.scoring) for r in rows]
@@ -202,7 +200,7 @@ def judge_rows(rows: list[Row], cfg: PrepareSFTConfig) -> list[bool]:
                dynamic_ncols=True)
     if workers <= 1 or len(jobs) < PARALLEL_MIN_ROWS:
         return [_judge(j) for j in tqdm(jobs, **bar)]
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=ignore_interrupts) as pool:
+    with worker_pool("spawn", workers, ignore_interrupts) as pool:
         return list(tqdm(pool.imap(_judge, jobs, chunksize=256), **bar))
 
 
