@@ -363,17 +363,22 @@ def _rope_stretched(length: int, rope, source: str) -> tuple[int, str]:
 
 
 def model_len(cfg) -> int:
-    """``max_model_len`` as sampling uses it: null is EvoLM's 2048, or the model's context when that is shorter (as
-    vLLM defaults to the model's length); an explicit value longer than the model's context is refused in one line
-    -- the hf backend would generate past the positions the model was trained on (vLLM refuses it itself)."""
-    context, source = model_context(cfg.model)
-    if cfg.max_model_len is None:
+    """``max_model_len`` as sampling uses it, for the model in ``cfg.model`` (``resolve_model_len``)."""
+    return resolve_model_len(cfg.max_model_len, *model_context(cfg.model))
+
+
+def resolve_model_len(max_model_len: Optional[int], context: Optional[int], source: str) -> int:
+    """null is EvoLM's 2048, or the model's ``context`` (read from ``source``) when that is shorter (as vLLM defaults
+    to the model's length); an explicit value longer than the context is refused in one line -- the hf backend
+    would generate past the positions the model was trained on (vLLM refuses it itself). `evolm suite plan` applies
+    the same rule to an eval node, from its parent run's model.seq_length."""
+    if max_model_len is None:
         return min(EVOLM_MAX_MODEL_LEN, context) if context else EVOLM_MAX_MODEL_LEN
-    if context and cfg.max_model_len > context:
-        raise ConfigError("max_model_len", f"{cfg.max_model_len} is longer than the model's context of {context} "
+    if context and max_model_len > context:
+        raise ConfigError("max_model_len", f"{max_model_len} is longer than the model's context of {context} "
                                            f"tokens ({source}); set max_model_len <= {context}, or null for "
                                            f"{min(EVOLM_MAX_MODEL_LEN, context)}")
-    return cfg.max_model_len
+    return max_model_len
 
 
 def _check(cfg: DownstreamConfig) -> DownstreamConfig:

@@ -42,7 +42,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.tokens import format_tokens
 from evolm_nemo.config.validate import validate
 from evolm_nemo.evaluation import tasks as registry
-from evolm_nemo.evaluation.evaluate import EVOLM_MAX_MODEL_LEN, DownstreamConfig
+from evolm_nemo.evaluation.evaluate import DownstreamConfig, resolve_model_len
 from evolm_nemo.model.build import flops_per_token, param_count
 from evolm_nemo.stages import kind, plan_run, rl_split, sequences_per_unit, synthetic_size
 from evolm_nemo.stages.base import epoch_iters
@@ -320,17 +320,14 @@ def _eval_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None:
         raise ConfigError(f"nodes.{node.name}", f"{exc.key}: {exc.message}") from None
     seqs = problems * (ecfg.n + (1 if ecfg.greedy else 0))
     rows_parent = rows.get(parent.parent)
-    fpt, length = 0.0, ecfg.max_model_len
+    fpt, context = 0.0, None
     if rows_parent is not None and rows_parent.cfg is not None:
         fpt = flops_per_token(rows_parent.cfg.model)
         context = rows_parent.cfg.model.seq_length  # the export's max_position_embeddings
-        if length is not None and length > context:  # refused by the evaluation itself, after the training
-            raise ConfigError(f"nodes.{node.name}", f"max_model_len: {length} is longer than the model's context of "
-                                                    f"{context} tokens ({parent.parent}'s model.seq_length); set "
-                                                    f"max_model_len <= {context}, or null")
-        if length is None:
-            length = min(EVOLM_MAX_MODEL_LEN, context)
-    length = EVOLM_MAX_MODEL_LEN if length is None else length
+    try:  # the evaluation's own rule, here before the training instead of after it
+        length = resolve_model_len(ecfg.max_model_len, context, f"{parent.parent}'s model.seq_length")
+    except ConfigError as exc:
+        raise ConfigError(f"nodes.{node.name}", f"{exc.key}: {exc.message}") from None
     row.samples, row.tokens = problems, seqs * length
     row.flops = row.tokens * fpt / 3.0
     row.notes.append(f"{problems:,} problems x {seqs // max(problems, 1)} seqs, <= {length} tokens")
