@@ -262,3 +262,16 @@ def compose_command(config_name: str, overrides: Sequence[str], schema: Type[T])
 def to_dict(cfg) -> dict:
     """Plain-dict view of a composed config (for logs, checkpoints and lineage)."""
     return dataclasses.asdict(cfg)
+
+
+def changed_keys(recorded: dict, ours: dict) -> list[tuple[str, object, object]]:
+    """``(key, recorded value, ours)`` for each dotted key of ``ours`` (``section.name`` or a top-level ``name``)
+    whose value differs in ``recorded``, a config as a checkpoint records it (``to_dict``); keys the record lacks
+    (checkpoints from before a key existed) are not compared."""
+    changed = []
+    for key, value in ours.items():
+        section, _, name = key.rpartition(".")
+        where = recorded.get(section, {}) if section else recorded
+        if isinstance(where, dict) and name in where and where[name] != value:
+            changed.append((key, where[name], value))
+    return changed

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evolm_nemo.checkpoint import io as ckpt
+from evolm_nemo.config.compose import changed_keys
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.fileio import check_dst, lock_file, replace_dir, temp_dir
 from evolm_nemo.stages import kind
@@ -74,12 +75,11 @@ COUNT_KEYS = {"epochs": ("train.epochs", "train.iters", "parallel.global_batch_s
 def _count_change(recorded: dict | None, cfg, budget: str) -> str | None:
     """The first key of ``COUNT_KEYS[budget]`` whose value in a checkpoint's recorded config differs from ``cfg``'s,
     as ``key=theirs -> ours``; keys the record lacks are not compared."""
-    for key in COUNT_KEYS.get(budget, ()) if cfg is not None else ():
-        section, name = key.split(".")
-        theirs = (recorded or {}).get(section)
-        if isinstance(theirs, dict) and name in theirs and theirs[name] != getattr(getattr(cfg, section), name):
-            return f"{key}={theirs[name]} -> {getattr(getattr(cfg, section), name)}"
-    return None
+    if cfg is None:
+        return None
+    ours = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in COUNT_KEYS.get(budget, ())}
+    changed = changed_keys(recorded or {}, ours)
+    return f"{changed[0][0]}={changed[0][1]} -> {changed[0][2]}" if changed else None
 
 
 def train_state(out: Path, planned: int | None, budget: str = "tokens", cfg=None) -> tuple[str, str]:

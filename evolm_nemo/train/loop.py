@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evolm_nemo.checkpoint import io as ckpt
-from evolm_nemo.config.compose import to_dict
+from evolm_nemo.config.compose import changed_keys, to_dict
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.validate import Plan, check_shape
@@ -128,12 +128,7 @@ def settings_change(path: Path, config: dict, ours: dict) -> ConfigError | None:
     """The first of ``ours`` (dotted key -> value: ``stages.run_settings``) whose value differs from the recipe the
     checkpoint ``path`` records (``config``, its evolm.json), as a ConfigError naming it and how many more differ;
     keys the record lacks (checkpoints from before a key existed) are not compared."""
-    changed = []
-    for key, value in ours.items():
-        section, _, name = key.rpartition(".")
-        recorded = config.get(section, {}) if section else config
-        if isinstance(recorded, dict) and name in recorded and recorded[name] != value:
-            changed.append((key, recorded[name], value))
+    changed = changed_keys(config, ours)
     if not changed:
         return None
     key, theirs, value = changed[0]
