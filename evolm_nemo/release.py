@@ -566,7 +566,7 @@ def stage(model: Model, cfg) -> None:
 
 
 def stage_index(plan: Plan) -> None:
-    from evolm_nemo.fileio import write_text
+    from evolm_nemo.fileio import write_bytes, write_text
 
     repo, where = plan.index
     card = index_card(plan, repo)
@@ -575,7 +575,7 @@ def stage_index(plan: Plan) -> None:
         write_text(where / "README.md", card)
     suite_yaml = plan.suite.path.read_bytes()
     if not (where / "suite.yaml").is_file() or (where / "suite.yaml").read_bytes() != suite_yaml:
-        (where / "suite.yaml").write_bytes(suite_yaml)
+        write_bytes(where / "suite.yaml", suite_yaml)
     table = [{"node": m.node, "repo": m.repo, "run_id": m.meta.get("run_id"), "stage": m.meta.get("stage"),
               "parent": m.parents[0].get("repo") if m.parents else None,
               "revisions": [r.branch for r in m.revisions]} for m in plan.table]
@@ -592,13 +592,11 @@ def local_files(folder: Path) -> dict[str, Path]:
 def predicted_files(rev: Revision, cfg) -> list[str]:
     """Dry run before any export: the files ``export-hf`` will write (shards estimated from the parameter count)."""
     from evolm_nemo.conversion import hf
-    from evolm_nemo.conversion.export import TOKENIZER_FILES, find_tokenizer
+    from evolm_nemo.conversion.export import TOKENIZER_FILES, find_tokenizer, parse_dtype, stored_dtype
 
     meta = io.read_meta(rev.checkpoint)
-    bytes_per = {"fp32": 4, "bf16": 2, "fp16": 2}.get(cfg.dtype, 4)
-    if cfg.dtype == "auto":
-        precision = str(((meta.get("config") or {}).get("train") or {}).get("precision", "fp32"))
-        bytes_per = 2 if precision in ("bf16", "fp16") else 4
+    # the dtype export-hf writes: dtype=auto keeps the checkpoint's (bf16 for train.precision=auto on GPU)
+    bytes_per = (parse_dtype(cfg.dtype) or stored_dtype(rev.checkpoint)).itemsize
     total = _params(meta) * bytes_per
     shards = max(1, -(-total // hf.parse_size(cfg.max_shard_size)))
     names = ["config.json", "README.md", "evolm_export.json", "recipe.yaml"]

@@ -47,6 +47,12 @@ def resolve_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
+def resolve_precision(precision):
+    """``train.precision`` as this machine runs it: ``auto`` is ``bf16`` on GPU and ``fp32`` on CPU; any other
+    value as it is."""
+    return ("bf16" if resolve_dtype(precision) == torch.bfloat16 else "fp32") if precision == "auto" else precision
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -31,7 +31,7 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.validate import Plan, check_shape
 from evolm_nemo.model.build import param_count
-from evolm_nemo.runtime.distributed import Runtime, setup
+from evolm_nemo.runtime.distributed import Runtime, resolve_precision, setup
 from evolm_nemo.runtime.signals import StopSignal, Stopped, children_die_with_parent
 from evolm_nemo.train import tracking
 from evolm_nemo.train.metrics import MetricsWriter, peak_flops
@@ -127,7 +127,11 @@ def _short(value) -> str:
 def settings_change(path: Path, config: dict, ours: dict) -> ConfigError | None:
     """The first of ``ours`` (dotted key -> value: ``stages.run_settings``) whose value differs from the recipe the
     checkpoint ``path`` records (``config``, its evolm.json), as a ConfigError naming it and how many more differ;
-    keys the record lacks (checkpoints from before a key existed) are not compared."""
+    keys the record lacks (checkpoints from before a key existed) are not compared. ``train.precision`` is compared
+    as this machine runs it (``auto`` and the precision it means here are the same run)."""
+    if "train.precision" in ours and isinstance(config.get("train"), dict) and "precision" in config["train"]:
+        ours = {**ours, "train.precision": resolve_precision(ours["train.precision"])}
+        config = {**config, "train": {**config["train"], "precision": resolve_precision(config["train"]["precision"])}}
     changed = changed_keys(config, ours)
     if not changed:
         return None

@@ -165,11 +165,12 @@ def test_a_resume_keeps_the_settings_its_run_started_with(tmp_path, data_cache, 
     out = tmp_path / "run"
     shutil.copytree(cut_at_2, out)
     before = tree_bytes(out)
-    line = one_line_error(run_evolm("train", tiny(out, data_cache, *DATA_ARGS, "optim.lr=1e-2", "optim.beta1=0.5"),
-                                    check=False), "optim.lr")
-    assert "iter_0000002 was trained with optim.lr=" in line and "(and optim.beta1)" in line, line
+    line = one_line_error(run_evolm("train", tiny(out, data_cache, *DATA_ARGS, "optim.lr=1e-2", "optim.beta1=0.5",
+                                              "train.precision=bf16"), check=False), "optim.lr")
+    assert "iter_0000002 was trained with optim.lr=" in line and "(and optim.beta1, train.precision)" in line, line
     assert tree_bytes(out) == before
+    # train.precision=auto is fp32 on CPU: naming it is no change
     run_evolm("train", tiny(out, data_cache, *DATA_ARGS, "parallel.micro_batch_size=1", "train.save_interval=1",
-                            "train.log_interval=2"))
+                            "train.log_interval=2", "train.precision=fp32"))
     got = losses(out)
     assert sorted(got) == [1, 2, 4] and abs(got[4] - want[4]) <= 1e-5 * abs(want[4]), (got, want)
