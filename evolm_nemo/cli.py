@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from evolm_nemo.config.errors import ConfigError, print_error
+from evolm_nemo.config.errors import ConfigError, out_of_memory, print_error
 from evolm_nemo.fileio import release_outputs
 
 # command -> (module:function, one-line help). Each function takes the list of key=value overrides.
@@ -207,6 +207,13 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a failed allocation (training's own say which keys shrink a step: train.loop)
+        what = out_of_memory(exc)
+        if what is None:
+            raise
+        print_error(command, f"out of memory ({what}): it needs more memory than this machine has; lower its "
+                             f"batch or length keys (evolm {command} --help), or run it on a larger machine")
+        return 2
     finally:
         release_outputs()  # the outputs it locked (fileio.lock_output) are free for the next command
         if restore:

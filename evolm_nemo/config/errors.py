@@ -1,5 +1,7 @@
 """The one error type for bad user input: it names the key (or file) and the fix, printed as one line."""
 
+import re
+
 
 class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
@@ -13,6 +15,32 @@ def first_line(exc: BaseException) -> str:
     non-blank line, or the next one when the first only introduces it ("... error for validator 'x':")."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
     return lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+_ALLOCATE = re.compile(r"tried to allocate (\d+) bytes|tried to allocate ([\d.]+ ?[KMGT]i?B)", re.IGNORECASE)
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """What an allocation that failed asked for ("tried to allocate 1.91 GiB"; "out of memory" when it does not say)
+    when ``exc`` is one -- torch's CPU allocator ("can't allocate memory"), CUDA's ``OutOfMemoryError``, Python's
+    ``MemoryError`` -- itself or an exception it was raised from; None for anything else."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        text = str(e)
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+                isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())):
+            match = _ALLOCATE.search(text)
+            if match is None:
+                return "out of memory"
+            if match.group(1):
+                return f"tried to allocate {int(match.group(1)) / 2 ** 30:.2f} GiB"
+            return f"tried to allocate {match.group(2)}"
+        stack += [e.__cause__, e.__context__]
+    return None
 
 
 def check_seed(key: str, value) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.compose import changed_keys, to_dict
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, out_of_memory
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.validate import Plan, check_shape
 from evolm_nemo.model.build import param_count
@@ -195,7 +195,24 @@ def fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...]
     current iteration (saved first with ``train.save_on_signal``) by raising ``Stopped`` (exit code 143)."""
     children_die_with_parent()
     with StopSignal() as stop:
-        return _fit(cfg, plan, make_stage, dirs, identity or {}, settings or {}, stop)
+        try:
+            return _fit(cfg, plan, make_stage, dirs, identity or {}, settings or {}, stop)
+        except Exception as exc:
+            what = out_of_memory(exc)
+            if what is None:
+                raise
+            raise memory_error(cfg, what) from None
+
+
+def memory_error(cfg: RootConfig, what: str) -> ConfigError:
+    """The one line for a run that does not fit in memory (``what``: ``config.errors.out_of_memory``), naming the
+    keys that shrink what one step holds."""
+    p, m = cfg.parallel, cfg.model
+    key = "parallel.max_tokens_per_microbatch" if p.max_tokens_per_microbatch else "parallel.micro_batch_size"
+    return ConfigError(key, f"out of memory ({what}) with {key}={getattr(p, key.split('.')[1])}, "
+                            f"model.seq_length={m.seq_length}, parallel.tp={p.tp}, parallel.pp={p.pp}; lower {key} "
+                            "(the loss does not depend on it; RL rollouts: rl.rollout_micro_batch_size), "
+                            "model.seq_length or the model, or spread it over more GPUs (parallel.tp, parallel.pp)")
 
 
 def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...], identity: dict, settings: dict,

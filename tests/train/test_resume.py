@@ -124,6 +124,25 @@ def test_a_diverging_run_stops_in_one_line_before_it_saves(tmp_path, data_cache)
     assert len(rows) == bad - 1  # the diverged iteration is not recorded
 
 
+def test_a_run_that_does_not_fit_in_memory_stops_in_one_line(tmp_path, data_cache):
+    """An allocation the machine refuses (here under an 8 GB address-space limit, a 4M-token sequence) was a
+    [rank0] traceback from deep inside the forward pass: one line names the keys that shrink a step."""
+    import resource
+    import subprocess
+
+    from tests.conftest import REPO, evolm_cmd, subprocess_env
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    proc = subprocess.run(evolm_cmd("train", tiny(tmp_path / "run", data_cache, "train.iters=2",
+                                                  "model.seq_length=4000000")),
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit)
+    line = one_line_error(proc, "parallel.micro_batch_size")
+    assert "out of memory (tried to allocate " in line and "model.seq_length=4000000" in line, line
+
+
 DATA_ARGS = ["train.iters=4", "train.save_interval=2", "train.keep_last=5"]
 
 
