@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.tokens import format_tokens
 from evolm_nemo.data.indexed import expand_prefixes, prefix_tokens
@@ -131,12 +132,18 @@ class BatchSchedule:
 
     Iteration ``it`` uses samples ``[it*gbs, (it+1)*gbs)``; dp rank ``r`` takes the ``r``-th contiguous slice. The
     order depends only on the iteration, so a resumed run sees exactly the data the uninterrupted run saw.
+
+    Each microbatch's token ids are checked against ``vocab_size`` as it is read (an id past the embedding would be
+    an index error deep in the forward pass -- a device-side assert on GPU): ``check_token_ids`` reads a large
+    ``.bin`` only in part before the run.
     """
 
-    def __init__(self, dataset, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int):
+    def __init__(self, dataset, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+                 vocab_size: int | None = None):
         self.dataset = dataset
         self.gbs, self.mbs = global_batch, micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.vocab_size = vocab_size
 
     def microbatches(self, iteration: int) -> list[dict[str, torch.Tensor]]:
         per_rank = self.gbs // self.dp_size
@@ -144,9 +151,26 @@ class BatchSchedule:
         out = []
         for m in range(0, per_rank, self.mbs):
             samples = [self.dataset[start + m + i] for i in range(self.mbs)]
-            out.append({k: torch.stack([torch.as_tensor(s[k]) for s in samples])
-                        for k in ("tokens", "labels", "loss_mask", "position_ids")})
+            batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples])
+                     for k in ("tokens", "labels", "loss_mask", "position_ids")}
+            if self.vocab_size is not None and max(int(batch["tokens"].max()),
+                                                   int(batch["labels"].max())) >= self.vocab_size:
+                self._refuse(start + m, samples)
+            out.append(batch)
         return out
+
+    def _refuse(self, first: int, samples: list[dict]) -> None:
+        for i, sample in enumerate(samples):
+            top = max(int(torch.as_tensor(sample["tokens"]).max()), int(torch.as_tensor(sample["labels"]).max()))
+            if top >= self.vocab_size:
+                ds = self.dataset
+                if "dataset_id" in sample:  # a blend: the source it drew from
+                    ds = ds.datasets[int(sample["dataset_id"])]
+                where = getattr(ds, "dataset_path", None) or "data.paths"
+                raise ConfigError("data.paths", f"{where}.bin: sample {first + i:,} holds token id {top} >= "
+                                                f"model.vocab_size={self.vocab_size}; it was tokenized with a larger "
+                                                "vocabulary than the model's (check data.tokenizer and "
+                                                "model.vocab_size)")
 
 
 def source_names(cfg: RootConfig, source: DataSource) -> list[str]:

@@ -137,7 +137,7 @@ class PretrainStage(Stage):
             samples = max(plan.iters, self.branch.stable_iters) * p.global_batch_size
         dataset = build_dataset(cfg, source, tokenizer, samples)
         self.schedule = BatchSchedule(dataset, p.global_batch_size, p.micro_batch_size,
-                                      parallel_state.get_data_parallel_rank(), plan.dp)
+                                      parallel_state.get_data_parallel_rank(), plan.dp, m.vocab_size)
         self.tokenizer = source.tokenizer
         self.is_main = rt.is_main
         names = source_names(cfg, source)
@@ -150,7 +150,7 @@ class PretrainStage(Stage):
             self.val_every = max(1, -(-every // plan.tokens_per_iter))
             sets = build_validation(cfg, source, tokenizer, names, cfg.train.val_batches * p.global_batch_size)
             self.val = {name: BatchSchedule(ds, p.global_batch_size, p.micro_batch_size,
-                                            parallel_state.get_data_parallel_rank(), plan.dp)
+                                            parallel_state.get_data_parallel_rank(), plan.dp, m.vocab_size)
                         for name, ds in sets.items()}
         self.probe = None
         if cfg.probe.tokens_interval:  # capability probes of the live model (checkpoint dynamics)

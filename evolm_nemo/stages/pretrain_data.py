@@ -88,7 +88,8 @@ def check_split(split) -> list[float]:
 # a .bin up to TOKEN_SAMPLE_BYTES has its largest token id read at every check; one up to FULL_SCAN_BYTES is read
 # whole once and the result recorded (``data.verify``: ``<prefix>.verified``, or under data.cache_dir for a read-only
 # corpus); a larger one is sampled (evenly spaced chunks of TOKEN_SAMPLE_BYTES in all): reading hundreds of GB before
-# the process group forms would outlast its timeout -- `evolm prepare shards=N` verifies every shard whole instead
+# the process group forms would outlast its timeout -- `evolm prepare shards=N` verifies every shard whole instead,
+# and training checks every batch it reads (data.gpt.BatchSchedule)
 TOKEN_SAMPLE_BYTES = 64 << 20
 FULL_SCAN_BYTES = 8 << 30
 

@@ -351,3 +351,33 @@ def test_data_paths_with_the_synthetic_source_is_refused(corpus, capsys, tmp_pat
     assert not (tmp_path / "run").exists()
     cfg = compose("config", _indexed(corpus, f"run.out_dir={tmp_path / 'run'}"), RootConfig)
     assert plan_run(cfg).iters > 0
+
+
+def test_every_batch_read_is_checked_against_the_vocabulary(corpus, tmp_path):
+    """A .bin past FULL_SCAN_BYTES is only sampled before the run: an id the sample missed reached the embedding as
+    an index error deep in the forward pass (a device-side assert on GPU). Each microbatch is checked as it is read,
+    and the error names the source of the blend it came from (real megatron datasets, a blend of two corpora)."""
+    from evolm_nemo.data.gpt import BatchSchedule, _build_splits
+    from evolm_nemo.data.tokenizer import load_tokenizer
+
+    small = ensure_synthetic(tmp_path / "small", 200, 8, vocab_size=300)  # ids < 300
+    prefix, _ = corpus  # ids up to 511
+    cfg = compose("config", ["data.source=indexed", f"data.paths=[{small.prefix},{prefix}]", "data.weights=[0.5,0.5]",
+                             f"data.tokenizer={small.tokenizer_dir}", "model.vocab_size=300",
+                             f"data.cache_dir={tmp_path / 'cache'}"], RootConfig)
+    tok = load_tokenizer(str(small.tokenizer_dir))
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())  # megatron's blend asks the rank
+    try:
+        blend = _build_splits(cfg, [str(small.prefix), prefix], [0.5, 0.5], tok, [64, 0, 0])[0]
+        alone = _build_splits(cfg, [str(small.prefix)], None, tok, [64, 0, 0])[0]
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(ConfigError) as err:
+        for it in range(8):
+            BatchSchedule(blend, 8, 2, 0, 1, vocab_size=300).microbatches(it)
+    assert err.value.key == "data.paths" and err.value.message.startswith(f"{prefix}.bin: sample ") and \
+        ">= model.vocab_size=300" in err.value.message, err.value.message
+    for it in range(8):
+        assert len(BatchSchedule(alone, 8, 2, 0, 1, vocab_size=300).microbatches(it)) == 4
