@@ -779,8 +779,13 @@ def prepare_shards(input, output_prefix, tokenizer, text_key: str = "text", work
 def check_prefix(cfg: PrepareConfig) -> None:
     """The output prefix holds one layout: an unsharded ``<output>.bin/.idx`` or a sharded preparation
     (``<output>.manifest.json`` + shards), never both -- training would read the unsharded one and silently ignore
-    the other. An unsharded output is replaced only with ``overwrite=true`` and is locked against a second writer."""
+    the other. An unsharded output is replaced only with ``overwrite=true`` (either of its two files: an ``.idx``
+    alone is somebody's file too) and is locked against a second writer. A prefix is a file name: ``out/`` (or
+    ``out/.bin``) named no file, and wrote the hidden ``out/.bin`` / ``out/.idx`` (sharded: a traceback)."""
     prefix = _strip_suffix(str(cfg.output))
+    if prefix.endswith(("/", os.sep)) or Path(prefix).name in ("", ".", ".."):
+        raise ConfigError("output", f"{cfg.output!r} names a directory, not a file prefix; name the files too, e.g. "
+                                    f"output={os.path.join(prefix, 'corpus')} (writes corpus.bin and corpus.idx there)")
     plain = [p for p in (prefix + ".bin", prefix + ".idx") if os.path.exists(p)]
     sharded = cfg.shard is not None or cfg.shards is not None
     if sharded and plain:
@@ -793,6 +798,7 @@ def check_prefix(cfg: PrepareConfig) -> None:
         if not isinstance(cfg.overwrite, bool):
             raise ConfigError("overwrite", f"must be true or false; got {cfg.overwrite!r}")
         check_dst_file(prefix + ".bin", cfg.overwrite, "output", sources=(cfg.input,))
+        check_dst_file(prefix + ".idx", cfg.overwrite, "output", sources=(cfg.input,), lock=False)
 
 
 def main(overrides) -> int:

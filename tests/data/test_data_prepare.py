@@ -186,6 +186,28 @@ def test_cli_never_replaces_an_output_without_overwrite_nor_mixes_layouts(tmp_pa
     assert len(err) == 1 and err[0].startswith("error: data.paths: ") and "both an unsharded" in err[0], err
 
 
+def test_an_output_naming_a_directory_or_an_existing_idx_is_refused(tmp_path, corpus, synth, capsys):
+    """``output=out/`` (or ``out/.bin``) names no file prefix: it wrote the hidden ``out/.bin``/``.idx``, and with
+    ``shards=`` died in a FileNotFoundError traceback. An existing ``<output>.idx`` without its ``.bin`` was replaced
+    without ``overwrite=true``."""
+    base = [f"input={corpus}", f"tokenizer={synth.tokenizer_dir}", "workers=1", "progress=false"]
+    for output, extra in ((f"{tmp_path / 'd'}/", []), (f"{tmp_path / 'd'}/", ["shards=2"]),
+                          (f"{tmp_path / 'd'}/.bin", [])):
+        assert cli_main(["prepare", *base, f"output={output}", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: output: ") and "names a directory" in err[0], err
+        assert not (tmp_path / "d").exists()
+    idx = tmp_path / "p" / "docs.idx"
+    idx.parent.mkdir()
+    idx.write_text("not ours")
+    assert cli_main(["prepare", *base, f"output={tmp_path / 'p' / 'docs'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: output: ") and "docs.idx exists" in err[0], err
+    assert idx.read_text() == "not ours" and files(idx.parent) == {"docs.idx"}
+    assert cli_main(["prepare", *base, f"output={tmp_path / 'p' / 'docs'}", "overwrite=true"]) == 0
+    assert len(read_docs(tmp_path / "p" / "docs")) == len(TEXTS)
+
+
 def test_a_damaged_parquet_data_page_is_one_line_and_writes_nothing(tmp_path, synth, capsys):
     """The footer is sound (the file opens) but a data page in the middle is damaged: reading it is one line
     naming the file and the row it failed at, not pyarrow's traceback; no output is left."""
