@@ -95,6 +95,9 @@ def check_config(cfg: dict) -> None:
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ConfigError("hidden_act", f"{act!r} is not supported; only silu (SwiGLU)")
+    for field in ("tie_word_embeddings", "attention_bias", "mlp_bias"):  # "yes" / "false": truthy text, no bool
+        if cfg.get(field) is not None and not isinstance(cfg[field], bool):
+            raise ConfigError(field, f"not true or false in config.json (got {cfg[field]!r})")
     for field in ("attention_bias", "mlp_bias"):
         if cfg.get(field):
             raise ConfigError(field, "biases are not supported (LLaMA-2 has none)")

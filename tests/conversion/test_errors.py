@@ -457,6 +457,8 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(ckpt, tmp_path, sm
     ({"num_key_value_heads": "2"}, "num_key_value_heads"),
     ({"num_key_value_heads": -2}, "num_key_value_heads"),
     ({"hidden_size": True}, "hidden_size"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),  # was "src: cannot load tokenizer ...: TypeError"
+    ({"attention_bias": "false"}, "attention_bias"),  # was refused as "biases are not supported"
     ({"rope_theta": None, "rope_parameters": None}, "rope_theta"),
     ({"rope_theta": "abc", "rope_parameters": None}, "rope_theta"),
     ({"rope_parameters": [1]}, "rope_parameters"),
