@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, refused_pickle
 from evolm_nemo.fileio import META_FILE, disk_full, lock_file, write_error
 
 if TYPE_CHECKING:
@@ -524,7 +524,14 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, restore_rng: 
         _prepare_optimizer_for_load(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
     state["evolm"] = {}
-    loaded = dist_checkpointing.load(state, str(path))
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as exc:  # common.pt / .distcp are read with weights_only=True: pickled code is refused there
+        why = refused_pickle(exc)
+        if why is None:
+            raise
+        raise CheckpointError(f"{path}: its files cannot be loaded with weights_only=True ({why}); they were "
+                              "altered or not written by evolm") from None
     _load_model_state(chunks, loaded)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])

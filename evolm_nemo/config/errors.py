@@ -43,6 +43,30 @@ def out_of_memory(exc: BaseException) -> str | None:
     return None
 
 
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def refused_pickle(exc: BaseException) -> str | None:
+    """Why ``torch.load(weights_only=True)`` refused a file, when ``exc`` is that refusal (itself or an exception it
+    was raised from): "it holds more than tensors: a reference to posix.system", or that it is no plain file of
+    tensors; None for anything else. torch's own message advises loading the file again with ``weights_only=False``
+    (arbitrary code execution), which no error of ours repeats."""
+    import pickle
+
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, pickle.UnpicklingError):
+            found = _GLOBAL.search(str(e))
+            return f"it holds more than tensors: a reference to {found[1]}" if found else \
+                "it is not a plain file of tensors: damaged, or pickled by other means"
+        stack += [e.__cause__, e.__context__]
+    return None
+
+
 def check_seed(key: str, value) -> None:
     """A seed that numpy, torch and megatron all take: an integer in [0, 2**32 - 1] (numpy refuses a negative one
     deep inside a run)."""

@@ -437,6 +437,8 @@ def _export(cfg) -> Path:
     t0 = time.time()
     try:
         io.load_weights(ckpt, [model])  # _source verified every file: not read again (io.verify)
+    except io.CheckpointError as exc:  # says what and where itself
+        raise ConfigError("src", str(exc)) from None
     except Exception as exc:  # a damaged checkpoint: one line, not a dist-checkpointing traceback
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError("src", f"{ckpt}: cannot load weights: {first}") from None

@@ -8,10 +8,9 @@ checked before any sampling); nothing here imports torch unless a ``.bin`` is re
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from evolm_nemo.config.errors import ConfigError, first_line
+from evolm_nemo.config.errors import ConfigError, first_line, refused_pickle
 
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -116,11 +115,8 @@ def load_bin(path: Path, key: str = "src") -> dict:
             warnings.simplefilter("ignore")
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:  # what weights_only refuses: code or classes beyond tensors, or garbage
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        why = f"it holds more than tensors: a reference to {found[1]}" if found else \
-            "it is not a plain file of tensors: damaged, or pickled by other means"
-        raise ConfigError(key, f"{path.name}: cannot load with weights_only=True ({why}); convert it to safetensors "
-                               "with a tool you trust") from None
+        raise ConfigError(key, f"{path.name}: cannot load with weights_only=True ({refused_pickle(exc)}); convert it "
+                               "to safetensors with a tool you trust") from None
     except Exception as exc:  # a truncated or foreign file
         first = first_line(exc).split(". ")[0]  # torch adds sentences of advice
         raise ConfigError(key, f"{path.name}: not a readable PyTorch weights file ({type(exc).__name__}: "
