@@ -781,7 +781,9 @@ def check_prefix(cfg: PrepareConfig) -> None:
     (``<output>.manifest.json`` + shards), never both -- training would read the unsharded one and silently ignore
     the other. An unsharded output is replaced only with ``overwrite=true`` (either of its two files: an ``.idx``
     alone is somebody's file too) and is locked against a second writer. A prefix is a file name: ``out/`` (or
-    ``out/.bin``) named no file, and wrote the hidden ``out/.bin`` / ``out/.idx`` (sharded: a traceback)."""
+    ``out/.bin``) named no file, and wrote the hidden ``out/.bin`` / ``out/.idx`` (sharded: a traceback). A sharded
+    prefix, like an unsharded one, lies neither inside the input (a dataset directory would read the shards' records
+    as rows) nor inside another command's output (an HF export, a checkpoint, an SFT dataset)."""
     prefix = _strip_suffix(str(cfg.output))
     if prefix.endswith(("/", os.sep)) or Path(prefix).name in ("", ".", ".."):
         raise ConfigError("output", f"{cfg.output!r} names a directory, not a file prefix; name the files too, e.g. "
@@ -791,6 +793,8 @@ def check_prefix(cfg: PrepareConfig) -> None:
     if sharded and plain:
         raise ConfigError("output", f"{plain[0]} exists: {prefix} is an unsharded preparation; a sharded one under "
                                     "the same prefix would be ignored by training -- pick another output")
+    if sharded:  # resumable (its finished shards are kept), unlocked (nodes share it), but never in another's output
+        check_dst_file(prefix + MANIFEST_SUFFIX, True, "output", sources=(cfg.input,), lock=False)
     if not sharded:
         if os.path.exists(prefix + MANIFEST_SUFFIX):
             raise ConfigError("output", f"{prefix}{MANIFEST_SUFFIX} exists: {prefix} is a sharded preparation; an "

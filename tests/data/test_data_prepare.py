@@ -208,6 +208,23 @@ def test_an_output_naming_a_directory_or_an_existing_idx_is_refused(tmp_path, co
     assert len(read_docs(tmp_path / "p" / "docs")) == len(TEXTS)
 
 
+def test_a_sharded_output_inside_another_commands_output_is_refused(tmp_path, corpus, synth, capsys):
+    """``shards=``/``shard=`` skipped the output checks of an unsharded prepare: its shards, records and manifest
+    were written into an HF export or an SFT dataset (directories no other command writes)."""
+    export, sft = tmp_path / "export", tmp_path / "sft"
+    export.mkdir()
+    (export / "evolm_export.json").write_text("{}")
+    sft.mkdir()
+    (sft / "manifest.json").write_text(json.dumps({"format": "evolm-sft-1"}))
+    base = [f"input={corpus}", f"tokenizer={synth.tokenizer_dir}", "workers=1", "progress=false"]
+    for where, extra in ((export, "shards=2"), (sft, "shard=0/2")):
+        before = files(where)
+        assert cli_main(["prepare", *base, f"output={where / 'corpus'}", extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: output: ") and "lies inside" in err[0], err
+        assert files(where) == before
+
+
 def test_a_damaged_parquet_data_page_is_one_line_and_writes_nothing(tmp_path, synth, capsys):
     """The footer is sound (the file opens) but a data page in the middle is damaged: reading it is one line
     naming the file and the row it failed at, not pyarrow's traceback; no output is left."""
