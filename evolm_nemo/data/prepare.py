@@ -123,7 +123,9 @@ def _raw_lines(path: Path) -> Iterator[Tuple[int, bytes]]:
 
 def _jsonl_rows(path: Path, start: int = 0, stop: Optional[int] = None) -> Iterator[Tuple[str, object]]:
     """Rows of lines ``start <= line index < stop`` (0-based physical lines; lines before ``start`` are skipped
-    unread, so a shard reads only its own rows as JSON)."""
+    unread, so a shard reads only its own rows as JSON). A ``.json`` holding one JSON array (LLaMA-Factory's and
+    Alpaca's SFT files) is named as such: it was "invalid JSON (Expecting value)" at line 1 of a valid file."""
+    first = True  # the first non-blank line read
     for lineno, raw in _raw_lines(path):
         if lineno <= start:
             continue
@@ -137,6 +139,10 @@ def _jsonl_rows(path: Path, start: int = 0, stop: Optional[int] = None) -> Itera
                                        f"{exc.start + 1}); re-encode the file as UTF-8") from None
         if not line.strip():
             continue
+        if first and line.lstrip().startswith("["):
+            raise ConfigError("input", f"{where}: starts a JSON array; this command reads JSON lines (one object per "
+                                       f"line): convert it, e.g. jq -c '.[]' {path.name} > rows.jsonl")
+        first = False
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:

@@ -117,6 +117,20 @@ def test_bad_rows_and_columns(tmp_path, tok):
     assert not any(p.name.startswith("o.") for p in tmp_path.iterdir())
 
 
+def test_a_json_array_file_is_named_as_such(tmp_path, tok):
+    """A .json holding one JSON array (Alpaca / LLaMA-Factory SFT files) was "line 1: invalid JSON (Expecting
+    value)" -- of a valid JSON file. prepare-sft and prepare-rm read rows through the same open_rows."""
+    from evolm_nemo.data.prepare import open_rows
+
+    src = tmp_path / "alpaca.json"
+    src.write_text(json.dumps([{"text": "a", "question": "q", "answer": "a"}], indent=2))
+    with pytest.raises(ConfigError, match=r"alpaca.json line 1: starts a JSON array; this command reads JSON lines"):
+        prepare(src, tmp_path / "o", tok, progress=False)
+    with pytest.raises(ConfigError, match=r"jq -c '\.\[\]' alpaca.json > rows.jsonl"):
+        list(open_rows(src)[0])
+    assert not any(p.name.startswith("o.") for p in tmp_path.iterdir())
+
+
 def test_unreadable_tokenizer(tmp_path, corpus):
     (tmp_path / "emptytok").mkdir()
     for bad in (tmp_path / "no_such_tok", tmp_path / "emptytok"):
