@@ -431,7 +431,10 @@ def check_dst_file(path: str | Path, overwrite: bool, key: str, sources: tuple =
     (files or directories this command reads): it must not be one of them (also under another name) nor lie inside
     one, nor inside another command's output (``owned_elsewhere``); it is locked like a directory output
     (``lock_output``); an existing one needs ``overwrite``, and with ``ours`` (does an existing file look like this
-    command's output, ``what``?) ``overwrite`` replaces only such a file."""
+    command's output, ``what``?) ``overwrite`` replaces only such a file. A path ending in "/" names a directory,
+    existing or not (``rl_output=rl/`` wrote a file called ``rl``)."""
+    if str(path).endswith(("/", os.sep)):
+        raise ConfigError(key, f"{path} names a directory; name the file to write (e.g. {path}{key}.jsonl)")
     dst = Path(path).expanduser().resolve()
     for src in _sources(sources):
         if same_path(dst, src) or dst.is_relative_to(src):

@@ -184,6 +184,20 @@ def test_bad_input_is_one_line(tmp_path, tok_dir, capsys, extra, key):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_rl_output_naming_a_directory_is_one_line(tmp_path, tok_dir, capsys):
+    """``rl_output=rl/`` (a directory, not there yet) wrote the RL rows to a file called ``rl``
+    (fileio.check_dst_file: a path ending in "/" is no file)."""
+    from tests.conftest import refused_in_process
+
+    rows = [{"question": f"What is {i} + 1?", "answer": f"\\boxed{{{i + 1}}}", "gold": str(i + 1)} for i in range(4)]
+    inp = _write(tmp_path / "in.jsonl", rows)
+    err = refused_in_process(capsys, "prepare-sft", [
+        f"input={inp}", f"output={tmp_path / 'out'}", f"tokenizer={tok_dir}", "reference_key=gold", "allocation=2/2",
+        f"rl_output={tmp_path / 'rl'}/", "progress=false"], "rl_output")
+    assert "names a directory" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 def test_existing_output_is_never_replaced_without_overwrite(tmp_path, tok_dir):
     inp = _write(tmp_path / "in.jsonl", [{"question": "q?", "answer": "a"}])
     (tmp_path / "out").mkdir()
