@@ -261,12 +261,17 @@ def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...
 
 def _resume(checkpoint: Path, roles: list[Role], roots: list[Path], layout: dict) -> dict:
     """Every role from its namesake of ``checkpoint`` (verified by ``ckpt.start_run``); the random state from the
-    first. Returns the first role's common state."""
-    state = ckpt.load(checkpoint, [roles[0].model], roles[0].optimizer, roles[0].scheduler, layout=layout,
-                      verified=True)
-    for role, root in zip(roles[1:], roots[1:]):
-        ckpt.load(root / checkpoint.name, [role.model], role.optimizer, role.scheduler, restore_rng=False,
-                  layout=layout, verified=True)
+    first. Returns the first role's common state. A checkpoint that cannot be loaded although its checksums hold
+    (files altered with their record: pickled code) is refused in one line, naming the way to start over."""
+    try:
+        state = ckpt.load(checkpoint, [roles[0].model], roles[0].optimizer, roles[0].scheduler, layout=layout,
+                          verified=True)
+        for role, root in zip(roles[1:], roots[1:]):
+            ckpt.load(root / checkpoint.name, [role.model], role.optimizer, role.scheduler, restore_rng=False,
+                      layout=layout, verified=True)
+    except ckpt.CheckpointError as exc:
+        raise ConfigError("train.resume", f"{exc}; remove it to resume from the one before, or start over with "
+                                          "train.resume=false train.overwrite=true") from None
     return state
 
 

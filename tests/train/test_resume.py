@@ -175,6 +175,33 @@ def test_resume_with_other_data_or_batch_is_refused(tmp_path, data_cache, cut_at
     assert "resuming at iteration 2" in resumed.stdout and sorted(losses(out)) == [1, 2, 3, 4]
 
 
+def test_a_resume_from_a_checkpoint_holding_pickled_code_is_one_line(tmp_path, data_cache, cut_at_2):
+    """The run's own newest checkpoint altered to hold pickled code, its checksums updated to match (so it is not
+    passed over as damaged): the resume was a CheckpointError traceback; now one line naming it and the ways on,
+    and the payload never runs."""
+    import json
+
+    import torch
+
+    from evolm_nemo.checkpoint.io import file_checksum
+    from tests.evaluation._tiny import Payload
+
+    out = tmp_path / "run"
+    shutil.copytree(cut_at_2, out)
+    it = out / "checkpoints" / "iter_0000002"
+    marker = tmp_path / "payload_ran"
+    common = torch.load(it / "common.pt", weights_only=True)
+    torch.save({**common, "payload": Payload(marker)}, it / "common.pt")
+    meta = json.loads((it / "evolm.json").read_text())
+    meta["checksums"]["common.pt"] = file_checksum(it / "common.pt", meta["checksum"])
+    meta["manifest"]["common.pt"] = (it / "common.pt").stat().st_size
+    (it / "evolm.json").write_text(json.dumps(meta))
+    line = one_line_error(run_evolm("train", tiny(out, data_cache, *DATA_ARGS), check=False), "train.resume")
+    assert "iter_0000002: its files cannot be loaded with weights_only=True" in line and \
+        "train.overwrite=true" in line, line
+    assert not marker.exists()
+
+
 def test_a_resume_keeps_the_settings_its_run_started_with(tmp_path, data_cache, cut_at_2):
     """A learning rate changed on resume was ignored (megatron's scheduler keeps the checkpoint's) while the new
     value was recorded; other optimizer settings changed the run mid-way. Refused in one line naming the key and the
