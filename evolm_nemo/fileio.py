@@ -126,6 +126,31 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
             Path(tmp).unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def signals_held(signals: tuple = ("SIGINT", "SIGTERM", "SIGHUP")) -> Iterator[None]:
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP) that arrives inside waits for its end, where it is sent again to the
+    handler that was there before: for steps that must not be split, e.g. committing a dataset and the file that
+    belongs with it. Only the main thread can hold them (elsewhere nothing is held)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {}
+    for name in signals:
+        sig = getattr(signal, name)
+        previous[sig] = signal.signal(sig, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if got:
+            os.kill(os.getpid(), got[0])
+
+
 _RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step
 
 

@@ -23,6 +23,7 @@ atomically, and an existing output is never replaced unless ``overwrite=true``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,7 +42,8 @@ from evolm_nemo.config.errors import ConfigError, check_seed
 from evolm_nemo.data.prepare import ignore_interrupts, open_rows, worker_pool
 from evolm_nemo.data.sft import SFTWriter, Template, encode_example, read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import load_tokenizer
-from evolm_nemo.fileio import check_dst, check_dst_file, check_writable, jsonl_with, release_output, write_text
+from evolm_nemo.fileio import (atomic_path, check_dst, check_dst_file, check_writable, jsonl_with, release_output,
+                               signals_held)
 from evolm_nemo.tasks import QUESTION_TEMPLATE, SUITES
 
 # EvoLM's SFT/RL allocation study: 100K questions split between SFT and RL (PAPER.md).
@@ -421,12 +423,16 @@ def prepare_sft(cfg: PrepareSFTConfig, rows: Optional[Iterable[tuple[str, object
                               "agree_k": cfg.agree_k, "dedup": cfg.dedup, "cutoff": cfg.cutoff,
                               "overlength": cfg.overlength},
                     "counts": dict(counts.__dict__), "split": split_info}
-        writer.commit(manifest, replace=cfg.overwrite)
+        # the pair lands together: the RL file is written aside first and renamed right after the dataset's
+        # commit, with stop signals held in between (a failed commit leaves the old pair as it was)
+        with signals_held(), (atomic_path(cfg.rl_output) if rl_text is not None else
+                               contextlib.nullcontext()) as rl_tmp:
+            if rl_tmp is not None:
+                rl_tmp.write_text(rl_text, encoding="utf-8")
+            writer.commit(manifest, replace=cfg.overwrite)
     except BaseException:
         writer.abort()
         raise
-    if rl_text is not None:
-        write_text(cfg.rl_output, rl_text)
     return read_manifest(cfg.output, "output")
 
 

@@ -119,3 +119,33 @@ def test_sigterm_mid_ppo_commits_the_actor_critic_pair(tmp_path, sft_parent):
     code, err, again = train_then_sigterm(args, tmp_path, after_rows=step + 1, output=resumed, sig="SIGHUP")
     assert code == 143 and f"resuming at iteration {step}" in resumed["stdout"], err[-3000:]
     assert again > step and ckpt.latest(tmp_path / "critic").name == f"iter_{again:07d}"
+
+
+def test_signals_held_wait_for_the_end_of_a_step_that_must_not_be_split():
+    """fileio.signals_held (prepare-sft's dataset + RL file commit): a real SIGTERM and SIGINT sent inside wait;
+    at its end the first goes to the handler that was there before, and that handler is back."""
+    import pytest
+
+    from evolm_nemo.fileio import signals_held
+
+    seen = []
+
+    def before(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # the interpreter runs handlers between instructions: room for them to run
+                    pass
+                assert seen == []  # held
+                inside = True
+        assert inside and seen == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
