@@ -20,6 +20,7 @@ import torch
 
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import ModelConfig
+from evolm_nemo.config.validate import MAX_SEQ_LENGTH
 from evolm_nemo.conversion import hfdir
 
 CAUSAL = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -54,6 +55,9 @@ def head_kind(cfg: dict) -> str:
     arch = cfg.get("architectures") or ["LlamaForCausalLM"]
     if not isinstance(arch, list) or not isinstance(arch[0], str):
         raise ConfigError("architectures", f"expected a list of class names in config.json, got {arch!r}")
+    if len(arch) > 1:  # which head the weights are for would be a guess
+        raise ConfigError("architectures", f"names {len(arch)} classes in config.json ({', '.join(map(str, arch))}); "
+                                           "a model has one")
     name = arch[0]
     if name in CAUSAL:
         return "lm"
@@ -83,6 +87,10 @@ def check_config(cfg: dict) -> None:
     for field in ("num_key_value_heads", "max_position_embeddings", "head_dim"):
         if cfg.get(field) is not None and not _positive_int(cfg[field]):
             raise ConfigError(field, f"not a positive integer in config.json (got {cfg[field]!r})")
+    if (cfg.get("max_position_embeddings") or 0) > MAX_SEQ_LENGTH:  # what model.seq_length it would import as
+        raise ConfigError("max_position_embeddings", f"{cfg['max_position_embeddings']:,} is more than the "
+                                                     f"{MAX_SEQ_LENGTH:,} (2^24) positions RoPE can tell apart in "
+                                                     "float32 (model.seq_length's limit)")
     for field in ("rms_norm_eps", "initializer_range"):
         if field in cfg and not _positive_number(cfg[field]):
             raise ConfigError(field, f"not a positive number in config.json (got {cfg[field]!r})")

@@ -481,6 +481,7 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(ckpt, tmp_path, sm
 
 @pytest.mark.parametrize("edits, key", [
     ({"architectures": 5}, "architectures"),
+    ({"architectures": ["LlamaForCausalLM", "Foo"]}, "architectures"),  # was imported as the first
     ({"num_key_value_heads": "2"}, "num_key_value_heads"),
     ({"num_key_value_heads": -2}, "num_key_value_heads"),
     ({"hidden_size": True}, "hidden_size"),
@@ -490,6 +491,7 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(ckpt, tmp_path, sm
     ({"rope_theta": "abc", "rope_parameters": None}, "rope_theta"),
     ({"rope_parameters": [1]}, "rope_parameters"),
     ({"max_position_embeddings": "x"}, "max_position_embeddings"),
+    ({"max_position_embeddings": 2 ** 25}, "max_position_embeddings"),  # past model.seq_length's 2^24
     ({"rms_norm_eps": None}, "rms_norm_eps"),
     ({"model_type": None}, "model_type"),  # transformers could not load the source to verify
 ])
