@@ -38,6 +38,7 @@ import csv
 import glob
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -146,9 +147,28 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _non_finite(value, path: str = "") -> tuple[str, object] | None:
+    """``(field path, value)`` of the first number in a JSON value that is no finite float -- NaN / Infinity (which
+    Python's JSON reads) or an integer past a float's range -- or None. Such a number would reach results.csv and the
+    tables as nan / inf (or stop the plots with an OverflowError)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (path, value) if abs(value) > 1.7976931348623157e308 else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if (found := _non_finite(item, f"{path}.{key}" if path else str(key))) is not None:
+            return found
+    return None
+
+
 def check_result(data: dict, where: str) -> None:
     """Every field the report reads has the schema's type (above), or a ConfigError naming ``where`` and the field:
-    one line, before anything is written."""
+    one line, before anything is written. Numbers are finite (no NaN / Infinity: the report's outputs are strict)."""
+    if (found := _non_finite(data)) is not None:
+        shown = json.dumps(found[1]) if isinstance(found[1], float) else f"{str(found[1])[:12]}... (past a float)"
+        raise ConfigError(where, f"field '{found[0]}' holds {shown}, not a finite number; fix the evaluation that "
+                                 "wrote it or set it to null")
 
     def need(path: str, value, ok: bool, what: str) -> None:
         if value is not None and not ok:
@@ -165,7 +185,8 @@ def check_result(data: dict, where: str) -> None:
 
     for key in ("size", "stage", "group", "model_dir"):
         need(key, data.get(key), isinstance(data.get(key), str), "a string")
-    need("pretrain_tokens", data.get("pretrain_tokens"), _number(data.get("pretrain_tokens")), "a number")
+    tokens = data.get("pretrain_tokens")
+    need("pretrain_tokens", tokens, _number(tokens) and tokens >= 0, "a number of tokens >= 0")
     down = obj("downstream", data.get("downstream"))
     need("downstream.scoring", down.get("scoring"), isinstance(down.get("scoring"), str), "a string")
     for scope in ("id_avg", "ood_avg"):
@@ -259,8 +280,8 @@ def _tokens(n) -> str:
 
 
 def _sort_key(data: dict):
-    size = data.get("size") or ""
-    num = float(re.sub(r"[^0-9.]", "", size) or 0) if size else 0.0
+    number = re.search(r"\d+(?:\.\d+)?", data.get("size") or "")  # its first number: "1.5B", "v2-1B", "1.2.3B"
+    num = float(number.group()) if number else 0.0
     stage = (data.get("stage") or "").lower()
     rank = STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
     return (num, data.get("pretrain_tokens") or 0, data.get("group") or "", rank, stage, data["model"])

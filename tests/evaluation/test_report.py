@@ -264,3 +264,36 @@ def test_every_rl_seed_of_a_group_is_paired_with_its_sft():
     md = report.markdown([RESULTS["d"], *rls], {})
     assert all(f"| 1B-80BT (1B-80BT-rl-s{i}) | 12.1/18.0 |" in md for i in (1, 2, 3)), md
     assert report.sft_rl_pairs([RESULTS["d"], RESULTS["e"]]) == [(RESULTS["d"], RESULTS["e"])]
+
+
+@pytest.mark.parametrize("edit, field, shown", [
+    (lambda d: d["downstream"]["suites"]["math"].update(pass1=float("nan")), "downstream.suites.math.pass1", "NaN"),
+    (lambda d: d.update(pretrain_tokens=float("inf")), "pretrain_tokens", "Infinity"),
+    (lambda d: d.update(pretrain_tokens=10**400), "pretrain_tokens", "(past a float)"),
+    (lambda d: d["downstream"]["sampling"].update(top_p=float("-inf")), "downstream.sampling.top_p", "-Infinity"),
+])
+def test_non_finite_numbers_in_a_result_json_are_refused(tmp_path, edit, field, shown):
+    """Python's JSON reads NaN / Infinity (and integers past a float): they reached results.csv and report.md as
+    nan / inf, or stopped the tokens plot with an OverflowError traceback."""
+    data = json.loads(json.dumps({"schema": report.SCHEMA, **RESULTS["e"]}))
+    edit(data)
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as e:
+        report.build(str(path), str(tmp_path / "out"))
+    assert e.value.key == str(path) and f"field '{field}' holds" in e.value.message and shown in e.value.message
+    assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_negative_tokens_and_odd_size_labels(tmp_path):
+    """A size label with two dots ("1.2.3B") stopped the report with a ValueError traceback (sorting); negative
+    pretraining tokens are refused in one line (a log-scale tokens axis)."""
+    data = {"schema": report.SCHEMA, **RESULTS["d"], "size": "1.2.3B"}
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(data))
+    assert (report.build(str(path), str(tmp_path / "out"))["csv"])
+    assert "1.2.3B" in (tmp_path / "out" / "results.csv").read_text()
+    path.write_text(json.dumps({**data, "pretrain_tokens": -5}))
+    with pytest.raises(ConfigError, match="field 'pretrain_tokens' must be a number of tokens >= 0"):
+        report.build(str(path), str(tmp_path / "out2"))
+
