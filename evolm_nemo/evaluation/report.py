@@ -50,8 +50,8 @@ from typing import Optional
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import dynamics as dyn
 from evolm_nemo.evaluation.render import md_table as _md_table, save_png as _save
-from evolm_nemo.fileio import (OWNER, check_writable, lock_file, lock_output, owned_elsewhere, temp_dir, unlock,
-                               write_json, write_text)
+from evolm_nemo.fileio import (OWNER, check_writable, lock_file, lock_output, owned_elsewhere, signals_held, temp_dir,
+                               unlock, write_json, write_text)
 from evolm_nemo.tasks import ID_SUITES, OOD_SUITES, UPSTREAM, UPSTREAM_NAMES
 
 SCHEMA = "evolm-result/1"
@@ -59,6 +59,10 @@ METRICS = ("pass1", "maj16", "rm16", "pass16", "correct_ratio")
 M_NAMES = {"pass1": "Greedy", "maj16": "Maj@16", "rm16": "RM@16", "pass16": "Pass@16", "correct_ratio": "Correct ratio"}
 RL_STAGES = ("rl", "ppo", "grpo", "sft+rl")
 STAGE_ORDER = ("pretrain", "cpt", "sft", *RL_STAGES)
+# every file a report writes into ``out``: one the new report does not write (a plot without data now) is removed, so
+# that ``out`` never shows a plot or table of the previous report's results beside the new report.md
+REPORT_FILES = ("results.csv", "report.md", "tokens.png", "id_vs_ood.png", "sft_vs_rl.png", "rm_vs_accuracy.png",
+                "maj_vs_pass.png", "dynamics.png", "dynamics.csv")
 
 
 @dataclass
@@ -537,8 +541,12 @@ def build(pattern: str | None, out: str, dynamics: str | None = None) -> dict:
     # a report there (inside ``out``: its parent may not be writable)
     try:
         made = _build(results, out_dir, curves)
-        for name in sorted(p.name for p in out_dir.iterdir() if p.name != OWNER):
-            os.replace(out_dir / name, final / name)
+        names = sorted(p.name for p in out_dir.iterdir() if p.name != OWNER)
+        with signals_held():  # the new report's files in, the previous report's others out: not split by a stop
+            for name in names:
+                os.replace(out_dir / name, final / name)
+            for name in set(REPORT_FILES) - set(names):
+                (final / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     return {k: None if v is None else str(final / Path(v).name) for k, v in made.items()}

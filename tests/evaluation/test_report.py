@@ -297,3 +297,21 @@ def test_negative_tokens_and_odd_size_labels(tmp_path):
     with pytest.raises(ConfigError, match="field 'pretrain_tokens' must be a number of tokens >= 0"):
         report.build(str(path), str(tmp_path / "out2"))
 
+
+def test_a_new_report_leaves_no_plot_of_the_previous_one(tmp_path):
+    """A report into the ``out`` of an earlier one: a plot the new results have no data for was left there from the
+    earlier results (report.md saying 'skipped' beside it), and results.csv too after a dynamics-only report."""
+    out = tmp_path / "report"
+    report.build(_write(tmp_path, RESULTS), str(out))
+    assert (out / "sft_vs_rl.png").exists() and (out / "maj_vs_pass.png").exists()
+    only_upstream = tmp_path / "up" / "result.json"
+    only_upstream.parent.mkdir()
+    only_upstream.write_text(json.dumps({"schema": report.SCHEMA, **RESULTS["a"]}))
+    mine = out / "notes.txt"  # not a report's file: stays
+    mine.write_text("mine")
+    written = report.build(str(only_upstream), str(out))
+    assert written["sft_vs_rl"] is None and written["maj_vs_pass"] is None
+    assert not (out / "sft_vs_rl.png").exists() and not (out / "maj_vs_pass.png").exists()
+    assert not (out / "rm_vs_accuracy.png").exists() and not (out / "id_vs_ood.png").exists()
+    assert (out / "tokens.png").exists() and mine.read_text() == "mine"
+    assert "1B-80BT-rl" not in (out / "results.csv").read_text()
