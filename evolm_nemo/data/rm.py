@@ -68,7 +68,7 @@ class PrepareRMConfig:
 @dataclass
 class Problem:
     prompt: str
-    responses: "OrderedDict[str, float]"  # response -> label (first label wins for duplicates)
+    responses: "OrderedDict[str, float]"  # response -> label (kept once; a pair row's labels are by position)
     pairs: list  # explicit (chosen, rejected) pairs from {prompt, chosen, rejected} rows
 
 
@@ -115,10 +115,21 @@ def _text(row: dict, field: str, where: str) -> str:
     return value
 
 
+def _short(text: str, width: int = 40) -> str:
+    return json.dumps(text if len(text) <= width else text[:width] + "...", ensure_ascii=False)
+
+
 def read_problems(path: str, limit: Optional[int] = None) -> tuple[list[Problem], dict]:
-    """Group the input's rows by prompt (in first-seen order). Counts: rows, responses, duplicates."""
+    """Group the input's rows by prompt (in first-seen order). Counts: rows, responses, duplicates.
+
+    A response of a prompt repeated with the same verdict is a duplicate (kept once); with the other verdict (a
+    scored or labelled row saying correct where an earlier one said incorrect), or a preference pair given both ways,
+    is a one-line error naming both lines: either kept silently, the first verdict won and the RM learned half the
+    labels the data meant (a reversed pair cancels its pair's gradient and marks the chosen response incorrect)."""
     problems: "OrderedDict[str, Problem]" = OrderedDict()
     counts = {"rows": 0, "responses": 0, "duplicates": 0}
+    verdicts: dict[tuple[str, str], tuple[float, str]] = {}  # (prompt, response) -> (label, where) of scored/labelled
+    pair_at: dict[tuple[str, str, str], str] = {}  # (prompt, chosen, rejected) -> where
     for where, row in iter_jsonl(path, "input"):
         if limit is not None and counts["rows"] >= limit:
             break
@@ -147,6 +158,19 @@ def read_problems(path: str, limit: Optional[int] = None) -> tuple[list[Problem]
         else:
             raise ConfigError(where, "unrecognised row: expected `evolm score` output {problem, completions, correct},"
                                      " {prompt, chosen, rejected} or {prompt, response, label}")
+        if pair is None:
+            for text, label in items:
+                seen, first = verdicts.setdefault((prompt, text), (label, where))
+                if seen != label:
+                    now, then = ("correct" if y else "incorrect" for y in (label, seen))
+                    raise ConfigError(where, f"response {_short(text)} is labelled {now} here and {then} at {first} "
+                                             "for the same prompt; give each response one verdict (drop or fix a row)")
+        else:
+            first = pair_at.get((prompt, pair[1], pair[0]))
+            if first is not None:
+                raise ConfigError(where, f"chosen and rejected are the pair at {first} reversed (the same prompt and "
+                                         "responses, preferred both ways); keep one of the two rows")
+            pair_at.setdefault((prompt, *pair), where)
         p = problems.setdefault(prompt, Problem(prompt, OrderedDict(), []))
         for text, label in items:
             counts["responses"] += 1

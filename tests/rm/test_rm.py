@@ -136,6 +136,13 @@ def test_prepare_rm_plain_rows_dedup_and_balance(rm_data, tmp_path):
     ('{"prompt": "Q", "chosen": " a", "rejected": " a"}', "rows.jsonl:2", "same text"),
     ('{"question": "Q"}', "rows.jsonl:2", "unrecognised row"),
     ('not json', "rows.jsonl:2", "not valid JSON"),
+    # one response, both verdicts / one pair both ways: the first silently won (half the labels meant were learned)
+    ('{"prompt": "Q0", "response": " ok", "label": 0}', "rows.jsonl:2", 'response " ok" is labelled incorrect here '
+                                                                      "and correct at "),
+    ('{"problem": "Q0", "completions": [" no", " ok"], "correct": [false, false]}', "rows.jsonl:2",
+     "rows.jsonl:1 for the same prompt"),
+    ('{"prompt": "Q", "chosen": " a", "rejected": " b"}\n{"prompt": "Q", "chosen": " b", "rejected": " a"}',
+     "rows.jsonl:3", "rows.jsonl:2 reversed"),
 ])
 def test_prepare_rm_malformed_row_is_one_line_with_its_number(rm_data, tmp_path, line, key, words):
     src = tmp_path / "rows.jsonl"
