@@ -168,7 +168,12 @@ def _non_finite(value, path: str = "") -> tuple[str, object] | None:
 
 def check_result(data: dict, where: str) -> None:
     """Every field the report reads has the schema's type (above), or a ConfigError naming ``where`` and the field:
-    one line, before anything is written. Numbers are finite (no NaN / Infinity: the report's outputs are strict)."""
+    one line, before anything is written. Numbers are finite (no NaN / Infinity: the report's outputs are strict).
+    A result of another schema (a newer evolm's) is refused rather than read as this one; one without is read."""
+    schema = data.get("schema")
+    if schema is not None and schema != SCHEMA:
+        raise ConfigError(where, f"schema {json.dumps(schema)[:40]} is not {SCHEMA}, the one this evolm reads; report "
+                                 "it with the evolm that wrote it")
     if (found := _non_finite(data)) is not None:
         shown = json.dumps(found[1]) if isinstance(found[1], float) else f"{str(found[1])[:12]}... (past a float)"
         raise ConfigError(where, f"field '{found[0]}' holds {shown}, not a finite number; fix the evaluation that "

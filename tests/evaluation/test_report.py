@@ -293,6 +293,9 @@ def test_negative_tokens_and_odd_size_labels(tmp_path):
     path.write_text(json.dumps(data))
     assert (report.build(str(path), str(tmp_path / "out"))["csv"])
     assert "1.2.3B" in (tmp_path / "out" / "results.csv").read_text()
+    path.write_text(json.dumps({**data, "schema": "evolm-result/2"}))  # a newer evolm's: was read as this one
+    with pytest.raises(ConfigError, match='schema "evolm-result/2" is not evolm-result/1'):
+        report.build(str(path), str(tmp_path / "out2"))
     path.write_text(json.dumps({**data, "pretrain_tokens": -5}))
     with pytest.raises(ConfigError, match="field 'pretrain_tokens' must be a number of tokens >= 0"):
         report.build(str(path), str(tmp_path / "out2"))
