@@ -15,6 +15,7 @@ percent, the shape of EvoLM's upstream table. lm_eval is imported only inside :f
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -48,6 +49,67 @@ ROW_FIELDS = {
     "openbookqa": ("question_stem", "choices", "answerKey"),
     "arc_easy": ("question", "choices", "answerKey"),
     "arc_challenge": ("question", "choices", "answerKey"),
+}
+
+
+def _index(value) -> int | None:
+    """``int(value)`` as the hooks read a label (an int, or a string of digits), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _lettered(row: dict, key: str) -> str | None:
+    """ARC / OpenBookQA: ``choices`` holds lists ``text`` and ``label`` of one length, and the answer key (its
+    leading spaces stripped, as openbookqa.yaml reads it) is one of the labels."""
+    choices = row["choices"]
+    if not isinstance(choices, dict) or not isinstance(choices.get("text"), list) or \
+            not isinstance(choices.get("label"), list) or len(choices["text"]) != len(choices["label"]) or \
+            not choices["text"]:
+        return "field 'choices': expected {text: [...], label: [...]}, two lists of one length"
+    answer = row[key].lstrip() if isinstance(row[key], str) else row[key]
+    if answer not in choices["label"]:
+        return f"field '{key}': {json.dumps(row[key])} is none of the choices' labels {json.dumps(choices['label'])}"
+    return None
+
+
+def _piqa(row: dict) -> str | None:
+    if isinstance(row["label"], bool) or row["label"] not in (0, 1):
+        return f"field 'label': {json.dumps(row['label'])}, expected 0 (sol1) or 1 (sol2)"
+    return None
+
+
+def _hellaswag(row: dict) -> str | None:
+    endings = row["endings"]
+    if not isinstance(endings, list) or not endings or not all(isinstance(e, str) for e in endings):
+        return "field 'endings': expected a list of strings"
+    if _index(row["label"]) not in range(len(endings)):
+        return f"field 'label': {json.dumps(row['label'])}, expected the index of one of its {len(endings)} endings"
+    return None
+
+
+def _winogrande(row: dict) -> str | None:
+    if not isinstance(row["sentence"], str) or "_" not in row["sentence"]:
+        return "field 'sentence': has no blank '_' for the options to fill"
+    if _index(row["answer"]) not in (1, 2):
+        return f"field 'answer': {json.dumps(row['answer'])}, expected \"1\" (option1) or \"2\" (option2)"
+    return None
+
+
+# the gold each task YAML reads from a row, checked like ROW_FIELDS: lm-eval counts a label outside the choices as a
+# wrong answer with only a warning (a silently lower score), and an ARC answerKey that is no label or a Winogrande
+# sentence without its blank was a traceback out of the task's template after the model had loaded
+ROW_GOLD = {
+    "hellaswag": _hellaswag,
+    "winogrande": _winogrande,
+    "piqa": _piqa,
+    "openbookqa": lambda row: _lettered(row, "answerKey"),
+    "arc_easy": lambda row: _lettered(row, "answerKey"),
+    "arc_challenge": lambda row: _lettered(row, "answerKey"),
 }
 # model dtypes lm-eval's hf model takes (it calls getattr(torch, dtype)); "auto": the checkpoint's own
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "float64", "double")
@@ -113,12 +175,14 @@ def check_tasks(tasks: list[str], tasks_dir: str | None, data_dir: str | None, p
         ours = (default_tasks_dir() / f"{task}.yaml").resolve()
         mine = (Path(tasks_dir) / f"{task}.yaml").resolve()
         same = mine == ours or (ours.is_file() and mine.read_bytes() == ours.read_bytes())
-        check_rows(Path(data_dir) / f"{task}.jsonl", ROW_FIELDS.get(task, ()) if same else (), f"{prefix}data_dir")
+        check_rows(Path(data_dir) / f"{task}.jsonl", ROW_FIELDS.get(task, ()) if same else (), f"{prefix}data_dir",
+                   ROW_GOLD.get(task) if same else None)
 
 
-def check_rows(path: Path, fields: tuple[str, ...], key: str) -> None:
-    """``path`` is UTF-8 JSONL of objects (one per non-blank line), has rows and each has ``fields`` (not null):
-    a one-line ConfigError naming ``file:line`` (or ``key`` for a file with no rows)."""
+def check_rows(path: Path, fields: tuple[str, ...], key: str, gold=None) -> None:
+    """``path`` is UTF-8 JSONL of objects (one per non-blank line), has rows and each has ``fields`` (not null) and,
+    with ``gold`` (a ``ROW_GOLD`` check), a gold answer among its choices: a one-line ConfigError naming
+    ``file:line`` (or ``key`` for a file with no rows)."""
     from evolm_nemo.fileio import iter_jsonl
 
     n = 0
@@ -127,6 +191,9 @@ def check_rows(path: Path, fields: tuple[str, ...], key: str) -> None:
         if missing:
             raise ConfigError(where, f"field '{missing[0]}': missing (rows of {path.name} need "
                                      f"{', '.join(fields)}; see the header of its task YAML)")
+        problem = gold(row) if gold is not None else None
+        if problem:
+            raise ConfigError(where, f"{problem} (see the header of its task YAML)")
         n += 1
     if n == 0:
         raise ConfigError(key, f"{path} has no rows")

@@ -193,17 +193,21 @@ def test_bad_settings_are_one_line_before_lm_eval(lm, tmp_path, capsys, override
     ("missing_field", 2, "field 'sol2': missing"),
     ("null_field", 1, "field 'label': missing"),
     ("not_an_object", 1, "expected a JSON object, got list"),
+    ("label_out_of_range", 2, "field 'label': 5, expected 0 (sol1) or 1 (sol2)"),
 ])
 def test_damaged_local_data_is_one_line_naming_the_file(lm, tmp_path, capsys, damage, line, message):
     """A <task>.jsonl that is cut short, empty, not JSON objects or whose rows lack a field the task's YAML reads (was:
-    DatasetGenerationError / StopIteration / a jinja error out of lm-eval) is refused naming the file (and line)."""
+    DatasetGenerationError / StopIteration / a jinja error out of lm-eval) or whose gold label is none of the choices
+    (was: lm-eval scored the row wrong with a warning) is refused naming the file (and line)."""
     from tests.conftest import refused_in_process
 
     good = (SAMPLE / "piqa.jsonl").read_text().splitlines()
     rows = {"truncated": good[0] + "\n" + good[1][:20], "empty": "", "blank": "\n\n",
             "missing_field": good[0] + "\n" + json.dumps({"goal": "g", "sol1": "a", "label": 0}) + "\n",
             "null_field": json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": None}) + "\n",
-            "not_an_object": "[1, 2]\n"}[damage]
+            "not_an_object": "[1, 2]\n",
+            "label_out_of_range": good[0] + "\n" + json.dumps({"goal": "g", "sol1": "a", "sol2": "b",
+                                                                "label": 5})}[damage]
     data = tmp_path / "data"
     data.mkdir()
     (data / "piqa.jsonl").write_text(rows)
@@ -227,6 +231,32 @@ def test_a_damaged_model_directory_is_one_line_before_lm_eval(lm, tmp_path, caps
                                               f"data_dir={SAMPLE}", "tasks=[piqa]", "limit=4", f"out={out}"], "model")
     assert DAMAGES[damage] in err and "weights_only` set to False" not in err, err
     assert not out.exists() and not (tmp_path / "model.unsafe").exists()
+
+
+BAD_GOLD = {  # task: (how a sample row is damaged, what the one line says)
+    "hellaswag": (lambda r: r.update(label="4"), "field 'label': \"4\", expected the index of one of its 4 endings"),
+    "winogrande": (lambda r: r.update(sentence=r["sentence"].replace("_", "it")), "field 'sentence': has no blank"),
+    "winogrande_answer": (lambda r: r.update(answer="3"), "field 'answer': \"3\", expected \"1\""),
+    "piqa": (lambda r: r.update(label=True), "field 'label': true, expected 0 (sol1) or 1 (sol2)"),
+    "openbookqa": (lambda r: r.update(answerKey="E"), "field 'answerKey': \"E\" is none of the choices' labels"),
+    "arc_easy": (lambda r: r.update(answerKey="Z"), "field 'answerKey': \"Z\" is none of the choices' labels"),
+    "arc_challenge": (lambda r: r["choices"]["text"].pop(), "field 'choices': expected {text: [...], label: [...]}"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GOLD))
+def test_a_gold_label_outside_the_choices_is_one_line(tmp_path, case):
+    """A row whose gold answer the task's YAML cannot place among its choices: an ARC answerKey that is no label or a
+    Winogrande sentence without its blank was a traceback out of lm-eval's template after the model loaded, a PIQA
+    or HellaSwag label past the choices a row lm-eval scored wrong with only a warning. Refused naming file:line."""
+    task = case.split("_answer")[0]
+    damage, message = BAD_GOLD[case]
+    rows = [json.loads(x) for x in (SAMPLE / f"{task}.jsonl").read_text().splitlines()]
+    damage(rows[1])
+    (tmp_path / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError) as err:
+        upstream.check_tasks([task], None, str(tmp_path))
+    assert err.value.key == f"{tmp_path / f'{task}.jsonl'}:2" and message in str(err.value), str(err.value)
 
 
 def test_row_fields_are_the_task_yamls_and_the_samples(tmp_path):
