@@ -135,8 +135,8 @@ def check_problem(row: dict, where: str, suite: Optional[str] = None) -> None:
     """A problem's own fields (``id``, ``problem``, ``gt_solution`` / ``gt_answer``) as scoring reads them: a
     one-line ConfigError naming ``where`` and the field. Evaluation checks them when it reads the problems -- before
     any model is loaded -- so a malformed row never stops a run after its sampling. With ``suite``: the row has a
-    gold answer scoring can match (a null gt_answer whose gt_solution yields none, or a BoardgameQA / StrategyQA
-    label that is not true / false / uncertain, would score every completion wrong without a word)."""
+    gold answer scoring can match (an empty gt_answer, a null one whose gt_solution yields none, or a BoardgameQA /
+    StrategyQA label that is not true / false / uncertain, would score every completion wrong without a word)."""
 
     def bad(name: str, message: str):
         raise ConfigError(where, f"field '{name}': {message}")
@@ -145,6 +145,8 @@ def check_problem(row: dict, where: str, suite: Optional[str] = None) -> None:
         bad("id", "missing")
     if not isinstance(row.get("problem"), str):
         bad("problem", "missing" if "problem" not in row else "expected a string")
+    if not row["problem"].strip():
+        bad("problem", "empty: the prompt would ask nothing; give the problem text")
     for name in ("gt_solution", "gt_answer"):
         value = row.get(name)
         if value is not None and not isinstance(value, str) and not is_number(value):
@@ -161,6 +163,9 @@ def check_problem(row: dict, where: str, suite: Optional[str] = None) -> None:
 def _check_gold(suite: str, row: dict, bad) -> None:
     gold = gold_answer(suite, row)
     solution = row.get("gt_solution")
+    if row.get("gt_answer") is not None and not gold.strip():
+        bad("gt_answer", f"{json.dumps(row['gt_answer'])}: an empty gold answer matches no completion (every one "
+                         "would be scored wrong); give the answer, or null to take it from gt_solution")
     if row.get("gt_answer") is None and (not gold.strip() or (
             suite == "gsm8k_platinum" and isinstance(solution, str) and "#### " not in solution)):
         how = GOLD_FROM_SOLUTION.get(suite, "the solution itself")

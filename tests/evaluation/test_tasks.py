@@ -71,6 +71,22 @@ def test_bad_local_files(tmp_path):
     assert load_problems("gsm8k_platinum", path=str(bad))[0]["gt_solution"] == 42
 
 
+@pytest.mark.parametrize("row,field", [
+    ('{"id": 1, "problem": "p", "gt_solution": "#### 5", "gt_answer": ""}', "gt_answer"),
+    ('{"id": 1, "problem": "p", "gt_solution": "#### 5", "gt_answer": "  "}', "gt_answer"),
+    ('{"id": 1, "problem": "", "gt_solution": "#### 5", "gt_answer": null}', "problem"),
+    ('{"id": 1, "problem": " \\n", "gt_solution": "#### 5", "gt_answer": "5"}', "problem"),
+])
+def test_an_empty_problem_or_gold_answer_is_refused_when_read(tmp_path, row, field):
+    """An empty gt_answer is taken as the gold (gt_solution is not read), and "" matches no completion: every one was
+    scored wrong without a word; an empty problem was sampled as a prompt asking nothing. Both are one line naming
+    file:line and the field, when the problems are read (before any model loads)."""
+    bad = tmp_path / "gsm8k_platinum.jsonl"
+    bad.write_text('{"id": 0, "problem": "p", "gt_solution": "#### 1", "gt_answer": null}\n' + row + "\n")
+    with pytest.raises(ConfigError, match=rf"gsm8k_platinum.jsonl:2: field '{field}': "):
+        load_problems("gsm8k_platinum", path=str(bad))
+
+
 def _fixture(name):
     return [json.loads(line) for line in (FIXTURES / f"{name}.jsonl").read_text().splitlines()]
 
