@@ -383,8 +383,19 @@ def resolve_model_len(max_model_len: Optional[int], context: Optional[int], sour
 
 def _check(cfg: DownstreamConfig) -> DownstreamConfig:
     """Every setting checked before any data or model is loaded; returns ``cfg`` with ``max_model_len`` resolved."""
-    check_seed("seed", cfg.seed)
+    check_settings(cfg)
     _model_dir(cfg.model)
+    if cfg.rm is not None:
+        _check_rm(cfg.rm)
+    return dataclasses.replace(cfg, max_model_len=model_len(cfg))
+
+
+def check_settings(cfg: DownstreamConfig) -> None:
+    """The settings that need neither the model, the data nor this machine: checked by the evaluation before it
+    loads anything and by `evolm suite plan` for an eval node before any training (one rule, one place)."""
+    check_seed("seed", cfg.seed)
+    if cfg.backend != "auto" and cfg.backend not in sampling.BACKENDS:
+        raise ConfigError("backend", f"unknown backend {cfg.backend!r}; choose auto, {', '.join(sampling.BACKENDS)}")
     if cfg.scoring not in ("evolm", "strict"):
         raise ConfigError("scoring", f"expected evolm or strict, got {cfg.scoring!r}")
     if cfg.n < 1:
@@ -410,9 +421,6 @@ def _check(cfg: DownstreamConfig) -> DownstreamConfig:
         raise ConfigError("workers", f"must be >= 0 (0: one scorer per CPU core), got {cfg.workers}")
     if cfg.rm_batch_size < 1:
         raise ConfigError("rm_batch_size", f"must be >= 1, got {cfg.rm_batch_size}")
-    if cfg.rm is not None:
-        _check_rm(cfg.rm)
-    return dataclasses.replace(cfg, max_model_len=model_len(cfg))
 
 
 def _check_rm(path: str) -> None:
@@ -579,18 +587,31 @@ def downstream(cfg: DownstreamConfig) -> dict:
 # --------------------------------------------------------------------------------------------------------- upstream
 
 
-def upstream(cfg: UpstreamConfig) -> dict:
-    """lm-eval 0-shot on ``cfg.tasks``: writes upstream.json, merges the summary into result.json and prints the table.
-    Returns the result JSON."""
-    _model_dir(cfg.model)
+def upstream_settings(cfg: UpstreamConfig) -> int | str:
+    """The upstream settings that need neither the model, the data nor this machine (the evaluation's and `evolm
+    suite plan`'s check of an eval node, before any training); returns lm-eval's batch size."""
+    if not cfg.tasks:
+        raise ConfigError("tasks", f"empty; choose from {', '.join(UPSTREAM)}")
     unknown = [t for t in cfg.tasks if t not in UPSTREAM]
     if unknown:
         raise ConfigError("tasks", f"unknown task {unknown[0]!r}; choose from {', '.join(UPSTREAM)}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ConfigError("limit", f"must be >= 1 (or null for every document), got {cfg.limit!r}")
+    if cfg.dtype not in up.DTYPES:
+        raise ConfigError("dtype", f"expected one of {', '.join(up.DTYPES)}, got {cfg.dtype!r}")
     batch = cfg.batch_size if cfg.batch_size == "auto" or cfg.batch_size.startswith("auto:") else None
     if batch is None:
         if not cfg.batch_size.isdigit() or int(cfg.batch_size) < 1:
             raise ConfigError("batch_size", f"expected a positive integer or auto, got {cfg.batch_size!r}")
         batch = int(cfg.batch_size)
+    return batch
+
+
+def upstream(cfg: UpstreamConfig) -> dict:
+    """lm-eval 0-shot on ``cfg.tasks``: writes upstream.json, merges the summary into result.json and prints the table.
+    Returns the result JSON."""
+    _model_dir(cfg.model)
+    batch = upstream_settings(cfg)
     meta = _meta(cfg)
     replace = check_out(cfg, _out_dir(cfg))  # before the harness runs
     tasks_dir = up.tasks_dir_for(cfg.tasks_dir, cfg.data_dir)

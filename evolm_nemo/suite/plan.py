@@ -42,7 +42,8 @@ from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.tokens import format_tokens
 from evolm_nemo.config.validate import validate
 from evolm_nemo.evaluation import tasks as registry
-from evolm_nemo.evaluation.evaluate import DownstreamConfig, resolve_model_len
+from evolm_nemo.evaluation.evaluate import (DownstreamConfig, UpstreamConfig, check_settings, resolve_model_len,
+                                            upstream_settings)
 from evolm_nemo.model.build import flops_per_token, param_count
 from evolm_nemo.stages import kind, plan_run, rl_split, sequences_per_unit, synthetic_size
 from evolm_nemo.stages.base import epoch_iters
@@ -308,10 +309,15 @@ def _eval_row(suite: Suite, node: Node, row: Row, rows: dict[str, Row]) -> None:
     row.overrides = _dedupe(items)
     row.meta = meta
     if node.mode != "downstream":
+        try:  # the evaluation's own checks of its settings, here before the training instead of after it
+            upstream_settings(compose_command("eval_upstream", list(row.overrides), UpstreamConfig))
+        except ConfigError as exc:
+            raise ConfigError(f"nodes.{node.name}", f"{exc.key}: {exc.message}") from None
         row.notes.append("lm-eval log-likelihoods: not estimated")
         return
     try:
         ecfg = compose_command("eval_downstream", [o for o in row.overrides], DownstreamConfig)
+        check_settings(ecfg)
         problems = 0
         for name in ecfg.tasks:
             size = registry.get_task(name).size

@@ -186,6 +186,29 @@ def test_eval_max_model_len_follows_the_models_context(tmp_path):
         "max_model_len: 129 is longer than the model's context of 128 tokens (a's model.seq_length)")
 
 
+@pytest.mark.parametrize("mode, override, message", [
+    ("", "n=0", "n: must be >= 1, got 0"),
+    ("", "top_p=3", "top_p: must be in (0, 1], got 3.0"),
+    ("", "temperature=-1", "temperature: the sampled pass needs a finite temperature > 0, got -1.0"),
+    ("", "scoring=exact", "scoring: expected evolm or strict, got 'exact'"),
+    ("", "backend=sglang", "backend: unknown backend 'sglang'; choose auto, trtllm, vllm, hf"),
+    ("", "seed=-1", "seed: must be an integer in [0, 4294967295], got -1"),
+    ("mode: upstream, ", "tasks=[mmlu]", "tasks: unknown task 'mmlu'; choose from hellaswag"),
+    ("mode: upstream, ", "limit=0", "limit: must be >= 1 (or null for every document), got 0"),
+    ("mode: upstream, ", "batch_size=big", "batch_size: expected a positive integer or auto, got 'big'"),
+    ("mode: upstream, ", "dtype=fp8", "dtype: expected one of auto, bfloat16"),
+])
+def test_eval_settings_are_checked_before_any_training(tmp_path, mode, override, message):
+    """An eval node's settings are checked by the evaluation's own rules (evaluate.check_settings /
+    upstream_settings) when the suite is planned (also before `suite launch`, dry run or not): they were checked
+    only when the node ran, after every training it depends on."""
+    body = f"  a: {{experiment: demo}}\n  x: {{kind: export, parent: a}}\n  e: {{kind: eval, {mode}parent: x, " \
+           f"overrides: [\"{override}\"]}}\n"
+    with pytest.raises(ConfigError) as exc:
+        plan_mod.build(spec.load(_suite(tmp_path, body)))
+    assert exc.value.key == "nodes.e" and exc.value.message.startswith(message), exc.value.message
+
+
 @pytest.mark.parametrize("body, line", [
     ("  a: {experiment: demo}\n  b: {experiment: demo_cpt, parent: x}\n",
      "error: nodes.b.parent: names 'x', which is not a node of suite s"),
