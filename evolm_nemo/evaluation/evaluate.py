@@ -29,8 +29,8 @@ from evolm_nemo.evaluation import tasks as registry
 from evolm_nemo.evaluation import upstream as up
 from evolm_nemo.evaluation.report import build, infer_meta, update_result
 from evolm_nemo.evaluation.score import score_rows
-from evolm_nemo.fileio import (check_writable, lock_output, owned_elsewhere, release_output, write_json,
-                               write_jsonl)
+from evolm_nemo.fileio import (KINDS, check_writable, lock_output, output_kind, owned_elsewhere, release_output,
+                               write_json, write_jsonl)
 from evolm_nemo.tasks import SUITES, UPSTREAM
 
 
@@ -86,10 +86,17 @@ class UpstreamConfig(ResultMeta):
 
 
 def _model_dir(model: Optional[str]) -> str:
+    """``model`` is an HF directory with its tokenizer. A training run or checkpoint given instead (megatron weights,
+    no config.json) is named as such, with the export that makes its HF directory."""
     if not model:
         raise ConfigError("model", "required: an HF model directory (config.json + weights)")
     if not (Path(model) / "config.json").is_file():
-        raise ConfigError("model", f"{model} is not an HF model directory (no config.json)")
+        kind = output_kind(model) if Path(model).is_dir() else None
+        if kind in ("run", "checkpoint", "hf-import"):  # megatron weights: evaluation reads an HF export of them
+            raise ConfigError("model", f"{model} is {KINDS[kind]}, not an HF model directory (no config.json); "
+                                       f"export it first: evolm export-hf src={model} dst=<dir>, then model=<dir>")
+        raise ConfigError("model", f"{model} is not an HF model directory ("
+                                   + ("no config.json)" if Path(model).exists() else "no such directory)"))
     if not has_tokenizer(model):
         raise ConfigError("model", f"{model} has no tokenizer files (tokenizer.json, tokenizer_config.json, a "
                                    "vocabulary ...); save the model's tokenizer beside it (evolm export-hf does)")

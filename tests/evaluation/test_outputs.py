@@ -159,6 +159,18 @@ def test_a_model_directory_without_a_tokenizer_is_one_line(capsys, tmp_path, wor
     assert not (tmp_path / "eval").exists()
 
 
+@pytest.mark.parametrize("mode", ["downstream", "upstream"])
+def test_a_training_run_or_checkpoint_as_the_model_names_the_export(capsys, tmp_path, world, mode):
+    """A run directory or a megatron checkpoint given as model= (the weights a user has after `evolm train`) was "is
+    not an HF model directory (no config.json)", saying neither what it is nor how to evaluate it."""
+    for model in (world["run"], world["ckpt"]):
+        _refused(capsys, ["eval", mode, f"model={model}", f"data_dir={DATA}", f"out={tmp_path / 'eval'}"], "model",
+                 "not an HF model directory", f"export it first: evolm export-hf src={model} dst=<dir>")
+    _refused(capsys, ["eval", mode, f"model={tmp_path / 'nope'}", f"out={tmp_path / 'eval'}"], "model",
+             "is not an HF model directory (no such directory)")
+    assert not (tmp_path / "eval").exists()
+
+
 def test_a_refused_upstream_overwrite_keeps_the_other_models_results(capsys, tmp_path, world):
     """overwrite=true removes another model's results only once every setting and the data passed their checks: a
     bad limit (checked by the harness's own check) used to come after the removal."""
