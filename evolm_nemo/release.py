@@ -337,17 +337,19 @@ def _suite(cfg) -> Plan:
 
 
 def _evals(suite, name: str) -> list[tuple[str, dict]]:
-    """(eval node, its result.json) of every evaluation reading an export of train node ``name``."""
+    """(eval node, its result.json) of every evaluation reading an export of train node ``name``: read when the
+    release is planned (the dry run too), so a damaged one is one line naming the file before anything is exported
+    -- it was left out of the card without a word, or (a field of another type) a crash while the card was written,
+    after the exports."""
+    from evolm_nemo.evaluation.report import read_result
+
     out = []
     for other in suite.order:
         ev = suite.nodes[other]
         if ev.kind == "eval" and ev.parent and suite.nodes[ev.parent].kind == "export" \
                 and suite.nodes[ev.parent].parent == name:
-            try:
-                result = json.loads((Path(suite.out(other)) / "result.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(result, dict):
+            result = read_result(Path(suite.out(other)) / "result.json")
+            if result is not None:
                 out.append((other, result))
     return out
 

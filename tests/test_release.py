@@ -246,6 +246,24 @@ def test_release_dry_run_lists_everything_without_network(suite, tmp_path):
     assert "6 node(s) not finished" not in out and "7 node(s) not finished" in out
 
 
+@pytest.mark.parametrize("damage, message", [('{"downstream": ', "not valid JSON"),
+                                             ('{"upstream": 5}', "field 'upstream' must be an object or null")])
+def test_a_damaged_eval_result_is_one_line_before_any_export(suite, tmp_path, damage, message):
+    """The model card's evaluation rows come from the suite's eval nodes' result.json: one that was not JSON was left
+    out of the card without a word, one with a field of another type was an AttributeError while the card was
+    written (after the exports). Now the plan (the dry run too) names the file."""
+    root = tmp_path / "suite"
+    root.mkdir()
+    for node in ("pre", "ft"):  # the module's runs, read only: the release stages nothing in a dry run
+        (root / node).symlink_to(suite["root"] / node)
+    (root / "eval_ft").mkdir()
+    (root / "eval_ft" / "result.json").write_text(damage)
+    yaml = tmp_path / "mini.yaml"
+    yaml.write_text(suite["yaml"].read_text().replace(json.dumps(str(suite["root"])), json.dumps(str(root))))
+    proc = release([f"suite={yaml}", "org=org", "dry_run=true"], None, suite["hf_home"], token=None, check=False)
+    assert message in one_line_error(proc, str(root / "eval_ft" / "result.json"))
+
+
 def test_release_bad_input_is_one_line(suite, tmp_path):
     home = suite["hf_home"]
     proc = release([f"src={tmp_path / 'nope'}", "repo=org/x"], None, home, check=False)

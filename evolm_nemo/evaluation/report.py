@@ -136,15 +136,29 @@ def load_results(pattern: str) -> list[tuple[str, dict]]:
         raise ConfigError("runs", f"no result JSON matches {pattern!r}")
     out = []
     for p in paths:
-        try:
-            data = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(str(p), f"not valid JSON ({exc})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("model"), str):
+        data = read_result(p)
+        if not isinstance(data.get("model"), str):
             raise ConfigError(str(p), "not a result JSON: needs a string field 'model'")
-        check_result(data, str(p))
         out.append((str(p), data))
     return out
+
+
+def read_result(path: str | Path) -> dict | None:
+    """The result JSON at ``path``, as a command that publishes its figures reads it (`evolm report`, the model cards
+    of `evolm release`): None when there is none; a file that is not JSON, not an object or has a field of another
+    type than the schema's (``check_result``) is a one-line ConfigError naming it -- never skipped without a word nor
+    a crash once the work is under way."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), f"not a result JSON: expected an object, got {type(data).__name__}")
+    check_result(data, str(path))
+    return data
 
 
 def _number(x) -> bool:
