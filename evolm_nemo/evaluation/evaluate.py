@@ -401,6 +401,11 @@ def check_settings(cfg: DownstreamConfig) -> None:
     """The settings that need neither the model, the data nor this machine: checked by the evaluation before it
     loads anything and by `evolm suite plan` for an eval node before any training (one rule, one place)."""
     check_seed("seed", cfg.seed)
+    if not cfg.tasks:
+        raise ConfigError("tasks", f"empty; choose from {', '.join(SUITES)}")
+    for name in cfg.tasks:
+        registry.get_task(name)  # ConfigError naming `tasks` for an unknown suite
+    _once(cfg.tasks, "its problems would be sampled and counted twice")
     if cfg.backend != "auto" and cfg.backend not in sampling.BACKENDS:
         raise ConfigError("backend", f"unknown backend {cfg.backend!r}; choose auto, {', '.join(sampling.BACKENDS)}")
     if cfg.scoring not in ("evolm", "strict"):
@@ -594,6 +599,13 @@ def downstream(cfg: DownstreamConfig) -> dict:
 # --------------------------------------------------------------------------------------------------------- upstream
 
 
+def _once(tasks: List[str], why: str) -> None:
+    """Each task named once in ``tasks``: a task listed twice was run twice, and weighed twice in the averages."""
+    twice = next((t for k, t in enumerate(tasks) if t in tasks[:k]), None)
+    if twice is not None:
+        raise ConfigError("tasks", f"{twice!r} is listed twice ({why}); list each task once")
+
+
 def upstream_settings(cfg: UpstreamConfig) -> int | str:
     """The upstream settings that need neither the model, the data nor this machine (the evaluation's and `evolm
     suite plan`'s check of an eval node, before any training); returns lm-eval's batch size."""
@@ -602,6 +614,7 @@ def upstream_settings(cfg: UpstreamConfig) -> int | str:
     unknown = [t for t in cfg.tasks if t not in UPSTREAM]
     if unknown:
         raise ConfigError("tasks", f"unknown task {unknown[0]!r}; choose from {', '.join(UPSTREAM)}")
+    _once(cfg.tasks, "it would count twice in the average")
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError("limit", f"must be >= 1 (or null for every document), got {cfg.limit!r}")
     if cfg.dtype not in up.DTYPES:

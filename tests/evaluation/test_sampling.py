@@ -333,6 +333,22 @@ def test_eval_downstream_bad_settings_before_the_model_loads(lm, tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.parametrize("mode, tasks, why", [
+    ("downstream", "[math,gsm8k_platinum,math]", "its problems would be sampled and counted twice"),
+    ("upstream", "[piqa,arc_easy,piqa]", "it would count twice in the average"),
+])
+def test_a_task_listed_twice_is_one_line(lm, tmp_path, capsys, mode, tasks, why):
+    """tasks=[math,math] sampled math twice and counted each problem twice in its suite's and the ID average
+    (upstream: the task weighed twice in the average); refused before anything is read or written."""
+    from tests.conftest import REPO, refused_in_process
+
+    data = REPO / ("tests/fixtures/eval" if mode == "downstream" else "eval/upstream/sample")
+    out = tmp_path / "out"
+    line = refused_in_process(capsys, "eval", [mode, f"model={lm[0]}", f"tasks={tasks}", f"data_dir={data}",
+                                               "limit=1", f"out={out}"], "tasks")
+    assert line.endswith(f"is listed twice ({why}); list each task once") and not out.exists()
+
+
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_a_damaged_model_directory_is_one_line_before_sampling(lm, tmp_path, capsys, damage):
     """A model directory transformers fails on only while loading it -- safetensors cut short, heads that do not
