@@ -106,7 +106,8 @@ def _model_dir(model: Optional[str]) -> str:
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def check_model(path: str, key: str = "model", head: str = "lm", trust_remote_code: bool = False) -> None:
+def check_model(path: str, key: str = "model", head: str = "lm", trust_remote_code: bool = False,
+                sampled: bool = False) -> None:
     """The HF model directory ``path`` will load, checked without loading it (once the settings and data are read,
     before any model is): ``config.json``, each weight file's header (a cut-short safetensors; a
     ``pytorch_model.bin`` read with weights_only=True), the model transformers builds from ``config.json`` (on the
@@ -116,7 +117,8 @@ def check_model(path: str, key: str = "model", head: str = "lm", trust_remote_co
     rows. ``head``: "lm" (AutoModelForCausalLM) or "value" (AutoModelForSequenceClassification, the reward model).
     One line naming ``key`` and the file, field or tensor; these were tracebacks once the model loaded (for the
     reward model: after all the sampling). A TensorRT-LLM engine directory (``*.engine``) has no HF weights: its
-    config.json and tokenizer are checked."""
+    config.json and tokenizer are checked. ``sampled``: the model is sampled from (downstream), so it must name an
+    EOS token somewhere the samplers read it (``_check_eos``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -165,6 +167,8 @@ def check_model(path: str, key: str = "model", head: str = "lm", trust_remote_co
                 raise ConfigError(key, f"tensor {have} in {files[have].name} has shape {list(stored[have][1])}, "
                                        f"{config_file} implies {list(want.shape)}{hint}")
     tok = load_tokenizer(path, trust_remote_code, key=key, require_eos=False)
+    if sampled:
+        _check_eos(path, key, tok)
     try:
         rows = model.get_input_embeddings().weight.shape[0]
     except Exception:  # a model class without the accessor: nothing to compare
@@ -172,6 +176,17 @@ def check_model(path: str, key: str = "model", head: str = "lm", trust_remote_co
     if len(tok) > rows:
         raise ConfigError(key, f"its tokenizer has {len(tok)} tokens, more than the model's {rows} embedding rows "
                                f"(vocab_size in {Path(path) / 'config.json'}): ids from {rows} on have no embedding")
+
+
+def _check_eos(path: str, key: str, tok) -> None:
+    """A sampled model names an EOS token (``sampling.eos_ids``: the tokenizer's ``eos_token``, ``eos_token_id`` in
+    generation_config.json or config.json). One naming none was an IndexError out of the hf sampler once the model
+    had loaded (it pads with EOS when the prompts carry no BOS), and would otherwise run every completion to its
+    token budget."""
+    if not sampling.eos_ids(path, tok):
+        raise ConfigError(key, f"{path} names no EOS token (eos_token in its tokenizer files, eos_token_id in "
+                               "config.json or generation_config.json): a completion could end only at the token "
+                               "budget; set eos_token_id in its config.json (evolm export-hf writes it)")
 
 
 def _renamed_on_load(model, stored: dict) -> bool:
@@ -571,7 +586,7 @@ def downstream(cfg: DownstreamConfig) -> dict:
     out = _out_dir(cfg)
     replace = check_out(cfg, out)  # before hours of sampling, not at the first write after them
     loaded = _load_tasks(cfg)
-    check_model(cfg.model, "model", "lm", cfg.trust_remote_code)
+    check_model(cfg.model, "model", "lm", cfg.trust_remote_code, sampled=True)
     if cfg.rm:
         check_model(cfg.rm, "rm", "value", cfg.trust_remote_code)  # before the sampling, not after it
     if replace:

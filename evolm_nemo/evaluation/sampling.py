@@ -10,9 +10,11 @@ vllm and tensorrt_llm are imported only inside the functions that use them (GPU 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 from evolm_nemo.config.errors import ConfigError
@@ -151,6 +153,21 @@ class Sampler:
         """Free the model (GPU memory) before another model is loaded."""
 
 
+def eos_ids(model_dir: str, tok) -> list[int]:
+    """The EOS ids the files of ``model_dir`` name: the tokenizer's ``eos_token`` and ``eos_token_id`` (an id or a
+    list) in generation_config.json and config.json. Read from the files, not from a loaded model, so that the
+    evaluation checks them before loading it (``evaluate.check_model``); the hf sampler ends completions at these
+    and at its loaded generation config's."""
+    ids = {tok.eos_token_id}
+    for name in ("generation_config.json", "config.json"):
+        try:
+            value = json.loads((Path(model_dir) / name).read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        ids |= set(value if isinstance(value, list) else [value])
+    return sorted(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
+
+
 class HFSampler(Sampler):
     """transformers ``generate``: batched, KV cache, left padding; bf16 on GPU, fp32 on CPU.
 
@@ -173,7 +190,7 @@ class HFSampler(Sampler):
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         gen_eos = self.model.generation_config.eos_token_id
-        eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {self.tok.eos_token_id}
+        eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | set(eos_ids(model_dir, self.tok))
         self.eos = sorted(e for e in eos if e is not None)
         # Decode only with our Spec: a checkpoint's generation_config.json (top_k, stop strings, ...) must not leak in.
         self.model.generation_config = GenerationConfig(bos_token_id=self.tok.bos_token_id, eos_token_id=self.eos)

@@ -333,6 +333,32 @@ def test_eval_downstream_bad_settings_before_the_model_loads(lm, tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.parametrize("generation_config", [True, False])
+def test_a_model_naming_no_eos_is_one_line_before_it_loads(lm, tmp_path, capsys, generation_config):
+    """A tokenizer without eos_token (and without a BOS on its prompts) beside a config naming no eos_token_id was an
+    IndexError out of the hf sampler once the model had loaded; now one line, nothing written."""
+    import json
+    import shutil
+
+    from tests.conftest import REPO, refused_in_process
+
+    model = tmp_path / "model"
+    shutil.copytree(lm[0], model)
+    for name, drop in (("tokenizer_config.json", ("eos_token", "bos_token")), ("config.json", ("eos_token_id",)),
+                       ("generation_config.json", ("eos_token_id",))):
+        data = json.loads((model / name).read_text())
+        (model / name).write_text(json.dumps({k: v for k, v in data.items() if k not in drop}))
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    (model / "tokenizer.json").write_text(json.dumps({**tokenizer, "post_processor": None}))
+    if not generation_config:
+        (model / "generation_config.json").unlink()
+    out = tmp_path / "out"
+    line = refused_in_process(capsys, "eval", ["downstream", f"model={model}", "tasks=[math]", "limit=1", "n=2",
+                                               "max_new_tokens=4", "backend=hf", f"out={out}",
+                                               f"data_dir={REPO / 'tests' / 'fixtures' / 'eval'}"], "model")
+    assert "names no EOS token" in line and not out.exists()
+
+
 @pytest.mark.parametrize("mode, tasks, why", [
     ("downstream", "[math,gsm8k_platinum,math]", "its problems would be sampled and counted twice"),
     ("upstream", "[piqa,arc_easy,piqa]", "it would count twice in the average"),
