@@ -165,6 +165,8 @@ def check_tasks(tasks: list[str], tasks_dir: str | None, data_dir: str | None, p
         if not (Path(tasks_dir) / f"{task}.yaml").is_file():
             known = sorted(p.stem for p in Path(tasks_dir).glob("*.yaml"))
             raise ConfigError(key_tasks, f"no {task}.yaml in {tasks_dir}; available: {', '.join(known) or 'none'}")
+    for task in tasks:
+        check_task_yaml(Path(tasks_dir) / f"{task}.yaml", task)
     if data_dir is None:
         raise ConfigError(f"{prefix}data_dir", f"local tasks ({prefix}tasks_dir={tasks_dir}) need "
                                                f"{prefix}data_dir=<dir with <task>.jsonl files>")
@@ -177,6 +179,31 @@ def check_tasks(tasks: list[str], tasks_dir: str | None, data_dir: str | None, p
         same = mine == ours or (ours.is_file() and mine.read_bytes() == ours.read_bytes())
         check_rows(Path(data_dir) / f"{task}.jsonl", ROW_FIELDS.get(task, ()) if same else (), f"{prefix}data_dir",
                    ROW_GOLD.get(task) if same else None)
+
+
+def check_task_yaml(path: Path, task: str) -> None:
+    """A local task's YAML is YAML and defines the task ``evolm_<task>``, the name it is run under: lm-eval's own
+    failure for either was a KeyError traceback ("Spec 'evolm_piqa' is not a registered task") after the model had
+    loaded. lm-eval's ``!function`` tags are read as placeholders; a YAML that takes its name from an ``include`` is
+    left to lm-eval."""
+    import yaml
+
+    from evolm_nemo.config.errors import first_line
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    try:
+        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"not valid YAML ({first_line(exc)})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(str(path), "not an lm-eval task: expected a mapping with task: "
+                                     f"{LOCAL_PREFIX}{task}")
+    if spec.get("task") != LOCAL_PREFIX + task and not ("task" not in spec and "include" in spec):
+        raise ConfigError(str(path), f"task: {json.dumps(spec.get('task'))}; the local task for {task} must be named "
+                                     f"{LOCAL_PREFIX}{task}, the name evolm eval upstream runs it under")
 
 
 def check_rows(path: Path, fields: tuple[str, ...], key: str, gold=None) -> None:

@@ -259,6 +259,30 @@ def test_a_gold_label_outside_the_choices_is_one_line(tmp_path, case):
     assert err.value.key == f"{tmp_path / f'{task}.jsonl'}:2" and message in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("task: evolm_piqa\ndataset_path: json\n  bad: [\n", "not valid YAML (mapping values are not allowed here)"),
+    ("task: piqa_local\ndataset_path: json\n", 'task: "piqa_local"; the local task for piqa must be named evolm_piqa'),
+    ("- task: evolm_piqa\n", "not an lm-eval task: expected a mapping with task: evolm_piqa"),
+])
+def test_a_local_task_yaml_lm_eval_cannot_run_is_one_line(lm, tmp_path, capsys, text, message):
+    """A tasks_dir YAML that is not YAML or names another task was lm-eval's KeyError traceback ("Spec 'evolm_piqa'
+    is not a registered task") after the model had loaded; now one line naming the file, before anything runs.
+    Our own YAMLs (their !function hooks included) and one taking its name from an include pass."""
+    from tests.conftest import refused_in_process
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "piqa.yaml").write_text(text)
+    out = tmp_path / "up"
+    line = refused_in_process(capsys, "eval", ["upstream", f"model={lm[0]}", f"tasks_dir={tasks}",
+                                               f"data_dir={SAMPLE}", "tasks=[piqa]", f"out={out}"],
+                              str(tasks / "piqa.yaml"))
+    assert message in line and not out.exists()
+    upstream.check_tasks(list(UPSTREAM), str(TASKS_DIR), str(SAMPLE))
+    (tasks / "piqa.yaml").write_text(f"include: {TASKS_DIR / 'piqa.yaml'}\n")
+    upstream.check_tasks(["piqa"], str(tasks), str(SAMPLE))
+
+
 def test_row_fields_are_the_task_yamls_and_the_samples(tmp_path):
     """The fields checked per task are those its YAML's header names and every sample row has; a copy of our YAML
     elsewhere is checked the same way, another YAML only for readable, non-empty JSONL."""
