@@ -109,6 +109,10 @@ def check_probe(cfg: RootConfig) -> None:
         positive("probe.max_new_tokens", pr.max_new_tokens)
         if pr.scoring not in ("evolm", "strict"):
             raise ConfigError("probe.scoring", f"must be evolm or strict, got {pr.scoring!r}")
+        if pr.template is not None and "{problem}" not in str(pr.template):  # as a suite's own template must
+            raise ConfigError("probe.template", f"{pr.template!r} has no {{problem}}: every probe prompt would be "
+                                                "this same text, asking no problem; put {problem} where the problem "
+                                                "goes, or null for each suite's own template")
         for suite in pr.downstream:
             if suite not in SUITES:
                 raise ConfigError("probe.downstream", f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")

@@ -161,6 +161,9 @@ def test_cost_bound_skips_probes(tmp_path, data_cache):
     (["probe.max_fraction=0"], "probe.max_fraction", "(0, 1]"),
     (["probe.upstream=[]", "probe.downstream=[]"], "probe.tokens_interval", "both empty"),
     (["stage=sft"], "probe.tokens_interval", "stage=pretrain|cpt"),
+    # was accepted: every probe prompt the same text, no problem in it (a suite's own template must hold {problem})
+    (["probe.downstream=[gsm8k_platinum]", "probe.template='Question: Answer:'"], "probe.template",
+     "has no {problem}"),
 ])
 def test_bad_probe_settings_refused_in_one_line(extra, key, words):
     from evolm_nemo.config import RootConfig, compose
