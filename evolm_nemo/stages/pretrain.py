@@ -100,6 +100,10 @@ def check_probe(cfg: RootConfig) -> None:
     if pr.max_fraction is not None and not 0.0 < pr.max_fraction <= 1.0:
         raise ConfigError("probe.max_fraction", f"must be in (0, 1] or null, got {pr.max_fraction}")
     positive("probe.batch_size", pr.batch_size)
+    for key, names in (("probe.upstream", list(pr.upstream)), ("probe.downstream", list(pr.downstream))):
+        twice = next((t for k, t in enumerate(names) if t in names[:k]), None)
+        if twice is not None:  # probed twice per point, and an upstream task weighed twice in probe_up_avg
+            raise ConfigError(key, f"{twice!r} is listed twice; list each once")
     if pr.upstream:
         if pr.upstream_limit is not None:
             positive("probe.upstream_limit", pr.upstream_limit)

@@ -164,6 +164,8 @@ def test_cost_bound_skips_probes(tmp_path, data_cache):
     # was accepted: every probe prompt the same text, no problem in it (a suite's own template must hold {problem})
     (["probe.downstream=[gsm8k_platinum]", "probe.template='Question: Answer:'"], "probe.template",
      "has no {problem}"),
+    (["probe.upstream=[piqa,arc_easy,piqa]"], "probe.upstream", "'piqa' is listed twice"),  # weighed twice in the avg
+    (["probe.downstream=[math,math]"], "probe.downstream", "'math' is listed twice"),
 ])
 def test_bad_probe_settings_refused_in_one_line(extra, key, words):
     from evolm_nemo.config import RootConfig, compose
