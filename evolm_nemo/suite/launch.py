@@ -8,7 +8,8 @@ Idempotent: before anything is started each node's state is read from its output
   evaluation whose ``result.json`` holds its mode; a data step whose file exists. Done nodes are skipped.
 * ``resume``: a train node with committed checkpoints short of the end. It is launched again with the same
   command; the trainer resumes from the newest committed checkpoint (``train.resume=true``, its default).
-* ``new``: nothing there yet.
+* ``new``: nothing there yet -- or an export or evaluation that no longer shows its parent (``outdated``: the parent
+  runs again, was trained again, or was exported again since): done again, an export with ``overwrite=true``.
 
 ``executor=local``: each pending node, one after another, is one ``run.Experiment`` with one ``run.Script`` on a
 ``run.LocalExecutor`` (``python -m evolm_nemo.cli ...``, or ``torchrun --standalone --nproc_per_node <local.nproc>``
@@ -143,11 +144,50 @@ def argv_for(plan: SuitePlan, row: Row) -> list[str]:
 
 
 def jobs(plan: SuitePlan) -> list[Job]:
-    out = []
-    for row in plan.rows:
+    out, states = [], {}
+    for row in plan.rows:  # parents first
         state, detail = node_state(plan.suite, row)
-        out.append(Job(row=row, state=state, detail=detail, argv=argv_for(plan, row)))
+        argv = argv_for(plan, row)
+        why = outdated(plan.suite, row, states) if state == "done" else None
+        if why is not None:
+            state, detail = "new", f"redone: {why}"
+            if row.kind == "export":
+                argv.append("overwrite=true")  # the node's own earlier export, replaced once the new one is verified
+        states[row.node] = state
+        out.append(Job(row=row, state=state, detail=detail, argv=argv))
     return out
+
+
+def outdated(suite: Suite, row: Row, states: dict[str, str]) -> str | None:
+    """Why a done export or evaluation no longer shows its parent (None when it does): the parent runs again in this
+    launch, an export was made from another run or checkpoint than the parent run's newest (the run was removed and
+    trained again), or an evaluation's result.json predates its export. Such a node was skipped as done, and the
+    suite's report and release cards showed the earlier model's results for the new one."""
+    node = suite.nodes[row.node]
+    if row.kind not in ("export", "eval") or not node.parent:
+        return None
+    if states.get(node.parent, "done") != "done":
+        return f"its parent {node.parent} runs again"
+    out, parent = Path(suite.out(row.node)), Path(suite.out(node.parent))
+    if row.kind == "export":
+        try:
+            record = json.loads((out / "evolm_export.json").read_text(encoding="utf-8"))
+            last = ckpt.latest(parent / "checkpoints")
+            meta = json.loads((last / ckpt.META).read_text()) if last is not None else {}
+        except (OSError, ValueError):
+            return None  # not one of ours to judge: left as it is
+        if not isinstance(record, dict) or last is None:
+            return None
+        if (record.get("run_id"), record.get("iteration")) != (meta.get("run_id"), meta.get("iteration")):
+            return (f"it was exported from iteration {record.get('iteration')} of run {record.get('run_id')}; "
+                    f"{node.parent}'s newest checkpoint is {last.name} of run {meta.get('run_id')}")
+        return None
+    try:
+        if (out / "result.json").stat().st_mtime < (parent / "evolm_export.json").stat().st_mtime:
+            return f"its result.json predates the export {node.parent}"
+    except OSError:
+        return None
+    return None
 
 
 def status_table(js: list[Job]) -> str:

@@ -296,3 +296,44 @@ def test_sigterm_to_the_launcher_stops_the_node_with_its_checkpoint(tmp_path):
     assert not left, left
     status = suite_cli("status", f"suite={suite}")
     assert any(line.split()[:3] == ["pre", "pretrain", "resume"] for line in status.stdout.splitlines()), status.stdout
+
+
+def test_an_export_or_evaluation_of_an_earlier_run_is_redone(tmp_path, a_run):
+    """A parent run removed and trained again (or exported again) left its export and evaluation "done": the
+    launcher skipped them and the report and release cards showed the earlier model's results for the new one. Now
+    an export made from another run or checkpoint than the parent's newest is redone (overwrite=true: its own
+    export), and so is an evaluation of an export that is redone or newer than its result.json."""
+    from evolm_nemo.suite import launch, plan as plan_mod, spec
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "pre").symlink_to(a_run)  # read only: nothing here writes into it
+    last = ckpt.latest(a_run / "checkpoints")
+    meta = json.loads((last / ckpt.META).read_text())
+    (root / "hf").mkdir()
+    (root / "hf" / "config.json").write_text("{}")
+    record = root / "hf" / "evolm_export.json"
+    record.write_text(json.dumps({"run_id": "20260101-000000-000000", "iteration": meta["iteration"]}))
+    (root / "ev").mkdir()
+    (root / "ev" / "result.json").write_text(json.dumps({"downstream": {"suites": {}}}))
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nroot: {root}\ngpus_per_node: 1\nnodes:\n"
+                    "  pre: {experiment: demo, overrides: [train.iters=1, data.synthetic_docs=400]}\n"
+                    "  hf: {kind: export, parent: pre}\n  ev: {kind: eval, parent: hf}\n")
+
+    def states():
+        return {j.row.node: (j.state, j.detail, j.argv) for j in launch.jobs(plan_mod.build(spec.load(str(path))))}
+
+    got = states()
+    assert got["pre"][0] == "done", got
+    assert got["hf"][:2] == ("new", f"redone: it was exported from iteration {meta['iteration']} of run "
+                                    f"20260101-000000-000000; pre's newest checkpoint is {last.name} of run "
+                                    f"{meta['run_id']}") and got["hf"][2][-1] == "overwrite=true"
+    assert got["ev"][:2] == ("new", "redone: its parent hf runs again")
+    record.write_text(json.dumps({"run_id": meta["run_id"], "iteration": meta["iteration"]}))
+    os.utime(root / "ev" / "result.json", (time.time() - 60, time.time() - 60))  # evaluated before this export
+    got = states()
+    assert got["hf"][0] == "done" and "overwrite=true" not in got["hf"][2]
+    assert got["ev"][:2] == ("new", "redone: its result.json predates the export hf")
+    os.utime(root / "ev" / "result.json")
+    assert states()["ev"][0] == "done"
