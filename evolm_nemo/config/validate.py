@@ -52,6 +52,14 @@ def positive(key: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def once(key: str, names: list, why: str = "") -> None:
+    """Each name listed once in ``names`` (the setting ``key``), or a ConfigError naming the first listed twice and,
+    with ``why``, what that would do (a task run twice, and weighed twice in an average)."""
+    twice = next((t for k, t in enumerate(names) if t in names[:k]), None)
+    if twice is not None:
+        raise ConfigError(key, f"{twice!r} is listed twice{f' ({why})' if why else ''}; list each task once")
+
+
 def choice(key: str, value, options) -> None:
     """``value`` is one of ``options``, or a ConfigError naming ``key``."""
     if value not in options:

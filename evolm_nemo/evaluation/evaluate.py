@@ -21,6 +21,7 @@ from typing import List, Optional
 
 from evolm_nemo.config.errors import ConfigError, check_seed, first_line
 from evolm_nemo.config.tokens import parse_tokens
+from evolm_nemo.config.validate import once
 from evolm_nemo.conversion import hfdir
 from evolm_nemo.data.tokenizer import has_tokenizer, load_tokenizer
 from evolm_nemo.evaluation import rm as rm_mod
@@ -318,12 +319,11 @@ def clear_out(out: Path) -> None:
 
 
 def _load_tasks(cfg: DownstreamConfig):
-    """(task, problems) per requested suite, all loaded and checked before any model is."""
-    if not cfg.tasks:
-        raise ConfigError("tasks", f"empty; choose from {', '.join(SUITES)}")
+    """(task, problems) per requested suite, all loaded and checked before any model is (the task names were
+    checked by ``check_settings``, which ``downstream`` runs first)."""
     out = []
     for name in cfg.tasks:
-        task = registry.get_task(name)  # ConfigError naming `tasks` for an unknown suite
+        task = registry.get_task(name)
         path = None
         if cfg.data_dir:
             path = Path(cfg.data_dir) / f"{task.name}.jsonl"
@@ -420,7 +420,7 @@ def check_settings(cfg: DownstreamConfig) -> None:
         raise ConfigError("tasks", f"empty; choose from {', '.join(SUITES)}")
     for name in cfg.tasks:
         registry.get_task(name)  # ConfigError naming `tasks` for an unknown suite
-    _once(cfg.tasks, "its problems would be sampled and counted twice")
+    once("tasks", list(cfg.tasks), "its problems would be sampled and counted twice")
     if cfg.backend != "auto" and cfg.backend not in sampling.BACKENDS:
         raise ConfigError("backend", f"unknown backend {cfg.backend!r}; choose auto, {', '.join(sampling.BACKENDS)}")
     if cfg.scoring not in ("evolm", "strict"):
@@ -614,26 +614,11 @@ def downstream(cfg: DownstreamConfig) -> dict:
 # --------------------------------------------------------------------------------------------------------- upstream
 
 
-def _once(tasks: List[str], why: str) -> None:
-    """Each task named once in ``tasks``: a task listed twice was run twice, and weighed twice in the averages."""
-    twice = next((t for k, t in enumerate(tasks) if t in tasks[:k]), None)
-    if twice is not None:
-        raise ConfigError("tasks", f"{twice!r} is listed twice ({why}); list each task once")
-
-
 def upstream_settings(cfg: UpstreamConfig) -> int | str:
     """The upstream settings that need neither the model, the data nor this machine (the evaluation's and `evolm
-    suite plan`'s check of an eval node, before any training); returns lm-eval's batch size."""
-    if not cfg.tasks:
-        raise ConfigError("tasks", f"empty; choose from {', '.join(UPSTREAM)}")
-    unknown = [t for t in cfg.tasks if t not in UPSTREAM]
-    if unknown:
-        raise ConfigError("tasks", f"unknown task {unknown[0]!r}; choose from {', '.join(UPSTREAM)}")
-    _once(cfg.tasks, "it would count twice in the average")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise ConfigError("limit", f"must be >= 1 (or null for every document), got {cfg.limit!r}")
-    if cfg.dtype not in up.DTYPES:
-        raise ConfigError("dtype", f"expected one of {', '.join(up.DTYPES)}, got {cfg.dtype!r}")
+    suite plan`'s check of an eval node, before any training; tasks, limit and dtype by ``upstream.check_settings``);
+    returns lm-eval's batch size."""
+    up.check_settings(list(cfg.tasks), limit=cfg.limit, dtype=cfg.dtype)
     batch = cfg.batch_size if cfg.batch_size == "auto" or cfg.batch_size.startswith("auto:") else None
     if batch is None:
         if not cfg.batch_size.isdigit() or int(cfg.batch_size) < 1:
@@ -650,7 +635,7 @@ def upstream(cfg: UpstreamConfig) -> dict:
     meta = _meta(cfg)
     replace = check_out(cfg, _out_dir(cfg))  # before the harness runs
     tasks_dir = up.tasks_dir_for(cfg.tasks_dir, cfg.data_dir)
-    up.check(cfg.model, cfg.tasks, tasks_dir, cfg.data_dir, limit=cfg.limit, device=cfg.device, dtype=cfg.dtype)
+    up.check(cfg.model, cfg.tasks, tasks_dir, cfg.data_dir, device=cfg.device)
     check_model(cfg.model, "model", "lm", cfg.trust_remote_code)
     if replace:  # another model's results go only once every setting and the data are known to be good
         clear_out(_out_dir(cfg))

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.validate import once
 from evolm_nemo.tasks import UPSTREAM
 
 LOCAL_PREFIX = "evolm_"
@@ -115,18 +116,28 @@ ROW_GOLD = {
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "float64", "double")
 
 
-def check(model: str, tasks: list[str], tasks_dir: str | None, data_dir: str | None, limit: int | None = None,
-          device: str | None = None, dtype: str = "auto") -> None:
-    """Fail fast, with one line, on anything that would break after the model is loaded."""
-    tasks_dir = tasks_dir_for(tasks_dir, data_dir)
-    if not (Path(model) / "config.json").is_file():
-        raise ConfigError("model", f"{model} is not an HF model directory (no config.json)")
+def check_settings(tasks: list[str], limit: int | None = None, dtype: str = "auto") -> None:
+    """The settings that need neither the model, the data nor this machine (the one place of these rules:
+    ``evaluate.upstream_settings`` -- the evaluation's and `evolm suite plan`'s check -- and :func:`run` call it)."""
     if not tasks:
         raise ConfigError("tasks", f"empty; choose from {', '.join(UPSTREAM)}")
+    unknown = [t for t in tasks if t not in UPSTREAM]
+    if unknown:
+        raise ConfigError("tasks", f"unknown task {unknown[0]!r}; choose from {', '.join(UPSTREAM)}")
+    once("tasks", list(tasks), "it would count twice in the average")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError("limit", f"must be >= 1 (or null for every document), got {limit!r}")
     if dtype not in DTYPES:
         raise ConfigError("dtype", f"expected one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def check(model: str, tasks: list[str], tasks_dir: str | None, data_dir: str | None,
+          device: str | None = None) -> None:
+    """Fail fast, with one line, on anything of this machine and its files that would break after the model is
+    loaded: the model directory, the device, the local tasks and their data (the settings: :func:`check_settings`)."""
+    tasks_dir = tasks_dir_for(tasks_dir, data_dir)
+    if not (Path(model) / "config.json").is_file():
+        raise ConfigError("model", f"{model} is not an HF model directory (no config.json)")
     check_device(device)
     check_tasks(tasks, tasks_dir, data_dir)
 
@@ -293,10 +304,12 @@ def run(model: str, tasks: list[str] = UPSTREAM, tasks_dir: str | None = None, d
         batch_size: int | str = 16, limit: int | None = None, device: str | None = None, dtype: str = "auto",
         trust_remote_code: bool = False, checked: bool = False) -> tuple[dict, dict]:
     """Run lm-eval 0-shot on an HF model directory; returns (our summary, lm-eval's raw ``results`` dict without
-    per-sample logs). ``checked``: the caller ran ``check`` on these settings (the data files are read once)."""
+    per-sample logs). ``checked``: the caller ran ``check_settings`` and ``check`` on these settings (the data files
+    are read once)."""
     tasks, tasks_dir = list(tasks), tasks_dir_for(tasks_dir, data_dir)
     if not checked:
-        check(model, tasks, tasks_dir, data_dir, limit=limit, device=device, dtype=dtype)
+        check_settings(tasks, limit=limit, dtype=dtype)
+        check(model, tasks, tasks_dir, data_dir, device=device)
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

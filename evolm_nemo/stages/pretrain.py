@@ -11,7 +11,7 @@ from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.config.tokens import format_tokens, iterations_for, parse_tokens
-from evolm_nemo.config.validate import positive
+from evolm_nemo.config.validate import once, positive
 from evolm_nemo.data.gpt import (BatchSchedule, SourceTokens, build_dataset, build_validation, resolve_source,
                                  source_names)
 from evolm_nemo.data.indexed import read_manifest
@@ -100,10 +100,9 @@ def check_probe(cfg: RootConfig) -> None:
     if pr.max_fraction is not None and not 0.0 < pr.max_fraction <= 1.0:
         raise ConfigError("probe.max_fraction", f"must be in (0, 1] or null, got {pr.max_fraction}")
     positive("probe.batch_size", pr.batch_size)
-    for key, names in (("probe.upstream", list(pr.upstream)), ("probe.downstream", list(pr.downstream))):
-        twice = next((t for k, t in enumerate(names) if t in names[:k]), None)
-        if twice is not None:  # probed twice per point, and an upstream task weighed twice in probe_up_avg
-            raise ConfigError(key, f"{twice!r} is listed twice; list each once")
+    once("probe.upstream", list(pr.upstream), "it would be probed twice at every point and weighed twice in "
+                                              "probe_up_avg")
+    once("probe.downstream", list(pr.downstream), "it would be probed twice at every point")
     if pr.upstream:
         if pr.upstream_limit is not None:
             positive("probe.upstream_limit", pr.upstream_limit)
