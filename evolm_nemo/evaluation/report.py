@@ -38,7 +38,6 @@ import csv
 import glob
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -50,6 +49,7 @@ from typing import Optional
 from evolm_nemo.config.errors import ConfigError
 from evolm_nemo.evaluation import dynamics as dyn
 from evolm_nemo.evaluation.render import md_table as _md_table, save_png as _save
+from evolm_nemo.evaluation.tasks import non_finite
 from evolm_nemo.fileio import (OWNER, check_writable, lock_file, lock_output, owned_elsewhere, signals_held, temp_dir,
                                unlock, write_json, write_text)
 from evolm_nemo.tasks import ID_SUITES, OOD_SUITES, UPSTREAM, UPSTREAM_NAMES
@@ -165,21 +165,6 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _non_finite(value, path: str = "") -> tuple[str, object] | None:
-    """``(field path, value)`` of the first number in a JSON value that is no finite float -- NaN / Infinity (which
-    Python's JSON reads) or an integer past a float's range -- or None. Such a number would reach results.csv and the
-    tables as nan / inf (or stop the plots with an OverflowError)."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else (path, value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (path, value) if abs(value) > 1.7976931348623157e308 else None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        if (found := _non_finite(item, f"{path}.{key}" if path else str(key))) is not None:
-            return found
-    return None
-
-
 def check_result(data: dict, where: str) -> None:
     """Every field the report reads has the schema's type (above), or a ConfigError naming ``where`` and the field:
     one line, before anything is written. Numbers are finite (no NaN / Infinity: the report's outputs are strict).
@@ -188,7 +173,7 @@ def check_result(data: dict, where: str) -> None:
     if schema is not None and schema != SCHEMA:
         raise ConfigError(where, f"schema {json.dumps(schema)[:40]} is not {SCHEMA}, the one this evolm reads; report "
                                  "it with the evolm that wrote it")
-    if (found := _non_finite(data)) is not None:
+    if (found := non_finite(data, big_ints=True)) is not None:
         shown = json.dumps(found[1]) if isinstance(found[1], float) else f"{str(found[1])[:12]}... (past a float)"
         raise ConfigError(where, f"field '{found[0]}' holds {shown}, not a finite number; fix the evaluation that "
                                  "wrote it or set it to null")

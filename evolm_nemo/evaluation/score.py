@@ -83,8 +83,9 @@ def validate_row(row, where: str) -> None:
     if greedy is not None and not isinstance(greedy, str):
         bad("greedy", f"expected a string (or null), got {type(greedy).__name__}")
     for field, value in row.items():  # Python's JSON reads NaN / Infinity; they must not reach the outputs
-        if (number := non_finite(value)) is not None:
-            bad(field, f"holds {json.dumps(number)}, not a finite number (a reward model that diverged?); fix or drop the row")
+        if (found := non_finite(value)) is not None:
+            bad(field, f"holds {json.dumps(found[1])}, not a finite number (a reward model that diverged?); fix or "
+                       "drop the row")
 
 
 def read_rows(path: str) -> list[dict]:

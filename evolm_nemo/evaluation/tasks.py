@@ -115,14 +115,22 @@ def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def non_finite(value) -> Optional[float]:
-    """The first NaN / Infinity anywhere in ``value`` (a JSON value), or None."""
+FLOAT_MAX = 1.7976931348623157e308  # sys.float_info.max
+
+
+def non_finite(value, path: str = "", big_ints: bool = False) -> Optional[tuple[str, Union[float, int]]]:
+    """``(field path, number)`` of the first number anywhere in ``value`` (a JSON value) that is no finite float --
+    NaN / Infinity (which Python's JSON reads) and, with ``big_ints``, an integer past a float's range (it would
+    reach tables as inf, or stop a plot with an OverflowError) -- or None. The path is ``path`` followed by the dict
+    keys and list indices down to the number, joined by dots."""
     if isinstance(value, float):
-        return None if math.isfinite(value) else value
-    if isinstance(value, (list, tuple)):
-        return next((v for v in map(non_finite, value) if v is not None), None)
-    if isinstance(value, dict):
-        return next((v for v in map(non_finite, value.values()) if v is not None), None)
+        return None if math.isfinite(value) else (path, value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (path, value) if big_ints and abs(value) > FLOAT_MAX else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        if (found := non_finite(item, f"{path}.{key}" if path else str(key), big_ints)) is not None:
+            return found
     return None
 
 
@@ -154,8 +162,8 @@ def check_problem(row: dict, where: str, suite: Optional[str] = None) -> None:
     if row.get("gt_answer") is None and row.get("gt_solution") is None:
         bad("gt_answer", "null, and no gt_solution to take the gold answer from")
     for name in ("id", "gt_solution", "gt_answer"):
-        if (number := non_finite(row.get(name))) is not None:
-            bad(name, f"holds {json.dumps(number)}, not a finite number")
+        if (found := non_finite(row.get(name))) is not None:
+            bad(name, f"holds {json.dumps(found[1])}, not a finite number")
     if suite is not None:
         _check_gold(suite, row, bad)
 
