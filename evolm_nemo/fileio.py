@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, causes
 
 
 # ------------------------------------------------------------------------------------------- failed writes
@@ -35,18 +35,9 @@ def write_failure(exc: BaseException) -> str | None:
     """The OS's reason (e.g. "No space left on device") when ``exc`` is a refused write (``WRITE_ERRNOS``) -- itself,
     an exception it was raised from, or one a library wrapped (torch dist-checkpoint's per-rank failures carry only
     the text "[Errno 28] ...", safetensors "(os error 28)"); None for anything else."""
-    seen, stack = set(), [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in causes(exc):  # with dist-checkpoint's per-rank failures
         if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
             return e.strerror or os.strerror(e.errno)
-        stack += [e.__cause__, e.__context__]
-        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
-        if isinstance(failures, dict):
-            stack += [f for f in failures.values() if isinstance(f, BaseException)]
     for match in _ERRNO_TEXT.finditer(str(exc)):
         number = int(match.group(1) or match.group(2))
         if number in WRITE_ERRNOS:

@@ -1,6 +1,7 @@
 """The one error type for bad user input: it names the key (or file) and the fix, printed as one line."""
 
 import re
+from typing import Iterator
 
 
 class ConfigError(ValueError):
@@ -17,6 +18,22 @@ def first_line(exc: BaseException) -> str:
     return lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
+def causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and every exception it was raised from or while handling (``__cause__``, ``__context__``, and the
+    per-rank ``failures`` a torch dist-checkpoint ``CheckpointException`` carries), each once, nearest first: the one
+    walk of an exception chain for the checks that look for a known failure inside another library's wrapper."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        more = [f for f in failures.values() if isinstance(f, BaseException)] if isinstance(failures, dict) else []
+        stack += reversed([e.__cause__, e.__context__, *more])
+
+
 _ALLOCATE = re.compile(r"tried to allocate (\d+) bytes|tried to allocate ([\d.]+ ?[KMGT]i?B)", re.IGNORECASE)
 
 
@@ -24,12 +41,7 @@ def out_of_memory(exc: BaseException) -> str | None:
     """What an allocation that failed asked for ("tried to allocate 1.91 GiB"; "out of memory" when it does not say)
     when ``exc`` is one -- torch's CPU allocator ("can't allocate memory"), CUDA's ``OutOfMemoryError``, Python's
     ``MemoryError`` -- itself or an exception it was raised from; None for anything else."""
-    seen, stack = set(), [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in causes(exc):
         text = str(e)
         if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
                 isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())):
@@ -39,7 +51,6 @@ def out_of_memory(exc: BaseException) -> str | None:
             if match.group(1):
                 return f"tried to allocate {int(match.group(1)) / 2 ** 30:.2f} GiB"
             return f"tried to allocate {match.group(2)}"
-        stack += [e.__cause__, e.__context__]
     return None
 
 
@@ -53,17 +64,11 @@ def refused_pickle(exc: BaseException) -> str | None:
     (arbitrary code execution), which no error of ours repeats."""
     import pickle
 
-    seen, stack = set(), [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in causes(exc):
         if isinstance(e, pickle.UnpicklingError):
             found = _GLOBAL.search(str(e))
             return f"it holds more than tensors: a reference to {found[1]}" if found else \
                 "it is not a plain file of tensors: damaged, or pickled by other means"
-        stack += [e.__cause__, e.__context__]
     return None
 
 

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, causes
 from evolm_nemo.config.validate import once
 from evolm_nemo.tasks import UPSTREAM
 
@@ -291,12 +291,10 @@ HUB_ERRORS = ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectTimeout
 
 def _hub_unreachable(exc: BaseException) -> str | None:
     """``"<Type>: <first line>"`` when ``exc`` (or what caused it) says the hub could not be reached, else None."""
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, ConnectionError) or type(exc).__name__ in HUB_ERRORS:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            return f"{type(exc).__name__}: {first}"[:300]
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    for e in causes(exc):
+        if isinstance(e, ConnectionError) or type(e).__name__ in HUB_ERRORS:
+            first = (str(e).strip().splitlines() or [""])[0]
+            return f"{type(e).__name__}: {first}"[:300]
     return None
 
 
