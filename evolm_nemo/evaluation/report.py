@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, first_line
 from evolm_nemo.evaluation import dynamics as dyn
 from evolm_nemo.evaluation.render import md_table as _md_table, save_png as _save
 from evolm_nemo.evaluation.tasks import non_finite
@@ -146,15 +146,17 @@ def load_results(pattern: str) -> list[tuple[str, dict]]:
 def read_result(path: str | Path) -> dict | None:
     """The result JSON at ``path``, as a command that publishes its figures reads it (`evolm report`, the model cards
     of `evolm release`): None when there is none; a file that is not JSON, not an object or has a field of another
-    type than the schema's (``check_result``) is a one-line ConfigError naming it -- never skipped without a word nor
+    type than the schema's (``check_result``), or one that cannot be read, is a one-line ConfigError naming it -- never skipped without a word nor
     a crash once the work is under way."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(path), f"not valid JSON ({exc})") from None
+    except OSError as exc:  # e.g. no permission to read it
+        raise ConfigError(str(path), f"cannot be read ({exc.strerror or first_line(exc)})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
+        raise ConfigError(str(path), f"not valid JSON ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), f"not a result JSON: expected an object, got {type(data).__name__}")
     check_result(data, str(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 
@@ -124,6 +125,20 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     bad.write_text('{"size": "1B"}')
     with pytest.raises(ConfigError, match="needs a string field 'model'"):
         report.build(str(bad), str(tmp_path / "out"))
+    bad.write_text('{"model": "x", "pretrain_tokens": ' + "9" * 5000 + "}")  # json.loads: a plain ValueError
+    with pytest.raises(ConfigError) as e:
+        report.build(str(bad), str(tmp_path / "out"))
+    assert e.value.key == str(bad) and e.value.message.startswith("not valid JSON (Exceeds the limit (4300 digits)")
+    assert "\n" not in str(e.value)
+    if os.geteuid() != 0:  # root reads the file whatever its mode
+        bad.write_text('{"model": "x"}')
+        bad.chmod(0)
+        try:
+            with pytest.raises(ConfigError) as e:
+                report.build(str(bad), str(tmp_path / "out"))
+        finally:
+            bad.chmod(0o644)
+        assert e.value.key == str(bad) and e.value.message == "cannot be read (Permission denied)"
     with pytest.raises(ConfigError) as e:
         report_cli([])
     assert e.value.key == "runs"
