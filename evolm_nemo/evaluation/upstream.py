@@ -54,25 +54,30 @@ ROW_FIELDS = {
 
 
 def _index(value) -> int | None:
-    """``int(value)`` as the hooks read a label (an int, or a string of digits), else None."""
+    """``int(value)`` as the hooks read a label (an int, or a string int() takes), else None ("²" is a digit to
+    str.isdigit, but int() refuses it)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
     return None
 
 
-def _lettered(row: dict, key: str) -> str | None:
-    """ARC / OpenBookQA: ``choices`` holds lists ``text`` and ``label`` of one length, and the answer key (its
-    leading spaces stripped, as openbookqa.yaml reads it) is one of the labels."""
+def _lettered(row: dict, key: str, strip: bool = False) -> str | None:
+    """ARC / OpenBookQA: ``choices`` holds lists ``text`` and ``label`` of one length, and the answer key is one of
+    the labels -- with ``strip``, its leading spaces stripped first, as openbookqa.yaml reads it
+    (``answerKey.lstrip()``); the ARC YAMLs look the key up as it is."""
     choices = row["choices"]
     if not isinstance(choices, dict) or not isinstance(choices.get("text"), list) or \
             not isinstance(choices.get("label"), list) or len(choices["text"]) != len(choices["label"]) or \
             not choices["text"]:
         return "field 'choices': expected {text: [...], label: [...]}, two lists of one length"
-    answer = row[key].lstrip() if isinstance(row[key], str) else row[key]
+    answer = row[key].lstrip() if strip and isinstance(row[key], str) else row[key]
     if answer not in choices["label"]:
         return f"field '{key}': {json.dumps(row[key])} is none of the choices' labels {json.dumps(choices['label'])}"
     return None
@@ -108,7 +113,7 @@ ROW_GOLD = {
     "hellaswag": _hellaswag,
     "winogrande": _winogrande,
     "piqa": _piqa,
-    "openbookqa": lambda row: _lettered(row, "answerKey"),
+    "openbookqa": lambda row: _lettered(row, "answerKey", strip=True),
     "arc_easy": lambda row: _lettered(row, "answerKey"),
     "arc_challenge": lambda row: _lettered(row, "answerKey"),
 }

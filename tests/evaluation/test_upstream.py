@@ -236,10 +236,14 @@ def test_a_damaged_model_directory_is_one_line_before_lm_eval(lm, tmp_path, caps
 BAD_GOLD = {  # task: (how a sample row is damaged, what the one line says)
     "hellaswag": (lambda r: r.update(label="4"), "field 'label': \"4\", expected the index of one of its 4 endings"),
     "winogrande": (lambda r: r.update(sentence=r["sentence"].replace("_", "it")), "field 'sentence': has no blank"),
-    "winogrande_answer": (lambda r: r.update(answer="3"), "field 'answer': \"3\", expected \"1\""),
+    "winogrande:answer": (lambda r: r.update(answer="3"), "field 'answer': \"3\", expected \"1\""),
+    "winogrande:superscript": (lambda r: r.update(answer="\u00b2"), "field 'answer': \"\\u00b2\", expected"),
     "piqa": (lambda r: r.update(label=True), "field 'label': true, expected 0 (sol1) or 1 (sol2)"),
     "openbookqa": (lambda r: r.update(answerKey="E"), "field 'answerKey': \"E\" is none of the choices' labels"),
     "arc_easy": (lambda r: r.update(answerKey="Z"), "field 'answerKey': \"Z\" is none of the choices' labels"),
+    # arc_*.yaml look the key up as it is (openbookqa.yaml strips it): " A" fails inside lm-eval
+    "arc_easy:leading_space": (lambda r: r.update(answerKey=" " + r["answerKey"]), "is none of the choices' labels"),
+    "hellaswag:superscript": (lambda r: r.update(label="\u00b2"), "field 'label': \"\\u00b2\", expected the index"),
     "arc_challenge": (lambda r: r["choices"]["text"].pop(), "field 'choices': expected {text: [...], label: [...]}"),
 }
 
@@ -249,7 +253,7 @@ def test_a_gold_label_outside_the_choices_is_one_line(tmp_path, case):
     """A row whose gold answer the task's YAML cannot place among its choices: an ARC answerKey that is no label or a
     Winogrande sentence without its blank was a traceback out of lm-eval's template after the model loaded, a PIQA
     or HellaSwag label past the choices a row lm-eval scored wrong with only a warning. Refused naming file:line."""
-    task = case.split("_answer")[0]
+    task = case.split(":")[0]
     damage, message = BAD_GOLD[case]
     rows = [json.loads(x) for x in (SAMPLE / f"{task}.jsonl").read_text().splitlines()]
     damage(rows[1])
@@ -257,6 +261,14 @@ def test_a_gold_label_outside_the_choices_is_one_line(tmp_path, case):
     with pytest.raises(ConfigError) as err:
         upstream.check_tasks([task], None, str(tmp_path))
     assert err.value.key == f"{tmp_path / f'{task}.jsonl'}:2" and message in str(err.value), str(err.value)
+
+
+def test_openbookqa_alone_strips_the_answer_key(tmp_path):
+    """openbookqa.yaml reads ``answerKey.lstrip()``: a key with a leading space is its label there, and only there."""
+    rows = [json.loads(x) for x in (SAMPLE / "openbookqa.jsonl").read_text().splitlines()]
+    rows[1]["answerKey"] = " " + rows[1]["answerKey"]
+    (tmp_path / "openbookqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    upstream.check_tasks(["openbookqa"], None, str(tmp_path))
 
 
 @pytest.mark.parametrize("text, message", [
