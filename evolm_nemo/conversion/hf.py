@@ -51,19 +51,21 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
 
 
 def head_kind(cfg: dict) -> str:
-    """'lm' or 'value' from ``architectures`` (refusing anything else)."""
+    """'lm' or 'value' from ``architectures``: every class it names is supported and they all give that head (a list
+    naming classes of both heads, or one we do not support, is refused: which head the weights are for would be a
+    guess)."""
     arch = cfg.get("architectures") or ["LlamaForCausalLM"]
-    if not isinstance(arch, list) or not isinstance(arch[0], str):
+    if not isinstance(arch, list) or not all(isinstance(a, str) for a in arch):
         raise ConfigError("architectures", f"expected a list of class names in config.json, got {arch!r}")
-    if len(arch) > 1:  # which head the weights are for would be a guess
-        raise ConfigError("architectures", f"names {len(arch)} classes in config.json ({', '.join(map(str, arch))}); "
-                                           "a model has one")
-    name = arch[0]
-    if name in CAUSAL:
-        return "lm"
-    if name in VALUE:
-        return "value"
-    raise ConfigError("architectures", f"{name} is not supported; supported: {', '.join(CAUSAL + VALUE)}")
+    for name in arch:
+        if name not in CAUSAL + VALUE:
+            raise ConfigError("architectures", f"{name} is not supported; supported: {', '.join(CAUSAL + VALUE)}")
+    heads = {"lm" if name in CAUSAL else "value" for name in arch}
+    if len(heads) > 1:
+        raise ConfigError("architectures", f"names classes of two heads in config.json ({', '.join(arch)}): a "
+                                           f"language model ({', '.join(CAUSAL)}) and a value model "
+                                           f"({', '.join(VALUE)}); a model has one")
+    return heads.pop()
 
 
 def _positive_int(x) -> bool:

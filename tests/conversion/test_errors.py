@@ -482,6 +482,8 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(ckpt, tmp_path, sm
 @pytest.mark.parametrize("edits, key", [
     ({"architectures": 5}, "architectures"),
     ({"architectures": ["LlamaForCausalLM", "Foo"]}, "architectures"),  # was imported as the first
+    ({"architectures": ["LlamaForCausalLM", "LlamaForSequenceClassification"]}, "architectures"),  # two heads
+    ({"architectures": ["LlamaForCausalLM", 5]}, "architectures"),
     ({"num_key_value_heads": "2"}, "num_key_value_heads"),
     ({"num_key_value_heads": -2}, "num_key_value_heads"),
     ({"hidden_size": True}, "hidden_size"),
@@ -504,6 +506,17 @@ def test_config_values_of_the_wrong_type_are_named(good, tmp_path, capsys, edits
         del cfg["model_type"]
     (src / "config.json").write_text(json.dumps(cfg))
     fails(capsys, tmp_path, ["import-hf", f"src={src}", "progress=false"], key)
+
+
+def test_architectures_naming_one_head_more_than_once_is_that_head():
+    """Only classes of different heads, or one not supported, are refused: two names of one head say which it is."""
+    from evolm_nemo.conversion import hf
+
+    assert hf.head_kind({"architectures": ["LlamaForCausalLM", "MistralForCausalLM"]}) == "lm"
+    assert hf.head_kind({"architectures": ["LlamaForSequenceClassification"] * 2}) == "value"
+    assert hf.head_kind({}) == "lm"
+    with pytest.raises(ConfigError, match="LlamaModel is not supported"):
+        hf.head_kind({"architectures": ["LlamaForCausalLM", "LlamaModel"]})
 
 
 def test_bad_index_probe_and_paths_are_one_line(good, ckpt, tmp_path, capsys):
