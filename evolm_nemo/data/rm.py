@@ -128,8 +128,11 @@ def read_problems(path: str, limit: Optional[int] = None) -> tuple[list[Problem]
     labels the data meant (a reversed pair cancels its pair's gradient and marks the chosen response incorrect)."""
     problems: "OrderedDict[str, Problem]" = OrderedDict()
     counts = {"rows": 0, "responses": 0, "duplicates": 0}
-    verdicts: dict[tuple[str, str], tuple[float, str]] = {}  # (prompt, response) -> (label, where) of scored/labelled
-    pair_at: dict[tuple[str, str, str], str] = {}  # (prompt, chosen, rejected) -> where
+    # per prompt, while reading: response -> the line of its first scored / labelled verdict, negated when that said
+    # incorrect (the labels a pair row puts in ``responses`` are relative, no verdict: a response chosen in one pair
+    # may be rejected in another); (chosen, rejected) -> the line of its first row
+    verdicts: dict[str, dict[str, int]] = {}
+    pair_lines: dict[str, dict[tuple[str, str], int]] = {}
     for where, row in iter_jsonl(path, "input"):
         if limit is not None and counts["rows"] >= limit:
             break
@@ -158,19 +161,22 @@ def read_problems(path: str, limit: Optional[int] = None) -> tuple[list[Problem]
         else:
             raise ConfigError(where, "unrecognised row: expected `evolm score` output {problem, completions, correct},"
                                      " {prompt, chosen, rejected} or {prompt, response, label}")
+        line = int(where.rsplit(":", 1)[1])  # where: f"{path}:{line}"
         if pair is None:
+            seen = verdicts.setdefault(prompt, {})
             for text, label in items:
-                seen, first = verdicts.setdefault((prompt, text), (label, where))
-                if seen != label:
-                    now, then = ("correct" if y else "incorrect" for y in (label, seen))
-                    raise ConfigError(where, f"response {_short(text)} is labelled {now} here and {then} at {first} "
-                                             "for the same prompt; give each response one verdict (drop or fix a row)")
+                first = seen.setdefault(text, line if label else -line)
+                if (first > 0) != bool(label):
+                    now, then = ("correct", "incorrect") if label else ("incorrect", "correct")
+                    raise ConfigError(where, f"response {_short(text)} is labelled {now} here and {then} at "
+                                             f"{path}:{abs(first)} for the same prompt; give each response one "
+                                             "verdict (drop or fix a row)")
         else:
-            first = pair_at.get((prompt, pair[1], pair[0]))
+            given = pair_lines.setdefault(prompt, {})
+            first = given.get((pair[1], pair[0]))
             if first is not None:
-                raise ConfigError(where, f"chosen and rejected are the pair at {first} reversed (the same prompt and "
-                                         "responses, preferred both ways); keep one of the two rows")
-            pair_at.setdefault((prompt, *pair), where)
+                raise ConfigError(where, f"chosen and rejected are the pair at {path}:{first} reversed (the same "
+                                         "prompt and responses, preferred both ways); keep one of the two rows")
         p = problems.setdefault(prompt, Problem(prompt, OrderedDict(), []))
         for text, label in items:
             counts["responses"] += 1
@@ -178,7 +184,8 @@ def read_problems(path: str, limit: Optional[int] = None) -> tuple[list[Problem]
                 counts["duplicates"] += 1
                 continue
             p.responses[text] = label
-        if pair is not None and pair not in p.pairs:
+        if pair is not None and pair not in given:
+            given[pair] = line
             p.pairs.append(pair)
     return list(problems.values()), counts
 
