@@ -444,10 +444,20 @@ def check_settings(cfg: DownstreamConfig) -> None:
         raise ConfigError("repetition_penalty", f"must be a finite number > 0 (1: none), got {cfg.repetition_penalty}")
     if cfg.tensor_parallel_size < 1:
         raise ConfigError("tensor_parallel_size", f"must be >= 1, got {cfg.tensor_parallel_size}")
+    if cfg.backend == "hf":
+        check_backend(cfg, "hf")
     if cfg.workers < 0:
         raise ConfigError("workers", f"must be >= 0 (0: one scorer per CPU core), got {cfg.workers}")
     if cfg.rm_batch_size < 1:
         raise ConfigError("rm_batch_size", f"must be >= 1, got {cfg.rm_batch_size}")
+
+
+def check_backend(cfg: DownstreamConfig, backend: str) -> None:
+    """What the resolved ``backend`` cannot do: the hf sampler runs the model on one device, so a
+    tensor_parallel_size above 1 would be ignored."""
+    if backend == "hf" and cfg.tensor_parallel_size > 1:
+        raise ConfigError("tensor_parallel_size", f"{cfg.tensor_parallel_size} needs backend=vllm or trtllm (a GPU "
+                                                  "and the package); the hf backend runs the model on one device")
 
 
 def _check_rm(path: str) -> None:
@@ -582,7 +592,7 @@ def downstream(cfg: DownstreamConfig) -> dict:
     result.json into the out dir and print the metrics table. Returns the result JSON."""
     cfg = _check(cfg)
     meta = _meta(cfg)
-    sampling.pick(cfg.backend)  # a missing backend fails here, before data or model loading
+    check_backend(cfg, sampling.pick(cfg.backend))  # a missing backend fails here, before data or model loading
     out = _out_dir(cfg)
     replace = check_out(cfg, out)  # before hours of sampling, not at the first write after them
     loaded = _load_tasks(cfg)

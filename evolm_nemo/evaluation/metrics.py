@@ -10,7 +10,8 @@ averaged over the in-domain (ID) and out-of-domain (OOD) groups.
   NaN score wins) judged.
 * Pass@16: any completion correct.
 * Correct ratio: mean of (#correct / #completions) over the problems with at least one correct completion (the
-  paper's definition; the released code never aggregates it). 0.0 when no problem has a correct completion.
+  paper's definition; the released code never aggregates it). Undefined (null, shown as "-") when no problem has
+  a correct completion.
 """
 
 from __future__ import annotations

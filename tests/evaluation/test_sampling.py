@@ -375,6 +375,18 @@ def test_a_task_listed_twice_is_one_line(lm, tmp_path, capsys, mode, tasks, why)
     assert line.endswith(f"is listed twice ({why}); list each task once") and not out.exists()
 
 
+@pytest.mark.parametrize("backend", ["hf", "auto"])  # auto is hf on a machine without a GPU
+def test_tensor_parallel_on_the_hf_backend_is_one_line(lm, tmp_path, capsys, backend):
+    """tensor_parallel_size=2 with the hf sampler (one device) was silently ignored."""
+    from tests.conftest import REPO, refused_in_process
+
+    out = tmp_path / "out"
+    line = refused_in_process(capsys, "eval", ["downstream", f"model={lm[0]}", f"backend={backend}", "limit=1",
+                                               "tensor_parallel_size=2", f"data_dir={REPO / 'tests/fixtures/eval'}",
+                                               f"out={out}"], "tensor_parallel_size")
+    assert "needs backend=vllm or trtllm" in line and not out.exists()
+
+
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_a_damaged_model_directory_is_one_line_before_sampling(lm, tmp_path, capsys, damage):
     """A model directory transformers fails on only while loading it -- safetensors cut short, heads that do not
