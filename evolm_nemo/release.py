@@ -149,10 +149,17 @@ def run_dir_of(path: str | Path) -> Path:
     return p.resolve()
 
 
+DAMAGED = "no usable checkpoint, its committed ones are damaged"
+
+
 def finished(run: Path) -> tuple[bool, str, Optional[Path]]:
     """(finished?, why not / what, the final checkpoint)."""
     last = io.latest(run / "checkpoints")
     if last is None:
+        damaged = [(p.name, why) for p in io.checkpoint_dirs(run / "checkpoints")
+                   if (p / io.META).is_file() and (why := io.problem(p)) is not None]  # committed once, damaged since
+        if damaged:
+            return False, f"{DAMAGED} ({damaged[-1][0]}: {damaged[-1][1]})", None
         return False, "no committed checkpoint", None
     meta = io.read_meta(last)
     it, want = meta.get("iteration"), meta.get("planned_iters")
@@ -263,8 +270,9 @@ def _one_run(cfg) -> Plan:
     except io.CheckpointError as exc:
         raise ConfigError("src", str(exc)) from None
     if not ok:
-        raise ConfigError("src", f"{run}: {why}; only finished runs are released (`evolm train` with the same "
-                                 "recipe resumes it)")
+        raise ConfigError("src", f"{run}: {why}; only finished runs are released " + (
+            "(restore the checkpoint from a copy, or train the run again: train.resume=false train.overwrite=true)"
+            if why.startswith(DAMAGED) else "(`evolm train` with the same recipe resumes it)"))
     if not cfg.repo:
         raise ConfigError("repo", "must be set: repo=<org/name> (or a pattern such as '{org}/evolm-{size}-{node}')")
     model = Model(node=run.name, run=run, meta=io.read_meta(last))

@@ -275,6 +275,12 @@ def test_release_bad_input_is_one_line(suite, tmp_path):
     assert "not finished (iter_0000001 of 2 iterations)" in one_line_error(proc, "src")
     proc = release([f"src={unfinished}"], None, home, check=False)
     one_line_error(proc, "src")
+    # its one checkpoint cut short: not "no committed checkpoint ... evolm train resumes it" (a resume refuses)
+    shard = sorted((unfinished / "checkpoints" / "iter_0000001").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:10])
+    line = one_line_error(release([f"src={unfinished}", "repo=org/x"], None, home, check=False), "src")
+    assert f"its committed ones are damaged (iter_0000001: {shard.name}" in line and "train.overwrite=true" in line \
+        and "resumes it" not in line, line
     pre = suite["root"] / "pre"
     proc = release([f"src={pre}"], None, home, check=False)
     assert "must be set" in one_line_error(proc, "repo")
