@@ -124,14 +124,18 @@ def _short(value) -> str:
     return str(value)
 
 
-def settings_change(path: Path, config: dict, ours: dict) -> ConfigError | None:
+def settings_change(path: Path, meta: dict, ours: dict) -> ConfigError | None:
     """The first of ``ours`` (dotted key -> value: ``stages.run_settings``) whose value differs from the recipe the
-    checkpoint ``path`` records (``config``, its evolm.json), as a ConfigError naming it and how many more differ;
-    keys the record lacks (checkpoints from before a key existed) are not compared. ``train.precision`` is compared
-    as this machine runs it (``auto`` and the precision it means here are the same run)."""
+    checkpoint ``path`` records (``meta``, its evolm.json: ``config``), as a ConfigError naming it and how many more
+    differ; keys the record lacks (checkpoints from before a key existed) are not compared. ``train.precision`` is
+    compared as the run ran it (``precision``, recorded resolved: ``auto`` is bf16 on GPU, fp32 on CPU) with what
+    this recipe runs here, so naming the precision ``auto`` meant is no change (a checkpoint from before the record
+    has its ``auto`` read as this machine runs it)."""
+    config = meta.get("config") or {}
     if "train.precision" in ours and isinstance(config.get("train"), dict) and "precision" in config["train"]:
+        ran = meta.get("precision") or resolve_precision(config["train"]["precision"])
         ours = {**ours, "train.precision": resolve_precision(ours["train.precision"])}
-        config = {**config, "train": {**config["train"], "precision": resolve_precision(config["train"]["precision"])}}
+        config = {**config, "train": {**config["train"], "precision": ran}}
     changed = changed_keys(config, ours)
     if not changed:
         return None
@@ -164,7 +168,7 @@ def resume_check(cfg: RootConfig, plan_iters: int, identity: dict | None = None,
                                    f"train.iters={planned if planned is not None else done} train.tokens=null, or "
                                    f"branch off with train.init_from={path} and a new run.out_dir")
         change = identity_change(path, meta.get(IDENTITY) or {}, identity or {}) or \
-            settings_change(path, meta.get("config") or {}, settings or {})
+            settings_change(path, meta, settings or {})
         if change is not None:
             raise change
 
@@ -247,7 +251,7 @@ def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...
         start.lineage = lineage(cfg, start.parent_meta, stage.lineage())
     meta = {"model": dataclasses.asdict(cfg.model), "config": to_dict(cfg), "tokenizer": _tokenizer_ref(stage),
             "stage": cfg.stage, "lineage": start.lineage, "head": stage.head, "run_id": begin.run_id,
-            "planned_iters": plan.iters, IDENTITY: identity}
+            "planned_iters": plan.iters, IDENTITY: identity, "precision": resolve_precision(t.precision)}
     if start.iteration >= plan.iters and rt.is_main:
         print(f"[evolm] {out} is complete: {begin.checkpoint} is at iteration {start.iteration} of {plan.iters}; "
               "nothing to train", flush=True)

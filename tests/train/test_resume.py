@@ -1,11 +1,13 @@
 """Resume: a run SIGKILLed after a checkpoint and resumed reproduces the uninterrupted run's per-step losses (data
 order included); a checkpoint cut short is never used, the previous complete one is."""
 
+import json
 import shutil
 
 import pytest
 
 from evolm_nemo.checkpoint import io as ckpt
+from evolm_nemo.runtime.distributed import resolve_precision
 from tests.conftest import losses, one_line_error, run_evolm, tiny, train_then_sigkill, tree_bytes
 
 ITERS = 30
@@ -137,8 +139,8 @@ def test_a_run_that_does_not_fit_in_memory_stops_in_one_line(tmp_path, data_cach
 
     proc = subprocess.run(evolm_cmd("train", tiny(tmp_path / "run", data_cache, "train.iters=2",
                                                   "model.seq_length=4000000")),
-                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit)
+                          cwd=REPO, env={**subprocess_env(), "CUDA_VISIBLE_DEVICES": ""}, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit)  # a CUDA start-up would not fit in 8 GB
     line = one_line_error(proc, "parallel.micro_batch_size")
     assert "out of memory (tried to allocate " in line and "model.seq_length=4000000" in line, line
 
@@ -179,8 +181,6 @@ def test_a_resume_from_a_checkpoint_holding_pickled_code_is_one_line(tmp_path, d
     """The run's own newest checkpoint altered to hold pickled code, its checksums updated to match (so it is not
     passed over as damaged): the resume was a CheckpointError traceback; now one line naming it and the ways on,
     and the payload never runs."""
-    import json
-
     import torch
 
     from evolm_nemo.checkpoint.io import file_checksum
@@ -211,12 +211,22 @@ def test_a_resume_keeps_the_settings_its_run_started_with(tmp_path, data_cache, 
     out = tmp_path / "run"
     shutil.copytree(cut_at_2, out)
     before = tree_bytes(out)
+    here = resolve_precision("auto")  # what train.precision=auto runs on this machine
+    other = "fp32" if here == "bf16" else "bf16"
     line = one_line_error(run_evolm("train", tiny(out, data_cache, *DATA_ARGS, "optim.lr=1e-2", "optim.beta1=0.5",
-                                              "train.precision=bf16"), check=False), "optim.lr")
+                                              f"train.precision={other}"), check=False), "optim.lr")
     assert "iter_0000002 was trained with optim.lr=" in line and "(and optim.beta1, train.precision)" in line, line
     assert tree_bytes(out) == before
-    # train.precision=auto is fp32 on CPU: naming it is no change
+    # a run that ran in another precision than auto means here (trained on a GPU, resumed on CPU): refused
+    ran_elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(cut_at_2, ran_elsewhere)
+    record = ran_elsewhere / "checkpoints" / "iter_0000002" / "evolm.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "precision": other}))
+    line = one_line_error(run_evolm("train", tiny(ran_elsewhere, data_cache, *DATA_ARGS), check=False),
+                          "train.precision")
+    assert f"was trained with train.precision={other}, this recipe has {here}" in line, line
+    # naming the precision auto means here is no change
     run_evolm("train", tiny(out, data_cache, *DATA_ARGS, "parallel.micro_batch_size=1", "train.save_interval=1",
-                            "train.log_interval=2", "train.precision=fp32"))
+                            "train.log_interval=2", f"train.precision={here}"))
     got = losses(out)
     assert sorted(got) == [1, 2, 4] and abs(got[4] - want[4]) <= 1e-5 * abs(want[4]), (got, want)
