@@ -121,7 +121,9 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
 def signals_held(signals: tuple = ("SIGINT", "SIGTERM", "SIGHUP")) -> Iterator[None]:
     """A stop signal (Ctrl-C, SIGTERM, SIGHUP) that arrives inside waits for its end, where it is sent again to the
     handler that was there before: for steps that must not be split, e.g. committing a dataset and the file that
-    belongs with it. Only the main thread can hold them (elsewhere nothing is held)."""
+    belongs with it. When the steps fail, the failure goes on and the held signal is dropped (sent again it would
+    replace the error with "stopped by ..."; the command ends anyway). Only the main thread can hold them
+    (elsewhere nothing is held)."""
     import signal
     import threading
 
@@ -133,12 +135,14 @@ def signals_held(signals: tuple = ("SIGINT", "SIGTERM", "SIGHUP")) -> Iterator[N
     for name in signals:
         sig = getattr(signal, name)
         previous[sig] = signal.signal(sig, lambda signum, frame: got.append(signum))
+    failed = True
     try:
         yield
+        failed = False
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        if got:
+        if got and not failed:
             os.kill(os.getpid(), got[0])
 
 

@@ -166,8 +166,8 @@ class BatchSchedule:
                 ds = self.dataset
                 if "dataset_id" in sample:  # a blend: the source it drew from
                     ds = ds.datasets[int(sample["dataset_id"])]
-                where = getattr(ds, "dataset_path", None) or "data.paths"
-                raise ConfigError("data.paths", f"{where}.bin: sample {first + i:,} holds token id {top} >= "
+                where = f"{ds.dataset_path}.bin: " if getattr(ds, "dataset_path", None) else ""
+                raise ConfigError("data.paths", f"{where}sample {first + i:,} holds token id {top} >= "
                                                 f"model.vocab_size={self.vocab_size}; it was tokenized with a larger "
                                                 "vocabulary than the model's (check data.tokenizer and "
                                                 "model.vocab_size)")

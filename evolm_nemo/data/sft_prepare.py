@@ -424,7 +424,8 @@ def prepare_sft(cfg: PrepareSFTConfig, rows: Optional[Iterable[tuple[str, object
                               "overlength": cfg.overlength},
                     "counts": dict(counts.__dict__), "split": split_info}
         # the pair lands together: the RL file is written aside first and renamed right after the dataset's
-        # commit, with stop signals held in between (a failed commit leaves the old pair as it was)
+        # commit, with stop signals held in between (a failed commit leaves the old pair as it was; rl_output's
+        # directory was checked writable before any work, so the rename after the commit has nothing left to fail)
         with signals_held(), (atomic_path(cfg.rl_output) if rl_text is not None else
                                contextlib.nullcontext()) as rl_tmp:
             if rl_tmp is not None:

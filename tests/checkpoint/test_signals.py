@@ -147,5 +147,11 @@ def test_signals_held_wait_for_the_end_of_a_step_that_must_not_be_split():
         assert inside and seen == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGTERM) is before
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # steps that fail: their error goes on, not replaced by the held signal's "stopped by ..."
+        with pytest.raises(OSError, match="disk full"):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise OSError("disk full")
+        assert seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
