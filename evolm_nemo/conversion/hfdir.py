@@ -7,6 +7,7 @@ checked before any sampling); nothing here imports torch unless a ``.bin`` is re
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,11 +36,10 @@ EXPORT_RECORD = "evolm_export.json"  # `evolm export-hf`'s record beside the HF 
 ROLES = ("actor", "critic", "reward_model")  # what a recorded export was: an RL actor, a PPO critic, a reward model
 
 
-def export_role(src: Path, key: str = "src") -> str | None:
-    """The role `evolm export-hf` recorded for the HF directory ``src`` (``evolm_export.json``): "critic" (a PPO
-    critic: it predicts returns, not rewards), "reward_model", "actor", or None (no record: a model made elsewhere;
-    no role recorded: a language model). An export made before the role was recorded names its source checkpoint:
-    a value head under a run's ``critic/`` is the critic. An unreadable record is one line naming ``key``."""
+def export_record(src: Path, key: str = "src") -> dict | None:
+    """The record `evolm export-hf` wrote beside the HF files of ``src`` (``evolm_export.json``), or None where there
+    is none (a model made elsewhere). An unreadable record, or one that is no JSON object, is one line naming ``key``:
+    the one reader of the record, so that every command judges a damaged one alike."""
     path = Path(src) / EXPORT_RECORD
     if not path.is_file():
         return None
@@ -49,6 +49,41 @@ def export_role(src: Path, key: str = "src") -> str | None:
         raise ConfigError(key, f"{path}: unreadable export record ({first_line(exc) or type(exc).__name__})") from None
     if not isinstance(record, dict):
         raise ConfigError(key, f"{path}: expected a JSON object (the export's record), got a {type(record).__name__}")
+    return record
+
+
+def export_identity(src: Path) -> dict | None:
+    """Which export the HF directory ``src`` holds, for an evaluation to record beside its results: the checkpoint it
+    was made from (``run_id``, ``iteration``, None where the record does not say) and the sha256 of its
+    ``evolm_export.json`` (which lists every exported file's checksum, so another export, even of the same
+    checkpoint, has another digest). None without a record. Never an error: an evaluation of a model whose record is
+    damaged is still recorded by its digest. `evolm suite launch` compares it with the export there now -- file
+    times would not do: a copy without -p, or clock skew on a shared filesystem, makes a result look older."""
+    path = Path(src) / EXPORT_RECORD
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        record = None
+    record = record if isinstance(record, dict) else {}
+    run_id, iteration = record.get("run_id"), record.get("iteration")
+    return {"run_id": run_id if isinstance(run_id, str) else None,
+            "iteration": iteration if isinstance(iteration, int) and not isinstance(iteration, bool) else None,
+            "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def export_role(src: Path, key: str = "src") -> str | None:
+    """The role `evolm export-hf` recorded for the HF directory ``src`` (``evolm_export.json``): "critic" (a PPO
+    critic: it predicts returns, not rewards), "reward_model", "actor", or None (no record: a model made elsewhere;
+    no role recorded: a language model). An export made before the role was recorded names its source checkpoint:
+    a value head under a run's ``critic/`` is the critic. An unreadable record is one line naming ``key``."""
+    record = export_record(src, key)
+    if record is None:
+        return None
+    path = Path(src) / EXPORT_RECORD
     if "role" in record:
         role = record["role"]
         if role is not None and role not in ROLES:

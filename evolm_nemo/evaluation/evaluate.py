@@ -592,6 +592,7 @@ def downstream(cfg: DownstreamConfig) -> dict:
     result.json into the out dir and print the metrics table. Returns the result JSON."""
     cfg = _check(cfg)
     meta = _meta(cfg)
+    made_from = hfdir.export_identity(cfg.model)  # the export loaded below, before hours of sampling (not after them)
     check_backend(cfg, sampling.pick(cfg.backend))  # a missing backend fails here, before data or model loading
     out = _out_dir(cfg)
     replace = check_out(cfg, out)  # before hours of sampling, not at the first write after them
@@ -613,7 +614,7 @@ def downstream(cfg: DownstreamConfig) -> dict:
                                              "max_model_len", "max_new_tokens", "seed", "limit", "rm")}
     suites = {k: v for k, v in summary.items() if k not in ("id_avg", "ood_avg")}
     down = {"scoring": cfg.scoring, "suites": suites, "id_avg": summary.get("id_avg"),
-            "ood_avg": summary.get("ood_avg"), "sampling": {**settings, **stats}}
+            "ood_avg": summary.get("ood_avg"), "sampling": {**settings, **stats}, "export": made_from}
     result = update_result(out / "result.json", meta, downstream=down)
     shutil.rmtree(out / SAMPLED, ignore_errors=True)  # done: the next run samples afresh
     print(table(summary, f"{meta['model']} (scoring={cfg.scoring}, backend={stats['backend']})", cfg.n))
@@ -643,6 +644,7 @@ def upstream(cfg: UpstreamConfig) -> dict:
     _model_dir(cfg.model)
     batch = upstream_settings(cfg)
     meta = _meta(cfg)
+    made_from = hfdir.export_identity(cfg.model)  # the export the harness loads below
     replace = check_out(cfg, _out_dir(cfg))  # before the harness runs
     tasks_dir = up.tasks_dir_for(cfg.tasks_dir, cfg.data_dir)
     up.check(cfg.model, cfg.tasks, tasks_dir, cfg.data_dir, device=cfg.device)
@@ -655,6 +657,7 @@ def upstream(cfg: UpstreamConfig) -> dict:
     out = _out_dir(cfg)
     write_json(out / "upstream.json", json.loads(json.dumps(raw, default=str)))
     summary["source"] = "local" if tasks_dir else "lm-eval built-in"
+    summary["export"] = made_from
     result = update_result(out / "result.json", meta, upstream=summary)
     head = f"{'task':<16}{'acc':>8}{'acc_norm':>10}{'score':>8}{'n':>8}"
     lines = [f"{meta['model']} (lm-eval 0-shot)", head, "-" * len(head)]

@@ -17,15 +17,21 @@ merge into the same file when given the same ``out``)::
         "scoring": "evolm",               # evolm | strict: the equivalence mode that produced the numbers
         "suites": {"gsm8k_platinum": {"n", "pass1", "maj16", "rm16", "pass16", "correct_ratio"}, ...},
         "id_avg": {...}, "ood_avg": {...},
-        "sampling": {"backend", "n", "temperature", "top_p", "repetition_penalty", "max_model_len", "seed", ...}
+        "sampling": {"backend", "n", "temperature", "top_p", "repetition_penalty", "max_model_len", "seed", ...},
+        "export": {"run_id", "iteration", "sha256"}   # the evolm export evaluated (optional; null: none)
       },
       "upstream": {                       # lm-eval 0-shot, percent
         "tasks": {"hellaswag": {"acc", "acc_norm", "score", "n"}, ...},
-        "avg": 52.3                       # mean of the task scores (acc_norm, or acc for winogrande)
+        "avg": 52.3,                      # mean of the task scores (acc_norm, or acc for winogrande)
+        "export": {...}                   # as downstream's
       }
     }
 
-``downstream`` and ``upstream`` are each optional; ``rm16`` is null without reward-model scores. The report writes
+``downstream`` and ``upstream`` are each optional; ``rm16`` is null without reward-model scores. ``export``
+(``hfdir.export_identity``: the checkpoint the model directory's ``evolm_export.json`` names, and that file's
+sha256) is kept per mode -- the two modes of one model may have evaluated two exports of it -- and lets `evolm suite
+launch` tell an evaluation of the export there now from one of an earlier export; results written before it have
+none. The report writes
 ``results.csv`` (one row per model, every metric), ``report.md`` (the tables of the paper, in percent) and the plots
 ``tokens.png`` (metrics vs pretraining tokens per model size), ``id_vs_ood.png``, ``sft_vs_rl.png``,
 ``rm_vs_accuracy.png`` (per suite: each model's mean ORM score vs its correct ratio, Pearson r; EvoLM's Takeaway 12)
@@ -205,6 +211,12 @@ def check_result(data: dict, where: str) -> None:
         metrics(f"downstream.suites.{suite}", m, (*METRICS, "rm_score_mean"))
     up = obj("upstream", data.get("upstream"))
     need("upstream.avg", up.get("avg"), _number(up.get("avg")), "a number")
+    for mode, part in (("downstream", down), ("upstream", up)):  # optional: results from before it have none
+        made = obj(f"{mode}.export", part.get("export"))
+        for key in ("run_id", "sha256"):
+            need(f"{mode}.export.{key}", made.get(key), isinstance(made.get(key), str), "a string")
+        it = made.get("iteration")
+        need(f"{mode}.export.iteration", it, _number(it) and not isinstance(it, float), "an iteration number")
     for task, m in obj("upstream.tasks", up.get("tasks")).items():
         metrics(f"upstream.tasks.{task}", m, ("acc", "acc_norm", "score"))
 

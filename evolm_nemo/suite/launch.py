@@ -49,8 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evolm_nemo.checkpoint import io as ckpt
-from evolm_nemo.config.compose import changed_keys
+from evolm_nemo.config.compose import changed_keys, compose
 from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.conversion import hfdir
+from evolm_nemo.conversion.config import ExportHFConfig
 from evolm_nemo.fileio import check_dst, lock_file, replace_dir, temp_dir
 from evolm_nemo.stages import kind
 from evolm_nemo.suite.node import pid_file
@@ -160,34 +162,53 @@ def jobs(plan: SuitePlan) -> list[Job]:
 
 def outdated(suite: Suite, row: Row, states: dict[str, str]) -> str | None:
     """Why a done export or evaluation no longer shows its parent (None when it does): the parent runs again in this
-    launch, an export was made from another run or checkpoint than the parent run's newest (the run was removed and
-    trained again), or an evaluation's result.json predates its export. Such a node was skipped as done, and the
-    suite's report and release cards showed the earlier model's results for the new one."""
+    launch, an export was made from another run or checkpoint than its ``src`` gives now (the run was removed and
+    trained again), or an evaluation's result.json records another export than the one there now. Such a node was
+    skipped as done, and the suite's report and release cards showed the earlier model's results for the new one.
+    What it was made from is read from the records (never from file times, which a copy without -p or clock skew on
+    a shared filesystem changes); a node whose record predates them is not judged."""
     node = suite.nodes[row.node]
     if row.kind not in ("export", "eval") or not node.parent:
         return None
-    if states.get(node.parent, "done") != "done":
-        return f"its parent {node.parent} runs again"
-    out, parent = Path(suite.out(row.node)), Path(suite.out(node.parent))
+    again = f"its parent {node.parent} runs again" if states.get(node.parent, "done") != "done" else None
     if row.kind == "export":
-        try:
-            record = json.loads((out / "evolm_export.json").read_text(encoding="utf-8"))
-            last = ckpt.latest(parent / "checkpoints")
-            meta = json.loads((last / ckpt.META).read_text()) if last is not None else {}
-        except (OSError, ValueError):
-            return None  # not one of ours to judge: left as it is
-        if not isinstance(record, dict) or last is None:
-            return None
-        if (record.get("run_id"), record.get("iteration")) != (meta.get("run_id"), meta.get("iteration")):
-            return (f"it was exported from iteration {record.get('iteration')} of run {record.get('run_id')}; "
-                    f"{node.parent}'s newest checkpoint is {last.name} of run {meta.get('run_id')}")
-        return None
+        return _export_outdated(suite, row, again)
+    if again is not None:
+        return again
+    mode = row.stage.split("-", 1)[1]
     try:
-        if (out / "result.json").stat().st_mtime < (parent / "evolm_export.json").stat().st_mtime:
-            return f"its result.json predates the export {node.parent}"
-    except OSError:
+        result = json.loads((Path(suite.out(row.node)) / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    return None
+    made = result.get(mode) if isinstance(result, dict) else None
+    made = made.get("export") if isinstance(made, dict) else None
+    now = hfdir.export_identity(Path(suite.out(node.parent)))
+    if not isinstance(made, dict) or now is None or made.get("sha256") == now["sha256"]:
+        return None  # evaluated before results recorded their export (left as done), or of the export there now
+    return (f"it evaluated another export (iteration {made.get('iteration')} of run {made.get('run_id')}) than "
+            f"{node.parent} holds now (iteration {now['iteration']} of run {now['run_id']})")
+
+
+def _export_outdated(suite: Suite, row: Row, again: str | None) -> str | None:
+    """:func:`outdated` of an export: its record (``evolm_export.json``) against the checkpoint its own ``src``
+    resolves to now, as `evolm export-hf` resolves it (the node's composed overrides: a node may pin ``src`` to one
+    checkpoint of its parent, an intermediate one, rather than the parent run's newest). ``again``: why the parent
+    runs again (or None); an export pinned to a checkpoint that is there, of the recorded run and iteration, stays
+    done even so -- the parent's further training does not change it."""
+    try:
+        record = hfdir.export_record(Path(suite.out(row.node)), "dst")
+        src = compose("export_hf", list(row.overrides), ExportHFConfig).src
+        found = ckpt.resolve(src)
+        meta = json.loads((found / ckpt.META).read_text())
+    except (ConfigError, ckpt.CheckpointError, OSError, ValueError, TypeError):
+        return again  # not one of ours to judge, or its src is not there (yet): as its parent
+    if not isinstance(record, dict) or not isinstance(meta, dict):
+        return again
+    if (record.get("run_id"), record.get("iteration")) != (meta.get("run_id"), meta.get("iteration")):
+        return (f"it was exported from iteration {record.get('iteration')} of run {record.get('run_id')}; its src "
+                f"{src} is now {found.name} of run {meta.get('run_id')}")
+    pinned = (Path(src) / ckpt.META).exists()  # src names the checkpoint itself, not a run whose newest it takes
+    return None if pinned else again
 
 
 def status_table(js: list[Job]) -> str:

@@ -5,6 +5,7 @@ loaded, and leaves every byte as it was."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -108,11 +109,19 @@ def test_another_models_evaluation_is_replaced_only_with_overwrite(capsys, tmp_p
 
     model_b = tmp_path / "b"
     make_lm(model_b)
+    # as `evolm export-hf` leaves it: the result names the export it evaluated (`evolm suite launch` compares it
+    # with the export there later, rather than file times)
+    (model_b / "evolm_export.json").write_text(json.dumps({"run_id": "20260101-000000-000000", "iteration": 7}))
     down = [a if not a.startswith("model=") else f"model={model_b}" for a in down]
     assert cli.main([*down, "overwrite=true", "n=2", "max_new_tokens=4", "workers=1"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["completions.jsonl", "notes.txt", "result.json", "scored.jsonl"]
     result = json.loads((out / "result.json").read_text())
     assert result["model_dir"] == str(model_b.resolve()) and "upstream" not in result
+    digest = hashlib.sha256((model_b / "evolm_export.json").read_bytes()).hexdigest()
+    assert result["downstream"]["export"] == {"run_id": "20260101-000000-000000", "iteration": 7, "sha256": digest}
+    from evolm_nemo.evaluation import report
+
+    assert report.read_result(out / "result.json") == result  # the schema's check takes it
 
 
 def test_an_output_another_command_is_writing_is_refused(capsys, tmp_path, world):

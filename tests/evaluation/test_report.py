@@ -333,3 +333,16 @@ def test_a_new_report_leaves_no_plot_of_the_previous_one(tmp_path):
     assert not (out / "rm_vs_accuracy.png").exists() and not (out / "id_vs_ood.png").exists()
     assert (out / "tokens.png").exists() and mine.read_text() == "mine"
     assert "1B-80BT-rl" not in (out / "results.csv").read_text()
+
+
+def test_a_result_may_name_the_export_it_evaluated(tmp_path):
+    """result.json's optional ``<mode>.export`` (the export an evaluation loaded) is read, and checked like the rest."""
+    made = {"run_id": "20260101-000000-000000", "iteration": 500, "sha256": "ab" * 32}
+    data = {"schema": report.SCHEMA, **RESULTS["d"]}
+    data["downstream"] = {**data["downstream"], "export": made}
+    report.check_result(data, "r.json")
+    report.check_result({**data, "upstream": {"avg": 1.0, "export": None}}, "r.json")
+    for field, value in (("sha256", 5), ("iteration", "500"), ("run_id", [])):
+        bad = {**data, "downstream": {**data["downstream"], "export": {**made, field: value}}}
+        with pytest.raises(ConfigError, match=f"field 'downstream.export.{field}' must be"):
+            report.check_result(bad, "r.json")

@@ -80,6 +80,7 @@ def test_local_tasks_offline_match_direct_computation(lm, tmp_path, capsys, monk
         (path.name, "1B", 20 * 10**9, "pretrain")  # parsed from the dir name
     up = result["upstream"]
     assert set(up["tasks"]) == set(UPSTREAM) and up["source"] == "local"
+    assert up["export"] is None  # no evolm_export.json beside the model: not an evolm export
     assert all(up["tasks"][t]["n"] == 3 for t in UPSTREAM)
     for task in ("piqa", "openbookqa", "arc_easy", "winogrande"):
         acc, norm = _expected(model, tok, task)

@@ -301,8 +301,12 @@ def test_sigterm_to_the_launcher_stops_the_node_with_its_checkpoint(tmp_path):
 def test_an_export_or_evaluation_of_an_earlier_run_is_redone(tmp_path, a_run):
     """A parent run removed and trained again (or exported again) left its export and evaluation "done": the
     launcher skipped them and the report and release cards showed the earlier model's results for the new one. Now
-    an export made from another run or checkpoint than the parent's newest is redone (overwrite=true: its own
-    export), and so is an evaluation of an export that is redone or newer than its result.json."""
+    an export made from another run or checkpoint than its own src gives is redone (overwrite=true: its own export),
+    and so is an evaluation of an export that is redone or another than the one its result.json records. An export
+    pinned to one checkpoint (src= in its overrides) is judged by that checkpoint, not the parent's newest (it was
+    redone at every launch), and an evaluation by the export it records, not by file times (a copy without -p made
+    a result look older than its export)."""
+    from evolm_nemo.conversion import hfdir
     from evolm_nemo.suite import launch, plan as plan_mod, spec
 
     root = tmp_path / "runs"
@@ -314,26 +318,56 @@ def test_an_export_or_evaluation_of_an_earlier_run_is_redone(tmp_path, a_run):
     (root / "hf" / "config.json").write_text("{}")
     record = root / "hf" / "evolm_export.json"
     record.write_text(json.dumps({"run_id": "20260101-000000-000000", "iteration": meta["iteration"]}))
+    earlier = hfdir.export_identity(root / "hf")
     (root / "ev").mkdir()
-    (root / "ev" / "result.json").write_text(json.dumps({"downstream": {"suites": {}}}))
+    (root / "ev" / "result.json").write_text(json.dumps({"downstream": {"suites": {}, "export": earlier}}))
+    # an intermediate checkpoint of the run, not its newest, exported and evaluated (cheap stand-ins: a committed
+    # checkpoint of one file; an export record naming it)
+    pin = tmp_path / "kept" / "iter_0000500"
+    pin.mkdir(parents=True)
+    (pin / "w").write_bytes(b"x")
+    (pin / ckpt.META).write_text(json.dumps({"manifest": {"w": 1}, "iteration": 500, "run_id": meta["run_id"]}))
+    (root / "mid").mkdir()
+    (root / "mid" / "config.json").write_text("{}")
+    (root / "mid" / "evolm_export.json").write_text(json.dumps({"run_id": meta["run_id"], "iteration": 500}))
+    (root / "mid_ev").mkdir()
+    (root / "mid_ev" / "result.json").write_text(json.dumps(
+        {"downstream": {"suites": {}, "export": hfdir.export_identity(root / "mid")}}))
     path = tmp_path / "s.yaml"
-    path.write_text(f"name: s\nroot: {root}\ngpus_per_node: 1\nnodes:\n"
-                    "  pre: {experiment: demo, overrides: [train.iters=1, data.synthetic_docs=400]}\n"
-                    "  hf: {kind: export, parent: pre}\n  ev: {kind: eval, parent: hf}\n")
 
-    def states():
+    def states(iters=1):
+        path.write_text(f"name: s\nroot: {root}\ngpus_per_node: 1\nnodes:\n"
+                        f"  pre: {{experiment: demo, overrides: [train.iters={iters}, data.synthetic_docs=400]}}\n"
+                        "  hf: {kind: export, parent: pre}\n  ev: {kind: eval, parent: hf}\n"
+                        f"  mid: {{kind: export, parent: pre, overrides: ['src={pin}']}}\n"
+                        "  mid_ev: {kind: eval, parent: mid}\n")
         return {j.row.node: (j.state, j.detail, j.argv) for j in launch.jobs(plan_mod.build(spec.load(str(path))))}
 
     got = states()
     assert got["pre"][0] == "done", got
     assert got["hf"][:2] == ("new", f"redone: it was exported from iteration {meta['iteration']} of run "
-                                    f"20260101-000000-000000; pre's newest checkpoint is {last.name} of run "
+                                    f"20260101-000000-000000; its src {root}/pre is now {last.name} of run "
                                     f"{meta['run_id']}") and got["hf"][2][-1] == "overwrite=true"
     assert got["ev"][:2] == ("new", "redone: its parent hf runs again")
+    assert got["mid"][0] == "done" and "overwrite=true" not in got["mid"][2], got["mid"]
+    assert got["mid_ev"][0] == "done", got["mid_ev"]
     record.write_text(json.dumps({"run_id": meta["run_id"], "iteration": meta["iteration"]}))
-    os.utime(root / "ev" / "result.json", (time.time() - 60, time.time() - 60))  # evaluated before this export
+    os.utime(record, (time.time() + 60, time.time() + 60))
+    os.utime(root / "mid_ev" / "result.json", (time.time() - 3600, time.time() - 3600))  # copied without -p
+    again = states(iters=2)  # the parent trains on: a pinned export's checkpoint stays what it was
+    assert again["pre"][0] == "resume" and again["hf"][:2] == ("new", "redone: its parent pre runs again"), again
+    assert again["mid"][0] == "done" and again["mid_ev"][0] == "done", again
     got = states()
     assert got["hf"][0] == "done" and "overwrite=true" not in got["hf"][2]
-    assert got["ev"][:2] == ("new", "redone: its result.json predates the export hf")
-    os.utime(root / "ev" / "result.json")
+    assert got["ev"][:2] == ("new", f"redone: it evaluated another export (iteration {meta['iteration']} of run "
+                                    f"20260101-000000-000000) than hf holds now (iteration {meta['iteration']} "
+                                    f"of run {meta['run_id']})")
+    # older than the export by its mtime, but of this export: done; one written before results named their
+    # export is not judged
+    (root / "ev" / "result.json").write_text(json.dumps(
+        {"downstream": {"suites": {}, "export": hfdir.export_identity(root / "hf")}}))
+    os.utime(root / "ev" / "result.json", (time.time() - 60, time.time() - 60))
+    assert states()["ev"][0] == "done"
+    (root / "ev" / "result.json").write_text(json.dumps({"downstream": {"suites": {}}}))
+    os.utime(root / "ev" / "result.json", (time.time() - 60, time.time() - 60))
     assert states()["ev"][0] == "done"
