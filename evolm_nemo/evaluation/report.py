@@ -65,10 +65,11 @@ METRICS = ("pass1", "maj16", "rm16", "pass16", "correct_ratio")
 M_NAMES = {"pass1": "Greedy", "maj16": "Maj@16", "rm16": "RM@16", "pass16": "Pass@16", "correct_ratio": "Correct ratio"}
 RL_STAGES = ("rl", "ppo", "grpo", "sft+rl")
 STAGE_ORDER = ("pretrain", "cpt", "sft", *RL_STAGES)
-# every file a report writes into ``out``: one the new report does not write (a plot without data now) is removed, so
-# that ``out`` never shows a plot or table of the previous report's results beside the new report.md
-REPORT_FILES = ("results.csv", "report.md", "tokens.png", "id_vs_ood.png", "sft_vs_rl.png", "rm_vs_accuracy.png",
-                "maj_vs_pass.png", "dynamics.png", "dynamics.csv")
+# in ``out``: the names of the files the last report wrote there. The next report removes those it does not write
+# again (a plot without data now, results.csv after a dynamics-only report), so that ``out`` never shows a plot or
+# table of the previous results beside the new report.md -- and nothing else: a file no report wrote (the user's own
+# results.csv, notes) is never touched, and a new plot of ``_build`` needs no second list kept by hand
+MANIFEST = ".evolm_report.json"
 
 
 @dataclass
@@ -559,15 +560,34 @@ def build(pattern: str | None, out: str, dynamics: str | None = None) -> dict:
     # a report there (inside ``out``: its parent may not be writable)
     try:
         made = _build(results, out_dir, curves)
-        names = sorted(p.name for p in out_dir.iterdir() if p.name != OWNER)
+        names = sorted(p.name for p in out_dir.iterdir() if p.name not in (OWNER, MANIFEST))
+        before = _reported(final)
         with signals_held():  # the new report's files in, the previous report's others out: not split by a stop
+            if not set(names) <= before:  # a kill (-9) part-way leaves every name either report wrote listed
+                write_json(final / MANIFEST, {"files": sorted(before | set(names))})
             for name in names:
                 os.replace(out_dir / name, final / name)
-            for name in set(REPORT_FILES) - set(names):
-                (final / name).unlink(missing_ok=True)
+            for name in sorted(before - set(names)):
+                if not (final / name).is_dir():
+                    (final / name).unlink(missing_ok=True)
+            write_json(final / MANIFEST, {"files": names})
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     return {k: None if v is None else str(final / Path(v).name) for k, v in made.items()}
+
+
+def _reported(out: Path) -> set[str]:
+    """The files the previous report listed in ``out``'s manifest (``MANIFEST``): plain names of files in ``out``,
+    never the manifest or a temporary directory's marker. No manifest (no report yet, or one written before it
+    existed) or an unreadable one lists nothing: a file is removed only when a report is known to have written it."""
+    try:
+        listed = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(listed, list):
+        return set()
+    return {n for n in listed if isinstance(n, str) and n not in ("", ".", "..", MANIFEST, OWNER)
+            and "/" not in n and "\\" not in n and "\0" not in n}
 
 
 def _build(results: list[dict], out_dir: Path, curves) -> dict:

@@ -75,7 +75,7 @@ def test_report_builds_csv_markdown_and_plots(tmp_path):
     for name in ("tokens", "id_vs_ood", "sft_vs_rl", "maj_vs_pass"):
         assert f"![{name}]({name}.png)" in md
         _is_png(out / f"{name}.png")
-    assert not list(out.glob(".*"))  # no temp files left behind
+    assert [p.name for p in out.glob(".*")] == [report.MANIFEST]  # no temp files left behind: the manifest only
 
 
 def test_averages_over_part_of_the_suites_are_marked(tmp_path):
@@ -333,6 +333,35 @@ def test_a_new_report_leaves_no_plot_of_the_previous_one(tmp_path):
     assert not (out / "rm_vs_accuracy.png").exists() and not (out / "id_vs_ood.png").exists()
     assert (out / "tokens.png").exists() and mine.read_text() == "mine"
     assert "1B-80BT-rl" not in (out / "results.csv").read_text()
+
+
+def test_a_report_removes_only_what_an_earlier_report_wrote(tmp_path):
+    """Any file a report writes, found in ``out`` and not written by the new report, was deleted -- the user's own
+    results.csv in docs/ went with a dynamics-only report. Only the files the previous report listed in its manifest
+    (.evolm_report.json) are removed now; the manifest lists what this report wrote."""
+    out = tmp_path / "docs"
+    out.mkdir()
+    (out / "results.csv").write_text("mine\n")
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "tokens": 1024 * i, "val_loss_text": 9 - i})
+                                               + "\n" for i in (5, 10)))
+    written = report.build(None, str(out), dynamics=str(run))
+    assert (out / "results.csv").read_text() == "mine\n" and written.get("csv") is None
+    listed = json.loads((out / report.MANIFEST).read_text())["files"]
+    assert listed == sorted(p.name for p in out.iterdir() if p.name not in ("results.csv", report.MANIFEST))
+    assert {"report.md", "dynamics.png", "dynamics.csv"} <= set(listed)
+    report.build(_write(tmp_path, ["a"]), str(out))  # a report's own results.csv: listed, then removed when not made
+    assert "results.csv" in json.loads((out / report.MANIFEST).read_text())["files"]
+    assert not (out / "dynamics.png").exists() and not (out / "dynamics.csv").exists()
+    report.build(None, str(out), dynamics=str(run))
+    assert not (out / "results.csv").exists() and (out / "dynamics.png").exists()
+    # a manifest naming paths outside out, or out's own temporaries, removes none of them
+    outside = tmp_path / "keep.txt"
+    outside.write_text("x")
+    (out / report.MANIFEST).write_text(json.dumps({"files": ["../keep.txt", str(outside), "..", report.OWNER]}))
+    report.build(None, str(out), dynamics=str(run))
+    assert outside.read_text() == "x" and out.is_dir()
 
 
 def test_a_result_may_name_the_export_it_evaluated(tmp_path):
