@@ -285,21 +285,12 @@ def test_a_checkpoint_holding_pickled_code_is_one_line_without_torchs_advice(ckp
     integrity check passes) was refused with torch's message, "Re-running `torch.load` with `weights_only` set to
     False will likely succeed" -- advice not to pass on (and in training, train.init_from, a traceback). Now one
     line naming the checkpoint (checkpoint.io.load, the loader of export and training); the payload never runs."""
-    import torch
-
-    from evolm_nemo.checkpoint.io import file_checksum
-    from tests.evaluation._tiny import Payload
+    from tests.evaluation._tiny import plant_payload
 
     bad = tmp_path / "bad"
     shutil.copytree(ckpt, bad)
-    it = bad / "iter_0000000"
     marker = tmp_path / "payload_ran"
-    common = torch.load(it / "common.pt", weights_only=True)
-    torch.save({**common, "payload": Payload(marker)}, it / "common.pt")
-    meta = json.loads((it / "evolm.json").read_text())
-    meta["checksums"]["common.pt"] = file_checksum(it / "common.pt", meta["checksum"])
-    meta["manifest"]["common.pt"] = (it / "common.pt").stat().st_size
-    (it / "evolm.json").write_text(json.dumps(meta))
+    plant_payload(bad / "iter_0000000", marker)
     capsys.readouterr()
     line = fails(capsys, tmp_path, ["export-hf", f"src={bad}", "progress=false"], "src", "iter_0000000: its files "
                  "cannot be loaded with weights_only=True (it holds more than tensors: a reference to ")

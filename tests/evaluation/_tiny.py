@@ -118,6 +118,23 @@ class Payload:
         return open, (self.marker, "w")
 
 
+def plant_payload(checkpoint: Path, marker: Path) -> None:
+    """A ``Payload`` in the evolm checkpoint ``checkpoint``'s common.pt, with its evolm.json checksum and size updated
+    to match: the integrity check passes, and only a weights_only=False load would run it."""
+    import json
+
+    import torch
+
+    from evolm_nemo.checkpoint.io import file_checksum
+
+    common = torch.load(checkpoint / "common.pt", weights_only=True)
+    torch.save({**common, "payload": Payload(marker)}, checkpoint / "common.pt")
+    meta = json.loads((checkpoint / "evolm.json").read_text())
+    meta["checksums"]["common.pt"] = file_checksum(checkpoint / "common.pt", meta["checksum"])
+    meta["manifest"]["common.pt"] = (checkpoint / "common.pt").stat().st_size
+    (checkpoint / "evolm.json").write_text(json.dumps(meta))
+
+
 def damaged_copy(model_dir: Path, dst: Path, damage: str) -> Path:
     """A copy of the HF directory ``model_dir`` at ``dst`` with one of ``DAMAGES`` (``pickled_code_bin``: its payload
     would create ``<dst>.unsafe``)."""

@@ -181,21 +181,12 @@ def test_a_resume_from_a_checkpoint_holding_pickled_code_is_one_line(tmp_path, d
     """The run's own newest checkpoint altered to hold pickled code, its checksums updated to match (so it is not
     passed over as damaged): the resume was a CheckpointError traceback; now one line naming it and the ways on,
     and the payload never runs."""
-    import torch
-
-    from evolm_nemo.checkpoint.io import file_checksum
-    from tests.evaluation._tiny import Payload
+    from tests.evaluation._tiny import plant_payload
 
     out = tmp_path / "run"
     shutil.copytree(cut_at_2, out)
-    it = out / "checkpoints" / "iter_0000002"
     marker = tmp_path / "payload_ran"
-    common = torch.load(it / "common.pt", weights_only=True)
-    torch.save({**common, "payload": Payload(marker)}, it / "common.pt")
-    meta = json.loads((it / "evolm.json").read_text())
-    meta["checksums"]["common.pt"] = file_checksum(it / "common.pt", meta["checksum"])
-    meta["manifest"]["common.pt"] = (it / "common.pt").stat().st_size
-    (it / "evolm.json").write_text(json.dumps(meta))
+    plant_payload(out / "checkpoints" / "iter_0000002", marker)
     line = one_line_error(run_evolm("train", tiny(out, data_cache, *DATA_ARGS), check=False), "train.resume")
     assert "iter_0000002: its files cannot be loaded with weights_only=True" in line and \
         "train.overwrite=true" in line, line
