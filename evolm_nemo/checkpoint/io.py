@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 # `release`, a recipe's init_from check) needs none of it
 
 META = META_FILE
+# evolm.json: the parent checkpoint a run started from (train.init_from), as {"run_id", "iteration"} -- kept by its
+# resumes; `evolm suite launch` redoes a child whose parent's checkpoint is another run's now
+PARENT_RUN = "parent_run"
 RUN_FILE = "run.json"  # in the run directory: the id of the run that owns it
 _CHUNK = 4 << 20  # checksum read size
 _ITER = re.compile(r"^iter_(\d{7})$")

@@ -151,10 +151,14 @@ def jobs(plan: SuitePlan) -> list[Job]:
         state, detail = node_state(plan.suite, row)
         argv = argv_for(plan, row)
         why = outdated(plan.suite, row, states) if state == "done" else None
+        if row.kind == "train" and state in ("done", "resume"):
+            why = _train_outdated(plan.suite, row, states)
         if why is not None:
             state, detail = "new", f"redone: {why}"
             if row.kind == "export":
                 argv.append("overwrite=true")  # the node's own earlier export, replaced once the new one is verified
+            if row.kind == "train":  # the node's own run, trained from a parent checkpoint that is gone
+                argv += ["train.resume=false", "train.overwrite=true"]
         states[row.node] = state
         out.append(Job(row=row, state=state, detail=detail, argv=argv))
     return out
@@ -209,6 +213,37 @@ def _export_outdated(suite: Suite, row: Row, again: str | None) -> str | None:
                 f"{src} is now {found.name} of run {meta.get('run_id')}")
     pinned = (Path(src) / ckpt.META).exists()  # src names the checkpoint itself, not a run whose newest it takes
     return None if pinned else again
+
+
+def _train_outdated(suite: Suite, row: Row, states: dict[str, str]) -> str | None:
+    """Why a train node's run no longer grows from its parent (None when it does, or cannot be judged): its
+    checkpoints record the parent checkpoint it started from (``ckpt.PARENT_RUN``), and its parent node trains again
+    in this launch, or its ``train.init_from`` now resolves to another run's or iteration's -- the parent run was
+    removed and trained again. Kept, the child (and its exports, evaluations and release cards) would pass for a
+    descendant of a model it never saw. A run from before the record is not judged."""
+    init_from = row.cfg.train.init_from if row.cfg is not None else None
+    if not init_from:
+        return None
+    try:
+        last = ckpt.latest(Path(suite.out(row.node)) / "checkpoints")
+        made = json.loads((last / ckpt.META).read_text()).get(ckpt.PARENT_RUN) if last is not None else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(made, dict):
+        return None
+    parent = suite.nodes[row.node].parent
+    if parent and states.get(parent, "done") != "done":
+        return f"its parent {parent} trains again"
+    try:
+        found = ckpt.resolve(init_from)
+        meta = json.loads((found / ckpt.META).read_text())
+    except (ckpt.CheckpointError, OSError, ValueError):
+        return None  # the parent is not there: the training says so
+    if not isinstance(meta, dict) or (made.get("run_id"), made.get("iteration")) == (meta.get("run_id"),
+                                                                                     meta.get("iteration")):
+        return None
+    return (f"it was trained from iteration {made.get('iteration')} of run {made.get('run_id')}; its "
+            f"train.init_from {init_from} is now {found.name} of run {meta.get('run_id')}")
 
 
 def status_table(js: list[Job]) -> str:

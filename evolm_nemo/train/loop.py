@@ -252,6 +252,11 @@ def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...
     meta = {"model": dataclasses.asdict(cfg.model), "config": to_dict(cfg), "tokenizer": _tokenizer_ref(stage),
             "stage": cfg.stage, "lineage": start.lineage, "head": stage.head, "run_id": begin.run_id,
             "planned_iters": plan.iters, IDENTITY: identity, "precision": resolve_precision(t.precision)}
+    parent = state["meta"].get(ckpt.PARENT_RUN) if resumed else (
+        {"run_id": start.parent_meta.get("run_id"), "iteration": start.parent_meta.get("iteration")}
+        if start.parent_meta else None)
+    if parent is not None:
+        meta[ckpt.PARENT_RUN] = parent
     if start.iteration >= plan.iters and rt.is_main:
         print(f"[evolm] {out} is complete: {begin.checkpoint} is at iteration {start.iteration} of {plan.iters}; "
               "nothing to train", flush=True)

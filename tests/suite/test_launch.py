@@ -371,3 +371,48 @@ def test_an_export_or_evaluation_of_an_earlier_run_is_redone(tmp_path, a_run):
     (root / "ev" / "result.json").write_text(json.dumps({"downstream": {"suites": {}}}))
     os.utime(root / "ev" / "result.json", (time.time() - 60, time.time() - 60))
     assert states()["ev"][0] == "done"
+
+
+def test_a_training_from_an_earlier_run_of_its_parent_is_redone(tmp_path, a_run):
+    """A parent run removed and trained again left its children "done": the launcher skipped them, and their exports,
+    evaluations and release cards passed for descendants of a model they never saw. A run records the parent
+    checkpoint it started from (evolm.json parent_run, kept by its resumes); a child whose train.init_from resolves
+    to another run or iteration now, or whose parent trains again in this launch, is redone as a new run of its own
+    directory (train.resume=false train.overwrite=true). A run from before the record is not judged. (Stand-ins for
+    the child: a committed checkpoint of one file.)"""
+    from evolm_nemo.suite import launch, plan as plan_mod, spec
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "pre").symlink_to(a_run)  # read only: nothing here writes into it
+    parent = json.loads((ckpt.latest(a_run / "checkpoints") / ckpt.META).read_text())
+    path = tmp_path / "s.yaml"
+
+    def jobs(iters=1):
+        path.write_text(f"name: s\nroot: {root}\ngpus_per_node: 1\nnodes:\n"
+                        f"  pre: {{experiment: demo, overrides: [train.iters={iters}, data.synthetic_docs=400]}}\n"
+                        "  cpt: {experiment: demo_cpt, parent: pre, overrides: [train.iters=1]}\n")
+        return {j.row.node: j for j in launch.jobs(plan_mod.build(spec.load(str(path))))}
+
+    def child(parent_run):
+        it = root / "cpt" / "checkpoints" / "iter_0000001"
+        it.mkdir(parents=True, exist_ok=True)
+        (it / "w").write_bytes(b"x")
+        record = {"manifest": {"w": 1}, "iteration": 1, "planned_iters": 1, "run_id": "child"}
+        (it / ckpt.META).write_text(json.dumps({**record, **({ckpt.PARENT_RUN: parent_run} if parent_run else {})}))
+
+    child({"run_id": parent["run_id"], "iteration": parent["iteration"]})  # from the parent there now: done
+    got = jobs()
+    assert got["pre"].state == "done" and got["cpt"].state == "done", got["cpt"].detail
+    child({"run_id": "20260101-000000-000000", "iteration": parent["iteration"]})  # from an earlier run of pre
+    got = jobs()["cpt"]
+    assert (got.state, got.detail) == ("new", f"redone: it was trained from iteration {parent['iteration']} of run "
+                                              f"20260101-000000-000000; its train.init_from {root}/pre/checkpoints "
+                                              f"is now iter_{parent['iteration']:07d} of run {parent['run_id']}")
+    assert got.argv[-2:] == ["train.resume=false", "train.overwrite=true"]
+    child({"run_id": parent["run_id"], "iteration": parent["iteration"]})
+    got = jobs(iters=2)  # the parent trains on: the child grew from a checkpoint the parent leaves behind
+    assert got["pre"].state == "resume" and (got["cpt"].state, got["cpt"].detail) == (
+        "new", "redone: its parent pre trains again")
+    child(None)  # trained before runs recorded their parent: not judged
+    assert jobs()["cpt"].state == "done" and jobs(iters=2)["cpt"].state == "done"

@@ -1,6 +1,7 @@
 """CPT: continue from a pretraining checkpoint on a token-ratio mix (megatron BlendedDataset), lineage recorded."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +18,24 @@ def test_cpt_on_a_replay_mix(tmp_path, data_cache):
     math = ensure_synthetic(data_cache, 200, 7, kind="math", tokenizer_dir=text.tokenizer_dir)
     cpt = tmp_path / "cpt"
     own_cache = tmp_path / "index_cache_root"  # megatron's sample-index cache for this run alone
-    run_evolm("train", tiny(cpt, str(own_cache), "stage=cpt", f"train.init_from={pre / 'checkpoints'}", "train.iters=4",
-                            "data.source=indexed", "data.name=fw8_fm42", f"data.paths=[{text.prefix},{math.prefix}]",
-                            "data.weights=[8,42]", f"data.tokenizer={text.tokenizer_dir}"))
+    mine = tiny(cpt, str(own_cache), "stage=cpt", f"train.init_from={pre / 'checkpoints'}", "train.iters=4",
+                "data.source=indexed", "data.name=fw8_fm42", f"data.paths=[{text.prefix},{math.prefix}]",
+                "data.weights=[8,42]", f"data.tokenizer={text.tokenizer_dir}", "train.save_interval=2")
+    run_evolm("train", mine)
     got = losses(cpt)
     assert sorted(got) == [1, 2, 3, 4]
     meta = json.loads((cpt / "checkpoints" / "iter_0000004" / "evolm.json").read_text())
     stages = meta["lineage"]["stages"]
     assert [s["stage"] for s in stages] == ["pretrain", "cpt"] and stages[1]["data"] == "fw8_fm42"
     assert meta["lineage"]["parent"] == str(pre / "checkpoints")
+    # the parent checkpoint it started from (what `evolm suite launch` compares with the parent's now), kept by a
+    # resume
+    parent = json.loads((pre / "checkpoints" / "iter_0000003" / "evolm.json").read_text())
+    assert meta["parent_run"] == {"run_id": parent["run_id"], "iteration": 3}
+    shutil.rmtree(cpt / "checkpoints" / "iter_0000004")
+    assert "resuming at iteration 2" in run_evolm("train", mine).stdout
+    assert json.loads((cpt / "checkpoints" / "iter_0000004" / "evolm.json").read_text())["parent_run"] == \
+        meta["parent_run"]
     # the mix is megatron's BlendedDataset with the token ratios: 8/50 of the samples come from the replay corpus
     index = [p for p in (own_cache / "index_cache").glob("*-BlendedDataset-train-dataset_index.npy")]
     assert len(index) == 1
