@@ -235,13 +235,18 @@ def test_a_finished_run_whose_count_differs_from_the_plans_estimate_is_done(tmp_
     again = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"[suite] sft: done ({note}); skipped" in again.stdout and "starting" not in again.stdout
-    suite.write_text(text.replace("train.epochs=1", "train.epochs=2").replace("train.iters=2", "train.iters=3"))
+    suite.write_text(text.replace("train.epochs=1", "train.epochs=2"))
     status = suite_cli("status", f"suite={suite}")
     assert status.returncode == 0, status.stderr
     lines = [line.split(None, 3) for line in status.stdout.splitlines()]
-    assert ["pre", "pretrain", "resume", "iter_0000002 of 2"] in lines, status.stdout
     assert ["sft", "sft", "resume", "iter_0000002 of 2; this recipe changed train.epochs=1 -> 2"] in lines, \
         status.stdout
+    # the parent trains on: its child grew from a checkpoint the parent leaves behind, and is trained again
+    suite.write_text(text.replace("train.epochs=1", "train.epochs=2").replace("train.iters=2", "train.iters=3"))
+    status = suite_cli("status", f"suite={suite}")
+    lines = [line.split(None, 3) for line in status.stdout.splitlines()]
+    assert ["pre", "pretrain", "resume", "iter_0000002 of 2"] in lines, status.stdout
+    assert ["sft", "sft", "new", "redone: its parent pre trains again"] in lines, status.stdout
 
 
 def _processes_naming(text: str) -> list[str]:
