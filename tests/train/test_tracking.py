@@ -231,7 +231,11 @@ def test_a_tracking_store_lost_mid_run_is_one_warning_and_training_finishes(tmp_
     while proc.poll() is None:  # the store goes once training has logged its first row to it
         rows = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
         if rows and store.exists():
-            shutil.rmtree(store)
+            for _ in range(100):  # the run may write a file into it while it goes (rmtree: "Directory not empty")
+                shutil.rmtree(store, ignore_errors=True)
+                if not store.exists():
+                    break
+                time.sleep(0.01)
             break
         time.sleep(0.002)
     stdout, stderr = proc.communicate(timeout=300)
