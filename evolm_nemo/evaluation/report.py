@@ -153,8 +153,8 @@ def load_results(pattern: str) -> list[tuple[str, dict]]:
 def read_result(path: str | Path) -> dict | None:
     """The result JSON at ``path``, as a command that publishes its figures reads it (`evolm report`, the model cards
     of `evolm release`): None when there is none; a file that is not JSON, not an object or has a field of another
-    type than the schema's (``check_result``), or one that cannot be read, is a one-line ConfigError naming it -- never skipped without a word nor
-    a crash once the work is under way."""
+    type than the schema's (``check_result``), or one that cannot be read, is a one-line ConfigError naming it --
+    never skipped without a word nor a crash once the work is under way."""
     path = Path(path)
     if not path.is_file():
         return None

@@ -8,8 +8,9 @@ Idempotent: before anything is started each node's state is read from its output
   evaluation whose ``result.json`` holds its mode; a data step whose file exists. Done nodes are skipped.
 * ``resume``: a train node with committed checkpoints short of the end. It is launched again with the same
   command; the trainer resumes from the newest committed checkpoint (``train.resume=true``, its default).
-* ``new``: nothing there yet -- or an export or evaluation that no longer shows its parent (``outdated``: the parent
-  runs again, was trained again, or was exported again since): done again, an export with ``overwrite=true``.
+* ``new``: nothing there yet -- or an export, evaluation or training that no longer shows its parent
+  (``outdated``: the parent runs again, was trained again, or was exported again since): done again, an export
+  with ``overwrite=true``, a training as a new run of its directory.
 
 ``executor=local``: each pending node, one after another, is one ``run.Experiment`` with one ``run.Script`` on a
 ``run.LocalExecutor`` (``python -m evolm_nemo.cli ...``, or ``torchrun --standalone --nproc_per_node <local.nproc>``
@@ -150,9 +151,8 @@ def jobs(plan: SuitePlan) -> list[Job]:
     for row in plan.rows:  # parents first
         state, detail = node_state(plan.suite, row)
         argv = argv_for(plan, row)
-        why = outdated(plan.suite, row, states) if state == "done" else None
-        if row.kind == "train" and state in ("done", "resume"):
-            why = _train_outdated(plan.suite, row, states)
+        judged = state == "done" or (row.kind == "train" and state == "resume")  # a resume grows the stale run on
+        why = outdated(plan.suite, row, states) if judged else None
         if why is not None:
             state, detail = "new", f"redone: {why}"
             if row.kind == "export":
@@ -165,13 +165,16 @@ def jobs(plan: SuitePlan) -> list[Job]:
 
 
 def outdated(suite: Suite, row: Row, states: dict[str, str]) -> str | None:
-    """Why a done export or evaluation no longer shows its parent (None when it does): the parent runs again in this
-    launch, an export was made from another run or checkpoint than its ``src`` gives now (the run was removed and
-    trained again), or an evaluation's result.json records another export than the one there now. Such a node was
+    """Why a done export or evaluation (or a training: ``_train_outdated``) no longer shows its parent (None when it
+    does): the parent runs again in this launch, an export was made from another run or checkpoint than its ``src``
+    gives now (the run was removed and trained again), or an evaluation's result.json records another export than
+    the one there now. Such a node was
     skipped as done, and the suite's report and release cards showed the earlier model's results for the new one.
     What it was made from is read from the records (never from file times, which a copy without -p or clock skew on
     a shared filesystem changes); a node whose record predates them is not judged."""
     node = suite.nodes[row.node]
+    if row.kind == "train":
+        return _train_outdated(suite, row, states)
     if row.kind not in ("export", "eval") or not node.parent:
         return None
     again = f"its parent {node.parent} runs again" if states.get(node.parent, "done") != "done" else None
