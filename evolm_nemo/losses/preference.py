@@ -6,6 +6,7 @@ examples (pairs) in the whole global batch, so the loss is a mean over the globa
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,3 +76,15 @@ def roc_auc(scores, labels) -> float | None:
         i = j + 1
     u = float(ranks[y].sum()) - pos * (pos + 1) / 2.0
     return u / (pos * neg)
+
+
+def roles_auc(scores: dict[int, float], pairs: np.ndarray) -> float | None:
+    """Pairwise ``val_auc``: the probability that a response chosen in some pair outscores another response rejected
+    in some pair (ties half). With chained preferences (a>b, b>c) a response is in both groups -- its stored label
+    says only which it was first -- and is never compared with itself; None when no two responses compare."""
+    chosen, rejected = np.unique(pairs[:, 0]), np.unique(pairs[:, 1])
+    auc = roc_auc([scores[int(q)] for q in chosen] + [scores[int(q)] for q in rejected],
+                  [1] * len(chosen) + [0] * len(rejected))
+    both = len(np.intersect1d(chosen, rejected))  # self-comparisons: each a tie counted half by roc_auc
+    n = len(chosen) * len(rejected) - both
+    return None if auc is None or n == 0 else (auc * len(chosen) * len(rejected) - 0.5 * both) / n

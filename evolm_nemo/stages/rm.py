@@ -35,7 +35,8 @@ from evolm_nemo.data.rm import FORMAT, RMDataset
 from evolm_nemo.data.sft import read_manifest, tokenizer_fingerprint
 from evolm_nemo.data.tokenizer import load_tokenizer
 from evolm_nemo.fileio import write_jsonl
-from evolm_nemo.losses.preference import bradley_terry, outcome_accuracy, outcome_bce, pair_accuracy, roc_auc
+from evolm_nemo.losses.preference import (bradley_terry, outcome_accuracy, outcome_bce, pair_accuracy, roc_auc,
+                                          roles_auc)
 from evolm_nemo.model.heads import build_value_model, load_backbone, scores_at_last
 from evolm_nemo.stages import check_budget_keys
 from evolm_nemo.stages.base import (EpochOrder, Stage, batch_identity, check_layout,
@@ -433,10 +434,10 @@ def validation_metrics(scores: dict[int, float], data: RMData, units: np.ndarray
                 "val_auc": roc_auc(s, y), "val_examples": len(units)}
     c = torch.tensor([scores[int(u[0])] for u in units])
     r = torch.tensor([scores[int(u[1])] for u in units])
-    seqs = np.unique(units.reshape(-1))
     return {"val_loss": float(bradley_terry(c, r, margin).mean()),
-            "val_accuracy": float(pair_accuracy(c, r).mean()),
-            "val_auc": roc_auc([scores[int(q)] for q in seqs], data.labels[seqs]), "val_pairs": len(units)}
+            "val_accuracy": float(pair_accuracy(c, r).mean()), "val_auc": roles_auc(scores, units),
+            "val_pairs": len(units)}
+
 
 
 def build(cfg: RootConfig, plan, rt) -> RMStage:

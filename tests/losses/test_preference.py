@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +73,21 @@ def test_roc_auc_against_pairwise_definition():
     assert preference.roc_auc(s, y) == pytest.approx(want, abs=1e-12)
     assert preference.roc_auc([0.1, 0.9], [0, 1]) == 1.0 and preference.roc_auc([0.9, 0.1], [0, 1]) == 0.0
     assert preference.roc_auc([1.0, 2.0], [1, 1]) is None  # undefined (one class): null in metrics.jsonl
+
+
+def test_pairwise_auc_of_chained_preferences():
+    """a>b, b>c: b is chosen once and rejected once. A perfect scorer gets 1 (b never faces itself); the stored
+    labels (b = chosen, its first role) gave 1 whatever b's score was, with c the only negative."""
+    pairs = np.array([[0, 1], [1, 2]])
+    assert preference.roles_auc({0: 3.0, 1: 2.0, 2: 1.0}, pairs) == 1.0
+    assert preference.roles_auc({0: 3.0, 1: 0.0, 2: 1.0}, pairs) == pytest.approx(2 / 3)  # b under c: one of three
+    g = torch.Generator().manual_seed(1)
+    pairs = torch.randint(0, 12, (30, 2), generator=g).numpy()
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    scores = dict(enumerate(torch.randint(0, 4, (12,), generator=g).tolist()))
+    chosen, rejected = set(pairs[:, 0].tolist()), set(pairs[:, 1].tolist())
+    cmp = [(a, b) for a in chosen for b in rejected if a != b]
+    want = sum((scores[a] > scores[b]) + 0.5 * (scores[a] == scores[b]) for a, b in cmp) / len(cmp)
+    assert preference.roles_auc(scores, pairs) == pytest.approx(want, abs=1e-12)
+    assert preference.roles_auc({0: 1.0, 1: 0.0}, np.array([[0, 1], [1, 0]])) == 0.5  # contradictory: half either way
+    assert preference.roles_auc({0: 1.0}, np.array([[0, 0]])) is None  # no two responses compare

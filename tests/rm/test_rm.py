@@ -226,6 +226,30 @@ def test_a_one_class_outcome_rm_is_said_and_its_auc_is_null(rm_data, tmp_path):
     assert rm_validation_line(rows[-1]).startswith("[rm] validation on held-out problems: AUC undefined (one class), ")
 
 
+def test_pairwise_validation_of_chained_preferences(rm_data, tmp_path):
+    """Pairwise validation runs end to end: val_accuracy and val_auc are those of the held-out pairs' final scores in
+    rm_val_scores.jsonl. Preferences are chained (a>b, b>c): b's stored label is its first role only, so val_auc
+    compares every response chosen in a pair with every other response rejected in one (losses.preference.roles_auc)."""
+    from evolm_nemo.data.rm import PrepareRMConfig, RMDataset, prepare_rm
+    from evolm_nemo.losses.preference import roles_auc
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Q{i}", "chosen": f" {a}", "rejected": f" {b}"}) + "\n"
+                           for i in range(10) for a, b in (("good", "fair"), ("fair", "poor"))))
+    prepare_rm(PrepareRMConfig(input=str(src), output=str(tmp_path / "chain"), tokenizer=str(rm_data["tok"]),
+                               kind="pairs", progress=False))
+    out = tmp_path / "rm"
+    run_evolm("train", rm_overrides(out, rm_data, f"data.paths=[{tmp_path / 'chain'}]", "rm.objective=pairwise",
+                                    "train.iters=1"))
+    last = metrics(out)[1]
+    scores = {v["index"]: v["score"] for v in map(json.loads, (out / "rm_val_scores.jsonl").read_text().splitlines())}
+    pairs = np.array([p for p in RMDataset(tmp_path / "chain").pairs.tolist() if p[0] in scores])
+    assert len(scores) == 6 and last["val_pairs"] == len(pairs) == 4, (last, scores)  # two held-out problems
+    acc = np.mean([(scores[c] > scores[r]) + 0.5 * (scores[c] == scores[r]) for c, r in pairs])
+    assert last["val_accuracy"] == pytest.approx(acc, abs=1e-6)
+    assert last["val_auc"] == pytest.approx(roles_auc(scores, pairs), abs=1e-6)
+
+
 def test_rm_in_bf16_starts_from_its_sft_backbone(rm_data, tmp_path):
     """bf16 (what a GPU runs by default) wraps the model in megatron's Float16Module, whose load_state_dict returns
     nothing: the backbone load must still start the RM (it raised AttributeError) and check for missing keys."""
