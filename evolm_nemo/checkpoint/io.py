@@ -655,7 +655,7 @@ def _claim(out: Path, run_id: str) -> None:
 
 
 def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, check=None, dry: bool = False,
-              say=None) -> RunStart:
+              say=None, kept: list = ()) -> RunStart:
     """Collective. How a training into run directory ``out`` starts, before it builds anything.
 
     ``roots`` are the checkpoint roots the run writes (``<out>/checkpoints`` first; RL adds ``<out>/critic``): a
@@ -666,12 +666,15 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
       raises ConfigError when the recipe does not fit it). No usable checkpoint while some exist: refused, unless
       ``overwrite`` -- a run never restarts from iteration 0 over its own checkpoints unasked.
     * otherwise (a fresh run): a directory holding checkpoints is refused, unless ``overwrite``, which removes them
-      (and says so) before anything is trained.
+      (and says so) before anything is trained. ``kept`` are the roots of the checkpoints a run keeps beside its
+      resumable ones (a WSD stable run's ``<out>/branches``): never resumed, but its own like the others -- a fresh
+      run refuses them as another run's (it could not replace them when it reached their iterations) and
+      ``overwrite`` removes them too.
 
     The run id (the resumed checkpoint's, or a new one) is written to ``<out>/run.json``. ``dry``: read only (no
     checksums, nothing removed, written or said) -- the cheap checks to run before heavy work.
     """
-    out, roots = Path(out), [Path(r) for r in roots]
+    out, roots, kept = Path(out), [Path(r) for r in roots], [Path(r) for r in kept]
     say = say or (lambda line: print(line, flush=True))
 
     def note(line: str) -> None:
@@ -679,7 +682,8 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
             say(line)
 
     run = owner(roots[0])
-    existing = _broadcast({str(r): [p.name for p in checkpoint_dirs(r)] for r in roots} if _rank() == 0 else None)
+    existing = _broadcast({str(r): [p.name for p in checkpoint_dirs(r)] for r in roots + kept} if _rank() == 0
+                          else None)
     names = existing[str(roots[0])]
     skipped: list = []
     if resume:
@@ -707,15 +711,16 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
             raise ConfigError("train.resume", f"{roots[0]}: none of its {len(names)} checkpoint(s) can be resumed "
                                               f"(newest, {newest.name}: {why}); restore them, start over with "
                                               "train.overwrite=true (removes them), or pick a new run.out_dir")
-    held = [r / n for r in roots for n in existing[str(r)]]
+    held = [r / n for r in roots + kept for n in existing[str(r)]]
     if held and not overwrite:
-        span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" if names else held[0].name
+        span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" if names else \
+            str(held[0].relative_to(out))
         raise ConfigError("run.out_dir", f"{out} holds the checkpoints of another run ({len(held)}: {span}); pick a "
                                          "new run.out_dir, resume that run (train.resume=true), or start over with "
                                          "train.overwrite=true (removes them first)")
     if held and not dry:
         if _rank() == 0:
-            for path in held + [p for r in roots for p in r.glob("iter_*.tmp-*")]:
+            for path in held + [p for r in roots + kept for p in r.glob("iter_*.tmp-*")]:
                 shutil.rmtree(path, ignore_errors=True)
         _barrier()
         note(f"[evolm] train.overwrite=true: removed {len(held)} checkpoint(s) of the previous run from {out} "

@@ -5,7 +5,9 @@ before anything heavy), ``data_identity(cfg) -> dict`` (what defines its data an
 by content fingerprints; the loop records it in every checkpoint and refuses a resume that changes it), optionally
 ``check_plan(cfg, iters)`` (what else needs the iterations: pretraining's WSD branches, held-out validation, probes),
 and ``build(cfg, plan, rt) -> Stage`` (``stages.base.Stage``: what the loop drives); a stage that saves more than
-one role says where (``checkpoint_dirs(cfg)``, actor first).
+one role says where (``checkpoint_dirs(cfg)``, actor first), one that keeps checkpoints beside them
+(``Stage.snapshots``) where those go (``kept_dirs(cfg)``: a fresh run refuses them as another run's, an overwrite
+removes them).
 """
 
 from __future__ import annotations
@@ -250,7 +252,8 @@ def run(cfg: RootConfig, plan: Plan) -> TrainResult:
 
     module = stage_module(cfg.stage)
     dirs = module.checkpoint_dirs(cfg) if hasattr(module, "checkpoint_dirs") else (MAIN,)
-    return fit(cfg, plan, module.build, dirs, data_identity(cfg), run_settings(cfg))
+    kept = module.kept_dirs(cfg) if hasattr(module, "kept_dirs") else ()
+    return fit(cfg, plan, module.build, dirs, data_identity(cfg), run_settings(cfg), kept)
 
 
 def data_identity(cfg: RootConfig) -> dict:

@@ -74,6 +74,12 @@ def _source_fingerprint(prefix: str) -> str:
     return fingerprint(file_fingerprint(prefix + ".bin"), file_fingerprint(prefix + ".idx"))
 
 
+def kept_dirs(cfg: RootConfig) -> tuple[str, ...]:
+    """Where a run keeps checkpoints beside its resumable ones: a WSD stable run's branch points, owned by its run
+    like the rest (a fresh run into the directory refuses them; ``train.overwrite=true`` removes them)."""
+    return (wsd.BRANCHES,)
+
+
 def check_plan(cfg: RootConfig, iters: int) -> None:
     """What needs the iterations besides the schedule (``config.validate.check_schedule``, run before): a stable
     run's branch budgets, a branch's stable checkpoint (evolm.json only), held-out validation, and the probes."""

@@ -191,16 +191,17 @@ def stop_line(rt: Runtime, signum: int, step: int, saved, save_on_signal: bool) 
 
 
 def fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...] = (MAIN,),
-        identity: dict | None = None, settings: dict | None = None) -> TrainResult:
+        identity: dict | None = None, settings: dict | None = None, kept: tuple[str, ...] = ()) -> TrainResult:
     """Train ``cfg`` for ``plan.iters`` iterations (resuming if possible) with the stage ``make_stage(cfg, plan, rt)``
-    builds (see ``evolm_nemo.stages.base.Stage``), whose roles are saved under ``dirs`` of the run directory.
+    builds (see ``evolm_nemo.stages.base.Stage``), whose roles are saved under ``dirs`` of the run directory and its
+    kept checkpoints (``Stage.snapshots``) under ``kept``.
     ``identity`` (the stage's ``data_identity``: what defines its data and batch) is recorded in every checkpoint,
     and a resume that changes it or ``settings`` (``stages.run_settings``) is refused. SIGTERM ends it after the
     current iteration (saved first with ``train.save_on_signal``) by raising ``Stopped`` (exit code 143)."""
     children_die_with_parent()
     with StopSignal() as stop:
         try:
-            return _fit(cfg, plan, make_stage, dirs, identity or {}, settings or {}, stop)
+            return _fit(cfg, plan, make_stage, dirs, identity or {}, settings or {}, kept, stop)
         except Exception as exc:
             what = out_of_memory(exc)
             if what is None:
@@ -220,14 +221,15 @@ def memory_error(cfg: RootConfig, what: str) -> ConfigError:
 
 
 def _fit(cfg: RootConfig, plan: Plan, make_stage: Callable, dirs: tuple[str, ...], identity: dict, settings: dict,
-         stop: StopSignal) -> TrainResult:
+         kept: tuple[str, ...], stop: StopSignal) -> TrainResult:
     p, t = cfg.parallel, cfg.train
     rt = setup(p.tp, p.pp, t.seed, t.precision)
     stop.device = rt.device
     tracking.check(cfg)  # logger.wandb / logger.mlflow: their packages, before anything is built
     out = Path(cfg.run.out_dir)
     roots = [out / d for d in dirs]
-    starting = dict(resume=t.resume, overwrite=t.overwrite, check=resume_check(cfg, plan.iters, identity, settings))
+    starting = dict(resume=t.resume, overwrite=t.overwrite, check=resume_check(cfg, plan.iters, identity, settings),
+                    kept=[out / d for d in kept])
     planned = ckpt.start_run(out, roots, dry=True, **starting)  # the cheap refusals first: names, sizes, shape, budget
     if rt.is_main:
         tracking.reach(cfg)  # the tracking store answers (its runs open once the model is built)

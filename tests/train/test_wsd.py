@@ -90,6 +90,28 @@ def stable(tmp_path_factory, data_cache):
     return out
 
 
+def test_a_stable_run_started_over_replaces_the_branch_points_of_the_run_before(tmp_path, data_cache, stable):
+    """The branch points are the run's checkpoints too: a fresh run into a directory holding another run's refuses
+    them in one line (it used to train until the first branch point and die there, unable to replace another run's
+    checkpoint), and train.overwrite=true removes them with the rest, so the new run keeps its own."""
+    import shutil
+
+    from evolm_nemo.checkpoint import io as ckpt
+    from tests.conftest import one_line_error
+
+    out = tmp_path / "again"
+    shutil.copytree(stable / "branches", out / "branches")
+    shutil.copy(stable / "run.json", out / "run.json")
+    args = tiny(out, data_cache, "train.iters=20", *WSD, "train.branch_budgets=[20480]")
+    line = one_line_error(run_evolm("train", args, check=False), "run.out_dir")
+    assert "branches/iter_0000015" in line and "train.overwrite=true" in line
+    assert sorted(p.name for p in ckpt.committed(out / "branches")) == ["iter_0000015", "iter_0000030"]
+    proc = run_evolm("train", [*args, "train.overwrite=true"])
+    assert "removed 2 checkpoint(s)" in proc.stdout
+    run = json.loads((out / "run.json").read_text())["run_id"]
+    assert [(p.name, ckpt.run_id_of(p)) for p in ckpt.checkpoint_dirs(out / "branches")] == [("iter_0000015", run)]
+
+
 def _branch(out, cache, stable_dir, iters):
     return run_evolm("train", tiny(out, cache, f"train.iters={iters}", *WSD, f"train.branch_from={stable_dir}"))
 
