@@ -63,10 +63,25 @@ def mlflow_uri(cfg) -> str:
     return uri
 
 
+def wandb_dir(cfg) -> str:
+    """Where W&B writes its files: $WANDB_DIR, else run.out_dir (``<run.out_dir>/wandb``)."""
+    return os.environ.get("WANDB_DIR") or str(cfg.run.out_dir)
+
+
 def reach(cfg) -> None:
     """Rank 0, before the model is built: the tracking backends asked for can take a run -- MLflow's store answers,
-    an online W&B has a login -- else one line now rather than after minutes of building and loading."""
+    W&B's directory is writable, an online W&B has a login -- else one line now rather than after minutes of
+    building and loading."""
     lg = cfg.logger
+    if lg.wandb and os.environ.get("WANDB_MODE") != "disabled":
+        from evolm_nemo.fileio import check_writable
+
+        try:
+            check_writable(wandb_dir(cfg), "logger.wandb", directory=True)
+        except ConfigError as e:
+            where = "$WANDB_DIR" if os.environ.get("WANDB_DIR") else "run.out_dir"
+            raise ConfigError("logger.wandb", f"W&B writes its files under {where}: {e.message}; point WANDB_DIR "
+                                              "at a writable directory") from None
     if lg.wandb and os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled", "dryrun"):
         import wandb
 
@@ -166,7 +181,7 @@ class Trackers:
         lg, cfg = self.cfg.logger, self.cfg
         run_id = (stored or {}).get("id") or os.urandom(5).hex()  # W&B ids: [a-z0-9]
         tags = ([f"node:{lg.node}"] if lg.node else []) + ([f"parent:{lg.parent}"] if lg.parent else []) + list(lg.tags)
-        directory = os.environ.get("WANDB_DIR") or str(self.out)
+        directory = wandb_dir(self.cfg)
         Path(directory).mkdir(parents=True, exist_ok=True)
         try:
             run = wandb.init(project=lg.project, entity=lg.entity, id=run_id, resume="allow",

@@ -265,24 +265,28 @@ def test_a_missing_tracking_package_is_one_line(tmp_path, monkeypatch, name, pac
     assert not (out / "tracking.json").exists() and not (out / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("name", ["wandb", "mlflow"])
+@pytest.mark.parametrize("name", ["wandb", "mlflow", "wandb_dir"])
 def test_a_tracking_backend_that_cannot_take_a_run_is_one_line_before_the_model_is_built(tmp_path, monkeypatch,
                                                                                          data_cache, name):
-    """An online W&B without a login, an MLflow server nobody answers at: one line naming the key, before the run
-    directory is made and the model built."""
-    from tests.conftest import free_port
+    """An online W&B without a login, an MLflow server nobody answers at, a $WANDB_DIR that cannot be written (it
+    was a traceback once the model was built): one line naming the key, before the run directory is made and the
+    model built."""
+    from tests.conftest import free_port, unwritable_dir
 
-    for var in ("WANDB_MODE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI"):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI", "WANDB_DIR"):
         monkeypatch.delenv(var, raising=False)
+    if name == "wandb_dir":
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_DIR", str(unwritable_dir(tmp_path) / "wandb"))
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no W&B login
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     out = tmp_path / "run"
-    extra = (["logger.wandb=true"] if name == "wandb" else
-             ["logger.mlflow=true", f"logger.mlflow_uri=http://127.0.0.1:{free_port()}"])
+    extra = (["logger.mlflow=true", f"logger.mlflow_uri=http://127.0.0.1:{free_port()}"] if name == "mlflow" else
+             ["logger.wandb=true"])
     proc = run_evolm("train", tiny(out, data_cache, "train.iters=1", *extra), check=False)
-    line = one_line_error(proc, "logger.wandb" if name == "wandb" else "logger.mlflow_uri")
-    assert ("wandb login" in line) if name == "wandb" else ("does not answer" in line)
+    line = one_line_error(proc, "logger.mlflow_uri" if name == "mlflow" else "logger.wandb")
+    assert {"wandb": "wandb login", "mlflow": "does not answer", "wandb_dir": "$WANDB_DIR"}[name] in line
     assert not out.exists() and "params" not in proc.stdout  # nothing made, nothing built
 
 
