@@ -220,6 +220,19 @@ def check_inputs_outside_run(cfg: RootConfig) -> None:
                                    "read; write this run to another run.out_dir")
 
 
+def check_started_from(cfg: RootConfig) -> None:
+    """A stage that continues a trained model (``Kind.from_parent``: CPT and the post-training stages) names it:
+    ``train.init_from`` (or, pretraining by tokens, a WSD stable run's ``train.branch_from``). Without it a CPT run
+    trained a model from random weights and recorded it as a CPT. (`evolm suite plan` checks its graph instead, on
+    copies without the parent: ``suite.plan``.)"""
+    t, k = cfg.train, kind(cfg.stage)
+    if k.from_parent and not t.init_from and not t.branch_from:
+        branch = ", or train.branch_from=<a WSD stable run> for a cooldown branch" if k.budget == "tokens" else ""
+        raise ConfigError("train.init_from", f"stage={cfg.stage} continues a trained model: set train.init_from to "
+                                             "its checkpoint (a run's checkpoints, or an `evolm import-hf` output)"
+                                             f"{branch}; stage=pretrain trains from scratch")
+
+
 def check_parent(cfg: RootConfig) -> None:
     """``train.init_from`` is a complete checkpoint of the same model shape (its evolm.json, no tensors read)."""
     path = cfg.train.init_from
@@ -248,6 +261,7 @@ def check_parent(cfg: RootConfig) -> None:
 
 def run(cfg: RootConfig, plan: Plan) -> TrainResult:
     """Train the stage ``cfg.stage`` names through the one loop."""
+    check_started_from(cfg)
     from evolm_nemo.train.loop import MAIN, fit
 
     module = stage_module(cfg.stage)

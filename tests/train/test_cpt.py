@@ -54,11 +54,13 @@ def test_cpt_on_a_replay_mix(tmp_path, data_cache):
 def test_tokens_per_source_of_an_8_42_mix(tmp_path, data_cache):
     """Per-source accounting (issue 13 item 3): the tokens each source gave, in metrics.jsonl every record, in the
     final line and in the checkpoint, are megatron's blending index counted over the trained global batches, and
-    within 0.5% of the 8:42 plan."""
+    within 0.5% of the 8:42 plan. (demo_cpt's mix, trained from scratch: the accounting needs no parent, and CPT
+    refuses to start without one.)"""
     out = tmp_path / "cpt"
     iters, gbs, seq = 20, 64, 128
-    proc = run_evolm("train", tiny(out, data_cache, "experiment=demo_cpt", f"train.iters={iters}",
-                                   f"parallel.global_batch_size={gbs}", "parallel.micro_batch_size=16"))
+    proc = run_evolm("train", tiny(out, data_cache, "data.synthetic_kinds=[text,math]", "data.weights=[8,42]",
+                                   f"train.iters={iters}", f"parallel.global_batch_size={gbs}",
+                                   "parallel.micro_batch_size=16"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for r in records:  # every sample is seq tokens of one source
         assert r["tokens_text"] + r["tokens_math"] == r["iteration"] * gbs * seq == r["tokens"]
@@ -122,3 +124,15 @@ def test_held_out_loss_needs_a_validation_split(tmp_path, data_cache, capsys):
     assert cli.main(["train", *tiny(tmp_path / "r", data_cache, "train.val_tokens_interval=1M")]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: train.val_tokens_interval: ") and "98,2,0" in err[0]
+
+
+def test_cpt_without_a_parent_is_one_line(tmp_path, data_cache, capsys):
+    """CPT continues a trained model: without train.init_from (the demo_cpt recipe leaves it to `evolm pipeline`) it
+    trained one from random weights and recorded it as a CPT; now one line, before anything is built or written."""
+    from tests.conftest import refused_in_process
+
+    out = tmp_path / "cpt"
+    line = refused_in_process(capsys, "train", tiny(out, data_cache, "experiment=demo_cpt", "train.iters=2"),
+                              "train.init_from")
+    assert "stage=cpt continues a trained model" in line and "train.branch_from" in line
+    assert not out.exists()
