@@ -74,15 +74,49 @@ def quiet_known_notices() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.")
 
 
-def _show(command: str, overrides: list[str]) -> int | None:
-    """``--help`` / ``-h`` and ``--cfg job`` anywhere among the overrides: print the command's keys (or composed
-    recipe) and return 0 without running it; None when neither is asked."""
-    flags = {"--help", "-h"}
-    job = any(a == "--cfg" and b == "job" for a, b in zip(overrides, overrides[1:])) or "--cfg=job" in overrides
-    if not job and not flags & set(overrides):
-        return None
-    rest = [o for i, o in enumerate(overrides) if o not in flags and o not in ("--cfg", "--cfg=job")
-            and not (o == "job" and i and overrides[i - 1] == "--cfg")]
+# Hydra's flags and what each does here: evolm composes with Hydra's API and has no Hydra runtime (no run dir,
+# .hydra/, logging or sweeper), so `--cfg all` is `--cfg job` and `--cfg job` is always resolved
+CFG_FLAGS, HELP_FLAGS, SWEEP_FLAGS = ("--cfg", "-c"), ("--help", "-h"), ("--multirun", "-m")
+
+
+def _flags(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """Hydra's command-line flags among ``overrides`` -> (``"job"`` for ``--cfg job|all`` (also ``-c job``,
+    ``--cfg=job``), ``"help"`` for ``--help`` / ``-h``, else None; the overrides without the flags). ``--resolve`` is
+    taken (what is shown is resolved); any other flag -- ``-m`` / ``--multirun`` (evolm runs no sweeps),
+    ``--cfg hydra``, ``--info``, ... -- is a ConfigError naming it: as a key=value override it was one, unexplained."""
+    shown, rest, i = None, [], 0
+    while i < len(overrides):
+        item = overrides[i]
+        flag, eq, value = item.partition("=")
+        if item in HELP_FLAGS:
+            shown = shown or "help"
+        elif flag in CFG_FLAGS:
+            if not eq:
+                value, i = (overrides[i + 1] if i + 1 < len(overrides) else ""), i + 1
+            if value == "hydra":
+                raise ConfigError(flag, "evolm has no Hydra runtime config to show (it changes no directory and "
+                                        "writes no .hydra/); --cfg job prints the composed recipe")
+            if value not in ("job", "all"):
+                raise ConfigError(flag, "takes job (the composed recipe as YAML), got "
+                                        f"{repr(value) if value else 'nothing'}; e.g. evolm train --cfg job")
+            shown = "job"
+        elif item == "--resolve":
+            pass
+        elif flag in SWEEP_FLAGS:
+            raise ConfigError(flag, "evolm runs one configuration per command (no Hydra sweeps): run one command "
+                                    "per value, or a grid as a suite (recipes/suite/, `evolm suite launch`)")
+        elif item.startswith("-"):
+            raise ConfigError(flag, "not a flag evolm takes: it takes key=value overrides, --help and --cfg job")
+        else:
+            rest.append(item)
+        i += 1
+    return shown, rest
+
+
+def _show(command: str, shown: str, rest: list[str]) -> int:
+    """``shown`` (``_flags``): ``"help"`` prints the command's keys, ``"job"`` its composed recipe, with the overrides
+    ``rest``; returns 0 without running it."""
+    job = shown == "job"
     name = command
     if command == "eval" and rest and "=" not in rest[0]:
         name, rest = f"eval {rest[0]}", rest[1:]
@@ -180,12 +214,12 @@ def _main(argv: list[str] | None) -> int:
         return 2
     quiet_known_notices()
     try:
-        shown = _show(command, overrides)
+        shown, overrides = _flags(overrides)
+        if shown is not None:
+            return _show(command, shown, overrides)
     except ConfigError as exc:
         print_error(exc.key, exc.message)
         return 2
-    if shown is not None:
-        return shown
     target, _ = COMMANDS[command]
     for (routed, key), other in ROUTES.items():
         if command == routed and any(o.startswith(key) for o in overrides):

@@ -114,3 +114,24 @@ def test_commands_without_one_recipe_say_what_they_take_and_a_closed_pipe_is_qui
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+@pytest.mark.parametrize("flags, shown", [
+    (["--cfg", "all"], "job"), (["-c", "job"], "job"), (["--cfg=all"], "job"), (["--resolve", "--cfg", "job"], "job"),
+    (["-h"], "help"), (["-m"], "-m: evolm runs one configuration per command (no Hydra sweeps)"),
+    (["--multirun", "train.seed=1,2"], "--multirun: evolm runs one configuration"),
+    (["--cfg", "hydra"], "--cfg: evolm has no Hydra runtime config"), (["--cfg"], "--cfg: takes job"),
+    (["--info"], "--info: not a flag evolm takes"), (["-cn", "other"], "-cn: not a flag evolm takes"),
+])
+def test_hydras_flags_are_taken_or_refused_by_name(flags, shown, capsys):
+    """The flags a Hydra user types: `--cfg all`, `-c job`, `--resolve` show the composed recipe (evolm has no Hydra
+    runtime config, and shows it resolved); `-m`, `--cfg hydra`, `--info`, ... are refused in one line naming the
+    flag and why (they were refused as a key=value override, or `--cfg=all` as Hydra's lexer error)."""
+    code = cli.main(["train", "train.seed=7", *flags])
+    out, err = capsys.readouterr()
+    if shown == "job":
+        assert code == 0 and yaml.safe_load(out)["train"]["seed"] == 7 and err == ""
+    elif shown == "help":
+        assert code == 0 and out.startswith("usage: evolm train") and "train.seed=7" in out
+    else:
+        assert code == 2 and out == "" and len(err.splitlines()) == 1 and err.startswith(f"error: {shown}"), err
