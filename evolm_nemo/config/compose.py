@@ -34,6 +34,38 @@ def _field_names(schema, dotted: str) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
 
 
+def _key_type(schema, dotted: str):
+    """The type of the key ``dotted`` (a.b) in a dataclass schema, ``Optional[X]`` as ``X``; None if it has none."""
+    import typing
+
+    cls = schema
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return None
+        cls = hints[part]
+        args = [a for a in typing.get_args(cls) if a is not type(None)]
+        if typing.get_origin(cls) is typing.Union and len(args) == 1:
+            cls = args[0]
+    return cls
+
+
+_COMMAS = re.compile(r"[\w.+\- ]+(,[\w.+\- ]+)+")  # 98,2,0: Hydra's grammar reads it as a sweep of three values
+
+
+def _commas_as_text(overrides: Sequence[str], schema) -> list[str]:
+    """``data.split=98,2,0``, a string key given a comma-separated value (megatron's ``--split 98,2,0``): quoted, so
+    Hydra takes it as the one string it is -- evolm runs no sweeps, and Hydra refused it as an ambiguous sweep. A
+    comma list for a key of another type stays Hydra's to refuse (``_translate_hydra``: write a list in ``[...]``)."""
+    out = []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if eq and _COMMAS.fullmatch(value) and _key_type(schema, key.lstrip("+")) is str:
+            item = f"{key}='{value}'"
+        out.append(item)
+    return out
+
+
 def _resolve(owner, type_name: str):
     import sys
 
@@ -100,6 +132,15 @@ def _translate_hydra(exc: Exception, schema, composed=None) -> ConfigError:
     m = re.search(r"Cannot find primary config '([^']+)'", full)
     if m:
         return ConfigError("recipe", f"no recipe file {m.group(1)}.yaml in {recipes_dir()}")
+    m = re.search(r"Ambiguous value for argument '([^'=]+)=([^']*)'", full)
+    if m:
+        import typing
+
+        key, value = m.group(1).lstrip("+"), m.group(2)
+        fix = (f"write the list as {key}=[{value}]" if typing.get_origin(_key_type(schema, key)) is list else
+               "give it one value (a command per value)")
+        return ConfigError(key, f"{value} is a sweep in Hydra's grammar, and evolm runs one configuration per "
+                                f"command; {fix}")
     m = re.search(r"Error parsing override '([^']+)'", full)
     if m:
         return ConfigError(m.group(1), "cannot parse override; write overrides as key=value (e.g. parallel.tp=2)")
@@ -227,7 +268,7 @@ def compose(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
         if "=" not in item:
             raise ConfigError(item, "overrides are key=value (e.g. parallel.tp=2 or experiment=pretrain_1b_160b)")
     _check_group_choices(config_name, overrides)
-    overrides = _one_budget(config_name, overrides)
+    overrides = _one_budget(config_name, _commas_as_text(overrides, schema))
     try:
         raw = _hydra(config_name, overrides)
     except Exception as exc:  # hydra raises several exception types; all become one line

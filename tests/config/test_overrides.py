@@ -1,0 +1,21 @@
+"""The override forms a Hydra / NeMo user types (``key=a,b``, ``+key=``, ``hydra.*``, ``${...}``): each composes as
+meant or is one line naming the key and the fix, never Hydra's own message under the key ``recipe``."""
+
+import pytest
+
+from evolm_nemo.config import ConfigError, RootConfig, compose
+from evolm_nemo.stages.pretrain_data import check_split
+
+
+def test_a_comma_separated_string_is_the_string_and_a_comma_list_elsewhere_says_how_to_write_it():
+    """`data.split=98,2,0` (megatron's `--split 98,2,0`, and what README, recipes/config.yaml and the held-out loss
+    error tell you to type) was Hydra's "Ambiguous value" (a sweep) under the key `recipe`."""
+    cfg = compose("config", ["data.split=98,2,0", "run.name=a,b"], RootConfig)
+    assert cfg.data.split == "98,2,0" and check_split(cfg.data.split) == [98, 2, 0] and cfg.run.name == "a,b"
+    assert compose("config", ["data.split='98,2,0'"], RootConfig).data.split == "98,2,0"  # quoted still works
+    for override, key, fix in [("train.seed=1,2", "train.seed", "give it one value"),
+                               ("data.weights=1,2", "data.weights", "write the list as data.weights=[1,2]")]:
+        with pytest.raises(ConfigError) as err:
+            compose("config", [override], RootConfig)
+        assert err.value.key == key and "a sweep in Hydra's grammar" in err.value.message, str(err.value)
+        assert fix in err.value.message, str(err.value)
