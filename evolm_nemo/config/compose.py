@@ -267,6 +267,11 @@ def compose(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "overrides are key=value (e.g. parallel.tp=2 or experiment=pretrain_1b_160b)")
+        key = item.partition("=")[0].lstrip("+~")
+        if re.match(r"hydra([./]|$)", key):  # Hydra applies them to its runtime config, which nothing here reads
+            raise ConfigError(key, "Hydra's runtime settings are not used: evolm composes recipes with Hydra's API "
+                                   "and changes no directory, writes no .hydra/ and runs no launcher or sweeper; "
+                                   "where a command writes is its own key (run.out_dir, out, output, dst: --help)")
     _check_group_choices(config_name, overrides)
     overrides = _one_budget(config_name, _commas_as_text(overrides, schema))
     try:

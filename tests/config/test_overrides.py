@@ -19,3 +19,13 @@ def test_a_comma_separated_string_is_the_string_and_a_comma_list_elsewhere_says_
             compose("config", [override], RootConfig)
         assert err.value.key == key and "a sweep in Hydra's grammar" in err.value.message, str(err.value)
         assert fix in err.value.message, str(err.value)
+
+
+@pytest.mark.parametrize("override", ["hydra.run.dir=/tmp/elsewhere", "hydra.job.chdir=true", "+hydra.verbose=true",
+                                      "hydra/launcher=basic"])
+def test_hydras_runtime_settings_are_refused_not_ignored(override):
+    """Hydra applied them to its runtime config, which evolm never reads: `hydra.run.dir=x` trained into
+    runs/<model>_<stage> without a word."""
+    with pytest.raises(ConfigError) as err:
+        compose("config", [override], RootConfig)
+    assert err.value.key == override.lstrip("+").partition("=")[0] and "run.out_dir" in err.value.message
