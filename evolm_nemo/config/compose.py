@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Sequence, Type, TypeVar
+from typing import Any, Sequence, Type, TypeVar
 
 from evolm_nemo.config.errors import ConfigError
 
@@ -112,6 +112,10 @@ def _unknown_key(schema, key: str, composed=None) -> ConfigError:
             return ConfigError(key, f"is a key of stage={'|'.join(stages)} (recipes/stage/), not of stage={stage}; "
                                     "pick one of those stages (stage=<name>) or an experiment of one")
     valid = _field_names(schema, parent)
+    top = key.split(".")[0]
+    if leaf in valid or (top != key and top in _field_names(schema, "") and _key_type(schema, top) in (dict, Any)):
+        # a key of the schema the recipe does not hold (lineage: free-form, empty unless given)
+        return ConfigError(key, f"is not in the composed recipe; add it with +{key}=<value>")
     hint = f"valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}" if valid else "check the spelling"
     return ConfigError(key, f"unknown key; {hint}")
 
@@ -122,8 +126,16 @@ def _translate_hydra(exc: Exception, schema, composed=None) -> ConfigError:
     full = text + ("\n" + str(cause) if cause else "")
     m = re.search(r"Could not override '([^']+)'", full)
     if m:
-        key = m.group(1)
+        inner = re.search(r"not in struct\s+full_key: ([\w.]+)", full)  # the new key inside a dict value given
+        key = inner.group(1) if inner and inner.group(1).startswith(m.group(1) + ".") else m.group(1)
         return _unknown_key(schema, key, None if composed is None else lambda: composed(key))
+    m = re.search(r"Multiple values for ([\w.]+)\.", full)
+    if m:  # +experiment=demo: the group is in the recipe's defaults list already
+        return ConfigError(m.group(1), f"is in the recipe's defaults list already; pick it without '+' "
+                                       f"({m.group(1)}=<name>)")
+    m = re.search(r"Could not append to config\. An item is already at '([^']+)'", full)
+    if m:
+        return ConfigError(m.group(1), f"is in the recipe already; set it without '+' ({m.group(1)}=<value>)")
     m = re.search(r"Could not find '([^'/]+)/([^']+)'", full)
     if m:
         group, name = m.group(1), m.group(2)

@@ -29,3 +29,19 @@ def test_hydras_runtime_settings_are_refused_not_ignored(override):
     with pytest.raises(ConfigError) as err:
         compose("config", [override], RootConfig)
     assert err.value.key == override.lstrip("+").partition("=")[0] and "run.out_dir" in err.value.message
+
+
+@pytest.mark.parametrize("override, key, says", [
+    ("+experiment=demo", "experiment", "in the recipe's defaults list already; pick it without '+'"),
+    ("+train.seed=3", "train.seed", "in the recipe already; set it without '+'"),
+    ("lineage={a: 1}", "lineage", "not in the composed recipe; add it with +lineage=<value>"),
+    ("optim.stage_lr={foo: 1}", "optim.stage_lr.foo", "unknown key"),
+    ("train={foo: 1}", "train.foo", "unknown key; valid keys in train: tokens"),
+])
+def test_plus_and_dict_overrides_name_the_key_and_the_fix(override, key, says):
+    """Hydra's own text under the key `recipe` ("Multiple values for experiment. To override a value use 'override
+    experiment: demo'"), or a key called unknown while the list of valid keys named it (lineage)."""
+    with pytest.raises(ConfigError) as err:
+        compose("config", [override], RootConfig)
+    assert err.value.key == key and says in err.value.message, str(err.value)
+    assert compose("config", ["+lineage={a: 1}"], RootConfig).lineage == {"a": 1}  # as the error says
