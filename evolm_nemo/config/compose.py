@@ -160,6 +160,24 @@ def _translate_hydra(exc: Exception, schema, composed=None) -> ConfigError:
     return ConfigError("recipe", first)
 
 
+def _unparsable(overrides: Sequence[str]) -> ConfigError | None:
+    """The first override Hydra's grammar cannot read (``run.name=${model.name``), named with its key; Hydra's own
+    message names none ("mismatched input '{' expecting <EOF>")."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for item in overrides:
+        try:
+            parser.parse_override(item)
+        except Exception as exc:
+            from evolm_nemo.config.errors import first_line
+
+            key, _, value = item.partition("=")
+            return ConfigError(key.lstrip("+~") or item, f"cannot parse {value!r} ({first_line(exc)}); quote a value "
+                                                         f"with special characters: key='...'")
+    return None
+
+
 def _translate_omegaconf(exc: Exception, schema) -> ConfigError:
     key = getattr(exc, "full_key", None) or "recipe"
     msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
@@ -289,14 +307,41 @@ def compose(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
     try:
         raw = _hydra(config_name, overrides)
     except Exception as exc:  # hydra raises several exception types; all become one line
-        raise _translate_hydra(exc, schema, _without(config_name, overrides) if config_name == "config" else None) \
-            from None
+        raise _unparsable(overrides) or _translate_hydra(
+            exc, schema, _without(config_name, overrides) if config_name == "config" else None) from None
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        _check_interpolations(merged)
         OmegaConf.resolve(merged)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _translate_omegaconf(exc, schema) from None
+
+
+def _check_interpolations(cfg) -> None:
+    """Each ``${...}`` of the composed recipe resolves, else a ConfigError naming its key (``run.out_dir:
+    ${oc.env:SCRATCH}/x: Environment variable 'SCRATCH' not found``); OmegaConf's own error names no key."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from evolm_nemo.config.errors import first_line
+
+    def walk(node, key):  # a list's items under the list's key (the one an override sets)
+        names = [k for k, _ in node.items_ex(resolve=False)] if isinstance(node, DictConfig) else range(len(node))
+        for name in names:
+            dotted = (f"{key}.{name}" if key else str(name)) if isinstance(node, DictConfig) else key
+            if OmegaConf.is_interpolation(node, name):
+                try:
+                    node[name]
+                except OmegaConfBaseException as exc:
+                    raw = node._get_node(name)._value()
+                    raise ConfigError(dotted, f"{raw}: {first_line(exc).rstrip('.')}") from None
+            else:
+                child = node._get_node(name)
+                if isinstance(child, (DictConfig, ListConfig)) and not child._is_none():
+                    walk(child, dotted)
+
+    walk(cfg, "")
 
 
 def compose_command(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:

@@ -45,3 +45,19 @@ def test_plus_and_dict_overrides_name_the_key_and_the_fix(override, key, says):
         compose("config", [override], RootConfig)
     assert err.value.key == key and says in err.value.message, str(err.value)
     assert compose("config", ["+lineage={a: 1}"], RootConfig).lineage == {"a": 1}  # as the error says
+
+
+@pytest.mark.parametrize("override, key, says", [
+    ("run.out_dir=${oc.env:EVOLM_TEST_NO_SUCH_VAR}/x", "run.out_dir", "Environment variable 'EVOLM_TEST_NO_SUCH_VAR'"),
+    ("run.name=${model.nme}", "run.name", "${model.nme}: Interpolation key 'model.nme' not found"),
+    ("data.paths=[${nope}]", "data.paths", "Interpolation key 'nope' not found"),
+    ("run.name=${model.name", "run.name", "cannot parse '${model.name'"),
+])
+def test_an_interpolation_that_fails_names_its_key(override, key, says):
+    """OmegaConf's error carries no key (`error: recipe: Interpolation key 'model.nme' not found`), Hydra's parse
+    error names no override (`error: recipe: mismatched input '{' expecting <EOF>`)."""
+    with pytest.raises(ConfigError) as err:
+        compose("config", [override], RootConfig)
+    assert err.value.key == key and says in err.value.message, str(err.value)
+    assert compose("config", ["run.out_dir=${oc.env:HOME}/${run.name}"], RootConfig).run.out_dir.endswith(
+        "/tiny_pretrain")  # one that resolves is resolved
