@@ -120,12 +120,13 @@ def _show(command: str, shown: str, rest: list[str]) -> int:
     name = command
     if command == "eval" and rest and "=" not in rest[0]:
         name, rest = f"eval {rest[0]}", rest[1:]
-    if name not in RECIPES:
+    target = _target(command, rest)
+    if name not in RECIPES or target != COMMANDS[command][0]:
         print(f"usage: evolm {command} key=value ...  -- {COMMANDS[command][1]}")
         if command == "eval":
             print("  subcommands: downstream, upstream (`evolm eval downstream --help` lists that one's keys)")
-        else:  # no single recipe: the command's own text says what it takes (read, not imported)
-            print("\n" + _module_doc(COMMANDS[command][0].split(":")[0]))
+        else:  # no single recipe (or routed to another's): that code's own text says what it takes (read, not run)
+            print("\n" + _module_doc(target.split(":")[0]))
         return 0
     from evolm_nemo.config import show
 
@@ -139,6 +140,14 @@ def _show(command: str, shown: str, rest: list[str]) -> int:
     print(show.render_job(recipe, rest, schema, settings) if job else
           show.render_help(name, recipe, rest, schema, settings))
     return 0
+
+
+def _target(command: str, overrides: list[str]) -> str:
+    """The module:function that runs ``command`` with ``overrides`` (``ROUTES``)."""
+    for (routed, key), other in ROUTES.items():
+        if command == routed and any(o.startswith(key) for o in overrides):
+            return other
+    return COMMANDS[command][0]
 
 
 def _module_doc(module: str) -> str:
@@ -220,11 +229,7 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as exc:
         print_error(exc.key, exc.message)
         return 2
-    target, _ = COMMANDS[command]
-    for (routed, key), other in ROUTES.items():
-        if command == routed and any(o.startswith(key) for o in overrides):
-            target = other
-    module_name, func_name = target.split(":")
+    module_name, func_name = _target(command, overrides).split(":")
     restore = _terminate_on_sigterm() if command not in OWN_SIGTERM else None
     try:
         func = getattr(importlib.import_module(module_name), func_name)
