@@ -295,9 +295,12 @@ def compose(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
     from omegaconf.errors import OmegaConfBaseException
 
     for item in overrides:
+        key = item.partition("=")[0].lstrip("+~")
+        if item.startswith("~"):  # the recipe would lose the key and the schema's default stand in, unseen
+            raise ConfigError(key, "removing a key (Hydra's ~key) is not supported: every key of the recipe has a "
+                                   "value; set the one you want (key=<value>, or key=null where null is allowed)")
         if "=" not in item:
             raise ConfigError(item, "overrides are key=value (e.g. parallel.tp=2 or experiment=pretrain_1b_160b)")
-        key = item.partition("=")[0].lstrip("+~")
         if re.match(r"hydra([./]|$)", key):  # Hydra applies them to its runtime config, which nothing here reads
             raise ConfigError(key, "Hydra's runtime settings are not used: evolm composes recipes with Hydra's API "
                                    "and changes no directory, writes no .hydra/ and runs no launcher or sweeper; "

@@ -37,6 +37,7 @@ def test_hydras_runtime_settings_are_refused_not_ignored(override):
     ("lineage={a: 1}", "lineage", "not in the composed recipe; add it with +lineage=<value>"),
     ("optim.stage_lr={foo: 1}", "optim.stage_lr.foo", "unknown key"),
     ("train={foo: 1}", "train.foo", "unknown key; valid keys in train: tokens"),
+    ("~train.seed", "train.seed", "removing a key (Hydra's ~key) is not supported"),  # was: "overrides are key=value"
 ])
 def test_plus_and_dict_overrides_name_the_key_and_the_fix(override, key, says):
     """Hydra's own text under the key `recipe` ("Multiple values for experiment. To override a value use 'override
