@@ -305,6 +305,9 @@ def compose(config_name: str, overrides: Sequence[str], schema: Type[T]) -> T:
             raise ConfigError(key, "Hydra's runtime settings are not used: evolm composes recipes with Hydra's API "
                                    "and changes no directory, writes no .hydra/ and runs no launcher or sweeper; "
                                    "where a command writes is its own key (run.out_dir, out, output, dst: --help)")
+    if os.environ.get("EVOLM_RECIPES") and not recipes_dir().is_dir():
+        raise ConfigError("EVOLM_RECIPES", f"{recipes_dir()} is not a directory (the recipes/ to compose from); unset "
+                                           "it to use the repository's")
     _check_group_choices(config_name, overrides)
     overrides = _one_budget(config_name, _commas_as_text(overrides, schema))
     try:

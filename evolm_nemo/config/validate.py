@@ -108,7 +108,11 @@ def validate(cfg: RootConfig, world_size: int | None = None, global_batches: boo
     WORLD_SIZE environment variable, else 1). ``global_batches``: the stage's batches are
     ``parallel.global_batch_size`` sequences (RL's are ``rl.*`` sizes, checked by its stage). Which stage may take
     which keys is the stage registry's to say (``stages.plan_run``)."""
-    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if not world_size:
+        text = os.environ.get("WORLD_SIZE", "1")
+        if not text.strip().isdigit() or int(text) < 1:  # torchrun sets it; by hand it may be anything
+            raise ConfigError("WORLD_SIZE", f"must be a positive integer (the number of processes), got {text!r}")
+        world_size = int(text)
     m, p, o, t, d = cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.data
     check_finite(cfg)  # first: the range rules below assume numbers that compare
     choice("train.precision", t.precision, PRECISIONS)

@@ -62,3 +62,23 @@ def test_an_interpolation_that_fails_names_its_key(override, key, says):
     assert err.value.key == key and says in err.value.message, str(err.value)
     assert compose("config", ["run.out_dir=${oc.env:HOME}/${run.name}"], RootConfig).run.out_dir.endswith(
         "/tiny_pretrain")  # one that resolves is resolved
+
+
+def test_environment_variables_that_shape_a_command_are_named_when_wrong(monkeypatch, tmp_path):
+    """EVOLM_RECIPES pointing nowhere was `error: recipe: Primary config directory not found.`; a WORLD_SIZE that is
+    no positive integer a ValueError traceback (or, 0, a division by zero) from the recipe's checks."""
+    from evolm_nemo.config.validate import validate
+
+    cfg = compose("config", [], RootConfig)
+    monkeypatch.setenv("EVOLM_RECIPES", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError) as err:
+        compose("config", [], RootConfig)
+    assert err.value.key == "EVOLM_RECIPES" and "nowhere is not a directory" in err.value.message
+    monkeypatch.delenv("EVOLM_RECIPES")
+    for bad in ("abc", "0"):
+        monkeypatch.setenv("WORLD_SIZE", bad)
+        with pytest.raises(ConfigError) as err:
+            validate(cfg)
+        assert err.value.key == "WORLD_SIZE" and repr(bad) in err.value.message
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert validate(cfg).world_size == 1
