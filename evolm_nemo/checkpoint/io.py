@@ -670,6 +670,8 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
       resumable ones (a WSD stable run's ``<out>/branches``): never resumed, but its own like the others -- a fresh
       run refuses them as another run's (it could not replace them when it reached their iterations) and
       ``overwrite`` removes them too.
+    * either way, a partner's checkpoint of this directory's run without its ``roots[0]`` namesake (a stop between
+      the saves of one set) is no checkpoint: it neither refuses the directory nor survives a start (said in one line).
 
     The run id (the resumed checkpoint's, or a new one) is written to ``<out>/run.json``. ``dry``: read only (no
     checksums, nothing removed, written or said) -- the cheap checks to run before heavy work.
@@ -685,6 +687,11 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
     existing = _broadcast({str(r): [p.name for p in checkpoint_dirs(r)] for r in roots + kept} if _rank() == 0
                           else None)
     names = existing[str(roots[0])]
+    # a partner's checkpoint whose namesake under roots[0] was never committed, written by this directory's own run:
+    # the half of a set a kill cut between its saves (the partners are written first, roots[0] commits the set). It
+    # is never resumed and is no other run's work: a start removes it rather than refusing the directory
+    orphans = _broadcast([str(r / n) for r in roots[1:] for n in existing[str(r)]
+                          if n not in names and run is not None and run_id_of(r / n) == run] if _rank() == 0 else None)
     skipped: list = []
     if resume:
         for name in reversed(names):
@@ -711,7 +718,7 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
             raise ConfigError("train.resume", f"{roots[0]}: none of its {len(names)} checkpoint(s) can be resumed "
                                               f"(newest, {newest.name}: {why}); restore them, start over with "
                                               "train.overwrite=true (removes them), or pick a new run.out_dir")
-    held = [r / n for r in roots + kept for n in existing[str(r)]]
+    held = [r / n for r in roots + kept for n in existing[str(r)] if str(r / n) not in orphans]
     if held and not overwrite:
         span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" if names else \
             str(held[0].relative_to(out))
@@ -725,6 +732,13 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
         _barrier()
         note(f"[evolm] train.overwrite=true: removed {len(held)} checkpoint(s) of the previous run from {out} "
              "before training; metrics.jsonl starts over")
+    if orphans and not dry:
+        if _rank() == 0:
+            for path in orphans:
+                shutil.rmtree(path, ignore_errors=True)
+        _barrier()
+        note(f"[evolm] removed {len(orphans)} uncommitted checkpoint(s) of this run ({', '.join(orphans)}): written "
+             f"before a stop, their set's {roots[0].name}/ half never was")
     run_id = _broadcast(new_run_id() if _rank() == 0 else None)
     if not dry:
         _claim(out, run_id)

@@ -55,3 +55,24 @@ def test_keep_last_does_not_count_the_checkpoints_resume_passed_over(tmp_path):
     assert ckpt.damage(root / "iter_0000005") is not None
     ckpt.prune([root], "run-a", keep_last=2, newest="iter_0000004")
     assert [p.name for p in ckpt.checkpoint_dirs(root)] == ["iter_0000003", "iter_0000004", "iter_0000005"]
+
+
+def test_a_partner_half_of_a_set_never_committed_is_removed_not_refused(tmp_path):
+    # PPO saves the critic, then the actor commits the pair: a kill between the two saves of the first pair leaves
+    # critic/iter_1 of this run and no actor checkpoint. Rerunning the command starts afresh (the half is removed,
+    # said in one line); another run's checkpoint there still refuses the directory
+    out = tmp_path / "run"
+    roots = [out / "checkpoints", out / "critic"]
+    out.mkdir()
+    (out / ckpt.RUN_FILE).write_text(json.dumps({"run_id": "run-a"}))
+    half = _checkpoint(roots[1], 1, "run-a")
+    said = []
+    dry = ckpt.start_run(out, roots, resume=True, overwrite=False, dry=True)
+    assert dry.checkpoint is None and half.is_dir()  # a dry start removes nothing
+    start = ckpt.start_run(out, roots, resume=True, overwrite=False, say=said.append)
+    assert start.checkpoint is None and not half.exists()
+    assert len(said) == 1 and str(half) in said[0]
+    _checkpoint(roots[1], 1, "run-x")
+    with pytest.raises(ConfigError) as err:
+        ckpt.start_run(out, roots, resume=True, overwrite=False)
+    assert err.value.key == "run.out_dir" and (roots[1] / "iter_0000001").is_dir()
