@@ -4,6 +4,7 @@ so a resumed run rolls out the same prompts)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +38,11 @@ class RLPrompts:
 
 
 def read_prompts(paths: list[str], key: str = "data.paths") -> RLPrompts:
-    """The prompt rows of ``paths`` (one set: an id appears once across all of them -- a problem twice would be
-    rolled out and trained on twice as often, and named twice in the rollout logs); each bad row or repeated id is
-    one line naming its file and line."""
-    ids, prompts, gold, rows, seen = [], [], [], [], {}
+    """The prompt rows of ``paths`` (one set: an id, and a prompt, appears once across all of them -- a problem twice
+    would be rolled out and trained on twice as often, and named twice in the rollout logs; the same prompt under two
+    ids may also carry two gold answers, rewarding one response both ways); each bad row, repeated id or repeated
+    prompt is one line naming its file and line."""
+    ids, prompts, gold, rows, seen, seen_prompts = [], [], [], [], {}, {}
     for path in paths:
         if not Path(path).is_file():
             raise ConfigError(key, f"no RL prompt file {path} (JSONL rows {{id, prompt, gold_answer}}; `evolm "
@@ -51,6 +53,10 @@ def read_prompts(paths: list[str], key: str = "data.paths") -> RLPrompts:
                     raise ConfigError(where, f"field {f!r} must be a non-empty string (rows: {{id, prompt, "
                                              "gold_answer}})")
             check_unique(row, where, seen, f"the RL prompt set ({key})")
+            first = seen_prompts.setdefault(row["prompt"], where)
+            if first is not where:
+                raise ConfigError(where, f"field 'prompt': the prompt of {first} again (id {json.dumps(row['id'])}); "
+                                         f"each problem is one row of the RL prompt set ({key})")
             ids.append(row["id"])
             prompts.append(row["prompt"])
             gold.append(row["gold_answer"])

@@ -1,6 +1,6 @@
-"""The RL prompt set is a set: a problem id appears once across its files (a repeated one would be rolled out and
-trained on twice as often); a repeat is one line naming the file, the line and the id, before any model loads. A
-resumed run keeps the frozen roles (reference, reward model) it started with."""
+"""The RL prompt set is a set: a problem id, and a prompt, appears once across its files (a repeated one would be
+rolled out and trained on twice as often); a repeat is one line naming the file, the line and the id, before any
+model loads. A resumed run keeps the frozen roles (reference, reward model) it started with."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from tests.conftest import refused_in_process
 
 
 def write_prompts(path, ids):
-    path.write_text("".join(json.dumps({"id": i, "prompt": f"Human: {n} + 1?\nAssistant:", "gold_answer": str(n + 1)})
-                            + "\n" for n, i in enumerate(ids)))
+    path.write_text("".join(json.dumps({"id": i, "prompt": f"Human: ({i}) {n} + 1?\nAssistant:",
+                                        "gold_answer": str(n + 1)}) + "\n" for n, i in enumerate(ids)))
     return path
 
 
@@ -32,6 +32,21 @@ def test_a_repeated_id_is_refused_naming_the_file_line_and_id(tmp_path):
         read_prompts([str(good), str(other)], "rl.val_data")
     assert exc.value.key == f"{other}:2" and f'"p2" again (first at {good}:3)' in exc.value.message
     assert "rl.val_data" in exc.value.message
+
+
+def test_a_repeated_prompt_under_another_id_is_refused_too(tmp_path):
+    # the same problem twice, here with two gold answers: one response would be rewarded both ways
+    from evolm_nemo.rl.data import read_prompts
+
+    path = tmp_path / "rl.jsonl"
+    rows = [{"id": "a", "prompt": "Human: 1 + 1?\nAssistant:", "gold_answer": "2"},
+            {"id": "b", "prompt": "Human: 2 + 2?\nAssistant:", "gold_answer": "4"},
+            {"id": "c", "prompt": "Human: 1 + 1?\nAssistant:", "gold_answer": "3"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError) as exc:
+        read_prompts([str(path)], "rl.val_data")
+    assert exc.value.key == f"{path}:3" and f"field 'prompt': the prompt of {path}:1 again (id \"c\")" in \
+        exc.value.message and "rl.val_data" in exc.value.message
 
 
 def test_evolm_train_refuses_it_in_one_line_before_the_model(tmp_path, capsys, a_run):
