@@ -166,6 +166,11 @@ def check_ranges(cfg: RootConfig) -> None:
                                                           f"{r.initial_policy_kl_penalty}")
     if r.kl != "off" and not r.initial_policy_kl_penalty > 0:
         raise ConfigError("rl.initial_policy_kl_penalty", f"rl.kl={r.kl} needs a positive KL coefficient")
+    if r.kl == "off" and r.initial_policy_kl_penalty:  # EvoLM's verl scripts set a coefficient that never acted
+        raise ConfigError("rl.initial_policy_kl_penalty", f"is {r.initial_policy_kl_penalty}, but rl.kl=off (the "
+                                                          "default) applies no KL term, so it would be ignored: set "
+                                                          "rl.kl=reward (PPO: k1 in the rewards) or rl.kl=loss, or "
+                                                          "leave it 0")
     if cfg.stage == "grpo" and r.kl == "reward":
         raise ConfigError("rl.kl", "kl=reward puts the KL penalty into PPO's per-token rewards (GAE); GRPO's "
                                    "advantages come from each sample's reward alone, so it would never act: use "

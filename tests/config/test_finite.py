@@ -131,6 +131,8 @@ def test_documented_ranges_are_refused_by_their_recipe_key(capsys, tmp_path, ove
     (["rl.val_interval=-1"], "rl.val_interval"),  # 0 is off; a negative one asked for validation data
     (["rl.initial_policy_kl_penalty=-0.1"], "rl.initial_policy_kl_penalty"),  # even with rl.kl=off
     (["rl.kl=loss", "rl.initial_policy_kl_penalty=0"], "rl.initial_policy_kl_penalty"),  # (the rule before)
+    # a KL coefficient without a KL term would be silently ignored (EvoLM's own scripts' trap)
+    (["rl.initial_policy_kl_penalty=0.0001"], "rl.initial_policy_kl_penalty"),
 ])
 def test_rl_ranges(overrides, key):
     """``rl.check_ranges`` is what the trainer and `evolm suite plan` refuse from the recipe alone (the trainer reaches
