@@ -28,7 +28,7 @@ import torch
 from evolm_nemo.answers import judge
 from evolm_nemo.checkpoint import io as ckpt
 from evolm_nemo.config.errors import ConfigError
-from evolm_nemo.config.schema import RootConfig
+from evolm_nemo.config.schema import RLConfig, RootConfig
 from evolm_nemo.config.validate import check_shape
 from evolm_nemo.data.packing import best_fit, by_count, by_token_budget, row_multiple
 from evolm_nemo.data.sft_synthetic import RL_EXAMPLES
@@ -60,6 +60,15 @@ CRITIC_KEYS = ("value_clip_count",)
 
 CHOICES = {"kl": ("off", "reward", "loss"), "kl_estimator": ("k1", "k2", "k3"),
            "loss_agg": ("token_mean", "seq_mean"), "reward_scoring": ("strict", "evolm")}
+
+
+# keys only the other algorithm reads, and why: a value other than the default is refused, not silently ignored
+PPO_ONLY = {k: "stage=grpo has no critic (its baseline is the group's mean reward)" for k in
+            ("critic_lr", "value_clip")} | {k: "stage=grpo has no GAE (each sample's advantage is its reward against "
+                                              "its group's)" for k in ("discount_factor", "gae_lambda",
+                                                                      "whiten_advantages")}
+GRPO_ONLY = {"grpo_normalize_std": "stage=ppo has no groups (its advantages are GAE's)"}
+RL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RLConfig)}
 
 
 def plan_iters(cfg: RootConfig, dp: int) -> int:
@@ -139,6 +148,12 @@ def check_ranges(cfg: RootConfig) -> None:
     if cfg.stage == "grpo" and r.critic_init is not None:
         raise ConfigError("rl.critic_init", "stage=grpo has no critic (its baseline is the group's mean reward); "
                                             "use stage=ppo or leave it null")
+    unread = PPO_ONLY if cfg.stage == "grpo" else GRPO_ONLY
+    for key, why in unread.items():
+        default = RL_DEFAULTS[key]
+        if getattr(r, key) != default:
+            raise ConfigError(f"rl.{key}", f"{why}, so {getattr(r, key)} would be ignored: use stage="
+                                           f"{'ppo' if cfg.stage == 'grpo' else 'grpo'} or leave it at {default}")
     if r.dual_clip is not None and not r.dual_clip > 1:
         raise ConfigError("rl.dual_clip", f"must be > 1 or null, got {r.dual_clip}")
     if r.value_clip is not None and not r.value_clip > 0:

@@ -143,3 +143,18 @@ def test_rl_ranges(overrides, key):
     with pytest.raises(ConfigError) as err:
         check_ranges(compose("config", ["stage=ppo", *overrides], RootConfig))
     assert err.value.key == key, str(err.value)
+
+
+@pytest.mark.parametrize("stage,override", [
+    ("grpo", "rl.critic_lr=1e-3"), ("grpo", "rl.value_clip=0.2"), ("grpo", "rl.gae_lambda=0.95"),
+    ("grpo", "rl.discount_factor=0.99"), ("grpo", "rl.whiten_advantages=false"), ("ppo", "rl.grpo_normalize_std=false"),
+])
+def test_the_other_algorithms_rl_keys_are_refused_not_ignored(stage, override):
+    """GRPO has no critic and no GAE, PPO no groups: a value other than the default of a key only the other one reads
+    is refused (the run would silently train without it); the default itself (every preset's) passes."""
+    from evolm_nemo.stages.rl import check_ranges
+
+    check_ranges(compose("config", [f"stage={stage}"], RootConfig))
+    with pytest.raises(ConfigError) as err:
+        check_ranges(compose("config", [f"stage={stage}", override], RootConfig))
+    assert err.value.key == override.split("=")[0] and "would be ignored" in err.value.message, str(err.value)
