@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, first_line
 from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.data.packing import packed_seq_params, per_sequence_sum
 from evolm_nemo.fileio import atomic_path
@@ -151,12 +151,18 @@ class DPOStage(Stage):
         if not path.is_file():
             raise ConfigError("run.out_dir", f"{path} is missing: the reference log-probs this DPO run computed "
                                              "at its start; start a new run (another run.out_dir)")
-        with safe_open(str(path), "pt") as f:
-            if f.metadata().get("datasets") != self._fingerprint():
-                raise ConfigError("data.paths", f"{path} was computed for other datasets than data.paths; resume "
-                                                "with the original data or start a new run")
-            logp = f.get_tensor("logp").numpy()
-        if len(logp) != len(self.data.labels):
+        try:
+            with safe_open(str(path), "pt") as f:
+                datasets = (f.metadata() or {}).get("datasets")
+                logp = f.get_tensor("logp").numpy() if datasets == self._fingerprint() else None
+        except Exception as exc:  # a truncated or foreign file (safetensors' own error type, or no "logp")
+            raise ConfigError("run.out_dir", f"{path} is unreadable ({first_line(exc)}): the reference log-probs "
+                                             "this DPO run computed at its start; start a new run (another "
+                                             "run.out_dir)") from None
+        if logp is None:
+            raise ConfigError("data.paths", f"{path} was computed for other datasets than data.paths; resume "
+                                            "with the original data or start a new run")
+        if logp.ndim != 1 or len(logp) != len(self.data.labels):
             raise ConfigError("data.paths", f"{path} holds {len(logp)} sequences, the data {len(self.data.labels)}")
         return logp
 

@@ -343,7 +343,12 @@ def test_dpo_starts_at_log2_widens_the_margin_and_resumes(rm_data, tmp_path):
     # the same command again resumes at its last checkpoint: the stored reference is read, not recomputed
     proc = run_evolm("train", [*base, f"run.out_dir={plain}", "train.iters=4"])
     assert "reference log-probs of" not in proc.stdout
-    (plain / "dpo_reference.safetensors").unlink()
+    reference = plain / "dpo_reference.safetensors"
+    reference.write_bytes(reference.read_bytes()[:100])  # cut short (a full disk, a killed copy): one line
+    proc = run_evolm("train", [*base, f"run.out_dir={plain}", "train.iters=4"], check=False)
+    assert proc.returncode == 2 and "dpo_reference.safetensors is unreadable" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    reference.unlink()
     proc = run_evolm("train", [*base, f"run.out_dir={plain}", "train.iters=4"], check=False)
     assert proc.returncode == 2 and "dpo_reference.safetensors is missing" in proc.stderr, proc.stderr
     ipo = tmp_path / "ipo"
