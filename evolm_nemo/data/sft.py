@@ -218,9 +218,11 @@ class SFTDataset:
             raise ConfigError(key, f"{self.path} does not match its manifest (truncated or altered); prepare it again")
         offset, prompt, length = (self.index[:, i].astype(np.int64) for i in range(3))
         if len(self.index) and ((offset < 0).any() or (offset + length > self.manifest["tokens"]).any()
-                                or (prompt < 0).any() or (prompt > length).any()):
-            raise ConfigError(key, f"{self.path / INDEX}: an example reaches outside tokens.bin or has a prompt longer "
-                                   "than itself (altered); prepare it again")
+                                or (prompt < 0).any() or (prompt >= length).any()):
+            # (no token after the prompt: nothing to learn -- an SFT loss over no tokens, an RM score of no response;
+            # `prepare-sft` ends every answer with EOS, `prepare-rm` drops empty responses)
+            raise ConfigError(key, f"{self.path / INDEX}: an example reaches outside tokens.bin or has no token after "
+                                   "its prompt (altered); prepare it again")
         self.tokens = np.memmap(self.path / TOKENS, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
         self.prompt_len = self.index[:, 1]
         self.length = self.index[:, 2]

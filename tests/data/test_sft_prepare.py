@@ -258,10 +258,11 @@ def test_a_damaged_dataset_is_refused(tmp_path, tok_dir):
         SFTDataset(tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["1d", "float", "past_end", "prompt_too_long"])
+@pytest.mark.parametrize("damage", ["1d", "float", "past_end", "prompt_too_long", "no_answer"])
 def test_a_damaged_index_is_one_line(tmp_path, tok_dir, damage):
     """index.npy of another shape was an IndexError traceback (before the content hash could say anything); entries
-    reaching outside tokens.bin are refused too, also in a dataset without a content hash."""
+    reaching outside tokens.bin are refused too, also in a dataset without a content hash, and an example with no
+    answer token (all prompt: it trained on nothing, and a global batch of such was logged as loss 0.0)."""
     inp = _write(tmp_path / "in.jsonl", [{"question": f"q{i}?", "answer": "a b c"} for i in range(3)])
     prepare_sft(_cfg(tmp_path, tok_dir, inp, filter=False))
     path = tmp_path / "out" / "index.npy"
@@ -272,6 +273,8 @@ def test_a_damaged_index_is_one_line(tmp_path, tok_dir, damage):
         index = index.astype(np.float64)
     elif damage == "past_end":
         index[-1, 0] += 1
+    elif damage == "no_answer":
+        index[0, 1] = index[0, 2]
     else:
         index[0, 1] = index[0, 2] + 1
     np.save(path, index)
