@@ -66,6 +66,12 @@ STAGES = {
 }
 
 
+# where a stage other than pretraining / CPT measures on held-out data (data.val_paths is refused for them)
+OWN_VALIDATION = {"sft": "SFT has no validation set", "dpo": "DPO has no validation set",
+                  "rm": "a reward model holds out rm.val_fraction of the problems",
+                  "ppo": "RL validates on rl.val_data", "grpo": "RL validates on rl.val_data"}
+
+
 def kind(name: str) -> Kind:
     """The registry's entry for ``stage=<name>``, or a ConfigError naming the key ``stage``."""
     choice("stage", name, tuple(STAGES))
@@ -147,6 +153,9 @@ def check_recipe(cfg: RootConfig, world_size: int | None = None) -> Layout:
     if t.val_tokens_interval is not None and k.budget != "tokens":
         raise ConfigError("train.val_tokens_interval", f"is for stage=pretrain|cpt; {cfg.stage} has its own "
                                                        "validation settings")
+    if cfg.data.val_paths and k.budget != "tokens":  # else read by nobody: no validation, and nothing said
+        raise ConfigError("data.val_paths", f"is for the held-out loss of stage=pretrain|cpt; stage={cfg.stage} would "
+                                            f"ignore it ({OWN_VALIDATION[cfg.stage]}): set data.val_paths=[]")
     return layout
 
 

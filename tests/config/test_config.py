@@ -79,6 +79,8 @@ def test_evolm_grid_composes():
     (["data.synthetic_kinds=[text,math]", "data.weights=[1]"], 1, "data.weights"),
     (["data.synthetic_kinds=[math]"], 1, "data.synthetic_kinds"),
     (["model.seq_length=100000000"], 1, "model.seq_length"),    # past what RoPE's float32 positions tell apart
+    (["stage=sft", "data.val_paths=[/nonexistent/val]"], 1, "data.val_paths"),  # the held-out loss of pretraining /
+    (["stage=rm", "data.val_paths=[/nonexistent/val]"], 1, "data.val_paths"),   # CPT: the other stages ignored it
 ])
 def test_validation_errors(overrides, world, key):
     with pytest.raises(ConfigError) as err:
