@@ -98,8 +98,7 @@ class RMData:
         self.length = np.concatenate([ds.length for ds in self.sets])
         self.prompt_len = np.concatenate([ds.prompt_len for ds in self.sets])
         self.labels = np.concatenate([ds.labels for ds in self.sets]).astype(np.float32)
-        group_base = np.cumsum([0] + [int(ds.groups.max()) + 1 if len(ds) else 0 for ds in self.sets])
-        self.groups = np.concatenate([ds.groups + group_base[k] for k, ds in enumerate(self.sets)])
+        self.groups = self._problems()
         if pairs:
             units = [ds.pairs + offsets[k] for k, ds in enumerate(self.sets)]
             units = np.concatenate(units) if units else np.zeros((0, 2), np.int64)
@@ -113,6 +112,22 @@ class RMData:
         n_val = math.ceil(val_fraction * n_groups) if val_fraction > 0 else 0
         is_val = np.isin(self.groups[units[:, 0]], rng.permutation(n_groups)[:n_val])
         self.train_units, self.val_units = units[~is_val], units[is_val]
+
+    def _problems(self) -> np.ndarray:
+        """The problem of every sequence, one number per distinct prompt over all the datasets: the first dataset's
+        own ``groups``, and a problem of a later one the number of the same prompt before it (two sampling rounds of
+        one prompt set), else a new number -- so that a held-out problem is held out of every dataset."""
+        numbers: dict[bytes, int] = {}
+        top, out = 0, []
+        for k, ds in enumerate(self.sets):
+            local, first = np.unique(ds.groups, return_index=True)  # each problem's first sequence: its prompt
+            ours = []
+            for g, i in zip(local.tolist(), first.tolist()):
+                number = numbers.setdefault(ds.ids(i)[:int(ds.prompt_len[i])].tobytes(), g if k == 0 else top)
+                top = max(top, number + 1)
+                ours.append(number)
+            out.append(np.asarray(ours, dtype=np.int64)[np.searchsorted(local, ds.groups)])
+        return np.concatenate(out)
 
     def ids(self, seq: int) -> np.ndarray:
         return self.sets[self.seq_set[seq]].ids(int(self.seq_local[seq]))

@@ -83,6 +83,22 @@ def test_rm_arrays_of_another_shape_are_one_line(rm_data, tmp_path):
         assert err.value.key == "data.paths" and str(bad) in err.value.message
 
 
+def test_a_held_out_problem_is_held_out_of_every_dataset(rm_data, tmp_path):
+    """Two datasets of the same problems (here the outcome and the pairs set of one scored file): rm.val_fraction
+    holds a problem out of both. Each dataset numbered its own problems, and a problem held out of one was trained
+    on from the other, so val_loss / val_auc measured on training problems."""
+    from evolm_nemo.config import RootConfig, compose
+    from evolm_nemo.stages.rm import RMData
+
+    cfg = compose("config", rm_overrides(tmp_path / "r", rm_data, f"data.paths=[{rm_data['outcome']},"
+                                                                  f"{rm_data['pairs']}]"), RootConfig)
+    data = RMData(cfg, pairs=False, val_fraction=0.2)
+    prompt = lambda q: data.ids(int(q))[:int(data.prompt_len[q])].tobytes()  # noqa: E731
+    held, trained = ({prompt(q) for q in units[:, 0]} for units in (data.val_units, data.train_units))
+    assert len(held) == 24 and len(trained) == 96 and not held & trained  # 20% of the 120 problems, apart
+    assert len(np.unique(data.groups)) == 120
+
+
 def test_a_damaged_rm_dataset_is_refused_and_a_resume_on_other_data_too(rm_data, tmp_path):
     """An RM dataset is checked against its manifest's content hash (tokens, index, labels, groups, pairs) at first
     use: a same-size flip in labels.npy is refused in one line naming it; an RM run resumed on other data.paths is
