@@ -1,6 +1,7 @@
 """Preemption and child processes.
 
-* ``StopSignal``: SIGTERM -- what Slurm (and torchrun, passing it on) sends before it kills a job -- only sets a flag.
+* ``StopSignal``: SIGTERM -- what Slurm (and torchrun, passing it on) sends before it kills a job -- only sets a flag
+  (SIGHUP and SIGUSR1 too: ``STOP_SIGNALS``).
   The training loops ask ``requested()`` between iterations, on every rank at once (one tiny all-reduce, so all ranks
   stop after the same iteration and can save together), save if ``train.save_on_signal``, and exit with 143.
 * ``children_die_with_parent()``: every child this process forks from its main thread (megatron-core's checkpoint
@@ -21,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 EXIT_CODE = 128 + signal.SIGTERM  # 143, the conventional code for "terminated"
-# what stops a training after its iteration (saved first): a scheduler's SIGTERM, and the hangup of the terminal or
-# ssh session it was started from (whose default action killed it with everything since the last checkpoint)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# what stops a training after its iteration (saved first): a scheduler's SIGTERM, the hangup of the terminal or ssh
+# session it was started from, and SIGUSR1 (Lightning/NeMo 1's `sbatch --signal=USR1@<s>` convention): the default
+# action of each killed it with everything since the last checkpoint
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1
 _hooked = False
 _forking_parent = None  # pid of the process that forked us (set just before a fork, inherited by the child)

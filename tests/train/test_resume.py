@@ -87,7 +87,8 @@ def test_a_second_training_into_a_busy_run_dir_refuses(tmp_path, data_cache):
         if first.poll() is None:
             first.kill()
     stopped = len((tmp_path / "metrics.jsonl").read_text().splitlines())
-    code, _, again = train_then_sigterm(args, tmp_path, after_rows=stopped + 1)  # free again once the first ended
+    # free again once the first ended; SIGUSR1 (`sbatch --signal=USR1@90`, Lightning's habit) stops it as SIGTERM does
+    code, _, again = train_then_sigterm(args, tmp_path, after_rows=stopped + 1, sig="SIGUSR1")
     assert code == 143 and again > stopped
 
 
