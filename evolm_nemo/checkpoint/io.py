@@ -722,9 +722,10 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
     if held and not overwrite:
         span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" if names else \
             str(held[0].relative_to(out))
+        again = "resume that run (train.resume=true), " if names else ""  # kept ones alone are never resumed
         raise ConfigError("run.out_dir", f"{out} holds the checkpoints of another run ({len(held)}: {span}); pick a "
-                                         "new run.out_dir, resume that run (train.resume=true), or start over with "
-                                         "train.overwrite=true (removes them first)")
+                                         f"new run.out_dir, {again}or start over with train.overwrite=true (removes "
+                                         "them first)")
     if held and not dry:
         if _rank() == 0:
             for path in held + [p for r in roots + kept for p in r.glob("iter_*.tmp-*")]:

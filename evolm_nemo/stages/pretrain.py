@@ -5,6 +5,7 @@ replay mix); CPT is the same stage started from ``train.init_from``. Its plan ch
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from evolm_nemo.checkpoint import io as ckpt
@@ -242,6 +243,13 @@ class PretrainStage(Stage):
         are not made again at the resume point."""
         self.resumed = bool(state)
         self.carried = state.get("dynamics_start") or {}
+        missed = [f"{budget} (iteration {it:,})" for it, budget in sorted(self.branch_saves.items())
+                  if self.resumed and it <= start
+                  and not ckpt.is_complete(Path(self.cfg.run.out_dir) / wsd.BRANCHES / f"iter_{it:07d}")]
+        if missed and self.is_main:  # listed after the run passed them: nothing can save them now
+            print(f"[evolm] warning: train.branch_budgets: the branch point of {', '.join(missed)} is behind the "
+                  f"resumed iteration {start:,} and was not saved; no branch can start there from this run (list "
+                  "budgets before the run passes them)", file=sys.stderr, flush=True)
 
     def prepare(self, model, rt, start, out_dir):
         if start >= self.plan.iters:

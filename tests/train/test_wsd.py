@@ -105,11 +105,26 @@ def test_a_stable_run_started_over_replaces_the_branch_points_of_the_run_before(
     args = tiny(out, data_cache, "train.iters=20", *WSD, "train.branch_budgets=[20480]")
     line = one_line_error(run_evolm("train", args, check=False), "run.out_dir")
     assert "branches/iter_0000015" in line and "train.overwrite=true" in line
+    assert "train.resume=true" not in line  # branch points are never resumed: that advice could not help
     assert sorted(p.name for p in ckpt.committed(out / "branches")) == ["iter_0000015", "iter_0000030"]
     proc = run_evolm("train", [*args, "train.overwrite=true"])
     assert "removed 2 checkpoint(s)" in proc.stdout
     run = json.loads((out / "run.json").read_text())["run_id"]
     assert [(p.name, ckpt.run_id_of(p)) for p in ckpt.checkpoint_dirs(out / "branches")] == [("iter_0000015", run)]
+
+
+def test_a_budget_listed_after_the_run_passed_its_branch_point_is_said(tmp_path, data_cache, stable):
+    """A resume with train.branch_budgets naming a branch point already behind it (never saved) says so: nothing can
+    save it now, and the branch would be refused much later."""
+    import shutil
+
+    out = tmp_path / "late"
+    shutil.copytree(stable / "checkpoints", out / "checkpoints")
+    shutil.copy(stable / "run.json", out / "run.json")
+    proc = run_evolm("train", tiny(out, data_cache, f"train.iters={STABLE_ITERS}", *WSD, "train.save_interval=10",
+                                   "train.keep_last=1", "train.branch_budgets=[20480,40960]"))
+    assert "[evolm] warning: train.branch_budgets: the branch point of 20480 (iteration 15), 40960 (iteration 30) " \
+           "is behind the resumed iteration 40 and was not saved" in proc.stderr, proc.stderr[-2000:]
 
 
 def _branch(out, cache, stable_dir, iters):
