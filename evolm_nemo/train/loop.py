@@ -293,9 +293,11 @@ def _tokenizer_ref(stage) -> str:
 def _say_start(cfg: RootConfig, plan: Plan, rt: Runtime, stage, start: Start, resumed: bool) -> None:
     if not rt.is_main:
         return
-    p, m = cfg.parallel, cfg.model
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    capped = (f" (train.epochs={t.epochs} caps train.iters={t.iters})"
+              if t.epochs is not None and t.iters is not None and plan.iters < t.iters else "")
     print(f"[evolm] {cfg.stage} {m.name}: {param_count(m) / 1e6:.2f}M params | tp={p.tp} pp={p.pp} dp={plan.dp} "
-          f"sp={p.sp} | {rt.dtype} on {rt.device.type} | {plan.iters} iters | {stage.describe()}"
+          f"sp={p.sp} | {rt.dtype} on {rt.device.type} | {plan.iters} iters{capped} | {stage.describe()}"
           + (f" | resuming at iteration {start.iteration}" if resumed and start.iteration else "") + start.note,
           flush=True)
 

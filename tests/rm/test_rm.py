@@ -255,8 +255,9 @@ def test_pairwise_validation_of_chained_preferences(rm_data, tmp_path):
     prepare_rm(PrepareRMConfig(input=str(src), output=str(tmp_path / "chain"), tokenizer=str(rm_data["tok"]),
                                kind="pairs", progress=False))
     out = tmp_path / "rm"
-    run_evolm("train", rm_overrides(out, rm_data, f"data.paths=[{tmp_path / 'chain'}]", "rm.objective=pairwise",
-                                    "train.iters=1"))
+    proc = run_evolm("train", rm_overrides(out, rm_data, f"data.paths=[{tmp_path / 'chain'}]",
+                                           "rm.objective=pairwise", "train.epochs=1", "train.iters=2"))
+    assert " | 1 iters (train.epochs=1 caps train.iters=2) | " in proc.stdout  # 16 training pairs, 16 a batch
     last = metrics(out)[1]
     scores = {v["index"]: v["score"] for v in map(json.loads, (out / "rm_val_scores.jsonl").read_text().splitlines())}
     pairs = np.array([p for p in RMDataset(tmp_path / "chain").pairs.tolist() if p[0] in scores])
