@@ -18,6 +18,7 @@ data-parallel rank) with the static one, so a resumed run rolls out exactly what
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -270,6 +271,12 @@ class RLStage(Stage):
         if r.val_data and r.val_interval:  # the first rl.val_size prompts that fit, as for training
             val, _ = fit_prompts(cfg, read_prompts([r.val_data], "rl.val_data"))
             self.val = val.subset(list(range(min(r.val_size, len(val)))))
+            trained = set(self.prompts.prompts)
+            both = sum(p in trained for p in self.val.prompts)
+            if both and rt.is_main:  # verl does not look either; a user comparing val_accuracy should know
+                print(f"[evolm] warning: rl.val_data: {both} of its {len(self.val.prompts)} validation prompts are "
+                      "training prompts too (data.paths): val_accuracy measures them as trained", file=sys.stderr,
+                      flush=True)
         self.dp, self.dp_rank = plan.dp, parallel_state.get_data_parallel_rank()
         self.schedule = PromptSchedule(len(self.prompts), r.prompts_per_step, cfg.train.seed, self.dp_rank, self.dp)
         self.steps_per_iter = r.ppo_epochs * r.mini_batches

@@ -46,6 +46,8 @@ def test_contract_and_evolm_preset(tmp_path, rl_parent, stage):
         # the trainer's recomputed log-probs equal the rollout engine's (fp32 on CPU)
         assert r["logp_mismatch_max"] < 1e-4 and abs(r["prob_ratio_mean"] - 1.0) < 1e-5
         assert "kl_ref" not in r  # KL off: no reference model exists
+    # rl8 is the first 8 prompts of the training set: validating on them is said
+    assert "warning: rl.val_data: 4 of its 4 validation prompts are training prompts too" in proc.stderr
     roles = "actor + critic |" if stage == "ppo" else "actor |"
     assert roles in proc.stdout and "reference" not in proc.stdout
     meta = json.loads((ckpt.latest(out / "checkpoints") / "evolm.json").read_text())
