@@ -669,9 +669,11 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
       (and says so) before anything is trained. ``kept`` are the roots of the checkpoints a run keeps beside its
       resumable ones (a WSD stable run's ``<out>/branches``): never resumed, but its own like the others -- a fresh
       run refuses them as another run's (it could not replace them when it reached their iterations) and
-      ``overwrite`` removes them too.
+      ``overwrite`` removes them too; the directory's own run with nothing else to resume starts over as itself and
+      keeps them (``resume``, no ``overwrite``).
     * either way, a partner's checkpoint of this directory's run without its ``roots[0]`` namesake (a stop between
-      the saves of one set) is no checkpoint: it neither refuses the directory nor survives a start (said in one line).
+      the saves of one set) is no checkpoint: it never refuses the directory, a fresh start removes it (said in one
+      line) and a resume leaves it for the run's save at that iteration to replace.
 
     The run id (the resumed checkpoint's, or a new one) is written to ``<out>/run.json``. ``dry``: read only (no
     checksums, nothing removed, written or said) -- the cheap checks to run before heavy work.
@@ -718,7 +720,14 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
             raise ConfigError("train.resume", f"{roots[0]}: none of its {len(names)} checkpoint(s) can be resumed "
                                               f"(newest, {newest.name}: {why}); restore them, start over with "
                                               "train.overwrite=true (removes them), or pick a new run.out_dir")
-    held = [r / n for r in roots + kept for n in existing[str(r)] if str(r / n) not in orphans]
+    # this directory's own kept checkpoints with nothing beside them to resume (a stable run killed after a branch
+    # point, before its first regular save): the run starts over as itself and keeps them -- cooldown branches may
+    # have started from them; each is written again as the run passes it (a run replaces its own checkpoints)
+    own = _broadcast([str(r / n) for r in kept for n in existing[str(r)] if run is not None
+                      and run_id_of(r / n) == run] if _rank() == 0 else None)
+    again_as = run if resume and not overwrite and not names and own else None
+    held = [r / n for r in roots + kept for n in existing[str(r)]
+            if str(r / n) not in orphans and (again_as is None or str(r / n) not in own)]
     if held and not overwrite:
         span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" if names else \
             str(held[0].relative_to(out))
@@ -740,7 +749,10 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
         _barrier()
         note(f"[evolm] removed {len(orphans)} uncommitted checkpoint(s) of this run ({', '.join(orphans)}): written "
              f"before a stop, their set's {roots[0].name}/ half never was")
-    run_id = _broadcast(new_run_id() if _rank() == 0 else None)
+    if again_as is not None:
+        note(f"[evolm] {out}: nothing to resume beside its {len(own)} kept checkpoint(s) ({', '.join(own)}); run "
+             f"{again_as} starts over from iteration 0 and keeps them (each is written again as the run passes it)")
+    run_id = again_as or _broadcast(new_run_id() if _rank() == 0 else None)
     if not dry:
         _claim(out, run_id)
     return RunStart(run_id, None, None, skipped)

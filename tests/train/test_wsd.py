@@ -100,8 +100,7 @@ def test_a_stable_run_started_over_replaces_the_branch_points_of_the_run_before(
     from tests.conftest import one_line_error
 
     out = tmp_path / "again"
-    shutil.copytree(stable / "branches", out / "branches")
-    shutil.copy(stable / "run.json", out / "run.json")
+    shutil.copytree(stable / "branches", out / "branches")  # without the run.json naming their run: another run's
     args = tiny(out, data_cache, "train.iters=20", *WSD, "train.branch_budgets=[20480]")
     line = one_line_error(run_evolm("train", args, check=False), "run.out_dir")
     assert "branches/iter_0000015" in line and "train.overwrite=true" in line
@@ -111,6 +110,26 @@ def test_a_stable_run_started_over_replaces_the_branch_points_of_the_run_before(
     assert "removed 2 checkpoint(s)" in proc.stdout
     run = json.loads((out / "run.json").read_text())["run_id"]
     assert [(p.name, ckpt.run_id_of(p)) for p in ckpt.checkpoint_dirs(out / "branches")] == [("iter_0000015", run)]
+
+
+def test_a_stable_run_killed_after_a_branch_point_starts_over_keeping_it(tmp_path, data_cache, stable):
+    """Killed after its first branch point, before any regular save (train.save_interval=0, the default): the rerun
+    is the same run starting over -- its branch points kept (cooldown branches may have started from them) and each
+    written again as it passes it -- not 'another run' whose only way out was train.overwrite=true (removing them)."""
+    import shutil
+
+    from evolm_nemo.checkpoint import io as ckpt
+
+    out = tmp_path / "killed"
+    shutil.copytree(stable / "branches", out / "branches")
+    shutil.copy(stable / "run.json", out / "run.json")
+    run = json.loads((out / "run.json").read_text())["run_id"]
+    proc = run_evolm("train", tiny(out, data_cache, "train.iters=20", *WSD, "train.branch_budgets=[20480]"))
+    assert "nothing to resume beside its 2 kept checkpoint(s)" in proc.stdout and f"run {run} starts over" in proc.stdout
+    assert json.loads((out / "run.json").read_text())["run_id"] == run
+    assert [(p.name, ckpt.run_id_of(p)) for p in ckpt.committed(out / "branches")] == \
+        [("iter_0000015", run), ("iter_0000030", run)]
+    assert ckpt.latest(out / "checkpoints").name == "iter_0000020"
 
 
 def test_a_budget_listed_after_the_run_passed_its_branch_point_is_said(tmp_path, data_cache, stable):
