@@ -259,9 +259,12 @@ class PretrainStage(Stage):
             self.val_start = (start, self.heldout_loss(model, rt))
         elif self.val and self.carried.get("val"):
             begin, before = self.carried["val"]
-            self.val_start, self.val_start_logged = (int(begin), dict(before)), True  # logged by the first run
+            # logged already when a record up to the checkpoint carried it (records after it are dropped on resume)
+            self.val_start = (int(begin), dict(before))
+            self.val_start_logged = bool(self.carried.get("val_logged", True))
         if self.probe is not None:
-            self.probe.prepare(model, start, self.carried.get("probe") if resumed else None, resumed)
+            self.probe.prepare(model, start, self.carried.get("probe") if resumed else None, resumed,
+                               logged=bool(self.carried.get("probe_logged", True)))
 
     def evaluate(self, model, rt, step, last):
         out = self._validation(model, rt, step, last)
@@ -303,9 +306,13 @@ class PretrainStage(Stage):
         carried = {}
         if self.val_start is not None:
             carried["val"] = [self.val_start[0], self.val_start[1]]
+            carried["val_logged"] = self.val_start_logged
         if self.probe is not None and self.probe.start is not None:
             carried["probe"] = list(self.probe.start)
-        if carried:  # the measurements before the first step, for a resumed run's records
+            carried["probe_logged"] = self.probe.start_logged
+        # the measurements before the first step, for a resumed run's records; and whether a record up to this step
+        # carries them (a resumed run drops the records after it: the first record it writes then carries them)
+        if carried:
             extra["dynamics_start"] = carried
         return extra
 

@@ -57,15 +57,16 @@ class ProbeHook:
             out[f"probe_down_{problems.suite}"] = round(100.0 * acc, 2)
         return out
 
-    def prepare(self, model, start: int, carried=None, resumed: bool = False) -> None:
+    def prepare(self, model, start: int, carried=None, resumed: bool = False, logged: bool = True) -> None:
         """Before the first step: the starting point of the curve (the parent's). A resumed run takes the one its
         first run measured (``carried``, from the checkpoint) instead of measuring at the resume point, and probes
-        at the same multiples of the interval as the uninterrupted run."""
+        at the same multiples of the interval as the uninterrupted run. ``logged``: whether a record up to the
+        checkpoint carries that starting point (else the resumed run's first probe record does)."""
         self.t0 = time.perf_counter()
         if resumed:
             self.start = (int(carried[0]), dict(carried[1]), float(carried[2])) if carried else None
             self.spent = self.last_cost = 0.0
-            self.start_logged = True  # the first run's first probe record carries it
+            self.start_logged = logged
         else:
             self.start = (start, self.measure(model), _slowest(time.perf_counter() - self.t0))
             self.spent = self.last_cost = self.start[2]

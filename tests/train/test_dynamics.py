@@ -63,21 +63,30 @@ def test_probes_on_schedule_with_cost(probed):
 
 
 def test_a_resumed_run_probes_where_the_uninterrupted_one_did(probed, tmp_path, data_cache):
-    """SIGKILL after the checkpoint at iteration 6, resume: the probes run at 10, 15, 20 (multiples of the interval,
-    not 6 + 5 ...), nothing is measured again at the resume point (no *_at_6 keys), and every probe record equals
-    the uninterrupted run's; the closing summary still starts from the measurements before the first step."""
+    """SIGKILL once the probe record at iteration 5 is written but the last checkpoint is at 3, resume, SIGKILL after
+    the checkpoint at 6, resume: the probes run at 5, 10, 15, 20 (multiples of the interval, not 3 + 5 ...), nothing
+    is measured again at a resume point (no *_at_3 / *_at_6 keys), the measurements before the first step are in the
+    records as in an uninterrupted run -- the probes' in the first, the held-out loss's in the first and the last
+    (the record at 5 that carried them was dropped with the first resume: the rewritten one carries them again) --
+    and every probe record equals the uninterrupted run's; the closing summary still starts from the measurements
+    before the first step."""
     from tests.conftest import train_then_sigkill_when
 
     out = tmp_path / "run"
     args = tiny(out, data_cache, "train.iters=20", "train.log_interval=10", "train.save_interval=3",
-                "train.keep_last=10", *probe_overrides("5120", "probe.max_fraction=null"))
-    ckpts = out / "checkpoints"
-    killed = train_then_sigkill_when(args, lambda: 1 if (ckpts / "iter_0000006" / "evolm.json").exists() else None)
-    assert killed
+                "train.keep_last=10", "train.val_tokens_interval=5120", "data.synthetic_val_docs=50",
+                *probe_overrides("5120", "probe.max_fraction=null"))
+    ckpts, metrics = out / "checkpoints", out / "metrics.jsonl"
+    train_then_sigkill_when(args, lambda: 1 if metrics.is_file() and '{"iteration": 5,' in metrics.read_text()
+                            else None)
+    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000003"]
+    train_then_sigkill_when(args, lambda: 1 if (ckpts / "iter_0000006" / "evolm.json").exists() else None)
     resumed = run_evolm("train", args)
-    assert "resuming at iteration" in resumed.stdout
+    assert "resuming at iteration 6" in resumed.stdout
     got, want = rows(out), rows(probed[0])
     assert [r["iteration"] for r in got if "probe_up_avg" in r] == [5, 10, 15, 20]
+    assert [r["iteration"] for r in got if "probe_up_avg_at_0" in r] == [5]
+    assert [r["iteration"] for r in got if "val_loss_text_at_0" in r] == [5, 20]  # held-out loss: first and last
     assert not [k for r in got for k in r if "_at_" in k and not k.endswith("_at_0")]
     assert [_probe_keys(r) for r in got if "probe_up_avg" in r] == [_probe_keys(r) for r in want
                                                                     if "probe_up_avg" in r]
