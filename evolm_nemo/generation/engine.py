@@ -20,6 +20,7 @@ at the first stop string (generation of that prompt ends there; the stop string 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -165,8 +166,11 @@ class _Engine:
     def _request(self, prompts: Sequence[str], max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                  stop_strings: Sequence[str] | None) -> tuple[tuple[str, ...], list[list[int]], list[int]]:
         """(stop strings, each prompt's ids, each prompt's token budget), or ValueError for bad settings/prompts."""
-        if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+        if not (math.isfinite(temperature) and temperature >= 0) or not 0.0 < top_p <= 1.0 or top_k < 0:
+            # NaN fails every comparison: it would pass `temperature < 0` and sample garbage
             raise ValueError(f"bad sampling settings: temperature={temperature} top_p={top_p} top_k={top_k}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if temperature > 0 and top_k > 0 and top_p < 1.0:
             raise ValueError("use top_p or top_k, not both")
         stop = tuple(s for s in (stop_strings or ()) if s)

@@ -146,3 +146,21 @@ def test_tensor_parallel_equals_single(single, work):
         assert rank0["greedy"] == single["gqa"]["ref"], engine
         assert rank0["sampled"] == single["gqa"][engine]["sampling"]["a"], engine
         assert rank0["sp_greedy"] == single["gqa"]["ref"] and rank0["sp_restored"], engine
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=float("nan")),  # was accepted (NaN passes `< 0`): the continuous engine sampled one id forever
+    dict(temperature=float("inf")),
+    dict(temperature=-0.5),
+    dict(top_p=float("nan")),
+    dict(top_k=-1),
+    dict(max_new_tokens=-1),  # was accepted: every completion silently empty
+])
+def test_bad_sampling_settings_refused(settings):
+    """Both engines check a call's settings (``_Engine._request``) before any prompt is encoded or model run."""
+    from evolm_nemo.generation.engine import _Engine
+
+    args = {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "top_k": 0, **settings}
+    with pytest.raises(ValueError):
+        _Engine()._request(["never encoded"], args["max_new_tokens"], args["temperature"], args["top_p"],
+                           args["top_k"], None)
