@@ -4,8 +4,9 @@
   request construction; :class:`LiveLM` answers its loglikelihood requests with the megatron model in memory,
   tokenising exactly as lm-eval's ``hf`` model does, so a probe equals ``evolm eval upstream`` on the exported
   checkpoint -- tested).
-* **Downstream**: greedy completions of a few dozen problems per suite through megatron-core's inference engine,
-  judged by the shared answer checker (:func:`evolm_nemo.answers.judge`), the same checker evaluation uses.
+* **Downstream**: greedy completions of a few dozen problems per suite through the continuous-batching engine
+  (``generation.continuous``), judged by the shared answer checker (:func:`evolm_nemo.answers.judge`), the same
+  checker evaluation uses.
 
 Both run on every rank of the training job with identical inputs (tensor-parallel ranks take part in every forward;
 pp=1). Results are percentages, keyed ``probe_up_<task>``, ``probe_up_avg``, ``probe_down_<suite>``.
