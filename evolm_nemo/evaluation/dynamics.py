@@ -80,8 +80,8 @@ def load_curve(run: Path) -> Curve | None:
                 curve.points.setdefault(key, []).append((int(tokens), float(value)))
     if not curve.points:
         return None
-    for pts in curve.points.values():
-        pts.sort()
+    # one point per measurement: the held-out loss before the first step is in the first record and the last
+    curve.points = {m: sorted(set(pts)) for m, pts in curve.points.items()}
     _identify(curve, run)
     return curve
 

@@ -278,3 +278,20 @@ def test_table_3_compares_only_records_near_the_budget(tmp_path):
     md = dynamics.markdown([stable, early, late])
     assert "| 500 | val_loss_text | - (last record at 0) | 1.80 | - |" in md
     assert "| 2K | val_loss_text | 1.20 (at 1.96K) | 1.10 | -0.10 |" in md
+
+
+def test_a_measurement_carried_by_two_records_is_one_point(tmp_path):
+    """The held-out loss before the first step is carried by the first record and the last (``*_at_0``): the curve,
+    dynamics.csv and the plot have it once, not twice."""
+    from evolm_nemo.evaluation import dynamics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        '{"iteration": 5, "tokens": 5120, "val_loss_text": 6.0, "val_loss_text_at_0": 7.0}\n'
+        '{"iteration": 10, "tokens": 10240, "val_loss_text": 5.0, "val_loss_text_at_0": 7.0}\n')
+    curve = dynamics.load_curve(run)
+    assert curve.points == {"val_loss_text": [(0, 7.0), (5120, 6.0), (10240, 5.0)]}
+    dynamics.write_csv([curve], tmp_path / "d.csv")
+    assert (tmp_path / "d.csv").read_text().splitlines()[1:] == [
+        "run,,,,val_loss_text,0,7.0", "run,,,,val_loss_text,5120,6.0", "run,,,,val_loss_text,10240,5.0"]
