@@ -490,7 +490,14 @@ def _overrides(argv: List[str]) -> dict:
 
 def main(argv: List[str]) -> int:
     if len(argv) == 1 and argv[0].startswith("stats="):  # python -m evolm_nemo.data.nano_world stats=<world dir>
-        print(json.dumps(corpus_stats(argv[0].partition("=")[2])))
+        world = argv[0].partition("=")[2]
+        kind = fileio.output_kind(world) if world and Path(world).is_dir() else None
+        if kind != "nano-world":  # (a missing corpus file was a FileNotFoundError traceback)
+            what = ("no directory" if not world or not Path(world).is_dir() else
+                    f"{fileio.KINDS[kind]}" if kind else "an empty directory")
+            raise ConfigError("stats", f"{world or '(empty)'} is {what}, not a nano world; stats= takes the out= "
+                                       "directory of a built world")
+        print(json.dumps(corpus_stats(world)))
         return 0
     cfg = WorldConfig(**_overrides(argv))
     manifest = build_world(cfg)

@@ -108,6 +108,17 @@ def test_the_math_corpus_never_states_an_evaluation_or_rl_question():
     assert 0 < changed < 100  # only the documents that held such a question were drawn again
 
 
+def test_stats_of_no_world_is_one_line(tmp_path):
+    """`python -m evolm_nemo.data.nano_world stats=<dir>` (README) on a directory that is no world: a ConfigError naming
+    stats= (was a FileNotFoundError traceback on general.jsonl)."""
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "general.jsonl").write_text('{"text": "a"}\n')
+    for where in (tmp_path / "missing", tmp_path / "other", ""):
+        with pytest.raises(ConfigError, match="not a nano world") as e:
+            nw.main([f"stats={where}"])
+        assert e.value.key == "stats"
+
+
 def test_build_world_writes_the_sets(tmp_path):
     out = tmp_path / "world"
     manifest = nw.main([f"out={out}", "seed=2"] + [f"{k}={v}" for k, v in SMALL.items()])
