@@ -3,26 +3,37 @@ bytes (+ fsync), then checksum it three times with xxh3-64 (what checkpoints rec
 The file is in the page cache, as a just-written checkpoint is when its commit record is made.
 
     .venv/bin/python benchmarks/checksum.py [path]
+
+``path`` (default /tmp/evolm_checksum_1GiB.bin) is a scratch file this script creates and removes: an existing file
+there is refused, never overwritten.
 """
 
 import os
 import sys
 import time
 
-from evolm_nemo.checkpoint.io import file_checksum
+from _args import Parser, main
 
 
-def main() -> None:
-    path = sys.argv[1] if len(sys.argv) > 1 else "/tmp/evolm_checksum_1GiB.bin"
+def run() -> None:
+    ap = Parser(__doc__)
+    ap.add_argument("path", nargs="?", default="/tmp/evolm_checksum_1GiB.bin", help="the scratch file (must not exist)")
+    path = ap.parse_args().path
+    from evolm_nemo.checkpoint.io import file_checksum
+
     chunk = os.urandom(8 << 20)
     t = time.perf_counter()
-    with open(path, "wb") as f:
-        for _ in range(128):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    print(f"write+fsync 1 GiB: {time.perf_counter() - t:.2f} s")
     try:
+        f = open(path, "xb")  # a file already there is someone's: never overwritten (and removed at the end)
+    except OSError as exc:
+        ap.error(f"{path}: {exc.strerror} (the scratch file must be new, in a writable directory)")
+    try:  # the scratch file goes also when writing it fails or is interrupted
+        with f:
+            for _ in range(128):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        print(f"write+fsync 1 GiB: {time.perf_counter() - t:.2f} s")
         for algo in ("xxh3_64", "crc32"):
             times = []
             for _ in range(3):
@@ -36,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(run))

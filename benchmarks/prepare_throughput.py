@@ -18,7 +18,6 @@ included, so +1 per document). It prints tokens/s of each (wall and per CPU seco
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -26,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _args import Parser, main, positive, positive_float
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,11 +73,11 @@ def _cpu() -> float:
                for f in ("ru_utime", "ru_stime"))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mb", type=float, default=50)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=1)
+def run() -> int:
+    ap = Parser(__doc__)
+    ap.add_argument("--mb", type=positive_float, default=50, help="size of the generated JSONL in MB")
+    ap.add_argument("--workers", type=positive, default=2)
+    ap.add_argument("--rounds", type=positive, default=1)
     args = ap.parse_args()
 
     import datasets
@@ -114,4 +115,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(run))

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _args import Parser, main, positive
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = "piqa,arc_easy,arc_challenge,hellaswag,openbookqa,winogrande"
 
@@ -40,12 +42,24 @@ def train(out: Path, cache: Path, iters: int, probe: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--iters", type=int, default=120)
-    ap.add_argument("--every", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--max-fraction", default="0.1")
+def max_fraction(text: str) -> str:
+    """``probe.max_fraction``'s value as the override takes it: a fraction in (0, 1], or null (no bound)."""
+    if text != "null":
+        try:
+            ok = 0 < float(text) <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or null, got {text!r}")
+    return text
+
+
+def run() -> int:
+    ap = Parser(__doc__)
+    ap.add_argument("--iters", type=positive, default=120)
+    ap.add_argument("--every", type=positive, default=30, help="iterations between probes")
+    ap.add_argument("--rounds", type=positive, default=1)
+    ap.add_argument("--max-fraction", type=max_fraction, default="0.1", help="probe.max_fraction (null: no bound)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="evolm_probe_bench_") as tmp:
         tmp = Path(tmp)
@@ -86,4 +100,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(run))

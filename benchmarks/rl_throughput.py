@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,8 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+from _args import Parser, main, positive
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -168,10 +171,7 @@ def shape_row(name: str, args, work: Path, tok_dir: Path) -> dict:
             "sequences": len(rep), "max_batch": batch}
 
 
-def ppo_split(args, work: Path) -> None:
-    from evolm_nemo.checkpoint import io as ckpt
-
-    src = ckpt.resolve(args.checkpoint)
+def ppo_split(args, work: Path, src: Path) -> None:
     for engine in ("static", "continuous"):
         out = work / f"ppo-{engine}"
         subprocess.run([_evolm(), "train", "experiment=demo_ppo", f"train.init_from={src}", f"run.out_dir={out}",
@@ -184,31 +184,61 @@ def ppo_split(args, work: Path) -> None:
               ", ".join(f"{k[5:-2] if k.startswith('time_') else k[:-2]} {v:.3f}s" for k, v in split.items()))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="tiny,25m", help=f"comma-separated, of {sorted(SHAPES)}")
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--n", type=int, default=4, help="samples per prompt")
-    ap.add_argument("--max-new", type=int, default=48)
-    ap.add_argument("--max-batch", type=int, default=0, help="sequences decoded at once (0: all of them)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--checkpoint", default="", help="an SFT checkpoint: also time demo_ppo steps with each engine")
-    ap.add_argument("--ppo-iters", type=int, default=5)
-    args = ap.parse_args()
+def shapes(text: str) -> list[str]:
+    names = [x for x in text.split(",") if x]
+    unknown = [x for x in names if x not in SHAPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown shape {','.join(unknown)}; shapes: {', '.join(SHAPES)}")
+    return names
 
+
+def parent(path: str) -> Path:
+    """``--checkpoint``'s latest complete checkpoint, found before any measuring (not after minutes of it)."""
+    from evolm_nemo.checkpoint import io as ckpt
+    from evolm_nemo.config.errors import ConfigError
+
+    try:
+        return ckpt.resolve(path)
+    except ckpt.CheckpointError as exc:
+        raise ConfigError("--checkpoint", str(exc)) from None
+
+
+def run() -> None:
+    ap = Parser(__doc__)
+    ap.add_argument("--shapes", type=shapes, default="tiny,25m", help=f"comma-separated, of {sorted(SHAPES)}")
+    ap.add_argument("--prompts", type=positive, default=32)
+    ap.add_argument("--n", type=positive, default=4, help="samples per prompt")
+    ap.add_argument("--max-new", type=positive, default=48)
+    ap.add_argument("--max-batch", type=int, default=0, help="sequences decoded at once (0: all of them)")
+    ap.add_argument("--rounds", type=positive, default=3)
+    ap.add_argument("--checkpoint", default="", help="an SFT checkpoint: also time demo_ppo steps with each engine")
+    ap.add_argument("--ppo-iters", type=positive, default=5, help="PPO iterations per engine (the first is not timed)")
+    args = ap.parse_args()
+    if args.max_batch < 0:
+        ap.error(f"argument --max-batch: expected 0 (all) or a positive integer, got {args.max_batch}")
+    if args.checkpoint and args.ppo_iters < 2:
+        ap.error("argument --ppo-iters: at least 2 (the first iteration is a warm-up, not timed)")
+    src = parent(args.checkpoint) if args.checkpoint else None
+    work = Path(tempfile.mkdtemp(prefix="rl_bench_"))
+    try:  # its models, HF exports and PPO runs are removed at the end, also on failure
+        measure(args, work, src)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work: Path, src: Path | None) -> None:
     from evolm_nemo.cli import quiet_known_notices
     from evolm_nemo.data.synthetic import generate
     from evolm_nemo.data.tokenizer import train_tokenizer
     from evolm_nemo.runtime.distributed import setup, teardown
 
     quiet_known_notices()
-    work = Path(tempfile.mkdtemp(prefix="rl_bench_"))
     tok_dir = work / "tokenizer"
     train_tokenizer([d["text"] for d in generate("text", 400, 0)], tok_dir, 512)
     prompts = [f"Human: {d['text'].splitlines()[0][:200]}\nAssistant:" for d in generate("math", args.prompts, 3)]
     (tok_dir / "prompts.json").write_text(json.dumps(prompts))
     setup(1, 1, seed=0, precision="fp32")
-    results = [shape_row(s, args, work, tok_dir) for s in args.shapes.split(",") if s]
+    results = [shape_row(s, args, work, tok_dir) for s in args.shapes]
     teardown()
     for r in results:
         t = r["tok_s"]
@@ -221,9 +251,9 @@ def main() -> None:
               f"{t['transformers']:,.0f} | continuous/transformers {t['continuous'] / t['transformers']:.3f} | "
               f"continuous/static {t['continuous'] / t['static']:.3f} | static/transformers "
               f"{t['static'] / t['transformers']:.3f}")
-    if args.checkpoint:
-        ppo_split(args, work)
+    if src is not None:
+        ppo_split(args, work, src)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(run))

@@ -18,7 +18,6 @@ It prints both times, their ratio, and whether every verdict (correct[], pass1, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -34,7 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 from evolm_nemo import answers  # noqa: E402
 from evolm_nemo.evaluation.metrics import majority_answers, rm_index  # noqa: E402
+from evolm_nemo.fileio import write_jsonl  # noqa: E402
 from evolm_nemo.tasks import SUITES  # noqa: E402
+
+from _args import Parser, positive  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "eval"
 WORDS = ("we", "first", "compute", "the", "total", "so", "then", "each", "value", "gives", "therefore", "number",
@@ -213,17 +215,20 @@ def naive_score_row(args) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--problems", type=int, default=1000)
-    ap.add_argument("--completions", type=int, default=16)
+    ap = Parser(__doc__)
+    ap.add_argument("--problems", type=positive, default=1000)
+    ap.add_argument("--completions", type=positive, default=16)
     ap.add_argument("--scoring", choices=answers.MODES, default="evolm")
-    ap.add_argument("--workers", type=int, default=2, help="workers for both scorers (default 2: the 2-core goal)")
+    ap.add_argument("--workers", type=positive, default=2, help="workers for both scorers (default 2: the 2-core goal)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-naive", action="store_true", help="only time `evolm score`")
     ap.add_argument("--keep", type=str, default=None, help="directory to keep the generated input and output in")
     args = ap.parse_args()
 
     if args.keep:
+        held = [n for n in ("completions.jsonl", "scored.jsonl") if (Path(args.keep) / n).exists()]
+        if held:  # an earlier run's input and output: never replaced (nor mixed with this run's)
+            ap.error(f"argument --keep: {args.keep} already holds {' and '.join(held)}; pick a new directory")
         Path(args.keep).mkdir(parents=True, exist_ok=True)
         return run(args, Path(args.keep))
     with tempfile.TemporaryDirectory(prefix="score_bench_") as tmp:
@@ -233,9 +238,7 @@ def main() -> int:
 def run(args, workdir: Path) -> int:
     rows = generate(args.problems, args.completions, args.seed)
     inp, out = workdir / "completions.jsonl", workdir / "scored.jsonl"
-    with open(inp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    write_jsonl(inp, rows)
     print(f"input: {len(rows)} problems x {args.completions} completions -> {inp}", flush=True)
 
     evolm = [str(Path(sys.executable).parent / "evolm")]

@@ -14,7 +14,6 @@ fraction of each layout. Goals on CPU: padded / HF >= 0.9; packed / padded >= 1.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _args import Parser, main, positive  # noqa: E402
 from train_throughput import _shape_overrides, add_shape_args, hf_twin, interleave  # noqa: E402
 
 
@@ -39,14 +39,14 @@ def length_mix(rng, n: int, seq: int, vocab: int, mix: str = "uniform") -> list[
     return examples
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run() -> None:
+    ap = Parser(__doc__)
     add_shape_args(ap)
-    ap.add_argument("--seq", type=int, default=256, help="max example length (the model's seq_length)")
-    ap.add_argument("--batch", type=int, default=8, help="examples per optimizer step (the global batch)")
-    ap.add_argument("--micro", type=int, default=8, help="our micro-batch size (HF takes the batch at once)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--seq", type=positive, default=256, help="max example length (the model's seq_length)")
+    ap.add_argument("--batch", type=positive, default=8, help="examples per optimizer step (the global batch)")
+    ap.add_argument("--micro", type=positive, default=8, help="our micro-batch size (HF takes the batch at once)")
+    ap.add_argument("--steps", type=positive, default=3, help="timed steps per round")
+    ap.add_argument("--rounds", type=positive, default=4)
     ap.add_argument("--mix", choices=("uniform", "evolm"), default="evolm", help="the batch's length mix")
     r = measure(ap.parse_args())
     print(f"shape: {r['shape']}; batch {r['batch']} examples, mix {r['mix']} ({r['answer_tokens']:,} answer tokens, "
@@ -129,4 +129,4 @@ def measure(args) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(run))

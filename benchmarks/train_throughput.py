@@ -10,11 +10,13 @@ ratio are printed. Goal on CPU: ratio >= 0.9.
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
 
 import torch
+
+from _args import Parser, main, positive
 
 
 def _shape_overrides(args) -> list[str]:
@@ -28,12 +30,12 @@ def _shape_overrides(args) -> list[str]:
 def add_shape_args(ap) -> None:
     """The model-shape options both throughput scripts take (``_shape_overrides`` turns them into overrides)."""
     ap.add_argument("--preset", default=None, help="model preset instead of the explicit shape (e.g. evolm_1b)")
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--ffn", type=int, default=1376)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--groups", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--layers", type=positive, default=8)
+    ap.add_argument("--hidden", type=positive, default=512)
+    ap.add_argument("--ffn", type=positive, default=1376)
+    ap.add_argument("--heads", type=positive, default=8)
+    ap.add_argument("--groups", type=positive, default=4)
+    ap.add_argument("--vocab", type=positive, default=8000)
 
 
 def hf_twin(m, rt):
@@ -77,13 +79,13 @@ def interleaved(ours, theirs, tokens_per_step: int, steps: int, rounds: int, dev
     return tps["ours"], tps["HF"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run() -> None:
+    ap = Parser(__doc__)
     add_shape_args(ap)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--seq", type=positive, default=256)
+    ap.add_argument("--batch", type=positive, default=8)
+    ap.add_argument("--steps", type=positive, default=3, help="timed steps per round")
+    ap.add_argument("--rounds", type=positive, default=4)
     args = ap.parse_args()
 
     from evolm_nemo.config import RootConfig, compose
@@ -132,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(run))
