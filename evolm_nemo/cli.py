@@ -168,8 +168,11 @@ class Terminated(KeyboardInterrupt):
 
 
 # commands that take SIGTERM / SIGHUP themselves: a training saves and stops after its iteration (train.loop,
-# runtime.signals.STOP_SIGNALS), the suite launcher passes SIGTERM on to its node (suite.launch)
-OWN_SIGTERM = ("train", "pipeline", "suite")
+# runtime.signals.STOP_SIGNALS), the suite launcher passes SIGTERM on to its node (suite.launch). (`evolm pipeline`
+# is not one: its trainings take them the same way while they run -- train.loop's StopSignal stands in for this
+# handler and puts it back -- and its sampling, exports, evaluations and reports between them unwind as here; it was
+# killed there on the spot, without a word.)
+OWN_SIGTERM = ("train", "suite")
 
 
 def _terminate_on_sigterm():

@@ -17,6 +17,11 @@
    and the plot path.
 
 Any training override works here too: `evolm pipeline train.iters=200 model.num_layers=4`.
+
+Everything goes under run.out_dir (runs/demo: the pretraining run, cpt/, sft/, rm/, rl/, the exports, eval/,
+eval_rl/, dynamics/). Stopped (Ctrl-C; SIGTERM or SIGHUP, where a running training saves a checkpoint first), it
+resumes when the same command runs again: finished stages are not trained again; the samples, exports and
+evaluations after them are made again.
 """
 
 from __future__ import annotations

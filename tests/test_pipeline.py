@@ -4,8 +4,10 @@ after) -> verified HF exports -> eval of the SFT model and the RL actor (RM@16 f
 
 import json
 import re
+import signal
+import subprocess
 
-from tests.conftest import run_evolm
+from tests.conftest import REPO, evolm_cmd, run_evolm, subprocess_env, tree_bytes
 
 
 def test_pipeline_end_to_end(tmp_path):
@@ -68,6 +70,24 @@ def test_pipeline_end_to_end(tmp_path):
     csv_rows = (out / "dynamics" / "dynamics.csv").read_text().splitlines()
     assert any(x.startswith("cpt,tiny,cpt,,val_loss_math,307200,") for x in csv_rows)  # CPT starts after 307.2K
     assert "[dynamics] pretraining and CPT" in text
+    # run again into the same directory: every stage resumes as complete (nothing retrained); SIGTERM between its
+    # trainings (here while it samples the SFT model for the RM) unwinds like Ctrl-C: one line, exit 143 (it was
+    # killed on the spot without a word), and the first run's checkpoints are untouched
+    ckpts = {k: v for k, v in tree_bytes(out).items() if "checkpoints/" in k}
+    proc = subprocess.Popen(evolm_cmd("pipeline", [f"run.out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}",
+                                                   "train.progress=false"]),
+                            cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("[sft] greedy accuracy"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=300)
+    rerun = "".join(seen) + rest
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "stopped by SIGTERM", (rerun[-2000:], err[-3000:])
+    assert rerun.count("; nothing to train") == 3 and "loss curve" not in rerun, rerun[-3000:]
+    assert {k: v for k, v in tree_bytes(out).items() if "checkpoints/" in k} == ckpts
 
 
 def test_a_refused_pipeline_writes_nothing(tmp_path, a_run):

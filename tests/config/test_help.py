@@ -107,6 +107,7 @@ def test_commands_without_one_recipe_say_what_they_take_and_a_closed_pipe_is_qui
     text = run_evolm("pipeline", ["--help"]).stdout
     assert "Any training override works here too" in text and "README" not in text.splitlines()[1]
     assert "fine-tune it (SFT, recipe experiment=demo_sft" in text  # every stage it runs (SFT was left out)
+    assert "runs/demo" in text and "resumes when the same command runs again" in text  # where it writes, a rerun
     assert "evolm suite plan suite=evolm" in run_evolm("suite", ["--help"]).stdout
     # `evolm train --help | head -1`: the reader left before the help was written; no BrokenPipeError traceback,
     # the shell's status for it (128 + SIGPIPE)
