@@ -669,8 +669,8 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
       (and says so) before anything is trained. ``kept`` are the roots of the checkpoints a run keeps beside its
       resumable ones (a WSD stable run's ``<out>/branches``): never resumed, but its own like the others -- a fresh
       run refuses them as another run's (it could not replace them when it reached their iterations) and
-      ``overwrite`` removes them too; the directory's own run with nothing else to resume starts over as itself and
-      keeps them (``resume``, no ``overwrite``).
+      ``overwrite`` removes them too. With one root, the directory's own kept checkpoints are resumed like the
+      others (newest first; at the same iteration the regular one).
     * either way, a partner's checkpoint of this directory's run without its ``roots[0]`` namesake (a stop between
       the saves of one set) is no checkpoint: it never refuses the directory, a fresh start removes it (said in one
       line) and a resume leaves it for the run's save at that iteration to replace.
@@ -694,40 +694,43 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
     # is never resumed and is no other run's work: a start removes it rather than refusing the directory
     orphans = _broadcast([str(r / n) for r in roots[1:] for n in existing[str(r)]
                           if n not in names and run is not None and run_id_of(r / n) == run] if _rank() == 0 else None)
+    # this directory's own kept checkpoints (a WSD stable run's branch points: whole checkpoints, optimizer state
+    # included) resume too when a stage writes one root -- a stable run killed after a branch point and before its
+    # next regular save resumes there (it was refused as "another run", train.overwrite=true the only way out)
+    own = _broadcast([str(r / n) for r in kept for n in existing[str(r)] if len(roots) == 1 and run is not None
+                      and run_id_of(r / n) == run] if _rank() == 0 else None)
     skipped: list = []
     if resume:
-        for name in reversed(names):
-            why = _broadcast(_why_not(roots, name, run) if _rank() == 0 else None)
+        candidates = sorted([(n, roots[0] / n) for n in names] + [(Path(k).name, Path(k)) for k in own],
+                            key=lambda c: (c[0], c[1].parent == roots[0]), reverse=True)  # a tie: the regular one
+        for name, path in candidates:
+            why = _broadcast((_why_not(roots, name, run) if path.parent == roots[0] else problem(path))
+                             if _rank() == 0 else None)
             if why is None and not dry:
-                for root in roots:
-                    why = damage(root / name)
+                for part in ([root / name for root in roots] if path.parent == roots[0] else [path]):
+                    why = damage(part)
                     if why is not None:
-                        why = why if root == roots[0] else f"{root.name}/{name}: {why}"
+                        why = why if part == path else f"{part.parent.name}/{name}: {why}"
                         break
             if why is not None:
-                skipped.append((roots[0] / name, why))
-                note(f"[evolm] skipping checkpoint {roots[0] / name}: {why}")
+                skipped.append((path, why))
+                note(f"[evolm] skipping checkpoint {path}: {why}")
                 continue
-            meta = json.loads((roots[0] / name / META).read_text())
+            meta = json.loads((path / META).read_text())
             if check is not None:
-                check(roots[0] / name, meta)
+                check(path, meta)
             run_id = meta.get("run_id") or run or _broadcast(new_run_id() if _rank() == 0 else None)
             if not dry:
                 _claim(out, run_id)
-            return RunStart(run_id, roots[0] / name, meta, skipped)
-        if names and not overwrite:
+            if path.parent != roots[0]:
+                note(f"[evolm] resuming from {path}, kept by this run (its newest usable checkpoint)")
+            return RunStart(run_id, path, meta, skipped)
+        if candidates and not overwrite:
             newest, why = skipped[0]
-            raise ConfigError("train.resume", f"{roots[0]}: none of its {len(names)} checkpoint(s) can be resumed "
-                                              f"(newest, {newest.name}: {why}); restore them, start over with "
+            raise ConfigError("train.resume", f"{newest.parent}: none of its {len(candidates)} checkpoint(s) can be "
+                                              f"resumed (newest, {newest.name}: {why}); restore them, start over with "
                                               "train.overwrite=true (removes them), or pick a new run.out_dir")
-    # this directory's own kept checkpoints with nothing beside them to resume (a stable run killed after a branch
-    # point, before its first regular save): the run starts over as itself and keeps them -- cooldown branches may
-    # have started from them; each is written again as the run passes it (a run replaces its own checkpoints)
-    own = _broadcast([str(r / n) for r in kept for n in existing[str(r)] if run is not None
-                      and run_id_of(r / n) == run] if _rank() == 0 else None)
-    again_as = run if resume and not overwrite and not names and own else None
-    held = [r / n for r in roots + kept for n in existing[str(r)]
-            if str(r / n) not in orphans and (again_as is None or str(r / n) not in own)]
+    held = [r / n for r in roots + kept for n in existing[str(r)] if str(r / n) not in orphans]
     if held and not overwrite:
         span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" if names else \
             str(held[0].relative_to(out))
@@ -749,10 +752,7 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
         _barrier()
         note(f"[evolm] removed {len(orphans)} uncommitted checkpoint(s) of this run ({', '.join(orphans)}): written "
              f"before a stop, their set's {roots[0].name}/ half never was")
-    if again_as is not None:
-        note(f"[evolm] {out}: nothing to resume beside its {len(own)} kept checkpoint(s) ({', '.join(own)}); run "
-             f"{again_as} starts over from iteration 0 and keeps them (each is written again as the run passes it)")
-    run_id = again_as or _broadcast(new_run_id() if _rank() == 0 else None)
+    run_id = _broadcast(new_run_id() if _rank() == 0 else None)
     if not dry:
         _claim(out, run_id)
     return RunStart(run_id, None, None, skipped)

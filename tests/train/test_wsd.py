@@ -112,10 +112,10 @@ def test_a_stable_run_started_over_replaces_the_branch_points_of_the_run_before(
     assert [(p.name, ckpt.run_id_of(p)) for p in ckpt.checkpoint_dirs(out / "branches")] == [("iter_0000015", run)]
 
 
-def test_a_stable_run_killed_after_a_branch_point_starts_over_keeping_it(tmp_path, data_cache, stable):
-    """Killed after its first branch point, before any regular save (train.save_interval=0, the default): the rerun
-    is the same run starting over -- its branch points kept (cooldown branches may have started from them) and each
-    written again as it passes it -- not 'another run' whose only way out was train.overwrite=true (removing them)."""
+def test_a_stable_run_killed_after_a_branch_point_resumes_there(tmp_path, data_cache, stable):
+    """Killed after a branch point, before its next regular save (train.save_interval=0, the default, saves none): the
+    rerun resumes from its newest branch point -- a whole checkpoint of this run -- and continues as the uninterrupted
+    run did; it was refused as 'another run' whose only way out, train.overwrite=true, removed the branch points."""
     import shutil
 
     from evolm_nemo.checkpoint import io as ckpt
@@ -123,13 +123,15 @@ def test_a_stable_run_killed_after_a_branch_point_starts_over_keeping_it(tmp_pat
     out = tmp_path / "killed"
     shutil.copytree(stable / "branches", out / "branches")
     shutil.copy(stable / "run.json", out / "run.json")
-    run = json.loads((out / "run.json").read_text())["run_id"]
-    proc = run_evolm("train", tiny(out, data_cache, "train.iters=20", *WSD, "train.branch_budgets=[20480]"))
-    assert "nothing to resume beside its 2 kept checkpoint(s)" in proc.stdout and f"run {run} starts over" in proc.stdout
-    assert json.loads((out / "run.json").read_text())["run_id"] == run
-    assert [(p.name, ckpt.run_id_of(p)) for p in ckpt.committed(out / "branches")] == \
-        [("iter_0000015", run), ("iter_0000030", run)]
-    assert ckpt.latest(out / "checkpoints").name == "iter_0000020"
+    before = {p.name: (p / "evolm.json").stat().st_mtime_ns for p in ckpt.committed(out / "branches")}
+    proc = run_evolm("train", tiny(out, data_cache, f"train.iters={STABLE_ITERS}", *WSD, "train.save_interval=10",
+                                   "train.keep_last=1", "train.branch_budgets=[20480,40960]"))
+    assert f"resuming from {out / 'branches' / 'iter_0000030'}" in proc.stdout, proc.stdout[-2000:]
+    assert "resuming at iteration 30" in proc.stdout
+    assert {p.name: (p / "evolm.json").stat().st_mtime_ns for p in ckpt.committed(out / "branches")} == before
+    want, got = _records(stable), _records(out)
+    assert sorted(got) == list(range(31, STABLE_ITERS + 1))
+    assert all(got[i]["loss"] == want[i]["loss"] for i in got), [(i, got[i]["loss"], want[i]["loss"]) for i in got]
 
 
 def test_a_budget_listed_after_the_run_passed_its_branch_point_is_said(tmp_path, data_cache, stable):
