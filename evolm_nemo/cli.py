@@ -9,7 +9,7 @@ import importlib
 import sys
 
 from evolm_nemo.config.errors import ConfigError, out_of_memory, print_error
-from evolm_nemo.fileio import release_outputs
+from evolm_nemo.fileio import STOP_SIGNAL_NAMES, release_outputs
 
 # command -> (module:function, one-line help). Each function takes the list of key=value overrides.
 COMMANDS = {
@@ -161,10 +161,11 @@ def _module_doc(module: str) -> str:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (or SIGHUP: the terminal or ssh session went away) in a command that has no handler of its own: raised
-    in the main thread so that the command unwinds as on Ctrl-C -- its temporaries removed, its worker pools stopped,
-    its output locks released; whatever lets Ctrl-C through lets this through -- and ends with one line and exit code
-    128 + the signal (the default action killed it on the spot, leaving those behind). ``args[0]``: the signal."""
+    """SIGTERM (or SIGHUP: the terminal or ssh session went away; or SIGUSR1) in a command that has no handler of its
+    own: raised in the main thread so that the command unwinds as on Ctrl-C -- its temporaries removed, its worker
+    pools stopped, its output locks released; whatever lets Ctrl-C through lets this through -- and ends with one
+    line and exit code 128 + the signal (the default action killed it on the spot, leaving those behind).
+    ``args[0]``: the signal."""
 
 
 # commands that take SIGTERM / SIGHUP themselves: a training saves and stops after its iteration (train.loop,
@@ -176,15 +177,15 @@ OWN_SIGTERM = ("train", "suite")
 
 
 def _terminate_on_sigterm():
-    """Install the handler for SIGTERM and SIGHUP (each unless handled already); returns {signal: what to restore}
-    for when the command ends."""
+    """Install the handler for the stop signals (fileio.STOP_SIGNAL_NAMES, each unless handled already); returns
+    {signal: what to restore} for when the command ends."""
     import os
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return None  # only the main thread may set handlers (a command called from a thread keeps the default)
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.getsignal(sig) for sig in (getattr(signal, name) for name in STOP_SIGNAL_NAMES)}
     previous = {sig: was for sig, was in previous.items() if was is signal.SIG_DFL}  # others are someone's (a test's)
     main_pid = os.getpid()
 

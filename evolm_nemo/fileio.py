@@ -117,9 +117,15 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
             Path(tmp).unlink(missing_ok=True)
 
 
+# the signals that stop a command, by name (this module imports no torch: the CLI reads it): a scheduler's SIGTERM,
+# the hangup of the terminal or ssh session, and SIGUSR1 (`sbatch --signal=USR1@<s>`, the Lightning/NeMo 1 habit). A
+# training saves and stops after its iteration (runtime.signals.STOP_SIGNALS); other commands unwind as on Ctrl-C
+STOP_SIGNAL_NAMES = ("SIGTERM", "SIGHUP", "SIGUSR1")
+
+
 @contextlib.contextmanager
-def signals_held(signals: tuple = ("SIGINT", "SIGTERM", "SIGHUP")) -> Iterator[None]:
-    """A stop signal (Ctrl-C, SIGTERM, SIGHUP) that arrives inside waits for its end, where it is sent again to the
+def signals_held(signals: tuple = ("SIGINT", *STOP_SIGNAL_NAMES)) -> Iterator[None]:
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP, SIGUSR1) that arrives inside waits for its end, where it is sent again to the
     handler that was there before: for steps that must not be split, e.g. committing a dataset and the file that
     belongs with it. When the steps fail, the failure goes on and the held signal is dropped (sent again it would
     replace the error with "stopped by ..."; the command ends anyway). Only the main thread can hold them

@@ -21,11 +21,12 @@ import threading
 import torch
 import torch.distributed as dist
 
+from evolm_nemo.fileio import STOP_SIGNAL_NAMES
+
 EXIT_CODE = 128 + signal.SIGTERM  # 143, the conventional code for "terminated"
-# what stops a training after its iteration (saved first): a scheduler's SIGTERM, the hangup of the terminal or ssh
-# session it was started from, and SIGUSR1 (Lightning/NeMo 1's `sbatch --signal=USR1@<s>` convention): the default
-# action of each killed it with everything since the last checkpoint
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+# what stops a training after its iteration (saved first): fileio.STOP_SIGNAL_NAMES -- the default action of each
+# killed it with everything since the last checkpoint
+STOP_SIGNALS = tuple(getattr(signal, name) for name in STOP_SIGNAL_NAMES)
 _PR_SET_PDEATHSIG = 1
 _hooked = False
 _forking_parent = None  # pid of the process that forked us (set just before a fork, inherited by the child)
@@ -100,10 +101,15 @@ class StopSignal:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
+    def __exit__(self, exc_type, *exc) -> None:
+        previous = dict(self._previous)
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if exc_type is None and self.received and callable(previous.get(self.received)):
+            # received where the loop no longer stops (its last iteration, final save or measurements): the handler
+            # of whoever called the training gets it now -- `evolm pipeline` stops before its next stage, not later
+            signal.raise_signal(self.received)
 
     def requested(self) -> int:
         """Collective: the signal number any rank received so far, or 0."""

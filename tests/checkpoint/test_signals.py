@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from evolm_nemo.checkpoint import io as ckpt
 from tests.conftest import REPO, evolm_cmd, subprocess_env, tiny, train_then_sigterm
 
@@ -119,6 +121,30 @@ def test_sigterm_mid_ppo_commits_the_actor_critic_pair(tmp_path, sft_parent):
     code, err, again = train_then_sigterm(args, tmp_path, after_rows=step + 1, output=resumed, sig="SIGHUP")
     assert code == 143 and f"resuming at iteration {step}" in resumed["stdout"], err[-3000:]
     assert again > step and ckpt.latest(tmp_path / "critic").name == f"iter_{again:07d}"
+
+
+def test_a_stop_signal_the_loop_no_longer_acts_on_reaches_the_callers_handler():
+    """A SIGTERM in a training's last iteration (or its final save) is not acted on by the loop, which is ending; the
+    handler installed before the training (`evolm pipeline`'s, which stops before its next stage) gets it when the
+    training ends. Without one (plain `evolm train`: the default action) nothing is sent again: it ended whole."""
+    import signal
+
+    from evolm_nemo.runtime.signals import StopSignal
+
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with StopSignal():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == []  # held by the training
+        assert got == [signal.SIGTERM]
+        got.clear()
+        with pytest.raises(RuntimeError), StopSignal():  # a training that failed: its own error goes up, alone
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError
+        assert got == []
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_signals_held_wait_for_the_end_of_a_step_that_must_not_be_split():

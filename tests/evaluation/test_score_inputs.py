@@ -149,7 +149,7 @@ def test_a_problem_twice_is_refused(tmp_path, capsys):
     assert not (tmp_path / "c.scored.jsonl").exists()
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGUSR1"])
 def test_sigterm_mid_scoring_is_one_line_and_leaves_nothing(tmp_path, sig):
     """SIGTERM's default action killed a command on the spot: its output lock and temporaries stayed behind (a killed
     `evolm report` left a `.dynamics.png.*` no later run removed; a killed `prepare-sft` its pool's semaphores, with
