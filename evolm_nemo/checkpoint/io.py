@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from evolm_nemo.config.errors import ConfigError, refused_pickle
-from evolm_nemo.fileio import META_FILE, disk_full, lock_file, write_error
+from evolm_nemo.fileio import META_FILE, disk_full, lock_file, replace_dir, write_error
 
 if TYPE_CHECKING:
     import torch
@@ -444,9 +444,7 @@ def save(root: str | Path, iteration: int, chunks, optimizer=None, scheduler=Non
             os.replace(part, tmp / META)
             if (refused := _in_the_way(final, run_id)) is not None:
                 raise ConfigError("run.out_dir", refused)
-            if final.exists():  # an older incomplete attempt at the same iteration, or this run's own
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # over an older incomplete attempt at the same iteration, or this run's own
             for stale in root.glob("iter_*.tmp-*"):  # leftovers of crashed saves
                 shutil.rmtree(stale, ignore_errors=True)
     except BaseException as exc:
