@@ -47,7 +47,10 @@ def child_failed(exc: subprocess.CalledProcessError) -> str:
     """One line for a failed child command: what it was and the last line it printed on stderr (its own one-line
     error, or a traceback's last line)."""
     cmd = [str(c) for c in exc.cmd]
-    name = " ".join(c.rsplit("/", 1)[-1] for c in cmd[:2] if not c.startswith("-")) or cmd[0]
+    if len(cmd) > 3 and cmd[1] == "-m":  # python -m evolm_nemo.cli train ...: the command, not the interpreter
+        name = "evolm " + cmd[3] if cmd[2] == "evolm_nemo.cli" else f"{cmd[2]} {cmd[3]}"
+    else:
+        name = " ".join(c.rsplit("/", 1)[-1] for c in cmd[:2] if not c.startswith("-")) or cmd[0]
     err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
     last = next((line.strip() for line in reversed(err.splitlines()) if line.strip()), "no message")
     return f"{name} failed (exit {exc.returncode}): {last}"

@@ -226,6 +226,8 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.keep:
+        if Path(args.keep).exists() and not Path(args.keep).is_dir():
+            ap.error(f"argument --keep: {args.keep} is a file, not a directory")
         held = [n for n in ("completions.jsonl", "scored.jsonl") if (Path(args.keep) / n).exists()]
         if held:  # an earlier run's input and output: never replaced (nor mixed with this run's)
             ap.error(f"argument --keep: {args.keep} already holds {' and '.join(held)}; pick a new directory")

@@ -74,16 +74,19 @@ def test_pipeline_end_to_end(tmp_path):
     # trainings (here while it samples the SFT model for the RM) unwinds like Ctrl-C: one line, exit 143 (it was
     # killed on the spot without a word), and the first run's checkpoints are untouched
     ckpts = {k: v for k, v in tree_bytes(out).items() if "checkpoints/" in k}
-    proc = subprocess.Popen(evolm_cmd("pipeline", [f"run.out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}",
-                                                   "train.progress=false"]),
-                            cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("[sft] greedy accuracy"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest, err = proc.communicate(timeout=300)
+    with open(tmp_path / "rerun.err", "w+") as errors:  # a file: a pipe nobody reads while stdout is read could fill
+        proc = subprocess.Popen(evolm_cmd("pipeline", [f"run.out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}",
+                                                       "train.progress=false"]),
+                                cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=errors, text=True)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("[sft] greedy accuracy"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=300)
+        errors.seek(0)
+        err = errors.read()
     rerun = "".join(seen) + rest
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "stopped by SIGTERM", (rerun[-2000:], err[-3000:])
     assert rerun.count("; nothing to train") == 3 and "loss curve" not in rerun, rerun[-3000:]

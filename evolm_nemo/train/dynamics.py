@@ -4,7 +4,7 @@ cost logged and bounded.
 ``probe.tokens_interval=T``: the probes run before the first step (keys suffixed ``_at_<iteration>`` in the first
 record), every ``ceil(T / tokens_per_iter)`` iterations and after the last step. Each record with probes carries
 ``probe_s`` (that probe's wall time, the slowest rank's), ``probe_fraction`` (all probes' time so far over the wall
-time since the first probe began) and ``probes_skipped``. With ``probe.max_fraction=f`` an interval's probe is
+time since the run, or its resume, began) and ``probes_skipped``. With ``probe.max_fraction=f`` an interval's probe is
 skipped when running it (at the last probe's cost) would lift that share above ``f`` -- one line says so when
 skipping starts -- and probing resumes once training has caught up; the final probe always runs. The decision is
 taken from all-reduced times, so every rank agrees.
@@ -74,7 +74,7 @@ class ProbeHook:
 
     def due(self, step: int, last: bool) -> bool:
         """Whether to probe after ``step``: at every interval while the probes' share of the wall time since the
-        first probe stays within ``probe.max_fraction`` (counting the probe about to run at the last one's cost);
+        run (or its resume) began stays within ``probe.max_fraction`` (counting the probe about to run at the last one's cost);
         always after the last step. Collective at interval steps (every rank decides from the same numbers)."""
         if last:
             return True

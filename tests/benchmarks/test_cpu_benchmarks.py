@@ -52,6 +52,7 @@ def test_nothing_there_is_overwritten(tmp_path):
     (keep / "completions.jsonl").write_text("earlier\n")
     one_line(bench("score_throughput.py", "--problems", "2", "--keep", str(keep)), "--keep", "completions.jsonl")
     assert (keep / "completions.jsonl").read_text() == "earlier\n"
+    one_line(bench("score_throughput.py", "--problems", "2", "--keep", str(mine)), "--keep", "is a file")
 
 
 def test_a_failed_child_command_is_one_line_with_its_message(capsys):
@@ -69,3 +70,6 @@ def test_a_failed_child_command_is_one_line_with_its_message(capsys):
     assert args.main(run) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "failed (exit 1): error: train.iters: must be > 0, got 0" in err, err
+    # a `python -m evolm_nemo.cli train ...` child is named as the command it is, not as the interpreter
+    failed = subprocess.CalledProcessError(2, [sys.executable, "-m", "evolm_nemo.cli", "train", "x=1"], stderr="e")
+    assert args.child_failed(failed) == "evolm train failed (exit 2): e"
