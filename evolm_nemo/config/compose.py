@@ -50,13 +50,16 @@ def _key_type(schema, dotted: str):
     return cls
 
 
-_COMMAS = re.compile(r"[\w.+\- ]+(,[\w.+\- ]+)+")  # 98,2,0: Hydra's grammar reads it as a sweep of three values
+# 98,2,0 or runs/pt_*,runs/cpt_*: Hydra's grammar reads it as a sweep of values. Quoting it is safe when it holds no
+# quote (it would end the quoted string), backslash (escapes a quote), ${...}, or Hydra's list/dict/function syntax
+_COMMAS = re.compile(r"[^'\"\\\[\]{}()$=]+(,[^'\"\\\[\]{}()$=]+)+")
 
 
 def _commas_as_text(overrides: Sequence[str], schema) -> list[str]:
-    """``data.split=98,2,0``, a string key given a comma-separated value (megatron's ``--split 98,2,0``): quoted, so
-    Hydra takes it as the one string it is -- evolm runs no sweeps, and Hydra refused it as an ambiguous sweep. A
-    comma list for a key of another type stays Hydra's to refuse (``_translate_hydra``: write a list in ``[...]``)."""
+    """``data.split=98,2,0``, a string key given a comma-separated value (megatron's ``--split 98,2,0``, the report's
+    globs ``dynamics=runs/pt_*,runs/cpt_*``): quoted, so Hydra takes it as the one string it is -- evolm runs no sweeps,
+    and Hydra refused it as an ambiguous sweep. A comma list for a key of another type stays Hydra's to refuse
+    (``_translate_hydra``: write a list in ``[...]``)."""
     out = []
     for item in overrides:
         key, eq, value = item.partition("=")

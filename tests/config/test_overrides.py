@@ -13,6 +13,12 @@ def test_a_comma_separated_string_is_the_string_and_a_comma_list_elsewhere_says_
     cfg = compose("config", ["data.split=98,2,0", "run.name=a,b"], RootConfig)
     assert cfg.data.split == "98,2,0" and check_split(cfg.data.split) == [98, 2, 0] and cfg.run.name == "a,b"
     assert compose("config", ["data.split='98,2,0'"], RootConfig).data.split == "98,2,0"  # quoted still works
+    # README's `evolm report dynamics='runs/suite_nano/pt_*,runs/suite_nano/cpt_*'` (the shell drops the quotes): the
+    # report splits the globs itself; paths with / * ~ : were read as a sweep and told to give one value
+    from evolm_nemo.evaluation.report import ReportConfig
+
+    globs = "runs/suite_nano/pt_*,~/runs/c:d/cpt_*"
+    assert compose("report", [f"dynamics={globs}", "out=runs/x"], ReportConfig).dynamics == globs
     for override, key, fix in [("train.seed=1,2", "train.seed", "give it one value"),
                                ("data.weights=1,2", "data.weights", "write the list as data.weights=[1,2]")]:
         with pytest.raises(ConfigError) as err:
