@@ -41,14 +41,12 @@ class SyntheticSFT:
 
 
 def synthetic_tokenizer(cfg: RootConfig) -> str:
-    """The tokenizer the generated SFT set is written with: data.tokenizer, else the parent checkpoint's."""
+    """The tokenizer the generated SFT set is written with: data.tokenizer, else the parent checkpoint's
+    (``train.init_from``, which ``stages.plan_run`` requires of an SFT run)."""
     from evolm_nemo.checkpoint import io as ckpt
 
     if cfg.data.tokenizer:
         return cfg.data.tokenizer
-    if not cfg.train.init_from:
-        raise ConfigError("train.init_from", "the generated SFT set is tokenized with the parent checkpoint's "
-                                             "tokenizer; set train.init_from (or data.tokenizer)")
     ref = ckpt.parent_tokenizer(cfg.train.init_from, key="train.init_from")
     if not ref:
         raise ConfigError("train.init_from", "its checkpoint records no tokenizer; set data.tokenizer")

@@ -159,15 +159,18 @@ def check_recipe(cfg: RootConfig, world_size: int | None = None) -> Layout:
     return layout
 
 
-def plan_run(cfg: RootConfig, world_size: int | None = None) -> Plan:
+def plan_run(cfg: RootConfig, world_size: int | None = None, parent_checked: bool = False) -> Plan:
     """Everything `evolm train` checks before it builds anything, in this order, and the plan it derives: the recipe
-    (``check_recipe``: ``config.validate.validate`` and the stage's keys), that no input lies in the run directory
-    ``train.overwrite`` would start over (``check_inputs_outside_run``), that the outputs can be written, the parent
-    checkpoint (``train.init_from``), the stage's data and iterations (its ``plan_iters``), the schedule over them
-    (``config.validate.check_schedule``) and the stage's ``check_plan``. Each failure is a one-line ConfigError
-    naming the key."""
+    (``check_recipe``: ``config.validate.validate`` and the stage's keys), that a stage continuing a model names it
+    (``check_started_from``, unless ``parent_checked``: `evolm suite plan` plans copies without the parent its graph
+    names), that no input lies in the run directory ``train.overwrite`` would start over
+    (``check_inputs_outside_run``), that the outputs can be written, the parent checkpoint (``train.init_from``), the
+    stage's data and iterations (its ``plan_iters``), the schedule over them (``config.validate.check_schedule``) and
+    the stage's ``check_plan``. Each failure is a one-line ConfigError naming the key."""
     k = kind(cfg.stage)
     layout = check_recipe(cfg, world_size)
+    if not parent_checked:
+        check_started_from(cfg)
     check_inputs_outside_run(cfg)
     check_writable(cfg.run.out_dir, "run.out_dir", directory=True)
     check_run_dir(cfg.run.out_dir)
@@ -232,8 +235,7 @@ def check_inputs_outside_run(cfg: RootConfig) -> None:
 def check_started_from(cfg: RootConfig) -> None:
     """A stage that continues a trained model (``Kind.from_parent``: CPT and the post-training stages) names it:
     ``train.init_from`` (or, pretraining by tokens, a WSD stable run's ``train.branch_from``). Without it a CPT run
-    trained a model from random weights and recorded it as a CPT. (`evolm suite plan` checks its graph instead, on
-    copies without the parent: ``suite.plan``.)"""
+    trained a model from random weights and recorded it as a CPT. The one check of it, first in ``plan_run``."""
     t, k = cfg.train, kind(cfg.stage)
     if k.from_parent and not t.init_from and not t.branch_from:
         branch = ", or train.branch_from=<a WSD stable run> for a cooldown branch" if k.budget == "tokens" else ""
@@ -269,8 +271,7 @@ def check_parent(cfg: RootConfig) -> None:
 
 
 def run(cfg: RootConfig, plan: Plan) -> TrainResult:
-    """Train the stage ``cfg.stage`` names through the one loop."""
-    check_started_from(cfg)
+    """Train the stage ``cfg.stage`` names through the one loop (``plan`` from ``plan_run``)."""
     from evolm_nemo.train.loop import MAIN, fit
 
     module = stage_module(cfg.stage)

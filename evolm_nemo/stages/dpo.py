@@ -24,10 +24,10 @@ from evolm_nemo.config.schema import RootConfig
 from evolm_nemo.data.packing import packed_seq_params, per_sequence_sum
 from evolm_nemo.fileio import atomic_path
 from evolm_nemo.losses.preference import PREFERENCE_LOSSES, preference_loss
+from evolm_nemo.stages import check_budget_keys
 from evolm_nemo.stages.base import Stage
-from evolm_nemo.stages.rm import (RMData, UnitBatches, check_common, check_tokenizer, check_unit_layout,
-                                  datasets_identity, epoch_iters,
-                                  fit_units, forward_sequences)
+from evolm_nemo.stages.rm import (RMData, UnitBatches, check_tokenizer, check_unit_layout, datasets_identity,
+                                  epoch_iters, fit_units, forward_sequences)
 
 REFERENCE_FILE = "dpo_reference.safetensors"
 SUM_KEYS = ("margin_sum", "chosen_logp_sum", "rejected_logp_sum", "chosen_reward_sum", "rejected_reward_sum",
@@ -50,7 +50,7 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("dpo.pad_to_multiple_of", f"must be >= 1, got {d.pad_to_multiple_of}")
     if cfg.parallel.pp > 1:
         raise ConfigError("parallel.pp", "stage=dpo computes reference log-probs with parallel.pp=1; use tp/dp")
-    check_common(cfg, "the SFT policy, which is also the frozen reference")
+    check_budget_keys(cfg)
     data = RMData(cfg, pairs=True, val_fraction=0.0)
     check_tokenizer(cfg, data)
     train, _, _ = fit_units(cfg, data)

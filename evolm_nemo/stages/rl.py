@@ -81,8 +81,6 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("rl.reward_suite", f"the verifiable reward uses a math suite's rule (gsm8k_platinum, math); "
                                              f"got {r.reward_suite!r}")
     check_budget_keys(cfg)
-    if not t.init_from:
-        raise ConfigError("train.init_from", f"stage={cfg.stage} starts from a checkpoint (an SFT run)")
     check_reward(cfg, ckpt.parent_tokenizer(t.init_from, key="train.init_from"))
     if p.pp != 1:
         raise ConfigError("parallel.pp", "RL rollouts run megatron's inference engine, which needs pp=1; use tp/dp")

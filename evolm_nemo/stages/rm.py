@@ -133,12 +133,6 @@ class RMData:
         return self.sets[self.seq_set[seq]].ids(int(self.seq_local[seq]))
 
 
-def check_common(cfg: RootConfig, what: str) -> None:
-    check_budget_keys(cfg)
-    if not cfg.train.init_from:
-        raise ConfigError("train.init_from", f"stage={cfg.stage} starts from a checkpoint ({what})")
-
-
 def check_tokenizer(cfg: RootConfig, data: RMData) -> str:
     """The datasets' tokenizer is the parent's; returns the reference the run records."""
     ref = data.tokenizer_info["ref"]
@@ -181,7 +175,7 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
         raise ConfigError("rm.pad_to_multiple_of", f"must be >= 1, got {r.pad_to_multiple_of}")
     if r.val_fraction > 0 and cfg.parallel.pp > 1:
         raise ConfigError("rm.val_fraction", "validation runs with parallel.pp=1; set rm.val_fraction=0 for pp > 1")
-    check_common(cfg, "an SFT run or an `evolm import-hf` output; the value head starts fresh")
+    check_budget_keys(cfg)
     data = RMData(cfg, r.objective == "pairwise", r.val_fraction)
     check_tokenizer(cfg, data)
     if len(data.train_units) == 0:

@@ -132,9 +132,6 @@ def plan_iters(cfg: RootConfig, dp: int) -> int:
     if s.pad_to_multiple_of < 1:
         raise ConfigError("sft.pad_to_multiple_of", f"must be >= 1, got {s.pad_to_multiple_of}")
     Template(s.prompt_template, s.answer_template).check("sft.prompt_template", "sft.answer_template")
-    if not cfg.train.init_from:
-        raise ConfigError("train.init_from", "stage=sft starts from a checkpoint: a pretraining/CPT run or an "
-                                             "`evolm import-hf` output")
     view = load_view(cfg, dataset_dirs(cfg))
     _check_tokenizers(cfg, view)
     n = len(view)

@@ -175,7 +175,7 @@ def _check_layout(cfg, world: int, node: Node):
         if budget != "tokens":  # RL batches are rl.* sizes; their rules are checked below
             validate(c, world_size=world, global_batches=budget != "prompts")
             return None
-        return plan_run(c, world_size=world)
+        return plan_run(c, world_size=world, parent_checked=True)  # the node names it (_train_row checks)
     except ConfigError as exc:
         raise ConfigError(f"nodes.{node.name}", f"{exc.key}: {exc.message} (at {node.nodes} node(s) x "
                                                 f"{world // node.nodes} GPUs)") from None

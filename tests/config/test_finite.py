@@ -117,7 +117,6 @@ def test_mix_weights_are_finite_and_nonnegative(capsys, tmp_path, weights):
     (["model.init_method_std=0"], "model.init_method_std", "> 0"),
     (["train.peak_tflops=-5"], "train.peak_tflops", "> 0"),
     (["data.synthetic_val_docs=-1"], "data.synthetic_val_docs", ">= 0"),
-    (["stage=rm", "rm.margin=-0.5"], "rm.margin", ">= 0"),
     # the generated corpus's errors named their arguments (vocab_size, synthetic_docs), after the process group
     (["model.vocab_size=100"], "model.vocab_size", "at least 260"),
     (["data.synthetic_docs=0"], "data.synthetic_docs", "> 0"),

@@ -325,6 +325,7 @@ def test_rm_loss_and_grads_do_not_depend_on_the_split(rm_data, tmp_path, referen
     (["train.init_from=null"], "train.init_from"),
     (["data.paths=[/nonexistent/rm]"], "data.paths"),
     (["rm.margin=0.5"], "rm.margin"),  # a Bradley-Terry margin: outcome BCE would ignore it
+    (["rm.margin=-0.5"], "rm.margin"),  # must be >= 0
 ])
 def test_bad_rm_recipe_is_one_line(rm_data, tmp_path, capsys, extra, key):
     from tests.conftest import refused_in_process

@@ -136,3 +136,17 @@ def test_cpt_without_a_parent_is_one_line(tmp_path, data_cache, capsys):
                               "train.init_from")
     assert "stage=cpt continues a trained model" in line and "train.branch_from" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo"])
+def test_every_stage_without_a_parent_says_it_in_the_same_line_first(tmp_path, data_cache, capsys, stage):
+    """One check for every stage that continues a model (``stages.plan_run``, before the recipe's data is read):
+    each stage had its own copy, in its own words, after some of its data checks."""
+    from tests.conftest import refused_in_process
+
+    out = tmp_path / stage
+    line = refused_in_process(capsys, "train", tiny(out, data_cache, f"experiment=demo_{stage}",
+                                                    "data.source=indexed", "data.paths=[/nonexistent/data]"),
+                              "train.init_from")
+    assert f"stage={stage} continues a trained model: set train.init_from" in line, line
+    assert "train.branch_from" not in line and not out.exists()  # a cooldown branch is pretraining's
