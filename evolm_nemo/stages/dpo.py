@@ -162,8 +162,9 @@ class DPOStage(Stage):
         if logp is None:
             raise ConfigError("data.paths", f"{path} was computed for other datasets than data.paths; resume "
                                             "with the original data or start a new run")
-        if logp.ndim != 1 or len(logp) != len(self.data.labels):
-            raise ConfigError("data.paths", f"{path} holds {len(logp)} sequences, the data {len(self.data.labels)}")
+        if logp.shape != (len(self.data.labels),):  # (len() of a 0-d array raises)
+            raise ConfigError("data.paths", f"{path} holds log-probs of shape {tuple(logp.shape)}, the data "
+                                            f"{len(self.data.labels)} sequences")
         return logp
 
     def _compute(self, model, rt) -> np.ndarray:

@@ -362,7 +362,15 @@ def test_dpo_starts_at_log2_widens_the_margin_and_resumes(rm_data, tmp_path):
     proc = run_evolm("train", [*base, f"run.out_dir={plain}", "train.iters=4"])
     assert "reference log-probs of" not in proc.stdout
     reference = plain / "dpo_reference.safetensors"
-    reference.write_bytes(reference.read_bytes()[:100])  # cut short (a full disk, a killed copy): one line
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(reference), "pt") as f:  # this run's datasets, a 0-d array: one line (len() raised)
+        meta, kept = f.metadata(), reference.read_bytes()
+    save_file({"logp": torch.tensor(0.0, dtype=torch.float64)}, str(reference), metadata=meta)
+    proc = run_evolm("train", [*base, f"run.out_dir={plain}", "train.iters=4"], check=False)
+    assert proc.returncode == 2 and "holds log-probs of shape ()" in proc.stderr, proc.stderr
+    reference.write_bytes(kept[:100])  # cut short (a full disk, a killed copy): one line
     proc = run_evolm("train", [*base, f"run.out_dir={plain}", "train.iters=4"], check=False)
     assert proc.returncode == 2 and "dpo_reference.safetensors is unreadable" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
