@@ -110,7 +110,7 @@ def validate(cfg: RootConfig, world_size: int | None = None, global_batches: boo
     which keys is the stage registry's to say (``stages.plan_run``)."""
     if not world_size:
         text = os.environ.get("WORLD_SIZE", "1")
-        if not text.strip().isdigit() or int(text) < 1:  # torchrun sets it; by hand it may be anything
+        if not text.strip().isdecimal() or int(text) < 1:  # torchrun sets it; by hand it may be anything
             raise ConfigError("WORLD_SIZE", f"must be a positive integer (the number of processes), got {text!r}")
         world_size = int(text)
     m, p, o, t, d = cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.data

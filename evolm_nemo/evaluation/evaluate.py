@@ -632,7 +632,7 @@ def upstream_settings(cfg: UpstreamConfig) -> int | str:
     up.check_settings(list(cfg.tasks), limit=cfg.limit, dtype=cfg.dtype)
     batch = cfg.batch_size if cfg.batch_size == "auto" or cfg.batch_size.startswith("auto:") else None
     if batch is None:
-        if not cfg.batch_size.isdigit() or int(cfg.batch_size) < 1:
+        if not cfg.batch_size.isdecimal() or int(cfg.batch_size) < 1:
             raise ConfigError("batch_size", f"expected a positive integer or auto, got {cfg.batch_size!r}")
         batch = int(cfg.batch_size)
     return batch

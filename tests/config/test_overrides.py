@@ -81,7 +81,7 @@ def test_environment_variables_that_shape_a_command_are_named_when_wrong(monkeyp
         compose("config", [], RootConfig)
     assert err.value.key == "EVOLM_RECIPES" and "nowhere is not a directory" in err.value.message
     monkeypatch.delenv("EVOLM_RECIPES")
-    for bad in ("abc", "0"):
+    for bad in ("abc", "0", "²"):  # (a superscript: isdigit() took it, int() raised)
         monkeypatch.setenv("WORLD_SIZE", bad)
         with pytest.raises(ConfigError) as err:
             validate(cfg)

@@ -196,6 +196,7 @@ def test_eval_max_model_len_follows_the_models_context(tmp_path):
     ("mode: upstream, ", "tasks=[mmlu]", "tasks: unknown task 'mmlu'; choose from hellaswag"),
     ("mode: upstream, ", "limit=0", "limit: must be >= 1 (or null for every document), got 0"),
     ("mode: upstream, ", "batch_size=big", "batch_size: expected a positive integer or auto, got 'big'"),
+    ("mode: upstream, ", "batch_size='²'", "batch_size: expected a positive integer or auto, got '²'"),  # int() raised
     ("mode: upstream, ", "dtype=fp8", "dtype: expected one of auto, bfloat16"),
 ])
 def test_eval_settings_are_checked_before_any_training(tmp_path, mode, override, message):
