@@ -3,18 +3,23 @@
 1. pretrain the `tiny` LLaMA-2 on the generated corpus (megatron-core engine, fp32 on CPU; recipe experiment=demo),
 2. continue pretraining (CPT) from that checkpoint on a generated replay mix, text : math = 8 : 42 as in EvoLM's
    FW8+FM42 (recipe experiment=demo_cpt), printing each stage's loss curve summary; both record their dynamics
-   (held-out loss per source, capability probes: `dynamics_overrides`) and runs/demo/dynamics/ reports them,
+   (held-out loss per source, capability probes: `dynamics_overrides`), reported at step 9,
 3. fine-tune it (SFT, recipe experiment=demo_sft with train.epochs=2: `SFT_EPOCHS`) on generated word problems with
    worked solutions and print the greedy accuracy on held-out problems before and after SFT,
 4. print greedy samples from the SFT model (megatron-core's inference engine),
-5. export the SFT checkpoint to a verified HF LlamaForCausalLM directory (logits checked against megatron),
-6. train a tiny outcome reward model on the SFT model's own samples of RL-set problems (judged by the shared
-   checker; `evolm prepare-rm` + `stage=rm`), print its validation AUC, export it as LlamaForSequenceClassification,
-7. GRPO from the SFT model on the demo's RL set (recipe experiment=demo_rl, rewards from the shared checker): print
-   the mean reward over its first and last steps and the greedy accuracy on the held-out problems before and after,
+5. train a tiny outcome reward model on the SFT model's own samples of RL-set problems (judged by the shared
+   checker; `evolm prepare-rm` + `stage=rm`) and print its validation AUC,
+6. GRPO from the SFT model on the demo's RL set (recipe experiment=demo_rl, rewards from the shared checker): print
+   the mean reward over its first and last steps and the greedy accuracy on the held-out problems before and after
+   (the accuracies and steps 4-6 use the inference engine: with parallel.pp > 1 they are skipped),
+then, in a single process (a run over several processes stops after the trainings and prints the export and
+evaluation commands):
+7. export the SFT checkpoint to a verified HF LlamaForCausalLM directory (logits checked against megatron), the reward
+   model as LlamaForSequenceClassification and the RL actor,
 8. evaluate the SFT model and the RL actor downstream with the `hf` backend (greedy + n=16) on held-out generated
    word problems in the GSM8K cooked schema, score them EvoLM-style (RM@16 from our RM), print the metrics table
-   and the plot path.
+   and the plot path,
+9. report the pretraining and CPT dynamics (probes and held-out loss vs tokens) in <run.out_dir>/dynamics/.
 
 Any training override works here too: `evolm pipeline train.iters=200 model.num_layers=4`.
 

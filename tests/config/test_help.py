@@ -108,6 +108,10 @@ def test_commands_without_one_recipe_say_what_they_take_and_a_closed_pipe_is_qui
     assert "Any training override works here too" in text and "README" not in text.splitlines()[1]
     assert "fine-tune it (SFT, recipe experiment=demo_sft" in text  # every stage it runs (SFT was left out)
     assert "runs/demo" in text and "resumes when the same command runs again" in text  # where it writes, a rerun
+    # in the order it runs them: the export and evaluation come after RL, in one process (it said step 5, before RM)
+    steps = [text.index(s) for s in ("fine-tune it (SFT", "reward model on the SFT", "GRPO from the SFT",
+                                     "then, in a single process", "export the SFT checkpoint", "evaluate the SFT")]
+    assert steps == sorted(steps), text
     assert "evolm suite plan suite=evolm" in run_evolm("suite", ["--help"]).stdout
     # `evolm train --help | head -1`: the reader left before the help was written; no BrokenPipeError traceback,
     # the shell's status for it (128 + SIGPIPE)
