@@ -339,16 +339,15 @@ def _check_interpolations(cfg) -> None:
         names = [k for k, _ in node.items_ex(resolve=False)] if isinstance(node, DictConfig) else range(len(node))
         for name in names:
             dotted = (f"{key}.{name}" if key else str(name)) if isinstance(node, DictConfig) else key
-            if OmegaConf.is_interpolation(node, name):
-                try:
-                    node[name]
-                except OmegaConfBaseException as exc:
-                    raw = node._get_node(name)._value()
-                    raise ConfigError(dotted, f"{raw}: {first_line(exc).rstrip('.')}") from None
-            else:
-                child = node._get_node(name)
-                if isinstance(child, (DictConfig, ListConfig)) and not child._is_none():
-                    walk(child, dotted)
+            if OmegaConf.is_missing(node, name):  # ??? (reading it raises): the schema's check names it
+                continue
+            try:
+                child = node[name]  # resolves this value if it is an interpolation (a section's own are lazy)
+            except OmegaConfBaseException as exc:
+                raw = OmegaConf.to_container(node, resolve=False)[name]
+                raise ConfigError(dotted, f"{raw}: {first_line(exc).rstrip('.')}") from None
+            if isinstance(child, (DictConfig, ListConfig)) and not OmegaConf.is_interpolation(node, name):
+                walk(child, dotted)  # (a None section reads as None)
 
     walk(cfg, "")
 

@@ -58,6 +58,7 @@ def test_plus_and_dict_overrides_name_the_key_and_the_fix(override, key, says):
     ("run.out_dir=${oc.env:EVOLM_TEST_NO_SUCH_VAR}/x", "run.out_dir", "Environment variable 'EVOLM_TEST_NO_SUCH_VAR'"),
     ("run.name=${model.nme}", "run.name", "${model.nme}: Interpolation key 'model.nme' not found"),
     ("data.paths=[${nope}]", "data.paths", "Interpolation key 'nope' not found"),
+    ("optim.stage_lr.sft=${nope}", "optim.stage_lr.sft", "${nope}: Interpolation key 'nope' not found"),  # a dict's
     ("run.name=${model.name", "run.name", "cannot parse '${model.name'"),
 ])
 def test_an_interpolation_that_fails_names_its_key(override, key, says):
