@@ -125,9 +125,9 @@ STOP_SIGNAL_NAMES = ("SIGTERM", "SIGHUP", "SIGUSR1")
 
 @contextlib.contextmanager
 def signals_held(signals: tuple = ("SIGINT", *STOP_SIGNAL_NAMES)) -> Iterator[None]:
-    """A stop signal (Ctrl-C, SIGTERM, SIGHUP, SIGUSR1) that arrives inside waits for its end, where it is sent again to the
-    handler that was there before: for steps that must not be split, e.g. committing a dataset and the file that
-    belongs with it. When the steps fail, the failure goes on and the held signal is dropped (sent again it would
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP, SIGUSR1) that arrives inside waits for its end, where it is sent again
+    to the handler that was there before: for steps that must not be split, e.g. committing a dataset and the file
+    that belongs with it. When the steps fail, the failure goes on and the held signal is dropped (sent again it would
     replace the error with "stopped by ..."; the command ends anyway). Only the main thread can hold them
     (elsewhere nothing is held)."""
     import signal

@@ -665,10 +665,10 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
       ``overwrite`` -- a run never restarts from iteration 0 over its own checkpoints unasked.
     * otherwise (a fresh run): a directory holding checkpoints is refused, unless ``overwrite``, which removes them
       (and says so) before anything is trained. ``kept`` are the roots of the checkpoints a run keeps beside its
-      resumable ones (a WSD stable run's ``<out>/branches``): never resumed, but its own like the others -- a fresh
-      run refuses them as another run's (it could not replace them when it reached their iterations) and
-      ``overwrite`` removes them too. With one root, the directory's own kept checkpoints are resumed like the
-      others (newest first; at the same iteration the regular one).
+      regular ones (a WSD stable run's ``<out>/branches``): its own like the others -- a fresh run refuses them as
+      another run's (it could not replace them when it reached their iterations) and ``overwrite`` removes them
+      too. With one root, the directory's own kept checkpoints are resumed like the others (newest first; at the
+      same iteration the regular one).
     * either way, a partner's checkpoint of this directory's run without its ``roots[0]`` namesake (a stop between
       the saves of one set) is no checkpoint: it never refuses the directory, a fresh start removes it (said in one
       line) and a resume leaves it for the run's save at that iteration to replace.
@@ -732,7 +732,7 @@ def start_run(out: str | Path, roots: list, *, resume: bool, overwrite: bool, ch
     if held and not overwrite:
         span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" if names else \
             str(held[0].relative_to(out))
-        again = "resume that run (train.resume=true), " if names else ""  # kept ones alone are never resumed
+        again = "resume that run (train.resume=true), " if names else ""  # another run's kept ones never resume
         raise ConfigError("run.out_dir", f"{out} holds the checkpoints of another run ({len(held)}: {span}); pick a "
                                          f"new run.out_dir, {again}or start over with train.overwrite=true (removes "
                                          "them first)")

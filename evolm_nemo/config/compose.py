@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence, Type, TypeVar
 
-from evolm_nemo.config.errors import ConfigError
+from evolm_nemo.config.errors import ConfigError, first_line
 
 T = TypeVar("T")
 
@@ -25,12 +25,7 @@ def recipes_dir() -> Path:
 
 def _field_names(schema, dotted: str) -> list[str]:
     """Valid keys under ``dotted`` (a.b) in a dataclass schema, for error messages."""
-    cls = schema
-    for part in [p for p in dotted.split(".") if p]:
-        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-        if part not in fields:
-            return []
-        cls = fields[part].type if not isinstance(fields[part].type, str) else _resolve(cls, fields[part].type)
+    cls = _key_type(schema, dotted) if dotted else schema
     return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
 
 
@@ -67,13 +62,6 @@ def _commas_as_text(overrides: Sequence[str], schema) -> list[str]:
             item = f"{key}='{value}'"
         out.append(item)
     return out
-
-
-def _resolve(owner, type_name: str):
-    import sys
-
-    module = sys.modules[owner.__module__]
-    return getattr(module, type_name, None)
 
 
 def _stage_only_keys() -> dict[str, list[str]]:
@@ -173,8 +161,6 @@ def _unparsable(overrides: Sequence[str]) -> ConfigError | None:
         try:
             parser.parse_override(item)
         except Exception as exc:
-            from evolm_nemo.config.errors import first_line
-
             key, _, value = item.partition("=")
             return ConfigError(key.lstrip("+~") or item, f"cannot parse {value!r} ({first_line(exc)}); quote a value "
                                                          f"with special characters: key='...'")
@@ -332,8 +318,6 @@ def _check_interpolations(cfg) -> None:
     ${oc.env:SCRATCH}/x: Environment variable 'SCRATCH' not found``); OmegaConf's own error names no key."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-
-    from evolm_nemo.config.errors import first_line
 
     def walk(node, key):  # a list's items under the list's key (the one an override sets)
         names = [k for k, _ in node.items_ex(resolve=False)] if isinstance(node, DictConfig) else range(len(node))

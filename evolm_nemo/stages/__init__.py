@@ -7,7 +7,7 @@ by content fingerprints; the loop records it in every checkpoint and refuses a r
 and ``build(cfg, plan, rt) -> Stage`` (``stages.base.Stage``: what the loop drives); a stage that saves more than
 one role says where (``checkpoint_dirs(cfg)``, actor first), one that keeps checkpoints beside them
 (``Stage.snapshots``) where those go (``kept_dirs(cfg)``: a fresh run refuses them as another run's, an overwrite
-removes them).
+removes them, a resume may start from the run's own).
 """
 
 from __future__ import annotations
@@ -235,7 +235,8 @@ def check_inputs_outside_run(cfg: RootConfig) -> None:
 def check_started_from(cfg: RootConfig) -> None:
     """A stage that continues a trained model (``Kind.from_parent``: CPT and the post-training stages) names it:
     ``train.init_from`` (or, pretraining by tokens, a WSD stable run's ``train.branch_from``). Without it a CPT run
-    trained a model from random weights and recorded it as a CPT. The one check of it, first in ``plan_run``."""
+    trained a model from random weights and recorded it as a CPT. The one check of it, in ``plan_run`` after the
+    recipe's own checks and before any data is read."""
     t, k = cfg.train, kind(cfg.stage)
     if k.from_parent and not t.init_from and not t.branch_from:
         branch = ", or train.branch_from=<a WSD stable run> for a cooldown branch" if k.budget == "tokens" else ""

@@ -76,8 +76,9 @@ def _source_fingerprint(prefix: str) -> str:
 
 
 def kept_dirs(cfg: RootConfig) -> tuple[str, ...]:
-    """Where a run keeps checkpoints beside its resumable ones: a WSD stable run's branch points, owned by its run
-    like the rest (a fresh run into the directory refuses them; ``train.overwrite=true`` removes them)."""
+    """Where a run keeps checkpoints beside its regular ones: a WSD stable run's branch points, owned by its run
+    like the rest (a fresh run into the directory refuses them; ``train.overwrite=true`` removes them; with no newer
+    regular checkpoint, a resume starts from the newest)."""
     return (wsd.BRANCHES,)
 
 

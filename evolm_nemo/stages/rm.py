@@ -448,6 +448,5 @@ def validation_metrics(scores: dict[int, float], data: RMData, units: np.ndarray
             "val_pairs": len(units)}
 
 
-
 def build(cfg: RootConfig, plan, rt) -> RMStage:
     return RMStage(cfg, plan, rt)

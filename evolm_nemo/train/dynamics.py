@@ -74,8 +74,9 @@ class ProbeHook:
 
     def due(self, step: int, last: bool) -> bool:
         """Whether to probe after ``step``: at every interval while the probes' share of the wall time since the
-        run (or its resume) began stays within ``probe.max_fraction`` (counting the probe about to run at the last one's cost);
-        always after the last step. Collective at interval steps (every rank decides from the same numbers)."""
+        run (or its resume) began stays within ``probe.max_fraction`` (counting the probe about to run at the last
+        one's cost); always after the last step. Collective at interval steps (every rank decides from the same
+        numbers)."""
         if last:
             return True
         if self.next is None or step < self.next:
