@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -92,12 +93,125 @@ def subprocess_env() -> dict:
                TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("WORLD_SIZE", None)
     env.pop("RANK", None)
+    env.pop("PYTEST_CURRENT_TEST", None)  # pytest's, set anew for each test: nothing of evolm reads it
     return env
 
 
-def run_evolm(command: str, overrides: list[str], nproc: int = 1, check: bool = True, timeout: int = 600):
-    proc = subprocess.run(evolm_cmd(command, overrides, nproc), cwd=REPO, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)
+class ForkServer:
+    """This pytest worker's warm start for one-process `evolm` commands (tests/forkserver.py says what it saves and
+    when a command gets a fresh process instead): started at the first command, ended with the session."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.env: dict | None = None
+        self.off = os.environ.get("EVOLM_TEST_FORK", "1") == "0"  # EVOLM_TEST_FORK=0: fresh processes only
+        self.lock = threading.Lock()
+        self.other: tuple[dict, int] | None = None  # another environment than the server's, and how often in a row
+
+    def _start(self, env: dict) -> bool:
+        self.env, self.other = env, None
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.forkserver"], cwd=REPO, env=subprocess_env(),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     bufsize=0)  # unbuffered: select() sees every answer not yet read
+        ready = json.loads(self.proc.stdout.readline() or b'{"ready": false, "why": "it died"}')
+        if not ready["ready"]:
+            self.stop()
+            self.off = True
+            print(f"[tests] fresh processes for every evolm command: the fork server is not safe here "
+                  f"({ready['why']})", file=sys.stderr)
+        return not self.off
+
+    def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess | None:
+        """``argv`` (the installed script's) run in a forked process, or None: start a fresh one instead."""
+        env = inherited()
+        if self.off:
+            return None
+        if self.proc is not None and self.proc.poll() is not None:
+            self.stop()
+        if self.proc is not None and env != self.env:
+            # a test changed what a new process inherits (os.environ, which modules read at import; the umask, ...):
+            # fresh processes, and a server of its own for a state that stays (a third command in a row with it)
+            self.other = (env, self.other[1] + 1) if self.other and self.other[0] == env else (env, 1)
+            if self.other[1] < 3:
+                return None
+            self.stop()
+        self.other = None
+        if not self.lock.acquire(blocking=False):  # another thread's command is in the server: a fresh process
+            return None
+        try:
+            if self.proc is None and not self._start(env):
+                return None
+            try:
+                return self._run(argv, timeout)
+            except subprocess.TimeoutExpired:
+                raise
+            except BaseException:  # an answer may be left unread: the next command would read it as its own
+                self.stop()
+                self.off = True
+                raise
+        finally:
+            self.lock.release()
+
+    def _run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+        import select
+        import signal
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            out, err = Path(d) / "stdout", Path(d) / "stderr"
+            request = memoryview((json.dumps({"argv": argv, "stdout": str(out), "stderr": str(err)}) + "\n").encode())
+            while request:
+                request = request[self.proc.stdin.write(request):]
+            pid = json.loads(self.proc.stdout.readline())["pid"]
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            if not ready:
+                os.kill(pid, signal.SIGKILL)  # as subprocess.run's timeout does
+            status = json.loads(self.proc.stdout.readline())["status"]
+            stdout, stderr = (p.read_text() if p.exists() else "" for p in (out, err))  # text=True's decoding
+        if not ready:
+            raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(argv, os.waitstatus_to_exitcode(status), stdout, stderr)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+FORKS = ForkServer()
+
+
+def inherited() -> dict:
+    """What a process started now inherits from this one besides its arguments: the environment it is given, the
+    umask, resource limits, signals ignored or blocked, the CPUs it may run on and its nice value."""
+    import resource
+    import signal
+
+    status = Path("/proc/self/status").read_text()
+    umask = next((line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), None)
+    limits = {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")}
+    reset = {signal.SIGPIPE, signal.SIGXFSZ}  # subprocess restores these two to the default (restore_signals)
+    ignored = sorted(int(s) for s in signal.valid_signals() - reset
+                     if s not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(s) is signal.SIG_IGN)
+    return {"env": subprocess_env(), "umask": umask, "limits": limits, "ignored": ignored,
+            "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+            "cpus": sorted(os.sched_getaffinity(0)), "nice": os.nice(0)}
+
+
+def pytest_unconfigure(config):
+    FORKS.stop()
+
+
+
+def run_evolm(command: str, overrides: list[str], nproc: int = 1, check: bool = True, timeout: int = 600,
+              fresh: bool = False):
+    """``evolm <command> <overrides>`` as a process of its own (``nproc`` > 1: under torchrun); one process starts
+    warm from this worker's fork server unless ``fresh`` (a new interpreter through the installed script)."""
+    argv = evolm_cmd(command, overrides, nproc)
+    proc = None if fresh or nproc != 1 else FORKS.run(argv, timeout)
+    if proc is None:
+        proc = subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"evolm {command} {' '.join(overrides)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -13,7 +13,8 @@ from tests.conftest import REPO, evolm_cmd, run_evolm, subprocess_env, tree_byte
 def test_pipeline_end_to_end(tmp_path):
     """The demo exactly as `make demo` runs it (only its output and cache directories moved)."""
     out = tmp_path / "demo"
-    proc = run_evolm("pipeline", [f"run.out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false"])
+    proc = run_evolm("pipeline", [f"run.out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false"],
+                     fresh=True)  # the installed script in a new interpreter, as `make demo` starts it
     text = proc.stdout
     # SFT (2 epochs) must clearly teach the held-out word problems: from about 0 to at least 20% greedy accuracy
     m = re.search(r"before SFT ([0-9.]+)% -> after SFT ([0-9.]+)%", text)
