@@ -103,13 +103,13 @@ class ForkServer:
 
     def __init__(self):
         self.proc: subprocess.Popen | None = None
-        self.env: dict | None = None
+        self.state: dict | None = None  # what the server inherited (inherited())
         self.off = os.environ.get("EVOLM_TEST_FORK", "1") == "0"  # EVOLM_TEST_FORK=0: fresh processes only
         self.lock = threading.Lock()
-        self.other: tuple[dict, int] | None = None  # another environment than the server's, and how often in a row
+        self.other: tuple[dict, int] | None = None  # another state than the server's, and how often in a row
 
-    def _start(self, env: dict) -> bool:
-        self.env, self.other = env, None
+    def _start(self, state: dict) -> bool:
+        self.state, self.other = state, None
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.forkserver"], cwd=REPO, env=subprocess_env(),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      bufsize=0)  # unbuffered: select() sees every answer not yet read
@@ -123,15 +123,15 @@ class ForkServer:
 
     def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess | None:
         """``argv`` (the installed script's) run in a forked process, or None: start a fresh one instead."""
-        env = inherited()
         if self.off:
             return None
+        state = inherited()
         if self.proc is not None and self.proc.poll() is not None:
             self.stop()
-        if self.proc is not None and env != self.env:
+        if self.proc is not None and state != self.state:
             # a test changed what a new process inherits (os.environ, which modules read at import; the umask, ...):
             # fresh processes, and a server of its own for a state that stays (a third command in a row with it)
-            self.other = (env, self.other[1] + 1) if self.other and self.other[0] == env else (env, 1)
+            self.other = (state, self.other[1] + 1) if self.other and self.other[0] == state else (state, 1)
             if self.other[1] < 3:
                 return None
             self.stop()
@@ -139,7 +139,7 @@ class ForkServer:
         if not self.lock.acquire(blocking=False):  # another thread's command is in the server: a fresh process
             return None
         try:
-            if self.proc is None and not self._start(env):
+            if self.proc is None and not self._start(state):
                 return None
             try:
                 return self._run(argv, timeout)
@@ -201,7 +201,6 @@ def inherited() -> dict:
 
 def pytest_unconfigure(config):
     FORKS.stop()
-
 
 
 def run_evolm(command: str, overrides: list[str], nproc: int = 1, check: bool = True, timeout: int = 600,

@@ -2,13 +2,16 @@
 imports (torch, megatron-core, transformers, Hydra/OmegaConf, the CLI) once, then forks a new process for each
 command, which runs the real console-script entry (``sys.exit(evolm_nemo.cli.main())``) with its own pid, its own
 standard output and error (files the test reads, as ``subprocess.run(capture_output=True)`` would give), the
-command's arguments in ``sys.argv`` and a normal interpreter exit (threads joined, atexit handlers, finalizers).
+command's arguments in ``sys.argv`` and the interpreter's exit (threads joined, atexit handlers, unreachable objects
+finalized; not the teardown of the server's modules).
 
-What it saves is each process's interpreter start and imports (~5 s of a tiny run's ~8 s on the 2-core box: the
-suite runs a few hundred such processes). What it must not change is what a command does, so it is used only
-where a fresh process would start exactly as the server did:
-- the environment a fresh process would get (``conftest.subprocess_env()``) equals the server's, byte for byte (when
-  a test changes ``os.environ``, a new server starts with it: modules read variables at import);
+What it saves is each process's interpreter start and imports (a tiny one-iteration training run: 1.0 s forked,
+~8 s fresh on the 2-core box; the suite runs a few hundred such processes). What it must not change is what a
+command does, so it is used only where a fresh process would start exactly as the server did:
+- what a process started now inherits (``conftest.inherited()``: the environment ``conftest.subprocess_env()`` gives,
+  umask, resource limits, ignored and blocked signals, CPUs, nice value) equals what the server inherited (else a
+  fresh process; a state that stays three commands in a row gets a server of its own: modules read variables at
+  import);
 - one process (``nproc=1``): torchrun's ranks start as torchrun starts them;
 - the server started no thread while importing (a fork copies only the calling thread).
 Runs that signal or kill a process group (``train_then_sigkill``, ``train_then_sigterm``, the signal tests), every
